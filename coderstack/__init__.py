@@ -1,0 +1,1 @@
+"""coderstack: Coder's networking stack on Twisted."""

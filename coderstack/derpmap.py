@@ -1,0 +1,286 @@
+"""The DERP map: which relay regions exist, their nodes, and where STUN is served.
+
+Wire format: Tailscale's ``tailcfg.DERPMap`` JSON, as served by
+``/derpmap/default`` and read by ``--derp-config-path`` / ``--derp-config-url``::
+
+    {"HomeParams": {"RegionScore": {"1": 1.5}},          # optional
+     "Regions": {"999": {"RegionID": 999, "RegionCode": "coder",
+                         "RegionName": "Coder Embedded Relay",
+                         "EmbeddedRelay": true,            # Coder's fork; always written
+                         "Nodes": [{"Name": "999b", "RegionID": 999,
+                                    "HostName": "coder.example.com",
+                                    "DERPPort": 443, "STUNPort": -1}]}},
+     "omitDefaultRegions": true}                           # note the lowercase key
+
+Node fields other than Name, RegionID and HostName are omitted when zero/false/empty.
+STUNPort 0 means 3478 and -1 means "no STUN"; DERPPort 0 means 443.
+
+This module is the model only: parsing, writing and small queries. Building the server's map
+(embedded region, STUN-only regions, merging, validation) lives beside it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+class DERPMapError(ValueError):
+    """A DERP map that cannot be used; the message says which region or node and why."""
+
+
+@dataclass(frozen=True)
+class DERPNode:
+    name: str
+    region_id: int
+    host_name: str
+    cert_name: str = ""
+    ipv4: str = ""
+    ipv6: str = ""
+    stun_port: int = 0
+    stun_only: bool = False
+    derp_port: int = 0
+    insecure_for_tests: bool = False
+    stun_test_ip: str = ""
+    can_port80: bool = False
+    force_http: bool = False
+
+    # JSON key <-> attribute, in Tailscale's field order.
+    _FIELDS = (
+        ("Name", "name", str),
+        ("RegionID", "region_id", int),
+        ("HostName", "host_name", str),
+        ("CertName", "cert_name", str),
+        ("IPv4", "ipv4", str),
+        ("IPv6", "ipv6", str),
+        ("STUNPort", "stun_port", int),
+        ("STUNOnly", "stun_only", bool),
+        ("DERPPort", "derp_port", int),
+        ("InsecureForTests", "insecure_for_tests", bool),
+        ("STUNTestIP", "stun_test_ip", str),
+        ("CanPort80", "can_port80", bool),
+        ("ForceHTTP", "force_http", bool),
+    )
+    _ALWAYS = frozenset({"Name", "RegionID", "HostName"})
+
+    @property
+    def effective_stun_port(self) -> int | None:
+        """The UDP port STUN is served on, or None when this node has no STUN."""
+        if self.stun_port < 0:
+            return None
+        return self.stun_port or 3478
+
+    @property
+    def effective_derp_port(self) -> int:
+        return self.derp_port or 443
+
+    def derp_url(self) -> str:
+        """The ``/derp`` URL of this node (http only when ForceHTTP is set)."""
+        scheme = "http" if self.force_http else "https"
+        host = self.host_name
+        if ":" in host and not host.startswith("["):
+            host = f"[{host}]"
+        default = 80 if self.force_http else 443
+        port = self.derp_port or default
+        netloc = host if port == default else f"{host}:{port}"
+        return f"{scheme}://{netloc}/derp"
+
+    @classmethod
+    def from_json(cls, obj: Any, where: str = "node") -> DERPNode:
+        if not isinstance(obj, dict):
+            raise DERPMapError(f"{where}: expected an object, got {type(obj).__name__}")
+        kwargs: dict[str, Any] = {}
+        for key, attr, typ in cls._FIELDS:
+            if key not in obj or obj[key] is None:
+                continue
+            value = obj[key]
+            if typ is int and (isinstance(value, bool) or not isinstance(value, int)):
+                if isinstance(value, float) and value.is_integer():
+                    value = int(value)
+                else:
+                    raise DERPMapError(f"{where}: {key} must be an integer, got {value!r}")
+            elif typ is bool and not isinstance(value, bool):
+                raise DERPMapError(f"{where}: {key} must be true or false, got {value!r}")
+            elif typ is str and not isinstance(value, str):
+                raise DERPMapError(f"{where}: {key} must be a string, got {value!r}")
+            kwargs[attr] = value
+        if not kwargs.get("host_name"):
+            raise DERPMapError(f"{where}: HostName is required")
+        kwargs.setdefault("name", "")
+        kwargs.setdefault("region_id", 0)
+        return cls(**kwargs)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, attr, _typ in self._FIELDS:
+            value = getattr(self, attr)
+            if key in self._ALWAYS or value:
+                out[key] = value
+        return out
+
+
+@dataclass(frozen=True)
+class DERPRegion:
+    region_id: int
+    region_code: str
+    region_name: str
+    nodes: tuple[DERPNode, ...] = ()
+    latitude: float = 0.0
+    longitude: float = 0.0
+    avoid: bool = False
+    no_measure_no_home: bool = False
+    embedded_relay: bool = False
+
+    @property
+    def derp_nodes(self) -> tuple[DERPNode, ...]:
+        """Nodes that relay (not STUN-only), in priority order."""
+        return tuple(n for n in self.nodes if not n.stun_only)
+
+    @property
+    def stun_nodes(self) -> tuple[DERPNode, ...]:
+        """Nodes that answer STUN, in priority order."""
+        return tuple(n for n in self.nodes if n.effective_stun_port is not None)
+
+    @classmethod
+    def from_json(cls, obj: Any, key: str | None = None) -> DERPRegion:
+        where = f"region {key}" if key is not None else "region"
+        if not isinstance(obj, dict):
+            raise DERPMapError(f"{where}: expected an object, got {type(obj).__name__}")
+        rid = obj.get("RegionID")
+        if isinstance(rid, float) and rid.is_integer():
+            rid = int(rid)
+        if isinstance(rid, bool) or not isinstance(rid, int) or rid <= 0 or rid > 2**53 - 1:
+            raise DERPMapError(f"{where}: RegionID must be a positive integer, got {rid!r}")
+        if key is not None and str(rid) != str(key):
+            raise DERPMapError(f"{where}: RegionID {rid} does not match its key {key!r}")
+        where = f"region {rid}"
+        nodes_obj = obj.get("Nodes") or []
+        if not isinstance(nodes_obj, list):
+            raise DERPMapError(f"{where}: Nodes must be a list")
+        nodes = []
+        for i, n in enumerate(nodes_obj):
+            node = DERPNode.from_json(n, f"{where} node {i}")
+            if node.region_id == 0:
+                # Tailscale silently breaks on this (issue 9526); we fill it in.
+                node = _replace(node, region_id=rid)
+            elif node.region_id != rid:
+                raise DERPMapError(
+                    f"{where} node {node.name or i}: RegionID {node.region_id} does not match"
+                )
+            nodes.append(node)
+        for name, typ in (("RegionCode", str), ("RegionName", str)):
+            if name in obj and obj[name] is not None and not isinstance(obj[name], typ):
+                raise DERPMapError(f"{where}: {name} must be a string")
+        for name in ("Avoid", "NoMeasureNoHome", "EmbeddedRelay"):
+            if name in obj and obj[name] is not None and not isinstance(obj[name], bool):
+                raise DERPMapError(f"{where}: {name} must be true or false")
+        for name in ("Latitude", "Longitude"):
+            v = obj.get(name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
+                raise DERPMapError(f"{where}: {name} must be a number")
+        return cls(
+            region_id=rid,
+            region_code=obj.get("RegionCode") or "",
+            region_name=obj.get("RegionName") or "",
+            nodes=tuple(nodes),
+            latitude=float(obj.get("Latitude") or 0.0),
+            longitude=float(obj.get("Longitude") or 0.0),
+            avoid=bool(obj.get("Avoid")),
+            no_measure_no_home=bool(obj.get("NoMeasureNoHome")),
+            embedded_relay=bool(obj.get("EmbeddedRelay")),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "RegionID": self.region_id,
+            "RegionCode": self.region_code,
+            "RegionName": self.region_name,
+        }
+        if self.latitude:
+            out["Latitude"] = self.latitude
+        if self.longitude:
+            out["Longitude"] = self.longitude
+        if self.avoid:
+            out["Avoid"] = True
+        if self.no_measure_no_home:
+            out["NoMeasureNoHome"] = True
+        out["EmbeddedRelay"] = self.embedded_relay
+        out["Nodes"] = [n.to_json() for n in self.nodes]
+        return out
+
+
+@dataclass(frozen=True)
+class DERPMap:
+    regions: dict[int, DERPRegion] = field(default_factory=dict)
+    omit_default_regions: bool = False
+    region_score: dict[int, float] = field(default_factory=dict)
+
+    def region(self, region_id: int) -> DERPRegion | None:
+        return self.regions.get(region_id)
+
+    def region_ids(self) -> list[int]:
+        return sorted(self.regions)
+
+    def has_relay(self) -> bool:
+        return any(r.derp_nodes for r in self.regions.values())
+
+    @classmethod
+    def from_json(cls, obj: Any) -> DERPMap:
+        if not isinstance(obj, dict):
+            raise DERPMapError(f"DERP map: expected a JSON object, got {type(obj).__name__}")
+        regions_obj = obj.get("Regions") or {}
+        if not isinstance(regions_obj, dict):
+            raise DERPMapError("DERP map: Regions must be an object keyed by region ID")
+        regions: dict[int, DERPRegion] = {}
+        for key, robj in regions_obj.items():
+            if robj is None:  # a policy file may delete a region with null
+                continue
+            region = DERPRegion.from_json(robj, key)
+            regions[region.region_id] = region
+        scores: dict[int, float] = {}
+        home = obj.get("HomeParams")
+        if home is not None:
+            if not isinstance(home, dict):
+                raise DERPMapError("DERP map: HomeParams must be an object")
+            rs = home.get("RegionScore") or {}
+            if not isinstance(rs, dict):
+                raise DERPMapError("DERP map: HomeParams.RegionScore must be an object")
+            for k, v in rs.items():
+                try:
+                    rid = int(k)
+                except ValueError:
+                    raise DERPMapError(f"DERP map: RegionScore key {k!r} is not a region ID") from None
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                    raise DERPMapError(f"DERP map: RegionScore for {rid} must be a non-negative number")
+                scores[rid] = float(v)
+        omit = obj.get("omitDefaultRegions", False)
+        if not isinstance(omit, bool):
+            raise DERPMapError("DERP map: omitDefaultRegions must be true or false")
+        return cls(regions=regions, omit_default_regions=omit, region_score=scores)
+
+    @classmethod
+    def loads(cls, text: str | bytes) -> DERPMap:
+        try:
+            obj = json.loads(text)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise DERPMapError(f"DERP map: not valid JSON: {e}") from None
+        return cls.from_json(obj)
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        if self.region_score:
+            out["HomeParams"] = {"RegionScore": {str(k): v for k, v in sorted(self.region_score.items())}}
+        out["Regions"] = {str(rid): self.regions[rid].to_json() for rid in sorted(self.regions)}
+        if self.omit_default_regions:
+            out["omitDefaultRegions"] = True
+        return out
+
+    def dumps(self) -> str:
+        return json.dumps(self.to_json(), sort_keys=False)
+
+
+def _replace(node: DERPNode, **changes: Any) -> DERPNode:
+    from dataclasses import replace
+
+    return replace(node, **changes)
