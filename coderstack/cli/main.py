@@ -1,0 +1,152 @@
+"""``coderstack``: the command line.
+
+Each command lives in its own module as ``Options`` (a ``usage.Options``) and
+``async def run(reactor, options, ctx) -> int``; this module parses the global flags, picks the
+command, and turns errors into one line on stderr with a non-zero exit status:
+2 for usage errors (naming the flag), 1 for everything else.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+from typing import Any
+
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.python import usage
+
+from coderstack import __version__
+from coderstack.cli.context import ConfigDir, Context, default_config_dir
+from coderstack.envopts import boolean
+from coderstack.sdk import SDKError
+
+# name -> (module, one-line description). Modules are imported only when their command runs.
+COMMANDS: dict[str, tuple[str, str]] = {
+    "login": ("coderstack.cli.login", "Log in to a coderstack server (creates the first user on a new one)."),
+    "logout": ("coderstack.cli.login", "Forget the session token."),
+    "users": ("coderstack.cli.users", "Manage users: create, list."),
+    "create": ("coderstack.cli.workspaces", "Create a workspace (prints its agent token once)."),
+    "list": ("coderstack.cli.workspaces", "List your workspaces and their agents."),
+    "show": ("coderstack.cli.workspaces", "Show a workspace and its agent."),
+    "delete": ("coderstack.cli.workspaces", "Delete a workspace."),
+    "agent-token": ("coderstack.cli.workspaces", "Make a new agent token for a workspace (the old one stops working)."),
+    "netcheck": ("coderstack.cli.netcheck", "Print a network report (STUN, relays, MTU) as JSON."),
+}
+
+
+def _load(name: str) -> Any:
+    module = importlib.import_module(COMMANDS[name][0])
+    per_command = getattr(module, "COMMANDS", None)
+    if per_command is not None:
+        return per_command[name]
+    return module.Options, module.run
+
+
+class _Lazy(usage.Options):
+    """Placeholder so ``--help`` lists every command without importing them all."""
+
+
+def _subcommands() -> list[list[Any]]:
+    out = []
+    for name, (_module, doc) in COMMANDS.items():
+        out.append([name, None, lambda n=name: _load(n)[0](), doc])
+    return out
+
+
+class GlobalOptions(usage.Options):
+    synopsis = "coderstack [global options] <command> [options]"
+    longdesc = "Reach and manage coderstack workspaces."
+    optParameters = [
+        ["global-config", None, None, "Config directory (url, session) [env CODER_CONFIG_DIR]."],
+        ["url", None, None, "Server URL, overriding the logged-in one [env CODER_URL]."],
+        ["token", None, None, "Session token, overriding the stored one [env CODER_SESSION_TOKEN]."],
+    ]
+    optFlags = [
+        ["disable-direct-connections", None,
+         "Never connect to workspaces directly; always use the relay [env CODER_DISABLE_DIRECT_CONNECTIONS]."],
+        ["verbose", "v", "Print debug logs [env CODER_VERBOSE]."],
+        ["version", None, "Print the version and exit."],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.subCommands = _subcommands()
+
+    def opt_version(self) -> None:
+        print(f"coderstack {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("missing command")
+
+
+def make_context(reactor: Any, opts: GlobalOptions, environ: dict[str, str], **streams: Any) -> Context:
+    disable = bool(opts["disable-direct-connections"])
+    if not disable and environ.get("CODER_DISABLE_DIRECT_CONNECTIONS"):
+        try:
+            disable = boolean(environ["CODER_DISABLE_DIRECT_CONNECTIONS"])
+        except ValueError:
+            raise usage.UsageError(
+                "invalid value for --disable-direct-connections (from CODER_DISABLE_DIRECT_CONNECTIONS)"
+            ) from None
+    verbose = bool(opts["verbose"]) or environ.get("CODER_VERBOSE", "").lower() in ("1", "true")
+    return Context(
+        reactor=reactor,
+        config=ConfigDir(opts["global-config"] or default_config_dir(environ)),
+        environ=environ,
+        url_override=opts["url"],
+        token_override=opts["token"],
+        disable_direct=disable,
+        verbose=verbose,
+        **streams,
+    )
+
+
+async def run(reactor: Any, argv: list[str], environ: dict[str, str] | None = None, **streams: Any) -> int:
+    env = dict(os.environ if environ is None else environ)
+    opts = GlobalOptions()
+    stderr = streams.get("stderr", sys.stderr)
+    try:
+        opts.parseOptions(argv)
+        ctx = make_context(reactor, opts, env, **streams)
+    except usage.UsageError as err:
+        sub = getattr(opts, "subOptions", None)
+        stderr.write(f"error: {err}\n")
+        stderr.write(f"usage: {(sub or opts).getSynopsis()}\n")
+        stderr.write(f"Run 'coderstack {opts.subCommand + ' ' if opts.subCommand else ''}--help' for details.\n")
+        return 2
+    _options_class, command = _load(opts.subCommand)
+    if ctx.verbose:
+        from twisted.logger import globalLogBeginner, textFileLogObserver
+
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(ctx.stderr)], redirectStandardIO=False)
+    try:
+        return await command(reactor, opts.subOptions, ctx)
+    except SDKError as err:
+        ctx.err(f"error: {err}")
+        return 1
+    except usage.UsageError as err:
+        ctx.err(f"error: {err}")
+        return 2
+    finally:
+        closing = ctx.close()
+        if isinstance(closing, Deferred):
+            await closing
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = sys.argv[1:] if argv is None else argv
+    codes: list[int] = []
+
+    async def _main(reactor: Any) -> None:
+        codes.append(await run(reactor, args))
+
+    try:
+        task.react(lambda reactor: Deferred.fromCoroutine(_main(reactor)))
+    except SystemExit as exit_:
+        if exit_.code not in (0, None) or not codes:
+            raise
+    sys.exit(codes[0] if codes else 1)

@@ -1,0 +1,127 @@
+"""Coordination over websockets: a thin Autobahn protocol in front of the sans-IO coordinator.
+
+Wire format: see ``coderstack/wire/coordination.py`` (one JSON object per text message).
+The HTTP route has already authenticated and authorized the peer before the upgrade; this
+protocol only moves messages between the socket and ``Coordinator``:
+
+- open                 -> ``coordinator.connect(peer_id, ...)``
+- text message         -> ``parse_request`` -> ``connection.handle``; a malformed message gets
+                          ``{"error": ...}`` back and is counted; too many close the socket
+- close after a ``disconnect`` request, or after being replaced by a newer connection with the
+  same peer id -> nothing more; any other close -> ``connection.lost()`` (peers see LOST and keep
+  the last node, so tunnels survive a dropped websocket or a server restart)
+
+Autobahn's auto-ping notices a dead peer within ``PING_INTERVAL + PING_TIMEOUT`` seconds.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from typing import Any
+from uuid import UUID
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from twisted.logger import Logger
+
+from coderstack.wire.coordination import CoordinateResponse, CoordinationError, parse_request
+
+PING_INTERVAL = 5.0
+PING_TIMEOUT = 5.0
+MAX_MESSAGE = 256 * 1024
+MAX_BAD_MESSAGES = 20
+CLOSE_REPLACED = 4000
+CLOSE_KICKED = 4001
+CLOSE_ABUSE = 4002
+
+
+class CoordinateProtocol(WebSocketServerProtocol):
+    _log = Logger()
+    factory: CoordinateFactory
+
+    def onOpen(self) -> None:
+        f = self.factory
+        self._graceful = False
+        self._replaced = False
+        self._bad = 0
+        self.connection = f.coordinator.connect(f.peer_id, f.name, f.auth, self._send, self._replace)
+        f.opened(self)
+
+    def _send(self, response: CoordinateResponse) -> None:
+        self.sendMessage(json.dumps(response.to_json()).encode(), isBinary=False)
+
+    def _replace(self) -> None:
+        # The coordinator has a newer connection for this peer id.
+        self._replaced = True
+        self.sendClose(code=CLOSE_REPLACED, reason="replaced by a newer connection")
+
+    def kick(self, reason: str) -> None:
+        """Close from the server side (token rotated, workspace deleted): the peer is gone."""
+        if not self._graceful and not self._replaced:
+            self._graceful = True
+            self.connection.disconnect()
+        self.sendClose(code=CLOSE_KICKED, reason=reason[:100])
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        try:
+            request = parse_request(payload)
+        except CoordinationError as err:
+            self._bad += 1
+            self.factory.bad_messages += 1
+            self._send(CoordinateResponse(peer_updates=(), error=str(err)))
+            if self._bad >= MAX_BAD_MESSAGES:
+                self.sendClose(code=CLOSE_ABUSE, reason="too many malformed messages")
+            return
+        if self._replaced or self._graceful:
+            return
+        if request.disconnect:
+            self._graceful = True
+        self.connection.handle(request)
+
+    def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        connection = getattr(self, "connection", None)
+        if connection is None:
+            return  # the websocket handshake never completed
+        if not self._graceful and not self._replaced:
+            connection.lost()
+        self.factory.closed(self, replaced=self._replaced)
+
+
+class CoordinateFactory(WebSocketServerFactory):
+    protocol = CoordinateProtocol
+
+    def __init__(
+        self,
+        coordinator: Any,
+        peer_id: UUID,
+        name: str,
+        auth: Any,
+        on_open: Callable[[CoordinateProtocol], None] | None = None,
+        on_close: Callable[[CoordinateProtocol, bool], None] | None = None,
+    ) -> None:
+        super().__init__()
+        self.coordinator = coordinator
+        self.peer_id, self.name, self.auth = peer_id, name, auth
+        self._on_open, self._on_close = on_open, on_close
+        self.bad_messages = 0
+        self.setProtocolOptions(
+            autoPingInterval=PING_INTERVAL,
+            autoPingTimeout=PING_TIMEOUT,
+            maxMessagePayloadSize=MAX_MESSAGE,
+            maxFramePayloadSize=MAX_MESSAGE,
+            openHandshakeTimeout=10,
+            perMessageCompressionAccept=lambda offers: None,
+        )
+
+    def opened(self, proto: CoordinateProtocol) -> None:
+        if self._on_open:
+            self._on_open(proto)
+
+    def closed(self, proto: CoordinateProtocol, replaced: bool) -> None:
+        if self._on_close:
+            self._on_close(proto, replaced)
+
+
+def coordinate_resource(factory: CoordinateFactory) -> WebSocketResource:
+    return WebSocketResource(factory)

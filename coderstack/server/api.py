@@ -1,0 +1,454 @@
+"""The /api/v2 control plane (Klein).
+
+Every route authenticates: a session token (users) or an agent token (agents) in the
+``Coder-Session-Token`` header (or the ``coder_session_token`` cookie). Errors are JSON
+``{"message": ..., "detail": ...}`` with a 4xx/5xx status; secrets never appear in them or in logs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+from klein import Klein
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.web.iweb import IRequest
+from werkzeug.exceptions import MethodNotAllowed, NotFound
+
+from coderstack import __version__
+from coderstack.server import auth
+from coderstack.server.store import Agent, Conflict, User, Workspace, now
+
+if TYPE_CHECKING:
+    from coderstack.server.deployment import Deployment
+
+log = Logger()
+
+NAME_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?$")
+SESSION_LIFETIME = timedelta(days=7)
+MAX_BODY = 64 * 1024
+
+
+class APIError(Exception):
+    def __init__(self, code: int, message: str, detail: str = "") -> None:
+        super().__init__(message)
+        self.code, self.message, self.detail = code, message, detail
+
+
+def write_json(request: IRequest, obj: Any, code: int = 200) -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Cache-Control", b"no-store")
+    return json.dumps(obj).encode() + b"\n"
+
+
+def read_json(request: IRequest) -> dict[str, Any]:
+    body = request.content.read(MAX_BODY + 1) if request.content else b""
+    if len(body) > MAX_BODY:
+        raise APIError(413, "Request body is too large.", f"at most {MAX_BODY} bytes")
+    try:
+        obj = json.loads(body or b"{}")
+    except ValueError as err:
+        raise APIError(400, "Request body must be valid JSON.", str(err)) from None
+    if not isinstance(obj, dict):
+        raise APIError(400, "Request body must be a JSON object.")
+    return obj
+
+
+def field(body: dict[str, Any], name: str, *, required: bool = True, default: str = "") -> str:
+    value = body.get(name, None)
+    if value is None:
+        if required:
+            raise APIError(400, f"Missing field {name!r}.", f"{name} is required")
+        return default
+    if not isinstance(value, str):
+        raise APIError(400, f"Field {name!r} must be a string.")
+    return value
+
+
+def valid_name(value: str, what: str) -> str:
+    if not NAME_RE.match(value):
+        raise APIError(
+            400,
+            f"Invalid {what} {value!r}.",
+            "1-32 letters, digits or hyphens, not starting or ending with a hyphen",
+        )
+    return value
+
+
+def session_token_of(request: IRequest) -> str | None:
+    raw = request.getHeader(auth.SESSION_HEADER)
+    if raw is None:
+        cookie = request.getCookie(b"coder_session_token")
+        raw = cookie.decode("ascii", "replace") if cookie else None
+    return raw.strip() if raw else None
+
+
+def iso(t: Any) -> str | None:
+    return t.isoformat() if t is not None else None
+
+
+class API:
+    app = Klein()
+
+    def __init__(self, deployment: Deployment) -> None:
+        self.d = deployment
+
+    # -- authentication ----------------------------------------------------------------------
+
+    async def user_for_token(self, token: str | None) -> User | None:
+        if not token:
+            return None
+        parts = auth.split_session_token(token)
+        if parts is None:
+            return None
+        key_id, secret = parts
+        found = await self.d.store.api_key(key_id)
+        if found is None:
+            return None
+        hashed, expires_at, user = found
+        if not auth.secret_matches(secret, hashed) or expires_at < now():
+            return None
+        return user
+
+    async def agent_for_token(self, token: str | None) -> tuple[Agent, Workspace] | None:
+        if not token or not auth.looks_like_agent_token(token):
+            return None
+        return await self.d.store.agent_by_token_hash(auth.hash_agent_token(token))
+
+    async def require_user(self, request: IRequest) -> User:
+        token = session_token_of(request)
+        if not token:
+            raise APIError(
+                401, "You must be logged in to do this.",
+                f"send a session token in the {auth.SESSION_HEADER} header",
+            )
+        user = await self.user_for_token(token)
+        if user is None:
+            raise APIError(401, "Invalid or expired session token.", "log in again")
+        return user
+
+    async def require_owner(self, request: IRequest) -> User:
+        user = await self.require_user(request)
+        if not user.is_owner:
+            raise APIError(403, "Only an owner can do this.")
+        return user
+
+    async def require_agent(self, request: IRequest) -> tuple[Agent, Workspace]:
+        found = await self.agent_for_token(session_token_of(request))
+        if found is None:
+            raise APIError(401, "Invalid agent token.", "the workspace agent token is missing or unknown")
+        return found
+
+    # -- errors ------------------------------------------------------------------------------
+
+    @app.handle_errors(APIError)
+    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
+        err = failure.value
+        return write_json(request, {"message": err.message, "detail": err.detail}, err.code)
+
+    @app.handle_errors(NotFound)
+    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+        return write_json(request, {"message": "Route not found.", "detail": request.path.decode("ascii", "replace")}, 404)
+
+    @app.handle_errors(MethodNotAllowed)
+    def _bad_method(self, request: IRequest, failure: Failure) -> bytes:
+        return write_json(request, {"message": "Method not allowed.", "detail": request.method.decode("ascii", "replace")}, 405)
+
+    @app.handle_errors(Exception)
+    def _internal(self, request: IRequest, failure: Failure) -> bytes:
+        log.failure("unhandled error serving {path}", failure, path=request.path)
+        return write_json(request, {"message": "Internal error.", "detail": failure.getErrorMessage()}, 500)
+
+    # -- health and build info ---------------------------------------------------------------
+
+    @app.route("/healthz", methods=["GET", "HEAD"])
+    def healthz(self, request: IRequest) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain")
+        return b"OK"
+
+    @app.route("/api/v2/buildinfo", methods=["GET"])
+    def buildinfo(self, request: IRequest) -> bytes:
+        return write_json(request, {
+            "version": __version__,
+            "external_url": "https://github.com/coderstack",
+            "dashboard_url": self.d.access_url,
+            "agent_api_version": "1.0",
+            "coordination_protocol": "coderstack.tailnet.v1",
+            "derp_version": 2,
+        })
+
+    # -- users -------------------------------------------------------------------------------
+
+    @app.route("/api/v2/users/first", methods=["GET"])
+    async def first_user_status(self, request: IRequest) -> bytes:
+        if await self.d.store.count_users() == 0:
+            raise APIError(404, "The initial user has not been created!")
+        return write_json(request, {"message": "The initial user has already been created!"})
+
+    @app.route("/api/v2/users/first", methods=["POST"])
+    async def first_user(self, request: IRequest) -> bytes:
+        body = read_json(request)
+        username, email, password = self._new_user_fields(body)
+        pw_hash = await self.d.hash_password(password)
+        try:
+            user = await self.d.store.create_user(
+                username, email, pw_hash, roles=("owner",), name=field(body, "name", required=False),
+                only_if_first=True,
+            )
+        except Conflict as err:
+            raise APIError(409, "The initial user has already been created.", str(err)) from None
+        return write_json(request, {"user_id": str(user.id)}, 201)
+
+    def _new_user_fields(self, body: dict[str, Any]) -> tuple[str, str, str]:
+        username = valid_name(field(body, "username"), "username")
+        email = field(body, "email")
+        if "@" not in email or len(email) > 320 or email.strip() != email:
+            raise APIError(400, f"Invalid email {email!r}.")
+        password = field(body, "password")
+        if len(password) < 8:
+            raise APIError(400, "Password is too short.", "use at least 8 characters")
+        return username, email, password
+
+    @app.route("/api/v2/users/login", methods=["POST"])
+    async def login(self, request: IRequest) -> bytes:
+        body = read_json(request)
+        login = field(body, "email")
+        password = field(body, "password")
+        found = await self.d.store.user_by_login(login)
+        # Verify a dummy hash for unknown users too, so timing does not reveal who exists.
+        stored = found[1] if found else self.d.dummy_password_hash
+        ok = await self.d.verify_password(password, stored)
+        if not found or not ok:
+            raise APIError(401, "Incorrect email or password.")
+        token = await self.issue_session(found[0])
+        return write_json(request, {"session_token": token}, 201)
+
+    async def issue_session(self, user: User) -> str:
+        token, key_id, hashed = auth.new_session_token()
+        await self.d.store.insert_api_key(key_id, user.id, hashed, now() + SESSION_LIFETIME)
+        return token
+
+    @app.route("/api/v2/users/logout", methods=["POST"])
+    async def logout(self, request: IRequest) -> bytes:
+        await self.require_user(request)
+        parts = auth.split_session_token(session_token_of(request) or "")
+        if parts:
+            await self.d.store.delete_api_key(parts[0])
+        return write_json(request, {"message": "Logged out."})
+
+    @app.route("/api/v2/users/me", methods=["GET"])
+    async def me(self, request: IRequest) -> bytes:
+        user = await self.require_user(request)
+        return write_json(request, user.to_json())
+
+    @app.route("/api/v2/users", methods=["GET"])
+    async def list_users(self, request: IRequest) -> bytes:
+        await self.require_owner(request)
+        users = await self.d.store.list_users()
+        return write_json(request, {"users": [u.to_json() for u in users], "count": len(users)})
+
+    @app.route("/api/v2/users", methods=["POST"])
+    async def create_user(self, request: IRequest) -> bytes:
+        await self.require_owner(request)
+        body = read_json(request)
+        username, email, password = self._new_user_fields(body)
+        pw_hash = await self.d.hash_password(password)
+        try:
+            user = await self.d.store.create_user(
+                username, email, pw_hash, name=field(body, "name", required=False)
+            )
+        except Conflict as err:
+            raise APIError(409, "User already exists.", str(err)) from None
+        return write_json(request, user.to_json(), 201)
+
+    # -- workspaces --------------------------------------------------------------------------
+
+    async def _owner_for(self, request: IRequest, who: str) -> User:
+        user = await self.require_user(request)
+        if who in ("me", user.username, str(user.id)):
+            return user
+        raise APIError(403, "You can only manage your own workspaces.", f"user {who!r}")
+
+    @app.route("/api/v2/users/<string:who>/workspaces", methods=["POST"])
+    async def create_workspace(self, request: IRequest, who: str) -> bytes:
+        user = await self._owner_for(request, who)
+        body = read_json(request)
+        name = valid_name(field(body, "name"), "workspace name")
+        token, token_hash = auth.new_agent_token()
+        try:
+            ws = await self.d.store.create_workspace(user.id, name, token_hash)
+        except Conflict as err:
+            raise APIError(409, f"Workspace {name!r} already exists.", str(err)) from None
+        out = self.workspace_json(ws)
+        # The agent token is shown once, here; only its hash is kept.
+        out["agent_token"] = token
+        return write_json(request, out, 201)
+
+    @app.route("/api/v2/users/<string:who>/workspace/<string:name>", methods=["GET"])
+    async def workspace_by_name(self, request: IRequest, who: str, name: str) -> bytes:
+        user = await self._owner_for(request, who)
+        ws = await self.d.store.workspace_by_name(user.id, name)
+        if ws is None:
+            raise APIError(404, f"Workspace {name!r} not found.", f"owner {user.username}")
+        return write_json(request, self.workspace_json(ws))
+
+    @app.route("/api/v2/workspaces", methods=["GET"])
+    async def list_workspaces(self, request: IRequest) -> bytes:
+        user = await self.require_user(request)
+        everyone = request.args.get(b"all", [b""])[0] in (b"1", b"true") and user.is_owner
+        found = await self.d.store.list_workspaces(None if everyone else user.id)
+        return write_json(
+            request, {"workspaces": [self.workspace_json(w) for w in found], "count": len(found)}
+        )
+
+    async def _my_workspace(self, request: IRequest, workspace_id: str) -> Workspace:
+        user = await self.require_user(request)
+        ws_id = parse_uuid(workspace_id, "workspace id")
+        ws = await self.d.store.workspace(ws_id)
+        if ws is None or ws.owner_id != user.id:
+            # Other users' workspaces are indistinguishable from missing ones.
+            raise APIError(404, "Workspace not found.", workspace_id)
+        return ws
+
+    @app.route("/api/v2/workspaces/<string:workspace_id>", methods=["GET"])
+    async def get_workspace(self, request: IRequest, workspace_id: str) -> bytes:
+        ws = await self._my_workspace(request, workspace_id)
+        return write_json(request, self.workspace_json(ws))
+
+    @app.route("/api/v2/workspaces/<string:workspace_id>", methods=["DELETE"])
+    async def delete_workspace(self, request: IRequest, workspace_id: str) -> bytes:
+        ws = await self._my_workspace(request, workspace_id)
+        await self.d.store.delete_workspace(ws.id)
+        for agent in ws.agents:
+            self.d.agent_removed(agent.id)
+        return write_json(request, {"message": f"Workspace {ws.name!r} deleted."})
+
+    @app.route("/api/v2/workspaces/<string:workspace_id>/agent-token", methods=["POST"])
+    async def rotate_agent_token(self, request: IRequest, workspace_id: str) -> bytes:
+        ws = await self._my_workspace(request, workspace_id)
+        if not ws.agents:
+            raise APIError(409, "This workspace has no agent.")
+        agent = ws.agents[0]
+        token, token_hash = auth.new_agent_token()
+        await self.d.store.set_agent_token(agent.id, token_hash)
+        # The old token stops working now: drop its live connection too.
+        self.d.agent_removed(agent.id)
+        return write_json(request, {"agent_id": str(agent.id), "agent_token": token}, 201)
+
+    def workspace_json(self, ws: Workspace) -> dict[str, Any]:
+        return {
+            "id": str(ws.id),
+            "name": ws.name,
+            "owner_id": str(ws.owner_id),
+            "owner_name": ws.owner_name,
+            "template_id": str(ws.template_id) if ws.template_id else None,
+            "created_at": iso(ws.created_at),
+            "updated_at": iso(ws.updated_at),
+            "agents": [self.agent_json(a) for a in ws.agents],
+        }
+
+    def agent_json(self, agent: Agent) -> dict[str, Any]:
+        status, last_seen = self.d.agent_status(agent)
+        return {
+            "id": str(agent.id),
+            "name": agent.name,
+            "status": status,
+            "last_seen_at": iso(last_seen),
+            "first_connected_at": iso(agent.first_connected_at),
+            "last_connected_at": iso(agent.last_connected_at),
+            "disconnected_at": iso(agent.disconnected_at),
+            "operating_system": agent.os,
+            "architecture": agent.arch,
+            "directory": agent.directory,
+            "ip": str(self.d.agent_address(agent.id)),
+            "access_url": self.d.agent_access_url(agent.id),
+        }
+
+    # -- agents ------------------------------------------------------------------------------
+
+    @app.route("/api/v2/workspaceagents/me/manifest", methods=["GET"])
+    async def manifest(self, request: IRequest) -> bytes:
+        agent, ws = await self.require_agent(request)
+        return write_json(request, {
+            "agent_id": str(agent.id),
+            "agent_name": agent.name,
+            "owner_name": ws.owner_name,
+            "workspace_id": str(ws.id),
+            "workspace_name": ws.name,
+            "directory": agent.directory,
+            "environment_variables": {},
+            "access_url": self.d.access_url,
+            "derp_map": self.d.derp_map_json(),
+            "derp_force_websockets": self.d.derp_force_websockets,
+            "disable_direct_connections": self.d.block_direct,
+            "apps": [],
+        })
+
+    @app.route("/api/v2/workspaceagents/me/coordinate", methods=["GET"])
+    async def agent_coordinate(self, request: IRequest) -> Any:
+        agent, ws = await self.require_agent(request)
+        return self.d.coordinate_resource_for_agent(agent, ws)
+
+    @app.route("/api/v2/workspaceagents/connection", methods=["GET"])
+    async def connection_generic(self, request: IRequest) -> bytes:
+        await self.require_user(request)
+        return write_json(request, self.d.connection_info())
+
+    async def _my_agent(self, request: IRequest, agent_id: str) -> tuple[User, Agent, Workspace]:
+        user = await self.require_user(request)
+        found = await self.d.store.agent(parse_uuid(agent_id, "agent id"))
+        if found is None or found[1].owner_id != user.id:
+            raise APIError(404, "Agent not found.", agent_id)
+        return user, found[0], found[1]
+
+    @app.route("/api/v2/workspaceagents/<string:agent_id>", methods=["GET"])
+    async def get_agent(self, request: IRequest, agent_id: str) -> bytes:
+        _user, agent, _ws = await self._my_agent(request, agent_id)
+        return write_json(request, self.agent_json(agent))
+
+    @app.route("/api/v2/workspaceagents/<string:agent_id>/connection", methods=["GET"])
+    async def connection(self, request: IRequest, agent_id: str) -> bytes:
+        await self._my_agent(request, agent_id)
+        return write_json(request, self.d.connection_info())
+
+    @app.route("/api/v2/workspaceagents/<string:agent_id>/coordinate", methods=["GET"])
+    async def client_coordinate(self, request: IRequest, agent_id: str) -> Any:
+        user, agent, _ws = await self._my_agent(request, agent_id)
+        raw_peer = request.args.get(b"peer_id", [b""])[0].decode("ascii", "replace")
+        peer_id = parse_uuid(raw_peer, "peer_id") if raw_peer else uuid.uuid4()
+        if not self.d.client_may_use_peer_id(peer_id, user.id):
+            raise APIError(403, "That peer id belongs to someone else.", str(peer_id))
+        return self.d.coordinate_resource_for_client(peer_id, user, agent)
+
+    # -- deployment and debug ----------------------------------------------------------------
+
+    @app.route("/api/v2/deployment/ssh", methods=["GET"])
+    async def deployment_ssh(self, request: IRequest) -> bytes:
+        await self.require_user(request)
+        return write_json(request, {"hostname_prefix": "coder.", "hostname_suffix": "", "ssh_config_options": {}})
+
+    @app.route("/api/v2/debug/coordinator", methods=["GET"])
+    async def debug_coordinator(self, request: IRequest) -> bytes:
+        await self.require_owner(request)
+        return write_json(request, self.d.coordinator.debug())
+
+    # -- other resources mounted by the deployment (DERP, metrics, ...) -----------------------
+
+    @app.route("/", branch=True)
+    def mounted(self, request: IRequest) -> Any:
+        resource = self.d.mounted_resource(request)
+        if resource is None:
+            raise NotFound()
+        return resource
+
+
+def parse_uuid(value: str, what: str) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise APIError(400, f"Invalid {what}.", f"{value!r} is not a UUID") from None

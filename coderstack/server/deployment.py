@@ -1,0 +1,170 @@
+"""One running deployment: the store, the coordinator, the DERP map and the live agent connections.
+
+The Klein API (``api.py``) asks this object for everything that is not a database row: agent
+status, connection info, coordination websockets, and resources mounted beside the API (the DERP
+relay, metrics). It is the one place that knows how those pieces fit together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Callable
+from datetime import UTC, datetime
+from ipaddress import IPv6Address
+from typing import Any
+
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThread
+from twisted.logger import Logger
+from twisted.web.iweb import IRequest
+from twisted.web.resource import IResource
+
+from coderstack.coordinator.core import AgentAuth, ClientAuth, Coordinator
+from coderstack.coordinator.websocket import CoordinateFactory, CoordinateProtocol, coordinate_resource
+from coderstack.derpmap import DERPMap
+from coderstack.server import auth
+from coderstack.server.store import Agent, Store, User, Workspace
+from coderstack.wire.coordination import address_from_uuid
+
+log = Logger()
+
+
+class Deployment:
+    def __init__(
+        self,
+        reactor: Any,
+        store: Store,
+        access_url: str,
+        derp_map: DERPMap,
+        derp_force_websockets: bool = False,
+        block_direct: bool = False,
+    ) -> None:
+        self.reactor = reactor
+        self.store = store
+        self.access_url = access_url
+        self.derp_map = derp_map
+        self.derp_force_websockets = derp_force_websockets
+        self.block_direct = block_direct
+        self.coordinator = Coordinator(reactor)
+        self.dummy_password_hash = auth.hash_password(uuid.uuid4().hex)
+        # agent id -> its live coordination websocket
+        self._agent_sockets: dict[uuid.UUID, CoordinateProtocol] = {}
+        # path -> resource served beside the API (DERP relay, metrics, ...)
+        self.mounts: dict[bytes, IResource] = {}
+        self._derp_map_listeners: list[Callable[[DERPMap], None]] = []
+
+    # -- passwords: scrypt is deliberately slow, so it runs on a thread ------------------------
+
+    def hash_password(self, password: str) -> Deferred[str]:
+        return deferToThread(auth.hash_password, password)
+
+    def verify_password(self, password: str, stored: str) -> Deferred[bool]:
+        return deferToThread(auth.verify_password, password, stored)
+
+    # -- DERP map ----------------------------------------------------------------------------
+
+    def derp_map_json(self) -> dict[str, Any]:
+        return self.derp_map.to_json()
+
+    def set_derp_map(self, derp_map: DERPMap) -> None:
+        if derp_map == self.derp_map:
+            return
+        self.derp_map = derp_map
+        for listener in list(self._derp_map_listeners):
+            listener(derp_map)
+
+    def subscribe_derp_map(self, listener: Callable[[DERPMap], None]) -> Callable[[], None]:
+        self._derp_map_listeners.append(listener)
+        return lambda: self._derp_map_listeners.remove(listener)
+
+    def connection_info(self) -> dict[str, Any]:
+        return {
+            "derp_map": self.derp_map_json(),
+            "derp_force_websockets": self.derp_force_websockets,
+            "disable_direct_connections": self.block_direct,
+            "hostname_suffix": "coder",
+        }
+
+    # -- agents ------------------------------------------------------------------------------
+
+    @staticmethod
+    def agent_address(agent_id: uuid.UUID) -> IPv6Address:
+        return address_from_uuid(agent_id)
+
+    def agent_access_url(self, agent_id: uuid.UUID) -> str:
+        return self.access_url
+
+    def agent_status(self, agent: Agent) -> tuple[str, datetime | None]:
+        """(connected | lost | disconnected | connecting, last seen)."""
+        state = self.coordinator.status(agent.id)
+        if state == "connected":
+            return "connected", datetime.now(UTC)
+        if state == "lost":
+            seen = self.coordinator.last_seen(agent.id)
+            return "lost", datetime.fromtimestamp(seen, UTC) if seen else agent.last_connected_at
+        if agent.first_connected_at is None:
+            return "connecting", None
+        return "disconnected", agent.disconnected_at or agent.last_connected_at
+
+    def agent_removed(self, agent_id: uuid.UUID) -> None:
+        """The agent's token or workspace is gone: close its live coordination, if any."""
+        proto = self._agent_sockets.pop(agent_id, None)
+        if proto is not None:
+            proto.kick("agent token revoked")
+
+    # -- coordination ------------------------------------------------------------------------
+
+    def coordinate_resource_for_agent(self, agent: Agent, ws: Workspace) -> IResource:
+        def opened(proto: CoordinateProtocol) -> None:
+            self._agent_sockets[agent.id] = proto
+            self.store.note_agent_connected(agent.id).addErrback(
+                lambda f: log.failure("noting agent connected", f)
+            )
+
+        def closed(proto: CoordinateProtocol, replaced: bool) -> None:
+            if self._agent_sockets.get(agent.id) is proto:
+                del self._agent_sockets[agent.id]
+            if not replaced:
+                self.store.note_agent_disconnected(agent.id).addErrback(
+                    lambda f: log.failure("noting agent disconnected", f)
+                )
+
+        factory = CoordinateFactory(
+            self.coordinator,
+            agent.id,
+            f"{ws.owner_name}/{ws.name}/{agent.name}",
+            AgentAuth(agent_id=agent.id),
+            on_open=opened,
+            on_close=closed,
+        )
+        return coordinate_resource(factory)
+
+    def client_may_use_peer_id(self, peer_id: uuid.UUID, user_id: uuid.UUID) -> bool:
+        """A client may reuse its own peer id (to replace a stale connection), nobody else's."""
+        existing = self.coordinator.auth_of(peer_id)
+        if existing is None:
+            return True
+        return isinstance(existing, ClientAuth) and existing.user_id == user_id
+
+    def coordinate_resource_for_client(self, peer_id: uuid.UUID, user: User, agent: Agent) -> IResource:
+        factory = CoordinateFactory(
+            self.coordinator,
+            peer_id,
+            f"{user.username}/client",
+            ClientAuth(agent_id=agent.id, user_id=user.id),
+        )
+        return coordinate_resource(factory)
+
+    # -- other mounted resources -------------------------------------------------------------
+
+    def mount(self, path: bytes, resource: IResource) -> None:
+        self.mounts[path.rstrip(b"/") or b"/"] = resource
+
+    def mounted_resource(self, request: IRequest) -> IResource | None:
+        path = request.path.rstrip(b"/") or b"/"
+        return self.mounts.get(path)
+
+
+def server_key_id(public_key: bytes) -> str:
+    return hashlib.sha256(public_key).hexdigest()[:16]

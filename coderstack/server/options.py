@@ -1,0 +1,95 @@
+"""``twistd coderstack-server`` options: Coder's flag names and environment variables."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.python import usage
+
+from coderstack import envopts as e
+
+
+class ServerOptions(e.EnvOptions):
+    synopsis = "[options]"
+    longdesc = (
+        "Run the coderstack server: the /api/v2 control plane, the coordinator, the embedded DERP "
+        "relay at /derp and the STUN server, on one access URL."
+    )
+
+    envParameters = [
+        ("access-url", "CODER_ACCESS_URL", None, e.url,
+         "External URL users and agents reach this server at (default: from the listen address)."),
+        ("http-address", "CODER_HTTP_ADDRESS", "127.0.0.1:3000", e.host_port,
+         "HTTP bind address; empty to disable HTTP."),
+        ("tls-enable", "CODER_TLS_ENABLE", "false", e.boolean, "Serve HTTPS on --tls-address."),
+        ("tls-address", "CODER_TLS_ADDRESS", "127.0.0.1:3443", e.host_port, "HTTPS bind address."),
+        ("tls-cert-file", "CODER_TLS_CERT_FILE", None, e.existing_file,
+         "PEM certificate (chain) for HTTPS."),
+        ("tls-key-file", "CODER_TLS_KEY_FILE", None, e.existing_file, "PEM private key for HTTPS."),
+        ("data-dir", "CODER_DATA_DIR", None, e.directory,
+         "Where the SQLite database and server keys live (default: ~/.local/share/coderstack/server)."),
+        ("postgres-url", "CODER_PG_CONNECTION_URL", None, e.text,
+         "PostgreSQL URL; when set, used instead of the embedded SQLite database."),
+        ("derp-server-enable", "CODER_DERP_SERVER_ENABLE", "true", e.boolean,
+         "Run the embedded DERP relay at /derp."),
+        ("derp-server-region-id", "CODER_DERP_SERVER_REGION_ID", "999", e.positive_int,
+         "Region ID of the embedded relay."),
+        ("derp-server-region-code", "CODER_DERP_SERVER_REGION_CODE", "coder", e.text,
+         "Region code of the embedded relay."),
+        ("derp-server-region-name", "CODER_DERP_SERVER_REGION_NAME", "Coder Embedded Relay", e.text,
+         "Region name of the embedded relay (shown as DERP(<name>) by ping)."),
+        ("derp-server-stun-addresses", "CODER_DERP_SERVER_STUN_ADDRESSES", "", e.text,
+         "Extra STUN servers (host:port, comma separated) added as STUN-only regions; 'disable' for none."),
+        ("derp-server-relay-url", "CODER_DERP_SERVER_RELAY_URL", None, e.url,
+         "This replica's URL for the DERP mesh between replicas."),
+        ("derp-config-url", "CODER_DERP_CONFIG_URL", None, e.url,
+         "Fetch a DERP map (Tailscale JSON) from this URL at start-up and merge it."),
+        ("derp-config-path", "CODER_DERP_CONFIG_PATH", None, e.existing_file,
+         "Read a DERP map (Tailscale JSON) from this file and merge it."),
+        ("derp-force-websockets", "CODER_DERP_FORCE_WEBSOCKETS", "false", e.boolean,
+         "Tell clients and agents to use DERP over websockets only."),
+        ("block-direct-connections", "CODER_BLOCK_DIRECT", "false", e.boolean,
+         "Disable direct (P2P) connections: everything goes through DERP."),
+        ("stun-address", "CODER_STUN_ADDRESS", None, e.text,
+         "UDP address of the embedded STUN server (default: port 3478 on the HTTP interface); 'disable' turns it off."),
+        ("agent-binary-dir", "CODER_AGENT_BINARY_DIR", None, e.text,
+         "Directory holding the twistd that local agents are started with (default: this installation's)."),
+    ]
+    optFlags = [
+        ["dev", None, "Development demo: first user, logged-in CLI, workspace 'dev' and its local agent."],
+    ]
+
+    def postOptions(self) -> None:
+        super().postOptions()
+        if self["data-dir"] is None:
+            self["data-dir"] = e.default_data_dir("server")
+        if self["tls-enable"]:
+            missing = [f for f in ("tls-cert-file", "tls-key-file") if not self[f]]
+            if missing:
+                raise usage.UsageError(
+                    f"--tls-enable needs {' and '.join('--' + m for m in missing)}"
+                )
+            if self["tls-address"] is None:
+                raise usage.UsageError("--tls-enable needs a --tls-address")
+        elif self["http-address"] is None:
+            raise usage.UsageError("--http-address is empty and TLS is off: nothing would listen")
+        if self["derp-config-url"] and self["derp-config-path"]:
+            raise usage.UsageError("set only one of --derp-config-url and --derp-config-path")
+        if self["access-url"] is None:
+            self["access-url"] = self.default_access_url()
+
+    def default_access_url(self) -> str:
+        if self["tls-enable"]:
+            host, port = self["tls-address"]
+            scheme = "https"
+        else:
+            host, port = self["http-address"]
+            scheme = "http"
+        if host in ("", "0.0.0.0", "::"):
+            host = "127.0.0.1"
+        if ":" in host:
+            host = f"[{host}]"
+        return f"{scheme}://{host}:{port}"
+
+    def as_dict(self) -> dict[str, Any]:
+        return dict(self)

@@ -1,0 +1,154 @@
+"""``makeService(config, reactor)`` for ``twistd coderstack-server``.
+
+Start-up order matters: the data dir, the store and its migrations, the DERP map, then the
+listeners — nothing accepts a request before the schema is current. A start-up failure (database
+unreachable, port taken, bad DERP map) is logged as one clear line and stops the process.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import endpoints
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+from twisted.web.server import Site
+
+from coderstack import envopts
+from coderstack.server.api import API
+from coderstack.server.deployment import Deployment
+from coderstack.server.derpsetup import build_derp_map
+from coderstack.server.store import Store, database_url
+
+log = Logger()
+
+
+class QuietSite(Site):
+    """A Site whose access log never includes query strings (they may carry tokens)."""
+
+    def log(self, request: Any) -> None:  # noqa: D401 - twisted API
+        pass
+
+
+class ServerService(service.MultiService):
+    def __init__(self, config: dict[str, Any], reactor: Any) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.store: Store | None = None
+        self.deployment: Deployment | None = None
+        self.ports: list[IListeningPort] = []
+        self.ready: Deferred[None] = Deferred()
+        self._children_extra: list[Any] = []
+
+    def startService(self) -> None:
+        super().startService()
+        d = Deferred.fromCoroutine(self._start())
+
+        def failed(f: Any) -> None:
+            log.critical("coderstack server failed to start: {why}", why=f.getErrorMessage())
+            log.failure("start-up failure", f)
+            if not self.ready.called:
+                self.ready.errback(f)
+            if self.reactor.running:
+                self.reactor.stop()
+
+        d.addErrback(failed)
+
+    async def _start(self) -> None:
+        cfg = self.config
+        data_dir = cfg["data-dir"]
+        os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        self.store = Store(database_url(data_dir, cfg.get("postgres-url")), self.reactor)
+        version = await self.store.migrate()
+        log.info("database ready ({kind}, schema v{version})",
+                 kind="postgres" if cfg.get("postgres-url") else "sqlite", version=version)
+
+        derp_map = await build_derp_map(cfg, self.reactor)
+        self.deployment = Deployment(
+            self.reactor,
+            self.store,
+            cfg["access-url"],
+            derp_map,
+            derp_force_websockets=cfg["derp-force-websockets"],
+            block_direct=cfg["block-direct-connections"],
+        )
+        api = API(self.deployment)
+        site = QuietSite(api.app.resource())
+
+        if cfg["http-address"] is not None:
+            host, port = cfg["http-address"]
+            ep = endpoints.serverFromString(self.reactor, envopts.tcp_endpoint(host, port))
+            p = await ep.listen(site)
+            self.ports.append(p)
+            log.info("listening on http://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
+        if cfg["tls-enable"]:
+            host, port = cfg["tls-address"]
+            ep = tls_server_endpoint(self.reactor, host, port, cfg["tls-cert-file"], cfg["tls-key-file"])
+            p = await ep.listen(site)
+            self.ports.append(p)
+            log.info("listening on https://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
+        log.info("access URL: {url}", url=cfg["access-url"])
+
+        if cfg.get("dev"):
+            from coderstack.server.dev import DevDemo
+
+            demo = DevDemo(self.reactor, self.deployment, api, cfg)
+            demo.setServiceParent(self)
+            await demo.ready
+        if not self.ready.called:
+            self.ready.callback(None)
+
+    async def _stop(self) -> None:
+        for p in self.ports:
+            await p.stopListening()
+        self.ports = []
+        if self.deployment is not None:
+            self.deployment.coordinator.close()
+        if self.store is not None:
+            self.store.stop()
+
+    def stopService(self) -> Deferred[None]:
+        d = super().stopService()
+        return d.addCallback(lambda _: Deferred.fromCoroutine(self._stop()))
+
+
+def tls_server_endpoint(reactor: Any, host: str, port: int, cert_file: str, key_file: str) -> Any:
+    """HTTPS with pyOpenSSL: the certificate file may hold the whole chain; TLS 1.2 at least."""
+    from OpenSSL import crypto
+    from twisted.internet import ssl
+
+    with open(cert_file, "rb") as f:
+        pem = f.read()
+    with open(key_file, "rb") as f:
+        key_pem = f.read()
+    certs = []
+    marker = b"-----BEGIN CERTIFICATE-----"
+    for chunk in pem.split(marker)[1:]:
+        certs.append(crypto.load_certificate(crypto.FILETYPE_PEM, marker + chunk))
+    if not certs:
+        raise ValueError(f"--tls-cert-file {cert_file!r} holds no PEM certificate")
+    key = crypto.load_privatekey(crypto.FILETYPE_PEM, key_pem)
+    options = ssl.CertificateOptions(
+        privateKey=key,
+        certificate=certs[0],
+        extraCertChain=certs[1:],
+        raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
+    )
+    return endpoints.SSL4ServerEndpoint(reactor, port, options, interface=host)
+
+
+def makeService(config: dict[str, Any], reactor: Any = None) -> ServerService:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
+
+        reactor = default_reactor
+    return ServerService(dict(config), reactor)
+
+
+def python_bin_dir() -> str:
+    return os.path.dirname(sys.executable)

@@ -1,0 +1,544 @@
+"""The server's store: SQLAlchemy Core over SQLite (the embedded default) or PostgreSQL.
+
+Every public method returns a Deferred and runs its SQL on a dedicated thread pool, so the
+reactor never blocks on the database. SQLite gets one thread (it serialises writers anyway and a
+single connection avoids "database is locked"); PostgreSQL gets several.
+
+Secrets are never stored: API keys keep only a SHA-256 of their secret part, agent tokens only
+their SHA-256, passwords an scrypt hash.
+
+Schema versions live in ``schema_migrations``; ``migrate()`` applies the missing steps in order at
+start-up, inside one transaction per step.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import sqlalchemy as sa
+from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
+from twisted.python.threadpool import ThreadPool
+
+T = TypeVar("T")
+
+metadata = sa.MetaData()
+
+schema_migrations = sa.Table(
+    "schema_migrations",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("username", sa.String(64), nullable=False, unique=True),
+    sa.Column("email", sa.String(320), nullable=False, unique=True),
+    sa.Column("name", sa.String(256), nullable=False, default=""),
+    sa.Column("password_hash", sa.String(512), nullable=False),
+    sa.Column("roles", sa.String(256), nullable=False, default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("user_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("hashed_secret", sa.LargeBinary(32), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_used", sa.DateTime(timezone=True), nullable=False),
+)
+
+templates = sa.Table(
+    "templates",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_by", sa.Uuid, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("source", sa.LargeBinary, nullable=True),
+)
+
+workspaces = sa.Table(
+    "workspaces",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("owner_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("template_id", sa.Uuid, sa.ForeignKey("templates.id"), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("owner_id", "name", name="workspaces_owner_name"),
+)
+
+agents = sa.Table(
+    "workspace_agents",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column(
+        "workspace_id", sa.Uuid, sa.ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("auth_token_hash", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("os", sa.String(32), nullable=False, default="linux"),
+    sa.Column("arch", sa.String(32), nullable=False, default="amd64"),
+    sa.Column("directory", sa.String(1024), nullable=False, default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("first_connected_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("last_connected_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("disconnected_at", sa.DateTime(timezone=True), nullable=True),
+    sa.UniqueConstraint("workspace_id", "name", name="workspace_agents_workspace_name"),
+)
+
+
+def _v1(conn: sa.Connection) -> None:
+    for table in (users, api_keys, templates, workspaces, agents):
+        table.create(conn, checkfirst=True)
+
+
+# (version, step). Append new steps; never edit an applied one.
+MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _v1)]
+
+
+class StoreError(Exception):
+    """A store operation that cannot be done as asked (e.g. a name already taken)."""
+
+
+class Conflict(StoreError):
+    pass
+
+
+def now() -> datetime:
+    return datetime.now(UTC)
+
+
+def _aware(value: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; everything we store is UTC.
+    if value is not None and value.tzinfo is None:
+        return value.replace(tzinfo=UTC)
+    return value
+
+
+@dataclass(frozen=True)
+class User:
+    id: uuid.UUID
+    username: str
+    email: str
+    name: str
+    roles: tuple[str, ...]
+    created_at: datetime
+
+    @property
+    def is_owner(self) -> bool:
+        return "owner" in self.roles
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "username": self.username,
+            "email": self.email,
+            "name": self.name,
+            "roles": [{"name": r} for r in self.roles],
+            "created_at": self.created_at.isoformat(),
+            "status": "active",
+        }
+
+
+@dataclass(frozen=True)
+class Agent:
+    id: uuid.UUID
+    workspace_id: uuid.UUID
+    name: str
+    os: str
+    arch: str
+    directory: str
+    created_at: datetime
+    first_connected_at: datetime | None
+    last_connected_at: datetime | None
+    disconnected_at: datetime | None
+
+
+@dataclass(frozen=True)
+class Workspace:
+    id: uuid.UUID
+    owner_id: uuid.UUID
+    owner_name: str
+    name: str
+    template_id: uuid.UUID | None
+    created_at: datetime
+    updated_at: datetime
+    agents: tuple[Agent, ...] = ()
+
+
+def _user(row: Any) -> User:
+    return User(
+        id=row.id,
+        username=row.username,
+        email=row.email,
+        name=row.name,
+        roles=tuple(r for r in row.roles.split(",") if r),
+        created_at=_aware(row.created_at),
+    )
+
+
+def _agent(row: Any) -> Agent:
+    return Agent(
+        id=row.id,
+        workspace_id=row.workspace_id,
+        name=row.name,
+        os=row.os,
+        arch=row.arch,
+        directory=row.directory,
+        created_at=_aware(row.created_at),
+        first_connected_at=_aware(row.first_connected_at),
+        last_connected_at=_aware(row.last_connected_at),
+        disconnected_at=_aware(row.disconnected_at),
+    )
+
+
+def database_url(data_dir: str | None, postgres_url: str | None) -> str:
+    """The SQLAlchemy URL: PostgreSQL (psycopg 3) when given, else SQLite in the data dir."""
+    if postgres_url:
+        url = sa.engine.make_url(postgres_url)
+        if url.drivername in ("postgres", "postgresql"):
+            url = url.set(drivername="postgresql+psycopg")
+        return url.render_as_string(hide_password=False)
+    assert data_dir is not None
+    import os
+
+    return "sqlite:///" + os.path.join(data_dir, "coderstack.db")
+
+
+class Store:
+    """All database access. Construct, ``start()``, then ``await store.migrate()``."""
+
+    def __init__(self, url: str, reactor: Any) -> None:
+        self.url = url
+        self._reactor = reactor
+        is_sqlite = url.startswith("sqlite")
+        kwargs: dict[str, Any] = {}
+        if is_sqlite:
+            kwargs["connect_args"] = {"check_same_thread": False}
+            kwargs["poolclass"] = sa.pool.SingletonThreadPool
+        else:
+            kwargs["pool_pre_ping"] = True
+            kwargs["pool_size"] = 5
+        self.engine = sa.create_engine(url, **kwargs)
+        if is_sqlite:
+
+            @sa.event.listens_for(self.engine, "connect")
+            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA busy_timeout=5000")
+                cur.close()
+
+        self._pool = ThreadPool(minthreads=1, maxthreads=1 if is_sqlite else 5, name="coderstack-db")
+        self._started = False
+
+    # -- lifecycle -------------------------------------------------------------------------
+
+    def start(self) -> None:
+        if not self._started:
+            self._pool.start()
+            self._started = True
+
+    def stop(self) -> None:
+        if self._started:
+            self._pool.stop()
+            self._started = False
+            self.engine.dispose()
+
+    def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        self.start()
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def _tx(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
+        def work() -> T:
+            with self.engine.begin() as conn:
+                return fn(conn, *args)
+
+        return self._run(work)
+
+    # -- schema ----------------------------------------------------------------------------
+
+    def migrate(self) -> Deferred[int]:
+        def work() -> int:
+            with self.engine.begin() as conn:
+                schema_migrations.create(conn, checkfirst=True)
+                done = {r.version for r in conn.execute(sa.select(schema_migrations.c.version))}
+            version = max(done, default=0)
+            for step_version, step in MIGRATIONS:
+                if step_version in done:
+                    continue
+                with self.engine.begin() as conn:
+                    step(conn)
+                    conn.execute(
+                        schema_migrations.insert().values(version=step_version, applied_at=now())
+                    )
+                version = step_version
+            return version
+
+        return self._run(work)
+
+    # -- users -----------------------------------------------------------------------------
+
+    def count_users(self) -> Deferred[int]:
+        return self._tx(lambda c: c.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
+
+    def create_user(
+        self, username: str, email: str, password_hash: str, roles: tuple[str, ...] = (), name: str = "",
+        only_if_first: bool = False,
+    ) -> Deferred[User]:
+        def work(conn: sa.Connection) -> User:
+            if only_if_first:
+                n = conn.execute(sa.select(sa.func.count()).select_from(users)).scalar_one()
+                if n:
+                    raise Conflict("the first user has already been created")
+            clash = conn.execute(
+                sa.select(users.c.username, users.c.email).where(
+                    sa.or_(users.c.username == username, users.c.email == email)
+                )
+            ).first()
+            if clash is not None:
+                field = "username" if clash.username == username else "email"
+                raise Conflict(f"a user with that {field} already exists")
+            row = dict(
+                id=uuid.uuid4(),
+                username=username,
+                email=email,
+                name=name,
+                password_hash=password_hash,
+                roles=",".join(roles),
+                created_at=now(),
+            )
+            conn.execute(users.insert().values(**row))
+            return _user(_Obj(row))
+
+        return self._tx(work)
+
+    def user_by_id(self, user_id: uuid.UUID) -> Deferred[User | None]:
+        def work(conn: sa.Connection) -> User | None:
+            row = conn.execute(sa.select(users).where(users.c.id == user_id)).first()
+            return _user(row) if row else None
+
+        return self._tx(work)
+
+    def user_by_login(self, login: str) -> Deferred[tuple[User, str] | None]:
+        """The user with this email or username, and its password hash."""
+
+        def work(conn: sa.Connection) -> tuple[User, str] | None:
+            row = conn.execute(
+                sa.select(users).where(sa.or_(users.c.email == login, users.c.username == login))
+            ).first()
+            return (_user(row), row.password_hash) if row else None
+
+        return self._tx(work)
+
+    def list_users(self) -> Deferred[list[User]]:
+        return self._tx(
+            lambda c: [_user(r) for r in c.execute(sa.select(users).order_by(users.c.created_at))]
+        )
+
+    # -- API keys --------------------------------------------------------------------------
+
+    def insert_api_key(
+        self, key_id: str, user_id: uuid.UUID, hashed_secret: bytes, expires_at: datetime
+    ) -> Deferred[None]:
+        def work(conn: sa.Connection) -> None:
+            t = now()
+            conn.execute(
+                api_keys.insert().values(
+                    id=key_id,
+                    user_id=user_id,
+                    hashed_secret=hashed_secret,
+                    created_at=t,
+                    expires_at=expires_at,
+                    last_used=t,
+                )
+            )
+
+        return self._tx(work)
+
+    def api_key(self, key_id: str) -> Deferred[tuple[bytes, datetime, User] | None]:
+        def work(conn: sa.Connection) -> tuple[bytes, datetime, User] | None:
+            row = conn.execute(
+                sa.select(api_keys.c.hashed_secret, api_keys.c.expires_at, users)
+                .join(users, users.c.id == api_keys.c.user_id)
+                .where(api_keys.c.id == key_id)
+            ).first()
+            if row is None:
+                return None
+            return row.hashed_secret, _aware(row.expires_at), _user(row)
+
+        return self._tx(work)
+
+    def delete_api_key(self, key_id: str) -> Deferred[None]:
+        def work(conn: sa.Connection) -> None:
+            conn.execute(api_keys.delete().where(api_keys.c.id == key_id))
+
+        return self._tx(work)
+
+    # -- workspaces and agents -------------------------------------------------------------
+
+    def create_workspace(
+        self,
+        owner_id: uuid.UUID,
+        name: str,
+        agent_token_hash: bytes,
+        agent_name: str = "main",
+        template_id: uuid.UUID | None = None,
+    ) -> Deferred[Workspace]:
+        """A workspace with one agent, created together or not at all."""
+
+        def work(conn: sa.Connection) -> Workspace:
+            exists = conn.execute(
+                sa.select(workspaces.c.id).where(
+                    workspaces.c.owner_id == owner_id, workspaces.c.name == name
+                )
+            ).first()
+            if exists is not None:
+                raise Conflict(f"workspace {name!r} already exists")
+            t = now()
+            ws_id = uuid.uuid4()
+            conn.execute(
+                workspaces.insert().values(
+                    id=ws_id, owner_id=owner_id, name=name, template_id=template_id,
+                    created_at=t, updated_at=t,
+                )
+            )
+            conn.execute(
+                agents.insert().values(
+                    id=uuid.uuid4(), workspace_id=ws_id, name=agent_name,
+                    auth_token_hash=agent_token_hash, os="linux", arch="amd64", directory="",
+                    created_at=t,
+                )
+            )
+            return _load_workspace(conn, ws_id)
+
+        return self._tx(work)
+
+    def workspace(self, workspace_id: uuid.UUID) -> Deferred[Workspace | None]:
+        return self._tx(_load_workspace, workspace_id)
+
+    def workspace_by_name(self, owner_id: uuid.UUID, name: str) -> Deferred[Workspace | None]:
+        def work(conn: sa.Connection) -> Workspace | None:
+            row = conn.execute(
+                sa.select(workspaces.c.id).where(
+                    workspaces.c.owner_id == owner_id, workspaces.c.name == name
+                )
+            ).first()
+            return _load_workspace(conn, row.id) if row else None
+
+        return self._tx(work)
+
+    def list_workspaces(self, owner_id: uuid.UUID | None = None) -> Deferred[list[Workspace]]:
+        def work(conn: sa.Connection) -> list[Workspace]:
+            q = sa.select(workspaces.c.id).order_by(workspaces.c.created_at)
+            if owner_id is not None:
+                q = q.where(workspaces.c.owner_id == owner_id)
+            return [_load_workspace(conn, r.id) for r in conn.execute(q)]
+
+        return self._tx(work)
+
+    def delete_workspace(self, workspace_id: uuid.UUID) -> Deferred[bool]:
+        def work(conn: sa.Connection) -> bool:
+            conn.execute(agents.delete().where(agents.c.workspace_id == workspace_id))
+            res = conn.execute(workspaces.delete().where(workspaces.c.id == workspace_id))
+            return res.rowcount > 0
+
+        return self._tx(work)
+
+    def agent_by_token_hash(self, token_hash: bytes) -> Deferred[tuple[Agent, Workspace] | None]:
+        def work(conn: sa.Connection) -> tuple[Agent, Workspace] | None:
+            row = conn.execute(sa.select(agents).where(agents.c.auth_token_hash == token_hash)).first()
+            if row is None:
+                return None
+            return _agent(row), _load_workspace(conn, row.workspace_id)
+
+        return self._tx(work)
+
+    def agent(self, agent_id: uuid.UUID) -> Deferred[tuple[Agent, Workspace] | None]:
+        def work(conn: sa.Connection) -> tuple[Agent, Workspace] | None:
+            row = conn.execute(sa.select(agents).where(agents.c.id == agent_id)).first()
+            if row is None:
+                return None
+            return _agent(row), _load_workspace(conn, row.workspace_id)
+
+        return self._tx(work)
+
+    def set_agent_token(self, agent_id: uuid.UUID, token_hash: bytes) -> Deferred[bool]:
+        def work(conn: sa.Connection) -> bool:
+            res = conn.execute(
+                agents.update().where(agents.c.id == agent_id).values(auth_token_hash=token_hash)
+            )
+            return res.rowcount > 0
+
+        return self._tx(work)
+
+    def note_agent_connected(self, agent_id: uuid.UUID) -> Deferred[None]:
+        def work(conn: sa.Connection) -> None:
+            t = now()
+            conn.execute(
+                agents.update()
+                .where(agents.c.id == agent_id)
+                .values(
+                    first_connected_at=sa.func.coalesce(agents.c.first_connected_at, t),
+                    last_connected_at=t,
+                    disconnected_at=None,
+                )
+            )
+
+        return self._tx(work)
+
+    def note_agent_disconnected(self, agent_id: uuid.UUID) -> Deferred[None]:
+        def work(conn: sa.Connection) -> None:
+            t = now()
+            conn.execute(
+                agents.update()
+                .where(agents.c.id == agent_id)
+                .values(last_connected_at=t, disconnected_at=t)
+            )
+
+        return self._tx(work)
+
+
+class _Obj:
+    """Attribute access over a dict, so freshly inserted rows share the row converters."""
+
+    def __init__(self, d: dict[str, Any]) -> None:
+        self.__dict__.update(d)
+
+
+def _load_workspace(conn: sa.Connection, workspace_id: uuid.UUID) -> Workspace | None:
+    row = conn.execute(
+        sa.select(workspaces, users.c.username)
+        .join(users, users.c.id == workspaces.c.owner_id)
+        .where(workspaces.c.id == workspace_id)
+    ).first()
+    if row is None:
+        return None
+    agent_rows = conn.execute(
+        sa.select(agents).where(agents.c.workspace_id == workspace_id).order_by(agents.c.name)
+    )
+    return Workspace(
+        id=row.id,
+        owner_id=row.owner_id,
+        owner_name=row.username,
+        name=row.name,
+        template_id=row.template_id,
+        created_at=_aware(row.created_at),
+        updated_at=_aware(row.updated_at),
+        agents=tuple(_agent(a) for a in agent_rows),
+    )
