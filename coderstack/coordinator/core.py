@@ -1,0 +1,661 @@
+"""The coordinator: who is connected, which tunnels exist, and who must hear about which node.
+
+Sans-IO: no reactor, no sockets. Time comes from an injected ``IReactorTime`` (``clock.seconds()``
+and ``clock.callLater`` for the LOST grace timer). Each peer connection hands in two callables,
+``send(CoordinateResponse)`` and ``close()``; everything the coordinator says goes out through
+them. The transport adapter (``coordinator/websocket.py``) parses messages with
+``coderstack.wire.coordination.parse_request`` (or calls :meth:`PeerConnection.handle_text`) and
+tells the core when the transport drops (:meth:`PeerConnection.lost`).
+
+Semantics (Coder's tailnet v2 in-memory coordinator, with LOST peers retained):
+
+* A *tunnel* ``src -> dst`` means "src wants to reach dst". It is owned by its source: it goes away
+  when the source removes it, disconnects gracefully, or is forgotten after being LOST. Tunnels
+  *to* a peer survive that peer's disconnect, so a client waiting for an agent gets the agent's
+  node as soon as the agent comes (back) and sends ``update_self``.
+* ``add_tunnel``: record src->dst; if dst has a node, src gets it (NODE "add tunnel"); if src has a
+  node, dst gets it.
+* ``update_self``: store the node; every tunnel peer (either direction) gets NODE "node update".
+* ``remove_tunnel``: both sides get DISCONNECTED "remove tunnel" (unless a reverse tunnel remains).
+* ``ready_for_handshake`` (dst -> coordinator, for a src with a tunnel to dst): src gets
+  READY_FOR_HANDSHAKE "ready for handshake".
+* ``disconnect`` (graceful): tunnel peers get DISCONNECTED "graceful disconnect"; the peer, its
+  node and its tunnels are removed; its connection is closed.
+* Transport dropped without ``disconnect``: the peer is LOST. Tunnel peers get LOST "lost" with its
+  last node; the coordinator keeps its node and tunnels for ``lost_timeout`` seconds (15 min). If
+  it reconnects with the same id it resumes: it gets NODE "resume" for each tunnel peer that has a
+  node, and its tunnel peers get its retained node as NODE "resume". If it does not come back it
+  is forgotten: tunnel peers get DISCONNECTED "lost timeout".
+* A new connection with the id of a connected peer overwrites it: the old connection's ``close()``
+  is called, the overwrite is counted, the new connection takes over node and tunnels and gets its
+  tunnel peers' nodes. (If the new connection's auth differs from the old one's, the old peer is
+  removed first, as if it had disconnected with reason "replaced".)
+* Whenever a tunnel peer is LOST, its node is delivered as NODE followed by LOST in one response.
+* ``close()`` marks every connected peer LOST and closes its connection; no updates are sent.
+
+Authorization (Coder's ``tailnet/tunnel.go``; the HTTP layer has already checked who may connect):
+
+* :class:`AgentAuth` — may not add tunnels; its node addresses and allowed IPs must be exactly its
+  UUID-derived /128 in ``fd7a:115c:a1e0::/48`` or ``fd60:627a:a42b::/48``; may send
+  ``ready_for_handshake`` only for peers that have a tunnel to it.
+* :class:`ClientAuth` — may add tunnels only to its one agent; may not send
+  ``ready_for_handshake``; its addresses and allowed IPs must be /128s inside
+  ``fd7a:115c:a1e0::/48`` and not its agent's own address.
+* Either kind: no tunnel to itself; a node key held by a peer with a different auth is refused.
+
+A refused part of a request is skipped (the other parts still run), counted, and answered with
+one ``{"error": "..."}`` response per request. A connection that accumulates ``max_refusals``
+refusals (malformed messages included) is closed and its peer removed as if it had disconnected,
+with reason "too many refused requests".
+
+Outgoing events are batched: one :class:`CoordinateResponse` per recipient per event, and a
+fan-out sends the same response object to every recipient, so its cached ``to_text()`` encodes
+once. Calls to ``send``/``close`` happen after the coordinator's state is updated and may re-enter
+it safely.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Literal
+from uuid import UUID
+
+from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
+
+from coderstack.wire.coordination import (
+    CODER_SERVICE_PREFIX,
+    TAILSCALE_SERVICE_PREFIX,
+    CoordinateRequest,
+    CoordinateResponse,
+    CoordinationError,
+    Node,
+    PeerUpdate,
+    PeerUpdateKind,
+    parse_request,
+    prefix_from_uuid,
+)
+
+__all__ = [
+    "AgentAuth",
+    "ClientAuth",
+    "Coordinator",
+    "PeerConnection",
+    "DEFAULT_LOST_TIMEOUT",
+    "DEFAULT_MAX_REFUSALS",
+]
+
+DEFAULT_LOST_TIMEOUT = 15 * 60.0
+DEFAULT_MAX_REFUSALS = 16
+
+REASON_ADD_TUNNEL = "add tunnel"
+REASON_NODE_UPDATE = "node update"
+REASON_REMOVE_TUNNEL = "remove tunnel"
+REASON_GRACEFUL = "graceful disconnect"
+REASON_LOST = "lost"
+REASON_RESUME = "resume"
+REASON_LOST_TIMEOUT = "lost timeout"
+REASON_READY = "ready for handshake"
+REASON_REPLACED = "replaced"
+REASON_REFUSED = "too many refused requests"
+
+CONNECTED: Literal["connected"] = "connected"
+LOST: Literal["lost"] = "lost"
+
+NODE = PeerUpdateKind.NODE
+DISCONNECTED = PeerUpdateKind.DISCONNECTED
+LOST_KIND = PeerUpdateKind.LOST
+READY = PeerUpdateKind.READY_FOR_HANDSHAKE
+
+
+@dataclass(frozen=True)
+class AgentAuth:
+    """A workspace agent; its peer id is its agent id."""
+
+    agent_id: UUID
+
+
+@dataclass(frozen=True)
+class ClientAuth:
+    """A user's client allowed to reach one agent (the HTTP layer checked the user owns it)."""
+
+    agent_id: UUID
+    user_id: UUID
+
+
+Auth = AgentAuth | ClientAuth
+
+
+class _Peer:
+    __slots__ = ("id", "name", "auth", "conn", "status", "node", "last_seen", "forget_call")
+
+    def __init__(self, peer_id: UUID, name: str, auth: Auth, now: float) -> None:
+        self.id = peer_id
+        self.name = name
+        self.auth = auth
+        self.conn: PeerConnection | None = None
+        self.status: str = CONNECTED
+        self.node: Node | None = None
+        self.last_seen = now
+        self.forget_call: IDelayedCall | None = None
+
+
+class PeerConnection:
+    """One live connection of a peer, as seen by the transport adapter.
+
+    After the connection is superseded (overwrite), lost, disconnected or closed, every method is a
+    harmless no-op, so an adapter may call :meth:`lost` from ``connectionLost`` unconditionally.
+    """
+
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        peer_id: UUID,
+        name: str,
+        auth: Auth,
+        send: Callable[[CoordinateResponse], None],
+        close: Callable[[], None],
+    ) -> None:
+        self._coordinator = coordinator
+        self.peer_id = peer_id
+        self.name = name
+        self.auth = auth
+        self._send = send
+        self._close = close
+        self._done = False
+        self.refusals = 0
+
+    @property
+    def active(self) -> bool:
+        """True while this connection is the peer's current one."""
+        return not self._done
+
+    def handle(self, request: CoordinateRequest) -> None:
+        """Process one request from this peer."""
+        self._coordinator._handle(self, request)
+
+    def handle_text(self, data: str | bytes) -> None:
+        """Parse and process one websocket message; malformed input is answered and counted."""
+        try:
+            request = parse_request(data)
+        except CoordinationError as e:
+            self._coordinator._malformed(self, e)
+        else:
+            self._coordinator._handle(self, request)
+
+    def lost(self) -> None:
+        """The transport dropped without a graceful disconnect."""
+        self._coordinator._lost(self)
+
+    def disconnect(self) -> None:
+        """Graceful leave, as if the peer had sent ``{"disconnect": {}}``; closes the connection."""
+        self._coordinator._disconnect(self)
+
+    def touch(self) -> None:
+        """The transport saw life (e.g. a websocket pong): refresh ``last_seen``."""
+        self._coordinator._touch(self)
+
+    def __repr__(self) -> str:
+        state = "active" if self.active else "done"
+        return f"<PeerConnection {self.peer_id} {self.name!r} {state}>"
+
+
+class Coordinator:
+    """In-memory coordinator for one server. See the module docstring for the semantics."""
+
+    _log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        *,
+        lost_timeout: float = DEFAULT_LOST_TIMEOUT,
+        max_refusals: int = DEFAULT_MAX_REFUSALS,
+    ) -> None:
+        self._clock = clock
+        self.lost_timeout = lost_timeout
+        self.max_refusals = max_refusals
+        self._peers: dict[UUID, _Peer] = {}
+        # Tunnels, indexed both ways; dicts as insertion-ordered sets.
+        self._by_src: dict[UUID, dict[UUID, None]] = {}
+        self._by_dst: dict[UUID, dict[UUID, None]] = {}
+        self._by_key: dict[bytes, UUID] = {}
+        self._outbox: deque[tuple[PeerConnection, CoordinateResponse | None]] = deque()
+        self._flushing = False
+        self._closed = False
+        self.counters: dict[str, int] = {
+            "connects": 0,
+            "overwrites": 0,
+            "refusals": 0,
+            "malformed": 0,
+            "kicked": 0,
+            "lost": 0,
+            "forgotten": 0,
+            "stale_requests": 0,
+        }
+
+    # --- connections ----------------------------------------------------------------------------
+
+    def connect(
+        self,
+        peer_id: UUID,
+        name: str,
+        auth: Auth,
+        send: Callable[[CoordinateResponse], None],
+        close: Callable[[], None],
+    ) -> PeerConnection:
+        """Register a new connection for ``peer_id``.
+
+        Raises ``ValueError`` for an auth that does not fit the id (an agent's peer id must be its
+        agent id; a client's must not be its agent's) and ``RuntimeError`` after :meth:`close`.
+        """
+        if self._closed:
+            raise RuntimeError("the coordinator is closed")
+        if isinstance(auth, AgentAuth):
+            if peer_id != auth.agent_id:
+                raise ValueError("an agent's peer id must be its agent id")
+        elif isinstance(auth, ClientAuth):
+            if peer_id == auth.agent_id:
+                raise ValueError("a client's peer id must differ from its agent's id")
+        else:
+            raise TypeError(f"unknown auth {auth!r}")
+
+        now = self._clock.seconds()
+        conn = PeerConnection(self, peer_id, name, auth, send, close)
+        self.counters["connects"] += 1
+        peer = self._peers.get(peer_id)
+        if peer is not None and peer.auth != auth:
+            self._log.info(
+                "coordinator: peer {peer_id} reconnected with different auth; replacing it",
+                peer_id=peer_id,
+            )
+            if peer.conn is not None:
+                self.counters["overwrites"] += 1
+            self._remove_peer(peer, DISCONNECTED, REASON_REPLACED)
+            peer = None
+
+        if peer is None:
+            peer = _Peer(peer_id, name, auth, now)
+            self._peers[peer_id] = peer
+            existed = was_lost = False
+        else:
+            existed = True
+            was_lost = peer.status == LOST
+            if peer.conn is not None:
+                self.counters["overwrites"] += 1
+                self._log.info("coordinator: connection of {peer_id} overwritten", peer_id=peer_id)
+                self._retire(peer.conn)
+            self._cancel_forget(peer)
+            peer.name = name
+            peer.status = CONNECTED
+            peer.last_seen = now
+        peer.conn = conn
+
+        # The newcomer learns the nodes of everyone it has tunnels with.
+        reason = REASON_RESUME if existed else REASON_ADD_TUNNEL
+        updates: list[PeerUpdate] = []
+        for other in self._tunnel_peers(peer_id):
+            updates.extend(self._node_updates(other, reason))
+        if updates:
+            self._emit(peer, CoordinateResponse(tuple(updates)))
+        # Its tunnel peers had it as LOST; tell them it is back with the node we kept.
+        if was_lost and peer.node is not None:
+            self._fan_out(peer, PeerUpdate(peer_id, NODE, REASON_RESUME, peer.node))
+        self._flush()
+        return conn
+
+    def close(self) -> None:
+        """Shut down: every connected peer becomes LOST and its connection is closed."""
+        if self._closed:
+            return
+        self._closed = True
+        for peer in self._peers.values():
+            self._cancel_forget(peer)
+            if peer.conn is not None:
+                self._retire(peer.conn)
+                peer.conn = None
+                peer.status = LOST
+        self._flush()
+
+    # --- queries --------------------------------------------------------------------------------
+
+    def status(self, peer_id: UUID) -> Literal["connected", "lost"] | None:
+        peer = self._peers.get(peer_id)
+        return None if peer is None else peer.status  # type: ignore[return-value]
+
+    def last_seen(self, peer_id: UUID) -> float | None:
+        """When the peer last connected, sent a message, was touched or was lost (clock seconds)."""
+        peer = self._peers.get(peer_id)
+        return None if peer is None else peer.last_seen
+
+    def node(self, peer_id: UUID) -> Node | None:
+        peer = self._peers.get(peer_id)
+        return None if peer is None else peer.node
+
+    def peer_for_node_key(self, key: bytes) -> UUID | None:
+        """The connected or LOST peer whose current node has this WireGuard key."""
+        return self._by_key.get(bytes(key))
+
+    def auth_of(self, peer_id: UUID) -> Auth | None:
+        peer = self._peers.get(peer_id)
+        return None if peer is None else peer.auth
+
+    def name_of(self, peer_id: UUID) -> str | None:
+        peer = self._peers.get(peer_id)
+        return None if peer is None else peer.name
+
+    def tunnel_between(self, a: UUID, b: UUID) -> bool:
+        """True if a tunnel exists in either direction."""
+        return b in self._by_src.get(a, ()) or a in self._by_src.get(b, ())
+
+    def tunnel_peers(self, peer_id: UUID) -> list[UUID]:
+        """Peers with a tunnel to or from ``peer_id`` (whether or not they are connected)."""
+        return list(self._tunnel_peers(peer_id))
+
+    def peer_ids(self) -> list[UUID]:
+        """Connected and LOST peers."""
+        return list(self._peers)
+
+    @property
+    def overwrites(self) -> int:
+        return self.counters["overwrites"]
+
+    @property
+    def refusals(self) -> int:
+        return self.counters["refusals"]
+
+    def debug(self) -> dict[str, Any]:
+        """JSON-able state for ``GET /api/v2/debug/coordinator``."""
+        peers = []
+        for peer in self._peers.values():
+            entry: dict[str, Any] = {
+                "id": str(peer.id),
+                "name": peer.name,
+                "kind": "agent" if isinstance(peer.auth, AgentAuth) else "client",
+                "agent_id": str(peer.auth.agent_id),
+                "status": peer.status,
+                "node": None if peer.node is None else peer.node.to_json(),
+                "last_seen": peer.last_seen,
+                "refusals": 0 if peer.conn is None else peer.conn.refusals,
+            }
+            if isinstance(peer.auth, ClientAuth):
+                entry["user_id"] = str(peer.auth.user_id)
+            peers.append(entry)
+        tunnels = [
+            {"src": str(src), "dst": str(dst)} for src, dsts in self._by_src.items() for dst in dsts
+        ]
+        return {
+            "peers": peers,
+            "tunnels": tunnels,
+            "counters": dict(self.counters),
+            "lost_timeout": self.lost_timeout,
+            "closed": self._closed,
+        }
+
+    # --- request handling -----------------------------------------------------------------------
+
+    def _current(self, conn: PeerConnection) -> _Peer | None:
+        if conn._done:
+            return None
+        peer = self._peers.get(conn.peer_id)
+        return peer if peer is not None and peer.conn is conn else None
+
+    def _handle(self, conn: PeerConnection, request: CoordinateRequest) -> None:
+        peer = self._current(conn)
+        if peer is None:
+            self.counters["stale_requests"] += 1
+            return
+        peer.last_seen = self._clock.seconds()
+        errors: list[str] = []
+        if request.update_self is not None:
+            self._update_self(peer, request.update_self, errors)
+        if request.add_tunnel is not None:
+            self._add_tunnel(peer, request.add_tunnel, errors)
+        if request.remove_tunnel is not None:
+            self._remove_tunnel(peer, request.remove_tunnel)
+        if request.ready_for_handshake:
+            self._ready_for_handshake(peer, request.ready_for_handshake, errors)
+        if errors:
+            self._refuse(peer, conn, errors)
+        if request.disconnect and self._current(conn) is peer:
+            self._remove_peer(peer, DISCONNECTED, REASON_GRACEFUL)
+        self._flush()
+
+    def _malformed(self, conn: PeerConnection, error: CoordinationError) -> None:
+        peer = self._current(conn)
+        if peer is None:
+            self.counters["stale_requests"] += 1
+            return
+        self.counters["malformed"] += 1
+        peer.last_seen = self._clock.seconds()
+        self._refuse(peer, conn, [f"malformed request: {error}"])
+        self._flush()
+
+    def _refuse(self, peer: _Peer, conn: PeerConnection, errors: list[str]) -> None:
+        conn.refusals += len(errors)
+        self.counters["refusals"] += len(errors)
+        self._log.info(
+            "coordinator: refused part of a request from {peer_id} ({name}): {errors}",
+            peer_id=peer.id,
+            name=peer.name,
+            errors="; ".join(errors),
+        )
+        self._emit(peer, CoordinateResponse(error="; ".join(errors)))
+        if conn.refusals >= self.max_refusals:
+            self.counters["kicked"] += 1
+            self._remove_peer(peer, DISCONNECTED, REASON_REFUSED)
+
+    def _check_node(self, peer: _Peer, node: Node) -> str | None:
+        auth = peer.auth
+        if isinstance(auth, AgentAuth):
+            allowed = {
+                prefix_from_uuid(auth.agent_id, TAILSCALE_SERVICE_PREFIX),
+                prefix_from_uuid(auth.agent_id, CODER_SERVICE_PREFIX),
+            }
+            for net in (*node.addresses, *node.allowed_ips):
+                if net not in allowed:
+                    return f"update_self refused: {net} is not this agent's address"
+        else:
+            agent_nets = {
+                prefix_from_uuid(auth.agent_id, TAILSCALE_SERVICE_PREFIX),
+                prefix_from_uuid(auth.agent_id, CODER_SERVICE_PREFIX),
+            }
+            for net in (*node.addresses, *node.allowed_ips):
+                if not net.subnet_of(TAILSCALE_SERVICE_PREFIX):
+                    return f"update_self refused: {net} is not inside {TAILSCALE_SERVICE_PREFIX}"
+                if net in agent_nets:
+                    return f"update_self refused: {net} is the agent's address"
+        holder_id = self._by_key.get(node.key)
+        if holder_id is not None and holder_id != peer.id:
+            holder = self._peers.get(holder_id)
+            if holder is not None and holder.auth != auth:
+                return "update_self refused: the node key belongs to another peer"
+        return None
+
+    def _update_self(self, peer: _Peer, node: Node, errors: list[str]) -> None:
+        problem = self._check_node(peer, node)
+        if problem is not None:
+            errors.append(problem)
+            return
+        old = peer.node
+        if old is not None and old.key != node.key and self._by_key.get(old.key) == peer.id:
+            del self._by_key[old.key]
+        self._by_key[node.key] = peer.id
+        peer.node = node
+        self._fan_out(peer, PeerUpdate(peer.id, NODE, REASON_NODE_UPDATE, node))
+
+    def _add_tunnel(self, src: _Peer, dst_id: UUID, errors: list[str]) -> None:
+        auth = src.auth
+        if isinstance(auth, AgentAuth):
+            errors.append("add_tunnel refused: agents cannot add tunnels")
+            return
+        if dst_id != auth.agent_id:
+            errors.append(f"add_tunnel refused: this client may only tunnel to {auth.agent_id}")
+            return
+        if dst_id == src.id:
+            errors.append("add_tunnel refused: a peer cannot tunnel to itself")
+            return
+        self._by_src.setdefault(src.id, {})[dst_id] = None
+        self._by_dst.setdefault(dst_id, {})[src.id] = None
+        updates = self._node_updates(dst_id, REASON_ADD_TUNNEL)
+        if updates:
+            self._emit(src, CoordinateResponse(tuple(updates)))
+        dst = self._peers.get(dst_id)
+        if dst is not None and src.node is not None:
+            self._emit(
+                dst, CoordinateResponse((PeerUpdate(src.id, NODE, REASON_ADD_TUNNEL, src.node),))
+            )
+
+    def _remove_tunnel(self, src: _Peer, dst_id: UUID) -> None:
+        if dst_id not in self._by_src.get(src.id, ()):
+            return
+        self._drop_tunnel(src.id, dst_id)
+        if self.tunnel_between(src.id, dst_id):
+            return  # a reverse tunnel keeps them in touch
+        self._emit(
+            src, CoordinateResponse((PeerUpdate(dst_id, DISCONNECTED, REASON_REMOVE_TUNNEL),))
+        )
+        dst = self._peers.get(dst_id)
+        if dst is not None:
+            self._emit(
+                dst, CoordinateResponse((PeerUpdate(src.id, DISCONNECTED, REASON_REMOVE_TUNNEL),))
+            )
+
+    def _ready_for_handshake(self, dst: _Peer, src_ids: Iterable[UUID], errors: list[str]) -> None:
+        if isinstance(dst.auth, ClientAuth):
+            errors.append("ready_for_handshake refused: clients may not send it")
+            return
+        by_recipient: dict[UUID, list[PeerUpdate]] = {}
+        for src_id in src_ids:
+            if src_id not in self._by_dst.get(dst.id, ()):
+                errors.append(f"ready_for_handshake refused: no tunnel from {src_id}")
+                continue
+            by_recipient.setdefault(src_id, []).append(PeerUpdate(dst.id, READY, REASON_READY))
+        for src_id, updates in by_recipient.items():
+            src = self._peers.get(src_id)
+            if src is not None:
+                self._emit(src, CoordinateResponse(tuple(updates)))
+
+    # --- losing and removing peers --------------------------------------------------------------
+
+    def _touch(self, conn: PeerConnection) -> None:
+        peer = self._current(conn)
+        if peer is not None:
+            peer.last_seen = self._clock.seconds()
+
+    def _lost(self, conn: PeerConnection) -> None:
+        peer = self._current(conn)
+        if peer is None:
+            return
+        conn._done = True
+        peer.conn = None
+        peer.status = LOST
+        peer.last_seen = self._clock.seconds()
+        self.counters["lost"] += 1
+        self._fan_out(peer, PeerUpdate(peer.id, LOST_KIND, REASON_LOST, peer.node))
+        if not self._closed:
+            peer.forget_call = self._clock.callLater(self.lost_timeout, self._forget, peer)
+        self._flush()
+
+    def _disconnect(self, conn: PeerConnection) -> None:
+        peer = self._current(conn)
+        if peer is None:
+            return
+        self._remove_peer(peer, DISCONNECTED, REASON_GRACEFUL)
+        self._flush()
+
+    def _forget(self, peer: _Peer) -> None:
+        peer.forget_call = None
+        if self._peers.get(peer.id) is not peer or peer.status != LOST:
+            return
+        self.counters["forgotten"] += 1
+        self._remove_peer(peer, DISCONNECTED, REASON_LOST_TIMEOUT)
+        self._flush()
+
+    def _remove_peer(self, peer: _Peer, kind: PeerUpdateKind, reason: str) -> None:
+        """Tell its tunnel peers, drop its outgoing tunnels, node and record; close its connection."""
+        self._fan_out(peer, PeerUpdate(peer.id, kind, reason))
+        for dst_id in list(self._by_src.get(peer.id, ())):
+            self._drop_tunnel(peer.id, dst_id)
+        if peer.node is not None and self._by_key.get(peer.node.key) == peer.id:
+            del self._by_key[peer.node.key]
+        self._cancel_forget(peer)
+        del self._peers[peer.id]
+        if peer.conn is not None:
+            self._retire(peer.conn)
+            peer.conn = None
+
+    def _drop_tunnel(self, src_id: UUID, dst_id: UUID) -> None:
+        dsts = self._by_src.get(src_id)
+        if dsts is not None:
+            dsts.pop(dst_id, None)
+            if not dsts:
+                del self._by_src[src_id]
+        srcs = self._by_dst.get(dst_id)
+        if srcs is not None:
+            srcs.pop(src_id, None)
+            if not srcs:
+                del self._by_dst[dst_id]
+
+    def _cancel_forget(self, peer: _Peer) -> None:
+        if peer.forget_call is not None:
+            if peer.forget_call.active():
+                peer.forget_call.cancel()
+            peer.forget_call = None
+
+    # --- output ---------------------------------------------------------------------------------
+
+    def _tunnel_peers(self, peer_id: UUID) -> dict[UUID, None]:
+        peers = dict(self._by_src.get(peer_id, {}))
+        peers.update(self._by_dst.get(peer_id, {}))
+        return peers
+
+    def _node_updates(self, peer_id: UUID, reason: str) -> list[PeerUpdate]:
+        """What a tunnel peer must learn about ``peer_id``: its node, and LOST if it is lost."""
+        peer = self._peers.get(peer_id)
+        if peer is None or peer.node is None:
+            return []
+        updates = [PeerUpdate(peer_id, NODE, reason, peer.node)]
+        if peer.status == LOST:
+            updates.append(PeerUpdate(peer_id, LOST_KIND, REASON_LOST, peer.node))
+        return updates
+
+    def _fan_out(self, peer: _Peer, update: PeerUpdate) -> None:
+        """Send one update about ``peer`` to every connected tunnel peer (one shared response)."""
+        response = CoordinateResponse((update,))
+        for other_id in self._tunnel_peers(peer.id):
+            other = self._peers.get(other_id)
+            if other is not None:
+                self._emit(other, response)
+
+    def _emit(self, peer: _Peer, response: CoordinateResponse) -> None:
+        if peer.conn is not None:
+            self._outbox.append((peer.conn, response))
+
+    def _retire(self, conn: PeerConnection) -> None:
+        """This connection is no longer current: mark it and schedule its close()."""
+        conn._done = True
+        self._outbox.append((conn, None))
+
+    def _flush(self) -> None:
+        # Deliver after the state change is complete; a callback that re-enters the coordinator
+        # queues more output, which this same loop delivers in order.
+        if self._flushing:
+            return
+        self._flushing = True
+        try:
+            while self._outbox:
+                conn, response = self._outbox.popleft()
+                try:
+                    if response is None:
+                        conn._close()
+                    else:
+                        conn._send(response)
+                except Exception:
+                    self._log.failure(
+                        "coordinator: delivering to {peer_id} failed", peer_id=conn.peer_id
+                    )
+        finally:
+            self._flushing = False
