@@ -23,12 +23,16 @@ class EnvOptions(usage.Options):
     # (flag, env var or None, default string or None, coerce, help)
     envParameters: list[tuple[str, str | None, str | None, Coerce, str]] = []
 
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        # usage.Options reads optParameters from the class, so derive them here.
+        cls.optParameters = [
+            [flag, None, None, f"{doc} [env {env}]" if env else doc]
+            for flag, env, _default, _coerce, doc in cls.envParameters
+        ]
+
     def __init__(self, environ: Mapping[str, str] | None = None) -> None:
         self.environ = dict(os.environ if environ is None else environ)
-        self.optParameters = [
-            [flag, None, None, f"{doc} [env {env}]" if env else doc]
-            for flag, env, _default, _coerce, doc in self.envParameters
-        ] + list(getattr(self, "optParameters", []))
         super().__init__()
 
     def postOptions(self) -> None:

@@ -12,12 +12,13 @@ from typing import Any
 
 from twisted.python import usage
 
+from coderstack.cli.command import Command
 from coderstack.cli.context import Context
 from coderstack.envopts import url as parse_url
 from coderstack.sdk import Client, SDKError
 
 
-class LoginOptions(usage.Options):
+class LoginOptions(Command):
     synopsis = "coderstack login <url> [options]"
     optParameters = [
         ["email", "e", None, "Email (or username) to log in with [env CODER_EMAIL]."],
@@ -35,7 +36,7 @@ class LoginOptions(usage.Options):
             raise usage.UsageError(f"invalid <url>: {err}") from None
 
 
-class LogoutOptions(usage.Options):
+class LogoutOptions(Command):
     synopsis = "coderstack logout"
 
 

@@ -44,10 +44,6 @@ def _load(name: str) -> Any:
     return module.Options, module.run
 
 
-class _Lazy(usage.Options):
-    """Placeholder so ``--help`` lists every command without importing them all."""
-
-
 def _subcommands() -> list[list[Any]]:
     out = []
     for name, (_module, doc) in COMMANDS.items():

@@ -7,11 +7,12 @@ from typing import Any
 
 from twisted.python import usage
 
+from coderstack.cli.command import Command
 from coderstack.cli.context import Context
 from coderstack.cli.output import OutputOption, table
 
 
-class CreateOptions(usage.Options):
+class CreateOptions(Command):
     synopsis = "coderstack users create --username U --email E --password P"
     optParameters = [
         ["username", "u", None, "Username."],
@@ -26,7 +27,7 @@ class CreateOptions(usage.Options):
                 raise usage.UsageError(f"--{flag} is required")
 
 
-class ListOptions(OutputOption, usage.Options):
+class ListOptions(OutputOption, Command):
     synopsis = "coderstack users list [--output table|json]"
 
 

@@ -11,11 +11,12 @@ from typing import Any
 
 from twisted.python import usage
 
+from coderstack.cli.command import Command
 from coderstack.cli.context import Context
 from coderstack.cli.output import OutputOption, ago, table
 
 
-class _NameArg(usage.Options):
+class _NameArg(Command):
     def parseArgs(self, name: str) -> None:
         self["name"] = name
 
@@ -24,7 +25,7 @@ class CreateOptions(_NameArg):
     synopsis = "coderstack create <name>"
 
 
-class ListOptions(OutputOption, usage.Options):
+class ListOptions(OutputOption, Command):
     synopsis = "coderstack list [--output table|json] [--all]"
     optFlags = [["all", "a", "Every user's workspaces (owners only)."]]
 

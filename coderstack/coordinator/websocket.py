@@ -16,7 +16,6 @@ Autobahn's auto-ping notices a dead peer within ``PING_INTERVAL + PING_TIMEOUT``
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 from uuid import UUID
@@ -49,7 +48,7 @@ class CoordinateProtocol(WebSocketServerProtocol):
         f.opened(self)
 
     def _send(self, response: CoordinateResponse) -> None:
-        self.sendMessage(json.dumps(response.to_json()).encode(), isBinary=False)
+        self.sendMessage(response.to_text().encode(), isBinary=False)
 
     def _replace(self) -> None:
         # The coordinator has a newer connection for this peer id.

@@ -1,0 +1,33 @@
+"""Base class for leaf CLI commands: options may come before or after positional arguments.
+
+``usage.Options`` stops at the first positional argument (plain getopt), but people type
+``coderstack ping dev -n 3`` as readily as ``coderstack ping -n 3 dev``. This parses GNU-style
+(``gnu_getopt``), then hands the options, ``--`` and the positionals to the normal parser. A
+literal ``--`` still ends option parsing (``coderstack ssh dev -- ls -l``).
+"""
+
+from __future__ import annotations
+
+import getopt
+
+from twisted.python import usage
+
+
+class Command(usage.Options):
+    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+        if options is None:
+            return super().parseOptions(options)
+        try:
+            opts, args = getopt.gnu_getopt(options, self.shortOpt, self.longOpt)
+        except getopt.error as err:
+            raise usage.UsageError(str(err)) from None
+        takes_value = {f"--{name[:-1]}" for name in self.longOpt if name.endswith("=")}
+        ordered: list[str] = []
+        for opt, value in opts:
+            if opt.startswith("--"):
+                ordered.append(f"{opt}={value}" if opt in takes_value else opt)
+            else:
+                ordered.append(opt)
+                if f"{opt[1]}:" in self.shortOpt:
+                    ordered.append(value)
+        return super().parseOptions(ordered + ["--"] + args)

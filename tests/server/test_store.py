@@ -1,0 +1,127 @@
+"""Store round trips, on SQLite and on a real PostgreSQL cluster."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import uuid
+from datetime import timedelta
+
+from twisted.internet import reactor
+from twisted.trial import unittest
+
+from coderstack.server import auth
+from coderstack.server.store import Conflict, Store, database_url, now
+from tests.support import postgres
+
+
+class StoreTests:
+    """Mixin: ``make_url()`` gives a fresh, empty database."""
+
+    def make_url(self) -> str:
+        raise NotImplementedError
+
+    async def store(self) -> Store:
+        s = Store(self.make_url(), reactor)
+        self.addCleanup(s.stop)
+        version = await s.migrate()
+        self.assertEqual(version, 1)
+        return s
+
+    async def test_migrate_is_idempotent(self) -> None:
+        s = await self.store()
+        self.assertEqual(await s.migrate(), 1)
+        self.assertEqual(await s.count_users(), 0)
+
+    async def test_user_round_trip_and_conflicts(self) -> None:
+        s = await self.store()
+        u = await s.create_user("alice", "a@example.com", "hash", roles=("owner",), only_if_first=True)
+        self.assertTrue(u.is_owner)
+        got = await s.user_by_id(u.id)
+        self.assertEqual(got, u)
+        found = await s.user_by_login("a@example.com")
+        self.assertEqual((found[0].username, found[1]), ("alice", "hash"))
+        self.assertEqual((await s.user_by_login("alice"))[0].id, u.id)
+        with self.assertRaises(Conflict):
+            await s.create_user("bob", "b@example.com", "h", only_if_first=True)
+        with self.assertRaises(Conflict):
+            await s.create_user("alice", "other@example.com", "h")
+        with self.assertRaises(Conflict):
+            await s.create_user("carol", "a@example.com", "h")
+        bob = await s.create_user("bob", "b@example.com", "h")
+        self.assertFalse(bob.is_owner)
+        self.assertEqual([x.username for x in await s.list_users()], ["alice", "bob"])
+
+    async def test_api_keys_are_stored_hashed(self) -> None:
+        s = await self.store()
+        u = await s.create_user("alice", "a@example.com", "hash")
+        token, key_id, hashed = auth.new_session_token()
+        await s.insert_api_key(key_id, u.id, hashed, now() + timedelta(days=1))
+        got = await s.api_key(key_id)
+        self.assertEqual(got[0], hashed)
+        self.assertEqual(got[2].id, u.id)
+        self.assertGreater(got[1], now())
+        self.assertNotIn(token.split("-")[1].encode(), got[0])
+        await s.delete_api_key(key_id)
+        self.assertIsNone(await s.api_key(key_id))
+
+    async def test_workspace_with_agent(self) -> None:
+        s = await self.store()
+        u = await s.create_user("alice", "a@example.com", "hash")
+        token, token_hash = auth.new_agent_token()
+        ws = await s.create_workspace(u.id, "dev", token_hash)
+        self.assertEqual((ws.name, ws.owner_name, len(ws.agents)), ("dev", "alice", 1))
+        agent = ws.agents[0]
+        with self.assertRaises(Conflict):
+            await s.create_workspace(u.id, "dev", auth.new_agent_token()[1])
+        found = await s.agent_by_token_hash(auth.hash_agent_token(token))
+        self.assertEqual(found[0].id, agent.id)
+        self.assertEqual(found[1].id, ws.id)
+        self.assertIsNone(await s.agent_by_token_hash(auth.hash_agent_token(str(uuid.uuid4()))))
+        self.assertEqual((await s.workspace_by_name(u.id, "dev")).id, ws.id)
+        self.assertEqual([w.id for w in await s.list_workspaces(u.id)], [ws.id])
+
+        await s.note_agent_connected(agent.id)
+        a1 = (await s.agent(agent.id))[0]
+        self.assertIsNotNone(a1.first_connected_at)
+        self.assertIsNone(a1.disconnected_at)
+        await s.note_agent_disconnected(agent.id)
+        a2 = (await s.agent(agent.id))[0]
+        self.assertEqual(a2.first_connected_at, a1.first_connected_at)
+        self.assertIsNotNone(a2.disconnected_at)
+
+        new_token, new_hash = auth.new_agent_token()
+        self.assertTrue(await s.set_agent_token(agent.id, new_hash))
+        self.assertIsNone(await s.agent_by_token_hash(auth.hash_agent_token(token)))
+        self.assertIsNotNone(await s.agent_by_token_hash(auth.hash_agent_token(new_token)))
+
+        self.assertTrue(await s.delete_workspace(ws.id))
+        self.assertIsNone(await s.workspace(ws.id))
+        self.assertIsNone(await s.agent(agent.id))
+        self.assertFalse(await s.delete_workspace(ws.id))
+
+
+class SQLiteStoreTests(StoreTests, unittest.TestCase):
+    def make_url(self) -> str:
+        d = tempfile.mkdtemp(dir=os.getcwd())
+        return database_url(d, None)
+
+
+class PostgresStoreTests(StoreTests, unittest.TestCase):
+    def setUp(self) -> None:
+        why = postgres.available()
+        if why:
+            raise unittest.SkipTest(f"PostgreSQL cannot run here: {why}")
+        self.cluster = postgres.cluster()
+
+    def make_url(self) -> str:
+        return database_url(None, self.cluster.new_database())
+
+
+class DatabaseURLTests(unittest.SynchronousTestCase):
+    def test_postgres_scheme_gets_psycopg_driver(self) -> None:
+        self.assertTrue(database_url(None, "postgresql://u@h/db").startswith("postgresql+psycopg://"))
+        self.assertTrue(database_url(None, "postgres://u:p@h:5/db").startswith("postgresql+psycopg://u:p@h:5/db"))
+
+    def test_sqlite_in_data_dir(self) -> None:
+        self.assertEqual(database_url("/d", None), "sqlite:////d/coderstack.db")
