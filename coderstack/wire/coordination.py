@@ -278,9 +278,10 @@ def _json_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _get(obj: dict[str, Any], key: str) -> Any:
+def _get(obj: dict[str, Any], key: str, default: Any = None) -> Any:
     """A field; ``null`` counts as absent."""
-    return obj.get(key)
+    value = obj.get(key)
+    return default if value is None else value
 
 
 # --- Node ---------------------------------------------------------------------------------------
@@ -411,9 +412,9 @@ class Node:
         for required in ("id", "as_of", "key", "disco"):
             if _get(obj, required) is None:
                 raise CoordinationError(f"node has no {required}")
-        latency = _get(obj, "derp_latency") or {}
+        latency = _get(obj, "derp_latency", {})
         _object(latency, "derp_latency")
-        forced_raw = _object(_get(obj, "derp_forced_websockets") or {}, "derp_forced_websockets")
+        forced_raw = _object(_get(obj, "derp_forced_websockets", {}), "derp_forced_websockets")
         if len(forced_raw) > MAX_DERP_ENTRIES:
             raise CoordinationError(
                 f"derp_forced_websockets has more than {MAX_DERP_ENTRIES} entries"
@@ -430,12 +431,12 @@ class Node:
             as_of=_text(obj["as_of"], "as_of", 64),
             key=_text(obj["key"], "key", 80),
             disco=_text(obj["disco"], "disco", 80),
-            preferred_derp=_get(obj, "preferred_derp") or 0,
+            preferred_derp=_get(obj, "preferred_derp", 0),
             derp_latency=latency,
             derp_forced_websockets=forced,
-            addresses=_list(_get(obj, "addresses") or [], "addresses", MAX_ADDRESSES),
-            allowed_ips=_list(_get(obj, "allowed_ips") or [], "allowed_ips", MAX_ADDRESSES),
-            endpoints=_list(_get(obj, "endpoints") or [], "endpoints", MAX_ENDPOINTS),
+            addresses=_list(_get(obj, "addresses", []), "addresses", MAX_ADDRESSES),
+            allowed_ips=_list(_get(obj, "allowed_ips", []), "allowed_ips", MAX_ADDRESSES),
+            endpoints=_list(_get(obj, "endpoints", []), "endpoints", MAX_ENDPOINTS),
         )
 
 
@@ -553,7 +554,7 @@ class PeerUpdate:
         return cls(
             id=parse_uuid(_get(obj, "id"), "peer update id"),
             kind=kind,  # type: ignore[arg-type]  # validated in __post_init__
-            reason=_text(_get(obj, "reason") or "", "reason", MAX_REASON),
+            reason=_text(_get(obj, "reason", ""), "reason", MAX_REASON),
             node=None if node is None else Node.from_json(node),
         )
 
@@ -588,10 +589,10 @@ class CoordinateResponse:
     @classmethod
     def from_json(cls, obj: Any) -> CoordinateResponse:
         obj = _object(obj, "response")
-        updates = _list(_get(obj, "peer_updates") or [], "peer_updates", 1 << 20)
+        updates = _list(_get(obj, "peer_updates", []), "peer_updates", 1 << 20)
         return cls(
             peer_updates=tuple(PeerUpdate.from_json(u) for u in updates),
-            error=_text(_get(obj, "error") or "", "error", MAX_ERROR),
+            error=_text(_get(obj, "error", ""), "error", MAX_ERROR),
         )
 
 
