@@ -41,7 +41,11 @@ Authorization (Coder's ``tailnet/tunnel.go``; the HTTP layer has already checked
 * :class:`ClientAuth` — may add tunnels only to its one agent; may not send
   ``ready_for_handshake``; its addresses and allowed IPs must be /128s inside
   ``fd7a:115c:a1e0::/48`` and not its agent's own address.
-* Either kind: no tunnel to itself; a node key held by a peer with a different auth is refused.
+* Either kind: no tunnel to itself or to a peer that is not an agent; a node key held by a peer
+  with a different auth is refused.
+* ``connect`` refuses (``PeerIdConflict``) an agent whose peer id is not its agent id, and a client
+  whose peer id is an agent's or the target of a tunnel (peer ids of clients are chosen by the
+  server, so this only guards against mistakes and collisions).
 
 A refused part of a request is skipped (the other parts still run), counted, and answered with
 one ``{"error": "..."}`` response per request. A connection that accumulates ``max_refusals``
@@ -83,6 +87,7 @@ __all__ = [
     "ClientAuth",
     "Coordinator",
     "PeerConnection",
+    "PeerIdConflict",
     "DEFAULT_LOST_TIMEOUT",
     "DEFAULT_MAX_REFUSALS",
 ]
@@ -108,6 +113,10 @@ NODE = PeerUpdateKind.NODE
 DISCONNECTED = PeerUpdateKind.DISCONNECTED
 LOST_KIND = PeerUpdateKind.LOST
 READY = PeerUpdateKind.READY_FOR_HANDSHAKE
+
+
+class PeerIdConflict(ValueError):
+    """``connect`` was given a peer id that its auth may not use."""
 
 
 @dataclass(frozen=True)
@@ -248,17 +257,25 @@ class Coordinator:
     ) -> PeerConnection:
         """Register a new connection for ``peer_id``.
 
-        Raises ``ValueError`` for an auth that does not fit the id (an agent's peer id must be its
-        agent id; a client's must not be its agent's) and ``RuntimeError`` after :meth:`close`.
+        Raises :class:`PeerIdConflict` (a ``ValueError``) for an auth that does not fit the id: an
+        agent's peer id must be its agent id; a client's must not be an agent's id or the target
+        of a tunnel. Raises ``RuntimeError`` after :meth:`close`.
         """
         if self._closed:
             raise RuntimeError("the coordinator is closed")
         if isinstance(auth, AgentAuth):
             if peer_id != auth.agent_id:
-                raise ValueError("an agent's peer id must be its agent id")
+                raise PeerIdConflict("an agent's peer id must be its agent id")
         elif isinstance(auth, ClientAuth):
-            if peer_id == auth.agent_id:
-                raise ValueError("a client's peer id must differ from its agent's id")
+            # Tunnels only ever point at agents, so a client may not take an id that is an
+            # agent's, or that somebody is tunnelling to: it would receive their nodes.
+            held = self._peers.get(peer_id)
+            if (
+                peer_id == auth.agent_id
+                or peer_id in self._by_dst
+                or (held is not None and isinstance(held.auth, AgentAuth))
+            ):
+                raise PeerIdConflict(f"peer id {peer_id} belongs to an agent")
         else:
             raise TypeError(f"unknown auth {auth!r}")
 
@@ -496,6 +513,10 @@ class Coordinator:
             return
         if dst_id == src.id:
             errors.append("add_tunnel refused: a peer cannot tunnel to itself")
+            return
+        held = self._peers.get(dst_id)
+        if held is not None and not isinstance(held.auth, AgentAuth):
+            errors.append(f"add_tunnel refused: {dst_id} is not an agent")
             return
         self._by_src.setdefault(src.id, {})[dst_id] = None
         self._by_dst.setdefault(dst_id, {})[src.id] = None

@@ -393,6 +393,27 @@ class Node:
         return node_key_text(self.disco, "discokey")
 
     def to_json(self) -> dict[str, Any]:
+        """A fresh JSON-able dict (callers may change it)."""
+        obj = self._shared_json()
+        return {
+            **obj,
+            "derp_latency": dict(obj["derp_latency"]),
+            "derp_forced_websockets": dict(obj["derp_forced_websockets"]),
+            "addresses": list(obj["addresses"]),
+            "allowed_ips": list(obj["allowed_ips"]),
+            "endpoints": list(obj["endpoints"]),
+        }
+
+    def _shared_json(self) -> dict[str, Any]:
+        # Built once per node: a fan-out or a resume encodes the same node many times, and
+        # formatting addresses and keys dominates the cost. Never mutate the result.
+        cached = self.__dict__.get("_json")
+        if cached is None:
+            cached = self._build_json()
+            object.__setattr__(self, "_json", cached)
+        return cached
+
+    def _build_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "as_of": format_time(self.as_of),
@@ -541,7 +562,7 @@ class PeerUpdate:
     def to_json(self) -> dict[str, Any]:
         obj: dict[str, Any] = {"id": str(self.id), "kind": str(self.kind), "reason": self.reason}
         if self.node is not None:
-            obj["node"] = self.node.to_json()
+            obj["node"] = self.node._shared_json()
         return obj
 
     @classmethod

@@ -14,6 +14,7 @@ from coderstack.coordinator.core import (
     ClientAuth,
     Coordinator,
     PeerConnection,
+    PeerIdConflict,
 )
 from coderstack.wire.coordination import (
     CODER_SERVICE_PREFIX,
@@ -610,3 +611,31 @@ class RobustnessTests(Base):
         again = parse_response(response.to_text())
         self.assertEqual(again, response)
         self.assertEqual(again.peer_updates[0], PeerUpdate(AGENT, "LOST", "lost", anode))
+
+
+class PeerIdTests(Base):
+    def test_client_may_not_take_an_agent_id(self) -> None:
+        self.agent()
+        self.assertRaises(PeerIdConflict, Peer, self.coord, AGENT, ClientAuth(OTHER_AGENT, USER))
+
+    def test_client_may_not_take_a_tunnel_target_id(self) -> None:
+        client = self.client(OTHER_AGENT)
+        client.conn.handle(CoordinateRequest(add_tunnel=OTHER_AGENT))
+        # OTHER_AGENT is not connected, but somebody is waiting for it.
+        self.assertRaises(PeerIdConflict, Peer, self.coord, OTHER_AGENT, ClientAuth(AGENT, USER))
+
+    def test_tunnel_to_a_client_refused(self) -> None:
+        squatter = Peer(self.coord, OTHER_AGENT, ClientAuth(AGENT, USER))
+        squatter.conn.handle(CoordinateRequest(update_self=make_node(OTHER_AGENT)))
+        victim = self.client(OTHER_AGENT)
+        victim.conn.handle(CoordinateRequest(add_tunnel=OTHER_AGENT))
+        [error] = victim.errors()
+        self.assertIn("is not an agent", error)
+        self.assertEqual(victim.take(), [])
+
+    def test_agent_replaces_a_client_squatting_its_id(self) -> None:
+        squatter = Peer(self.coord, OTHER_AGENT, ClientAuth(AGENT, USER))
+        agent = self.agent(OTHER_AGENT)
+        self.assertEqual(squatter.closes, 1)
+        self.assertEqual(self.coord.auth_of(OTHER_AGENT), AgentAuth(OTHER_AGENT))
+        self.assertTrue(agent.conn.active)
