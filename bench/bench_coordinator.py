@@ -11,8 +11,9 @@ Measured, for one agent with N clients that each have a tunnel to it:
   - core only (each client's ``send`` just keeps the response),
   - core plus the websocket payload per client (``response.to_text().encode()``, the cached
     encoding the adapter uses, so the shared response is serialized once),
-  - for comparison, serializing per recipient as an adapter without the cache would;
-* a reconnect of the agent (overwrite), which sends it the N clients' nodes in one response.
+  - for comparison, json.dumps per recipient, as an adapter ignoring the cached text would;
+* a reconnect of the agent (overwrite), which sends it the N clients' nodes in one response;
+* the codec alone: parsing a typical request, encoding a one-node response.
 """
 
 from __future__ import annotations
@@ -36,6 +37,9 @@ from coderstack.wire.coordination import (  # noqa: E402
     CoordinateRequest,
     CoordinateResponse,
     Node,
+    PeerUpdate,
+    PeerUpdateKind,
+    parse_request,
     prefix_from_uuid,
 )
 
@@ -145,7 +149,7 @@ def main() -> None:
     print()
     print(
         "| clients N | connect+update_self+add_tunnel per client | agent update_self → N "
-        "(core only) | → N (+ cached JSON per ws message) | → N (JSON per recipient, no cache) "
+        "(core only) | → N (+ cached JSON per ws message) | → N (json.dumps per recipient instead) "
         "| agent reconnect (N nodes in one response) |"
     )
     print("|---:|---:|---:|---:|---:|---:|")
@@ -160,6 +164,41 @@ def main() -> None:
             f"({core / n * 1e6:.2f} µs/client) | {cached * 1e3:.2f} ms | {each * 1e3:.2f} ms "
             f"| {again * 1e3:.2f} ms |"
         )
+    parse, encode = codec(max(3, runs // 2))
+    print()
+    print("| codec, per message | µs |")
+    print("|---|---:|")
+    print(
+        f"| parse_request (update_self + add_tunnel, {len(sample_text())} bytes) | {parse * 1e6:.1f} |"
+    )
+    print(f"| encode a one-NODE response (uncached node) | {encode * 1e6:.1f} |")
+
+
+def sample_text() -> str:
+    return CoordinateRequest(update_self=node_for(AGENT, 1), add_tunnel=uuid4()).to_text()
+
+
+def codec(runs: int) -> tuple[float, float]:
+    """Per message: parse_request of a typical update_self, and to_text of a NODE response."""
+    text = CoordinateRequest(update_self=node_for(AGENT, 1), add_tunnel=uuid4()).to_text()
+    n = 2000
+
+    def parse() -> float:
+        start = time.perf_counter()
+        for _ in range(n):
+            parse_request(text)
+        return (time.perf_counter() - start) / n
+
+    def encode() -> float:
+        nodes = [node_for(AGENT, i) for i in range(n)]  # fresh nodes: no cached JSON
+        start = time.perf_counter()
+        for node in nodes:
+            CoordinateResponse(
+                (PeerUpdate(AGENT, PeerUpdateKind.NODE, "node update", node),)
+            ).to_text()
+        return (time.perf_counter() - start) / n
+
+    return median_of(runs, parse), median_of(runs, encode)
 
 
 if __name__ == "__main__":
