@@ -105,6 +105,10 @@ REASON_LOST_TIMEOUT = "lost timeout"
 REASON_READY = "ready for handshake"
 REASON_REPLACED = "replaced"
 REASON_REFUSED = "too many refused requests"
+# Why the coordinator called a connection's close() (PeerConnection.close_reason), besides
+# REASON_GRACEFUL, REASON_REFUSED and REASON_REPLACED.
+CLOSE_OVERWRITTEN = "overwritten"
+CLOSE_SHUTDOWN = "coordinator closed"
 
 CONNECTED: Literal["connected"] = "connected"
 LOST: Literal["lost"] = "lost"
@@ -175,6 +179,10 @@ class PeerConnection:
         self._close = close
         self._done = False
         self.refusals = 0
+        #: Set just before the coordinator calls ``close()`` (or on ``lost()``): "overwritten",
+        #: "graceful disconnect", "too many refused requests", "replaced", "coordinator closed"
+        #: or "lost". An adapter can map it to a websocket close code.
+        self.close_reason: str | None = None
 
     @property
     def active(self) -> bool:
@@ -263,21 +271,11 @@ class Coordinator:
         """
         if self._closed:
             raise RuntimeError("the coordinator is closed")
-        if isinstance(auth, AgentAuth):
-            if peer_id != auth.agent_id:
-                raise PeerIdConflict("an agent's peer id must be its agent id")
-        elif isinstance(auth, ClientAuth):
-            # Tunnels only ever point at agents, so a client may not take an id that is an
-            # agent's, or that somebody is tunnelling to: it would receive their nodes.
-            held = self._peers.get(peer_id)
-            if (
-                peer_id == auth.agent_id
-                or peer_id in self._by_dst
-                or (held is not None and isinstance(held.auth, AgentAuth))
-            ):
-                raise PeerIdConflict(f"peer id {peer_id} belongs to an agent")
-        else:
+        if not isinstance(auth, AgentAuth | ClientAuth):
             raise TypeError(f"unknown auth {auth!r}")
+        problem = self.check_peer_id(peer_id, auth)
+        if problem is not None:
+            raise PeerIdConflict(problem)
 
         now = self._clock.seconds()
         conn = PeerConnection(self, peer_id, name, auth, send, close)
@@ -303,7 +301,7 @@ class Coordinator:
             if peer.conn is not None:
                 self.counters["overwrites"] += 1
                 self._log.info("coordinator: connection of {peer_id} overwritten", peer_id=peer_id)
-                self._retire(peer.conn)
+                self._retire(peer.conn, CLOSE_OVERWRITTEN)
             self._cancel_forget(peer)
             peer.name = name
             peer.status = CONNECTED
@@ -323,6 +321,26 @@ class Coordinator:
         self._flush()
         return conn
 
+    def check_peer_id(self, peer_id: UUID, auth: Auth) -> str | None:
+        """Why ``connect(peer_id, ..., auth, ...)`` would refuse this id, or None if it is fine.
+
+        For the HTTP layer, to answer 403 before upgrading when a client picks its own peer id.
+        """
+        if isinstance(auth, AgentAuth):
+            if peer_id != auth.agent_id:
+                return "an agent's peer id must be its agent id"
+            return None
+        # Tunnels only ever point at agents, so a client may not take an id that is an agent's,
+        # or that somebody is tunnelling to: it would receive their nodes.
+        held = self._peers.get(peer_id)
+        if (
+            peer_id == auth.agent_id
+            or peer_id in self._by_dst
+            or (held is not None and isinstance(held.auth, AgentAuth))
+        ):
+            return f"peer id {peer_id} belongs to an agent"
+        return None
+
     def close(self) -> None:
         """Shut down: every connected peer becomes LOST and its connection is closed."""
         if self._closed:
@@ -331,7 +349,7 @@ class Coordinator:
         for peer in self._peers.values():
             self._cancel_forget(peer)
             if peer.conn is not None:
-                self._retire(peer.conn)
+                self._retire(peer.conn, CLOSE_SHUTDOWN)
                 peer.conn = None
                 peer.status = LOST
         self._flush()
@@ -571,6 +589,7 @@ class Coordinator:
         if peer is None:
             return
         conn._done = True
+        conn.close_reason = REASON_LOST
         peer.conn = None
         peer.status = LOST
         peer.last_seen = self._clock.seconds()
@@ -605,7 +624,7 @@ class Coordinator:
         self._cancel_forget(peer)
         del self._peers[peer.id]
         if peer.conn is not None:
-            self._retire(peer.conn)
+            self._retire(peer.conn, reason)
             peer.conn = None
 
     def _drop_tunnel(self, src_id: UUID, dst_id: UUID) -> None:
@@ -655,9 +674,10 @@ class Coordinator:
         if peer.conn is not None:
             self._outbox.append((peer.conn, response))
 
-    def _retire(self, conn: PeerConnection) -> None:
+    def _retire(self, conn: PeerConnection, reason: str) -> None:
         """This connection is no longer current: mark it and schedule its close()."""
         conn._done = True
+        conn.close_reason = reason
         self._outbox.append((conn, None))
 
     def _flush(self) -> None:

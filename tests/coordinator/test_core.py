@@ -195,6 +195,7 @@ class RemoveAndDisconnectTests(Base):
             agent.updates(), [(client.id, "DISCONNECTED", "graceful disconnect", None)]
         )
         self.assertEqual(client.closes, 1)
+        self.assertEqual(client.conn.close_reason, "graceful disconnect")
         self.assertIsNone(self.coord.status(client.id))
         self.assertIsNone(self.coord.node(client.id))
         self.assertFalse(self.coord.tunnel_between(client.id, AGENT))
@@ -237,6 +238,7 @@ class LostTests(Base):
         agent.conn.lost()
         self.assertEqual(client.updates(), [(AGENT, "LOST", "lost", anode)])
         self.assertEqual(agent.closes, 0)  # the transport is already gone
+        self.assertEqual(agent.conn.close_reason, "lost")
         self.assertEqual(self.coord.status(AGENT), "lost")
         self.assertEqual(self.coord.node(AGENT), anode)
         self.assertTrue(self.coord.tunnel_between(client.id, AGENT))
@@ -344,6 +346,7 @@ class LostTests(Base):
         self.assertEqual(self.coord.status(AGENT), "lost")
         self.assertEqual(self.coord.status(client.id), "lost")
         self.assertEqual((agent.closes, client.closes), (1, 1))
+        self.assertEqual(agent.conn.close_reason, "coordinator closed")
         self.assertEqual(self.coord.node(AGENT), anode)
         self.assertEqual(agent.take() + client.take(), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -357,7 +360,9 @@ class OverwriteTests(Base):
         second = self.agent()
         self.assertEqual(agent.closes, 1)
         self.assertFalse(agent.conn.active)
+        self.assertEqual(agent.conn.close_reason, "overwritten")
         self.assertTrue(second.conn.active)
+        self.assertIsNone(second.conn.close_reason)
         self.assertEqual(self.coord.overwrites, 1)
         self.assertEqual(self.coord.debug()["counters"]["overwrites"], 1)
         self.assertEqual(second.updates(), [(client.id, "NODE", "resume", cnode)])
@@ -382,6 +387,7 @@ class OverwriteTests(Base):
         agent.take()
         Peer(self.coord, pid, ClientAuth(OTHER_AGENT, USER))
         self.assertEqual(first.closes, 1)
+        self.assertEqual(first.conn.close_reason, "replaced")
         self.assertEqual(agent.updates(), [(pid, "DISCONNECTED", "replaced", None)])
         self.assertFalse(self.coord.tunnel_between(pid, AGENT))
         self.assertIsNone(self.coord.node(pid))
@@ -524,6 +530,7 @@ class AuthorizationTests(Base):
         client.conn.handle(CoordinateRequest(ready_for_handshake=(AGENT,)))
         self.assertFalse(client.conn.active)
         self.assertEqual(client.closes, 1)
+        self.assertEqual(client.conn.close_reason, "too many refused requests")
         self.assertIsNone(self.coord.status(client.id))
         self.assertEqual(
             agent.updates(), [(client.id, "DISCONNECTED", "too many refused requests", None)]
@@ -617,6 +624,16 @@ class PeerIdTests(Base):
     def test_client_may_not_take_an_agent_id(self) -> None:
         self.agent()
         self.assertRaises(PeerIdConflict, Peer, self.coord, AGENT, ClientAuth(OTHER_AGENT, USER))
+
+    def test_check_peer_id(self) -> None:
+        check = self.coord.check_peer_id
+        self.assertIsNone(check(AGENT, AgentAuth(AGENT)))
+        self.assertIn("its agent id", check(OTHER_AGENT, AgentAuth(AGENT)))
+        self.assertIsNone(check(uuid4(), ClientAuth(AGENT, USER)))
+        self.assertIn("belongs to an agent", check(AGENT, ClientAuth(AGENT, USER)))
+        self.assertIsNone(check(AGENT, ClientAuth(OTHER_AGENT, USER)))  # nobody knows AGENT yet
+        self.agent()
+        self.assertIn("belongs to an agent", check(AGENT, ClientAuth(OTHER_AGENT, USER)))
 
     def test_client_may_not_take_a_tunnel_target_id(self) -> None:
         client = self.client(OTHER_AGENT)
