@@ -52,6 +52,11 @@ one ``{"error": "..."}`` response per request. A connection that accumulates ``m
 refusals (malformed messages included) is closed and its peer removed as if it had disconnected,
 with reason "too many refused requests".
 
+Every call of a connection's ``close()`` is preceded by setting its ``close_reason`` ("overwritten",
+"graceful disconnect", "too many refused requests", "replaced", "coordinator closed"), so the
+adapter can pick a websocket close code. After ``close()`` or ``lost()`` the connection's methods
+are no-ops, so the adapter may call ``lost()`` from its close handler unconditionally.
+
 Outgoing events are batched: one :class:`CoordinateResponse` per recipient per event, and a
 fan-out sends the same response object to every recipient, so its cached ``to_text()`` encodes
 once. Calls to ``send``/``close`` happen after the coordinator's state is updated and may re-enter
