@@ -48,9 +48,12 @@ Authorization (Coder's ``tailnet/tunnel.go``; the HTTP layer has already checked
   server, so this only guards against mistakes and collisions).
 
 A refused part of a request is skipped (the other parts still run), counted, and answered with
-one ``{"error": "..."}`` response per request. A connection that accumulates ``max_refusals``
-refusals (malformed messages included) is closed and its peer removed as if it had disconnected,
-with reason "too many refused requests".
+one ``{"error": "..."}`` response per request. A connection with ``max_refusals`` refusals
+(malformed messages included) within ``refusal_window`` seconds (16 in 60 s) is closed and its
+peer removed as if it had disconnected, with reason "too many refused requests". A
+``ready_for_handshake`` for a tunnel that no longer exists is answered and counted
+("late_handshakes") but never closes the connection: an agent acknowledging a client that has
+just left is a race, not abuse.
 
 Every call of a connection's ``close()`` is preceded by setting its ``close_reason`` ("overwritten",
 "graceful disconnect", "too many refused requests", "replaced", "coordinator closed"), so the
@@ -99,6 +102,7 @@ __all__ = [
 
 DEFAULT_LOST_TIMEOUT = 15 * 60.0
 DEFAULT_MAX_REFUSALS = 16
+DEFAULT_REFUSAL_WINDOW = 60.0
 
 REASON_ADD_TUNNEL = "add tunnel"
 REASON_NODE_UPDATE = "node update"
@@ -184,6 +188,7 @@ class PeerConnection:
         self._close = close
         self._done = False
         self.refusals = 0
+        self._strikes: deque[float] = deque()
         #: Set just before the coordinator calls ``close()`` (or on ``lost()``): "overwritten",
         #: "graceful disconnect", "too many refused requests", "replaced", "coordinator closed"
         #: or "lost". An adapter can map it to a websocket close code.
@@ -235,10 +240,12 @@ class Coordinator:
         *,
         lost_timeout: float = DEFAULT_LOST_TIMEOUT,
         max_refusals: int = DEFAULT_MAX_REFUSALS,
+        refusal_window: float = DEFAULT_REFUSAL_WINDOW,
     ) -> None:
         self._clock = clock
         self.lost_timeout = lost_timeout
         self.max_refusals = max_refusals
+        self.refusal_window = refusal_window
         self._peers: dict[UUID, _Peer] = {}
         # Tunnels, indexed both ways; dicts as insertion-ordered sets.
         self._by_src: dict[UUID, dict[UUID, None]] = {}
@@ -251,6 +258,7 @@ class Coordinator:
             "connects": 0,
             "overwrites": 0,
             "refusals": 0,
+            "late_handshakes": 0,
             "malformed": 0,
             "kicked": 0,
             "lost": 0,
@@ -448,7 +456,8 @@ class Coordinator:
             self.counters["stale_requests"] += 1
             return
         peer.last_seen = self._clock.seconds()
-        errors: list[str] = []
+        errors: list[str] = []  # refusals that count towards closing the connection
+        notices: list[str] = []  # refusals an honest peer can cause by racing a tunnel's removal
         if request.update_self is not None:
             self._update_self(peer, request.update_self, errors)
         if request.add_tunnel is not None:
@@ -456,9 +465,9 @@ class Coordinator:
         if request.remove_tunnel is not None:
             self._remove_tunnel(peer, request.remove_tunnel)
         if request.ready_for_handshake:
-            self._ready_for_handshake(peer, request.ready_for_handshake, errors)
-        if errors:
-            self._refuse(peer, conn, errors)
+            self._ready_for_handshake(peer, request.ready_for_handshake, errors, notices)
+        if errors or notices:
+            self._refuse(peer, conn, errors, notices)
         if request.disconnect and self._current(conn) is peer:
             self._remove_peer(peer, DISCONNECTED, REASON_GRACEFUL)
         self._flush()
@@ -470,20 +479,32 @@ class Coordinator:
             return
         self.counters["malformed"] += 1
         peer.last_seen = self._clock.seconds()
-        self._refuse(peer, conn, [f"malformed request: {error}"])
+        self._refuse(peer, conn, [f"malformed request: {error}"], [])
         self._flush()
 
-    def _refuse(self, peer: _Peer, conn: PeerConnection, errors: list[str]) -> None:
-        conn.refusals += len(errors)
+    def _refuse(
+        self, peer: _Peer, conn: PeerConnection, errors: list[str], notices: list[str]
+    ) -> None:
+        text = "; ".join(errors + notices)
         self.counters["refusals"] += len(errors)
+        self.counters["late_handshakes"] += len(notices)
+        self._emit(peer, CoordinateResponse(error=text))
+        if not errors:
+            return
         self._log.info(
             "coordinator: refused part of a request from {peer_id} ({name}): {errors}",
             peer_id=peer.id,
             name=peer.name,
-            errors="; ".join(errors),
+            errors=text,
         )
-        self._emit(peer, CoordinateResponse(error="; ".join(errors)))
-        if conn.refusals >= self.max_refusals:
+        # Close a connection that keeps asking for what it may not have: max_refusals within
+        # refusal_window seconds. A peer with an occasional bug is told, and stays.
+        now = self._clock.seconds()
+        conn.refusals += len(errors)
+        conn._strikes.extend([now] * len(errors))
+        while conn._strikes and conn._strikes[0] <= now - self.refusal_window:
+            conn._strikes.popleft()
+        if len(conn._strikes) >= self.max_refusals:
             self.counters["kicked"] += 1
             self._remove_peer(peer, DISCONNECTED, REASON_REFUSED)
 
@@ -567,14 +588,16 @@ class Coordinator:
                 dst, CoordinateResponse((PeerUpdate(src.id, DISCONNECTED, REASON_REMOVE_TUNNEL),))
             )
 
-    def _ready_for_handshake(self, dst: _Peer, src_ids: Iterable[UUID], errors: list[str]) -> None:
+    def _ready_for_handshake(
+        self, dst: _Peer, src_ids: Iterable[UUID], errors: list[str], notices: list[str]
+    ) -> None:
         if isinstance(dst.auth, ClientAuth):
             errors.append("ready_for_handshake refused: clients may not send it")
             return
         by_recipient: dict[UUID, list[PeerUpdate]] = {}
         for src_id in src_ids:
             if src_id not in self._by_dst.get(dst.id, ()):
-                errors.append(f"ready_for_handshake refused: no tunnel from {src_id}")
+                notices.append(f"ready_for_handshake refused: no tunnel from {src_id}")
                 continue
             by_recipient.setdefault(src_id, []).append(PeerUpdate(dst.id, READY, REASON_READY))
         for src_id, updates in by_recipient.items():

@@ -424,7 +424,16 @@ class ReadyForHandshakeTests(Base):
         self.assertEqual([u[1] for u in client.updates()], ["READY_FOR_HANDSHAKE"])
         [error] = agent.errors()
         self.assertIn("no tunnel", error)
-        self.assertEqual(self.coord.refusals, 1)
+        self.assertEqual(self.coord.counters["late_handshakes"], 1)
+        self.assertEqual(self.coord.refusals, 0)
+
+    def test_late_handshakes_never_close_the_agent(self) -> None:
+        agent, _client, _, _ = self.tunnelled()
+        for _ in range(self.coord.max_refusals * 2):
+            agent.conn.handle(CoordinateRequest(ready_for_handshake=(uuid4(),)))
+        self.assertTrue(agent.conn.active)
+        self.assertEqual(agent.closes, 0)
+        self.assertEqual(len(agent.errors()), self.coord.max_refusals * 2)
 
     def test_refused_from_client(self) -> None:
         agent, client, _, _ = self.tunnelled()
@@ -537,6 +546,15 @@ class AuthorizationTests(Base):
         )
         self.assertEqual(self.coord.counters["kicked"], 1)
         self.assertEqual(self.coord.refusals, self.coord.max_refusals)
+
+    def test_refusals_spread_out_are_tolerated(self) -> None:
+        agent = self.agent()
+        for _ in range(self.coord.max_refusals * 3):
+            agent.conn.handle(CoordinateRequest(add_tunnel=uuid4()))
+            self.clock.advance(self.coord.refusal_window / (self.coord.max_refusals - 1))
+        self.assertTrue(agent.conn.active)
+        self.assertEqual(self.coord.refusals, self.coord.max_refusals * 3)
+        self.assertEqual(agent.conn.refusals, self.coord.max_refusals * 3)
 
     def test_malformed_text_answered_and_counted(self) -> None:
         agent = self.agent()
