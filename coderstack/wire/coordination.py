@@ -475,7 +475,15 @@ class CoordinateRequest:
     disconnect: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ready_for_handshake", tuple(self.ready_for_handshake))
+        # Accept UUID text too, so a hand-built request compares equal to a parsed one.
+        if self.update_self is not None and not isinstance(self.update_self, Node):
+            raise CoordinationError("update_self must be a Node")
+        for name in ("add_tunnel", "remove_tunnel"):
+            if (value := getattr(self, name)) is not None:
+                object.__setattr__(self, name, parse_uuid(value, f"{name} id"))
+        ready = tuple(parse_uuid(v, "ready_for_handshake id") for v in self.ready_for_handshake)
+        object.__setattr__(self, "ready_for_handshake", ready)
+        object.__setattr__(self, "disconnect", bool(self.disconnect))
 
     def to_json(self) -> dict[str, Any]:
         obj: dict[str, Any] = {}
@@ -552,6 +560,9 @@ class PeerUpdate:
     node: Node | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "id", parse_uuid(self.id, "peer update id"))
+        if self.node is not None and not isinstance(self.node, Node):
+            raise CoordinationError("a peer update's node must be a Node")
         try:
             object.__setattr__(self, "kind", PeerUpdateKind(self.kind))
         except ValueError:

@@ -400,3 +400,12 @@ class HypothesisTests(SynchronousTestCase):
                 parse(data)
             except CoordinationError:
                 pass
+
+
+class ConstructorTests(SynchronousTestCase):
+    def test_uuid_text_accepted(self) -> None:
+        request = CoordinateRequest(add_tunnel=str(AGENT), ready_for_handshake=[str(AGENT)])
+        self.assertEqual(request, CoordinateRequest(add_tunnel=AGENT, ready_for_handshake=(AGENT,)))
+        self.assertEqual(PeerUpdate(str(AGENT), "LOST").id, AGENT)
+        self.assertRaises(CoordinationError, CoordinateRequest, add_tunnel="nope")
+        self.assertRaises(CoordinationError, CoordinateRequest, update_self={"id": 1})
