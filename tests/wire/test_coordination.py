@@ -361,32 +361,38 @@ def _mutated_node(data) -> dict:
 
 
 class HypothesisTests(SynchronousTestCase):
+    @settings(deadline=None)
     @given(requests)
     def test_request_round_trip(self, request: CoordinateRequest) -> None:
         self.assertEqual(parse_request(request.to_text()), request)
         self.assertEqual(parse_request(request.to_text().encode()), request)
 
+    @settings(deadline=None)
     @given(responses)
     def test_response_round_trip(self, response: CoordinateResponse) -> None:
         self.assertEqual(parse_response(response.to_text()), response)
 
+    @settings(deadline=None)
     @given(nodes)
     def test_node_round_trip(self, node: Node) -> None:
         self.assertEqual(Node.from_json(json.loads(json.dumps(node.to_json()))), node)
 
-    @settings(suppress_health_check=[HealthCheck.too_slow])
+    @settings(deadline=None, suppress_health_check=[HealthCheck.too_slow])
     @given(st.one_of(st.binary(max_size=200), st.text(max_size=200)))
     def test_garbage_bytes(self, data) -> None:
         self._only_coordination_errors(data)
 
+    @settings(deadline=None)
     @given(shaped)
     def test_garbage_json(self, value) -> None:
         self._only_coordination_errors(json.dumps(value))
 
+    @settings(deadline=None)
     @given(st.data())
     def test_mutated_node(self, data) -> None:
         self._only_coordination_errors(json.dumps(_mutated_node(data)))
 
+    @settings(deadline=None)
     @given(
         st.sampled_from(["add_tunnel", "remove_tunnel", "disconnect", "update_self"]), json_values
     )
