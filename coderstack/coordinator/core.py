@@ -41,12 +41,24 @@ Authorization (Coder's ``tailnet/tunnel.go``; the HTTP layer has already checked
 * :class:`ClientAuth` — may add tunnels only to its one agent; may not send
   ``ready_for_handshake``; its addresses and allowed IPs must be /128s inside
   ``fd7a:115c:a1e0::/48`` and not its agent's own address.
-* Either kind: no tunnel to itself; a node key held by a peer with a different auth is refused.
+* Either kind: no tunnel to itself or to a peer that is not an agent; a node key held by a peer
+  with a different auth is refused.
+* ``connect`` refuses (``PeerIdConflict``) an agent whose peer id is not its agent id, and a client
+  whose peer id is an agent's or the target of a tunnel (peer ids of clients are chosen by the
+  server, so this only guards against mistakes and collisions).
 
 A refused part of a request is skipped (the other parts still run), counted, and answered with
-one ``{"error": "..."}`` response per request. A connection that accumulates ``max_refusals``
-refusals (malformed messages included) is closed and its peer removed as if it had disconnected,
-with reason "too many refused requests".
+one ``{"error": "..."}`` response per request. A connection with ``max_refusals`` refusals
+(malformed messages included) within ``refusal_window`` seconds (16 in 60 s) is closed and its
+peer removed as if it had disconnected, with reason "too many refused requests". A
+``ready_for_handshake`` for a tunnel that no longer exists is answered and counted
+("late_handshakes") but never closes the connection: an agent acknowledging a client that has
+just left is a race, not abuse.
+
+Every call of a connection's ``close()`` is preceded by setting its ``close_reason`` ("overwritten",
+"graceful disconnect", "too many refused requests", "replaced", "coordinator closed"), so the
+adapter can pick a websocket close code. After ``close()`` or ``lost()`` the connection's methods
+are no-ops, so the adapter may call ``lost()`` from its close handler unconditionally.
 
 Outgoing events are batched: one :class:`CoordinateResponse` per recipient per event, and a
 fan-out sends the same response object to every recipient, so its cached ``to_text()`` encodes
@@ -83,12 +95,14 @@ __all__ = [
     "ClientAuth",
     "Coordinator",
     "PeerConnection",
+    "PeerIdConflict",
     "DEFAULT_LOST_TIMEOUT",
     "DEFAULT_MAX_REFUSALS",
 ]
 
 DEFAULT_LOST_TIMEOUT = 15 * 60.0
 DEFAULT_MAX_REFUSALS = 16
+DEFAULT_REFUSAL_WINDOW = 60.0
 
 REASON_ADD_TUNNEL = "add tunnel"
 REASON_NODE_UPDATE = "node update"
@@ -100,6 +114,10 @@ REASON_LOST_TIMEOUT = "lost timeout"
 REASON_READY = "ready for handshake"
 REASON_REPLACED = "replaced"
 REASON_REFUSED = "too many refused requests"
+# Why the coordinator called a connection's close() (PeerConnection.close_reason), besides
+# REASON_GRACEFUL, REASON_REFUSED and REASON_REPLACED.
+CLOSE_OVERWRITTEN = "overwritten"
+CLOSE_SHUTDOWN = "coordinator closed"
 
 CONNECTED: Literal["connected"] = "connected"
 LOST: Literal["lost"] = "lost"
@@ -108,6 +126,10 @@ NODE = PeerUpdateKind.NODE
 DISCONNECTED = PeerUpdateKind.DISCONNECTED
 LOST_KIND = PeerUpdateKind.LOST
 READY = PeerUpdateKind.READY_FOR_HANDSHAKE
+
+
+class PeerIdConflict(ValueError):
+    """``connect`` was given a peer id that its auth may not use."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +188,11 @@ class PeerConnection:
         self._close = close
         self._done = False
         self.refusals = 0
+        self._strikes: deque[float] = deque()
+        #: Set just before the coordinator calls ``close()`` (or on ``lost()``): "overwritten",
+        #: "graceful disconnect", "too many refused requests", "replaced", "coordinator closed"
+        #: or "lost". An adapter can map it to a websocket close code.
+        self.close_reason: str | None = None
 
     @property
     def active(self) -> bool:
@@ -213,10 +240,12 @@ class Coordinator:
         *,
         lost_timeout: float = DEFAULT_LOST_TIMEOUT,
         max_refusals: int = DEFAULT_MAX_REFUSALS,
+        refusal_window: float = DEFAULT_REFUSAL_WINDOW,
     ) -> None:
         self._clock = clock
         self.lost_timeout = lost_timeout
         self.max_refusals = max_refusals
+        self.refusal_window = refusal_window
         self._peers: dict[UUID, _Peer] = {}
         # Tunnels, indexed both ways; dicts as insertion-ordered sets.
         self._by_src: dict[UUID, dict[UUID, None]] = {}
@@ -229,6 +258,7 @@ class Coordinator:
             "connects": 0,
             "overwrites": 0,
             "refusals": 0,
+            "late_handshakes": 0,
             "malformed": 0,
             "kicked": 0,
             "lost": 0,
@@ -248,19 +278,17 @@ class Coordinator:
     ) -> PeerConnection:
         """Register a new connection for ``peer_id``.
 
-        Raises ``ValueError`` for an auth that does not fit the id (an agent's peer id must be its
-        agent id; a client's must not be its agent's) and ``RuntimeError`` after :meth:`close`.
+        Raises :class:`PeerIdConflict` (a ``ValueError``) for an auth that does not fit the id: an
+        agent's peer id must be its agent id; a client's must not be an agent's id or the target
+        of a tunnel. Raises ``RuntimeError`` after :meth:`close`.
         """
         if self._closed:
             raise RuntimeError("the coordinator is closed")
-        if isinstance(auth, AgentAuth):
-            if peer_id != auth.agent_id:
-                raise ValueError("an agent's peer id must be its agent id")
-        elif isinstance(auth, ClientAuth):
-            if peer_id == auth.agent_id:
-                raise ValueError("a client's peer id must differ from its agent's id")
-        else:
+        if not isinstance(auth, AgentAuth | ClientAuth):
             raise TypeError(f"unknown auth {auth!r}")
+        problem = self.check_peer_id(peer_id, auth)
+        if problem is not None:
+            raise PeerIdConflict(problem)
 
         now = self._clock.seconds()
         conn = PeerConnection(self, peer_id, name, auth, send, close)
@@ -286,7 +314,7 @@ class Coordinator:
             if peer.conn is not None:
                 self.counters["overwrites"] += 1
                 self._log.info("coordinator: connection of {peer_id} overwritten", peer_id=peer_id)
-                self._retire(peer.conn)
+                self._retire(peer.conn, CLOSE_OVERWRITTEN)
             self._cancel_forget(peer)
             peer.name = name
             peer.status = CONNECTED
@@ -306,6 +334,26 @@ class Coordinator:
         self._flush()
         return conn
 
+    def check_peer_id(self, peer_id: UUID, auth: Auth) -> str | None:
+        """Why ``connect(peer_id, ..., auth, ...)`` would refuse this id, or None if it is fine.
+
+        For the HTTP layer, to answer 403 before upgrading when a client picks its own peer id.
+        """
+        if isinstance(auth, AgentAuth):
+            if peer_id != auth.agent_id:
+                return "an agent's peer id must be its agent id"
+            return None
+        # Tunnels only ever point at agents, so a client may not take an id that is an agent's,
+        # or that somebody is tunnelling to: it would receive their nodes.
+        held = self._peers.get(peer_id)
+        if (
+            peer_id == auth.agent_id
+            or peer_id in self._by_dst
+            or (held is not None and isinstance(held.auth, AgentAuth))
+        ):
+            return f"peer id {peer_id} belongs to an agent"
+        return None
+
     def close(self) -> None:
         """Shut down: every connected peer becomes LOST and its connection is closed."""
         if self._closed:
@@ -314,7 +362,7 @@ class Coordinator:
         for peer in self._peers.values():
             self._cancel_forget(peer)
             if peer.conn is not None:
-                self._retire(peer.conn)
+                self._retire(peer.conn, CLOSE_SHUTDOWN)
                 peer.conn = None
                 peer.status = LOST
         self._flush()
@@ -408,7 +456,8 @@ class Coordinator:
             self.counters["stale_requests"] += 1
             return
         peer.last_seen = self._clock.seconds()
-        errors: list[str] = []
+        errors: list[str] = []  # refusals that count towards closing the connection
+        notices: list[str] = []  # refusals an honest peer can cause by racing a tunnel's removal
         if request.update_self is not None:
             self._update_self(peer, request.update_self, errors)
         if request.add_tunnel is not None:
@@ -416,9 +465,9 @@ class Coordinator:
         if request.remove_tunnel is not None:
             self._remove_tunnel(peer, request.remove_tunnel)
         if request.ready_for_handshake:
-            self._ready_for_handshake(peer, request.ready_for_handshake, errors)
-        if errors:
-            self._refuse(peer, conn, errors)
+            self._ready_for_handshake(peer, request.ready_for_handshake, errors, notices)
+        if errors or notices:
+            self._refuse(peer, conn, errors, notices)
         if request.disconnect and self._current(conn) is peer:
             self._remove_peer(peer, DISCONNECTED, REASON_GRACEFUL)
         self._flush()
@@ -430,20 +479,32 @@ class Coordinator:
             return
         self.counters["malformed"] += 1
         peer.last_seen = self._clock.seconds()
-        self._refuse(peer, conn, [f"malformed request: {error}"])
+        self._refuse(peer, conn, [f"malformed request: {error}"], [])
         self._flush()
 
-    def _refuse(self, peer: _Peer, conn: PeerConnection, errors: list[str]) -> None:
-        conn.refusals += len(errors)
+    def _refuse(
+        self, peer: _Peer, conn: PeerConnection, errors: list[str], notices: list[str]
+    ) -> None:
+        text = "; ".join(errors + notices)
         self.counters["refusals"] += len(errors)
+        self.counters["late_handshakes"] += len(notices)
+        self._emit(peer, CoordinateResponse(error=text))
+        if not errors:
+            return
         self._log.info(
             "coordinator: refused part of a request from {peer_id} ({name}): {errors}",
             peer_id=peer.id,
             name=peer.name,
-            errors="; ".join(errors),
+            errors=text,
         )
-        self._emit(peer, CoordinateResponse(error="; ".join(errors)))
-        if conn.refusals >= self.max_refusals:
+        # Close a connection that keeps asking for what it may not have: max_refusals within
+        # refusal_window seconds. A peer with an occasional bug is told, and stays.
+        now = self._clock.seconds()
+        conn.refusals += len(errors)
+        conn._strikes.extend([now] * len(errors))
+        while conn._strikes and conn._strikes[0] <= now - self.refusal_window:
+            conn._strikes.popleft()
+        if len(conn._strikes) >= self.max_refusals:
             self.counters["kicked"] += 1
             self._remove_peer(peer, DISCONNECTED, REASON_REFUSED)
 
@@ -497,6 +558,10 @@ class Coordinator:
         if dst_id == src.id:
             errors.append("add_tunnel refused: a peer cannot tunnel to itself")
             return
+        held = self._peers.get(dst_id)
+        if held is not None and not isinstance(held.auth, AgentAuth):
+            errors.append(f"add_tunnel refused: {dst_id} is not an agent")
+            return
         self._by_src.setdefault(src.id, {})[dst_id] = None
         self._by_dst.setdefault(dst_id, {})[src.id] = None
         updates = self._node_updates(dst_id, REASON_ADD_TUNNEL)
@@ -523,14 +588,16 @@ class Coordinator:
                 dst, CoordinateResponse((PeerUpdate(src.id, DISCONNECTED, REASON_REMOVE_TUNNEL),))
             )
 
-    def _ready_for_handshake(self, dst: _Peer, src_ids: Iterable[UUID], errors: list[str]) -> None:
+    def _ready_for_handshake(
+        self, dst: _Peer, src_ids: Iterable[UUID], errors: list[str], notices: list[str]
+    ) -> None:
         if isinstance(dst.auth, ClientAuth):
             errors.append("ready_for_handshake refused: clients may not send it")
             return
         by_recipient: dict[UUID, list[PeerUpdate]] = {}
         for src_id in src_ids:
             if src_id not in self._by_dst.get(dst.id, ()):
-                errors.append(f"ready_for_handshake refused: no tunnel from {src_id}")
+                notices.append(f"ready_for_handshake refused: no tunnel from {src_id}")
                 continue
             by_recipient.setdefault(src_id, []).append(PeerUpdate(dst.id, READY, REASON_READY))
         for src_id, updates in by_recipient.items():
@@ -550,6 +617,7 @@ class Coordinator:
         if peer is None:
             return
         conn._done = True
+        conn.close_reason = REASON_LOST
         peer.conn = None
         peer.status = LOST
         peer.last_seen = self._clock.seconds()
@@ -584,7 +652,7 @@ class Coordinator:
         self._cancel_forget(peer)
         del self._peers[peer.id]
         if peer.conn is not None:
-            self._retire(peer.conn)
+            self._retire(peer.conn, reason)
             peer.conn = None
 
     def _drop_tunnel(self, src_id: UUID, dst_id: UUID) -> None:
@@ -634,9 +702,10 @@ class Coordinator:
         if peer.conn is not None:
             self._outbox.append((peer.conn, response))
 
-    def _retire(self, conn: PeerConnection) -> None:
+    def _retire(self, conn: PeerConnection, reason: str) -> None:
         """This connection is no longer current: mark it and schedule its close()."""
         conn._done = True
+        conn.close_reason = reason
         self._outbox.append((conn, None))
 
     def _flush(self) -> None:

@@ -278,9 +278,10 @@ def _json_type(value: Any) -> str:
     }.get(type(value), type(value).__name__)
 
 
-def _get(obj: dict[str, Any], key: str) -> Any:
+def _get(obj: dict[str, Any], key: str, default: Any = None) -> Any:
     """A field; ``null`` counts as absent."""
-    return obj.get(key)
+    value = obj.get(key)
+    return default if value is None else value
 
 
 # --- Node ---------------------------------------------------------------------------------------
@@ -392,6 +393,27 @@ class Node:
         return node_key_text(self.disco, "discokey")
 
     def to_json(self) -> dict[str, Any]:
+        """A fresh JSON-able dict (callers may change it)."""
+        obj = self._shared_json()
+        return {
+            **obj,
+            "derp_latency": dict(obj["derp_latency"]),
+            "derp_forced_websockets": dict(obj["derp_forced_websockets"]),
+            "addresses": list(obj["addresses"]),
+            "allowed_ips": list(obj["allowed_ips"]),
+            "endpoints": list(obj["endpoints"]),
+        }
+
+    def _shared_json(self) -> dict[str, Any]:
+        # Built once per node: a fan-out or a resume encodes the same node many times, and
+        # formatting addresses and keys dominates the cost. Never mutate the result.
+        cached = self.__dict__.get("_json")
+        if cached is None:
+            cached = self._build_json()
+            object.__setattr__(self, "_json", cached)
+        return cached
+
+    def _build_json(self) -> dict[str, Any]:
         return {
             "id": self.id,
             "as_of": format_time(self.as_of),
@@ -411,9 +433,9 @@ class Node:
         for required in ("id", "as_of", "key", "disco"):
             if _get(obj, required) is None:
                 raise CoordinationError(f"node has no {required}")
-        latency = _get(obj, "derp_latency") or {}
+        latency = _get(obj, "derp_latency", {})
         _object(latency, "derp_latency")
-        forced_raw = _object(_get(obj, "derp_forced_websockets") or {}, "derp_forced_websockets")
+        forced_raw = _object(_get(obj, "derp_forced_websockets", {}), "derp_forced_websockets")
         if len(forced_raw) > MAX_DERP_ENTRIES:
             raise CoordinationError(
                 f"derp_forced_websockets has more than {MAX_DERP_ENTRIES} entries"
@@ -430,12 +452,12 @@ class Node:
             as_of=_text(obj["as_of"], "as_of", 64),
             key=_text(obj["key"], "key", 80),
             disco=_text(obj["disco"], "disco", 80),
-            preferred_derp=_get(obj, "preferred_derp") or 0,
+            preferred_derp=_get(obj, "preferred_derp", 0),
             derp_latency=latency,
             derp_forced_websockets=forced,
-            addresses=_list(_get(obj, "addresses") or [], "addresses", MAX_ADDRESSES),
-            allowed_ips=_list(_get(obj, "allowed_ips") or [], "allowed_ips", MAX_ADDRESSES),
-            endpoints=_list(_get(obj, "endpoints") or [], "endpoints", MAX_ENDPOINTS),
+            addresses=_list(_get(obj, "addresses", []), "addresses", MAX_ADDRESSES),
+            allowed_ips=_list(_get(obj, "allowed_ips", []), "allowed_ips", MAX_ADDRESSES),
+            endpoints=_list(_get(obj, "endpoints", []), "endpoints", MAX_ENDPOINTS),
         )
 
 
@@ -453,7 +475,15 @@ class CoordinateRequest:
     disconnect: bool = False
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "ready_for_handshake", tuple(self.ready_for_handshake))
+        # Accept UUID text too, so a hand-built request compares equal to a parsed one.
+        if self.update_self is not None and not isinstance(self.update_self, Node):
+            raise CoordinationError("update_self must be a Node")
+        for name in ("add_tunnel", "remove_tunnel"):
+            if (value := getattr(self, name)) is not None:
+                object.__setattr__(self, name, parse_uuid(value, f"{name} id"))
+        ready = tuple(parse_uuid(v, "ready_for_handshake id") for v in self.ready_for_handshake)
+        object.__setattr__(self, "ready_for_handshake", ready)
+        object.__setattr__(self, "disconnect", bool(self.disconnect))
 
     def to_json(self) -> dict[str, Any]:
         obj: dict[str, Any] = {}
@@ -530,6 +560,9 @@ class PeerUpdate:
     node: Node | None = None
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "id", parse_uuid(self.id, "peer update id"))
+        if self.node is not None and not isinstance(self.node, Node):
+            raise CoordinationError("a peer update's node must be a Node")
         try:
             object.__setattr__(self, "kind", PeerUpdateKind(self.kind))
         except ValueError:
@@ -540,7 +573,7 @@ class PeerUpdate:
     def to_json(self) -> dict[str, Any]:
         obj: dict[str, Any] = {"id": str(self.id), "kind": str(self.kind), "reason": self.reason}
         if self.node is not None:
-            obj["node"] = self.node.to_json()
+            obj["node"] = self.node._shared_json()
         return obj
 
     @classmethod
@@ -553,7 +586,7 @@ class PeerUpdate:
         return cls(
             id=parse_uuid(_get(obj, "id"), "peer update id"),
             kind=kind,  # type: ignore[arg-type]  # validated in __post_init__
-            reason=_text(_get(obj, "reason") or "", "reason", MAX_REASON),
+            reason=_text(_get(obj, "reason", ""), "reason", MAX_REASON),
             node=None if node is None else Node.from_json(node),
         )
 
@@ -588,10 +621,10 @@ class CoordinateResponse:
     @classmethod
     def from_json(cls, obj: Any) -> CoordinateResponse:
         obj = _object(obj, "response")
-        updates = _list(_get(obj, "peer_updates") or [], "peer_updates", 1 << 20)
+        updates = _list(_get(obj, "peer_updates", []), "peer_updates", 1 << 20)
         return cls(
             peer_updates=tuple(PeerUpdate.from_json(u) for u in updates),
-            error=_text(_get(obj, "error") or "", "error", MAX_ERROR),
+            error=_text(_get(obj, "error", ""), "error", MAX_ERROR),
         )
 
 

@@ -14,6 +14,7 @@ from coderstack.coordinator.core import (
     ClientAuth,
     Coordinator,
     PeerConnection,
+    PeerIdConflict,
 )
 from coderstack.wire.coordination import (
     CODER_SERVICE_PREFIX,
@@ -194,6 +195,7 @@ class RemoveAndDisconnectTests(Base):
             agent.updates(), [(client.id, "DISCONNECTED", "graceful disconnect", None)]
         )
         self.assertEqual(client.closes, 1)
+        self.assertEqual(client.conn.close_reason, "graceful disconnect")
         self.assertIsNone(self.coord.status(client.id))
         self.assertIsNone(self.coord.node(client.id))
         self.assertFalse(self.coord.tunnel_between(client.id, AGENT))
@@ -236,6 +238,7 @@ class LostTests(Base):
         agent.conn.lost()
         self.assertEqual(client.updates(), [(AGENT, "LOST", "lost", anode)])
         self.assertEqual(agent.closes, 0)  # the transport is already gone
+        self.assertEqual(agent.conn.close_reason, "lost")
         self.assertEqual(self.coord.status(AGENT), "lost")
         self.assertEqual(self.coord.node(AGENT), anode)
         self.assertTrue(self.coord.tunnel_between(client.id, AGENT))
@@ -343,6 +346,7 @@ class LostTests(Base):
         self.assertEqual(self.coord.status(AGENT), "lost")
         self.assertEqual(self.coord.status(client.id), "lost")
         self.assertEqual((agent.closes, client.closes), (1, 1))
+        self.assertEqual(agent.conn.close_reason, "coordinator closed")
         self.assertEqual(self.coord.node(AGENT), anode)
         self.assertEqual(agent.take() + client.take(), [])
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -356,7 +360,9 @@ class OverwriteTests(Base):
         second = self.agent()
         self.assertEqual(agent.closes, 1)
         self.assertFalse(agent.conn.active)
+        self.assertEqual(agent.conn.close_reason, "overwritten")
         self.assertTrue(second.conn.active)
+        self.assertIsNone(second.conn.close_reason)
         self.assertEqual(self.coord.overwrites, 1)
         self.assertEqual(self.coord.debug()["counters"]["overwrites"], 1)
         self.assertEqual(second.updates(), [(client.id, "NODE", "resume", cnode)])
@@ -381,6 +387,7 @@ class OverwriteTests(Base):
         agent.take()
         Peer(self.coord, pid, ClientAuth(OTHER_AGENT, USER))
         self.assertEqual(first.closes, 1)
+        self.assertEqual(first.conn.close_reason, "replaced")
         self.assertEqual(agent.updates(), [(pid, "DISCONNECTED", "replaced", None)])
         self.assertFalse(self.coord.tunnel_between(pid, AGENT))
         self.assertIsNone(self.coord.node(pid))
@@ -417,7 +424,16 @@ class ReadyForHandshakeTests(Base):
         self.assertEqual([u[1] for u in client.updates()], ["READY_FOR_HANDSHAKE"])
         [error] = agent.errors()
         self.assertIn("no tunnel", error)
-        self.assertEqual(self.coord.refusals, 1)
+        self.assertEqual(self.coord.counters["late_handshakes"], 1)
+        self.assertEqual(self.coord.refusals, 0)
+
+    def test_late_handshakes_never_close_the_agent(self) -> None:
+        agent, _client, _, _ = self.tunnelled()
+        for _ in range(self.coord.max_refusals * 2):
+            agent.conn.handle(CoordinateRequest(ready_for_handshake=(uuid4(),)))
+        self.assertTrue(agent.conn.active)
+        self.assertEqual(agent.closes, 0)
+        self.assertEqual(len(agent.errors()), self.coord.max_refusals * 2)
 
     def test_refused_from_client(self) -> None:
         agent, client, _, _ = self.tunnelled()
@@ -523,12 +539,22 @@ class AuthorizationTests(Base):
         client.conn.handle(CoordinateRequest(ready_for_handshake=(AGENT,)))
         self.assertFalse(client.conn.active)
         self.assertEqual(client.closes, 1)
+        self.assertEqual(client.conn.close_reason, "too many refused requests")
         self.assertIsNone(self.coord.status(client.id))
         self.assertEqual(
             agent.updates(), [(client.id, "DISCONNECTED", "too many refused requests", None)]
         )
         self.assertEqual(self.coord.counters["kicked"], 1)
         self.assertEqual(self.coord.refusals, self.coord.max_refusals)
+
+    def test_refusals_spread_out_are_tolerated(self) -> None:
+        agent = self.agent()
+        for _ in range(self.coord.max_refusals * 3):
+            agent.conn.handle(CoordinateRequest(add_tunnel=uuid4()))
+            self.clock.advance(self.coord.refusal_window / (self.coord.max_refusals - 1))
+        self.assertTrue(agent.conn.active)
+        self.assertEqual(self.coord.refusals, self.coord.max_refusals * 3)
+        self.assertEqual(agent.conn.refusals, self.coord.max_refusals * 3)
 
     def test_malformed_text_answered_and_counted(self) -> None:
         agent = self.agent()
@@ -610,3 +636,41 @@ class RobustnessTests(Base):
         again = parse_response(response.to_text())
         self.assertEqual(again, response)
         self.assertEqual(again.peer_updates[0], PeerUpdate(AGENT, "LOST", "lost", anode))
+
+
+class PeerIdTests(Base):
+    def test_client_may_not_take_an_agent_id(self) -> None:
+        self.agent()
+        self.assertRaises(PeerIdConflict, Peer, self.coord, AGENT, ClientAuth(OTHER_AGENT, USER))
+
+    def test_check_peer_id(self) -> None:
+        check = self.coord.check_peer_id
+        self.assertIsNone(check(AGENT, AgentAuth(AGENT)))
+        self.assertIn("its agent id", check(OTHER_AGENT, AgentAuth(AGENT)))
+        self.assertIsNone(check(uuid4(), ClientAuth(AGENT, USER)))
+        self.assertIn("belongs to an agent", check(AGENT, ClientAuth(AGENT, USER)))
+        self.assertIsNone(check(AGENT, ClientAuth(OTHER_AGENT, USER)))  # nobody knows AGENT yet
+        self.agent()
+        self.assertIn("belongs to an agent", check(AGENT, ClientAuth(OTHER_AGENT, USER)))
+
+    def test_client_may_not_take_a_tunnel_target_id(self) -> None:
+        client = self.client(OTHER_AGENT)
+        client.conn.handle(CoordinateRequest(add_tunnel=OTHER_AGENT))
+        # OTHER_AGENT is not connected, but somebody is waiting for it.
+        self.assertRaises(PeerIdConflict, Peer, self.coord, OTHER_AGENT, ClientAuth(AGENT, USER))
+
+    def test_tunnel_to_a_client_refused(self) -> None:
+        squatter = Peer(self.coord, OTHER_AGENT, ClientAuth(AGENT, USER))
+        squatter.conn.handle(CoordinateRequest(update_self=make_node(OTHER_AGENT)))
+        victim = self.client(OTHER_AGENT)
+        victim.conn.handle(CoordinateRequest(add_tunnel=OTHER_AGENT))
+        [error] = victim.errors()
+        self.assertIn("is not an agent", error)
+        self.assertEqual(victim.take(), [])
+
+    def test_agent_replaces_a_client_squatting_its_id(self) -> None:
+        squatter = Peer(self.coord, OTHER_AGENT, ClientAuth(AGENT, USER))
+        agent = self.agent(OTHER_AGENT)
+        self.assertEqual(squatter.closes, 1)
+        self.assertEqual(self.coord.auth_of(OTHER_AGENT), AgentAuth(OTHER_AGENT))
+        self.assertTrue(agent.conn.active)
