@@ -688,8 +688,12 @@ class Netchecker:
         enough_regions: int = ENOUGH_REGIONS,
         captive_portal_check: bool = True,
         derp_frame_times: Callable[[], Mapping[int, float]] | None = None,
+        stun_probe_timeout: float = STUN_PROBE_TIMEOUT,
+        report_timeout: float = REPORT_TIMEOUT,
     ) -> None:
         self.clock = clock
+        self.stun_probe_timeout = stun_probe_timeout
+        self.report_timeout = report_timeout
         self.stun = stun
         self.http_get = http_get
         self.resolve = resolve or _resolve_in_thread
@@ -724,7 +728,7 @@ class Netchecker:
         if not plan:
             logs.append("empty probe plan; do we have STUN regions?")
         run = _ReportRun(self, derp_map, start, logs)
-        deadline = start + REPORT_TIMEOUT
+        deadline = start + self.report_timeout
 
         # Relay regions without any STUN node: HTTP(S) latency from the start.
         no_stun = [r for _, r in sorted(derp_map.regions.items())
@@ -743,7 +747,7 @@ class Netchecker:
 
             captive_call = clock.callLater(CAPTIVE_PORTAL_DELAY, start_captive)
 
-        await run.run_stun(plan, min(STUN_PROBE_TIMEOUT, deadline - start))
+        await run.run_stun(plan, min(self.stun_probe_timeout, deadline - start))
         if captive_call is not None and captive_call.active():
             captive_call.cancel()
 
