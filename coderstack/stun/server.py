@@ -3,7 +3,8 @@
 Unlike Tailscale's (which answers only its own client), this one answers any RFC 8489/5389 Binding
 request, and classic RFC 3489 ones (MAPPED-ADDRESS), so ``stun``, ``turnutils_stunclient``,
 browsers and Tailscale clients all work. Per RFC 5780, a CHANGE-REQUEST asking for another
-address or port gets 420: we have no alternate address.
+address or port gets 420 (we have no alternate address); from a classic RFC 3489 client it gets
+silence instead, which such clients understand.
 
 Abuse: every datagram first takes a token from its source IP's bucket, so a forged-source flood
 is reflected at no more than ``rate`` packets per second per victim, and our responses are at most
@@ -74,12 +75,19 @@ class STUNResponder:
             unknown = msg.unknown_required()
             change = msg.get(stun.ATTR_CHANGE_REQUEST)
             if change is not None and (len(change) != 4 or struct.unpack("!I", change)[0] & 0x6):
-                # RFC 5780: without an alternate address we cannot honour change-IP/port.
-                unknown.append(stun.ATTR_CHANGE_REQUEST)
+                # We have no alternate address, so change-IP/port cannot be honoured.
+                if msg.classic:
+                    # RFC 3489 clients read any answer as "the change worked" (and misjudge
+                    # the NAT); silence is what they expect from a server that cannot.
+                    c.ignored += 1
+                    return None
+                unknown.append(stun.ATTR_CHANGE_REQUEST)  # RFC 5780: 420
             if unknown:
                 c.errors_sent += 1
                 return stun.binding_error(msg, 420, unknown=unknown, software=self.software)
-            reply = stun.binding_success(msg, (host, port), software=self.software)
+            # RFC 3489 clients parse SOFTWARE as SERVER and reject lengths not a multiple of 4.
+            software = None if msg.classic else self.software
+            reply = stun.binding_success(msg, (host, port), software=software)
         except stun.STUNError:
             # e.g. a source address we cannot encode; never raise out of the server.
             c.dropped_malformed += 1

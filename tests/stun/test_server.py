@@ -65,13 +65,23 @@ class ResponderTests(unittest.TestCase):
         self.assertTrue(msg.classic)
         self.assertEqual(msg.transaction_id, tid)
         self.assertEqual(stun.mapped_address(msg), SRC)
+        self.assertIsNone(msg.get(stun.ATTR_SOFTWARE))
 
-    def test_change_request_we_cannot_honour_gets_420(self) -> None:
+    def test_change_request_we_cannot_honour(self) -> None:
         change_ip = struct.pack("!HHI", 3, 4, 4)
-        data = struct.pack("!HH", 1, len(change_ip)) + b"\x44" * 16 + change_ip
-        msg = stun.decode(STUNResponder().handle(data, SRC, 0.0))
+        # RFC 5389+ client: 420 (RFC 5780).
+        req = stun.Message(stun.METHOD_BINDING, stun.CLASS_REQUEST, b"\x45" * 12,
+                           ((stun.ATTR_CHANGE_REQUEST, change_ip[4:]),))
+        msg = stun.decode(STUNResponder().handle(stun.encode(req), SRC, 0.0))
         self.assertEqual(msg.cls, stun.CLASS_ERROR)
         self.assertEqual(stun.decode_error_code(msg.get(stun.ATTR_ERROR_CODE))[0], 420)
+        self.assertEqual(stun.decode_unknown_attributes(msg.get(stun.ATTR_UNKNOWN_ATTRIBUTES)),
+                         [stun.ATTR_CHANGE_REQUEST])
+        # Classic RFC 3489 client: silence.
+        data = struct.pack("!HH", 1, len(change_ip)) + b"\x44" * 16 + change_ip
+        r = STUNResponder()
+        self.assertIsNone(r.handle(data, SRC, 0.0))
+        self.assertEqual(r.counters.ignored, 1)
 
     def test_other_methods_get_400(self) -> None:
         req = stun.Message(0x003, stun.CLASS_REQUEST, b"\x05" * 12)  # TURN Allocate
