@@ -4,10 +4,10 @@ well-formed ``X-Tailscale-Challenge`` as ``X-Tailscale-Response: response <chall
 
 Also runnable inside a network namespace::
 
-    python -m tests.tailnet.derp_endpoints HTTP_PORT [STUN_HOST:STUN_PORT ...]
+    python -m tests.tailnet.derp_endpoints [--http PORT] [--https PORT] [--stun HOST:PORT ...]
 
-which serves HTTP on all addresses and our STUN server on each STUN address, and prints
-``ready`` when listening.
+which serves the endpoints over HTTP and/or HTTPS (self-signed) on all addresses and our STUN
+server on each STUN address, and prints ``ready`` when listening.
 """
 
 from __future__ import annotations
@@ -55,14 +55,48 @@ def endpoints_site() -> Site:
     return site
 
 
+def self_signed_tls():
+    """A throwaway certificate (clients must not verify it: InsecureForTests)."""
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+    from twisted.internet import ssl
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "derp.test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .sign(key, hashes.SHA256()))
+    pem = cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption())
+    return ssl.PrivateCertificate.loadPEM(pem).options()
+
+
 def main(argv: list[str]) -> None:
+    import argparse
+
     from twisted.internet import reactor
 
     from coderstack.stun.address import parse_host_port
     from coderstack.stun.server import listen_stun
 
-    reactor.listenTCP(int(argv[0]), endpoints_site())
-    for item in argv[1:]:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--http", type=int)
+    ap.add_argument("--https", type=int)
+    ap.add_argument("--stun", action="append", default=[])
+    args = ap.parse_args(argv)
+    if args.http:
+        reactor.listenTCP(args.http, endpoints_site())
+    if args.https:
+        reactor.listenSSL(args.https, endpoints_site(), self_signed_tls())
+    for item in args.stun:
         host, port = parse_host_port(item)
         listen_stun(reactor, host, port)
     print("ready", flush=True)

@@ -72,3 +72,47 @@ class LoopbackNetcheckTests(unittest.TestCase):
         self.assertEqual(r.preferred_derp, 1)
         self.assertIs(r.captive_portal, False)
         self.assertIn("UDP is blocked, trying HTTPS", r.logs)
+
+
+class LoopbackTLSTests(unittest.TestCase):
+    @defer.inlineCallbacks
+    def test_https_latency_check_insecure_for_tests(self):
+        from tests.tailnet.derp_endpoints import self_signed_tls
+
+        web = reactor.listenSSL(0, endpoints_site(), self_signed_tls(), interface="127.0.0.1")
+        self.addCleanup(web.stopListening)
+        m = DERPMap.from_json({"Regions": {"7": {
+            "RegionID": 7, "RegionCode": "tls", "RegionName": "TLS",
+            "Nodes": [{"Name": "7a", "RegionID": 7, "HostName": "127.0.0.1",
+                       "DERPPort": web.getHost().port, "STUNPort": -1,
+                       "InsecureForTests": True}]}}})
+        http = TreqHTTP(reactor)
+        self.addCleanup(http.close)
+        sock = open_stun_client(reactor, v4_interface="127.0.0.1")
+        self.addCleanup(sock.close)
+        checker = Netchecker(reactor, sock.client, http, have_v6=False, report_timeout=3.0)
+        r = yield checker.get_report(m)
+        self.assertIn(7, r.region_latency, r.logs)
+        self.assertEqual(r.preferred_derp, 7)
+
+    @defer.inlineCallbacks
+    def test_https_self_signed_refused_without_insecure(self):
+        from tests.tailnet.derp_endpoints import self_signed_tls
+
+        web = reactor.listenSSL(0, endpoints_site(), self_signed_tls(), interface="127.0.0.1")
+        self.addCleanup(web.stopListening)
+        m = DERPMap.from_json({"Regions": {"7": {
+            "RegionID": 7, "RegionCode": "tls", "RegionName": "TLS",
+            "Nodes": [{"Name": "7a", "RegionID": 7, "HostName": "127.0.0.1",
+                       "DERPPort": web.getHost().port, "STUNPort": -1}]}}})
+        http = TreqHTTP(reactor)
+        self.addCleanup(http.close)
+        sock = open_stun_client(reactor, v4_interface="127.0.0.1")
+        self.addCleanup(sock.close)
+        checker = Netchecker(reactor, sock.client, http, have_v6=False, report_timeout=3.0)
+        r = yield checker.get_report(m)
+        self.assertEqual(r.region_latency, {})
+        self.assertEqual(r.preferred_derp, 0)
+        self.assertTrue(any("latency check" in line for line in r.logs), r.logs)
+        # Twisted logs the failed verification; that refusal is the point of this test.
+        self.flushLoggedErrors()
