@@ -24,8 +24,11 @@ from twisted.logger import Logger
 from coderstack.stun.ratelimit import TokenBuckets
 from coderstack.wire import stun
 
-DEFAULT_RATE = 20.0  # requests per second per source IP, sustained
-DEFAULT_BURST = 40.0
+# Per source IP. Generous enough for a big office or CGNAT behind one address (clients re-STUN
+# every 20-26 s; a netcheck sends a few probes per region), and at ~60 bytes per answer it caps
+# what a forged-source flood can reflect at one victim to ~6 KB/s.
+DEFAULT_RATE = 100.0
+DEFAULT_BURST = 200.0
 
 
 @dataclass

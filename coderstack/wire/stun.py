@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 import struct
 import zlib
 from dataclasses import dataclass, field
@@ -117,6 +118,7 @@ REASONS = {
 
 _FAMILY_V4 = 0x01
 _FAMILY_V6 = 0x02
+_V4_MAPPED_PREFIX = b"\x00" * 10 + b"\xff\xff"
 
 Address = tuple[str, int]
 
@@ -341,16 +343,25 @@ def encode(msg: Message) -> bytes:
 
 def _pack_address(addr: Address, xor_with: bytes | None) -> bytes:
     host, port = addr
-    ip = ipaddress.ip_address(host.split("%", 1)[0])
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
-    raw = ip.packed
-    family = _FAMILY_V4 if ip.version == 4 else _FAMILY_V6
     if not 0 <= port <= 0xFFFF:
         raise STUNError(f"port {port} out of range")
+    # inet_pton is the fast path (this runs once per answered request).
+    try:
+        raw = socket.inet_pton(socket.AF_INET, host)
+        family = _FAMILY_V4
+    except OSError:
+        try:
+            raw = socket.inet_pton(socket.AF_INET6, host.split("%", 1)[0])
+        except OSError:
+            raise STUNError(f"not an IP address: {host!r}") from None
+        if raw[:12] == _V4_MAPPED_PREFIX:
+            raw, family = raw[12:], _FAMILY_V4
+        else:
+            family = _FAMILY_V6
     if xor_with is not None:
         port ^= MAGIC_COOKIE >> 16
-        raw = bytes(a ^ b for a, b in zip(raw, xor_with, strict=False))
+        n = len(raw)
+        raw = (int.from_bytes(raw, "big") ^ int.from_bytes(xor_with[:n], "big")).to_bytes(n, "big")
     return struct.pack("!BBH", 0, family, port) + raw
 
 
