@@ -707,9 +707,21 @@ class Netchecker:
         self.last: Report | None = None
         self.last_full: float | None = None
         self.force_preferred = 0
+        self._running = False
 
     def get_report(self, derp_map: DERPMap, *, full: bool | None = None) -> defer.Deferred[Report]:
-        return defer.ensureDeferred(self._get_report(derp_map, full))
+        """One report (full: every region; else Tailscale's incremental plan, decided like
+        Tailscale when ``full`` is None). Not re-entrant: one report at a time."""
+        if self._running:
+            return defer.fail(RuntimeError("a netcheck report is already running"))
+        self._running = True
+        d = defer.ensureDeferred(self._get_report(derp_map, full))
+
+        def done(result):
+            self._running = False
+            return result
+
+        return d.addBoth(done)
 
     async def _get_report(self, derp_map: DERPMap, full: bool | None) -> Report:
         clock = self.clock
@@ -747,7 +759,7 @@ class Netchecker:
 
             captive_call = clock.callLater(CAPTIVE_PORTAL_DELAY, start_captive)
 
-        await run.run_stun(plan, min(self.stun_probe_timeout, deadline - start))
+        await run.run_stun(plan, min(self.stun_probe_timeout, deadline - start), full)
         if captive_call is not None and captive_call.active():
             captive_call.cancel()
 
@@ -866,7 +878,7 @@ class _ReportRun:
             self.owner.resolve(node.host_name, family).addCallbacks(done, lambda _f: done(None))
         return d
 
-    async def run_stun(self, plan: dict[str, list[Probe]], timeout: float) -> None:
+    async def run_stun(self, plan: dict[str, list[Probe]], timeout: float, full: bool = True) -> None:
         """Run the probe plan; returns at the STUN deadline, when every set is done, or when
         enough regions answered (plus the slowest latency, doubled)."""
         clock = self.owner.clock
@@ -886,7 +898,7 @@ class _ReportRun:
                 if p.ok and p.family in (4, 6):
                     lat[p.region_id] = min(p.latency, lat.get(p.region_id, math.inf))
             if len(lat) == self.owner.enough_regions and not enough_timer:
-                wait = max(lat.values()) * 2  # full report: double the slowest
+                wait = max(lat.values()) * (2 if full else 1)  # a full report waits longer
                 enough_timer.append(clock.callLater(
                     wait, lambda: finished.callback(None) if not finished.called else None))
                 self._timers.append(enough_timer[0])

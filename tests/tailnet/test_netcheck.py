@@ -454,3 +454,30 @@ class DriverTests(unittest.TestCase):
         d = checker.get_report(m)
         drive(self.clock, d)
         self.assertEqual(self.successResultOf(d).preferred_derp, 2)
+
+    def test_not_reentrant(self) -> None:
+        net = FakeNet(self.clock, {"198.51.100.3": 0.02}, EASY)
+        checker = self.checker(net, self.http_ok())
+        d1 = checker.get_report(MAP)
+        self.failureResultOf(checker.get_report(MAP), RuntimeError)
+        drive(self.clock, d1)
+        self.successResultOf(d1)
+        d3 = checker.get_report(MAP)
+        drive(self.clock, d3)
+        self.successResultOf(d3)
+
+    def test_incremental_report_after_full(self) -> None:
+        net = FakeNet(self.clock, {"198.51.100.1": 0.030, "198.51.100.2": 0.030,
+                                   "198.51.100.3": 0.020, "203.0.113.7": 0.005}, EASY)
+        checker = self.checker(net, self.http_ok())
+        d = checker.get_report(MAP)
+        drive(self.clock, d)
+        first = len(net.sent)
+        self.clock.advance(25)
+        d = checker.get_report(MAP)  # within 5 min of the full one: incremental
+        drive(self.clock, d)
+        r = self.successResultOf(d)
+        self.assertTrue(r.udp)
+        self.assertEqual(r.preferred_derp, 999)
+        # Incremental: at most 3 regions, fewer probes than the full report's.
+        self.assertLessEqual(len(net.sent) - first, first)
