@@ -16,6 +16,7 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.internet.protocol import DatagramProtocol
 
 from coderstack.wire.wireguard import (
+    AuthenticatedSource,
     Device,
     HandshakeComplete,
     HandshakeFailed,
@@ -94,6 +95,9 @@ class WireGuardUDP(DatagramProtocol):
             elif kind is Reply:
                 if self.transport is not None:
                     self.transport.write(event.datagram, event.source)
+            elif kind is AuthenticatedSource:
+                if self.roam and event.source is not None:
+                    self.peer_address = event.source
             elif kind is HandshakeComplete:
                 self.handshakes += 1
                 if self.roam and event.source is not None:

@@ -32,7 +32,8 @@ survives a path change. Only a cookie reply goes back to the opaque ``source`` i
 
 Events: :class:`Transmit` (datagram for a peer), :class:`Reply` (datagram back to a source),
 :class:`Packet` (decrypted IP packet from a peer), :class:`HandshakeComplete`,
-:class:`HandshakeFailed`, :class:`Dropped` (also counted in ``Device.drops``).
+:class:`AuthenticatedSource`, :class:`HandshakeFailed`, :class:`Dropped` (also counted in
+``Device.drops``).
 
 ``now`` is seconds as a float from the caller's IReactorTime; it also feeds the TAI64N timestamp,
 so give wall-clock seconds (``reactor.seconds()``) in production. Nothing here raises on bad
@@ -64,6 +65,7 @@ from nacl.exceptions import CryptoError
 from coderstack.wire.replay import REJECT_AFTER_MESSAGES, ReplayWindow
 
 __all__ = [
+    "AuthenticatedSource",
     "Device",
     "Dropped",
     "HandshakeComplete",
@@ -260,6 +262,14 @@ class HandshakeComplete(NamedTuple):
     source: object
 
 
+class AuthenticatedSource(NamedTuple):
+    """An authenticated handshake message from ``peer_key`` arrived from ``source``: a place the
+    peer can be reached now (WireGuard's endpoint roaming). Data packets carry it in Packet."""
+
+    peer_key: bytes
+    source: object
+
+
 class HandshakeFailed(NamedTuple):
     """No response after all retries (REKEY_ATTEMPT_TIME); queued packets were discarded."""
 
@@ -273,7 +283,9 @@ class Dropped(NamedTuple):
     peer_key: bytes | None
 
 
-Event = Transmit | Reply | Packet | HandshakeComplete | HandshakeFailed | Dropped
+Event = (
+    Transmit | Reply | Packet | HandshakeComplete | AuthenticatedSource | HandshakeFailed | Dropped
+)
 
 # --- sessions ----------------------------------------------------------------------------------
 
@@ -971,7 +983,9 @@ class Device:
             return self._drop("unknown-type", None)
         mac1_at = size - 32
         under_load = self._under_load(now)
-        if not hmac.compare_digest(_mac(self._mac1_key, msg[:mac1_at]), msg[mac1_at : mac1_at + 16]):
+        if not hmac.compare_digest(
+            _mac(self._mac1_key, msg[:mac1_at]), msg[mac1_at : mac1_at + 16]
+        ):
             return self._drop("bad-mac1", None)
         if under_load:
             cookie = self._cookie(source, now, fresh=False)
@@ -985,9 +999,11 @@ class Device:
         try:
             if msg_type == MSG_INITIATION:
                 peer = self._consume_initiation(msg, now)
+                out.append(AuthenticatedSource(peer.public_key, source))
                 self._answer_initiation(peer, now, out)
             else:
                 peer = self._consume_response(msg)
+                out.append(AuthenticatedSource(peer.public_key, source))
                 self._finish_initiation(peer, now, source, out)
         except _Reject as e:
             return self._drop(e.args[0], None)
@@ -1003,9 +1019,7 @@ class Device:
         peer.keepalive_at = None
         out.append(Transmit(peer.public_key, datagram))
 
-    def _finish_initiation(
-        self, peer: Peer, now: float, source: object, out: list[Event]
-    ) -> None:
+    def _finish_initiation(self, peer: Peer, now: float, source: object, out: list[Event]) -> None:
         if peer.persistent_keepalive:
             self._arm_persistent(peer, now)
         peer.new_handshake_at = None

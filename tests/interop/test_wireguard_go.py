@@ -71,7 +71,9 @@ class Namespace:
         sh("ip", "netns", "add", self.name)
         self.case.addCleanup(subprocess.run, ["ip", "netns", "del", self.name], capture_output=True)
         sh("ip", "link", "add", self.host_if, "type", "veth", "peer", "name", self.ns_if)
-        self.case.addCleanup(subprocess.run, ["ip", "link", "del", self.host_if], capture_output=True)
+        self.case.addCleanup(
+            subprocess.run, ["ip", "link", "del", self.host_if], capture_output=True
+        )
         sh("ip", "link", "set", self.ns_if, "netns", self.name)
         sh("ip", "addr", "add", f"{self.host_addr}/30", "dev", self.host_if)
         sh("ip", "link", "set", self.host_if, "up")
@@ -140,8 +142,16 @@ class Namespace:
 
     def start_udp_peer(self) -> None:
         proc = subprocess.Popen(
-            ["ip", "netns", "exec", self.name, sys.executable, os.path.join(HERE, "udp_peer.py"),
-             self.their_ip, str(UDP_PORT)],
+            [
+                "ip",
+                "netns",
+                "exec",
+                self.name,
+                sys.executable,
+                os.path.join(HERE, "udp_peer.py"),
+                self.their_ip,
+                str(UDP_PORT),
+            ],
             stdout=subprocess.PIPE,
             text=True,
         )
@@ -154,8 +164,13 @@ class Namespace:
 class Ours:
     """Our end of the tunnel: Device + UDP adapter, with received IPv6 packets demultiplexed."""
 
-    def __init__(self, case: unittest.TestCase, ns: Namespace, preshared_key: bytes | None = None,
-                 peer_key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        case: unittest.TestCase,
+        ns: Namespace,
+        preshared_key: bytes | None = None,
+        peer_key: bytes | None = None,
+    ) -> None:
         self.ns = ns
         self.device = Device(generate_private_key())
         self.peer = self.device.add_peer(peer_key or ns.public_key, preshared_key=preshared_key)
@@ -218,7 +233,9 @@ class WireGuardGoTests(unittest.TestCase):
 
     def connect(self, **kwargs) -> Ours:
         ours = Ours(self, self.ns, preshared_key=kwargs.get("preshared_key"))
-        self.ns.configure(ours.device.public_key, ours.address, preshared_key=kwargs.get("preshared_key"))
+        self.ns.configure(
+            ours.device.public_key, ours.address, preshared_key=kwargs.get("preshared_key")
+        )
         return ours
 
     @defer.inlineCallbacks
@@ -301,9 +318,13 @@ class WireGuardGoTests(unittest.TestCase):
         rto.stop()
         ours.udp(b"F")
         yield until(lambda: state["digest"] is not None)
-        self.assertEqual(state["digest"], hashlib.sha256(blob).digest() + len(blob).to_bytes(8, "big"))
+        self.assertEqual(
+            state["digest"], hashlib.sha256(blob).digest() + len(blob).to_bytes(8, "big")
+        )
         # Downstream: the namespace sends 10 MiB of seeded random data to us.
-        ours.udp(b"S" + TEN_MIB.to_bytes(8, "big") + (2).to_bytes(8, "big") + CHUNK.to_bytes(2, "big"))
+        ours.udp(
+            b"S" + TEN_MIB.to_bytes(8, "big") + (2).to_bytes(8, "big") + CHUNK.to_bytes(2, "big")
+        )
         yield until(lambda: state["end"])
         down = b"".join(state["down"])
         self.assertEqual(len(down), TEN_MIB)
