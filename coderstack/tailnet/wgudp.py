@@ -57,7 +57,20 @@ class WireGuardUDP(DatagramProtocol):
 
     def send(self, packet: bytes) -> None:
         """Encrypt and send one IP packet to the peer."""
-        self._handle(self.device.send(self.peer_key, packet, self.clock.seconds()))
+        events = self.device.send(self.peer_key, packet, self.clock.seconds())
+        if (
+            len(events) == 1
+            and type(events[0]) is Transmit
+            and self.peer_address is not None
+            and self.transport is not None
+        ):
+            # The common case, kept short: one datagram out, at most a timer to move earlier.
+            self.transport.write(events[0].datagram, self.peer_address)
+            deadline = self.device.next_deadline()
+            if deadline is not None and deadline < self._timer_at:
+                self._schedule(deadline)
+            return
+        self._handle(events)
 
     def initiate(self) -> None:
         """Start a handshake now (rate-limited to one per 5 s by the protocol)."""

@@ -301,6 +301,24 @@ class TransportTests(unittest.TestCase):
             [Dropped("truncated-ip", p.a.public_key)],
         )
 
+    def test_garbage_counted_by_reason(self):
+        b = self.p.b
+        self.assertEqual(b.receive(b"", 1.0), [Dropped("short", None)])
+        self.assertEqual(b.receive(bytes([9]) + bytes(40), 1.0), [Dropped("unknown-type", None)])
+        self.assertEqual(b.receive(bytes([1]) + bytes(100), 1.0), [Dropped("bad-size", None)])
+        self.assertEqual(b.receive(bytes([1]) + bytes(147), 1.0), [Dropped("bad-mac1", None)])
+        self.assertEqual(b.drops, {"short": 1, "unknown-type": 1, "bad-size": 1, "bad-mac1": 1})
+
+    def test_remove_peer_zeroes_its_sessions(self):
+        p = self.p
+        kp = p.pa.current
+        (d,) = datagrams(p.b.send(p.a.public_key, ip6(), 1.0))
+        p.a.remove_peer(p.b.public_key)
+        self.assertIsNone(kp.seal)
+        self.assertEqual(p.a._keypairs, {})
+        self.assertEqual(p.a.receive(d, 1.0, "b"), [Dropped("unknown-index", None)])
+        self.assertEqual(kinds(p.a.send(p.b.public_key, ip6(), 1.0)), ["Dropped"])
+
     def test_send_to_unknown_peer(self):
         self.assertEqual(
             self.p.a.send(b"\x09" * 32, ip6(), 1.0), [Dropped("unknown-peer", b"\x09" * 32)]
