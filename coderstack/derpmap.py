@@ -250,9 +250,13 @@ class DERPMap:
                 try:
                     rid = int(k)
                 except ValueError:
-                    raise DERPMapError(f"DERP map: RegionScore key {k!r} is not a region ID") from None
+                    raise DERPMapError(
+                        f"DERP map: RegionScore key {k!r} is not a region ID"
+                    ) from None
                 if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
-                    raise DERPMapError(f"DERP map: RegionScore for {rid} must be a non-negative number")
+                    raise DERPMapError(
+                        f"DERP map: RegionScore for {rid} must be a non-negative number"
+                    )
                 scores[rid] = float(v)
         omit = obj.get("omitDefaultRegions", False)
         if not isinstance(omit, bool):
@@ -270,7 +274,9 @@ class DERPMap:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         if self.region_score:
-            out["HomeParams"] = {"RegionScore": {str(k): v for k, v in sorted(self.region_score.items())}}
+            out["HomeParams"] = {
+                "RegionScore": {str(k): v for k, v in sorted(self.region_score.items())}
+            }
         out["Regions"] = {str(rid): self.regions[rid].to_json() for rid in sorted(self.regions)}
         if self.omit_default_regions:
             out["omitDefaultRegions"] = True

@@ -116,6 +116,10 @@ REKEY_ON_RECEIVE_AGE = REJECT_AFTER_TIME - KEEPALIVE_TIMEOUT - REKEY_TIMEOUT  # 
 ZERO_KEYS_AFTER = REJECT_AFTER_TIME * 3  # 540 s without a new session
 STAGED_PACKETS = 128  # packets queued per peer while no session exists
 LOAD_WINDOW = 1.0  # "under load" is latched this long
+# Under load, handshake messages with a valid mac2 are still limited per source: a token bucket
+# of 20 per second, 5 at once (wireguard-go's numbers).
+SOURCE_RATE = 20.0
+SOURCE_BURST = 5.0
 
 _ZERO12 = bytes(12)
 _ZERO16 = bytes(16)
@@ -456,6 +460,7 @@ class Device:
         self._load_window_start = -math.inf
         self._load_count = 0
         self._under_load_until = -math.inf
+        self._buckets: dict[object, list[float]] = {}  # source -> [tokens, last refill]
         self.peers: dict[bytes, Peer] = {}
         self._handshakes: dict[int, Peer] = {}  # our index -> peer with a handshake in flight
         self._keypairs: dict[int, Keypair] = {}  # our index -> keypair (the hot-path lookup)
@@ -628,6 +633,11 @@ class Device:
             t = peer.deadline()
             if t < soonest:
                 soonest = t
+        if self._buckets:
+            # Buckets idle for a second are full again: forget them.
+            for source in [s for s, b in self._buckets.items() if now - b[1] >= 1.0]:
+                del self._buckets[source]
+            soonest = min(soonest, now + 1.0)
         self._soonest = soonest
         return out
 
@@ -948,6 +958,24 @@ class Device:
     def _source_bytes(self, source: object) -> bytes:
         return source if isinstance(source, bytes) else repr(source).encode()
 
+    def _allow_source(self, source: object, now: float) -> bool:
+        try:
+            bucket = self._buckets.get(source)
+        except TypeError:  # unhashable source token
+            source = self._source_bytes(source)
+            bucket = self._buckets.get(source)
+        if bucket is None:
+            self._buckets[source] = [SOURCE_BURST - 1.0, now]
+            self._arm(now + 1.0)  # so tick() can forget it
+            return True
+        tokens = min(SOURCE_BURST, bucket[0] + (now - bucket[1]) * SOURCE_RATE)
+        bucket[1] = now
+        if tokens >= 1.0:
+            bucket[0] = tokens - 1.0
+            return True
+        bucket[0] = tokens
+        return False
+
     def _under_load(self, now: float) -> bool:
         if now - self._load_window_start >= LOAD_WINDOW:
             self._load_window_start = now
@@ -995,6 +1023,8 @@ class Device:
                 out = self._drop("cookie-required", None)
                 out.append(Reply(source, self._cookie_reply(msg, mac1_at, source, now)))
                 return out
+            if not self._allow_source(source, now):
+                return self._drop("rate-limited", None)
         out: list[Event] = []
         try:
             if msg_type == MSG_INITIATION:

@@ -594,6 +594,28 @@ class CookieTests(unittest.TestCase):
         self.assertEqual(p.b.receive(msg, 2.0, "s"), [Dropped("unknown-peer", None)])
 
 
+class SourceRateLimitTests(unittest.TestCase):
+    def test_under_load_each_source_gets_20_per_second_burst_5(self):
+        b = Device(wg.generate_private_key(), handshake_load_threshold=0)
+        stranger = Device(wg.generate_private_key())
+        peer = stranger.add_peer(b.public_key)
+        (reply,) = of(Reply, b.receive(stranger._create_initiation(peer, 0.0), 0.0, "s"))
+        stranger.receive(reply.datagram, 0.0, "b")  # now its messages carry a valid mac2
+        reasons = []
+        for i in range(7):
+            msg = stranger._create_initiation(peer, 0.0)
+            peer.last_mac1 = None
+            reasons += [e.reason for e in b.receive(msg, 0.001 * i, "s")]
+        self.assertEqual(reasons, ["unknown-peer"] * 5 + ["rate-limited"] * 2)
+        # Tokens come back at 20 per second.
+        msg = stranger._create_initiation(peer, 0.0)
+        self.assertEqual(b.receive(msg, 0.06, "s"), [Dropped("unknown-peer", None)])
+        # Idle buckets are forgotten by tick().
+        self.assertLessEqual(b.next_deadline(), 1.01)
+        b.tick(1.1)
+        self.assertEqual(b._buckets, {})
+
+
 def _message(which: str) -> tuple[Pair, bytes]:
     """A pair and the next message of a handshake, not yet given to its receiver."""
     p = Pair()
