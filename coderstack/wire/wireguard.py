@@ -43,7 +43,9 @@ input: malformed or unauthenticated datagrams become ``Dropped`` events.
 from __future__ import annotations
 
 import hashlib
+import heapq
 import hmac
+import itertools
 import math
 import os
 import random
@@ -401,6 +403,7 @@ class Peer:
         self.rx_bytes = 0
         self.tx_bytes = 0
         self.last_handshake: float | None = None
+        self.scheduled_at = math.inf  # the time of this peer's live entry in Device._heap
 
     def keypairs(self) -> list[Keypair]:
         return [kp for kp in (self.previous, self.current, self.next) if kp is not None]
@@ -464,7 +467,12 @@ class Device:
         self.peers: dict[bytes, Peer] = {}
         self._handshakes: dict[int, Peer] = {}  # our index -> peer with a handshake in flight
         self._keypairs: dict[int, Keypair] = {}  # our index -> keypair (the hot-path lookup)
-        self._soonest = math.inf  # a lower bound on every peer's deadline
+        # Timers: a heap of (when, seq, peer). A peer has at most one live entry, the one whose
+        # time equals peer.scheduled_at; others are stale and skipped when popped. Entries are
+        # pushed only when a timer moves *earlier* than the live one, so traffic rarely pushes.
+        self._heap: list[tuple[float, int, Peer]] = []
+        self._seq = itertools.count()
+        self._prune_at = math.inf
         self.drops: Counter[str] = Counter()
 
     # -- configuration --
@@ -542,8 +550,8 @@ class Device:
             return out  # keepalive
         if peer.keepalive_at is None:
             t = peer.keepalive_at = now + KEEPALIVE_TIMEOUT
-            if t < self._soonest:
-                self._soonest = t
+            if t < peer.scheduled_at:
+                self._arm(peer, t)
         else:
             peer.need_another_keepalive = True
         # Strip padding using the IP header's own length.
@@ -599,8 +607,8 @@ class Device:
             t = peer.new_handshake_at = (
                 now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._rng.random() * REKEY_TIMEOUT_JITTER
             )
-            if t < self._soonest:
-                self._soonest = t
+            if t < peer.scheduled_at:
+                self._arm(peer, t)
         peer.keepalive_at = None
         if peer.persistent_keepalive:
             self._arm_persistent(peer, now)
@@ -622,35 +630,47 @@ class Device:
     def next_deadline(self) -> float | None:
         """When :meth:`tick` should next run (absolute, same clock as ``now``), or None.
         It may be early (a timer was cancelled since); never late."""
-        return None if self._soonest == math.inf else self._soonest
+        t = self._heap[0][0] if self._heap else math.inf
+        if self._prune_at < t:
+            t = self._prune_at
+        return None if t == math.inf else t
 
     def tick(self, now: float) -> list[Event]:
-        """Run every timer that is due: retransmits, keepalives, rekeys, expiry, zeroing."""
+        """Run every timer that is due: retransmits, keepalives, rekeys, expiry, zeroing.
+        Costs O(log n) per peer with a due (or cancelled) timer, not O(peers)."""
         out: list[Event] = []
-        soonest = math.inf
-        for peer in list(self.peers.values()):
+        heap = self._heap
+        due = []
+        while heap and heap[0][0] <= now:
+            t, _, peer = heapq.heappop(heap)
+            if t != peer.scheduled_at:
+                continue  # superseded by an earlier entry
+            peer.scheduled_at = math.inf
+            if self.peers.get(peer.public_key) is peer:
+                due.append(peer)
+        for peer in due:
             self._tick_peer(peer, now, out)
             t = peer.deadline()
-            if t < soonest:
-                soonest = t
-        if self._buckets:
+            if t < peer.scheduled_at:
+                self._arm(peer, t)
+        if now >= self._prune_at:
             # Buckets idle for a second are full again: forget them.
             for source in [s for s, b in self._buckets.items() if now - b[1] >= 1.0]:
                 del self._buckets[source]
-            soonest = min(soonest, now + 1.0)
-        self._soonest = soonest
+            self._prune_at = now + 1.0 if self._buckets else math.inf
         return out
 
     # -- timers --
 
-    def _arm(self, t: float) -> None:
-        if t < self._soonest:
-            self._soonest = t
+    def _arm(self, peer: Peer, t: float) -> None:
+        if t < peer.scheduled_at and t != math.inf:
+            peer.scheduled_at = t
+            heapq.heappush(self._heap, (t, next(self._seq), peer))
 
     def _arm_persistent(self, peer: Peer, now: float) -> None:
         t = peer.persistent_at = now + peer.persistent_keepalive
-        if t < self._soonest:
-            self._soonest = t
+        if t < peer.scheduled_at:
+            self._arm(peer, t)
 
     def _jitter(self) -> float:
         return self._rng.random() * REKEY_TIMEOUT_JITTER
@@ -722,7 +742,7 @@ class Device:
             out.append(Transmit(peer.public_key, self._encrypt(kp, packet)))
         if sent_data and peer.new_handshake_at is None:
             peer.new_handshake_at = now + KEEPALIVE_TIMEOUT + REKEY_TIMEOUT + self._jitter()
-            self._arm(peer.new_handshake_at)
+            self._arm(peer, peer.new_handshake_at)
         peer.keepalive_at = None
         if peer.persistent_keepalive:
             self._arm_persistent(peer, now)
@@ -757,7 +777,7 @@ class Device:
         peer.keepalive_at = None
         out.append(Transmit(peer.public_key, datagram))
         peer.retransmit_at = now + REKEY_TIMEOUT + self._jitter()
-        self._arm(peer.retransmit_at)
+        self._arm(peer, peer.retransmit_at)
 
     # -- handshake --
 
@@ -910,7 +930,7 @@ class Device:
             peer.previous = None
             peer.next = kp
         peer.zero_at = now + ZERO_KEYS_AFTER
-        self._arm(kp.reject_at)
+        self._arm(peer, kp.reject_at)
         return kp
 
     def _rotate_to_next(
@@ -966,7 +986,8 @@ class Device:
             bucket = self._buckets.get(source)
         if bucket is None:
             self._buckets[source] = [SOURCE_BURST - 1.0, now]
-            self._arm(now + 1.0)  # so tick() can forget it
+            if now + 1.0 < self._prune_at:  # so tick() can forget it
+                self._prune_at = now + 1.0
             return True
         tokens = min(SOURCE_BURST, bucket[0] + (now - bucket[1]) * SOURCE_RATE)
         bucket[1] = now

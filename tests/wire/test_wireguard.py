@@ -616,6 +616,54 @@ class SourceRateLimitTests(unittest.TestCase):
         self.assertEqual(b._buckets, {})
 
 
+class TimerInvariantTests(unittest.TestCase):
+    """Whatever happens, each peer's entry in the timer heap is no later than its real deadline,
+    so next_deadline() is never late."""
+
+    @settings(max_examples=60, deadline=None)
+    @given(
+        st.lists(
+            st.tuples(
+                st.sampled_from(["a>b", "b>a", "tick", "init-a", "init-b", "lose"]),
+                st.floats(min_value=0.0, max_value=40.0),
+            ),
+            max_size=40,
+        )
+    )
+    def test_heap_entry_never_later_than_deadline(self, ops):
+        p = Pair()
+        now = 0.0
+        wire_ab: list = []
+        wire_ba: list = []
+        for op, step in ops:
+            now += step
+            if op == "a>b":
+                wire_ab += p.a.send(p.b.public_key, ip6(), now)
+            elif op == "b>a":
+                wire_ba += p.b.send(p.a.public_key, ip6(), now)
+            elif op == "init-a":
+                wire_ab += p.a.initiate(p.b.public_key, now)
+            elif op == "init-b":
+                wire_ba += p.b.initiate(p.a.public_key, now)
+            elif op == "tick":
+                wire_ab += p.a.tick(now)
+                wire_ba += p.b.tick(now)
+            if op == "lose":
+                wire_ab, wire_ba = [], []
+            else:
+                ab, ba = wire_ab, wire_ba
+                wire_ab, wire_ba = p.to_a(ba, now), p.to_b(ab, now)
+                wire_ab, wire_ba = (
+                    [e for e in wire_ab if isinstance(e, Transmit)],
+                    [e for e in wire_ba if isinstance(e, Transmit)],
+                )
+                # to_a returns A's outputs (A -> B traffic) and to_b B's outputs.
+            for device, peer in ((p.a, p.pa), (p.b, p.pb)):
+                self.assertLessEqual(peer.scheduled_at, peer.deadline())
+                if peer.deadline() != float("inf"):
+                    self.assertLessEqual(device.next_deadline(), peer.deadline())
+
+
 def _message(which: str) -> tuple[Pair, bytes]:
     """A pair and the next message of a handshake, not yet given to its receiver."""
     p = Pair()
