@@ -35,23 +35,24 @@ class ReplayWindow:
 
     def accept(self, counter: int) -> bool:
         """True (and remember it) if ``counter`` is new and not too old; False otherwise."""
-        if counter >= self.limit or counter < 0:
-            return False
-        ring = self._ring
         last = self.last
-        block = counter >> _BLOCK_SHIFT
+        ring = self._ring
         if counter > last:
+            if counter >= self.limit:
+                return False
+            block = counter >> _BLOCK_SHIFT
             current = last >> _BLOCK_SHIFT
-            skipped = block - current
-            if skipped:
-                if skipped > _RING_BLOCKS:
-                    skipped = _RING_BLOCKS
-                for i in range(current + 1, current + skipped + 1):
+            if block != current:
+                # Clear the blocks we move onto (all of them, at most, for a big jump).
+                for i in range(current + 1, min(block, current + _RING_BLOCKS) + 1):
                     ring[i & _RING_MASK] = 0
             self.last = counter
-        elif last - counter > WINDOW_SIZE:
+            # Nothing above `last` was ever marked, so a new maximum is always fresh.
+            ring[block & _RING_MASK] |= 1 << (counter & _BIT_MASK)
+            return True
+        if last - counter > WINDOW_SIZE or counter < 0:
             return False
-        index = block & _RING_MASK
+        index = (counter >> _BLOCK_SHIFT) & _RING_MASK
         bit = 1 << (counter & _BIT_MASK)
         old = ring[index]
         if old & bit:

@@ -78,6 +78,7 @@ __all__ = [
     "Reply",
     "Transmit",
     "generate_private_key",
+    "is_wireguard",
     "public_key",
     "tai64n",
 ]
@@ -217,6 +218,13 @@ def generate_private_key(urandom: Callable[[int], bytes] = os.urandom) -> bytes:
 def public_key(private_key: bytes) -> bytes:
     """The X25519 public key of a 32-byte private key."""
     return crypto_scalarmult_base(private_key)
+
+
+def is_wireguard(datagram: bytes) -> bool:
+    """Cheap demultiplexing test for a socket shared with STUN and disco: a WireGuard message
+    starts with a type byte 1..4 and three zero bytes (STUN starts 0x00/0x01 then a type byte
+    that is never zero for the messages we use, disco with the "TS" magic)."""
+    return len(datagram) >= 32 and 1 <= datagram[0] <= 4 and datagram[1:4] == b"\x00\x00\x00"
 
 
 def tai64n(now: float) -> bytes:

@@ -132,6 +132,15 @@ class ConstantsAndMessages(unittest.TestCase):
             self.assertEqual(len(out), wire, n)
             self.assertEqual(p.b.receive(out, 1.0, "a")[0].data, packet)  # padding removed
 
+    def test_is_wireguard(self):
+        p = Pair()
+        init = datagrams(p.a.initiate(p.b.public_key, 0.0))[0]
+        self.assertTrue(wg.is_wireguard(init))
+        self.assertFalse(wg.is_wireguard(b"TS\xf0\x9f\x92\xac" + bytes(40)))  # disco magic
+        stun = bytes.fromhex("0001000c2112a442") + bytes(32)  # binding request
+        self.assertFalse(wg.is_wireguard(stun))
+        self.assertFalse(wg.is_wireguard(b"\x04\x00\x00\x00"))  # too short to be one
+
     def test_bad_keys_refused(self):
         with self.assertRaises(ValueError):
             Device(b"short")
