@@ -706,6 +706,12 @@ class Device:
             else:
                 peer.handshake_attempts += 1
                 self._initiate(peer, now, True, out)
+                if peer.retransmit_at is None:
+                    # Rate-limited because we answered the peer's own initiation meanwhile
+                    # (both sides initiated at once). wireguard-go would stop retrying here;
+                    # try again once the limit allows, so neither side waits forever.
+                    peer.retransmit_at = peer.last_sent_handshake + REKEY_TIMEOUT + self._jitter()
+                    self._arm(peer, peer.retransmit_at)
         if peer.new_handshake_at is not None and now >= peer.new_handshake_at:
             # We sent data and heard nothing back for 15 s: the session may be dead.
             peer.new_handshake_at = None

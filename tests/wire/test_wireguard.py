@@ -243,6 +243,28 @@ class HandshakeTests(unittest.TestCase):
             stamps.append(p.pa.last_sent_timestamp)
         self.assertEqual(stamps, sorted(set(stamps)))
 
+    def test_simultaneous_initiations_recover_when_retry_is_rate_limited(self):
+        p = Pair()
+        init_a = p.a.initiate(p.b.public_key, 0.0)
+        init_b = p.b.initiate(p.a.public_key, 0.0)
+        # The initiations cross slowly: each side answers the other's 1 s later, so its own
+        # retransmission at ~5 s falls inside the 5 s limit that answering restarted.
+        resp_b = p.to_b(init_a, 1.0)
+        resp_a = p.to_a(init_b, 1.0)
+        p.to_a(resp_b, 1.0)
+        p.to_b(resp_a, 1.0)
+        now = 1.0
+        for _ in range(10):
+            now = min(p.a.next_deadline(), p.b.next_deadline())
+            ta, tb = p.a.tick(now), p.b.tick(now)
+            for _ in range(3):
+                ta, tb = p.to_a(tb, now), p.to_b(ta, now)
+            if p.pa.current and p.pb.current:
+                break
+        self.assertIsNotNone(p.pa.current)
+        self.assertIsNotNone(p.pb.current)
+        self.assertLess(now, 7.0)
+
     def test_simultaneous_initiations_recover(self):
         p = Pair()
         init_a = p.a.initiate(p.b.public_key, 0.0)
