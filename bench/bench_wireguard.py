@@ -250,7 +250,8 @@ def main() -> None:
     print()
     print(
         f"{datetime.date.today()} · {platform.machine()} · nproc {os.cpu_count()} · "
-        f"Python {platform.python_version()} · median of {args.runs} runs"
+        f"Python {platform.python_version()} · median of {args.runs} runs · "
+        f"load average {os.getloadavg()[0]:.1f} at the end (the machine is shared)"
     )
     print()
     print("| path | encrypt+send pkt/s | receive+decrypt pkt/s | Gbit/s (of payload, recv) |")

@@ -467,7 +467,7 @@ class Device:
         self._cookie_key = _hash(LABEL_COOKIE, self.public_key)
         self._cookie_secret = b""
         self._cookie_secret_time = -math.inf
-        self._load_threshold = handshake_load_threshold
+        self.handshake_load_threshold = handshake_load_threshold
         self._load_window_start = -math.inf
         self._load_count = 0
         self._under_load_until = -math.inf
@@ -1016,7 +1016,7 @@ class Device:
             self._load_window_start = now
             self._load_count = 0
         self._load_count += 1
-        if self._load_count > self._load_threshold:
+        if self._load_count > self.handshake_load_threshold:
             self._under_load_until = now + LOAD_WINDOW
         return now < self._under_load_until
 

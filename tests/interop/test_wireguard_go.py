@@ -358,6 +358,19 @@ class WireGuardGoTests(unittest.TestCase):
         self.assertLessEqual(len(ours.peer.keypairs()), 2)
 
     @defer.inlineCallbacks
+    def test_cookie_reply_under_load(self):
+        # We claim to be under load: wireguard-go's first initiation gets a cookie reply, and
+        # its retransmission (REKEY_TIMEOUT later) must carry a mac2 made with that cookie.
+        ours = Ours(self, self.ns)
+        ours.device.handshake_load_threshold = 0
+        self.ns.configure(ours.device.public_key, ours.address)
+        d = ours.proto.when_handshake_complete()
+        self.ns.send_udp(b"knock", UDP_PORT)
+        event = yield d.addTimeout(WAIT, reactor)
+        self.assertFalse(event.initiator)
+        self.assertEqual(ours.device.drops["cookie-required"], 1)
+
+    @defer.inlineCallbacks
     def _never_completes(self, ours: Ours, expected_drop: str):
         d = ours.proto.when_handshake_complete()
         d.addErrback(lambda f: None)
