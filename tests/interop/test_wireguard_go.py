@@ -231,11 +231,10 @@ class WireGuardGoTests(unittest.TestCase):
                 raise unittest.SkipTest(f"{tool} not installed (CI installs it)")
         self.ns = Namespace(self)
 
-    def connect(self, **kwargs) -> Ours:
-        ours = Ours(self, self.ns, preshared_key=kwargs.get("preshared_key"))
-        self.ns.configure(
-            ours.device.public_key, ours.address, preshared_key=kwargs.get("preshared_key")
-        )
+    def connect(self, preshared_key: bytes | None = None) -> Ours:
+        """Our end and wireguard-go configured for each other (same PSK if any)."""
+        ours = Ours(self, self.ns, preshared_key=preshared_key)
+        self.ns.configure(ours.device.public_key, ours.address, preshared_key=preshared_key)
         return ours
 
     @defer.inlineCallbacks
@@ -398,3 +397,10 @@ class WireGuardGoTests(unittest.TestCase):
         ours = Ours(self, self.ns)
         self.ns.configure(public_key(generate_private_key()), ours.address)
         return self._never_completes(ours, "bad-mac1")
+
+    def test_we_have_the_wrong_key_never_completes(self):
+        # We address a key wireguard-go does not hold: it drops our initiations (mac1), and its
+        # initiations carry a static key we do not know.
+        ours = Ours(self, self.ns, peer_key=public_key(generate_private_key()))
+        self.ns.configure(ours.device.public_key, ours.address)
+        return self._never_completes(ours, "unknown-peer")
