@@ -35,6 +35,9 @@ Events: :class:`Transmit` (datagram for a peer), :class:`Reply` (datagram back t
 :class:`AuthenticatedSource`, :class:`HandshakeFailed`, :class:`Dropped` (also counted in
 ``Device.drops``).
 
+Cryptokey routing (AllowedIPs) belongs to the caller: choose ``peer_key`` for ``send`` from the
+destination address, and check that a ``Packet``'s source address belongs to its ``peer_key``.
+
 ``now`` is seconds as a float from the caller's IReactorTime; it also feeds the TAI64N timestamp,
 so give wall-clock seconds (``reactor.seconds()``) in production. Nothing here raises on bad
 input: malformed or unauthenticated datagrams become ``Dropped`` events.
