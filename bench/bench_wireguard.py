@@ -67,6 +67,17 @@ def bench_primitive(n: int) -> tuple[float, float]:
     return n / (t1 - t0), n / (t2 - t1)
 
 
+def bench_core_batched(n: int, batch: int = 32) -> float:
+    a, b = established_pair()
+    key_b = b.public_key
+    packets = [ip_packet()] * batch
+    send_many = a.send_many
+    t0 = time.perf_counter()
+    for _ in range(n // batch):
+        send_many(key_b, packets, 1.0)
+    return (n // batch) * batch / (time.perf_counter() - t0)
+
+
 def bench_core(n: int) -> tuple[float, float]:
     a, b = established_pair()
     key_b = b.public_key
@@ -234,6 +245,7 @@ def main() -> None:
     n, seconds = (50_000, 2.0) if args.runs <= 3 else (200_000, 4.0)
     prim = [bench_primitive(n) for _ in range(args.runs)]
     core = [bench_core(n) for _ in range(args.runs)]
+    batched = [bench_core_batched(n) for _ in range(args.runs)]
     udp = [bench_udp(seconds) for _ in range(args.runs)]
     plain = [bench_udp(seconds, plain=True) for _ in range(args.runs)]
 
@@ -261,6 +273,9 @@ def main() -> None:
     )
     print(
         f"| Device.send / Device.receive, in-process | {k(med(core, 0))} | {k(med(core, 1))} | {gbit(med(core, 1))} |"
+    )
+    print(
+        f"| Device.send_many, batches of 32, in-process | {k(statistics.median(batched))} | – | – |"
     )
     print(
         f"| Twisted adapter over loopback UDP, 2 processes | {k(med(udp, 0))} | {k(med(udp, 1))} "

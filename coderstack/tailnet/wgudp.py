@@ -72,6 +72,10 @@ class WireGuardUDP(DatagramProtocol):
             return
         self._handle(events)
 
+    def send_many(self, packets: list[bytes]) -> None:
+        """Encrypt and send several IP packets, in order."""
+        self._handle(self.device.send_many(self.peer_key, packets, self.clock.seconds()))
+
     def initiate(self) -> None:
         """Start a handshake now (rate-limited to one per 5 s by the protocol)."""
         self._handle(self.device.initiate(self.peer_key, self.clock.seconds()))

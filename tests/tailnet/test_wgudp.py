@@ -105,7 +105,7 @@ class LoopbackTests(unittest.TestCase):
         for i in range(10):
             pa.send(ip6(bytes([i]) * i))
         yield done_b.addTimeout(20, reactor)
-        pb.send(ip6(b"back"))
+        pb.send_many([ip6(b"back")])
         while len(got_b) < 10 or not got_a:
             yield task.deferLater(reactor, 0.01, lambda: None)
         self.assertEqual(got_b, [ip6(bytes([i]) * i) for i in range(10)])

@@ -332,6 +332,28 @@ class TransportTests(unittest.TestCase):
             [Dropped("truncated-ip", p.a.public_key)],
         )
 
+    def test_send_many_matches_send(self):
+        p = self.p
+        packets = [ip6(bytes([i]) * i) for i in range(20)]
+        out = p.a.send_many(p.b.public_key, packets, 1.0)
+        self.assertEqual(
+            [len(d) for d in datagrams(out)], [32 + len(x) + (-len(x) % 16) for x in packets]
+        )
+        counters = [int.from_bytes(d[8:16], "little") for d in datagrams(out)]
+        self.assertEqual(counters, list(range(1, 21)))  # 0 was A's handshake keepalive
+        got = p.to_b(out, 1.0)
+        self.assertEqual([e.data for e in of(Packet, got)], packets)
+        self.assertEqual(p.pa.tx_bytes, sum(len(d) for d in datagrams(out)) + 32)
+
+    def test_send_many_without_session_queues_then_flushes(self):
+        p = Pair()
+        packets = [ip6(b"1"), ip6(b"2"), ip6(b"3")]
+        out = p.a.send_many(p.b.public_key, packets, 0.0)
+        self.assertEqual([len(d) for d in datagrams(out)], [148])
+        done = p.to_a(p.to_b(out, 0.0), 0.0)
+        self.assertEqual([e.data for e in of(Packet, p.to_b(done, 0.0))], packets)
+        self.assertEqual(kinds(p.a.send_many(b"\x05" * 32, packets, 0.0)), ["Dropped"])
+
     def test_garbage_counted_by_reason(self):
         b = self.p.b
         self.assertEqual(b.receive(b"", 1.0), [Dropped("short", None)])
@@ -655,7 +677,7 @@ class TimerInvariantTests(unittest.TestCase):
     @given(
         st.lists(
             st.tuples(
-                st.sampled_from(["a>b", "b>a", "tick", "init-a", "init-b", "lose"]),
+                st.sampled_from(["a>b", "b>a", "a>>b", "tick", "init-a", "init-b", "lose"]),
                 st.floats(min_value=0.0, max_value=40.0),
             ),
             max_size=40,
@@ -672,6 +694,8 @@ class TimerInvariantTests(unittest.TestCase):
                 wire_ab += p.a.send(p.b.public_key, ip6(), now)
             elif op == "b>a":
                 wire_ba += p.b.send(p.a.public_key, ip6(), now)
+            elif op == "a>>b":
+                wire_ab += p.a.send_many(p.b.public_key, [ip6(), ip6(b"")], now)
             elif op == "init-a":
                 wire_ab += p.a.initiate(p.b.public_key, now)
             elif op == "init-b":
