@@ -1036,6 +1036,9 @@ class Device:
         kp.zero()
 
     def _zero_peer(self, peer: Peer) -> None:
+        if peer.staged:
+            self.drops["zeroed"] += len(peer.staged)
+            peer.staged.clear()
         for kp in (peer.previous, peer.current, peer.next):
             self._forget_keypair(kp)
         peer.previous = peer.current = peer.next = None
