@@ -643,6 +643,7 @@ class DERPClient:
                 timer.cancel()
             d.errback(DERPClientError("DERP connection lost"))
         self._pings.clear()
+        self.last_error = f"disconnected: {reason}"
         self.handler.disconnected(reason)
         self._schedule_retry()
         self._check_stopped()
