@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
@@ -315,3 +317,31 @@ class RelayTests(unittest.TestCase):
         self.assertIsNotNone(a.sink.closed)
         self.assertEqual(self.relay.bad_frames, 1)
         self.assertTrue(self.relay.is_connected(b.key))
+
+
+class RelayFuzzTests(unittest.TestCase):
+    @given(st.lists(st.binary(max_size=300), max_size=8), st.booleans())
+    @settings(max_examples=200, deadline=None)
+    def test_garbage_never_raises(self, chunks: list[bytes], login: bool) -> None:
+        relay = Relay(w.generate_private_key(), Clock(), lambda p, s, d: True)
+        if login:
+            c = Client(relay)
+            conn, sink = c.conn, c.sink
+        else:
+            sink = Sink()
+            conn = relay.accept(sink, "p")
+            conn.start()
+        for chunk in chunks:
+            conn.data_received(chunk)  # must not raise; bad input closes the connection
+        if sink.closed is None:
+            self.assertFalse(conn.closed)
+
+    @given(st.lists(st.tuples(st.sampled_from(sorted({
+        w.SEND_PACKET, w.PING, w.PONG, w.NOTE_PREFERRED, w.KEEP_ALIVE, w.PEER_GONE,
+        w.CLIENT_INFO, w.WATCH_CONNS, w.FORWARD_PACKET, w.CLOSE_PEER, 0x0B, 0x99})),
+        st.binary(max_size=80)), max_size=10))
+    @settings(max_examples=200, deadline=None)
+    def test_well_framed_garbage_never_raises(self, frames: list[tuple[int, bytes]]) -> None:
+        relay = Relay(w.generate_private_key(), Clock(), lambda p, s, d: True)
+        c = Client(relay)
+        c.conn.data_received(b"".join(w.raw_frame(t, p) for t, p in frames))
