@@ -104,6 +104,7 @@ class ClientSession:
         self.on_login: Callable[[], None] = lambda: None
         self.on_server_info: Callable[[], None] = lambda: None
         self.on_pong: Callable[[bytes], None] = lambda data: None
+        self.on_restarting: Callable[[float, float], None] = lambda a, b: None
 
     def data_received(self, data: bytes) -> None:
         """Raises :class:`w.DERPProtocolError` on a broken stream (the caller disconnects)."""
@@ -147,6 +148,7 @@ class ClientSession:
             case w.Health(problem):
                 h.health(problem)
             case w.Restarting(a, b):
+                self.on_restarting(a / 1000.0, b / 1000.0)
                 h.restarting(a / 1000.0, b / 1000.0)
             case _:
                 pass  # unknown or server-bound frames are ignored
@@ -174,6 +176,9 @@ class _UpgradeProtocol(Protocol):
             b"Connection: Upgrade",
             b"User-Agent: coderstack-derp",
         ]
+        ideal = self.client.region.derp_nodes[0]
+        if ideal.name != self.node.name:
+            headers.append(b"Ideal-Node: " + ideal.name.encode())
         headers += [k + b": " + v for k, v in self.client._headers().items()]
         self.transport.write(b"\r\n".join(headers) + b"\r\n\r\n")
         self.transport.registerProducer(self, True)
@@ -375,6 +380,7 @@ class DERPClient:
         self._read_timer: IDelayedCall | None = None
         self._pings: dict[bytes, tuple[float, defer.Deferred[float], IDelayedCall]] = {}
         self._stop_waiters: list[defer.Deferred[None]] = []
+        self._restart_hint: float | None = None
         self.last_error = ""
         self.dropped = 0
         self.connects = 0
@@ -612,6 +618,13 @@ class DERPClient:
         session.on_login = login
         session.on_server_info = server_info
         session.on_pong = self._pong
+
+        def restarting(reconnect_in: float, try_for: float) -> None:
+            # The next dial waits as long as the server asked, then backs off from the start.
+            self._restart_hint = reconnect_in
+            self._backoff = self.min_backoff
+
+        session.on_restarting = restarting
         self._read_timer = self.reactor.callLater(READ_TIMEOUT, self._read_timeout, conn)
 
     def _data(self, conn: Any, data: bytes) -> None:
@@ -651,8 +664,11 @@ class DERPClient:
     def _schedule_retry(self) -> None:
         if not self._running or (self._retry is not None and self._retry.active()):
             return
-        delay = self._backoff * (0.5 + self.rng.random() / 2)
-        self._backoff = min(self._backoff * 2, self.max_backoff)
+        if self._restart_hint is not None:
+            delay, self._restart_hint = self._restart_hint, None
+        else:
+            delay = self._backoff * (0.5 + self.rng.random() / 2)
+            self._backoff = min(self._backoff * 2, self.max_backoff)
         self._retry = self.reactor.callLater(delay, self._dial)
 
     def _set_writable(self, conn: Any, ok: bool) -> None:

@@ -47,6 +47,9 @@ class AllowAllPolicy:
         return True
 
 
+allow_all = AllowAllPolicy()  # tests and benchmarks only
+
+
 @implementer(IRelayPolicy)
 class StaticPolicy:
     """Tokens map to principals; a principal owns a set of keys; explicit allowed pairs.

@@ -439,6 +439,23 @@ class Relay:
         for conn in list(self._conns.get(key, ())):
             conn.close("closed by peer request")
 
+    def announce_restart(self, reconnect_in: float, try_for: float) -> None:
+        """Tell every client the server is going down (before a graceful restart): they should
+        reconnect after ``reconnect_in`` seconds and keep trying for ``try_for`` seconds."""
+        frame = w.encode(w.Restarting(int(reconnect_in * 1000), int(try_for * 1000)))
+        for conns in self._conns.values():
+            for c in conns:
+                c.enqueue_control(frame)
+        self._flush_dirty()
+
+    def set_health(self, problem: str) -> None:
+        """Tell every client about a server problem; ``""`` clears it."""
+        frame = w.encode(w.Health(problem))
+        for conns in self._conns.values():
+            for c in conns:
+                c.enqueue_control(frame)
+        self._flush_dirty()
+
     def policy_changed(self) -> None:
         """Forget cached authorizations (a tunnel was removed): the next packet asks again."""
         for conns in self._conns.values():

@@ -345,3 +345,13 @@ class RelayFuzzTests(unittest.TestCase):
         relay = Relay(w.generate_private_key(), Clock(), lambda p, s, d: True)
         c = Client(relay)
         c.conn.data_received(b"".join(w.raw_frame(t, p) for t, p in frames))
+
+
+class AnnounceTests(unittest.TestCase):
+    def test_restart_and_health_reach_every_client(self) -> None:
+        relay = Relay(w.generate_private_key(), Clock(), lambda p, s, d: True)
+        a, b = Client(relay), Client(relay)
+        relay.announce_restart(1.5, 60)
+        relay.set_health("disk full")
+        for c in (a, b):
+            self.assertEqual(c.sink.take(), [w.Restarting(1500, 60000), w.Health("disk full")])

@@ -279,3 +279,23 @@ class BackpressureTests(unittest.TestCase):
             b._conn.transport.resumeProducing()
 
         return _d(go())
+
+
+class RestartTests(unittest.TestCase):
+    def test_client_waits_as_asked_after_restarting(self) -> defer.Deferred:
+        server = RelayServer(self, AllowAllPolicy())
+
+        async def go() -> None:
+            a, ra = start_client(self, server, min_backoff=5.0)
+            await wait_for(lambda: a.connected)
+            server.relay.announce_restart(0.05, 10)
+            await wait_for(lambda: a._restart_hint is not None)
+            server.relay.close_peer(a.public_key)
+            await wait_for(lambda: ra.disconnects)
+            # Without the hint the first retry would wait 2.5-5 s (min_backoff 5); with it, 50 ms.
+            from twisted.internet import reactor
+
+            self.assertLessEqual(a._retry.getTime() - reactor.seconds(), 0.05)
+            await wait_for(lambda: len(ra.connects) == 2)
+
+        return _d(go())
