@@ -1,7 +1,8 @@
 """DERP relay throughput on loopback: packets/s and Mbit/s for 1 and 100 client pairs.
 
 The relay runs in its own process (``--serve``: a twisted.web Site with the DERP resources and an
-Autobahn websocket sink for the baseline); all clients run in this process. Each sender pushes
+Autobahn websocket sink for the baseline); the receiving clients run in a second process and the
+sending clients in a third, so the relay, not one client reactor, is what is measured. Each sender pushes
 packets to its partner as fast as its connection accepts them; throughput is what the receivers
 get (the relay head-drops what a slow receiver cannot take, so received < sent is expected under
 overload). Baseline: Autobahn websocket, 64 KiB binary messages, one connection, same machine.
@@ -63,38 +64,97 @@ def serve() -> None:
 
 
 def run_derp(port: int, pairs: int, size: int, seconds: float, websocket: bool) -> tuple[float, float]:
-    """One run in a fresh child process (a clean reactor); returns (packets/s, Mbit/s)."""
-    out = subprocess.run(
-        [sys.executable, __file__, "--client", str(port), str(pairs), str(size), str(seconds),
-         "1" if websocket else "0"],
-        check=True, capture_output=True, text=True,
-    ).stdout.split()
+    """One run: receivers in one fresh process, senders in another; returns (packets/s, Mbit/s)."""
+    from coderstack.wire import derp as w
+
+    rx_keys = [w.generate_private_key() for _ in range(pairs)]
+    tx_keys = [w.generate_private_key() for _ in range(pairs)]
+    common = [str(port), str(size), str(seconds), "1" if websocket else "0"]
+    rx = subprocess.Popen(
+        [sys.executable, __file__, "--rx", *common, ",".join(k.hex() for k in rx_keys)],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert rx.stdout is not None
+    if rx.stdout.readline().strip() != "ready":
+        raise RuntimeError("receiver process failed")
+    dsts = ",".join(w.public_key(k).hex() for k in rx_keys)
+    tx = subprocess.Popen(
+        [sys.executable, __file__, "--tx", *common, ",".join(k.hex() for k in tx_keys), dsts],
+        stdout=subprocess.DEVNULL,
+    )
+    try:
+        out = rx.stdout.readline().split()
+        rx.wait()
+    finally:
+        tx.terminate()
+        tx.wait()
     return float(out[0]), float(out[1])
 
 
-def client_main(port: int, pairs: int, size: int, seconds: float, websocket: bool) -> None:
+def _region(port: int):  # noqa: ANN202
+    from coderstack.derpmap import DERPNode, DERPRegion
+
+    node = DERPNode("999b", 999, "127.0.0.1", stun_port=-1, derp_port=port, force_http=True)
+    return DERPRegion(999, "coder", "bench", (node,))
+
+
+def rx_main(port: int, size: int, seconds: float, websocket: bool, keys: list[bytes]) -> None:
     from twisted.internet import defer, reactor, task
 
     from coderstack.derp.client import DERPClient, DERPClientHandler
-    from coderstack.derpmap import DERPNode, DERPRegion
-    from coderstack.wire import derp as w
 
-    node = DERPNode("999b", 999, "127.0.0.1", stun_port=-1, derp_port=port, force_http=True)
-    region = DERPRegion(999, "coder", "bench", (node,))
-    counts = {"rx": 0, "bytes": 0}
+    counts = {"rx": 0, "bytes": 0, "seen": 0}
     measuring = {"on": False}
-    payload = os.urandom(size)
 
     class Rx(DERPClientHandler):
         def packet_received(self, src: bytes, data: bytes) -> None:
+            counts["seen"] += 1
             if measuring["on"]:
                 counts["rx"] += 1
                 counts["bytes"] += len(data)
 
+    clients = [DERPClient(reactor, _region(port), k, Rx(), token="bench", force_websockets=websocket)
+               for k in keys]
+
+    async def go() -> None:
+        for c in clients:
+            c.start()
+        while not all(c.connected for c in clients):
+            await task.deferLater(reactor, 0.01, lambda: None)
+        print("ready", flush=True)
+        while not counts["seen"]:
+            await task.deferLater(reactor, 0.005, lambda: None)
+        await task.deferLater(reactor, min(0.5, seconds / 4), lambda: None)  # warm-up
+        measuring["on"] = True
+        t0 = time.perf_counter()
+        await task.deferLater(reactor, seconds, lambda: None)
+        measuring["on"] = False
+        elapsed = time.perf_counter() - t0
+        print(counts["rx"] / elapsed, counts["bytes"] * 8 / elapsed / 1e6, flush=True)
+        await defer.gatherResults([c.stop() for c in clients])
+
+    d = defer.ensureDeferred(go())
+    d.addErrback(lambda f: (f.printTraceback(), None))
+    d.addBoth(lambda _: reactor.stop())
+    reactor.run()
+
+
+def tx_main(port: int, size: int, seconds: float, websocket: bool, keys: list[bytes],
+            dsts: list[bytes]) -> None:
+    """Senders push as fast as their connections accept, until the parent stops them."""
+    from twisted.internet import reactor
+
+    from coderstack.derp.client import DERPClient, DERPClientHandler
+
+    payload = os.urandom(size)
+
     class Tx(DERPClientHandler):
-        def __init__(self) -> None:
+        def __init__(self, dst: bytes) -> None:
+            self.dst = dst
             self.client: DERPClient | None = None
-            self.dst = b""
+
+        def connected(self, server_key: bytes, node: object, ws: bool) -> None:
+            self.pump()
 
         def writable(self, ok: bool) -> None:
             if ok:
@@ -102,7 +162,7 @@ def client_main(port: int, pairs: int, size: int, seconds: float, websocket: boo
 
         def pump(self) -> None:
             c = self.client
-            if not running["on"] or c is None:
+            if c is None or not c.connected:
                 return
             n = 0
             while c.writable and n < 64:
@@ -111,39 +171,10 @@ def client_main(port: int, pairs: int, size: int, seconds: float, websocket: boo
             if c.writable:
                 reactor.callLater(0, self.pump)
 
-    running = {"on": True}
-    clients = []
-    senders = []
-    for _ in range(pairs):
-        tx = Tx()
-        a = DERPClient(reactor, region, w.generate_private_key(), tx, token="bench",
-                       force_websockets=websocket)
-        b = DERPClient(reactor, region, w.generate_private_key(), Rx(), token="bench",
-                       force_websockets=websocket)
-        tx.client, tx.dst = a, b.public_key
-        clients += [a, b]
-        senders.append(tx)
-
-    async def go() -> None:
-        for c in clients:
-            c.start()
-        while not all(c.connected for c in clients):
-            await task.deferLater(reactor, 0.01, lambda: None)
-        for tx in senders:
-            tx.pump()
-        await task.deferLater(reactor, min(0.5, seconds / 4), lambda: None)  # warm-up
-        measuring["on"] = True
-        t0 = time.perf_counter()
-        await task.deferLater(reactor, seconds, lambda: None)
-        measuring["on"] = False
-        elapsed = time.perf_counter() - t0
-        running["on"] = False
-        print(counts["rx"] / elapsed, counts["bytes"] * 8 / elapsed / 1e6)
-        await defer.gatherResults([c.stop() for c in clients])
-
-    d = defer.ensureDeferred(go())
-    d.addErrback(lambda f: (f.printTraceback(), None))
-    d.addBoth(lambda _: reactor.stop())
+    for k, dst in zip(keys, dsts, strict=True):
+        tx = Tx(dst)
+        tx.client = DERPClient(reactor, _region(port), k, tx, token="bench", force_websockets=websocket)
+        tx.client.start()
     reactor.run()
 
 
@@ -212,9 +243,14 @@ def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve":
         serve()
         return
-    if len(sys.argv) > 1 and sys.argv[1] == "--client":
-        port, pairs, size, seconds, ws = sys.argv[2:7]
-        client_main(int(port), int(pairs), int(size), float(seconds), ws == "1")
+    if len(sys.argv) > 1 and sys.argv[1] in ("--rx", "--tx"):
+        port, size, seconds, ws = sys.argv[2:6]
+        keys = [bytes.fromhex(k) for k in sys.argv[6].split(",")]
+        if sys.argv[1] == "--rx":
+            rx_main(int(port), int(size), float(seconds), ws == "1", keys)
+        else:
+            dsts = [bytes.fromhex(k) for k in sys.argv[7].split(",")]
+            tx_main(int(port), int(size), float(seconds), ws == "1", keys, dsts)
         return
     if len(sys.argv) > 1 and sys.argv[1] == "--ws-client":
         ws_client_main(int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]))
@@ -249,7 +285,7 @@ def main() -> None:
 
     print(f"DERP relay benchmark, {datetime.date.today()} — {platform.machine()}, {os.cpu_count()} CPUs, "
           f"Python {platform.python_version()}; medians of {args.runs} runs of {args.seconds:g} s; "
-          "relay in one process, all clients in another, loopback")
+          "relay, receivers and senders in three processes, loopback")
     print()
     print("| case | packets/s received | Mbit/s received |")
     print("|---|---:|---:|")
