@@ -332,8 +332,10 @@ class DERPClient:
     """Keeps one logged-in DERP connection to a region.
 
     ``tls_options(hostname)`` returns the client TLS connection creator for a node (default:
-    the system trust store with hostname verification); pass one built with a test CA's
-    ``trustRoot`` for self-signed servers.
+    the system trust store with hostname verification). ``trust_root`` (a
+    ``twisted.internet.ssl.Certificate`` or any ``IOpenSSLTrustRoot``) is the short way to trust
+    a test CA. A node's ``CertName`` replaces HostName as the name verified;
+    ``InsecureForTests`` turns verification off.
     """
 
     def __init__(
@@ -346,6 +348,7 @@ class DERPClient:
         token: str = "",
         force_websockets: bool = False,
         tls_options: Callable[[str], Any] | None = None,
+        trust_root: Any = None,
         mesh_key: str = "",
         extra_headers: dict[bytes, bytes] | None = None,
         rng: random.Random | None = None,
@@ -362,6 +365,9 @@ class DERPClient:
         self.token = token
         self.use_websocket = force_websockets
         self.websocket_reason = "forced by configuration" if force_websockets else ""
+        if tls_options is None and trust_root is not None:
+            def tls_options(hostname: str) -> Any:
+                return optionsForClientTLS(hostname, trustRoot=trust_root)
         self.tls_options = tls_options
         self.mesh_key = mesh_key
         self.extra_headers = dict(extra_headers or {})

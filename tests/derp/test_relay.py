@@ -355,3 +355,23 @@ class AnnounceTests(unittest.TestCase):
         relay.set_health("disk full")
         for c in (a, b):
             self.assertEqual(c.sink.take(), [w.Restarting(1500, 60000), w.Health("disk full")])
+
+
+class MetricsTests(unittest.TestCase):
+    def test_prometheus_text(self) -> None:
+        import re
+
+        from coderstack.derp.server import metrics_text
+
+        relay = Relay(w.generate_private_key(), Clock(), lambda p, s, d: d != b"x" * 32)
+        a, b = Client(relay), Client(relay)
+        a.send(b.key, b"12345")
+        a.send(b"x" * 32, b"no")
+        text = metrics_text(relay)
+        sample = re.compile(r'^[a-z_]+(\{[a-z_]+="[a-z_]+"\})? -?[0-9.e+]+$')
+        for line in text.splitlines():
+            self.assertTrue(line.startswith("# HELP ") or line.startswith("# TYPE ") or sample.match(line), line)
+        self.assertIn("coderstack_derp_clients_connected 2\n", text)
+        self.assertIn("coderstack_derp_packets_relayed_total 1\n", text)
+        self.assertIn("coderstack_derp_bytes_relayed_total 5\n", text)
+        self.assertIn('coderstack_derp_packets_dropped_total{reason="unauthorized"} 1\n', text)
