@@ -15,8 +15,9 @@ Frame types and payloads (keys are 32-byte Curve25519 public keys):
     0x06 KeepAlive      S->C  empty
     0x07 NotePreferred  C->S  one byte: 1 = this is my home relay, 0 = not
     0x08 PeerGone       S->C  key + reason (0 Disconnected, 1 NotHere; old servers: no reason)
-    0x09 PeerPresent    S->C  key + 16 B IP (v4-mapped) + port u16 + flags u8; shorter or
-                              longer frames are accepted (old/new servers)
+    0x09 PeerPresent    S->C  key + 16 B IP (v4-mapped) + port u16 + flags u8 (51 bytes);
+                              newer servers append app-name length u8 + app name; shorter
+                              (old servers: key only) and longer frames are accepted
     0x0a ForwardPacket  mesh  source key + destination key + packet
     0x10 WatchConns     mesh  empty
     0x11 ClosePeer      mesh  key
@@ -156,6 +157,7 @@ class PeerPresent:
     ip: str = ""  # "" when the frame was too short to carry it
     port: int = 0
     flags: int = 0
+    app_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -265,10 +267,16 @@ def encode(frame: Frame) -> bytes:
             if not 0 <= reason <= 255:
                 raise DERPProtocolError(f"PeerGone reason {reason} is not a byte")
             return raw_frame(PEER_GONE, _key(key) + bytes([reason]))
-        case PeerPresent(key, ip, port, flags):
+        case PeerPresent(key, ip, port, flags, app_name):
             if not 0 <= port <= 0xFFFF or not 0 <= flags <= 0xFF:
                 raise DERPProtocolError("PeerPresent port or flags out of range")
-            return raw_frame(PEER_PRESENT, _key(key) + _ip16(ip) + struct.pack(">HB", port, flags))
+            body = _key(key) + _ip16(ip) + struct.pack(">HB", port, flags)
+            if app_name:
+                name = app_name.encode()
+                if len(name) > 255:
+                    raise DERPProtocolError("PeerPresent app name longer than 255 bytes")
+                body += bytes([len(name)]) + name
+            return raw_frame(PEER_PRESENT, body)
         case ForwardPacket(src, dst, data):
             return raw_frame(FORWARD_PACKET, _key(src) + _key(dst) + _packet(data))
         case WatchConns():
@@ -354,7 +362,11 @@ def decode(ftype: int, payload: bytes) -> Frame:
             port = struct.unpack_from(">H", payload, KEY_LEN + 16)[0]
         if n >= KEY_LEN + 19:
             flags = payload[KEY_LEN + 18]
-        return PeerPresent(bytes(payload[:KEY_LEN]), ip, port, flags)
+        app_name = ""
+        if n >= KEY_LEN + 20:
+            name_len = payload[KEY_LEN + 19]
+            app_name = bytes(payload[KEY_LEN + 20 : KEY_LEN + 20 + name_len]).decode("utf-8", "replace")
+        return PeerPresent(bytes(payload[:KEY_LEN]), ip, port, flags, app_name)
     if ftype == FORWARD_PACKET:
         if n < 2 * KEY_LEN:
             raise DERPProtocolError("ForwardPacket frame too short")

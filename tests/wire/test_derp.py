@@ -22,7 +22,7 @@ frames = st.one_of(
     st.builds(d.PeerGone, keys, st.sampled_from([0, 1])),
     st.builds(
         d.PeerPresent, keys, st.sampled_from(["192.0.2.7", "2001:db8::1", "::"]),
-        st.integers(0, 65535), st.integers(0, 255),
+        st.integers(0, 65535), st.integers(0, 255), st.sampled_from(["", "derper", "héllo"]),
     ),
     st.builds(d.ForwardPacket, keys, keys, packets),
     st.just(d.WatchConns()),
@@ -56,8 +56,10 @@ class LayoutTests(unittest.TestCase):
         self.assertEqual(len(b) - 5, 51)
         self.assertEqual(b[5 + 32 : 5 + 48], b"\0" * 10 + b"\xff\xff" + bytes([192, 0, 2, 7]))
         self.assertEqual(d.decode(d.PEER_PRESENT, k), d.PeerPresent(k))
-        longer = d.decode(d.PEER_PRESENT, b[5:] + b"future")
-        self.assertEqual(longer, d.PeerPresent(k, "192.0.2.7", 4242, 1))
+        # Newer servers append an app name (length byte + UTF-8).
+        newer = d.decode(d.PEER_PRESENT, b[5:] + b"\x06derper")
+        self.assertEqual(newer, d.PeerPresent(k, "192.0.2.7", 4242, 1, "derper"))
+        self.assertEqual(d.decode(d.PEER_PRESENT, b[5:] + b"\x00"), d.PeerPresent(k, "192.0.2.7", 4242, 1))
         no_flags = d.decode(d.PEER_PRESENT, b[5:-1])
         self.assertEqual(no_flags, d.PeerPresent(k, "192.0.2.7", 4242, 0))
 
