@@ -92,9 +92,14 @@ def _take_over(request: Request, protocol: Protocol) -> tuple[Any, bytes]:
     """
     channel = request.channel
     transport, channel.transport = channel.transport, None
+    # Bytes the client sent right behind the request (a client that does not wait for the
+    # 101) are either already parked in HTTP's pipelining buffer, or still inside the HTTP
+    # parser's loop when the upgrade happens synchronously; the parser hands those to
+    # rawDataReceived after we return, so send them on from there.
     buffered = b"".join(getattr(channel, "_dataBuffer", ()) or ())
     if hasattr(channel, "_dataBuffer"):
         channel._dataBuffer = []
+    channel.rawDataReceived = protocol.dataReceived
     if isinstance(transport, ProtocolWrapper):
         transport.wrappedProtocol = protocol
     elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):

@@ -201,3 +201,48 @@ class KeyFileTests(unittest.TestCase):
         with open(path, "w") as f:
             f.write("privkey:nothex")
         self.assertRaises(ValueError, load_or_create_private_key, path)
+
+
+class EagerClientTests(unittest.TestCase):
+    def test_frames_sent_right_behind_the_request(self) -> defer.Deferred:
+        """A client that does not wait for the 101 (like Tailscale's fast start) still logs in."""
+        return self._eager(AllowAllPolicy())
+
+    def test_frames_behind_the_request_with_slow_token_check(self) -> defer.Deferred:
+        class SlowPolicy(AllowAllPolicy):
+            def authenticate(self, token: str) -> defer.Deferred:
+                from twisted.internet import task
+
+                return task.deferLater(reactor, 0.05, lambda: "slow")
+
+        return self._eager(SlowPolicy())
+
+    def _eager(self, policy: AllowAllPolicy) -> defer.Deferred:
+        server = RelayServer(self, policy)
+
+        class Raw(Protocol):
+            def __init__(self) -> None:
+                self.data = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+        async def go() -> None:
+            b, rb = start_client(self, server)
+            await wait_for(lambda: b.connected)
+            priv = w.generate_private_key()
+            pub = w.public_key(priv)
+            proto = Raw()
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port.getHost().port), proto)
+            hello = w.seal_client_info(priv, pub, server.relay.public_key, w.ClientInfo())
+            # Binary bytes that contain CRLFs must survive the HTTP parser untouched.
+            payload = b"\r\n\r\nline\r\n" * 10
+            proto.transport.write(
+                b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
+                b"Coder-Session-Token: t\r\n\r\n" + hello + w.encode(w.SendPacket(b.public_key, payload))
+            )
+            await wait_for(lambda: rb.packets)
+            self.assertEqual(rb.packets, [(pub, payload)])
+            proto.transport.loseConnection()
+
+        return defer.ensureDeferred(go())
