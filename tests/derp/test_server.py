@@ -193,6 +193,15 @@ class AuthTests(unittest.TestCase):
 
         return _d(go())
 
+    def test_wrong_token_over_websocket(self) -> defer.Deferred:
+        async def go() -> None:
+            a, ra = start_client(self, self.server, token="wrong", force_websockets=True)
+            await wait_for(lambda: "401" in a.last_error)
+            self.assertEqual(self.server.relay.accepts, 0)
+            self.assertEqual(ra.forced, [])
+
+        return _d(go())
+
     def test_unauthorized_peer_dropped(self) -> defer.Deferred:
         keys = [w.generate_private_key() for _ in range(3)]
         pubs = [w.public_key(k) for k in keys]
