@@ -290,3 +290,218 @@ def _replace(node: DERPNode, **changes: Any) -> DERPNode:
     from dataclasses import replace
 
     return replace(node, **changes)
+
+
+# --- building the server's map (Coder's rules) ---------------------------------------------------
+
+EMBEDDED_REGION_ID = 999
+EMBEDDED_REGION_CODE = "coder"
+EMBEDDED_REGION_NAME = "Coder Embedded Relay"
+
+
+def _access_host_port(access_url: str) -> tuple[str, int, bool]:
+    """(host, port, is_http) of an access URL; the port defaults from the scheme."""
+    from urllib.parse import urlsplit
+
+    try:
+        parts = urlsplit(access_url)
+        port = parts.port
+    except ValueError as e:
+        raise DERPMapError(f"access URL {access_url!r}: {e}") from None
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise DERPMapError(f"access URL {access_url!r} must be an http:// or https:// URL with a host")
+    is_http = scheme == "http"
+    return parts.hostname, port or (80 if is_http else 443), is_http
+
+
+def embedded_region(
+    access_url: str,
+    *,
+    region_id: int = EMBEDDED_REGION_ID,
+    region_code: str = EMBEDDED_REGION_CODE,
+    region_name: str = EMBEDDED_REGION_NAME,
+    stun_port: int = -1,
+) -> DERPRegion:
+    """The server's own relay region: one node ``<id>b`` at the access URL's host and port.
+
+    ``stun_port`` is the port of the server's embedded STUN listener, or -1 when it has none.
+    """
+    if region_id <= 0:
+        raise DERPMapError(f"--derp-server-region-id must be a positive integer, got {region_id}")
+    host, port, is_http = _access_host_port(access_url)
+    node = DERPNode(
+        name=f"{region_id}b", region_id=region_id, host_name=host, derp_port=port,
+        stun_port=stun_port, force_http=is_http,
+    )
+    return DERPRegion(region_id, region_code, region_name, (node,), embedded_relay=True)
+
+
+def _split_host_port(addr: str) -> tuple[str, int]:
+    addr = addr.strip()
+    if addr.startswith("["):
+        host, sep, rest = addr[1:].partition("]")
+        port_s = rest[1:] if rest.startswith(":") else ""
+        if not sep:
+            raise DERPMapError(f"STUN address {addr!r}: missing ']'")
+    else:
+        host, sep, port_s = addr.rpartition(":")
+        if not sep or ":" in host:
+            raise DERPMapError(f"STUN address {addr!r} must be host:port")
+    try:
+        port = int(port_s)
+    except ValueError:
+        raise DERPMapError(f"STUN address {addr!r}: port must be a number") from None
+    if not host or not 0 < port < 65536:
+        raise DERPMapError(f"STUN address {addr!r} must be host:port with a port in 1-65535")
+    return host, port
+
+
+def stun_regions(stun_addresses: list[str] | tuple[str, ...], base_region_id: int) -> list[DERPRegion]:
+    """One STUN-only region per address (netcheck asks one STUN server per region).
+
+    IDs follow the embedded region: base+1, base+2, ...; ``["disable"]`` gives none.
+    """
+    addrs = [a for a in stun_addresses if a.strip()]
+    if [a.strip().lower() for a in addrs] == ["disable"]:
+        return []
+    out = []
+    for i, addr in enumerate(addrs):
+        host, port = _split_host_port(addr)
+        rid = base_region_id + i + 1
+        node = DERPNode(name=f"{rid}stun0", region_id=rid, host_name=host, stun_port=port, stun_only=True)
+        out.append(DERPRegion(rid, f"coder_stun_{rid}", f"Coder STUN {rid}", (node,)))
+    return out
+
+
+def merge_maps(*parts: tuple[str, DERPMap]) -> DERPMap:
+    """Merge named maps; a region ID used by two of them is an error naming both."""
+    regions: dict[int, DERPRegion] = {}
+    owner: dict[int, str] = {}
+    scores: dict[int, float] = {}
+    omit = False
+    for name, m in parts:
+        for rid, region in m.regions.items():
+            if rid in regions:
+                raise DERPMapError(
+                    f"DERP region ID {rid} is used by both {owner[rid]} and {name}; "
+                    "change --derp-server-region-id or renumber that region"
+                )
+            regions[rid] = region
+            owner[rid] = name
+        scores.update(m.region_score)
+        omit = omit or m.omit_default_regions
+    return DERPMap(regions=regions, omit_default_regions=omit, region_score=scores)
+
+
+def validate_map(m: DERPMap) -> None:
+    """Start-up checks: at least one relay node, node names unique across the map."""
+    seen: dict[str, int] = {}
+    for rid in m.region_ids():
+        for node in m.regions[rid].nodes:
+            if node.name and node.name in seen:
+                raise DERPMapError(
+                    f"DERP node name {node.name!r} appears in regions {seen[node.name]} and {rid}; "
+                    "node names must be unique"
+                )
+            seen[node.name] = rid
+    if not m.has_relay():
+        raise DERPMapError(
+            "the DERP map has no relay node (only STUN-only nodes, or no regions): enable the "
+            "embedded relay (--derp-server-enable) or give --derp-config-url/--derp-config-path "
+            "a map with at least one node that is not STUNOnly"
+        )
+
+
+def strip_stun(m: DERPMap) -> DERPMap:
+    """``--block-direct-connections``: no STUN anywhere (STUNPort -1, STUN-only nodes dropped)."""
+    from dataclasses import replace
+
+    regions: dict[int, DERPRegion] = {}
+    for rid, region in m.regions.items():
+        nodes = tuple(replace(n, stun_port=-1) for n in region.nodes if not n.stun_only)
+        if nodes:
+            regions[rid] = replace(region, nodes=nodes)
+    return replace(m, regions=regions)
+
+
+def check_config_sources(config_url: str, config_path: str) -> None:
+    if config_url and config_path:
+        raise DERPMapError(
+            "--derp-config-url and --derp-config-path cannot both be set; choose one source for "
+            "the extra DERP regions"
+        )
+
+
+def load_map_file(path: str) -> DERPMap:
+    """A DERP map from ``--derp-config-path``; errors name the file."""
+    try:
+        with open(path, "rb") as f:
+            text = f.read()
+    except OSError as e:
+        raise DERPMapError(f"--derp-config-path {path}: {e.strerror or e}") from None
+    try:
+        return DERPMap.loads(text)
+    except DERPMapError as e:
+        raise DERPMapError(f"--derp-config-path {path}: {e}") from None
+
+
+def build_server_map(
+    access_url: str,
+    *,
+    derp_server_enable: bool = True,
+    region_id: int = EMBEDDED_REGION_ID,
+    region_code: str = EMBEDDED_REGION_CODE,
+    region_name: str = EMBEDDED_REGION_NAME,
+    embedded_stun_port: int | None = None,
+    stun_addresses: list[str] | tuple[str, ...] = (),
+    config_map: DERPMap | None = None,
+    config_source: str = "the --derp-config map",
+    block_direct: bool = False,
+) -> DERPMap:
+    """The map the server hands to clients and agents (Coder's construction).
+
+    The embedded region (when the relay is enabled), one STUN-only region per STUN address
+    (IDs after ``region_id``), and the regions of ``config_map`` (from --derp-config-url/-path),
+    merged without ID conflicts; then STUN stripped for ``block_direct``; then validated.
+    """
+    if not derp_server_enable and config_map is None:
+        raise DERPMapError(
+            "--derp-server-enable=false needs another relay: set --derp-config-url or "
+            "--derp-config-path to a DERP map with at least one relay node"
+        )
+    parts: list[tuple[str, DERPMap]] = []
+    if derp_server_enable:
+        region = embedded_region(
+            access_url, region_id=region_id, region_code=region_code, region_name=region_name,
+            stun_port=embedded_stun_port if embedded_stun_port is not None else -1,
+        )
+        parts.append((f"the embedded relay region ({region_code})", DERPMap({region_id: region})))
+    for r in stun_regions(tuple(stun_addresses), region_id):
+        parts.append((f"STUN region {r.region_code}", DERPMap({r.region_id: r})))
+    if config_map is not None:
+        parts.append((config_source, config_map))
+    merged = merge_maps(*parts)
+    if block_direct:
+        merged = strip_stun(merged)
+    validate_map(merged)
+    return merged
+
+
+def rewrite_embedded(m: DERPMap, access_url: str) -> DERPMap:
+    """Point the embedded relay's nodes at ``access_url`` (an agent's or client's own URL).
+
+    A template's provider ``url`` can differ from the server's access URL; the DERP hostname must
+    follow it (Coder's RewriteDERPMap).
+    """
+    from dataclasses import replace
+
+    host, port, is_http = _access_host_port(access_url)
+    regions = dict(m.regions)
+    for rid, region in m.regions.items():
+        if region.embedded_relay:
+            nodes = tuple(
+                replace(n, host_name=host, derp_port=port, force_http=is_http) for n in region.nodes
+            )
+            regions[rid] = replace(region, nodes=nodes)
+    return replace(m, regions=regions)

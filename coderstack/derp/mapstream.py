@@ -1,0 +1,81 @@
+"""``GET /api/v2/derp-map``: the DERP map streamed over a websocket.
+
+Messages (text frames, server to client only): the map as Tailscale JSON (``DERPMap.dumps()``),
+once on connect and again every time it changes. The server pings every ``ping_interval``
+seconds and drops connections that do not answer. Anything the client sends is ignored.
+The caller authenticates the request before returning this resource.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+
+from coderstack.derpmap import DERPMap
+
+Unsubscribe = Callable[[], None]
+Subscribe = Callable[[Callable[[DERPMap], None]], Unsubscribe]
+
+
+class MapPublisher:
+    """The current DERP map and who wants to hear when it changes."""
+
+    def __init__(self, initial: DERPMap) -> None:
+        self.current = initial
+        self._subscribers: list[Callable[[DERPMap], None]] = []
+
+    def get(self) -> DERPMap:
+        return self.current
+
+    def set(self, new: DERPMap) -> None:
+        if new == self.current:
+            return
+        self.current = new
+        for cb in list(self._subscribers):
+            cb(new)
+
+    def subscribe(self, cb: Callable[[DERPMap], None]) -> Unsubscribe:
+        self._subscribers.append(cb)
+
+        def unsubscribe() -> None:
+            if cb in self._subscribers:
+                self._subscribers.remove(cb)
+
+        return unsubscribe
+
+
+class _MapStreamProtocol(WebSocketServerProtocol):
+    get_map: Callable[[], DERPMap]
+    subscribe: Subscribe
+    _unsubscribe: Unsubscribe | None = None
+    _last: str | None = None
+
+    def onOpen(self) -> None:
+        self._send(self.factory.get_map())
+        self._unsubscribe = self.factory.subscribe(self._send)
+
+    def _send(self, m: DERPMap) -> None:
+        text = m.dumps()
+        if text != self._last:
+            self._last = text
+            self.sendMessage(text.encode(), isBinary=False)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        if self._unsubscribe is not None:
+            self._unsubscribe()
+            self._unsubscribe = None
+
+
+def derp_map_stream_resource(
+    get_map: Callable[[], DERPMap], subscribe: Subscribe, *, ping_interval: float = 30.0
+) -> WebSocketResource:
+    """A resource for ``/api/v2/derp-map`` (mount with Klein ``branch=False``)."""
+    factory = WebSocketServerFactory()
+    factory.protocol = _MapStreamProtocol
+    factory.get_map = get_map
+    factory.subscribe = subscribe
+    factory.setProtocolOptions(autoPingInterval=ping_interval, autoPingTimeout=2 * ping_interval)
+    return WebSocketResource(factory)

@@ -1,0 +1,76 @@
+"""Who may use the relay, and between whom it relays.
+
+Our relay is closed, unlike Coder's and Tailscale's: the HTTP upgrade must carry a session or
+agent token (header ``Coder-Session-Token``), and each packet is relayed only when the policy
+says the sender's principal may reach the destination node key. The server implements
+:class:`IRelayPolicy` from the coordinator's view of peers and tunnels.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet.defer import Deferred, succeed
+from zope.interface import Interface, implementer
+
+TOKEN_HEADER = b"Coder-Session-Token"
+
+
+class IRelayPolicy(Interface):
+    def authenticate(token: str) -> Deferred[Any]:
+        """Fire with the principal (any object) that ``token`` belongs to, or ``None``.
+
+        Called once per upgrade request, before the 101. The token is a secret: do not log it.
+        """
+
+    def allows(principal: Any, src_key: bytes, dst_key: bytes) -> bool:
+        """May ``principal``, connected as DERP node key ``src_key``, send to ``dst_key``?
+
+        Expected rule: the principal owns the peer whose node key is ``src_key`` and the
+        coordinator has an authorized tunnel between that peer and the peer of ``dst_key``.
+        Called on the packet path (results are cached for about a second per destination;
+        call ``Relay.policy_changed()`` to revoke at once), so it must be cheap and synchronous.
+        """
+
+
+@implementer(IRelayPolicy)
+class AllowAllPolicy:
+    """Any non-empty token, any destination. For tests and benchmarks only."""
+
+    def __init__(self, principal: Any = "test") -> None:
+        self.principal = principal
+
+    def authenticate(self, token: str) -> Deferred[Any]:
+        return succeed(self.principal if token else None)
+
+    def allows(self, principal: Any, src_key: bytes, dst_key: bytes) -> bool:
+        return True
+
+
+allow_all = AllowAllPolicy()  # tests and benchmarks only
+
+
+@implementer(IRelayPolicy)
+class StaticPolicy:
+    """Tokens map to principals; a principal owns a set of keys; explicit allowed pairs.
+
+    Small and explicit, for tests: ``pairs`` holds unordered node-key pairs that share a tunnel.
+    """
+
+    def __init__(self) -> None:
+        self.tokens: dict[str, Any] = {}
+        self.owned: dict[Any, set[bytes]] = {}
+        self.pairs: set[frozenset[bytes]] = set()
+
+    def add_principal(self, token: str, principal: Any, *keys: bytes) -> None:
+        self.tokens[token] = principal
+        self.owned.setdefault(principal, set()).update(keys)
+
+    def allow(self, a: bytes, b: bytes) -> None:
+        self.pairs.add(frozenset((a, b)))
+
+    def authenticate(self, token: str) -> Deferred[Any]:
+        return succeed(self.tokens.get(token))
+
+    def allows(self, principal: Any, src_key: bytes, dst_key: bytes) -> bool:
+        return src_key in self.owned.get(principal, ()) and frozenset((src_key, dst_key)) in self.pairs

@@ -1,0 +1,446 @@
+"""The DERP relay on the server's HTTP(S) port: twisted.web resources around :class:`Relay`.
+
+Routes (mounted by the server's Klein app; see :func:`make_derp_resources`)::
+
+    GET /derp  Upgrade: DERP       -> 101 Switching Protocols, Derp-Version: 2,
+                                      Derp-Public-Key: <64 hex>; then DERP frames both ways
+    GET /derp  Upgrade: websocket  -> websocket, subprotocol "derp", binary messages carry the
+                                      same byte stream (message boundaries mean nothing)
+    GET /derp  (no upgrade)        -> 426 {"message","detail"}
+    upgrade without a valid token  -> 401 {"message","detail"}   (header Coder-Session-Token,
+                                      or the coder_session_token cookie)
+    GET|HEAD /derp/probe, /derp/latency-check, /latency-check -> empty 200,
+                                      Access-Control-Allow-Origin: *
+    GET /generate_204              -> 204; X-Tailscale-Challenge: c -> X-Tailscale-Response: response c
+
+A replica of the same server dialing for the DERP mesh sends ``Derp-Mesh: 1`` instead of a
+token; such a connection is closed at login unless its ClientInfo carries the mesh key.
+
+twisted.web has no upgrade API, so the upgrade takes the HTTP channel's transport over the way
+Autobahn's ``WebSocketResource`` does, and binds it to a plain Protocol feeding the relay.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Callable
+from typing import Any
+
+from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
+from autobahn.websocket.types import ConnectionDeny
+from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper
+from twisted.python.failure import Failure
+from twisted.web.resource import IResource, Resource
+from twisted.web.server import NOT_DONE_YET, Request
+from zope.interface import implementer
+
+from coderstack.derp.policy import TOKEN_HEADER, IRelayPolicy
+from coderstack.derp.relay import Relay, ServerConn
+from coderstack.wire import derp as w
+
+_log = Logger()
+
+MESH_HEADER = b"Derp-Mesh"
+_CHALLENGE_RE = re.compile(r"^[A-Za-z0-9._:-]{1,64}$")
+
+
+# --- keys --------------------------------------------------------------------------------------
+
+
+def load_or_create_private_key(path: str) -> bytes:
+    """The server's DERP private key, kept in ``path`` as ``privkey:<64 hex>`` (mode 0600).
+
+    Created on first use. A stable key lets clients keep their connections' identity across
+    restarts and lets mesh peers recognise each other.
+    """
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except FileNotFoundError:
+        key = w.generate_private_key()
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(f"privkey:{key.hex()}\n")
+        return key
+    text = text.removeprefix("privkey:")
+    try:
+        key = bytes.fromhex(text)
+    except ValueError:
+        raise ValueError(f"{path}: not a DERP private key (expected privkey:<64 hex>)") from None
+    if len(key) != w.KEY_LEN:
+        raise ValueError(f"{path}: DERP private key must be 32 bytes")
+    return key
+
+
+def make_relay(private_key: bytes, policy: IRelayPolicy, reactor: IReactorTime, **kwargs: Any) -> Relay:
+    """A :class:`Relay` that asks ``policy.allows`` for every new (source, destination) pair."""
+    return Relay(private_key, reactor, policy.allows, **kwargs)
+
+
+# --- taking over the HTTP channel ----------------------------------------------------------------
+
+
+def _take_over(request: Request, protocol: Protocol) -> tuple[Any, bytes]:
+    """Detach the request's connection from HTTP and bind it to ``protocol``.
+
+    Returns the transport and any bytes HTTP had already read past the request.
+    """
+    channel = request.channel
+    transport, channel.transport = channel.transport, None
+    # Bytes the client sent right behind the request (a client that does not wait for the
+    # 101) are either already parked in HTTP's pipelining buffer, or still inside the HTTP
+    # parser's loop when the upgrade happens synchronously; the parser hands those to
+    # rawDataReceived after we return, so send them on from there.
+    buffered = b"".join(getattr(channel, "_dataBuffer", ()) or ())
+    if hasattr(channel, "_dataBuffer"):
+        channel._dataBuffer = []
+    channel.rawDataReceived = protocol.dataReceived
+    if isinstance(transport, ProtocolWrapper):
+        transport.wrappedProtocol = protocol
+    elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
+        transport.protocol.wrappedProtocol = protocol
+    else:
+        transport.protocol = protocol
+    # HTTP registered itself as the transport's producer; our protocol takes that role.
+    try:
+        transport.unregisterProducer()
+    except Exception:  # pragma: no cover - nothing registered
+        pass
+    protocol.makeConnection(transport)
+    producer = getattr(transport, "_networkProducer", None)
+    if producer is not None:
+        producer.resumeProducing()
+    elif hasattr(transport, "resumeProducing"):
+        transport.resumeProducing()
+    return transport, buffered
+
+
+def _json_error(request: Request, code: int, message: str, detail: str = "") -> bytes:
+    request.setResponseCode(code)
+    request.setHeader(b"Content-Type", b"application/json")
+    return json.dumps({"message": message, "detail": detail}).encode()
+
+
+def _token(request: Request) -> str:
+    raw = request.getHeader(TOKEN_HEADER) or request.getCookie(b"coder_session_token") or b""
+    return raw.decode("latin-1").strip()
+
+
+# --- the DERP byte stream over a raw (upgraded) connection ---------------------------------------
+
+
+@implementer(IPushProducer)
+class DERPStreamProtocol(Protocol):
+    """Moves bytes between an upgraded connection and its :class:`ServerConn`."""
+
+    def __init__(self, relay: Relay, principal: Any, require_mesh: bool) -> None:
+        self.relay = relay
+        self.principal = principal
+        self.require_mesh = require_mesh
+        self.conn: ServerConn | None = None
+
+    def connectionMade(self) -> None:
+        peer = self.transport.getPeer()
+        addr = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        self.conn = self.relay.accept(self, self.principal, addr, require_mesh=self.require_mesh)
+        self.transport.registerProducer(self, True)
+
+    def start(self, buffered: bytes) -> None:
+        assert self.conn is not None
+        self.conn.start()
+        if buffered:
+            self.conn.data_received(buffered)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.conn is not None:
+            self.conn.data_received(data)
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        if self.conn is not None:
+            self.conn.connection_lost()
+
+    # ConnSink
+    def write_frames(self, frames: list[bytes]) -> None:
+        self.transport.writeSequence(frames)
+
+    def close(self, reason: str) -> None:
+        # TLS waits for a registered producer to leave before it shuts down.
+        self.transport.unregisterProducer()
+        if reason == "write timeout":
+            self.transport.abortConnection()  # its buffer will never drain
+        else:
+            self.transport.loseConnection()
+
+    # IPushProducer: the transport's write buffer is full / drained.
+    def pauseProducing(self) -> None:
+        if self.conn is not None:
+            self.conn.set_writable(False)
+
+    def resumeProducing(self) -> None:
+        if self.conn is not None:
+            self.conn.set_writable(True)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+# --- the same over a websocket -------------------------------------------------------------------
+
+
+@implementer(IPushProducer)
+class _WSProducer:
+    def __init__(self, proto: DERPWebSocketProtocol) -> None:
+        self.proto = proto
+
+    def pauseProducing(self) -> None:
+        if self.proto.conn is not None:
+            self.proto.conn.set_writable(False)
+
+    def resumeProducing(self) -> None:
+        if self.proto.conn is not None:
+            self.proto.conn.set_writable(True)
+
+    def stopProducing(self) -> None:
+        pass
+
+
+class DERPWebSocketProtocol(WebSocketServerProtocol):
+    relay: Relay
+    principal: Any = None
+    require_mesh = False
+    conn: ServerConn | None = None
+
+    def onConnect(self, request: Any) -> str:
+        if "derp" not in request.protocols:
+            raise ConnectionDeny(400, "websocket subprotocol must be derp")
+        return "derp"
+
+    def onOpen(self) -> None:
+        peer = self.transport.getPeer()
+        addr = (getattr(peer, "host", ""), getattr(peer, "port", 0))
+        self.conn = self.relay.accept(self, self.principal, addr, require_mesh=self.require_mesh)
+        self.transport.registerProducer(_WSProducer(self), True)
+        self.conn.start()
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        if self.conn is None:
+            return
+        if not isBinary:
+            self.conn.close("text message on a DERP websocket")
+            return
+        self.conn.data_received(payload)
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        if self.conn is not None:
+            self.conn.connection_lost()
+
+    # ConnSink
+    def write_frames(self, frames: list[bytes]) -> None:
+        self.sendMessage(b"".join(frames), isBinary=True)
+
+    def close(self, reason: str) -> None:
+        if reason == "write timeout":
+            self.transport.unregisterProducer()
+            self.transport.abortConnection()
+        else:
+            self.sendClose(1000, reason[:100])
+
+    def _closeConnection(self, abort: bool = False) -> None:
+        # TLS waits for a registered producer to leave before it shuts down.
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+        super()._closeConnection(abort)
+
+
+# --- resources -------------------------------------------------------------------------------
+
+
+class ProbeResource(Resource):
+    """``/derp/probe``, ``/derp/latency-check``, ``/latency-check``: an empty 200 for latency."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setHeader(b"Access-Control-Allow-Origin", b"*")
+        request.setHeader(b"Cache-Control", b"no-cache, no-store, must-revalidate")
+        return b""
+
+
+class Generate204Resource(Resource):
+    """Captive-portal check: 204, echoing a well-formed ``X-Tailscale-Challenge``."""
+
+    isLeaf = True
+
+    def render(self, request: Request) -> bytes:
+        request.setResponseCode(204)
+        request.setHeader(
+            b"Cache-Control", b"no-cache, no-store, must-revalidate, no-transform, max-age=0"
+        )
+        challenge = (request.getHeader(b"X-Tailscale-Challenge") or b"").decode("latin-1")
+        if challenge and _CHALLENGE_RE.match(challenge):
+            request.setHeader(b"X-Tailscale-Response", f"response {challenge}".encode())
+        return b""
+
+
+class DERPResource(Resource):
+    """``/derp``: the upgrade endpoint; children ``probe`` and ``latency-check``."""
+
+    def __init__(self, relay: Relay, policy: IRelayPolicy, *, max_ws_message: int = 8 << 20) -> None:
+        super().__init__()
+        self.relay = relay
+        self.policy = policy
+        probe = ProbeResource()
+        self.putChild(b"probe", probe)
+        self.putChild(b"latency-check", probe)
+        self.ws_factory = WebSocketServerFactory()
+        self.ws_factory.protocol = DERPWebSocketProtocol
+        self.ws_factory.setProtocolOptions(
+            maxMessagePayloadSize=max_ws_message, maxFramePayloadSize=max_ws_message
+        )
+
+    def getChild(self, path: bytes, request: Request) -> IResource:
+        if path == b"":
+            return self
+        return super().getChild(path, request)
+
+    def render(self, request: Request) -> bytes | int:
+        upgrade = (request.getHeader(b"Upgrade") or b"").strip().lower()
+        if upgrade not in (b"derp", b"websocket"):
+            request.setHeader(b"Upgrade", b"DERP")
+            return _json_error(
+                request, 426, "DERP requires connection upgrade",
+                "Send Upgrade: DERP (or a websocket with subprotocol derp) to use the relay.",
+            )
+        if request.channel is None or request.channel.transport is None:
+            return _json_error(request, 426, "DERP requires HTTP/1.1 connection upgrade")
+        if request.getHeader(MESH_HEADER) == b"1" and self.relay.mesh_key:
+            self._upgrade(request, upgrade, None, require_mesh=True)
+            return NOT_DONE_YET
+        token = _token(request)
+        if not token:
+            return _unauthorized(request)
+        finished: list[bool] = []
+        request.notifyFinish().addBoth(lambda _: finished.append(True))
+        d = self.policy.authenticate(token)
+
+        def authed(principal: Any) -> None:
+            if finished:
+                return
+            if principal is None:
+                request.write(_unauthorized(request))
+                request.finish()
+                return
+            self._upgrade(request, upgrade, principal, require_mesh=False)
+
+        def failed(f: Failure) -> None:
+            _log.failure("DERP token check failed", f)
+            if not finished:
+                request.write(_json_error(request, 500, "Internal error checking the token"))
+                request.finish()
+
+        d.addCallback(authed).addErrback(failed)
+        return NOT_DONE_YET
+
+    def _upgrade(self, request: Request, upgrade: bytes, principal: Any, require_mesh: bool) -> None:
+        if upgrade == b"derp":
+            proto = DERPStreamProtocol(self.relay, principal, require_mesh)
+            transport = request.channel.transport
+            transport.write(
+                b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
+                b"Derp-Version: %d\r\nDerp-Public-Key: %s\r\n\r\n"
+                % (w.PROTOCOL_VERSION, self.relay.public_key.hex().encode())
+            )
+            _, buffered = _take_over(request, proto)
+            proto.start(buffered)
+            return
+        ws = self.ws_factory.buildProtocol(request.transport.getPeer())
+        ws.relay = self.relay
+        ws.principal = principal
+        ws.require_mesh = require_mesh
+        _, buffered = _take_over(request, ws)
+        # Replay the handshake request into Autobahn, as its own WebSocketResource does.
+        data = request.method + b" " + request.uri + b" HTTP/1.1\r\n"
+        for name, values in request.requestHeaders.getAllRawHeaders():
+            data += name + b": " + b",".join(values) + b"\r\n"
+        data += b"\r\n" + request.content.read() + buffered
+        ws.dataReceived(data)
+
+
+def _unauthorized(request: Request) -> bytes:
+    request.setHeader(b"WWW-Authenticate", b'Coder-Session-Token realm="derp"')
+    return _json_error(
+        request, 401, "Authentication required to use the DERP relay.",
+        "Send a valid session or agent token in the Coder-Session-Token header.",
+    )
+
+
+def make_derp_resources(relay: Relay, policy: IRelayPolicy) -> dict[str, IResource]:
+    """The resources to mount, by absolute path.
+
+    ``/derp`` has its own children (``probe``, ``latency-check``); in Klein mount it with
+    ``branch=True``.
+    """
+    probe = ProbeResource()
+    return {
+        "/derp": DERPResource(relay, policy),
+        "/latency-check": probe,
+        "/generate_204": Generate204Resource(),
+    }
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+
+def metrics_text(relay: Relay, prefix: str = "coderstack_derp_") -> str:
+    """Prometheus text exposition of the relay's counters."""
+    lines: list[str] = []
+
+    def metric(name: str, kind: str, help_: str, samples: list[tuple[str, float]]) -> None:
+        full = prefix + name
+        lines.append(f"# HELP {full} {help_}")
+        lines.append(f"# TYPE {full} {kind}")
+        for labels, value in samples:
+            lines.append(f"{full}{labels} {value:g}" if isinstance(value, float) else f"{full}{labels} {value}")
+
+    metric("clients_connected", "gauge", "DERP connections currently logged in.", [("", relay.clients)])
+    metric("client_keys", "gauge", "Distinct node keys connected.", [("", relay.unique_keys)])
+    metric("duplicate_client_conns", "gauge", "Connections beyond the first for a key.",
+           [("", relay.duplicate_conns)])
+    metric("home_clients", "gauge", "Clients that say this relay is their home.", [("", relay.home_clients)])
+    metric("accepts_total", "counter", "Connections accepted.", [("", relay.accepts)])
+    metric("packets_received_total", "counter", "Packets received from clients.", [("", relay.packets_received)])
+    metric("bytes_received_total", "counter", "Packet bytes received from clients.", [("", relay.bytes_received)])
+    metric("packets_relayed_total", "counter", "Packets written to receivers.", [("", relay.packets_sent)])
+    metric("bytes_relayed_total", "counter", "Packet bytes written to receivers.", [("", relay.bytes_sent)])
+    metric("packets_forwarded_total", "counter", "Packets forwarded over the mesh.",
+           [('{direction="out"}', relay.packets_forwarded_out), ('{direction="in"}', relay.packets_forwarded_in)])
+    reasons = sorted(set(relay.drops) | {"unknown_dest", "unauthorized", "queue_head", "queue_tail",
+                                          "gone_disconnected", "write_error"})
+    metric("packets_dropped_total", "counter", "Packets dropped, by reason.",
+           [(f'{{reason="{r}"}}', relay.drops[r]) for r in reasons])
+    metric("peer_gone_sent_total", "counter", "PeerGone frames sent, by reason.",
+           [('{reason="disconnected"}', relay.peer_gone_frames["disconnected"]),
+            ('{reason="not_here"}', relay.peer_gone_frames["not_here"])])
+    metric("bad_frames_total", "counter", "Connections closed for malformed frames.", [("", relay.bad_frames)])
+    metric("unknown_frames_total", "counter", "Unknown frame types skipped.", [("", relay.unknown_frames)])
+    metric("pings_total", "counter", "Ping frames received.", [("", relay.pings)])
+    return "\n".join(lines) + "\n"
+
+
+class MetricsResource(Resource):
+    """``/metrics`` for a server that only exposes the relay; the lead may merge texts instead."""
+
+    isLeaf = True
+
+    def __init__(self, *texts: Callable[[], str]) -> None:
+        super().__init__()
+        self.texts = texts
+
+    def render_GET(self, request: Request) -> bytes:
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
+        return "".join(t() for t in self.texts).encode()

@@ -1,0 +1,248 @@
+"""The client's sans-IO session, and dialing behaviour against real sockets."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.internet import defer, reactor
+from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.protocol import Protocol
+from twisted.trial import unittest
+
+from coderstack.derp.client import ClientSession, DERPClientError
+from coderstack.derp.policy import AllowAllPolicy
+from coderstack.derp.server import load_or_create_private_key
+from coderstack.derpmap import DERPNode, DERPRegion
+from coderstack.wire import derp as w
+
+from .helpers import Recorder, RelayServer, start_client, wait_for
+
+
+class Events(Recorder):
+    def __init__(self) -> None:
+        super().__init__()
+        self.health_msgs: list[str] = []
+        self.restarts: list[tuple[float, float]] = []
+        self.present: list[tuple] = []
+
+    def health(self, problem: str) -> None:
+        self.health_msgs.append(problem)
+
+    def restarting(self, reconnect_in: float, try_for: float) -> None:
+        self.restarts.append((reconnect_in, try_for))
+
+    def peer_present(self, key: bytes, ip: str, port: int, flags: int) -> None:
+        self.present.append((key, ip, port, flags))
+
+
+class SessionTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.server_priv = w.generate_private_key()
+        self.priv = w.generate_private_key()
+        self.out: list[bytes] = []
+        self.events = Events()
+        self.s = ClientSession(self.priv, self.events, self.out.append)
+
+    def login(self) -> None:
+        self.s.data_received(w.encode(w.ServerKey(w.public_key(self.server_priv))))
+        ((t, p),) = w.FrameReader().feed(self.out.pop())
+        info = w.open_client_info(w.decode(t, p), self.server_priv)
+        self.assertEqual(info.to_json(), {"version": 2, "CanAckPings": True})
+        self.s.data_received(w.seal_server_info(self.server_priv, self.s.public_key, w.ServerInfo()))
+        self.assertEqual(self.s.server_info, w.ServerInfo())
+
+    def test_events(self) -> None:
+        self.login()
+        k = b"k" * 32
+        stream = b"".join([
+            w.encode(w.RecvPacket(k, b"data")),
+            w.encode(w.PeerGone(k, w.PEER_GONE_NOT_HERE)),
+            w.encode(w.Health("relay overloaded")),
+            w.encode(w.Restarting(1500, 30000)),
+            w.encode(w.PeerPresent(k, "192.0.2.9", 41641, 1)),
+            w.encode(w.KeepAlive()),
+            w.raw_frame(0x0C, b"unknown"),
+            w.encode(w.ServerKey(b"z" * 32)),  # a late greeting is ignored
+        ])
+        for i in range(0, len(stream), 7):  # arbitrary chunking
+            self.s.data_received(stream[i : i + 7])
+        self.assertEqual(self.events.packets, [(k, b"data")])
+        self.assertEqual(self.events.gone, [(k, 1)])
+        self.assertEqual(self.events.health_msgs, ["relay overloaded"])
+        self.assertEqual(self.events.restarts, [(1.5, 30.0)])
+        self.assertEqual(self.events.present, [(k, "192.0.2.9", 41641, 1)])
+        self.assertEqual(self.out, [])
+
+    def test_answers_server_ping(self) -> None:
+        self.login()
+        self.s.data_received(w.encode(w.Ping(b"12345678")))
+        self.assertEqual(self.out, [w.encode(w.Pong(b"12345678"))])
+
+    def test_must_start_with_server_key(self) -> None:
+        self.assertRaises(w.DERPProtocolError, self.s.data_received, w.encode(w.KeepAlive()))
+
+    @given(st.binary(max_size=300))
+    @settings(max_examples=200, deadline=None)
+    def test_garbage_raises_only_codec_error(self, blob: bytes) -> None:
+        s = ClientSession(self.priv, Events(), lambda b: None)
+        s.data_received(w.encode(w.ServerKey(b"s" * 32)))
+        try:
+            s.data_received(blob)
+        except w.DERPProtocolError:
+            pass
+
+
+class RawUpgradeTests(unittest.TestCase):
+    def test_exact_101_and_server_key(self) -> defer.Deferred:
+        server = RelayServer(self, AllowAllPolicy())
+
+        class Raw(Protocol):
+            def __init__(self) -> None:
+                self.data = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+        async def go() -> None:
+            proto = Raw()
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port.getHost().port), proto)
+            proto.transport.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n"
+                                  b"Connection: Upgrade\r\nCoder-Session-Token: t\r\n\r\n")
+            await wait_for(lambda: len(proto.data) >= 150 + 45)
+            head, _, rest = proto.data.partition(b"\r\n\r\n")
+            self.assertEqual(head, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n"
+                             b"Connection: Upgrade\r\nDerp-Version: 2\r\nDerp-Public-Key: "
+                             + server.relay.public_key.hex().encode())
+            self.assertEqual(rest[:5], b"\x01\x00\x00\x00\x28")
+            self.assertEqual(rest[5:45], w.MAGIC + server.relay.public_key)
+            proto.transport.loseConnection()
+
+        return defer.ensureDeferred(go())
+
+    def test_websocket_needs_derp_subprotocol(self) -> defer.Deferred:
+        server = RelayServer(self, AllowAllPolicy())
+        import treq
+
+        async def go() -> None:
+            resp = await treq.get(server.url + "/derp", persistent=False, headers={
+                b"Upgrade": b"websocket", b"Connection": b"Upgrade", b"Coder-Session-Token": b"t",
+                b"Sec-WebSocket-Key": b"dGhlIHNhbXBsZSBub25jZQ==", b"Sec-WebSocket-Version": b"13",
+                b"Sec-WebSocket-Protocol": b"chat"})
+            self.assertEqual(resp.code, 400)
+            await resp.content()
+            self.assertEqual(server.relay.accepts, 0)
+
+        return defer.ensureDeferred(go())
+
+
+class DialTests(unittest.TestCase):
+    def test_next_node_when_first_is_down(self) -> defer.Deferred:
+        server = RelayServer(self, AllowAllPolicy())
+        good = server.region().nodes[0]
+        # A port nobody listens on: take one and close it.
+        dead = reactor.listenTCP(0, server.site, interface="127.0.0.1")
+        dead_port = dead.getHost().port
+
+        async def go() -> None:
+            await dead.stopListening()
+            bad = DERPNode("999a", 999, "127.0.0.1", derp_port=dead_port, force_http=True, stun_port=-1)
+            stun = DERPNode("999s", 999, "127.0.0.1", stun_only=True, stun_port=3478)
+            region = DERPRegion(999, "coder", "x", (stun, bad, good))
+            a, ra = start_client(self, server, region=region)
+            await wait_for(lambda: a.connected)
+            self.assertEqual(a.node.name, "999b")
+            self.assertEqual(ra.connects[0][1].name, "999b")
+
+        return defer.ensureDeferred(go())
+
+    def test_note_preferred_and_ping_errors(self) -> defer.Deferred:
+        server = RelayServer(self, AllowAllPolicy())
+
+        async def go() -> None:
+            a, _ = start_client(self, server)
+            a.note_preferred(True)  # before connecting: sent at login
+            await wait_for(lambda: server.relay.home_clients == 1)
+            a.note_preferred(False)
+            await wait_for(lambda: server.relay.home_clients == 0)
+            await a.stop()
+            with self.assertRaises(DERPClientError):
+                await a.ping()
+
+        return defer.ensureDeferred(go())
+
+    def test_send_before_connect_is_queued(self) -> defer.Deferred:
+        server = RelayServer(self, AllowAllPolicy())
+
+        async def go() -> None:
+            b, rb = start_client(self, server)
+            await wait_for(lambda: b.connected)
+            a, _ = start_client(self, server)
+            self.assertTrue(a.send(b.public_key, b"early"))
+            await wait_for(lambda: rb.packets)
+            self.assertEqual(rb.packets, [(a.public_key, b"early")])
+
+        return defer.ensureDeferred(go())
+
+
+class KeyFileTests(unittest.TestCase):
+    def test_create_then_load(self) -> None:
+        import os
+        import stat
+
+        path = self.mktemp()
+        k1 = load_or_create_private_key(path)
+        self.assertEqual(stat.S_IMODE(os.stat(path).st_mode), 0o600)
+        self.assertEqual(load_or_create_private_key(path), k1)
+        with open(path) as f:
+            self.assertEqual(f.read(), f"privkey:{k1.hex()}\n")
+
+    def test_bad_file(self) -> None:
+        path = self.mktemp()
+        with open(path, "w") as f:
+            f.write("privkey:nothex")
+        self.assertRaises(ValueError, load_or_create_private_key, path)
+
+
+class EagerClientTests(unittest.TestCase):
+    def test_frames_sent_right_behind_the_request(self) -> defer.Deferred:
+        """A client that does not wait for the 101 (like Tailscale's fast start) still logs in."""
+        return self._eager(AllowAllPolicy())
+
+    def test_frames_behind_the_request_with_slow_token_check(self) -> defer.Deferred:
+        class SlowPolicy(AllowAllPolicy):
+            def authenticate(self, token: str) -> defer.Deferred:
+                from twisted.internet import task
+
+                return task.deferLater(reactor, 0.05, lambda: "slow")
+
+        return self._eager(SlowPolicy())
+
+    def _eager(self, policy: AllowAllPolicy) -> defer.Deferred:
+        server = RelayServer(self, policy)
+
+        class Raw(Protocol):
+            def __init__(self) -> None:
+                self.data = b""
+
+            def dataReceived(self, data: bytes) -> None:
+                self.data += data
+
+        async def go() -> None:
+            b, rb = start_client(self, server)
+            await wait_for(lambda: b.connected)
+            priv = w.generate_private_key()
+            pub = w.public_key(priv)
+            proto = Raw()
+            await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port.getHost().port), proto)
+            hello = w.seal_client_info(priv, pub, server.relay.public_key, w.ClientInfo())
+            # Binary bytes that contain CRLFs must survive the HTTP parser untouched.
+            payload = b"\r\n\r\nline\r\n" * 10
+            proto.transport.write(
+                b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
+                b"Coder-Session-Token: t\r\n\r\n" + hello + w.encode(w.SendPacket(b.public_key, payload))
+            )
+            await wait_for(lambda: rb.packets)
+            self.assertEqual(rb.packets, [(pub, payload)])
+            proto.transport.loseConnection()
+
+        return defer.ensureDeferred(go())
