@@ -41,7 +41,12 @@ if TYPE_CHECKING:
 
 OPERATING_SYSTEMS = ("linux", "darwin", "windows")
 ARCHITECTURES = ("amd64", "armv7", "arm64")
-AUTH_TYPES = ("token", "google-instance-identity", "aws-instance-identity", "azure-instance-identity")
+AUTH_TYPES = (
+    "token",
+    "google-instance-identity",
+    "aws-instance-identity",
+    "azure-instance-identity",
+)
 STARTUP_BEHAVIORS = ("blocking", "non-blocking")
 API_KEY_SCOPES = ("all", "no_user_data")
 
@@ -92,7 +97,12 @@ _METADATA = ListBlock(
         attributes=[
             _s("key", "The key of this metadata item.", required=True, requires_replace=True),
             _s("display_name", "The user-facing name of this value.", **_FN),
-            _s("script", "The script that retrieves the value.", required=True, requires_replace=True),
+            _s(
+                "script",
+                "The script that retrieves the value.",
+                required=True,
+                requires_replace=True,
+            ),
             _n("timeout", "Maximum run time of the script in seconds.", **_FN),
             _n("interval", "Refresh interval in seconds.", required=True, requires_replace=True),
             _n("order", "Position in the UI; lowest first.", **_FN),
@@ -118,10 +128,14 @@ _DISPLAY_APPS = SetBlock(
 def _threshold_block(name: str, with_path: bool) -> SetBlock:
     attrs = [
         _b("enabled", f"Enable {name} monitoring.", required=True, requires_replace=True),
-        _n("threshold", "Usage threshold in percent (0-100).", required=True, requires_replace=True),
+        _n(
+            "threshold", "Usage threshold in percent (0-100).", required=True, requires_replace=True
+        ),
     ]
     if with_path:
-        attrs.insert(0, _s("path", "Absolute path of the volume.", required=True, requires_replace=True))
+        attrs.insert(
+            0, _s("path", "Absolute path of the volume.", required=True, requires_replace=True)
+        )
     return SetBlock(name, Block(attributes=attrs), max_items=None if with_path else 1)
 
 
@@ -135,29 +149,76 @@ AGENT_SCHEMA = Schema(
     version=1,
     description="Use this resource to associate an agent.",
     attributes=[
-        Attribute("id", types.String(), description="The agent's UUID.", optional=True, computed=True),
-        _s("api_key_scope", "Which API routes the agent token may use: all or no_user_data.",
-           optional=True, computed=True, requires_replace=True, default="all"),
-        _s("init_script", "Run this script on startup of an instance to initialize the agent.",
-           computed=True),
-        _s("arch", "The agent's architecture: amd64, armv7 or arm64.", required=True,
-           requires_replace=True),
-        _s("auth", "How the agent authenticates: token or a cloud instance identity.",
-           optional=True, computed=True, requires_replace=True, default="token"),
+        Attribute(
+            "id", types.String(), description="The agent's UUID.", optional=True, computed=True
+        ),
+        _s(
+            "api_key_scope",
+            "Which API routes the agent token may use: all or no_user_data.",
+            optional=True,
+            computed=True,
+            requires_replace=True,
+            default="all",
+        ),
+        _s(
+            "init_script",
+            "Run this script on startup of an instance to initialize the agent.",
+            computed=True,
+        ),
+        _s(
+            "arch",
+            "The agent's architecture: amd64, armv7 or arm64.",
+            required=True,
+            requires_replace=True,
+        ),
+        _s(
+            "auth",
+            "How the agent authenticates: token or a cloud instance identity.",
+            optional=True,
+            computed=True,
+            requires_replace=True,
+            default="token",
+        ),
         _s("dir", "The starting directory of shell sessions (deprecated).", **_FN),
-        Attribute("env", types.Map(types.String()), description="Environment variables to set in the workspace.", **_FN),
-        _s("os", "The agent's operating system: linux, darwin or windows.", required=True,
-           requires_replace=True),
+        Attribute(
+            "env",
+            types.Map(types.String()),
+            description="Environment variables to set in the workspace.",
+            **_FN,
+        ),
+        _s(
+            "os",
+            "The agent's operating system: linux, darwin or windows.",
+            required=True,
+            requires_replace=True,
+        ),
         _s("startup_script", "A script to run after the agent starts.", **_FN),
         _s("shutdown_script", "A script to run before the agent stops.", **_FN),
-        _s("token", "Set the environment variable `CODER_AGENT_TOKEN` with this token to "
-           "authenticate an agent.", computed=True, sensitive=True),
-        _n("connection_timeout", "Seconds until an agent that never connected is marked timed out.",
-           optional=True, computed=True, requires_replace=True, default=120),
+        _s(
+            "token",
+            "Set the environment variable `CODER_AGENT_TOKEN` with this token to "
+            "authenticate an agent.",
+            computed=True,
+            sensitive=True,
+        ),
+        _n(
+            "connection_timeout",
+            "Seconds until an agent that never connected is marked timed out.",
+            optional=True,
+            computed=True,
+            requires_replace=True,
+            default=120,
+        ),
         _s("troubleshooting_url", "A document on troubleshooting the agent.", **_FN),
         _s("motd_file", "A file shown to users when they log in by SSH.", **_FN),
-        _s("startup_script_behavior", "blocking or non-blocking.", optional=True, computed=True,
-           requires_replace=True, default="non-blocking"),
+        _s(
+            "startup_script_behavior",
+            "blocking or non-blocking.",
+            optional=True,
+            computed=True,
+            requires_replace=True,
+            default="non-blocking",
+        ),
         _n("order", "Position of the agent in the UI; lowest first.", **_FN),
     ],
     block_types=[_METADATA, _DISPLAY_APPS, _RESOURCES_MONITORING],
@@ -211,8 +272,9 @@ class AgentResource(Resource):
                 for item in (mon or {}).get("volume") or []:
                     path = item.get("path")
                     if isinstance(path, str) and not path.startswith("/"):
-                        diags.add_error("volume path must be an absolute path",
-                                        path=["resources_monitoring"])
+                        diags.add_error(
+                            "volume path must be an absolute path", path=["resources_monitoring"]
+                        )
 
     def _with_script(self, state: State) -> State:
         state["init_script"] = render_init_script(

@@ -45,12 +45,26 @@ _HEALTHCHECK = SetBlock(
     "healthcheck",
     Block(
         attributes=[
-            _s("url", "HTTP address whose status (< 500) means ready.", required=True,
-               requires_replace=True),
-            Attribute("interval", types.Number(), description="Seconds between checks.",
-                      required=True, requires_replace=True),
-            Attribute("threshold", types.Number(), description="Failures before unhealthy.",
-                      required=True, requires_replace=True),
+            _s(
+                "url",
+                "HTTP address whose status (< 500) means ready.",
+                required=True,
+                requires_replace=True,
+            ),
+            Attribute(
+                "interval",
+                types.Number(),
+                description="Seconds between checks.",
+                required=True,
+                requires_replace=True,
+            ),
+            Attribute(
+                "threshold",
+                types.Number(),
+                description="Failures before unhealthy.",
+                required=True,
+                requires_replace=True,
+            ),
         ]
     ),
     max_items=1,
@@ -60,26 +74,64 @@ APP_SCHEMA = Schema(
     version=1,
     description="Use this resource to define shortcuts to access applications in a workspace.",
     attributes=[
-        Attribute("id", types.String(), description="The app's UUID.", optional=True, computed=True),
-        _s("agent_id", "The `id` of a `coder_agent` resource to associate with.", required=True,
-           requires_replace=True),
+        Attribute(
+            "id", types.String(), description="The app's UUID.", optional=True, computed=True
+        ),
+        _s(
+            "agent_id",
+            "The `id` of a `coder_agent` resource to associate with.",
+            required=True,
+            requires_replace=True,
+        ),
         _s("command", "A command to run in a terminal opening this app.", **_FN),
         _s("icon", "A URL to an icon shown in the dashboard.", **_FN),
-        _s("slug", "A hostname-friendly name for the app, used in URLs.", required=True,
-           requires_replace=True),
+        _s(
+            "slug",
+            "A hostname-friendly name for the app, used in URLs.",
+            required=True,
+            requires_replace=True,
+        ),
         _s("display_name", "A display name for the app. Defaults to the slug.", **_FN),
-        Attribute("subdomain", types.Bool(), description="Serve the app on its own subdomain.", **_FN),
-        _s("share", "Sharing level: owner, authenticated or public.", optional=True, computed=True,
-           requires_replace=True, default="owner"),
+        Attribute(
+            "subdomain", types.Bool(), description="Serve the app on its own subdomain.", **_FN
+        ),
+        _s(
+            "share",
+            "Sharing level: owner, authenticated or public.",
+            optional=True,
+            computed=True,
+            requires_replace=True,
+            default="owner",
+        ),
         _s("url", "An external URL or a URL to proxy to inside the workspace.", **_FN),
-        Attribute("external", types.Bool(), description="Open `url` on the client instead of proxying.",
-                  optional=True, computed=True, requires_replace=True, default=False),
+        Attribute(
+            "external",
+            types.Bool(),
+            description="Open `url` on the client instead of proxying.",
+            optional=True,
+            computed=True,
+            requires_replace=True,
+            default=False,
+        ),
         _s("group", "The name of a group this app belongs to.", **_FN),
         Attribute("order", types.Number(), description="Position in the UI; lowest first.", **_FN),
-        Attribute("hidden", types.Bool(), description="Hide the app in the UI.", optional=True,
-                  computed=True, requires_replace=True, default=False),
-        _s("open_in", "Where the app opens: slim-window or tab.", optional=True, computed=True,
-           requires_replace=True, default="slim-window"),
+        Attribute(
+            "hidden",
+            types.Bool(),
+            description="Hide the app in the UI.",
+            optional=True,
+            computed=True,
+            requires_replace=True,
+            default=False,
+        ),
+        _s(
+            "open_in",
+            "Where the app opens: slim-window or tab.",
+            optional=True,
+            computed=True,
+            requires_replace=True,
+            default="slim-window",
+        ),
         _s("tooltip", "Markdown shown when hovering over the app.", **_FN),
     ],
     block_types=[_HEALTHCHECK],
@@ -117,12 +169,16 @@ class AppResource(Resource):
             )
         share = config.get("share")
         if isinstance(share, str) and share not in SHARE_LEVELS:
-            diags.add_error(f"invalid app share {share!r}", "must be owner, authenticated or public",
-                            path=["share"])
+            diags.add_error(
+                f"invalid app share {share!r}",
+                "must be owner, authenticated or public",
+                path=["share"],
+            )
         open_in = config.get("open_in")
         if isinstance(open_in, str) and open_in not in OPEN_IN:
-            diags.add_error(f"invalid open_in {open_in!r}", "must be slim-window or tab",
-                            path=["open_in"])
+            diags.add_error(
+                f"invalid open_in {open_in!r}", "must be slim-window or tab", path=["open_in"]
+            )
         for key, limit in (("display_name", 64), ("group", 64), ("tooltip", 2048)):
             value = config.get(key)
             if isinstance(value, str) and len(value) > limit:

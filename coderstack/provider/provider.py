@@ -23,7 +23,9 @@ DEFAULT_URL = "https://mydeployment.coder.com"
 FULL_NAME = "registry.terraform.io/coder/coder"
 
 PROVIDER_SCHEMA = Schema(
-    attributes=[Attribute("url", types.String(), description="The URL to access Coder.", optional=True)]
+    attributes=[
+        Attribute("url", types.String(), description="The URL to access Coder.", optional=True)
+    ]
 )
 
 

@@ -32,9 +32,15 @@ WORKSPACE_SCHEMA = Schema(
     version=1,
     description="Use this data source to get information for the active workspace build.",
     attributes=[
-        _c("access_url", types.String(), "The access URL of the deployment provisioning this workspace."),
+        _c(
+            "access_url",
+            types.String(),
+            "The access URL of the deployment provisioning this workspace.",
+        ),
         _c("access_port", types.Number(), "The access port of the deployment."),
-        _c("prebuild_count", types.Number(), "1 if the workspace is an unclaimed prebuild, else 0."),
+        _c(
+            "prebuild_count", types.Number(), "1 if the workspace is an unclaimed prebuild, else 0."
+        ),
         _c("start_count", types.Number(), "1 if `transition` is start, else 0."),
         _c("transition", types.String(), "Either `start` or `stop`."),
         _c("id", types.String(), "UUID of the workspace."),
@@ -106,7 +112,12 @@ OWNER_SCHEMA = Schema(
         _c("ssh_public_key", types.String(), "The user's generated SSH public key."),
         _c("ssh_private_key", types.String(), "The user's generated SSH private key.", True),
         _c("groups", types.List(types.String()), "The groups of which the user is a member."),
-        _c("session_token", types.String(), "Session token for the deployment, new every start.", True),
+        _c(
+            "session_token",
+            types.String(),
+            "Session token for the deployment, new every start.",
+            True,
+        ),
         _c("oidc_access_token", types.String(), "The owner's OIDC access token, if any.", True),
         _c("oidc_id_token", types.String(), "The owner's OIDC ID token, if any.", True),
         _c("login_type", types.String(), "The type of login the user has."),
