@@ -29,7 +29,7 @@ class TerraformDir:
     """A directory with our provider installed through a filesystem mirror, as builds do."""
 
     def __init__(self, root: str):
-        self.root = Path(root)
+        self.root = Path(root).resolve()
         self.root.mkdir(parents=True, exist_ok=True)
         self.provider = write_provider_executable(self.root / "bin")
         self.work = self.root / "work"
