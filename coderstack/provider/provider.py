@@ -17,6 +17,7 @@ from tf.utils import Diagnostics
 
 from coderstack.provider.agent import AgentResource
 from coderstack.provider.app import AppResource
+from coderstack.provider.host import ProvisionerDataSource
 from coderstack.provider.workspace import WorkspaceDataSource, WorkspaceOwnerDataSource
 
 DEFAULT_URL = "https://mydeployment.coder.com"
@@ -68,7 +69,7 @@ class CoderProvider(Provider):
             self.url = url
 
     def get_data_sources(self) -> list[type[DataSource]]:
-        return [WorkspaceDataSource, WorkspaceOwnerDataSource]
+        return [WorkspaceDataSource, WorkspaceOwnerDataSource, ProvisionerDataSource]
 
     def get_resources(self) -> list[type[Resource]]:
         return [AgentResource, AppResource]

@@ -56,11 +56,12 @@ locals {
   username = data.coder_workspace_owner.me.name
 }
 
+data "coder_provisioner" "me" {}
 data "coder_workspace" "me" {}
 data "coder_workspace_owner" "me" {}
 
 resource "coder_agent" "main" {
-  arch           = "amd64"
+  arch           = data.coder_provisioner.me.arch
   os             = "linux"
   startup_script = <<-EOT
     set -e
@@ -241,7 +242,7 @@ class CoderStyleTemplateTests(unittest.TestCase):
         tf.write("main.tf", CODER_STYLE_BODY)
         env = {
             "CODER_AGENT_URL": "http://localhost:3000",
-            "CODER_AGENT_SCRIPT_linux_amd64": SCRIPT,
+            **{f"CODER_AGENT_SCRIPT_linux_{arch}": SCRIPT for arch in ("amd64", "arm64", "armv7")},
             "CODER_WORKSPACE_NAME": "Dev",
             "CODER_WORKSPACE_OWNER": "alice",
             "CODER_WORKSPACE_OWNER_NAME": "Alice Liddell",
@@ -289,6 +290,7 @@ class SchemaThroughTerraformTests(unittest.TestCase):
         check(res["coder_app"]["block"], ref.APP)
         check(data["coder_workspace"]["block"], ref.WORKSPACE)
         check(data["coder_workspace_owner"]["block"], ref.OWNER)
+        check(data["coder_provisioner"]["block"], ref.PROVISIONER)
         for kind, blocks in ((res["coder_agent"], ref.AGENT_BLOCKS), (res["coder_app"], ref.APP_BLOCKS)):
             got = {
                 name: (b["nesting_mode"], b.get("max_items"), set(b["block"].get("attributes", {})))

@@ -92,3 +92,5 @@ def flags(attr: dict) -> str:
 
 def expected_flags(spec: str) -> str:
     return spec.replace("*", "")
+
+PROVISIONER = {"id": ("string", "C"), "os": ("string", "C"), "arch": ("string", "C")}

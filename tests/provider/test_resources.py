@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from coderstack.provider.agent import AgentResource, render_init_script
 from coderstack.provider.app import AppResource
+from coderstack.provider.host import ProvisionerDataSource, go_arch, go_os
 from coderstack.provider.provider import DEFAULT_URL, CoderProvider
 from coderstack.provider.workspace import (
     WorkspaceDataSource,
@@ -239,6 +240,15 @@ class DataSourceTests(unittest.TestCase):
         self.assertEqual(got["groups"], ["dev", "ops"])
         self.assertEqual(got["rbac_roles"], [{"name": "member", "org_id": "o"}])
         self.assertEqual(got["session_token"], "sess")
+
+    def test_provisioner_platform_names(self):
+        self.assertEqual(go_arch("x86_64"), "amd64")
+        self.assertEqual(go_arch("aarch64"), "arm64")
+        self.assertEqual(go_arch("armv7l"), "arm")
+        self.assertEqual(go_os("Linux"), "linux")
+        got = ProvisionerDataSource(configured("http://h")).read(
+            ReadDataContext(Diagnostics(), "coder_provisioner"), {})
+        self.assertEqual((got["os"], got["arch"]), (go_os(), go_arch()))
 
     def test_owner_bad_groups(self):
         self.patch(os, "environ", {"CODER_WORKSPACE_OWNER_GROUPS": "not json"})

@@ -53,7 +53,7 @@ class SchemaTests(unittest.TestCase):
 
     def test_names(self):
         self.assertEqual(set(self.resources), {"coder_agent", "coder_app"})
-        self.assertEqual(set(self.data), {"coder_workspace", "coder_workspace_owner"})
+        self.assertEqual(set(self.data), {"coder_workspace", "coder_workspace_owner", "coder_provisioner"})
 
     def test_agent(self):
         got = self.assertAttributes(self.resources["coder_agent"].get_schema(), ref.AGENT)
@@ -88,3 +88,6 @@ class SchemaTests(unittest.TestCase):
 
     def test_owner(self):
         self.assertAttributes(self.data["coder_workspace_owner"].get_schema(), ref.OWNER)
+
+    def test_provisioner(self):
+        self.assertAttributes(self.data["coder_provisioner"].get_schema(), ref.PROVISIONER)
