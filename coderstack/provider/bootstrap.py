@@ -17,7 +17,9 @@ The bootstrap reads from its environment:
 ``CODERSTACK_AGENT_DIR`` where the pidfile ``agent.pid`` and log ``agent.log`` go;
                         default ``$HOME/.coderstack/agent``.
 
-and exports ``CODER_AGENT_URL`` and ``CODER_AGENT_AUTH`` for the agent.  A second run while the
+and exports ``CODER_AGENT_URL`` and ``CODER_AGENT_AUTH`` for the agent, after dropping the
+provisioner's ``CODER_WORKSPACE_*``, ``CODER_AGENT_SCRIPT_*`` and ``TF_*`` variables (a local-exec
+provisioner hands the bootstrap Terraform's whole environment).  A second run while the
 agent is alive does nothing.  The stop script ends the process named by the pidfile, after
 checking that the process really is the one started with that pidfile.
 """
@@ -51,6 +53,11 @@ if [ -s "$PIDFILE" ] && kill -0 "$(cat "$PIDFILE")" 2>/dev/null; then
   exit 0
 fi
 rm -f "$PIDFILE"
+# The agent needs none of the provisioner's variables, and some are secrets (the owner's
+# session token): drop them before it inherits this environment.
+for name in $(env | cut -d= -f1 | grep -E '^(CODER_WORKSPACE_|CODER_AGENT_SCRIPT_|TF_)[A-Za-z0-9_]*$'); do
+  unset "$name"
+done
 export CODER_AGENT_URL="${ACCESS_URL}"
 export CODER_AGENT_AUTH="${AUTH_TYPE}"
 export CODER_AGENT_TOKEN

@@ -30,6 +30,9 @@ def main() -> None:
     with open(logfile, "a") as log:
         for name in ("CODER_AGENT_URL", "CODER_AGENT_AUTH", "CODER_AGENT_TOKEN"):
             log.write(f"{name}={os.environ.get(name, '')}\n")
+        leaked = sorted(k for k in os.environ
+                        if k.startswith(("CODER_WORKSPACE_", "CODER_AGENT_SCRIPT_", "TF_")))
+        log.write(f"provisioner_env={','.join(leaked)}\n")
         log.write(f"service={args[-1]}\n")
 
     def stop(*_):

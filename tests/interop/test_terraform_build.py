@@ -78,6 +78,8 @@ class BuildTests(unittest.TestCase):
         self.assertIn(f"CODER_AGENT_URL={ACCESS_URL}/\n", log)
         self.assertIn(f"CODER_AGENT_TOKEN={agent.token}\n", log)
         self.assertIn("service=coderstack-agent\n", log)
+        # The provisioner's variables (the owner's session token among them) are not inherited.
+        self.assertIn("provisioner_env=\n", log)
 
         # Stop: the process goes, the agent (and its token) stay, as in Coder's templates.
         stopped = await self.build("stop")
@@ -118,7 +120,7 @@ class BuildTests(unittest.TestCase):
         self.assertTrue(alive(self.agent_pid(agent.id)))
         self.assertTrue(self.agent_log(agent.id).endswith(
             f"CODER_AGENT_URL={ACCESS_URL}/\nCODER_AGENT_AUTH=token\n"
-            f"CODER_AGENT_TOKEN={agent.token}\nservice=coderstack-agent\n"))
+            f"CODER_AGENT_TOKEN={agent.token}\nprovisioner_env=\nservice=coderstack-agent\n"))
         await self.build("destroy", template)
 
 

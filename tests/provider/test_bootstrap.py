@@ -70,7 +70,9 @@ class RunTests(unittest.TestCase):
                               capture_output=True, text=True)
 
     def start(self) -> int:
-        proc = self.sh(self.script, CODER_AGENT_TOKEN="tok-1", CODERSTACK_AGENT_DIR=str(self.dir / "a"))
+        proc = self.sh(self.script, CODER_AGENT_TOKEN="tok-1", CODERSTACK_AGENT_DIR=str(self.dir / "a"),
+                       CODER_WORKSPACE_OWNER_SESSION_TOKEN="owner-secret", TF_IN_AUTOMATION="1",
+                       CODER_AGENT_SCRIPT_linux_amd64=self.script)
         self.assertEqual(proc.returncode, 0, proc.stderr)
         return int((self.dir / "a" / "agent.pid").read_text())
 
@@ -82,6 +84,7 @@ class RunTests(unittest.TestCase):
         self.assertIn("CODER_AGENT_AUTH=token\n", log)
         self.assertIn("CODER_AGENT_TOKEN=tok-1\n", log)
         self.assertIn("service=coderstack-agent\n", log)
+        self.assertIn("provisioner_env=\n", log)
         self.assertEqual(os.stat(self.dir / "a").st_mode & 0o777, 0o700)
 
         stop = self.sh(linux_stop_script(), CODERSTACK_AGENT_DIR=str(self.dir / "a"))
