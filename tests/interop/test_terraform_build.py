@@ -121,7 +121,6 @@ class BuildTests(unittest.TestCase):
         self.assertTrue(self.agent_log(agent.id).endswith(
             f"CODER_AGENT_URL={ACCESS_URL}/\nCODER_AGENT_AUTH=token\n"
             f"CODER_AGENT_TOKEN={agent.token}\nprovisioner_env=\nservice=coderstack-agent\n"))
-        await self.build("destroy", template)
 
 
     async def test_broken_template_shows_terraform_error(self):
