@@ -15,17 +15,29 @@ if TYPE_CHECKING:
     from coderstack.provider.provider import CoderProvider
 
 _GOARCH = {
-    "x86_64": "amd64", "amd64": "amd64", "i386": "386", "i686": "386",
-    "aarch64": "arm64", "arm64": "arm64", "armv7l": "arm", "armv6l": "arm",
-    "ppc64le": "ppc64le", "s390x": "s390x", "riscv64": "riscv64",
+    "x86_64": "amd64",
+    "amd64": "amd64",
+    "i386": "386",
+    "i686": "386",
+    "aarch64": "arm64",
+    "arm64": "arm64",
+    "armv7l": "arm",
+    "armv6l": "arm",
+    "ppc64le": "ppc64le",
+    "s390x": "s390x",
+    "riscv64": "riscv64",
 }
 
 PROVISIONER_SCHEMA = Schema(
     description="Use this data source to get information about the Coder provisioner.",
     attributes=[
         Attribute("id", types.String(), description="A random UUID.", computed=True),
-        Attribute("os", types.String(), description="The host's operating system (GOOS).", computed=True),
-        Attribute("arch", types.String(), description="The host's architecture (GOARCH).", computed=True),
+        Attribute(
+            "os", types.String(), description="The host's operating system (GOOS).", computed=True
+        ),
+        Attribute(
+            "arch", types.String(), description="The host's architecture (GOARCH).", computed=True
+        ),
     ],
 )
 

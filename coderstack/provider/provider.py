@@ -18,6 +18,7 @@ from tf.utils import Diagnostics
 from coderstack.provider.agent import AgentResource
 from coderstack.provider.app import AppResource
 from coderstack.provider.host import ProvisionerDataSource
+from coderstack.provider.parameter import ParameterDataSource
 from coderstack.provider.workspace import WorkspaceDataSource, WorkspaceOwnerDataSource
 
 DEFAULT_URL = "https://mydeployment.coder.com"
@@ -69,7 +70,12 @@ class CoderProvider(Provider):
             self.url = url
 
     def get_data_sources(self) -> list[type[DataSource]]:
-        return [WorkspaceDataSource, WorkspaceOwnerDataSource, ProvisionerDataSource]
+        return [
+            WorkspaceDataSource,
+            WorkspaceOwnerDataSource,
+            ProvisionerDataSource,
+            ParameterDataSource,
+        ]
 
     def get_resources(self) -> list[type[Resource]]:
         return [AgentResource, AppResource]

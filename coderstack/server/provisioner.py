@@ -44,6 +44,7 @@ from twisted.internet.interfaces import IReactorProcess
 from coderstack.provider.agent import DISPLAY_APPS_DEFAULTS
 from coderstack.provider.bootstrap import agent_script_env
 from coderstack.provider.launcher import EXECUTABLE_NAME
+from coderstack.provider.parameter import parameter_env_name
 
 TRANSITIONS = ("start", "stop", "destroy")
 PROVIDER_ADDRESS = "registry.terraform.io/coder/coder"
@@ -163,6 +164,8 @@ class BuildResult:
     #: Every managed resource in the state after the build, as "type.name" (index appended).
     resources: tuple[str, ...]
     state_path: Path
+    #: ``coder_parameter`` values the build used, by parameter name.
+    parameters: Mapping[str, str] = field(default_factory=dict)
 
 
 class BuildError(Exception):
@@ -266,8 +269,10 @@ def terraform_env(
     workspace: WorkspaceInfo | None,
     agent_scripts: Mapping[str, str],
     base_env: Mapping[str, str] | None = None,
+    parameters: Mapping[str, str] | None = None,
 ) -> dict[str, str]:
-    """The environment of a terraform run, as Coder's ``provisionEnv`` builds it."""
+    """The environment of a terraform run, as Coder's ``provisionEnv`` builds it; ``parameters``
+    are the workspace's ``coder_parameter`` values by name."""
     parent = os.environ if base_env is None else base_env
     env = {k: parent[k] for k in SAFE_ENV if k in parent}
     env.setdefault("PATH", os.defpath)
@@ -297,6 +302,8 @@ def terraform_env(
             CODER_WORKSPACE_BUILD_ID=workspace.build_id,
         )
     env.update(agent_scripts)
+    for name, value in (parameters or {}).items():
+        env[parameter_env_name(name)] = value
     return env
 
 
@@ -382,6 +389,18 @@ def read_agents(state: Mapping[str, Any]) -> tuple[Agent, ...]:
     if dupes:
         raise BuildError("apply", f"duplicate agent name(s) in state: {', '.join(dupes)}")
     return tuple(sorted(agents, key=lambda agent: agent.name))
+
+
+def read_parameters(state: Mapping[str, Any]) -> dict[str, str]:
+    """``coder_parameter`` values (data sources) from a state document."""
+    out = {}
+    for res in state.get("resources", []):
+        if res.get("mode") == "data" and res.get("type") == "coder_parameter":
+            for inst in res.get("instances", []):
+                attrs = inst.get("attributes") or {}
+                if "name" in attrs:
+                    out[attrs["name"]] = attrs.get("value") or ""
+    return out
 
 
 def read_resources(state: Mapping[str, Any]) -> tuple[str, ...]:
@@ -502,18 +521,22 @@ class TerraformRunner:
         access_url: str,
         workspace: WorkspaceInfo | None = None,
         log: LogCallback | None = None,
+        parameters: Mapping[str, str] | None = None,
     ) -> defer.Deferred[BuildResult]:
         """Run one build; fires with a :class:`BuildResult` or fails with :class:`BuildError`.
 
         ``template_dir`` is copied into ``work_dir`` (the workspace's own directory, which keeps
-        the state).  Builds of one ``work_dir`` are serialized."""
+        the state).  ``parameters`` are ``coder_parameter`` values by name.  Builds of one
+        ``work_dir`` are serialized."""
         if transition not in TRANSITIONS:
             raise ValueError(f"transition must be one of {TRANSITIONS}, not {transition!r}")
         work = Path(work_dir)
         lock = self._lock(work)
         return lock.run(
             lambda: defer.Deferred.fromCoroutine(
-                self._build(Path(template_dir), work, transition, access_url, workspace, log)
+                self._build(
+                    Path(template_dir), work, transition, access_url, workspace, log, parameters
+                )
             )
         )
 
@@ -525,6 +548,7 @@ class TerraformRunner:
         access_url: str,
         workspace: WorkspaceInfo | None,
         log: LogCallback | None,
+        parameters: Mapping[str, str] | None = None,
     ) -> BuildResult:
         rc = prepare_work_dir(work, self.provider_path, template_dir)
         env = terraform_env(
@@ -534,6 +558,7 @@ class TerraformRunner:
             workspace=workspace,
             agent_scripts=self.agent_scripts,
             base_env=self.base_env,
+            parameters=parameters,
         )
         await self._run("init", ["-input=false", "-no-color"], work, env, log)
         apply_args = ["-auto-approve", "-input=false", "-no-color"]
@@ -547,6 +572,7 @@ class TerraformRunner:
             agents=read_agents(state),
             resources=read_resources(state),
             state_path=state_path,
+            parameters=read_parameters(state),
         )
 
     def validate(
@@ -601,12 +627,15 @@ def build(
     reactor: IReactorProcess | None = None,
     agent_scripts: Mapping[str, str] | None = None,
     terraform: str = "terraform",
+    parameters: Mapping[str, str] | None = None,
 ) -> defer.Deferred[BuildResult]:
     """One-shot form of :meth:`TerraformRunner.build`."""
     runner = TerraformRunner(
         provider_path, reactor=reactor, terraform=terraform, agent_scripts=agent_scripts
     )
-    return runner.build(template_dir, work_dir, transition, access_url, workspace, log)
+    return runner.build(
+        template_dir, work_dir, transition, access_url, workspace, log, parameters
+    )
 
 
 def validate_template(

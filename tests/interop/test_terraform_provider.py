@@ -7,6 +7,7 @@ import uuid
 
 from twisted.trial import unittest
 
+from coderstack.provider.parameter import parameter_env_name
 from tests.interop.tfsupport import SKIP_NO_TERRAFORM, TerraformDir
 from tests.provider import coder_reference as ref
 
@@ -58,6 +59,35 @@ locals {
 
 data "coder_provisioner" "me" {}
 data "coder_workspace" "me" {}
+
+data "coder_parameter" "cpu" {
+  name         = "cpu"
+  display_name = "CPU"
+  description  = "The number of CPU cores"
+  default      = "2"
+  type         = "number"
+  icon         = "/icon/memory.svg"
+  mutable      = true
+  option {
+    name  = "2 Cores"
+    value = "2"
+  }
+  option {
+    name  = "4 Cores"
+    value = "4"
+  }
+}
+
+data "coder_parameter" "disk" {
+  name    = "disk"
+  type    = "number"
+  default = "10"
+  validation {
+    min       = 1
+    max       = 100
+    monotonic = "increasing"
+  }
+}
 data "coder_workspace_owner" "me" {}
 
 resource "coder_agent" "main" {
@@ -71,6 +101,8 @@ resource "coder_agent" "main" {
   env = {
     GIT_AUTHOR_NAME     = coalesce(data.coder_workspace_owner.me.full_name, data.coder_workspace_owner.me.name)
     GIT_AUTHOR_EMAIL    = "${data.coder_workspace_owner.me.email}"
+    CPUS                = data.coder_parameter.cpu.value
+    DISK_GB             = data.coder_parameter.disk.value
   }
 
   metadata {
@@ -247,6 +279,7 @@ class CoderStyleTemplateTests(unittest.TestCase):
             "CODER_WORKSPACE_OWNER": "alice",
             "CODER_WORKSPACE_OWNER_NAME": "Alice Liddell",
             "CODER_WORKSPACE_OWNER_EMAIL": "alice@example.com",
+            parameter_env_name("cpu"): "4",
         }
         tf.tf("init", "-input=false")
         tf.tf("validate")
@@ -256,6 +289,8 @@ class CoderStyleTemplateTests(unittest.TestCase):
         self.assertIn("url=http://host.docker.internal:3000/", out["init_script"][0])
         agent = tf.resource("coder_agent", "main")
         self.assertEqual(agent["env"]["GIT_AUTHOR_NAME"], "Alice Liddell")
+        self.assertEqual(agent["env"]["CPUS"], "4")
+        self.assertEqual(agent["env"]["DISK_GB"], "10")
         self.assertEqual([m["key"] for m in agent["metadata"]], ["0_cpu_usage", "1_ram_usage"])
         self.assertEqual(agent["display_apps"][0]["ssh_helper"], False)
         app = tf.resource("coder_app", "code-server")
@@ -291,6 +326,7 @@ class SchemaThroughTerraformTests(unittest.TestCase):
         check(data["coder_workspace"]["block"], ref.WORKSPACE)
         check(data["coder_workspace_owner"]["block"], ref.OWNER)
         check(data["coder_provisioner"]["block"], ref.PROVISIONER)
+        check(data["coder_parameter"]["block"], ref.PARAMETER)
         for kind, blocks in ((res["coder_agent"], ref.AGENT_BLOCKS), (res["coder_app"], ref.APP_BLOCKS)):
             got = {
                 name: (b["nesting_mode"], b.get("max_items"), set(b["block"].get("attributes", {})))

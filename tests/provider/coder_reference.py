@@ -94,3 +94,22 @@ def expected_flags(spec: str) -> str:
     return spec.replace("*", "")
 
 PROVISIONER = {"id": ("string", "C"), "os": ("string", "C"), "arch": ("string", "C")}
+
+PARAMETER = {
+    "id": ("string", "C"),
+    "value": ("string", "C"),
+    "name": ("string", "R"),
+    "display_name": ("string", "O"),
+    "description": ("string", "O"),
+    "type": ("string", "OC*"),
+    "mutable": ("bool", "OC*"),
+    "ephemeral": ("bool", "OC*"),
+    "default": ("string", "O"),
+    "icon": ("string", "O"),
+    "order": ("number", "O"),
+    "optional": ("bool", "C"),
+}
+PARAMETER_BLOCKS = {
+    "option": ("list", 64, {"name", "description", "value", "icon"}),
+    "validation": ("list", 1, {"min", "min_disabled", "max", "max_disabled", "monotonic", "regex", "error"}),
+}

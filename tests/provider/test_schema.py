@@ -53,7 +53,8 @@ class SchemaTests(unittest.TestCase):
 
     def test_names(self):
         self.assertEqual(set(self.resources), {"coder_agent", "coder_app"})
-        self.assertEqual(set(self.data), {"coder_workspace", "coder_workspace_owner", "coder_provisioner"})
+        self.assertEqual(set(self.data), {"coder_workspace", "coder_workspace_owner", "coder_provisioner",
+                          "coder_parameter"})
 
     def test_agent(self):
         got = self.assertAttributes(self.resources["coder_agent"].get_schema(), ref.AGENT)
@@ -91,3 +92,7 @@ class SchemaTests(unittest.TestCase):
 
     def test_provisioner(self):
         self.assertAttributes(self.data["coder_provisioner"].get_schema(), ref.PROVISIONER)
+
+    def test_parameter(self):
+        got = self.assertAttributes(self.data["coder_parameter"].get_schema(), ref.PARAMETER)
+        self.assertEqual(got["blocks"], ref.PARAMETER_BLOCKS)

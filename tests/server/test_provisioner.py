@@ -10,6 +10,7 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from coderstack.provider.launcher import write_provider_executable
+from coderstack.provider.parameter import parameter_env_name
 from coderstack.server.provisioner import (
     META_DIR,
     BuildError,
@@ -20,6 +21,7 @@ from coderstack.server.provisioner import (
     copy_template,
     prepare_work_dir,
     read_agents,
+    read_parameters,
     read_resources,
     terraform_env,
 )
@@ -70,6 +72,12 @@ class EnvTests(unittest.TestCase):
         self.assertNotIn("CODER_SESSION_TOKEN", env)
         self.assertNotIn("AWS_SECRET", env)
 
+    def test_parameters(self):
+        env = terraform_env(cli_config=Path("/rc"), access_url="http://h", transition="start",
+                            workspace=None, agent_scripts={}, base_env={},
+                            parameters={"region": "eu"})
+        self.assertEqual(env[parameter_env_name("region")], "eu")
+
     def test_destroy_is_a_stop_for_the_data_source(self):
         env = terraform_env(cli_config=Path("/rc"), access_url="http://h", transition="destroy",
                             workspace=None, agent_scripts={}, base_env={})
@@ -100,6 +108,12 @@ class StateTests(unittest.TestCase):
     def test_resources(self):
         self.assertEqual(read_resources(state_doc()),
                          ("coder_agent.main", "coder_app.web", "terraform_data.p[0]"))
+
+    def test_parameters(self):
+        doc = state_doc()
+        doc["resources"].append({"mode": "data", "type": "coder_parameter", "name": "r",
+                                 "instances": [{"attributes": {"name": "region", "value": "eu"}}]})
+        self.assertEqual(read_parameters(doc), {"region": "eu"})
 
     def test_empty(self):
         self.assertEqual(read_agents({}), ())
