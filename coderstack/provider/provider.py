@@ -17,6 +17,7 @@ from tf.utils import Diagnostics
 
 from coderstack.provider.agent import AgentResource
 from coderstack.provider.app import AppResource
+from coderstack.provider.attached import EnvResource, ScriptResource
 from coderstack.provider.host import ProvisionerDataSource
 from coderstack.provider.parameter import ParameterDataSource
 from coderstack.provider.workspace import WorkspaceDataSource, WorkspaceOwnerDataSource
@@ -78,4 +79,4 @@ class CoderProvider(Provider):
         ]
 
     def get_resources(self) -> list[type[Resource]]:
-        return [AgentResource, AppResource]
+        return [AgentResource, AppResource, ScriptResource, EnvResource]

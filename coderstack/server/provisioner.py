@@ -132,8 +132,25 @@ class MetadataItem:
 
 
 @dataclass(frozen=True)
+class Script:
+    """A ``coder_script`` of an agent."""
+
+    id: str
+    display_name: str
+    script: str
+    run_on_start: bool = False
+    run_on_stop: bool = False
+    start_blocks_login: bool = False
+    cron: str | None = None
+    timeout: int = 0
+    log_path: str | None = None
+    icon: str | None = None
+
+
+@dataclass(frozen=True)
 class Agent:
-    """A ``coder_agent`` from the state.  ``name`` is the resource name, as in Coder."""
+    """A ``coder_agent`` from the state.  ``name`` is the resource name, as in Coder.  ``env`` is
+    the agent's ``env`` merged over its ``coder_env`` resources."""
 
     id: str
     name: str
@@ -155,6 +172,8 @@ class Agent:
     display_apps: Mapping[str, bool] = field(default_factory=lambda: dict(DISPLAY_APPS_DEFAULTS))
     metadata: tuple[MetadataItem, ...] = ()
     apps: tuple[App, ...] = ()
+    #: ``coder_script`` resources attached to the agent (``startup_script`` stays separate).
+    scripts: tuple[Script, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -318,6 +337,57 @@ def _instances(state: Mapping[str, Any], type_name: str):
                 yield res, inst.get("attributes") or {}
 
 
+def _address(res: Mapping[str, Any], attrs: Mapping[str, Any]) -> str:
+    return f"{res.get('module', '')}{res['type']}.{res['name']}/{attrs.get('id', '')}"
+
+
+def _merge_env(state: Mapping[str, Any]) -> dict[str, dict[str, str]]:
+    """``coder_env`` values per agent id, merged by their ``merge_strategy`` in the order of
+    their resource addresses (Coder's rule: append/prepend join with ``:``)."""
+    per_agent: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
+    for res, a in _instances(state, "coder_env"):
+        per_agent.setdefault(a["agent_id"], []).append((_address(res, a), a))
+    merged: dict[str, dict[str, str]] = {}
+    for agent_id, items in per_agent.items():
+        env: dict[str, str] = {}
+        seen: dict[str, int] = {}
+        for _, a in sorted(items, key=lambda item: item[0]):
+            name, value = a["name"], a.get("value") or ""
+            strategy = a.get("merge_strategy") or "replace"
+            seen[name] = seen.get(name, 0) + 1
+            if strategy == "append" and env.get(name):
+                value = f"{env[name]}:{value}"
+            elif strategy == "prepend" and env.get(name):
+                value = f"{value}:{env[name]}"
+            env[name] = value
+        for name, count in seen.items():
+            strict = any(a.get("merge_strategy") == "error" for _, a in items if a["name"] == name)
+            if count > 1 and strict:
+                raise BuildError("apply", f"coder_env {name!r} is defined more than once")
+        merged[agent_id] = env
+    return merged
+
+
+def _scripts(state: Mapping[str, Any]) -> dict[str, list[Script]]:
+    out: dict[str, list[Script]] = {}
+    for _res, a in _instances(state, "coder_script"):
+        out.setdefault(a["agent_id"], []).append(
+            Script(
+                id=a["id"],
+                display_name=a["display_name"],
+                script=a["script"],
+                run_on_start=bool(a.get("run_on_start")),
+                run_on_stop=bool(a.get("run_on_stop")),
+                start_blocks_login=bool(a.get("start_blocks_login")),
+                cron=a.get("cron"),
+                timeout=_int(a.get("timeout"), 0),
+                log_path=a.get("log_path"),
+                icon=a.get("icon"),
+            )
+        )
+    return out
+
+
 def read_agents(state: Mapping[str, Any]) -> tuple[Agent, ...]:
     """Agents (with their apps) from a Terraform state document (format version 4)."""
     apps: dict[str, list[App]] = {}
@@ -345,6 +415,8 @@ def read_agents(state: Mapping[str, Any]) -> tuple[Agent, ...]:
                 tooltip=a.get("tooltip"),
             )
         )
+    env_by_agent = _merge_env(state)
+    scripts = _scripts(state)
     agents = []
     for res, a in _instances(state, "coder_agent"):
         shown = dict(DISPLAY_APPS_DEFAULTS)
@@ -359,7 +431,7 @@ def read_agents(state: Mapping[str, Any]) -> tuple[Agent, ...]:
                 arch=a["arch"],
                 auth=a.get("auth") or "token",
                 dir=a.get("dir"),
-                env=dict(a.get("env") or {}),
+                env={**env_by_agent.get(a["id"], {}), **(a.get("env") or {})},
                 startup_script=a.get("startup_script"),
                 shutdown_script=a.get("shutdown_script"),
                 startup_script_behavior=a.get("startup_script_behavior") or "non-blocking",
@@ -382,6 +454,7 @@ def read_agents(state: Mapping[str, Any]) -> tuple[Agent, ...]:
                     for m in a.get("metadata") or []
                 ),
                 apps=tuple(sorted(apps.get(a["id"], []), key=lambda app: app.slug)),
+                scripts=tuple(sorted(scripts.get(a["id"], []), key=lambda s: s.display_name)),
             )
         )
     names = [agent.name for agent in agents]

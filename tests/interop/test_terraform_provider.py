@@ -144,6 +144,21 @@ resource "coder_app" "code-server" {
   }
 }
 
+resource "coder_script" "dotfiles" {
+  agent_id           = coder_agent.main.id
+  display_name       = "Dotfiles"
+  icon               = "/icon/dotfiles.svg"
+  run_on_start       = true
+  start_blocks_login = true
+  script             = "echo installing dotfiles"
+}
+
+resource "coder_env" "editor" {
+  agent_id = coder_agent.main.id
+  name     = "EDITOR"
+  value    = "vim"
+}
+
 resource "terraform_data" "workspace" {
   count = data.coder_workspace.me.start_count
   input = {
@@ -297,6 +312,10 @@ class CoderStyleTemplateTests(unittest.TestCase):
         self.assertEqual(app["url"], "http://localhost:13337/?folder=/home/alice")
         self.assertEqual(app["healthcheck"][0]["threshold"], 6)
 
+        script = tf.resource("coder_script", "dotfiles")
+        self.assertEqual((script["run_on_start"], script["run_on_stop"], script["timeout"]), (True, False, 0))
+        self.assertEqual(tf.resource("coder_env", "editor")["merge_strategy"], "replace")
+
         stopped = tf.tf("apply", "-auto-approve", "-input=false", CODER_WORKSPACE_TRANSITION="stop", **env)
         self.assertIn("0 added, 0 changed, 1 destroyed", stopped.stdout)
         self.assertEqual(tf.outputs()["names"], [])
@@ -327,6 +346,8 @@ class SchemaThroughTerraformTests(unittest.TestCase):
         check(data["coder_workspace_owner"]["block"], ref.OWNER)
         check(data["coder_provisioner"]["block"], ref.PROVISIONER)
         check(data["coder_parameter"]["block"], ref.PARAMETER)
+        check(res["coder_script"]["block"], ref.SCRIPT)
+        check(res["coder_env"]["block"], ref.ENV)
         for kind, blocks in ((res["coder_agent"], ref.AGENT_BLOCKS), (res["coder_app"], ref.APP_BLOCKS)):
             got = {
                 name: (b["nesting_mode"], b.get("max_items"), set(b["block"].get("attributes", {})))

@@ -113,3 +113,25 @@ PARAMETER_BLOCKS = {
     "option": ("list", 64, {"name", "description", "value", "icon"}),
     "validation": ("list", 1, {"min", "min_disabled", "max", "max_disabled", "monotonic", "regex", "error"}),
 }
+
+SCRIPT = {
+    "id": ("string", "OC"),
+    "agent_id": ("string", "R"),
+    "display_name": ("string", "R"),
+    "log_path": ("string", "O"),
+    "icon": ("string", "O"),
+    "script": ("string", "R"),
+    "cron": ("string", "O"),
+    "start_blocks_login": ("bool", "OC*"),
+    "run_on_start": ("bool", "OC*"),
+    "run_on_stop": ("bool", "OC*"),
+    "timeout": ("number", "OC*"),
+}
+
+ENV = {
+    "id": ("string", "OC"),
+    "agent_id": ("string", "R"),
+    "name": ("string", "R"),
+    "value": ("string", "O"),
+    "merge_strategy": ("string", "OC*"),
+}

@@ -12,6 +12,7 @@ from twisted.trial import unittest
 
 from coderstack.provider.agent import AgentResource, render_init_script
 from coderstack.provider.app import AppResource
+from coderstack.provider.attached import EnvResource, ScriptResource
 from coderstack.provider.host import ProvisionerDataSource, go_arch, go_os
 from coderstack.provider.provider import DEFAULT_URL, CoderProvider
 from coderstack.provider.workspace import (
@@ -255,3 +256,42 @@ class DataSourceTests(unittest.TestCase):
         ctx = ReadDataContext(Diagnostics(), "coder_workspace_owner")
         WorkspaceOwnerDataSource(configured("http://h")).read(ctx, {})
         self.assertTrue(ctx.diagnostics.has_errors())
+
+
+class AttachedTests(unittest.TestCase):
+    def planned(self, klass, **kw):
+        plan = {a.name: (Unknown if a.computed else None) for a in klass.get_schema().attributes}
+        plan.update(kw)
+        return plan
+
+    def create(self, klass, **kw):
+        ctx = CreateContext(Diagnostics(), "coder_x")
+        state = klass(configured("http://h")).create(ctx, self.planned(klass, **kw))
+        return state, errors(ctx.diagnostics)
+
+    def test_script_defaults_and_rules(self):
+        state, errs = self.create(ScriptResource, agent_id="a", display_name="d", script="s",
+                                  run_on_start=True)
+        self.assertEqual(errs, [])
+        uuid.UUID(state["id"])
+        self.assertEqual((state["run_on_stop"], state["start_blocks_login"], state["timeout"]),
+                         (False, False, 0))
+        _, errs = self.create(ScriptResource, agent_id="a", display_name="d", script="s")
+        self.assertIn("at least one of `run_on_start`, `run_on_stop`, or `cron` must be set", errs)
+        _, errs = self.create(ScriptResource, agent_id="a", display_name="d", script="s",
+                              run_on_stop=True, start_blocks_login=True)
+        self.assertTrue(errs)
+
+    def test_script_validate(self):
+        diags = Diagnostics()
+        ScriptResource(configured("http://h")).validate(
+            diags, "coder_script", {"cron": "every day", "timeout": 0})
+        self.assertEqual(len(errors(diags)), 2)
+
+    def test_env(self):
+        state, errs = self.create(EnvResource, agent_id="a", name="EDITOR", value="vi")
+        self.assertEqual((errs, state["merge_strategy"]), ([], "replace"))
+        diags = Diagnostics()
+        EnvResource(configured("http://h")).validate(
+            diags, "coder_env", {"name": "1BAD", "merge_strategy": "mix"})
+        self.assertEqual(len(errors(diags)), 2)

@@ -52,7 +52,7 @@ class SchemaTests(unittest.TestCase):
         self.assertEqual(self.provider.full_name(), "registry.terraform.io/coder/coder")
 
     def test_names(self):
-        self.assertEqual(set(self.resources), {"coder_agent", "coder_app"})
+        self.assertEqual(set(self.resources), {"coder_agent", "coder_app", "coder_script", "coder_env"})
         self.assertEqual(set(self.data), {"coder_workspace", "coder_workspace_owner", "coder_provisioner",
                           "coder_parameter"})
 
@@ -96,3 +96,9 @@ class SchemaTests(unittest.TestCase):
     def test_parameter(self):
         got = self.assertAttributes(self.data["coder_parameter"].get_schema(), ref.PARAMETER)
         self.assertEqual(got["blocks"], ref.PARAMETER_BLOCKS)
+
+    def test_script(self):
+        self.assertAttributes(self.resources["coder_script"].get_schema(), ref.SCRIPT)
+
+    def test_env(self):
+        self.assertAttributes(self.resources["coder_env"].get_schema(), ref.ENV)

@@ -105,6 +105,37 @@ class StateTests(unittest.TestCase):
         self.assertEqual(app.healthcheck.threshold, 3)
         self.assertNotIn("s3cr3t", repr(agent))
 
+    def test_scripts_and_env(self):
+        doc = state_doc()
+
+        def add(type_name, resource_name, **attrs):
+            doc["resources"].append({"mode": "managed", "type": type_name, "name": resource_name,
+                                     "instances": [{"attributes": {"agent_id": "agent-1", **attrs}}]})
+
+        add("coder_script", "b", id="s2", display_name="zz", script="echo b", cron="0 * * * * *")
+        add("coder_script", "a", id="s1", display_name="aa", script="echo a", run_on_start=True,
+            start_blocks_login=True, timeout=30)
+        add("coder_env", "path1", id="e1", name="PATH", value="/opt/a", merge_strategy="append")
+        add("coder_env", "path0", id="e0", name="PATH", value="/usr/bin", merge_strategy="replace")
+        add("coder_env", "pre", id="e2", name="PATH", value="/first", merge_strategy="prepend")
+        add("coder_env", "own", id="e3", name="A", value="from coder_env")
+        (agent,) = read_agents(doc)
+        self.assertEqual([s.display_name for s in agent.scripts], ["aa", "zz"])
+        self.assertEqual((agent.scripts[0].run_on_start, agent.scripts[0].start_blocks_login,
+                          agent.scripts[0].timeout), (True, True, 30))
+        self.assertEqual(agent.scripts[1].cron, "0 * * * * *")
+        # Ordered by address: path0 (replace), path1 (append), pre (prepend).
+        self.assertEqual(agent.env["PATH"], "/first:/usr/bin:/opt/a")
+        self.assertEqual(agent.env["A"], "1")  # the agent's own env wins
+
+    def test_env_error_strategy(self):
+        doc = state_doc()
+        for name, strategy in (("x", "error"), ("y", "replace")):
+            doc["resources"].append({"mode": "managed", "type": "coder_env", "name": name, "instances": [
+                {"attributes": {"agent_id": "agent-1", "id": name, "name": "V", "value": name,
+                                "merge_strategy": strategy}}]})
+        self.assertRaises(BuildError, read_agents, doc)
+
     def test_resources(self):
         self.assertEqual(read_resources(state_doc()),
                          ("coder_agent.main", "coder_app.web", "terraform_data.p[0]"))
