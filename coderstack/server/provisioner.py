@@ -240,13 +240,13 @@ def install_provider_mirror(mirror_dir: Path, provider_path: Path) -> None:
         )
 
 
-def prepare_work_dir(work_dir: Path, provider_path: Path, template_dir: Path | None) -> Path:
+def prepare_work_dir(work_dir: Path, provider_path: Path, template: TemplateSource | None) -> Path:
     """Create the build directory, refresh its copy of the template (dropping files of a
     previous version) and its provider mirror; return the CLI config path."""
     meta = work_dir / META_DIR
     meta.mkdir(parents=True, exist_ok=True)
-    if template_dir is not None:
-        copy_template(template_dir, work_dir)
+    if template is not None:
+        copy_template(template, work_dir)
     # Repack the mirror only when the provider executable changed; then the old lock file
     # (which pins the old package's hash) must go too, or init would refuse the new one.
     stamp = meta / "provider.sha256"
@@ -260,24 +260,45 @@ def prepare_work_dir(work_dir: Path, provider_path: Path, template_dir: Path | N
     return rc
 
 
-def template_files(template_dir: Path) -> list[Path]:
-    names = sorted(
-        p for p in template_dir.iterdir() if p.is_file() and p.name.endswith(TEMPLATE_SUFFIXES)
-    )
-    if not any(p.name.endswith((".tf", ".tf.json")) for p in names):
-        raise TemplateError("validate", f"no *.tf or *.tf.json files in {template_dir}")
-    return names
+#: A template: a directory, or its files as {file name: content} (e.g. as pushed to the API).
+TemplateSource = str | os.PathLike[str] | Mapping[str, str | bytes]
 
 
-def copy_template(template_dir: Path, work_dir: Path) -> None:
-    files = template_files(template_dir)
+def template_files(template: TemplateSource) -> dict[str, bytes]:
+    """The template's files (top level, Terraform-related suffixes) by name.
+
+    Raises :class:`TemplateError` when there is no ``*.tf``/``*.tf.json`` or a name is not a
+    plain file name."""
+    if isinstance(template, Mapping):
+        files = {}
+        for name, content in template.items():
+            if "/" in name or "\\" in name or name.startswith(".") or not name:
+                raise TemplateError("validate", f"not a plain file name: {name!r}")
+            if name.endswith(TEMPLATE_SUFFIXES):
+                files[name] = content.encode() if isinstance(content, str) else bytes(content)
+        where = "the template"
+    else:
+        where = str(template)
+        files = {
+            p.name: p.read_bytes()
+            for p in Path(template).iterdir()
+            if p.is_file() and p.name.endswith(TEMPLATE_SUFFIXES)
+        }
+    if not any(name.endswith((".tf", ".tf.json")) for name in files):
+        raise TemplateError("validate", f"no *.tf or *.tf.json files in {where}")
+    return dict(sorted(files.items()))
+
+
+def copy_template(template: TemplateSource, work_dir: Path) -> None:
+    """Put the template's files in ``work_dir``, removing those of the previous version."""
+    files = template_files(template)
     manifest = work_dir / META_DIR / "template-files.json"
     if manifest.exists():
         for name in json.loads(manifest.read_text()):
             (work_dir / name).unlink(missing_ok=True)
-    for src in files:
-        shutil.copyfile(src, work_dir / src.name)
-    manifest.write_text(json.dumps([p.name for p in files]))
+    for name, content in files.items():
+        (work_dir / name).write_bytes(content)
+    manifest.write_text(json.dumps(list(files)))
 
 
 def terraform_env(
@@ -588,7 +609,7 @@ class TerraformRunner:
 
     def build(
         self,
-        template_dir: str | os.PathLike[str],
+        template: TemplateSource,
         work_dir: str | os.PathLike[str],
         transition: str,
         access_url: str,
@@ -598,24 +619,22 @@ class TerraformRunner:
     ) -> defer.Deferred[BuildResult]:
         """Run one build; fires with a :class:`BuildResult` or fails with :class:`BuildError`.
 
-        ``template_dir`` is copied into ``work_dir`` (the workspace's own directory, which keeps
-        the state).  ``parameters`` are ``coder_parameter`` values by name.  Builds of one
-        ``work_dir`` are serialized."""
+        ``template`` (a directory or ``{name: content}``) is copied into ``work_dir``, the
+        workspace's own directory, which keeps the state.  ``parameters`` are
+        ``coder_parameter`` values by name.  Builds of one ``work_dir`` are serialized."""
         if transition not in TRANSITIONS:
             raise ValueError(f"transition must be one of {TRANSITIONS}, not {transition!r}")
         work = Path(work_dir)
         lock = self._lock(work)
         return lock.run(
             lambda: defer.Deferred.fromCoroutine(
-                self._build(
-                    Path(template_dir), work, transition, access_url, workspace, log, parameters
-                )
+                self._build(template, work, transition, access_url, workspace, log, parameters)
             )
         )
 
     async def _build(
         self,
-        template_dir: Path,
+        template: TemplateSource,
         work: Path,
         transition: str,
         access_url: str,
@@ -623,7 +642,7 @@ class TerraformRunner:
         log: LogCallback | None,
         parameters: Mapping[str, str] | None = None,
     ) -> BuildResult:
-        rc = prepare_work_dir(work, self.provider_path, template_dir)
+        rc = prepare_work_dir(work, self.provider_path, template)
         env = terraform_env(
             cli_config=rc,
             access_url=access_url,
@@ -650,22 +669,24 @@ class TerraformRunner:
 
     def validate(
         self,
-        template_dir: str | os.PathLike[str],
+        template: TemplateSource,
         log: LogCallback | None = None,
         scratch_dir: str | os.PathLike[str] | None = None,
     ) -> defer.Deferred[None]:
         """``terraform init`` + ``terraform validate`` on a copy of the template in a scratch
         directory (a fresh temporary one unless given; removed afterwards).  Fails with
         :class:`TemplateError` carrying terraform's diagnostics."""
-        return defer.Deferred.fromCoroutine(self._validate(Path(template_dir), log, scratch_dir))
+        return defer.Deferred.fromCoroutine(self._validate(template, log, scratch_dir))
 
-    async def _validate(self, template_dir: Path, log: LogCallback | None, scratch_dir) -> None:
+    async def _validate(
+        self, template: TemplateSource, log: LogCallback | None, scratch_dir
+    ) -> None:
         import tempfile
 
         own = scratch_dir is None
         work = Path(tempfile.mkdtemp(prefix="coderstack-validate-")) if own else Path(scratch_dir)
         try:
-            rc = prepare_work_dir(work, self.provider_path, template_dir)
+            rc = prepare_work_dir(work, self.provider_path, template)
             env = terraform_env(
                 cli_config=rc,
                 access_url="https://validate.invalid",
@@ -689,7 +710,7 @@ class TerraformRunner:
 
 
 def build(
-    template_dir: str | os.PathLike[str],
+    template: TemplateSource,
     work_dir: str | os.PathLike[str],
     transition: str,
     access_url: str,
@@ -706,13 +727,11 @@ def build(
     runner = TerraformRunner(
         provider_path, reactor=reactor, terraform=terraform, agent_scripts=agent_scripts
     )
-    return runner.build(
-        template_dir, work_dir, transition, access_url, workspace, log, parameters
-    )
+    return runner.build(template, work_dir, transition, access_url, workspace, log, parameters)
 
 
 def validate_template(
-    template_dir: str | os.PathLike[str],
+    template: TemplateSource,
     provider_path: str | os.PathLike[str],
     *,
     log: LogCallback | None = None,
@@ -722,4 +741,4 @@ def validate_template(
     """One-shot form of :meth:`TerraformRunner.validate`."""
     return TerraformRunner(
         provider_path, reactor=reactor, terraform=terraform, agent_scripts={}
-    ).validate(template_dir, log)
+    ).validate(template, log)

@@ -158,6 +158,10 @@ class ValidateTests(unittest.TestCase):
     def test_example_validates(self):
         return self.runner.validate(EXAMPLE_TEMPLATE)
 
+    def test_template_given_as_files(self):
+        files = {p.name: p.read_text() for p in EXAMPLE_TEMPLATE.iterdir() if p.is_file()}
+        return self.runner.validate(files)
+
     async def test_invalid_template(self):
         template = self.root / "bad"
         template.mkdir()

@@ -180,6 +180,16 @@ class WorkDirTests(unittest.TestCase):
         self.assertEqual(sorted(p.name for p in work.iterdir() if p.is_file()),
                          ["main.tf.json", "terraform.tfstate"])
 
+    def test_template_from_mapping(self):
+        work = self.root / "w"
+        prepare_work_dir(work, self.provider, {"main.tf": "# a", "vars.auto.tfvars": b"x = 1",
+                                                "README.md": "ignored"})
+        self.assertEqual((work / "main.tf").read_text(), "# a")
+        self.assertTrue((work / "vars.auto.tfvars").exists())
+        self.assertFalse((work / "README.md").exists())
+        for bad in ("../evil.tf", "sub/x.tf", ".hidden.tf"):
+            self.assertRaises(TemplateError, prepare_work_dir, work, self.provider, {bad: "", "m.tf": ""})
+
     def test_no_terraform_files(self):
         empty = self.root / "empty"
         empty.mkdir()
