@@ -519,7 +519,8 @@ class _TerraformProcess(protocol.ProcessProtocol):
 
     def __init__(self, log: LogCallback | None):
         self.log = log
-        self.done: defer.Deferred[int | None] = defer.Deferred()
+        # Cancelling the build interrupts terraform (SIGINT: it stops cleanly and saves state).
+        self.done: defer.Deferred[int | None] = defer.Deferred(canceller=self._interrupt)
         self.stderr: deque[str] = deque(maxlen=200)
         self.stdout: deque[str] = deque(maxlen=60)
         self._partial = {1: b"", 2: b""}
@@ -541,6 +542,13 @@ class _TerraformProcess(protocol.ProcessProtocol):
             except Exception:  # a broken log consumer must not break the build
                 pass
 
+    def _interrupt(self, _d: defer.Deferred) -> None:
+        if self.transport is not None:
+            try:
+                self.transport.signalProcess("INT")
+            except error.ProcessExitedAlready:
+                pass
+
     def processEnded(self, reason) -> None:
         for fd, rest in self._partial.items():
             if rest:
@@ -549,7 +557,8 @@ class _TerraformProcess(protocol.ProcessProtocol):
         code = reason.value.exitCode if isinstance(reason.value, error.ProcessTerminated) else 0
         if isinstance(reason.value, error.ProcessTerminated) and code is None:
             code = -(reason.value.signal or 1)
-        self.done.callback(code)
+        if not self.done.called:  # already errbacked if the build was cancelled
+            self.done.callback(code)
 
     def error_text(self) -> str:
         text = "\n".join(self.stderr).strip() or "\n".join(self.stdout).strip()

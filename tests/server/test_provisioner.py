@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from twisted.internet import error
+from twisted.internet import defer, error
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
@@ -294,6 +294,17 @@ class RunnerTests(unittest.TestCase):
         self.finish(0)
         self.finish(0)
         self.assertEqual(self.successResultOf(d2).transition, "stop")
+
+    def test_cancel_interrupts_terraform(self):
+        d = self.runner.build(self.template, self.work, "start", "http://h")
+        proto = self.reactor.spawned[-1][0]
+        signals = []
+        proto.transport = type("T", (), {"signalProcess": lambda self, sig: signals.append(sig)})()
+        d.cancel()
+        self.assertEqual(signals, ["INT"])
+        self.failureResultOf(d, defer.CancelledError)
+        proto.processEnded(Failure(error.ProcessTerminated(exitCode=1)))  # later exit is ignored
+        self.assertEqual(len(self.reactor.spawned), 1)
 
     def test_bad_transition(self):
         self.assertRaises(ValueError, self.runner.build, self.template, self.work, "pause", "http://h")
