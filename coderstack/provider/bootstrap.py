@@ -16,6 +16,7 @@ The bootstrap reads from its environment:
 ``CODER_AGENT_TOKEN``   required; the agent's token (never on a command line).
 ``CODERSTACK_AGENT_DIR`` where the pidfile ``agent.pid`` and log ``agent.log`` go;
                         default ``$HOME/.coderstack/agent``.
+``CODER_AGENT_DATA_DIR`` the agent's key directory; default ``$CODERSTACK_AGENT_DIR/data``.
 
 and exports ``CODER_AGENT_URL`` and ``CODER_AGENT_AUTH`` for the agent, after dropping the
 provisioner's ``CODER_WORKSPACE_*``, ``CODER_AGENT_SCRIPT_*`` and ``TF_*`` variables (a local-exec
@@ -61,6 +62,9 @@ done
 export CODER_AGENT_URL="${ACCESS_URL}"
 export CODER_AGENT_AUTH="${AUTH_TYPE}"
 export CODER_AGENT_TOKEN
+# Each agent keeps its own keys, even when several run on one host.
+if [ -z "$CODER_AGENT_DATA_DIR" ]; then CODER_AGENT_DATA_DIR="$AGENT_DIR/data"; fi
+export CODER_AGENT_DATA_DIR
 @EXPORTS@cd "$AGENT_DIR"
 # twistd forks, writes the pidfile and exits once the agent service has started.
 @COMMAND@ --pidfile "$PIDFILE" --logfile "$LOGFILE" coderstack-agent

@@ -28,7 +28,7 @@ def main() -> None:
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     with open(logfile, "a") as log:
-        for name in ("CODER_AGENT_URL", "CODER_AGENT_AUTH", "CODER_AGENT_TOKEN"):
+        for name in ("CODER_AGENT_URL", "CODER_AGENT_AUTH", "CODER_AGENT_TOKEN", "CODER_AGENT_DATA_DIR"):
             log.write(f"{name}={os.environ.get(name, '')}\n")
         leaked = sorted(k for k in os.environ
                         if k.startswith(("CODER_WORKSPACE_", "CODER_AGENT_SCRIPT_", "TF_")))

@@ -120,7 +120,9 @@ class BuildTests(unittest.TestCase):
         self.assertTrue(alive(self.agent_pid(agent.id)))
         self.assertTrue(self.agent_log(agent.id).endswith(
             f"CODER_AGENT_URL={ACCESS_URL}/\nCODER_AGENT_AUTH=token\n"
-            f"CODER_AGENT_TOKEN={agent.token}\nprovisioner_env=\nservice=coderstack-agent\n"))
+            f"CODER_AGENT_TOKEN={agent.token}\n"
+            f"CODER_AGENT_DATA_DIR={self.agent_dir(agent.id) / 'data'}\n"
+            "provisioner_env=\nservice=coderstack-agent\n"))
 
 
     async def test_broken_template_shows_terraform_error(self):

@@ -83,6 +83,7 @@ class RunTests(unittest.TestCase):
         self.assertIn("CODER_AGENT_URL=http://127.0.0.1:5555/\n", log)
         self.assertIn("CODER_AGENT_AUTH=token\n", log)
         self.assertIn("CODER_AGENT_TOKEN=tok-1\n", log)
+        self.assertIn(f"CODER_AGENT_DATA_DIR={self.dir / 'a' / 'data'}\n", log)
         self.assertIn("service=coderstack-agent\n", log)
         self.assertIn("provisioner_env=\n", log)
         self.assertEqual(os.stat(self.dir / "a").st_mode & 0o777, 0o700)
