@@ -185,6 +185,10 @@ class BuildResult:
     state_path: Path
     #: ``coder_parameter`` values the build used, by parameter name.
     parameters: Mapping[str, str] = field(default_factory=dict)
+    #: The provider ``url`` the template's agents were given (the per-template access-URL
+    #: override, else the access URL), as ``data.coder_workspace.*.access_url`` saw it; None
+    #: when the template reads no ``coder_workspace``.
+    agent_url: str | None = None
 
 
 class BuildError(Exception):
@@ -497,6 +501,17 @@ def read_parameters(state: Mapping[str, Any]) -> dict[str, str]:
     return out
 
 
+def read_agent_url(state: Mapping[str, Any]) -> str | None:
+    """``access_url`` of the first ``coder_workspace`` data source in the state."""
+    for res in state.get("resources", []):
+        if res.get("mode") == "data" and res.get("type") == "coder_workspace":
+            for inst in res.get("instances", []):
+                url = (inst.get("attributes") or {}).get("access_url")
+                if url:
+                    return url
+    return None
+
+
 def read_resources(state: Mapping[str, Any]) -> tuple[str, ...]:
     out = []
     for res in state.get("resources", []):
@@ -674,6 +689,7 @@ class TerraformRunner:
             resources=read_resources(state),
             state_path=state_path,
             parameters=read_parameters(state),
+            agent_url=read_agent_url(state),
         )
 
     def validate(

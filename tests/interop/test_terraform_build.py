@@ -58,7 +58,9 @@ class BuildTests(unittest.TestCase):
         return (self.agent_dir(agent_id) / "agent.log").read_text()
 
     async def build(self, transition: str, template: Path = EXAMPLE_TEMPLATE):
-        return await self.runner.build(template, self.work, transition, ACCESS_URL, WS, self.log.append)
+        self.last = await self.runner.build(template, self.work, transition, ACCESS_URL, WS,
+                                            self.log.append)
+        return self.last
 
     async def test_lifecycle(self):
         started = await self.build("start")
@@ -68,6 +70,7 @@ class BuildTests(unittest.TestCase):
         self.assertEqual([a.slug for a in agent.apps], ["hello"])
         self.assertEqual(agent.apps[0].healthcheck.url, "http://localhost:8000/")
         self.assertIn("terraform_data.agent_process[0]", started.resources)
+        self.assertEqual(started.agent_url, ACCESS_URL)
         self.assertIn("Apply complete! Resources: 3 added, 0 changed, 0 destroyed.", self.log)
         self.assertFalse(any(agent.token in line for line in self.log), "token leaked to the log")
 
@@ -110,6 +113,7 @@ class BuildTests(unittest.TestCase):
         (template / "terraform.tfvars.json").write_text(json.dumps({"access_url_override": override}))
         (agent,) = (await self.build("start", template)).agents
         self.assertIn(f"CODER_AGENT_URL={override}/\n", self.agent_log(agent.id))
+        self.assertEqual(self.last.agent_url, override)
         self.assertIn(f'CODER_AGENT_URL="{override}/"', agent.init_script)
         # Dropping the override (a new template version) restarts the agent on the access URL.
         (template / "terraform.tfvars.json").unlink()

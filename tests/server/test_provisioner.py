@@ -20,6 +20,7 @@ from coderstack.server.provisioner import (
     cli_config_text,
     copy_template,
     prepare_work_dir,
+    read_agent_url,
     read_agents,
     read_parameters,
     read_resources,
@@ -145,6 +146,12 @@ class StateTests(unittest.TestCase):
         doc["resources"].append({"mode": "data", "type": "coder_parameter", "name": "r",
                                  "instances": [{"attributes": {"name": "region", "value": "eu"}}]})
         self.assertEqual(read_parameters(doc), {"region": "eu"})
+
+    def test_agent_url(self):
+        doc = state_doc()
+        self.assertIsNone(read_agent_url(doc))
+        doc["resources"][0]["instances"][0]["attributes"]["access_url"] = "http://override:1"
+        self.assertEqual(read_agent_url(doc), "http://override:1")
 
     def test_empty(self):
         self.assertEqual(read_agents({}), ())
