@@ -20,6 +20,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coderstack import __version__
+from coderstack.derp.mapstream import derp_map_stream_resource
 from coderstack.server import auth
 from coderstack.server.store import Agent, Conflict, User, Workspace, now
 
@@ -437,7 +438,30 @@ class API:
         await self.require_owner(request)
         return write_json(request, self.d.coordinator.debug())
 
-    # -- other resources mounted by the deployment (DERP, metrics, ...) -----------------------
+    # -- the relay, metrics and the DERP map stream --------------------------------------------
+
+    @app.route("/derp", branch=True)
+    def derp(self, request: IRequest) -> Any:
+        # The relay does its own token check before upgrading (401 JSON without one).
+        resource = self.d.mounts.get(b"/derp")
+        if resource is None:
+            raise APIError(404, "The embedded DERP relay is disabled.", "--derp-server-enable=false")
+        return resource
+
+    @app.route("/api/v2/derp-map", methods=["GET"])
+    async def derp_map_stream(self, request: IRequest) -> Any:
+        token = session_token_of(request)
+        if await self.agent_for_token(token) is None and await self.user_for_token(token) is None:
+            raise APIError(401, "You must be logged in to do this.", "send a session or agent token")
+        if request.getHeader("upgrade") is None:
+            return write_json(request, self.d.derp_map_json())
+        return derp_map_stream_resource(self.d.maps.get, self.d.maps.subscribe)
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics(self, request: IRequest) -> bytes:
+        await self.require_owner(request)
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
+        return self.d.metrics_text().encode()
 
     @app.route("/", branch=True)
     def mounted(self, request: IRequest) -> Any:
