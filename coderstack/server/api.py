@@ -422,8 +422,9 @@ class API:
         user, agent, _ws = await self._my_agent(request, agent_id)
         raw_peer = request.args.get(b"peer_id", [b""])[0].decode("ascii", "replace")
         peer_id = parse_uuid(raw_peer, "peer_id") if raw_peer else uuid.uuid4()
-        if not self.d.client_may_use_peer_id(peer_id, user.id):
-            raise APIError(403, "That peer id belongs to someone else.", str(peer_id))
+        problem = await self.d.client_peer_id_problem(peer_id, user.id, agent.id)
+        if problem:
+            raise APIError(403, "You cannot coordinate with that peer id.", problem)
         return self.d.coordinate_resource_for_client(peer_id, user, agent)
 
     # -- deployment and debug ----------------------------------------------------------------

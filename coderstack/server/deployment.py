@@ -164,12 +164,21 @@ class Deployment:
         )
         return coordinate_resource(factory)
 
-    def client_may_use_peer_id(self, peer_id: uuid.UUID, user_id: uuid.UUID) -> bool:
-        """A client may reuse its own peer id (to replace a stale connection), nobody else's."""
+    async def client_peer_id_problem(self, peer_id: uuid.UUID, user_id: uuid.UUID, agent_id: uuid.UUID) -> str | None:
+        """Why a client may not coordinate as ``peer_id``, or None.
+
+        A client may reuse its own peer id (to replace its stale connection), never an agent's
+        (even an offline one's) nor another user's.
+        """
         existing = self.coordinator.auth_of(peer_id)
-        if existing is None:
-            return True
-        return isinstance(existing, ClientAuth) and existing.user_id == user_id
+        if existing is not None and not (isinstance(existing, ClientAuth) and existing.user_id == user_id):
+            return "that peer id belongs to someone else"
+        problem = self.coordinator.check_peer_id(peer_id, ClientAuth(agent_id=agent_id, user_id=user_id))
+        if problem:
+            return problem
+        if await self.store.agent(peer_id) is not None:
+            return "that peer id belongs to an agent"
+        return None
 
     def coordinate_resource_for_client(self, peer_id: uuid.UUID, user: User, agent: Agent) -> IResource:
         factory = CoordinateFactory(

@@ -123,8 +123,9 @@ class ClosedRelayTests(unittest.TestCase):
         await wait_for(lambda: any(u.to_json()["peer_updates"] for u in agent_coord.updates))
 
         # Bob may not even coordinate with alice's agent.
-        with self.assertRaises(Exception):
+        with self.assertRaises(ConnectionError) as refused:
             await self.coordinate(bob, f"/api/v2/workspaceagents/{agent_id}/coordinate")
+        self.assertIn("404", str(refused.exception))
 
         agent_derp, agent_inbox = self.derp(region, agent_key, ws["agent_token"])
         alice_derp, alice_inbox = self.derp(region, alice_key, alice.token)
