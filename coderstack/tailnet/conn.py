@@ -115,21 +115,35 @@ class Conn:
         self._timer_at = float("inf")
         self._netcheck_call: IDelayedCall | None = None
         self._netchecker: Any = None
+        self._netcheck_d: defer.Deferred[Any] | None = None
         self._http: Any = None
         self._closed = False
         self.last_handshake: dict[bytes, float] = {}
         self.drops: Counter[str] = Counter()
+        self._close_hooks: list[Callable[[], Any]] = []
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def start(self, listen_port: int = 0, interface: str = "") -> None:
         self.sock.listen(listen_port, interface)
 
+    def add_close_hook(self, hook: Callable[[], Any]) -> None:
+        """``hook()`` (may return an awaitable) runs first in :meth:`close`."""
+        self._close_hooks.append(hook)
+
     async def close(self) -> None:
+        if self._closed:
+            return
         self._closed = True
+        for hook in self._close_hooks:
+            result = hook()
+            if hasattr(result, "__await__"):
+                await result
         for call in (self._timer, self._netcheck_call):
             if call is not None and call.active():
                 call.cancel()
+        if self._netcheck_d is not None and not self._netcheck_d.called:
+            self._netcheck_d.cancel()
         await self.sock.close()
         if self._http is not None:
             await self._http.close()
@@ -214,7 +228,7 @@ class Conn:
         if self._netchecker is None:
             self._http = TreqHTTP(self.reactor)
             self._netchecker = Netchecker(self.reactor, self.sock.stun, self._http)
-        d = self._netchecker.get_report(self.derp_map)
+        d = self._netcheck_d = self._netchecker.get_report(self.derp_map)
         d.addCallbacks(self._netcheck_done, self._netcheck_failed)
         d.addBoth(lambda _: self._schedule_netcheck(RESTUN_INTERVAL))
 
@@ -238,6 +252,8 @@ class Conn:
         self._node_changed()
 
     def _netcheck_failed(self, failure: Any) -> None:
+        if self._closed:
+            return
         _log.info("netcheck failed: {why}", why=failure.getErrorMessage())
 
     # -- peers ------------------------------------------------------------------------------
