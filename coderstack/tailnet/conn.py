@@ -237,6 +237,9 @@ class Conn:
             return
         self.derp_latency = {f"{rid}-v4": lat for rid, lat in report.region_v4_latency.items()}
         self.derp_latency.update({f"{rid}-v6": lat for rid, lat in report.region_v6_latency.items()})
+        for rid, lat in report.region_latency.items():  # measured over HTTP(S): no family
+            if f"{rid}-v4" not in self.derp_latency and f"{rid}-v6" not in self.derp_latency:
+                self.derp_latency[f"{rid}-v4"] = lat
         stun_eps = []
         for text in (report.global_v4,):
             if text:
@@ -374,6 +377,7 @@ class Conn:
             "local_port": self.sock.local_port,
             "peers": peers,
             "drops": dict(self.drops + self.sock.drops),
+            "disco": dict(self.sock.disco_stats),
         }
 
 

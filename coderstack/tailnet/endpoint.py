@@ -13,6 +13,9 @@ Rules (Tailscale's magicsock, see reference/tailscale-protocols.md §5):
   UDP only; otherwise over the best address (if any) *and* DERP, and every candidate not pinged
   in the last 5 s is pinged; when any ping went out, a CallMeMaybe follows via DERP so that
   the peer pings us back at the same time (simultaneous open through both NATs).
+- A UDP ping from the peer is answered with a pong on the same path and, while we have no
+  trusted path, with a ping of our own to that address (its NAT is open now: this finishes a
+  simultaneous open in one round trip instead of after the 5 s ping interval).
 - A pong from a UDP address records its latency; the address becomes best when
   :func:`better_addr` says so or the current best is no longer trusted; the best is then trusted
   for 6.5 s. Pongs via DERP never make a best address.
@@ -42,6 +45,7 @@ UPGRADE_INTERVAL = 60.0
 GOOD_ENOUGH_LATENCY = 0.005
 DISCO_PING_INTERVAL = 5.0
 PING_TIMEOUT = 5.0
+PING_BACK_INTERVAL = 0.5  # answer a peer's ping with our own at most this often per address
 REFLEXIVE_LIFETIME = 6.5 * 10  # peer-reflexive candidates without a pong expire
 
 
@@ -73,6 +77,7 @@ class Candidate:
     added: float
     last_ping: float = -math.inf
     last_pong: float = -math.inf
+    last_ping_back: float = -math.inf
     latency: float | None = None
 
 
@@ -223,9 +228,19 @@ class Endpoint:
         if src is None:
             # The peer sees us through DERP; the pong's address is DERP's magic one.
             return [DiscoOut(None, disco.Pong(ping.tx_id, ("127.3.3.40", self.derp_region & 0xFFFF)))]
-        if not self.direct_disabled and src not in self.candidates:
-            self.candidates[src] = Candidate(src, "reflexive", now)
-        return [DiscoOut(src, disco.Pong(ping.tx_id, src))]
+        out: list[Action] = [DiscoOut(src, disco.Pong(ping.tx_id, src))]
+        if self.direct_disabled:
+            return out
+        cand = self.candidates.get(src)
+        if cand is None:
+            cand = self.candidates[src] = Candidate(src, "reflexive", now)
+        # The peer's ping got through, so its NAT (and ours) now pass this address pair: ping
+        # back at once instead of waiting out the 5 s ping interval, unless we already have a
+        # trusted path. This completes a simultaneous open in one round trip.
+        if not self.trusted(now) and now - cand.last_ping_back >= PING_BACK_INTERVAL:
+            cand.last_ping_back = now
+            out.append(self._ping(src, now))
+        return out
 
     def handle_pong(self, pong: disco.Pong, src: Addr | None, now: float) -> PongResult | None:
         sent = self._pings.pop(pong.tx_id, None)

@@ -125,6 +125,7 @@ class MagicSock(DatagramProtocol):
         self._timer: IDelayedCall | None = None
         self._closed = False
         self.drops: Counter[str] = Counter()
+        self.disco_stats: Counter[str] = Counter()  # "<type> in|out udp|derp"
         self.on_change: Callable[[], None] = lambda: None
         self.port: Any = None
 
@@ -331,6 +332,7 @@ class MagicSock(DatagramProtocol):
             self.drops["disco-malformed"] += 1
             return
         now = self.reactor.seconds()
+        self.disco_stats[f"{type(msg).__name__.lower()} in {'derp' if src is None else 'udp'}"] += 1
         if isinstance(msg, disco.Ping):
             self._act(ep, ep.handle_ping(msg, src, now))
         elif isinstance(msg, disco.Pong):
@@ -358,6 +360,8 @@ class MagicSock(DatagramProtocol):
     def _act(self, ep: Endpoint, actions: list) -> None:
         for action in actions:
             if isinstance(action, DiscoOut):
+                self.disco_stats[f"{type(action.message).__name__.lower()} out "
+                                 f"{'derp' if action.dest is None else 'udp'}"] += 1
                 packet = disco.seal(action.message, self.disco_public, self._key(ep.disco_key), self.urandom)
                 if action.dest is None:
                     self._send_derp(ep, packet)
@@ -366,6 +370,7 @@ class MagicSock(DatagramProtocol):
             elif isinstance(action, WantCallMeMaybe):
                 eps = [] if self.block_endpoints else self.local_endpoints()
                 if eps:
+                    self.disco_stats["callmemaybe out derp"] += 1
                     cmm = disco.CallMeMaybe(tuple(eps[:64]))
                     self._send_derp(ep, disco.seal(cmm, self.disco_public, self._key(ep.disco_key), self.urandom))
 

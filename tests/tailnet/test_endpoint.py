@@ -118,8 +118,11 @@ class EndpointTests(unittest.TestCase):
     def test_ping_answered_on_arrival_path_and_reflexive_learned(self) -> None:
         ep = make()
         out = ep.handle_ping(disco.Ping(b"t" * 12), B, 0.0)
-        self.assertEqual(out, [e.DiscoOut(B, disco.Pong(b"t" * 12, B))])
+        self.assertEqual(out[0], e.DiscoOut(B, disco.Pong(b"t" * 12, B)))
         self.assertEqual(ep.candidates[B].source, "reflexive")
+        # Untrusted: we ping back at once (the peer's NAT is open to us now).
+        self.assertEqual(list(pings(out)), [B])
+        self.assertEqual(pings(ep.handle_ping(disco.Ping(b"v" * 12), B, 0.1)), {})  # rate-limited
         self.assertEqual(ep.handle_ping(disco.Ping(b"t" * 12), B, 0.1), [])  # duplicate
         via_derp = ep.handle_ping(disco.Ping(b"u" * 12), None, 0.2)
         self.assertIsNone(via_derp[0].dest)
