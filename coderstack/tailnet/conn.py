@@ -208,6 +208,13 @@ class Conn:
         if self.netcheck_enabled:
             self._schedule_netcheck(0.0)
 
+    def network_changed(self) -> None:
+        """Call on a link change or wake-up: re-STUN now and re-probe every peer's candidates."""
+        self.sock.network_changed()
+        self._node_changed()
+        if self.netcheck_enabled and self.derp_map is not None:
+            self._schedule_netcheck(0.0)
+
     def _set_home(self, region: int) -> None:
         self.preferred_derp = region
         if region:
@@ -225,6 +232,8 @@ class Conn:
 
         if self.derp_map is None or self._closed:
             return
+        if self._netcheck_d is not None and not self._netcheck_d.called:
+            return  # one report at a time; the running one schedules the next
         if self._netchecker is None:
             self._http = TreqHTTP(self.reactor)
             self._netchecker = Netchecker(self.reactor, self.sock.stun, self._http)

@@ -302,6 +302,15 @@ class Endpoint:
                 out.append(WantCallMeMaybe())
         return out
 
+    def network_changed(self) -> None:
+        """Our network changed (new interface, wake from sleep): distrust the best address and
+        let the next send re-probe every candidate at once."""
+        self.best = None
+        self.trust_until = -math.inf
+        self.last_full_ping = -math.inf
+        for cand in self.candidates.values():
+            cand.last_ping = -math.inf
+
     def user_ping(self, now: float) -> tuple[bytes, DiscoOut]:
         """A ping over the current path (trusted direct address, else DERP): (TxID, action)."""
         dest = self.best.addr if self.trusted(now) and self.best is not None else None
@@ -321,7 +330,8 @@ class Endpoint:
         out: list[Action] = []
         if self.best is not None and now - self.last_heartbeat >= HEARTBEAT_INTERVAL:
             self.last_heartbeat = now
-            if now - self.candidates.get(self.best.addr, Candidate(self.best.addr, "", now)).last_ping >= 1.0:
+            best = self.candidates.get(self.best.addr) if self.best.addr is not None else None
+            if best is None or now - best.last_ping >= 1.0:  # skip if a probe just went out
                 out.append(self._ping(self.best.addr, now))
         need_full = (
             self.best is None

@@ -48,6 +48,7 @@ from coderstack.wire.wireguard import is_wireguard
 _log = Logger()
 
 HOUSEKEEPING_INTERVAL = 0.5
+DERP_INACTIVE_CLEANUP = 60.0  # close a non-home DERP connection unused this long
 
 
 class DERPSource(NamedTuple):
@@ -116,6 +117,7 @@ class MagicSock(DatagramProtocol):
         self.derp_map: DERPMap | None = None
         self.home_region = 0
         self.derp: dict[int, Any] = {}
+        self._derp_used: dict[int, float] = {}
         self.derp_connected: set[int] = set()
         self.forced_websockets: dict[int, str] = {}
         self.peers: dict[bytes, Endpoint] = {}
@@ -185,6 +187,21 @@ class MagicSock(DatagramProtocol):
         if client is not None:
             client.note_preferred(True)
 
+    def derp_map_regions(self) -> set[int]:
+        return set(self.derp_map.regions) if self.derp_map is not None else set()
+
+    def _cleanup_idle_derp(self, now: float) -> None:
+        for rid in list(self.derp):
+            if rid != self.home_region and now - self._derp_used.get(rid, now) > DERP_INACTIVE_CLEANUP:
+                self.derp.pop(rid).stop()
+                self.derp_connected.discard(rid)
+                self._derp_used.pop(rid, None)
+
+    def network_changed(self) -> None:
+        """Forget every best address; the next sends re-probe all candidates."""
+        for ep in self.peers.values():
+            ep.network_changed()
+
     def region_name(self, region_id: int) -> str:
         region = self.derp_map.region(region_id) if self.derp_map is not None else None
         if region is None:
@@ -200,11 +217,15 @@ class MagicSock(DatagramProtocol):
             return None
         client = self.derp_client_factory(region, _RegionHandler(self, region_id))
         self.derp[region_id] = client
+        self._derp_used.setdefault(region_id, self.reactor.seconds())
         client.start()
         return client
 
     def _send_derp(self, ep: Endpoint, datagram: bytes) -> None:
         region = ep.derp_region or self.home_region
+        if region not in self.derp_map_regions():
+            region = self.home_region  # the peer's home is not in our map: try through ours
+        self._derp_used[region] = self.reactor.seconds()
         client = self._client(region)
         if client is None:
             self.drops["no-derp"] += 1
@@ -401,4 +422,5 @@ class MagicSock(DatagramProtocol):
             actions = ep.tick(now)
             if actions:
                 self._act(ep, actions)
+        self._cleanup_idle_derp(now)
         self._schedule()

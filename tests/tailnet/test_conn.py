@@ -169,3 +169,48 @@ class DemuxTests(unittest.TestCase):
         # Via DERP from another node key than the disco key's owner: refused.
         p.a.sock.derp_received(999, b"\1" * 32, pkt)
         self.assertEqual(p.a.sock.drops["disco-derp-key-mismatch"], 1)
+
+
+class DERPRegionTests(unittest.TestCase):
+    def test_peer_home_region_dialled_on_demand_and_closed_when_idle(self) -> None:
+        two = DERPMap.from_json({"Regions": {
+            "1": {"RegionID": 1, "RegionCode": "one", "RegionName": "One",
+                  "Nodes": [{"Name": "1a", "RegionID": 1, "HostName": "192.0.2.1"}]},
+            "2": {"RegionID": 2, "RegionCode": "two", "RegionName": "Two",
+                  "Nodes": [{"Name": "2a", "RegionID": 2, "HostName": "192.0.2.2"}]}}})
+        clock = task.Clock()
+        net = Network(clock)
+        made: list[tuple[int, object]] = []
+
+        def factory(region, handler):
+            client = net.derp_factory(b"\1" * 32)(region, handler)
+            client.stopped = False
+
+            def stop() -> None:
+                client.stopped = True
+
+            client.stop = stop
+            made.append((region.region_id, client))
+            return client
+
+        conn = Conn(clock, netcheck=False, interface_addresses=lambda: [ipaddress.ip_address("192.0.2.9")],
+                    derp_client_factory=factory)
+        net.attach(conn, "192.0.2.9", 1)
+        conn.set_derp_map(two)
+        self.assertEqual([r for r, _ in made], [1])  # home: the lowest region with a relay
+        peer = Conn(clock, netcheck=False, interface_addresses=lambda: [])
+        peer.sock.derp_client_factory = net.derp_factory(peer.keys.node_public)
+        peer.set_derp_map(two)
+        peer.preferred_derp = 2
+        conn.update_peer(peer.node())
+        self.assertEqual(conn.path(peer.keys.node_public), ("DERP(Two)", "no endpoints"))
+        conn.send_packet(None, ipv6_packet(conn.address, peer.address, b"x"))
+        self.assertEqual([r for r, _ in made], [1, 2])  # the peer's home, on demand
+        clock.advance(30)
+        self.assertFalse(made[1][1].stopped)  # in use (WireGuard retries the handshake)
+        conn.remove_peer(peer.keys.node_public)
+        for _ in range(70):
+            clock.advance(1)
+        self.assertTrue(made[1][1].stopped)  # idle non-home region closed
+        self.assertFalse(made[0][1].stopped)  # home stays
+        self.assertEqual(sorted(conn.sock.derp), [1])

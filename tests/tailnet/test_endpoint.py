@@ -141,3 +141,15 @@ class EndpointTests(unittest.TestCase):
         r = ep.handle_pong(disco.Pong(tx, ("127.3.3.40", 999)), None, 0.05)
         self.assertEqual(r.via, None)
         self.assertIsNone(ep.best)
+
+    def test_network_change_distrusts_and_reprobes(self) -> None:
+        ep = make()
+        ep.set_node_endpoints([A, B], 0.0)
+        sent = pings(ep.send_plan(0.0)[2])
+        ep.handle_pong(disco.Pong(sent[A].tx_id, ("203.0.113.9", 1)), A, 0.01)
+        self.assertTrue(ep.trusted(1.0))
+        ep.network_changed()
+        self.assertFalse(ep.trusted(1.0))
+        udp, derp, actions = ep.send_plan(1.0)
+        self.assertTrue(derp)
+        self.assertEqual(set(pings(actions)), {A, B})  # not waiting out the 5 s interval
