@@ -381,6 +381,7 @@ class Conn:
             "derp_connected": sorted(self.sock.derp_connected),
             "derp_latency": dict(self.derp_latency),
             "derp_forced_websockets": dict(self.sock.forced_websockets),
+            "derp_websocket": sorted(r for r, c in self.sock.derp.items() if getattr(c, "use_websocket", False)),
             "endpoints": [format_addr(a) for a in self.local_endpoints()],
             "block_endpoints": self.block_endpoints,
             "local_port": self.sock.local_port,

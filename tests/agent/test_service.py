@@ -105,3 +105,20 @@ class AgentTunnelTests(unittest.TestCase):
         latency, path = await conn.ping(conn.agent_key)
         self.assertEqual(path, "DERP(Coder Embedded Relay)")
         self.assertEqual(conn.status()["endpoints"], [])
+
+    async def test_coordinator_reconnect_keeps_the_tunnel(self) -> None:
+        url, token, agent_token, agent_id = await self.start()
+        svc = await self.agent(url, agent_token)
+        conn = await self.dial(url, token, agent_id)
+        got: list[bytes] = []
+        svc.conn.on_packet(lambda key, pkt: got.append(pkt))
+        conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"before"))
+        await wait_for(lambda: got)
+        handshake = svc.conn.last_handshake[conn.keys.node_public]
+        # The agent's coordination websocket dies (a server restart looks the same to it).
+        svc.coordination.proto.transport.abortConnection()
+        await wait_for(lambda: svc.sessions == 2 and svc.coordination is not None)
+        conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"after"))
+        await wait_for(lambda: len(got) == 2)
+        self.assertEqual(got[1][40:], b"after")
+        self.assertEqual(svc.conn.last_handshake[conn.keys.node_public], handshake)

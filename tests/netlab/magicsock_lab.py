@@ -175,7 +175,8 @@ class MagicsockLab:
         self.procs.append(proc)
         return proc
 
-    async def start(self, block_endpoints: tuple[str, ...] = ()) -> tuple[LineProcess, LineProcess]:
+    async def start(self, block_endpoints: tuple[str, ...] = (),
+                    force_websockets: tuple[str, ...] = ()) -> tuple[LineProcess, LineProcess]:
         server = self.spawn("server", self.ns["wan"], "-m", "tests.netlab.relay_server",
                             "--http", "8080", "--stun", f"{SERVER_IP}:3478")
         await wait_for(lambda: b"Traceback" in server.stderr or server.ended.called or _ready(server))
@@ -184,6 +185,8 @@ class MagicsockLab:
         peers = []
         for side in ("a", "b"):
             extra = ("--block-endpoints",) if side in block_endpoints else ()
+            if side in force_websockets:
+                extra += ("--derp-force-websockets",)
             peers.append(self.spawn(side, self.ns["p" + side], "-m", "tests.netlab.peer",
                                     "--derp-map", DERP_MAP, *extra))
         a, b = peers

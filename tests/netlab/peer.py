@@ -1,6 +1,6 @@
 """One tailnet peer for the NAT lab, driven over stdin/stdout with JSON lines::
 
-    python -m tests.netlab.peer --derp-map JSON [--block-endpoints]
+    python -m tests.netlab.peer --derp-map JSON [--block-endpoints] [--derp-force-websockets]
 
 stdout: {"node": NODE} whenever our node changes; {"status": {...}} every 0.25 s (path and
 reason to the peer, packets sent/received, handshakes); {"ping": [latency, path]} or
@@ -84,6 +84,7 @@ class Peer(LineReceiver):
                     "max_received": max(self.received, default=-1),
                     "endpoints": full["endpoints"], "home": self.conn.preferred_derp,
                     "derp_connected": full["derp_connected"], "drops": full["drops"],
+                    "derp_websocket": full["derp_websocket"],
                     "wg_drops": dict(self.conn.device.drops), "disco": full["disco"],
                     "peer": next(iter(full["peers"].values()), None)}
         if self.peer is not None:
@@ -101,8 +102,10 @@ def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--derp-map", required=True)
     p.add_argument("--block-endpoints", action="store_true")
+    p.add_argument("--derp-force-websockets", action="store_true")
     args = p.parse_args()
-    conn = Conn(reactor, derp_token="netlab", block_endpoints=args.block_endpoints)
+    conn = Conn(reactor, derp_token="netlab", block_endpoints=args.block_endpoints,
+                force_websockets=args.derp_force_websockets)
     conn.start(0)
     conn.set_derp_map(DERPMap.loads(args.derp_map))
     stdio.StandardIO(Peer(conn))

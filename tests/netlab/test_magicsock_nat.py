@@ -18,14 +18,14 @@ def stun_endpoint(node: dict, ip: str) -> bool:
 class MagicsockNATTests(unittest.TestCase):
     timeout = 60
 
-    async def lab(self, nat: str = "easy", wait_stun: bool = True, **kw):
+    async def lab(self, nat: str = "easy", wait_stun: bool = True, start_kw: dict | None = None, **kw):
         why = available()
         if why:
             raise unittest.SkipTest(why)
         lab = MagicsockLab(nat, **kw)
         self.addCleanup(lab.cleanup)
         self.addCleanup(lab.stop)
-        a, b = await lab.start()
+        a, b = await lab.start(**(start_kw or {}))
         if wait_stun:
             # Both know their NAT's public mapping (netcheck through the shared socket).
             await wait_for(lambda: a.nodes and stun_endpoint(a.nodes[-1], NAT_IPS["a"])
@@ -66,6 +66,23 @@ class MagicsockNATTests(unittest.TestCase):
         self.assertFalse(stun_endpoint(a.nodes[-1], NAT_IPS["a"]), a.nodes[-1])
         self.assertTrue(b.status["path"].startswith("DERP"), b.status)
 
+    async def test_udp_blocked_over_derp_websockets(self) -> None:
+        lab, a, b = await self.lab("easy", wait_stun=False, block_udp=("a",),
+                                   start_kw={"force_websockets": ("a",)})
+        a.send({"send": 50})
+        await wait_for(lambda: b.status["received"] >= 100)
+        self.assertEqual(a.status["path"], "DERP(Lab Relay)", a.status)
+        self.assertEqual(a.status["derp_websocket"], [1])
+        self.assertEqual(b.status["derp_websocket"], [])
+
+    async def test_block_endpoints_stays_on_derp(self) -> None:
+        lab, a, b = await self.lab("easy", wait_stun=False, start_kw={"block_endpoints": ("a",)})
+        a.send({"send": 50})
+        await wait_for(lambda: b.status["received"] >= 100)
+        self.assertEqual(a.status["path"], "DERP(Lab Relay)")
+        self.assertEqual(a.status["reason"], "direct connections disabled")
+        self.assertEqual(a.nodes[-1]["endpoints"], [])
+
     async def test_mid_session_fallback_and_return(self) -> None:
         lab, a, b = await self.lab("easy")
         a.send({"send": 50})
@@ -86,6 +103,7 @@ class MagicsockNATTests(unittest.TestCase):
         self.assertEqual(a.status["last_handshake"], handshake)  # the same WireGuard session
 
     async def test_same_lan_goes_p2p_over_lan(self) -> None:
+        # Scenarios 4 and 6: both peers on one LAN behind one NAT: the inside addresses win.
         lab, a, b = await self.lab("easy", wait_stun=False, same_lan=True)
         a.send({"send": 50})
         await wait_for(lambda: a.status.get("path", "").startswith("p2p "))
