@@ -178,9 +178,12 @@ class AgentService(service.Service):
             peer_id, kind = update.id, update.kind
             log.info("peer {id}: {kind} ({reason})", id=peer_id, kind=str(kind), reason=update.reason)
             if kind == "NODE" and update.node is not None:
-                new = peer_id not in self.peers
+                previous = self.peers.get(peer_id)
+                new = previous is None
                 self.peers[peer_id] = {"status": "node", "node": update.node.to_json()}
                 if self.conn is not None:
+                    if previous is not None and previous["node"]["key"] != update.node.key_text:
+                        self.conn.remove_peer(Node.from_json(previous["node"]).key)  # new keys
                     self.conn.update_peer(update.node)
                 if new:
                     ready.append(peer_id)
