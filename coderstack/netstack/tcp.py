@@ -390,6 +390,14 @@ class Connection:
             self.stack._tcp_syn_to_listener(self.remote, self.local, self.rport, self.lport, seq, seg, doff, now)
             return
 
+        if state == SYN_RECEIVED and flags & SYN and not flags & RST and seq_u == self.irs:
+            if not flags & ACK:
+                self._send_syn(now, True)  # our SYN-ACK was lost; the peer sent its SYN again
+                return
+            # Simultaneous open: the peer's SYN-ACK repeats its SYN; take it as an ACK.
+            flags &= ~SYN
+            seq_u += 1
+
         # PAWS (RFC 7323 §5)
         if self.ts_ok and tsval is not None and not flags & RST and (tsval - self.ts_recent) & HALF:
             self.stack.stats["tcp_paws_drop"] += 1
@@ -433,10 +441,7 @@ class Connection:
                 self._send_ack(now)  # challenge ACK, RFC 5961 §3
             return
         if flags & SYN:
-            if state == SYN_RECEIVED and seq_u == self.irs:
-                self._send_syn(now, True)  # our SYN-ACK was lost
-            else:
-                self._send_ack(now)  # challenge ACK, RFC 5961 §4
+            self._send_ack(now)  # challenge ACK, RFC 5961 §4
             return
         if not flags & ACK:
             return
@@ -511,6 +516,8 @@ class Connection:
                 self.lost_floor = min(self.snd_una + self.mss, self.snd_max)
                 if self.high_rxt < self.snd_una:
                     self.high_rxt = self.snd_una
+                if not self.sack_ok:
+                    self._retransmit_first(now)  # RFC 6582 §3.2 step 5
         elif self.snd_max > self.snd_una and (
             self.dupacks >= self.cfg.dupthresh
             or (newly_sacked and self.sb.sacked >= self.cfg.dupthresh * self.mss)
@@ -749,7 +756,11 @@ class Connection:
         una = self.snd_una
         self.lost_floor = min(una + self.mss, self.snd_max)
         self.rtt_seq = None
+        self._retransmit_first(now)
+
+    def _retransmit_first(self, now: float) -> None:
         # Retransmit the first missing segment now, whatever the pipe says (RFC 5681 §3.2 step 2).
+        una = self.snd_una
         hole = self.sb.next_hole(una, self.snd_max) or (una, self.snd_max)
         s = hole[0]
         data_end = self.buf_seq + len(self.sndbuf)
