@@ -226,8 +226,9 @@ class Connection:
         cur = self.rcv_adv - self.rcv_nxt
         s = self.rcv_wscale
         if free <= cur or (free - cur < self.adv_mss and free < self.rcvbuf):
-            # Never shrink the right edge; grow only by a useful amount (receiver SWS avoidance).
-            free = cur + (1 << s) - 1 if cur > 0 else 0
+            # Never move the right edge left (beyond the rounding to the scale, RFC 7323 §2.4);
+            # grow it only by a useful amount (receiver silly window avoidance).
+            free = cur if cur > 0 else 0
         w = free >> s
         if w > 0xFFFF:
             w = 0xFFFF

@@ -1,0 +1,265 @@
+"""Twisted endpoints over two netstacks, on a task.Clock."""
+
+import hashlib
+
+from twisted.internet import defer, error, protocol, task
+from twisted.internet.address import IPv6Address
+from twisted.internet.interfaces import IPushProducer
+from twisted.trial import unittest
+from twisted.web import resource, server
+from twisted.web.client import Agent, readBody
+from zope.interface import implementer
+
+from coderstack.netstack.endpoints import Netstack, NetstackClientEndpoint, NetstackServerEndpoint
+from coderstack.netstack.testing import NetstackPair
+
+
+class Echo(protocol.Protocol):
+    def dataReceived(self, data):
+        self.transport.write(data)
+
+
+class Collect(protocol.Protocol):
+    def __init__(self):
+        self.data = bytearray()
+        self.lost = None
+
+    def dataReceived(self, data):
+        self.data += data
+
+    def connectionLost(self, reason):
+        self.lost = reason
+
+
+class Base(unittest.TestCase):
+    def setUp(self):
+        self.clock = task.Clock()
+        self.pair = NetstackPair(self.clock, lambda addr, send: Netstack(addr, send, self.clock))
+        self.a, self.b = self.pair.a, self.pair.b
+
+    def result(self, d):
+        out = []
+        d.addBoth(out.append)
+        self.pair.pump(until=lambda: out)
+        if isinstance(out[0], Exception) or hasattr(out[0], "raiseException"):
+            out[0].raiseException()
+        return out[0]
+
+    def failure(self, d):
+        out = []
+        d.addBoth(out.append)
+        self.pair.pump(until=lambda: out)
+        return out[0]
+
+
+class EchoTests(Base):
+    def test_echo_server_over_endpoints(self):
+        port = self.result(NetstackServerEndpoint(self.b, 7).listen(protocol.Factory.forProtocol(Echo)))
+        self.assertEqual(port.getHost(), IPv6Address("TCP", "fd7a:115c:a1e0::b", 7))
+        client = self.result(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 7).connect(protocol.Factory.forProtocol(Collect)))
+        self.assertEqual(client.transport.getPeer(), IPv6Address("TCP", "fd7a:115c:a1e0::b", 7))
+        self.assertEqual(client.transport.getHost().host, "fd7a:115c:a1e0::a")
+        blob = bytes(range(256)) * 4000
+        client.transport.write(blob)
+        self.pair.pump(until=lambda: len(client.data) >= len(blob))
+        self.assertEqual(bytes(client.data), blob)
+        client.transport.loseConnection()
+        self.pair.pump(until=lambda: client.lost is not None)
+        client.lost.trap(error.ConnectionDone)
+        self.assertEqual(self.b.stack.connections, {})  # LAST_ACK -> CLOSED
+        self.assertEqual([c.state_name for c in self.a.stack.connections.values()], ["TIME_WAIT"])
+
+    def test_refused(self):
+        f = self.failure(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 9).connect(protocol.Factory.forProtocol(Collect)))
+        f.trap(error.ConnectionRefusedError)
+
+    def test_connect_timeout(self):
+        self.pair.drop = lambda dest, pkt: True
+        f = self.failure(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 9, timeout=5).connect(protocol.Factory.forProtocol(Collect)))
+        f.trap(error.TCPTimedOutError)
+
+    def test_abort(self):
+        server_protos = []
+
+        class F(protocol.Factory):
+            def buildProtocol(self, addr):
+                p = Collect()
+                server_protos.append(p)
+                return p
+
+        self.result(NetstackServerEndpoint(self.b, 7).listen(F()))
+        client = self.result(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 7).connect(protocol.Factory.forProtocol(Collect)))
+        self.pair.pump(until=lambda: server_protos)
+        client.transport.abortConnection()
+        self.pair.pump(until=lambda: server_protos[0].lost is not None)
+        client.lost.trap(error.ConnectionAborted)
+        server_protos[0].lost.trap(error.ConnectionLost)
+
+    def test_half_close(self):
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+
+        @implementer(IHalfCloseableProtocol)
+        class Upper(Collect):
+            def readConnectionLost(self):
+                self.transport.write(bytes(self.data).upper())
+                self.transport.loseConnection()
+
+            def writeConnectionLost(self):
+                pass
+
+        self.result(NetstackServerEndpoint(self.b, 7).listen(protocol.Factory.forProtocol(Upper)))
+        client = self.result(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 7).connect(protocol.Factory.forProtocol(Upper)))
+        client.transport.write(b"shout")
+        client.transport.loseWriteConnection()
+        self.pair.pump(until=lambda: client.lost is not None)
+        self.assertEqual(bytes(client.data), b"SHOUT")
+
+    def test_stop_listening(self):
+        port = self.result(NetstackServerEndpoint(self.b, 7).listen(protocol.Factory.forProtocol(Echo)))
+        self.result(port.stopListening())
+        f = self.failure(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 7).connect(protocol.Factory.forProtocol(Collect)))
+        f.trap(error.ConnectionRefusedError)
+
+
+class WebTests(Base):
+    def test_twisted_web_request(self):
+        root = resource.Resource()
+
+        class Hello(resource.Resource):
+            isLeaf = True
+
+            def render_GET(self, request):
+                request.setHeader(b"content-type", b"text/plain")
+                return b"hello over netstack from " + request.getClientAddress().host.encode()
+
+        root.putChild(b"hello", Hello())
+        port = self.result(NetstackServerEndpoint(self.b, 80).listen(server.Site(root, reactor=self.clock)))
+        self.addCleanup(port.stopListening)
+
+        class EF:
+            def endpointForURI(_self, uri):
+                return NetstackClientEndpoint(self.a, uri.host.decode().strip("[]"), uri.port)
+
+        agent = Agent.usingEndpointFactory(self.clock, EF())
+        response = self.result(agent.request(b"GET", b"http://[fd7a:115c:a1e0::b]:80/hello"))
+        self.assertEqual(response.code, 200)
+        body = self.result(readBody(response))
+        self.assertEqual(body, b"hello over netstack from fd7a:115c:a1e0::a")
+
+
+@implementer(IPushProducer)
+class Pusher:
+    """Writes 64 KiB chunks whenever not paused, until ``total`` bytes."""
+
+    def __init__(self, transport, total):
+        self.transport = transport
+        self.total = total
+        self.sent = 0
+        self.paused = False
+        self.pauses = 0
+        self.hash = hashlib.sha256()
+        self.max_buffered = 0
+
+    def pauseProducing(self):
+        self.paused = True
+        self.pauses += 1
+
+    def resumeProducing(self):
+        self.paused = False
+
+    def stopProducing(self):
+        self.paused = True
+
+    def step(self):
+        while not self.paused and self.sent < self.total:
+            chunk = bytes([self.sent // 65536 % 256]) * 65536
+            self.hash.update(chunk)
+            self.transport.write(chunk)
+            self.sent += len(chunk)
+            self.max_buffered = max(self.max_buffered, self.transport.conn.send_buffered)
+
+
+class BackpressureTests(Base):
+    def test_slow_reader_closes_window_and_pauses_writer(self):
+        readers = []
+
+        class Slow(Collect):
+            def connectionMade(self):
+                readers.append(self)
+                self.transport.pauseProducing()
+
+        self.result(NetstackServerEndpoint(self.b, 7).listen(protocol.Factory.forProtocol(Slow)))
+        client = self.result(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 7).connect(protocol.Factory.forProtocol(Collect)))
+        total = 24 << 20
+        pusher = Pusher(client.transport, total)
+        client.transport.registerProducer(pusher, True)
+        for _ in range(300):
+            pusher.step()
+            self.pair.pump(until=lambda: True)
+            self.clock.advance(0.01)
+            self.pair.pump(until=lambda: True)
+        reader = readers[0]
+        rconn = reader.transport.conn
+        self.assertEqual(len(reader.data), 0)
+        self.assertTrue(pusher.paused)
+        self.assertGreater(pusher.pauses, 0)
+        # Memory is bounded: the receiver holds at most its window, the sender its high water mark.
+        self.assertLessEqual(rconn.rcv_queued, rconn.rcvbuf)
+        self.assertLess(rconn.rcv_adv - rconn.rcv_nxt, 1 << rconn.rcv_wscale)  # advertised window 0
+        self.assertLessEqual(pusher.max_buffered, self.a.send_high_water + 65536)
+        self.assertLess(pusher.sent, total)
+        self.assertGreater(self.a.stats["tcp_window_probes"], 0)
+        # The reader wakes up: everything arrives, in order.
+        got = hashlib.sha256()
+        reader.dataReceived = lambda data: got.update(data) or setattr(reader, "n", getattr(reader, "n", 0) + len(data))
+        reader.transport.resumeProducing()
+        for _ in range(3000):
+            pusher.step()
+            self.pair.pump(until=lambda: True)
+            self.clock.advance(0.01)
+            if getattr(reader, "n", 0) >= total:
+                break
+        self.assertEqual(reader.n, total)
+        self.assertEqual(got.digest(), pusher.hash.digest())
+
+
+class DatagramTests(Base):
+    def test_udp_echo(self):
+        class UEcho(protocol.DatagramProtocol):
+            def datagramReceived(self, data, addr):
+                self.transport.write(data[::-1], addr)
+
+        class UCollect(protocol.DatagramProtocol):
+            def __init__(self):
+                self.got = []
+
+            def datagramReceived(self, data, addr):
+                self.got.append((data, addr))
+
+        self.b.listen_udp(5353, UEcho())
+        c = UCollect()
+        port = self.a.listen_udp(0, c)
+        port.write(b"abc", ("fd7a:115c:a1e0::b", 5353))
+        self.pair.pump(until=lambda: c.got)
+        self.assertEqual(c.got, [(b"cba", ("fd7a:115c:a1e0::b", 5353))])
+
+    def test_ping(self):
+        rtt = self.result(self.a.ping("fd7a:115c:a1e0::b", b"x" * 32))
+        self.assertGreaterEqual(rtt, 0)
+        self.pair.drop = lambda dest, pkt: True
+        f = self.failure(self.a.ping("fd7a:115c:a1e0::b", timeout=1))
+        f.trap(error.TimeoutError)
+
+
+class TimerTests(Base):
+    def test_idle_stack_has_no_timers(self):
+        self.result(NetstackServerEndpoint(self.b, 7).listen(protocol.Factory.forProtocol(Echo)))
+        client = self.result(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 7).connect(protocol.Factory.forProtocol(Collect)))
+        client.transport.write(b"x")
+        self.pair.pump(until=lambda: client.data)
+        self.clock.advance(1)
+        self.pair.pump(until=lambda: True)
+        self.clock.advance(1)
+        # Only keepalive-free idle connections: nothing is scheduled any more.
+        self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
+        self.assertIsInstance(defer.Deferred(), defer.Deferred)
