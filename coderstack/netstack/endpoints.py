@@ -92,6 +92,7 @@ class Netstack:
         self.address = _text(self.stack.address)
         self._timer = None
         self._timer_at = 0.0
+        self._stopped = False
         self._in_input = False
         self._dirty: set[Connection] = set()
         self._flush_call = None
@@ -144,7 +145,7 @@ class Netstack:
                 if conn.state:
                     conn.flush(now)
         deadline = self.stack.next_deadline()
-        if deadline is None:
+        if deadline is None or self._stopped:
             return
         timer = self._timer
         if timer is None:
@@ -169,7 +170,7 @@ class Netstack:
 
     def _want_flush(self, conn: Connection) -> None:
         self._dirty.add(conn)
-        if not self._in_input and self._flush_call is None:
+        if not self._in_input and self._flush_call is None and not self._stopped:
             self._flush_call = self.reactor.callLater(0, self._flush)
 
     def _flush(self) -> None:
@@ -178,6 +179,7 @@ class Netstack:
 
     def stop(self) -> None:
         """Cancel timers (for tests and shutdown); connections are aborted."""
+        self._stopped = True
         for conn in list(self.stack.connections.values()):
             conn.abort()
         for call in (self._timer, self._flush_call):
