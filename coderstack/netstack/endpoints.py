@@ -89,6 +89,7 @@ class Netstack:
         self.send_packet = send_packet
         self.stack = Stack(address, self._emit, config=config, **stack_kwargs)
         self.stack.echo_handler = self._echo_reply
+        self.stack.on_error = lambda e: log.err(e, "netstack: packet handling failed")
         self.address = _text(self.stack.address)
         self._timer = None
         self._timer_at = 0.0
@@ -104,7 +105,12 @@ class Netstack:
         return self.stack.stats
 
     def _emit(self, packet: bytes) -> None:
-        self.send_packet(packet)
+        try:
+            self.send_packet(packet)
+        except Exception:
+            # The tunnel refused the packet (too big, closed, ...): it is lost, as on a real link;
+            # TCP recovers.  Raising here would leave the connection's state half-updated.
+            self.stack.stats["send_errors"] += 1
 
     # -------------------------------------------------------------- packets in, timers
 
@@ -124,15 +130,12 @@ class Netstack:
     def packets_received(self, packets: Iterable[bytes]) -> None:
         """Feed a batch of inbound packets (one timer/flush pass for the whole batch)."""
         now = self.reactor.seconds()
-        receive = self.stack.receive
         self._in_input = True
         try:
-            for packet in packets:
-                try:
-                    receive(packet, now)
-                except Exception:
-                    self.stack.stats["internal_error"] += 1
-                    log.err(None, "netstack: packet handling failed")
+            self.stack.receive_batch(packets, now)
+        except Exception:
+            self.stack.stats["internal_error"] += 1
+            log.err(None, "netstack: packet handling failed")
         finally:
             self._in_input = False
         self._after(now)

@@ -78,6 +78,8 @@ class Stack:
         self.udp_sockets: dict[int, UDPSocket] = {}
         self.echo_handler: Callable[[bytes, int, int, bytes], None] | None = None
         self._timers: list = []
+        self._batch_acks: set[Connection] | None = None
+        self.on_error: Callable[[Exception], None] | None = None
         self._counter = itertools.count()
 
     # ------------------------------------------------------------------ timers
@@ -102,6 +104,24 @@ class Stack:
                 conn.on_timer(now)
 
     # ------------------------------------------------------------------ input
+
+    def receive_batch(self, packets: Iterable[bytes], now: float) -> None:
+        """Handle several inbound packets that arrived together.  Connections that only owe a
+        delayed ACK send one ACK at the end of the batch instead of one per two segments."""
+        acks = self._batch_acks = set()
+        try:
+            for packet in packets:
+                try:
+                    self.receive(packet, now)
+                except Exception as e:  # a bug must not cost the rest of the batch
+                    self.stats["internal_error"] += 1
+                    if self.on_error is not None:
+                        self.on_error(e)
+        finally:
+            self._batch_acks = None
+        for conn in acks:
+            if conn.state and conn.ack_pending:
+                conn._send_ack(now)
 
     def receive(self, packet: bytes, now: float) -> None:
         """Handle one inbound IPv6 packet."""

@@ -550,7 +550,7 @@ class Connection:
         self._output(now)
         if self.ack_now:
             self._send_ack(now)
-        elif self.ack_pending and self.t_dack is None:
+        elif self.ack_pending and self.t_dack is None and self.ack_pending < 2:
             self.t_dack = now + self.cfg.delayed_ack
             self._schedule(self.t_dack)
 
@@ -634,7 +634,12 @@ class Connection:
                 return
             self.ack_pending += 1
             if self.ack_pending >= 2:
-                self.ack_now = True
+                batch = self.stack._batch_acks
+                if batch is None or self.ack_pending >= 32:
+                    self.ack_now = True
+                else:
+                    # Inside a batch of packets: one ACK at the end of the batch covers them all.
+                    batch.add(self)
         else:
             self.stack.stats["tcp_out_of_order"] += 1
             self.ooo.add(seq_u, data)

@@ -222,8 +222,13 @@ class Lab:
         return sum(int(line.split()[0]) for line in out.splitlines() if "statistic" in line)
 
     def spawn(self, script: str, *args: str, cleanup=None) -> LineProcess:
+        """Run a Python script in the kernel peer's namespace."""
+        return self.spawn_argv([sys.executable, "-c", script, *args], cleanup=cleanup)
+
+    def spawn_argv(self, argv: list[str], cleanup=None) -> LineProcess:
+        """Run a program in the kernel peer's namespace (killed by PID at cleanup)."""
         proto = LineProcess()
-        argv = ["ip", "netns", "exec", self.peer_ns, sys.executable, "-c", script, *args]
+        argv = ["ip", "netns", "exec", self.peer_ns, *argv]
         transport = reactor.spawnProcess(proto, argv[0], argv, env=os.environ.copy())
         (cleanup or self._cleanups.append)(lambda: proto.kill(transport))
         return proto
@@ -239,6 +244,7 @@ class LineProcess(protocol.ProcessProtocol):
 
     def __init__(self) -> None:
         self.lines: list[str] = []
+        self.all_lines: list[str] = []
         self.stderr = b""
         self._waiting: list[defer.Deferred] = []
         self._buf = b""
@@ -253,6 +259,7 @@ class LineProcess(protocol.ProcessProtocol):
         while b"\n" in self._buf:
             line, self._buf = self._buf.split(b"\n", 1)
             self.lines.append(line.decode())
+            self.all_lines.append(line.decode())
         while self._waiting and self.lines:
             self._waiting.pop(0).callback(self.lines.pop(0))
 
