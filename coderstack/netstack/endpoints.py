@@ -333,9 +333,9 @@ class NetstackTransport:
     # ------------------------------------------------ ITransport
 
     def write(self, data: bytes) -> None:
-        if not data or self.disconnecting or self.disconnected:
-            return
         conn = self.conn
+        if not data or self.disconnecting or self.disconnected or conn.fin_seq is not None:
+            return
         conn.write(data)
         if (
             self.producer is not None

@@ -45,8 +45,9 @@ class UDPSocket:
         self.handler = handler
 
     def sendto(self, data: bytes, remote: bytes, port: int, src: bytes | None = None) -> None:
-        if len(data) + 48 > 0xFFFF:
-            raise ValueError("datagram too large")
+        if len(data) + 48 > self.stack.config.mtu:
+            # No fragmentation in the tunnel: a datagram must fit in one packet.
+            raise ValueError(f"datagram of {len(data)} bytes does not fit the MTU ({self.stack.config.mtu})")
         self.stack.emit(udp.build(src or self.address or self.stack.address, remote, self.port, port, data))
 
     def close(self) -> None:

@@ -399,8 +399,15 @@ class Connection:
             flags &= ~SYN
             seq_u += 1
 
-        # PAWS (RFC 7323 §5)
-        if self.ts_ok and tsval is not None and not flags & RST and (tsval - self.ts_recent) & HALF:
+        # PAWS (RFC 7323 §5).  Like Linux, a pure ACK is exempt: a reordered ACK carries an older
+        # timestamp but still-valid SACK and window information, and old duplicates are harmless.
+        if (
+            self.ts_ok
+            and tsval is not None
+            and (tsval - self.ts_recent) & HALF
+            and not flags & RST
+            and (len(seg) > doff or flags & (SYN | FIN))
+        ):
             self.stack.stats["tcp_paws_drop"] += 1
             self._send_ack(now)
             return
@@ -467,7 +474,7 @@ class Connection:
         if ack_u > self.snd_max:
             self._send_ack(now)
             return
-        if tsval is not None and seq_u <= rcv_nxt:
+        if tsval is not None and seq_u <= rcv_nxt and not (tsval - self.ts_recent) & HALF:
             self.ts_recent = tsval
 
         new_wnd = win << self.snd_wscale
@@ -733,7 +740,12 @@ class Connection:
             if self.t_rexmit < self._armed:
                 self._schedule(self.t_rexmit)
         if not self.in_recovery:
-            self.cc.on_ack(acked)
+            cc = self.cc
+            cc.on_ack(acked)
+            # Do not let cwnd grow without bound while the peer's window is what limits us.
+            cap = 2 * self.max_snd_wnd + 10 * self.mss
+            if cc.cwnd > cap:
+                cc.cwnd = cap
         if self.want_writable and len(self.sndbuf) <= self.cfg.send_low_water:
             self.want_writable = False
             if self.handler is not None:

@@ -539,3 +539,38 @@ class CloseTests(unittest.TestCase):
         (synack,) = p.take()
         self.assertEqual(synack.flags, SYN | ACK)
         self.assertEqual(synack.ack, 90001)
+
+
+class BatchTests(unittest.TestCase):
+    def test_one_ack_per_batch(self):
+        from coderstack.netstack.tcpsegment import Segment
+
+        from .scripted import US
+
+        p = Peer()
+        h, conn, synack = p.passive_open(options=PLAIN)
+        p.take()
+        packets = [
+            Segment(40000, 80, 1000 + i * 1000, synack.seq + 1, ACK, 65535, Options(), b"d" * 1000).encode(THEM, US)
+            for i in range(10)
+        ]
+        p.stack.receive_batch(packets, p.now)
+        (ack,) = p.take()
+        self.assertEqual(ack.ack, 11000)
+        self.assertEqual(len(h.data), 10000)
+
+    def test_out_of_order_in_batch_acked_at_once(self):
+        from coderstack.netstack.tcpsegment import Segment
+
+        from .scripted import US
+
+        p = Peer()
+        h, conn, synack = p.passive_open(options=PLAIN)
+        p.take()
+        seqs = [1000, 3000, 2000]
+        packets = [
+            Segment(40000, 80, s, synack.seq + 1, ACK, 65535, Options(), b"d" * 1000).encode(THEM, US) for s in seqs
+        ]
+        p.stack.receive_batch(packets, p.now)
+        acks = [s.ack for s in p.take()]
+        self.assertEqual(acks, [1000 + 1000, 4000])  # the dup ACK (with SACK) and the gap filled
