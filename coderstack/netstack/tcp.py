@@ -374,6 +374,45 @@ class Connection:
                 if opts.sack:
                     sack_blocks = opts.sack
         state = self.state
+        # Fast path ("header prediction"): the next in-order data segment on an established
+        # connection that ACKs nothing new, with nothing of ours in flight or pending recovery.
+        if (
+            state == ESTABLISHED
+            and flags & 0x37 == ACK
+            and sack_blocks is None
+            and seq == self.rcv_nxt & M32
+            and ack == self.snd_una & M32
+            and self.snd_max == self.snd_una
+            and not self.ooo
+            and not self.paused
+            and not self.rcv_queue
+            and (win << self.snd_wscale) == self.snd_wnd
+            and doff < len(seg) <= doff + self.rcv_adv - self.rcv_nxt
+            and (tsval is None or not (tsval - self.ts_recent) & HALF)
+        ):
+            self.last_recv = now
+            self.ka_probes = 0
+            if tsval is not None:
+                self.ts_recent = tsval
+            self.rcv_nxt += len(seg) - doff
+            self.ack_pending += 1
+            self.handler.data_received(seg[doff:])
+            if self.state != ESTABLISHED:
+                return
+            if self.ack_pending >= 2:
+                batch = self.stack._batch_acks
+                if batch is None or self.ack_pending >= 32:
+                    self.ack_now = True
+                else:
+                    batch.add(self)
+            if self.buf_seq + len(self.sndbuf) > self.snd_nxt or self.fin_seq is not None:
+                self._output(now)
+            if self.ack_now:
+                self._send_ack(now)
+            elif self.ack_pending == 1 and self.t_dack is None:
+                self.t_dack = now + self.cfg.delayed_ack
+                self._schedule(self.t_dack)
+            return
         if state == SYN_SENT:
             if opts is None:
                 opts = tcpsegment.Options(ts=(tsval, tsecr) if tsval is not None else None)
