@@ -139,8 +139,8 @@ class Connection:
         self.handler = None
         self.listener: Listener | None = None
         self.state = CLOSED
-        self.mtu = cfg.mtu
-        self.adv_mss = min(cfg.mtu, 0xFFFF + 40) - 60
+        self.mtu = min(cfg.mtu, 0xFFFF + 40)  # an IPv6 payload length is 16 bits (no jumbograms)
+        self.adv_mss = self.mtu - 60
         self.peer_mss = 1220
         iss = stack.isn(local, lport, remote, rport, now)
         self.iss = iss
@@ -489,9 +489,11 @@ class Connection:
             if flags & RST:
                 return
             if rwnd == 0 and seq_u == rcv_nxt:
-                # Zero window: the ACK and window still count; the data does not.
-                dlen = 0
-                flags &= ~FIN
+                # Zero window: the ACK and window still count (and a bare FIN, as Linux takes
+                # it); data does not.
+                if dlen:
+                    dlen = 0
+                    flags &= ~FIN
                 self.ack_now = True
             else:
                 self.stack.stats["tcp_out_of_window"] += 1

@@ -383,6 +383,26 @@ class EstablishedTests(unittest.TestCase):
         (update,) = p.take()
         self.assertGreater(update.window, 0)
 
+    def test_fin_accepted_at_zero_window(self):
+        p, conn = self.p, self.conn
+        conn.pause_reading()
+        seq = 1000
+        while conn.rcv_adv - conn.rcv_nxt >= 1220:
+            p.send(ACK, seq=seq, ack=self.iss, data=b"f" * 1220)
+            seq += 1220
+        p.send(ACK, seq=seq, ack=self.iss, data=b"f" * (conn.rcv_adv - conn.rcv_nxt))
+        seq = conn.rcv_nxt
+        p.take()
+        self.assertEqual(conn.rcv_adv, conn.rcv_nxt)
+        p.send(ACK, seq=seq, ack=self.iss, data=b"late")  # beyond the window: not taken
+        self.assertEqual(conn.rcv_nxt, seq)
+        p.send(ACK | FIN, seq=seq, ack=self.iss)
+        self.assertEqual(conn.state_name, "CLOSE_WAIT")
+        self.assertFalse(self.h.eof)  # delivered after the queued data, when reading resumes
+        conn.resume_reading(p.now)
+        self.assertTrue(self.h.eof)
+        self.assertEqual(len(self.h.data), seq - 1000)
+
     def test_rst_exact_resets(self):
         self.p.send(RST, seq=1000)
         self.assertEqual(self.h.lost, ["connection reset"])
