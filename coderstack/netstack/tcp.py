@@ -711,7 +711,10 @@ class Connection:
                     batch.add(self)
         else:
             self.stack.stats["tcp_out_of_order"] += 1
-            self.ooo.add(seq_u, data)
+            if not self.ooo.add(seq_u, data):
+                self.stack.stats["tcp_ooo_queue_full"] += 1
+                self.ack_now = True
+                return
             if fin:
                 self.ooo_fin = seq_u + dlen
             self.ack_now = True

@@ -208,9 +208,33 @@ class ReassemblyTests(unittest.TestCase):
                 out += more
             else:
                 r.add(s, d)
-                self.assertLessEqual(len(r.blocks(3)), 3)
+                blocks = r.blocks(3)
+                self.assertLessEqual(len(blocks), 3)
+                # every block is a maximal run of what is held, the newest arrival's block first
+                held = sorted((x, x + len(y)) for x, y in r.segments)
+                runs = []
+                for x, y in held:
+                    if runs and runs[-1][1] == x:
+                        runs[-1][1] = y
+                    else:
+                        runs.append([x, y])
+                runs = [tuple(b) for b in runs]
+                self.assertTrue(set(blocks) <= set(runs))
+                self.assertEqual(len(blocks), min(3, len(runs)))
+                self.assertTrue(blocks[0][0] <= s < blocks[0][1] or s + len(d) <= nxt)
+                self.assertTrue(all(x[1] <= y[0] for x, y in zip(held, held[1:], strict=False)))
         self.assertEqual(b"".join(out), data)
         self.assertEqual(r.size, 0)
+
+
+class ReassemblyLimitTests(unittest.TestCase):
+    def test_queue_is_capped(self):
+        r = Reassembly(limit=3)
+        self.assertTrue(r.add(10, b"a"))
+        self.assertTrue(r.add(20, b"b"))
+        self.assertTrue(r.add(30, b"c"))
+        self.assertFalse(r.add(40, b"d"))
+        self.assertEqual(r.size, 3)
 
 
 class FuzzTests(unittest.TestCase):
