@@ -257,6 +257,7 @@ class NetstackTransport:
         self._connecting = None
         self._timeout_call = None
         self._half_close = False
+        self._close_after_producer = False
 
     # ------------------------------------------------ core handler callbacks
 
@@ -293,7 +294,10 @@ class NetstackTransport:
         if self._half_close:
             self.protocol.readConnectionLost()
         else:
-            self.loseConnection()
+            # The peer is done: close our side too once buffered data is out (a registered
+            # producer is not waited for; it is stopped when the connection is gone).
+            self._close_after_producer = False
+            self._close()
 
     def connection_lost(self, reason: str | None) -> None:
         self.connected = False
@@ -351,6 +355,16 @@ class NetstackTransport:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
+        """Close after all written data is sent; as in Twisted, wait for a registered producer
+        to unregister first."""
+        if self.disconnecting or self.disconnected:
+            return
+        if self.producer is not None:
+            self._close_after_producer = True
+            return
+        self._close()
+
+    def _close(self) -> None:
         if self.disconnecting or self.disconnected:
             return
         self.disconnecting = True
@@ -402,6 +416,9 @@ class NetstackTransport:
     def unregisterProducer(self) -> None:
         self.producer = None
         self._producer_paused = False
+        if self._close_after_producer:
+            self._close_after_producer = False
+            self._close()
 
     # ------------------------------------------------ IPushProducer (towards the protocol)
 

@@ -263,3 +263,27 @@ class TimerTests(Base):
         # Only keepalive-free idle connections: nothing is scheduled any more.
         self.assertEqual([c for c in self.clock.getDelayedCalls() if c.active()], [])
         self.assertIsInstance(defer.Deferred(), defer.Deferred)
+
+
+class ProducerCloseTests(Base):
+    def test_lose_connection_waits_for_producer(self):
+        servers = []
+
+        class F(protocol.Factory):
+            def buildProtocol(self, addr):
+                servers.append(Collect())
+                return servers[-1]
+
+        self.result(NetstackServerEndpoint(self.b, 7).listen(F()))
+        client = self.result(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 7).connect(protocol.Factory.forProtocol(Collect)))
+        pusher = Pusher(client.transport, 1 << 20)
+        client.transport.registerProducer(pusher, True)
+        client.transport.loseConnection()  # must not cut the producer's stream short
+        pusher.step()
+        client.transport.unregisterProducer()
+        self.pair.pump(until=lambda: client.lost is not None)
+        client.lost.trap(error.ConnectionDone)
+        server_conn = [c for c in self.b.stack.connections.values()]
+        self.assertEqual(server_conn, [])
+        self.assertEqual(pusher.sent, 1 << 20)
+        self.assertEqual(len(servers[0].data), 1 << 20)
