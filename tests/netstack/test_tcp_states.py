@@ -331,6 +331,25 @@ class EstablishedTests(unittest.TestCase):
         self.assertLessEqual(conn.cc.cwnd, conn.cc.ssthresh)
         self.assertGreaterEqual(conn.cc.cwnd, 2 * conn.mss)
 
+    def test_rto_resends_only_what_was_not_sacked(self):
+        p, conn = self.p, self.conn
+        conn.write(bytes(1220 * 6))
+        conn.flush(p.now)
+        p.take()
+        # segments 1 and 2 SACKed (too few for fast retransmit), then silence
+        p.send(ACK, ack=self.iss, options=Options(sack=[(self.iss + 1220, self.iss + 3 * 1220)]))
+        p.take()
+        seqs = []
+        for _ in range(3):
+            p.step()
+            seqs += [(s.seq - self.iss) // 1220 for s in p.take()]
+            p.send(ACK, ack=self.iss, options=Options(sack=[(self.iss + 1220, self.iss + 3 * 1220)]))
+            seqs += [(s.seq - self.iss) // 1220 for s in p.take()]
+        self.assertIn(0, seqs)
+        self.assertNotIn(1, seqs)
+        self.assertNotIn(2, seqs)
+        self.assertGreater(p.stack.stats["tcp_timeouts"], 0)
+
     def test_fast_retransmit_newreno_without_sack(self):
         p = Peer()
         h, conn, synack = p.passive_open(options=Options(mss=1220))
@@ -473,6 +492,15 @@ class CloseTests(unittest.TestCase):
         self.assertIn(conn.key, p.stack.connections)
         p.advance(0.2)
         self.assertNotIn(conn.key, p.stack.connections)
+
+    def test_fin_wait_1_straight_to_time_wait(self):
+        p, conn = self.p, self.conn
+        conn.shutdown_write(p.now)
+        p.take()
+        p.send(ACK | FIN, ack=self.iss + 1)  # ACKs our FIN and carries the peer's
+        self.assertEqual(conn.state_name, "TIME_WAIT")
+        (ack,) = p.take()
+        self.assertEqual(ack.ack, 1001)
 
     def test_time_wait_reacks_fin(self):
         p, conn = self.p, self.conn
