@@ -190,6 +190,13 @@ class Netstack:
                 call.cancel()
         self._timer = self._flush_call = None
 
+    def set_path_mtu(self, host: str, mtu: int | None) -> None:
+        """The tunnel's path to ``host`` changed its MTU (e.g. a direct path probed at 9000, or
+        back to 1280 over DERP).  None returns to the default."""
+        now = self.reactor.seconds()
+        self.stack.set_path_mtu(host, mtu, now)
+        self._after(now)
+
     # -------------------------------------------------------------- TCP
 
     def connect_tcp(self, host: str, port: int, factory, timeout: float | None = 30) -> defer.Deferred:

@@ -75,6 +75,7 @@ class Stack:
         self.rng = rng or random.Random()
         self.stats: Counter[str] = Counter()
         self.connections: dict[tuple, Connection] = {}
+        self.path_mtu: dict[bytes, int] = {}  # per-peer MTU overriding config.mtu
         self.listeners: dict[int, Listener] = {}
         self.udp_sockets: dict[int, UDPSocket] = {}
         self.echo_handler: Callable[[bytes, int, int, bytes], None] | None = None
@@ -316,6 +317,19 @@ class Stack:
         sock = UDPSocket(self, to_address(address) if address else None, port, handler)
         self.udp_sockets[port] = sock
         return sock
+
+    def set_path_mtu(self, remote, mtu: int | None, now: float) -> None:
+        """Set (or with None, forget) the MTU of the path to ``remote``: new connections announce
+        an MSS from it, existing ones re-segment what they send."""
+        remote = to_address(remote)
+        if mtu is None:
+            self.path_mtu.pop(remote, None)
+            mtu = self.config.mtu
+        else:
+            self.path_mtu[remote] = mtu
+        for conn in list(self.connections.values()):
+            if conn.remote == remote:
+                conn.set_mtu(mtu, now)
 
     def ping(self, remote, ident: int, seq: int, data: bytes = b"") -> None:
         """Send an ICMPv6 echo request; replies go to ``echo_handler(src, ident, seq, data)``."""

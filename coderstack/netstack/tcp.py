@@ -139,7 +139,8 @@ class Connection:
         self.handler = None
         self.listener: Listener | None = None
         self.state = CLOSED
-        self.mtu = min(cfg.mtu, 0xFFFF + 40)  # an IPv6 payload length is 16 bits (no jumbograms)
+        # An IPv6 payload length is 16 bits (no jumbograms); a per-peer path MTU wins.
+        self.mtu = min(stack.path_mtu.get(remote, cfg.mtu), 0xFFFF + 40)
         self.adv_mss = self.mtu - 60
         self.peer_mss = 1220
         iss = stack.isn(local, lport, remote, rport, now)
@@ -1100,6 +1101,19 @@ class Connection:
         self.mtu = mtu
         self._set_mss()
         if self.state in _SENDING and not self.in_recovery:
+            self.snd_nxt = self.snd_una
+            self.rtt_seq = None
+            self._output(now)
+
+    def set_mtu(self, mtu: int, now: float) -> None:
+        """The path to the peer changed (e.g. direct UDP vs. DERP): segment for ``mtu``.  Our
+        segments stay within the MSS the peer announced; theirs within the one we announced."""
+        mtu = max(1280, min(mtu, 0xFFFF + 40))
+        lower = mtu < self.mtu
+        self.mtu = mtu
+        if self.state != SYN_SENT and self.state != CLOSED:
+            self._set_mss()
+        if lower and self.state in _SENDING and not self.in_recovery and self.snd_max > self.snd_una:
             self.snd_nxt = self.snd_una
             self.rtt_seq = None
             self._output(now)

@@ -121,3 +121,29 @@ class TransferTests(unittest.TestCase):
         self.assertEqual(sa.hash.digest(), hashlib.sha256(pb).digest())
         self.assertEqual(sb.hash.digest(), hashlib.sha256(pa).digest())
         self.assertEqual((sa.lost, sb.lost), ([None], [None]))
+
+
+class PathMTUTests(unittest.TestCase):
+    def test_path_mtu_per_peer(self):
+        w = Wire()
+        w.a = Stack("fd00::1", w.to_b)
+        w.b = Stack("fd00::2", w.to_a)
+        sizes = []
+        w.tap = lambda dest, pkt: sizes.append(len(pkt)) or True
+        w.a.set_path_mtu("fd00::2", 9000, 0.0)
+        w.b.set_path_mtu("fd00::1", 9000, 0.0)
+        server = Sink()
+        server.now = lambda: w.now
+        w.b.listen(80, lambda conn: server)
+        payload = random.Random(3).randbytes(1 << 20)
+        client = Source(payload, w)
+        conn = w.a.connect("fd00::2", 80, client, 0.0)
+        w.run(until=lambda: server.count >= 200_000, limit=60)
+        self.assertEqual(max(sizes), 9000)
+        # The path falls back to 1280 (say, DERP): the rest goes in small segments.
+        w.a.set_path_mtu("fd00::2", None, w.now)
+        sizes.clear()
+        w.run(until=lambda: server.lost and client.lost, limit=600)
+        self.assertLessEqual(max(sizes), 1280)
+        self.assertEqual(server.hash.digest(), hashlib.sha256(payload).digest())
+        self.assertEqual(conn.mtu, 1280)
