@@ -196,6 +196,7 @@ class Connection:
         self.lost_notified = False
         self.error: str | None = None
         self._armed = INF
+        self._last_oow = -INF
 
     # ------------------------------------------------------------------ helpers
 
@@ -280,7 +281,19 @@ class Connection:
         self.stack.emit(hdr + opts + data if data else hdr + opts)
 
     def _send_ack(self, now: float) -> None:
-        self._emit(self.snd_nxt, ACK, b"", now, sack=True)
+        # snd_max, not a rewound snd_nxt (after a timeout): like Linux, so the ACK always falls
+        # in the peer's window.
+        self._emit(self.snd_max, ACK, b"", now, sack=True)
+
+    def _send_oow_ack(self, now: float) -> None:
+        """Answer an unacceptable segment without data (or a RST/SYN needing a challenge ACK),
+        at most twice a second: two stacks that disagree must not ping-pong ACKs (RFC 5961 §7,
+        Linux's tcp_invalid_ratelimit)."""
+        if now - self._last_oow < 0.5:
+            self.stack.stats["tcp_oow_ack_limited"] += 1
+            return
+        self._last_oow = now
+        self._send_ack(now)
 
     def _send_syn(self, now: float, with_ack: bool) -> None:
         cfg = self.cfg
@@ -481,7 +494,7 @@ class Connection:
         elif seg_len == 0:
             if not (rcv_nxt <= seq_u < rcv_nxt + rwnd):
                 if not flags & RST:
-                    self._send_ack(now)
+                    self._send_oow_ack(now)
                 return
         elif not (
             rwnd > 0
@@ -509,10 +522,10 @@ class Connection:
                 else:
                     self._fail("connection refused" if state == SYN_RECEIVED else "connection reset")
             else:
-                self._send_ack(now)  # challenge ACK, RFC 5961 §3
+                self._send_oow_ack(now)  # challenge ACK, RFC 5961 §3
             return
         if flags & SYN:
-            self._send_ack(now)  # challenge ACK, RFC 5961 §4
+            self._send_oow_ack(now)  # challenge ACK, RFC 5961 §4
             return
         if not flags & ACK:
             return

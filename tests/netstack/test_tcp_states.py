@@ -434,6 +434,17 @@ class EstablishedTests(unittest.TestCase):
         self.assertEqual(ack.ack, 1000)
         self.assertEqual(self.conn.state_name, "ESTABLISHED")
 
+    def test_challenge_acks_are_rate_limited(self):
+        p = self.p
+        for _ in range(5):
+            p.send(RST, seq=1500)
+        self.assertEqual(len(p.take()), 1)
+        self.assertEqual(p.stack.stats["tcp_oow_ack_limited"], 4)
+        p.advance(0.5)
+        p.send(RST, seq=1500)
+        self.assertEqual(len(p.take()), 1)
+        self.assertEqual(self.conn.state_name, "ESTABLISHED")
+
     def test_syn_in_established_gets_challenge_ack(self):
         self.p.send(SYN, seq=5000, options=PLAIN)
         (ack,) = self.p.take()
