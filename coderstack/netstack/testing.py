@@ -22,12 +22,13 @@ class Wire:
     """Two stacks back to back.  ``a`` is built with ``wire.to_b`` as its emit and vice versa."""
 
     def __init__(self, delay: float = 0.0005, loss: float = 0.0, reorder: float = 0.0, seed: int = 1,
-                 reorder_delay: float = 0.002) -> None:
+                 reorder_delay: float = 0.002, duplicate: float = 0.0) -> None:
         self.now = 0.0
         self.delay = delay
         self.loss = loss
         self.reorder = reorder
         self.reorder_delay = reorder_delay
+        self.duplicate = duplicate
         self.rng = random.Random(seed)
         self._queue: list = []
         self._n = itertools.count()
@@ -49,6 +50,8 @@ class Wire:
         if self.reorder and self.rng.random() < self.reorder:
             d += self.reorder_delay
         heapq.heappush(self._queue, (self.now + d, next(self._n), dest, packet))
+        if self.duplicate and self.rng.random() < self.duplicate:
+            heapq.heappush(self._queue, (self.now + d * 3, next(self._n), dest, packet))
 
     def to_b(self, packet: bytes) -> None:
         self._send("b", packet)

@@ -3,6 +3,8 @@
 import hashlib
 import random
 
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from coderstack.netstack.stack import Stack
@@ -62,7 +64,7 @@ def transfer(test, size, config=None, **link):
     w.b.listen(80, lambda conn: server)
     client = Source(payload, w)
     w.a.connect("fd00::2", 80, client, 0.0)
-    w.run(until=lambda: server.lost and client.lost, limit=3600)
+    w.run(until=lambda: server.lost and client.lost, limit=36000)
     test.assertEqual(server.count, size)
     test.assertEqual(server.hash.digest(), hashlib.sha256(payload).digest())
     test.assertEqual((server.lost, client.lost), ([None], [None]))
@@ -147,3 +149,21 @@ class PathMTUTests(unittest.TestCase):
         self.assertLessEqual(max(sizes), 1280)
         self.assertEqual(server.hash.digest(), hashlib.sha256(payload).digest())
         self.assertEqual(conn.mtu, 1280)
+
+
+class RandomLinkTests(unittest.TestCase):
+    """Whatever the link does (loss, reordering, duplication, any mix), the bytes arrive exactly
+    and both ends finish cleanly."""
+
+    @given(
+        st.integers(0, 2**32 - 1),
+        st.sampled_from([0.0, 0.01, 0.05, 0.1]),
+        st.sampled_from([0.0, 0.05, 0.3]),
+        st.sampled_from([0.0, 0.05, 0.2]),
+        st.sampled_from([TCPConfig(), TCPConfig(sack=False), TCPConfig(timestamps=False),
+                         TCPConfig(window_scaling=False, rcvbuf=32768), TCPConfig(mtu=9000)]),
+        st.integers(1, 200_000),
+    )
+    @settings(max_examples=40, deadline=None)
+    def test_any_link(self, seed, loss, reorder, duplicate, config, size):
+        transfer(self, size, config=config, loss=loss, reorder=reorder, duplicate=duplicate, seed=seed)
