@@ -287,3 +287,33 @@ class ProducerCloseTests(Base):
         self.assertEqual(server_conn, [])
         self.assertEqual(pusher.sent, 1 << 20)
         self.assertEqual(len(servers[0].data), 1 << 20)
+
+
+class RobustnessTests(Base):
+    def test_cancel_connect(self):
+        self.pair.drop = lambda dest, pkt: True
+        d = NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 7).connect(protocol.Factory.forProtocol(Collect))
+        d.cancel()
+        f = self.failure(d)
+        f.trap(defer.CancelledError)
+        self.assertEqual(self.a.stack.connections, {})
+
+    def test_garbage_packets_never_raise(self):
+        from hypothesis import given, settings
+        from hypothesis import strategies as st
+
+        from coderstack.netstack import ipv6
+        from coderstack.netstack.stack import to_address
+
+        self.result(NetstackServerEndpoint(self.b, 7).listen(protocol.Factory.forProtocol(Echo)))
+        me, peer = to_address("fd7a:115c:a1e0::b"), to_address("fd7a:115c:a1e0::a")
+
+        @given(st.binary(max_size=120), st.sampled_from([0, 6, 17, 44, 58, 60]))
+        @settings(max_examples=200)
+        def feed(data, nh):
+            self.b.packet_received(data)
+            self.b.packet_received(ipv6.HEADER.pack(0x60000000, len(data), nh, 64, peer, me) + data)
+            self.b.packets_received([data, data[:40]])
+
+        feed()
+        self.assertEqual(self.b.stats["internal_error"], 0)
