@@ -11,7 +11,8 @@ so comparisons are ordinary ``<``.  Numbers from the wire are unwrapped against 
 
 Implemented: active, passive and simultaneous open; MSS; window scaling and timestamps with PAWS
 (RFC 7323); SACK (RFC 2018) with RFC 6675-style loss recovery; RTO per RFC 6298 with Karn's rule
-and exponential backoff; fast retransmit and NewReno recovery (RFC 5681, RFC 6582); delayed ACK
+and exponential backoff; fast retransmit and NewReno recovery (RFC 5681, RFC 6582) with CUBIC
+(RFC 9438, default) or NewReno congestion avoidance; delayed ACK
 (every second segment or 40 ms); no Nagle; zero-window probes; keepalive; FIN/RST with RFC 5961
 challenge ACKs; TIME_WAIT; ICMPv6 packet-too-big lowering the MSS.
 
@@ -24,8 +25,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 
-from . import tcpsegment
-from .congestion import NewReno
+from . import congestion, tcpsegment
 from .reassembly import Reassembly
 from .sack import Scoreboard
 from .tcpsegment import ACK, FIN, PSH, RST, SYN, build_options, build_packet, parse_options
@@ -92,6 +92,7 @@ class TCPConfig:
     sack: bool = True
     window_scaling: bool = True
     initial_window: int = 10  # segments, RFC 6928
+    congestion: str = "cubic"  # or "newreno"
     dupthresh: int = 3
     send_low_water: int = 1 << 20  # writable() fires when unACKed+unsent bytes fall below this
 
@@ -173,7 +174,7 @@ class Connection:
         self.rtt_seq: int | None = None
         self.rtt_time = 0.0
         self.mss = self.adv_mss
-        self.cc = NewReno(self.mss, cfg.initial_window)
+        self.cc = congestion.make(cfg.congestion, self.mss, cfg.initial_window)
         self.sb = Scoreboard()
         self.in_recovery = False
         self.recover = iss
@@ -820,7 +821,7 @@ class Connection:
                 self._schedule(self.t_rexmit)
         if not self.in_recovery:
             cc = self.cc
-            cc.on_ack(acked)
+            cc.on_ack(acked, now, self.srtt)
             # Do not let cwnd grow without bound while the peer's window is what limits us.
             cap = 2 * self.max_snd_wnd + 10 * self.mss
             if cc.cwnd > cap:
@@ -849,7 +850,7 @@ class Connection:
         self.in_recovery = True
         self.recover = self.snd_max
         flight = self.snd_max - self.snd_una - self.sb.sacked
-        self.cc.enter_recovery(flight)
+        self.cc.enter_recovery(flight, now)
         una = self.snd_una
         self.lost_floor = min(una + self.mss, self.snd_max)
         self.rtt_seq = None
@@ -1085,7 +1086,7 @@ class Connection:
             return
         flight = self.snd_max - self.snd_una - self.sb.sacked
         if self.retries == 1:
-            self.cc.on_timeout(flight)
+            self.cc.on_timeout(flight, now)
         else:
             self.cc.cwnd = self.mss
         self.in_recovery = False
