@@ -216,14 +216,14 @@ def bench_udp(size: int, mtu: int) -> float:
 
 # ---------------------------------------------------------------- TUN, Linux TCP peer
 
-def bench_tun(size: int, mtu: int) -> tuple[float, float]:
-    """Returns (kernel->us, us->kernel) Mbit/s."""
+def bench_tun(size: int, mtu: int, cls: str = "CleanPathTests") -> tuple[float, float]:
+    """Returns (kernel->us, us->kernel) Mbit/s.  ``cls`` "LossyPathTests": 1% loss each way."""
     code = f"""
 import sys
 sys.path.insert(0, {ROOT!r})
 from twisted.internet import reactor, defer
-from tests.interop.test_netstack_linux import CleanPathTests
-t = CleanPathTests("test_kernel_client_to_our_server")
+from tests.interop.test_netstack_linux import {cls} as Tests
+t = Tests("test_kernel_client_to_our_server")
 t.mtu = {mtu}
 cleanups = []
 t.addCleanup = cleanups.append
@@ -388,6 +388,11 @@ def main() -> None:
             results = [bench_tun(size, mtu) for _ in range(runs)]
             tun_rows.append((f"Linux TCP -> our stack via TUN, MTU {mtu}", statistics.median(r[0] for r in results)))
             tun_rows.append((f"our stack -> Linux TCP via TUN, MTU {mtu}", statistics.median(r[1] for r in results)))
+        results = [bench_tun(size // 2, 1280, "LossyPathTests") for _ in range(runs)]
+        tun_rows.append(("Linux TCP -> our stack via TUN + router, 1% loss each way, MTU 1280",
+                         statistics.median(r[0] for r in results)))
+        tun_rows.append(("our stack -> Linux TCP via TUN + router, 1% loss each way, MTU 1280",
+                         statistics.median(r[1] for r in results)))
     rows += tun_rows
     print(f"## netstack TCP throughput — {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
