@@ -97,7 +97,7 @@ class Netstack:
         self._in_input = False
         self._dirty: set[Connection] = set()
         self._flush_call = None
-        self._pings: dict[tuple[bytes, int, int], tuple[defer.Deferred, float]] = {}
+        self._pings: dict[tuple[bytes, int, int], tuple[defer.Deferred, float, object]] = {}
         self._ping_seq = itertools.count(1)
 
     @property
@@ -189,6 +189,11 @@ class Netstack:
             if call is not None and call.active():
                 call.cancel()
         self._timer = self._flush_call = None
+        pings, self._pings = self._pings, {}
+        for d, _t0, call in pings.values():
+            if call.active():
+                call.cancel()
+            d.errback(error.ConnectionDone("netstack stopped"))
 
     def set_path_mtu(self, host: str, mtu: int | None) -> None:
         """The tunnel's path to ``host`` changed its MTU (e.g. a direct path probed at 9000, or
@@ -230,9 +235,8 @@ class Netstack:
         seq = next(self._ping_seq) & 0xFFFF
         key = (remote, 0xC5, seq)
         d = defer.Deferred()
-        self._pings[key] = (d, self.reactor.seconds())
         call = self.reactor.callLater(timeout, self._ping_timeout, key)
-        d.addBoth(lambda r: (call.cancel() if call.active() else None, r)[1])
+        self._pings[key] = (d, self.reactor.seconds(), call)
         self.stack.ping(remote, 0xC5, seq, data)
         return d
 
@@ -244,6 +248,8 @@ class Netstack:
     def _echo_reply(self, src: bytes, ident: int, seq: int, data: bytes) -> None:
         entry = self._pings.pop((src, ident, seq), None)
         if entry is not None:
+            if entry[2].active():
+                entry[2].cancel()
             entry[0].callback(self.reactor.seconds() - entry[1])
 
 
