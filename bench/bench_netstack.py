@@ -240,12 +240,26 @@ def main():
     finally:
         for c in reversed(cleanups):
             try:
-                r = c()
+                c()
             except Exception:
                 pass
+        cleanups.clear()
         reactor.stop()
+def watchdog():
+    # Never leave a namespace behind: give up, clean up, stop.
+    for c in reversed(cleanups):
+        try:
+            c()
+        except Exception:
+            pass
+    cleanups.clear()
+    if reactor.running:
+        reactor.stop()
+reactor.callLater(240, watchdog)
 reactor.callWhenRunning(main)
-reactor.run(installSignalHandlers=False)
+# With signal handlers: Twisted reaps child processes on SIGCHLD (without, processEnded can be
+# missed and the run hangs).
+reactor.run()
 print(*(out[0] if out else ("nan", "nan")))
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
@@ -341,9 +355,23 @@ def main():
                 c()
             except Exception:
                 pass
+        cleanups.clear()
         reactor.stop()
+def watchdog():
+    # Never leave a namespace behind: give up, clean up, stop.
+    for c in reversed(cleanups):
+        try:
+            c()
+        except Exception:
+            pass
+    cleanups.clear()
+    if reactor.running:
+        reactor.stop()
+reactor.callLater(240, watchdog)
 reactor.callWhenRunning(main)
-reactor.run(installSignalHandlers=False)
+# With signal handlers: Twisted reaps child processes on SIGCHLD (without, processEnded can be
+# missed and the run hangs).
+reactor.run()
 print(out[0] if out else "nan")
 """
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
