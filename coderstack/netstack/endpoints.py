@@ -440,7 +440,7 @@ class NetstackTransport:
             self.conn.pause_reading()
 
     def resumeProducing(self) -> None:
-        if self.conn is not None and self.conn.state:
+        if self.conn is not None:
             now = self.netstack.reactor.seconds()
             self.conn.resume_reading(now)
             self.netstack._after(now)

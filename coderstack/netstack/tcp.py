@@ -195,6 +195,7 @@ class Connection:
         self.closed_by_app = False
         self.want_writable = False
         self.lost_notified = False
+        self._lost_pending = False
         self.error: str | None = None
         self._armed = INF
         self._last_oow = -INF
@@ -745,30 +746,41 @@ class Connection:
         self.rcv_nxt += 1
         self.ack_now = True
         state = self.state
+        if state == TIME_WAIT:
+            self.t_wait = now + 2 * self.cfg.msl
+            self._send_ack(now)
+            return
         if state in (SYN_RECEIVED, ESTABLISHED):
             self.state = CLOSE_WAIT
+        elif state == FIN_WAIT_1:
+            if self.snd_una > self.fin_seq:
+                self._enter_time_wait(now, notify=False)
+            else:
+                self.state = CLOSING
+        elif state == FIN_WAIT_2:
+            self._enter_time_wait(now, notify=False)
+        else:
+            return
+        # The read side ends, in every state (after a half close too), before the connection
+        # is reported lost; a paused reader gets it after its queued data.
+        if not self.closed_by_app and self.handler is not None:
             if self.paused or self.rcv_queue:
                 self.eof_pending = True
             else:
                 self.handler.eof_received()
-        elif state == FIN_WAIT_1:
-            if self.snd_una > self.fin_seq:
-                self._enter_time_wait(now)
-            else:
-                self.state = CLOSING
-        elif state == FIN_WAIT_2:
-            self._enter_time_wait(now)
-        elif state == TIME_WAIT:
-            self.t_wait = now + 2 * self.cfg.msl
+                if self.state == CLOSED:
+                    return
         if self.state == TIME_WAIT:
             self._send_ack(now)
+            self._notify_lost(None)
 
-    def _enter_time_wait(self, now: float) -> None:
+    def _enter_time_wait(self, now: float, notify: bool = True) -> None:
         self.state = TIME_WAIT
         self.t_rexmit = self.t_persist = self.t_keep = self.t_dack = None
         self.t_wait = now + 2 * self.cfg.msl
         self._schedule(self.t_wait)
-        self._notify_lost(None)
+        if notify:
+            self._notify_lost(None)
 
     def _ack_advance(self, ack_u: int, tsecr: int | None, now: float) -> None:
         una = self.snd_una
@@ -1146,6 +1158,11 @@ class Connection:
         self.paused = False
         self.rcv_queue = []
         self.rcv_queued = 0
+        self.eof_pending = False
+        if self._lost_pending:
+            self._lost_pending = False
+            self._notify_lost(None)
+            return
         self.shutdown_write(now)
 
     def shutdown_write(self, now: float) -> None:
@@ -1182,19 +1199,22 @@ class Connection:
         self.paused = True
 
     def resume_reading(self, now: float) -> None:
+        """Deliver what was queued while paused (also after the connection has finished)."""
         self.paused = False
         while self.rcv_queue and not self.paused and self.handler is not None:
             data = b"".join(self.rcv_queue)
             self.rcv_queue = []
             self.rcv_queued = 0
             self.handler.data_received(data)
-        if self.state == CLOSED:
+        if self.paused or self.rcv_queue:
             return
-        if self.eof_pending and not self.rcv_queue and not self.paused:
+        if self.eof_pending:
             self.eof_pending = False
-            self.handler.eof_received()
-            if self.state == CLOSED:
-                return
+            if not self.lost_notified:
+                self.handler.eof_received()
+        if self._lost_pending:
+            self._lost_pending = False
+            self._notify_lost(None)
         if self.state in _RECEIVING or self.state == CLOSE_WAIT:
             cur = self.rcv_adv - self.rcv_nxt
             free = self.rcvbuf - self.rcv_queued - self.ooo.size
@@ -1205,10 +1225,15 @@ class Connection:
     # ------------------------------------------------------------------ teardown
 
     def _notify_lost(self, reason: str | None) -> None:
-        if not self.lost_notified:
-            self.lost_notified = True
-            if self.handler is not None:
-                self.handler.connection_lost(reason)
+        if self.lost_notified:
+            return
+        if reason is None and (self.rcv_queue or self.eof_pending) and self.handler is not None:
+            # A clean end while the reader is paused: report it after the queued data.
+            self._lost_pending = True
+            return
+        self.lost_notified = True
+        if self.handler is not None:
+            self.handler.connection_lost(reason)
 
     def _fail(self, reason: str, send_rst: bool = False) -> None:
         if send_rst and self.state not in (CLOSED, SYN_SENT, TIME_WAIT):

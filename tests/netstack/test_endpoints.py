@@ -100,7 +100,10 @@ class EchoTests(Base):
 
         @implementer(IHalfCloseableProtocol)
         class Upper(Collect):
+            read_lost = False
+
             def readConnectionLost(self):
+                self.read_lost = True
                 self.transport.write(bytes(self.data).upper())
                 self.transport.loseConnection()
 
@@ -113,6 +116,7 @@ class EchoTests(Base):
         client.transport.loseWriteConnection()
         self.pair.pump(until=lambda: client.lost is not None)
         self.assertEqual(bytes(client.data), b"SHOUT")
+        self.assertTrue(client.read_lost)  # the client's read side ended before connectionLost
 
     def test_stop_listening(self):
         port = self.result(NetstackServerEndpoint(self.b, 7).listen(protocol.Factory.forProtocol(Echo)))

@@ -513,6 +513,34 @@ class CloseTests(unittest.TestCase):
         (ack,) = p.take()
         self.assertEqual(ack.ack, 1001)
 
+    def test_half_close_reports_eof_before_lost(self):
+        p, conn = self.p, self.conn
+        order = []
+        self.h.eof_received = lambda: order.append("eof")
+        self.h.connection_lost = lambda reason: order.append(("lost", reason))
+        conn.shutdown_write(p.now)
+        p.take()
+        p.send(ACK, ack=self.iss + 1)
+        p.send(ACK | FIN, ack=self.iss + 1, data=b"tail")
+        self.assertEqual(bytes(self.h.data), b"tail")
+        self.assertEqual(order, ["eof", ("lost", None)])
+
+    def test_paused_reader_gets_data_eof_then_lost(self):
+        p, conn = self.p, self.conn
+        order = []
+        self.h.data_received = lambda data: order.append(data)
+        self.h.eof_received = lambda: order.append("eof")
+        self.h.connection_lost = lambda reason: order.append(("lost", reason))
+        conn.pause_reading()
+        conn.shutdown_write(p.now)
+        p.take()
+        p.send(ACK | FIN, ack=self.iss + 1, data=b"queued")
+        self.assertEqual(conn.state_name, "TIME_WAIT")
+        self.assertEqual(order, [])
+        p.advance(10)  # TIME_WAIT ends; the reader still has not resumed
+        conn.resume_reading(p.now)
+        self.assertEqual(order, [b"queued", "eof", ("lost", None)])
+
     def test_time_wait_reacks_fin(self):
         p, conn = self.p, self.conn
         conn.shutdown_write(p.now)
