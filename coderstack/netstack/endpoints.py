@@ -385,10 +385,13 @@ class NetstackTransport:
         self.netstack._after(self.netstack.reactor.seconds())
 
     def loseWriteConnection(self) -> None:
-        if self.disconnected:
+        if self.disconnected or self.conn.fin_seq is not None:
             return
         self.conn.shutdown_write(self.netstack.reactor.seconds())
         self.netstack._after(self.netstack.reactor.seconds())
+        if self._half_close and not self.disconnected:
+            # Our FIN is queued behind the written data: the write side is done.
+            self.protocol.writeConnectionLost()
 
     def abortConnection(self) -> None:
         if self.disconnected:

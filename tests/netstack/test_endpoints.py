@@ -108,7 +108,7 @@ class EchoTests(Base):
                 self.transport.loseConnection()
 
             def writeConnectionLost(self):
-                pass
+                self.write_lost = True
 
         self.result(NetstackServerEndpoint(self.b, 7).listen(protocol.Factory.forProtocol(Upper)))
         client = self.result(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 7).connect(protocol.Factory.forProtocol(Upper)))
@@ -117,6 +117,7 @@ class EchoTests(Base):
         self.pair.pump(until=lambda: client.lost is not None)
         self.assertEqual(bytes(client.data), b"SHOUT")
         self.assertTrue(client.read_lost)  # the client's read side ended before connectionLost
+        self.assertTrue(client.write_lost)
 
     def test_stop_listening(self):
         port = self.result(NetstackServerEndpoint(self.b, 7).listen(protocol.Factory.forProtocol(Echo)))
