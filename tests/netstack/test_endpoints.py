@@ -322,3 +322,57 @@ class RobustnessTests(Base):
 
         feed()
         self.assertEqual(self.b.stats["internal_error"], 0)
+
+
+def self_signed_pem(name: str) -> bytes:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(subject)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - datetime.timedelta(days=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.DNSName(name)]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    return cert.public_bytes(serialization.Encoding.PEM) + key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+class TLSTests(Base):
+    def test_tls_echo_over_netstack(self):
+        from twisted.internet import ssl
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        cert = ssl.PrivateCertificate.loadPEM(self_signed_pem("agent.coder"))
+        # TLS aggregates small writes on a clock: give it ours.
+        server_factory = TLSMemoryBIOFactory(
+            cert.options(), False, protocol.Factory.forProtocol(Echo), clock=self.clock
+        )
+        self.result(NetstackServerEndpoint(self.b, 443).listen(server_factory))
+        client_factory = TLSMemoryBIOFactory(
+            ssl.optionsForClientTLS("agent.coder", trustRoot=cert), True,
+            protocol.Factory.forProtocol(Collect), clock=self.clock,
+        )
+        tls = self.result(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 443).connect(client_factory))
+        client = tls.wrappedProtocol
+        blob = b"secret" * 50000
+        client.transport.write(blob)
+        self.pair.pump(until=lambda: len(client.data) >= len(blob))
+        self.assertEqual(bytes(client.data), blob)
+        self.assertEqual(tls.transport.getPeer().host, "fd7a:115c:a1e0::b")
+        client.transport.loseConnection()
+        self.pair.pump(until=lambda: client.lost is not None)
