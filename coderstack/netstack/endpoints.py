@@ -530,7 +530,10 @@ class NetstackUDPPort:
         self.protocol.datagramReceived(data, (_text(addr[0]), addr[1]))
 
     def write(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.sock.sendto(data, to_address(addr[0]), addr[1])
+        try:
+            self.sock.sendto(data, to_address(addr[0]), addr[1])
+        except ValueError as e:  # larger than the tunnel MTU: as Twisted's UDP ports say it
+            raise error.MessageLengthError(str(e)) from None
 
     def getHost(self) -> IPv6Address:
         return IPv6Address("UDP", self.netstack.address, self.sock.port)

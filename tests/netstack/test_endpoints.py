@@ -247,6 +247,9 @@ class DatagramTests(Base):
         port.write(b"abc", ("fd7a:115c:a1e0::b", 5353))
         self.pair.pump(until=lambda: c.got)
         self.assertEqual(c.got, [(b"cba", ("fd7a:115c:a1e0::b", 5353))])
+        # no fragmentation in the tunnel: a datagram must fit the MTU (1280 - 40 - 8)
+        port.write(b"x" * 1232, ("fd7a:115c:a1e0::b", 5353))
+        self.assertRaises(error.MessageLengthError, port.write, b"x" * 1233, ("fd7a:115c:a1e0::b", 5353))
 
     def test_ping(self):
         rtt = self.result(self.a.ping("fd7a:115c:a1e0::b", b"x" * 32))
