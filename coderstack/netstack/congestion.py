@@ -1,0 +1,138 @@
+"""Congestion control.  The connection asks for ``cwnd`` (bytes) and reports ACKed bytes, the
+start and end of fast recovery, and retransmission timeouts; ``now`` and the smoothed RTT come
+from the connection (time is injected, as everywhere in the core).
+
+- ``NewReno``: RFC 5681 slow start and congestion avoidance with RFC 3465 byte counting
+  (L = 2 SMSS), RFC 6582 recovery exit.
+- ``Cubic``: RFC 9438 — the cubic window ``W(t) = C (t - K)^3 + W_max`` in congestion avoidance,
+  beta 0.7, fast convergence, and the Reno-friendly estimate as a floor.  Better than NewReno on
+  paths with a large bandwidth-delay product (a tunnel across the internet).
+"""
+
+from __future__ import annotations
+
+__all__ = ["Cubic", "NewReno", "make"]
+
+
+class NewReno:
+    __slots__ = ("mss", "cwnd", "ssthresh", "_acc")
+
+    def __init__(self, mss: int, initial_window: int = 10) -> None:
+        self.mss = mss
+        self.cwnd = initial_window * mss  # RFC 6928
+        self.ssthresh = 1 << 62
+        self._acc = 0
+
+    def on_ack(self, acked: int, now: float = 0.0, srtt: float | None = None) -> None:
+        """New data was cumulatively ACKed outside recovery."""
+        if self.cwnd < self.ssthresh:
+            # Slow start with appropriate byte counting, L = 2 * SMSS.
+            self.cwnd += min(acked, 2 * self.mss)
+        else:
+            self._acc += acked
+            if self._acc >= self.cwnd:
+                self._acc -= self.cwnd
+                self.cwnd += self.mss
+
+    def enter_recovery(self, flight: int, now: float = 0.0) -> None:
+        self.ssthresh = max(flight // 2, 2 * self.mss)
+        self.cwnd = self.ssthresh
+        self._acc = 0
+
+    def exit_recovery(self, flight: int) -> None:
+        # RFC 6582 §3.2 step 3, option 1: deflate to min(ssthresh, FlightSize + SMSS).
+        self.cwnd = max(min(self.ssthresh, flight + self.mss), 2 * self.mss)
+
+    def on_timeout(self, flight: int, now: float = 0.0) -> None:
+        self.ssthresh = max(flight // 2, 2 * self.mss)
+        self.cwnd = self.mss
+        self._acc = 0
+
+    def set_mss(self, mss: int) -> None:
+        if mss < self.mss:
+            self.cwnd = max(self.cwnd * mss // self.mss, mss)
+        self.mss = mss
+
+
+class Cubic(NewReno):
+    __slots__ = ("w_max", "w_last_max", "k", "epoch", "origin", "w_est")
+
+    C = 0.4
+    BETA = 0.7
+    ALPHA = 3 * (1 - 0.7) / (1 + 0.7)  # Reno-friendly additive increase (RFC 9438 §4.3)
+
+    def __init__(self, mss: int, initial_window: int = 10) -> None:
+        super().__init__(mss, initial_window)
+        self.w_max = 0.0  # segments
+        self.w_last_max = 0.0
+        self.k = 0.0
+        self.epoch: float | None = None
+        self.origin = 0.0
+        self.w_est = 0.0
+
+    def on_ack(self, acked: int, now: float = 0.0, srtt: float | None = None) -> None:
+        mss = self.mss
+        if self.cwnd < self.ssthresh:
+            self.cwnd += min(acked, 2 * mss)
+            return
+        cwnd_seg = self.cwnd / mss
+        if self.epoch is None:
+            self.epoch = now
+            if cwnd_seg < self.w_max:
+                self.k = ((self.w_max - cwnd_seg) / self.C) ** (1 / 3)
+                self.origin = self.w_max
+            else:
+                self.k = 0.0
+                self.origin = cwnd_seg
+            self.w_est = cwnd_seg
+        t = now - self.epoch + (srtt or 0.0)
+        target = self.origin + self.C * (t - self.k) ** 3
+        self.w_est += self.ALPHA * (acked / mss) / cwnd_seg
+        if target < self.w_est:
+            target = self.w_est
+        if target > 1.5 * cwnd_seg:
+            target = 1.5 * cwnd_seg  # at most +50% per RTT (RFC 9438 §4.2)
+        if target > cwnd_seg:
+            self.cwnd += int((target - cwnd_seg) / cwnd_seg * acked)
+        else:
+            # In the plateau: creep up slowly (one segment per 100 cwnd of ACKs).
+            self._acc += acked
+            if self._acc >= 100 * self.cwnd:
+                self._acc = 0
+                self.cwnd += mss
+
+    def _reduce(self) -> None:
+        cwnd_seg = self.cwnd / self.mss
+        # Fast convergence (RFC 9438 §4.7): release bandwidth to newer flows.
+        if cwnd_seg < self.w_last_max:
+            self.w_last_max = cwnd_seg
+            self.w_max = cwnd_seg * (1 + self.BETA) / 2
+        else:
+            self.w_last_max = cwnd_seg
+            self.w_max = cwnd_seg
+        self.epoch = None
+
+    def _base(self, flight: int) -> int:
+        # Reduce from what was really in flight when the window was not the limit.
+        return min(self.cwnd, flight) if flight > 0 else self.cwnd
+
+    def enter_recovery(self, flight: int, now: float = 0.0) -> None:
+        self.cwnd = self._base(flight)
+        self._reduce()
+        self.ssthresh = max(int(self.cwnd * self.BETA), 2 * self.mss)
+        self.cwnd = self.ssthresh
+        self._acc = 0
+
+    def on_timeout(self, flight: int, now: float = 0.0) -> None:
+        self.cwnd = self._base(flight)
+        self._reduce()
+        self.ssthresh = max(int(self.cwnd * self.BETA), 2 * self.mss)
+        self.cwnd = self.mss
+        self._acc = 0
+
+
+def make(name: str, mss: int, initial_window: int) -> NewReno:
+    try:
+        return {"newreno": NewReno, "cubic": Cubic}[name](mss, initial_window)
+    except KeyError:
+        raise ValueError(f"unknown congestion control {name!r}") from None
