@@ -32,9 +32,11 @@ from twisted.logger import Logger
 from coderstack.coordinator.client import CoordinateClientFactory, open_coordination
 from coderstack.derpmap import DERPMap, DERPMapError, rewrite_embedded
 from coderstack.keys import NodeKeys, load_node_keys
+from coderstack.netstack.endpoints import Netstack
 from coderstack.sdk import Client, SDKError
 from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.conn import home_region as conn_home_region
+from coderstack.tailnet.stack import attach_netstack, server_endpoint
 from coderstack.wire.coordination import (
     CODER_SERVICE_PREFIX,
     CoordinateRequest,
@@ -68,6 +70,10 @@ class AgentService(service.Service):
         self.peers: dict[UUID, dict[str, Any]] = {}
         self.coordination: CoordinateClientFactory | None = None
         self.conn: Conn | None = None
+        self.netstack: Netstack | None = None
+        # tunnel port -> protocol factory served on the agent's tunnel address
+        self.services: dict[int, Any] = {}
+        self._listening: dict[int, Any] = {}
         self.sessions = 0
         self._loop: Deferred[None] | None = None
         self._wake: Deferred[None] | None = None
@@ -141,6 +147,18 @@ class AgentService(service.Service):
         self.coordination = None
         return True
 
+    def serve(self, port: int, factory: Any) -> None:
+        """Serve ``factory`` on ``port`` of the tunnel address (now, or once the tunnel is up)."""
+        self.services[port] = factory
+        if self.netstack is not None:
+            self._listen(port, factory)
+
+    def _listen(self, port: int, factory: Any) -> None:
+        assert self.netstack is not None
+        d = server_endpoint(self.netstack, port).listen(factory)
+        d.addCallback(lambda listening: self._listening.__setitem__(port, listening))
+        d.addErrback(lambda f: log.failure("cannot serve tunnel port {port}", f, port=port))
+
     def _tunnel(self, agent_id: UUID, manifest: dict[str, Any]) -> Conn:
         """The Conn, made on the first manifest; every manifest refreshes its DERP map."""
         assert self.keys is not None
@@ -157,6 +175,9 @@ class AgentService(service.Service):
             )
             self.conn.start(self.listen_port)
             self.conn.on_node_change(self._send_node)
+            self.netstack = attach_netstack(self.conn, self.reactor)
+            for port, factory in self.services.items():
+                self._listen(port, factory)
         try:
             derp_map = rewrite_embedded(DERPMap.from_json(manifest.get("derp_map") or {}), self.url)
         except DERPMapError as err:

@@ -24,6 +24,7 @@ from twisted.logger import Logger
 from coderstack.coordinator.client import open_coordination
 from coderstack.derpmap import DERPMap, rewrite_embedded
 from coderstack.tailnet.conn import Conn
+from coderstack.tailnet.stack import attach_netstack, client_endpoint
 from coderstack.wire.coordination import CoordinateRequest, CoordinateResponse, Node
 
 _log = Logger()
@@ -31,6 +32,11 @@ _log = Logger()
 
 class DialError(Exception):
     pass
+
+
+def agent_endpoint(conn: Conn, port: int, timeout: float = 30) -> Any:
+    """A Twisted client endpoint for ``port`` on the dialed agent's tunnel address."""
+    return client_endpoint(conn.netstack, conn.agent_address, port, timeout=timeout)  # type: ignore[attr-defined]
 
 
 async def dial_agent(reactor: Any, api_client: Any, agent_id: str | UUID, *,
@@ -51,6 +57,7 @@ async def dial_agent(reactor: Any, api_client: Any, agent_id: str | UUID, *,
     conn.agent_id = agent_uuid  # type: ignore[attr-defined]
     conn.agent_key = None  # type: ignore[attr-defined]
     conn.agent_address = None  # type: ignore[attr-defined]
+    conn.netstack = attach_netstack(conn, reactor)  # type: ignore[attr-defined]
     conn.start()
     conn.set_derp_map(derp_map)
     ready: defer.Deferred[None] = defer.Deferred()

@@ -7,7 +7,7 @@ import ipaddress
 import os
 import tempfile
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -16,7 +16,7 @@ from coderstack.agent.service import AgentService
 from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derp.server import make_derp_resources, make_relay
 from coderstack.sdk import Client
-from coderstack.tailnet.dial import dial_agent
+from coderstack.tailnet.dial import agent_endpoint, dial_agent
 from coderstack.wire import derp as w
 from tests.derp.helpers import wait_for
 from tests.support.api import Caller, make_deployment
@@ -122,3 +122,51 @@ class AgentTunnelTests(unittest.TestCase):
         await wait_for(lambda: len(got) == 2)
         self.assertEqual(got[1][40:], b"after")
         self.assertEqual(svc.conn.last_handshake[conn.keys.node_public], handshake)
+
+
+class _Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.transport.write(data)
+
+
+class _Collect(protocol.Protocol):
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.buf += data
+
+
+class AgentNetstackTests(unittest.TestCase):
+    """TCP over the tunnel: the agent's netstack serves, the client's netstack dials."""
+
+    timeout = 60
+    start = AgentTunnelTests.start
+    agent = AgentTunnelTests.agent
+    dial = AgentTunnelTests.dial
+
+    async def test_tcp_through_the_tunnel_byte_exact(self) -> None:
+        url, token, agent_token, agent_id = await self.start()
+        svc = await self.agent(url, agent_token)
+        svc.serve(9000, protocol.Factory.forProtocol(_Echo))
+        conn = await self.dial(url, token, agent_id)
+        proto = await agent_endpoint(conn, 9000).connect(protocol.Factory.forProtocol(_Collect))
+        self.addCleanup(proto.transport.abortConnection)
+        payload = os.urandom(1 << 20)
+        proto.transport.write(payload)
+        await wait_for(lambda: len(proto.buf) >= len(payload))
+        self.assertEqual(bytes(proto.buf), payload)
+        self.assertEqual(proto.transport.getPeer().host, str(svc.conn.address))
+
+    async def test_tcp_over_relay_only(self) -> None:
+        url, token, agent_token, agent_id = await self.start()
+        svc = await self.agent(url, agent_token)
+        svc.serve(9000, protocol.Factory.forProtocol(_Echo))
+        conn = await self.dial(url, token, agent_id, disable_direct=True)
+        proto = await agent_endpoint(conn, 9000).connect(protocol.Factory.forProtocol(_Collect))
+        self.addCleanup(proto.transport.abortConnection)
+        payload = os.urandom(256 * 1024)
+        proto.transport.write(payload)
+        await wait_for(lambda: len(proto.buf) >= len(payload))
+        self.assertEqual(bytes(proto.buf), payload)
+        self.assertEqual(conn.path(conn.agent_key)[0], "DERP(Coder Embedded Relay)")
