@@ -64,7 +64,7 @@ class CoordinateProtocol(WebSocketServerProtocol):
         # peer itself is not gone, so nothing is recorded for it here.
         self._replaced = True
         if reason == CLOSE_SHUTDOWN:
-            self.sendClose(code=1001, reason="server shutting down")
+            self.sendClose(code=1000, reason="server shutting down")
         else:
             self.sendClose(code=CLOSE_REPLACED, reason="replaced by a newer connection")
 
