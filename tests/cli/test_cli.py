@@ -340,6 +340,12 @@ class ErrorTests(unittest.TestCase):
             self.assertIn(fragment, err.splitlines()[0], argv)
             self.assertTrue(err.startswith("error: "), err)
             self.assertEqual(out, "")
+        # The usage line is the failing command's own, and the help hint names it.
+        code, out, err = await cli("users", "create", "--username", "u")
+        self.assertEqual(err.splitlines()[1:], [
+            "usage: coderstack users create --username U --email E --password P",
+            "Run 'coderstack users create --help' for details.",
+        ])
         code, out, err = await cli("list", CODER_DISABLE_DIRECT_CONNECTIONS="perhaps")
         self.assertEqual(code, 2)
         self.assertIn("--disable-direct-connections", err)
