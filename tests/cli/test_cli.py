@@ -278,6 +278,28 @@ class AgentStatusTests(CLITestCase):
             shown = await self.show("ws1")
         self.assertEqual(shown["agents"][0]["last_seen_at"], shown["agents"][0]["disconnected_at"])
 
+    async def test_rotating_the_token_disconnects_the_running_agent(self) -> None:
+        await self.login_owner()
+        ws, token = await self.create("ws1")
+        agent = AgentService(reactor, self.url, token, os.path.join(self.cli.home, "agent"))
+        agent.startService()
+        self.addCleanup(lambda: agent.stopService() if agent.running else None)
+        await self.wait_status("ws1", "connected")
+        coordination = agent.coordination
+        code, out, err = await self.cli("agent-token", "ws1")
+        self.assertEqual(code, 0, err)
+        # The server closes the old token's coordination itself, as a kick.
+        await coordination.closed
+        self.assertEqual(coordination.proto.remoteCloseCode, 4001)
+        shown = await self.wait_status("ws1", "disconnected")
+        while shown["agents"][0]["disconnected_at"] is None:
+            await task.deferLater(reactor, 0.05, lambda: None)
+            shown = await self.show("ws1")
+        # The old token does not get it back in.
+        await task.deferLater(reactor, 1.5, lambda: None)
+        self.assertEqual((await self.show("ws1"))["agents"][0]["status"], "disconnected")
+        self.assertEqual(agent.sessions, 1)
+
     async def wait_status(self, name: str, status: str) -> dict:
         while True:
             shown = await self.show(name)
