@@ -138,6 +138,16 @@ class FoundationTests(unittest.TestCase):
         self.assertEqual((str(update.id), update.kind.value), (alice_agent, "NODE"))
         self.assertEqual([str(a) for a in update.node.addresses],
                          [f"{address_from_uuid(uuid.UUID(alice_agent))}/128"])
+        # The owner's debug view shows the tunnel Alice made and not the one Bob asked for.
+        debug = await alice_api.get("/api/v2/debug/coordinator")
+        dsts = {(t["dst"]) for t in debug["tunnels"]}
+        self.assertEqual(dsts, {alice_agent})
+        self.assertGreaterEqual(debug["counters"]["refusals"], 1)
+        agents = [p for p in debug["peers"] if p["kind"] == "agent"]
+        self.assertEqual([(p["id"], p["status"]) for p in agents], [(alice_agent, "connected")])
+        with self.assertRaises(SDKError) as caught:
+            await bob_api.get("/api/v2/debug/coordinator")
+        self.assertEqual(caught.exception.status, 403)
         for proto in (own.proto, mine.proto):
             proto.sendClose()
         await own.closed
