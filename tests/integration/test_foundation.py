@@ -11,6 +11,7 @@ from __future__ import annotations
 import ipaddress
 import os
 import signal
+import socket
 import tempfile
 import uuid
 
@@ -21,7 +22,7 @@ from coderstack.coordinator.client import open_coordination
 from coderstack.sdk import Client, SDKError, trust_root_from_env
 from coderstack.wire.coordination import CoordinateRequest, address_from_uuid
 from tests.support import postgres
-from tests.support.processes import Deployment, pid_alive, sleep
+from tests.support.processes import TWISTD, Deployment, Process, pid_alive, sleep
 from tests.support.tlscerts import make_ca_and_server_cert
 
 # twistd ends a clean SIGTERM shutdown by re-raising the signal, so either status is "stopped".
@@ -71,6 +72,14 @@ class FoundationTests(unittest.TestCase):
         alice = d.user("alice")
         await alice.login_first("alice")
         token = await alice.create("ws1")
+
+        # A wrong token is refused (and never logged); the agent keeps trying.
+        impostor = d.start_agent("not-the-token-" + token[-6:], "impostor")
+        while "Invalid agent token" not in impostor.log():
+            self.assertTrue(impostor.running(), impostor.log())
+            await sleep(0.1)
+        self.assertNotIn("not-the-token-", impostor.log())
+        await impostor.stop()
 
         agent = d.start_agent(token, "agent1")
         await alice.wait_status("ws1", "connected", watch=[agent])
@@ -185,11 +194,16 @@ class FoundationTests(unittest.TestCase):
         config_dir = os.path.join(d.dir, "dev-config")
         home = os.path.join(d.dir, "home")
         os.makedirs(home)
+        # Cleanups run last-first: this one runs after the servers were stopped, for any agent
+        # a failed test left behind.
+        servers = []
+        self.addCleanup(lambda: [self.kill_dev_agents(s) for s in servers])
         server = await d.start_server("--dev", env=d.env(home, CODER_CONFIG_DIR=config_dir))
-        self.addCleanup(self.kill_dev_agents, server)
+        servers.append(server)
         user = d.user("dev")
         user.config_dir = config_dir
-        ws = await user.wait_status("dev", "connected", watch=[server])
+        # The demo is set up right after the server starts listening: wait for it.
+        ws = await user.wait_status("dev", "connected", watch=[server], missing_ok=True)
         self.assertEqual(ws["owner_name"], "admin")
         out = await user.ok("list")
         self.assertRegex(out, r"dev\s+main\s+connected")
@@ -203,11 +217,47 @@ class FoundationTests(unittest.TestCase):
         self.assertIn(await d.stop_server(), STOPPED, server.log())
         while pid_alive(agent_pid):
             await sleep(0.05)
+        self.assertIn("dev agent exited", server.log())
+
+        # Run it again on the same data dir: same user and workspace, a fresh agent token.
+        server = await d.start_server("--dev", env=d.env(home, CODER_CONFIG_DIR=config_dir))
+        servers.append(server)
+        again = await user.wait_status("dev", "connected", watch=[server], missing_ok=True)
+        self.assertEqual(again["id"], ws["id"])
+        self.assertEqual(again["agents"][0]["id"], ws["agents"][0]["id"])
+        [second_pid] = server.child_pids(r"started agent process (\d+)")
+        self.assertNotEqual(second_pid, agent_pid)
 
     def kill_dev_agents(self, server) -> None:
         for pid in server.child_pids(r"started agent process (\d+)"):
             if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+    async def test_start_up_failures_stop_the_server(self) -> None:
+        # The port is taken: one clear line, a non-zero exit, no listener left.
+        d = Deployment(self)
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", d.port))
+            taken.listen()
+            server = Process(self, "taken", [TWISTD, "-n", "--pidfile=", "coderstack-server",
+                                             "--data-dir", d.data_dir, "--stun-address", "disable",
+                                             *d.server_args], d.env(d.dir), d.dir)
+            code = await server.wait()
+        self.assertNotIn(code, (0,), server.log())
+        self.assertIn("failed to start", server.log())
+        self.assertIn(str(d.port), server.log())
+        # PostgreSQL that is not there: the same.
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            dead = s.getsockname()[1]
+        d2 = Deployment(self, "--postgres-url", f"postgresql://nobody@127.0.0.1:{dead}/none")
+        server = Process(self, "nodb", [TWISTD, "-n", "--pidfile=", "coderstack-server",
+                                        "--data-dir", d2.data_dir, "--stun-address", "disable",
+                                        *d2.server_args], d2.env(d2.dir), d2.dir)
+        code = await server.wait()
+        self.assertNotEqual(code, 0, server.log())
+        self.assertIn("failed to start", server.log())
+        self.assertNotIn("listening on", server.log())
 
     async def test_postgres_store(self) -> None:
         why = postgres.available()

@@ -216,11 +216,18 @@ class CLIUser:
     async def show(self, name: str) -> dict[str, Any]:
         return json.loads(await self.ok("show", name, "--output", "json"))
 
-    async def wait_status(self, name: str, status: str, watch: list[Process] = ()) -> dict[str, Any]:
-        """Poll ``show NAME --output json`` until its agent has ``status`` (trial's timeout bounds it)."""
+    async def wait_status(self, name: str, status: str, watch: list[Process] = (),
+                          missing_ok: bool = False) -> dict[str, Any]:
+        """Poll ``show NAME --output json`` until its agent has ``status`` (trial's timeout bounds it).
+
+        ``missing_ok``: keep polling while ``show`` fails (not logged in yet, no such workspace yet).
+        """
         while True:
-            ws = await self.show(name)
-            if ws["agents"][0]["status"] == status:
+            code, out, err = await self.run("show", name, "--output", "json")
+            if code != 0 and not missing_ok:
+                raise AssertionError(f"coderstack show {name} exited {code}: {err}")
+            ws = json.loads(out) if code == 0 else None
+            if ws is not None and ws["agents"][0]["status"] == status:
                 return ws
             for proc in watch:
                 if not proc.running():
