@@ -14,7 +14,9 @@ import signal
 import socket
 import tempfile
 import uuid
+from datetime import UTC, datetime
 
+from nacl.public import PrivateKey
 from twisted.internet import reactor
 from twisted.trial import unittest
 
@@ -24,6 +26,16 @@ from coderstack.wire.coordination import CoordinateRequest, address_from_uuid
 from tests.support import postgres
 from tests.support.processes import TWISTD, Deployment, Process, pid_alive, sleep
 from tests.support.tlscerts import make_ca_and_server_cert
+
+
+def client_node(peer_id: uuid.UUID) -> dict:
+    """A client's node as the CLI would send it: fresh keys, its /128 from its peer id."""
+    address = f"{address_from_uuid(peer_id)}/128"
+    return {"id": 4242, "as_of": datetime.now(UTC).isoformat(),
+            "key": "nodekey:" + bytes(PrivateKey.generate().public_key).hex(),
+            "disco": "discokey:" + bytes(PrivateKey.generate().public_key).hex(),
+            "preferred_derp": 999, "addresses": [address], "allowed_ips": [address], "endpoints": []}
+
 
 # twistd ends a clean SIGTERM shutdown by re-raising the signal, so either status is "stopped".
 STOPPED = (0, -signal.SIGTERM)
@@ -135,18 +147,25 @@ class FoundationTests(unittest.TestCase):
         self.assertTrue(got[0].error, got[0])
         self.assertEqual(got[0].peer_updates, ())
 
-        # Alice, on the same kind of route to her own agent, gets its node.
+        # Alice, on the same kind of route to her own agent, gets its node; once the agent has
+        # her node it says it is ready for the handshake.
         nodes = []
-        mine = await open_coordination(alice_api, path, nodes.append)
+        me = uuid.uuid4()
+        mine = await open_coordination(alice_api, path, nodes.append, query={"peer_id": str(me)})
         self.addCleanup(mine.proto.sendClose)
-        mine.proto.send_request(CoordinateRequest.from_json({"add_tunnel": {"id": alice_agent}}))
-        while not nodes:
+        mine.proto.send_request(CoordinateRequest.from_json({
+            "update_self": {"node": client_node(me)},
+            "add_tunnel": {"id": alice_agent},
+        }))
+        while not any(u.kind.value == "READY_FOR_HANDSHAKE" for r in nodes for u in r.peer_updates):
             await sleep(0.05)
-        self.assertIsNone(nodes[0].error or None)
-        [update] = nodes[0].peer_updates
-        self.assertEqual((str(update.id), update.kind.value), (alice_agent, "NODE"))
+        self.assertEqual([r.error for r in nodes if r.error], [])
+        updates = [(str(u.id), u.kind.value) for r in nodes for u in r.peer_updates]
+        self.assertEqual(updates, [(alice_agent, "NODE"), (alice_agent, "READY_FOR_HANDSHAKE")])
+        update = nodes[0].peer_updates[0]
         self.assertEqual([str(a) for a in update.node.addresses],
                          [f"{address_from_uuid(uuid.UUID(alice_agent))}/128"])
+        self.assertEqual(update.node.preferred_derp, 999)  # the embedded relay
         # The owner's debug view shows the tunnel Alice made and not the one Bob asked for.
         debug = await alice_api.get("/api/v2/debug/coordinator")
         dsts = {(t["dst"]) for t in debug["tunnels"]}
