@@ -267,9 +267,11 @@ class AgentStatusTests(CLITestCase):
         code, out, err = await self.cli("show", "ws1")
         self.assertIn("connected, last seen now", out)
         # A graceful stop tells the coordinator: disconnected, not lost.
-        coordination = agent.coordination
+        proto = agent.coordination.proto
         await agent.stopService()
-        await coordination.closed
+        # (Stopping cancels the agent's wait on the close, so watch the protocol itself.)
+        while proto.state != proto.STATE_CLOSED:
+            await task.deferLater(reactor, 0.02, lambda: None)
         shown = await self.wait_status("ws1", "disconnected")
         self.assertIsNotNone(shown["agents"][0]["last_seen_at"])
         # ... and the server recorded when it left.
