@@ -325,3 +325,18 @@ class TwistdUsageErrorTests(unittest.SynchronousTestCase):
         self.assertNotEqual(code, 0)
         self.assertIn("--token", output)
         self.assertFalse(os.path.exists(os.path.join(self.home, "share", "coderstack")))
+
+    def test_both_plugins_are_listed_and_document_their_variables(self) -> None:
+        code, output = self.twistd("--help")
+        self.assertEqual(code, 0, output)
+        self.assertIn("coderstack-server", output)
+        self.assertIn("coderstack-agent", output)
+        code, output = self.twistd("coderstack-server", "--help")
+        self.assertEqual(code, 0, output)
+        for text in ("--access-url", "CODER_ACCESS_URL", "--http-address", "CODER_HTTP_ADDRESS",
+                     "--tls-cert-file", "CODER_PG_CONNECTION_URL", "--dev"):
+            self.assertIn(text, output)
+        code, output = self.twistd("coderstack-agent", "--help")
+        self.assertEqual(code, 0, output)
+        for text in ("--url", "CODER_AGENT_URL", "--token", "CODER_AGENT_TOKEN", "--data-dir"):
+            self.assertIn(text, output)
