@@ -109,10 +109,15 @@ async def run(reactor: Any, argv: list[str], environ: dict[str, str] | None = No
         opts.parseOptions(argv)
         ctx = make_context(reactor, opts, env, **streams)
     except usage.UsageError as err:
-        sub = getattr(opts, "subOptions", None)
+        # The innermost command parsed so far; its synopsis already reads "coderstack <cmd> ..."
+        # (getSynopsis() would prepend every parent's synopsis to it).
+        inner, words = opts, []
+        while getattr(inner, "subOptions", None) is not None:
+            words.append(inner.subCommand)
+            inner = inner.subOptions
         stderr.write(f"error: {err}\n")
-        stderr.write(f"usage: {(sub or opts).getSynopsis()}\n")
-        stderr.write(f"Run 'coderstack {opts.subCommand + ' ' if opts.subCommand else ''}--help' for details.\n")
+        stderr.write(f"usage: {inner.synopsis}\n")
+        stderr.write(f"Run 'coderstack {''.join(w + ' ' for w in words)}--help' for details.\n")
         return 2
     _options_class, command = _load(opts.subCommand)
     if ctx.verbose:

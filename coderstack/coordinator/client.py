@@ -41,6 +41,17 @@ class CoordinateClientProtocol(WebSocketClientProtocol):
         self.factory.on_response(response)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
+        # When the TCP connection drops before the server's close frame arrives (both sides
+        # closing at once), Autobahn leaves its close-handshake timers armed on a dead protocol;
+        # cancel them so a stopped agent or CLI leaves no timer behind.
+        for name in ("closeHandshakeTimeoutCall", "serverConnectionDropTimeoutCall"):
+            call = getattr(self, name, None)
+            if call is not None:
+                try:
+                    call.cancel()
+                except Exception:  # already fired or cancelled
+                    pass
+                setattr(self, name, None)
         self.factory.on_close(code, reason or "")
 
 

@@ -24,6 +24,7 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.logger import Logger
 
+from coderstack.coordinator.core import CLOSE_SHUTDOWN, REASON_GRACEFUL, REASON_REFUSED
 from coderstack.wire.coordination import CoordinateResponse
 
 PING_INTERVAL = 5.0
@@ -42,33 +43,42 @@ class CoordinateProtocol(WebSocketServerProtocol):
         f = self.factory
         self._graceful = False
         self._replaced = False
-        self.connection = f.coordinator.connect(f.peer_id, f.name, f.auth, self._send, self._replace)
+        self.connection = f.coordinator.connect(f.peer_id, f.name, f.auth, self._send, self._closed_by_coordinator)
         f.opened(self)
 
     def _send(self, response: CoordinateResponse) -> None:
         self.sendMessage(response.to_text().encode(), isBinary=False)
 
-    def _replace(self) -> None:
-        # The coordinator closed this connection: overwritten by a newer one with the same peer
-        # id, removed for abuse, or the coordinator itself is closing. Nothing more to report.
-        why = getattr(self.connection, "close_reason", None) or "closed by the coordinator"
-        self._replaced = why == "overwritten"
-        self._graceful = not self._replaced
-        code = CLOSE_REPLACED if self._replaced else (CLOSE_ABUSE if "refused" in why else CLOSE_KICKED)
-        self.sendClose(code=code, reason=why[:100])
+    def _closed_by_coordinator(self) -> None:
+        reason = self.connection.close_reason
+        if reason in (REASON_GRACEFUL, REASON_REFUSED):
+            # The peer is gone for good (it said disconnect, was kicked, or abused the protocol):
+            # the close handler must record it as disconnected.
+            self._graceful = True
+            code = CLOSE_ABUSE if reason == REASON_REFUSED else 1000
+            self.sendClose(code=code, reason=reason)
+            return
+        # A newer connection for this peer id took over, or the server is shutting down: the
+        # peer itself is not gone, so nothing is recorded for it here.
+        self._replaced = True
+        if reason == CLOSE_SHUTDOWN:
+            self.sendClose(code=1000, reason="server shutting down")
+        else:
+            self.sendClose(code=CLOSE_REPLACED, reason="replaced by a newer connection")
 
     def kick(self, reason: str) -> None:
         """Close from the server side (token rotated, workspace deleted): the peer is gone."""
+        # Send our close first: the coordinator's close() that disconnect() triggers is then a no-op.
+        self.sendClose(code=CLOSE_KICKED, reason=reason[:100])
         if not self._graceful and not self._replaced:
             self._graceful = True
             self.connection.disconnect()
-        self.sendClose(code=CLOSE_KICKED, reason=reason[:100])
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._replaced or self._graceful:
             return
-        # The core parses, answers malformed messages with an error, counts them and closes
-        # a connection that keeps sending them.
+        # The core parses, answers malformed messages with an error, counts them and closes a
+        # connection that keeps sending them (REASON_REFUSED, closed with CLOSE_ABUSE above).
         self.connection.handle_text(payload)
 
     def onPong(self, payload: bytes) -> None:

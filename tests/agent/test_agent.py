@@ -1,0 +1,262 @@
+"""The agent without a server: its keys, the node it advertises, and its reconnect schedule.
+
+The reconnect loop runs on a ``MemoryReactorClock`` (with a stand-in UDP port), with the session
+replaced by a script of outcomes, so the waits between attempts are read off the fake clock.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import stat
+import tempfile
+import uuid
+from typing import Any
+
+from nacl.public import PrivateKey
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import Deferred
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial import unittest
+
+from coderstack import netinfo
+from coderstack.agent import service as agent_service
+from coderstack.agent.service import AgentService, home_region
+from coderstack.coordinator.core import AgentAuth, Coordinator
+from coderstack.derpmap import DERPMap
+from coderstack.keys import NodeKeys, load_node_keys
+from coderstack.sdk import SDKError
+from coderstack.wire.coordination import CoordinateRequest, Node, address_from_uuid
+
+AGENT_ID = uuid.UUID("6f1e2d3c-4b5a-4978-8a9b-0c1d2e3f4a5b")
+
+DERP_MAP = {
+    "Regions": {
+        "1": {"RegionID": 1, "RegionCode": "far", "RegionName": "Far",
+              "Nodes": [{"Name": "1a", "RegionID": 1, "HostName": "derp1.example.com"}]},
+        "999": {"RegionID": 999, "RegionCode": "coder", "RegionName": "Coder Embedded Relay",
+                "EmbeddedRelay": True,
+                "Nodes": [{"Name": "999b", "RegionID": 999, "HostName": "127.0.0.1", "DERPPort": 3000,
+                           "STUNPort": -1, "ForceHTTP": True}]},
+    }
+}
+
+
+def manifest(**extra: Any) -> dict[str, Any]:
+    return {"agent_id": str(AGENT_ID), "agent_name": "main", "owner_name": "alice",
+            "workspace_name": "ws1", "derp_map": DERP_MAP, **extra}
+
+
+class _UDPPort:
+    def __init__(self, port: int) -> None:
+        self.port = port
+        self.listening = True
+
+    def getHost(self) -> IPv4Address:  # noqa: N802
+        return IPv4Address("UDP", "0.0.0.0", self.port)
+
+    def stopListening(self) -> None:  # noqa: N802
+        self.listening = False
+
+
+class FakeReactor(MemoryReactorClock):
+    """MemoryReactorClock plus just enough listenUDP for the agent's tunnel socket."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.udp: list[tuple[int, Any]] = []
+
+    def listenUDP(self, port: int, protocol: Any, *args: Any, **kwargs: Any) -> _UDPPort:  # noqa: N802
+        self.udp.append((port, protocol))
+        return _UDPPort(port or 41641)
+
+
+class KeysTests(unittest.SynchronousTestCase):
+    def setUp(self) -> None:
+        self.dir = os.path.join(tempfile.mkdtemp(dir=os.getcwd()), "agent")
+
+    def test_keys_are_made_once_and_persist(self) -> None:
+        first = load_node_keys(self.dir)
+        second = load_node_keys(self.dir)
+        self.assertEqual(first, second)
+        self.assertNotEqual(first.node_private, first.disco_private)
+        self.assertEqual(stat.S_IMODE(os.stat(self.dir).st_mode), 0o700)
+        for name in ("wireguard.key", "disco.key"):
+            self.assertEqual(stat.S_IMODE(os.stat(os.path.join(self.dir, name)).st_mode), 0o600)
+        self.assertEqual(sorted(os.listdir(self.dir)), ["disco.key", "wireguard.key"])  # no .tmp left
+        # Another data dir is another node.
+        other = load_node_keys(self.dir + "-other")
+        self.assertNotEqual(other.node_private, first.node_private)
+
+    def test_public_keys_are_x25519(self) -> None:
+        keys = NodeKeys.generate()
+        self.assertEqual(keys.node_public, bytes(PrivateKey(keys.node_private).public_key))
+        self.assertEqual(keys.disco_public, bytes(PrivateKey(keys.disco_private).public_key))
+        self.assertEqual(len(keys.node_public), 32)
+
+    def test_a_damaged_key_file_is_an_error_not_a_new_identity(self) -> None:
+        load_node_keys(self.dir)
+        path = os.path.join(self.dir, "wireguard.key")
+        for damaged in ("abcd\n", "not hex at all\n"):
+            with open(path, "w") as f:
+                f.write(damaged)
+            with self.assertRaises(ValueError):
+                load_node_keys(self.dir)
+            with open(path) as f:
+                self.assertEqual(f.read(), damaged)
+
+    def test_agent_service_keeps_its_keys_across_restarts(self) -> None:
+        ids = []
+        for _ in range(2):
+            svc = AgentService(FakeReactor(), "http://127.0.0.1:3000", "token", self.dir)
+            svc._run = _idle  # type: ignore[method-assign]
+            svc.startService()
+            ids.append((svc.keys, svc.node_json(AGENT_ID, manifest())["key"]))
+            svc.stopService()
+        self.assertEqual(ids[0], ids[1])
+
+
+async def _idle() -> None:
+    await Deferred()
+
+
+class NodeTests(unittest.SynchronousTestCase):
+    def agent(self, **kwargs: Any) -> AgentService:
+        d = tempfile.mkdtemp(dir=os.getcwd())
+        reactor = FakeReactor()
+        svc = AgentService(reactor, "http://127.0.0.1:3000", "token", d, **kwargs)
+        svc._run = _idle  # type: ignore[method-assign]
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        return svc
+
+    def test_node_shape(self) -> None:
+        svc = self.agent(listen_port=41641)
+        node = svc.node_json(AGENT_ID, manifest())
+        self.assertEqual(set(node), {"id", "as_of", "key", "disco", "preferred_derp", "derp_latency",
+                                     "derp_forced_websockets", "addresses", "allowed_ips", "endpoints"})
+        address = f"{address_from_uuid(AGENT_ID)}/128"
+        self.assertEqual(node["addresses"], [address])
+        self.assertEqual(node["allowed_ips"], [address])
+        self.assertTrue(ipaddress.IPv6Network(address).subnet_of(ipaddress.IPv6Network("fd7a:115c:a1e0::/48")))
+        self.assertEqual(node["key"], "nodekey:" + svc.keys.node_public.hex())
+        self.assertEqual(node["disco"], "discokey:" + svc.keys.disco_public.hex())
+        self.assertEqual(node["preferred_derp"], 999)  # the embedded relay wins
+        expected = [netinfo.endpoint_text(a, 41641) for a in netinfo.interface_addresses()]
+        self.assertEqual(node["endpoints"], expected)
+        for endpoint in node["endpoints"]:
+            self.assertTrue(endpoint.endswith(":41641"))
+            self.assertNotIn("127.0.0.1", endpoint)
+        # The node id is stable for a key, and the wire codec accepts the whole node.
+        self.assertEqual(svc.node_json(AGENT_ID, manifest())["id"], node["id"])
+        self.assertLess(node["id"], 2**63)
+        parsed = Node.from_json(node)
+        self.assertEqual(parsed.key, svc.keys.node_public)
+
+    def test_no_endpoints_when_direct_connections_are_disabled(self) -> None:
+        svc = self.agent()
+        node = svc.node_json(AGENT_ID, manifest(disable_direct_connections=True))
+        self.assertEqual(node["endpoints"], [])
+
+    def test_the_coordinator_accepts_the_node_from_the_agent(self) -> None:
+        svc = self.agent()
+        coordinator = Coordinator(FakeReactor())
+        sent = []
+        conn = coordinator.connect(AGENT_ID, "alice/ws1/main", AgentAuth(agent_id=AGENT_ID), sent.append,
+                                   lambda: None)
+        conn.handle(CoordinateRequest.from_json({"update_self": {"node": svc.node_json(AGENT_ID, manifest())}}))
+        self.assertEqual([r for r in sent if r.error], [])
+        self.assertEqual(coordinator.node(AGENT_ID).key, svc.keys.node_public)
+        # A node for another agent id is refused: the address is tied to the UUID.
+        other = uuid.uuid4()
+        conn.handle(CoordinateRequest.from_json({"update_self": {"node": svc.node_json(other, manifest())}}))
+        self.assertTrue(sent[-1].error)
+
+    def test_home_region(self) -> None:
+        self.assertEqual(home_region(DERPMap.from_json(DERP_MAP)), 999)
+        def region(n: int) -> dict[str, Any]:
+            return {"RegionID": n, "RegionCode": f"r{n}", "RegionName": f"R{n}",
+                    "Nodes": [{"Name": f"{n}a", "RegionID": n, "HostName": f"derp{n}.example.com"}]}
+
+        only_far = {"Regions": {"7": region(7), "3": region(3)}}
+        self.assertEqual(home_region(DERPMap.from_json(only_far)), 3)
+        self.assertEqual(home_region(DERPMap.from_json({"Regions": {}})), 0)
+
+
+class _Jitter:
+    """Stands in for the ``random`` module: uniform() returns its top (or bottom) bound."""
+
+    def __init__(self, top: bool = True) -> None:
+        self.top = top
+
+    def uniform(self, a: float, b: float) -> float:
+        return b if self.top else a
+
+
+class ReconnectTests(unittest.TestCase):
+    def start(self, outcomes: list[Any], reconnect_max: float = 10.0, top: bool = True) -> tuple[AgentService, FakeReactor, list[float]]:
+        """Run the agent loop; each session attempt takes the next outcome (True: a session that
+        opened and then closed; an exception: raised)."""
+        self.patch(agent_service, "random", _Jitter(top))
+        reactor = FakeReactor()
+        svc = AgentService(reactor, "http://127.0.0.1:3000", "token", tempfile.mkdtemp(dir=os.getcwd()),
+                           reconnect_max=reconnect_max)
+        attempts: list[float] = []
+        script = list(outcomes)
+
+        async def session() -> bool:
+            attempts.append(reactor.seconds())
+            outcome = script.pop(0) if script else SDKError("still down")
+            if isinstance(outcome, BaseException):
+                raise outcome
+            return outcome
+
+        svc._session = session  # type: ignore[method-assign]
+        svc.startService()
+        self.addCleanup(lambda: svc.running and svc.stopService())
+        return svc, reactor, attempts
+
+    def advance_until(self, reactor: FakeReactor, attempts: list[float], count: int) -> None:
+        while len(attempts) < count:
+            self.assertTrue(reactor.getDelayedCalls(), "the agent stopped retrying")
+            reactor.advance(min(c.getTime() for c in reactor.getDelayedCalls()) - reactor.seconds())
+
+    @staticmethod
+    def gaps(attempts: list[float]) -> list[float]:
+        return [round(b - a, 6) for a, b in zip(attempts, attempts[1:], strict=False)]
+
+    def test_exponential_backoff_capped(self) -> None:
+        _svc, reactor, attempts = self.start([], reconnect_max=10)
+        self.assertEqual(attempts, [0.0])  # the first attempt is immediate
+        self.advance_until(reactor, attempts, 8)
+        self.assertEqual(self.gaps(attempts), [1.0, 2.0, 4.0, 8.0, 10.0, 10.0, 10.0])
+
+    def test_cap_is_the_option(self) -> None:
+        _svc, reactor, attempts = self.start([], reconnect_max=3)
+        self.advance_until(reactor, attempts, 5)
+        self.assertEqual(self.gaps(attempts), [1.0, 2.0, 3.0, 3.0])
+
+    def test_jitter_shortens_waits_by_at_most_30_percent(self) -> None:
+        _svc, reactor, attempts = self.start([], top=False)
+        self.advance_until(reactor, attempts, 4)
+        self.assertEqual(self.gaps(attempts), [0.7, 1.4, 2.8])
+
+    def test_backoff_resets_after_a_session_that_opened(self) -> None:
+        down = ConnectionError("refused")
+        _svc, reactor, attempts = self.start([SDKError("down"), down, True, SDKError("down"), Exception("bug")])
+        self.advance_until(reactor, attempts, 6)
+        # 1 s, 2 s after failures; a quick (<= 0.5 s) retry after the opened session; then from 1 s again.
+        self.assertEqual(self.gaps(attempts), [1.0, 2.0, 0.5, 1.0, 2.0])
+        # An unexpected error is logged with its traceback (and retried like the others).
+        self.assertEqual([str(f.value) for f in self.flushLoggedErrors(Exception)], ["bug"])
+
+    def test_stop_ends_the_loop(self) -> None:
+        svc, reactor, attempts = self.start([])
+        self.advance_until(reactor, attempts, 2)
+        d = svc.stopService()
+        self.assertIsInstance(d, Deferred)
+        self.successResultOf(d)
+        reactor.advance(100)
+        self.assertEqual(len(attempts), 2)
+        self.assertEqual(reactor.getDelayedCalls(), [])
+

@@ -1,0 +1,239 @@
+"""Real coderstack processes for integration tests: servers and agents under ``twistd``, the CLI as
+``python -m coderstack``.
+
+Every process runs this checkout's code (``PYTHONPATH`` is the repository root computed from this
+file), on 127.0.0.1, in a temp dir of its own, with its output in a log file there. Each one is
+stopped by PID at the test's cleanup — SIGTERM, then SIGKILL if it lingers — also when the test
+fails; processes they start themselves (the ``--dev`` agent) are found in their logs and stopped
+the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+from typing import Any
+
+from twisted.internet import reactor, task, utils
+
+from coderstack.sdk import Client, SDKError, trust_root_from_env
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+
+
+def free_port() -> int:
+    """A TCP port that was free a moment ago (the server must know its port before it starts)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(home: str, **extra: str) -> dict[str, str]:
+    """A clean environment: this checkout first on sys.path, no CODER_* from the caller."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CODER_") and k != "SSL_CERT_FILE"}
+    env.update(PYTHONPATH=REPO_ROOT, HOME=home, XDG_DATA_HOME=os.path.join(home, ".local", "share"),
+               XDG_CONFIG_HOME=os.path.join(home, ".config"), PYTHONUNBUFFERED="1")
+    env.update(extra)
+    return env
+
+
+async def sleep(seconds: float) -> None:
+    await task.deferLater(reactor, seconds, lambda: None)
+
+
+def pid_alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            state = f.read().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return False
+    return state not in ("Z", "X")
+
+
+class Process:
+    """One child process, its log, and its stop-by-PID cleanup."""
+
+    def __init__(self, testcase: Any, name: str, argv: list[str], env: dict[str, str], cwd: str) -> None:
+        self.name = name
+        self.argv = argv
+        self.log_path = os.path.join(cwd, f"{name}.log")
+        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed at cleanup
+        self.popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
+                                      stdin=subprocess.DEVNULL)
+        self.pid = self.popen.pid
+        testcase.addCleanup(self.stop)
+
+    def log(self) -> str:
+        with open(self.log_path, errors="replace") as f:
+            return f.read()
+
+    def running(self) -> bool:
+        return self.popen.poll() is None
+
+    def signal(self, signum: int) -> None:
+        if self.running():
+            os.kill(self.pid, signum)
+
+    async def wait(self) -> int:
+        """Wait (without blocking the reactor) until the process exits; its exit status."""
+        while self.popen.poll() is None:
+            await sleep(0.05)
+        return self.popen.returncode
+
+    async def stop(self, grace: float = 10.0) -> int | None:
+        """SIGTERM by PID, then SIGKILL after ``grace`` seconds. Safe to call twice."""
+        if self.running():
+            os.kill(self.pid, signal.SIGTERM)
+            waited = 0.0
+            while self.running() and waited < grace:
+                await sleep(0.05)
+                waited += 0.05
+            if self.running():
+                os.kill(self.pid, signal.SIGKILL)
+            await self.wait()
+        if not self._log.closed:
+            self._log.close()
+        return self.popen.returncode
+
+    def child_pids(self, pattern: str) -> list[int]:
+        """PIDs this process logged with ``pattern`` (a regex with one group)."""
+        return [int(m) for m in re.findall(pattern, self.log())]
+
+
+class Deployment:
+    """A server (restartable on the same port and data dir), its agents, and CLI users."""
+
+    def __init__(self, testcase: Any, *server_args: str, tls: tuple[str, str, str] | None = None) -> None:
+        self.testcase = testcase
+        self.dir = tempfile.mkdtemp(prefix="cs-it-", dir=os.getcwd())
+        self.port = free_port()
+        self.data_dir = os.path.join(self.dir, "server-data")
+        self.server_args = list(server_args)
+        self.ca_file: str | None = None
+        if tls is not None:
+            ca, cert, key = tls
+            self.ca_file = ca
+            self.url = f"https://127.0.0.1:{self.port}"
+            self.server_args += ["--http-address", "", "--tls-enable", "true",
+                                 "--tls-address", f"127.0.0.1:{self.port}",
+                                 "--tls-cert-file", cert, "--tls-key-file", key]
+        else:
+            self.url = f"http://127.0.0.1:{self.port}"
+            self.server_args += ["--http-address", f"127.0.0.1:{self.port}"]
+        self.server: Process | None = None
+        self.starts = 0
+
+    def env(self, home: str, **extra: str) -> dict[str, str]:
+        if self.ca_file:
+            extra.setdefault("SSL_CERT_FILE", self.ca_file)
+        return base_env(home, **extra)
+
+    async def start_server(self, *extra: str, env: dict[str, str] | None = None) -> Process:
+        self.starts += 1
+        argv = [TWISTD, "-n", "--pidfile=", "coderstack-server", "--data-dir", self.data_dir,
+                "--stun-address", "disable", *self.server_args, *extra]
+        self.server = Process(self.testcase, f"server{self.starts}", argv,
+                              env or self.env(self.dir), self.dir)
+        await self.wait_healthy(self.server)
+        return self.server
+
+    async def wait_healthy(self, proc: Process) -> None:
+        trust = trust_root_from_env({"SSL_CERT_FILE": self.ca_file}) if self.ca_file else None
+        client = Client(reactor, self.url, trust_root=trust)
+        try:
+            while True:
+                if not proc.running():
+                    raise AssertionError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log()}")
+                try:
+                    await client.request("GET", "/healthz")
+                    return
+                except SDKError:
+                    await sleep(0.1)
+        finally:
+            await client.close()
+
+    async def stop_server(self) -> int | None:
+        assert self.server is not None
+        return await self.server.stop()
+
+    def start_agent(self, token: str, name: str = "agent", **env: str) -> Process:
+        home = os.path.join(self.dir, name)
+        os.makedirs(home, exist_ok=True)
+        argv = [TWISTD, "-n", "--pidfile=", "coderstack-agent", "--data-dir", os.path.join(home, "data")]
+        e = self.env(home, CODER_AGENT_URL=self.url, CODER_AGENT_TOKEN=token, **env)
+        return Process(self.testcase, name, argv, e, home)
+
+    def user(self, name: str) -> CLIUser:
+        return CLIUser(self, name)
+
+
+class CLIUser:
+    """``python -m coderstack`` with a config dir of its own."""
+
+    def __init__(self, deployment: Deployment, name: str) -> None:
+        self.d = deployment
+        self.home = os.path.join(deployment.dir, f"cli-{name}")
+        os.makedirs(self.home, exist_ok=True)
+        self.config_dir = os.path.join(self.home, "config")
+        self.extra_env: dict[str, str] = {}
+
+    async def run(self, *argv: str, **env: str) -> tuple[int, str, str]:
+        e = self.d.env(self.home, CODER_CONFIG_DIR=self.config_dir, **self.extra_env)
+        e.update(env)
+        out, err, code = await utils.getProcessOutputAndValue(
+            sys.executable, ["-m", "coderstack", *argv], env=e, path=self.home)
+        return code, out.decode(), err.decode()
+
+    async def ok(self, *argv: str, **env: str) -> str:
+        code, out, err = await self.run(*argv, **env)
+        if code != 0:
+            raise AssertionError(f"coderstack {' '.join(argv)} exited {code}: {err}")
+        return out
+
+    async def login_first(self, username: str = "alice") -> None:
+        await self.ok("login", self.d.url, "--first-user-username", username,
+                      "--first-user-email", f"{username}@example.com",
+                      "--first-user-password", f"{username} password")
+
+    async def login(self, username: str) -> None:
+        await self.ok("login", self.d.url, "--email", username, "--password", f"{username} password")
+
+    async def create(self, name: str) -> str:
+        """Create a workspace; returns the agent token it printed."""
+        out = await self.ok("create", name)
+        tokens = [w.split("=", 1)[1] for w in out.split() if w.startswith("CODER_AGENT_TOKEN=")]
+        assert len(tokens) == 1, out
+        return tokens[0]
+
+    async def show(self, name: str) -> dict[str, Any]:
+        return json.loads(await self.ok("show", name, "--output", "json"))
+
+    async def wait_status(self, name: str, status: str, watch: list[Process] = (),
+                          missing_ok: bool = False) -> dict[str, Any]:
+        """Poll ``show NAME --output json`` until its agent has ``status`` (trial's timeout bounds it).
+
+        ``missing_ok``: keep polling while ``show`` fails (not logged in yet, no such workspace yet).
+        """
+        while True:
+            code, out, err = await self.run("show", name, "--output", "json")
+            if code != 0 and not missing_ok:
+                raise AssertionError(f"coderstack show {name} exited {code}: {err}")
+            ws = json.loads(out) if code == 0 else None
+            if ws is not None and ws["agents"][0]["status"] == status:
+                return ws
+            for proc in watch:
+                if not proc.running():
+                    raise AssertionError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log()}")
+            await sleep(0.1)
+
+    def session_token(self) -> str:
+        with open(os.path.join(self.config_dir, "session")) as f:
+            return f.read().strip()
