@@ -120,8 +120,9 @@ def positive_int(value: str) -> int:
     return int(value)
 
 
-def default_data_dir(role: str) -> str:
-    base = os.environ.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
+def default_data_dir(role: str, environ: Mapping[str, str] | None = None) -> str:
+    env = os.environ if environ is None else environ
+    base = env.get("XDG_DATA_HOME") or os.path.join(os.path.expanduser("~"), ".local", "share")
     return os.path.join(base, "coderstack", role)
 
 

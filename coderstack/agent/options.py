@@ -32,4 +32,4 @@ class AgentOptions(e.EnvOptions):
         if not self["token"]:
             raise usage.UsageError("--token (or CODER_AGENT_TOKEN) is required")
         if self["data-dir"] is None:
-            self["data-dir"] = e.default_data_dir("agent")
+            self["data-dir"] = e.default_data_dir("agent", self.environ)

@@ -67,7 +67,7 @@ class ServerOptions(e.EnvOptions):
     def postOptions(self) -> None:
         super().postOptions()
         if self["data-dir"] is None:
-            self["data-dir"] = e.default_data_dir("server")
+            self["data-dir"] = e.default_data_dir("server", self.environ)
         if self["tls-enable"]:
             missing = [f for f in ("tls-cert-file", "tls-key-file") if not self[f]]
             if missing:

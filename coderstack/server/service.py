@@ -42,7 +42,8 @@ class ServerService(service.MultiService):
         self.reactor = reactor
         self.store: Store | None = None
         self.deployment: Deployment | None = None
-        self.ports: list[IListeningPort] = []
+        self.ports: list[IListeningPort] = []  # HTTP(S) listeners
+        self.stun: IListeningPort | None = None
         self.ready: Deferred[None] = Deferred()
         self._children_extra: list[Any] = []
 
@@ -69,9 +70,8 @@ class ServerService(service.MultiService):
         log.info("database ready ({kind}, schema v{version})",
                  kind="postgres" if cfg.get("postgres-url") else "sqlite", version=version)
 
-        stun = start_stun(cfg, self.reactor)
+        stun = self.stun = start_stun(cfg, self.reactor)
         if stun is not None:
-            self.ports.append(stun)
             log.info("STUN listening on udp {host}:{port}", host=stun.getHost().host, port=stun.getHost().port)
         derp_map = await build_derp_map(cfg, self.reactor, stun.getHost().port if stun else None)
         self.deployment = Deployment(
@@ -119,9 +119,9 @@ class ServerService(service.MultiService):
             self.ready.callback(None)
 
     async def _stop(self) -> None:
-        for p in self.ports:
+        for p in self.ports + ([self.stun] if self.stun else []):
             await p.stopListening()
-        self.ports = []
+        self.ports, self.stun = [], None
         if self.deployment is not None:
             if self.deployment.relay is not None:
                 # Tell DERP clients we are going away and when to come back.

@@ -6,7 +6,6 @@ replaced by a script of outcomes, so the waits between attempts are read off the
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import stat
 import tempfile
@@ -19,14 +18,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from coderstack import netinfo
 from coderstack.agent import service as agent_service
 from coderstack.agent.service import AgentService, home_region
-from coderstack.coordinator.core import AgentAuth, Coordinator
 from coderstack.derpmap import DERPMap
 from coderstack.keys import NodeKeys, load_node_keys
 from coderstack.sdk import SDKError
-from coderstack.wire.coordination import CoordinateRequest, Node, address_from_uuid
 
 AGENT_ID = uuid.UUID("6f1e2d3c-4b5a-4978-8a9b-0c1d2e3f4a5b")
 
@@ -111,7 +107,7 @@ class KeysTests(unittest.SynchronousTestCase):
             svc = AgentService(FakeReactor(), "http://127.0.0.1:3000", "token", self.dir)
             svc._run = _idle  # type: ignore[method-assign]
             svc.startService()
-            ids.append((svc.keys, svc.node_json(AGENT_ID, manifest())["key"]))
+            ids.append((svc.keys, svc.keys.node_public))
             svc.stopService()
         self.assertEqual(ids[0], ids[1])
 
@@ -121,57 +117,8 @@ async def _idle() -> None:
 
 
 class NodeTests(unittest.SynchronousTestCase):
-    def agent(self, **kwargs: Any) -> AgentService:
-        d = tempfile.mkdtemp(dir=os.getcwd())
-        reactor = FakeReactor()
-        svc = AgentService(reactor, "http://127.0.0.1:3000", "token", d, **kwargs)
-        svc._run = _idle  # type: ignore[method-assign]
-        svc.startService()
-        self.addCleanup(svc.stopService)
-        return svc
-
-    def test_node_shape(self) -> None:
-        svc = self.agent(listen_port=41641)
-        node = svc.node_json(AGENT_ID, manifest())
-        self.assertEqual(set(node), {"id", "as_of", "key", "disco", "preferred_derp", "derp_latency",
-                                     "derp_forced_websockets", "addresses", "allowed_ips", "endpoints"})
-        address = f"{address_from_uuid(AGENT_ID)}/128"
-        self.assertEqual(node["addresses"], [address])
-        self.assertEqual(node["allowed_ips"], [address])
-        self.assertTrue(ipaddress.IPv6Network(address).subnet_of(ipaddress.IPv6Network("fd7a:115c:a1e0::/48")))
-        self.assertEqual(node["key"], "nodekey:" + svc.keys.node_public.hex())
-        self.assertEqual(node["disco"], "discokey:" + svc.keys.disco_public.hex())
-        self.assertEqual(node["preferred_derp"], 999)  # the embedded relay wins
-        expected = [netinfo.endpoint_text(a, 41641) for a in netinfo.interface_addresses()]
-        self.assertEqual(node["endpoints"], expected)
-        for endpoint in node["endpoints"]:
-            self.assertTrue(endpoint.endswith(":41641"))
-            self.assertNotIn("127.0.0.1", endpoint)
-        # The node id is stable for a key, and the wire codec accepts the whole node.
-        self.assertEqual(svc.node_json(AGENT_ID, manifest())["id"], node["id"])
-        self.assertLess(node["id"], 2**63)
-        parsed = Node.from_json(node)
-        self.assertEqual(parsed.key, svc.keys.node_public)
-
-    def test_no_endpoints_when_direct_connections_are_disabled(self) -> None:
-        svc = self.agent()
-        node = svc.node_json(AGENT_ID, manifest(disable_direct_connections=True))
-        self.assertEqual(node["endpoints"], [])
-
-    def test_the_coordinator_accepts_the_node_from_the_agent(self) -> None:
-        svc = self.agent()
-        coordinator = Coordinator(FakeReactor())
-        sent = []
-        conn = coordinator.connect(AGENT_ID, "alice/ws1/main", AgentAuth(agent_id=AGENT_ID), sent.append,
-                                   lambda: None)
-        conn.handle(CoordinateRequest.from_json({"update_self": {"node": svc.node_json(AGENT_ID, manifest())}}))
-        self.assertEqual([r for r in sent if r.error], [])
-        self.assertEqual(coordinator.node(AGENT_ID).key, svc.keys.node_public)
-        # A node for another agent id is refused: the address is tied to the UUID.
-        other = uuid.uuid4()
-        conn.handle(CoordinateRequest.from_json({"update_self": {"node": svc.node_json(other, manifest())}}))
-        self.assertTrue(sent[-1].error)
-
+    # The node itself is built by the tunnel (tests/tailnet/test_conn.py) and accepted by the
+    # coordinator end to end in tests/agent/test_service.py.
     def test_home_region(self) -> None:
         self.assertEqual(home_region(DERPMap.from_json(DERP_MAP)), 999)
         def region(n: int) -> dict[str, Any]:
