@@ -22,7 +22,7 @@ from twisted.trial import unittest
 
 from coderstack.coordinator.client import open_coordination
 from coderstack.sdk import Client, SDKError, trust_root_from_env
-from coderstack.wire.coordination import CoordinateRequest, address_from_uuid
+from coderstack.wire.coordination import CODER_SERVICE_PREFIX, CoordinateRequest, address_from_uuid
 from tests.support import postgres
 from tests.support.processes import TWISTD, Deployment, Process, pid_alive, sleep
 from tests.support.tlscerts import make_ca_and_server_cert
@@ -163,8 +163,11 @@ class FoundationTests(unittest.TestCase):
         updates = [(str(u.id), u.kind.value) for r in nodes for u in r.peer_updates]
         self.assertEqual(updates, [(alice_agent, "NODE"), (alice_agent, "READY_FOR_HANDSHAKE")])
         update = nodes[0].peer_updates[0]
+        # Both of Coder's prefixes, each derived from the agent's UUID.
+        agent_uuid = uuid.UUID(alice_agent)
         self.assertEqual([str(a) for a in update.node.addresses],
-                         [f"{address_from_uuid(uuid.UUID(alice_agent))}/128"])
+                         [f"{address_from_uuid(agent_uuid)}/128",
+                          f"{address_from_uuid(agent_uuid, CODER_SERVICE_PREFIX)}/128"])
         self.assertEqual(update.node.preferred_derp, 999)  # the embedded relay
         # The owner's debug view shows the tunnel Alice made and not the one Bob asked for.
         debug = await alice_api.get("/api/v2/debug/coordinator")
