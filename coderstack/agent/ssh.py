@@ -1,0 +1,427 @@
+"""The agent's SSH server (twisted.conch), listened on tunnel ports 1 and 22.
+
+Who may log in: anyone whose bytes reach this server. The server only listens on the agent's
+tunnel address, and a peer can only send to that address after the coordinator authorized the
+tunnel (the user owns the workspace). So, like Coder's agent, we ask for no password: the
+``none`` method succeeds for any user name, and so does ``publickey`` with any key whose
+signature verifies (some clients never try ``none``). Every session runs as the agent's own
+OS user whatever name the client gave: the agent never switches user (it usually cannot).
+
+What a session offers (RFC 4254): ``shell`` and ``exec`` with or without a PTY (``pty-req``
+terminal modes, ``window-change`` -> TIOCSWINSZ, which also delivers SIGWINCH), ``env``
+(every variable accepted, as Coder's agent does), ``exit-status``/``exit-signal``, the ``sftp``
+subsystem, ``direct-tcpip`` (``ssh -L``) and agent forwarding (``auth-agent-req@openssh.com``:
+a private unix socket in a 0700 temporary directory is exported as SSH_AUTH_SOCK; each
+connection to it opens an ``auth-agent@openssh.com`` channel back to the client).
+
+The host key is an Ed25519 key made once and kept as ``<data_dir>/ssh_host_ed25519_key``
+(OpenSSH private-key format, mode 0600), so clients see the same key across restarts.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+import pty
+import pwd
+import shutil
+import struct
+import tempfile
+import termios
+import tty
+from pathlib import Path
+from typing import Any
+
+from twisted.conch import error as conch_error
+from twisted.conch.avatar import ConchUser
+from twisted.conch.interfaces import IConchUser, ISession, ISessionSetEnv
+from twisted.conch.ssh import (
+    channel,
+    connection,
+    factory,
+    filetransfer,
+    forwarding,
+    keys,
+    session,
+    userauth,
+)
+from twisted.conch.ssh.filetransfer import ISFTPServer
+from twisted.conch.unix import SFTPServerForUnixConchUser
+from twisted.cred import checkers, credentials, portal
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IReactorProcess
+from twisted.logger import Logger
+from twisted.python import components
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+log = Logger()
+
+HOST_KEY_NAME = "ssh_host_ed25519_key"
+
+
+def load_or_create_host_key(data_dir: str | os.PathLike[str]) -> keys.Key:
+    """The agent's Ed25519 host key, generated on first use and stored 0600 in ``data_dir``."""
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    path = Path(data_dir) / HOST_KEY_NAME
+    try:
+        return keys.Key.fromFile(str(path))
+    except FileNotFoundError:
+        pass
+    Path(data_dir).mkdir(parents=True, exist_ok=True)
+    key = keys.Key(ed25519.Ed25519PrivateKey.generate())
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(key.toString("openssh"))
+    os.replace(tmp, path)  # atomic: a concurrent start sees a whole key or none
+    return key
+
+
+# --- authentication --------------------------------------------------------------------------
+
+
+class _NoneAuthServer(userauth.SSHUserAuthServer):
+    """Userauth that also offers ``none`` (see the module docstring for why that is safe)."""
+
+    interfaceToMethod = {
+        **userauth.SSHUserAuthServer.interfaceToMethod,
+        credentials.IAnonymous: b"none",
+    }
+
+    def auth_none(self, packet: bytes) -> defer.Deferred[Any]:  # noqa: N802 (conch's naming)
+        return self.portal.login(credentials.Anonymous(), None, IConchUser)
+
+
+@implementer(checkers.ICredentialsChecker)
+class AnyVerifiedKey:
+    """Accept any public key the client proves it holds (the tunnel already authorized it)."""
+
+    credentialInterfaces = (credentials.ISSHPrivateKey,)
+
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[bytes]:  # noqa: N802
+        try:
+            key = keys.Key.fromString(creds.blob)
+        except keys.BadKeyError:
+            return defer.fail(conch_error.UnauthorizedLogin("bad key"))
+        if creds.signature is None:
+            return defer.fail(conch_error.ValidPublicKey())
+        if not key.verify(creds.signature, creds.sigData):
+            return defer.fail(conch_error.UnauthorizedLogin("bad signature"))
+        return defer.succeed(creds.username)
+
+
+@implementer(portal.IRealm)
+class AgentRealm:
+    def __init__(self, reactor: IReactorProcess | None = None, env: dict[str, str] | None = None):
+        self.reactor = reactor
+        self.env = env
+
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:  # noqa: N802
+        if IConchUser not in interfaces:
+            raise NotImplementedError("only SSH")
+        user = AgentUser(self.reactor, self.env)
+        return IConchUser, user, user.logout
+
+
+# --- the avatar -------------------------------------------------------------------------------
+
+
+class AgentUser(ConchUser):
+    """The agent's own OS user; shells, commands and SFTP run with the agent's identity."""
+
+    def __init__(self, reactor: IReactorProcess | None = None, env: dict[str, str] | None = None):
+        super().__init__()
+        if reactor is None:
+            from twisted.internet import reactor as default_reactor
+
+            reactor = default_reactor  # type: ignore[assignment]
+        self.reactor = reactor
+        entry = pwd.getpwuid(os.getuid())
+        self.username = entry.pw_name
+        self.home = entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"
+        self.shell = entry.pw_shell if os.path.exists(entry.pw_shell or "") else "/bin/sh"
+        self.base_env = dict(os.environ if env is None else env)
+        self.agent_sock_dir: str | None = None
+        self.agent_port: Any = None
+        self.channelLookup.update({
+            b"session": AgentSessionChannel,
+            b"direct-tcpip": forwarding.openConnectForwardingClient,
+        })
+        self.subsystemLookup.update({b"sftp": filetransfer.FileTransferServer})
+
+    # SFTPServerForUnixConchUser asks these of its avatar.
+    def getHomeDir(self) -> FilePath[str]:  # noqa: N802
+        return FilePath(self.home)
+
+    def _runAsUser(self, f: Any, *args: Any, **kw: Any) -> Any:  # noqa: N802
+        # We already are the user: run the call(s) as they are (conch's version switches euid).
+        try:
+            calls = iter(f)
+        except TypeError:
+            calls = iter([(f, args, kw)])
+        result = None
+        for call in calls:
+            func = call[0]
+            result = func(*(call[1] if len(call) > 1 else ()), **(call[2] if len(call) > 2 else {}))
+        return result
+
+    def logout(self) -> None:
+        port, sock_dir = self.agent_port, self.agent_sock_dir
+        self.agent_port = self.agent_sock_dir = None
+        if sock_dir is None:
+            return
+        # The unix port unlinks its socket when it has stopped: remove the directory after that.
+        stopped = defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
+        stopped.addBoth(lambda _: shutil.rmtree(sock_dir, ignore_errors=True))
+
+
+# --- sessions ---------------------------------------------------------------------------------
+
+
+@implementer(ISession, ISessionSetEnv)
+class AgentSession:
+    """shell/exec with optional PTY for one session channel."""
+
+    def __init__(self, avatar: AgentUser):
+        self.avatar = avatar
+        self.env: dict[str, str] = {}
+        self.pty_fds: tuple[int, int, str] | None = None
+        self.term = "xterm"
+        self.win_size = (24, 80, 0, 0)
+        self.modes: list[tuple[int, int]] = []
+        self.process: Any = None
+
+    # ISessionSetEnv
+    def setEnv(self, name: bytes, value: bytes) -> None:  # noqa: N802
+        self.env[name.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
+
+    # ISession
+    def getPty(self, term: bytes, windowSize: tuple[int, int, int, int], modes: Any) -> None:  # noqa: N802,N803
+        self.term = term.decode("ascii", "replace") or "xterm"
+        self.win_size = windowSize
+        self.modes = list(modes)
+        master, slave = pty.openpty()
+        self.pty_fds = (master, slave, os.ttyname(slave))
+        _set_winsize(master, windowSize)
+
+    def windowChanged(self, newWindowSize: tuple[int, int, int, int]) -> None:  # noqa: N802,N803
+        self.win_size = newWindowSize
+        if self.pty_fds is not None:
+            fd = self.process.fileno() if self.process is not None else self.pty_fds[0]
+            _set_winsize(fd, newWindowSize)
+
+    def openShell(self, proto: Any) -> None:  # noqa: N802
+        shell = self.avatar.shell
+        self._spawn(proto, shell, ["-" + os.path.basename(shell)])
+
+    def execCommand(self, proto: Any, command: bytes) -> None:  # noqa: N802
+        shell = self.avatar.shell
+        self._spawn(proto, shell, [shell, "-c", command.decode("utf-8", "surrogateescape")])
+
+    def eofReceived(self) -> None:  # noqa: N802
+        if self.process is not None and self.pty_fds is None:
+            self.process.closeStdin()
+
+    def closed(self) -> None:
+        if self.process is not None:
+            try:
+                self.process.signalProcess("HUP")
+            except Exception:  # already gone
+                pass
+            self.process.loseConnection()
+
+    def _environment(self, proto: Any) -> dict[str, str]:
+        env = dict(self.avatar.base_env)
+        env.update(self.env)
+        env.update(USER=self.avatar.username, LOGNAME=self.avatar.username,
+                   HOME=self.avatar.home, SHELL=self.avatar.shell)
+        transport = proto.session.conn.transport.transport
+        peer, host = transport.getPeer(), transport.getHost()
+        peer_host, peer_port = getattr(peer, "host", "0.0.0.0"), getattr(peer, "port", 0)
+        host_host, host_port = getattr(host, "host", "0.0.0.0"), getattr(host, "port", 0)
+        env["SSH_CLIENT"] = f"{peer_host} {peer_port} {host_port}"
+        env["SSH_CONNECTION"] = f"{peer_host} {peer_port} {host_host} {host_port}"
+        if self.pty_fds is not None:
+            env["TERM"] = self.term
+            env["SSH_TTY"] = self.pty_fds[2]
+        if self.avatar.agent_sock_dir:
+            env["SSH_AUTH_SOCK"] = os.path.join(self.avatar.agent_sock_dir, "agent.sock")
+        return env
+
+    def _spawn(self, proto: Any, executable: str, argv: list[str]) -> None:
+        env = self._environment(proto)
+        self.process = self.avatar.reactor.spawnProcess(
+            proto, executable, argv, env, self.avatar.home, usePTY=self.pty_fds or False,
+        )
+        if self.pty_fds is not None:
+            _set_winsize(self.process.fileno(), self.win_size)
+            _apply_modes(self.process.fileno(), self.modes)
+        # Interactive keystrokes should not wait for Nagle.
+        transport = proto.session.conn.transport.transport
+        if hasattr(transport, "setTcpNoDelay"):
+            try:
+                transport.setTcpNoDelay(True)
+            except OSError:
+                pass
+
+
+def _set_winsize(fd: int, size: tuple[int, int, int, int]) -> None:
+    rows, cols, xpixel, ypixel = size
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("4H", rows, cols, xpixel, ypixel))
+
+
+def _apply_modes(fd: int, modes: list[tuple[int, int]]) -> None:
+    """Apply RFC 4254 §8 terminal modes the client sent (unknown opcodes are ignored)."""
+    from twisted.conch import ttymodes
+
+    if not modes:
+        return
+    attr = tty.tcgetattr(fd)
+    for opcode, value in modes:
+        name = ttymodes.TTYMODES.get(opcode)
+        if name is None:
+            continue
+        if isinstance(name, tuple):
+            index, flag_name = name
+            flag = getattr(tty, flag_name, None)
+            if flag is None:
+                continue
+            attr[index] = attr[index] | flag if value else attr[index] & ~flag
+        elif name in ("ISPEED", "OSPEED"):
+            speed = getattr(termios, f"B{value}", None)
+            if speed is not None:
+                attr[4 if name == "ISPEED" else 5] = speed
+        else:
+            cc = getattr(termios, name, None)
+            if cc is not None and value < 256:
+                attr[6][cc] = bytes((value,))
+    tty.tcsetattr(fd, tty.TCSANOW, attr)
+
+
+components.registerAdapter(AgentSession, AgentUser, ISession, ISessionSetEnv)
+components.registerAdapter(SFTPServerForUnixConchUser, AgentUser, ISFTPServer)
+
+
+class AgentSessionChannel(session.SSHSession):
+    """A session channel that also understands OpenSSH agent forwarding."""
+
+    def eofReceived(self) -> None:  # noqa: N802
+        # conch hands EOF to the session object whenever one was made (an ``env`` request makes
+        # one), but a subsystem (sftp) has no process to close: then the channel must close.
+        session_obj = self.session
+        if session_obj is not None and getattr(session_obj, "process", None) is None and self.client:
+            self.conn.sendClose(self)
+            return
+        super().eofReceived()
+
+    def _agent_forwarding_request(self, data: bytes) -> int:
+        avatar: AgentUser = self.avatar  # type: ignore[assignment]
+        if avatar.agent_sock_dir is None:
+            sock_dir = tempfile.mkdtemp(prefix="coderstack-agent-")  # 0700
+            path = os.path.join(sock_dir, "agent.sock")
+            try:
+                avatar.agent_port = avatar.reactor.listenUNIX(  # type: ignore[attr-defined]
+                    path, _AgentSocketFactory(self.conn), mode=0o600)
+            except Exception:
+                log.failure("agent forwarding socket")
+                shutil.rmtree(sock_dir, ignore_errors=True)
+                return 0
+            avatar.agent_sock_dir = sock_dir
+        return 1
+
+
+# conch dispatches channel requests by name with "-" replaced by "_"; the name has "@" and ".".
+setattr(AgentSessionChannel, "request_auth_agent_req@openssh.com",
+        AgentSessionChannel._agent_forwarding_request)
+
+
+class _AgentChannel(channel.SSHChannel):
+    """Channel ``auth-agent@openssh.com`` carrying one local agent-socket connection."""
+
+    name = b"auth-agent@openssh.com"
+
+    def __init__(self, client: _AgentSocketProtocol, **kw: Any):
+        super().__init__(**kw)
+        self.client = client
+
+    def channelOpen(self, specificData: bytes) -> None:  # noqa: N802
+        self.client.channel_ready(self)
+
+    def openFailed(self, reason: Any) -> None:  # noqa: N802
+        self.client.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.client.transport.write(data)
+
+    def eofReceived(self) -> None:  # noqa: N802
+        self.client.transport.loseConnection()
+
+    def closed(self) -> None:
+        self.client.transport.loseConnection()
+
+
+class _AgentSocketProtocol(protocol.Protocol):
+    def __init__(self, conn: connection.SSHConnection):
+        self.conn = conn
+        self.channel: _AgentChannel | None = None
+        self.pending: list[bytes] = []
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.conn.openChannel(_AgentChannel(self, conn=self.conn))
+
+    def channel_ready(self, chan: _AgentChannel) -> None:
+        self.channel = chan
+        for chunk in self.pending:
+            chan.write(chunk)
+        self.pending = []
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if self.channel is None:
+            self.pending.append(data)
+        else:
+            self.channel.write(data)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if self.channel is not None:
+            self.channel.loseConnection()
+
+
+class _AgentSocketFactory(protocol.Factory):
+    def __init__(self, conn: connection.SSHConnection):
+        self.conn = conn
+
+    def buildProtocol(self, addr: Any) -> _AgentSocketProtocol:  # noqa: N802
+        return _AgentSocketProtocol(self.conn)
+
+
+# --- factory ---------------------------------------------------------------------------------
+
+
+class AgentSSHFactory(factory.SSHFactory):
+    services = {
+        b"ssh-userauth": _NoneAuthServer,
+        b"ssh-connection": connection.SSHConnection,
+    }
+
+
+def ssh_factory(data_dir: str | os.PathLike[str], reactor: Any = None,
+                env: dict[str, str] | None = None) -> factory.SSHFactory:
+    """An SSH server factory for the agent; listen it on tunnel ports 1 and 22.
+
+    ``env`` is the base environment of sessions (default: the agent's own ``os.environ``);
+    the lead may add the manifest's ``environment_variables`` here.
+    """
+    host_key = load_or_create_host_key(data_dir)
+    p = portal.Portal(AgentRealm(reactor, env))
+    p.registerChecker(checkers.AllowAnonymousAccess())
+    p.registerChecker(AnyVerifiedKey())
+    f = AgentSSHFactory()
+    f.portal = p
+    f.publicKeys = {b"ssh-ed25519": host_key.public()}
+    f.privateKeys = {b"ssh-ed25519": host_key}
+    return f
+
+
+__all__ = ["ssh_factory", "load_or_create_host_key", "AgentUser", "AgentSession", "HOST_KEY_NAME"]
