@@ -240,7 +240,7 @@ def makeService(config: dict[str, Any], reactor: Any = None) -> AgentService:
         from twisted.internet import reactor as default_reactor
 
         reactor = default_reactor
-    return AgentService(
+    svc = AgentService(
         reactor,
         config["url"],
         config["token"],
@@ -248,3 +248,16 @@ def makeService(config: dict[str, Any], reactor: Any = None) -> AgentService:
         listen_port=config["tailnet-listen-port"],
         reconnect_max=float(config["reconnect-max"]),
     )
+    serve_standard_ports(svc, reactor, config["data-dir"])
+    return svc
+
+
+def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str) -> None:
+    """Coder's reserved tunnel ports: SSH on 1 and 22, speedtest on 3."""
+    from coderstack.agent.speedtest import SpeedtestServerFactory
+    from coderstack.agent.ssh import ssh_factory
+
+    ssh = ssh_factory(data_dir, reactor)
+    svc.serve(1, ssh)
+    svc.serve(22, ssh)
+    svc.serve(3, SpeedtestServerFactory(reactor))

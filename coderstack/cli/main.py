@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "delete": ("coderstack.cli.workspaces", "Delete a workspace."),
     "agent-token": ("coderstack.cli.workspaces", "Make a new agent token for a workspace (the old one stops working)."),
     "netcheck": ("coderstack.cli.netcheck", "Print a network report (STUN, relays, MTU) as JSON."),
+    "ssh": ("coderstack.cli.ssh", "SSH into a workspace (or --stdio for OpenSSH's ProxyCommand)."),
     "config-ssh": ("coderstack.cli.config_ssh", "Add an SSH Host entry for your workspaces (ssh coder.WS)."),
 }
 
