@@ -147,6 +147,11 @@ class AgentService(service.Service):
         self.coordination = None
         return True
 
+    async def netcheck_report(self) -> dict[str, Any] | None:
+        """The tunnel's newest netcheck report (Tailscale's JSON), for ``ping -v`` diagnostics."""
+        report = self.conn.last_report if self.conn is not None else None
+        return report.to_json() if report is not None else None
+
     def serve(self, port: int, factory: Any) -> None:
         """Serve ``factory`` on ``port`` of the tunnel address (now, or once the tunnel is up)."""
         self.services[port] = factory
@@ -254,6 +259,7 @@ def makeService(config: dict[str, Any], reactor: Any = None) -> AgentService:
 
 def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str) -> None:
     """Coder's reserved tunnel ports: SSH on 1 and 22, speedtest on 3."""
+    from coderstack.agent.api import agent_api_site
     from coderstack.agent.speedtest import SpeedtestServerFactory
     from coderstack.agent.ssh import ssh_factory
 
@@ -261,3 +267,4 @@ def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str) -> None
     svc.serve(1, ssh)
     svc.serve(22, ssh)
     svc.serve(3, SpeedtestServerFactory(reactor))
+    svc.serve(4, agent_api_site(svc.netcheck_report))

@@ -33,6 +33,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "delete": ("coderstack.cli.workspaces", "Delete a workspace."),
     "agent-token": ("coderstack.cli.workspaces", "Make a new agent token for a workspace (the old one stops working)."),
     "netcheck": ("coderstack.cli.netcheck", "Print a network report (STUN, relays, MTU) as JSON."),
+    "ping": ("coderstack.cli.ping", "Ping a workspace over its tunnel; says whether the path is direct or relayed, and why."),
     "ssh": ("coderstack.cli.ssh", "SSH into a workspace (or --stdio for OpenSSH's ProxyCommand)."),
     "config-ssh": ("coderstack.cli.config_ssh", "Add an SSH Host entry for your workspaces (ssh coder.WS)."),
 }
@@ -103,8 +104,41 @@ def make_context(reactor: Any, opts: GlobalOptions, environ: dict[str, str], **s
     )
 
 
+GLOBAL_FLAGS = {"--disable-direct-connections"}
+GLOBAL_PARAMETERS = {"--global-config", "--url", "--token"}
+
+
+def hoist_global_options(argv: list[str]) -> list[str]:
+    """Global options may follow the command (``coderstack ping dev --disable-direct-connections``),
+    as with Coder's CLI: move them in front of it. Everything after ``--`` is left alone."""
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        name = arg.split("=", 1)[0]
+        if arg in GLOBAL_FLAGS:
+            front.append(arg)
+        elif name in GLOBAL_PARAMETERS and rest:
+            if "=" in arg:
+                front.append(arg)
+            elif i + 1 < len(argv):
+                front += [arg, argv[i + 1]]
+                i += 1
+            else:
+                rest.append(arg)
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
+
+
 async def run(reactor: Any, argv: list[str], environ: dict[str, str] | None = None, **streams: Any) -> int:
     env = dict(os.environ if environ is None else environ)
+    argv = hoist_global_options(list(argv))
     opts = GlobalOptions()
     stderr = streams.get("stderr", sys.stderr)
     try:

@@ -114,6 +114,7 @@ class Conn:
         self._timer: IDelayedCall | None = None
         self._timer_at = float("inf")
         self._netcheck_call: IDelayedCall | None = None
+        self.last_report: Any = None  # the newest netcheck Report, for diagnostics
         self._netchecker: Any = None
         self._netcheck_d: defer.Deferred[Any] | None = None
         self._http: Any = None
@@ -244,6 +245,7 @@ class Conn:
     def _netcheck_done(self, report: Any) -> None:
         if self._closed:
             return
+        self.last_report = report
         self.derp_latency = {f"{rid}-v4": lat for rid, lat in report.region_v4_latency.items()}
         self.derp_latency.update({f"{rid}-v6": lat for rid, lat in report.region_v6_latency.items()})
         for rid, lat in report.region_latency.items():  # measured over HTTP(S): no family
@@ -349,6 +351,11 @@ class Conn:
             self._events(self.device.tick(self.reactor.seconds()))
 
     # -- diagnostics ------------------------------------------------------------------------
+
+    def start_handshake(self, node_key: bytes) -> None:
+        """Begin the WireGuard handshake now rather than on the first packet (dialing)."""
+        if node_key in self.device.peers:
+            self._events(self.device.initiate(node_key, self.reactor.seconds()))
 
     def ping(self, node_key: bytes) -> defer.Deferred[tuple[float, str]]:
         """Disco ping over the current path: (latency seconds, path string)."""

@@ -57,6 +57,7 @@ async def dial_agent(reactor: Any, api_client: Any, agent_id: str | UUID, *,
     conn.agent_id = agent_uuid  # type: ignore[attr-defined]
     conn.agent_key = None  # type: ignore[attr-defined]
     conn.agent_address = None  # type: ignore[attr-defined]
+    conn.agent_node = None  # type: ignore[attr-defined]
     conn.netstack = attach_netstack(conn, reactor)  # type: ignore[attr-defined]
     conn.start()
     conn.set_derp_map(derp_map)
@@ -124,5 +125,9 @@ def _use_agent_node(conn: Conn, node: Node) -> None:
         conn.remove_peer(old)
     conn.update_peer(node)
     conn.agent_key = node.key  # type: ignore[attr-defined]
+    conn.agent_node = node  # type: ignore[attr-defined]
+    if old != node.key:
+        # The handshake runs while the caller gets ready, so the first packet goes right away.
+        conn.start_handshake(node.key)
     addrs = [a.network_address for a in node.addresses]
     conn.agent_address = addrs[0] if addrs else None  # type: ignore[attr-defined]

@@ -311,12 +311,21 @@ class Endpoint:
         for cand in self.candidates.values():
             cand.last_ping = -math.inf
 
-    def user_ping(self, now: float) -> tuple[bytes, DiscoOut]:
-        """A ping over the current path (trusted direct address, else DERP): (TxID, action)."""
-        dest = self.best.addr if self.trusted(now) and self.best is not None else None
+    def user_ping(self, now: float) -> tuple[bytes, list[Action]]:
+        """A ping over the current path (trusted direct address, else DERP): (TxID, actions).
+
+        Like ``tailscale ping``, a ping with no trusted direct path also starts discovery (pings
+        to every candidate and a CallMeMaybe), so pinging is enough to go p2p.
+        """
+        trusted = self.trusted(now)
+        dest = self.best.addr if trusted and self.best is not None else None
+        self.last_send = now  # user pings count as activity: keep the heartbeats going
         out = self._ping(dest, now, user=True)
         assert isinstance(out.message, disco.Ping)
-        return out.message.tx_id, out
+        actions: list[Action] = [out]
+        if not trusted:
+            actions += self._ping_all(now, call_me_maybe=True)
+        return out.message.tx_id, actions
 
     # -- timers ----------------------------------------------------------------------------
 

@@ -400,10 +400,10 @@ class MagicSock(DatagramProtocol):
         ep = self.peers.get(node_key)
         if ep is None:
             return defer.fail(KeyError("unknown peer"))
-        tx, out = ep.user_ping(self.reactor.seconds())
+        tx, actions = ep.user_ping(self.reactor.seconds())
         d: defer.Deferred[tuple[float, str]] = defer.Deferred()
         self._user_pings[tx] = (d, ep)
-        self._act(ep, [out])
+        self._act(ep, actions)
         return d
 
     # -- housekeeping -----------------------------------------------------------------------

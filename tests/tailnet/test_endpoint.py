@@ -136,11 +136,23 @@ class EndpointTests(unittest.TestCase):
 
     def test_derp_pong_never_makes_best(self) -> None:
         ep = make()
-        tx, out = ep.user_ping(0.0)
-        self.assertIsNone(out.dest)
+        tx, actions = ep.user_ping(0.0)
+        self.assertIsNone(actions[0].dest)
         r = ep.handle_pong(disco.Pong(tx, ("127.3.3.40", 999)), None, 0.05)
         self.assertEqual(r.via, None)
         self.assertIsNone(ep.best)
+
+    def test_user_ping_without_trusted_path_starts_discovery(self) -> None:
+        ep = make()
+        ep.set_node_endpoints([A, B], 0.0)
+        tx, actions = ep.user_ping(0.0)
+        self.assertIsNone(actions[0].dest)  # the user's ping itself goes via DERP
+        self.assertEqual(set(pings(actions[1:])), {A, B})
+        # Once a direct path is trusted, a user ping goes there and nothing else is sent.
+        sent = pings(actions[1:])
+        ep.handle_pong(disco.Pong(sent[A].tx_id, ("203.0.113.9", 1)), A, 0.01)
+        tx, actions = ep.user_ping(0.5)
+        self.assertEqual([a.dest for a in actions], [A])
 
     def test_network_change_distrusts_and_reprobes(self) -> None:
         ep = make()
