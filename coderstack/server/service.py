@@ -77,7 +77,11 @@ class ServerService(service.MultiService):
             derp_force_websockets=cfg["derp-force-websockets"],
             block_direct=cfg["block-direct-connections"],
         )
-        api = API(self.deployment)
+        # Workspace builds from Terraform templates (None when terraform is missing).
+        from coderstack.server.builds import make_builder
+
+        builder = await make_builder(self.reactor, self.store, self.deployment, cfg)
+        api = API(self.deployment, builder=builder)
         site = QuietSite(api.app.resource())
 
         if cfg["http-address"] is not None:
@@ -92,6 +96,13 @@ class ServerService(service.MultiService):
             p = await ep.listen(site)
             self.ports.append(p)
             log.info("listening on https://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
+        if cfg.get("http-extra-address") is not None:
+            # A second address for the same API (a template's provider url may name it).
+            host, port = cfg["http-extra-address"]
+            ep = endpoints.serverFromString(self.reactor, envopts.tcp_endpoint(host, port))
+            p = await ep.listen(site)
+            self.ports.append(p)
+            log.info("also listening on http://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         log.info("access URL: {url}", url=cfg["access-url"])
 
         if cfg.get("dev"):

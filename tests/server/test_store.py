@@ -11,7 +11,7 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from coderstack.server import auth
-from coderstack.server.store import Conflict, Store, database_url, now
+from coderstack.server.store import MIGRATIONS, Conflict, Store, database_url, now
 from tests.support import postgres
 
 
@@ -25,12 +25,12 @@ class StoreTests:
         s = Store(self.make_url(), reactor)
         self.addCleanup(s.stop)
         version = await s.migrate()
-        self.assertEqual(version, 1)
+        self.assertEqual(version, MIGRATIONS[-1][0])
         return s
 
     async def test_migrate_is_idempotent(self) -> None:
         s = await self.store()
-        self.assertEqual(await s.migrate(), 1)
+        self.assertEqual(await s.migrate(), MIGRATIONS[-1][0])
         self.assertEqual(await s.count_users(), 0)
 
     async def test_user_round_trip_and_conflicts(self) -> None:
