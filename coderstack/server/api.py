@@ -551,6 +551,8 @@ class API:
             "directory": agent.directory,
             "environment_variables": {},
             "access_url": self.d.access_url,
+            # The URL this agent was given (its template's provider url; see builds.py).
+            "agent_url": agent.access_url or self.d.agent_access_url(agent.id),
             "derp_map": self.d.derp_map_json(),
             "derp_force_websockets": self.d.derp_force_websockets,
             "disable_direct_connections": self.d.block_direct,

@@ -153,6 +153,24 @@ class TemplateEndToEndTests(unittest.TestCase):
         agent_log = (agent_dir / "agent.log").read_text()
         self.assertIn(f"connected to {self.extra_url} (manifest access URL {self.url})", agent_log)
 
+        manifest = json.loads((agent_dir / "data" / "manifest.json").read_text())
+        self.assertEqual((manifest["access_url"], manifest["agent_url"]), (self.url, self.extra_url))
+
+        # stop: the agent process goes (start_count 0 destroys its terraform_data); start: back.
+        stopped = self.cli("stop", "dev")
+        self.assertIn("Workspace 'dev' stopped.", stopped.stdout)
+        self.assertIn(f"coderstack stop: agent {pid} stopped", stopped.stdout)
+        self.assertFalse(alive(pid))
+        wait_for(lambda: self.show("dev")["agents"][0]["status"] == "disconnected",
+                 "the server to see the agent gone")
+        self.assertIn("Workspace 'dev' started.", self.cli("start", "dev").stdout)
+        ws = wait_for(
+            lambda: (w := self.show("dev"))["agents"][0]["status"] == "connected" and w,
+            "the agent to connect again")
+        self.assertEqual(ws["agents"][0]["id"], agent["id"])
+        pid = int((agent_dir / "agent.pid").read_text())
+        self.assertTrue(alive(pid))
+
         deleted = self.cli("delete", "dev", "--yes")
         self.assertIn(f"coderstack stop: agent {pid} stopped", deleted.stdout)
         self.assertIn("Workspace 'dev' destroyed and deleted.", deleted.stdout)
