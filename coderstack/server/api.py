@@ -288,8 +288,9 @@ class API:
         body = read_json(request)
         name = valid_name(field(body, "name"), "workspace name")
         template_name = field(body, "template_name", required=False)
-        if template_name:
-            return await self._create_templated(request, user, name, template_name)
+        template_id = field(body, "template_id", required=False)
+        if template_name or template_id:
+            return await self._create_templated(request, user, name, template_name, template_id)
         token, token_hash = auth.new_agent_token()
         try:
             ws = await self.d.store.create_workspace(user.id, name, token_hash)
@@ -351,6 +352,11 @@ class API:
     @app.route("/api/v2/workspaces/<string:workspace_id>/agent-token", methods=["POST"])
     async def rotate_agent_token(self, request: IRequest, workspace_id: str) -> bytes:
         ws = await self._my_workspace(request, workspace_id)
+        if ws.template_id is not None:
+            raise APIError(
+                409, "This workspace's agent tokens come from its template's builds.",
+                "start the workspace again to restart its agents",
+            )
         if not ws.agents:
             raise APIError(409, "This workspace has no agent.")
         agent = ws.agents[0]
@@ -436,12 +442,15 @@ class API:
         return write_json(request, {"templates": [t.to_json() for t in found], "count": len(found)})
 
     async def _create_templated(
-        self, request: IRequest, user: User, name: str, template_name: str
+        self, request: IRequest, user: User, name: str, template_name: str, template_id: str
     ) -> bytes:
         builder = self._require_builder()
-        template = await self.d.store.template_by_name(template_name)
+        if template_id:
+            template = await self.d.store.template(parse_uuid(template_id, "template id"))
+        else:
+            template = await self.d.store.template_by_name(template_name)
         if template is None:
-            raise APIError(404, f"Template {template_name!r} not found.")
+            raise APIError(404, f"Template {template_name or template_id!r} not found.")
         try:
             ws = await self.d.store.create_templated_workspace(user.id, name, template.id)
         except Conflict as err:

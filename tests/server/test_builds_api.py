@@ -141,6 +141,14 @@ class BuildRoutesTests(unittest.TestCase):
 
     # -- builds ------------------------------------------------------------------------------
 
+    async def test_create_by_template_id(self) -> None:
+        code, pushed = await self.push("plain", main_tf=AGENT_ONLY)
+        code, ws = await self.c.call("POST", "/api/v2/users/me/workspaces",
+                                     {"name": "dev", "template_id": pushed["id"]}, token=self.owner)
+        self.assertEqual((code, ws["template_name"]), (201, "plain"))
+        _, build = await self.follow(ws["latest_build"]["id"])
+        self.assertEqual(build["status"], "succeeded")
+
     async def test_create_with_unknown_template_is_404(self) -> None:
         code, got = await self.c.call("POST", "/api/v2/users/me/workspaces",
                                       {"name": "dev", "template_name": "nope"}, token=self.owner)
@@ -193,6 +201,10 @@ class BuildRoutesTests(unittest.TestCase):
         # The manifest's access_url is the deployment's; the agent was given the override.
         self.assertEqual(manifest["access_url"], self.d.access_url)
 
+        # Its agent tokens are terraform's: no hand-made ones.
+        code, got = await self.c.call("POST", f"/api/v2/workspaces/{ws['id']}/agent-token",
+                                      token=self.owner)
+        self.assertEqual(code, 409)
         # A templated workspace is not deleted behind terraform's back.
         code, got = await self.c.call("DELETE", f"/api/v2/workspaces/{ws['id']}", token=self.owner)
         self.assertEqual(code, 409)
