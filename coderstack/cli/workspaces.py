@@ -107,7 +107,10 @@ async def create(reactor: Any, opts: CreateOptions, ctx: Context) -> int:
         )
         build = await follow_build(ctx, ws["latest_build"])
         if build["status"] != "succeeded":
-            return _build_failed(ctx, build)
+            _build_failed(ctx, build)
+            ctx.err(f"The workspace is kept, without agents: fix the template and run "
+                    f"`coderstack start {ws['name']}`, or remove it with `coderstack delete {ws['name']}`.")
+            return 1
         ctx.out(f"Workspace {ws['name']!r} created from template {opts['template']!r}.")
         ctx.out(f"Its agents are starting; see them with: coderstack show {ws['name']}")
         return 0
