@@ -50,7 +50,7 @@ class ShowOptions(OutputOption, _NameArg):
 
 
 class DeleteOptions(_NameArg):
-    synopsis = "coderstack delete <name> [--yes]"
+    synopsis = "coderstack delete <name> [--yes] [--orphan]"
     optFlags = [
         ["yes", "y", "Do not ask for confirmation."],
         ["orphan", None, "Forget a template workspace without running terraform destroy."],

@@ -342,6 +342,8 @@ class API:
                 "POST /api/v2/workspaces/{id}/builds {\"transition\": \"destroy\"}, or "
                 "?orphan=true to forget it without running terraform",
             )
+        if ws.latest_build is not None and not ws.latest_build.done:
+            raise APIError(409, "A build of this workspace is running.", "wait for it to end")
         await self.d.store.delete_workspace(ws.id)
         for agent in ws.agents:
             self.d.agent_removed(agent.id)
