@@ -177,6 +177,15 @@ class BuildRoutesTests(unittest.TestCase):
         self.assertIsNone(await self.d.store.agent_by_token_hash(auth.hash_agent_token(token)))
         code, _ = await self.c.call("GET", "/api/v2/workspaceagents/me/manifest", token=token)
         self.assertEqual(code, 401)
+        # --orphan forgets it without terraform: records and build directory go.
+        work = self.builder.work_dir(uuid.UUID(ws["id"]))
+        self.assertTrue(work.exists())
+        code, _ = await self.c.call("DELETE", f"/api/v2/workspaces/{ws['id']}?orphan=true",
+                                    token=self.owner)
+        self.assertEqual(code, 200)
+        self.assertFalse(work.exists())
+        code, _ = await self.c.call("GET", "/api/v2/users/me/workspace/dev", token=self.owner)
+        self.assertEqual(code, 404)
 
     async def test_lifecycle_records_agents_with_their_url_and_destroy_removes_all(self) -> None:
         await self.push("plain", main_tf=AGENT_ONLY)
