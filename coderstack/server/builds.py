@@ -194,6 +194,9 @@ class Builder:
     ) -> None:
         status, error = "failed", ""
         work = self.work_dir(ws.id)
+        where = f"{ws.owner_name}/{ws.name}"
+        log.info("build #{n} ({transition}) of {ws} started in {dir}", n=build.number,
+                 transition=build.transition, ws=where, dir=str(work))
         try:
             result = await self.runner.build(
                 files, work, build.transition, self.access_url, info, log=blog.append
@@ -220,6 +223,8 @@ class Builder:
                 template_version_id=build.template_version_id, created_at=build.created_at,
                 completed_at=build.created_at, error=error,
             )
+        log.info("build #{n} ({transition}) of {ws}: {status}", n=build.number,
+                 transition=build.transition, ws=where, status=status)
         blog.finish(final)
         self._forget_old()
 
