@@ -95,7 +95,7 @@ def url(value: str) -> str:
     if not parts.hostname:
         raise ValueError(f"{value!r} has no host")
     try:
-        parts.port
+        _ = parts.port  # raises for a bad port
     except ValueError:
         raise ValueError(f"{value!r} has an invalid port") from None
     return v.rstrip("/")

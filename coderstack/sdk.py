@@ -17,8 +17,18 @@ from urllib.parse import urlencode, urlsplit
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory
 from twisted.internet import endpoints, ssl
-from twisted.internet.error import ConnectError, ConnectionRefusedError, DNSLookupError, TimeoutError
-from twisted.web.client import Agent, BrowserLikePolicyForHTTPS, HTTPConnectionPool, ResponseNeverReceived
+from twisted.internet.error import (
+    ConnectError,
+    ConnectionRefusedError,
+    DNSLookupError,
+    TimeoutError,
+)
+from twisted.web.client import (
+    Agent,
+    BrowserLikePolicyForHTTPS,
+    HTTPConnectionPool,
+    ResponseNeverReceived,
+)
 from twisted.web.http_headers import Headers
 
 SESSION_HEADER = "Coder-Session-Token"

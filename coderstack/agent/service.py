@@ -9,30 +9,39 @@ One loop, run for as long as the service runs:
 The backoff resets after a session that got as far as an open websocket, so a server restart is
 noticed within ``PING_INTERVAL + PING_TIMEOUT`` seconds and reconnected within about a second of
 the server coming back. A rejected token is logged once per attempt without the token itself.
+
+The tunnel is a :class:`coderstack.tailnet.conn.Conn` made on the first manifest (its address
+comes from the agent id) and kept across coordinator reconnects, so WireGuard sessions with
+clients survive a server restart (their peers become LOST, not DISCONNECTED). Our Node goes to
+the coordinator as ``update_self`` whenever it changes; peer NODE updates configure the Conn.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import random
-from datetime import UTC, datetime
 from typing import Any
 from uuid import UUID
 
 from twisted.application import service
 from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
-from coderstack import netinfo
 from coderstack.coordinator.client import CoordinateClientFactory, open_coordination
-from coderstack.derpmap import DERPMap
+from coderstack.derpmap import DERPMap, DERPMapError, rewrite_embedded
 from coderstack.keys import NodeKeys, load_node_keys
 from coderstack.sdk import Client, SDKError
-from coderstack.wire.coordination import CoordinateRequest, CoordinateResponse, address_from_uuid
+from coderstack.tailnet.conn import Conn
+from coderstack.tailnet.conn import home_region as conn_home_region
+from coderstack.wire.coordination import (
+    CODER_SERVICE_PREFIX,
+    CoordinateRequest,
+    CoordinateResponse,
+    Node,
+    address_from_uuid,
+)
 
 log = Logger()
 
@@ -40,22 +49,9 @@ MANIFEST_PATH = "/api/v2/workspaceagents/me/manifest"
 COORDINATE_PATH = "/api/v2/workspaceagents/me/coordinate"
 
 
-class _TunnelSocket(DatagramProtocol):
-    """Holds the tunnel's UDP port so the advertised endpoints are real; the tunnel layer reads it."""
-
-    received = 0
-
-    def datagramReceived(self, data: bytes, addr: Any) -> None:  # noqa: N802
-        self.received += 1
-
-
 def home_region(derp_map: DERPMap) -> int:
-    """Until netcheck measures latency: the embedded relay, else the lowest region with a relay."""
-    regions = [r for r in derp_map.regions.values() if r.derp_nodes]
-    for r in regions:
-        if r.embedded_relay:
-            return r.region_id
-    return min((r.region_id for r in regions), default=0)
+    """Kept for callers of the old API; the tailnet Conn owns the choice now."""
+    return conn_home_region(derp_map)
 
 
 class AgentService(service.Service):
@@ -71,9 +67,9 @@ class AgentService(service.Service):
         self.manifest: dict[str, Any] | None = None
         self.peers: dict[UUID, dict[str, Any]] = {}
         self.coordination: CoordinateClientFactory | None = None
+        self.conn: Conn | None = None
         self.sessions = 0
         self._loop: Deferred[None] | None = None
-        self._udp: Any = None
         self._wake: Deferred[None] | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
@@ -81,7 +77,6 @@ class AgentService(service.Service):
     def startService(self) -> None:
         super().startService()
         self.keys = load_node_keys(self.data_dir)
-        self._udp = self.reactor.listenUDP(self.listen_port, _TunnelSocket())
         self.client = Client(self.reactor, self.url, self.token)
         self._loop = Deferred.fromCoroutine(self._run())
         self._loop.addErrback(lambda f: f.trap(CancelledError))
@@ -95,8 +90,8 @@ class AgentService(service.Service):
             proto = self.coordination.proto
             proto.send_request(CoordinateRequest.from_json({"disconnect": {}}))
             proto.sendClose()
-        if self._udp is not None:
-            ds.append(self._udp.stopListening())
+        if self.conn is not None:
+            ds.append(Deferred.fromCoroutine(self.conn.close()))
         ds.append(self.client.close())
         return Deferred.fromCoroutine(_gather(ds))
 
@@ -133,64 +128,76 @@ class AgentService(service.Service):
             url=self.url, access=manifest.get("access_url"),
         )
         self._write_state(manifest)
+        conn = self._tunnel(agent_id, manifest)
         factory = await open_coordination(self.client, COORDINATE_PATH, self._on_response)
         self.coordination = factory
         self.sessions += 1
-        proto = factory.proto
-        assert proto is not None
-        proto.send_request(CoordinateRequest.from_json({"update_self": {"node": self.node_json(agent_id, manifest)}}))
+        node = conn.node()
+        if node is not None:
+            self._send_node(node)
         log.info("coordinator connected; node sent")
         code, reason = await factory.closed
         log.info("coordinator connection closed ({code}: {reason})", code=code, reason=reason)
         self.coordination = None
         return True
 
-    def node_json(self, agent_id: UUID, manifest: dict[str, Any]) -> dict[str, Any]:
+    def _tunnel(self, agent_id: UUID, manifest: dict[str, Any]) -> Conn:
+        """The Conn, made on the first manifest; every manifest refreshes its DERP map."""
         assert self.keys is not None
-        derp_map = DERPMap.from_json(manifest.get("derp_map") or {})
-        address = f"{address_from_uuid(agent_id)}/128"
-        port = self._udp.getHost().port
-        endpoints = []
-        if not manifest.get("disable_direct_connections"):
-            endpoints = [netinfo.endpoint_text(a, port) for a in netinfo.interface_addresses()]
-        return {
-            "id": int.from_bytes(hashlib.sha256(self.keys.node_public).digest()[:7], "big"),
-            "as_of": datetime.now(UTC).isoformat(),
-            "key": "nodekey:" + self.keys.node_public.hex(),
-            "disco": "discokey:" + self.keys.disco_public.hex(),
-            "preferred_derp": home_region(derp_map),
-            "derp_latency": {},
-            "derp_forced_websockets": {},
-            "addresses": [address],
-            "allowed_ips": [address],
-            "endpoints": endpoints,
-        }
+        if self.conn is None:
+            self.conn = Conn(
+                self.reactor,
+                keys=self.keys,
+                address=address_from_uuid(agent_id),
+                extra_addresses=(address_from_uuid(agent_id, CODER_SERVICE_PREFIX),),
+                derp_token=self.token,
+                block_endpoints=bool(manifest.get("disable_direct_connections")),
+                force_websockets=bool(manifest.get("derp_force_websockets")),
+                trust_root=self.client.trust_root,
+            )
+            self.conn.start(self.listen_port)
+            self.conn.on_node_change(self._send_node)
+        try:
+            derp_map = rewrite_embedded(DERPMap.from_json(manifest.get("derp_map") or {}), self.url)
+        except DERPMapError as err:
+            log.warn("the manifest's DERP map is unusable: {why}", why=str(err))
+        else:
+            self.conn.set_derp_map(derp_map)
+        return self.conn
+
+    def _send_node(self, node: Node) -> None:
+        factory = self.coordination
+        if factory is not None and factory.proto is not None:
+            factory.proto.send_request(CoordinateRequest(update_self=node))
 
     def _on_response(self, response: CoordinateResponse) -> None:
-        data = response.to_json()
-        if data.get("error"):
-            log.warn("coordinator refused a request: {error}", error=data["error"])
+        if response.error:
+            log.warn("coordinator refused a request: {error}", error=response.error)
         ready = []
-        for update in data.get("peer_updates", []):
-            peer_id = UUID(update["id"])
-            kind = update["kind"]
-            log.info("peer {id}: {kind} ({reason})", id=peer_id, kind=kind, reason=update.get("reason", ""))
-            if kind == "NODE":
-                new = peer_id not in self.peers
-                self.peers[peer_id] = {"status": "node", "node": update.get("node")}
+        for update in response.peer_updates:
+            peer_id, kind = update.id, update.kind
+            log.info("peer {id}: {kind} ({reason})", id=peer_id, kind=str(kind), reason=update.reason)
+            if kind == "NODE" and update.node is not None:
+                previous = self.peers.get(peer_id)
+                new = previous is None
+                self.peers[peer_id] = {"status": "node", "node": update.node.to_json()}
+                if self.conn is not None:
+                    if previous is not None and previous["node"]["key"] != update.node.key_text:
+                        self.conn.remove_peer(Node.from_json(previous["node"]).key)  # new keys
+                    self.conn.update_peer(update.node)
                 if new:
-                    ready.append({"id": str(peer_id)})
+                    ready.append(peer_id)
             elif kind == "LOST":
                 # Keep the last node: an established tunnel survives the peer's coordinator drop.
                 if peer_id in self.peers:
                     self.peers[peer_id]["status"] = "lost"
             elif kind == "DISCONNECTED":
-                self.peers.pop(peer_id, None)
+                gone = self.peers.pop(peer_id, None)
+                if gone is not None and self.conn is not None:
+                    self.conn.remove_peer(Node.from_json(gone["node"]).key)
         if ready and self.coordination is not None and self.coordination.proto is not None:
             # Tell the clients we have their node, so they may start the handshake.
-            self.coordination.proto.send_request(
-                CoordinateRequest.from_json({"ready_for_handshake": ready})
-            )
+            self.coordination.proto.send_request(CoordinateRequest(ready_for_handshake=tuple(ready)))
 
     def _write_state(self, manifest: dict[str, Any]) -> None:
         # What the agent last learned, for people debugging a workspace (no secrets in it).

@@ -7,7 +7,6 @@ Reconnecting is the caller's job (it also has to refetch the manifest or connect
 
 from __future__ import annotations
 
-import json
 from collections.abc import Callable
 from typing import Any
 
@@ -15,7 +14,12 @@ from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientPr
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from coderstack.wire.coordination import CoordinateRequest, CoordinateResponse, CoordinationError
+from coderstack.wire.coordination import (
+    CoordinateRequest,
+    CoordinateResponse,
+    CoordinationError,
+    parse_response,
+)
 
 
 class CoordinateClientProtocol(WebSocketClientProtocol):
@@ -26,12 +30,12 @@ class CoordinateClientProtocol(WebSocketClientProtocol):
         self.factory.on_open(self)
 
     def send_request(self, request: CoordinateRequest) -> None:
-        self.sendMessage(json.dumps(request.to_json()).encode(), isBinary=False)
+        self.sendMessage(request.to_text().encode(), isBinary=False)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         try:
-            response = CoordinateResponse.from_json(json.loads(payload))
-        except (ValueError, CoordinationError) as err:
+            response = parse_response(payload)
+        except CoordinationError as err:
             self._log.warn("dropping malformed coordination message: {why}", why=str(err)[:200])
             return
         self.factory.on_response(response)

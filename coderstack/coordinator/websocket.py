@@ -5,8 +5,8 @@ The HTTP route has already authenticated and authorized the peer before the upgr
 protocol only moves messages between the socket and ``Coordinator``:
 
 - open                 -> ``coordinator.connect(peer_id, ...)``
-- text message         -> ``parse_request`` -> ``connection.handle``; a malformed message gets
-                          ``{"error": ...}`` back and is counted; too many close the socket
+- text message         -> ``connection.handle_text``: the core parses it; a malformed message
+                          gets ``{"error": ...}`` back and is counted; too many close the socket
 - close after a ``disconnect`` request, or after being replaced by a newer connection with the
   same peer id -> nothing more; any other close -> ``connection.lost()`` (peers see LOST and keep
   the last node, so tunnels survive a dropped websocket or a server restart)
@@ -24,12 +24,11 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.logger import Logger
 
-from coderstack.wire.coordination import CoordinateResponse, CoordinationError, parse_request
+from coderstack.wire.coordination import CoordinateResponse
 
 PING_INTERVAL = 5.0
 PING_TIMEOUT = 5.0
 MAX_MESSAGE = 256 * 1024
-MAX_BAD_MESSAGES = 20
 CLOSE_REPLACED = 4000
 CLOSE_KICKED = 4001
 CLOSE_ABUSE = 4002
@@ -43,7 +42,6 @@ class CoordinateProtocol(WebSocketServerProtocol):
         f = self.factory
         self._graceful = False
         self._replaced = False
-        self._bad = 0
         self.connection = f.coordinator.connect(f.peer_id, f.name, f.auth, self._send, self._replace)
         f.opened(self)
 
@@ -51,9 +49,13 @@ class CoordinateProtocol(WebSocketServerProtocol):
         self.sendMessage(response.to_text().encode(), isBinary=False)
 
     def _replace(self) -> None:
-        # The coordinator has a newer connection for this peer id.
-        self._replaced = True
-        self.sendClose(code=CLOSE_REPLACED, reason="replaced by a newer connection")
+        # The coordinator closed this connection: overwritten by a newer one with the same peer
+        # id, removed for abuse, or the coordinator itself is closing. Nothing more to report.
+        why = getattr(self.connection, "close_reason", None) or "closed by the coordinator"
+        self._replaced = why == "overwritten"
+        self._graceful = not self._replaced
+        code = CLOSE_REPLACED if self._replaced else (CLOSE_ABUSE if "refused" in why else CLOSE_KICKED)
+        self.sendClose(code=code, reason=why[:100])
 
     def kick(self, reason: str) -> None:
         """Close from the server side (token rotated, workspace deleted): the peer is gone."""
@@ -63,20 +65,17 @@ class CoordinateProtocol(WebSocketServerProtocol):
         self.sendClose(code=CLOSE_KICKED, reason=reason[:100])
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        try:
-            request = parse_request(payload)
-        except CoordinationError as err:
-            self._bad += 1
-            self.factory.bad_messages += 1
-            self._send(CoordinateResponse(peer_updates=(), error=str(err)))
-            if self._bad >= MAX_BAD_MESSAGES:
-                self.sendClose(code=CLOSE_ABUSE, reason="too many malformed messages")
-            return
         if self._replaced or self._graceful:
             return
-        if request.disconnect:
-            self._graceful = True
-        self.connection.handle(request)
+        # The core parses, answers malformed messages with an error, counts them and closes
+        # a connection that keeps sending them.
+        self.connection.handle_text(payload)
+
+    def onPong(self, payload: bytes) -> None:
+        # Idle but alive: keep last_seen fresh.
+        connection = getattr(self, "connection", None)
+        if connection is not None:
+            connection.touch()
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         connection = getattr(self, "connection", None)
@@ -103,7 +102,6 @@ class CoordinateFactory(WebSocketServerFactory):
         self.coordinator = coordinator
         self.peer_id, self.name, self.auth = peer_id, name, auth
         self._on_open, self._on_close = on_open, on_close
-        self.bad_messages = 0
         self.setProtocolOptions(
             autoPingInterval=PING_INTERVAL,
             autoPingTimeout=PING_TIMEOUT,

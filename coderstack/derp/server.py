@@ -120,8 +120,11 @@ def _take_over(request: Request, protocol: Protocol) -> tuple[Any, bytes]:
     return transport, buffered
 
 
+_REASONS = {426: b"Upgrade Required"}  # twisted.web has no phrase for 426
+
+
 def _json_error(request: Request, code: int, message: str, detail: str = "") -> bytes:
-    request.setResponseCode(code)
+    request.setResponseCode(code, _REASONS.get(code))
     request.setHeader(b"Content-Type", b"application/json")
     return json.dumps({"message": message, "detail": detail}).encode()
 

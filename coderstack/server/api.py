@@ -22,6 +22,7 @@ from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coderstack import __version__
+from coderstack.derp.mapstream import derp_map_stream_resource
 from coderstack.server import auth
 from coderstack.server.provisioner import TemplateError
 from coderstack.server.store import Agent, Build, Conflict, User, Workspace, now
@@ -602,8 +603,9 @@ class API:
         user, agent, _ws = await self._my_agent(request, agent_id)
         raw_peer = request.args.get(b"peer_id", [b""])[0].decode("ascii", "replace")
         peer_id = parse_uuid(raw_peer, "peer_id") if raw_peer else uuid.uuid4()
-        if not self.d.client_may_use_peer_id(peer_id, user.id):
-            raise APIError(403, "That peer id belongs to someone else.", str(peer_id))
+        problem = await self.d.client_peer_id_problem(peer_id, user.id, agent.id)
+        if problem:
+            raise APIError(403, "You cannot coordinate with that peer id.", problem)
         return self.d.coordinate_resource_for_client(peer_id, user, agent)
 
     # -- deployment and debug ----------------------------------------------------------------
@@ -618,7 +620,30 @@ class API:
         await self.require_owner(request)
         return write_json(request, self.d.coordinator.debug())
 
-    # -- other resources mounted by the deployment (DERP, metrics, ...) -----------------------
+    # -- the relay, metrics and the DERP map stream --------------------------------------------
+
+    @app.route("/derp", branch=True)
+    def derp(self, request: IRequest) -> Any:
+        # The relay does its own token check before upgrading (401 JSON without one).
+        resource = self.d.mounts.get(b"/derp")
+        if resource is None:
+            raise APIError(404, "The embedded DERP relay is disabled.", "--derp-server-enable=false")
+        return resource
+
+    @app.route("/api/v2/derp-map", methods=["GET"])
+    async def derp_map_stream(self, request: IRequest) -> Any:
+        token = session_token_of(request)
+        if await self.agent_for_token(token) is None and await self.user_for_token(token) is None:
+            raise APIError(401, "You must be logged in to do this.", "send a session or agent token")
+        if request.getHeader("upgrade") is None:
+            return write_json(request, self.d.derp_map_json())
+        return derp_map_stream_resource(self.d.maps.get, self.d.maps.subscribe)
+
+    @app.route("/metrics", methods=["GET"])
+    async def metrics(self, request: IRequest) -> bytes:
+        await self.require_owner(request)
+        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
+        return self.d.metrics_text().encode()
 
     @app.route("/", branch=True)
     def mounted(self, request: IRequest) -> Any:

@@ -111,18 +111,23 @@ class Builder:
         store: Store,
         runner: TerraformRunner,
         data_dir: str | os.PathLike[str],
-        access_url: str,
+        access_url: str | Callable[[], str],
         agents_revoked: Callable[[uuid.UUID], None] = lambda _id: None,
     ) -> None:
         self.store = store
         self.runner = runner
         self.data_dir = Path(data_dir)
-        self.access_url = access_url
+        # A callable follows the deployment's URL (derived from an ephemeral port at start-up).
+        self._access_url = access_url
         self.agents_revoked = agents_revoked
         self._logs: OrderedDict[uuid.UUID, BuildLog] = OrderedDict()
         self._validate_lock = defer.DeferredLock()
         #: Deferreds of running builds (tests and shutdown wait on them).
         self.running: dict[uuid.UUID, defer.Deferred[None]] = {}
+
+    @property
+    def access_url(self) -> str:
+        return self._access_url() if callable(self._access_url) else self._access_url
 
     def work_dir(self, workspace_id: uuid.UUID) -> Path:
         return self.data_dir / "builds" / str(workspace_id)
@@ -294,4 +299,4 @@ async def make_builder(reactor: Any, store: Store, deployment: Any, cfg: Mapping
     failed = await store.fail_unfinished_builds("the server restarted during the build")
     if failed:
         log.warn("{n} unfinished build(s) from before a restart marked failed", n=failed)
-    return Builder(store, runner, data_dir, deployment.access_url, deployment.agent_removed)
+    return Builder(store, runner, data_dir, lambda: deployment.access_url, deployment.agent_removed)

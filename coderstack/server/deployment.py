@@ -7,9 +7,7 @@ relay, metrics). It is the one place that knows how those pieces fit together.
 
 from __future__ import annotations
 
-import hashlib
 import uuid
-from collections.abc import Callable
 from datetime import UTC, datetime
 from ipaddress import IPv6Address
 from typing import Any
@@ -21,7 +19,13 @@ from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from coderstack.coordinator.core import AgentAuth, ClientAuth, Coordinator
-from coderstack.coordinator.websocket import CoordinateFactory, CoordinateProtocol, coordinate_resource
+from coderstack.coordinator.websocket import (
+    CoordinateFactory,
+    CoordinateProtocol,
+    coordinate_resource,
+)
+from coderstack.derp.mapstream import MapPublisher
+from coderstack.derp.server import metrics_text
 from coderstack.derpmap import DERPMap
 from coderstack.server import auth
 from coderstack.server.store import Agent, Store, User, Workspace
@@ -43,16 +47,17 @@ class Deployment:
         self.reactor = reactor
         self.store = store
         self.access_url = access_url
-        self.derp_map = derp_map
+        self.maps = MapPublisher(derp_map)
         self.derp_force_websockets = derp_force_websockets
         self.block_direct = block_direct
         self.coordinator = Coordinator(reactor)
         self.dummy_password_hash = auth.hash_password(uuid.uuid4().hex)
         # agent id -> its live coordination websocket
         self._agent_sockets: dict[uuid.UUID, CoordinateProtocol] = {}
-        # path -> resource served beside the API (DERP relay, metrics, ...)
+        # path -> resource served beside the API (the DERP relay's /derp, /latency-check, ...)
         self.mounts: dict[bytes, IResource] = {}
-        self._derp_map_listeners: list[Callable[[DERPMap], None]] = []
+        self.relay: Any = None
+        self.stun_port: Any = None
 
     # -- passwords: scrypt is deliberately slow, so it runs on a thread ------------------------
 
@@ -64,19 +69,38 @@ class Deployment:
 
     # -- DERP map ----------------------------------------------------------------------------
 
+    @property
+    def derp_map(self) -> DERPMap:
+        return self.maps.get()
+
     def derp_map_json(self) -> dict[str, Any]:
         return self.derp_map.to_json()
 
-    def set_derp_map(self, derp_map: DERPMap) -> None:
-        if derp_map == self.derp_map:
-            return
-        self.derp_map = derp_map
-        for listener in list(self._derp_map_listeners):
-            listener(derp_map)
+    def attach_relay(self, relay: Any, resources: dict[str, IResource], stun_port: Any) -> None:
+        self.relay = relay
+        self.stun_port = stun_port
+        for path, resource in resources.items():
+            self.mount(path.encode(), resource)
 
-    def subscribe_derp_map(self, listener: Callable[[DERPMap], None]) -> Callable[[], None]:
-        self._derp_map_listeners.append(listener)
-        return lambda: self._derp_map_listeners.remove(listener)
+    def metrics_text(self) -> str:
+        lines = []
+        counters = self.coordinator.debug().get("counters", {})
+        for name, value in sorted(counters.items()):
+            lines.append(f"# TYPE coderstack_coordinator_{name}_total counter")
+            lines.append(f"coderstack_coordinator_{name}_total {value}")
+        statuses = [p.get("status") for p in self.coordinator.debug().get("peers", [])]
+        lines.append("# TYPE coderstack_coordinator_peers gauge")
+        for status in ("connected", "lost"):
+            lines.append(f'coderstack_coordinator_peers{{status="{status}"}} {statuses.count(status)}')
+        if self.stun_port is not None:
+            c = self.stun_port.protocol.counters
+            for name in ("answered", "errors_sent", "dropped_malformed", "rate_limited"):
+                lines.append(f"# TYPE coderstack_stun_{name}_total counter")
+                lines.append(f"coderstack_stun_{name}_total {getattr(c, name)}")
+        text = "\n".join(lines) + "\n"
+        if self.relay is not None:
+            text += metrics_text(self.relay)
+        return text
 
     def connection_info(self) -> dict[str, Any]:
         return {
@@ -140,12 +164,21 @@ class Deployment:
         )
         return coordinate_resource(factory)
 
-    def client_may_use_peer_id(self, peer_id: uuid.UUID, user_id: uuid.UUID) -> bool:
-        """A client may reuse its own peer id (to replace a stale connection), nobody else's."""
+    async def client_peer_id_problem(self, peer_id: uuid.UUID, user_id: uuid.UUID, agent_id: uuid.UUID) -> str | None:
+        """Why a client may not coordinate as ``peer_id``, or None.
+
+        A client may reuse its own peer id (to replace its stale connection), never an agent's
+        (even an offline one's) nor another user's.
+        """
         existing = self.coordinator.auth_of(peer_id)
-        if existing is None:
-            return True
-        return isinstance(existing, ClientAuth) and existing.user_id == user_id
+        if existing is not None and not (isinstance(existing, ClientAuth) and existing.user_id == user_id):
+            return "that peer id belongs to someone else"
+        problem = self.coordinator.check_peer_id(peer_id, ClientAuth(agent_id=agent_id, user_id=user_id))
+        if problem:
+            return problem
+        if await self.store.agent(peer_id) is not None:
+            return "that peer id belongs to an agent"
+        return None
 
     def coordinate_resource_for_client(self, peer_id: uuid.UUID, user: User, agent: Agent) -> IResource:
         factory = CoordinateFactory(
@@ -164,7 +197,3 @@ class Deployment:
     def mounted_resource(self, request: IRequest) -> IResource | None:
         path = request.path.rstrip(b"/") or b"/"
         return self.mounts.get(path)
-
-
-def server_key_id(public_key: bytes) -> str:
-    return hashlib.sha256(public_key).hexdigest()[:16]

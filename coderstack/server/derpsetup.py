@@ -1,34 +1,63 @@
-"""The server's DERP map from its options.
+"""The server's relay side: STUN listener, DERP map, DERP relay and its resources.
 
-The embedded relay region is built from the access URL (Coder's rule: one node "<id>b" whose
-HostName/DERPPort are the access URL's, ForceHTTP for http).
+Order: STUN first (the embedded region advertises the port it really got), then the map (an
+unusable map stops start-up with DERPMapError's message), then the relay with the closed-relay
+policy, mounted beside the API on the same HTTP(S) port.
 """
 
 from __future__ import annotations
 
+import os
+from dataclasses import dataclass
 from typing import Any
-from urllib.parse import urlsplit
 
-from coderstack.derpmap import DERPMap, DERPNode, DERPRegion
+from twisted.internet.interfaces import IListeningPort
+from twisted.web.resource import IResource
+
+from coderstack.derp.mapconfig import load_server_map
+from coderstack.derp.relay import Relay
+from coderstack.derp.server import load_or_create_private_key, make_derp_resources, make_relay
+from coderstack.derpmap import DERPMap
+from coderstack.stun.server import listen_stun
 
 
-async def build_derp_map(cfg: dict[str, Any], reactor: Any) -> DERPMap:
-    parts = urlsplit(cfg["access-url"])
-    region_id = cfg["derp-server-region-id"]
-    http = parts.scheme == "http"
-    node = DERPNode(
-        name=f"{region_id}b",
-        region_id=region_id,
-        host_name=parts.hostname or "",
-        derp_port=parts.port or (80 if http else 443),
-        stun_port=-1,
-        force_http=http,
-    )
-    region = DERPRegion(
-        region_id=region_id,
+@dataclass
+class RelaySide:
+    derp_map: DERPMap
+    stun_port: IListeningPort | None
+    relay: Relay | None
+    resources: dict[str, IResource]
+
+
+def start_stun(cfg: dict[str, Any], reactor: Any) -> IListeningPort | None:
+    listen = cfg.get("stun-listen")
+    if listen is None:
+        return None
+    host, port = listen
+    try:
+        return listen_stun(reactor, host, port)
+    except OSError as err:
+        raise RuntimeError(f"--stun-address {host}:{port}: cannot listen ({err})") from None
+
+
+async def build_derp_map(cfg: dict[str, Any], reactor: Any, stun_port: int | None = None) -> DERPMap:
+    return await load_server_map(
+        cfg["access-url"],
+        derp_server_enable=cfg.get("derp-server-enable", True),
+        region_id=cfg["derp-server-region-id"],
         region_code=cfg["derp-server-region-code"],
         region_name=cfg["derp-server-region-name"],
-        nodes=(node,),
-        embedded_relay=True,
+        embedded_stun_port=stun_port,
+        stun_addresses=cfg.get("stun-servers") or [],
+        config_url=cfg.get("derp-config-url") or "",
+        config_path=cfg.get("derp-config-path") or "",
+        block_direct=cfg.get("block-direct-connections", False),
     )
-    return DERPMap(regions={region_id: region})
+
+
+def start_relay(cfg: dict[str, Any], reactor: Any, policy: Any) -> tuple[Relay | None, dict[str, IResource]]:
+    if not cfg.get("derp-server-enable", True):
+        return None, {}
+    key = load_or_create_private_key(os.path.join(cfg["data-dir"], "derp.key"))
+    relay = make_relay(key, policy, reactor)
+    return relay, make_derp_resources(relay, policy)

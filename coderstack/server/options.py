@@ -7,6 +7,11 @@ from typing import Any
 from twisted.python import usage
 
 from coderstack import envopts as e
+from coderstack.stun.address import (
+    STUNAddressError,
+    parse_stun_listen_address,
+    parse_stun_server_list,
+)
 
 
 class ServerOptions(e.EnvOptions):
@@ -77,8 +82,29 @@ class ServerOptions(e.EnvOptions):
             raise usage.UsageError("--http-address is empty and TLS is off: nothing would listen")
         if self["derp-config-url"] and self["derp-config-path"]:
             raise usage.UsageError("set only one of --derp-config-url and --derp-config-path")
+        self["access-url-derived"] = self["access-url"] is None
         if self["access-url"] is None:
             self["access-url"] = self.default_access_url()
+        try:
+            self["stun-listen"] = parse_stun_listen_address(self["stun-address"], self.http_address_text())
+            self["stun-servers"] = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
+                                    for h, p in parse_stun_server_list(self["derp-server-stun-addresses"])]
+        except STUNAddressError as err:
+            raise usage.UsageError(f"invalid value: {err}") from None
+        if self["stun-listen"] is not None and self["stun-address"] is None and self.http_port() == 0:
+            # An ephemeral HTTP port (tests) gets an ephemeral STUN port, not a clash on 3478.
+            self["stun-listen"] = (self["stun-listen"][0], 0)
+
+    def http_address_text(self) -> str:
+        addr = self["http-address"] or (self["tls-address"] if self["tls-enable"] else None)
+        if addr is None:
+            return ""
+        host, port = addr
+        return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+    def http_port(self) -> int | None:
+        addr = self["http-address"] or (self["tls-address"] if self["tls-enable"] else None)
+        return addr[1] if addr else None
 
     def default_access_url(self) -> str:
         if self["tls-enable"]:

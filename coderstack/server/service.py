@@ -21,7 +21,8 @@ from twisted.web.server import Site
 from coderstack import envopts
 from coderstack.server.api import API
 from coderstack.server.deployment import Deployment
-from coderstack.server.derpsetup import build_derp_map
+from coderstack.server.derpsetup import build_derp_map, start_relay, start_stun
+from coderstack.server.relaypolicy import CoordinatorRelayPolicy
 from coderstack.server.store import Store, database_url
 
 log = Logger()
@@ -68,7 +69,11 @@ class ServerService(service.MultiService):
         log.info("database ready ({kind}, schema v{version})",
                  kind="postgres" if cfg.get("postgres-url") else "sqlite", version=version)
 
-        derp_map = await build_derp_map(cfg, self.reactor)
+        stun = start_stun(cfg, self.reactor)
+        if stun is not None:
+            self.ports.append(stun)
+            log.info("STUN listening on udp {host}:{port}", host=stun.getHost().host, port=stun.getHost().port)
+        derp_map = await build_derp_map(cfg, self.reactor, stun.getHost().port if stun else None)
         self.deployment = Deployment(
             self.reactor,
             self.store,
@@ -82,6 +87,8 @@ class ServerService(service.MultiService):
 
         builder = await make_builder(self.reactor, self.store, self.deployment, cfg)
         api = API(self.deployment, builder=builder)
+        relay, resources = start_relay(cfg, self.reactor, CoordinatorRelayPolicy(api, self.deployment.coordinator))
+        self.deployment.attach_relay(relay, resources, stun)
         site = QuietSite(api.app.resource())
 
         if cfg["http-address"] is not None:
@@ -96,6 +103,14 @@ class ServerService(service.MultiService):
             p = await ep.listen(site)
             self.ports.append(p)
             log.info("listening on https://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
+        if cfg.get("access-url-derived") and self.ports and cfg["access-url"].endswith(":0"):
+            # Listening on an ephemeral port: the derived access URL (and the embedded DERP
+            # node built from it) names the port we actually got.
+            web = self.ports[-1].getHost()
+            scheme = "https" if cfg["tls-enable"] else "http"
+            cfg["access-url"] = f"{scheme}://{web.host}:{web.port}"
+            self.deployment.access_url = cfg["access-url"]
+            self.deployment.maps.set(await build_derp_map(cfg, self.reactor, stun.getHost().port if stun else None))
         if cfg.get("http-extra-address") is not None:
             # A second address for the same API (a template's provider url may name it).
             host, port = cfg["http-extra-address"]
@@ -119,6 +134,9 @@ class ServerService(service.MultiService):
             await p.stopListening()
         self.ports = []
         if self.deployment is not None:
+            if self.deployment.relay is not None:
+                # Tell DERP clients we are going away and when to come back.
+                self.deployment.relay.announce_restart(reconnect_in=1.0, try_for=60.0)
             self.deployment.coordinator.close()
         if self.store is not None:
             self.store.stop()

@@ -1,0 +1,368 @@
+"""Per-peer path state: which way a datagram to this peer goes, direct UDP or DERP. Sans-IO.
+
+One :class:`Endpoint` per peer. Time comes in as ``now`` (seconds, from the caller's
+IReactorTime); outputs are :class:`DiscoOut` (a disco message to send to a UDP address, or via
+DERP when ``dest`` is None) and :class:`WantCallMeMaybe` (send our endpoints to the peer via
+DERP). The caller seals and sends them; see ``coderstack/tailnet/magicsock.py``.
+
+Rules (Tailscale's magicsock, see reference/tailscale-protocols.md §5):
+
+- Candidates come from the peer's Node endpoints, from CallMeMaybe (via DERP only), and from
+  the source of UDP pings we receive (peer-reflexive).
+- ``send_plan(now)``: with a best address trusted until ``trust_until`` the datagram goes over
+  UDP only; otherwise over the best address (if any) *and* DERP, and every candidate not pinged
+  in the last 5 s is pinged; when any ping went out, a CallMeMaybe follows via DERP so that
+  the peer pings us back at the same time (simultaneous open through both NATs).
+- A UDP ping from the peer is answered with a pong on the same path and, while we have no
+  trusted path, with a ping of our own to that address (its NAT is open now: this finishes a
+  simultaneous open in one round trip instead of after the 5 s ping interval).
+- A pong from a UDP address records its latency; the address becomes best when
+  :func:`better_addr` says so or the current best is no longer trusted; the best is then trusted
+  for 6.5 s. Pongs via DERP never make a best address.
+- ``tick(now)``: while the peer was sent to in the last 45 s, ping the best address every 3 s
+  (heartbeat) and re-probe all candidates when the best is missing or untrusted, or every
+  minute when its latency is above 5 ms. Two missed heartbeats let trust lapse: traffic goes to
+  UDP and DERP again and discovery restarts, inside the same WireGuard session.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import math
+import os
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from typing import NamedTuple
+
+from coderstack.wire import disco
+
+Addr = tuple[str, int]
+
+HEARTBEAT_INTERVAL = 3.0
+TRUST_UDP_ADDR_DURATION = 6.5
+SESSION_ACTIVE_TIMEOUT = 45.0
+UPGRADE_INTERVAL = 60.0
+GOOD_ENOUGH_LATENCY = 0.005
+DISCO_PING_INTERVAL = 5.0
+PING_TIMEOUT = 5.0
+PING_BACK_INTERVAL = 0.5  # answer a peer's ping with our own at most this often per address
+REFLEXIVE_LIFETIME = 6.5 * 10  # peer-reflexive candidates without a pong expire
+
+
+class DiscoOut(NamedTuple):
+    dest: Addr | None  # None: via DERP to the peer's home region
+    message: disco.Message
+
+
+class WantCallMeMaybe(NamedTuple):
+    pass
+
+
+Action = DiscoOut | WantCallMeMaybe
+
+
+class PongResult(NamedTuple):
+    """A pong that answered one of our pings."""
+
+    tx_id: bytes
+    latency: float
+    via: Addr | None  # None: via DERP
+    seen_as: Addr  # our address as the peer saw it
+
+
+@dataclass
+class Candidate:
+    addr: Addr
+    source: str  # "node", "call-me-maybe", "reflexive"
+    added: float
+    last_ping: float = -math.inf
+    last_pong: float = -math.inf
+    last_ping_back: float = -math.inf
+    latency: float | None = None
+
+
+@dataclass
+class _SentPing:
+    dest: Addr | None
+    sent: float
+    user: bool = False
+
+
+@dataclass
+class AddrLatency:
+    addr: Addr | None
+    latency: float = math.inf
+    mtu: int = 0
+
+
+def _ip(addr: Addr) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
+    try:
+        return ipaddress.ip_address(addr[0])
+    except ValueError:
+        return None
+
+
+# RFC 1918 and ULA only (Python's is_private also counts documentation ranges).
+_PRIVATE = tuple(ipaddress.ip_network(n) for n in ("10.0.0.0/8", "172.16.0.0/12", "192.168.0.0/16", "fc00::/7"))
+
+
+def _bonus(addr: Addr) -> float:
+    ip = _ip(addr)
+    if ip is None:
+        return 0.0
+    points = 0.0
+    if ip.is_loopback:
+        points += 50
+    elif ip.is_link_local:
+        points += 30
+    elif any(ip in net for net in _PRIVATE):
+        points += 20
+    if ip.version == 6:
+        points += 10
+    return points
+
+
+def better_addr(a: AddrLatency, b: AddrLatency) -> bool:
+    """Is ``a`` a better path than ``b``? Tailscale's points, bonuses and 1% hysteresis."""
+    if a.addr == b.addr:
+        return a.mtu > b.mtu
+    if a.addr is None:
+        return False
+    if b.addr is None:
+        return True
+    a_points = b_points = 0.0
+    if a.latency < b.latency and b.latency > 0:
+        a_points = 100 - a.latency * 100 / b.latency if math.isfinite(b.latency) else 100
+    elif b.latency < a.latency and a.latency > 0:
+        b_points = 100 - b.latency * 100 / a.latency if math.isfinite(a.latency) else 100
+    a_points += _bonus(a.addr)
+    b_points += _bonus(b.addr)
+    if a_points <= 1 and b_points == 0:
+        return False  # not enough better to switch
+    return a_points > b_points
+
+
+def format_addr(addr: Addr) -> str:
+    return f"[{addr[0]}]:{addr[1]}" if ":" in addr[0] else f"{addr[0]}:{addr[1]}"
+
+
+def parse_addr(text: str) -> Addr:
+    host, _, port = text.rpartition(":")
+    host = host.strip("[]")
+    ipaddress.ip_address(host)
+    return host, int(port)
+
+
+@dataclass
+class Endpoint:
+    """Path state for one peer (identified by its WireGuard node key)."""
+
+    node_key: bytes
+    disco_key: bytes
+    derp_region: int = 0
+    derp_region_name: str = ""
+    direct_disabled: bool = False
+    urandom: Callable[[int], bytes] = os.urandom
+    candidates: dict[Addr, Candidate] = field(default_factory=dict)
+    best: AddrLatency | None = None
+    trust_until: float = -math.inf
+    last_send: float = -math.inf
+    last_full_ping: float = -math.inf
+    last_heartbeat: float = -math.inf
+    ever_trusted: bool = False
+    pongs: int = 0
+    _pings: dict[bytes, _SentPing] = field(default_factory=dict)
+    _cmm_endpoints: set[Addr] = field(default_factory=set)
+    _seen_pings: dict[tuple[bytes, Addr | None], float] = field(default_factory=dict)
+
+    # -- candidates ------------------------------------------------------------------------
+
+    def set_node_endpoints(self, endpoints: Iterable[Addr], now: float) -> None:
+        """The peer's endpoints from its latest Node (replacing the previous Node's)."""
+        wanted = set(endpoints)
+        for addr, cand in list(self.candidates.items()):
+            if cand.source == "node" and addr not in wanted:
+                self._forget(addr)
+        for addr in wanted:
+            if addr not in self.candidates:
+                self.candidates[addr] = Candidate(addr, "node", now)
+
+    def _forget(self, addr: Addr) -> None:
+        self.candidates.pop(addr, None)
+        if self.best is not None and self.best.addr == addr:
+            self.best = None
+            self.trust_until = -math.inf
+
+    def handle_call_me_maybe(self, endpoints: Iterable[Addr], now: float) -> list[Action]:
+        """A CallMeMaybe from this peer (the caller checked it came via DERP): ping them all now."""
+        if self.direct_disabled:
+            return []
+        listed = set()
+        for addr in endpoints:
+            ip = _ip(addr)
+            if ip is None or (ip.version == 6 and ip.is_link_local) or ip.is_unspecified:
+                continue
+            listed.add(addr)
+            if addr not in self.candidates:
+                self.candidates[addr] = Candidate(addr, "call-me-maybe", now)
+        for addr in self._cmm_endpoints - listed:
+            cand = self.candidates.get(addr)
+            if cand is not None and cand.source == "call-me-maybe":
+                self._forget(addr)
+        self._cmm_endpoints = listed
+        for cand in self.candidates.values():
+            cand.last_ping = -math.inf
+        return self._ping_all(now, call_me_maybe=False)
+
+    # -- disco in --------------------------------------------------------------------------
+
+    def handle_ping(self, ping: disco.Ping, src: Addr | None, now: float) -> list[Action]:
+        """Answer a ping on the path it came (``src`` None: via DERP); learn reflexive addresses."""
+        key = (ping.tx_id, src)
+        if key in self._seen_pings:
+            return []
+        self._seen_pings[key] = now
+        if len(self._seen_pings) > 256:
+            cutoff = now - PING_TIMEOUT
+            self._seen_pings = {k: t for k, t in self._seen_pings.items() if t >= cutoff}
+        if src is None:
+            # The peer sees us through DERP; the pong's address is DERP's magic one.
+            return [DiscoOut(None, disco.Pong(ping.tx_id, ("127.3.3.40", self.derp_region & 0xFFFF)))]
+        out: list[Action] = [DiscoOut(src, disco.Pong(ping.tx_id, src))]
+        if self.direct_disabled:
+            return out
+        cand = self.candidates.get(src)
+        if cand is None:
+            cand = self.candidates[src] = Candidate(src, "reflexive", now)
+        # The peer's ping got through, so its NAT (and ours) now pass this address pair: ping
+        # back at once instead of waiting out the 5 s ping interval, unless we already have a
+        # trusted path. This completes a simultaneous open in one round trip.
+        if not self.trusted(now) and now - cand.last_ping_back >= PING_BACK_INTERVAL:
+            cand.last_ping_back = now
+            out.append(self._ping(src, now))
+        return out
+
+    def handle_pong(self, pong: disco.Pong, src: Addr | None, now: float) -> PongResult | None:
+        sent = self._pings.pop(pong.tx_id, None)
+        if sent is None or sent.dest != src:
+            return None  # not ours, late, or from another path than the ping went
+        latency = max(0.0, now - sent.sent)
+        self.pongs += 1
+        if src is not None:
+            cand = self.candidates.get(src)
+            if cand is None:
+                cand = self.candidates[src] = Candidate(src, "reflexive", now)
+            cand.last_pong = now
+            cand.latency = latency
+            new = AddrLatency(src, latency)
+            if self.best is None or now >= self.trust_until or better_addr(new, self.best):
+                self.best = new
+            if self.best.addr == src:
+                self.best.latency = latency
+                self.trust_until = now + TRUST_UDP_ADDR_DURATION
+                self.ever_trusted = True
+        return PongResult(pong.tx_id, latency, src, pong.src)
+
+    # -- sending ---------------------------------------------------------------------------
+
+    def trusted(self, now: float) -> bool:
+        return self.best is not None and now < self.trust_until and not self.direct_disabled
+
+    def send_plan(self, now: float) -> tuple[Addr | None, bool, list[Action]]:
+        """Where one outgoing datagram goes: (UDP address or None, also via DERP?, actions)."""
+        self.last_send = now
+        if self.trusted(now):
+            assert self.best is not None
+            return self.best.addr, False, []
+        if self.direct_disabled:
+            return None, True, []
+        udp = self.best.addr if self.best is not None else None
+        return udp, True, self._ping_all(now, call_me_maybe=True)
+
+    def _ping(self, dest: Addr | None, now: float, user: bool = False) -> DiscoOut:
+        tx_id = self.urandom(disco.TXID_LEN)
+        self._pings[tx_id] = _SentPing(dest, now, user)
+        if dest is not None and dest in self.candidates:
+            self.candidates[dest].last_ping = now
+        return DiscoOut(dest, disco.Ping(tx_id))
+
+    def _ping_all(self, now: float, call_me_maybe: bool) -> list[Action]:
+        if self.direct_disabled:
+            return []
+        out: list[Action] = []
+        for addr, cand in list(self.candidates.items()):
+            if cand.source == "reflexive" and now - max(cand.added, cand.last_pong) > REFLEXIVE_LIFETIME:
+                self._forget(addr)
+                continue
+            if now - cand.last_ping >= DISCO_PING_INTERVAL:
+                out.append(self._ping(addr, now))
+        if out:
+            self.last_full_ping = now
+            if call_me_maybe and self.derp_region:
+                out.append(WantCallMeMaybe())
+        return out
+
+    def network_changed(self) -> None:
+        """Our network changed (new interface, wake from sleep): distrust the best address and
+        let the next send re-probe every candidate at once."""
+        self.best = None
+        self.trust_until = -math.inf
+        self.last_full_ping = -math.inf
+        for cand in self.candidates.values():
+            cand.last_ping = -math.inf
+
+    def user_ping(self, now: float) -> tuple[bytes, DiscoOut]:
+        """A ping over the current path (trusted direct address, else DERP): (TxID, action)."""
+        dest = self.best.addr if self.trusted(now) and self.best is not None else None
+        out = self._ping(dest, now, user=True)
+        assert isinstance(out.message, disco.Ping)
+        return out.message.tx_id, out
+
+    # -- timers ----------------------------------------------------------------------------
+
+    def tick(self, now: float) -> list[Action]:
+        """Heartbeats and re-probes; call at least every second or so."""
+        for tx_id, sent in list(self._pings.items()):
+            if now - sent.sent > PING_TIMEOUT:
+                del self._pings[tx_id]
+        if self.direct_disabled or now - self.last_send > SESSION_ACTIVE_TIMEOUT:
+            return []
+        out: list[Action] = []
+        if self.best is not None and now - self.last_heartbeat >= HEARTBEAT_INTERVAL:
+            self.last_heartbeat = now
+            best = self.candidates.get(self.best.addr) if self.best.addr is not None else None
+            if best is None or now - best.last_ping >= 1.0:  # skip if a probe just went out
+                out.append(self._ping(self.best.addr, now))
+        need_full = (
+            self.best is None
+            or not self.trusted(now)
+            or (self.best.latency > GOOD_ENOUGH_LATENCY and now - self.last_full_ping >= UPGRADE_INTERVAL)
+        )
+        if need_full and now - self.last_full_ping >= DISCO_PING_INTERVAL:
+            out.extend(self._ping_all(now, call_me_maybe=True))
+        return out
+
+    def expired_user_pings(self, now: float) -> list[bytes]:
+        return [t for t, s in self._pings.items() if s.user and now - s.sent > PING_TIMEOUT]
+
+    # -- description -----------------------------------------------------------------------
+
+    def derp_name(self) -> str:
+        return f"DERP({self.derp_region_name or self.derp_region})"
+
+    def path(self, now: float) -> tuple[str, str]:
+        """(``"p2p ip:port"`` or ``"DERP(<region name>)"``, why relayed — "" when direct)."""
+        if self.trusted(now):
+            assert self.best is not None and self.best.addr is not None
+            return f"p2p {format_addr(self.best.addr)}", ""
+        if self.direct_disabled:
+            reason = "direct connections disabled"
+        elif not self.candidates:
+            reason = "no endpoints"
+        elif self.ever_trusted:
+            reason = "trust expired (no pong for 6.5 s)"
+        else:
+            reason = "no pong yet"
+        if not self.derp_region:
+            reason += "; peer has no DERP home"
+        return self.derp_name(), reason

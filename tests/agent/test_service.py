@@ -1,0 +1,124 @@
+"""The agent's tunnel end to end on loopback: API + DERP relay + coordinator on one port, a real
+AgentService, and a client from ``dial_agent``; data flows and ``ping`` reports the path."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tempfile
+
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from coderstack.agent.service import AgentService
+from coderstack.derp.policy import AllowAllPolicy
+from coderstack.derp.server import make_derp_resources, make_relay
+from coderstack.sdk import Client
+from coderstack.tailnet.dial import dial_agent
+from coderstack.wire import derp as w
+from tests.derp.helpers import wait_for
+from tests.support.api import Caller, make_deployment
+from tests.tailnet.test_conn import ipv6_packet
+
+
+class _Root(Resource):
+    """``/derp`` and friends to the relay, everything else to the Klein app."""
+
+    def __init__(self, app_resource: Resource, derp: dict[str, Resource]) -> None:
+        super().__init__()
+        self.app_resource = app_resource
+        for path, res in derp.items():
+            self.putChild(path.lstrip("/").encode(), res)
+
+    def getChild(self, name: bytes, request):  # noqa: N802
+        request.prepath.pop()
+        request.postpath.insert(0, name)
+        return self.app_resource
+
+
+class AgentTunnelTests(unittest.TestCase):
+    timeout = 60
+
+    async def start(self, **cfg) -> tuple[str, str, str, str]:
+        # Runs last: Autobahn's batched timers (1 s buckets) outlive closed websockets.
+        self.addCleanup(lambda: task.deferLater(reactor, 1.1, lambda: None))
+        d, api = await make_deployment(self, **cfg)
+        caller = Caller(api)
+        token = await caller.owner()
+        _, ws = await caller.call("POST", "/api/v2/users/me/workspaces", {"name": "dev"}, token=token)
+        relay = make_relay(w.generate_private_key(), AllowAllPolicy(), reactor)
+        site = Site(_Root(api.app.resource(), make_derp_resources(relay, AllowAllPolicy())))
+        port = reactor.listenTCP(0, site, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        url = f"http://127.0.0.1:{port.getHost().port}"
+        return url, token, ws["agent_token"], ws["agents"][0]["id"]
+
+    async def agent(self, url: str, agent_token: str) -> AgentService:
+        data = tempfile.mkdtemp(dir=os.getcwd())
+        svc = AgentService(reactor, url, agent_token, data)
+        svc.startService()
+        self.addCleanup(svc.stopService)
+        await wait_for(lambda: svc.conn is not None and svc.coordination is not None)
+        return svc
+
+    async def dial(self, url: str, token: str, agent_id: str, **kw):
+        client = Client(reactor, url, token)
+        self.addCleanup(client.close)
+        conn = await dial_agent(reactor, client, agent_id, **kw)
+        self.addCleanup(lambda: defer.ensureDeferred(conn.close()))
+        return conn
+
+    async def test_client_reaches_agent_and_goes_direct(self) -> None:
+        url, token, agent_token, agent_id = await self.start()
+        svc = await self.agent(url, agent_token)
+        conn = await self.dial(url, token, agent_id)
+        self.assertEqual(conn.agent_address, svc.conn.address)
+        got: list[bytes] = []
+        svc.conn.on_packet(lambda key, pkt: got.append(pkt))
+        replies: list[bytes] = []
+        conn.on_packet(lambda key, pkt: replies.append(pkt))
+        # The agent echoes (a stand-in for its netstack).
+        svc.conn.on_packet(lambda key, pkt: svc.conn.send_packet(None, ipv6_packet(
+            ipaddress.IPv6Address(pkt[24:40]), ipaddress.IPv6Address(pkt[8:24]), pkt[40:])))
+        conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"hello agent"))
+        await wait_for(lambda: replies)
+        self.assertEqual(got[0][40:], b"hello agent")
+        self.assertEqual(replies[0][40:], b"hello agent")
+        await wait_for(lambda: conn.path(conn.agent_key)[0].startswith("p2p"))
+        latency, path = await conn.ping(conn.agent_key)
+        self.assertTrue(path.startswith("p2p "), path)
+        status = svc.conn.status()
+        self.assertEqual(status["home_region_name"], "Coder Embedded Relay")
+        self.assertIn(conn.keys.node_public.hex(), status["peers"])
+
+    async def test_disable_direct_stays_relayed(self) -> None:
+        url, token, agent_token, agent_id = await self.start()
+        svc = await self.agent(url, agent_token)
+        conn = await self.dial(url, token, agent_id, disable_direct=True)
+        got: list[bytes] = []
+        svc.conn.on_packet(lambda key, pkt: got.append(pkt))
+        for i in range(3):
+            conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"n%d" % i))
+        await wait_for(lambda: len(got) == 3)
+        latency, path = await conn.ping(conn.agent_key)
+        self.assertEqual(path, "DERP(Coder Embedded Relay)")
+        self.assertEqual(conn.status()["endpoints"], [])
+
+    async def test_coordinator_reconnect_keeps_the_tunnel(self) -> None:
+        url, token, agent_token, agent_id = await self.start()
+        svc = await self.agent(url, agent_token)
+        conn = await self.dial(url, token, agent_id)
+        got: list[bytes] = []
+        svc.conn.on_packet(lambda key, pkt: got.append(pkt))
+        conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"before"))
+        await wait_for(lambda: got)
+        handshake = svc.conn.last_handshake[conn.keys.node_public]
+        # The agent's coordination websocket dies (a server restart looks the same to it).
+        svc.coordination.proto.transport.abortConnection()
+        await wait_for(lambda: svc.sessions == 2 and svc.coordination is not None)
+        conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"after"))
+        await wait_for(lambda: len(got) == 2)
+        self.assertEqual(got[1][40:], b"after")
+        self.assertEqual(svc.conn.last_handshake[conn.keys.node_public], handshake)

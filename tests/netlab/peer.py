@@ -1,0 +1,116 @@
+"""One tailnet peer for the NAT lab, driven over stdin/stdout with JSON lines::
+
+    python -m tests.netlab.peer --derp-map JSON [--block-endpoints] [--derp-force-websockets]
+
+stdout: {"node": NODE} whenever our node changes; {"status": {...}} every 0.25 s (path and
+reason to the peer, packets sent/received, handshakes); {"ping": [latency, path]} or
+{"ping_error": "..."}.
+stdin:  {"peer": NODE}              add/update the (single) peer
+        {"send": RATE}              start sending numbered packets, RATE per second
+        {"stop": true}              stop sending
+        {"ping": true}              one disco ping over the current path
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import json
+import struct
+import sys
+
+from twisted.internet import reactor, stdio, task
+from twisted.protocols.basic import LineReceiver
+
+from coderstack.derpmap import DERPMap
+from coderstack.tailnet.conn import Conn
+from coderstack.wire.coordination import Node
+
+
+def ipv6_packet(src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address, payload: bytes) -> bytes:
+    return struct.pack(">IHBB", 6 << 28, len(payload), 59, 64) + src.packed + dst.packed + payload
+
+
+def out(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class Peer(LineReceiver):
+    delimiter = b"\n"
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.peer: Node | None = None
+        self.sent = 0
+        self.received: set[int] = set()
+        self.sender: task.LoopingCall | None = None
+        self.handshakes = 0
+        conn.on_packet(self.packet)
+        conn.on_node_change(lambda node: out({"node": node.to_json()}))
+        task.LoopingCall(self.status).start(0.25, now=False)
+
+    def packet(self, key: bytes, data: bytes) -> None:
+        payload = data[40:]
+        if payload.startswith(b"seq "):
+            self.received.add(int(payload[4:]))
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        msg = json.loads(line)
+        if "peer" in msg:
+            self.peer = Node.from_json(msg["peer"])
+            self.conn.update_peer(self.peer)
+        if "send" in msg:
+            if self.sender is not None and self.sender.running:
+                self.sender.stop()
+            self.sender = task.LoopingCall(self.send_one)
+            self.sender.start(1.0 / msg["send"])
+        if msg.get("stop") and self.sender is not None and self.sender.running:
+            self.sender.stop()
+        if msg.get("ping") and self.peer is not None:
+            d = self.conn.ping(self.peer.key)
+            d.addCallbacks(lambda r: out({"ping": list(r)}),
+                           lambda f: out({"ping_error": f.getErrorMessage()}))
+
+    def send_one(self) -> None:
+        assert self.peer is not None
+        dst = self.peer.addresses[0].network_address
+        self.conn.send_packet(self.peer.key, ipv6_packet(self.conn.address, dst, b"seq %d" % self.sent))
+        self.sent += 1
+
+    def status(self) -> None:
+        full = self.conn.status()
+        st: dict = {"t": reactor.seconds(), "sent": self.sent, "received": len(self.received),
+                    "max_received": max(self.received, default=-1),
+                    "endpoints": full["endpoints"], "home": self.conn.preferred_derp,
+                    "derp_connected": full["derp_connected"], "drops": full["drops"],
+                    "derp_websocket": full["derp_websocket"],
+                    "wg_drops": dict(self.conn.device.drops), "disco": full["disco"],
+                    "peer": next(iter(full["peers"].values()), None)}
+        if self.peer is not None:
+            path, reason = self.conn.path(self.peer.key)
+            st.update(path=path, reason=reason,
+                      last_handshake=self.conn.last_handshake.get(self.peer.key))
+        out({"status": st})
+
+    def connectionLost(self, reason=None) -> None:  # noqa: N802
+        if reactor.running:
+            reactor.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--derp-map", required=True)
+    p.add_argument("--block-endpoints", action="store_true")
+    p.add_argument("--derp-force-websockets", action="store_true")
+    args = p.parse_args()
+    conn = Conn(reactor, derp_token="netlab", block_endpoints=args.block_endpoints,
+                force_websockets=args.derp_force_websockets)
+    conn.start(0)
+    conn.set_derp_map(DERPMap.loads(args.derp_map))
+    stdio.StandardIO(Peer(conn))
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
