@@ -186,7 +186,13 @@ class Builder:
         )
         d = defer.Deferred.fromCoroutine(self._run(ws, build, version.files, info, blog))
         self.running[build.id] = d
-        d.addBoth(lambda _: self.running.pop(build.id, None))
+
+        def ended(result: Any) -> Any:
+            self.running.pop(build.id, None)  # (not returned: it is ``d`` itself)
+            return result
+
+        d.addBoth(ended)
+        d.addErrback(lambda f: log.failure("recording build {id} failed", f, id=build.id))
         return build
 
     async def _run(
@@ -211,6 +217,9 @@ class Builder:
         except BuildError as err:
             error = err.message
             blog.append(f"terraform {err.command} failed: {err.message}")
+        except defer.CancelledError:
+            error = "the server stopped during the build (terraform was interrupted)"
+            blog.append(error)
         except Exception as err:  # a bug or the store: the build still ends, as failed
             log.failure("workspace build {build_id} failed", build_id=build.id)
             error = f"internal error: {err}"
@@ -269,6 +278,14 @@ class Builder:
     def wait(self) -> defer.Deferred[Any]:
         """Fires when every running build has ended."""
         return defer.DeferredList(list(self.running.values()))
+
+    def stop(self) -> defer.Deferred[Any]:
+        """Server shutdown: interrupt running builds (terraform gets SIGINT and saves its
+        state); each is recorded as failed.  Fires when they have ended."""
+        running = list(self.running.values())
+        for d in running:
+            d.cancel()
+        return defer.DeferredList(running)
 
 
 def agent_twistd(binary_dir: str | None = None) -> tuple[str, dict[str, str]]:

@@ -85,7 +85,7 @@ class ServerService(service.MultiService):
         # Workspace builds from Terraform templates (None when terraform is missing).
         from coderstack.server.builds import make_builder
 
-        builder = await make_builder(self.reactor, self.store, self.deployment, cfg)
+        self.builder = builder = await make_builder(self.reactor, self.store, self.deployment, cfg)
         api = API(self.deployment, builder=builder)
         relay, resources = start_relay(cfg, self.reactor, CoordinatorRelayPolicy(api, self.deployment.coordinator))
         self.deployment.attach_relay(relay, resources, stun)
@@ -130,6 +130,8 @@ class ServerService(service.MultiService):
             self.ready.callback(None)
 
     async def _stop(self) -> None:
+        if getattr(self, "builder", None) is not None:
+            await self.builder.stop()  # interrupt terraform while the store can record it
         for p in self.ports:
             await p.stopListening()
         self.ports = []

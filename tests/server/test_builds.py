@@ -7,10 +7,11 @@ import sys
 from pathlib import Path
 
 from twisted.internet import reactor
+from twisted.internet.defer import Deferred
 from twisted.trial import unittest
 
 import coderstack
-from coderstack.server.builds import agent_twistd, make_builder
+from coderstack.server.builds import Builder, agent_twistd, make_builder
 from tests.support.api import make_deployment
 
 
@@ -46,3 +47,38 @@ class MakeBuilderTests(unittest.TestCase):
         code, got = await c.call("POST", "/api/v2/users/me/workspaces",
                                  {"name": "dev", "template_name": "x"}, token=owner)
         self.assertEqual(code, 503)
+
+
+class _HangingRunner:
+    """A runner whose builds run until cancelled (as terraform does until SIGINT)."""
+
+    def __init__(self) -> None:
+        self.interrupted = 0
+
+    def build(self, template, work_dir, transition, access_url, workspace, log=None, parameters=None):
+        log("Initializing the backend...")
+
+        def interrupt(d):
+            self.interrupted += 1
+
+        return Deferred(interrupt)
+
+
+class StopTests(unittest.TestCase):
+    async def test_stop_interrupts_running_builds_and_records_them_failed(self) -> None:
+        d, _api = await make_deployment(self)
+        store = d.store
+        user = await store.create_user("alice", "a@example.com", "h", roles=("owner",))
+        t = await store.push_template("local", user.id, {"main.tf": b""})
+        ws = await store.create_templated_workspace(user.id, "dev", t.id)
+        runner = _HangingRunner()
+        builder = Builder(store, runner, self.mktemp(), lambda: d.access_url)  # type: ignore[arg-type]
+        build = await builder.start(ws, "start", user)
+        self.assertEqual(list(builder.running), [build.id])
+        await builder.stop()
+        self.assertEqual((runner.interrupted, builder.running), (1, {}))
+        stored, log = await store.build(build.id)
+        self.assertEqual(stored.status, "failed")
+        self.assertIn("server stopped during the build", stored.error)
+        self.assertIn("Initializing the backend...", log)
+        self.assertEqual(builder.live_log(build.id).build.status, "failed")
