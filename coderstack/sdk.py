@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from typing import Any
 from urllib.parse import urlencode, urlsplit
 
@@ -104,6 +105,39 @@ class Client:
 
     async def get(self, path: str) -> Any:
         return await self.request("GET", path)
+
+    async def stream_json_lines(self, path: str, on_object: Callable[[Any], None]) -> None:
+        """GET a newline-delimited JSON response (e.g. a build log with ``follow=true``),
+        calling ``on_object`` for each line as it arrives; returns when the server ends it."""
+        url = self.url + path
+        try:
+            resp = await self.http.request("GET", url, headers=Headers(self._headers()))
+        except Exception as err:
+            raise SDKError(f"cannot reach the server at {self.url}", detail=_why(err)) from None
+        if resp.code != 200:
+            raw = await resp.content()
+            try:
+                data = json.loads(raw)
+            except ValueError:
+                data = None
+            message = data.get("message") if isinstance(data, dict) else None
+            detail = data.get("detail", "") if isinstance(data, dict) else ""
+            raise SDKError(message or f"unexpected HTTP {resp.code} from {path}", resp.code, detail)
+        partial = b""
+
+        def chunk(data: bytes) -> None:
+            nonlocal partial
+            *lines, partial = (partial + data).split(b"\n")
+            for line in lines:
+                if line.strip():
+                    on_object(json.loads(line))
+
+        try:
+            await treq.collect(resp, chunk)
+        except Exception as err:
+            raise SDKError(f"lost the connection to {self.url}", detail=_why(err)) from None
+        if partial.strip():
+            on_object(json.loads(partial))
 
     async def post(self, path: str, body: Any = None) -> Any:
         return await self.request("POST", path, body if body is not None else {})

@@ -27,10 +27,13 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "login": ("coderstack.cli.login", "Log in to a coderstack server (creates the first user on a new one)."),
     "logout": ("coderstack.cli.login", "Forget the session token."),
     "users": ("coderstack.cli.users", "Manage users: create, list."),
-    "create": ("coderstack.cli.workspaces", "Create a workspace (prints its agent token once)."),
+    "templates": ("coderstack.cli.templates", "Manage templates: push, list."),
+    "create": ("coderstack.cli.workspaces", "Create a workspace (from a template, or print its agent token once)."),
     "list": ("coderstack.cli.workspaces", "List your workspaces and their agents."),
     "show": ("coderstack.cli.workspaces", "Show a workspace and its agent."),
-    "delete": ("coderstack.cli.workspaces", "Delete a workspace."),
+    "start": ("coderstack.cli.workspaces", "Start a template workspace (a start build)."),
+    "stop": ("coderstack.cli.workspaces", "Stop a template workspace (a stop build)."),
+    "delete": ("coderstack.cli.workspaces", "Delete a workspace (a template one is destroyed first)."),
     "agent-token": ("coderstack.cli.workspaces", "Make a new agent token for a workspace (the old one stops working)."),
     "netcheck": ("coderstack.cli.netcheck", "Print a network report (STUN, relays, MTU) as JSON."),
     "ping": ("coderstack.cli.ping", "Ping a workspace over its tunnel; says whether the path is direct or relayed, and why."),
@@ -187,3 +190,7 @@ def main(argv: list[str] | None = None) -> None:
         if exit_.code not in (0, None) or not codes:
             raise
     sys.exit(codes[0] if codes else 1)
+
+
+if __name__ == "__main__":
+    main()

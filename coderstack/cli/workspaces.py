@@ -1,7 +1,11 @@
-"""Workspace commands: ``create``, ``list``, ``show``, ``delete``, ``agent-token``.
+"""Workspace commands: ``create``, ``list``, ``show``, ``start``, ``stop``, ``delete``,
+``agent-token``.
 
-Workspaces are named ``NAME`` (yours) or ``OWNER/NAME``. ``create`` and ``agent-token`` print the
-agent token exactly once: the server keeps only its hash.
+Workspaces are named ``NAME`` (yours) or ``OWNER/NAME``. Without ``--template``, ``create`` and
+``agent-token`` print the agent token exactly once (the server keeps only its hash) and you start
+the agent yourself. With ``--template``, ``create`` runs a build (terraform init + apply on the
+server, which starts the agents) and streams its log; ``stop``/``start`` run builds with those
+transitions and ``delete`` runs a destroy build, then the server forgets the workspace.
 """
 
 from __future__ import annotations
@@ -22,7 +26,18 @@ class _NameArg(Command):
 
 
 class CreateOptions(_NameArg):
-    synopsis = "coderstack create <name>"
+    synopsis = "coderstack create <name> [--template T]"
+    optParameters = [
+        ["template", "t", None, "Build the workspace from this template (see `templates list`)."],
+    ]
+
+
+class StartOptions(_NameArg):
+    synopsis = "coderstack start <name>"
+
+
+class StopOptions(_NameArg):
+    synopsis = "coderstack stop <name>"
 
 
 class ListOptions(OutputOption, Command):
@@ -35,8 +50,11 @@ class ShowOptions(OutputOption, _NameArg):
 
 
 class DeleteOptions(_NameArg):
-    synopsis = "coderstack delete <name> [--yes]"
-    optFlags = [["yes", "y", "Do not ask for confirmation."]]
+    synopsis = "coderstack delete <name> [--yes] [--orphan]"
+    optFlags = [
+        ["yes", "y", "Do not ask for confirmation."],
+        ["orphan", None, "Forget a template workspace without running terraform destroy."],
+    ]
 
 
 class AgentTokenOptions(_NameArg):
@@ -52,7 +70,50 @@ def _agent_instructions(ctx: Context, token: str) -> None:
     ctx.out("The token is shown only this once; `coderstack agent-token <name>` makes a new one.")
 
 
+async def follow_build(ctx: Context, build: dict[str, Any]) -> dict[str, Any]:
+    """Print a build's log as it happens; returns the finished build."""
+    ctx.err(f"Build #{build['build_number']} ({build['transition']}) of the workspace:")
+    final: dict[str, Any] = {}
+
+    def on_object(obj: dict[str, Any]) -> None:
+        if "output" in obj:
+            ctx.out(f"  {obj['output']}")
+        elif "build" in obj:
+            final.update(obj["build"])
+
+    await ctx.api.stream_json_lines(f"/api/v2/workspacebuilds/{build['id']}/logs?follow=true", on_object)
+    if not final:  # the stream ended early: ask for the build's state
+        final = await ctx.api.get(f"/api/v2/workspacebuilds/{build['id']}")
+    return final
+
+
+def _build_failed(ctx: Context, build: dict[str, Any]) -> int:
+    ctx.err(f"error: the {build['transition']} build failed:")
+    for line in (build.get("error") or "(no message)").splitlines():
+        ctx.err(f"  {line}")
+    return 1
+
+
+async def _transition(ctx: Context, name: str, transition: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    ws = await ctx.api.workspace_by_name(name)
+    build = await ctx.api.post(f"/api/v2/workspaces/{ws['id']}/builds", {"transition": transition})
+    return ws, await follow_build(ctx, build)
+
+
 async def create(reactor: Any, opts: CreateOptions, ctx: Context) -> int:
+    if opts["template"]:
+        ws = await ctx.api.post(
+            "/api/v2/users/me/workspaces", {"name": opts["name"], "template_name": opts["template"]}
+        )
+        build = await follow_build(ctx, ws["latest_build"])
+        if build["status"] != "succeeded":
+            _build_failed(ctx, build)
+            ctx.err(f"The workspace is kept, without agents: fix the template and run "
+                    f"`coderstack start {ws['name']}`, or remove it with `coderstack delete {ws['name']}`.")
+            return 1
+        ctx.out(f"Workspace {ws['name']!r} created from template {opts['template']!r}.")
+        ctx.out(f"Its agents are starting; see them with: coderstack show {ws['name']}")
+        return 0
     ws = await ctx.api.post("/api/v2/users/me/workspaces", {"name": opts["name"]})
     ctx.out(f"Workspace {ws['name']!r} created (agent {ws['agents'][0]['id']}).")
     _agent_instructions(ctx, ws["agent_token"])
@@ -91,6 +152,12 @@ async def show(reactor: Any, opts: ShowOptions, ctx: Context) -> int:
         ctx.out(json.dumps(ws, indent=2))
         return 0
     ctx.out(f"Workspace {ws['owner_name']}/{ws['name']}  (id {ws['id']}, created {ago(ws['created_at'])})")
+    build = ws.get("latest_build")
+    if ws.get("template_name") or build:
+        state = f"build #{build['build_number']} {build['transition']} {build['status']}" if build else "no build"
+        ctx.out(f"  template {ws.get('template_name') or '(deleted)'}: {state}")
+        if build and build.get("error"):
+            ctx.out(f"    error: {build['error'].splitlines()[0] if build['error'] else ''}")
     for agent in ws["agents"]:
         seen = "now" if agent["status"] == "connected" else ago(agent.get("last_seen_at"))
         ctx.out(f"  agent {agent['name']}: {agent['status']}, last seen {seen}")
@@ -110,8 +177,32 @@ async def delete(reactor: Any, opts: DeleteOptions, ctx: Context) -> int:
         if ctx.stdin.readline().strip().lower() not in ("y", "yes"):
             ctx.err("Not deleted.")
             return 1
-    await ctx.api.delete(f"/api/v2/workspaces/{ws['id']}")
+    if ws.get("template_id") and not opts["orphan"]:
+        build = await ctx.api.post(f"/api/v2/workspaces/{ws['id']}/builds", {"transition": "destroy"})
+        build = await follow_build(ctx, build)
+        if build["status"] != "succeeded":
+            return _build_failed(ctx, build)
+        ctx.out(f"Workspace {ws['name']!r} destroyed and deleted.")
+        return 0
+    suffix = "?orphan=true" if opts["orphan"] else ""
+    await ctx.api.delete(f"/api/v2/workspaces/{ws['id']}{suffix}")
     ctx.out(f"Workspace {ws['name']!r} deleted.")
+    return 0
+
+
+async def start(reactor: Any, opts: StartOptions, ctx: Context) -> int:
+    ws, build = await _transition(ctx, opts["name"], "start")
+    if build["status"] != "succeeded":
+        return _build_failed(ctx, build)
+    ctx.out(f"Workspace {ws['name']!r} started.")
+    return 0
+
+
+async def stop(reactor: Any, opts: StopOptions, ctx: Context) -> int:
+    ws, build = await _transition(ctx, opts["name"], "stop")
+    if build["status"] != "succeeded":
+        return _build_failed(ctx, build)
+    ctx.out(f"Workspace {ws['name']!r} stopped.")
     return 0
 
 
@@ -128,5 +219,7 @@ COMMANDS = {
     "list": (ListOptions, list_),
     "show": (ShowOptions, show),
     "delete": (DeleteOptions, delete),
+    "start": (StartOptions, start),
+    "stop": (StopOptions, stop),
     "agent-token": (AgentTokenOptions, agent_token),
 }

@@ -7,6 +7,7 @@ Every route authenticates: a session token (users) or an agent token (agents) in
 
 from __future__ import annotations
 
+import base64
 import json
 import re
 import uuid
@@ -14,6 +15,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 from klein import Klein
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -22,9 +24,11 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from coderstack import __version__
 from coderstack.derp.mapstream import derp_map_stream_resource
 from coderstack.server import auth
-from coderstack.server.store import Agent, Conflict, User, Workspace, now
+from coderstack.server.provisioner import TemplateError
+from coderstack.server.store import Agent, Build, Conflict, User, Workspace, now
 
 if TYPE_CHECKING:
+    from coderstack.server.builds import Builder
     from coderstack.server.deployment import Deployment
 
 log = Logger()
@@ -32,6 +36,8 @@ log = Logger()
 NAME_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?$")
 SESSION_LIFETIME = timedelta(days=7)
 MAX_BODY = 64 * 1024
+#: A template push carries its files (base64) in the JSON body.
+MAX_TEMPLATE_BODY = 8 * 1024 * 1024
 
 
 class APIError(Exception):
@@ -47,10 +53,10 @@ def write_json(request: IRequest, obj: Any, code: int = 200) -> bytes:
     return json.dumps(obj).encode() + b"\n"
 
 
-def read_json(request: IRequest) -> dict[str, Any]:
-    body = request.content.read(MAX_BODY + 1) if request.content else b""
-    if len(body) > MAX_BODY:
-        raise APIError(413, "Request body is too large.", f"at most {MAX_BODY} bytes")
+def read_json(request: IRequest, limit: int = MAX_BODY) -> dict[str, Any]:
+    body = request.content.read(limit + 1) if request.content else b""
+    if len(body) > limit:
+        raise APIError(413, "Request body is too large.", f"at most {limit} bytes")
     try:
         obj = json.loads(body or b"{}")
     except ValueError as err:
@@ -96,8 +102,10 @@ def iso(t: Any) -> str | None:
 class API:
     app = Klein()
 
-    def __init__(self, deployment: Deployment) -> None:
+    def __init__(self, deployment: Deployment, builder: Builder | None = None) -> None:
         self.d = deployment
+        #: Runs template builds (None: terraform is not available, templates are disabled).
+        self.builder = builder
 
     # -- authentication ----------------------------------------------------------------------
 
@@ -280,6 +288,10 @@ class API:
         user = await self._owner_for(request, who)
         body = read_json(request)
         name = valid_name(field(body, "name"), "workspace name")
+        template_name = field(body, "template_name", required=False)
+        template_id = field(body, "template_id", required=False)
+        if template_name or template_id:
+            return await self._create_templated(request, user, name, template_name, template_id)
         token, token_hash = auth.new_agent_token()
         try:
             ws = await self.d.store.create_workspace(user.id, name, token_hash)
@@ -324,14 +336,30 @@ class API:
     @app.route("/api/v2/workspaces/<string:workspace_id>", methods=["DELETE"])
     async def delete_workspace(self, request: IRequest, workspace_id: str) -> bytes:
         ws = await self._my_workspace(request, workspace_id)
+        orphan = request.args.get(b"orphan", [b""])[0] in (b"1", b"true")
+        if ws.template_id is not None and not orphan:
+            raise APIError(
+                409, "This workspace was built from a template: delete it with a destroy build.",
+                "POST /api/v2/workspaces/{id}/builds {\"transition\": \"destroy\"}, or "
+                "?orphan=true to forget it without running terraform",
+            )
+        if ws.latest_build is not None and not ws.latest_build.done:
+            raise APIError(409, "A build of this workspace is running.", "wait for it to end")
         await self.d.store.delete_workspace(ws.id)
         for agent in ws.agents:
             self.d.agent_removed(agent.id)
+        if ws.template_id is not None and self.builder is not None:
+            await self.builder.remove_build_dir(ws.id)
         return write_json(request, {"message": f"Workspace {ws.name!r} deleted."})
 
     @app.route("/api/v2/workspaces/<string:workspace_id>/agent-token", methods=["POST"])
     async def rotate_agent_token(self, request: IRequest, workspace_id: str) -> bytes:
         ws = await self._my_workspace(request, workspace_id)
+        if ws.template_id is not None:
+            raise APIError(
+                409, "This workspace's agent tokens come from its template's builds.",
+                "start the workspace again to restart its agents",
+            )
         if not ws.agents:
             raise APIError(409, "This workspace has no agent.")
         agent = ws.agents[0]
@@ -348,6 +376,8 @@ class API:
             "owner_id": str(ws.owner_id),
             "owner_name": ws.owner_name,
             "template_id": str(ws.template_id) if ws.template_id else None,
+            "template_name": ws.template_name,
+            "latest_build": ws.latest_build.to_json() if ws.latest_build else None,
             "created_at": iso(ws.created_at),
             "updated_at": iso(ws.updated_at),
             "agents": [self.agent_json(a) for a in ws.agents],
@@ -367,8 +397,157 @@ class API:
             "architecture": agent.arch,
             "directory": agent.directory,
             "ip": str(self.d.agent_address(agent.id)),
-            "access_url": self.d.agent_access_url(agent.id),
+            # The URL the agent was told to use (its template's provider url), if built.
+            "access_url": agent.access_url or self.d.agent_access_url(agent.id),
         }
+
+    # -- templates and workspace builds (see builds.py) --------------------------------------
+
+    def _require_builder(self) -> Builder:
+        if self.builder is None:
+            raise APIError(
+                503, "Templates are not available on this server.",
+                "terraform was not found when the server started",
+            )
+        return self.builder
+
+    @app.route("/api/v2/templates", methods=["POST"])
+    async def push_template(self, request: IRequest) -> bytes:
+        """Create a template, or add a version: {"name", "files": {file name: base64}}."""
+        user = await self.require_owner(request)
+        builder = self._require_builder()
+        body = read_json(request, MAX_TEMPLATE_BODY)
+        name = valid_name(field(body, "name"), "template name")
+        raw = body.get("files")
+        if not isinstance(raw, dict) or not raw:
+            raise APIError(400, "Field 'files' must be an object of file name -> base64 content.")
+        files: dict[str, bytes] = {}
+        for fname, content in raw.items():
+            if not isinstance(content, str):
+                raise APIError(400, f"File {fname!r} must be base64 text.")
+            try:
+                files[fname] = base64.b64decode(content, validate=True)
+            except ValueError:
+                raise APIError(400, f"File {fname!r} is not valid base64.") from None
+        try:
+            kept = await builder.validate(files)
+        except TemplateError as err:
+            raise APIError(400, f"terraform {err.command} rejected the template.", err.message) from None
+        template = await self.d.store.push_template(name, user.id, kept)
+        out = template.to_json()
+        out["files"] = sorted(kept)
+        return write_json(request, out, 201)
+
+    @app.route("/api/v2/templates", methods=["GET"])
+    async def list_templates(self, request: IRequest) -> bytes:
+        await self.require_user(request)
+        found = await self.d.store.list_templates()
+        return write_json(request, {"templates": [t.to_json() for t in found], "count": len(found)})
+
+    async def _create_templated(
+        self, request: IRequest, user: User, name: str, template_name: str, template_id: str
+    ) -> bytes:
+        builder = self._require_builder()
+        if template_id:
+            template = await self.d.store.template(parse_uuid(template_id, "template id"))
+        else:
+            template = await self.d.store.template_by_name(template_name)
+        if template is None:
+            raise APIError(404, f"Template {template_name or template_id!r} not found.")
+        try:
+            ws = await self.d.store.create_templated_workspace(user.id, name, template.id)
+        except Conflict as err:
+            raise APIError(409, f"Workspace {name!r} already exists.", str(err)) from None
+        build = await builder.start(ws, "start", user)
+        out = self.workspace_json(ws)
+        out["latest_build"] = build.to_json()
+        return write_json(request, out, 201)
+
+    @app.route("/api/v2/workspaces/<string:workspace_id>/builds", methods=["POST"])
+    async def create_build(self, request: IRequest, workspace_id: str) -> bytes:
+        """Start a build: {"transition": "start" | "stop" | "destroy"}."""
+        ws = await self._my_workspace(request, workspace_id)
+        user = await self.require_user(request)
+        builder = self._require_builder()
+        transition = field(read_json(request), "transition")
+        if transition not in ("start", "stop", "destroy"):
+            raise APIError(400, f"Invalid transition {transition!r}.", "start, stop or destroy")
+        if ws.template_id is None:
+            raise APIError(
+                409, "This workspace has no template: there is nothing to build.",
+                "its agent is started by hand; delete it with DELETE /api/v2/workspaces/{id}",
+            )
+        try:
+            build = await builder.start(ws, transition, user)
+        except Conflict as err:
+            raise APIError(409, "Another build of this workspace is running.", str(err)) from None
+        except LookupError as err:
+            raise APIError(409, "The workspace's template is gone.", str(err)) from None
+        return write_json(request, build.to_json(), 201)
+
+    async def _my_build(self, request: IRequest, build_id: str) -> tuple[Build, Any]:
+        """The build (and its live log, if the server still has it) of one of my workspaces."""
+        user = await self.require_user(request)
+        bid = parse_uuid(build_id, "build id")
+        live = self.builder.live_log(bid) if self.builder is not None else None
+        if live is not None:
+            if live.owner_id != user.id:
+                raise APIError(404, "Build not found.", build_id)
+            return live.build, live
+        found = await self.d.store.build(bid)
+        ws = await self.d.store.workspace(found[0].workspace_id) if found else None
+        if found is None or ws is None or ws.owner_id != user.id:
+            raise APIError(404, "Build not found.", build_id)
+        return found[0], found[1]
+
+    @app.route("/api/v2/workspacebuilds/<string:build_id>", methods=["GET"])
+    async def get_build(self, request: IRequest, build_id: str) -> bytes:
+        build, _ = await self._my_build(request, build_id)
+        return write_json(request, build.to_json())
+
+    @app.route("/api/v2/workspacebuilds/<string:build_id>/logs", methods=["GET"])
+    async def build_logs(self, request: IRequest, build_id: str) -> bytes:
+        """The build's output as newline-delimited JSON (see builds.py); with ?follow=true the
+        response stays open and streams lines until the build ends."""
+        build, logs = await self._my_build(request, build_id)
+        follow = request.args.get(b"follow", [b""])[0] in (b"1", b"true")
+        request.setResponseCode(200)
+        request.setHeader(b"Content-Type", b"application/x-ndjson")
+        request.setHeader(b"Cache-Control", b"no-store")
+
+        def line(obj: Any) -> bytes:
+            return json.dumps(obj).encode() + b"\n"
+
+        if isinstance(logs, str):  # finished and only in the store
+            out = b"".join(line({"output": x}) for x in logs.splitlines())
+            return out + line({"build": build.to_json()})
+        if not follow:
+            out = b"".join(line({"output": x}) for x in list(logs.lines))
+            return out + line({"build": logs.build.to_json()})
+        ended: Deferred[Build | None] = Deferred()
+        gone = False
+
+        def lost(_: Any) -> None:
+            nonlocal gone
+            gone = True
+            stop()
+            if not ended.called:
+                ended.callback(None)
+
+        def on_line(text: str) -> None:
+            if not gone:
+                request.write(line({"output": text}))
+
+        def on_done(final: Build) -> None:
+            if not ended.called:
+                ended.callback(final)
+
+        stop = logs.follow(on_line, on_done)
+        request.notifyFinish().addErrback(lost)
+        final = await ended
+        if final is None:
+            return b""
+        return line({"build": final.to_json()})
 
     # -- agents ------------------------------------------------------------------------------
 
@@ -384,6 +563,8 @@ class API:
             "directory": agent.directory,
             "environment_variables": {},
             "access_url": self.d.access_url,
+            # The URL this agent was given (its template's provider url; see builds.py).
+            "agent_url": agent.access_url or self.d.agent_access_url(agent.id),
             "derp_map": self.d.derp_map_json(),
             "derp_force_websockets": self.d.derp_force_websockets,
             "disable_direct_connections": self.d.block_direct,

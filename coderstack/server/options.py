@@ -31,6 +31,8 @@ class ServerOptions(e.EnvOptions):
         ("tls-cert-file", "CODER_TLS_CERT_FILE", None, e.existing_file,
          "PEM certificate (chain) for HTTPS."),
         ("tls-key-file", "CODER_TLS_KEY_FILE", None, e.existing_file, "PEM private key for HTTPS."),
+        ("http-extra-address", "CODERSTACK_HTTP_EXTRA_ADDRESS", None, e.host_port,
+         "A second HTTP bind address serving the same API (e.g. for a template's provider url)."),
         ("data-dir", "CODER_DATA_DIR", None, e.directory,
          "Where the SQLite database and server keys live (default: ~/.local/share/coderstack/server)."),
         ("postgres-url", "CODER_PG_CONNECTION_URL", None, e.text,

@@ -82,7 +82,11 @@ class ServerService(service.MultiService):
             derp_force_websockets=cfg["derp-force-websockets"],
             block_direct=cfg["block-direct-connections"],
         )
-        api = API(self.deployment)
+        # Workspace builds from Terraform templates (None when terraform is missing).
+        from coderstack.server.builds import make_builder
+
+        self.builder = builder = await make_builder(self.reactor, self.store, self.deployment, cfg)
+        api = API(self.deployment, builder=builder)
         relay, resources = start_relay(cfg, self.reactor, CoordinatorRelayPolicy(api, self.deployment.coordinator))
         self.deployment.attach_relay(relay, resources, stun)
         site = QuietSite(api.app.resource())
@@ -107,6 +111,13 @@ class ServerService(service.MultiService):
             cfg["access-url"] = f"{scheme}://{web.host}:{web.port}"
             self.deployment.access_url = cfg["access-url"]
             self.deployment.maps.set(await build_derp_map(cfg, self.reactor, stun.getHost().port if stun else None))
+        if cfg.get("http-extra-address") is not None:
+            # A second address for the same API (a template's provider url may name it).
+            host, port = cfg["http-extra-address"]
+            ep = endpoints.serverFromString(self.reactor, envopts.tcp_endpoint(host, port))
+            p = await ep.listen(site)
+            self.ports.append(p)
+            log.info("also listening on http://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         log.info("access URL: {url}", url=cfg["access-url"])
 
         if cfg.get("dev"):
@@ -119,6 +130,8 @@ class ServerService(service.MultiService):
             self.ready.callback(None)
 
     async def _stop(self) -> None:
+        if getattr(self, "builder", None) is not None:
+            await self.builder.stop()  # interrupt terraform while the store can record it
         for p in self.ports + ([self.stun] if self.stun else []):
             await p.stopListening()
         self.ports, self.stun = [], None

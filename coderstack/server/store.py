@@ -13,9 +13,11 @@ start-up, inside one transaction per step.
 
 from __future__ import annotations
 
+import base64
+import json
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, TypeVar
 
@@ -106,8 +108,69 @@ def _v1(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+# -- step 2: templates with versions, workspace builds, the URL each agent was given ------------
+
+template_versions = sa.Table(
+    "template_versions",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column(
+        "template_id", sa.Uuid, sa.ForeignKey("templates.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("created_by", sa.Uuid, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # JSON {file name: base64 content}
+    sa.Column("source", sa.LargeBinary, nullable=False),
+    sa.UniqueConstraint("template_id", "number", name="template_versions_template_number"),
+)
+
+workspace_builds = sa.Table(
+    "workspace_builds",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column(
+        "workspace_id", sa.Uuid, sa.ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("transition", sa.String(16), nullable=False),
+    # pending | running | succeeded | failed
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column(
+        "template_version_id",
+        sa.Uuid,
+        sa.ForeignKey("template_versions.id", ondelete="SET NULL"),
+        nullable=True,
+    ),
+    sa.Column("created_by", sa.Uuid, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("error", sa.Text, nullable=False, default=""),
+    sa.Column("log", sa.Text, nullable=False, default=""),
+    sa.UniqueConstraint("workspace_id", "number", name="workspace_builds_workspace_number"),
+)
+
+agent_urls = sa.Table(
+    "workspace_agent_urls",
+    metadata,
+    sa.Column(
+        "agent_id",
+        sa.Uuid,
+        sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    # The access URL the agent was given (the template's provider url, or the access URL).
+    sa.Column("access_url", sa.String(2048), nullable=False),
+)
+
+
+def _v2(conn: sa.Connection) -> None:
+    for table in (template_versions, workspace_builds, agent_urls):
+        table.create(conn, checkfirst=True)
+
+
 # (version, step). Append new steps; never edit an applied one.
-MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _v1)]
+MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _v1), (2, _v2)]
 
 
 class StoreError(Exception):
@@ -166,6 +229,85 @@ class Agent:
     first_connected_at: datetime | None
     last_connected_at: datetime | None
     disconnected_at: datetime | None
+    #: The URL the agent was given by its template's build (None: created without a template).
+    access_url: str | None = None
+
+
+@dataclass(frozen=True)
+class Build:
+    """One workspace build: a terraform run with a transition (start, stop, destroy)."""
+
+    id: uuid.UUID
+    workspace_id: uuid.UUID
+    number: int
+    transition: str
+    status: str  # pending | running | succeeded | failed
+    template_version_id: uuid.UUID | None
+    created_at: datetime
+    completed_at: datetime | None
+    error: str
+
+    @property
+    def done(self) -> bool:
+        return self.status in ("succeeded", "failed")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": str(self.id),
+            "workspace_id": str(self.workspace_id),
+            "build_number": self.number,
+            "transition": self.transition,
+            "status": self.status,
+            "template_version_id": str(self.template_version_id) if self.template_version_id else None,
+            "created_at": self.created_at.isoformat(),
+            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
+            "error": self.error,
+        }
+
+
+@dataclass(frozen=True)
+class TemplateVersion:
+    id: uuid.UUID
+    template_id: uuid.UUID
+    number: int
+    created_at: datetime
+    #: The template's files by name (only loaded when asked for).
+    files: dict[str, bytes] | None = None
+
+
+@dataclass(frozen=True)
+class Template:
+    id: uuid.UUID
+    name: str
+    created_by: uuid.UUID
+    created_at: datetime
+    updated_at: datetime
+    active_version: TemplateVersion | None
+
+    def to_json(self) -> dict[str, Any]:
+        v = self.active_version
+        return {
+            "id": str(self.id),
+            "name": self.name,
+            "created_by": str(self.created_by),
+            "created_at": self.created_at.isoformat(),
+            "updated_at": self.updated_at.isoformat(),
+            "active_version_id": str(v.id) if v else None,
+            "active_version": v.number if v else None,
+        }
+
+
+@dataclass(frozen=True)
+class AgentRecord:
+    """An agent as a build found it in the Terraform state (what ``sync_agents`` stores)."""
+
+    id: uuid.UUID
+    name: str
+    token_hash: bytes = field(repr=False)
+    os: str
+    arch: str
+    directory: str
+    access_url: str
 
 
 @dataclass(frozen=True)
@@ -178,6 +320,8 @@ class Workspace:
     created_at: datetime
     updated_at: datetime
     agents: tuple[Agent, ...] = ()
+    template_name: str | None = None
+    latest_build: Build | None = None
 
 
 def _user(row: Any) -> User:
@@ -203,7 +347,38 @@ def _agent(row: Any) -> Agent:
         first_connected_at=_aware(row.first_connected_at),
         last_connected_at=_aware(row.last_connected_at),
         disconnected_at=_aware(row.disconnected_at),
+        access_url=getattr(row, "access_url", None),
     )
+
+
+def _build(row: Any) -> Build:
+    return Build(
+        id=row.id,
+        workspace_id=row.workspace_id,
+        number=row.number,
+        transition=row.transition,
+        status=row.status,
+        template_version_id=row.template_version_id,
+        created_at=_aware(row.created_at),
+        completed_at=_aware(row.completed_at),
+        error=row.error or "",
+    )
+
+
+def _agent_select() -> sa.Select:
+    return sa.select(agents, agent_urls.c.access_url).outerjoin(
+        agent_urls, agent_urls.c.agent_id == agents.c.id
+    )
+
+
+def encode_files(files: dict[str, bytes]) -> bytes:
+    return json.dumps(
+        {name: base64.b64encode(content).decode() for name, content in sorted(files.items())}
+    ).encode()
+
+
+def decode_files(blob: bytes) -> dict[str, bytes]:
+    return {name: base64.b64decode(text) for name, text in json.loads(blob).items()}
 
 
 def database_url(data_dir: str | None, postgres_url: str | None) -> str:
@@ -462,7 +637,7 @@ class Store:
 
     def agent_by_token_hash(self, token_hash: bytes) -> Deferred[tuple[Agent, Workspace] | None]:
         def work(conn: sa.Connection) -> tuple[Agent, Workspace] | None:
-            row = conn.execute(sa.select(agents).where(agents.c.auth_token_hash == token_hash)).first()
+            row = conn.execute(_agent_select().where(agents.c.auth_token_hash == token_hash)).first()
             if row is None:
                 return None
             return _agent(row), _load_workspace(conn, row.workspace_id)
@@ -471,7 +646,7 @@ class Store:
 
     def agent(self, agent_id: uuid.UUID) -> Deferred[tuple[Agent, Workspace] | None]:
         def work(conn: sa.Connection) -> tuple[Agent, Workspace] | None:
-            row = conn.execute(sa.select(agents).where(agents.c.id == agent_id)).first()
+            row = conn.execute(_agent_select().where(agents.c.id == agent_id)).first()
             if row is None:
                 return None
             return _agent(row), _load_workspace(conn, row.workspace_id)
@@ -513,6 +688,221 @@ class Store:
 
         return self._tx(work)
 
+    # -- templates and their versions ------------------------------------------------------
+
+    def push_template(
+        self, name: str, created_by: uuid.UUID, files: dict[str, bytes]
+    ) -> Deferred[Template]:
+        """Create template ``name`` with these files as version 1, or add them as its next
+        version; the newest version is the active one."""
+
+        def work(conn: sa.Connection) -> Template:
+            t = now()
+            blob = encode_files(files)
+            row = conn.execute(sa.select(templates.c.id).where(templates.c.name == name)).first()
+            if row is None:
+                template_id = uuid.uuid4()
+                conn.execute(
+                    templates.insert().values(
+                        id=template_id, name=name, created_by=created_by, created_at=t,
+                        updated_at=t, source=blob,
+                    )
+                )
+                number = 1
+            else:
+                template_id = row.id
+                last = conn.execute(
+                    sa.select(sa.func.max(template_versions.c.number)).where(
+                        template_versions.c.template_id == template_id
+                    )
+                ).scalar_one()
+                number = (last or 0) + 1
+                conn.execute(
+                    templates.update()
+                    .where(templates.c.id == template_id)
+                    .values(updated_at=t, source=blob)
+                )
+            conn.execute(
+                template_versions.insert().values(
+                    id=uuid.uuid4(), template_id=template_id, number=number,
+                    created_by=created_by, created_at=t, source=blob,
+                )
+            )
+            return _load_template(conn, template_id)
+
+        return self._tx(work)
+
+    def template_by_name(self, name: str) -> Deferred[Template | None]:
+        def work(conn: sa.Connection) -> Template | None:
+            row = conn.execute(sa.select(templates.c.id).where(templates.c.name == name)).first()
+            return _load_template(conn, row.id) if row else None
+
+        return self._tx(work)
+
+    def template(self, template_id: uuid.UUID) -> Deferred[Template | None]:
+        return self._tx(_load_template, template_id)
+
+    def list_templates(self) -> Deferred[list[Template]]:
+        def work(conn: sa.Connection) -> list[Template]:
+            ids = conn.execute(sa.select(templates.c.id).order_by(templates.c.name)).scalars()
+            return [t for t in (_load_template(conn, i) for i in ids) if t is not None]
+
+        return self._tx(work)
+
+    def template_version_files(self, version_id: uuid.UUID) -> Deferred[TemplateVersion | None]:
+        def work(conn: sa.Connection) -> TemplateVersion | None:
+            row = conn.execute(
+                sa.select(template_versions).where(template_versions.c.id == version_id)
+            ).first()
+            if row is None:
+                return None
+            return TemplateVersion(
+                id=row.id, template_id=row.template_id, number=row.number,
+                created_at=_aware(row.created_at), files=decode_files(row.source),
+            )
+
+        return self._tx(work)
+
+    # -- workspace builds ------------------------------------------------------------------
+
+    def create_templated_workspace(
+        self, owner_id: uuid.UUID, name: str, template_id: uuid.UUID
+    ) -> Deferred[Workspace]:
+        """A workspace built from a template: its agents come from its builds."""
+
+        def work(conn: sa.Connection) -> Workspace:
+            exists = conn.execute(
+                sa.select(workspaces.c.id).where(
+                    workspaces.c.owner_id == owner_id, workspaces.c.name == name
+                )
+            ).first()
+            if exists is not None:
+                raise Conflict(f"workspace {name!r} already exists")
+            t = now()
+            ws_id = uuid.uuid4()
+            conn.execute(
+                workspaces.insert().values(
+                    id=ws_id, owner_id=owner_id, name=name, template_id=template_id,
+                    created_at=t, updated_at=t,
+                )
+            )
+            return _load_workspace(conn, ws_id)
+
+        return self._tx(work)
+
+    def start_build(
+        self,
+        workspace_id: uuid.UUID,
+        transition: str,
+        template_version_id: uuid.UUID | None,
+        created_by: uuid.UUID,
+    ) -> Deferred[Build]:
+        """Record a running build; :class:`Conflict` while another build of the workspace runs."""
+
+        def work(conn: sa.Connection) -> Build:
+            busy = conn.execute(
+                sa.select(workspace_builds.c.number).where(
+                    workspace_builds.c.workspace_id == workspace_id,
+                    workspace_builds.c.status.in_(("pending", "running")),
+                )
+            ).first()
+            if busy is not None:
+                raise Conflict(f"build #{busy.number} of this workspace is still running")
+            last = conn.execute(
+                sa.select(sa.func.max(workspace_builds.c.number)).where(
+                    workspace_builds.c.workspace_id == workspace_id
+                )
+            ).scalar_one()
+            row = dict(
+                id=uuid.uuid4(), workspace_id=workspace_id, number=(last or 0) + 1,
+                transition=transition, status="running", template_version_id=template_version_id,
+                created_by=created_by, created_at=now(), completed_at=None, error="", log="",
+            )
+            conn.execute(workspace_builds.insert().values(**row))
+            conn.execute(
+                workspaces.update().where(workspaces.c.id == workspace_id).values(updated_at=now())
+            )
+            return _build(_Obj(row))
+
+        return self._tx(work)
+
+    def finish_build(
+        self, build_id: uuid.UUID, status: str, error: str = "", log: str = ""
+    ) -> Deferred[None]:
+        def work(conn: sa.Connection) -> None:
+            conn.execute(
+                workspace_builds.update()
+                .where(workspace_builds.c.id == build_id)
+                .values(status=status, error=error, log=log, completed_at=now())
+            )
+
+        return self._tx(work)
+
+    def build(self, build_id: uuid.UUID) -> Deferred[tuple[Build, str] | None]:
+        """The build and its stored log."""
+
+        def work(conn: sa.Connection) -> tuple[Build, str] | None:
+            row = conn.execute(
+                sa.select(workspace_builds).where(workspace_builds.c.id == build_id)
+            ).first()
+            return (_build(row), row.log or "") if row else None
+
+        return self._tx(work)
+
+    def fail_unfinished_builds(self, reason: str) -> Deferred[int]:
+        """Builds left running by a previous server process can never finish: fail them."""
+
+        def work(conn: sa.Connection) -> int:
+            res = conn.execute(
+                workspace_builds.update()
+                .where(workspace_builds.c.status.in_(("pending", "running")))
+                .values(status="failed", error=reason, completed_at=now())
+            )
+            return res.rowcount
+
+        return self._tx(work)
+
+    def sync_agents(
+        self, workspace_id: uuid.UUID, found: list[AgentRecord]
+    ) -> Deferred[list[uuid.UUID]]:
+        """Make the workspace's agents exactly ``found`` (a build's state); returns the ids of
+        agents removed or whose token changed (their live connections must go)."""
+
+        def work(conn: sa.Connection) -> list[uuid.UUID]:
+            current = {
+                r.id: r
+                for r in conn.execute(
+                    sa.select(agents).where(agents.c.workspace_id == workspace_id)
+                )
+            }
+            keep = {a.id for a in found}
+            gone = [i for i in current if i not in keep]
+            if gone:
+                conn.execute(agents.delete().where(agents.c.id.in_(gone)))
+            t = now()
+            changed = list(gone)
+            for a in found:
+                values = dict(
+                    name=a.name, auth_token_hash=a.token_hash, os=a.os, arch=a.arch,
+                    directory=a.directory,
+                )
+                old = current.get(a.id)
+                if old is None:
+                    conn.execute(
+                        agents.insert().values(
+                            id=a.id, workspace_id=workspace_id, created_at=t, **values
+                        )
+                    )
+                else:
+                    if old.auth_token_hash != a.token_hash:
+                        changed.append(a.id)
+                    conn.execute(agents.update().where(agents.c.id == a.id).values(**values))
+                conn.execute(agent_urls.delete().where(agent_urls.c.agent_id == a.id))
+                conn.execute(agent_urls.insert().values(agent_id=a.id, access_url=a.access_url))
+            return changed
+
+        return self._tx(work)
+
 
 class _Obj:
     """Attribute access over a dict, so freshly inserted rows share the row converters."""
@@ -530,8 +920,19 @@ def _load_workspace(conn: sa.Connection, workspace_id: uuid.UUID) -> Workspace |
     if row is None:
         return None
     agent_rows = conn.execute(
-        sa.select(agents).where(agents.c.workspace_id == workspace_id).order_by(agents.c.name)
+        _agent_select().where(agents.c.workspace_id == workspace_id).order_by(agents.c.name)
     )
+    template_name = None
+    if row.template_id is not None:
+        template_name = conn.execute(
+            sa.select(templates.c.name).where(templates.c.id == row.template_id)
+        ).scalar_one_or_none()
+    latest = conn.execute(
+        sa.select(workspace_builds)
+        .where(workspace_builds.c.workspace_id == workspace_id)
+        .order_by(workspace_builds.c.number.desc())
+        .limit(1)
+    ).first()
     return Workspace(
         id=row.id,
         owner_id=row.owner_id,
@@ -541,4 +942,32 @@ def _load_workspace(conn: sa.Connection, workspace_id: uuid.UUID) -> Workspace |
         created_at=_aware(row.created_at),
         updated_at=_aware(row.updated_at),
         agents=tuple(_agent(a) for a in agent_rows),
+        template_name=template_name,
+        latest_build=_build(latest) if latest else None,
+    )
+
+
+def _load_template(conn: sa.Connection, template_id: uuid.UUID) -> Template | None:
+    row = conn.execute(sa.select(templates).where(templates.c.id == template_id)).first()
+    if row is None:
+        return None
+    v = conn.execute(
+        sa.select(
+            template_versions.c.id, template_versions.c.number, template_versions.c.created_at
+        )
+        .where(template_versions.c.template_id == template_id)
+        .order_by(template_versions.c.number.desc())
+        .limit(1)
+    ).first()
+    return Template(
+        id=row.id,
+        name=row.name,
+        created_by=row.created_by,
+        created_at=_aware(row.created_at),
+        updated_at=_aware(row.updated_at),
+        active_version=TemplateVersion(
+            id=v.id, template_id=template_id, number=v.number, created_at=_aware(v.created_at)
+        )
+        if v
+        else None,
     )

@@ -11,7 +11,7 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from coderstack.server import auth
-from coderstack.server.store import Conflict, Store, database_url, now
+from coderstack.server.store import MIGRATIONS, AgentRecord, Conflict, Store, database_url, now
 from tests.support import postgres
 
 
@@ -25,12 +25,12 @@ class StoreTests:
         s = Store(self.make_url(), reactor)
         self.addCleanup(s.stop)
         version = await s.migrate()
-        self.assertEqual(version, 1)
+        self.assertEqual(version, MIGRATIONS[-1][0])
         return s
 
     async def test_migrate_is_idempotent(self) -> None:
         s = await self.store()
-        self.assertEqual(await s.migrate(), 1)
+        self.assertEqual(await s.migrate(), MIGRATIONS[-1][0])
         self.assertEqual(await s.count_users(), 0)
 
     async def test_user_round_trip_and_conflicts(self) -> None:
@@ -99,6 +99,77 @@ class StoreTests:
         self.assertIsNone(await s.workspace(ws.id))
         self.assertIsNone(await s.agent(agent.id))
         self.assertFalse(await s.delete_workspace(ws.id))
+
+    async def test_upgrade_from_schema_1_keeps_data(self) -> None:
+        from coderstack.server import store as store_module
+
+        s = Store(self.make_url(), reactor)
+        self.addCleanup(s.stop)
+        self.patch(store_module, "MIGRATIONS", MIGRATIONS[:1])
+        self.assertEqual(await s.migrate(), 1)
+        u = await s.create_user("alice", "a@example.com", "hash")
+        self.patch(store_module, "MIGRATIONS", MIGRATIONS)
+        self.assertEqual(await s.migrate(), MIGRATIONS[-1][0])
+        self.assertEqual((await s.user_by_id(u.id)).username, "alice")
+        t = await s.push_template("local", u.id, {"main.tf": b""})
+        self.assertEqual(t.active_version.number, 1)
+
+    async def test_template_versions(self) -> None:
+        s = await self.store()
+        u = await s.create_user("alice", "a@example.com", "hash")
+        first = await s.push_template("docker", u.id, {"main.tf": b"# v1\n"})
+        second = await s.push_template("docker", u.id, {"main.tf": b"# v2\n", "x.tf.json": b"{}"})
+        self.assertEqual(first.id, second.id)
+        self.assertEqual((first.active_version.number, second.active_version.number), (1, 2))
+        v1 = await s.template_version_files(first.active_version.id)
+        self.assertEqual(v1.files, {"main.tf": b"# v1\n"})
+        v2 = await s.template_version_files(second.active_version.id)
+        self.assertEqual(v2.files, {"main.tf": b"# v2\n", "x.tf.json": b"{}"})
+        self.assertEqual((await s.template_by_name("docker")).active_version.number, 2)
+        self.assertIsNone(await s.template_by_name("nope"))
+        self.assertEqual([t.name for t in await s.list_templates()], ["docker"])
+
+    async def test_builds_and_agents_from_state(self) -> None:
+        s = await self.store()
+        u = await s.create_user("alice", "a@example.com", "hash")
+        t = await s.push_template("local", u.id, {"main.tf": b""})
+        ws = await s.create_templated_workspace(u.id, "dev", t.id)
+        self.assertEqual((ws.agents, ws.template_name, ws.latest_build), ((), "local", None))
+        with self.assertRaises(Conflict):
+            await s.create_templated_workspace(u.id, "dev", t.id)
+        b1 = await s.start_build(ws.id, "start", t.active_version.id, u.id)
+        self.assertEqual((b1.number, b1.status), (1, "running"))
+        with self.assertRaises(Conflict):
+            await s.start_build(ws.id, "stop", t.active_version.id, u.id)
+
+        token = str(uuid.uuid4())
+        rec = AgentRecord(id=uuid.uuid4(), name="main", token_hash=auth.hash_agent_token(token),
+                          os="linux", arch="arm64", directory="/w", access_url="http://b:1")
+        self.assertEqual(await s.sync_agents(ws.id, [rec]), [])
+        await s.finish_build(b1.id, "succeeded", log="line 1\nline 2")
+        agent, found_ws = await s.agent_by_token_hash(auth.hash_agent_token(token))
+        self.assertEqual((agent.id, agent.arch, agent.directory, agent.access_url),
+                         (rec.id, "arm64", "/w", "http://b:1"))
+        self.assertEqual((found_ws.latest_build.id, found_ws.latest_build.status), (b1.id, "succeeded"))
+        build, log = await s.build(b1.id)
+        self.assertEqual((build.completed_at is not None, log), (True, "line 1\nline 2"))
+
+        # A new token for the same agent is reported (its connection must go).
+        b2 = await s.start_build(ws.id, "start", t.active_version.id, u.id)
+        self.assertEqual(b2.number, 2)
+        token2 = str(uuid.uuid4())
+        moved = AgentRecord(**{**rec.__dict__, "token_hash": auth.hash_agent_token(token2),
+                               "access_url": "http://c:2"})
+        self.assertEqual(await s.sync_agents(ws.id, [moved]), [rec.id])
+        self.assertIsNone(await s.agent_by_token_hash(auth.hash_agent_token(token)))
+        self.assertEqual((await s.agent(rec.id))[0].access_url, "http://c:2")
+        self.assertEqual(await s.fail_unfinished_builds("restarted"), 1)
+        self.assertEqual((await s.build(b2.id))[0].error, "restarted")
+
+        self.assertEqual(await s.sync_agents(ws.id, []), [rec.id])
+        self.assertEqual((await s.workspace(ws.id)).agents, ())
+        self.assertTrue(await s.delete_workspace(ws.id))
+        self.assertIsNone(await s.build(b1.id))
 
 
 class SQLiteStoreTests(StoreTests, unittest.TestCase):
