@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "agent-token": ("coderstack.cli.workspaces", "Make a new agent token for a workspace (the old one stops working)."),
     "netcheck": ("coderstack.cli.netcheck", "Print a network report (STUN, relays, MTU) as JSON."),
     "ping": ("coderstack.cli.ping", "Ping a workspace over its tunnel; says whether the path is direct or relayed, and why."),
+    "speedtest": ("coderstack.cli.speedtest", "Measure throughput to a workspace over its tunnel."),
     "ssh": ("coderstack.cli.ssh", "SSH into a workspace (or --stdio for OpenSSH's ProxyCommand)."),
     "config-ssh": ("coderstack.cli.config_ssh", "Add an SSH Host entry for your workspaces (ssh coder.WS)."),
 }
@@ -108,7 +109,8 @@ def make_context(reactor: Any, opts: GlobalOptions, environ: dict[str, str], **s
 
 
 GLOBAL_FLAGS = {"--disable-direct-connections"}
-GLOBAL_PARAMETERS = {"--global-config", "--url", "--token"}
+# Only names no command uses for itself (login has its own --token and takes a URL).
+GLOBAL_PARAMETERS = {"--global-config"}
 
 
 def hoist_global_options(argv: list[str]) -> list[str]:

@@ -373,3 +373,18 @@ class ErrorTests(unittest.TestCase):
         code, out, err = await cli("list", CODER_DISABLE_DIRECT_CONNECTIONS="perhaps")
         self.assertEqual(code, 2)
         self.assertIn("--disable-direct-connections", err)
+
+
+class GlobalOptionOrderTests(unittest.SynchronousTestCase):
+    def test_global_options_after_the_command_are_hoisted(self) -> None:
+        from coderstack.cli.main import hoist_global_options
+
+        self.assertEqual(
+            hoist_global_options(["ping", "dev", "--disable-direct-connections", "--global-config", "/c"]),
+            ["--disable-direct-connections", "--global-config", "/c", "ping", "dev"],
+        )
+        # A command's own --token, and anything after "--", stay where they are.
+        self.assertEqual(hoist_global_options(["login", "http://x", "--token", "t"]),
+                         ["login", "http://x", "--token", "t"])
+        self.assertEqual(hoist_global_options(["ssh", "dev", "--", "--disable-direct-connections"]),
+                         ["ssh", "dev", "--", "--disable-direct-connections"])

@@ -50,6 +50,21 @@ class PingTests(unittest.TestCase):
         self.assertIn("❗ Your Coder administrator has blocked direct connections", err)
         self.assertIn("❗ You are connected via a DERP relay, not directly (p2p)", err)
 
+    async def test_speedtest_both_directions(self) -> None:
+        d, alice = await self.workspace()
+        code, out, err = await alice.run("speedtest", "box", "-t", "1s")
+        self.assertEqual(code, 0, err)
+        self.assertIn("Starting a 1s download test...", err)
+        lines = out.splitlines()
+        self.assertEqual(lines[0].split(), ["INTERVAL", "THROUGHPUT"])
+        self.assertRegex(lines[-1], r"^0\.00-\d+\.\d\d sec +\d+\.\d{4} Mbits/sec$")
+        self.assertGreater(float(lines[-1].split()[2]), 1.0)
+        code, out, err = await alice.run("speedtest", "box", "-t", "1s", "--direction", "up", "-o", "json")
+        self.assertEqual(code, 0, err)
+        doc = json.loads(out)
+        self.assertGreater(doc["overall"]["throughput_mbits"], 1.0)
+        self.assertIn("upload", err)
+
     async def test_bad_flag_names_it(self) -> None:
         d = Deployment(self)
         alice = d.user("alice")
