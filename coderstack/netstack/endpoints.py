@@ -354,14 +354,19 @@ class NetstackTransport:
         if not data or self.disconnecting or self.disconnected or conn.fin_seq is not None:
             return
         conn.write(data)
-        if (
-            self.producer is not None
-            and not self._producer_paused
-            and len(conn.sndbuf) > self.netstack.send_high_water
-        ):
-            self._producer_paused = True
-            conn.want_writable = True
-            self.producer.pauseProducing()
+        if self.producer is not None and not self._producer_paused:
+            if not self.streaming:
+                # A pull producer writes once per resumeProducing(): ask for more when the send
+                # buffer has drained (now, on the next turn, if it already has).
+                self._producer_paused = True
+                if len(conn.sndbuf) <= conn.cfg.send_low_water:
+                    self.netstack.reactor.callLater(0, self.writable)
+                else:
+                    conn.want_writable = True
+            elif len(conn.sndbuf) > self.netstack.send_high_water:
+                self._producer_paused = True
+                conn.want_writable = True
+                self.producer.pauseProducing()
         self.netstack._want_flush(conn)
 
     def writeSequence(self, data) -> None:

@@ -297,6 +297,40 @@ class ProducerCloseTests(Base):
         self.assertEqual(len(servers[0].data), 1 << 20)
 
 
+class PullProducerTests(Base):
+    def test_pull_producer_is_asked_again_as_the_buffer_drains(self):
+        """IPullProducer (registerProducer(p, False)): one write per resumeProducing, and the
+        transport asks again whenever its send buffer has room, until the producer is done."""
+        servers = []
+
+        class F(protocol.Factory):
+            def buildProtocol(self, addr):
+                servers.append(Collect())
+                return servers[-1]
+
+        self.result(NetstackServerEndpoint(self.b, 7).listen(F()))
+        client = self.result(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 7).connect(protocol.Factory.forProtocol(Collect)))
+        chunk = bytes(range(256)) * 4096  # 1 MiB
+
+        class Pull:
+            calls = 0
+
+            def resumeProducing(self):
+                Pull.calls += 1
+                client.transport.write(chunk)
+                if Pull.calls == 6:
+                    client.transport.unregisterProducer()
+                    client.transport.loseConnection()
+
+            def stopProducing(self):
+                pass
+
+        client.transport.registerProducer(Pull(), False)
+        self.pair.pump(until=lambda: client.lost is not None)
+        self.assertEqual(Pull.calls, 6)
+        self.assertEqual(bytes(servers[0].data), chunk * 6)
+
+
 class RobustnessTests(Base):
     def test_cancel_connect(self):
         self.pair.drop = lambda dest, pkt: True
