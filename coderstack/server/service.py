@@ -70,6 +70,11 @@ class ServerService(service.MultiService):
         log.info("database ready ({kind}, schema v{version})",
                  kind="postgres" if cfg.get("postgres-url") else "sqlite", version=version)
 
+        if cfg.get("derp-server-relay-url"):
+            # Coder meshes the relays of several replicas through this URL. A single server
+            # (the only deployment this build runs) has no other replica to mesh with.
+            log.warn("--derp-server-relay-url {url} is noted, but DERP meshing needs several replicas "
+                     "sharing one coordinator, which this server does not run yet", url=cfg["derp-server-relay-url"])
         stun = self.stun = start_stun(cfg, self.reactor)
         if stun is not None:
             log.info("STUN listening on udp {host}:{port}", host=stun.getHost().host, port=stun.getHost().port)
