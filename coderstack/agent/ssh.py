@@ -147,7 +147,7 @@ class AgentUser(ConchUser):
         self.agent_port: Any = None
         self.channelLookup.update({
             b"session": AgentSessionChannel,
-            b"direct-tcpip": forwarding.openConnectForwardingClient,
+            b"direct-tcpip": open_direct_tcpip,
         })
         self.subsystemLookup.update({b"sftp": filetransfer.FileTransferServer})
 
@@ -175,6 +175,39 @@ class AgentUser(ConchUser):
         # The unix port unlinks its socket when it has stopped: remove the directory after that.
         stopped = defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
         stopped.addBoth(lambda _: shutil.rmtree(sock_dir, ignore_errors=True))
+
+
+# --- ssh -L (direct-tcpip) ------------------------------------------------------------------------
+
+
+class DirectTCPIPChannel(forwarding.SSHConnectForwardingChannel):
+    """conch's forwarding channel plus EOF: conch drops the client's EOF, so a forwarded
+    connection the client half-closed (or closed before the target answered) never ends."""
+
+    eof_pending = False
+
+    def eofReceived(self) -> None:  # noqa: N802
+        if self.client:
+            self._half_close()
+        else:
+            self.eof_pending = True
+
+    def _setClient(self, client: Any) -> None:  # noqa: N802
+        super()._setClient(client)
+        if self.eof_pending:
+            self._half_close()
+
+    def _half_close(self) -> None:
+        transport = self.client.transport
+        if hasattr(transport, "loseWriteConnection"):
+            transport.loseWriteConnection()
+        else:
+            transport.loseConnection()
+
+
+def open_direct_tcpip(remoteWindow: int, remoteMaxPacket: int, data: bytes, avatar: Any) -> DirectTCPIPChannel:  # noqa: N803
+    target, _origin = forwarding.unpackOpen_direct_tcpip(data)
+    return DirectTCPIPChannel(target, remoteWindow=remoteWindow, remoteMaxPacket=remoteMaxPacket, avatar=avatar)
 
 
 # --- sessions ---------------------------------------------------------------------------------
