@@ -363,3 +363,86 @@ class Forwarder:
 
 class ListenError(Exception):
     pass
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+from coderstack.cli.command import Command  # noqa: E402  (the command part sits below the machinery)
+
+
+class Options(Command):
+    synopsis = "coderstack port-forward <workspace> --tcp SPEC [--udp SPEC]..."
+    longdesc = "Forward ports from the workspace to this machine (Coder's spec grammar, see the docs)."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["tcp"] = []
+        self["udp"] = []
+
+    def opt_tcp(self, spec: str) -> None:
+        """Forward TCP port(s) from the workspace [env CODER_PORT_FORWARD_TCP] (repeatable)."""
+        self["tcp"].append(spec)
+
+    opt_p = opt_tcp
+
+    def opt_udp(self, spec: str) -> None:
+        """Forward UDP port(s) from the workspace, with TCP-like per-source flows [env CODER_PORT_FORWARD_UDP]."""
+        self["udp"].append(spec)
+
+    def parseArgs(self, workspace: str) -> None:  # noqa: N802
+        self["workspace"] = workspace
+
+
+def _interrupted(reactor: Any) -> tuple[defer.Deferred[None], Callable[[], None]]:
+    import signal
+
+    d: defer.Deferred[None] = defer.Deferred()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if not d.called:
+            reactor.callFromThread(d.callback, None)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return d, restore
+
+
+async def run_with(reactor: Any, options: Options, ctx: Any, connect: Any,
+                   stopped: defer.Deferred[None] | None = None) -> int:
+    """Forward until ``stopped`` fires (default: SIGINT/SIGTERM)."""
+    tcp = options["tcp"] or [s for s in ctx.environ.get("CODER_PORT_FORWARD_TCP", "").split(",") if s]
+    udp = options["udp"] or [s for s in ctx.environ.get("CODER_PORT_FORWARD_UDP", "").split(",") if s]
+    try:
+        specs = parse_forwards(tcp, udp)
+    except SpecError as err:
+        ctx.err(f"error: parse port-forward specs: {err}")
+        return 2
+    if not specs:
+        ctx.err("error: no port-forwards requested")
+        return 2
+    conn = await connect(reactor, ctx, options["workspace"])
+    forwarder = Forwarder(reactor, conn.endpoint, getattr(conn, "udp_dial", None), ctx.err)
+    restore: Callable[[], None] = lambda: None  # noqa: E731
+    try:
+        try:
+            forwarder.start(specs)
+        except (ListenError, SpecError) as err:
+            ctx.err(f"error: {err}")
+            return 1
+        if stopped is None:
+            stopped, restore = _interrupted(reactor)
+        ctx.err("Ready!")
+        await stopped
+        ctx.err("\nReceived signal, closing all listeners and active connections")
+    finally:
+        restore()
+        await forwarder.stop()
+        conn.close()
+    return 0
