@@ -122,6 +122,28 @@ def measure(port: int, key: str, size: int, runs: int) -> dict[str, float]:
 
 def forward_once(base: list[str], size: int) -> float:
     """Seconds to push ``size`` bytes through ``ssh -L`` into a sink that acknowledges the end."""
+    return forward_with(lambda local, sink_port: subprocess.Popen(
+        [*base, "-N", "-L", f"127.0.0.1:{local}:127.0.0.1:{sink_port}", "127.0.0.1"]), size)
+
+
+PORT_FORWARD = """
+import sys
+from twisted.internet import reactor
+from coderstack.cli.portforward import Forwarder, loopback_tcp_endpoint, parse_forwards
+f = Forwarder(reactor, loopback_tcp_endpoint(reactor), None, lambda line: None, ipv6=False)
+f.start(parse_forwards([sys.argv[1]], []))
+reactor.run()
+"""
+
+
+def port_forward_once(size: int) -> float:
+    """The same push through ``coderstack port-forward``'s machinery with a plain TCP dialer."""
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    return forward_with(lambda local, sink_port: subprocess.Popen(
+        [sys.executable, "-c", PORT_FORWARD, f"127.0.0.1:{local}:{sink_port}"], env=env), size)
+
+
+def forward_with(start, size: int) -> float:
     sink = socket.socket()
     sink.bind(("127.0.0.1", 0))
     sink.listen(1)
@@ -146,7 +168,7 @@ def forward_once(base: list[str], size: int) -> float:
 
     threading.Thread(target=drain, daemon=True).start()
     local = free_port()
-    proc = subprocess.Popen([*base, "-N", "-L", f"127.0.0.1:{local}:127.0.0.1:{sink_port}", "127.0.0.1"])
+    proc = start(local, sink_port)
     try:
         wait_port(local)
         block = b"\0" * (1 << 20)
@@ -183,6 +205,7 @@ def main() -> None:
         procs.append(sshd)
         results = {"coderstack conch": measure(conch_port, key, size, runs),
                    "OpenSSH sshd": measure(sshd_port, key, size, runs)}
+        plain = statistics.median(size / port_forward_once(size) for _ in range(runs))
     finally:
         for p in procs:  # by PID, ours only
             p.terminate()
@@ -201,6 +224,8 @@ def main() -> None:
     for name, r in results.items():
         print(f"| {name} | {r['ttfb'] * 1000:.0f} ms | {r['down'] * 8 / 1e6:.0f} Mbit/s | "
               f"{r['up'] * 8 / 1e6:.0f} Mbit/s | {r['fwd'] * 8 / 1e6:.0f} Mbit/s |")
+    print(f"| coderstack port-forward machinery, plain TCP dialer (no SSH, no tunnel) | | | | "
+          f"{plain * 8 / 1e6:.0f} Mbit/s |")
 
 
 if __name__ == "__main__":

@@ -227,3 +227,23 @@ class PureTests(unittest.TestCase):
         self.assertEqual(config_ssh.exec_escape("/a b/c"), '"/a b/c"')
         self.assertEqual(config_ssh.exec_escape('/a"b'), '/a\\"b')
         self.assertRaises(ConfigSSHError, config_ssh.exec_escape, "/a\nb")
+
+
+class FuzzTests(unittest.TestCase):
+    def test_garbage_configs_only_raise_config_error(self):
+        from hypothesis import given
+        from hypothesis import strategies as st
+
+        pieces = st.sampled_from([config_ssh.START, config_ssh.END, "\n", "Host x\n", "# :ssh-option=A=b\n",
+                                  "# :wait=yes\n", "# :\n", "\tUser y\n", ""])
+
+        @given(st.lists(pieces, max_size=8), st.text(max_size=30))
+        def check(parts, noise):
+            text = "".join(parts) + noise
+            try:
+                before, block, after = split_section(text)
+            except ConfigSSHError:
+                return
+            self.assertEqual(before + block + after, text)
+            config_ssh.parse_last_options(block)
+        check()
