@@ -33,7 +33,18 @@ class PingResult:
     latency: float            # seconds
     p2p: bool
     endpoint: str = ""        # "IP:PORT" when p2p
-    derp_region: int = 0      # region id when relayed
+    derp_region: int = 0      # region id when relayed (0: unknown)
+    derp_name: str = ""       # region name when relayed, if the path said it
+
+    @classmethod
+    def from_path(cls, latency: float, path: str) -> PingResult:
+        """From ``Conn.ping``'s path string: ``"p2p 192.0.2.1:41641"`` or ``"DERP(<region>)"``."""
+        if path.startswith("p2p"):
+            return cls(latency, True, path[3:].strip())
+        name = path[5:-1] if path.startswith("DERP(") and path.endswith(")") else path
+        if name.isdigit():
+            return cls(latency, False, derp_region=int(name))
+        return cls(latency, False, derp_name=name)
 
 
 class AgentConnection(Protocol):

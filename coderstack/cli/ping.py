@@ -147,7 +147,7 @@ async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -
             if p2p and not did_p2p:
                 say(pingfmt.p2p_established_line(reactor.seconds() - start))
             did_p2p = did_p2p or p2p
-            region = "" if p2p else names.get(last.derp_region, "unknown")
+            region = "" if p2p else (last.derp_name or names.get(last.derp_region, "unknown"))
             shown = stamp if (options["time"] or options["utc"]) else ""
             say(pingfmt.pong_line(ws, last.latency, p2p, last.endpoint, region or "unknown", shown))
             pongs.append(pingfmt.pong_json(n, stamp, last.latency, p2p, region))

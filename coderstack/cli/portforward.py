@@ -166,17 +166,24 @@ def loopback_tcp_endpoint(reactor: Any, host: str = DIAL_HOST) -> TCPEndpointFor
     return lambda port: TCP4ClientEndpoint(reactor, host, port)
 
 
-class _ConnectedUDP(protocol.DatagramProtocol):
-    def __init__(self, on_datagram: Callable[[bytes], None]):
+class _FlowSocket(protocol.DatagramProtocol):
+    """One local->workspace UDP flow: its own socket, talking to one (host, port) only."""
+
+    def __init__(self, host: str, port: int, on_datagram: Callable[[bytes], None]):
+        self.target = (host, port)
         self.on_datagram = on_datagram
+        self.dropped = 0  # datagrams from anyone but the target
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:  # noqa: N802
-        self.on_datagram(data)
+        if (addr[0], addr[1]) == self.target:
+            self.on_datagram(data)
+        else:
+            self.dropped += 1
 
     def send(self, data: bytes) -> None:
         if self.transport is not None:
             try:
-                self.transport.write(data)
+                self.transport.write(data, self.target)
             except OSError:  # e.g. ECONNREFUSED from an earlier ICMP: UDP carries on
                 pass
 
@@ -185,16 +192,22 @@ class _ConnectedUDP(protocol.DatagramProtocol):
             self.transport.stopListening()
 
 
-def loopback_udp_dial(reactor: Any, host: str = DIAL_HOST) -> UDPDial:
+def datagram_flow_dial(listen_udp: Callable[[int, protocol.DatagramProtocol], Any], host: str) -> UDPDial:
+    """A ``udp_dial`` from any ``listen_udp(port, DatagramProtocol)`` whose transport has
+    ``write(data, (host, port))``: the reactor's (on loopback) or the netstack's
+    (``Netstack.listen_udp`` with the agent's tunnel address) alike."""
     def dial(port: int, on_datagram: Callable[[bytes], None]) -> defer.Deferred[DatagramFlow]:
-        proto = _ConnectedUDP(on_datagram)
+        proto = _FlowSocket(host, port, on_datagram)
         try:
-            reactor.listenUDP(0, proto, interface=host)
-            proto.transport.connect(host, port)
+            listen_udp(0, proto)
         except Exception as err:  # noqa: BLE001
             return defer.fail(err)
         return defer.succeed(proto)
     return dial
+
+
+def loopback_udp_dial(reactor: Any, host: str = DIAL_HOST) -> UDPDial:
+    return datagram_flow_dial(lambda port, proto: reactor.listenUDP(port, proto, interface=host), host)
 
 
 # --- TCP -----------------------------------------------------------------------------------------

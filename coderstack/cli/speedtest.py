@@ -51,7 +51,7 @@ class Options(Command):
 def _via(conn: Any, result: Any) -> str:
     if result.p2p:
         return "direct"
-    return conn.derp_region_names().get(result.derp_region, "DERP")
+    return result.derp_name or conn.derp_region_names().get(result.derp_region, "DERP")
 
 
 async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -> int:

@@ -163,3 +163,11 @@ class SpeedtestCommandTests(unittest.TestCase):
         self.failureResultOf(d, usage.UsageError)
         for args in (["dev", "-t", "0s"], ["dev", "--direction", "sideways"], ["dev", "-t", "10m"]):
             self.assertRaises(usage.UsageError, parse, speedtest.Options, args)
+
+
+class PingResultTests(unittest.TestCase):
+    def test_from_conn_path_strings(self):
+        self.assertEqual(PingResult.from_path(0.003, "p2p 192.0.2.1:41641"), PingResult(0.003, True, "192.0.2.1:41641"))
+        self.assertEqual(PingResult.from_path(0.04, "DERP(Coder Embedded Relay)"),
+                         PingResult(0.04, False, derp_name="Coder Embedded Relay"))
+        self.assertEqual(PingResult.from_path(0.04, "DERP(999)"), PingResult(0.04, False, derp_region=999))
