@@ -125,6 +125,14 @@ class AgentRealm:
         return IConchUser, user, user.logout
 
 
+# Never hand the agent's own secrets (or its own agent socket) to the people who log in.
+PRIVATE_ENV = ("CODER_AGENT_TOKEN", "CODER_AGENT_TOKEN_FILE", "CODER_SESSION_TOKEN", "SSH_AUTH_SOCK")
+
+
+def session_base_env(env: dict[str, str] | Any) -> dict[str, str]:
+    return {k: v for k, v in dict(env).items() if k not in PRIVATE_ENV}
+
+
 # --- the avatar -------------------------------------------------------------------------------
 
 
@@ -142,7 +150,7 @@ class AgentUser(ConchUser):
         self.username = entry.pw_name
         self.home = entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"
         self.shell = entry.pw_shell if os.path.exists(entry.pw_shell or "") else "/bin/sh"
-        self.base_env = dict(os.environ if env is None else env)
+        self.base_env = session_base_env(os.environ if env is None else env)
         self.agent_sock_dir: str | None = None
         self.agent_port: Any = None
         self.channelLookup.update({

@@ -34,3 +34,12 @@ class AnyVerifiedKeyTests(unittest.TestCase):
                              error.UnauthorizedLogin)
         bad = credentials.SSHPrivateKey(b"anyone", b"ssh-ed25519", b"garbage", b"x", b"sig")
         self.failureResultOf(AnyVerifiedKey().requestAvatarId(bad), error.UnauthorizedLogin)
+
+
+class SessionEnvTests(unittest.TestCase):
+    def test_agent_secrets_do_not_reach_sessions(self):
+        from coderstack.agent.ssh import AgentUser
+
+        user = AgentUser(env={"PATH": "/bin", "CODER_AGENT_TOKEN": "secret", "CODER_SESSION_TOKEN": "s2",
+                              "SSH_AUTH_SOCK": "/tmp/agent.sock", "LANG": "C.UTF-8"})
+        self.assertEqual(user.base_env, {"PATH": "/bin", "LANG": "C.UTF-8"})
