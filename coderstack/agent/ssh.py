@@ -125,6 +125,14 @@ class AgentRealm:
         return IConchUser, user, user.logout
 
 
+# Never hand the agent's own secrets (or its own agent socket) to the people who log in.
+PRIVATE_ENV = ("CODER_AGENT_TOKEN", "CODER_AGENT_TOKEN_FILE", "CODER_SESSION_TOKEN", "SSH_AUTH_SOCK")
+
+
+def session_base_env(env: dict[str, str] | Any) -> dict[str, str]:
+    return {k: v for k, v in dict(env).items() if k not in PRIVATE_ENV}
+
+
 # --- the avatar -------------------------------------------------------------------------------
 
 
@@ -142,12 +150,12 @@ class AgentUser(ConchUser):
         self.username = entry.pw_name
         self.home = entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"
         self.shell = entry.pw_shell if os.path.exists(entry.pw_shell or "") else "/bin/sh"
-        self.base_env = dict(os.environ if env is None else env)
+        self.base_env = session_base_env(os.environ if env is None else env)
         self.agent_sock_dir: str | None = None
         self.agent_port: Any = None
         self.channelLookup.update({
             b"session": AgentSessionChannel,
-            b"direct-tcpip": forwarding.openConnectForwardingClient,
+            b"direct-tcpip": open_direct_tcpip,
         })
         self.subsystemLookup.update({b"sftp": filetransfer.FileTransferServer})
 
@@ -175,6 +183,39 @@ class AgentUser(ConchUser):
         # The unix port unlinks its socket when it has stopped: remove the directory after that.
         stopped = defer.maybeDeferred(port.stopListening) if port is not None else defer.succeed(None)
         stopped.addBoth(lambda _: shutil.rmtree(sock_dir, ignore_errors=True))
+
+
+# --- ssh -L (direct-tcpip) ------------------------------------------------------------------------
+
+
+class DirectTCPIPChannel(forwarding.SSHConnectForwardingChannel):
+    """conch's forwarding channel plus EOF: conch drops the client's EOF, so a forwarded
+    connection the client half-closed (or closed before the target answered) never ends."""
+
+    eof_pending = False
+
+    def eofReceived(self) -> None:  # noqa: N802
+        if self.client:
+            self._half_close()
+        else:
+            self.eof_pending = True
+
+    def _setClient(self, client: Any) -> None:  # noqa: N802
+        super()._setClient(client)
+        if self.eof_pending:
+            self._half_close()
+
+    def _half_close(self) -> None:
+        transport = self.client.transport
+        if hasattr(transport, "loseWriteConnection"):
+            transport.loseWriteConnection()
+        else:
+            transport.loseConnection()
+
+
+def open_direct_tcpip(remoteWindow: int, remoteMaxPacket: int, data: bytes, avatar: Any) -> DirectTCPIPChannel:  # noqa: N803
+    target, _origin = forwarding.unpackOpen_direct_tcpip(data)
+    return DirectTCPIPChannel(target, remoteWindow=remoteWindow, remoteMaxPacket=remoteMaxPacket, avatar=avatar)
 
 
 # --- sessions ---------------------------------------------------------------------------------

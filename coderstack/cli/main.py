@@ -37,6 +37,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "agent-token": ("coderstack.cli.workspaces", "Make a new agent token for a workspace (the old one stops working)."),
     "netcheck": ("coderstack.cli.netcheck", "Print a network report (STUN, relays, MTU) as JSON."),
     "ping": ("coderstack.cli.ping", "Ping a workspace over its tunnel; says whether the path is direct or relayed, and why."),
+    "port-forward": ("coderstack.cli.portforward", "Forward local TCP/UDP ports to a workspace over its tunnel."),
     "speedtest": ("coderstack.cli.speedtest", "Measure throughput to a workspace over its tunnel."),
     "ssh": ("coderstack.cli.ssh", "SSH into a workspace (or --stdio for OpenSSH's ProxyCommand)."),
     "config-ssh": ("coderstack.cli.config_ssh", "Add an SSH Host entry for your workspaces (ssh coder.WS)."),

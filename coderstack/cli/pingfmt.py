@@ -358,3 +358,21 @@ def quality_warnings(summary: PingSummary) -> list[str]:
         out.append(f"❗ {lost} of {summary.total} pings were lost ({summary.loss * 100:.1f}%), "
                    "above the 0.5% that a good connection to a workspace tolerates")
     return out
+
+
+_UNITS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "μs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_go_duration(text: str) -> float:
+    """Go's ``time.ParseDuration`` (``5s``, ``500ms``, ``1m30s``, ``0``) -> seconds; ValueError if bad."""
+    import re
+
+    s = text.strip()
+    if s in ("0", "+0", "-0"):
+        return 0.0
+    sign = -1.0 if s.startswith("-") else 1.0
+    s = s.lstrip("+-")
+    parts = re.findall(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|µs|μs|ms|s|m|h)", s)
+    if not s or "".join(a + b for a, b in parts) != s:
+        raise ValueError(f'time: invalid duration "{text}"')
+    return sign * sum(float(a) * _UNITS[b] for a, b in parts)

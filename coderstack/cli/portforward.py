@@ -166,17 +166,24 @@ def loopback_tcp_endpoint(reactor: Any, host: str = DIAL_HOST) -> TCPEndpointFor
     return lambda port: TCP4ClientEndpoint(reactor, host, port)
 
 
-class _ConnectedUDP(protocol.DatagramProtocol):
-    def __init__(self, on_datagram: Callable[[bytes], None]):
+class _FlowSocket(protocol.DatagramProtocol):
+    """One local->workspace UDP flow: its own socket, talking to one (host, port) only."""
+
+    def __init__(self, host: str, port: int, on_datagram: Callable[[bytes], None]):
+        self.target = (host, port)
         self.on_datagram = on_datagram
+        self.dropped = 0  # datagrams from anyone but the target
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:  # noqa: N802
-        self.on_datagram(data)
+        if (addr[0], addr[1]) == self.target:
+            self.on_datagram(data)
+        else:
+            self.dropped += 1
 
     def send(self, data: bytes) -> None:
         if self.transport is not None:
             try:
-                self.transport.write(data)
+                self.transport.write(data, self.target)
             except OSError:  # e.g. ECONNREFUSED from an earlier ICMP: UDP carries on
                 pass
 
@@ -185,16 +192,22 @@ class _ConnectedUDP(protocol.DatagramProtocol):
             self.transport.stopListening()
 
 
-def loopback_udp_dial(reactor: Any, host: str = DIAL_HOST) -> UDPDial:
+def datagram_flow_dial(listen_udp: Callable[[int, protocol.DatagramProtocol], Any], host: str) -> UDPDial:
+    """A ``udp_dial`` from any ``listen_udp(port, DatagramProtocol)`` whose transport has
+    ``write(data, (host, port))``: the reactor's (on loopback) or the netstack's
+    (``Netstack.listen_udp`` with the agent's tunnel address) alike."""
     def dial(port: int, on_datagram: Callable[[bytes], None]) -> defer.Deferred[DatagramFlow]:
-        proto = _ConnectedUDP(on_datagram)
+        proto = _FlowSocket(host, port, on_datagram)
         try:
-            reactor.listenUDP(0, proto, interface=host)
-            proto.transport.connect(host, port)
+            listen_udp(0, proto)
         except Exception as err:  # noqa: BLE001
             return defer.fail(err)
         return defer.succeed(proto)
     return dial
+
+
+def loopback_udp_dial(reactor: Any, host: str = DIAL_HOST) -> UDPDial:
+    return datagram_flow_dial(lambda port, proto: reactor.listenUDP(port, proto, interface=host), host)
 
 
 # --- TCP -----------------------------------------------------------------------------------------
@@ -363,3 +376,90 @@ class Forwarder:
 
 class ListenError(Exception):
     pass
+
+
+# --- the command -----------------------------------------------------------------------------------
+
+from coderstack.cli import tunnel  # noqa: E402
+from coderstack.cli.command import Command  # noqa: E402  (the command part sits below the machinery)
+
+
+class Options(Command):
+    synopsis = "coderstack port-forward <workspace> --tcp SPEC [--udp SPEC]..."
+    longdesc = "Forward ports from the workspace to this machine (Coder's spec grammar, see the docs)."
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["tcp"] = []
+        self["udp"] = []
+
+    def opt_tcp(self, spec: str) -> None:
+        """Forward TCP port(s) from the workspace [env CODER_PORT_FORWARD_TCP] (repeatable)."""
+        self["tcp"].append(spec)
+
+    opt_p = opt_tcp
+
+    def opt_udp(self, spec: str) -> None:
+        """Forward UDP port(s) from the workspace, with TCP-like per-source flows [env CODER_PORT_FORWARD_UDP]."""
+        self["udp"].append(spec)
+
+    def parseArgs(self, workspace: str) -> None:  # noqa: N802
+        self["workspace"] = workspace
+
+
+def _interrupted(reactor: Any) -> tuple[defer.Deferred[None], Callable[[], None]]:
+    import signal
+
+    d: defer.Deferred[None] = defer.Deferred()
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, frame: Any) -> None:
+        if not d.called:
+            reactor.callFromThread(d.callback, None)
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            previous[sig] = signal.signal(sig, handler)
+        except ValueError:  # not the main thread
+            pass
+
+    def restore() -> None:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+    return d, restore
+
+
+async def run_with(reactor: Any, options: Options, ctx: Any, connect: Any,
+                   stopped: defer.Deferred[None] | None = None) -> int:
+    """Forward until ``stopped`` fires (default: SIGINT/SIGTERM)."""
+    tcp = options["tcp"] or [s for s in ctx.environ.get("CODER_PORT_FORWARD_TCP", "").split(",") if s]
+    udp = options["udp"] or [s for s in ctx.environ.get("CODER_PORT_FORWARD_UDP", "").split(",") if s]
+    try:
+        specs = parse_forwards(tcp, udp)
+    except SpecError as err:
+        ctx.err(f"error: parse port-forward specs: {err}")
+        return 2
+    if not specs:
+        ctx.err("error: no port-forwards requested")
+        return 2
+    conn = await connect(reactor, ctx, options["workspace"])
+    forwarder = Forwarder(reactor, conn.endpoint, getattr(conn, "udp_dial", None), ctx.err)
+    restore: Callable[[], None] = lambda: None  # noqa: E731
+    try:
+        try:
+            forwarder.start(specs)
+        except (ListenError, SpecError) as err:
+            ctx.err(f"error: {err}")
+            return 1
+        if stopped is None:
+            stopped, restore = _interrupted(reactor)
+        ctx.err("Ready!")
+        await stopped
+        ctx.err("\nReceived signal, closing all listeners and active connections")
+    finally:
+        restore()
+        await forwarder.stop()
+        conn.close()
+    return 0
+
+
+run = tunnel.command(run_with)

@@ -1,7 +1,9 @@
-"""``coderstack speedtest WORKSPACE``: throughput over the tunnel to the agent's speedtest port (3).
+"""``coderstack speedtest WS [-t 5s] [--direction up|down] [-d] [-o table|json]`` (Coder's flags).
 
-Tailscale speedtest semantics (``coderstack/agent/speedtest.py``); output as Coder's
-(``coderstack/cli/speedtestfmt.py``). ``--direct`` waits for a p2p path first.
+Dials the agent, reports the path (``29ms via <relay>`` / ``via direct``; with ``--direct``
+it first waits, pinging every second, until the path is direct), then runs Tailscale's
+speedtest protocol against the agent's port 3 and prints :mod:`coderstack.cli.speedtestfmt`'s
+table (stdout) or JSON. Written against the :mod:`coderstack.cli.dialing` hook.
 """
 
 from __future__ import annotations
@@ -14,62 +16,64 @@ from twisted.python import usage
 from coderstack.agent.speedtest import DIRECTIONS, MAX_DURATION, run_speedtest
 from coderstack.cli import speedtestfmt, tunnel
 from coderstack.cli.command import Command
-from coderstack.cli.context import Context
-from coderstack.cli.ping import _duration
-from coderstack.sdk import SDKError
+from coderstack.cli.dialing import Connect
+from coderstack.cli.pingfmt import parse_go_duration
 
 SPEEDTEST_PORT = 3
 
 
 class Options(Command):
-    synopsis = "coderstack speedtest <workspace> [-t 5s] [--direction down|up] [--direct] [-o table|json]"
+    synopsis = "coderstack speedtest <workspace> [-t 5s] [--direction up|down] [--direct] [-o table|json]"
+    longdesc = "Measure throughput to a workspace over its tunnel (Tailscale's speedtest)."
+    optFlags = [["direct", "d", "Wait for a direct (p2p) connection first."]]
     optParameters = [
         ["time", "t", "5s", "How long the test runs."],
-        ["direction", None, "down", "down (workspace to you) or up."],
-        ["output", "o", "table", "Output format: table or json."],
+        ["direction", None, "down", "down (the workspace sends) or up (we send)."],
+        ["output", "o", "table", "table or json."],
     ]
-    optFlags = [["direct", "d", "Wait for a direct (p2p) connection before testing."]]
 
-    def parseArgs(self, workspace: str) -> None:
+    def parseArgs(self, workspace: str) -> None:  # noqa: N802
         self["workspace"] = workspace
 
-    def postOptions(self) -> None:
+    def postOptions(self) -> None:  # noqa: N802
         try:
-            self["time"] = _duration(self["time"])
+            self["seconds"] = parse_go_duration(self["time"])
         except ValueError as err:
-            raise usage.UsageError(f"invalid value for --time: {err}") from None
-        if not 0 < self["time"] <= MAX_DURATION:
-            raise usage.UsageError(f"invalid value for --time: between 0 and {MAX_DURATION:g}s")
-        if self["direction"] not in ("down", "up"):
-            raise usage.UsageError(f"invalid value for --direction: {self['direction']!r} (down or up)")
+            raise usage.UsageError(f"invalid --time: {err}") from None
+        if not 0 < self["seconds"] <= MAX_DURATION:
+            raise usage.UsageError(f"--time must be more than 0 and at most {int(MAX_DURATION)}s")
+        if self["direction"] not in ("up", "down"):
+            raise usage.UsageError("--direction must be up or down")
         if self["output"] not in ("table", "json"):
-            raise usage.UsageError(f"invalid value for --output: {self['output']!r} (table or json)")
+            raise usage.UsageError("--output must be table or json")
 
 
-async def run(reactor: Any, opts: Options, ctx: Context) -> int:
-    if opts["direct"] and ctx.disable_direct:
-        raise usage.UsageError("--direct cannot be used with --disable-direct-connections")
-    ws = await tunnel.connect(reactor, ctx, opts["workspace"])
+def _via(conn: Any, result: Any) -> str:
+    if result.p2p:
+        return "direct"
+    return result.derp_name or conn.derp_region_names().get(result.derp_region, "DERP")
+
+
+async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -> int:
+    if options["direct"] and ctx.disable_direct:
+        raise usage.UsageError("--direct (-d) is incompatible with --disable-direct-connections")
+    conn = await connect(reactor, ctx, options["workspace"])
     try:
-        conn = ws.conn
-        while True:
-            latency, path = await conn.ping(conn.agent_key)
-            via = "direct" if path.startswith("p2p ") else path[5:-1]
-            if not opts["direct"] or path.startswith("p2p "):
-                break
-            if conn.block_endpoints:
-                raise SDKError("direct connections are disabled by the deployment; drop --direct")
-            ctx.err(speedtestfmt.waiting_line(latency, via))
+        result = await conn.ping()
+        while options["direct"] and not result.p2p:
+            ctx.err(speedtestfmt.waiting_line(result.latency, _via(conn, result)))
             await task.deferLater(reactor, 1.0, lambda: None)
-        ctx.err(speedtestfmt.path_line(latency, via))
-        ctx.err(speedtestfmt.starting_line(opts["time"], opts["direction"]))
-        result = await run_speedtest(ws.endpoint(SPEEDTEST_PORT), DIRECTIONS[opts["direction"]],
-                                     opts["time"], clock=reactor)
+            result = await conn.ping()
+        ctx.err(speedtestfmt.path_line(result.latency, _via(conn, result)))
+        ctx.err(speedtestfmt.starting_line(options["seconds"], options["direction"]))
+        measured = await run_speedtest(conn.endpoint(SPEEDTEST_PORT), DIRECTIONS[options["direction"]],
+                                       options["seconds"], reactor)
     finally:
-        await ws.close()
-    if opts["output"] == "json":
-        ctx.stdout.write(speedtestfmt.to_json(result))
-    else:
-        ctx.stdout.write(speedtestfmt.table(result))
+        conn.close()
+    text = speedtestfmt.to_json(measured) if options["output"] == "json" else speedtestfmt.table(measured)
+    ctx.stdout.write(text)
     ctx.stdout.flush()
     return 0
+
+
+run = tunnel.command(run_with)

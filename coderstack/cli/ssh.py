@@ -1,142 +1,182 @@
-"""``coderstack ssh WORKSPACE [-- command]`` and ``coderstack ssh --stdio`` (OpenSSH's ProxyCommand).
+"""``coderstack ssh WS [-- command]`` and ``coderstack ssh --stdio HOST`` (OpenSSH's ProxyCommand).
 
-``--stdio`` dials the workspace's tunnel and joins stdin/stdout to TCP port 22 on the agent's
-tunnel address: OpenSSH speaks SSH over it. Without ``--stdio`` we run the system's ``ssh`` with
-that ProxyCommand, so the terminal, PTY, resizing, agent forwarding and exit status are OpenSSH's
-own. Host keys are not pinned: the WireGuard tunnel already authenticated the agent (like Coder's
-generated ssh config, which also sets StrictHostKeyChecking=no).
+``--stdio`` dials the agent's SSH port (1) over the tunnel and copies bytes between it and
+stdin/stdout, with backpressure both ways; stdin EOF half-closes the connection. The host
+name may carry config-ssh's prefix (``coder.dev``) or ``--hostname-suffix`` (``dev.coder``).
+
+The interactive form runs the stock ``ssh`` client with this same command as its
+ProxyCommand (so PTYs, escape sequences, ``-A`` and every OpenSSH option behave as users
+expect) and returns its exit status.
 """
 
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import sys
 from typing import Any
 
 from twisted.internet import defer, protocol, stdio
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.python import usage
+from zope.interface import implementer
 
 from coderstack.cli import tunnel
 from coderstack.cli.command import Command
-from coderstack.cli.context import Context
-from coderstack.envopts import boolean
-from coderstack.sdk import SDKError
+from coderstack.cli.dialing import Connect
 
-SSH_PORT = 22
+SSH_PORT = 1
 
 
 class Options(Command):
-    synopsis = "coderstack ssh <workspace> [-- command ...]"
+    synopsis = "coderstack ssh [--stdio] [-A] <workspace> [-- command...]"
+    longdesc = "Start a shell or run a command in a workspace over its tunnel."
     optFlags = [
-        ["stdio", None, "Join stdin/stdout to the workspace's SSH server (for ProxyCommand) [env CODER_SSH_STDIO]."],
-        ["forward-agent", "A", "Forward your SSH agent into the workspace."],
+        ["stdio", None, "Speak raw SSH on stdin/stdout (for ProxyCommand) [env CODER_SSH_STDIO]."],
+        ["forward-agent", "A", "Forward the local SSH agent [env CODER_SSH_FORWARD_AGENT]."],
     ]
     optParameters = [
-        ["ssh-host-prefix", None, "", "Strip this prefix from the workspace name (e.g. coder.)."],
-        ["hostname-suffix", None, "", "Strip this suffix from the workspace name."],
+        ["ssh-host-prefix", None, None, "Strip this prefix from the host name [env CODER_SSH_SSH_HOST_PREFIX]."],
+        ["hostname-suffix", None, None, "Strip .SUFFIX from the host name [env CODER_SSH_HOSTNAME_SUFFIX]."],
     ]
 
-    def parseArgs(self, workspace: str, *command: str) -> None:
+    def parseArgs(self, workspace: str, *command: str) -> None:  # noqa: N802
         self["workspace"] = workspace
         self["command"] = list(command)
 
-    def postOptions(self) -> None:
-        if not self["stdio"] and os.environ.get("CODER_SSH_STDIO"):
-            try:
-                self["stdio"] = boolean(os.environ["CODER_SSH_STDIO"])
-            except ValueError:
-                raise usage.UsageError("invalid value for --stdio (from CODER_SSH_STDIO)") from None
-        if self["stdio"] and self["command"]:
-            raise usage.UsageError("--stdio takes no command")
+
+def workspace_name(host: str, prefix: str | None, suffix: str | None) -> str:
+    """``coder.dev`` -> ``dev``; ``dev.coder`` with suffix ``coder`` -> ``dev``; else unchanged."""
+    if prefix and host.startswith(prefix):
+        return host[len(prefix):]
+    if suffix:
+        tail = "." + suffix.lstrip(".")
+        if host.endswith(tail):
+            return host[: -len(tail)]
+    return host
 
 
-class _Tunnel(protocol.Protocol):
-    """The TCP connection to the agent's SSH port: bytes to stdout."""
+class _Agent(protocol.Protocol):
+    """The tunnel side: bytes from the agent go to stdout."""
 
-    def __init__(self, out: Any, done: defer.Deferred[None]) -> None:
-        self.out, self.done = out, done
+    def __init__(self, bridge: _Bridge):
+        self.bridge = bridge
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.bridge.agent_connected(self)
 
     def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        self.out.write(data)
+        self.bridge.stdio.transport.write(data)
 
     def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        self.bridge.agent_lost()
+
+
+@implementer(IHalfCloseableProtocol)
+class _Stdio(protocol.Protocol):
+    def __init__(self, bridge: _Bridge):
+        self.bridge = bridge
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.bridge.agent.transport.write(data)
+
+    def readConnectionLost(self) -> None:  # noqa: N802
+        transport = self.bridge.agent.transport
+        if hasattr(transport, "loseWriteConnection"):
+            transport.loseWriteConnection()
+        else:
+            transport.loseConnection()
+
+    def writeConnectionLost(self) -> None:  # noqa: N802
+        self.bridge.agent.transport.loseConnection()
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if self.bridge.agent is not None:
+            self.bridge.agent.transport.loseConnection()
+
+
+class _Bridge:
+    def __init__(self, reactor: Any, stdin_fd: int, stdout_fd: int):
+        self.reactor, self.stdin_fd, self.stdout_fd = reactor, stdin_fd, stdout_fd
+        self.agent: _Agent | None = None
+        self.stdio = _Stdio(self)
+        self.done: defer.Deferred[None] = defer.Deferred()
+
+    def agent_connected(self, agent: _Agent) -> None:
+        self.agent = agent
+        io = stdio.StandardIO(self.stdio, stdin=self.stdin_fd, stdout=self.stdout_fd, reactor=self.reactor)
+        # Backpressure: a slow stdout pauses the tunnel, a slow tunnel pauses stdin.
+        io.registerProducer(agent.transport, True)
+        agent.transport.registerProducer(io, True)
+
+    def agent_lost(self) -> None:
+        if self.stdio.transport is not None:
+            self.stdio.transport.loseConnection()
         if not self.done.called:
             self.done.callback(None)
 
 
-class _Stdin(protocol.Protocol):
-    """Our stdin: bytes to the tunnel; EOF half-closes it so the server sees the end."""
-
-    def __init__(self, tunnel_transport: Any) -> None:
-        self.tunnel = tunnel_transport
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        self.tunnel.write(data)
-
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
-        lose_write = getattr(self.tunnel, "loseWriteConnection", None)
-        if lose_write is not None:
-            lose_write()
-        else:
-            self.tunnel.loseConnection()
-
-
-async def proxy_stdio(reactor: Any, ctx: Context, name: str) -> int:
-    ws = await tunnel.connect(reactor, ctx, name, quiet=True)
-    try:
-        done: defer.Deferred[None] = defer.Deferred()
-        out = getattr(ctx.stdout, "buffer", ctx.stdout)
-        factory = protocol.Factory.forProtocol(lambda: _Tunnel(out, done))
-        conn = await ws.endpoint(SSH_PORT).connect(factory)
-        stdin = stdio.StandardIO(_Stdin(conn.transport), reactor=reactor)
-        await done
-        stdin.loseConnection()
-        out.flush()
-    finally:
-        await ws.close()
+async def run_stdio(reactor: Any, conn: Any, stdin_fd: int = 0, stdout_fd: int = 1) -> int:
+    bridge = _Bridge(reactor, stdin_fd, stdout_fd)
+    await conn.endpoint(SSH_PORT).connect(protocol.Factory.forProtocol(lambda: _Agent(bridge)))
+    await bridge.done
     return 0
 
 
-async def run(reactor: Any, opts: Options, ctx: Context) -> int:
-    name = tunnel.split_host(opts["workspace"], opts["ssh-host-prefix"], opts["hostname-suffix"])
-    if opts["stdio"]:
-        return await proxy_stdio(reactor, ctx, name)
-    ssh = shutil.which("ssh")
-    if ssh is None:
-        raise SDKError("ssh (OpenSSH's client) is not installed; `coderstack ssh --stdio` works as a ProxyCommand")
-    # Fail here, in one line, rather than inside OpenSSH's ProxyCommand.
-    await tunnel.find_agent(ctx, name)
-    argv = ssh_argv(ssh, ctx, name, forward_agent=opts["forward-agent"], command=opts["command"])
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os.execv(ssh, argv)
-    return 0  # not reached
+def proxy_command(global_config: str, workspace: str) -> str:
+    argv = [os.path.abspath(sys.executable), "-m", "coderstack", "--global-config", global_config,
+            "ssh", "--stdio", workspace]
+    return shlex.join(argv)
 
 
-def ssh_argv(ssh: str, ctx: Context, name: str, *, forward_agent: bool, command: list[str]) -> list[str]:
-    proxy = [sys.executable, "-m", "coderstack", "--global-config", ctx.config.path]
-    if ctx.url_override:
-        proxy += ["--url", ctx.url_override]
-    if ctx.disable_direct:
-        proxy.append("--disable-direct-connections")
-    proxy += ["ssh", "--stdio", name]
-    argv = [
-        ssh,
-        "-o", "ProxyCommand=" + " ".join(_quote(p) for p in proxy),
-        "-o", "StrictHostKeyChecking=no",
-        "-o", "UserKnownHostsFile=/dev/null",
-        "-o", "LogLevel=ERROR",
-    ]
+def openssh_argv(ssh: str, proxy: str, workspace: str, forward_agent: bool, command: list[str]) -> list[str]:
+    argv = [ssh, "-o", f"ProxyCommand={proxy}", "-o", "StrictHostKeyChecking=no",
+            "-o", "UserKnownHostsFile=/dev/null", "-o", "LogLevel=ERROR"]
     if forward_agent:
         argv.append("-A")
-    argv.append(f"coder.{name}")
+    argv.append(f"coderstack.{workspace}")
     if command:
         argv += ["--", *command]
     return argv
 
 
-def _quote(arg: str) -> str:
-    import shlex
+class _Exit(protocol.ProcessProtocol):
+    def __init__(self) -> None:
+        self.done: defer.Deferred[int] = defer.Deferred()
 
-    return shlex.quote(arg)
+    def processEnded(self, reason: Any) -> None:  # noqa: N802
+        code = getattr(reason.value, "exitCode", None)
+        self.done.callback(255 if code is None else code)
+
+
+async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -> int:
+    env = ctx.environ
+    prefix = options["ssh-host-prefix"] or env.get("CODER_SSH_SSH_HOST_PREFIX")
+    suffix = options["hostname-suffix"] or env.get("CODER_SSH_HOSTNAME_SUFFIX")
+    name = workspace_name(options["workspace"], prefix, suffix)
+    stdio_mode = options["stdio"] or env.get("CODER_SSH_STDIO", "").lower() in ("1", "true", "yes")
+    if stdio_mode:
+        conn = await connect(reactor, ctx, name)
+        try:
+            return await run_stdio(reactor, conn, _fileno(ctx.stdin, 0), _fileno(ctx.stdout, 1))
+        finally:
+            conn.close()
+    ssh = shutil.which("ssh")
+    if ssh is None:
+        raise usage.UsageError("the OpenSSH client (ssh) is not installed")
+    argv = openssh_argv(ssh, proxy_command(ctx.config.path, name), name,
+                        bool(options["forward-agent"]), options["command"])
+    child = _Exit()
+    reactor.spawnProcess(child, ssh, argv, env=dict(env), childFDs={0: 0, 1: 1, 2: 2})
+    return await child.done
+
+
+def _fileno(stream: Any, default: int) -> int:
+    try:
+        return stream.fileno()
+    except (AttributeError, OSError, ValueError):
+        return default
+
+
+run = tunnel.command(run_with)

@@ -61,3 +61,84 @@ async def connect(reactor: Any, ctx: Context, name: str, *, quiet: bool = False)
     except DialError as err:
         raise SDKError(f"cannot reach the agent of workspace {ws['name']!r}: {err}") from None
     return Workspace(ws, agent, conn)
+
+
+class TunnelConnection:
+    """The ``AgentConnection`` the workspace commands use (``coderstack.cli.dialing``), over a real
+    tunnel: TCP/UDP through the netstack, pings and diagnostics from the Conn."""
+
+    def __init__(self, ws: Workspace, disable_direct: bool) -> None:
+        from coderstack.cli.portforward import datagram_flow_dial
+
+        self.ws = ws
+        self.conn = ws.conn
+        self.disable_direct = disable_direct
+        self.udp_dial = datagram_flow_dial(self.conn.netstack.listen_udp, str(self.conn.agent_address))
+        self._closing: Any = None
+
+    def endpoint(self, port: int) -> Any:
+        return self.ws.endpoint(port)
+
+    async def ping(self) -> Any:
+        from coderstack.cli.dialing import PingResult
+
+        latency, path = await self.conn.ping(self.conn.agent_key)
+        return PingResult.from_path(latency, path)
+
+    def derp_region_names(self) -> dict[int, str]:
+        m = self.conn.derp_map
+        return {rid: m.regions[rid].region_name for rid in m.regions} if m is not None else {}
+
+    def peer_diagnostics(self) -> dict[str, Any]:
+        conn = self.conn
+        status = conn.status()
+        peer = status["peers"].get(conn.agent_key.hex(), {}) if conn.agent_key else {}
+        node = getattr(conn, "agent_node", None)
+        return {
+            "preferred_derp": status["home_region"],
+            "derp_region_names": self.derp_region_names(),
+            "sent_node": conn.node() is not None,
+            "received_node": (
+                {"derp": f"127.3.3.40:{node.preferred_derp}", "endpoints": list(node.endpoints)}
+                if node is not None else None
+            ),
+            "last_handshake": peer.get("last_handshake"),
+        }
+
+    def netinfo(self) -> dict[str, Any] | None:
+        report = self.conn.last_report
+        return report.to_json() if report is not None else None
+
+    def close(self) -> Any:
+        if self._closing is None:
+            from twisted.internet.defer import Deferred
+
+            self._closing = Deferred.fromCoroutine(self.ws.close())
+        return self._closing
+
+
+async def connect_agent(reactor: Any, ctx: Context, name: str) -> TunnelConnection:
+    """The real ``Connect`` hook: find the workspace, dial its agent, wrap the tunnel."""
+    ws = await connect(reactor, ctx, name, quiet=True)
+    return TunnelConnection(ws, ctx.disable_direct)
+
+
+def command(run_with: Any) -> Any:
+    """``run(reactor, options, ctx)`` for a command written as ``run_with(..., connect)``; waits
+    for every tunnel it opened to close (a graceful coordinator disconnect) before returning."""
+
+    async def run(reactor: Any, options: Any, ctx: Context) -> int:
+        opened: list[TunnelConnection] = []
+
+        async def hook(reactor: Any, ctx: Context, name: str) -> TunnelConnection:
+            conn = await connect_agent(reactor, ctx, name)
+            opened.append(conn)
+            return conn
+
+        try:
+            return await run_with(reactor, options, ctx, hook)
+        finally:
+            for conn in opened:
+                await conn.close()
+
+    return run

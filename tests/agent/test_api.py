@@ -101,3 +101,18 @@ class RouteTests(unittest.TestCase):
         self.assertEqual(json.loads((yield resp.content()))["message"], "Not found.")
         resp = yield treq.post("http://agent/api/v0/listening-ports")
         self.assertEqual(resp.code, 405)
+
+
+class TunnelServicesTests(unittest.TestCase):
+    def test_ports_and_one_ssh_factory(self):
+        from coderstack.agent.tunnel_services import tunnel_services
+
+        d = tempfile.mkdtemp(prefix="usercmds-svc-")
+        self.addCleanup(shutil.rmtree, d, True)
+
+        async def netcheck():
+            return None
+        services = tunnel_services(d, netcheck)
+        self.assertEqual(sorted(services), [1, 3, 4, 22])
+        self.assertIs(services[1], services[22])
+        self.assertTrue(os.path.exists(os.path.join(d, "ssh_host_ed25519_key")))

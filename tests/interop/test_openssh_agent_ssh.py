@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
+import time
 
 from twisted.internet import defer, reactor, task, threads, utils
 from twisted.trial import unittest
@@ -158,3 +160,65 @@ class OpenSSHAgentServerTests(unittest.TestCase):
                 break
             yield task.deferLater(reactor, 0.05, lambda: None)
         self.assertEqual(open(status).read().strip(), "7")
+
+
+class OpenSSHForwardingTests(unittest.TestCase):
+    """``ssh -L`` through the agent (direct-tcpip), including the client's half-close."""
+
+    timeout = 30
+
+    def setUp(self) -> None:
+        if SSH is None:  # CI installs openssh-client
+            raise unittest.SkipTest("openssh-client is not installed")
+        self.dir = tempfile.mkdtemp(prefix="usercmds-fwd-")
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        self.port = reactor.listenTCP(0, ssh_factory(os.path.join(self.dir, "data")), interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    @defer.inlineCallbacks
+    def test_forward_carries_data_and_half_close(self):
+        sink = socket.socket()
+        sink.bind(("127.0.0.1", 0))
+        sink.listen(2)
+        self.addCleanup(sink.close)
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            local = s.getsockname()[1]
+        proc = subprocess.Popen([SSH, "-p", str(self.port.getHost().port), "-o", "StrictHostKeyChecking=no",
+                                 "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
+                                 "-N", "-L", f"127.0.0.1:{local}:127.0.0.1:{sink.getsockname()[1]}", "127.0.0.1"])
+        self.addCleanup(proc.wait)
+        self.addCleanup(proc.terminate)
+
+        def exchange():
+            for _ in range(200):
+                try:
+                    client = socket.create_connection(("127.0.0.1", local))
+                    break
+                except OSError:
+                    time.sleep(0.05)
+            client.settimeout(10)
+            sink.settimeout(10)
+            payload = os.urandom(1 << 20)
+            client.sendall(payload)
+            client.shutdown(socket.SHUT_WR)  # EOF must reach the target
+            conn, _ = sink.accept()
+            got = b""
+            while True:
+                chunk = conn.recv(1 << 16)
+                if not chunk:
+                    break
+                got += chunk
+            conn.sendall(b"reply after eof")
+            conn.close()
+            answer = b""
+            while True:
+                chunk = client.recv(1024)
+                if not chunk:
+                    break
+                answer += chunk
+            client.close()
+            return got == payload, answer
+        same, answer = yield threads.deferToThread(exchange)
+        self.assertTrue(same)
+        self.assertEqual(answer, b"reply after eof")
