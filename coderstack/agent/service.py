@@ -258,13 +258,17 @@ def makeService(config: dict[str, Any], reactor: Any = None) -> AgentService:
 
 
 def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str) -> None:
-    """Coder's reserved tunnel ports: SSH on 1 and 22, speedtest on 3."""
+    """Coder's reserved tunnel ports: SSH on 1 and 22, speedtest on 3, the agent API on 4; every
+    other port is forwarded to the workspace's own loopback."""
     from coderstack.agent.api import agent_api_site
+    from coderstack.agent.forward import LocalPortForwarder
     from coderstack.agent.speedtest import SpeedtestServerFactory
     from coderstack.agent.ssh import ssh_factory
+    from coderstack.netstack.stack import ANY_PORT
 
     ssh = ssh_factory(data_dir, reactor)
     svc.serve(1, ssh)
     svc.serve(22, ssh)
     svc.serve(3, SpeedtestServerFactory(reactor))
     svc.serve(4, agent_api_site(svc.netcheck_report))
+    svc.serve(ANY_PORT, LocalPortForwarder(reactor))

@@ -165,6 +165,9 @@ async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -
     ssh = shutil.which("ssh")
     if ssh is None:
         raise usage.UsageError("the OpenSSH client (ssh) is not installed")
+    # A missing workspace or an offline agent is one clear line here, not an error from
+    # inside OpenSSH's ProxyCommand.
+    await tunnel.find_agent(ctx, name)
     argv = openssh_argv(ssh, proxy_command(ctx.config.path, name), name,
                         bool(options["forward-agent"]), options["command"])
     child = _Exit()

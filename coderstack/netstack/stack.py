@@ -23,6 +23,8 @@ from .isn import ISNGenerator
 from .tcp import INF, Connection, Listener, TCPConfig
 from .tcpsegment import ACK, RST, SYN, build_packet
 
+ANY_PORT = 0  # listen(ANY_PORT, ...) accepts connections to every port nobody else listens on
+
 __all__ = ["Stack", "UDPSocket", "TCPConfig", "to_address"]
 
 _TCP_HDR = struct.Struct("!HHIIBBH")
@@ -202,6 +204,10 @@ class Stack:
 
     def _tcp_syn_to_listener(self, src, dst, sport, dport, seq, seg, doff, now) -> None:
         listener = self.listeners.get(dport)
+        if listener is None:
+            # Port 0 never appears on the wire, so it is the key of a catch-all listener (the
+            # agent's forwarder to its host's own ports).
+            listener = self.listeners.get(ANY_PORT)
         if listener is None or (listener.address is not None and listener.address != dst):
             self.stats["tcp_no_listener"] += 1
             self._reset_for(src, dst, sport, dport, seq, 0, SYN, len(seg) - doff)

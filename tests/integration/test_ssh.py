@@ -10,10 +10,25 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import sys
 
+from twisted.internet import endpoints, protocol, reactor, utils
 from twisted.trial import unittest
 
-from tests.support.processes import Deployment
+from tests.support.processes import Deployment, Process, free_port, sleep
+
+
+class _Echo(protocol.Protocol):
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.transport.write(data)
+
+
+class _Collect(protocol.Protocol):
+    def __init__(self) -> None:
+        self.buf = bytearray()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.buf += data
 
 
 class SSHTests(unittest.TestCase):
@@ -46,6 +61,47 @@ class SSHTests(unittest.TestCase):
             f.write(data)
         out = await alice.ok("ssh", "box", "--", "sha256sum", path)
         self.assertEqual(out.split()[0], hashlib.sha256(data).hexdigest())
+
+    async def test_stock_openssh_with_the_config_ssh_block(self) -> None:
+        d, alice = await self.workspace()
+        config = os.path.join(d.dir, "ssh_config")
+        with open(config, "w") as f:
+            f.write("Host mine\n\tHostName example.invalid\n")
+        out = await alice.ok("config-ssh", "--ssh-config-file", config, "--yes")
+        self.assertIn("Updated", out)
+        with open(config) as f:
+            text = f.read()
+        self.assertIn("Host coder.*", text)
+        self.assertIn("Host mine", text)  # the user's own entry is kept
+        env = d.env(alice.home, CODER_CONFIG_DIR=alice.config_dir)
+        out, err, code = await utils.getProcessOutputAndValue(
+            "ssh", ["-F", config, "coder.box", "echo ok; exit 3"], env=env, path=alice.home)
+        self.assertEqual((code, out.decode().strip()), (3, "ok"), err.decode())
+
+    async def test_port_forward_carries_tcp(self) -> None:
+        d, alice = await self.workspace()
+        # A service "in the workspace" (the agent shares this host's loopback).
+        remote = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(_Echo))
+        self.addCleanup(remote.stopListening)
+        local_port = free_port()
+        spec = f"127.0.0.1:{local_port}:{remote.getHost().port}"
+        fwd = Process(self, "port-forward", [sys.executable, "-m", "coderstack", "port-forward", "box", "--tcp", spec],
+                      d.env(alice.home, CODER_CONFIG_DIR=alice.config_dir), alice.home)
+        while "Ready!" not in fwd.log():
+            if not fwd.running():
+                raise AssertionError(fwd.log())
+            await sleep(0.1)
+        self.assertIn(f"Forwarding 'tcp://127.0.0.1:{local_port}' locally to "
+                      f"'tcp://127.0.0.1:{remote.getHost().port}' in the workspace", fwd.log())
+        client = await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", local_port).connect(
+            protocol.Factory.forProtocol(_Collect))
+        self.addCleanup(client.transport.loseConnection)
+        payload = os.urandom(1 << 20)
+        client.transport.write(payload)
+        while len(client.buf) < len(payload):
+            await sleep(0.05)
+        self.assertEqual(bytes(client.buf), payload)
 
     async def test_relayed_only(self) -> None:
         d, alice = await self.workspace("--block-direct-connections", "true")
