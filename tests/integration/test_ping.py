@@ -29,8 +29,11 @@ class PingTests(unittest.TestCase):
         lines = out.splitlines()
         pongs = [line for line in lines if line.startswith("pong from box ")]
         self.assertEqual(len(pongs), 5, out)
-        self.assertIn("p2p connection established in ", out)
-        self.assertRegex(pongs[-1], r"^pong from box p2p via [0-9.]+:\d+ in [0-9.]+(µs|ms)$")
+        # Coder's rule: the "established" line appears when the path turned p2p during the run;
+        # a tunnel already direct at the first (silent, diagnostic) ping goes straight to p2p pongs.
+        if not pongs[0].startswith("pong from box p2p"):
+            self.assertIn("p2p connection established in ", out)
+        self.assertRegex(pongs[-1], r"^pong from box p2p via [0-9.]+:\d+ in [0-9.]+(µs|ms|s)$")
         self.assertIn("✔ You are connected directly (p2p)", err)
         # The summary table: a dashed line, the header, one row.
         self.assertTrue(lines[-3].startswith("-----"), out)
