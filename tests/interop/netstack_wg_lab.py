@@ -1,0 +1,155 @@
+"""Our netstack behind our WireGuard, facing Linux TCP behind wireguard-go, for interop tests.
+
+    namespace:  kernel TCP (fd00::1) <-> TUN <-> wireguard-go  (UDP 10.a.b.2:51820)
+                                                    |  veth (outer UDP; loss rules here)
+    this process:        Netstack (fd00::2) <-> TunnelLink <-> WireGuardUDP (10.a.b.1:port)
+
+``TunnelLink`` is the glue between a ``Netstack`` and a ``WireGuardUDP``: the stack's outbound
+packets are collected while it runs and handed to ``WireGuardUDP.send_many`` in one batch, and
+the decrypted packets of one UDP read burst reach ``Netstack.packets_received`` together.
+
+``WireGuardLab`` looks like ``netstack_lab.Lab`` to the tests in ``test_netstack_linux`` (same
+addresses, ``netstack``, ``kernel_addr``, ``spawn``, ``spawn_argv``, ``dropped``), so they run
+unchanged over the tunnel.  Loss is added in the namespace's INPUT and OUTPUT chains on the
+*outer* UDP datagrams: a drop there loses an encrypted WireGuard packet, which no TCP sees as a
+local send error (the kernel's TCP is inside the tunnel, its packets reach the TUN intact).
+Everything made here is removed in the test's cleanups, by name and by PID.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import sys
+
+from twisted.internet import reactor
+
+from coderstack.netstack.endpoints import Netstack
+from coderstack.tailnet.wgudp import WireGuardUDP
+from coderstack.wire.wireguard import Device, generate_private_key
+
+from .netstack_lab import KERNEL_ADDR, STACK_ADDR, LineProcess
+from .test_wireguard_go import WG_PORT, Namespace
+
+
+class TunnelLink:
+    """Joins a Netstack and a WireGuardUDP, batching packets in both directions.
+
+    Outbound: ``send(packet)`` queues; the queue goes to ``wg.send_many`` at the end of the
+    current reactor turn (one call, one timer check for a whole TCP window).  Inbound:
+    ``received(packet)`` queues; the queue goes to ``netstack.packets_received`` in the same way,
+    so one ACK pass covers all the segments of a read burst.
+    """
+
+    def __init__(self, clock) -> None:
+        self.clock = clock
+        self.netstack: Netstack | None = None
+        self.wg: WireGuardUDP | None = None
+        self._out: list[bytes] = []
+        self._in: list[bytes] = []
+        self._call = None
+
+    def send(self, packet: bytes) -> None:
+        self._out.append(packet)
+        if self._call is None:
+            self._call = self.clock.callLater(0, self.flush)
+
+    def received(self, packet: bytes) -> None:
+        self._in.append(packet)
+        if self._call is None:
+            self._call = self.clock.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        self._call = None
+        # Inbound first: the stack's answers join this turn's outbound batch.
+        while self._in:
+            batch, self._in = self._in, []
+            self.netstack.packets_received(batch)
+        if self._out:
+            batch, self._out = self._out, []
+            self.wg.send_many(batch)
+
+    def stop(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+
+
+def big_buffers(port, size: int = 16 << 20) -> None:
+    """Large socket buffers, so a TCP window's burst of datagrams is not dropped by the host."""
+    sock = port.getHandle()
+    for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE as root
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            sock.setsockopt(socket.SOL_SOCKET, opt, size)
+
+
+class _FixedNamespace(Namespace):
+    """wireguard-go's namespace with the tunnel addresses the netstack tests expect."""
+
+    mtu = 1280
+
+    def _start(self) -> None:
+        self.our_ip, self.their_ip = STACK_ADDR, KERNEL_ADDR
+        suffix = self.name[len("cswg"):]
+        self.name, self.host_if = f"cswt{suffix}", f"cswth{suffix}"
+        self.ns_if, self.tun = f"cswtn{suffix}", f"cswtt{suffix}"
+        super()._start()
+        # The kernel's MSS follows the TUN MTU; one packet per GSO unit keeps TCP's view of
+        # loss per segment.
+        self.run("ip", "link", "set", self.tun, "mtu", str(self.mtu))
+
+
+class WireGuardLab:
+    """Build the lab for ``case`` (cleanups registered on it).  ``mtu`` is the tunnel MTU."""
+
+    routed = False
+
+    def __init__(self, case, mtu: int = 1280, **netstack_kwargs) -> None:
+        ns_cls = type("_NS", (_FixedNamespace,), {"mtu": mtu})
+        self.ns = ns_cls(case)
+        self.case = case
+        self.kernel_addr = KERNEL_ADDR
+        self.peer_ns = self.ns.name
+        self.device = Device(generate_private_key(), mtu=mtu)
+        self.device.add_peer(self.ns.public_key)
+        self.link = TunnelLink(reactor)
+        self.wg = WireGuardUDP(self.device, self.ns.public_key, (self.ns.ns_addr, WG_PORT), reactor,
+                               self.link.received)
+        self.port = reactor.listenUDP(0, self.wg, interface=self.ns.host_addr, maxPacketSize=1 << 16)
+        big_buffers(self.port)
+        case.addCleanup(self.port.stopListening)
+        self.netstack = Netstack(STACK_ADDR, self.link.send, reactor, mtu=mtu, **netstack_kwargs)
+        self.link.netstack, self.link.wg = self.netstack, self.wg
+        case.addCleanup(self.link.stop)
+        case.addCleanup(self.netstack.stop)
+        self.ns.configure(self.device.public_key, (self.ns.host_addr, self.port.getHost().port))
+
+    def add_loss(self, probability: float) -> None:
+        """Drop outer WireGuard datagrams at random, both directions, on the namespace's veth."""
+        for chain, opt in (("INPUT", "-i"), ("OUTPUT", "-o")):
+            self.ns.run("iptables", "-A", chain, opt, self.ns.ns_if, "-p", "udp", "-m", "statistic",
+                        "--mode", "random", "--probability", str(probability), "-j", "DROP")
+
+    def dropped(self) -> int:
+        out = self.ns.run("iptables", "-L", "-v", "-n", "-x")
+        return sum(int(line.split()[0]) for line in out.splitlines() if "statistic" in line)
+
+    def stats(self) -> str:
+        """A one-line summary for the test log."""
+        st = self.netstack.stats
+        return (f"outer drops {self.dropped()}, retransmits {st['tcp_retransmits']}, "
+                f"out-of-order {st['tcp_out_of_order']}, wg drops {dict(self.device.drops)}")
+
+    def spawn(self, script: str, *args: str, cleanup=None) -> LineProcess:
+        """Run a Python script in the namespace (behind wireguard-go)."""
+        return self.spawn_argv([sys.executable, "-c", script, *args], cleanup=cleanup)
+
+    def spawn_argv(self, argv: list[str], cleanup=None) -> LineProcess:
+        """Run a program in the namespace; killed by PID at cleanup."""
+        proto = LineProcess()
+        argv = ["ip", "netns", "exec", self.ns.name, *argv]
+        transport = reactor.spawnProcess(proto, argv[0], argv, env=os.environ.copy())
+        (cleanup or self.case.addCleanup)(lambda: proto.kill(transport))
+        return proto
