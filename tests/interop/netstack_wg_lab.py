@@ -38,11 +38,15 @@ class TunnelLink:
     Outbound: ``send(packet)`` queues; the queue goes to ``wg.send_many`` at the end of the
     current reactor turn (one call, one timer check for a whole TCP window).  Inbound:
     ``received(packet)`` queues; the queue goes to ``netstack.packets_received`` in the same way,
-    so one ACK pass covers all the segments of a read burst.
+    so one ACK pass covers all the segments of a read burst.  ``batch=False`` passes each packet
+    straight through (for comparison in the benchmark).
     """
 
-    def __init__(self, clock) -> None:
+    def __init__(self, clock, batch: bool = True) -> None:
         self.clock = clock
+        if not batch:
+            self.send = lambda packet: self.wg.send(packet)
+            self.received = lambda packet: self.netstack.packet_received(packet)
         self.netstack: Netstack | None = None
         self.wg: WireGuardUDP | None = None
         self._out: list[bytes] = []
