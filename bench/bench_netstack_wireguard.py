@@ -34,6 +34,10 @@ sys.path.insert(0, HERE)
 MTUS = (1280, 9000, 65000)
 STACK_A, STACK_B = "fd00::1", "fd00::2"
 PORT = 5001
+# How the Netstack is glued to WireGuardUDP (TunnelLink): inbound batched or not ("in"/"-"),
+# outbound batching ("always", "input", "never"), UDP socket connected to the peer or not.
+GLUES = ("in,always,connected", "in,always,-", "in,input,connected", "-,never,connected", "-,never,-")
+GLUE = GLUES[0]
 
 
 def _free_udp_port() -> int:
@@ -43,7 +47,7 @@ def _free_udp_port() -> int:
 
 
 def _end(role: str, mtu: int, my_port: int, peer_port: int, my_key: bytes, peer_key: bytes, size: int,
-         batch: bool = True) -> None:
+         glue: str = GLUE) -> None:
     """Child: one end (``sender`` or ``receiver``) of the tunnel, run until the transfer ends."""
     from twisted.internet import protocol, reactor
     from twisted.internet.interfaces import IPushProducer
@@ -57,9 +61,15 @@ def _end(role: str, mtu: int, my_port: int, peer_port: int, my_key: bytes, peer_
     me, peer = (STACK_A, STACK_B) if role == "sender" else (STACK_B, STACK_A)
     device = Device(my_key, mtu=mtu)
     device.add_peer(public_key(peer_key))
-    link = TunnelLink(reactor, batch=batch)
+    batch_in, batch_out, connected = glue.split(",")
+    link = TunnelLink(reactor, batch_in=batch_in == "in", batch_out=batch_out)
     wg = WireGuardUDP(device, public_key(peer_key), ("127.0.0.1", peer_port), reactor, link.received)
-    big_buffers(reactor.listenUDP(my_port, wg, interface="127.0.0.1", maxPacketSize=1 << 16))
+    port = reactor.listenUDP(my_port, wg, interface="127.0.0.1", maxPacketSize=1 << 16)
+    big_buffers(port)
+    if connected == "connected":
+        # A connected UDP socket: the kernel skips the per-datagram route lookup, and Twisted
+        # its per-write address checks.
+        port.connect("127.0.0.1", peer_port)
     ns = Netstack(me, link.send, reactor, mtu=1280)
     link.netstack, link.wg = ns, wg
     if mtu != 1280:
@@ -118,7 +128,7 @@ def _end(role: str, mtu: int, my_port: int, peer_port: int, my_key: bytes, peer_
     print(size * 8 / result["t"] / 1e6 if "t" in result else "nan", flush=True)
 
 
-def bench_ours(size: int, mtu: int, profile: str | None = None, batch: bool = True) -> float:
+def bench_ours(size: int, mtu: int, profile: str | None = None, glue: str = GLUE) -> float:
     from coderstack.wire.wireguard import generate_private_key
 
     ka, kb = generate_private_key(), generate_private_key()
@@ -128,7 +138,7 @@ def bench_ours(size: int, mtu: int, profile: str | None = None, batch: bool = Tr
     def argv(role: str, my_port: int, peer_port: int, mine: bytes, theirs: bytes) -> list[str]:
         prof = ["-m", "cProfile", "-o", os.path.join(profile, f"{role}-{mtu}.prof")] if profile else []
         return [sys.executable, *prof, __file__, "--end", role, "--mtu", str(mtu), "--size", str(size),
-                "--ports", f"{my_port},{peer_port}", "--keys", f"{mine.hex()},{theirs.hex()}", *([] if batch else ["--no-batch"])]
+                "--ports", f"{my_port},{peer_port}", "--keys", f"{mine.hex()},{theirs.hex()}", f"--glue={glue}"]
 
     receiver = subprocess.Popen(argv("receiver", pb, pa, kb, ka), env=env, stdout=subprocess.PIPE, text=True)
     try:
@@ -151,7 +161,8 @@ def main() -> None:
     ap.add_argument("--size", type=int, help="MiB per run (default 64, 16 with --quick)")
     ap.add_argument("--profile")
     ap.add_argument("--mtus", default=",".join(map(str, MTUS)))
-    ap.add_argument("--no-batch", action="store_true", help="also measure the glue without batching")
+    ap.add_argument("--glue", default=GLUE, help="batch_in,batch_out,connected as in GLUES")
+    ap.add_argument("--compare-glue", action="store_true", help="also measure the other GLUES")
     ap.add_argument("--end")
     ap.add_argument("--mtu", type=int, default=1280)
     ap.add_argument("--ports")
@@ -160,7 +171,7 @@ def main() -> None:
     if args.end:
         my_port, peer_port = map(int, args.ports.split(","))
         mine, theirs = (bytes.fromhex(k) for k in args.keys.split(","))
-        _end(args.end, args.mtu, my_port, peer_port, mine, theirs, args.size, batch=not args.no_batch)
+        _end(args.end, args.mtu, my_port, peer_port, mine, theirs, args.size, glue=args.glue)
         return
     size = (args.size or (16 if args.quick else 64)) << 20
     runs = 1 if args.quick and args.runs == 3 else args.runs
@@ -176,10 +187,13 @@ def main() -> None:
     for mtu in map(int, args.mtus.split(",")):
         rows.append((f"our TCP over our WireGuard, loopback, MTU {mtu}",
                      statistics.median(bench_ours(size, mtu, args.profile) for _ in range(runs))))
-    if args.no_batch:
-        for mtu in map(int, args.mtus.split(",")):
-            rows.append((f"same, glue without batching (packet by packet), MTU {mtu}",
-                         statistics.median(bench_ours(size, mtu, args.profile, batch=False) for _ in range(runs))))
+    if args.compare_glue:
+        for glue in GLUES:
+            if glue == args.glue:
+                continue
+            for mtu in map(int, args.mtus.split(",")):
+                rows.append((f"same, glue {glue}, MTU {mtu}",
+                             statistics.median(bench_ours(size, mtu, args.profile, glue) for _ in range(runs))))
     print(f"## our TCP over our WireGuard — {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"{size >> 20} MiB per run of ours, median of {runs}")

@@ -33,32 +33,45 @@ from .test_wireguard_go import WG_PORT, Namespace
 
 
 class TunnelLink:
-    """Joins a Netstack and a WireGuardUDP, batching packets in both directions.
+    """Joins a Netstack and a WireGuardUDP, batching packets.
 
-    Outbound: ``send(packet)`` queues; the queue goes to ``wg.send_many`` at the end of the
-    current reactor turn (one call, one timer check for a whole TCP window).  Inbound:
-    ``received(packet)`` queues; the queue goes to ``netstack.packets_received`` in the same way,
-    so one ACK pass covers all the segments of a read burst.  ``batch=False`` passes each packet
-    straight through (for comparison in the benchmark).
+    Inbound (``batch_in``): ``received(packet)`` queues, and the queue reaches
+    ``netstack.packets_received`` at the end of the reactor turn, so one pass covers all the
+    segments of a UDP read burst.  Outbound (``batch_out``): "always" queues every packet the
+    stack emits for one ``wg.send_many`` at the end of the turn (one call for a whole TCP
+    window); "input" batches only what the stack answers while handling an inbound batch and
+    sends the rest at once; "never" sends each packet as it comes.  A send that fails (socket
+    buffer full, ...) loses its packets, as a link would; TCP recovers.  Counted in
+    ``send_errors``.
     """
 
-    def __init__(self, clock, batch: bool = True) -> None:
+    def __init__(self, clock, batch_in: bool = True, batch_out: str = "always") -> None:
         self.clock = clock
-        if not batch:
-            self.send = lambda packet: self.wg.send(packet)
-            self.received = lambda packet: self.netstack.packet_received(packet)
         self.netstack: Netstack | None = None
         self.wg: WireGuardUDP | None = None
+        self.batch_in = batch_in
+        self.batch_out = batch_out
+        self.send_errors = 0
         self._out: list[bytes] = []
         self._in: list[bytes] = []
         self._call = None
+        self._in_flush = False
 
     def send(self, packet: bytes) -> None:
-        self._out.append(packet)
-        if self._call is None:
-            self._call = self.clock.callLater(0, self.flush)
+        if self.batch_out == "always" or (self._in_flush and self.batch_out == "input"):
+            self._out.append(packet)
+            if self._call is None and not self._in_flush:
+                self._call = self.clock.callLater(0, self.flush)
+            return
+        try:
+            self.wg.send(packet)
+        except Exception:
+            self.send_errors += 1
 
     def received(self, packet: bytes) -> None:
+        if not self.batch_in:
+            self.netstack.packet_received(packet)
+            return
         self._in.append(packet)
         if self._call is None:
             self._call = self.clock.callLater(0, self.flush)
@@ -66,12 +79,19 @@ class TunnelLink:
     def flush(self) -> None:
         self._call = None
         # Inbound first: the stack's answers join this turn's outbound batch.
-        while self._in:
-            batch, self._in = self._in, []
-            self.netstack.packets_received(batch)
+        self._in_flush = True
+        try:
+            while self._in:
+                batch, self._in = self._in, []
+                self.netstack.packets_received(batch)
+        finally:
+            self._in_flush = False
         if self._out:
             batch, self._out = self._out, []
-            self.wg.send_many(batch)
+            try:
+                self.wg.send_many(batch)
+            except Exception:
+                self.send_errors += 1
 
     def stop(self) -> None:
         if self._call is not None and self._call.active():
