@@ -163,7 +163,9 @@ class WireGuardLab:
     def stats(self) -> str:
         """A one-line summary for the test log."""
         st = self.netstack.stats
-        return (f"outer drops {self.dropped()}, retransmits {st['tcp_retransmits']}, "
+        counters = self.ns.run("nstat", "-az", "UdpRcvbufErrors", "TcpExtTCPLostRetransmit").split()
+        return (f"outer drops {self.dropped()}, namespace {' '.join(counters[-6:])}, "
+                f"retransmits {st['tcp_retransmits']}, "
                 f"out-of-order {st['tcp_out_of_order']}, wg drops {dict(self.device.drops)}")
 
     def spawn(self, script: str, *args: str, cleanup=None) -> LineProcess:
