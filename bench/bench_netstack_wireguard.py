@@ -184,20 +184,19 @@ def main() -> None:
     if os.geteuid() == 0:
         from bench_netstack import bench_wg_kernel
 
-        base = statistics.median(bench_wg_kernel(prefix="cswt") for _ in range(runs))
-        rows.append(("wireguard-go + kernel TCP (iperf3, two namespaces, TUN MTU 1420)", base))
+        base_runs = [bench_wg_kernel(prefix="cswt") for _ in range(runs)]
+        base = statistics.median(base_runs)
+        rows.append(("wireguard-go + kernel TCP (iperf3, two namespaces, TUN MTU 1420)", base_runs))
     for mtu in map(int, args.mtus.split(",")):
         rows.append((f"our TCP over our WireGuard, loopback, MTU {mtu}",
-                     statistics.median(bench_ours(size * SIZE_FACTOR.get(mtu, 1), mtu, args.profile)
-                                       for _ in range(runs))))
+                     [bench_ours(size * SIZE_FACTOR.get(mtu, 1), mtu, args.profile) for _ in range(runs)]))
     if args.compare_glue:
         for glue in GLUES:
             if glue == args.glue:
                 continue
             for mtu in map(int, args.mtus.split(",")):
                 rows.append((f"same, glue {glue}, MTU {mtu}",
-                             statistics.median(bench_ours(size * SIZE_FACTOR.get(mtu, 1), mtu, args.profile, glue)
-                                               for _ in range(runs))))
+                             [bench_ours(size * SIZE_FACTOR.get(mtu, 1), mtu, args.profile, glue) for _ in range(runs)]))
     print(f"## our TCP over our WireGuard — {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, Python {platform.python_version()}; "
           f"ours sends {size >> 20} MiB per run at MTU 1280, 4x that at larger MTUs; median of {runs}")
@@ -205,11 +204,12 @@ def main() -> None:
     if base is None:
         print("(not root: no wireguard-go baseline this run)")
         print()
-    print("| path | Mbit/s | vs wireguard-go + kernel TCP |")
-    print("|---|---:|---:|")
-    for name, v in rows:
+    print("| path | Mbit/s (median) | min–max | vs wireguard-go + kernel TCP |")
+    print("|---|---:|---:|---:|")
+    for name, values in rows:
+        v = statistics.median(values)
         ratio = f"{v / base:.2f}x" if base else "n/a"
-        print(f"| {name} | {v:.0f} | {ratio} |")
+        print(f"| {name} | {v:.0f} | {min(values):.0f}–{max(values):.0f} | {ratio} |")
 
 
 if __name__ == "__main__":
