@@ -28,7 +28,7 @@ from coderstack.netstack.endpoints import Netstack
 from coderstack.tailnet.wgudp import WireGuardUDP
 from coderstack.wire.wireguard import Device, generate_private_key
 
-from .netstack_lab import KERNEL_ADDR, STACK_ADDR, LineProcess
+from .netstack_lab import KERNEL_ADDR, STACK_ADDR, LineProcess, ReorderingLink
 from .test_wireguard_go import WG_PORT, Namespace
 
 
@@ -99,6 +99,14 @@ class TunnelLink:
         self._call = None
 
 
+class _Inbound:
+    """What TunnelLink needs of a Netstack, sending the packets elsewhere first."""
+
+    def __init__(self, to_stack) -> None:
+        self.packets_received = to_stack
+        self.packet_received = lambda packet: to_stack([packet])
+
+
 def big_buffers(port, size: int = 16 << 20) -> None:
     """Large socket buffers, so a TCP window's burst of datagrams is not dropped by the host."""
     sock = port.getHandle()
@@ -130,7 +138,7 @@ class WireGuardLab:
 
     routed = False
 
-    def __init__(self, case, mtu: int = 1280, **netstack_kwargs) -> None:
+    def __init__(self, case, mtu: int = 1280, reorder: float = 0.0, **netstack_kwargs) -> None:
         ns_cls = type("_NS", (_FixedNamespace,), {"mtu": mtu})
         self.ns = ns_cls(case)
         self.case = case
@@ -146,6 +154,15 @@ class WireGuardLab:
         case.addCleanup(self.port.stopListening)
         self.netstack = Netstack(STACK_ADDR, self.link.send, reactor, mtu=mtu, **netstack_kwargs)
         self.link.netstack, self.link.wg = self.netstack, self.wg
+        self.reordering = None
+        if reorder:
+            # Inner packets held back on our side of the tunnel, both ways (before encryption
+            # and after decryption, so WireGuard's replay window is not what reorders them).
+            self.reordering = ReorderingLink(self.link.send, self.netstack.packets_received,
+                                             probability=reorder)
+            self.netstack.send_packet = self.reordering.to_kernel
+            self.link.netstack = _Inbound(self.reordering.to_stack)
+            case.addCleanup(self.reordering.stop)
         case.addCleanup(self.link.stop)
         case.addCleanup(self.netstack.stop)
         self.ns.configure(self.device.public_key, (self.ns.host_addr, self.port.getHost().port))
