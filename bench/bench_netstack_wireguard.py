@@ -39,6 +39,7 @@ PORT = 5001
 GLUES = ("in,always,connected", "in,always,-", "in,input,connected", "-,never,connected", "-,never,-")
 GLUE = GLUES[0]
 # A transfer must take a second or more to be measured well, so larger MTUs send this much more.
+VERBOSE = False
 SIZE_FACTOR = {1280: 1, 9000: 4, 65000: 4}
 
 
@@ -127,6 +128,9 @@ def _end(role: str, mtu: int, my_port: int, peer_port: int, my_key: bytes, peer_
     d.addErrback(lambda f: (print(f, file=sys.stderr), reactor.stop()))
     reactor.callLater(300, reactor.stop)
     reactor.run()
+    st = ns.stats
+    print(f"sender: retransmits {st['tcp_retransmits']}, wg send errors {link.send_errors}, "
+          f"wg drops {dict(device.drops)}", file=sys.stderr)
     print(size * 8 / result["t"] / 1e6 if "t" in result else "nan", flush=True)
 
 
@@ -149,6 +153,8 @@ def bench_ours(size: int, mtu: int, profile: str | None = None, glue: str = GLUE
             raise RuntimeError("receiver did not start")
         out = subprocess.run(argv("sender", pa, pb, ka, kb), env=env, capture_output=True, text=True, timeout=600)
         receiver.wait(10)  # lets cProfile write its file
+        if VERBOSE:
+            print(f"MTU {mtu}, glue {glue}: {out.stdout.split()[-1]} Mbit/s; {out.stderr.strip()}", file=sys.stderr)
         return float(out.stdout.split()[-1])
     finally:
         if receiver.poll() is None:
@@ -165,6 +171,7 @@ def main() -> None:
     ap.add_argument("--mtus", default=",".join(map(str, MTUS)))
     ap.add_argument("--glue", default=GLUE, help="batch_in,batch_out,connected as in GLUES")
     ap.add_argument("--compare-glue", action="store_true", help="also measure the other GLUES")
+    ap.add_argument("-v", "--verbose", action="store_true", help="each run's result and sender stats")
     ap.add_argument("--end")
     ap.add_argument("--mtu", type=int, default=1280)
     ap.add_argument("--ports")
@@ -175,6 +182,8 @@ def main() -> None:
         mine, theirs = (bytes.fromhex(k) for k in args.keys.split(","))
         _end(args.end, args.mtu, my_port, peer_port, mine, theirs, args.size, glue=args.glue)
         return
+    global VERBOSE
+    VERBOSE = args.verbose
     size = (args.size or (16 if args.quick else 128)) << 20
     runs = 1 if args.quick and args.runs == 3 else args.runs
     if args.profile:
