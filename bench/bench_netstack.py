@@ -267,14 +267,15 @@ print(*(out[0] if out else ("nan", "nan")))
     return float(a), float(b)
 
 
-def bench_wg_kernel(seconds: int = 3) -> float:
-    """wireguard-go in two namespaces, kernel TCP (iperf3) through it: the baseline row."""
+def bench_wg_kernel(seconds: int = 3, prefix: str = "csns") -> float:
+    """wireguard-go in two namespaces, kernel TCP (iperf3) through it: the baseline row.
+    ``prefix`` starts every namespace and interface name (each caller has its own)."""
     import json
     import secrets
 
     tag = secrets.token_hex(3)
-    ns = [f"csnswa{tag}", f"csnswb{tag}"]
-    wg = [f"csnsga{tag}", f"csnsgb{tag}"]
+    ns = [f"{prefix}wa{tag}", f"{prefix}wb{tag}"]
+    wg = [f"{prefix}ga{tag}", f"{prefix}gb{tag}"]
     procs = []
 
     def run(*a, check=True):
@@ -286,11 +287,11 @@ def bench_wg_kernel(seconds: int = 3) -> float:
     try:
         for n in ns:
             run("ip", "netns", "add", n)
-        run("ip", "link", "add", f"csnsva{tag}", "netns", ns[0], "type", "veth", "peer", "name", f"csnsvb{tag}", "netns", ns[1])
+        run("ip", "link", "add", f"{prefix}va{tag}", "netns", ns[0], "type", "veth", "peer", "name", f"{prefix}vb{tag}", "netns", ns[1])
         keys = []
         for i in (0, 1):
             nse(i, "ip", "link", "set", "lo", "up")
-            veth = f"csnsv{'ab'[i]}{tag}"
+            veth = f"{prefix}v{'ab'[i]}{tag}"
             nse(i, "ip", "addr", "add", f"10.77.0.{i + 1}/24", "dev", veth)
             nse(i, "ip", "link", "set", veth, "up")
             priv = run("wg", "genkey").stdout.strip()
