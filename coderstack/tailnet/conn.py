@@ -317,6 +317,22 @@ class Conn:
             return
         self._events(self.device.send(dst_key, packet, self.reactor.seconds()))
 
+    def send_packets(self, packets: list[bytes]) -> None:
+        """Encrypt and send IPv6 packets routed by destination, one ``send_many`` per peer."""
+        routes, peers = self._routes, self.device.peers
+        by_key: dict[bytes, list[bytes]] = {}
+        for packet in packets:
+            key = routes.get(bytes(packet[24:40]))
+            if key is None:
+                self.drops["no-route"] += 1
+            elif key not in peers:
+                self.drops["unknown-peer"] += 1
+            else:
+                by_key.setdefault(key, []).append(packet)
+        now = self.reactor.seconds()
+        for key, batch in by_key.items():
+            self._events(self.device.send_many(key, batch, now))
+
     def _wireguard_in(self, datagram: bytes, source: object) -> None:
         self._events(self.device.receive(datagram, self.reactor.seconds(), source))
 
