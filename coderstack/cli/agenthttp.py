@@ -1,14 +1,17 @@
-"""A tiny HTTP/1.0 GET over any stream endpoint: how the CLI asks the agent's API (port 4)
-for its netcheck over the tunnel without a DNS name or TLS. The answer is read until the
-agent closes the connection (HTTP/1.0), at most 1 MiB."""
+"""GET JSON from the agent's HTTP API (tunnel port 4) over any stream endpoint.
+
+twisted.web's Agent does the HTTP; its endpoint factory hands it the tunnel endpoint, so no DNS
+name or TLS is involved (the tunnel already authenticates and encrypts). Answers over 1 MiB are
+refused.
+"""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.web.client import Agent, readBody
 
 MAX_RESPONSE = 1 << 20
 
@@ -19,40 +22,29 @@ class AgentHTTPError(Exception):
         self.status = status
 
 
-class _Get(protocol.Protocol):
-    def __init__(self, path: str):
-        self.path = path
-        self.buf = b""
-        self.done: defer.Deferred[bytes] = defer.Deferred()
+class _OneEndpoint:
+    def __init__(self, endpoint: IStreamClientEndpoint) -> None:
+        self.endpoint = endpoint
 
-    def connectionMade(self) -> None:  # noqa: N802
-        self.transport.write(f"GET {self.path} HTTP/1.0\r\nHost: agent\r\nAccept: application/json\r\n\r\n".encode())
-
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
-        self.buf += data
-        if len(self.buf) > MAX_RESPONSE:
-            self.transport.abortConnection()
-
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
-        if not self.done.called:
-            self.done.callback(self.buf)
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:  # noqa: N802 - twisted API
+        return self.endpoint
 
 
-async def get_json(endpoint: IStreamClientEndpoint, path: str) -> Any:
-    from twisted.internet.endpoints import connectProtocol
+async def get_json(endpoint: IStreamClientEndpoint, path: str, reactor: Any = None) -> Any:
+    if reactor is None:
+        from twisted.internet import reactor as default_reactor
 
-    proto = _Get(path)
-    await connectProtocol(endpoint, proto)
-    raw = await proto.done
-    head, sep, body = raw.partition(b"\r\n\r\n")
-    status_line = head.split(b"\r\n", 1)[0].split()
-    if not sep or len(status_line) < 2 or not status_line[1].isdigit():
-        raise AgentHTTPError(0, "malformed response from the agent")
-    status = int(status_line[1])
+        reactor = default_reactor
+    agent = Agent.usingEndpointFactory(reactor, _OneEndpoint(endpoint))
+    resp = await agent.request(b"GET", b"http://agent" + path.encode())
+    length = resp.length if isinstance(resp.length, int) else 0
+    if length > MAX_RESPONSE:
+        raise AgentHTTPError(resp.code, "the agent's answer is too large")
+    body = await readBody(resp)
     try:
         doc = json.loads(body)
     except ValueError:
-        raise AgentHTTPError(status, "malformed JSON from the agent") from None
-    if status != 200:
-        raise AgentHTTPError(status, str(doc.get("message", "")) if isinstance(doc, dict) else "")
+        raise AgentHTTPError(resp.code, "malformed JSON from the agent") from None
+    if resp.code != 200:
+        raise AgentHTTPError(resp.code, str(doc.get("message", "")) if isinstance(doc, dict) else "")
     return doc

@@ -109,7 +109,7 @@ def make_context(reactor: Any, opts: GlobalOptions, environ: dict[str, str], **s
     )
 
 
-GLOBAL_FLAGS = {"--disable-direct-connections"}
+GLOBAL_FLAGS = {"--disable-direct-connections", "-v", "--verbose"}
 # Only names no command uses for itself (login has its own --token and takes a URL).
 GLOBAL_PARAMETERS = {"--global-config"}
 

@@ -383,6 +383,8 @@ class GlobalOptionOrderTests(unittest.SynchronousTestCase):
             hoist_global_options(["ping", "dev", "--disable-direct-connections", "--global-config", "/c"]),
             ["--disable-direct-connections", "--global-config", "/c", "ping", "dev"],
         )
+        # Coder users type `coder ping -v dev`: -v is the global verbose flag.
+        self.assertEqual(hoist_global_options(["ping", "-v", "dev"]), ["-v", "ping", "dev"])
         # A command's own --token, and anything after "--", stay where they are.
         self.assertEqual(hoist_global_options(["login", "http://x", "--token", "t"]),
                          ["login", "http://x", "--token", "t"])
