@@ -578,21 +578,7 @@ class Store:
         """A workspace with one agent, created together or not at all."""
 
         def work(conn: sa.Connection) -> Workspace:
-            exists = conn.execute(
-                sa.select(workspaces.c.id).where(
-                    workspaces.c.owner_id == owner_id, workspaces.c.name == name
-                )
-            ).first()
-            if exists is not None:
-                raise Conflict(f"workspace {name!r} already exists")
-            t = now()
-            ws_id = uuid.uuid4()
-            conn.execute(
-                workspaces.insert().values(
-                    id=ws_id, owner_id=owner_id, name=name, template_id=template_id,
-                    created_at=t, updated_at=t,
-                )
-            )
+            ws_id, t = _insert_workspace(conn, owner_id, name, template_id)
             conn.execute(
                 agents.insert().values(
                     id=uuid.uuid4(), workspace_id=ws_id, name=agent_name,
@@ -771,21 +757,7 @@ class Store:
         """A workspace built from a template: its agents come from its builds."""
 
         def work(conn: sa.Connection) -> Workspace:
-            exists = conn.execute(
-                sa.select(workspaces.c.id).where(
-                    workspaces.c.owner_id == owner_id, workspaces.c.name == name
-                )
-            ).first()
-            if exists is not None:
-                raise Conflict(f"workspace {name!r} already exists")
-            t = now()
-            ws_id = uuid.uuid4()
-            conn.execute(
-                workspaces.insert().values(
-                    id=ws_id, owner_id=owner_id, name=name, template_id=template_id,
-                    created_at=t, updated_at=t,
-                )
-            )
+            ws_id, _ = _insert_workspace(conn, owner_id, name, template_id)
             return _load_workspace(conn, ws_id)
 
         return self._tx(work)
@@ -909,6 +881,25 @@ class _Obj:
 
     def __init__(self, d: dict[str, Any]) -> None:
         self.__dict__.update(d)
+
+
+def _insert_workspace(
+    conn: sa.Connection, owner_id: uuid.UUID, name: str, template_id: uuid.UUID | None
+) -> tuple[uuid.UUID, datetime]:
+    """A new workspace row, refusing a name the owner already uses: (its id, creation time)."""
+    exists = conn.execute(
+        sa.select(workspaces.c.id).where(workspaces.c.owner_id == owner_id, workspaces.c.name == name)
+    ).first()
+    if exists is not None:
+        raise Conflict(f"workspace {name!r} already exists")
+    t = now()
+    ws_id = uuid.uuid4()
+    conn.execute(
+        workspaces.insert().values(
+            id=ws_id, owner_id=owner_id, name=name, template_id=template_id, created_at=t, updated_at=t,
+        )
+    )
+    return ws_id, t
 
 
 def _load_workspace(conn: sa.Connection, workspace_id: uuid.UUID) -> Workspace | None:
