@@ -75,6 +75,10 @@ class TCPConfig:
     """Tunables.  Defaults follow the RFCs and Linux where the RFCs leave room."""
 
     mtu: int = 1280
+    # The largest IPv6 packet we can take in (0: ``mtu``). The MSS we announce comes from it, not
+    # from the path MTU we send on: the tunnel may carry more towards us than we may send back,
+    # and the sender bounds its segments by its own path MTU anyway (RFC 9293 3.7.1).
+    receive_mtu: int = 0
     rcvbuf: int = 4 << 20  # receive window we can offer (needs window scaling above 64 KiB)
     initial_rto: float = 1.0  # RFC 6298 (2.1)
     min_rto: float = 0.2  # Linux's; RFC 6298 suggests 1 s
@@ -142,7 +146,7 @@ class Connection:
         self.state = CLOSED
         # An IPv6 payload length is 16 bits (no jumbograms); a per-peer path MTU wins.
         self.mtu = min(stack.path_mtu.get(remote, cfg.mtu), 0xFFFF + 40)
-        self.adv_mss = self.mtu - 60
+        self.adv_mss = max(self.mtu, min(cfg.receive_mtu, 0xFFFF + 40)) - 60
         self.peer_mss = 1220
         iss = stack.isn(local, lport, remote, rport, now)
         self.iss = iss
@@ -173,7 +177,7 @@ class Connection:
         self.rto = cfg.initial_rto
         self.rtt_seq: int | None = None
         self.rtt_time = 0.0
-        self.mss = self.adv_mss
+        self.mss = self.mtu - 60
         self.cc = congestion.make(cfg.congestion, self.mss, cfg.initial_window)
         self.sb = Scoreboard()
         self.in_recovery = False
