@@ -7,6 +7,7 @@ agent and the CLI.
     conn.on_node_change(lambda node: coordinator.update_self(node))
     conn.update_peer(node) / conn.remove_peer(node_key)  # from coordinator peer updates
     conn.on_packet(lambda src_key, ipv6_packet: ...)     # decrypted packets for the netstack
+    conn.on_path_mtu(lambda addresses, mtu: ...)         # a peer's usable inner MTU changed
     conn.send_packet(dst_key, ipv6_packet)               # dst_key None: route by destination
     await conn.ping(node_key) -> (latency_seconds, "p2p 192.0.2.1:41641" | "DERP(<region>)")
     conn.status() -> dict (see :meth:`Conn.status`)
@@ -16,6 +17,11 @@ Cryptokey routing is here: an outgoing packet goes to the peer whose /128 is its
 (unless a key is given), and an incoming packet is delivered only when its source address is one
 of the sending peer's addresses. A Node is not announced until it has a home DERP region (a peer
 could not reach it for discovery otherwise).
+
+Path MTU: with ``pmtu`` (default: on unless ``CODERSTACK_PMTUD=0``; see
+``coderstack/tailnet/pmtu.py``) magicsock probes each direct path and ``on_path_mtu`` callbacks
+hear ``(peer's packed /128s, inner MTU)`` whenever it changes, and 1280 when the peer goes away.
+``receive_mtu`` is the largest packet we can take in (what the netstack's MSS announces).
 """
 
 from __future__ import annotations
@@ -35,6 +41,7 @@ from twisted.logger import Logger
 from coderstack import netinfo
 from coderstack.derpmap import DERPMap
 from coderstack.keys import NodeKeys
+from coderstack.tailnet import pmtu as pmtu_sizes
 from coderstack.tailnet.endpoint import Addr, format_addr, parse_addr
 from coderstack.tailnet.magicsock import MagicSock
 from coderstack.wire.coordination import TAILSCALE_SERVICE_PREFIX, Node
@@ -49,6 +56,8 @@ from coderstack.wire.wireguard import (
 _log = Logger()
 
 RESTUN_INTERVAL = 23.0  # Tailscale re-STUNs every 20-26 s while active
+# Relayed paths stay at 1280 by default: see bench/bench_pmtu.py for the measurement.
+DERP_MTU = 1280
 
 
 def home_region(derp_map: DERPMap) -> int:
@@ -84,6 +93,8 @@ class Conn:
         netcheck: bool = True,
         interface_addresses: Callable[[], list[Any]] = netinfo.interface_addresses,
         derp_client_factory: Callable[..., Any] | None = None,
+        pmtu: bool | None = None,
+        derp_mtu: int = DERP_MTU,
     ) -> None:
         self.reactor = reactor
         self.keys = keys or NodeKeys.generate()
@@ -94,14 +105,21 @@ class Conn:
         self.block_endpoints = block_endpoints
         self.netcheck_enabled = netcheck
         self.interface_addresses = interface_addresses
-        self.device = Device(self.keys.node_private)
+        self.pmtu = pmtu_sizes.enabled_from_env() if pmtu is None else pmtu
+        # WireGuard pads a packet up to a multiple of 16 but never past the device MTU: with
+        # probing, that cap is the largest rung (every rung is a multiple of 16).
+        self.device = Device(self.keys.node_private, mtu=pmtu_sizes.MAX_MTU if self.pmtu else pmtu_sizes.BASE_MTU)
         self.sock = MagicSock(
             reactor, self.keys.node_private, self.keys.node_public, self.keys.disco_private,
             self.keys.disco_public, self._wireguard_in, local_endpoints=self.local_endpoints,
             derp_token=derp_token, force_websockets=force_websockets, trust_root=trust_root,
             block_endpoints=block_endpoints, derp_client_factory=derp_client_factory,
+            pmtu_enabled=self.pmtu, derp_mtu=derp_mtu,
         )
         self.sock.on_change = self._node_changed
+        self.sock.on_path_mtu = self._path_mtu_changed
+        self.path_mtus: dict[bytes, int] = {}  # node key -> inner MTU, where not 1280
+        self._mtu_callbacks: list[Callable[[list[bytes], int], object]] = []
         self.derp_map: DERPMap | None = None
         self.preferred_derp = 0
         self.derp_latency: dict[str, float] = {}
@@ -290,14 +308,49 @@ class Conn:
         for packed in new:
             self._routes[packed] = key
         self.peer_addresses[key] = new
+        mtu = self.path_mtus.get(key)
+        if mtu is not None and new - old:
+            self._tell_mtu(sorted(new - old), mtu)
 
     def remove_peer(self, node_key: bytes) -> None:
-        for packed in self.peer_addresses.pop(node_key, set()):
+        addresses = self.peer_addresses.pop(node_key, set())
+        for packed in addresses:
             if self._routes.get(packed) == node_key:
                 del self._routes[packed]
+        if self.path_mtus.pop(node_key, None) is not None:
+            self._tell_mtu(sorted(addresses), pmtu_sizes.BASE_MTU)
         self.sock.remove_peer(node_key)
         self.device.remove_peer(node_key)
         self.last_handshake.pop(node_key, None)
+
+    # -- path MTU ---------------------------------------------------------------------------
+
+    @property
+    def receive_mtu(self) -> int:
+        """The largest inner packet peers may send us (the MSS to announce comes from it)."""
+        return pmtu_sizes.RECEIVE_MTU if self.pmtu else pmtu_sizes.BASE_MTU
+
+    def on_path_mtu(self, callback: Callable[[list[bytes], int], object]) -> None:
+        """``callback(peer_addresses_packed, mtu)`` whenever a peer's path MTU changes."""
+        self._mtu_callbacks.append(callback)
+        for key, mtu in self.path_mtus.items():
+            callback(sorted(self.peer_addresses.get(key, ())), mtu)
+
+    def path_mtu(self, node_key: bytes) -> int:
+        return self.path_mtus.get(node_key, pmtu_sizes.BASE_MTU)
+
+    def _path_mtu_changed(self, node_key: bytes, mtu: int) -> None:
+        if mtu == pmtu_sizes.BASE_MTU:
+            if self.path_mtus.pop(node_key, None) is None:
+                return
+        else:
+            self.path_mtus[node_key] = mtu
+        self._tell_mtu(sorted(self.peer_addresses.get(node_key, ())), mtu)
+
+    def _tell_mtu(self, addresses: list[bytes], mtu: int) -> None:
+        if addresses:
+            for cb in list(self._mtu_callbacks):
+                cb(addresses, mtu)
 
     # -- packets ----------------------------------------------------------------------------
 
@@ -395,6 +448,7 @@ class Conn:
                 "last_handshake": self.last_handshake.get(key),
                 "rx_bytes": wg.rx_bytes if wg else 0,
                 "tx_bytes": wg.tx_bytes if wg else 0,
+                "path_mtu": self.path_mtu(key),
             }
         return {
             "node_key": self.keys.node_public.hex(),
@@ -407,6 +461,7 @@ class Conn:
             "derp_websocket": sorted(r for r, c in self.sock.derp.items() if getattr(c, "use_websocket", False)),
             "endpoints": [format_addr(a) for a in self.local_endpoints()],
             "block_endpoints": self.block_endpoints,
+            "pmtu": self.sock.pmtu_enabled,
             "local_port": self.sock.local_port,
             "peers": peers,
             "drops": dict(self.drops + self.sock.drops),

@@ -23,6 +23,17 @@ Rules (Tailscale's magicsock, see reference/tailscale-protocols.md §5):
   (heartbeat) and re-probe all candidates when the best is missing or untrusted, or every
   minute when its latency is above 5 ms. Two missed heartbeats let trust lapse: traffic goes to
   UDP and DERP again and discovery restarts, inside the same WireGuard session.
+
+Path MTU (with ``pmtu_enabled``; sizes in ``coderstack/tailnet/pmtu.py``):
+
+- Every discovery ping to a candidate goes with padded probes, one per rung of the ladder; a
+  pong for a probe proves that inner MTU on that address (``Candidate.mtu``). Probes never go
+  via DERP, whose MTU is fixed (``derp_mtu``).
+- While the best address is trusted, each heartbeat also sends a probe at its current MTU; when
+  no such probe was answered for 6.5 s (two heartbeats lost) the address falls back to 1280 and
+  the ladder is probed again. Rungs above the current MTU are re-tried every 30 s.
+- ``path_mtu(now)``: the trusted best address's proven MTU, else ``derp_mtu`` (the packets go
+  via DERP, or via DERP as well as UDP). 1280 when probing is off.
 """
 
 from __future__ import annotations
@@ -34,6 +45,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from coderstack.tailnet import pmtu
 from coderstack.wire import disco
 
 Addr = tuple[str, int]
@@ -47,6 +59,8 @@ DISCO_PING_INTERVAL = 5.0
 PING_TIMEOUT = 5.0
 PING_BACK_INTERVAL = 0.5  # answer a peer's ping with our own at most this often per address
 REFLEXIVE_LIFETIME = 6.5 * 10  # peer-reflexive candidates without a pong expire
+MTU_TRUST = TRUST_UDP_ADDR_DURATION  # a proven MTU lapses without a confirming pong this long
+MTU_REPROBE_INTERVAL = 30.0  # retry larger rungs on a trusted address this often
 
 
 class DiscoOut(NamedTuple):
@@ -68,6 +82,7 @@ class PongResult(NamedTuple):
     latency: float
     via: Addr | None  # None: via DERP
     seen_as: Addr  # our address as the peer saw it
+    size: int = 0  # the inner MTU the ping was padded for (0: a plain ping)
 
 
 @dataclass
@@ -79,6 +94,12 @@ class Candidate:
     last_pong: float = -math.inf
     last_ping_back: float = -math.inf
     latency: float | None = None
+    mtu: int = pmtu.BASE_MTU  # the largest inner MTU a probe proved on this address
+    mtu_ok: float = -math.inf  # when a pong last confirmed ``mtu`` (or more)
+    mtu_probed: float = -math.inf  # when the rungs above ``mtu`` were last probed
+
+    def proven_mtu(self, now: float) -> int:
+        return self.mtu if now - self.mtu_ok <= MTU_TRUST else pmtu.BASE_MTU
 
 
 @dataclass
@@ -86,6 +107,7 @@ class _SentPing:
     dest: Addr | None
     sent: float
     user: bool = False
+    size: int = 0  # the inner MTU a padded probe stands for; 0 for a plain ping
 
 
 @dataclass
@@ -163,6 +185,10 @@ class Endpoint:
     derp_region_name: str = ""
     direct_disabled: bool = False
     urandom: Callable[[int], bytes] = os.urandom
+    pmtu_enabled: bool = False  # probe direct paths for an MTU above 1280
+    own_node_key: bytes | None = None  # put in our pings (a padded Ping must carry it)
+    derp_mtu: int = pmtu.BASE_MTU
+    reported_mtu: int = pmtu.BASE_MTU  # the last path MTU the caller was told (magicsock's)
     candidates: dict[Addr, Candidate] = field(default_factory=dict)
     best: AddrLatency | None = None
     trust_until: float = -math.inf
@@ -253,15 +279,23 @@ class Endpoint:
             if cand is None:
                 cand = self.candidates[src] = Candidate(src, "reflexive", now)
             cand.last_pong = now
-            cand.latency = latency
-            new = AddrLatency(src, latency)
+            if sent.size:
+                # A padded probe came through: that size works on this address now.
+                if sent.size >= cand.proven_mtu(now):
+                    cand.mtu = sent.size
+                    cand.mtu_ok = now
+            else:
+                cand.latency = latency  # probes are bigger and slower: time plain pings only
+            new = AddrLatency(src, latency, cand.proven_mtu(now))
             if self.best is None or now >= self.trust_until or better_addr(new, self.best):
                 self.best = new
             if self.best.addr == src:
-                self.best.latency = latency
+                if not sent.size:
+                    self.best.latency = latency
+                self.best.mtu = cand.proven_mtu(now)
                 self.trust_until = now + TRUST_UDP_ADDR_DURATION
                 self.ever_trusted = True
-        return PongResult(pong.tx_id, latency, src, pong.src)
+        return PongResult(pong.tx_id, latency, src, pong.src, sent.size)
 
     # -- sending ---------------------------------------------------------------------------
 
@@ -284,7 +318,53 @@ class Endpoint:
         self._pings[tx_id] = _SentPing(dest, now, user)
         if dest is not None and dest in self.candidates:
             self.candidates[dest].last_ping = now
-        return DiscoOut(dest, disco.Ping(tx_id))
+        return DiscoOut(dest, disco.Ping(tx_id, self.own_node_key))
+
+    def _probes(self, cand: Candidate, now: float, above: int = 0) -> list[Action]:
+        """Padded pings to ``cand`` for every rung above ``above`` (direct paths only)."""
+        if not self.pmtu_enabled or self.own_node_key is None:
+            return []
+        cand.mtu_probed = now
+        out: list[Action] = []
+        for size in pmtu.probe_mtus(":" in cand.addr[0]):
+            if size > above:
+                out.append(self._probe(cand.addr, size, now))
+        return out
+
+    def _probe(self, dest: Addr, size: int, now: float) -> DiscoOut:
+        tx_id = self.urandom(disco.TXID_LEN)
+        self._pings[tx_id] = _SentPing(dest, now, size=size)
+        return DiscoOut(dest, disco.Ping(tx_id, self.own_node_key, pmtu.probe_padding(size)))
+
+    # -- path MTU ----------------------------------------------------------------------------
+
+    def path_mtu(self, now: float) -> int:
+        """The inner MTU for packets to this peer now: a trusted direct path's proven one, else
+        DERP's (the packet goes via DERP, perhaps also via UDP)."""
+        if not self.pmtu_enabled:
+            return pmtu.BASE_MTU
+        if self.trusted(now):
+            assert self.best is not None and self.best.addr is not None
+            cand = self.candidates.get(self.best.addr)
+            return cand.proven_mtu(now) if cand is not None else pmtu.BASE_MTU
+        return self.derp_mtu
+
+    def udp_mtu(self, addr: Addr, now: float) -> int:
+        """The proven inner MTU of one direct address (1280 unless probed)."""
+        cand = self.candidates.get(addr)
+        return cand.proven_mtu(now) if cand is not None else pmtu.BASE_MTU
+
+    def udp_too_big(self, addr: Addr, size: int, now: float) -> None:
+        """Sending ``size`` bytes to ``addr`` failed with EMSGSIZE (the kernel learned a smaller
+        path MTU, or the route changed): forget what the address was proven at, probe again."""
+        cand = self.candidates.get(addr)
+        if cand is None:
+            return
+        cand.mtu = min(cand.mtu, pmtu.mtu_for_datagram(size, ":" in addr[0]))
+        cand.mtu_ok = -math.inf if cand.mtu > pmtu.BASE_MTU else cand.mtu_ok
+        cand.mtu_probed = -math.inf
+        if self.best is not None and self.best.addr == addr:
+            self.best.mtu = cand.proven_mtu(now)
 
     def _ping_all(self, now: float, call_me_maybe: bool) -> list[Action]:
         if self.direct_disabled:
@@ -296,6 +376,7 @@ class Endpoint:
                 continue
             if now - cand.last_ping >= DISCO_PING_INTERVAL:
                 out.append(self._ping(addr, now))
+                out.extend(self._probes(cand, now))
         if out:
             self.last_full_ping = now
             if call_me_maybe and self.derp_region:
@@ -310,6 +391,7 @@ class Endpoint:
         self.last_full_ping = -math.inf
         for cand in self.candidates.values():
             cand.last_ping = -math.inf
+            cand.mtu, cand.mtu_ok, cand.mtu_probed = pmtu.BASE_MTU, -math.inf, -math.inf
 
     def user_ping(self, now: float) -> tuple[bytes, list[Action]]:
         """A ping over the current path (trusted direct address, else DERP): (TxID, actions).
@@ -337,11 +419,22 @@ class Endpoint:
         if self.direct_disabled or now - self.last_send > SESSION_ACTIVE_TIMEOUT:
             return []
         out: list[Action] = []
+        best = self.candidates.get(self.best.addr) if self.best is not None and self.best.addr else None
         if self.best is not None and now - self.last_heartbeat >= HEARTBEAT_INTERVAL:
             self.last_heartbeat = now
-            best = self.candidates.get(self.best.addr) if self.best.addr is not None else None
             if best is None or now - best.last_ping >= 1.0:  # skip if a probe just went out
                 out.append(self._ping(self.best.addr, now))
+                if best is not None and self.pmtu_enabled and best.proven_mtu(now) > pmtu.BASE_MTU:
+                    # Keep proving the size we use: if the path stops carrying it, it lapses.
+                    out.append(self._probe(best.addr, best.mtu, now))
+        if best is not None and self.pmtu_enabled and self.trusted(now):
+            proven = best.proven_mtu(now)
+            if proven < best.mtu:
+                best.mtu = proven  # lapsed: back to 1280 and climb the ladder again at once
+                best.mtu_probed = -math.inf
+                self.best.mtu = proven  # type: ignore[union-attr]
+            if now - best.mtu_probed >= MTU_REPROBE_INTERVAL and proven < max(pmtu.probe_mtus(":" in best.addr[0])):
+                out.extend(self._probes(best, now, above=proven))
         need_full = (
             self.best is None
             or not self.trusted(now)

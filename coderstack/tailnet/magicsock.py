@@ -15,6 +15,13 @@ seals/opens disco, writes to the socket or the right DERP client (the peer's hom
 on demand; our home region is kept up), and runs one housekeeping timer (heartbeats, re-probes,
 ping timeouts). ``block_endpoints`` disables direct paths: no UDP pings, no CallMeMaybe, all
 traffic via DERP.
+
+Path MTU (``pmtu``): the socket never fragments (don't-fragment set, see
+``coderstack/tailnet/pmtu.py``) and takes datagrams up to 64 KiB; the Endpoints probe direct
+paths with padded pings, and ``on_path_mtu(node_key, mtu)`` hears whenever a peer's usable inner
+MTU changes (a probe proved a larger one; trust lapsed and packets go via DERP; a proven size
+stopped working). A send refused with EMSGSIZE is counted (``drops["udp-emsgsize"]``), never
+raised, and makes the address prove its MTU again.
 """
 
 from __future__ import annotations
@@ -26,6 +33,7 @@ from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from twisted.internet import defer
+from twisted.internet.error import MessageLengthError
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
@@ -33,6 +41,7 @@ from twisted.logger import Logger
 from coderstack.derp.client import DERPClient, DERPClientHandler
 from coderstack.derpmap import DERPMap
 from coderstack.stun.client import STUNClient
+from coderstack.tailnet import pmtu
 from coderstack.tailnet.endpoint import (
     Addr,
     DiscoOut,
@@ -48,7 +57,26 @@ from coderstack.wire.wireguard import is_wireguard
 _log = Logger()
 
 HOUSEKEEPING_INTERVAL = 0.5
+# Socket buffers as wireguard-go asks for (7 MiB). With 64 KiB datagrams the kernel's default
+# (~208 KiB) holds three of them, and a TCP burst overflows it: 1 Gbit/s instead of 0.6 through
+# two Conns on loopback (bench/bench_pmtu.py); no change at 1280.
+SOCKET_BUFFER = 7 << 20
+_BASE_WIRE_SIZE = pmtu.wire_size(pmtu.BASE_MTU)  # every path carries datagrams this large
 DERP_INACTIVE_CLEANUP = 60.0  # close a non-home DERP connection unused this long
+
+
+def _set_buffers(sock: Any, size: int) -> None:
+    """Ask for ``size``-byte socket buffers (beyond the sysctl maximum where we are allowed)."""
+    import socket
+
+    for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, force, size)
+        except OSError:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, opt, size)
+            except OSError:
+                pass
 
 
 class DERPSource(NamedTuple):
@@ -99,6 +127,8 @@ class MagicSock(DatagramProtocol):
         block_endpoints: bool = False,
         derp_client_factory: Callable[..., Any] | None = None,
         urandom: Callable[[int], bytes] = os.urandom,
+        pmtu_enabled: bool = False,
+        derp_mtu: int = pmtu.BASE_MTU,
     ) -> None:
         self.reactor = reactor
         self.node_private = node_private
@@ -113,6 +143,11 @@ class MagicSock(DatagramProtocol):
         self.block_endpoints = block_endpoints
         self.derp_client_factory = derp_client_factory or self._default_derp_client
         self.urandom = urandom
+        self.pmtu_enabled = pmtu_enabled
+        self.derp_mtu = derp_mtu if pmtu_enabled else pmtu.BASE_MTU
+        self.dont_fragment = False
+        self.socket_buffer = SOCKET_BUFFER
+        self.on_path_mtu: Callable[[bytes, int], None] = lambda node_key, mtu: None
         self.stun = STUNClient(self._write_stun, reactor)
         self.derp_map: DERPMap | None = None
         self.home_region = 0
@@ -134,7 +169,21 @@ class MagicSock(DatagramProtocol):
     # -- lifecycle --------------------------------------------------------------------------
 
     def listen(self, port: int = 0, interface: str = "") -> Any:
-        self.port = self.reactor.listenUDP(port, self, interface=interface)
+        # Peers with path-MTU probing send us datagrams up to the UDP maximum.
+        self.port = self.reactor.listenUDP(port, self, interface=interface, maxPacketSize=1 << 16)
+        sock = getattr(self.port, "socket", None)
+        if sock is not None and self.socket_buffer:
+            _set_buffers(sock, self.socket_buffer)
+        if self.pmtu_enabled:
+            self.dont_fragment = sock is not None and pmtu.set_dont_fragment(sock)
+            if not self.dont_fragment:
+                # Without it a probe could arrive fragmented and prove nothing.
+                _log.info("path MTU probing off: cannot set don't-fragment on the UDP socket")
+                self.pmtu_enabled = False
+                self.derp_mtu = pmtu.BASE_MTU
+                for ep in self.peers.values():
+                    ep.pmtu_enabled = False
+                    ep.derp_mtu = pmtu.BASE_MTU
         self._schedule()
         return self.port
 
@@ -255,18 +304,24 @@ class MagicSock(DatagramProtocol):
         else:
             self.drops["udp-unknown"] += 1
 
-    def _write(self, datagram: bytes, addr: Addr) -> None:
+    def _write(self, datagram: bytes, addr: Addr) -> str:
+        """Write one datagram: "" if sent, else why not (counted in ``drops``)."""
         if self.transport is None:
-            self.drops["no-socket"] += 1
-            return
-        if ":" in addr[0] and self.port is not None and ":" not in self.port.getHost().host:
-            self.drops["no-ipv6"] += 1
-            return
-        try:
-            self.transport.write(datagram, addr)
-        except OSError as e:
-            # Unreachable networks are normal for some candidates; count, never raise.
-            self.drops["udp-" + (errno.errorcode.get(e.errno or 0, "error").lower())] += 1
+            why = "no-socket"
+        elif ":" in addr[0] and self.port is not None and ":" not in self.port.getHost().host:
+            why = "no-ipv6"
+        else:
+            try:
+                self.transport.write(datagram, addr)
+                return ""
+            except MessageLengthError:
+                # Larger than the route's MTU with don't-fragment set (Twisted's EMSGSIZE).
+                why = "udp-emsgsize"
+            except OSError as e:
+                # Unreachable networks are normal for some candidates; count, never raise.
+                why = "udp-" + (errno.errorcode.get(e.errno or 0, "error").lower())
+        self.drops[why] += 1
+        return why
 
     def _write_stun(self, datagram: bytes, addr: Addr) -> None:
         self._write(datagram, addr)
@@ -279,13 +334,29 @@ class MagicSock(DatagramProtocol):
         if ep is None:
             self.drops["unknown-peer"] += 1
             return
-        udp, via_derp, actions = ep.send_plan(self.reactor.seconds())
+        now = self.reactor.seconds()
+        udp, via_derp, actions = ep.send_plan(now)
         if udp is not None:
-            self._write(datagram, udp)
+            if len(datagram) <= _BASE_WIRE_SIZE:
+                self._write(datagram, udp)
+            elif via_derp and len(datagram) > pmtu.wire_size(ep.udp_mtu(udp, now)):
+                self.drops["udp-skipped-too-big"] += 1  # not proven there; DERP carries it
+            elif self._write(datagram, udp) == "udp-emsgsize":
+                ep.udp_too_big(udp, len(datagram), now)
+                self._check_mtu(ep, now)
         if via_derp:
             self._send_derp(ep, datagram)
+            if ep.reported_mtu != self.derp_mtu:
+                self._check_mtu(ep, now)  # trust lapsed: DERP's MTU from this packet on
         if actions:
             self._act(ep, actions)
+
+    def _check_mtu(self, ep: Endpoint, now: float) -> None:
+        mtu = ep.path_mtu(now)
+        if mtu != ep.reported_mtu:
+            ep.reported_mtu = mtu
+            _log.debug("peer {key}: path MTU {mtu}", key=ep.node_key.hex()[:8], mtu=mtu)
+            self.on_path_mtu(ep.node_key, mtu)
 
     def reply(self, source: object, datagram: bytes) -> None:
         """Answer a source as-is (WireGuard cookie replies)."""
@@ -306,7 +377,9 @@ class MagicSock(DatagramProtocol):
             self.remove_peer(node_key)
             ep = None
         if ep is None:
-            ep = Endpoint(node_key, disco_key, direct_disabled=self.block_endpoints, urandom=self.urandom)
+            ep = Endpoint(node_key, disco_key, direct_disabled=self.block_endpoints, urandom=self.urandom,
+                          pmtu_enabled=self.pmtu_enabled, own_node_key=self.node_public,
+                          derp_mtu=self.derp_mtu)
             self.peers[node_key] = ep
             self._by_disco[disco_key] = ep
         ep.derp_region = derp_region
@@ -363,6 +436,8 @@ class MagicSock(DatagramProtocol):
                 self.drops["disco-pong-unmatched"] += 1
                 return
             self._pong(ep, result)
+            if result.size or ep.reported_mtu != ep.path_mtu(now):
+                self._check_mtu(ep, now)
             if ep.path(now)[0] != was:
                 _log.info("peer {key}: path now {path}", key=ep.node_key.hex()[:8], path=ep.path(now)[0])
         elif isinstance(msg, disco.CallMeMaybe):
@@ -422,5 +497,7 @@ class MagicSock(DatagramProtocol):
             actions = ep.tick(now)
             if actions:
                 self._act(ep, actions)
+            if ep.pmtu_enabled:
+                self._check_mtu(ep, now)
         self._cleanup_idle_derp(now)
         self._schedule()
