@@ -286,12 +286,13 @@ class Endpoint:
                     cand.mtu_ok = now
             else:
                 cand.latency = latency  # probes are bigger and slower: time plain pings only
+            if sent.size and cand.latency is not None:
+                latency = cand.latency
             new = AddrLatency(src, latency, cand.proven_mtu(now))
             if self.best is None or now >= self.trust_until or better_addr(new, self.best):
                 self.best = new
             if self.best.addr == src:
-                if not sent.size:
-                    self.best.latency = latency
+                self.best.latency = latency
                 self.best.mtu = cand.proven_mtu(now)
                 self.trust_until = now + TRUST_UDP_ADDR_DURATION
                 self.ever_trusted = True
@@ -360,9 +361,9 @@ class Endpoint:
         cand = self.candidates.get(addr)
         if cand is None:
             return
-        cand.mtu = min(cand.mtu, pmtu.mtu_for_datagram(size, ":" in addr[0]))
-        cand.mtu_ok = -math.inf if cand.mtu > pmtu.BASE_MTU else cand.mtu_ok
-        cand.mtu_probed = -math.inf
+        if size <= pmtu.wire_size(pmtu.BASE_MTU):
+            return  # not even 1280 fits: nothing smaller to fall back to
+        cand.mtu, cand.mtu_ok, cand.mtu_probed = pmtu.BASE_MTU, -math.inf, -math.inf
         if self.best is not None and self.best.addr == addr:
             self.best.mtu = cand.proven_mtu(now)
 

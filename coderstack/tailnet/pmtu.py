@@ -77,12 +77,6 @@ def probe_padding(mtu: int) -> int:
     return max(0, wire_size(mtu) - PING_SIZE)
 
 
-def mtu_for_datagram(size: int, ipv6: bool = False) -> int:
-    """The largest rung (or the base) whose datagram is smaller than ``size`` bytes."""
-    fits = [m for m in probe_mtus(ipv6) if wire_size(m) < size]
-    return max(fits, default=BASE_MTU)
-
-
 ENV = "CODERSTACK_PMTUD"  # "0", "false", "off" or "no" turns probing off
 
 

@@ -1,0 +1,121 @@
+"""One tailnet peer with a netstack for the path-MTU lab, driven over stdin/stdout JSON lines::
+
+    python -m tests.netlab.pmtu_peer --derp-map JSON
+
+stdout: {"node": NODE} on every change; {"status": {...}} every 0.25 s (path, path_mtu, drops);
+        {"received": [bytes, sha256]} when a connection to our sink closes;
+        {"sent": [bytes, sha256]} when our transfer finished writing; {"error": "..."}.
+stdin:  {"peer": NODE}                  add/update the peer
+        {"serve": PORT}                 a hashing sink on our tunnel address
+        {"send": [PORT, NBYTES]}        connect to the peer's PORT and send NBYTES
+        {"ping": true}                  one disco ping (starts discovery)
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+
+from twisted.internet import protocol, reactor, stdio, task
+from twisted.protocols.basic import LineReceiver
+
+from coderstack.derpmap import DERPMap
+from coderstack.tailnet.conn import Conn
+from coderstack.tailnet.stack import attach_netstack, client_endpoint, server_endpoint
+from coderstack.wire.coordination import Node
+
+
+def out(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+class Sink(protocol.Protocol):
+    def connectionMade(self) -> None:  # noqa: N802
+        self.hash, self.count = hashlib.sha256(), 0
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        self.hash.update(data)
+        self.count += len(data)
+
+    def connectionLost(self, reason=None) -> None:  # noqa: N802
+        out({"received": [self.count, self.hash.hexdigest()]})
+
+
+class Source(protocol.Protocol):
+    def __init__(self, total: int) -> None:
+        self.total, self.sent, self.hash = total, 0, hashlib.sha256()
+        self.block = hashlib.shake_256(b"netlab pmtu").digest(128 << 10)
+
+    def connectionMade(self) -> None:  # noqa: N802
+        self.transport.registerProducer(self, False)
+
+    def resumeProducing(self) -> None:  # noqa: N802
+        chunk = self.block[: min(len(self.block), self.total - self.sent)]
+        self.sent += len(chunk)
+        self.hash.update(chunk)
+        self.transport.write(chunk)
+        if self.sent >= self.total:
+            self.transport.unregisterProducer()
+            self.transport.loseConnection()
+            out({"sent": [self.sent, self.hash.hexdigest()]})
+
+    def stopProducing(self) -> None:  # noqa: N802
+        pass
+
+
+class Peer(LineReceiver):
+    delimiter = b"\n"
+
+    def __init__(self, conn: Conn) -> None:
+        self.conn = conn
+        self.peer: Node | None = None
+        conn.on_node_change(lambda node: out({"node": node.to_json()}))
+        task.LoopingCall(self.status).start(0.25, now=False)
+
+    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+        msg = json.loads(line)
+        ns = self.conn.netstack  # type: ignore[attr-defined]
+        if "peer" in msg:
+            self.peer = Node.from_json(msg["peer"])
+            self.conn.update_peer(self.peer)
+        if "serve" in msg:
+            server_endpoint(ns, msg["serve"]).listen(protocol.Factory.forProtocol(Sink))
+        if "send" in msg and self.peer is not None:
+            port, total = msg["send"]
+            dst = self.peer.addresses[0].network_address
+            d = client_endpoint(ns, dst, port).connect(protocol.Factory.forProtocol(lambda: Source(total)))
+            d.addErrback(lambda f: out({"error": f.getErrorMessage()}))
+        if msg.get("ping") and self.peer is not None:
+            self.conn.ping(self.peer.key).addErrback(lambda f: None)
+
+    def status(self) -> None:
+        full = self.conn.status()
+        st: dict = {"drops": full["drops"], "pmtu": full["pmtu"], "disco": full["disco"],
+                    "netstack": dict(self.conn.netstack.stats)}  # type: ignore[attr-defined]
+        if self.peer is not None:
+            st["path"] = self.conn.path(self.peer.key)[0]
+            st["path_mtu"] = self.conn.path_mtu(self.peer.key)
+        out({"status": st})
+
+    def connectionLost(self, reason=None) -> None:  # noqa: N802
+        if reactor.running:
+            reactor.stop()
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("--derp-map", required=True)
+    args = p.parse_args()
+    conn = Conn(reactor, derp_token="netlab", netcheck=False)
+    conn.start(0)
+    conn.set_derp_map(DERPMap.loads(args.derp_map))
+    conn.netstack = attach_netstack(conn, reactor)  # type: ignore[attr-defined]
+    stdio.StandardIO(Peer(conn))
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
