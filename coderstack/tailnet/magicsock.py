@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import errno
 import os
+import socket
+import sys
 from collections import Counter
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -65,10 +67,30 @@ _BASE_WIRE_SIZE = pmtu.wire_size(pmtu.BASE_MTU)  # every path carries datagrams 
 DERP_INACTIVE_CLEANUP = 60.0  # close a non-home DERP connection unused this long
 
 
+# Linux values (<linux/in.h>, <linux/in6.h>); Python's socket module does not export them.
+_IP_MTU_DISCOVER = 10
+_IPV6_MTU_DISCOVER = 23
+_PMTUDISC_DO = 2
+
+
+def set_dont_fragment(sock: Any) -> bool:
+    """Make ``sock`` refuse to fragment: an oversize send fails with EMSGSIZE (or the datagram
+    is lost further along) instead of arriving in pieces, which would make every probe succeed.
+    Linux only; returns whether it was set."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        if sock.family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_DO)
+        else:
+            sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_DO)
+    except OSError:
+        return False
+    return True
+
+
 def _set_buffers(sock: Any, size: int) -> None:
     """Ask for ``size``-byte socket buffers (beyond the sysctl maximum where we are allowed)."""
-    import socket
-
     for opt, force in ((socket.SO_RCVBUF, 33), (socket.SO_SNDBUF, 32)):  # SO_*BUFFORCE
         try:
             sock.setsockopt(socket.SOL_SOCKET, force, size)
@@ -175,7 +197,7 @@ class MagicSock(DatagramProtocol):
         if sock is not None and self.socket_buffer:
             _set_buffers(sock, self.socket_buffer)
         if self.pmtu_enabled:
-            self.dont_fragment = sock is not None and pmtu.set_dont_fragment(sock)
+            self.dont_fragment = sock is not None and set_dont_fragment(sock)
             if not self.dont_fragment:
                 # Without it a probe could arrive fragmented and prove nothing.
                 _log.info("path MTU probing off: cannot set don't-fragment on the UDP socket")

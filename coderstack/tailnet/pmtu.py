@@ -3,8 +3,7 @@
 The tunnel's MTU is the largest IPv6 packet WireGuard carries inside one datagram. 1280 (IPv6's
 minimum) is assumed everywhere without proof, as Tailscale does. Larger ones must be proven per
 direct path with padded disco pings: a pong for a ping of N bytes proves the path carried N bytes
-from us to the peer without fragmentation (the socket sets the don't-fragment bit, see
-:func:`set_dont_fragment`).
+from us to the peer without fragmentation (magicsock's socket sets the don't-fragment bit).
 
 Sizes on the wire (outer IPv4; IPv6 adds 20 bytes of header)::
 
@@ -20,12 +19,8 @@ padding never makes a full-size packet's datagram larger than its probe.
 
 from __future__ import annotations
 
-import errno
 import os
-import socket
-import sys
 from collections.abc import Mapping
-from typing import Any
 
 from coderstack.wire import disco
 
@@ -85,37 +80,3 @@ def enabled_from_env(environ: Mapping[str, str] | None = None) -> bool:
     but on by default because the gain was measured: bench/bench_pmtu.py)."""
     value = (os.environ if environ is None else environ).get(ENV, "").strip().lower()
     return value not in ("0", "false", "off", "no")
-
-
-# Linux values (<linux/in.h>, <linux/in6.h>); Python's socket module does not export them.
-_IP_MTU_DISCOVER = 10
-_IPV6_MTU_DISCOVER = 23
-_PMTUDISC_DO = 2
-
-
-def set_dont_fragment(sock: Any) -> bool:
-    """Make ``sock`` refuse to fragment: oversize sends fail with EMSGSIZE (or vanish on the
-    path) instead of arriving in pieces, which would make every probe succeed. Linux only;
-    returns whether it was set."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        if sock.family == socket.AF_INET6:
-            sock.setsockopt(socket.IPPROTO_IPV6, _IPV6_MTU_DISCOVER, _PMTUDISC_DO)
-            # A dual-stack socket sends IPv4 too; set both where the kernel allows.
-            try:
-                sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_DO)
-            except OSError:
-                pass
-        else:
-            sock.setsockopt(socket.IPPROTO_IP, _IP_MTU_DISCOVER, _PMTUDISC_DO)
-    except OSError:
-        return False
-    return True
-
-
-def is_too_big(exc: BaseException) -> bool:
-    """Is this send error "message too long" (Twisted's MessageLengthError or a raw EMSGSIZE)?"""
-    from twisted.internet.error import MessageLengthError
-
-    return isinstance(exc, MessageLengthError) or (isinstance(exc, OSError) and exc.errno == errno.EMSGSIZE)

@@ -50,15 +50,18 @@ class LoopbackPMTUTests(unittest.TestCase):
 
     async def test_off_stays_at_1280(self) -> None:
         a, b = await self.pair(pmtu=False)
+        self.assertFalse(a.sock.dont_fragment)
         bkey = b.keys.node_public
         await a.ping(bkey)
         await wait_for(lambda: a.path(bkey)[0].startswith("p2p"))
         await task.deferLater(reactor, 0.3, lambda: None)
         self.assertEqual(a.path_mtu(bkey), 1280)
-        self.assertEqual(a.sock.disco_stats["ping out udp"] + a.sock.disco_stats["ping out derp"],
-                         sum(v for k, v in a.sock.disco_stats.items() if k.startswith("ping out")))
+        sizes: list[int] = []
+        b.on_packet(lambda k, p: sizes.append(len(p)))
         count, sent, got = await transfer(reactor, a, b, 1 << 20)
         self.assertEqual((count, got), (1 << 20, sent))
+        self.assertEqual(max(sizes), 1280)  # full segments, and no larger
+        self.assertEqual(a.netstack.stack.path_mtu, {})
 
     async def test_fallback_to_derp_lowers_mtu_and_tcp_survives(self) -> None:
         """Mid-transfer, UDP between the two stops (as if a NAT mapping died): trust lapses, the
