@@ -16,9 +16,9 @@ on demand; our home region is kept up), and runs one housekeeping timer (heartbe
 ping timeouts). ``block_endpoints`` disables direct paths: no UDP pings, no CallMeMaybe, all
 traffic via DERP.
 
-Path MTU (``pmtu``): the socket never fragments (don't-fragment set, see
-``coderstack/tailnet/pmtu.py``) and takes datagrams up to 64 KiB; the Endpoints probe direct
-paths with padded pings, and ``on_path_mtu(node_key, mtu)`` hears whenever a peer's usable inner
+Path MTU (``pmtu_enabled``; sizes in ``coderstack/tailnet/pmtu.py``): the socket never
+fragments (IP_MTU_DISCOVER = IP_PMTUDISC_DO) and takes datagrams up to 64 KiB; the Endpoints
+probe direct paths with padded pings, and ``on_path_mtu(node_key, mtu)`` hears whenever a peer's usable inner
 MTU changes (a probe proved a larger one; trust lapsed and packets go via DERP; a proven size
 stopped working). A send refused with EMSGSIZE is counted (``drops["udp-emsgsize"]``), never
 raised, and makes the address prove its MTU again.

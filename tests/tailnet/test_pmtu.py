@@ -359,3 +359,37 @@ class GlueTests(unittest.TestCase):
         stack.receive(ptb, 0.0)
         self.assertEqual(stack.stats["icmp_packet_too_big"], 1)
         self.assertEqual(glue.too_big, 1)
+
+
+class SwitchTests(unittest.TestCase):
+    def test_env_turns_probing_off_for_a_conn(self) -> None:
+        self.patch(pmtu.os, "environ", {"CODERSTACK_PMTUD": "0"})
+        conn = Conn(task.Clock(), netcheck=False)
+        self.assertFalse(conn.pmtu)
+        self.assertFalse(conn.sock.pmtu_enabled)
+        self.assertEqual((conn.receive_mtu, conn.device.mtu), (1280, 1280))
+        self.patch(pmtu.os, "environ", {})
+        conn = Conn(task.Clock(), netcheck=False)
+        self.assertTrue(conn.pmtu)
+        self.assertEqual((conn.receive_mtu, conn.device.mtu), (65472, 65472))
+
+    def test_netstack_announces_what_the_conn_can_receive(self) -> None:
+        from coderstack.tailnet.stack import attach_netstack
+
+        for on, receive in ((True, 65472), (False, 1280)):
+            p = ConnPair(pmtu_on=on)
+            ns = attach_netstack(p.a, p.clock)
+            self.assertEqual(ns.stack.config.mtu, 1280)
+            self.assertEqual(ns.stack.config.receive_mtu, receive)
+
+    def test_netstack_hears_mtu_changes(self) -> None:
+        from coderstack.tailnet.stack import attach_netstack
+
+        p = ConnPair(link_mtu=9000)
+        ns = attach_netstack(p.a, p.clock)
+        bkey = p.b.keys.node_public
+        p.a.ping(bkey)
+        p.run(0.2)
+        self.assertEqual(ns.stack.path_mtu, {p.b.address.packed: 8928})
+        p.a.remove_peer(bkey)
+        self.assertEqual(ns.stack.path_mtu, {})
