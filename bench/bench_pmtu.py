@@ -150,6 +150,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="2 s tests, 3 runs (the default)")
     parser.add_argument("--full", action="store_true", help="5 s tests, 5 runs")
+    parser.add_argument("--only", choices=("direct", "derp"), help="one pair of cases")
     args = parser.parse_args()
     seconds, runs = (5.0, 5) if args.full else (2.0, 3)
     env = dict(os.environ, PYTHONPATH=ROOT)
@@ -160,6 +161,8 @@ def main() -> None:
         ("DERP relay, MTU 1280 (default)", dict(pmtu=True, relayed=True, derp_mtu=1280)),
         ("DERP relay, MTU 65472", dict(pmtu=True, relayed=True, derp_mtu=65472)),
     ]
+    if args.only:
+        cases = [c for c in cases if c[1]["relayed"] == (args.only == "derp")]
     rows = []
     try:
         port = int(relay.stdout.readline())
@@ -177,11 +180,11 @@ def main() -> None:
     for name, r in rows:
         print(f"| {name} | {r['mtu']} | {statistics.median(r['down']):.0f} Mbit/s | "
               f"{statistics.median(r['up']):.0f} Mbit/s | {r['retransmits']} |")
-    base = {n: r for n, r in rows}
-    on, off = base[cases[0][0]], base[cases[1][0]]
-    for d in ("down", "up"):
-        ratio = statistics.median(on[d]) / statistics.median(off[d])
-        print(f"\nprobing on / forced 1280, {d}: {ratio:.2f}x", end="")
+    for i in range(0, len(rows), 2):
+        (name_a, on), (name_b, off) = rows[i], rows[i + 1]
+        for d in ("down", "up"):
+            ratio = statistics.median(on[d]) / statistics.median(off[d])
+            print(f"\n{name_a} / {name_b}, {d}: {ratio:.2f}x", end="")
     print()
 
 
