@@ -1,0 +1,55 @@
+"""``coderstack ping`` and ``coderstack ssh`` through NATs: the real server, agent and CLI
+(tests/netlab/user_lab.py; needs root for the namespaces — CI runs as root).
+
+The magicsock NAT scenarios (issue 6) with what users actually run: the agent behind NAT A, the
+CLI behind NAT B, ``twistd coderstack-server`` with its DERP and STUN on the wan.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+from twisted.trial import unittest
+
+from tests.netlab.user_lab import NAT_IPS, REGION_NAME, WORKSPACE, UserLab, available
+
+WS = WORKSPACE
+P2P_PONG = re.compile(rf"^pong from {WS} p2p via ([0-9.]+):(\d+) in [0-9.]+(µs|ms|s)$", re.M)
+DERP_PONG = re.compile(rf"^pong from {WS} proxied via DERP\({re.escape(REGION_NAME)}\) in [0-9.]+(µs|ms|s)$", re.M)
+
+
+class UserCommandsThroughNATTests(unittest.TestCase):
+    timeout = 120
+
+    async def lab(self, nat: str = "easy", *server_args: str, **kw) -> UserLab:
+        why = available()
+        if why:
+            raise unittest.SkipTest(why)
+        if shutil.which("ssh") is None or shutil.which("curl") is None:
+            raise unittest.SkipTest("OpenSSH's client and curl are needed (.ci/run installs them)")
+        lab = UserLab(self, nat, *server_args, **kw)
+        await lab.start()
+        return lab
+
+    async def test_easy_nats_ping_goes_p2p_and_ssh_works(self) -> None:
+        lab = await self.lab("easy")
+        alice = lab.user
+        code, out, err = await alice.run("ping", WS, "-n", "5", "--wait", "100ms")
+        self.assertEqual(code, 0, err)
+        pongs = [line for line in out.splitlines() if line.startswith("pong from")]
+        self.assertEqual(len(pongs), 5, out)
+        last = P2P_PONG.match(pongs[-1])
+        self.assertIsNotNone(last, out)
+        self.assertEqual(last.group(1), NAT_IPS["a"], out)  # the agent's NAT's public mapping
+        self.assertIn("✔ You are connected directly (p2p)", err)
+        code, out, err = await alice.run("ssh", WS, "--", "echo", "ok")
+        self.assertEqual((code, out.strip()), (0, "ok"), err)
+        code, out, err = await alice.run("ssh", WS, "--", "exit", "7")
+        self.assertEqual(code, 7, err)
+        # Stock OpenSSH with config-ssh's block.
+        config = os.path.join(alice.home, "ssh_config")
+        await alice.ok("config-ssh", "--ssh-config-file", config, "--yes")
+        code, out, err = await alice.run_program("ssh", "-F", config, f"coder.{WS}", "echo ok; exit 3")
+        self.assertEqual((code, out.strip()), (3, "ok"), err)
