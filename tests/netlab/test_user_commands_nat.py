@@ -53,3 +53,18 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         await alice.ok("config-ssh", "--ssh-config-file", config, "--yes")
         code, out, err = await alice.run_program("ssh", "-F", config, f"coder.{WS}", "echo ok; exit 3")
         self.assertEqual((code, out.strip()), (3, "ok"), err)
+
+    async def test_disable_direct_connections_uses_derp_for_ping_and_ssh(self) -> None:
+        lab = await self.lab("easy")
+        alice = lab.user
+        lab.count_direct("b")
+        code, out, err = await alice.run("--disable-direct-connections", "ping", WS, "-n", "3", "--wait", "100ms")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(DERP_PONG.findall(out)), 3, out)
+        self.assertIn("❗ Direct connections are disabled locally", err)
+        self.assertIn("❗ You are connected via a DERP relay, not directly (p2p)", err)
+        self.assertEqual(lab.udp_forwarded("b"), 0)
+        code, out, err = await alice.run("--disable-direct-connections", "ssh", WS, "--", "echo", "relayed")
+        self.assertEqual((code, out.strip()), (0, "relayed"), err)
+        # Not one UDP packet went from the CLI's NAT to the agent's: everything was relayed.
+        self.assertEqual(lab.udp_forwarded("b"), 0)
