@@ -68,3 +68,34 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         self.assertEqual((code, out.strip()), (0, "relayed"), err)
         # Not one UDP packet went from the CLI's NAT to the agent's: everything was relayed.
         self.assertEqual(lab.udp_forwarded("b"), 0)
+
+    async def test_hard_nats_relay_ping_and_ssh_and_say_why(self) -> None:
+        lab = await self.lab("hard", second_stun=True)
+        alice = lab.user
+        code, out, err = await alice.run("ping", WS, "-n", "3", "--wait", "100ms", "-v")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(DERP_PONG.findall(out)), 3, out)
+        self.assertNotIn("p2p", out)
+        # Both sides saw their mapping vary between the two STUN servers, and ping says so.
+        self.assertIn("Possible client-side issues with direct connection:\n\n"
+                      " - Client is potentially behind a hard NAT", err)
+        self.assertIn("Possible agent-side issues with direct connections:\n\n"
+                      " - Agent is potentially behind a hard NAT", err)
+        self.assertIn("❗ You are connected via a DERP relay, not directly (p2p)", err)
+        code, out, err = await alice.run("ssh", WS, "--", "echo", "relayed", ";", "exit", "5")
+        self.assertEqual((code, out.strip()), (5, "relayed"), err)
+        self.assertNotIn("path now p2p", lab.agent.log())
+
+    async def test_udp_blocked_at_the_client_relays_and_says_why(self) -> None:
+        lab = await self.lab("easy")
+        lab.block_udp("b")
+        alice = lab.user
+        code, out, err = await alice.run("ping", WS, "-n", "3", "--wait", "100ms", "-v")
+        self.assertEqual(code, 0, err)
+        self.assertEqual(len(DERP_PONG.findall(out)), 3, out)
+        self.assertIn(" - Client could not connect to STUN over UDP", err)
+        self.assertNotIn("Agent could not connect to STUN", err)
+        self.assertIn("❗ You are connected via a DERP relay, not directly (p2p)", err)
+        code, out, err = await alice.run("ssh", WS, "--", "echo", "ok")
+        self.assertEqual((code, out.strip()), (0, "ok"), err)
+        self.assertNotIn("path now p2p", lab.agent.log())
