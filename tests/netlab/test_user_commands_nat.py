@@ -13,7 +13,8 @@ import shutil
 
 from twisted.trial import unittest
 
-from tests.netlab.user_lab import NAT_IPS, REGION_NAME, WORKSPACE, UserLab, available
+from tests.netlab.magicsock_lab import sleep, wait_for
+from tests.netlab.user_lab import NAT_IPS, REGION_NAME, WORKSPACE, Session, UserLab, available
 
 WS = WORKSPACE
 P2P_PONG = re.compile(rf"^pong from {WS} p2p via ([0-9.]+):(\d+) in [0-9.]+(µs|ms|s)$", re.M)
@@ -99,3 +100,60 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         code, out, err = await alice.run("ssh", WS, "--", "echo", "ok")
         self.assertEqual((code, out.strip()), (0, "ok"), err)
         self.assertNotIn("path now p2p", lab.agent.log())
+
+    async def echo_session(self, lab: UserLab) -> Session:
+        """``coderstack ssh box`` running a line echo, held open; waits until it answers."""
+        # OpenSSH joins the words of a remote command with spaces: one string, as a user types it.
+        s = lab.session("ssh", WS, "--", "while read x; do echo got $x; done")
+        s.write(b"hello\n")
+        await s.wait_output(b"got hello\n")
+        return s
+
+    async def roundtrip(self, s: Session, word: str) -> None:
+        s.write(word.encode() + b"\n")
+        await s.wait_output(f"got {word}\n".encode())
+
+    async def test_mid_session_udp_blocked_then_allowed(self) -> None:
+        lab = await self.lab("easy")
+        s = await self.echo_session(lab)
+        await wait_for(lambda: lab.agent.log().count("path now p2p") >= 1)
+        lab.block_udp("b")
+        # The direct path dies (6.5 s without a pong), WireGuard goes on over DERP and the
+        # in-tunnel TCP retransmits; the same ssh session answers.
+        await self.roundtrip(s, "while-blocked")
+        lab.block_udp("b", on=False)
+        # Traffic goes on; the next discovery pings find the direct path again.
+        n = 0
+        while lab.agent.log().count("path now p2p") < 2:
+            n += 1
+            await self.roundtrip(s, f"after-{n}")
+            await sleep(0.5)
+        await self.roundtrip(s, "back-p2p")
+        s.close_stdin()
+        self.assertEqual(await s.ended, 0, s.err)
+
+    async def test_direct_session_survives_a_server_restart_and_can_still_fall_back(self) -> None:
+        lab = await self.lab("easy")
+        s = await self.echo_session(lab)
+        await wait_for(lambda: lab.agent.log().count("path now p2p") >= 1)
+        await lab.d.stop_server()
+        # Coordinator and DERP are gone; WireGuard goes on directly between the NATs.
+        # Longer than the 6.5 s a pong is trusted: disco heartbeats keep the direct path alive
+        # without the server.
+        for i in range(8):
+            await self.roundtrip(s, f"server-down-{i}")
+            await sleep(1.0)
+        sessions = lab.agent.log().count("coordinator connected; node sent")
+        await lab.d.start_server()
+        # The agent finds the server again by itself, and new connections work.
+        await wait_for(lambda: lab.agent.log().count("coordinator connected; node sent") > sessions)
+        await lab.user.wait_status(WS, "connected", watch=[lab.agent])
+        code, out, err = await lab.user.run("ssh", WS, "--", "echo", "after-restart")
+        self.assertEqual((code, out.strip()), (0, "after-restart"), err)
+        await self.roundtrip(s, "server-back")
+        # The old session's CLI is known to the new coordinator again, so the relay forwards
+        # its packets: when the direct path then dies, it falls back to DERP.
+        lab.block_udp("b")
+        await self.roundtrip(s, "relayed-after-restart")
+        s.close_stdin()
+        self.assertEqual(await s.ended, 0, s.err)

@@ -77,6 +77,7 @@ class Session(protocol.ProcessProtocol):
         self.name = name
         self.out = b""
         self.err = b""
+        # Exit status. (processEnded would also wait for OpenSSH, which shares our pipes.)
         self.ended: defer.Deferred[int | None] = defer.Deferred()
         self.pid: int | None = None
         self.tree: set[int] = set()  # every descendant seen (OpenSSH, the ProxyCommand)
@@ -90,7 +91,7 @@ class Session(protocol.ProcessProtocol):
     def errReceived(self, data: bytes) -> None:  # noqa: N802
         self.err = (self.err + data)[-16000:]
 
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
+    def processExited(self, reason: Any) -> None:  # noqa: N802
         self.ended.callback(getattr(reason.value, "exitCode", None))
 
     def write(self, data: bytes) -> None:
