@@ -118,19 +118,27 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         s = await self.echo_session(lab)
         await wait_for(lambda: lab.agent.log().count("path now p2p") >= 1)
         lab.block_udp("b")
-        # The direct path dies (6.5 s without a pong), WireGuard goes on over DERP and the
-        # in-tunnel TCP retransmits; the same ssh session answers.
-        await self.roundtrip(s, "while-blocked")
+        # Someone keeps typing. The direct path dies (6.5 s without a pong), WireGuard goes on
+        # over DERP and the in-tunnel TCP recovers what was lost; the same ssh session answers.
+        typed = await self.type_until_echoed(s, "blocked")
         lab.block_udp("b", on=False)
-        # Traffic goes on; the next discovery pings find the direct path again.
-        n = 0
-        while lab.agent.log().count("path now p2p") < 2:
-            n += 1
-            await self.roundtrip(s, f"after-{n}")
-            await sleep(0.5)
+        # The next discovery pings find the direct path again while the session goes on.
+        typed += await self.type_until_echoed(s, "allowed", lambda: lab.agent.log().count("path now p2p") >= 2)
         await self.roundtrip(s, "back-p2p")
+        # Every line came back, once and in order.
+        self.assertEqual(s.out.decode().splitlines(), ["got hello", *(f"got {w}" for w in typed), "got back-p2p"])
         s.close_stdin()
         self.assertEqual(await s.ended, 0, s.err)
+
+    async def type_until_echoed(self, s: Session, word: str, also=lambda: True) -> list[str]:
+        """A line every 0.2 s until one of them came back (and ``also()`` holds); all echoed."""
+        typed: list[str] = []
+        while not (f"got {word}-".encode() in s.out and also()):
+            typed.append(f"{word}-{len(typed)}")
+            s.write(typed[-1].encode() + b"\n")
+            await sleep(0.2)
+        await s.wait_output(f"got {typed[-1]}\n".encode())
+        return typed
 
     async def test_direct_session_survives_a_server_restart_and_can_still_fall_back(self) -> None:
         lab = await self.lab("easy")
