@@ -117,6 +117,10 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         lab = await self.lab("easy")
         s = await self.echo_session(lab)
         await wait_for(lambda: lab.agent.log().count("path now p2p") >= 1)
+        # Block 2 s after the first pong (the session in use for a moment): the direct path is
+        # then trusted 4.5 s more, so TCP's retransmission at 6.2 s goes via DERP. (Blocked right
+        # at the pong, trust outlasts that one and the next is at 12.6 s: same result, slower.)
+        await sleep(2.0)
         lab.block_udp("b")
         # Someone keeps typing. The direct path dies (6.5 s without a pong), WireGuard goes on
         # over DERP and the in-tunnel TCP recovers what was lost; the same ssh session answers.
