@@ -155,6 +155,10 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         for i in range(8):
             await self.roundtrip(s, f"server-down-{i}")
             await sleep(1.0)
+        # Meanwhile a new command cannot find the workspace: one clear line.
+        code, out, err = await lab.user.run("ssh", WS, "--", "true")
+        self.assertEqual(code, 1, err)
+        self.assertRegex(err, r"^error: cannot reach the server at http://203\.0\.113\.2:3000 \(.*refused.*\)\n$")
         sessions = lab.agent.log().count("coordinator connected; node sent")
         await lab.d.start_server()
         # The agent finds the server again by itself, and new connections work.
