@@ -62,6 +62,14 @@ def descendants(pid: int) -> list[int]:
     return out
 
 
+def cmdline(pid: int) -> bytes | None:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read()
+    except OSError:
+        return None
+
+
 def kill_pids(pids: list[int], signum: int = signal.SIGKILL) -> None:
     for pid in pids:
         try:
@@ -80,7 +88,7 @@ class Session(protocol.ProcessProtocol):
         # Exit status. (processEnded would also wait for OpenSSH, which shares our pipes.)
         self.ended: defer.Deferred[int | None] = defer.Deferred()
         self.pid: int | None = None
-        self.tree: set[int] = set()  # every descendant seen (OpenSSH, the ProxyCommand)
+        self.tree: dict[int, bytes | None] = {}  # every descendant seen (OpenSSH, the ProxyCommand)
 
     def connectionMade(self) -> None:  # noqa: N802
         self.pid = self.transport.pid
@@ -103,7 +111,8 @@ class Session(protocol.ProcessProtocol):
 
     def remember_tree(self) -> None:
         if self.pid is not None and not self.ended.called:
-            self.tree.update(descendants(self.pid))
+            for pid in descendants(self.pid):
+                self.tree.setdefault(pid, cmdline(pid))
 
     async def wait_output(self, needle: bytes) -> None:
         while needle not in self.out:
@@ -123,7 +132,8 @@ class Session(protocol.ProcessProtocol):
             if not self.ended.called:
                 kill_pids([self.pid])
                 await self.ended
-        kill_pids([p for p in self.tree if pid_alive(p)])
+        # Only those still running what we saw them run (a PID may have been reused since).
+        kill_pids([p for p, cmd in self.tree.items() if pid_alive(p) and cmdline(p) == cmd])
 
 
 class UserLab:
