@@ -11,7 +11,8 @@ return an object with:
 * ``async ping() -> PingResult`` — one disco/TSMP ping to the agent (raises on timeout);
 * ``peer_diagnostics() -> dict`` — the dict :func:`coderstack.cli.pingfmt.peer_diagnostics` reads;
 * ``derp_region_names() -> {id: name}``, ``netinfo() -> Report JSON | None`` (this side's
-  netcheck), ``disable_direct`` (bool), ``close()``.
+  netcheck), ``async await_netinfo(timeout)`` (until the first netcheck report is in, at most
+  ``timeout`` seconds), ``disable_direct`` (bool), ``close()``.
 
 Until the lead wires a real ``Connect`` over ``coderstack.tailnet.conn.dial_agent``, the
 commands exist as ``run_with(reactor, options, ctx, connect)`` and stay out of ``COMMANDS``.
@@ -56,6 +57,7 @@ class AgentConnection(Protocol):
     def peer_diagnostics(self) -> dict[str, Any]: ...
     def derp_region_names(self) -> dict[int, str]: ...
     def netinfo(self) -> dict[str, Any] | None: ...
+    async def await_netinfo(self, timeout: float) -> None: ...
     def close(self) -> Any: ...
 
 
@@ -73,7 +75,9 @@ class LoopbackConnection:
     disable_direct: bool = False
     diagnostics: dict[str, Any] = field(default_factory=dict)
     regions: dict[int, str] = field(default_factory=dict)
+    report: dict[str, Any] | None = None     # what netinfo() returns once await_netinfo ran
     closed: bool = False
+    _netinfo: dict[str, Any] | None = None
 
     def endpoint(self, port: int) -> IStreamClientEndpoint:
         return TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.ports.get(port, port))
@@ -91,7 +95,11 @@ class LoopbackConnection:
         return self.regions
 
     def netinfo(self) -> dict[str, Any] | None:
-        return None
+        return self._netinfo
+
+    async def await_netinfo(self, timeout: float) -> None:
+        # A report that is only there for whoever waits for it, like a netcheck still running.
+        self._netinfo = self.report
 
     def close(self) -> None:
         self.closed = True

@@ -22,9 +22,11 @@ from coderstack.cli.agenthttp import AgentHTTPError, get_json
 from coderstack.cli.command import Command
 from coderstack.cli.dialing import Connect
 from coderstack.derpmap import DERPMap, DERPMapError
-from coderstack.tailnet.netcheck import gather_interfaces, interfaces_report
+from coderstack.tailnet.netcheck import REPORT_TIMEOUT, gather_interfaces, interfaces_report
 
 AGENT_API_PORT = 4
+# How long the diagnostics wait for this side's first netcheck report: a report run's own limit.
+NETCHECK_WAIT = REPORT_TIMEOUT + 0.5
 DOCS = "https://coder.com/docs/admin/networking/troubleshooting"
 
 
@@ -97,6 +99,10 @@ async def _diagnostics(reactor: Any, ctx: Any, conn: Any, p2p: bool) -> None:
             ctx.err(f"Failed to retrieve connection report from agent: {err}")
     except Exception as err:  # noqa: BLE001 - a diagnostic must not end the ping
         ctx.err(f"Failed to retrieve connection report from agent: {err}")
+    if ctx.verbose or not p2p:
+        # Right after dialing, a netcheck with UDP blocked is still waiting for its STUN probes;
+        # the diagnostics would then say nothing about why the path is relayed.
+        await conn.await_netinfo(NETCHECK_WAIT)
     ctx.stderr.write(pingfmt.peer_diagnostics(conn.peer_diagnostics(), reactor.seconds()))
     ctx.stderr.write(pingfmt.conn_diagnostics(
         troubleshooting_url=DOCS, ping_p2p=p2p, verbose=ctx.verbose, disable_direct=ctx.disable_direct,

@@ -124,10 +124,26 @@ async def run_stdio(reactor: Any, conn: Any, stdin_fd: int = 0, stdout_fd: int =
     return 0
 
 
-def proxy_command(global_config: str, workspace: str) -> str:
-    argv = [os.path.abspath(sys.executable), "-m", "coderstack", "--global-config", global_config,
-            "ssh", "--stdio", workspace]
+def proxy_command(global_config: str, workspace: str, disable_direct: bool = False) -> str:
+    """The ProxyCommand: a new ``coderstack`` process, so this run's global flags must be passed on
+    (``--disable-direct-connections`` given on the command line would otherwise be lost)."""
+    argv = [os.path.abspath(sys.executable), "-m", "coderstack", "--global-config", global_config]
+    if disable_direct:
+        argv.append("--disable-direct-connections")
+    argv += ["ssh", "--stdio", workspace]
     return shlex.join(argv)
+
+
+def proxy_env(ctx: Any) -> dict[str, str]:
+    """OpenSSH's environment, which its ProxyCommand inherits: ``--url``/``--token`` given to this
+    run go on as ``CODER_URL``/``CODER_SESSION_TOKEN`` (the environment, not the command line,
+    keeps the token out of ``ps``)."""
+    env = dict(ctx.environ)
+    if ctx.url_override:
+        env["CODER_URL"] = ctx.url_override
+    if ctx.token_override:
+        env["CODER_SESSION_TOKEN"] = ctx.token_override
+    return env
 
 
 def openssh_argv(ssh: str, proxy: str, workspace: str, forward_agent: bool, command: list[str]) -> list[str]:
@@ -168,10 +184,10 @@ async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -
     # A missing workspace or an offline agent is one clear line here, not an error from
     # inside OpenSSH's ProxyCommand.
     await tunnel.find_agent(ctx, name)
-    argv = openssh_argv(ssh, proxy_command(ctx.config.path, name), name,
+    argv = openssh_argv(ssh, proxy_command(ctx.config.path, name, ctx.disable_direct), name,
                         bool(options["forward-agent"]), options["command"])
     child = _Exit()
-    reactor.spawnProcess(child, ssh, argv, env=dict(env), childFDs={0: 0, 1: 1, 2: 2})
+    reactor.spawnProcess(child, ssh, argv, env=proxy_env(ctx), childFDs={0: 0, 1: 1, 2: 2})
     return await child.done
 
 

@@ -109,6 +109,20 @@ class TunnelConnection:
         report = self.conn.last_report
         return report.to_json() if report is not None else None
 
+    async def await_netinfo(self, timeout: float) -> None:
+        """Until the Conn's first netcheck report is in, at most ``timeout`` seconds. It comes at
+        once when UDP works; when UDP is blocked it comes only after the STUN probes time out,
+        and that report is the one that says so."""
+        from twisted.internet import task
+
+        conn = self.conn
+        if not getattr(conn, "netcheck_enabled", True):
+            return
+        step, waited = 0.05, 0.0
+        while conn.last_report is None and waited < timeout:
+            await task.deferLater(conn.reactor, step, lambda: None)
+            waited += step
+
     def close(self) -> Any:
         if self._closing is None:
             from twisted.internet.defer import Deferred

@@ -11,10 +11,17 @@ pointed at the URL we use; the coordination websocket ``/api/v2/workspaceagents/
 with ``update_self`` + ``add_tunnel``; peer updates feed the Conn; returns once the agent said
 READY_FOR_HANDSHAKE (it has our node), or its NODE arrived and the agent stayed quiet for
 ``ready_grace`` seconds (an agent that does not send the ack).
+
+While the Conn lives, a coordination websocket that closes (a server restart) is reopened
+(:class:`CoordinationLink`) and our node and tunnel are sent again: the tunnel itself goes on
+directly meanwhile, but the new coordinator must know both before its closed relay forwards our
+DERP packets, or before it can pass on a changed node.
 """
 
 from __future__ import annotations
 
+import random
+from collections.abc import Awaitable, Callable
 from typing import Any
 from uuid import UUID
 
@@ -32,6 +39,79 @@ _log = Logger()
 
 class DialError(Exception):
     pass
+
+
+RECONNECT_FIRST = 0.5  # seconds before the first reopen; doubles per failure, with jitter
+RECONNECT_MAX = 5.0
+
+
+class CoordinationLink:
+    """One tunnel's coordination websocket, reopened whenever it closes until :meth:`close`.
+
+    ``open_`` makes a new open factory (``open_coordination`` with our response handler);
+    ``register()`` is what a fresh websocket needs to be told (our node and the tunnel).
+    """
+
+    def __init__(self, reactor: Any, open_: Callable[[], Awaitable[Any]],
+                 register: Callable[[], CoordinateRequest], rng: Callable[[], float] = random.random) -> None:
+        self.reactor = reactor
+        self._open = open_
+        self._register = register
+        self._rng = rng
+        self.factory: Any = None
+        self.closing = False
+        self.reopened = 0
+        self._sleep: defer.Deferred[Any] | None = None
+        self._loop: defer.Deferred[None] | None = None
+
+    async def open(self) -> None:
+        """The first websocket (errors go to the caller); then keep it open in the background."""
+        self.factory = await self._open()
+        self._loop = defer.ensureDeferred(self._keep())
+
+    def send(self, request: CoordinateRequest) -> None:
+        factory = self.factory
+        if factory is not None and factory.proto is not None:
+            factory.proto.send_request(request)
+
+    async def _keep(self) -> None:
+        failures = 0
+        while not self.closing:
+            try:
+                await self.factory.closed
+                while not self.closing:
+                    delay = min(RECONNECT_MAX, RECONNECT_FIRST * 2 ** min(failures, 10))
+                    self._sleep = task.deferLater(self.reactor, delay * (0.7 + 0.3 * self._rng()), lambda: None)
+                    await self._sleep
+                    try:
+                        factory = await self._open()
+                    except Exception as err:  # noqa: BLE001 - server still down: try again later
+                        failures += 1
+                        _log.info("coordinator unreachable, retrying: {why}", why=str(err))
+                        continue
+                    self.factory = factory
+                    if self.closing:  # closed while the websocket was opening
+                        self._leave(factory)
+                        return
+                    failures = 0
+                    self.reopened += 1
+                    self.send(self._register())
+                    _log.info("coordinator reconnected; node and tunnel sent again")
+                    break
+            except defer.CancelledError:
+                return
+
+    def _leave(self, factory: Any) -> None:
+        if factory is not None and factory.proto is not None:
+            factory.proto.send_request(CoordinateRequest(disconnect=True))
+            factory.proto.sendClose()
+
+    async def close(self) -> None:
+        """Leave gracefully (``disconnect``) and stop reopening."""
+        self.closing = True
+        if self._sleep is not None and not self._sleep.called:
+            self._sleep.cancel()
+        self._leave(self.factory)
 
 
 def agent_endpoint(conn: Conn, port: int, timeout: float = 30) -> Any:
@@ -83,27 +163,20 @@ async def dial_agent(reactor: Any, api_client: Any, agent_id: str | UUID, *,
                 conn.remove_peer(conn.agent_key)  # type: ignore[attr-defined]
                 conn.agent_key = None  # type: ignore[attr-defined]
 
+    link = CoordinationLink(
+        reactor,
+        lambda: open_coordination(api_client, f"/api/v2/workspaceagents/{agent_uuid}/coordinate", on_response),
+        lambda: CoordinateRequest(update_self=conn.node(), add_tunnel=agent_uuid))
     try:
-        factory = await open_coordination(
-            api_client, f"/api/v2/workspaceagents/{agent_uuid}/coordinate", on_response)
+        await link.open()
     except Exception:
         await conn.close()
         raise
 
-    def send_node(node: Node) -> None:
-        if factory.proto is not None:
-            factory.proto.send_request(CoordinateRequest(update_self=node))
-
-    async def leave() -> None:
-        if factory.proto is not None:
-            factory.proto.send_request(CoordinateRequest(disconnect=True))
-            factory.proto.sendClose()
-
-    conn.add_close_hook(leave)
-    conn.coordination = factory  # type: ignore[attr-defined]
-    conn.on_node_change(send_node)
-    assert factory.proto is not None
-    factory.proto.send_request(CoordinateRequest(add_tunnel=agent_uuid))
+    conn.add_close_hook(link.close)
+    conn.coordination = link  # type: ignore[attr-defined]
+    conn.on_node_change(lambda node: link.send(CoordinateRequest(update_self=node)))
+    link.send(CoordinateRequest(add_tunnel=agent_uuid))
     timers.append(reactor.callLater(timeout, lambda: ready.called or ready.errback(
         DialError(f"agent {agent_uuid} did not become reachable within {timeout:.0f}s"))))
     try:

@@ -23,6 +23,13 @@ class FakeAPI:
             "Nodes": [{"Name": "999a", "RegionID": 999, "HostName": "127.0.0.1", "STUNPort": -1}]}}}}
 
 
+class StunMapAPI(FakeAPI):
+    async def connection_info(self):
+        return {"disable_direct_connections": False, "derp_map": {"Regions": {"999": {
+            "RegionID": 999, "RegionCode": "coder", "RegionName": "Coder Embedded Relay",
+            "Nodes": [{"Name": "999a", "RegionID": 999, "HostName": "127.0.0.1"}]}}}}
+
+
 class Ctx:
     def __init__(self, disable_direct=False, verbose=False):
         self.stdout, self.stderr = io.StringIO(), io.StringIO()
@@ -84,6 +91,19 @@ class PingCommandTests(unittest.TestCase):
         self.assertIn(" - Agent is potentially behind a hard NAT", err)            # from the agent's API
         self.assertIn("✔ You are connected directly (p2p)\n", err)
         self.assertIn("❗ 1 of 3 pings were lost (33.3%)", err)
+
+    @defer.inlineCallbacks
+    def test_relayed_diagnostics_wait_for_the_first_netcheck(self):
+        # With UDP blocked, the report that says so is in only after the STUN probes time out
+        # (seconds after dialing); the relayed ping's diagnostics wait for it (found in the NAT lab).
+        conn = self.conn([PingResult(0.001, False, derp_region=999)] * 2)
+        conn.report = {"UDP": False, "MappingVariesByDestIP": None}
+        ctx = Ctx()
+        ctx.api = StunMapAPI()
+        code = yield defer.ensureDeferred(ping.run_with(
+            reactor, parse(ping.Options, ["dev", "-n", "1"]), ctx, loopback_connect(conn)))
+        self.assertEqual(code, 0)
+        self.assertIn(" - Client could not connect to STUN over UDP\n", ctx.stderr.getvalue())
 
     @defer.inlineCallbacks
     def test_json_output(self):

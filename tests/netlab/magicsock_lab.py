@@ -91,9 +91,10 @@ class LineProcess(protocol.ProcessProtocol):
 
 
 class MagicsockLab:
-    def __init__(self, nat: str = "easy", same_lan: bool = False, block_udp: tuple[str, ...] = ()) -> None:
+    def __init__(self, nat: str = "easy", same_lan: bool = False, block_udp: tuple[str, ...] = (),
+                 prefix: str = "csms") -> None:
         tag = f"{os.getpid() % 100000}{uuid.uuid4().hex[:4]}"
-        self.ns = {k: f"csms-{k}{tag}" for k in ("wan", "na", "nb", "pa", "pb")}
+        self.ns = {k: f"{prefix}-{k}{tag}" for k in ("wan", "na", "nb", "pa", "pb")}
         self.subnet = 1 + int(uuid.uuid4().hex[:2], 16) % 250
         self.namespaces: list[str] = []
         self.procs: list[LineProcess] = []

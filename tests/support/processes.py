@@ -108,26 +108,41 @@ class Process:
         return [int(m) for m in re.findall(pattern, self.log())]
 
 
-class Deployment:
-    """A server (restartable on the same port and data dir), its agents, and CLI users."""
+def in_netns(netns: str | None, argv: list[str]) -> list[str]:
+    """``argv`` run inside network namespace ``netns`` (``ip netns exec`` execs it: same PID)."""
+    return ["ip", "netns", "exec", netns, *argv] if netns else list(argv)
 
-    def __init__(self, testcase: Any, *server_args: str, tls: tuple[str, str, str] | None = None) -> None:
+
+class Deployment:
+    """A server (restartable on the same port and data dir), its agents, and CLI users.
+
+    By default everything runs on 127.0.0.1 in this network namespace. ``host``/``port`` put the
+    server on another address, and ``netns`` (role -> namespace name, roles ``server``,
+    ``agent`` and ``cli``) runs each kind of process inside its own namespace (the NAT lab,
+    tests/netlab/user_lab.py).
+    """
+
+    def __init__(self, testcase: Any, *server_args: str, tls: tuple[str, str, str] | None = None,
+                 host: str = "127.0.0.1", port: int | None = None,
+                 netns: dict[str, str] | None = None) -> None:
         self.testcase = testcase
         self.dir = tempfile.mkdtemp(prefix="cs-it-", dir=os.getcwd())
-        self.port = free_port()
+        self.port = free_port() if port is None else port
+        self.host = host
+        self.netns = dict(netns or {})
         self.data_dir = os.path.join(self.dir, "server-data")
         self.server_args = list(server_args)
         self.ca_file: str | None = None
         if tls is not None:
             ca, cert, key = tls
             self.ca_file = ca
-            self.url = f"https://127.0.0.1:{self.port}"
+            self.url = f"https://{host}:{self.port}"
             self.server_args += ["--http-address", "", "--tls-enable", "true",
-                                 "--tls-address", f"127.0.0.1:{self.port}",
+                                 "--tls-address", f"{host}:{self.port}",
                                  "--tls-cert-file", cert, "--tls-key-file", key]
         else:
-            self.url = f"http://127.0.0.1:{self.port}"
-            self.server_args += ["--http-address", f"127.0.0.1:{self.port}"]
+            self.url = f"http://{host}:{self.port}"
+            self.server_args += ["--http-address", f"{host}:{self.port}"]
         self.server: Process | None = None
         self.starts = 0
 
@@ -140,12 +155,15 @@ class Deployment:
         self.starts += 1
         argv = [TWISTD, "-n", "--pidfile=", "coderstack-server", "--data-dir", self.data_dir,
                 "--stun-address", "disable", *self.server_args, *extra]
+        argv = in_netns(self.netns.get("server"), argv)
         self.server = Process(self.testcase, f"server{self.starts}", argv,
                               env or self.env(self.dir), self.dir)
         await self.wait_healthy(self.server)
         return self.server
 
     async def wait_healthy(self, proc: Process) -> None:
+        if self.netns.get("server"):
+            return await self._wait_healthy_in_netns(proc)
         trust = trust_root_from_env({"SSL_CERT_FILE": self.ca_file}) if self.ca_file else None
         client = Client(reactor, self.url, trust_root=trust)
         try:
@@ -160,6 +178,16 @@ class Deployment:
         finally:
             await client.close()
 
+    async def _wait_healthy_in_netns(self, proc: Process) -> None:
+        """This process cannot reach a server in another namespace: curl from inside it."""
+        argv = in_netns(self.netns["server"], ["curl", "-sf", "-o", "/dev/null", f"{self.url}/healthz"])
+        while True:
+            if not proc.running():
+                raise AssertionError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log()}")
+            if await utils.getProcessValue(argv[0], argv[1:], env=os.environ) == 0:
+                return
+            await sleep(0.1)
+
     async def stop_server(self) -> int | None:
         assert self.server is not None
         return await self.server.stop()
@@ -169,7 +197,7 @@ class Deployment:
         os.makedirs(home, exist_ok=True)
         argv = [TWISTD, "-n", "--pidfile=", "coderstack-agent", "--data-dir", os.path.join(home, "data")]
         e = self.env(home, CODER_AGENT_URL=self.url, CODER_AGENT_TOKEN=token, **env)
-        return Process(self.testcase, name, argv, e, home)
+        return Process(self.testcase, name, in_netns(self.netns.get("agent"), argv), e, home)
 
     def user(self, name: str) -> CLIUser:
         return CLIUser(self, name)
@@ -184,12 +212,22 @@ class CLIUser:
         os.makedirs(self.home, exist_ok=True)
         self.config_dir = os.path.join(self.home, "config")
         self.extra_env: dict[str, str] = {}
+        self.netns = deployment.netns.get("cli")
 
-    async def run(self, *argv: str, **env: str) -> tuple[int, str, str]:
+    def cli_env(self, **env: str) -> dict[str, str]:
+        """The environment this user's commands run with (its own config dir)."""
         e = self.d.env(self.home, CODER_CONFIG_DIR=self.config_dir, **self.extra_env)
         e.update(env)
+        return e
+
+    async def run(self, *argv: str, **env: str) -> tuple[int, str, str]:
+        return await self.run_program(sys.executable, "-m", "coderstack", *argv, **env)
+
+    async def run_program(self, *argv: str, **env: str) -> tuple[int, str, str]:
+        """Any program (``ssh -F ...``) as this user, in the CLI's namespace if it has one."""
+        full = in_netns(self.netns, list(argv))
         out, err, code = await utils.getProcessOutputAndValue(
-            sys.executable, ["-m", "coderstack", *argv], env=e, path=self.home)
+            full[0], full[1:], env=self.cli_env(**env), path=self.home)
         return code, out.decode(), err.decode()
 
     async def ok(self, *argv: str, **env: str) -> str:
