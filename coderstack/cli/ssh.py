@@ -141,6 +141,20 @@ def openssh_argv(ssh: str, proxy: str, workspace: str, forward_agent: bool, comm
     return argv
 
 
+def proxy_environment(ctx: Any) -> dict[str, str]:
+    """OpenSSH's environment, which its ProxyCommand inherits: ours, plus the global options given
+    as flags (``--disable-direct-connections``, ``--url``, ``--token``) as their variables, so the
+    ``ssh --stdio`` child dials the way this command was asked to (the token stays off argv)."""
+    env = dict(ctx.environ)
+    if ctx.disable_direct:
+        env["CODER_DISABLE_DIRECT_CONNECTIONS"] = "true"
+    if ctx.url_override:
+        env["CODER_URL"] = ctx.url_override
+    if ctx.token_override:
+        env["CODER_SESSION_TOKEN"] = ctx.token_override
+    return env
+
+
 class _Exit(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.done: defer.Deferred[int] = defer.Deferred()
@@ -171,7 +185,7 @@ async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -
     argv = openssh_argv(ssh, proxy_command(ctx.config.path, name), name,
                         bool(options["forward-agent"]), options["command"])
     child = _Exit()
-    reactor.spawnProcess(child, ssh, argv, env=dict(env), childFDs={0: 0, 1: 1, 2: 2})
+    reactor.spawnProcess(child, ssh, argv, env=proxy_environment(ctx), childFDs={0: 0, 1: 1, 2: 2})
     return await child.done
 
 
