@@ -13,6 +13,8 @@ On top of it:
   and the receive window closes as the buffer fills, so a slow reader costs at most the receive
   buffer.
 - ``Netstack.listen_udp(port, DatagramProtocol)`` — a datagram port (``write(data, (host, port))``).
+- ``Netstack.listen_udp_any(handler)`` — datagrams to every port nobody bound, with their
+  destination (``handler.datagram_received(data, src, dst)``); replies with ``write(data, src, dst)``.
 - ``Netstack.ping(host)`` — ICMPv6 echo, fires with the round-trip time.
 """
 
@@ -46,6 +48,7 @@ __all__ = [
     "NetstackListeningPort",
     "NetstackServerEndpoint",
     "NetstackTransport",
+    "NetstackUDPCatchAll",
     "NetstackUDPPort",
 ]
 
@@ -228,6 +231,12 @@ class Netstack:
         udp_port.sock = self.stack.udp_bind(port, udp_port)
         protocol.makeConnection(udp_port)
         return udp_port
+
+    def listen_udp_any(self, handler) -> NetstackUDPCatchAll:
+        """Datagrams to any UDP port without a socket (the agent's forwarder to its host's ports)."""
+        catch_all = NetstackUDPCatchAll(self, handler)
+        self.stack.udp_catch_all = catch_all
+        return catch_all
 
     def ping(self, host: str, data: bytes = b"", timeout: float = 5.0) -> defer.Deferred:
         """ICMPv6 echo; fires with the round-trip time in seconds or fails with TimeoutError."""
@@ -551,3 +560,30 @@ class NetstackUDPPort:
         return defer.succeed(None)
 
     loseConnection = stopListening
+
+
+class NetstackUDPCatchAll:
+    """Every datagram to a UDP port nobody bound, with both ends: ``handler.datagram_received(data,
+    (src_host, src_port), (dst_host, dst_port))``. ``write(data, src, dst)`` answers from ``src``,
+    which must be one of this stack's addresses (normally the ``dst`` a datagram arrived at)."""
+
+    def __init__(self, netstack: Netstack, handler) -> None:
+        self.netstack = netstack
+        self.handler = handler
+
+    def datagram_received(self, data: bytes, src: tuple[bytes, int], dst: tuple[bytes, int]) -> None:
+        self.handler.datagram_received(data, (_text(src[0]), src[1]), (_text(dst[0]), dst[1]))
+
+    def write(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        local = to_address(src[0])
+        if local not in self.netstack.stack.addresses:
+            raise ValueError(f"{src[0]} is not an address of this stack")
+        try:
+            self.netstack.stack.udp_send(data, local, src[1], to_address(dst[0]), dst[1])
+        except ValueError as e:  # larger than the tunnel MTU: as Twisted's UDP ports say it
+            raise error.MessageLengthError(str(e)) from None
+
+    def stopListening(self) -> defer.Deferred:
+        if self.netstack.stack.udp_catch_all is self:
+            self.netstack.stack.udp_catch_all = None
+        return defer.succeed(None)
