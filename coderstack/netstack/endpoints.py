@@ -279,7 +279,9 @@ class NetstackTransport:
         self._connecting = None
         self._timeout_call = None
         self._half_close = False
-        self._close_after_producer = False
+        self._close_after_producer = False  # a pull producer is registered: close on unregister
+        self._close_pending = False         # a push producer is registered: close next turn
+        self._close_when_resumed = False    # ... or once the paused push producer is resumed
 
     # ------------------------------------------------ core handler callbacks
 
@@ -341,6 +343,9 @@ class NetstackTransport:
         if self._producer_paused and self.producer is not None:
             self._producer_paused = False
             self.producer.resumeProducing()
+            if self._close_when_resumed:
+                self._close_when_resumed = False
+                self._schedule_close()
 
     def _connect_timeout(self) -> None:
         self._timeout_call = None
@@ -382,12 +387,31 @@ class NetstackTransport:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
-        """Close after all written data is sent; as in Twisted, wait for a registered producer
-        to unregister first."""
+        """Close after all written data is sent. As Twisted's transports do: a registered pull
+        producer must unregister first; a push producer does not hold the close back (it may
+        be a transport that is gone, as in a proxy, and will never unregister) but may still
+        write during this reactor turn, and once more if it was paused for a full buffer."""
         if self.disconnecting or self.disconnected:
             return
         if self.producer is not None:
-            self._close_after_producer = True
+            if not self.streaming:
+                self._close_after_producer = True
+            else:
+                self._schedule_close()
+            return
+        self._close()
+
+    def _schedule_close(self) -> None:
+        if not self._close_pending:
+            self._close_pending = True
+            self.netstack.reactor.callLater(0, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._close_pending = False
+        if self.disconnecting or self.disconnected:
+            return
+        if self.producer is not None and self.streaming and self._producer_paused:
+            self._close_when_resumed = True  # writable() resumes it, then we close
             return
         self._close()
 

@@ -13,7 +13,7 @@ import shutil
 import socket
 import sys
 
-from twisted.internet import protocol, reactor, utils
+from twisted.internet import endpoints, protocol, reactor, utils
 from twisted.trial import unittest
 from twisted.web.server import Site
 from twisted.web.static import File
@@ -44,6 +44,13 @@ class _UDPClient(protocol.DatagramProtocol):
         self.received.append(data)
 
 
+class _Closed(protocol.Protocol):
+    """A workspace service that notes when its connections end."""
+
+    def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+        self.factory.lost.append(True)
+
+
 class PortForwardThroughTunnelTests(unittest.TestCase):
     timeout = 120
 
@@ -67,9 +74,14 @@ class PortForwardThroughTunnelTests(unittest.TestCase):
         web_dir = os.path.join(d.dir, "www")
         os.makedirs(web_dir)
         http_port, udp_port, body = self.serve_workspace(web_dir)
-        local_tcp, local_udp = free_port(), free_udp_port()
+        closing_factory = protocol.Factory.forProtocol(_Closed)
+        closing_factory.lost = []
+        closing = reactor.listenTCP(0, closing_factory, interface="127.0.0.1")
+        self.addCleanup(closing.stopListening)
+        local_tcp, local_udp, local_closing = free_port(), free_udp_port(), free_port()
         argv = [sys.executable, "-m", "coderstack", *global_flags, "port-forward", "box",
-                "--tcp", f"127.0.0.1:{local_tcp}:{http_port}", "--udp", f"127.0.0.1:{local_udp}:{udp_port}"]
+                "--tcp", f"127.0.0.1:{local_tcp}:{http_port}", "--udp", f"127.0.0.1:{local_udp}:{udp_port}",
+                "--tcp", f"127.0.0.1:{local_closing}:{closing.getHost().port}"]
         fwd = Process(self, "port-forward", argv, user_env(d, alice), alice.home)
         log = await wait_for_log(fwd, "Ready!")
         self.assertIn(f"Forwarding 'tcp://127.0.0.1:{local_tcp}' locally to "
@@ -90,19 +102,28 @@ class PortForwardThroughTunnelTests(unittest.TestCase):
         else:  # direct: at most the first packets went through DERP too
             self.assertLess(carried, BODY_SIZE)
 
+        # A client that goes away: its connection to the workspace service ends too (through
+        # both netstacks, where each side of the forward is the other's push producer).
+        client = await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", local_closing).connect(
+            protocol.Factory.forProtocol(protocol.Protocol))
+        client.transport.write(b"bye")
+        client.transport.loseConnection()
+        while not closing_factory.lost:
+            await sleep(0.05)
+
         # UDP: datagrams of several sizes, each answered through the same flow.
-        client = _UDPClient()
-        sock = reactor.listenUDP(0, client, interface="127.0.0.1")
+        udp_client = _UDPClient()
+        sock = reactor.listenUDP(0, udp_client, interface="127.0.0.1")
         self.addCleanup(sock.stopListening)
         sent = [b"ping %d " % i + os.urandom(size) for i, size in enumerate((0, 1, 100, 1000, 1100))]
-        while len(client.received) < len(sent):
+        while len(udp_client.received) < len(sent):
             # UDP may drop: resend what is still unanswered (trial's timeout bounds the wait).
             for datagram in sent:
-                if b"echo:" + datagram not in client.received:
+                if b"echo:" + datagram not in udp_client.received:
                     sock.write(datagram, ("127.0.0.1", local_udp))
             await sleep(0.2)
-            client.received = list(dict.fromkeys(client.received))
-        self.assertEqual(sorted(client.received), sorted(b"echo:" + dg for dg in sent))
+            udp_client.received = list(dict.fromkeys(udp_client.received))
+        self.assertEqual(sorted(udp_client.received), sorted(b"echo:" + dg for dg in sent))
 
     async def test_http_and_udp_direct(self) -> None:
         await self.forward_and_check()
