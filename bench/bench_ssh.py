@@ -20,18 +20,15 @@ import argparse
 import os
 import platform
 import shutil
-import signal
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from datetime import UTC, datetime
 
+from loopback_ssh import CIPHER, client_key, forward_with, ssh_args, start_sshd, stop, timed
+
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-CIPHER = "aes128-ctr"  # the fastest cipher both conch and OpenSSH offer (conch has no chacha20/GCM)
 
 CONCH_SERVER = """
 import sys
@@ -43,61 +40,12 @@ reactor.run()
 """
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_port(port: int, deadline: float = 10.0) -> None:
-    end = time.monotonic() + deadline
-    while time.monotonic() < end:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise RuntimeError(f"nothing listens on 127.0.0.1:{port}")
-
-
 def start_conch(tmp: str) -> tuple[subprocess.Popen, int]:
     env = dict(os.environ, PYTHONPATH=ROOT)
     proc = subprocess.Popen([sys.executable, "-c", CONCH_SERVER, os.path.join(tmp, "conch")],
                             stdout=subprocess.PIPE, env=env)
     port = int(proc.stdout.readline())
     return proc, port
-
-
-def start_sshd(tmp: str, client_key: str) -> tuple[subprocess.Popen, int]:
-    port = free_port()
-    host_key = os.path.join(tmp, "sshd_host_ed25519")
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", host_key], check=True)
-    auth = os.path.join(tmp, "authorized_keys")
-    shutil.copy(client_key + ".pub", auth)
-    os.chmod(auth, 0o600)
-    config = os.path.join(tmp, "sshd_config")
-    with open(config, "w") as f:
-        f.write(f"ListenAddress 127.0.0.1\nPort {port}\nHostKey {host_key}\nAuthorizedKeysFile {auth}\n"
-                f"PidFile none\nUsePAM no\nPermitRootLogin yes\nStrictModes no\nPasswordAuthentication no\n"
-                f"AllowTcpForwarding yes\nSubsystem sftp internal-sftp\n")
-    script = ("mount -t tmpfs tmpfs /run && mkdir -m755 /run/sshd && "
-              f"exec /usr/sbin/sshd -D -e -f {config}")
-    proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "sh", "-c", script],
-                            stderr=subprocess.DEVNULL)
-    wait_port(port)
-    return proc, port
-
-
-def ssh_args(port: int, key: str) -> list[str]:
-    return ["ssh", "-p", str(port), "-i", key, "-o", "StrictHostKeyChecking=no",
-            "-o", "UserKnownHostsFile=/dev/null", "-o", "BatchMode=yes", "-o", "LogLevel=ERROR",
-            "-o", "IdentitiesOnly=yes", "-c", CIPHER, "-o", "Compression=no"]
-
-
-def timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
 
 
 def measure(port: int, key: str, size: int, runs: int) -> dict[str, float]:
@@ -143,51 +91,6 @@ def port_forward_once(size: int) -> float:
         [sys.executable, "-c", PORT_FORWARD, f"127.0.0.1:{local}:{sink_port}"], env=env), size)
 
 
-def forward_with(start, size: int) -> float:
-    sink = socket.socket()
-    sink.bind(("127.0.0.1", 0))
-    sink.listen(1)
-    sink_port = sink.getsockname()[1]
-    done = threading.Event()
-
-    def drain() -> None:
-        while True:  # the readiness probe through the forward arrives first, empty: skip it
-            conn, _ = sink.accept()
-            got = 0
-            while got < size:
-                chunk = conn.recv(1 << 20)
-                if not chunk:
-                    break
-                got += len(chunk)
-            if got:
-                break
-            conn.close()
-        conn.sendall(b"k")
-        conn.close()
-        done.set()
-
-    threading.Thread(target=drain, daemon=True).start()
-    local = free_port()
-    proc = start(local, sink_port)
-    try:
-        wait_port(local)
-        block = b"\0" * (1 << 20)
-        with socket.create_connection(("127.0.0.1", local)) as c:
-            t0 = time.perf_counter()
-            sent = 0
-            while sent < size:
-                c.sendall(block[: min(len(block), size - sent)])
-                sent += min(len(block), size - sent)
-            c.recv(1)
-            elapsed = time.perf_counter() - t0
-        done.wait(10)
-        return elapsed
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait()
-        sink.close()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="32 MiB, 3 runs (the default)")
@@ -197,8 +100,7 @@ def main() -> None:
     tmp = tempfile.mkdtemp(prefix="bench-ssh-")
     procs: list[subprocess.Popen] = []
     try:
-        key = os.path.join(tmp, "id_ed25519")
-        subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
+        key = client_key(tmp)
         conch, conch_port = start_conch(tmp)
         procs.append(conch)
         sshd, sshd_port = start_sshd(tmp, key)
@@ -208,12 +110,7 @@ def main() -> None:
         plain = statistics.median(size / port_forward_once(size) for _ in range(runs))
     finally:
         for p in procs:  # by PID, ours only
-            p.terminate()
-            try:
-                p.wait(5)
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
+            stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
     print(f"## SSH server on loopback ({datetime.now(UTC):%Y-%m-%d %H:%M} UTC, "

@@ -74,6 +74,8 @@ class AgentService(service.Service):
         # tunnel port -> protocol factory served on the agent's tunnel address
         self.services: dict[int, Any] = {}
         self._listening: dict[int, Any] = {}
+        # takes the datagrams to every UDP port of the tunnel address (attach(netstack), stop())
+        self.udp_forwarder: Any = None
         self.sessions = 0
         self._loop: Deferred[None] | None = None
         self._wake: Deferred[None] | None = None
@@ -96,6 +98,8 @@ class AgentService(service.Service):
             proto = self.coordination.proto
             proto.send_request(CoordinateRequest.from_json({"disconnect": {}}))
             proto.sendClose()
+        if self.udp_forwarder is not None:
+            self.udp_forwarder.stop()
         if self.conn is not None:
             ds.append(Deferred.fromCoroutine(self.conn.close()))
         ds.append(self.client.close())
@@ -158,6 +162,12 @@ class AgentService(service.Service):
         if self.netstack is not None:
             self._listen(port, factory)
 
+    def serve_udp(self, forwarder: Any) -> None:
+        """Give every UDP port of the tunnel address to ``forwarder`` (now, or once the tunnel is up)."""
+        self.udp_forwarder = forwarder
+        if self.netstack is not None:
+            forwarder.attach(self.netstack)
+
     def _listen(self, port: int, factory: Any) -> None:
         assert self.netstack is not None
         d = server_endpoint(self.netstack, port).listen(factory)
@@ -183,6 +193,8 @@ class AgentService(service.Service):
             self.netstack = attach_netstack(self.conn, self.reactor)
             for port, factory in self.services.items():
                 self._listen(port, factory)
+            if self.udp_forwarder is not None:
+                self.udp_forwarder.attach(self.netstack)
         try:
             derp_map = rewrite_embedded(DERPMap.from_json(manifest.get("derp_map") or {}), self.url)
         except DERPMapError as err:
@@ -259,9 +271,9 @@ def makeService(config: dict[str, Any], reactor: Any = None) -> AgentService:
 
 def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str) -> None:
     """Coder's reserved tunnel ports: SSH on 1 and 22, speedtest on 3, the agent API on 4; every
-    other port is forwarded to the workspace's own loopback."""
+    other port, TCP and UDP, is forwarded to the workspace's own loopback."""
     from coderstack.agent.api import agent_api_site
-    from coderstack.agent.forward import LocalPortForwarder
+    from coderstack.agent.forward import LocalPortForwarder, LocalUDPForwarder
     from coderstack.agent.speedtest import SpeedtestServerFactory
     from coderstack.agent.ssh import ssh_factory
     from coderstack.netstack.stack import ANY_PORT
@@ -272,3 +284,4 @@ def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str) -> None
     svc.serve(3, SpeedtestServerFactory(reactor))
     svc.serve(4, agent_api_site(svc.netcheck_report))
     svc.serve(ANY_PORT, LocalPortForwarder(reactor))
+    svc.serve_udp(LocalUDPForwarder(reactor))

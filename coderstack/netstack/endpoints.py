@@ -13,6 +13,8 @@ On top of it:
   and the receive window closes as the buffer fills, so a slow reader costs at most the receive
   buffer.
 - ``Netstack.listen_udp(port, DatagramProtocol)`` — a datagram port (``write(data, (host, port))``).
+- ``Netstack.listen_udp_any(handler)`` — datagrams to every port nobody bound, with their
+  destination (``handler.datagram_received(data, src, dst)``); replies with ``write(data, src, dst)``.
 - ``Netstack.ping(host)`` — ICMPv6 echo, fires with the round-trip time.
 """
 
@@ -46,6 +48,7 @@ __all__ = [
     "NetstackListeningPort",
     "NetstackServerEndpoint",
     "NetstackTransport",
+    "NetstackUDPCatchAll",
     "NetstackUDPPort",
 ]
 
@@ -229,6 +232,12 @@ class Netstack:
         protocol.makeConnection(udp_port)
         return udp_port
 
+    def listen_udp_any(self, handler) -> NetstackUDPCatchAll:
+        """Datagrams to any UDP port without a socket (the agent's forwarder to its host's ports)."""
+        catch_all = NetstackUDPCatchAll(self, handler)
+        self.stack.udp_catch_all = catch_all
+        return catch_all
+
     def ping(self, host: str, data: bytes = b"", timeout: float = 5.0) -> defer.Deferred:
         """ICMPv6 echo; fires with the round-trip time in seconds or fails with TimeoutError."""
         remote = to_address(host)
@@ -270,7 +279,9 @@ class NetstackTransport:
         self._connecting = None
         self._timeout_call = None
         self._half_close = False
-        self._close_after_producer = False
+        self._close_after_producer = False  # a pull producer is registered: close on unregister
+        self._close_pending = False         # a push producer is registered: close next turn
+        self._close_when_resumed = False    # ... or once the paused push producer is resumed
 
     # ------------------------------------------------ core handler callbacks
 
@@ -332,6 +343,9 @@ class NetstackTransport:
         if self._producer_paused and self.producer is not None:
             self._producer_paused = False
             self.producer.resumeProducing()
+            if self._close_when_resumed:
+                self._close_when_resumed = False
+                self._schedule_close()
 
     def _connect_timeout(self) -> None:
         self._timeout_call = None
@@ -373,12 +387,31 @@ class NetstackTransport:
         self.write(b"".join(data))
 
     def loseConnection(self) -> None:
-        """Close after all written data is sent; as in Twisted, wait for a registered producer
-        to unregister first."""
+        """Close after all written data is sent. As Twisted's transports do: a registered pull
+        producer must unregister first; a push producer does not hold the close back (it may
+        be a transport that is gone, as in a proxy, and will never unregister) but may still
+        write during this reactor turn, and once more if it was paused for a full buffer."""
         if self.disconnecting or self.disconnected:
             return
         if self.producer is not None:
-            self._close_after_producer = True
+            if not self.streaming:
+                self._close_after_producer = True
+            else:
+                self._schedule_close()
+            return
+        self._close()
+
+    def _schedule_close(self) -> None:
+        if not self._close_pending:
+            self._close_pending = True
+            self.netstack.reactor.callLater(0, self._close_if_idle)
+
+    def _close_if_idle(self) -> None:
+        self._close_pending = False
+        if self.disconnecting or self.disconnected:
+            return
+        if self.producer is not None and self.streaming and self._producer_paused:
+            self._close_when_resumed = True  # writable() resumes it, then we close
             return
         self._close()
 
@@ -551,3 +584,30 @@ class NetstackUDPPort:
         return defer.succeed(None)
 
     loseConnection = stopListening
+
+
+class NetstackUDPCatchAll:
+    """Every datagram to a UDP port nobody bound, with both ends: ``handler.datagram_received(data,
+    (src_host, src_port), (dst_host, dst_port))``. ``write(data, src, dst)`` answers from ``src``,
+    which must be one of this stack's addresses (normally the ``dst`` a datagram arrived at)."""
+
+    def __init__(self, netstack: Netstack, handler) -> None:
+        self.netstack = netstack
+        self.handler = handler
+
+    def datagram_received(self, data: bytes, src: tuple[bytes, int], dst: tuple[bytes, int]) -> None:
+        self.handler.datagram_received(data, (_text(src[0]), src[1]), (_text(dst[0]), dst[1]))
+
+    def write(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
+        local = to_address(src[0])
+        if local not in self.netstack.stack.addresses:
+            raise ValueError(f"{src[0]} is not an address of this stack")
+        try:
+            self.netstack.stack.udp_send(data, local, src[1], to_address(dst[0]), dst[1])
+        except ValueError as e:  # larger than the tunnel MTU: as Twisted's UDP ports say it
+            raise error.MessageLengthError(str(e)) from None
+
+    def stopListening(self) -> defer.Deferred:
+        if self.netstack.stack.udp_catch_all is self:
+            self.netstack.stack.udp_catch_all = None
+        return defer.succeed(None)

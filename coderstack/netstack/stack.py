@@ -47,10 +47,7 @@ class UDPSocket:
         self.handler = handler
 
     def sendto(self, data: bytes, remote: bytes, port: int, src: bytes | None = None) -> None:
-        if len(data) + 48 > self.stack.config.mtu:
-            # No fragmentation in the tunnel: a datagram must fit in one packet.
-            raise ValueError(f"datagram of {len(data)} bytes does not fit the MTU ({self.stack.config.mtu})")
-        self.stack.emit(udp.build(src or self.address or self.stack.address, remote, self.port, port, data))
+        self.stack.udp_send(data, src or self.address or self.stack.address, self.port, remote, port)
 
     def close(self) -> None:
         self.stack.udp_sockets.pop(self.port, None)
@@ -80,6 +77,8 @@ class Stack:
         self.path_mtu: dict[bytes, int] = {}  # per-peer MTU overriding config.mtu
         self.listeners: dict[int, Listener] = {}
         self.udp_sockets: dict[int, UDPSocket] = {}
+        # Datagrams to a port nobody bound: handler.datagram_received(data, (src, sport), (dst, dport)).
+        self.udp_catch_all = None
         self.echo_handler: Callable[[bytes, int, int, bytes], None] | None = None
         self._timers: list = []
         self._batch_acks: set[Connection] | None = None
@@ -233,6 +232,11 @@ class Stack:
             self.stats["udp_malformed"] += 1
             return
         sock = self.udp_sockets.get(dport)
+        if sock is None and dport != ANY_PORT and self.udp_catch_all is not None:
+            # As with TCP's catch-all listener: the agent's forwarder to its host's own ports.
+            self.stats["udp_catch_all"] += 1
+            self.udp_catch_all.datagram_received(data, (src, sport), (dst, dport))
+            return
         if sock is None or (sock.address is not None and sock.address != dst):
             self.stats["udp_no_socket"] += 1
             invoking = ipv6.build(src, dst, ipv6.PROTO_UDP, msg)
@@ -323,6 +327,13 @@ class Stack:
         sock = UDPSocket(self, to_address(address) if address else None, port, handler)
         self.udp_sockets[port] = sock
         return sock
+
+    def udp_send(self, data: bytes, src: bytes, sport: int, dst: bytes, dport: int) -> None:
+        """One datagram from ``[src]:sport`` (one of our addresses) to ``[dst]:dport``."""
+        if len(data) + 48 > self.config.mtu:
+            # No fragmentation in the tunnel: a datagram must fit in one packet.
+            raise ValueError(f"datagram of {len(data)} bytes does not fit the MTU ({self.config.mtu})")
+        self.emit(udp.build(src, dst, sport, dport, data))
 
     def set_path_mtu(self, remote, mtu: int | None, now: float) -> None:
         """Set (or with None, forget) the MTU of the path to ``remote``: new connections announce

@@ -413,3 +413,58 @@ class TLSTests(Base):
         self.assertEqual(tls.transport.getPeer().host, "fd7a:115c:a1e0::b")
         client.transport.loseConnection()
         self.pair.pump(until=lambda: client.lost is not None)
+
+
+class PushProducerCloseTests(Base):
+    """A push producer does not hold loseConnection back (Twisted's transports close once their
+    buffer is written, whatever streaming producer is registered): in a proxy, each side is the
+    other's producer and the side that died never unregisters itself."""
+
+    def serve_collect(self):
+        servers = []
+
+        class F(protocol.Factory):
+            def buildProtocol(self, addr):
+                servers.append(Collect())
+                return servers[-1]
+
+        self.result(NetstackServerEndpoint(self.b, 7).listen(F()))
+        client = self.result(NetstackClientEndpoint(self.a, "fd7a:115c:a1e0::b", 7).connect(
+            protocol.Factory.forProtocol(Collect)))
+        return client, servers
+
+    def test_closes_with_a_push_producer_that_never_unregisters(self):
+        client, servers = self.serve_collect()
+        pusher = Pusher(client.transport, 256 << 10)
+        client.transport.registerProducer(pusher, True)
+        pusher.step()
+        client.transport.loseConnection()
+        self.pair.pump(until=lambda: client.lost is not None and servers[0].lost is not None)
+        client.lost.trap(error.ConnectionDone)
+        self.assertEqual(len(servers[0].data), 256 << 10)
+        self.assertTrue(pusher.paused)  # stopProducing() once the connection was gone
+        self.assertEqual(self.b.stack.connections, {})
+
+    def test_a_paused_push_producer_is_resumed_once_before_the_close(self):
+        client, servers = self.serve_collect()
+        pusher = Pusher(client.transport, 8 << 20)
+        client.transport.registerProducer(pusher, True)
+        pusher.step()  # until the send buffer passes its high-water mark
+        self.assertTrue(pusher.paused)
+        before_close = pusher.sent
+        client.transport.loseConnection()
+        resumed = []
+        original = pusher.resumeProducing
+
+        def resume():
+            original()
+            resumed.append(True)
+            pusher.step()  # the producer writes the rest of its data when resumed
+
+        pusher.resumeProducing = resume
+        self.pair.pump(until=lambda: client.lost is not None)
+        client.lost.trap(error.ConnectionDone)
+        self.assertTrue(resumed)
+        self.pair.pump(until=lambda: servers[0].lost is not None)
+        self.assertGreater(len(servers[0].data), before_close)
+        self.assertEqual(len(servers[0].data), pusher.sent)
