@@ -221,7 +221,8 @@ class _UpgradeProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         d, self.ready = self.ready, None
         if d is not None:
-            d.errback(reason)
+            if not d.called:  # not when cancelled (a timeout or reconnect() aborted us)
+                d.errback(reason)
         elif self._upgraded:
             self.client._lost(self, reason.getErrorMessage() if reason else "closed")
 
@@ -269,7 +270,8 @@ class _WSClientProtocol(WebSocketClientProtocol):
         d, self.ready = self.ready, None
         why = str(reason or getattr(self, "wasNotCleanReason", "") or f"closed ({code})")
         if d is not None:
-            d.errback(Failure(_ws_error(why)))
+            if not d.called:
+                d.errback(Failure(_ws_error(why)))
         else:
             self.client._lost(self, why)
 
@@ -434,6 +436,8 @@ class DERPClient:
         self._stop_waiters.append(d)
         if self._conn is not None:
             self._conn.disconnect()
+        if self._attempt is not None and not self._attempt.called:
+            self._attempt.cancel()  # rather than wait out the connect timeout
         self._check_stopped()
         return d
 
