@@ -39,7 +39,7 @@ from coderstack.wire.coordination import CODER_SERVICE_PREFIX, TAILSCALE_SERVICE
 
 _log = Logger()
 
-POLL_INTERVAL = 3.0
+POLL_INTERVAL = 2.0
 # Wall clock ahead of monotonic by more than this between two polls: the host slept.
 WAKE_THRESHOLD = 10.0
 ENV_SWITCH = "CODERSTACK_LINK_MONITOR"

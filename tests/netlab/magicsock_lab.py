@@ -188,6 +188,15 @@ class MagicsockLab:
         sh("ip", "link", "set", "l1", "up", ns=peerns)
         sh("ip", "route", "replace", "default", "via", f"{lan}.1", ns=peerns)
 
+    def renumber(self, side: str = "a", host: int = 7) -> str:
+        """DHCP gives ``side``'s peer another address on the same LAN (the old one is gone)."""
+        peerns = self.ns["p" + side]
+        lan = f"10.8{'ab'.index(side) + 1}.{self.subnet}"
+        sh("ip", "addr", "flush", "dev", "l0", ns=peerns)
+        sh("ip", "addr", "add", f"{lan}.{host}/24", "dev", "l0", ns=peerns)
+        sh("ip", "route", "replace", "default", "via", f"{lan}.1", ns=peerns)
+        return f"{lan}.{host}"
+
     def _ns(self, key: str) -> str:
         name = self.ns.setdefault(key, self.ns["wan"].replace("-wan", f"-{key}", 1))
         if name not in self.namespaces:
