@@ -14,6 +14,8 @@ The tunnel is a :class:`coderstack.tailnet.conn.Conn` made on the first manifest
 comes from the agent id) and kept across coordinator reconnects, so WireGuard sessions with
 clients survive a server restart (their peers become LOST, not DISCONNECTED). Our Node goes to
 the coordinator as ``update_self`` whenever it changes; peer NODE updates configure the Conn.
+The Conn runs a link monitor (``coderstack/tailnet/linkmon.py``) unless ``link_monitor`` is
+false or ``CODERSTACK_LINK_MONITOR=0``.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from coderstack.derpmap import DERPMap, DERPMapError, rewrite_embedded
 from coderstack.keys import NodeKeys, load_node_keys
 from coderstack.netstack.endpoints import Netstack
 from coderstack.sdk import Client, SDKError
+from coderstack.tailnet import linkmon
 from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.conn import home_region as conn_home_region
 from coderstack.tailnet.stack import attach_netstack, server_endpoint
@@ -58,13 +61,14 @@ def home_region(derp_map: DERPMap) -> int:
 
 class AgentService(service.Service):
     def __init__(self, reactor: Any, url: str, token: str, data_dir: str, listen_port: int = 0,
-                 reconnect_max: float = 10.0) -> None:
+                 reconnect_max: float = 10.0, link_monitor: bool | None = None) -> None:
         self.reactor = reactor
         self.url = url
         self.token = token
         self.data_dir = data_dir
         self.listen_port = listen_port
         self.reconnect_max = reconnect_max
+        self.link_monitor = linkmon.enabled_from_env() if link_monitor is None else link_monitor
         self.keys: NodeKeys | None = None
         self.manifest: dict[str, Any] | None = None
         self.peers: dict[UUID, dict[str, Any]] = {}
@@ -189,6 +193,9 @@ class AgentService(service.Service):
                 trust_root=self.client.trust_root,
             )
             self.conn.start(self.listen_port)
+            if self.link_monitor:
+                # Roaming/renumbering/wake-up: re-discover paths, reconnect DERP at once.
+                linkmon.monitor_conn(self.reactor, self.conn, env={})
             self.conn.on_node_change(self._send_node)
             self.netstack = attach_netstack(self.conn, self.reactor)
             for port, factory in self.services.items():

@@ -221,7 +221,8 @@ class _UpgradeProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         d, self.ready = self.ready, None
         if d is not None:
-            d.errback(reason)
+            if not d.called:  # not when cancelled (a timeout or reconnect() aborted us)
+                d.errback(reason)
         elif self._upgraded:
             self.client._lost(self, reason.getErrorMessage() if reason else "closed")
 
@@ -232,6 +233,14 @@ class _UpgradeProtocol(Protocol):
         # TLS waits for a registered producer to leave before it shuts down.
         self.transport.unregisterProducer()
         self.transport.loseConnection()
+
+    def abort(self) -> None:
+        # No goodbye: over a vanished address it would wait for a flush that never comes.
+        self.transport.unregisterProducer()
+        self.transport.abortConnection()
+
+    def local_host(self) -> str | None:
+        return _local_host(self.transport)
 
     def pauseProducing(self) -> None:
         self.client._set_writable(self, False)
@@ -261,7 +270,8 @@ class _WSClientProtocol(WebSocketClientProtocol):
         d, self.ready = self.ready, None
         why = str(reason or getattr(self, "wasNotCleanReason", "") or f"closed ({code})")
         if d is not None:
-            d.errback(Failure(_ws_error(why)))
+            if not d.called:
+                d.errback(Failure(_ws_error(why)))
         else:
             self.client._lost(self, why)
 
@@ -285,6 +295,14 @@ class _WSClientProtocol(WebSocketClientProtocol):
         self._flush()
         self.sendClose(1000)
 
+    def abort(self) -> None:
+        if self.transport is not None:
+            self.transport.unregisterProducer()
+            self.transport.abortConnection()
+
+    def local_host(self) -> str | None:
+        return _local_host(self.transport)
+
     def _closeConnection(self, abort: bool = False) -> None:
         if self.transport is not None:
             self.transport.unregisterProducer()
@@ -304,6 +322,13 @@ class _WSClientProducer:
 
     def stopProducing(self) -> None:
         pass
+
+
+def _local_host(transport: Any) -> str | None:
+    try:
+        return str(transport.getHost().host)
+    except Exception:  # noqa: BLE001 - no transport, or one without an IP address
+        return None
 
 
 def _ws_error(why: str) -> Exception:
@@ -386,6 +411,9 @@ class DERPClient:
         self._read_timer: IDelayedCall | None = None
         self._pings: dict[bytes, tuple[float, defer.Deferred[float], IDelayedCall]] = {}
         self._stop_waiters: list[defer.Deferred[None]] = []
+        self._attempt: defer.Deferred[Any] | None = None
+        self._redial = False
+        self.reconnects = 0
         self._restart_hint: float | None = None
         self.last_error = ""
         self.dropped = 0
@@ -408,8 +436,39 @@ class DERPClient:
         self._stop_waiters.append(d)
         if self._conn is not None:
             self._conn.disconnect()
+        if self._attempt is not None and not self._attempt.called:
+            self._attempt.cancel()  # rather than wait out the connect timeout
         self._check_stopped()
         return d
+
+    def reconnect(self, why: str = "network changed") -> None:
+        """Drop the connection (or the attempt under way) without a goodbye and dial again
+        now, backoff reset: after a network change the old one may be bound to an address
+        that is gone, and would hang until the read timeout noticed."""
+        if not self._running:
+            return
+        self.reconnects += 1
+        self._backoff = self.min_backoff
+        self._restart_hint = None
+        if self._retry is not None and self._retry.active():
+            self._retry.cancel()
+        self._retry = None
+        conn = self._conn
+        if conn is not None:
+            self._lost(conn, why)  # detach first: its connectionLost is then ignored
+            if self._retry is not None and self._retry.active():
+                self._retry.cancel()
+            self._retry = None
+            conn.abort()
+        elif self._attempt is not None and not self._attempt.called:
+            self._redial = True
+            self._attempt.cancel()  # _dial sees the cancellation and dials again at once
+            return
+        self._dial()
+
+    def local_address(self) -> str | None:
+        """The local IP of the current connection (None while not connected)."""
+        return self._conn.local_host() if self._conn is not None else None
 
     def _check_stopped(self) -> None:
         if self._running or self._connecting or self._conn is not None:
@@ -527,7 +586,13 @@ class DERPClient:
                 if not self._running:
                     return
                 try:
-                    conn = yield self._connect_node(node)
+                    self._attempt = self._connect_node(node)
+                    conn = yield self._attempt
+                except defer.CancelledError:
+                    if self._redial:
+                        break  # reconnect(): start over from the first node
+                    errors.append(f"{node.name}: cancelled")
+                    continue
                 except UpgradeRefused as e:
                     errors.append(f"{node.name}: {e}")
                     if 400 <= e.status < 500 and e.status != 401 and not self.use_websocket:
@@ -550,12 +615,18 @@ class DERPClient:
                     return
                 self._attach(conn, node)
                 return
+            if self._redial:
+                return
             self.last_error = "; ".join(errors)
             _log.info("DERP region {rid}: cannot connect: {err}", rid=self.region.region_id,
                       err=self.last_error)
             self._schedule_retry()
         finally:
+            self._attempt = None
             self._connecting = False
+            redial, self._redial = self._redial, False
+            if redial and self._running:
+                self.reactor.callLater(0, self._dial)
             self._check_stopped()
 
     def _connect_node(self, node: DERPNode) -> defer.Deferred[Any]:

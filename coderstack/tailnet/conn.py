@@ -140,6 +140,8 @@ class Conn:
         self.last_handshake: dict[bytes, float] = {}
         self.drops: Counter[str] = Counter()
         self._close_hooks: list[Callable[[], Any]] = []
+        self._netcheck_again = False
+        self.link_monitor: Any = None  # set by coderstack.tailnet.linkmon.monitor_conn
 
     # -- lifecycle --------------------------------------------------------------------------
 
@@ -227,8 +229,12 @@ class Conn:
         if self.netcheck_enabled:
             self._schedule_netcheck(0.0)
 
-    def network_changed(self) -> None:
-        """Call on a link change or wake-up: re-STUN now and re-probe every peer's candidates."""
+    def network_changed(self, derp_stale: Callable[[str | None], bool] | None = None) -> None:
+        """Call on a link change or wake-up: re-STUN now and re-probe every peer's candidates.
+        ``derp_stale(local_ip)`` picks the DERP connections to make again (see
+        ``coderstack/tailnet/linkmon.py``, which calls this)."""
+        if derp_stale is not None:
+            self.sock.reconnect_derp(derp_stale)
         self.sock.network_changed()
         self._node_changed()
         if self.netcheck_enabled and self.derp_map is not None:
@@ -252,13 +258,17 @@ class Conn:
         if self.derp_map is None or self._closed:
             return
         if self._netcheck_d is not None and not self._netcheck_d.called:
-            return  # one report at a time; the running one schedules the next
+            # One report at a time; the running one schedules the next, at once if it may
+            # have measured the network as it was before a change.
+            self._netcheck_again = True
+            return
+        self._netcheck_again = False
         if self._netchecker is None:
             self._http = TreqHTTP(self.reactor)
             self._netchecker = Netchecker(self.reactor, self.sock.stun, self._http)
         d = self._netcheck_d = self._netchecker.get_report(self.derp_map)
         d.addCallbacks(self._netcheck_done, self._netcheck_failed)
-        d.addBoth(lambda _: self._schedule_netcheck(RESTUN_INTERVAL))
+        d.addBoth(lambda _: self._schedule_netcheck(0.0 if self._netcheck_again else RESTUN_INTERVAL))
 
     def _netcheck_done(self, report: Any) -> None:
         if self._closed:

@@ -15,7 +15,13 @@ READY_FOR_HANDSHAKE (it has our node), or its NODE arrived and the agent stayed 
 While the Conn lives, a coordination websocket that closes (a server restart) is reopened
 (:class:`CoordinationLink`) and our node and tunnel are sent again: the tunnel itself goes on
 directly meanwhile, but the new coordinator must know both before its closed relay forwards our
-DERP packets, or before it can pass on a changed node.
+DERP packets, or before it can pass on a changed node. After each reopen the DERP map is fetched
+again (``/connection``, as at the start) and applied if it changed: a restarted server may come
+back with other regions or relay nodes.
+
+The Conn runs a link monitor (``coderstack/tailnet/linkmon.py``; ``link_monitor=False`` or
+``CODERSTACK_LINK_MONITOR=0`` turns it off) so a laptop that roams or wakes up re-discovers its
+paths and reconnects its DERP connections at once.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from coderstack.coordinator.client import open_coordination
-from coderstack.derpmap import DERPMap, rewrite_embedded
+from coderstack.derpmap import DERPMap, DERPMapError, rewrite_embedded
+from coderstack.tailnet import linkmon
 from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.stack import attach_netstack, client_endpoint
 from coderstack.wire.coordination import CoordinateRequest, CoordinateResponse, Node
@@ -49,15 +56,18 @@ class CoordinationLink:
     """One tunnel's coordination websocket, reopened whenever it closes until :meth:`close`.
 
     ``open_`` makes a new open factory (``open_coordination`` with our response handler);
-    ``register()`` is what a fresh websocket needs to be told (our node and the tunnel).
+    ``register()`` is what a fresh websocket needs to be told (our node and the tunnel);
+    ``on_reopen()`` (may return an awaitable; errors are logged) runs after each reopen.
     """
 
     def __init__(self, reactor: Any, open_: Callable[[], Awaitable[Any]],
-                 register: Callable[[], CoordinateRequest], rng: Callable[[], float] = random.random) -> None:
+                 register: Callable[[], CoordinateRequest], rng: Callable[[], float] = random.random,
+                 on_reopen: Callable[[], Any] | None = None) -> None:
         self.reactor = reactor
         self._open = open_
         self._register = register
         self._rng = rng
+        self._on_reopen = on_reopen
         self.factory: Any = None
         self.closing = False
         self.reopened = 0
@@ -97,6 +107,15 @@ class CoordinationLink:
                     self.reopened += 1
                     self.send(self._register())
                     _log.info("coordinator reconnected; node and tunnel sent again")
+                    if self._on_reopen is not None:
+                        try:
+                            result = self._on_reopen()
+                            if hasattr(result, "__await__"):
+                                await result
+                        except defer.CancelledError:
+                            raise
+                        except Exception as err:  # noqa: BLE001 - keep the link going regardless
+                            _log.info("after reconnecting: {why}", why=str(err))
                     break
             except defer.CancelledError:
                 return
@@ -122,7 +141,7 @@ def agent_endpoint(conn: Conn, port: int, timeout: float = 30) -> Any:
 async def dial_agent(reactor: Any, api_client: Any, agent_id: str | UUID, *,
                      disable_direct: bool = False, timeout: float = 20.0,
                      ready_grace: float = 2.0, force_websockets: bool = False,
-                     conn_kw: dict[str, Any] | None = None) -> Conn:
+                     conn_kw: dict[str, Any] | None = None, link_monitor: bool | None = None) -> Conn:
     agent_uuid = UUID(str(agent_id))
     info = await api_client.connection_info(str(agent_uuid))
     derp_map = rewrite_embedded(DERPMap.from_json(info.get("derp_map") or {}), api_client.url)
@@ -141,6 +160,8 @@ async def dial_agent(reactor: Any, api_client: Any, agent_id: str | UUID, *,
     conn.netstack = attach_netstack(conn, reactor)  # type: ignore[attr-defined]
     conn.start()
     conn.set_derp_map(derp_map)
+    if link_monitor is None or link_monitor:
+        linkmon.monitor_conn(reactor, conn, env=None if link_monitor is None else {})
     ready: defer.Deferred[None] = defer.Deferred()
     state = {"node": False}
     timers: list[Any] = []
@@ -166,7 +187,8 @@ async def dial_agent(reactor: Any, api_client: Any, agent_id: str | UUID, *,
     link = CoordinationLink(
         reactor,
         lambda: open_coordination(api_client, f"/api/v2/workspaceagents/{agent_uuid}/coordinate", on_response),
-        lambda: CoordinateRequest(update_self=conn.node(), add_tunnel=agent_uuid))
+        lambda: CoordinateRequest(update_self=conn.node(), add_tunnel=agent_uuid),
+        on_reopen=lambda: refresh_derp_map(conn, api_client, agent_uuid))
     try:
         await link.open()
     except Exception:
@@ -190,6 +212,22 @@ async def dial_agent(reactor: Any, api_client: Any, agent_id: str | UUID, *,
                 timer.cancel()
     await task.deferLater(reactor, 0, lambda: None)
     return conn
+
+
+async def refresh_derp_map(conn: Conn, api_client: Any, agent_id: UUID) -> bool:
+    """Fetch the DERP map again (as :func:`dial_agent` did first) and apply it if it changed;
+    True if it did. A map that does not parse leaves the current one in place."""
+    info = await api_client.connection_info(str(agent_id))
+    try:
+        derp_map = rewrite_embedded(DERPMap.from_json(info.get("derp_map") or {}), api_client.url)
+    except (DERPMapError, ValueError, TypeError, KeyError) as err:
+        _log.warn("the server's new DERP map is unusable: {why}", why=str(err))
+        return False
+    if derp_map == conn.derp_map or not derp_map.regions:
+        return False
+    _log.info("the server's DERP map changed; applying it")
+    conn.set_derp_map(derp_map)
+    return True
 
 
 def _use_agent_node(conn: Conn, node: Node) -> None:

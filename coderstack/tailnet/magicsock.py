@@ -273,6 +273,21 @@ class MagicSock(DatagramProtocol):
         for ep in self.peers.values():
             ep.network_changed()
 
+    def reconnect_derp(self, stale: Callable[[str | None], bool]) -> list[int]:
+        """Reconnect the DERP clients whose connection's local address ``stale(ip)`` rejects
+        (None: not connected now); returns their region IDs. A TCP connection whose source
+        address vanished would otherwise hang until the read timeout."""
+        regions = []
+        for rid, client in list(self.derp.items()):
+            local = getattr(client, "local_address", None)
+            if local is None or not hasattr(client, "reconnect"):
+                continue
+            if stale(local()):
+                regions.append(rid)
+                self.derp_connected.discard(rid)
+                client.reconnect()
+        return regions
+
     def region_name(self, region_id: int) -> str:
         region = self.derp_map.region(region_id) if self.derp_map is not None else None
         if region is None:

@@ -25,7 +25,7 @@ from twisted.internet import defer, protocol, reactor, task
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVER_IP = "203.0.113.2"
-NAT_IPS = {"a": "203.0.113.10", "b": "203.0.113.11"}
+NAT_IPS = {"a": "203.0.113.10", "b": "203.0.113.11", "c": "203.0.113.12"}
 DERP_MAP = json.dumps({"Regions": {"1": {
     "RegionID": 1, "RegionCode": "lab", "RegionName": "Lab Relay",
     "Nodes": [{"Name": "1a", "RegionID": 1, "HostName": SERVER_IP, "IPv4": SERVER_IP,
@@ -155,6 +155,55 @@ class MagicsockLab:
             sh("ip", "link", "set", "l0", "up", ns=pb)
             sh("ip", "route", "add", "default", "via", f"{lan}.1", ns=pb)
 
+    def add_uplink(self, side: str = "a") -> None:
+        """A second NAT ("c", public 203.0.113.12) whose LAN reaches ``side``'s peer as ``l1``
+        (10.83.<n>.2), not yet used: :meth:`move_to_uplink` switches the peer over."""
+        natns, peerns, wan = self._ns("nc"), self.ns["p" + side], self.ns["wan"]
+        lan = f"10.83.{self.subnet}"
+        sh("ip", "link", "set", "lo", "up", ns=natns)
+        sh("ip", "link", "add", "n1", "netns", natns, "type", "veth", "peer", "name", "wc", "netns", wan)
+        sh("ip", "link", "set", "wc", "master", "br0", ns=wan)
+        sh("ip", "link", "set", "wc", "up", ns=wan)
+        sh("ip", "addr", "add", f"{NAT_IPS['c']}/24", "dev", "n1", ns=natns)
+        sh("ip", "link", "add", "n0", "netns", natns, "type", "veth", "peer", "name", "l1", "netns", peerns)
+        sh("ip", "addr", "add", f"{lan}.1/24", "dev", "n0", ns=natns)
+        for dev in ("n0", "n1"):
+            sh("ip", "link", "set", dev, "up", ns=natns)
+        sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=natns)
+        sh("iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "n1", "-j", "MASQUERADE", ns=natns)
+        est = ["-m", "conntrack", "--ctstate", "ESTABLISHED,RELATED", "-j", "ACCEPT"]
+        for chain in ("FORWARD", "INPUT"):
+            sh("iptables", "-A", chain, "-i", "n1", *est, ns=natns)
+            sh("iptables", "-A", chain, "-i", "n1", "-j", "DROP", ns=natns)
+        self.uplink_lan = lan
+
+    def move_to_uplink(self, side: str = "a") -> None:
+        """The laptop leaves its first network for the second: ``l0`` loses its address and goes
+        down, ``l1`` gets one and carries the default route (as a Wi-Fi roam would)."""
+        peerns = self.ns["p" + side]
+        lan = self.uplink_lan
+        sh("ip", "addr", "flush", "dev", "l0", ns=peerns)
+        sh("ip", "link", "set", "l0", "down", ns=peerns)
+        sh("ip", "addr", "add", f"{lan}.2/24", "dev", "l1", ns=peerns)
+        sh("ip", "link", "set", "l1", "up", ns=peerns)
+        sh("ip", "route", "replace", "default", "via", f"{lan}.1", ns=peerns)
+
+    def renumber(self, side: str = "a", host: int = 7) -> str:
+        """DHCP gives ``side``'s peer another address on the same LAN (the old one is gone)."""
+        peerns = self.ns["p" + side]
+        lan = f"10.8{'ab'.index(side) + 1}.{self.subnet}"
+        sh("ip", "addr", "flush", "dev", "l0", ns=peerns)
+        sh("ip", "addr", "add", f"{lan}.{host}/24", "dev", "l0", ns=peerns)
+        sh("ip", "route", "replace", "default", "via", f"{lan}.1", ns=peerns)
+        return f"{lan}.{host}"
+
+    def _ns(self, key: str) -> str:
+        name = self.ns.setdefault(key, self.ns["wan"].replace("-wan", f"-{key}", 1))
+        if name not in self.namespaces:
+            sh("ip", "netns", "add", name)
+            self.namespaces.append(name)
+        return name
+
     def block_udp(self, side: str, on: bool = True) -> None:
         """Drop forwarded UDP at one NAT (inserted before the conntrack ACCEPT)."""
         op = "-I" if on else "-D"
@@ -168,16 +217,17 @@ class MagicsockLab:
         env["PYTHONUNBUFFERED"] = "1"
         return env
 
-    def spawn(self, name: str, ns: str, *args: str) -> LineProcess:
+    def spawn(self, name: str, ns: str, *args: str, env: dict[str, str] | None = None) -> LineProcess:
         proc = LineProcess(name)
         ip = shutil.which("ip") or "/usr/sbin/ip"
         reactor.spawnProcess(proc, ip, ["ip", "netns", "exec", ns, sys.executable, *args],
-                             env=self.env(), path=REPO_ROOT)
+                             env={**self.env(), **(env or {})}, path=REPO_ROOT)
         self.procs.append(proc)
         return proc
 
     async def start(self, block_endpoints: tuple[str, ...] = (),
-                    force_websockets: tuple[str, ...] = ()) -> tuple[LineProcess, LineProcess]:
+                    force_websockets: tuple[str, ...] = (),
+                    peer_env: dict[str, str] | None = None) -> tuple[LineProcess, LineProcess]:
         server = self.spawn("server", self.ns["wan"], "-m", "tests.netlab.relay_server",
                             "--http", "8080", "--stun", f"{SERVER_IP}:3478")
         await wait_for(lambda: b"Traceback" in server.stderr or server.ended.called or _ready(server))
@@ -189,7 +239,7 @@ class MagicsockLab:
             if side in force_websockets:
                 extra += ("--derp-force-websockets",)
             peers.append(self.spawn(side, self.ns["p" + side], "-m", "tests.netlab.peer",
-                                    "--derp-map", DERP_MAP, *extra))
+                                    "--derp-map", DERP_MAP, *extra, env=peer_env))
         a, b = peers
         # The test process plays coordinator: every node change goes to the other peer.
         a.on_node = lambda node: b.send({"peer": node})

@@ -2,6 +2,9 @@
 
     python -m tests.netlab.peer --derp-map JSON [--block-endpoints] [--derp-force-websockets]
 
+The Conn runs the link monitor unless CODERSTACK_LINK_MONITOR=0 (polling every
+CODERSTACK_LINK_MONITOR_INTERVAL seconds, default linkmon's).
+
 stdout: {"node": NODE} whenever our node changes; {"status": {...}} every 0.25 s (path and
 reason to the peer, packets sent/received, handshakes); {"ping": [latency, path]} or
 {"ping_error": "..."}.
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import json
+import os
 import struct
 import sys
 
@@ -23,6 +27,7 @@ from twisted.internet import reactor, stdio, task
 from twisted.protocols.basic import LineReceiver
 
 from coderstack.derpmap import DERPMap
+from coderstack.tailnet import linkmon
 from coderstack.tailnet.conn import Conn
 from coderstack.wire.coordination import Node
 
@@ -85,6 +90,8 @@ class Peer(LineReceiver):
                     "endpoints": full["endpoints"], "home": self.conn.preferred_derp,
                     "derp_connected": full["derp_connected"], "drops": full["drops"],
                     "derp_websocket": full["derp_websocket"],
+                    "link_changes": self.conn.link_monitor.changes if self.conn.link_monitor else None,
+                    "derp_reconnects": sum(getattr(c, "reconnects", 0) for c in self.conn.sock.derp.values()),
                     "wg_drops": dict(self.conn.device.drops), "disco": full["disco"],
                     "peer": next(iter(full["peers"].values()), None)}
         if self.peer is not None:
@@ -108,6 +115,8 @@ def main() -> None:
                 force_websockets=args.derp_force_websockets)
     conn.start(0)
     conn.set_derp_map(DERPMap.loads(args.derp_map))
+    interval = os.environ.get("CODERSTACK_LINK_MONITOR_INTERVAL")
+    linkmon.monitor_conn(reactor, conn, **({"interval": float(interval)} if interval else {}))
     stdio.StandardIO(Peer(conn))
     reactor.run()
 

@@ -1,0 +1,85 @@
+"""``DERPClient.reconnect``: after a network change the connection is dropped without a goodbye
+and dialled again at once (no backoff), also while an attempt is under way."""
+
+from __future__ import annotations
+
+from twisted.internet import defer, reactor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.trial import unittest
+
+from coderstack.derp.policy import AllowAllPolicy
+from coderstack.derpmap import DERPNode, DERPRegion
+
+from .helpers import RelayServer, start_client, wait_for
+
+
+class ReconnectTests(unittest.TestCase):
+    timeout = 15
+    def _reconnects_and_still_relays(self, websocket: bool) -> defer.Deferred:
+        server = RelayServer(self, AllowAllPolicy())
+
+        async def go() -> None:
+            # A backoff long enough that only an immediate redial can pass this test in time.
+            a, ra = start_client(self, server, force_websockets=websocket, min_backoff=600, max_backoff=600)
+            b, rb = start_client(self, server)
+            await wait_for(lambda: a.connected and b.connected)
+            self.assertEqual(a.local_address(), "127.0.0.1")
+            a.reconnect()
+            self.assertFalse(a.connected)
+            self.assertIsNone(a.local_address())
+            self.assertEqual(len(ra.disconnects), 1)
+            self.assertIsNone(a._retry)  # dialling now, not waiting out a backoff
+            await wait_for(lambda: a.connected)
+            self.assertEqual((a.connects, a.reconnects, len(ra.connects)), (2, 1, 2))
+            self.assertEqual(ra.connects[-1][2], websocket)
+            b.send(a.public_key, b"after")
+            await wait_for(lambda: ra.packets)
+            self.assertEqual(ra.packets, [(b.public_key, b"after")])
+            self.assertEqual(len(ra.disconnects), 1)  # the old connection's end was not reported twice
+
+        return defer.ensureDeferred(go())
+
+    def test_reconnect_upgrade(self) -> defer.Deferred:
+        return self._reconnects_and_still_relays(False)
+
+    def test_reconnect_websocket(self) -> defer.Deferred:
+        return self._reconnects_and_still_relays(True)
+
+    def test_reconnect_cancels_the_attempt_under_way(self) -> defer.Deferred:
+        accepted: list[Protocol] = []
+
+        class Silent(Protocol):
+            def connectionMade(self) -> None:  # noqa: N802
+                accepted.append(self)
+
+        port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        node = DERPNode("1a", 1, "127.0.0.1", derp_port=port.getHost().port, force_http=True, stun_port=-1)
+        region = DERPRegion(1, "x", "x", (node,))
+        server = RelayServer(self, AllowAllPolicy())
+
+        async def go() -> None:
+            a, ra = start_client(self, server, region=region)
+            await wait_for(lambda: len(accepted) == 1)  # stuck waiting for the upgrade answer
+            a.reconnect()
+            await wait_for(lambda: len(accepted) == 2)
+            await wait_for(lambda: accepted[0].transport.disconnected)
+            self.assertFalse(accepted[1].transport.disconnected)
+            self.assertEqual(ra.connects, [])
+            self.assertNotIn("cancelled", a.last_error)
+
+        return defer.ensureDeferred(go())
+
+    def test_reconnect_after_stop_does_nothing(self) -> defer.Deferred:
+        server = RelayServer(self, AllowAllPolicy())
+
+        async def go() -> None:
+            a, ra = start_client(self, server)
+            await wait_for(lambda: a.connected)
+            await a.stop()
+            a.reconnect()
+            self.assertEqual(a.reconnects, 0)
+            self.assertFalse(a.connected)
+            self.assertIsNone(a._retry)
+
+        return defer.ensureDeferred(go())
