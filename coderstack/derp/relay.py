@@ -119,6 +119,10 @@ class ServerConn:
         self._data.clear()
         self._disco.clear()
         self._ctrl.clear()
+        if self.preferred:
+            # The gauge counts connected home clients; one that leaves is no longer one.
+            self.preferred = False
+            self.relay.home_clients -= 1
         if self.registered:
             self.relay._unregister(self)
 

@@ -259,9 +259,12 @@ class RelayTests(unittest.TestCase):
         a, _ = self.pair()
         a.conn.data_received(w.encode(w.NotePreferred(True)))
         self.assertEqual(self.relay.home_clients, 1)
+        a.conn.data_received(w.encode(w.NotePreferred(True)))  # said twice, counted once
+        self.assertEqual(self.relay.home_clients, 1)
         a.conn.data_received(w.raw_frame(w.NOTE_PREFERRED, b"\x01\x01"))
         self.assertIsNotNone(a.sink.closed)
-        self.assertEqual(self.relay.home_clients, 1)
+        # A home client that leaves (here closed for a bad frame) is no longer counted.
+        self.assertEqual(self.relay.home_clients, 0)
 
     def test_mesh_frames_need_mesh_key(self) -> None:
         a, _ = self.pair()
