@@ -81,10 +81,22 @@ async def measure(peer):
     await task.deferLater(reactor, 0.5, lambda: None)
     ep = client_endpoint(ns, peer.addresses[0].network_address, 3)
     res = {"down": [], "up": []}
+    # The client's smoothed RTT while it has data in flight (the uploads): queueing or stalls
+    # on the path show here.
+    srtts = []
+    def sample():
+        for c in list(ns.stack.connections.values()):
+            if c.srtt is not None and c.snd_nxt != c.snd_una:
+                srtts.append(c.srtt * 1000)
+    sampler = task.LoopingCall(sample)
+    sampler.start(0.05, now=False)
     for _ in range(int(runs)):
         for name, direction in (("down", DOWNLOAD), ("up", UPLOAD)):
             r = await run_speedtest(ep, direction, float(seconds), reactor)
             res[name].append(r.total[2] * 8 / 1e6 / r.total[1])
+    sampler.stop()
+    srtts.sort()
+    res["srtt_ms"] = srtts[len(srtts) // 2] if srtts else None
     res.update(mtu=conn.path_mtu(key), path=conn.path(key)[0], pmtu=conn.sock.pmtu_enabled,
                drops=dict(conn.sock.drops), retransmits=ns.stats["tcp_retransmits"])
     print(json.dumps({"results": res}), flush=True)
@@ -175,11 +187,12 @@ def main() -> None:
     print(f"## Path MTU end to end: speedtest through two tailnet Conns on loopback "
           f"({datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"{seconds:g} s tests, median of {runs})\n")
-    print("| path | tunnel MTU | download | upload | TCP retransmits |")
-    print("|---|---|---|---|---|")
+    print("| path | tunnel MTU | download | upload | TCP retransmits | upload srtt (median) |")
+    print("|---|---|---|---|---|---|")
     for name, r in rows:
+        srtt = f"{r['srtt_ms']:.1f} ms" if r.get("srtt_ms") is not None else "-"
         print(f"| {name} | {r['mtu']} | {statistics.median(r['down']):.0f} Mbit/s | "
-              f"{statistics.median(r['up']):.0f} Mbit/s | {r['retransmits']} |")
+              f"{statistics.median(r['up']):.0f} Mbit/s | {r['retransmits']} | {srtt} |")
     for i in range(0, len(rows), 2):
         (name_a, on), (name_b, off) = rows[i], rows[i + 1]
         for d in ("down", "up"):

@@ -35,6 +35,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from coderstack.derp.tcpopts import no_delay
 from coderstack.derpmap import DERPNode, DERPRegion
 from coderstack.wire import derp as w
 
@@ -180,6 +181,7 @@ class _UpgradeProtocol(Protocol):
         if ideal.name != self.node.name:
             headers.append(b"Ideal-Node: " + ideal.name.encode())
         headers += [k + b": " + v for k, v in self.client._headers().items()]
+        no_delay(self.transport)
         self.transport.write(b"\r\n".join(headers) + b"\r\n\r\n")
         self.transport.registerProducer(self, True)
 
@@ -257,6 +259,7 @@ class _WSClientProtocol(WebSocketClientProtocol):
     ready: defer.Deferred[Any] | None
 
     def onOpen(self) -> None:
+        no_delay(self.transport)
         self.transport.registerProducer(_WSClientProducer(self), True)
         d, self.ready = self.ready, None
         if d is not None:

@@ -41,6 +41,7 @@ from zope.interface import implementer
 
 from coderstack.derp.policy import TOKEN_HEADER, IRelayPolicy
 from coderstack.derp.relay import Relay, ServerConn
+from coderstack.derp.tcpopts import no_delay
 from coderstack.wire import derp as w
 
 _log = Logger()
@@ -151,6 +152,7 @@ class DERPStreamProtocol(Protocol):
         peer = self.transport.getPeer()
         addr = (getattr(peer, "host", ""), getattr(peer, "port", 0))
         self.conn = self.relay.accept(self, self.principal, addr, require_mesh=self.require_mesh)
+        no_delay(self.transport)
         self.transport.registerProducer(self, True)
 
     def start(self, buffered: bytes) -> None:
@@ -227,6 +229,7 @@ class DERPWebSocketProtocol(WebSocketServerProtocol):
         peer = self.transport.getPeer()
         addr = (getattr(peer, "host", ""), getattr(peer, "port", 0))
         self.conn = self.relay.accept(self, self.principal, addr, require_mesh=self.require_mesh)
+        no_delay(self.transport)
         self.transport.registerProducer(_WSProducer(self), True)
         self.conn.start()
 
