@@ -56,8 +56,10 @@ from coderstack.wire.wireguard import (
 _log = Logger()
 
 RESTUN_INTERVAL = 23.0  # Tailscale re-STUNs every 20-26 s while active
-# Relayed paths stay at 1280 by default: see bench/bench_pmtu.py for the measurement.
-DERP_MTU = 1280
+# DERP frames carry up to 64 KiB over TCP, which needs no probing: with TCP_NODELAY on the relay's
+# connections a relayed tunnel at this MTU moved 3.7x the bytes of one at 1280 (BENCHMARKS.md).
+# CODERSTACK_PMTUD=0 puts relayed paths back at 1280 with the direct ones.
+DERP_MTU = pmtu_sizes.MAX_MTU
 
 
 def home_region(derp_map: DERPMap) -> int:

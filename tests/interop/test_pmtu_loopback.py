@@ -65,8 +65,10 @@ class LoopbackPMTUTests(unittest.TestCase):
 
     async def test_fallback_to_derp_lowers_mtu_and_tcp_survives(self) -> None:
         """Mid-transfer, UDP between the two stops (as if a NAT mapping died): trust lapses, the
-        path becomes DERP at 1280, the netstack re-segments, and the bytes still arrive exactly."""
-        a, b = await self.pair(pmtu=True)
+        path becomes DERP at 1280, the netstack re-segments, and the bytes still arrive exactly.
+        (The relay's MTU is set to 1280 here so the fall-back is also a shrink; by default DERP
+        carries 64 KiB, see the next test.)"""
+        a, b = await self.pair(pmtu=True, derp_mtu=1280)
         bkey, akey = b.keys.node_public, a.keys.node_public
         await a.ping(bkey)
         await b.ping(akey)
@@ -98,3 +100,17 @@ class LoopbackPMTUTests(unittest.TestCase):
         count, digest = await sink.done
         self.assertEqual((count, digest), (total, source.hash.hexdigest()))
         self.assertGreater(self.server.relay.packets_received, 0)
+
+    async def test_relayed_by_default_at_64k(self) -> None:
+        """With direct paths blocked the tunnel goes through DERP at the relay's 64 KiB MTU (no
+        probing needed over TCP), and 10 MiB arrive exactly."""
+        a, b = await self.pair(pmtu=True, block=True)
+        bkey = b.keys.node_public
+        sizes: list[int] = []
+        b.on_packet(lambda k, p: sizes.append(len(p)))
+        count, sent, got = await transfer(reactor, a, b, 10 << 20)
+        self.assertEqual((count, got), (10 << 20, sent))
+        self.assertEqual(a.path_mtu(bkey), pmtu.MAX_MTU)
+        self.assertTrue(a.path(bkey)[0].startswith("DERP("))
+        self.assertGreater(max(sizes), 1280)
+        self.assertLessEqual(max(sizes), pmtu.MAX_MTU)

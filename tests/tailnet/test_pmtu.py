@@ -270,8 +270,8 @@ class ConnPMTUTests(unittest.TestCase):
         p.run(1.0)
         self.assertEqual(p.a.path_mtu(bkey), 8928)
 
-    def test_direct_to_derp_drops_back_to_1280(self) -> None:
-        p = ConnPair(link_mtu=65535)
+    def test_direct_to_derp_takes_the_relay_mtu(self) -> None:
+        p = ConnPair(link_mtu=65535, derp_mtu=1280)
         bkey = p.b.keys.node_public
         p.a.ping(bkey)
         p.run(0.2)
@@ -284,8 +284,8 @@ class ConnPMTUTests(unittest.TestCase):
         self.assertEqual(p.a.path_mtu(bkey), 1280)
         self.assertEqual(p.mtus[-1], ([p.b.address.packed], 1280))
 
-    def test_relayed_mtu_when_configured(self) -> None:
-        p = ConnPair(link_mtu=65535, derp_mtu=65472, block_endpoints=True)
+    def test_relayed_mtu_is_64k_by_default(self) -> None:
+        p = ConnPair(link_mtu=65535, block_endpoints=True)
         bkey = p.b.keys.node_public
         p.a.send_packet(None, ipv6_packet(p.a.address, p.b.address, bytes(30000)))
         p.run(0.2)
