@@ -63,7 +63,11 @@ class RoamingTests(unittest.TestCase):
                        and a.status["received"] >= a_got + 50 and b.status["received"] >= b_got + 50)
         took = reactor.seconds() - moved
         self.assertTrue(stun_endpoint(a.nodes[-1], NAT_IPS["c"]), a.nodes[-1])
-        self.assertEqual(a.status["last_handshake"], handshake)  # the same WireGuard session
+        if monitor:
+            # Healed well inside WireGuard's 15 s "no reply, handshake again" rule: same session.
+            # Without the monitor A's relay connection hangs on the vanished address too, so
+            # nothing comes back for 13-19 s and a new handshake is WireGuard doing its job.
+            self.assertEqual(a.status["last_handshake"], handshake)
         return took, a, b
 
     async def test_roam_to_another_nat_recovers_direct(self) -> None:
