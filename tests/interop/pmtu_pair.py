@@ -52,6 +52,10 @@ class Source(protocol.Protocol):
         if self.sent >= self.total:
             self.transport.unregisterProducer()
             self.transport.loseConnection()
+            self.finished()
+
+    def finished(self) -> None:
+        """Called once everything is written (a hook for subclasses)."""
 
     def stopProducing(self) -> None:  # noqa: N802
         pass

@@ -25,6 +25,7 @@ from coderstack.derpmap import DERPMap
 from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.stack import attach_netstack, client_endpoint, server_endpoint
 from coderstack.wire.coordination import Node
+from tests.interop import pmtu_pair
 
 
 def out(obj: object) -> None:
@@ -44,26 +45,14 @@ class Sink(protocol.Protocol):
         out({"received": [self.count, self.hash.hexdigest()]})
 
 
-class Source(protocol.Protocol):
+class Source(pmtu_pair.Source):
+    """The interop pair's pull producer; reports what it sent on stdout."""
+
     def __init__(self, total: int) -> None:
-        self.total, self.sent, self.hash = total, 0, hashlib.sha256()
-        self.block = hashlib.shake_256(b"netlab pmtu").digest(128 << 10)
+        super().__init__(total, hashlib.shake_256(b"netlab pmtu").digest(128 << 10))
 
-    def connectionMade(self) -> None:  # noqa: N802
-        self.transport.registerProducer(self, False)
-
-    def resumeProducing(self) -> None:  # noqa: N802
-        chunk = self.block[: min(len(self.block), self.total - self.sent)]
-        self.sent += len(chunk)
-        self.hash.update(chunk)
-        self.transport.write(chunk)
-        if self.sent >= self.total:
-            self.transport.unregisterProducer()
-            self.transport.loseConnection()
-            out({"sent": [self.sent, self.hash.hexdigest()]})
-
-    def stopProducing(self) -> None:  # noqa: N802
-        pass
+    def finished(self) -> None:
+        out({"sent": [self.sent, self.hash.hexdigest()]})
 
 
 class Peer(LineReceiver):
