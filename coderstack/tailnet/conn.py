@@ -57,7 +57,7 @@ _log = Logger()
 
 RESTUN_INTERVAL = 23.0  # Tailscale re-STUNs every 20-26 s while active
 # DERP frames carry up to 64 KiB over TCP, which needs no probing: with TCP_NODELAY on the relay's
-# connections a relayed tunnel at this MTU moved 3.7x the bytes of one at 1280 (BENCHMARKS.md).
+# connections a relayed tunnel at this MTU moved 3.3-3.6x the bytes of one at 1280 (BENCHMARKS.md).
 # CODERSTACK_PMTUD=0 puts relayed paths back at 1280 with the direct ones.
 DERP_MTU = pmtu_sizes.MAX_MTU
 
