@@ -31,7 +31,8 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.internet import task
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from coderstack.tailnet.netcheck import Interface, gather_interfaces
@@ -184,25 +185,20 @@ class LinkMonitor:
         self.state: LinkState | None = None
         self.changes = 0
         self.errors = 0
-        self._call: IDelayedCall | None = None
-        self._running = False
+        self._loop = task.LoopingCall(self.poll)
+        self._loop.clock = clock
 
     def start(self) -> None:
         """Take the first snapshot now (no callback for it) and start polling."""
-        if self._running:
-            return
-        self._running = True
-        self.poll()
+        if not self._loop.running:
+            self._loop.start(self.interval, now=True)
 
     def stop(self) -> None:
-        self._running = False
-        if self._call is not None and self._call.active():
-            self._call.cancel()
-        self._call = None
+        if self._loop.running:
+            self._loop.stop()
 
     def poll(self) -> None:
         """One poll: compare with the previous snapshot and report a change."""
-        self._call = None
         try:
             woke = self.wake.observe(self.clock.seconds(), self.monotonic())
             new = self.read_state()
@@ -219,8 +215,6 @@ class LinkMonitor:
                     self.on_change(change)
                 except Exception:  # noqa: BLE001
                     _log.failure("link change handler failed")
-        if self._running:
-            self._call = self.clock.callLater(self.interval, self.poll)
 
 
 def enabled_from_env(env: Mapping[str, str] | None = None) -> bool:
