@@ -35,6 +35,20 @@ class EnvOptions(usage.Options):
         self.environ = dict(os.environ if environ is None else environ)
         super().__init__()
 
+    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+        # A boolean flag may be given bare (``--tls-enable``), as Coder's CLI takes it: it means
+        # true unless the next word is its value (``--tls-enable false``).
+        if options is not None:
+            flags = {f"--{flag}" for flag, _e, _d, coerce, _h in self.envParameters if coerce is boolean}
+            out: list[str] = []
+            for i, arg in enumerate(options):
+                following = options[i + 1] if i + 1 < len(options) else None
+                if arg in flags and (following is None or following.startswith("-")):
+                    arg += "=true"
+                out.append(arg)
+            options = out
+        super().parseOptions(options)
+
     def postOptions(self) -> None:
         for flag, env, default, coerce, _doc in self.envParameters:
             raw = self[flag]

@@ -10,8 +10,12 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from twisted.internet import protocol
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.web.client import Agent, readBody
+from twisted.python.failure import Failure
+from twisted.web.client import Agent, ResponseDone
+from twisted.web.http import PotentialDataLoss
 
 MAX_RESPONSE = 1 << 20
 
@@ -40,7 +44,10 @@ async def get_json(endpoint: IStreamClientEndpoint, path: str, reactor: Any = No
     length = resp.length if isinstance(resp.length, int) else 0
     if length > MAX_RESPONSE:
         raise AgentHTTPError(resp.code, "the agent's answer is too large")
-    body = await readBody(resp)
+    # The agent's answers have no Content-Length, so the cap is enforced while reading.
+    collector = _CappedBody(MAX_RESPONSE, resp.code)
+    resp.deliverBody(collector)
+    body = await collector.done
     try:
         doc = json.loads(body)
     except ValueError:
@@ -48,3 +55,32 @@ async def get_json(endpoint: IStreamClientEndpoint, path: str, reactor: Any = No
     if resp.code != 200:
         raise AgentHTTPError(resp.code, str(doc.get("message", "")) if isinstance(doc, dict) else "")
     return doc
+
+
+class _CappedBody(protocol.Protocol):
+    """Collects a response body and aborts the connection once it passes ``limit`` bytes."""
+
+    def __init__(self, limit: int, code: int) -> None:
+        self.limit = limit
+        self.code = code
+        self.parts: list[bytes] = []
+        self.size = 0
+        self.done: Deferred[bytes] = Deferred()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - twisted API
+        if self.done.called:
+            return
+        self.size += len(data)
+        if self.size > self.limit:
+            self.done.errback(AgentHTTPError(self.code, "the agent's answer is too large"))
+            self.transport.stopProducing()
+            return
+        self.parts.append(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+        if self.done.called:
+            return
+        if reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(b"".join(self.parts))
+        else:
+            self.done.errback(reason)

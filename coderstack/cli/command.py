@@ -31,3 +31,20 @@ class Command(usage.Options):
                 if f"{opt[1]}:" in self.shortOpt:
                     ordered.append(value)
         return super().parseOptions(ordered + ["--"] + args)
+
+
+class CommandGroup(usage.Options):
+    """A command with subcommands (``coderstack users create|list``). ``aliases`` maps extra
+    names to subcommands (``ls`` for ``list``): usage.Options only knows one-letter short names,
+    and its help text cannot show longer ones."""
+
+    aliases: dict[str, str] = {}
+
+    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+        if options:
+            options = list(options)
+            for i, arg in enumerate(options):
+                if not arg.startswith("-"):
+                    options[i] = self.aliases.get(arg, arg)
+                    break
+        return super().parseOptions(options)

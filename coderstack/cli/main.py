@@ -168,6 +168,9 @@ async def run(reactor: Any, argv: list[str], environ: dict[str, str] | None = No
         globalLogBeginner.beginLoggingTo([textFileLogObserver(ctx.stderr)], redirectStandardIO=False)
     try:
         return await command(reactor, opts.subOptions, ctx)
+    except BrokenPipeError:
+        # The reader went away (``coderstack netcheck | head``): stop quietly, as Unix tools do.
+        return EXIT_BROKEN_PIPE
     except SDKError as err:
         ctx.err(f"error: {err}")
         return 1
@@ -180,20 +183,44 @@ async def run(reactor: Any, argv: list[str], environ: dict[str, str] | None = No
             await closing
 
 
+#: 128 + SIGPIPE, the status a Unix tool killed by a closed pipe has.
+EXIT_BROKEN_PIPE = 141
+
+
+def _silence_stdout() -> None:
+    """Point stdout at /dev/null so the interpreter's final flush cannot fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
     codes: list[int] = []
 
     async def _main(reactor: Any) -> None:
-        codes.append(await run(reactor, args))
+        try:
+            codes.append(await run(reactor, args))
+        except BrokenPipeError:  # printing --help into a closed pipe
+            codes.append(EXIT_BROKEN_PIPE)
 
+    code: Any
     try:
         task.react(lambda reactor: Deferred.fromCoroutine(_main(reactor)))
     except SystemExit as exit_:
-        if exit_.code not in (0, None) or not codes:
-            raise
-    sys.exit(codes[0] if codes else 1)
-
+        # react() always exits; --help and --version exit from inside the parser.
+        code = codes[0] if codes and exit_.code in (0, None) else exit_.code
+    else:
+        code = codes[0] if codes else 1
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = EXIT_BROKEN_PIPE
+    if code == EXIT_BROKEN_PIPE:
+        _silence_stdout()
+    sys.exit(code)
 
 if __name__ == "__main__":
     main()

@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from coderstack.cli.command import Command
+from coderstack.cli.command import Command, CommandGroup
 from coderstack.cli.context import Context
 from coderstack.cli.output import OutputOption, ago, table
 from coderstack.sdk import SDKError
@@ -35,11 +35,12 @@ class ListOptions(OutputOption, Command):
     synopsis = "coderstack templates list [--output table|json]"
 
 
-class TemplatesOptions(usage.Options):
+class TemplatesOptions(CommandGroup):
+    aliases = {"ls": "list"}
     synopsis = "coderstack templates <push|list>"
     subCommands = [
         ["push", None, PushOptions, "Upload a template directory (a new version if it exists)."],
-        ["list", "ls", ListOptions, "List templates."],
+        ["list", None, ListOptions, "List templates (alias: ls)."],
     ]
 
     def postOptions(self) -> None:

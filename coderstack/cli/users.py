@@ -7,7 +7,7 @@ from typing import Any
 
 from twisted.python import usage
 
-from coderstack.cli.command import Command
+from coderstack.cli.command import Command, CommandGroup
 from coderstack.cli.context import Context
 from coderstack.cli.output import OutputOption, table
 
@@ -31,11 +31,12 @@ class ListOptions(OutputOption, Command):
     synopsis = "coderstack users list [--output table|json]"
 
 
-class UsersOptions(usage.Options):
+class UsersOptions(CommandGroup):
+    aliases = {"ls": "list"}
     synopsis = "coderstack users <create|list>"
     subCommands = [
         ["create", None, CreateOptions, "Create a user (owners only)."],
-        ["list", "ls", ListOptions, "List users (owners only)."],
+        ["list", None, ListOptions, "List users (owners only) (alias: ls)."],
     ]
 
     def postOptions(self) -> None:

@@ -6,17 +6,21 @@ the code path of the console script minus ``sys.exit``.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import json
 import os
 import socket
 import stat
+import subprocess
+import sys
 import uuid
 
 from twisted.internet import reactor, task
 from twisted.trial import unittest
 
 from coderstack.agent.service import AgentService
+from coderstack.cli.main import run as cli_run
 from coderstack.sdk import Client, SDKError
 from coderstack.wire.coordination import address_from_uuid
 from tests.support.inprocess import CLI, start_server
@@ -390,3 +394,58 @@ class GlobalOptionOrderTests(unittest.SynchronousTestCase):
                          ["login", "http://x", "--token", "t"])
         self.assertEqual(hoist_global_options(["ssh", "dev", "--", "--disable-direct-connections"]),
                          ["ssh", "dev", "--", "--disable-direct-connections"])
+
+
+class _ClosedPipe:
+    """A stdout whose reader has gone away."""
+
+    def write(self, text: str) -> int:
+        raise BrokenPipeError(32, "Broken pipe")
+
+    def flush(self) -> None:
+        raise BrokenPipeError(32, "Broken pipe")
+
+
+class BrokenPipeTests(CLITestCase):
+    async def test_a_closed_stdout_ends_quietly(self) -> None:
+        await self.login_owner()
+        err = io.StringIO()
+        code = await cli_run(reactor, ["users", "list"], environ=self.cli.environ,
+                             stdout=_ClosedPipe(), stderr=err)
+        self.assertEqual(code, 141)
+        self.assertEqual(err.getvalue(), "")
+
+    def test_help_into_a_closed_pipe_prints_no_traceback(self) -> None:
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # the reader is gone before the command writes a byte
+        try:
+            proc = subprocess.run(
+                [sys.executable, "-c", "from coderstack.cli.main import main; main(['users', '--help'])"],
+                stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60,
+            )
+        finally:
+            os.close(write_end)
+        self.assertEqual(proc.stderr, "")
+        self.assertEqual(proc.returncode, 141)
+
+
+class CommandGroupTests(unittest.SynchronousTestCase):
+    def test_group_help_lists_subcommands(self) -> None:
+        for group in ("users", "templates"):
+            proc = subprocess.run(
+                [sys.executable, "-c", f"from coderstack.cli.main import main; main(['{group}', '--help'])"],
+                capture_output=True, text=True, timeout=60,
+            )
+            self.assertEqual(proc.returncode, 0, proc.stderr)
+            self.assertIn("list", proc.stdout)
+            self.assertIn("alias: ls", proc.stdout)
+
+    def test_ls_is_list(self) -> None:
+        from coderstack.cli.templates import TemplatesOptions
+        from coderstack.cli.users import UsersOptions
+
+        for options_class in (UsersOptions, TemplatesOptions):
+            opts = options_class()
+            opts.parseOptions(["ls", "--output", "json"])
+            self.assertEqual(opts.subCommand, "list")
+            self.assertEqual(opts.subOptions["output"], "json")
