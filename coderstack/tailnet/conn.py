@@ -312,7 +312,8 @@ class Conn:
                 endpoints.append(parse_addr(text))
             except ValueError:
                 continue
-        self.sock.set_peer(key, node.disco, endpoints, node.preferred_derp)
+        name = str(node.addresses[0].network_address) if node.addresses else ""
+        self.sock.set_peer(key, node.disco, endpoints, node.preferred_derp, name=name)
         old = self.peer_addresses.get(key, set())
         new = {a.network_address.packed for a in (*node.addresses, *node.allowed_ips)}
         for packed in old - new:
@@ -399,7 +400,14 @@ class Conn:
             self._events(self.device.send_many(key, batch, now))
 
     def _wireguard_in(self, datagram: bytes, source: object) -> None:
-        self._events(self.device.receive(datagram, self.reactor.seconds(), source))
+        events = self.device.receive(datagram, self.reactor.seconds(), source)
+        if type(source) is tuple:
+            # An authenticated packet over UDP shows the direct path works (magicsock's failover).
+            for event in events:
+                if type(event) is Packet:
+                    self.sock.udp_authenticated(event.peer_key, source)
+                    break
+        self._events(events)
 
     def _events(self, events: list) -> None:
         sock = self.sock

@@ -24,6 +24,18 @@ Rules (Tailscale's magicsock, see reference/tailscale-protocols.md §5):
   minute when its latency is above 5 ms. Two missed heartbeats let trust lapse: traffic goes to
   UDP and DERP again and discovery restarts, inside the same WireGuard session.
 
+Failover (faster than trust expiry, ours rather than Tailscale's):
+
+- While data goes out on the trusted direct path (a send in the last 2 s) and nothing came back
+  on it for 0.5 s (no pong from the best address, no WireGuard packet from it that the caller
+  authenticated, see :meth:`Endpoint.note_udp_rx`), the best address is checked: a disco ping
+  every 0.3 s (or twice its latency, if larger). Anything heard from it ends the check. After 3
+  checks in a row went unanswered the address is no longer trusted: traffic goes via DERP (and
+  UDP) about 1.4 s after the path went quiet, and the heartbeats and discovery pings that follow
+  bring it back when it answers again. One lost pong is one unanswered check: no switch.
+- ``path_change(now)`` tells the caller, once per change, that the path went from direct to
+  DERP, from DERP to direct, or to another direct address (for its log).
+
 Path MTU (with ``pmtu_enabled``; sizes in ``coderstack/tailnet/pmtu.py``):
 
 - Every discovery ping to a candidate goes with padded probes, one per rung of the ladder; a
@@ -61,6 +73,10 @@ PING_BACK_INTERVAL = 0.5  # answer a peer's ping with our own at most this often
 REFLEXIVE_LIFETIME = 6.5 * 10  # peer-reflexive candidates without a pong expire
 MTU_TRUST = TRUST_UDP_ADDR_DURATION  # a proven MTU lapses without a confirming pong this long
 MTU_REPROBE_INTERVAL = 30.0  # retry larger rungs on a trusted address this often
+FAILOVER_QUIET = 0.5  # data went out, nothing came back on the direct path this long: check it
+FAILOVER_PING_INTERVAL = 0.3  # between checks (at least twice the path's latency)
+FAILOVER_PINGS = 3  # checks in a row unanswered: stop trusting the direct path
+DATA_ACTIVE = 2.0  # "data is flowing": a send to the peer this recently
 
 
 class DiscoOut(NamedTuple):
@@ -73,6 +89,14 @@ class WantCallMeMaybe(NamedTuple):
 
 
 Action = DiscoOut | WantCallMeMaybe
+
+
+class PathChange(NamedTuple):
+    """The path to the peer changed: now direct via ``direct``, or via DERP (``direct`` None,
+    ``why`` says why not direct)."""
+
+    direct: Addr | None
+    why: str = ""
 
 
 class PongResult(NamedTuple):
@@ -183,6 +207,7 @@ class Endpoint:
     disco_key: bytes
     derp_region: int = 0
     derp_region_name: str = ""
+    name: str = ""  # how the log names the peer
     direct_disabled: bool = False
     urandom: Callable[[int], bytes] = os.urandom
     pmtu_enabled: bool = False  # probe direct paths for an MTU above 1280
@@ -197,6 +222,11 @@ class Endpoint:
     last_heartbeat: float = -math.inf
     ever_trusted: bool = False
     pongs: int = 0
+    last_direct_rx: float = -math.inf  # last pong or authenticated packet from the best address
+    stopped_answering: Addr | None = None  # the direct address the last failover left
+    announced: Addr | None = None  # the path ``path_change`` last reported (None: DERP)
+    _checks: int = 0  # failover checks sent to the best address since it was last heard
+    _last_check: float = -math.inf
     _pings: dict[bytes, _SentPing] = field(default_factory=dict)
     _cmm_endpoints: set[Addr] = field(default_factory=set)
     _seen_pings: dict[tuple[bytes, Addr | None], float] = field(default_factory=dict)
@@ -296,6 +326,9 @@ class Endpoint:
                 self.best.mtu = cand.proven_mtu(now)
                 self.trust_until = now + TRUST_UDP_ADDR_DURATION
                 self.ever_trusted = True
+                self.last_direct_rx = now
+                self._checks = 0
+                self.stopped_answering = None
         return PongResult(pong.tx_id, latency, src, pong.src, sent.size)
 
     # -- sending ---------------------------------------------------------------------------
@@ -303,21 +336,62 @@ class Endpoint:
     def trusted(self, now: float) -> bool:
         return self.best is not None and now < self.trust_until and not self.direct_disabled
 
+    def note_udp_rx(self, addr: Addr, now: float) -> None:
+        """The caller authenticated a packet from this peer that came from ``addr`` over UDP: if
+        that is the best address, the direct path works (no failover check needed now)."""
+        best = self.best
+        if best is not None and best.addr == addr:
+            self.last_direct_rx = now
+            self._checks = 0
+
     def send_plan(self, now: float) -> tuple[Addr | None, bool, list[Action]]:
         """Where one outgoing datagram goes: (UDP address or None, also via DERP?, actions)."""
         self.last_send = now
+        checks: list[Action] = []
         if self.trusted(now):
             assert self.best is not None
-            return self.best.addr, False, []
+            if now - self.last_direct_rx <= FAILOVER_QUIET:
+                return self.best.addr, False, []
+            checks = self._check_direct(now)
+            if self.trusted(now):
+                return self.best.addr, False, checks
         if self.direct_disabled:
             return None, True, []
         udp = self.best.addr if self.best is not None else None
-        return udp, True, self._ping_all(now, call_me_maybe=True)
+        return udp, True, checks + self._ping_all(now, call_me_maybe=True)
 
-    def _ping(self, dest: Addr | None, now: float, user: bool = False) -> DiscoOut:
+    def _check_direct(self, now: float) -> list[Action]:
+        """Failover: ping a quiet trusted best address; distrust it after unanswered checks."""
+        best = self.best
+        if best is None or best.addr is None:
+            return []
+        if now - self.last_send > DATA_ACTIVE or now - self.last_direct_rx <= FAILOVER_QUIET:
+            self._checks = 0
+            return []
+        latency = best.latency if math.isfinite(best.latency) else 0.0
+        if now - self._last_check < max(FAILOVER_PING_INTERVAL, 2 * latency):
+            return []
+        if self._checks >= FAILOVER_PINGS:
+            self.trust_until = now
+            self.stopped_answering = best.addr
+            self._checks = 0
+            return []
+        self._checks += 1
+        self._last_check = now
+        return [self._ping(best.addr, now, check=True)]
+
+    def checking(self, now: float) -> bool:
+        """Is a failover check under way, or due (the caller then ticks more often)?"""
+        if self._checks:
+            return True
+        return (self.trusted(now) and now - self.last_send <= DATA_ACTIVE
+                and now - self.last_direct_rx > FAILOVER_QUIET)
+
+    def _ping(self, dest: Addr | None, now: float, user: bool = False, check: bool = False) -> DiscoOut:
         tx_id = self.urandom(disco.TXID_LEN)
         self._pings[tx_id] = _SentPing(dest, now, user)
-        if dest is not None and dest in self.candidates:
+        # A failover check is not discovery: it must not hold back discovery or heartbeat probes.
+        if dest is not None and dest in self.candidates and not check:
             self.candidates[dest].last_ping = now
         return DiscoOut(dest, disco.Ping(tx_id, self.own_node_key))
 
@@ -390,6 +464,8 @@ class Endpoint:
         self.best = None
         self.trust_until = -math.inf
         self.last_full_ping = -math.inf
+        self._checks = 0
+        self.stopped_answering = None
         for cand in self.candidates.values():
             cand.last_ping = -math.inf
             cand.mtu, cand.mtu_ok, cand.mtu_probed = pmtu.BASE_MTU, -math.inf, -math.inf
@@ -420,6 +496,8 @@ class Endpoint:
         if self.direct_disabled or now - self.last_send > SESSION_ACTIVE_TIMEOUT:
             return []
         out: list[Action] = []
+        if self.trusted(now):
+            out.extend(self._check_direct(now))
         best = self.candidates.get(self.best.addr) if self.best is not None and self.best.addr else None
         if self.best is not None and now - self.last_heartbeat >= HEARTBEAT_INTERVAL:
             self.last_heartbeat = now
@@ -462,6 +540,8 @@ class Endpoint:
             reason = "direct connections disabled"
         elif not self.candidates:
             reason = "no endpoints"
+        elif self.stopped_answering is not None:
+            reason = f"direct {format_addr(self.stopped_answering)} stopped answering"
         elif self.ever_trusted:
             reason = "trust expired (no pong for 6.5 s)"
         else:
@@ -469,3 +549,18 @@ class Endpoint:
         if not self.derp_region:
             reason += "; peer has no DERP home"
         return self.derp_name(), reason
+
+    def path_change(self, now: float) -> PathChange | None:
+        """The path if it changed since the last call (direct address, or DERP and why), else None."""
+        direct = self.best.addr if self.trusted(now) and self.best is not None else None
+        if direct == self.announced:
+            return None
+        was, self.announced = self.announced, direct
+        if direct is not None:
+            return PathChange(direct)
+        assert was is not None
+        if self.direct_disabled:
+            return PathChange(None, "direct connections disabled")
+        if self.stopped_answering is not None or self.best is not None:
+            return PathChange(None, f"direct {format_addr(was)} stopped answering")
+        return PathChange(None, "network changed")

@@ -59,6 +59,7 @@ from coderstack.wire.wireguard import is_wireguard
 _log = Logger()
 
 HOUSEKEEPING_INTERVAL = 0.5
+FAST_HOUSEKEEPING_INTERVAL = 0.1  # while a peer's direct path is being checked for failover
 # Socket buffers as wireguard-go asks for (7 MiB). With 64 KiB datagrams the kernel's default
 # (~208 KiB) holds three of them, and a TCP burst overflows it: 1 Gbit/s instead of 0.6 through
 # two Conns on loopback (bench/bench_pmtu.py); no change at 1280.
@@ -387,6 +388,22 @@ class MagicSock(DatagramProtocol):
                 self._check_mtu(ep, now)  # trust lapsed: DERP's MTU from this packet on
         if actions:
             self._act(ep, actions)
+            self._note_path(ep, now)
+
+    def udp_authenticated(self, peer_key: bytes, addr: Addr) -> None:
+        """WireGuard authenticated a packet from ``peer_key`` that came from ``addr`` over UDP."""
+        ep = self.peers.get(peer_key)
+        if ep is not None:
+            ep.note_udp_rx(addr, self.reactor.seconds())
+
+    def _note_path(self, ep: Endpoint, now: float) -> None:
+        change = ep.path_change(now)
+        if change is None:
+            return
+        if change.direct is not None:
+            _log.info("path to {peer} now direct via {addr}", peer=ep.name, addr=format_addr(change.direct))
+        else:
+            _log.info("path to {peer} now {derp} ({why})", peer=ep.name, derp=ep.derp_name(), why=change.why)
 
     def _check_mtu(self, ep: Endpoint, now: float) -> None:
         mtu = ep.path_mtu(now)
@@ -406,7 +423,9 @@ class MagicSock(DatagramProtocol):
 
     # -- peers ------------------------------------------------------------------------------
 
-    def set_peer(self, node_key: bytes, disco_key: bytes, endpoints: list[Addr], derp_region: int) -> Endpoint:
+    def set_peer(self, node_key: bytes, disco_key: bytes, endpoints: list[Addr], derp_region: int,
+                 name: str = "") -> Endpoint:
+        """Add or update a peer; ``name`` (its tunnel address, say) names it in the log."""
         now = self.reactor.seconds()
         ep = self.peers.get(node_key)
         if ep is not None and ep.disco_key != disco_key:
@@ -419,6 +438,7 @@ class MagicSock(DatagramProtocol):
                           derp_mtu=self.derp_mtu)
             self.peers[node_key] = ep
             self._by_disco[disco_key] = ep
+        ep.name = name or ep.name or ep.node_key.hex()[:8]
         ep.derp_region = derp_region
         ep.derp_region_name = self.region_name(derp_region)
         ep.set_node_endpoints([] if self.block_endpoints else endpoints, now)
@@ -467,7 +487,6 @@ class MagicSock(DatagramProtocol):
         if isinstance(msg, disco.Ping):
             self._act(ep, ep.handle_ping(msg, src, now))
         elif isinstance(msg, disco.Pong):
-            was = ep.path(now)[0]
             result = ep.handle_pong(msg, src, now)
             if result is None:
                 self.drops["disco-pong-unmatched"] += 1
@@ -475,8 +494,7 @@ class MagicSock(DatagramProtocol):
             self._pong(ep, result)
             if result.size or ep.reported_mtu != ep.path_mtu(now):
                 self._check_mtu(ep, now)
-            if ep.path(now)[0] != was:
-                _log.info("peer {key}: path now {path}", key=ep.node_key.hex()[:8], path=ep.path(now)[0])
+            self._note_path(ep, now)
         elif isinstance(msg, disco.CallMeMaybe):
             if src is not None:
                 self.drops["disco-cmm-over-udp"] += 1  # only accepted via DERP
@@ -522,7 +540,10 @@ class MagicSock(DatagramProtocol):
 
     def _schedule(self) -> None:
         if not self._closed:
-            self._timer = self.reactor.callLater(HOUSEKEEPING_INTERVAL, self._housekeeping)
+            now = self.reactor.seconds()
+            fast = any(ep.checking(now) for ep in self.peers.values())
+            interval = FAST_HOUSEKEEPING_INTERVAL if fast else HOUSEKEEPING_INTERVAL
+            self._timer = self.reactor.callLater(interval, self._housekeeping)
 
     def _housekeeping(self) -> None:
         now = self.reactor.seconds()
@@ -534,6 +555,7 @@ class MagicSock(DatagramProtocol):
             actions = ep.tick(now)
             if actions:
                 self._act(ep, actions)
+            self._note_path(ep, now)
             if ep.pmtu_enabled:
                 self._check_mtu(ep, now)
         self._cleanup_idle_derp(now)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 
+from twisted.internet import task
 from twisted.trial import unittest
 
 from coderstack.tailnet import endpoint as e
@@ -72,14 +73,16 @@ class EndpointTests(unittest.TestCase):
         r = ep.handle_pong(disco.Pong(sent[B].tx_id, ("203.0.113.9", 1)), B, 0.020)
         self.assertEqual(r.latency, 0.020)
         self.assertEqual(ep.path(0.03), ("p2p 198.51.100.7:5000", ""))
-        self.assertEqual(ep.send_plan(1.0), (B, False, []))
+        # Data going out with nothing heard from B for 0.98 s: the send checks B with a ping.
+        self.assertEqual(ep.send_plan(1.0)[:2], (B, False))
+        self.assertEqual(list(pings(ep.send_plan(1.0)[2])), [])  # one check per 0.3 s
         # A faster pong from A: switch.
         ep.handle_pong(disco.Pong(sent[A].tx_id, ("203.0.113.9", 1)), A, 0.010)
         self.assertEqual(ep.best.addr, A)
         # A pong from the wrong path, or unknown TxID, is ignored.
         self.assertIsNone(ep.handle_pong(disco.Pong(b"z" * 12, ("1.2.3.4", 1)), A, 0.5))
         # Trust lapses 6.5 s after the last pong: both UDP and DERP, and discovery restarts.
-        self.assertEqual(ep.send_plan(6.0)[:2], (A, False))
+        self.assertTrue(ep.trusted(6.0))
         udp, derp, actions = ep.send_plan(6.6)
         self.assertEqual((udp, derp), (A, True))
         self.assertEqual(set(pings(actions)), {A, B})
@@ -165,3 +168,133 @@ class EndpointTests(unittest.TestCase):
         udp, derp, actions = ep.send_plan(1.0)
         self.assertTrue(derp)
         self.assertEqual(set(pings(actions)), {A, B})  # not waiting out the 5 s interval
+
+
+class DirectPath:
+    """One peer's direct path A on a task.Clock: data every 20 ms (``send_plan``), the caller's
+    housekeeping every 0.1 s (``tick``), pongs after ``rtt`` unless the path is down or the
+    ping's pong is in ``lose`` (numbers of the pings sent to A, from 1)."""
+
+    def __init__(self, rtt: float = 0.01, data: bool = True, two_way: bool = False) -> None:
+        self.clock = task.Clock()
+        self.ep = make()
+        self.ep.set_node_endpoints([A], 0.0)
+        self.rtt, self.up, self.two_way = rtt, True, two_way
+        self.lose: set[int] = set()
+        self.sent_to_a = 0
+        self.sends: list[tuple[float, e.Addr | None, bool]] = []
+        self.changes: list[tuple[float, e.PathChange]] = []
+        if data:
+            self._loop(0.02, self.send)
+        self._loop(0.1, lambda: self.out(self.ep.tick(self.clock.seconds())))
+
+    def _loop(self, interval: float, f) -> None:
+        call = task.LoopingCall(f)
+        call.clock = self.clock
+        call.start(interval)
+
+    def send(self) -> None:
+        now = self.clock.seconds()
+        udp, derp, actions = self.ep.send_plan(now)
+        self.sends.append((now, udp, derp))
+        self.out(actions)
+        if self.two_way and self.up and udp is not None:
+            self.ep.note_udp_rx(udp, now)  # the peer's data came back on the direct path
+
+    def out(self, actions) -> None:
+        for a in actions:
+            if not (isinstance(a, e.DiscoOut) and isinstance(a.message, disco.Ping)):
+                continue
+            if a.dest is None:
+                continue  # via DERP: answered, but a DERP pong never makes a direct path
+            self.sent_to_a += 1
+            if self.up and self.sent_to_a not in self.lose:
+                pong = disco.Pong(a.message.tx_id, ("203.0.113.9", 1))
+                self.clock.callLater(self.rtt, self.pong, pong)
+        change = self.ep.path_change(self.clock.seconds())
+        if change is not None:
+            self.changes.append((self.clock.seconds(), change))
+
+    def pong(self, pong: disco.Pong) -> None:
+        if self.up:
+            self.ep.handle_pong(pong, A, self.clock.seconds())
+            self.out([])
+
+    def run_until(self, t: float) -> None:
+        while self.clock.seconds() < t - 1e-9:
+            self.clock.advance(0.01)
+
+    def via_derp(self, after: float) -> list[float]:
+        return [t for t, _udp, derp in self.sends if derp and t >= after]
+
+
+class FailoverTests(unittest.TestCase):
+    def test_direct_path_that_stops_answering_moves_to_derp(self) -> None:
+        path = DirectPath()
+        path.run_until(10.0)
+        self.assertEqual(path.changes, [(path.changes[0][0], e.PathChange(A))])
+        self.assertEqual(path.via_derp(1.0), [])
+        path.up = False
+        pinged = path.sent_to_a
+        path.run_until(13.0)
+        moved = path.via_derp(10.0)[0]
+        self.assertLess(moved - 10.0, 2.0)  # the deliverable: DERP within 2 s (task.Clock, not wall time)
+        self.assertEqual(path.changes[-1], (moved, e.PathChange(None, "direct 192.0.2.1:41641 stopped answering")))
+        self.assertEqual(path.ep.path(moved), ("DERP(Coder Embedded Relay)", "direct 192.0.2.1:41641 stopped answering"))
+        # Every send from then on goes via DERP (and still to A, in case it answers again).
+        self.assertTrue(all(derp and udp == A for t, udp, derp in path.sends if t >= moved))
+        self.assertGreaterEqual(path.sent_to_a - pinged, e.FAILOVER_PINGS)
+
+    def test_it_comes_back_when_the_path_answers_again(self) -> None:
+        path = DirectPath()
+        path.run_until(5.0)
+        path.up = False
+        path.run_until(10.0)
+        pinged = path.sent_to_a
+        self.assertFalse(path.ep.trusted(10.0))
+        path.up = True
+        path.run_until(20.0)
+        self.assertGreater(path.sent_to_a, pinged)  # heartbeats and discovery went on
+        back, change = path.changes[-1]
+        self.assertEqual(change, e.PathChange(A))
+        self.assertLess(back, 10.0 + e.HEARTBEAT_INTERVAL + 0.5)
+        self.assertEqual(path.via_derp(back + 0.01), [])
+        self.assertEqual(path.ep.path(20.0), ("p2p 192.0.2.1:41641", ""))
+
+    def test_lost_pongs_short_of_the_limit_do_not_flip(self) -> None:
+        path = DirectPath()
+        path.run_until(3.0)
+        n = path.sent_to_a
+        # One lost pong, then later two in a row (one fewer than the failover needs).
+        path.lose = {n + 1, n + 4, n + 5, n + 9, n + 12, n + 13}
+        path.run_until(30.0)
+        self.assertEqual(path.via_derp(1.0), [])
+        self.assertEqual([c for _t, c in path.changes], [e.PathChange(A)])
+
+    def test_a_slow_path_is_given_time_to_answer(self) -> None:
+        path = DirectPath(rtt=0.45)
+        path.run_until(30.0)
+        self.assertEqual(path.via_derp(2.0), [])
+        self.assertEqual([c for _t, c in path.changes], [e.PathChange(A)])
+
+    def test_authenticated_packets_from_the_path_stand_in_for_pongs(self) -> None:
+        two_way = DirectPath(two_way=True)
+        two_way.run_until(30.0)
+        one_way = DirectPath()
+        one_way.run_until(30.0)
+        # Only the heartbeats (every 3 s) when the peer's data comes back; checks without it.
+        self.assertLessEqual(two_way.sent_to_a, 30 / e.HEARTBEAT_INTERVAL + 2)
+        self.assertGreater(one_way.sent_to_a, 2 * two_way.sent_to_a)
+        self.assertEqual(two_way.via_derp(1.0), [])
+
+    def test_idle_path_is_not_checked(self) -> None:
+        path = DirectPath(data=False)
+        path.out(path.ep.send_plan(0.0)[2])  # one packet, then nothing
+        path.run_until(3.5)
+        self.assertTrue(path.ep.trusted(3.5))
+        before = path.sent_to_a
+        path.up = False
+        path.run_until(6.4)
+        self.assertTrue(path.ep.trusted(6.4))  # nothing sent: no checks, trust runs its 6.5 s
+        self.assertEqual(path.sent_to_a, before + 1)  # the 3 s heartbeat only
+        self.assertFalse(path.ep.checking(6.4))

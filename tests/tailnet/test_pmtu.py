@@ -104,8 +104,7 @@ class EndpointPMTUTests(unittest.TestCase):
         t, fits, seen, fell_back = 0.0, 1 << 20, [], None
         while t < 60:
             t += 0.5
-            ep.send_plan(t)  # keep the session active
-            actions = ep.tick(t)
+            actions = ep.send_plan(t)[2] + ep.tick(t)  # keep the session active
             seen.extend(size_of(p) for _d, p in all_pings(actions))
             answer(ep, actions, t + 0.001, fits)
             if t == 20.0:
@@ -129,8 +128,7 @@ class EndpointPMTUTests(unittest.TestCase):
         t, retried = 0.0, []
         while t < 65:
             t += 0.5
-            ep.send_plan(t)
-            actions = ep.tick(t)
+            actions = ep.send_plan(t)[2] + ep.tick(t)
             big = [size_of(p) for _d, p in all_pings(actions) if size_of(p) > 1440]
             if big:
                 retried.append((t, sorted(big)))
