@@ -6,12 +6,13 @@ The Conn runs the link monitor unless CODERSTACK_LINK_MONITOR=0 (polling every
 CODERSTACK_LINK_MONITOR_INTERVAL seconds, default linkmon's).
 
 stdout: {"node": NODE} whenever our node changes; {"status": {...}} every 0.25 s (path and
-reason to the peer, packets sent/received, handshakes); {"ping": [latency, path]} or
-{"ping_error": "..."}.
+reason to the peer, packets sent/received, handshakes, the longest time between two new packets
+received and when it ended); {"ping": [latency, path]} or {"ping_error": "..."}.
 stdin:  {"peer": NODE}              add/update the (single) peer
         {"send": RATE}              start sending numbered packets, RATE per second
         {"stop": true}              stop sending
         {"ping": true}              one disco ping over the current path
+        {"gap_reset": true}         start measuring the longest gap between packets afresh
 """
 
 from __future__ import annotations
@@ -51,6 +52,8 @@ class Peer(LineReceiver):
         self.received: set[int] = set()
         self.sender: task.LoopingCall | None = None
         self.handshakes = 0
+        self.last_rx: float | None = None
+        self.longest_gap = (0.0, 0.0)  # (seconds without a new packet, when that ended)
         conn.on_packet(self.packet)
         conn.on_node_change(lambda node: out({"node": node.to_json()}))
         task.LoopingCall(self.status).start(0.25, now=False)
@@ -58,7 +61,14 @@ class Peer(LineReceiver):
     def packet(self, key: bytes, data: bytes) -> None:
         payload = data[40:]
         if payload.startswith(b"seq "):
-            self.received.add(int(payload[4:]))
+            seq = int(payload[4:])
+            if seq in self.received:
+                return
+            self.received.add(seq)
+            now = reactor.seconds()
+            if self.last_rx is not None and now - self.last_rx > self.longest_gap[0]:
+                self.longest_gap = (now - self.last_rx, now)
+            self.last_rx = now
 
     def lineReceived(self, line: bytes) -> None:  # noqa: N802
         msg = json.loads(line)
@@ -72,6 +82,8 @@ class Peer(LineReceiver):
             self.sender.start(1.0 / msg["send"])
         if msg.get("stop") and self.sender is not None and self.sender.running:
             self.sender.stop()
+        if msg.get("gap_reset"):
+            self.longest_gap = (0.0, 0.0)
         if msg.get("ping") and self.peer is not None:
             d = self.conn.ping(self.peer.key)
             d.addCallbacks(lambda r: out({"ping": list(r)}),
@@ -86,7 +98,7 @@ class Peer(LineReceiver):
     def status(self) -> None:
         full = self.conn.status()
         st: dict = {"t": reactor.seconds(), "sent": self.sent, "received": len(self.received),
-                    "max_received": max(self.received, default=-1),
+                    "max_received": max(self.received, default=-1), "longest_gap": self.longest_gap,
                     "endpoints": full["endpoints"], "home": self.conn.preferred_derp,
                     "derp_connected": full["derp_connected"], "drops": full["drops"],
                     "derp_websocket": full["derp_websocket"],

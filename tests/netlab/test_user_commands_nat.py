@@ -85,7 +85,7 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         self.assertIn("❗ You are connected via a DERP relay, not directly (p2p)", err)
         code, out, err = await alice.run("ssh", WS, "--", "echo", "relayed", ";", "exit", "5")
         self.assertEqual((code, out.strip()), (5, "relayed"), err)
-        self.assertNotIn("path now p2p", lab.agent.log())
+        self.assertNotIn("now direct via", lab.agent.log())
 
     async def test_udp_blocked_at_the_client_relays_and_says_why(self) -> None:
         lab = await self.lab("easy")
@@ -99,7 +99,7 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         self.assertIn("❗ You are connected via a DERP relay, not directly (p2p)", err)
         code, out, err = await alice.run("ssh", WS, "--", "echo", "ok")
         self.assertEqual((code, out.strip()), (0, "ok"), err)
-        self.assertNotIn("path now p2p", lab.agent.log())
+        self.assertNotIn("now direct via", lab.agent.log())
 
     async def echo_session(self, lab: UserLab) -> Session:
         """``coderstack ssh box`` running a line echo, held open; waits until it answers."""
@@ -116,7 +116,7 @@ class UserCommandsThroughNATTests(unittest.TestCase):
     async def test_mid_session_udp_blocked_then_allowed(self) -> None:
         lab = await self.lab("easy")
         s = await self.echo_session(lab)
-        await wait_for(lambda: lab.agent.log().count("path now p2p") >= 1)
+        await wait_for(lambda: lab.agent.log().count("now direct via") >= 1)
         # Block 2 s after the first pong (the session in use for a moment): the direct path is
         # then trusted 4.5 s more, so TCP's retransmission at 6.2 s goes via DERP. (Blocked right
         # at the pong, trust outlasts that one and the next is at 12.6 s: same result, slower.)
@@ -127,7 +127,7 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         typed = await self.type_until_echoed(s, "blocked")
         lab.block_udp("b", on=False)
         # The next discovery pings find the direct path again while the session goes on.
-        typed += await self.type_until_echoed(s, "allowed", lambda: lab.agent.log().count("path now p2p") >= 2)
+        typed += await self.type_until_echoed(s, "allowed", lambda: lab.agent.log().count("now direct via") >= 2)
         await self.roundtrip(s, "back-p2p")
         # Every line came back, once and in order.
         self.assertEqual(s.out.decode().splitlines(), ["got hello", *(f"got {w}" for w in typed), "got back-p2p"])
@@ -147,7 +147,7 @@ class UserCommandsThroughNATTests(unittest.TestCase):
     async def test_direct_session_survives_a_server_restart_and_can_still_fall_back(self) -> None:
         lab = await self.lab("easy")
         s = await self.echo_session(lab)
-        await wait_for(lambda: lab.agent.log().count("path now p2p") >= 1)
+        await wait_for(lambda: lab.agent.log().count("now direct via") >= 1)
         await lab.d.stop_server()
         # Coordinator and DERP are gone; WireGuard goes on directly between the NATs.
         # Longer than the 6.5 s a pong is trusted: disco heartbeats keep the direct path alive
