@@ -322,10 +322,14 @@ def embedded_region(
     region_code: str = EMBEDDED_REGION_CODE,
     region_name: str = EMBEDDED_REGION_NAME,
     stun_port: int = -1,
+    alt_stun_ports: tuple[int, ...] = (),
 ) -> DERPRegion:
     """The server's own relay region: one node ``<id>b`` at the access URL's host and port.
 
     ``stun_port`` is the port of the server's embedded STUN listener, or -1 when it has none.
+    Each of ``alt_stun_ports`` (the listener's other ports) adds a STUN-only node
+    ``<id>stun<n>`` on the same host: netcheck probes every STUN node of a region, so it sees
+    the mapping from two destinations and can tell a NAT that maps per destination.
     """
     if region_id <= 0:
         raise DERPMapError(f"--derp-server-region-id must be a positive integer, got {region_id}")
@@ -334,7 +338,9 @@ def embedded_region(
         name=f"{region_id}b", region_id=region_id, host_name=host, derp_port=port,
         stun_port=stun_port, force_http=is_http,
     )
-    return DERPRegion(region_id, region_code, region_name, (node,), embedded_relay=True)
+    alts = tuple(DERPNode(name=f"{region_id}stun{i + 1}", region_id=region_id, host_name=host,
+                          stun_port=p, stun_only=True) for i, p in enumerate(alt_stun_ports))
+    return DERPRegion(region_id, region_code, region_name, (node, *alts), embedded_relay=True)
 
 
 def _split_host_port(addr: str) -> tuple[str, int]:
@@ -454,6 +460,7 @@ def build_server_map(
     region_code: str = EMBEDDED_REGION_CODE,
     region_name: str = EMBEDDED_REGION_NAME,
     embedded_stun_port: int | None = None,
+    embedded_stun_alt_ports: tuple[int, ...] = (),
     stun_addresses: list[str] | tuple[str, ...] = (),
     config_map: DERPMap | None = None,
     config_source: str = "the --derp-config map",
@@ -475,6 +482,7 @@ def build_server_map(
         region = embedded_region(
             access_url, region_id=region_id, region_code=region_code, region_name=region_name,
             stun_port=embedded_stun_port if embedded_stun_port is not None else -1,
+            alt_stun_ports=tuple(embedded_stun_alt_ports) if embedded_stun_port is not None else (),
         )
         parts.append((f"the embedded relay region ({region_code})", DERPMap({region_id: region})))
     for r in stun_regions(tuple(stun_addresses), region_id):
@@ -501,7 +509,8 @@ def rewrite_embedded(m: DERPMap, access_url: str) -> DERPMap:
     for rid, region in m.regions.items():
         if region.embedded_relay:
             nodes = tuple(
-                replace(n, host_name=host, derp_port=port, force_http=is_http) for n in region.nodes
+                replace(n, host_name=host) if n.stun_only
+                else replace(n, host_name=host, derp_port=port, force_http=is_http) for n in region.nodes
             )
             regions[rid] = replace(region, nodes=nodes)
     return replace(m, regions=regions)

@@ -74,6 +74,31 @@ class BuildTests(unittest.TestCase):
                          ("950b", "127.0.0.1", 3000, True, 3478))
         self.assertEqual(n.derp_url(), "http://127.0.0.1:3000/derp")
 
+    def test_embedded_region_with_a_second_stun_port(self) -> None:
+        r = embedded_region("http://127.0.0.1:3000", stun_port=3478, alt_stun_ports=(3479,))
+        self.assertEqual(r.to_json()["Nodes"], [
+            {"Name": "999b", "RegionID": 999, "HostName": "127.0.0.1", "STUNPort": 3478,
+             "DERPPort": 3000, "ForceHTTP": True},
+            {"Name": "999stun1", "RegionID": 999, "HostName": "127.0.0.1", "STUNPort": 3479, "STUNOnly": True},
+        ])
+        self.assertEqual([n.name for n in r.derp_nodes], ["999b"])  # the relay is still one node
+        self.assertEqual([n.name for n in r.stun_nodes], ["999b", "999stun1"])
+
+    def test_server_map_advertises_every_embedded_stun_port(self) -> None:
+        m = build_server_map("https://coder.example.com", embedded_stun_port=3478, embedded_stun_alt_ports=(3479,))
+        self.assertEqual([(n.name, n.stun_port) for n in m.region(999).stun_nodes],
+                         [("999b", 3478), ("999stun1", 3479)])
+        self.assertEqual(DERPMap.loads(m.dumps()), m)
+        # No STUN listener: no STUN nodes at all; blocked direct connections: none either.
+        self.assertEqual(build_server_map("https://c.example.com", embedded_stun_alt_ports=(3479,))
+                         .region(999).stun_nodes, ())
+        blocked = build_server_map("https://c.example.com", embedded_stun_port=3478,
+                                   embedded_stun_alt_ports=(3479,), block_direct=True)
+        self.assertEqual([n.name for n in blocked.region(999).nodes], ["999b"])
+        # An agent's access URL moves the STUN-only node's host too, and nothing else of it.
+        n = rewrite_embedded(m, "http://10.0.0.5:7080").region(999).nodes[1]
+        self.assertEqual((n.host_name, n.stun_port, n.derp_port, n.force_http), ("10.0.0.5", 3479, 0, False))
+
     def test_stun_regions(self) -> None:
         rs = stun_regions(["stun.l.google.com:19302", "[2001:db8::1]:3478"], 999)
         self.assertEqual([r.region_id for r in rs], [1000, 1001])

@@ -38,6 +38,7 @@ async def load_server_map(
     region_code: str = "coder",
     region_name: str = "Coder Embedded Relay",
     embedded_stun_port: int | None = None,
+    embedded_stun_alt_ports: tuple[int, ...] = (),
     stun_addresses: list[str] | tuple[str, ...] = (),
     config_url: str = "",
     config_path: str = "",
@@ -60,6 +61,7 @@ async def load_server_map(
     return build_server_map(
         access_url, derp_server_enable=derp_server_enable, region_id=region_id,
         region_code=region_code, region_name=region_name, embedded_stun_port=embedded_stun_port,
+        embedded_stun_alt_ports=embedded_stun_alt_ports,
         stun_addresses=stun_addresses, config_map=config_map, config_source=source,
         block_direct=block_direct,
     )

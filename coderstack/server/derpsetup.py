@@ -1,6 +1,8 @@
 """The server's relay side: STUN listener, DERP map, DERP relay and its resources.
 
-Order: STUN first (the embedded region advertises the port it really got), then the map (an
+Order: STUN first (the embedded region advertises the ports it really got: the first on the relay
+node, the others as STUN-only nodes of the same region, so netcheck sees two destinations of one
+server and can tell a hard NAT), then the map (an
 unusable map stops start-up with DERPMapError's message), then the relay with the closed-relay
 policy, mounted beside the API on the same HTTP(S) port.
 """
@@ -11,6 +13,7 @@ import os
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import IResource
 
@@ -18,7 +21,7 @@ from coderstack.derp.mapconfig import load_server_map
 from coderstack.derp.relay import Relay
 from coderstack.derp.server import load_or_create_private_key, make_derp_resources, make_relay
 from coderstack.derpmap import DERPMap
-from coderstack.stun.server import listen_stun
+from coderstack.stun.server import STUNResponder, listen_stun
 
 
 @dataclass
@@ -29,25 +32,33 @@ class RelaySide:
     resources: dict[str, IResource]
 
 
-def start_stun(cfg: dict[str, Any], reactor: Any) -> IListeningPort | None:
-    listen = cfg.get("stun-listen")
-    if listen is None:
-        return None
-    host, port = listen
-    try:
-        return listen_stun(reactor, host, port)
-    except OSError as err:
-        raise RuntimeError(f"--stun-address {host}:{port}: cannot listen ({err})") from None
+def start_stun(cfg: dict[str, Any], reactor: Any) -> list[IListeningPort]:
+    """One listener per ``stun-listen`` address, all answering through one responder (one rate
+    limit per source across the ports, one set of counters)."""
+    responder = STUNResponder()
+    ports: list[IListeningPort] = []
+    for host, port in cfg.get("stun-listen") or []:
+        try:
+            ports.append(listen_stun(reactor, host, port, responder=responder))
+        except (OSError, CannotListenError) as err:  # Twisted's is not an OSError
+            for p in ports:
+                p.stopListening()
+            raise RuntimeError(f"--stun-address {host}:{port}: cannot listen ({err})") from None
+    return ports
 
 
-async def build_derp_map(cfg: dict[str, Any], reactor: Any, stun_port: int | None = None) -> DERPMap:
+async def build_derp_map(cfg: dict[str, Any], reactor: Any, stun_ports: list[int] | int | None = None) -> DERPMap:
+    if isinstance(stun_ports, int):
+        stun_ports = [stun_ports]
+    stun_ports = list(stun_ports or [])
     return await load_server_map(
         cfg["access-url"],
         derp_server_enable=cfg.get("derp-server-enable", True),
         region_id=cfg["derp-server-region-id"],
         region_code=cfg["derp-server-region-code"],
         region_name=cfg["derp-server-region-name"],
-        embedded_stun_port=stun_port,
+        embedded_stun_port=stun_ports[0] if stun_ports else None,
+        embedded_stun_alt_ports=tuple(stun_ports[1:]),
         stun_addresses=cfg.get("stun-servers") or [],
         config_url=cfg.get("derp-config-url") or "",
         config_path=cfg.get("derp-config-path") or "",

@@ -9,7 +9,7 @@ from twisted.python import usage
 from coderstack import envopts as e
 from coderstack.stun.address import (
     STUNAddressError,
-    parse_stun_listen_address,
+    parse_stun_listen_addresses,
     parse_stun_server_list,
 )
 
@@ -58,7 +58,8 @@ class ServerOptions(e.EnvOptions):
         ("block-direct-connections", "CODER_BLOCK_DIRECT", "false", e.boolean,
          "Disable direct (P2P) connections: everything goes through DERP."),
         ("stun-address", "CODER_STUN_ADDRESS", None, e.text,
-         "UDP address of the embedded STUN server (default: port 3478 on the HTTP interface); 'disable' turns it off."),
+         "UDP address(es) of the embedded STUN server, comma separated (default: ports 3478 and 3479 on the HTTP "
+         "interface, so netcheck can tell a hard NAT); 'disable' turns it off."),
         ("agent-binary-dir", "CODER_AGENT_BINARY_DIR", None, e.text,
          "Directory holding the twistd that local agents are started with (default: this installation's)."),
     ]
@@ -86,14 +87,14 @@ class ServerOptions(e.EnvOptions):
         if self["access-url"] is None:
             self["access-url"] = self.default_access_url()
         try:
-            self["stun-listen"] = parse_stun_listen_address(self["stun-address"], self.http_address_text())
+            self["stun-listen"] = parse_stun_listen_addresses(self["stun-address"], self.http_address_text())
             self["stun-servers"] = [f"[{h}]:{p}" if ":" in h else f"{h}:{p}"
                                     for h, p in parse_stun_server_list(self["derp-server-stun-addresses"])]
         except STUNAddressError as err:
             raise usage.UsageError(f"invalid value: {err}") from None
-        if self["stun-listen"] is not None and self["stun-address"] is None and self.http_port() == 0:
-            # An ephemeral HTTP port (tests) gets an ephemeral STUN port, not a clash on 3478.
-            self["stun-listen"] = (self["stun-listen"][0], 0)
+        if self["stun-address"] is None and self.http_port() == 0:
+            # An ephemeral HTTP port (tests) gets ephemeral STUN ports, not a clash on 3478.
+            self["stun-listen"] = [(host, 0) for host, _port in self["stun-listen"]]
 
     def http_address_text(self) -> str:
         addr = self["http-address"] or (self["tls-address"] if self["tls-enable"] else None)

@@ -43,7 +43,8 @@ class ServerService(service.MultiService):
         self.store: Store | None = None
         self.deployment: Deployment | None = None
         self.ports: list[IListeningPort] = []  # HTTP(S) listeners
-        self.stun: IListeningPort | None = None
+        self.stun: IListeningPort | None = None  # the first of stun_ports (its counters are all of them)
+        self.stun_ports: list[IListeningPort] = []
         self.ready: Deferred[None] = Deferred()
         self._children_extra: list[Any] = []
 
@@ -75,10 +76,12 @@ class ServerService(service.MultiService):
             # (the only deployment this build runs) has no other replica to mesh with.
             log.warn("--derp-server-relay-url {url} is noted, but DERP meshing needs several replicas "
                      "sharing one coordinator, which this server does not run yet", url=cfg["derp-server-relay-url"])
-        stun = self.stun = start_stun(cfg, self.reactor)
-        if stun is not None:
-            log.info("STUN listening on udp {host}:{port}", host=stun.getHost().host, port=stun.getHost().port)
-        derp_map = await build_derp_map(cfg, self.reactor, stun.getHost().port if stun else None)
+        self.stun_ports = start_stun(cfg, self.reactor)
+        stun = self.stun = self.stun_ports[0] if self.stun_ports else None
+        for p in self.stun_ports:
+            log.info("STUN listening on udp {host}:{port}", host=p.getHost().host, port=p.getHost().port)
+        stun_port_numbers = [p.getHost().port for p in self.stun_ports]
+        derp_map = await build_derp_map(cfg, self.reactor, stun_port_numbers)
         self.deployment = Deployment(
             self.reactor,
             self.store,
@@ -115,7 +118,7 @@ class ServerService(service.MultiService):
             scheme = "https" if cfg["tls-enable"] else "http"
             cfg["access-url"] = f"{scheme}://{web.host}:{web.port}"
             self.deployment.access_url = cfg["access-url"]
-            self.deployment.maps.set(await build_derp_map(cfg, self.reactor, stun.getHost().port if stun else None))
+            self.deployment.maps.set(await build_derp_map(cfg, self.reactor, stun_port_numbers))
         if cfg.get("http-extra-address") is not None:
             # A second address for the same API (a template's provider url may name it).
             host, port = cfg["http-extra-address"]
@@ -137,9 +140,9 @@ class ServerService(service.MultiService):
     async def _stop(self) -> None:
         if getattr(self, "builder", None) is not None:
             await self.builder.stop()  # interrupt terraform while the store can record it
-        for p in self.ports + ([self.stun] if self.stun else []):
+        for p in self.ports + self.stun_ports:
             await p.stopListening()
-        self.ports, self.stun = [], None
+        self.ports, self.stun, self.stun_ports = [], None, []
         if self.deployment is not None:
             if self.deployment.relay is not None:
                 # Tell DERP clients we are going away and when to come back.

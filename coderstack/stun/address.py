@@ -4,7 +4,14 @@ Accepted forms (pure, no DNS):
 
 - ``host:port``, ``[v6 literal]:port``, ``:port`` (``--stun-address`` only: the HTTP address's host)
 - ``disable`` turns the feature off (the value must then be alone)
-- ``--derp-server-stun-addresses`` takes a comma-separated list of ``host:port``
+- ``--stun-address`` and ``--derp-server-stun-addresses`` take a comma-separated list
+
+The embedded server listens on two ports by default, 3478 and 3479: netcheck calls a NAT hard
+(``MappingVariesByDestIP``) when two STUN servers saw different mappings of one socket, and two
+ports of one server are two destinations to a NAT that maps per destination port
+(``MASQUERADE --random-fully``, most cloud and carrier-grade NATs), so one server is enough to
+tell. A NAT that maps per destination IP but keeps the mapping across ports needs a STUN server
+on a second address (``--derp-server-stun-addresses``).
 
 Errors are :class:`STUNAddressError` with a message meant for the operator.
 """
@@ -14,6 +21,7 @@ from __future__ import annotations
 import ipaddress
 
 DEFAULT_STUN_PORT = 3478
+DEFAULT_STUN_PORTS = (DEFAULT_STUN_PORT, DEFAULT_STUN_PORT + 1)
 
 
 class STUNAddressError(ValueError):
@@ -99,6 +107,32 @@ def parse_stun_listen_address(value: str | None, http_address: str) -> tuple[str
                 f"--stun-address {value!r}: the host must be an IP address to listen on"
             ) from None
     return (host or http_host), port
+
+
+def parse_stun_listen_addresses(value: str | None, http_address: str) -> list[tuple[str, int]]:
+    """The embedded STUN server's bind addresses: ``--stun-address`` as a comma list of what
+    :func:`parse_stun_listen_address` takes; empty means ports 3478 and 3479 on the HTTP
+    address's host, ``disable`` none. Each address must be different."""
+    v = (value or "").strip()
+    if not v:
+        host = (parse_stun_listen_address("", http_address) or ("", 0))[0]
+        return [(host, port) for port in DEFAULT_STUN_PORTS]
+    items = [item.strip() for item in v.split(",")]
+    if len(items) == 1:
+        one = parse_stun_listen_address(items[0], http_address)
+        return [] if one is None else [one]
+    out: list[tuple[str, int]] = []
+    for item in items:
+        if not item:
+            raise STUNAddressError(f"--stun-address {value!r}: empty list item")
+        if item.lower() == "disable":
+            raise STUNAddressError("--stun-address: 'disable' cannot be combined with addresses")
+        addr = parse_stun_listen_address(item, http_address)
+        assert addr is not None
+        if addr in out and addr[1] != 0:
+            raise STUNAddressError(f"--stun-address {value!r}: {item} is listed twice")
+        out.append(addr)
+    return out
 
 
 def parse_stun_server_list(value: str | None) -> list[tuple[str, int]]:

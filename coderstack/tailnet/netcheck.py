@@ -885,11 +885,20 @@ class _ReportRun:
         if not plan:
             return
         finished = defer.Deferred()
-        set_done: dict[str, bool] = {k: False for k in plan}
+        answered: dict[str, bool] = {k: False for k in plan}
+        unfired: dict[str, list[Probe]] = {k: list(probes) for k, probes in plan.items()}
+        inflight: dict[str, list[Probe]] = {k: [] for k in plan}
         enough_timer = []
 
+        def set_finished(key: str) -> bool:
+            if answered[key]:
+                # A set stops at its first answer unless a probe still to come (or under way)
+                # would tell whether the mapping varies by destination.
+                return not any(self._would_help(p) for p in unfired[key] + inflight[key])
+            return not unfired[key] and not inflight[key]
+
         def maybe_finish() -> None:
-            if all(set_done.values()) and not finished.called:
+            if not finished.called and all(set_finished(k) for k in plan):
                 finished.callback(None)
 
         def on_region_latency() -> None:
@@ -904,34 +913,38 @@ class _ReportRun:
                 self._timers.append(enough_timer[0])
 
         for key, probes in plan.items():
-            remaining = {"n": len(probes)}
-
-            def one_done(_=None, key=key, remaining=remaining) -> None:
-                remaining["n"] -= 1
-                if remaining["n"] <= 0 and not set_done[key]:
-                    set_done[key] = True
-                    maybe_finish()
-
             for probe in probes:
-                def fire(probe=probe, key=key, one_done=one_done) -> None:
-                    if set_done[key]:
-                        one_done()
+                def fire(probe=probe, key=key) -> None:
+                    unfired[key].remove(probe)
+                    if finished.called or (answered[key] and not self._would_help(probe)):
+                        maybe_finish()
                         return
+                    inflight[key].append(probe)
                     d = defer.ensureDeferred(self._stun_probe(probe, timeout - (clock.seconds() - self.start)))
 
-                    def got(ok: bool, key=key) -> None:
-                        if ok and not set_done[key]:
-                            set_done[key] = True  # a probe set stops at its first answer
+                    def got(ok: bool, key=key, probe=probe) -> None:
+                        inflight[key].remove(probe)
+                        if ok and not answered[key]:
+                            answered[key] = True
                             on_region_latency()
-                            maybe_finish()
-                        one_done()
+                        maybe_finish()
 
                     d.addCallback(got)
-                    d.addErrback(lambda f: one_done())
+                    d.addErrback(lambda f, got=got: got(False))
 
                 self._timers.append(clock.callLater(probe.delay, fire))
 
         await _with_deadline(clock, finished, timeout)
+
+    def _would_help(self, probe: Probe) -> bool:
+        """Would this probe, in a set that already answered, tell us something? Only whether
+        the IPv4 mapping varies by destination: that needs answers from two STUN servers, so a
+        probe to another one helps until two answered (Tailscale probes on while the question is
+        open too). The embedded region's second STUN port makes this work with one server."""
+        if probe.family != 4:
+            return False
+        answered = {p.node for p in self.results if p.ok and p.family == 4}
+        return len(answered) < 2 and probe.node not in answered
 
     async def _stun_probe(self, probe: Probe, timeout: float) -> bool:
         node = self._nodes[probe.node]

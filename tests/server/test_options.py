@@ -46,6 +46,10 @@ class ServerDefaultsTests(unittest.SynchronousTestCase):
         self.assertEqual(o["derp-server-region-id"], 999)
         self.assertEqual(o["derp-server-region-code"], "coder")
         self.assertIs(o["derp-force-websockets"], False)
+        self.assertEqual(o["stun-listen"], [("127.0.0.1", 3478), ("127.0.0.1", 3479)])
+        self.assertEqual(server(["--http-address", "127.0.0.1:0"])["stun-listen"],
+                         [("127.0.0.1", 0), ("127.0.0.1", 0)])
+        self.assertEqual(server(["--stun-address", ":4000"])["stun-listen"], [("127.0.0.1", 4000)])
         self.assertIs(o["block-direct-connections"], False)
         self.assertFalse(o["dev"])
         # The per-user default data dir.

@@ -14,6 +14,7 @@ from coderstack.stun.address import (
     STUNAddressError,
     parse_host_port,
     parse_stun_listen_address,
+    parse_stun_listen_addresses,
     parse_stun_server_list,
 )
 from coderstack.stun.ratelimit import TokenBuckets
@@ -217,6 +218,21 @@ class AddressOptionTests(unittest.TestCase):
         with self.assertRaises(STUNAddressError) as cm:
             parse_stun_listen_address("stun.example.com:3478", "127.0.0.1:3000")
         self.assertIn("IP address", str(cm.exception))
+
+    def test_listen_addresses_default_to_two_ports(self) -> None:
+        # Two ports of one server let netcheck compare mappings (hard NAT) with no other server.
+        self.assertEqual(parse_stun_listen_addresses(None, "127.0.0.1:3000"),
+                         [("127.0.0.1", 3478), ("127.0.0.1", 3479)])
+        self.assertEqual(parse_stun_listen_addresses("", "[::1]:3000"), [("::1", 3478), ("::1", 3479)])
+        self.assertEqual(parse_stun_listen_addresses(":5000", "127.0.0.1:3000"), [("127.0.0.1", 5000)])
+        self.assertEqual(parse_stun_listen_addresses("0.0.0.0:3478, :4000", "127.0.0.1:3000"),
+                         [("0.0.0.0", 3478), ("127.0.0.1", 4000)])
+        self.assertEqual(parse_stun_listen_addresses(":0,:0", "127.0.0.1:3000"),
+                         [("127.0.0.1", 0), ("127.0.0.1", 0)])
+        self.assertEqual(parse_stun_listen_addresses("disable", "127.0.0.1:3000"), [])
+        for bad in (":1,,:2", "disable,:1", ":1,:1", ":1,stun.example.com:2", ":1,:x"):
+            with self.assertRaises(STUNAddressError, msg=bad):
+                parse_stun_listen_addresses(bad, "127.0.0.1:3000")
 
     def test_server_list(self) -> None:
         self.assertEqual(parse_stun_server_list("disable"), [])

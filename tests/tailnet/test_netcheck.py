@@ -9,7 +9,7 @@ import os
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from coderstack.derpmap import DERPMap
+from coderstack.derpmap import DERPMap, build_server_map
 from coderstack.stun.client import STUNClient
 from coderstack.stun.server import STUNResponder
 from coderstack.tailnet import netcheck as nc
@@ -481,3 +481,59 @@ class DriverTests(unittest.TestCase):
         self.assertEqual(r.preferred_derp, 999)
         # Incremental: at most 3 regions, fewer probes than the full report's.
         self.assertLessEqual(len(net.sent) - first, first)
+
+
+# The server's default map: only the embedded region, its STUN server on two ports (the relay
+# node's 3478 and a STUN-only node on 3479).
+ONE_SERVER = build_server_map("http://192.0.2.10:3000", embedded_stun_port=3478, embedded_stun_alt_ports=(3479,))
+
+
+class OneServerTwoPortsTests(unittest.TestCase):
+    """Hard-NAT detection with the embedded STUN server alone: two ports, one region."""
+
+    def setUp(self) -> None:
+        self.clock = task.Clock()
+        self.clock.advance(1000)
+
+    def test_the_plan_probes_both_ports(self) -> None:
+        plan = make_probe_plan(ONE_SERVER, have_v4=True)
+        self.assertEqual([p.node for p in plan["region-999-v4"]], ["999b", "999stun1", "999b"])
+        last = Report(region_latency={999: 0.004}, region_v4_latency={999: 0.004}, preferred_derp=999)
+        incremental = make_probe_plan(ONE_SERVER, have_v4=True, last=last)
+        self.assertEqual({p.node for p in incremental["region-999-v4"]}, {"999b", "999stun1"})
+
+    def test_report_compares_the_two_ports(self) -> None:
+        def results(second_port: int) -> list[ProbeResult]:
+            return [ProbeResult(999, "999b", 4, 0.004, ("192.0.2.99", 40000), ("192.0.2.10", 3478)),
+                    ProbeResult(999, "999stun1", 4, 0.005, ("192.0.2.99", second_port), ("192.0.2.10", 3479))]
+
+        self.assertIs(assemble_report(ONE_SERVER, results(40000)).mapping_varies_by_dest_ip, False)
+        self.assertIs(assemble_report(ONE_SERVER, results(51234)).mapping_varies_by_dest_ip, True)
+        # The relay node's port alone cannot tell.
+        self.assertIsNone(assemble_report(ONE_SERVER, results(40000)[:1]).mapping_varies_by_dest_ip)
+
+    def report(self, nat) -> tuple[Report, list]:
+        net = FakeNet(self.clock, {"192.0.2.10": 0.004}, nat)
+        http = FakeHTTP(self.clock, {"http://192.0.2.10:3000/": (0.004, 204, lambda h: {})})
+        d = Netchecker(self.clock, net.client, http, have_v6=False, os_has_ipv6=True).get_report(ONE_SERVER)
+        drive(self.clock, d)
+        return self.successResultOf(d), net.sent
+
+    def test_a_fast_first_answer_does_not_end_the_set_before_the_second_port(self) -> None:
+        # The first answer comes in 4 ms, long before the 100 ms probe to 3479 is due: the set
+        # goes on because only that probe can tell whether the mapping varies.
+        report, sent = self.report(EASY)
+        self.assertIs(report.mapping_varies_by_dest_ip, False)
+        self.assertEqual(sorted(set(sent)), [("192.0.2.10", 3478), ("192.0.2.10", 3479)])
+        self.assertEqual(len(sent), 2)  # and then it stops: the third probe would add nothing
+
+    def test_hard_nat_seen_through_two_ports(self) -> None:
+        ports: dict = {}
+
+        def per_destination(dst):
+            return ("192.0.2.99", ports.setdefault(dst, 50000 + len(ports)))
+
+        report, _sent = self.report(per_destination)
+        self.assertIs(report.mapping_varies_by_dest_ip, True)
+        health = derp_health_report(ONE_SERVER, report)
+        self.assertIn(nc.CODE_STUN_MAP_VARY_DEST, [w["code"] for w in health["warnings"]])
