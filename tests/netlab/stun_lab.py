@@ -103,6 +103,20 @@ class NATLab:
         if line.strip() != "ready":
             raise RuntimeError(f"server did not start: {line!r} {p.stderr.read() if p.poll() is not None else ''}")
 
+    def start_embedded_stun(self, data_dir: str, http: int = 8080) -> str:
+        """The server's STUN with its default options on ``SERVER_IPS[0]`` (and no other STUN
+        server); returns the DERP map it would hand out (tests/netlab/embedded_stun.py)."""
+        cmd = ["ip", "netns", "exec", self.server, PYTHON, "-m", "tests.netlab.embedded_stun",
+               f"{SERVER_IPS[0]}:{http}", data_dir]
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=self.env(), cwd=REPO_ROOT)
+        self.procs.append(p)
+        ready, _, _ = select.select([p.stdout], [], [], 20)
+        line = p.stdout.readline().strip() if ready else ""
+        if not line.startswith("{"):
+            raise RuntimeError(f"embedded STUN did not start: {line!r} {p.stderr.read() if p.poll() is not None else ''}")
+        return line
+
     def run_client(self, *args: str, timeout: float = 30) -> str:
         r = subprocess.run(
             ["ip", "netns", "exec", self.client, PYTHON, "-m", "tests.netlab.stun_probe", *args],

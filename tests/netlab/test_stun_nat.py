@@ -1,13 +1,15 @@
 """STUN and netcheck through NATs built from network namespaces (needs root; CI runs as root).
 
 Behind MASQUERADE the client learns the NAT's public address; behind MASQUERADE --random-fully
-two STUN servers see different mappings (hard NAT); with UDP dropped on the NAT netcheck says
+two STUN servers see different mappings (hard NAT), and so do the two ports of the server's own
+STUN with its default options and no other STUN server; with UDP dropped on the NAT netcheck says
 ``UDP: false`` and still measures relay latency over HTTPS/HTTP.
 """
 
 from __future__ import annotations
 
 import json
+import os
 
 from twisted.trial import unittest
 
@@ -54,6 +56,34 @@ class STUNThroughNATTests(unittest.TestCase):
         self.assertIs(report["MappingVariesByDestIP"], True, report)
         mapped = {tuple(p[4]) for p in report["probes"] if p[4]}
         self.assertGreaterEqual(len(mapped), 2, report["probes"])
+
+    def embedded_only(self, nat: str) -> dict:
+        """netcheck against the server's default STUN alone (its DERP map, no other server)."""
+        why = available()
+        if why:
+            raise unittest.SkipTest(why)
+        lab = NATLab(nat=nat)
+        self.addCleanup(lab.cleanup)
+        data = self.mktemp()
+        os.makedirs(data)
+        derp_map = lab.start_embedded_stun(data)
+        region = json.loads(derp_map)["Regions"]["999"]
+        self.assertEqual([(n["Name"], n.get("STUNPort")) for n in region["Nodes"]],
+                         [("999b", 3478), ("999stun1", 3479)])
+        report = json.loads(lab.run_client("netcheck", derp_map))
+        self.assertTrue(report["UDP"], report)
+        self.assertEqual({(p[1], p[2]) for p in report["probes"] if p[3] is not None},
+                         {("999b", 4), ("999stun1", 4)}, report["probes"])
+        return report
+
+    def test_hard_nat_told_by_the_embedded_stun_alone(self) -> None:
+        report = self.embedded_only("hard")
+        self.assertIs(report["MappingVariesByDestIP"], True, report)
+
+    def test_easy_nat_told_by_the_embedded_stun_alone(self) -> None:
+        report = self.embedded_only("easy")
+        self.assertIs(report["MappingVariesByDestIP"], False, report)
+        self.assertTrue(report["GlobalV4"].startswith(NAT_PUBLIC_IP + ":"), report)
 
     def test_udp_blocked_falls_back_to_https(self) -> None:
         lab = self.lab(nat="easy", block_udp=True)
