@@ -78,7 +78,8 @@ def _is_timeout(err: BaseException) -> bool:
     return isinstance(err, TimeoutError | defer.TimeoutError | defer.CancelledError)
 
 
-async def _diagnostics(reactor: Any, ctx: Any, conn: Any, p2p: bool) -> None:
+async def _diagnostics(reactor: Any, ctx: Any, conn: Any, p2p: bool) -> str:
+    """Write the diagnostics; returns why a relayed connection is relayed, if they tell."""
     try:
         info = await ctx.api.connection_info()
     except Exception as err:  # noqa: BLE001
@@ -104,12 +105,15 @@ async def _diagnostics(reactor: Any, ctx: Any, conn: Any, p2p: bool) -> None:
         # the diagnostics would then say nothing about why the path is relayed.
         await conn.await_netinfo(NETCHECK_WAIT)
     ctx.stderr.write(pingfmt.peer_diagnostics(conn.peer_diagnostics(), reactor.seconds()))
+    local = conn.netinfo()
     ctx.stderr.write(pingfmt.conn_diagnostics(
         troubleshooting_url=DOCS, ping_p2p=p2p, verbose=ctx.verbose, disable_direct=ctx.disable_direct,
         deployment_blocks_direct=bool(info.get("disable_direct_connections")), derp_map_has_stun=has_stun,
-        local_netinfo=conn.netinfo(), local_interfaces=interfaces_report(gather_interfaces()),
+        local_netinfo=local, local_interfaces=interfaces_report(gather_interfaces()),
         agent_netcheck=agent))
     ctx.stderr.flush()
+    agent_netinfo = agent.get("netinfo") if isinstance(agent, dict) else None
+    return pingfmt.hard_nat_reason(local, agent_netinfo if isinstance(agent_netinfo, dict) else None)
 
 
 async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -> int:
@@ -125,7 +129,7 @@ async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -
             did_p2p = first.p2p
         except Exception:  # noqa: BLE001 - the silent ping only picks the diagnostics
             did_p2p = False
-        await _diagnostics(reactor, ctx, conn, did_p2p)
+        relayed_why = await _diagnostics(reactor, ctx, conn, did_p2p)
         summary = pingfmt.PingSummary(ws)
         pongs: list[dict[str, Any]] = []
         names = conn.derp_region_names()
@@ -162,7 +166,7 @@ async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -
     finally:
         _restore_interrupt(previous)
         conn.close()
-    ctx.stderr.write(pingfmt.closing_lines(p2p, last.endpoint if last else "", DOCS))
+    ctx.stderr.write(pingfmt.closing_lines(p2p, last.endpoint if last else "", DOCS, relayed_why))
     for warning in pingfmt.quality_warnings(summary):
         ctx.err(warning)
     ctx.stdout.write(pingfmt.ping_json(ws, pongs, summary) if json_mode else summary.table())

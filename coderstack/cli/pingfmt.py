@@ -111,13 +111,31 @@ def is_private_endpoint(endpoint: str) -> bool:
     return ip in ipaddress.ip_network("fc00::/7")
 
 
-def closing_lines(p2p: bool, endpoint: str, troubleshooting_url: str) -> str:
+def hard_nat_reason(local_netinfo: dict[str, Any] | None, agent_netinfo: dict[str, Any] | None) -> str:
+    """Which side's NAT maps per destination (netcheck's ``MappingVariesByDestIP``), as the
+    reason a connection is relayed; "" when neither is known to."""
+    here = (local_netinfo or {}).get("MappingVariesByDestIP") is True
+    there = (agent_netinfo or {}).get("MappingVariesByDestIP") is True
+    if here and there:
+        return "both sides are behind hard NATs (their mappings vary by destination), so hole punching cannot work"
+    if here:
+        return ("this side is behind a hard NAT (its mapping varies by destination); a direct path needs "
+                "the workspace's side to be reachable")
+    if there:
+        return ("the workspace's side is behind a hard NAT (its mapping varies by destination); a direct "
+                "path needs this side to be reachable")
+    return ""
+
+
+def closing_lines(p2p: bool, endpoint: str, troubleshooting_url: str, relayed_why: str = "") -> str:
+    """The verdict; a relayed one says why when the diagnostics know (:func:`hard_nat_reason`)."""
     if p2p:
         msg = "✔ You are connected directly (p2p)"
         if endpoint and is_private_endpoint(endpoint):
             msg += ", over a private network"
         return msg + "\n"
-    return ("❗ You are connected via a DERP relay, not directly (p2p)\n"
+    why = f"   Why: {relayed_why}\n" if relayed_why else ""
+    return ("❗ You are connected via a DERP relay, not directly (p2p)\n" + why +
             f"   {troubleshooting_url}#common-problems-with-direct-connections\n")
 
 

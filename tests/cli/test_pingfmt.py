@@ -53,6 +53,22 @@ class PingLineTests(unittest.TestCase):
         self.assertEqual(pingfmt.closing_lines(False, "", URL),
                          "❗ You are connected via a DERP relay, not directly (p2p)\n"
                          f"   {URL}#common-problems-with-direct-connections\n")
+        self.assertEqual(pingfmt.closing_lines(False, "", URL, "this side is behind a hard NAT"),
+                         "❗ You are connected via a DERP relay, not directly (p2p)\n"
+                         "   Why: this side is behind a hard NAT\n"
+                         f"   {URL}#common-problems-with-direct-connections\n")
+        # A direct connection needs no reason.
+        self.assertEqual(pingfmt.closing_lines(True, "198.51.100.7:1", URL, "x"), "✔ You are connected directly (p2p)\n")
+
+    def test_hard_nat_reason(self):
+        hard, easy, unknown = ({"MappingVariesByDestIP": v} for v in (True, False, None))
+        reason = pingfmt.hard_nat_reason
+        self.assertTrue(reason(hard, hard).startswith("both sides are behind hard NATs"))
+        self.assertTrue(reason(hard, easy).startswith("this side is behind a hard NAT"))
+        self.assertTrue(reason(hard, None).startswith("this side is behind a hard NAT"))
+        self.assertTrue(reason(unknown, hard).startswith("the workspace's side is behind a hard NAT"))
+        for here, there in ((easy, easy), (unknown, unknown), (None, None), (easy, unknown)):
+            self.assertEqual(reason(here, there), "")
 
 
 class DiagnosticsTests(unittest.TestCase):

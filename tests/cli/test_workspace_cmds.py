@@ -106,6 +106,23 @@ class PingCommandTests(unittest.TestCase):
         self.assertIn(" - Client could not connect to STUN over UDP\n", ctx.stderr.getvalue())
 
     @defer.inlineCallbacks
+    def test_relayed_ping_names_the_hard_nats(self):
+        # Both netchecks (ours and the agent's) saw the mapping vary between the two ports of
+        # the server's STUN: the verdict says that is why the connection is relayed.
+        conn = self.conn([PingResult(0.002, False, derp_region=999)] * 2)
+        conn.report = {"UDP": True, "MappingVariesByDestIP": True}
+        ctx = Ctx()
+        ctx.api = StunMapAPI()
+        yield defer.ensureDeferred(ping.run_with(
+            reactor, parse(ping.Options, ["dev", "-n", "1"]), ctx, loopback_connect(conn)))
+        err = ctx.stderr.getvalue()
+        self.assertIn(" - Client is potentially behind a hard NAT", err)
+        self.assertIn(" - Agent is potentially behind a hard NAT", err)
+        self.assertIn("❗ You are connected via a DERP relay, not directly (p2p)\n"
+                      "   Why: both sides are behind hard NATs (their mappings vary by destination), "
+                      "so hole punching cannot work\n", err)
+
+    @defer.inlineCallbacks
     def test_json_output(self):
         conn = self.conn([PingResult(0.5, False, derp_region=999)] * 3)
         ctx = Ctx()

@@ -2,7 +2,7 @@
 
     agent ns  10.81.<n>.2 ── NAT A 203.0.113.10 ─┐   wan ns, br0 203.0.113.2:
                                                  ├─   twistd coderstack-server :3000 (API, coordinator,
-    CLI ns    10.82.<n>.2 ── NAT B 203.0.113.11 ─┘    DERP /derp) + its STUN :3478 — the access URL
+    CLI ns    10.82.<n>.2 ── NAT B 203.0.113.11 ─┘    DERP /derp) + its STUN :3478 and :3479 — the access URL
                                                       203.0.113.3: a second STUN server (optional)
 
 The topology is :class:`tests.netlab.magicsock_lab.MagicsockLab`'s (stateful NATs, ``--random-fully``
@@ -11,9 +11,10 @@ with each role in its namespace: ``twistd coderstack-server`` on the wan, ``twis
 coderstack-agent`` behind NAT A, the ``coderstack`` CLI (logged in as alice) behind NAT B. All run
 this checkout's code (``PYTHONPATH``).
 
-Netcheck can only call a NAT hard when two STUN servers on different addresses saw different
-mappings, so ``second_stun`` adds one (``--derp-server-stun-addresses`` puts it in the DERP map
-as a STUN-only region, as an admin would).
+The server's STUN runs with its defaults (two ports, both in the embedded DERP region), which is
+enough for netcheck to call a NAT that maps per destination hard; ``second_stun`` adds a STUN
+server on another address too (``--derp-server-stun-addresses`` puts it in the DERP map as a
+STUN-only region, as an admin would).
 
 Cleanup, also when a test fails: every process by PID (SIGTERM, then SIGKILL), the descendants
 of long-lived CLI sessions by PID (OpenSSH and its ProxyCommand), then any PID still inside one of
@@ -151,7 +152,7 @@ class UserLab:
             stun_args = ("--derp-server-stun-addresses", f"{SECOND_STUN_IP}:{STUN_PORT}")
         self.d = Deployment(
             testcase, "--access-url", f"http://{SERVER_IP}:{SERVER_PORT}",
-            "--stun-address", f"{SERVER_IP}:{STUN_PORT}", *stun_args, *server_args,
+            "--stun-address", "", *stun_args, *server_args,  # "": the default STUN ports
             host=SERVER_IP, port=SERVER_PORT,
             netns={"server": ns["wan"], "agent": ns["pa"], "cli": ns["pb"]})
         self.agent: Process | None = None
