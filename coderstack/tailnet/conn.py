@@ -288,7 +288,10 @@ class Conn:
                     stun_eps.append(parse_addr(text))
                 except ValueError:
                     pass
+        new_endpoints = set(stun_eps) - set(self.stun_endpoints)
         self.stun_endpoints = stun_eps
+        if new_endpoints:
+            self.sock.own_endpoints_changed()
         if report.preferred_derp and self.derp_map is not None:
             region = self.derp_map.region(report.preferred_derp)
             if region is not None and region.derp_nodes:

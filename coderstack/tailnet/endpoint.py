@@ -458,6 +458,17 @@ class Endpoint:
                 out.append(WantCallMeMaybe())
         return out
 
+    def own_endpoints_changed(self, now: float) -> list[Action]:
+        """We learned new endpoints of our own (STUN found our NAT's mapping): a peer we are
+        still finding a path to was told the old ones in our last CallMeMaybe, and cannot open
+        its NAT toward the new ones until told. Ping every candidate and tell it again, now
+        rather than after the 5 s ping interval. Nothing for a trusted path or an idle peer."""
+        if self.direct_disabled or self.trusted(now) or now - self.last_send > SESSION_ACTIVE_TIMEOUT:
+            return []
+        for cand in self.candidates.values():
+            cand.last_ping = -math.inf
+        return self._ping_all(now, call_me_maybe=True)
+
     def network_changed(self) -> None:
         """Our network changed (new interface, wake from sleep): distrust the best address and
         let the next send re-probe every candidate at once."""

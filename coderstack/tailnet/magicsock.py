@@ -274,6 +274,15 @@ class MagicSock(DatagramProtocol):
         for ep in self.peers.values():
             ep.network_changed()
 
+    def own_endpoints_changed(self) -> None:
+        """Our endpoints changed (a new STUN mapping): peers still without a direct path get
+        pings and a CallMeMaybe with the new ones at once."""
+        now = self.reactor.seconds()
+        for ep in list(self.peers.values()):
+            actions = ep.own_endpoints_changed(now)
+            if actions:
+                self._act(ep, actions)
+
     def reconnect_derp(self, stale: Callable[[str | None], bool]) -> list[int]:
         """Reconnect the DERP clients whose connection's local address ``stale(ip)`` rejects
         (None: not connected now); returns their region IDs. A TCP connection whose source

@@ -157,6 +157,21 @@ class EndpointTests(unittest.TestCase):
         tx, actions = ep.user_ping(0.5)
         self.assertEqual([a.dest for a in actions], [A])
 
+    def test_our_new_endpoints_are_told_at_once_while_finding_a_path(self) -> None:
+        ep = make()
+        ep.set_node_endpoints([A, B], 0.0)
+        ep.user_ping(0.0)  # discovery started (pings and a CallMeMaybe with what we knew then)
+        self.assertEqual(ep.send_plan(1.0)[2], [])  # within the 5 s ping interval: nothing more
+        actions = ep.own_endpoints_changed(1.0)  # STUN found our NAT's mapping
+        self.assertEqual(set(pings(actions)), {A, B})
+        self.assertIsInstance(actions[-1], e.WantCallMeMaybe)
+        # A trusted path, or a peer we are not talking to, needs nothing.
+        ep.handle_pong(disco.Pong(pings(actions)[A].tx_id, ("203.0.113.9", 1)), A, 1.01)
+        self.assertEqual(ep.own_endpoints_changed(1.5), [])
+        idle = make()
+        idle.set_node_endpoints([A], 0.0)
+        self.assertEqual(idle.own_endpoints_changed(1.0), [])
+
     def test_network_change_distrusts_and_reprobes(self) -> None:
         ep = make()
         ep.set_node_endpoints([A, B], 0.0)
