@@ -382,10 +382,10 @@ class Endpoint:
 
     def checking(self, now: float) -> bool:
         """Is a failover check under way, or due (the caller then ticks more often)?"""
-        if self._checks:
-            return True
-        return (self.trusted(now) and now - self.last_send <= DATA_ACTIVE
-                and now - self.last_direct_rx > FAILOVER_QUIET)
+        if not self.trusted(now):
+            return False  # checks are for a trusted path only; anything else ticks as usual
+        return bool(self._checks) or (now - self.last_send <= DATA_ACTIVE
+                                      and now - self.last_direct_rx > FAILOVER_QUIET)
 
     def _ping(self, dest: Addr | None, now: float, user: bool = False, check: bool = False) -> DiscoOut:
         tx_id = self.urandom(disco.TXID_LEN)

@@ -13,7 +13,10 @@ written :class:`DERPSource` (region, node key) so a WireGuard ``Reply`` can go b
 Path choice per peer is :class:`coderstack.tailnet.endpoint.Endpoint` (sans-IO); this module
 seals/opens disco, writes to the socket or the right DERP client (the peer's home region, dialled
 on demand; our home region is kept up), and runs one housekeeping timer (heartbeats, re-probes,
-ping timeouts). ``block_endpoints`` disables direct paths: no UDP pings, no CallMeMaybe, all
+ping timeouts; every 0.1 s instead of 0.5 while a peer's direct path is being checked for
+failover). Each change of a peer's path is logged at info: "path to <peer> now DERP(<region>)
+(direct <ip:port> stopped answering)" or "path to <peer> now direct via <ip:port>".
+``block_endpoints`` disables direct paths: no UDP pings, no CallMeMaybe, all
 traffic via DERP.
 
 Path MTU (``pmtu_enabled``; sizes in ``coderstack/tailnet/pmtu.py``): the socket never

@@ -124,6 +124,10 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         # unanswered (about 1.5 s), WireGuard goes on over DERP and the in-tunnel TCP recovers
         # what was lost; the same ssh session answers.
         typed = await self.type_until_echoed(s, "blocked")
+        # The agent logged the change at info, naming the address that stopped answering.
+        await wait_for(lambda: re.search(rf"path to \S+ now DERP\({re.escape(REGION_NAME)}\) "
+                                         rf"\(direct {re.escape(NAT_IPS['b'])}:\d+ stopped answering\)",
+                                         lab.agent.log()))
         lab.block_udp("b", on=False)
         # The next discovery pings find the direct path again while the session goes on.
         typed += await self.type_until_echoed(s, "allowed", lambda: lab.agent.log().count("now direct via") >= 2)

@@ -6,6 +6,7 @@ import ipaddress
 import struct
 
 from twisted.internet import task
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
 from coderstack.derpmap import DERPMap
@@ -115,6 +116,36 @@ class ConnTests(unittest.TestCase):
         self.assertTrue(p.a.path(p.b.keys.node_public)[0].startswith("p2p"))
         self.assertEqual(p.a.last_handshake, handshakes)  # the same WireGuard session throughout
         self.assertEqual(len(p.received["b"]), got + 9)
+
+    def test_path_changes_are_logged_both_ways(self) -> None:
+        events: list[str] = []
+        p = Pair(self)
+        peer = str(p.b.address)
+
+        def observe(event) -> None:
+            text = formatEvent(event)
+            if event.get("log_level") == LogLevel.info and text.startswith(f"path to {peer} "):
+                events.append(text)  # A's view of its path to B
+
+        globalLogPublisher.addObserver(observe)
+        self.addCleanup(globalLogPublisher.removeObserver, observe)
+
+        def flow(seconds: float) -> None:
+            for _ in range(int(seconds / 0.02)):
+                p.send()
+                p.run(0.02)
+
+        flow(1.0)
+        self.assertEqual(events, [f"path to {peer} now direct via 198.51.100.1:41642"])
+        p.net.blocked = True
+        blocked = p.clock.seconds()
+        flow(3.0)
+        self.assertEqual(events[1:], [f"path to {peer} now DERP(Coder Embedded Relay) "
+                                      "(direct 198.51.100.1:41642 stopped answering)"])
+        self.assertLess(p.a.sock.peers[p.b.keys.node_public].trust_until - blocked, 2.0)  # task.Clock time
+        p.net.blocked = False
+        flow(5.0)
+        self.assertEqual(events[2:], [f"path to {peer} now direct via 198.51.100.1:41642"])
 
     def test_block_endpoints_stays_on_derp(self) -> None:
         p = Pair(self, block=True)
