@@ -16,6 +16,7 @@ the HTTP on the injected reactor.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -44,11 +45,20 @@ class HealthCheck:
 
     @classmethod
     def from_app(cls, app: dict[str, Any]) -> HealthCheck | None:
-        hc = app.get("healthcheck") or {}
-        url, interval = str(hc.get("url") or ""), float(hc.get("interval") or 0)
+        hc = app.get("healthcheck")
+        if not isinstance(hc, dict):
+            return None
+        url, interval = str(hc.get("url") or ""), _seconds(hc.get("interval"))
         if not app.get("id") or not url or interval <= 0:
             return None
         return cls(str(app["id"]), url, interval, max(1, int(hc.get("threshold") or 0)))
+
+
+def _seconds(value: Any) -> float:
+    seconds = float(value or 0)
+    if not math.isfinite(seconds):
+        raise ValueError(f"not a number of seconds: {value!r}")
+    return min(seconds, 86400.0)
 
 
 class HealthState:

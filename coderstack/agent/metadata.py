@@ -14,6 +14,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,9 +42,16 @@ class MetadataItem:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> MetadataItem:
-        interval = max(1.0, float(d.get("interval") or 0))
-        timeout = float(d.get("timeout") or 0) or interval
+        interval = max(1.0, _seconds(d.get("interval")))
+        timeout = max(0.0, _seconds(d.get("timeout"))) or interval
         return cls(str(d.get("key") or ""), str(d.get("script") or ""), interval, timeout)
+
+
+def _seconds(value: Any) -> float:
+    seconds = float(value or 0)
+    if not math.isfinite(seconds):
+        raise ValueError(f"not a number of seconds: {value!r}")
+    return min(seconds, 86400.0)
 
 
 def _truncate(text: str) -> str:

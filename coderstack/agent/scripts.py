@@ -21,6 +21,7 @@ still going when the next is due is not doubled. ``run_on_stop`` scripts run on 
 from __future__ import annotations
 
 import datetime as dt
+import math
 import os
 from collections import deque
 from collections.abc import Callable
@@ -69,9 +70,16 @@ class Script:
             run_on_start=bool(d.get("run_on_start")),
             run_on_stop=bool(d.get("run_on_stop")),
             start_blocks_login=bool(d.get("start_blocks_login")),
-            timeout_seconds=float(d.get("timeout_seconds") or 0),
+            timeout_seconds=_timeout(d.get("timeout_seconds")),
             log_path=str(d.get("log_path") or ""),
         )
+
+
+def _timeout(value: Any) -> float:
+    seconds = float(value or 0)
+    if not math.isfinite(seconds):
+        raise ValueError(f"timeout_seconds is not a number: {value!r}")
+    return max(0.0, seconds)
 
 
 @dataclass(frozen=True)

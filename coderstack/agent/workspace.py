@@ -14,7 +14,8 @@ to ``report_grace`` seconds to reach the server before the agent goes on exiting
 from __future__ import annotations
 
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.internet.defer import Deferred
@@ -31,6 +32,28 @@ from coderstack.agent.session_env import SessionEnvironment
 from coderstack.sdk import Client
 
 log = Logger()
+
+T = TypeVar("T")
+
+
+def parse_entries(raw: Any, parse: Callable[[dict[str, Any]], T], what: str,
+                  bad: Callable[[str, str], None]) -> list[T]:
+    """Each usable entry of a manifest list; the others are told to ``bad`` and skipped."""
+    out: list[T] = []
+    if raw is None:
+        return out
+    if not isinstance(raw, list):
+        bad(what + " list", f"expected a list, got {type(raw).__name__}")
+        return out
+    for entry in raw:
+        if not isinstance(entry, dict):
+            bad(what, f"expected an object, got {type(entry).__name__}")
+            continue
+        try:
+            out.append(parse(entry))
+        except (TypeError, ValueError, OverflowError) as err:
+            bad(what, str(err) or type(err).__name__)
+    return out
 
 
 class Workspace:
@@ -57,16 +80,21 @@ class Workspace:
     def start(self, manifest: dict[str, Any]) -> Deferred[str]:
         agent_source = agent_source_id(str(manifest["agent_id"]))
         self.logs.register(agent_source, AGENT_SOURCE_NAME)
+
+        def bad(what: str, why: str) -> None:
+            log.warn("the manifest has an unusable {what}: {why}", what=what, why=why)
+            self.logs.add(agent_source, f"ignored an unusable {what} in the manifest: {why}", "error")
+
         self.scripts = ScriptRunner(
-            self.reactor, [Script.from_json(s) for s in manifest.get("scripts") or [] if isinstance(s, dict)],
+            self.reactor, parse_entries(manifest.get("scripts"), Script.from_json, "script", bad),
             self.logs, agent_source, os.path.join(self.data_dir, "scripts"),
             env=self.session_env.environment, cwd=self.session_env.directory,
             kill_grace=self.kill_grace, pipe_grace=self.pipe_grace)
         self.metadata = MetadataCollector(
-            self.reactor, [MetadataItem.from_json(m) for m in manifest.get("metadata") or [] if isinstance(m, dict)],
+            self.reactor, parse_entries(manifest.get("metadata"), MetadataItem.from_json, "metadata item", bad),
             self.reports, env=self.session_env.environment, cwd=self.session_env.directory,
             backoff_cap=self.backoff_cap)
-        checks = [HealthCheck.from_app(a) for a in manifest.get("apps") or [] if isinstance(a, dict)]
+        checks = parse_entries(manifest.get("apps"), HealthCheck.from_app, "app", bad)
         self.apps = AppHealthWatcher(self.reactor, [c for c in checks if c is not None],
                                      self.reports.app_health, self.backoff_cap)
         self.reporter.to(lc.STARTING)
