@@ -4,14 +4,16 @@
   when that is missing), so its pid is its process group: a timeout or :meth:`kill` signals the
   whole group, daemons it forked included — SIGTERM, then SIGKILL ``kill_grace`` seconds later.
 - Finished means the child exited. A daemon it forked may keep stdout/stderr open forever, so
-  after the exit the pipes get ``pipe_grace`` seconds to reach EOF and are then closed; the
-  process counts as done then, whatever is still holding the other end.
+  after the exit the pipes get ``pipe_grace`` seconds (10 by default, as Coder's agent) to reach
+  EOF and are then closed; the process counts as done then, with ``pipes_open`` set (Coder's
+  agent counts that as a failure too), whatever is still holding the other end.
 - Output reaches ``on_output(fd, data)`` as it arrives; stdin is closed at once.
 - Nothing here blocks: spawning and signals go through the reactor's ``spawnProcess``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -48,16 +50,20 @@ class Exit:
     timed_out: bool = False
     killed: bool = False
     error: str = ""  # the process could not be started at all
+    pipes_open: bool = False  # it exited but something it started still held stdout/stderr
 
     @property
     def ok(self) -> bool:
-        return self.code == 0 and not self.timed_out and not self.killed and not self.error
+        return (self.code == 0 and not self.timed_out and not self.killed and not self.error
+                and not self.pipes_open)
 
     def describe(self) -> str:
         if self.error:
             return f"could not start: {self.error}"
         if self.timed_out:
             return "timed out"
+        if self.pipes_open and self.code == 0:
+            return "exited, but its output pipes were still open"
         if self.code is not None:
             return f"exit status {self.code}"
         return f"killed by signal {self.signal}"
@@ -67,7 +73,7 @@ class GroupProcess(protocol.ProcessProtocol):
     """Spawn with :meth:`start`; ``done`` fires with an :class:`Exit` (never errbacks)."""
 
     def __init__(self, reactor: Any, on_output: Callable[[int, bytes], None] | None = None,
-                 timeout: float = 0, kill_grace: float = 3.0, pipe_grace: float = 1.0) -> None:
+                 timeout: float = 0, kill_grace: float = 3.0, pipe_grace: float = 10.0) -> None:
         self.reactor = reactor
         self.on_output = on_output
         self.timeout = timeout
@@ -138,6 +144,10 @@ class GroupProcess(protocol.ProcessProtocol):
             self._kill_group(signal.SIGKILL)
 
     def _close_pipes(self) -> None:
+        if self.done.called:
+            return
+        if self._exit is not None:
+            self._exit = dataclasses.replace(self._exit, pipes_open=True)
         transport = self.transport
         for fd in (1, 2):
             try:

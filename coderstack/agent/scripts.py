@@ -101,7 +101,7 @@ def outcome(results: list[ScriptResult], stopping: bool = False) -> str:
 class ScriptRunner:
     def __init__(self, reactor: Any, scripts: list[Script], logs: AgentLogs, agent_source_id: str,
                  script_dir: str, env: Callable[[], dict[str, str]], cwd: Callable[[], str],
-                 kill_grace: float = 3.0, pipe_grace: float = 1.0) -> None:
+                 kill_grace: float = 3.0, pipe_grace: float = 10.0) -> None:
         self.reactor = reactor
         self.scripts = scripts
         self.logs = logs
@@ -184,10 +184,10 @@ class ScriptRunner:
         splitters = {1: LineSplitter(), 2: LineSplitter()}
         log_file = _open_log(script.log_path)
 
-        def line(text: str) -> None:
+        def line(text: str, level: str = "info") -> None:
             tail.append(text)
             if script.log_source_id:
-                self.logs.add(script.log_source_id, text)
+                self.logs.add(script.log_source_id, text, level)
             if log_file is not None:
                 try:
                     log_file.write(text.encode("utf-8", "replace") + b"\n")
@@ -196,10 +196,11 @@ class ScriptRunner:
 
         def output(fd: int, data: bytes) -> None:
             for text in splitters.get(fd, splitters[1]).feed(data):
-                line(text)
+                line(text, "error" if fd == 2 else "info")
 
         try:
             argv = self._write(i, script)
+            env = self._env(script)
         except OSError as err:
             result = ScriptResult(script, Exit(None, error=str(err)), ())
             self._report_failure(result)
@@ -208,18 +209,33 @@ class ScriptRunner:
                             kill_grace=self.kill_grace, pipe_grace=self.pipe_grace)
         self.running[i] = proc
         try:
-            exit_ = await proc.start(argv, self.env(), self.cwd())
+            exit_ = await proc.start(argv, env, self.cwd())
         finally:
             self.running.pop(i, None)
-            for splitter in splitters.values():
+            for fd, splitter in splitters.items():
                 for text in splitter.flush():
-                    line(text)
+                    line(text, "error" if fd == 2 else "info")
+        if exit_.pipes_open:
+            line(f"WARNING: the script exited, but something it started still held its output open after "
+                 f"{self.pipe_grace:g}s; the agent stopped reading it. Redirect a background process's "
+                 "output (e.g. > /tmp/app.log 2>&1) or give it a coder_script of its own.", "warn")
             if log_file is not None:
                 log_file.close()
         result = ScriptResult(script, exit_, tuple(tail))
         if not exit_.ok and not exit_.killed:
             self._report_failure(result)
         return result
+
+    def _env(self, script: Script) -> dict[str, str]:
+        # As Coder's agent: a data directory per script, and a bin directory scripts may fill.
+        env = self.env()
+        data = os.path.join(self.script_dir, "data", script.log_source_id or "default")
+        bin_dir = os.path.join(self.script_dir, "bin")
+        for path in (data, bin_dir):
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        env["CODER_SCRIPT_DATA_DIR"] = data
+        env["CODER_SCRIPT_BIN_DIR"] = bin_dir
+        return env
 
     def _write(self, i: int, script: Script) -> list[str]:
         os.makedirs(self.script_dir, mode=0o700, exist_ok=True)

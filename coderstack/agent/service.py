@@ -91,7 +91,8 @@ class AgentService(service.Service):
         self._loop: Deferred[None] | None = None
         self._wake: Deferred[None] | None = None
         # What sessions and scripts run with; refreshed by every manifest.
-        self.session_env = SessionEnvironment(url, bin_dir=os.path.join(data_dir, "bin"))
+        self.session_env = SessionEnvironment(url, bin_dir=os.path.join(data_dir, "bin"),
+                                              script_bin_dir=os.path.join(data_dir, "scripts", "bin"))
         self.workspace: Workspace | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------

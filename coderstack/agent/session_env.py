@@ -8,7 +8,8 @@ all get the same environment, built in this order (later entries win):
    already merged by the server);
 3. ``CODER=true``, ``CODER_WORKSPACE_NAME``, ``CODER_WORKSPACE_OWNER_NAME``,
    ``CODER_WORKSPACE_AGENT_NAME`` and ``CODER_AGENT_URL`` (the server's URL);
-4. ``PATH`` with the agent's ``bin`` directory first, where it keeps the ``coder`` command.
+4. ``PATH`` with the agent's ``bin`` directory first, where it keeps the ``coder`` command, then
+   ``CODER_SCRIPT_BIN_DIR`` (where scripts may put tools for later sessions).
 
 Processes start in the manifest's ``directory`` (``~`` and ``$VARS`` expanded), or in ``$HOME``
 when it is empty or does not exist.
@@ -33,7 +34,7 @@ def scrubbed(env: Mapping[str, str]) -> dict[str, str]:
 
 
 def workspace_environment(base: Mapping[str, str], manifest: Mapping[str, Any] | None, agent_url: str,
-                          bin_dir: str | None = None) -> dict[str, str]:
+                          bin_dir: str | None = None, script_bin_dir: str | None = None) -> dict[str, str]:
     """The environment of a workspace process (see the module docstring for the order)."""
     env = scrubbed(base)
     manifest = manifest or {}
@@ -49,9 +50,9 @@ def workspace_environment(base: Mapping[str, str], manifest: Mapping[str, Any] |
         "CODER_WORKSPACE_AGENT_NAME": str(manifest.get("agent_name") or ""),
         "CODER_AGENT_URL": agent_url,
     })
-    if bin_dir:
-        path = env.get("PATH") or os.defpath
-        env["PATH"] = bin_dir + os.pathsep + path
+    first = [d for d in (bin_dir, script_bin_dir) if d]
+    if first:
+        env["PATH"] = os.pathsep.join([*first, env.get("PATH") or os.defpath])
     return env
 
 
@@ -80,9 +81,10 @@ class SessionEnvironment:
     """
 
     def __init__(self, agent_url: str = "", bin_dir: str | None = None,
-                 base: Mapping[str, str] | None = None) -> None:
+                 base: Mapping[str, str] | None = None, script_bin_dir: str | None = None) -> None:
         self.agent_url = agent_url
         self.bin_dir = bin_dir
+        self.script_bin_dir = script_bin_dir
         self.base: Mapping[str, str] = os.environ if base is None else base
         self.manifest: Mapping[str, Any] | None = None
 
@@ -91,7 +93,7 @@ class SessionEnvironment:
 
     def environment(self, base: Mapping[str, str] | None = None) -> dict[str, str]:
         return workspace_environment(self.base if base is None else base, self.manifest,
-                                     self.agent_url, self.bin_dir)
+                                     self.agent_url, self.bin_dir, self.script_bin_dir)
 
     def directory(self, home: str | None = None) -> str:
         return workspace_directory(self.manifest, home or home_directory(self.base))

@@ -59,7 +59,7 @@ def parse_entries(raw: Any, parse: Callable[[dict[str, Any]], T], what: str,
 class Workspace:
     def __init__(self, reactor: Any, client: Client, data_dir: str, session_env: SessionEnvironment,
                  backoff_cap: float = 10.0, report_grace: float = 10.0,
-                 kill_grace: float = 3.0, pipe_grace: float = 1.0) -> None:
+                 kill_grace: float = 3.0, pipe_grace: float = 10.0) -> None:
         self.reactor = reactor
         self.reports = ServerReports(client)
         self.data_dir = data_dir

@@ -93,8 +93,16 @@ class GroupProcessTests(unittest.TestCase):
         # Without the pipe grace this would wait for the daemon (60 s, past the test's timeout).
         exit_ = await proc.start(["/bin/sh", "-c", f"sleep 60 & echo $! > {pidfile}; echo started; exit 0"],
                                  {"PATH": os.defpath}, self.dir)
-        self.assertTrue(exit_.ok)
+        self.assertEqual((exit_.code, exit_.pipes_open, exit_.ok), (0, True, False))
+        self.assertEqual(exit_.describe(), "exited, but its output pipes were still open")
         self.assertTrue(alive(int(open(pidfile).read())))  # we let go of it; we did not kill it
+
+    async def test_a_daemon_with_its_output_redirected_is_fine(self) -> None:
+        pidfile = os.path.join(self.dir, "daemon")
+        self.kill_later(pidfile)
+        exit_ = await GroupProcess(reactor, pipe_grace=30).start(
+            ["/bin/sh", "-c", f"sleep 60 > /dev/null 2>&1 & echo $! > {pidfile}"], {"PATH": os.defpath}, self.dir)
+        self.assertTrue(exit_.ok)
 
     async def test_a_missing_directory_is_an_error_not_a_hang(self) -> None:
         exit_ = await GroupProcess(reactor).start(["/bin/true"], {}, os.path.join(self.dir, "nope"))
@@ -136,6 +144,26 @@ class ScriptRunnerTests(unittest.TestCase):
         with open(log_path) as f:
             self.assertEqual(f.read().splitlines(), lines)
         self.assertEqual(self.logs.of("agent-src"), [])
+
+    async def test_stderr_is_error_level_and_script_dirs_are_set(self) -> None:
+        s = Script("src", "S", 'echo out; echo err >&2; test -d "$CODER_SCRIPT_DATA_DIR" && '
+                   'test -d "$CODER_SCRIPT_BIN_DIR" && echo "$CODER_SCRIPT_DATA_DIR"', run_on_start=True)
+        state, _ = await self.runner([s]).run_start()
+        self.assertEqual(state, lc.READY)
+        got = sorted((o, lvl) for src, o, lvl in self.logs.lines if src == "src")
+        self.assertEqual(got, sorted([("out", "info"), ("err", "error"),
+                                      (os.path.join(self.dir, "scripts", "data", "src"), "info")]))
+
+    async def test_a_daemon_holding_the_output_is_start_error_with_a_warning(self) -> None:
+        pidfile = os.path.join(self.dir, "daemon")
+        self.addCleanup(lambda: os.kill(int(open(pidfile).read()), signal.SIGKILL))
+        s = Script("src", "Daemon", f"sleep 60 & echo $! > {pidfile}; echo started", run_on_start=True)
+        state, results = await self.runner([s]).run_start()
+        self.assertEqual(state, lc.START_ERROR)
+        warnings = [o for src, o, lvl in self.logs.lines if src == "src" and lvl == "warn"]
+        self.assertEqual(len(warnings), 1)
+        self.assertIn("still held its output open", warnings[0])
+        self.assertIn('"Daemon" script exited, but its output pipes were still open', self.logs.of("agent-src"))
 
     async def test_a_failure_is_start_error_with_exit_code_and_tail(self) -> None:
         ok = Script("s-ok", "Fine", "true", run_on_start=True)

@@ -27,7 +27,7 @@ class EnvironmentTests(unittest.TestCase):
     def test_order_process_then_manifest_then_coder_vars_then_path(self) -> None:
         base = {"PATH": "/usr/bin:/bin", "LANG": "POSIX", "KEEP": "1", "CODER_AGENT_TOKEN": "secret",
                 "CODER_AGENT_TOKEN_FILE": "/run/token", "CODER_SESSION_TOKEN": "s"}
-        env = workspace_environment(base, MANIFEST, "https://coder.example.com", "/data/bin")
+        env = workspace_environment(base, MANIFEST, "https://coder.example.com", "/data/bin", "/data/scripts/bin")
         self.assertEqual(env["KEEP"], "1")
         self.assertEqual(env["LANG"], "C.UTF-8")  # the template wins over the process
         self.assertEqual(env["EDITOR"], "vim")
@@ -36,7 +36,7 @@ class EnvironmentTests(unittest.TestCase):
         self.assertEqual(env["CODER_WORKSPACE_OWNER_NAME"], "alice")
         self.assertEqual(env["CODER_WORKSPACE_AGENT_NAME"], "main")
         self.assertEqual(env["CODER_AGENT_URL"], "https://coder.example.com")
-        self.assertEqual(env["PATH"], "/data/bin:/usr/bin:/bin")
+        self.assertEqual(env["PATH"], "/data/bin:/data/scripts/bin:/usr/bin:/bin")
         for secret in ("CODER_AGENT_TOKEN", "CODER_AGENT_TOKEN_FILE", "CODER_SESSION_TOKEN"):
             self.assertNotIn(secret, env)
 
