@@ -273,10 +273,12 @@ class AgentService(service.Service):
             self.coordination.proto.send_request(CoordinateRequest(ready_for_handshake=tuple(ready)))
 
     def _write_state(self, manifest: dict[str, Any]) -> None:
-        # What the agent last learned, for people debugging a workspace (no secrets in it).
+        # What the agent last learned, for people debugging a workspace. No tokens, but the
+        # template's environment and scripts may hold secrets of their own: owner-only.
         path = os.path.join(self.data_dir, "manifest.json")
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            os.fchmod(f.fileno(), 0o600)
             json.dump(manifest, f, indent=2)
         os.replace(tmp, path)
 

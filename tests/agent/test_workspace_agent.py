@@ -134,6 +134,8 @@ class WorkspaceAgentTests(unittest.TestCase):
         with open(os.path.join(self.dir, "stopped")) as f:
             self.assertEqual(f.read(), "bye\n")
         self.assertEqual(api.bad_tokens, 0)
+        manifest_file = os.path.join(self.dir, "agent", "manifest.json")
+        self.assertEqual(os.stat(manifest_file).st_mode & 0o777, 0o600)
         changed = [r["changed_at"] for r in api.lifecycle]
         self.assertEqual(changed, sorted(changed))
         self.assertTrue(all(re.match(r"^\d{4}-\d\d-\d\dT.*Z$", c) for c in changed))
