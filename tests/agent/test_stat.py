@@ -165,3 +165,32 @@ class CommandTests(unittest.TestCase):
         self.assertEqual(json.loads(out.getvalue())["unit"], "B")
         with self.assertRaises(SystemExit):
             coder_command.main(["stat", "disk", "--output", "yaml"])
+
+
+class FuzzTests(unittest.TestCase):
+    """Whatever a /proc or cgroup file holds, parsing gives a result or an error coder stat
+    reports (StatError or ValueError), never anything else."""
+
+    @given(st.text(max_size=200), st.text(max_size=50), st.text(max_size=50))
+    def test_parsers_fail_only_cleanly(self, a: str, b: str, c: str) -> None:
+        calls = [
+            lambda: stat.host_cpu(a, b, 2), lambda: stat.host_memory(a),
+            lambda: stat.cgroup2_cpu_usage_usec(a), lambda: stat.cgroup2_cpu_limit(a, 2),
+            lambda: stat.cgroup1_cpu_limit(a, b, 2), lambda: stat.container_memory_v2(a, b, c, 1 << 30),
+            lambda: stat.container_memory_v1(a, b, c, 1 << 30),
+        ]
+        for call in calls:
+            try:
+                result = call()
+            except (StatError, ValueError):
+                continue
+            if isinstance(result, Result):
+                result.text()
+                result.json()
+
+    @given(st.lists(st.integers(0, 2**40), min_size=4, max_size=10), st.lists(st.integers(0, 2**40), min_size=4,
+                                                                               max_size=10))
+    def test_host_cpu_is_within_the_core_count(self, first: list[int], second: list[int]) -> None:
+        later = [max(x, y) for x, y in zip(first, second + first[len(second):], strict=False)]
+        r = stat.host_cpu("cpu " + " ".join(map(str, first)), "cpu " + " ".join(map(str, later)), 4)
+        self.assertTrue(0 <= r.used <= 4, r)
