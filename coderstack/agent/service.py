@@ -16,6 +16,11 @@ clients survive a server restart (their peers become LOST, not DISCONNECTED). Ou
 the coordinator as ``update_self`` whenever it changes; peer NODE updates configure the Conn.
 The Conn runs a link monitor (``coderstack/tailnet/linkmon.py``) unless ``link_monitor`` is
 false or ``CODERSTACK_LINK_MONITOR=0``.
+
+The first manifest also starts the workspace part (``coderstack/agent/workspace.py``: lifecycle,
+scripts, metadata, app health); a graceful stop runs its stop scripts and reports before the
+tunnel closes. Every manifest refreshes the environment sessions get (``session_env``), and the
+agent keeps a ``coder`` command in ``<data_dir>/bin`` for them.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
+from coderstack.agent.session_env import SessionEnvironment, write_coder_command
+from coderstack.agent.workspace import Workspace
 from coderstack.coordinator.client import CoordinateClientFactory, open_coordination
 from coderstack.derpmap import DERPMap, DERPMapError, rewrite_embedded
 from coderstack.keys import NodeKeys, load_node_keys
@@ -83,6 +90,10 @@ class AgentService(service.Service):
         self.sessions = 0
         self._loop: Deferred[None] | None = None
         self._wake: Deferred[None] | None = None
+        # What sessions and scripts run with; refreshed by every manifest.
+        self.session_env = SessionEnvironment(url, bin_dir=os.path.join(data_dir, "bin"),
+                                              script_bin_dir=os.path.join(data_dir, "scripts", "bin"))
+        self.workspace: Workspace | None = None
 
     # -- lifecycle ---------------------------------------------------------------------------
 
@@ -90,6 +101,10 @@ class AgentService(service.Service):
         super().startService()
         self.keys = load_node_keys(self.data_dir)
         self.client = Client(self.reactor, self.url, self.token)
+        try:
+            write_coder_command(self.session_env.bin_dir or os.path.join(self.data_dir, "bin"))
+        except OSError as err:
+            log.warn("cannot write the coder command: {why}", why=str(err))
         self._loop = Deferred.fromCoroutine(self._run())
         self._loop.addErrback(lambda f: f.trap(CancelledError))
 
@@ -97,6 +112,14 @@ class AgentService(service.Service):
         super().stopService()
         if self._loop is not None:
             self._loop.cancel()
+        return Deferred.fromCoroutine(self._stop())
+
+    async def _stop(self) -> None:
+        if self.workspace is not None:
+            try:
+                await self.workspace.stop()
+            except Exception:
+                log.failure("workspace shutdown failed")
         ds = []
         if self.coordination is not None and self.coordination.proto is not None:
             proto = self.coordination.proto
@@ -107,7 +130,7 @@ class AgentService(service.Service):
         if self.conn is not None:
             ds.append(Deferred.fromCoroutine(self.conn.close()))
         ds.append(self.client.close())
-        return Deferred.fromCoroutine(_gather(ds))
+        await _gather(ds)
 
     # -- the loop ----------------------------------------------------------------------------
 
@@ -136,6 +159,11 @@ class AgentService(service.Service):
         manifest = await self.client.get(MANIFEST_PATH)
         self.manifest = manifest
         agent_id = UUID(manifest["agent_id"])
+        self.session_env.update(manifest)
+        if self.workspace is None and self.running:
+            self.workspace = Workspace(self.reactor, self.client, self.data_dir, self.session_env,
+                                       backoff_cap=self.reconnect_max)
+            self.workspace.start(manifest)
         log.info(
             "agent {id} of {owner}/{ws} connected to {url} (manifest access URL {access})",
             id=agent_id, owner=manifest.get("owner_name"), ws=manifest.get("workspace_name"),
@@ -245,10 +273,12 @@ class AgentService(service.Service):
             self.coordination.proto.send_request(CoordinateRequest(ready_for_handshake=tuple(ready)))
 
     def _write_state(self, manifest: dict[str, Any]) -> None:
-        # What the agent last learned, for people debugging a workspace (no secrets in it).
+        # What the agent last learned, for people debugging a workspace. No tokens, but the
+        # template's environment and scripts may hold secrets of their own: owner-only.
         path = os.path.join(self.data_dir, "manifest.json")
         tmp = path + ".tmp"
-        with open(tmp, "w") as f:
+        with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
+            os.fchmod(f.fileno(), 0o600)
             json.dump(manifest, f, indent=2)
         os.replace(tmp, path)
 
@@ -285,7 +315,7 @@ def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str) -> None
     from coderstack.agent.ssh import ssh_factory
     from coderstack.netstack.stack import ANY_PORT
 
-    ssh = ssh_factory(data_dir, reactor)
+    ssh = ssh_factory(data_dir, reactor, session_env=svc.session_env)
     svc.serve(1, ssh)
     svc.serve(22, ssh)
     svc.serve(3, SpeedtestServerFactory(reactor))

@@ -55,6 +55,8 @@ from twisted.python import components
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
+from coderstack.agent.session_env import SessionEnvironment, motd_for_login
+
 log = Logger()
 
 HOST_KEY_NAME = "ssh_host_ed25519_key"
@@ -114,14 +116,16 @@ class AnyVerifiedKey:
 
 @implementer(portal.IRealm)
 class AgentRealm:
-    def __init__(self, reactor: IReactorProcess | None = None, env: dict[str, str] | None = None):
+    def __init__(self, reactor: IReactorProcess | None = None, env: dict[str, str] | None = None,
+                 session_env: SessionEnvironment | None = None):
         self.reactor = reactor
         self.env = env
+        self.session_env = session_env
 
     def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:  # noqa: N802
         if IConchUser not in interfaces:
             raise NotImplementedError("only SSH")
-        user = AgentUser(self.reactor, self.env)
+        user = AgentUser(self.reactor, self.env, self.session_env)
         return IConchUser, user, user.logout
 
 
@@ -139,7 +143,8 @@ def session_base_env(env: dict[str, str] | Any) -> dict[str, str]:
 class AgentUser(ConchUser):
     """The agent's own OS user; shells, commands and SFTP run with the agent's identity."""
 
-    def __init__(self, reactor: IReactorProcess | None = None, env: dict[str, str] | None = None):
+    def __init__(self, reactor: IReactorProcess | None = None, env: dict[str, str] | None = None,
+                 session_env: SessionEnvironment | None = None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
@@ -151,6 +156,8 @@ class AgentUser(ConchUser):
         self.home = entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"
         self.shell = entry.pw_shell if os.path.exists(entry.pw_shell or "") else "/bin/sh"
         self.base_env = session_base_env(os.environ if env is None else env)
+        # The workspace's environment and directory (the manifest's), when the agent has one.
+        self.session_env = session_env
         self.agent_sock_dir: str | None = None
         self.agent_port: Any = None
         self.channelLookup.update({
@@ -158,6 +165,15 @@ class AgentUser(ConchUser):
             b"direct-tcpip": open_direct_tcpip,
         })
         self.subsystemLookup.update({b"sftp": filetransfer.FileTransferServer})
+
+    def environment(self) -> dict[str, str]:
+        """The environment a session starts from (before the client's ``env`` requests)."""
+        if self.session_env is None:
+            return dict(self.base_env)
+        return self.session_env.environment(self.base_env)
+
+    def workdir(self) -> str:
+        return self.home if self.session_env is None else self.session_env.directory(self.home)
 
     # SFTPServerForUnixConchUser asks these of its avatar.
     def getHomeDir(self) -> FilePath[str]:  # noqa: N802
@@ -262,6 +278,12 @@ class AgentSession:
 
     def openShell(self, proto: Any) -> None:  # noqa: N802
         shell = self.avatar.shell
+        if self.avatar.session_env is not None:
+            motd = motd_for_login(self.avatar.session_env.motd_path, self.avatar.home)
+            if motd:
+                if self.pty_fds is not None:
+                    motd = motd.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+                proto.session.write(motd)
         self._spawn(proto, shell, ["-" + os.path.basename(shell)])
 
     def execCommand(self, proto: Any, command: bytes) -> None:  # noqa: N802
@@ -281,7 +303,7 @@ class AgentSession:
             self.process.loseConnection()
 
     def _environment(self, proto: Any) -> dict[str, str]:
-        env = dict(self.avatar.base_env)
+        env = self.avatar.environment()
         env.update(self.env)
         env.update(USER=self.avatar.username, LOGNAME=self.avatar.username,
                    HOME=self.avatar.home, SHELL=self.avatar.shell)
@@ -301,7 +323,7 @@ class AgentSession:
     def _spawn(self, proto: Any, executable: str, argv: list[str]) -> None:
         env = self._environment(proto)
         self.process = self.avatar.reactor.spawnProcess(
-            proto, executable, argv, env, self.avatar.home, usePTY=self.pty_fds or False,
+            proto, executable, argv, env, self.avatar.workdir(), usePTY=self.pty_fds or False,
         )
         if self.pty_fds is not None:
             _set_winsize(self.process.fileno(), self.win_size)
@@ -459,14 +481,16 @@ class AgentSSHFactory(factory.SSHFactory):
 
 
 def ssh_factory(data_dir: str | os.PathLike[str], reactor: Any = None,
-                env: dict[str, str] | None = None) -> factory.SSHFactory:
+                env: dict[str, str] | None = None,
+                session_env: SessionEnvironment | None = None) -> factory.SSHFactory:
     """An SSH server factory for the agent; listen it on tunnel ports 1 and 22.
 
     ``env`` is the base environment of sessions (default: the agent's own ``os.environ``);
-    the lead may add the manifest's ``environment_variables`` here.
+    ``session_env`` adds the workspace's (manifest environment, ``CODER_*``, the ``coder``
+    command on PATH, the start directory and the motd of login shells).
     """
     host_key = load_or_create_host_key(data_dir)
-    p = portal.Portal(AgentRealm(reactor, env))
+    p = portal.Portal(AgentRealm(reactor, env, session_env))
     p.registerChecker(checkers.AllowAnonymousAccess())
     p.registerChecker(AnyVerifiedKey())
     f = AgentSSHFactory()

@@ -1,0 +1,60 @@
+"""What the agent tells the server about the workspace (agent token auth, JSON bodies).
+
+    POST  /api/v2/workspaceagents/me/report-lifecycle  {"state", "changed_at"}            -> 204
+    PATCH /api/v2/workspaceagents/me/logs              {"log_source_id", "logs": [
+                                                          {"created_at", "output", "level"}]} -> 200
+                                                       413 once the agent's 1 MiB is used up
+    POST  /api/v2/workspaceagents/me/log-source        {"id", "display_name", "icon"}      -> 201
+    POST  /api/v2/workspaceagents/me/metadata          {"metadata": [
+                                                          {"key", "value", "error", "collected_at"}]} -> 204
+    POST  /api/v2/workspaceagents/me/app-health        {"healths": {app id: health}}       -> 200
+
+Times are RFC 3339 UTC with microseconds and a ``Z``. Failures surface as ``SDKError`` (with
+``status`` for HTTP answers); callers retry with :func:`backoff_delay`.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+from typing import Any
+
+from coderstack.sdk import Client
+
+BASE = "/api/v2/workspaceagents/me"
+
+
+def rfc3339(seconds: float) -> str:
+    """A POSIX time (e.g. ``reactor.seconds()``) as an RFC 3339 UTC string."""
+    return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def backoff_delay(failures: int, cap: float = 10.0) -> float:
+    """The agent's reconnect backoff: 0.5 s doubling per failure, capped, with jitter."""
+    return min(cap, 0.5 * 2 ** min(max(failures - 1, 0), 10)) * random.uniform(0.7, 1.0)
+
+
+class ServerReports:
+    """The agent's workspace endpoints over an SDK ``Client``."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    async def lifecycle(self, state: str, changed_at: str) -> None:
+        await self.client.request("POST", f"{BASE}/report-lifecycle",
+                                  {"state": state, "changed_at": changed_at}, ok=(200, 204))
+
+    async def logs(self, log_source_id: str, logs: list[dict[str, str]]) -> None:
+        await self.client.request("PATCH", f"{BASE}/logs", {"log_source_id": log_source_id, "logs": logs},
+                                  ok=(200, 204))
+
+    async def log_source(self, source_id: str, display_name: str, icon: str = "") -> None:
+        await self.client.request("POST", f"{BASE}/log-source",
+                                  {"id": source_id, "display_name": display_name, "icon": icon},
+                                  ok=(200, 201, 204))
+
+    async def metadata(self, results: list[dict[str, Any]]) -> None:
+        await self.client.request("POST", f"{BASE}/metadata", {"metadata": results}, ok=(200, 204))
+
+    async def app_health(self, healths: dict[str, str]) -> None:
+        await self.client.request("POST", f"{BASE}/app-health", {"healths": healths}, ok=(200, 204))
