@@ -65,6 +65,7 @@ class ServerService(service.MultiService):
         cfg = self.config
         data_dir = cfg["data-dir"]
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        os.chmod(data_dir, 0o700)  # also when it existed: it holds the database and the DERP key
         self.store = Store(database_url(data_dir, cfg.get("postgres-url")), self.reactor)
         version = await self.store.migrate()
         log.info("database ready ({kind}, schema v{version})",
