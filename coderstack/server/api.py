@@ -8,6 +8,7 @@ Every route authenticates: a session token (users) or an agent token (agents) in
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from datetime import timedelta
@@ -24,6 +25,8 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from coderstack import __version__
 from coderstack.derp.mapstream import derp_map_stream_resource
 from coderstack.server import auth, templatepush
+from coderstack.server.hashpool import PoolBusy
+from coderstack.server.loginlimit import Refused
 from coderstack.server.provisioner import TemplateError
 from coderstack.server.store import Agent, Build, Conflict, User, Workspace, now
 
@@ -42,9 +45,11 @@ MAX_TEMPLATE_BODY = 8 * 1024 * 1024
 
 
 class APIError(Exception):
-    def __init__(self, code: int, message: str, detail: str = "") -> None:
+    def __init__(self, code: int, message: str, detail: str = "",
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.detail = code, message, detail
+        self.retry_after = retry_after
 
 
 def write_json(request: IRequest, obj: Any, code: int = 200) -> bytes:
@@ -122,6 +127,11 @@ def session_token_of(request: IRequest) -> str | None:
     return raw.strip() if raw else None
 
 
+def client_host(request: IRequest) -> str:
+    """The peer's IP address (what the login limits count per source)."""
+    return str(getattr(request.getClientAddress(), "host", "local"))
+
+
 def iso(t: Any) -> str | None:
     return t.isoformat() if t is not None else None
 
@@ -185,6 +195,8 @@ class API:
     @app.handle_errors(APIError)
     def _api_error(self, request: IRequest, failure: Failure) -> bytes:
         err = failure.value
+        if err.retry_after is not None:
+            request.setHeader(b"Retry-After", str(max(1, math.ceil(err.retry_after))).encode())
         return write_json(request, {"message": err.message, "detail": err.detail}, err.code)
 
     @app.handle_errors(NotFound)
@@ -231,7 +243,10 @@ class API:
     async def first_user(self, request: IRequest) -> bytes:
         body = read_json(request)
         username, email, password = self._new_user_fields(body)
-        pw_hash = await self.d.hash_password(password)
+        # Checked before the (slow) hash, so a flood of these after set-up costs nothing.
+        if await self.d.store.count_users() != 0:
+            raise APIError(409, "The initial user has already been created.")
+        pw_hash = await self._hash(password)
         try:
             user = await self.d.store.create_user(
                 username, email, pw_hash, roles=("owner",), name=field(body, "name", required=False),
@@ -256,14 +271,38 @@ class API:
         body = read_json(request)
         login = field(body, "email")
         password = field(body, "password")
-        found = await self.d.store.user_by_login(login)
-        # Verify a dummy hash for unknown users too, so timing does not reveal who exists.
-        stored = found[1] if found else self.d.dummy_password_hash
-        ok = await self.d.verify_password(password, stored)
+        attempt = self.d.logins.begin(login, client_host(request))
+        if isinstance(attempt, Refused):
+            raise APIError(
+                429, "Too many login attempts.",
+                f"try again in {max(1, math.ceil(attempt.retry_after))} s", attempt.retry_after,
+            )
+        try:
+            found = await self.d.store.user_by_login(login)
+            # Verify a dummy hash for unknown users too, so timing does not reveal who exists.
+            stored = found[1] if found else self.d.dummy_password_hash
+            ok = await self._verify(password, stored)
+        except BaseException:
+            attempt.abandon()  # busy or broken: not the caller's failure
+            raise
         if not found or not ok:
+            attempt.done(False)
             raise APIError(401, "Incorrect email or password.")
+        attempt.done(True)
         token = await self.issue_session(found[0])
         return write_json(request, {"session_token": token}, 201)
+
+    async def _hash(self, password: str) -> str:
+        try:
+            return await self.d.hash_password(password)
+        except PoolBusy:
+            raise APIError(503, "The server is busy checking passwords.", "try again shortly", 1.0) from None
+
+    async def _verify(self, password: str, stored: str) -> bool:
+        try:
+            return await self.d.verify_password(password, stored)
+        except PoolBusy:
+            raise APIError(503, "The server is busy checking passwords.", "try again shortly", 1.0) from None
 
     async def issue_session(self, user: User) -> str:
         token, key_id, hashed = auth.new_session_token()
@@ -294,7 +333,7 @@ class API:
         await self.require_owner(request)
         body = read_json(request)
         username, email, password = self._new_user_fields(body)
-        pw_hash = await self.d.hash_password(password)
+        pw_hash = await self._hash(password)
         try:
             user = await self.d.store.create_user(
                 username, email, pw_hash, name=field(body, "name", required=False)
