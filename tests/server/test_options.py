@@ -340,3 +340,14 @@ class TwistdUsageErrorTests(unittest.SynchronousTestCase):
         self.assertEqual(code, 0, output)
         for text in ("--url", "CODER_AGENT_URL", "--token", "CODER_AGENT_TOKEN", "--data-dir"):
             self.assertIn(text, output)
+
+
+class ConnectionCapOptionTests(unittest.SynchronousTestCase):
+    def test_default_flag_env_and_bad_values(self) -> None:
+        self.assertEqual(server([])["max-connections-per-source"], 128)
+        self.assertEqual(server([], {"CODERSTACK_MAX_CONNECTIONS_PER_SOURCE": "0"})["max-connections-per-source"], 0)
+        self.assertEqual(server(["--max-connections-per-source", "7"],
+                                {"CODERSTACK_MAX_CONNECTIONS_PER_SOURCE": "9"})["max-connections-per-source"], 7)
+        with self.assertRaises(usage.UsageError) as caught:
+            server([], {"CODERSTACK_MAX_CONNECTIONS_PER_SOURCE": "-1"})
+        self.assertIn("--max-connections-per-source (from CODERSTACK_MAX_CONNECTIONS_PER_SOURCE)", str(caught.exception))
