@@ -121,7 +121,7 @@ class AdmissionFactoryTests(unittest.SynchronousTestCase):
         return p, t
 
     def test_a_source_over_its_cap_is_answered_503_and_closed(self) -> None:
-        (p1, t1), (p2, t2) = self.connect("10.0.0.1"), self.connect("10.0.0.1")
+        (p1, _), (p2, _) = self.connect("10.0.0.1"), self.connect("10.0.0.1")
         p3, t3 = self.connect("10.0.0.1")
         self.assertTrue(t3.value().startswith(b"HTTP/1.1 503 "), t3.value())
         self.assertIn(b"Retry-After: 1", t3.value())

@@ -351,3 +351,14 @@ class ConnectionCapOptionTests(unittest.SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as caught:
             server([], {"CODERSTACK_MAX_CONNECTIONS_PER_SOURCE": "-1"})
         self.assertIn("--max-connections-per-source (from CODERSTACK_MAX_CONNECTIONS_PER_SOURCE)", str(caught.exception))
+
+
+class AgentDataDirOptionTests(unittest.SynchronousTestCase):
+    def test_unset_means_a_dir_per_agent_under_the_default_base(self) -> None:
+        base = {"CODER_AGENT_URL": "http://x", "CODER_AGENT_TOKEN": "t", "XDG_DATA_HOME": "/xdg"}
+        o = agent([], base)
+        self.assertEqual((o["data-dir"], o["data-dir-per-agent"]), ("/xdg/coderstack/agent", True))
+        o = agent([], dict(base, CODER_AGENT_DATA_DIR="/keys/mine"))
+        self.assertEqual((o["data-dir"], o["data-dir-per-agent"]), ("/keys/mine", False))
+        o = agent(["--data-dir", "/keys/flag"], base)
+        self.assertEqual((o["data-dir"], o["data-dir-per-agent"]), ("/keys/flag", False))
