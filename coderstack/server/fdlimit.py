@@ -27,7 +27,9 @@ def raise_open_files_limit() -> int:
     return soft
 
 
-def connection_budget(open_files_limit: int) -> int:
-    """How many HTTP connections may be open at once under this limit."""
+def connection_budget(open_files_limit: int) -> tuple[int, int]:
+    """(HTTP connections that may be open at once, spare ones for sources holding none) under
+    this limit; half the reserve stays untouched either way."""
     reserve = max(MIN_RESERVE, open_files_limit // 10)
-    return max(16, open_files_limit - reserve)
+    max_open = max(16, open_files_limit - reserve)
+    return max_open, max(0, min(reserve // 2, open_files_limit - max_open - reserve // 2))

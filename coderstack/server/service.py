@@ -100,7 +100,7 @@ class ServerService(service.MultiService):
         site = QuietSite(api.app.resource())
         # One budget for every listener: per source address, and in all below the fd limit.
         open_files = raise_open_files_limit()
-        self.admission = Admission(cfg.get("max-connections-per-source", 0) or 0, connection_budget(open_files))
+        self.admission = Admission(cfg.get("max-connections-per-source", 0) or 0, *connection_budget(open_files))
         log.info("open-file limit {n}: at most {total} HTTP connections, {per} per source address",
                  n=open_files, total=self.admission.max_open, per=self.admission.per_source or "any number")
 

@@ -101,11 +101,22 @@ class AdmissionTests(unittest.SynchronousTestCase):
         a = Admission(per_source=0, max_open=1000)
         self.assertEqual({a.admit("10.0.0.1") for _ in range(500)}, {None})
 
+    def test_spare_slots_past_the_mark_are_for_new_sources_only(self) -> None:
+        a = Admission(per_source=10, max_open=4, spare=2)
+        for host in ("10.0.0.1", "10.0.0.1", "10.0.0.2", "10.0.0.2"):
+            self.assertIsNone(a.admit(host))
+        self.assertIsNotNone(a.admit("10.0.0.1"))  # holds some: refused at the mark
+        self.assertIsNone(a.admit("192.0.2.9"))  # a new source (a health check) still gets in
+        self.assertIsNotNone(a.admit("192.0.2.9"))
+        self.assertIsNone(a.admit("192.0.2.10"))
+        self.assertIsNotNone(a.admit("192.0.2.11"))  # spares used up: the hard ceiling
+        self.assertEqual(a.open, 6)
+
     def test_budget_keeps_a_reserve_below_the_fd_limit(self) -> None:
-        self.assertEqual(connection_budget(1024), 1024 - 102)
-        self.assertEqual(connection_budget(400), 400 - 64)
-        self.assertEqual(connection_budget(20), 16)
-        self.assertEqual(connection_budget(1 << 20), (1 << 20) - (1 << 20) // 10)
+        self.assertEqual(connection_budget(1024), (1024 - 102, 51))
+        self.assertEqual(connection_budget(400), (400 - 64, 32))
+        self.assertEqual(connection_budget(20), (16, 0))
+        self.assertEqual(connection_budget(1 << 20)[0], (1 << 20) - (1 << 20) // 10)
 
 
 class AdmissionFactoryTests(unittest.SynchronousTestCase):
