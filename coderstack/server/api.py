@@ -271,14 +271,15 @@ class API:
         body = read_json(request)
         login = field(body, "email")
         password = field(body, "password")
-        attempt = self.d.logins.begin(login, client_host(request))
+        found = await self.d.store.user_by_login(login)
+        # Limits count per user (an email and a username are one account), else per name given.
+        attempt = self.d.logins.begin(str(found[0].id) if found else login, client_host(request))
         if isinstance(attempt, Refused):
             raise APIError(
                 429, "Too many login attempts.",
                 f"try again in {max(1, math.ceil(attempt.retry_after))} s", attempt.retry_after,
             )
         try:
-            found = await self.d.store.user_by_login(login)
             # Verify a dummy hash for unknown users too, so timing does not reveal who exists.
             stored = found[1] if found else self.d.dummy_password_hash
             ok = await self._verify(password, stored)
