@@ -6,7 +6,8 @@
   closed. Idle keep-alive connections still end after the site's idle timeout.
 - :class:`AdmissionFactory`: wraps the site per listener and asks an
   :class:`~coderstack.server.admission.Admission` about every new connection; a refused one is
-  answered ``503`` (JSON, ``Retry-After``) and closed without reaching HTTP.
+  answered ``503`` (JSON, ``Retry-After``) and closed without reaching HTTP (on a TLS
+  listener only closed: the check runs before the handshake).
 
 Upgraded connections (coordinator and DERP websockets) stay wrapped, so they count against
 their source until they close.
@@ -88,11 +89,12 @@ class GuardedSite(Site):
 
 
 class _Refusal(protocol.Protocol):
-    def __init__(self, detail: str) -> None:
+    def __init__(self, detail: str | None) -> None:
         self.detail = detail
 
     def connectionMade(self) -> None:
-        self.transport.write(_json_response(b"503 Service Unavailable", "Too many connections.", self.detail))
+        if self.detail is not None:
+            self.transport.write(_json_response(b"503 Service Unavailable", "Too many connections.", self.detail))
         self.transport.loseConnection()
 
 
@@ -105,15 +107,18 @@ class AdmissionFactory(WrappingFactory):
 
     protocol = _Admitted
 
-    def __init__(self, wrapped: protocol.Factory, admission: Admission) -> None:
+    def __init__(self, wrapped: protocol.Factory, admission: Admission, answer_refusals: bool = True) -> None:
         super().__init__(wrapped)
         self.admission = admission
+        # False for TLS listeners (the factory wraps TLS): a plain-text answer would only be
+        # a garbled handshake there, so a refused TLS connection is just closed.
+        self.answer_refusals = answer_refusals
 
     def buildProtocol(self, addr: IAddress) -> Any:
         source = str(getattr(addr, "host", "local"))
         why = self.admission.admit(source)
         if why is not None:
-            return _Refusal(why)
+            return _Refusal(why if self.answer_refusals else None)
         try:
             p = super().buildProtocol(addr)
         except BaseException:

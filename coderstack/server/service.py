@@ -121,7 +121,7 @@ class ServerService(service.MultiService):
 
             tls = TLSMemoryBIOFactory(tls_options(cfg["tls-cert-file"], cfg["tls-key-file"]), False, site)
             ep = endpoints.serverFromString(self.reactor, envopts.tcp_endpoint(host, port))
-            p = await ep.listen(AdmissionFactory(tls, self.admission))
+            p = await ep.listen(AdmissionFactory(tls, self.admission, answer_refusals=False))
             self.ports.append(p)
             log.info("listening on https://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         if cfg.get("access-url-derived") and self.ports and cfg["access-url"].endswith(":0"):

@@ -149,3 +149,13 @@ class AdmissionFactoryTests(unittest.SynchronousTestCase):
         for p in (p2, p4, p5):
             p.connectionLost(Failure(ConnectionError()))
         self.assertEqual(self.admission.open, 0)
+
+    def test_a_tls_listener_just_closes_a_refused_connection(self) -> None:
+        factory = AdmissionFactory(GuardedSite(Hello(), reactor=self.clock), Admission(1, 100),
+                                   answer_refusals=False)
+        first = factory.buildProtocol(addr("10.0.0.1"))
+        first.makeConnection(StringTransport())
+        refused = factory.buildProtocol(addr("10.0.0.1"))
+        t = StringTransport()
+        refused.makeConnection(t)
+        self.assertEqual((t.value(), t.disconnecting), (b"", True))
