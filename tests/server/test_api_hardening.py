@@ -16,7 +16,7 @@ from twisted.trial import unittest
 from coderstack.server import api as api_module
 from coderstack.server import templatepush
 from coderstack.server.api import APIError, field, parse_json_object, valid_name
-from coderstack.server.loginlimit import LoginLimiter
+from coderstack.server.loginlimit import LoginLimiter, Policy
 from coderstack.server.templatepush import PushRejected, parse_files
 from tests.support.api import ACCESS_URL, Caller, make_deployment
 
@@ -149,6 +149,20 @@ class HostileAPITests(unittest.TestCase):
         self.clock.advance(2.0)
         code, body, _ = await self.raw_login("alice@example.com", "correct horse")
         self.assertEqual(code, 201, body)
+
+    async def test_email_and_username_count_as_one_account(self) -> None:
+        c = await self.setUpAPI()
+        await c.owner()
+        # A fresh limiter (127.0.0.1 not trusted) that leaves the source generous: only the
+        # account limit (5 free failures) can refuse here.
+        self.d.logins = LoginLimiter(self.clock, source_policy=Policy(free=100, base=1, cap=1, forget=900))
+        codes = []
+        for i in range(7):
+            login = "alice" if i % 2 else "alice@example.com"
+            code, body, _ = await self.raw_login(login, "wrong password")
+            codes.append(code)
+        self.assertEqual(codes, [401] * 6 + [429])
+        self.assertEqual(self.d.logins.debug()["accounts"], 1)
 
     async def test_first_user_is_checked_before_hashing(self) -> None:
         c = await self.setUpAPI()
