@@ -21,7 +21,7 @@ from twisted.web.client import Agent, HTTPConnectionPool
 from tests.support.processes import TWISTD, CLIUser, Deployment, Process, sleep
 
 #: The server's resident memory may not grow past this during an attack (its RSS after start-up
-#: on this machine is about 90 MiB).
+#: on this machine is about 80 MiB, idle).
 RSS_BOUND_KIB = 200 * 1024
 
 
