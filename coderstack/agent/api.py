@@ -25,10 +25,13 @@ from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from klein import Klein
+from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 
 from coderstack.tailnet.netcheck import gather_interfaces, interfaces_report
+
+log = Logger()
 
 MIN_LISTENING_PORT = 9
 TCP_LISTEN = "0A"
@@ -125,8 +128,10 @@ class AgentAPI:
     async def netcheck_route(self, request: IRequest) -> bytes:
         try:
             netinfo = await self.netcheck()
-        except Exception as err:  # noqa: BLE001 - reported to the caller, not raised
-            return self._json(request, {"message": "Failed to run a network check.", "detail": str(err)}, 500)
+        except Exception:  # noqa: BLE001 - reported to the caller (without its text), not raised
+            log.failure("network check failed")
+            return self._json(request, {"message": "Failed to run a network check.",
+                                        "detail": "the agent logged the cause"}, 500)
         return self._json(request, agent_netcheck_report(netinfo, interfaces_report(self.interfaces())))
 
     @app.handle_errors(Exception)

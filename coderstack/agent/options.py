@@ -18,7 +18,7 @@ class AgentOptions(e.EnvOptions):
         ("token", "CODER_AGENT_TOKEN", None, e.text,
          "The agent token (prefer the environment variable: arguments are visible to other users)."),
         ("data-dir", "CODER_AGENT_DATA_DIR", None, e.directory,
-         "Where the agent keeps its keys (default: ~/.local/share/coderstack/agent)."),
+         "Where the agent keeps its keys (default: ~/.local/share/coderstack/agent/<agent id>)."),
         ("tailnet-listen-port", "CODER_AGENT_TAILNET_LISTEN_PORT", "0", e.port_number,
          "UDP port for the tunnel; 0 picks one."),
         ("reconnect-max", "CODER_AGENT_RECONNECT_MAX", "10", e.positive_int,
@@ -31,5 +31,7 @@ class AgentOptions(e.EnvOptions):
             raise usage.UsageError("--url (or CODER_AGENT_URL) is required")
         if not self["token"]:
             raise usage.UsageError("--token (or CODER_AGENT_TOKEN) is required")
+        # Unset: a directory per agent under the default base (agents never share keys).
+        self["data-dir-per-agent"] = self["data-dir"] is None
         if self["data-dir"] is None:
             self["data-dir"] = e.default_data_dir("agent", self.environ)

@@ -28,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import random
+from collections.abc import Callable
 from typing import Any
 from uuid import UUID
 
@@ -36,6 +37,7 @@ from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 
+from coderstack.agent.datadir import DataDirInUse, agent_data_dir
 from coderstack.agent.session_env import SessionEnvironment, write_coder_command
 from coderstack.agent.workspace import Workspace
 from coderstack.coordinator.client import CoordinateClientFactory, open_coordination
@@ -68,11 +70,16 @@ def home_region(derp_map: DERPMap) -> int:
 
 class AgentService(service.Service):
     def __init__(self, reactor: Any, url: str, token: str, data_dir: str, listen_port: int = 0,
-                 reconnect_max: float = 10.0, link_monitor: bool | None = None) -> None:
+                 reconnect_max: float = 10.0, link_monitor: bool | None = None,
+                 per_agent_data_dir: bool = False) -> None:
         self.reactor = reactor
         self.url = url
         self.token = token
+        # With per_agent_data_dir, data_dir is the base and the keys live in <data_dir>/<agent id>
+        # (see datadir.py); either way they are loaded once the first manifest names the agent.
         self.data_dir = data_dir
+        self.per_agent_data_dir = per_agent_data_dir
+        self._key_dir: str | None = None
         self.listen_port = listen_port
         self.reconnect_max = reconnect_max
         self.link_monitor = linkmon.enabled_from_env() if link_monitor is None else link_monitor
@@ -99,7 +106,6 @@ class AgentService(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self.keys = load_node_keys(self.data_dir)
         self.client = Client(self.reactor, self.url, self.token)
         try:
             write_coder_command(self.session_env.bin_dir or os.path.join(self.data_dir, "bin"))
@@ -140,6 +146,9 @@ class AgentService(service.Service):
             opened = False
             try:
                 opened = await self._session()
+            except DataDirInUse as err:
+                log.critical("agent stopped: {why}", why=str(err))
+                return
             except SDKError as err:
                 log.warn("agent cannot talk to {url}: {why}", url=self.url, why=str(err))
             except ConnectionError as err:
@@ -159,9 +168,12 @@ class AgentService(service.Service):
         manifest = await self.client.get(MANIFEST_PATH)
         self.manifest = manifest
         agent_id = UUID(manifest["agent_id"])
+        # First: a data dir another agent owns stops us before any script runs.
+        self.load_keys(agent_id)
+        self.session_env.script_bin_dir = os.path.join(self.key_dir(), "scripts", "bin")
         self.session_env.update(manifest)
         if self.workspace is None and self.running:
-            self.workspace = Workspace(self.reactor, self.client, self.data_dir, self.session_env,
+            self.workspace = Workspace(self.reactor, self.client, self.key_dir(), self.session_env,
                                        backoff_cap=self.reconnect_max)
             self.workspace.start(manifest)
         log.info(
@@ -182,6 +194,19 @@ class AgentService(service.Service):
         log.info("coordinator connection closed ({code}: {reason})", code=code, reason=reason)
         self.coordination = None
         return True
+
+    def load_keys(self, agent_id: UUID) -> NodeKeys:
+        """This agent's keys, from its own data dir (raises DataDirInUse for another's)."""
+        if self.keys is None:
+            self._key_dir = agent_data_dir(self.data_dir, agent_id, self.per_agent_data_dir)
+            self.keys = load_node_keys(self._key_dir)
+        return self.keys
+
+    def key_dir(self) -> str:
+        """The directory of this agent's keys (known once the first manifest is)."""
+        if self._key_dir is None:
+            raise RuntimeError("the agent's data dir is chosen when its first manifest arrives")
+        return self._key_dir
 
     async def netcheck_report(self) -> dict[str, Any] | None:
         """The tunnel's newest netcheck report (Tailscale's JSON), for ``ping -v`` diagnostics."""
@@ -275,7 +300,7 @@ class AgentService(service.Service):
     def _write_state(self, manifest: dict[str, Any]) -> None:
         # What the agent last learned, for people debugging a workspace. No tokens, but the
         # template's environment and scripts may hold secrets of their own: owner-only.
-        path = os.path.join(self.data_dir, "manifest.json")
+        path = os.path.join(self.key_dir(), "manifest.json")
         tmp = path + ".tmp"
         with os.fdopen(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w") as f:
             os.fchmod(f.fileno(), 0o600)
@@ -301,12 +326,13 @@ def makeService(config: dict[str, Any], reactor: Any = None) -> AgentService:
         config["data-dir"],
         listen_port=config["tailnet-listen-port"],
         reconnect_max=float(config["reconnect-max"]),
+        per_agent_data_dir=bool(config.get("data-dir-per-agent")),
     )
-    serve_standard_ports(svc, reactor, config["data-dir"])
+    serve_standard_ports(svc, reactor, svc.key_dir)
     return svc
 
 
-def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str) -> None:
+def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str | Callable[[], str]) -> None:
     """Coder's reserved tunnel ports: SSH on 1 and 22, speedtest on 3, the agent API on 4; every
     other port, TCP and UDP, is forwarded to the workspace's own loopback."""
     from coderstack.agent.api import agent_api_site

@@ -29,6 +29,7 @@ import struct
 import tempfile
 import termios
 import tty
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -478,9 +479,20 @@ class AgentSSHFactory(factory.SSHFactory):
         b"ssh-userauth": _NoneAuthServer,
         b"ssh-connection": connection.SSHConnection,
     }
+    key_dir: Callable[[], str | os.PathLike[str]] | None = None
+
+    def getPublicKeys(self) -> dict[bytes, keys.Key]:
+        return {b"ssh-ed25519": self._host_key().public()}
+
+    def getPrivateKeys(self) -> dict[bytes, keys.Key]:
+        return {b"ssh-ed25519": self._host_key()}
+
+    def _host_key(self) -> keys.Key:
+        assert self.key_dir is not None
+        return load_or_create_host_key(self.key_dir())
 
 
-def ssh_factory(data_dir: str | os.PathLike[str], reactor: Any = None,
+def ssh_factory(data_dir: str | os.PathLike[str] | Callable[[], str | os.PathLike[str]], reactor: Any = None,
                 env: dict[str, str] | None = None,
                 session_env: SessionEnvironment | None = None) -> factory.SSHFactory:
     """An SSH server factory for the agent; listen it on tunnel ports 1 and 22.
@@ -489,14 +501,19 @@ def ssh_factory(data_dir: str | os.PathLike[str], reactor: Any = None,
     ``session_env`` adds the workspace's (manifest environment, ``CODER_*``, the ``coder``
     command on PATH, the start directory and the motd of login shells).
     """
-    host_key = load_or_create_host_key(data_dir)
     p = portal.Portal(AgentRealm(reactor, env, session_env))
     p.registerChecker(checkers.AllowAnonymousAccess())
     p.registerChecker(AnyVerifiedKey())
     f = AgentSSHFactory()
     f.portal = p
-    f.publicKeys = {b"ssh-ed25519": host_key.public()}
-    f.privateKeys = {b"ssh-ed25519": host_key}
+    if callable(data_dir):
+        # The directory is known later (the agent's own, once its manifest names it): the
+        # host key is loaded when the factory starts listening.
+        f.key_dir = data_dir
+    else:
+        host_key = load_or_create_host_key(data_dir)
+        f.publicKeys = {b"ssh-ed25519": host_key.public()}
+        f.privateKeys = {b"ssh-ed25519": host_key}
     return f
 
 

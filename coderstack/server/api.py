@@ -7,8 +7,8 @@ Every route authenticates: a session token (users) or an agent token (agents) in
 
 from __future__ import annotations
 
-import base64
 import json
+import math
 import re
 import uuid
 from datetime import timedelta
@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from twisted.web.iweb import IRequest
@@ -23,7 +24,9 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coderstack import __version__
 from coderstack.derp.mapstream import derp_map_stream_resource
-from coderstack.server import auth
+from coderstack.server import auth, templatepush
+from coderstack.server.hashpool import PoolBusy
+from coderstack.server.loginlimit import Refused
 from coderstack.server.provisioner import TemplateError
 from coderstack.server.store import Agent, Build, Conflict, User, Workspace, now
 
@@ -33,7 +36,8 @@ if TYPE_CHECKING:
 
 log = Logger()
 
-NAME_RE = re.compile(r"^[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?$")
+# Matched with fullmatch: ``$`` alone would also accept a trailing newline ("box\n").
+NAME_RE = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?")
 SESSION_LIFETIME = timedelta(days=7)
 MAX_BODY = 64 * 1024
 #: A template push carries its files (base64) in the JSON body.
@@ -41,9 +45,11 @@ MAX_TEMPLATE_BODY = 8 * 1024 * 1024
 
 
 class APIError(Exception):
-    def __init__(self, code: int, message: str, detail: str = "") -> None:
+    def __init__(self, code: int, message: str, detail: str = "",
+                 retry_after: float | None = None) -> None:
         super().__init__(message)
         self.code, self.message, self.detail = code, message, detail
+        self.retry_after = retry_after
 
 
 def write_json(request: IRequest, obj: Any, code: int = 200) -> bytes:
@@ -53,17 +59,41 @@ def write_json(request: IRequest, obj: Any, code: int = 200) -> bytes:
     return json.dumps(obj).encode() + b"\n"
 
 
-def read_json(request: IRequest, limit: int = MAX_BODY) -> dict[str, Any]:
+def read_body(request: IRequest, limit: int = MAX_BODY) -> bytes:
     body = request.content.read(limit + 1) if request.content else b""
     if len(body) > limit:
         raise APIError(413, "Request body is too large.", f"at most {limit} bytes")
+    return body
+
+
+def read_json(request: IRequest, limit: int = MAX_BODY) -> dict[str, Any]:
+    return parse_json_object(read_body(request, limit))
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
+    """A request body as a JSON object; APIError 400 for anything else (also deep nesting)."""
     try:
         obj = json.loads(body or b"{}")
+    except RecursionError:
+        raise APIError(400, "Request body must be valid JSON.", "nested too deeply") from None
     except ValueError as err:
-        raise APIError(400, "Request body must be valid JSON.", str(err)) from None
+        # json's own messages name a position, never the data; decoding errors say less.
+        detail = str(err) if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
+        raise APIError(400, "Request body must be valid JSON.", detail) from None
     if not isinstance(obj, dict):
         raise APIError(400, "Request body must be a JSON object.")
     return obj
+
+
+def plain_text(value: str) -> bool:
+    """Text the store and the logs can hold: encodable as UTF-8 (no lone surrogates), no NUL."""
+    if "\x00" in value:
+        return False
+    try:
+        value.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def field(body: dict[str, Any], name: str, *, required: bool = True, default: str = "") -> str:
@@ -74,14 +104,16 @@ def field(body: dict[str, Any], name: str, *, required: bool = True, default: st
         return default
     if not isinstance(value, str):
         raise APIError(400, f"Field {name!r} must be a string.")
+    if not plain_text(value):
+        raise APIError(400, f"Field {name!r} must be UTF-8 text without NUL characters.")
     return value
 
 
 def valid_name(value: str, what: str) -> str:
-    if not NAME_RE.match(value):
+    if not NAME_RE.fullmatch(value):
         raise APIError(
             400,
-            f"Invalid {what} {value!r}.",
+            f"Invalid {what} {value[:40]!r}.",
             "1-32 letters, digits or hyphens, not starting or ending with a hyphen",
         )
     return value
@@ -93,6 +125,11 @@ def session_token_of(request: IRequest) -> str | None:
         cookie = request.getCookie(b"coder_session_token")
         raw = cookie.decode("ascii", "replace") if cookie else None
     return raw.strip() if raw else None
+
+
+def client_host(request: IRequest) -> str:
+    """The peer's IP address (what the login limits count per source)."""
+    return str(getattr(request.getClientAddress(), "host", "local"))
 
 
 def iso(t: Any) -> str | None:
@@ -158,6 +195,8 @@ class API:
     @app.handle_errors(APIError)
     def _api_error(self, request: IRequest, failure: Failure) -> bytes:
         err = failure.value
+        if err.retry_after is not None:
+            request.setHeader(b"Retry-After", str(max(1, math.ceil(err.retry_after))).encode())
         return write_json(request, {"message": err.message, "detail": err.detail}, err.code)
 
     @app.handle_errors(NotFound)
@@ -170,8 +209,9 @@ class API:
 
     @app.handle_errors(Exception)
     def _internal(self, request: IRequest, failure: Failure) -> bytes:
+        # The exception's text stays in the log: it may quote internals (SQL, paths, data).
         log.failure("unhandled error serving {path}", failure, path=request.path)
-        return write_json(request, {"message": "Internal error.", "detail": failure.getErrorMessage()}, 500)
+        return write_json(request, {"message": "Internal error.", "detail": "the server logged the cause"}, 500)
 
     # -- health and build info ---------------------------------------------------------------
 
@@ -203,7 +243,10 @@ class API:
     async def first_user(self, request: IRequest) -> bytes:
         body = read_json(request)
         username, email, password = self._new_user_fields(body)
-        pw_hash = await self.d.hash_password(password)
+        # Checked before the (slow) hash, so a flood of these after set-up costs nothing.
+        if await self.d.store.count_users() != 0:
+            raise APIError(409, "The initial user has already been created.")
+        pw_hash = await self._hash(password)
         try:
             user = await self.d.store.create_user(
                 username, email, pw_hash, roles=("owner",), name=field(body, "name", required=False),
@@ -229,13 +272,38 @@ class API:
         login = field(body, "email")
         password = field(body, "password")
         found = await self.d.store.user_by_login(login)
-        # Verify a dummy hash for unknown users too, so timing does not reveal who exists.
-        stored = found[1] if found else self.d.dummy_password_hash
-        ok = await self.d.verify_password(password, stored)
+        # Limits count per user (an email and a username are one account), else per name given.
+        attempt = self.d.logins.begin(str(found[0].id) if found else login, client_host(request))
+        if isinstance(attempt, Refused):
+            raise APIError(
+                429, "Too many login attempts.",
+                f"try again in {max(1, math.ceil(attempt.retry_after))} s", attempt.retry_after,
+            )
+        try:
+            # Verify a dummy hash for unknown users too, so timing does not reveal who exists.
+            stored = found[1] if found else self.d.dummy_password_hash
+            ok = await self._verify(password, stored)
+        except BaseException:
+            attempt.abandon()  # busy or broken: not the caller's failure
+            raise
         if not found or not ok:
+            attempt.done(False)
             raise APIError(401, "Incorrect email or password.")
+        attempt.done(True)
         token = await self.issue_session(found[0])
         return write_json(request, {"session_token": token}, 201)
+
+    async def _hash(self, password: str) -> str:
+        try:
+            return await self.d.hash_password(password)
+        except PoolBusy:
+            raise APIError(503, "The server is busy checking passwords.", "try again shortly", 1.0) from None
+
+    async def _verify(self, password: str, stored: str) -> bool:
+        try:
+            return await self.d.verify_password(password, stored)
+        except PoolBusy:
+            raise APIError(503, "The server is busy checking passwords.", "try again shortly", 1.0) from None
 
     async def issue_session(self, user: User) -> str:
         token, key_id, hashed = auth.new_session_token()
@@ -266,7 +334,7 @@ class API:
         await self.require_owner(request)
         body = read_json(request)
         username, email, password = self._new_user_fields(body)
-        pw_hash = await self.d.hash_password(password)
+        pw_hash = await self._hash(password)
         try:
             user = await self.d.store.create_user(
                 username, email, pw_hash, name=field(body, "name", required=False)
@@ -416,19 +484,19 @@ class API:
         """Create a template, or add a version: {"name", "files": {file name: base64}}."""
         user = await self.require_owner(request)
         builder = self._require_builder()
-        body = read_json(request, MAX_TEMPLATE_BODY)
-        name = valid_name(field(body, "name"), "template name")
-        raw = body.get("files")
-        if not isinstance(raw, dict) or not raw:
-            raise APIError(400, "Field 'files' must be an object of file name -> base64 content.")
-        files: dict[str, bytes] = {}
-        for fname, content in raw.items():
-            if not isinstance(content, str):
-                raise APIError(400, f"File {fname!r} must be base64 text.")
+        raw = read_body(request, MAX_TEMPLATE_BODY)
+
+        def unpack() -> tuple[dict[str, Any], dict[str, bytes]]:
+            body = parse_json_object(raw)
             try:
-                files[fname] = base64.b64decode(content, validate=True)
-            except ValueError:
-                raise APIError(400, f"File {fname!r} is not valid base64.") from None
+                return body, templatepush.parse_files(body.get("files"))
+            except templatepush.PushRejected as err:
+                raise APIError(err.code, err.message, err.detail) from None
+
+        # JSON and base64 over megabytes: on a thread, so pings and other requests go on.
+        reactor = self.d.reactor
+        body, files = await deferToThreadPool(reactor, reactor.getThreadPool(), unpack)
+        name = valid_name(field(body, "name"), "template name")
         try:
             kept = await builder.validate(files)
         except TemplateError as err:

@@ -13,7 +13,6 @@ from ipaddress import IPv6Address
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThread
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
@@ -28,6 +27,8 @@ from coderstack.derp.mapstream import MapPublisher
 from coderstack.derp.server import metrics_text
 from coderstack.derpmap import DERPMap
 from coderstack.server import auth
+from coderstack.server.hashpool import HashPool
+from coderstack.server.loginlimit import LoginLimiter
 from coderstack.server.store import Agent, Store, User, Workspace
 from coderstack.wire.coordination import address_from_uuid
 
@@ -52,6 +53,8 @@ class Deployment:
         self.block_direct = block_direct
         self.coordinator = Coordinator(reactor)
         self.dummy_password_hash = auth.hash_password(uuid.uuid4().hex)
+        self.passwords = HashPool(reactor)
+        self.logins = LoginLimiter(reactor)
         # agent id -> its live coordination websocket
         self._agent_sockets: dict[uuid.UUID, CoordinateProtocol] = {}
         # path -> resource served beside the API (the DERP relay's /derp, /latency-check, ...)
@@ -61,11 +64,14 @@ class Deployment:
 
     # -- passwords: scrypt is deliberately slow, so it runs on a thread ------------------------
 
+    # On a small pool of their own with a bounded queue (PoolBusy beyond it), so a login flood
+    # cannot hold every thread or pile up requests in memory.
+
     def hash_password(self, password: str) -> Deferred[str]:
-        return deferToThread(auth.hash_password, password)
+        return self.passwords.run(auth.hash_password, password)
 
     def verify_password(self, password: str, stored: str) -> Deferred[bool]:
-        return deferToThread(auth.verify_password, password, stored)
+        return self.passwords.run(auth.verify_password, password, stored)
 
     # -- DERP map ----------------------------------------------------------------------------
 

@@ -14,6 +14,12 @@ from coderstack.stun.address import (
 )
 
 
+def non_negative_int(value: str) -> int:
+    if not value.strip().isdigit():
+        raise ValueError(f"{value!r} is not a whole number (0 or more)")
+    return int(value)
+
+
 class ServerOptions(e.EnvOptions):
     synopsis = "[options]"
     longdesc = (
@@ -33,6 +39,8 @@ class ServerOptions(e.EnvOptions):
         ("tls-key-file", "CODER_TLS_KEY_FILE", None, e.existing_file, "PEM private key for HTTPS."),
         ("http-extra-address", "CODERSTACK_HTTP_EXTRA_ADDRESS", None, e.host_port,
          "A second HTTP bind address serving the same API (e.g. for a template's provider url)."),
+        ("max-connections-per-source", "CODERSTACK_MAX_CONNECTIONS_PER_SOURCE", "128", non_negative_int,
+         "Open HTTP connections (websockets included) one source address may hold; 0 for no cap."),
         ("data-dir", "CODER_DATA_DIR", None, e.directory,
          "Where the SQLite database and server keys live (default: ~/.local/share/coderstack/server)."),
         ("postgres-url", "CODER_PG_CONNECTION_URL", None, e.text,

@@ -16,19 +16,21 @@ from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
-from twisted.web.server import Site
 
 from coderstack import envopts
+from coderstack.server.admission import Admission
 from coderstack.server.api import API
 from coderstack.server.deployment import Deployment
 from coderstack.server.derpsetup import build_derp_map, start_relay, start_stun
+from coderstack.server.fdlimit import connection_budget, raise_open_files_limit
+from coderstack.server.httpguard import AdmissionFactory, GuardedSite
 from coderstack.server.relaypolicy import CoordinatorRelayPolicy
 from coderstack.server.store import Store, database_url
 
 log = Logger()
 
 
-class QuietSite(Site):
+class QuietSite(GuardedSite):
     """A Site whose access log never includes query strings (they may carry tokens)."""
 
     def log(self, request: Any) -> None:  # noqa: D401 - twisted API
@@ -66,6 +68,7 @@ class ServerService(service.MultiService):
         cfg = self.config
         data_dir = cfg["data-dir"]
         os.makedirs(data_dir, mode=0o700, exist_ok=True)
+        os.chmod(data_dir, 0o700)  # also when it existed: it holds the database and the DERP key
         self.store = Store(database_url(data_dir, cfg.get("postgres-url")), self.reactor)
         version = await self.store.migrate()
         log.info("database ready ({kind}, schema v{version})",
@@ -98,17 +101,30 @@ class ServerService(service.MultiService):
         relay, resources = start_relay(cfg, self.reactor, CoordinatorRelayPolicy(api, self.deployment.coordinator))
         self.deployment.attach_relay(relay, resources, stun)
         site = QuietSite(api.app.resource())
+        # One budget for every listener: per source address, and in all below the fd limit.
+        open_files = raise_open_files_limit()
+        self.admission = Admission(cfg.get("max-connections-per-source", 0) or 0, *connection_budget(open_files))
+        log.info("open-file limit {n}: at most {total} HTTP connections, {per} per source address",
+                 n=open_files, total=self.admission.max_open, per=self.admission.per_source or "any number")
+
+        def guarded() -> AdmissionFactory:
+            return AdmissionFactory(site, self.admission)
 
         if cfg["http-address"] is not None:
             host, port = cfg["http-address"]
             ep = endpoints.serverFromString(self.reactor, envopts.tcp_endpoint(host, port))
-            p = await ep.listen(site)
+            p = await ep.listen(guarded())
             self.ports.append(p)
             log.info("listening on http://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         if cfg["tls-enable"]:
             host, port = cfg["tls-address"]
-            ep = tls_server_endpoint(self.reactor, host, port, cfg["tls-cert-file"], cfg["tls-key-file"])
-            p = await ep.listen(site)
+            # TLS inside the admission check, so a refused connection costs no handshake and
+            # websockets see the TLS transport itself.
+            from twisted.protocols.tls import TLSMemoryBIOFactory
+
+            tls = TLSMemoryBIOFactory(tls_options(cfg["tls-cert-file"], cfg["tls-key-file"]), False, site)
+            ep = endpoints.serverFromString(self.reactor, envopts.tcp_endpoint(host, port))
+            p = await ep.listen(AdmissionFactory(tls, self.admission, answer_refusals=False))
             self.ports.append(p)
             log.info("listening on https://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         if cfg.get("access-url-derived") and self.ports and cfg["access-url"].endswith(":0"):
@@ -123,7 +139,7 @@ class ServerService(service.MultiService):
             # A second address for the same API (a template's provider url may name it).
             host, port = cfg["http-extra-address"]
             ep = endpoints.serverFromString(self.reactor, envopts.tcp_endpoint(host, port))
-            p = await ep.listen(site)
+            p = await ep.listen(guarded())
             self.ports.append(p)
             log.info("also listening on http://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         log.info("access URL: {url}", url=cfg["access-url"])
@@ -158,6 +174,11 @@ class ServerService(service.MultiService):
 
 def tls_server_endpoint(reactor: Any, host: str, port: int, cert_file: str, key_file: str) -> Any:
     """HTTPS with pyOpenSSL: the certificate file may hold the whole chain; TLS 1.2 at least."""
+    return endpoints.SSL4ServerEndpoint(reactor, port, tls_options(cert_file, key_file), interface=host)
+
+
+def tls_options(cert_file: str, key_file: str) -> Any:
+    """The server's TLS settings: the certificate file may hold the whole chain; TLS 1.2 at least."""
     from OpenSSL import crypto
     from twisted.internet import ssl
 
@@ -178,7 +199,7 @@ def tls_server_endpoint(reactor: Any, host: str, port: int, cert_file: str, key_
         extraCertChain=certs[1:],
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
-    return endpoints.SSL4ServerEndpoint(reactor, port, options, interface=host)
+    return options
 
 
 def makeService(config: dict[str, Any], reactor: Any = None) -> ServerService:

@@ -394,6 +394,28 @@ def database_url(data_dir: str | None, postgres_url: str | None) -> str:
     return "sqlite:///" + os.path.join(data_dir, "coderstack.db")
 
 
+def private_sqlite_file(path: str | None) -> None:
+    """The SQLite database and its -wal and -shm files readable by this user only (0600),
+    whatever the directory's mode or the umask: they hold password and token hashes.
+
+    The database file is created here, 0600, before SQLite opens it; SQLite gives the -wal and
+    -shm files the database file's mode, and they are made 0600 again after every connect."""
+    import os
+
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    old = os.umask(0o077)
+    try:
+        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
+    finally:
+        os.umask(old)
+    for name in (path, path + "-wal", path + "-shm"):
+        try:
+            os.chmod(name, 0o600)
+        except FileNotFoundError:
+            pass
+
+
 class Store:
     """All database access. Construct, ``start()``, then ``await store.migrate()``."""
 
@@ -410,6 +432,8 @@ class Store:
             kwargs["pool_size"] = 5
         self.engine = sa.create_engine(url, **kwargs)
         if is_sqlite:
+            db_path = sa.engine.make_url(url).database
+            private_sqlite_file(db_path)
 
             @sa.event.listens_for(self.engine, "connect")
             def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
@@ -418,6 +442,7 @@ class Store:
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA busy_timeout=5000")
                 cur.close()
+                private_sqlite_file(db_path)
 
         self._pool = ThreadPool(minthreads=1, maxthreads=1 if is_sqlite else 5, name="coderstack-db")
         self._started = False

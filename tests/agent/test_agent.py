@@ -19,6 +19,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from coderstack.agent import service as agent_service
+from coderstack.agent.datadir import DataDirInUse
 from coderstack.agent.service import AgentService, home_region
 from coderstack.derpmap import DERPMap
 from coderstack.keys import NodeKeys, load_node_keys
@@ -103,13 +104,48 @@ class KeysTests(unittest.SynchronousTestCase):
 
     def test_agent_service_keeps_its_keys_across_restarts(self) -> None:
         ids = []
+        agent_id = uuid.uuid4()
         for _ in range(2):
             svc = AgentService(FakeReactor(), "http://127.0.0.1:3000", "token", self.dir)
             svc._run = _idle  # type: ignore[method-assign]
             svc.startService()
-            ids.append((svc.keys, svc.keys.node_public))
+            self.assertIsNone(svc.keys)  # chosen by the manifest's agent id
+            keys = svc.load_keys(agent_id)
+            ids.append((keys, keys.node_public))
             svc.stopService()
         self.assertEqual(ids[0], ids[1])
+
+    def test_agents_never_share_keys(self) -> None:
+        """Two agents of one user on the default (per-agent) dir get their own keys and dirs;
+        one given another agent's explicit dir refuses it instead of taking its keys."""
+        base = os.path.join(self.dir, "base")
+        a, b = uuid.uuid4(), uuid.uuid4()
+        svc_a = AgentService(FakeReactor(), "http://x", "t", base, per_agent_data_dir=True)
+        svc_b = AgentService(FakeReactor(), "http://x", "t", base, per_agent_data_dir=True)
+        ka, kb = svc_a.load_keys(a), svc_b.load_keys(b)
+        self.assertNotEqual(ka.node_public, kb.node_public)
+        self.assertEqual(svc_a.key_dir(), os.path.join(base, str(a)))
+        for path in (base, svc_a.key_dir(), svc_b.key_dir()):
+            self.assertEqual(os.stat(path).st_mode & 0o777, 0o700, path)
+        explicit = AgentService(FakeReactor(), "http://x", "t", svc_a.key_dir())
+        with self.assertRaises(DataDirInUse) as caught:
+            explicit.load_keys(b)
+        self.assertIn(str(a), str(caught.exception))
+        self.assertIsNone(explicit.keys)
+        # The agent it belongs to may use it by name.
+        same = AgentService(FakeReactor(), "http://x", "t", svc_a.key_dir())
+        self.assertEqual(same.load_keys(a).node_public, ka.node_public)
+
+    def test_ssh_host_key_comes_from_the_agents_own_dir(self) -> None:
+        from coderstack.agent.ssh import HOST_KEY_NAME, ssh_factory
+
+        svc = AgentService(FakeReactor(), "http://x", "t", self.dir, per_agent_data_dir=True)
+        factory = ssh_factory(svc.key_dir)
+        agent_id = uuid.uuid4()
+        svc.load_keys(agent_id)
+        factory.startFactory()
+        self.assertTrue(os.path.exists(os.path.join(self.dir, str(agent_id), HOST_KEY_NAME)))
+        self.assertEqual(set(factory.publicKeys), {b"ssh-ed25519"})
 
 
 async def _idle() -> None:

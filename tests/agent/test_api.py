@@ -95,7 +95,8 @@ class RouteTests(unittest.TestCase):
         resp = yield treq.get("http://agent/api/v0/netcheck")
         self.assertEqual(resp.code, 500)
         self.assertEqual(json.loads((yield resp.content())),
-                         {"message": "Failed to run a network check.", "detail": "no DERP map yet"})
+                         {"message": "Failed to run a network check.", "detail": "the agent logged the cause"})
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)  # the cause is in the log only
         resp = yield treq.get("http://agent/nope")
         self.assertEqual(resp.code, 404)
         self.assertEqual(json.loads((yield resp.content()))["message"], "Not found.")

@@ -25,7 +25,9 @@ class AgentLinkMonitorTests(unittest.TestCase):
         svc._run = _idle  # type: ignore[method-assign]
         svc.startService()
         self.addCleanup(svc.stopService)
-        svc._tunnel(uuid.uuid4(), {"derp_map": DERP_MAP})
+        agent_id = uuid.uuid4()
+        svc.load_keys(agent_id)  # what the first manifest does
+        svc._tunnel(agent_id, {"derp_map": DERP_MAP})
         return svc
 
     def test_on_by_default_and_polls_on_the_reactor(self) -> None:

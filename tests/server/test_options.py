@@ -344,3 +344,25 @@ class TwistdUsageErrorTests(unittest.SynchronousTestCase):
         self.assertEqual(code, 0, output)
         for text in ("--url", "CODER_AGENT_URL", "--token", "CODER_AGENT_TOKEN", "--data-dir"):
             self.assertIn(text, output)
+
+
+class ConnectionCapOptionTests(unittest.SynchronousTestCase):
+    def test_default_flag_env_and_bad_values(self) -> None:
+        self.assertEqual(server([])["max-connections-per-source"], 128)
+        self.assertEqual(server([], {"CODERSTACK_MAX_CONNECTIONS_PER_SOURCE": "0"})["max-connections-per-source"], 0)
+        self.assertEqual(server(["--max-connections-per-source", "7"],
+                                {"CODERSTACK_MAX_CONNECTIONS_PER_SOURCE": "9"})["max-connections-per-source"], 7)
+        with self.assertRaises(usage.UsageError) as caught:
+            server([], {"CODERSTACK_MAX_CONNECTIONS_PER_SOURCE": "-1"})
+        self.assertIn("--max-connections-per-source (from CODERSTACK_MAX_CONNECTIONS_PER_SOURCE)", str(caught.exception))
+
+
+class AgentDataDirOptionTests(unittest.SynchronousTestCase):
+    def test_unset_means_a_dir_per_agent_under_the_default_base(self) -> None:
+        base = {"CODER_AGENT_URL": "http://x", "CODER_AGENT_TOKEN": "t", "XDG_DATA_HOME": "/xdg"}
+        o = agent([], base)
+        self.assertEqual((o["data-dir"], o["data-dir-per-agent"]), ("/xdg/coderstack/agent", True))
+        o = agent([], dict(base, CODER_AGENT_DATA_DIR="/keys/mine"))
+        self.assertEqual((o["data-dir"], o["data-dir-per-agent"]), ("/keys/mine", False))
+        o = agent(["--data-dir", "/keys/flag"], base)
+        self.assertEqual((o["data-dir"], o["data-dir-per-agent"]), ("/keys/flag", False))

@@ -196,3 +196,42 @@ class DatabaseURLTests(unittest.SynchronousTestCase):
 
     def test_sqlite_in_data_dir(self) -> None:
         self.assertEqual(database_url("/d", None), "sqlite:////d/coderstack.db")
+
+
+class SQLiteFileModeTests(unittest.TestCase):
+    """The database, its WAL and its shared-memory file are 0600 whatever the directory allows."""
+
+    async def test_files_are_private_in_an_open_directory(self) -> None:
+        data = self.mktemp()
+        os.makedirs(data)
+        os.chmod(data, 0o777)
+        old = os.umask(0o000)  # the most permissive umask a server could start with
+        try:
+            s = Store(database_url(data, None), reactor)
+            self.addCleanup(s.stop)
+            await s.migrate()
+            await s.create_user("alice", "a@example.com", "hash")
+        finally:
+            os.umask(old)
+        names = sorted(n for n in os.listdir(data) if n.startswith("coderstack.db"))
+        self.assertEqual(names, ["coderstack.db", "coderstack.db-shm", "coderstack.db-wal"])
+        for name in names:
+            self.assertEqual(os.stat(os.path.join(data, name)).st_mode & 0o777, 0o600, name)
+
+    async def test_an_existing_world_readable_database_is_made_private(self) -> None:
+        data = self.mktemp()
+        os.makedirs(data)
+        path = os.path.join(data, "coderstack.db")
+        s = Store(database_url(data, None), reactor)
+        await s.migrate()
+        s.stop()
+        for name in (path, path + "-wal", path + "-shm"):
+            if os.path.exists(name):
+                os.chmod(name, 0o644)
+        s = Store(database_url(data, None), reactor)
+        self.addCleanup(s.stop)
+        self.assertEqual(await s.count_users(), 0)
+        for name in (path, path + "-wal", path + "-shm"):
+            if os.path.exists(name):
+                self.assertEqual(os.stat(name).st_mode & 0o777, 0o600, name)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o600)

@@ -1,0 +1,132 @@
+"""HTTP listeners that a slow or greedy client cannot exhaust.
+
+- :class:`GuardedChannel`: a request head (request line and headers) must be complete within
+  ``head_timeout`` seconds of its first byte, however slowly the bytes drip (Twisted's idle
+  timeout alone restarts on every byte). A late head is answered ``408`` and the connection
+  closed. Idle keep-alive connections still end after the site's idle timeout.
+- :class:`AdmissionFactory`: wraps the site per listener and asks an
+  :class:`~coderstack.server.admission.Admission` about every new connection; a refused one is
+  answered ``503`` (JSON, ``Retry-After``) and closed without reaching HTTP (on a TLS
+  listener only closed: the check runs before the handshake).
+
+Upgraded connections (coordinator and DERP websockets) stay wrapped, so they count against
+their source until they close.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.interfaces import IAddress
+from twisted.logger import Logger
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+from twisted.web.http import HTTPChannel
+from twisted.web.server import Site
+
+from coderstack.server.admission import Admission
+
+log = Logger()
+
+#: Seconds from a request head's first byte to its blank line.
+HEAD_TIMEOUT = 10.0
+
+
+def _json_response(status: bytes, message: str, detail: str) -> bytes:
+    body = json.dumps({"message": message, "detail": detail}).encode() + b"\n"
+    return (
+        b"HTTP/1.1 " + status + b"\r\n"
+        b"Content-Type: application/json\r\n"
+        b"Content-Length: " + str(len(body)).encode() + b"\r\n"
+        b"Connection: close\r\n"
+        b"Retry-After: 1\r\n\r\n" + body
+    )
+
+
+class GuardedChannel(HTTPChannel):
+    head_timeout = HEAD_TIMEOUT
+    _head_call: Any = None
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._head_call is None and not self._handlingRequest and data:
+            self._head_call = self.callLater(self.head_timeout, self._head_timed_out)
+        super().dataReceived(data)
+
+    def allHeadersReceived(self) -> None:
+        self._cancel_head_deadline()
+        super().allHeadersReceived()
+
+    def connectionLost(self, reason: Any) -> None:
+        self._cancel_head_deadline()
+        super().connectionLost(reason)
+
+    def _cancel_head_deadline(self) -> None:
+        if self._head_call is not None:
+            if self._head_call.active():
+                self._head_call.cancel()
+            self._head_call = None
+
+    def _head_timed_out(self) -> None:
+        self._head_call = None
+        if self._handlingRequest or self.transport is None:
+            return
+        self.transport.write(_json_response(
+            b"408 Request Timeout", "The request head took too long.",
+            f"send the request line and headers within {self.head_timeout:g} s",
+        ))
+        self.timeoutConnection()  # close, and abort if the client does not let go
+
+
+class GuardedSite(Site):
+    protocol = GuardedChannel
+    head_timeout = HEAD_TIMEOUT
+
+    def buildProtocol(self, addr: IAddress) -> Any:
+        channel = super().buildProtocol(addr)
+        channel.head_timeout = self.head_timeout
+        return channel
+
+
+class _Refusal(protocol.Protocol):
+    def __init__(self, detail: str | None) -> None:
+        self.detail = detail
+
+    def connectionMade(self) -> None:
+        if self.detail is not None:
+            self.transport.write(_json_response(b"503 Service Unavailable", "Too many connections.", self.detail))
+        self.transport.loseConnection()
+
+
+class _Admitted(ProtocolWrapper):
+    source = ""
+
+
+class AdmissionFactory(WrappingFactory):
+    """One listener's factory: the site behind an admission check."""
+
+    protocol = _Admitted
+
+    def __init__(self, wrapped: protocol.Factory, admission: Admission, answer_refusals: bool = True) -> None:
+        super().__init__(wrapped)
+        self.admission = admission
+        # False for TLS listeners (the factory wraps TLS): a plain-text answer would only be
+        # a garbled handshake there, so a refused TLS connection is just closed.
+        self.answer_refusals = answer_refusals
+
+    def buildProtocol(self, addr: IAddress) -> Any:
+        source = str(getattr(addr, "host", "local"))
+        why = self.admission.admit(source)
+        if why is not None:
+            return _Refusal(why if self.answer_refusals else None)
+        try:
+            p = super().buildProtocol(addr)
+        except BaseException:
+            self.admission.release(source)
+            raise
+        p.source = source
+        return p
+
+    def unregisterProtocol(self, p: Any) -> None:
+        super().unregisterProtocol(p)
+        self.admission.release(p.source)
