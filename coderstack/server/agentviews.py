@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 from klein import Klein
 from twisted.internet import task
 from twisted.internet.defer import Deferred
+from twisted.internet.error import AlreadyCancelled
 from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 
@@ -148,9 +149,12 @@ class _Follower:
             await self.ended
         finally:
             unsubscribe()
-            if timer.running:
-                timer.stop()
             self.gone = True
+            if timer.running:
+                try:
+                    timer.stop()
+                except AlreadyCancelled:  # the reactor is being torn down under us
+                    pass
 
 
 def _stream_headers(request: IRequest, content_type: bytes) -> None:
