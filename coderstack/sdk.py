@@ -16,7 +16,7 @@ from urllib.parse import urlencode, urlsplit
 
 import treq
 from autobahn.twisted.websocket import WebSocketClientFactory
-from twisted.internet import endpoints, ssl
+from twisted.internet import defer, endpoints, protocol, ssl
 from twisted.internet.error import (
     ConnectError,
     ConnectionRefusedError,
@@ -27,8 +27,10 @@ from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
     HTTPConnectionPool,
+    ResponseDone,
     ResponseNeverReceived,
 )
+from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
 
 SESSION_HEADER = "Coder-Session-Token"
@@ -133,7 +135,9 @@ class Client:
                     on_object(json.loads(line))
 
         try:
-            await treq.collect(resp, chunk)
+            await _collect(resp, chunk)
+        except defer.CancelledError:
+            raise
         except Exception as err:
             raise SDKError(f"lost the connection to {self.url}", detail=_why(err)) from None
         if partial.strip():
@@ -190,6 +194,37 @@ class Client:
         if agent_id:
             return await self.get(f"/api/v2/workspaceagents/{agent_id}/connection")
         return await self.get("/api/v2/workspaceagents/connection")
+
+
+class _Body(protocol.Protocol):
+    """A response body delivered chunk by chunk (like ``treq.collect``), whose Deferred can be
+    cancelled: that drops the connection, so an endless stream (``follow=true``) ends."""
+
+    def __init__(self, on_data: Callable[[bytes], None]) -> None:
+        self.on_data = on_data
+        self.done: defer.Deferred[None] = defer.Deferred(canceller=self._cancel)
+
+    def _cancel(self, _d: defer.Deferred[None]) -> None:
+        if self.transport is not None:
+            self.transport.stopProducing()
+
+    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+        if not self.done.called:
+            self.on_data(data)
+
+    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+        if self.done.called:
+            return
+        if reason is None or reason.check(ResponseDone, PotentialDataLoss):
+            self.done.callback(None)
+        else:
+            self.done.errback(reason)
+
+
+def _collect(resp: Any, on_data: Callable[[bytes], None]) -> defer.Deferred[None]:
+    body = _Body(on_data)
+    resp.deliverBody(body)
+    return body.done
 
 
 def _why(err: BaseException) -> str:

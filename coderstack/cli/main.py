@@ -39,6 +39,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ping": ("coderstack.cli.ping", "Ping a workspace over its tunnel; says whether the path is direct or relayed, and why."),
     "port-forward": ("coderstack.cli.portforward", "Forward local TCP/UDP ports to a workspace over its tunnel."),
     "speedtest": ("coderstack.cli.speedtest", "Measure throughput to a workspace over its tunnel."),
+    "logs": ("coderstack.cli.agentlogs", "Print the logs of a workspace's startup and other scripts (--follow)."),
     "ssh": ("coderstack.cli.ssh", "SSH into a workspace (or --stdio for OpenSSH's ProxyCommand)."),
     "config-ssh": ("coderstack.cli.config_ssh", "Add an SSH Host entry for your workspaces (ssh coder.WS)."),
 }

@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.python import usage
 from zope.interface import implementer
 
-from coderstack.cli import tunnel
+from coderstack.cli import agentwait, tunnel
 from coderstack.cli.command import Command
 from coderstack.cli.dialing import Connect
 
@@ -37,6 +37,8 @@ class Options(Command):
         ["forward-agent", "A", "Forward the local SSH agent [env CODER_SSH_FORWARD_AGENT]."],
     ]
     optParameters = [
+        ["wait", None, None, "Wait for startup scripts: yes, no or auto (only scripts that block "
+         "login) [env CODER_SSH_WAIT, default auto]."],
         ["ssh-host-prefix", None, None, "Strip this prefix from the host name [env CODER_SSH_SSH_HOST_PREFIX]."],
         ["hostname-suffix", None, None, "Strip .SUFFIX from the host name [env CODER_SSH_HOSTNAME_SUFFIX]."],
     ]
@@ -44,6 +46,10 @@ class Options(Command):
     def parseArgs(self, workspace: str, *command: str) -> None:  # noqa: N802
         self["workspace"] = workspace
         self["command"] = list(command)
+
+    def postOptions(self) -> None:  # noqa: N802
+        if self["wait"] is not None:
+            agentwait.wait_mode(self["wait"], {})
 
 
 def workspace_name(host: str, prefix: str | None, suffix: str | None) -> str:
@@ -172,6 +178,7 @@ async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -
     suffix = options["hostname-suffix"] or env.get("CODER_SSH_HOSTNAME_SUFFIX")
     name = workspace_name(options["workspace"], prefix, suffix)
     stdio_mode = options["stdio"] or env.get("CODER_SSH_STDIO", "").lower() in ("1", "true", "yes")
+    await agentwait.wait_for_agent(reactor, ctx, name, agentwait.wait_mode(options["wait"], env))
     if stdio_mode:
         conn = await connect(reactor, ctx, name)
         try:

@@ -15,6 +15,7 @@ from typing import Any
 
 from twisted.python import usage
 
+from coderstack.cli import agentshow
 from coderstack.cli.command import Command
 from coderstack.cli.context import Context
 from coderstack.cli.output import OutputOption, ago, table
@@ -129,6 +130,8 @@ def _rows(workspaces: list[dict[str, Any]], show_owner: bool) -> list[list[str]]
                 name,
                 agent.get("name", "-"),
                 agent.get("status", "-"),
+                agent.get("lifecycle_state", "-") if agent else "-",
+                agentshow.healthy(agent) if agent else "-",
                 "now" if agent.get("status") == "connected" else ago(agent.get("last_seen_at")),
             ])
     return rows
@@ -142,7 +145,8 @@ async def list_(reactor: Any, opts: ListOptions, ctx: Context) -> int:
     if not got["workspaces"]:
         ctx.err("No workspaces yet. Create one with: coderstack create <name>")
         return 0
-    ctx.out(table(["WORKSPACE", "AGENT", "STATUS", "LAST SEEN"], _rows(got["workspaces"], opts["all"])))
+    ctx.out(table(["WORKSPACE", "AGENT", "STATUS", "LIFECYCLE", "HEALTHY", "LAST SEEN"],
+                  _rows(got["workspaces"], opts["all"])))
     return 0
 
 
@@ -164,6 +168,10 @@ async def show(reactor: Any, opts: ShowOptions, ctx: Context) -> int:
         ctx.out(f"    id          {agent['id']}")
         ctx.out(f"    address     {agent['ip']}")
         ctx.out(f"    access URL  {agent['access_url']}")
+        for line in await agentshow.agent_lines(ctx, agent["id"]):
+            ctx.out(line)
+    for line in await agentshow.resource_lines(ctx, ws["id"]):
+        ctx.out(line)
     return 0
 
 

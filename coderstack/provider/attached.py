@@ -23,6 +23,8 @@ from tf.iface import (
 from tf.schema import Attribute, Schema
 from tf.utils import Diagnostics
 
+from coderstack.cron import CronError, parse
+
 if TYPE_CHECKING:
     from coderstack.provider.provider import CoderProvider
 
@@ -110,8 +112,14 @@ class ScriptResource(_Attached):
     def validate(self, diags: Diagnostics, type_name: str, config: Config) -> None:
         super().validate(diags, type_name, config)
         cron = config.get("cron")
-        if isinstance(cron, str) and not (cron.startswith("@") or 5 <= len(cron.split()) <= 6):
-            diags.add_error(f"{cron} is not a valid cron expression", path=["cron"])
+        if isinstance(cron, str) and cron:
+            try:
+                parse(cron)
+            except CronError as err:
+                name = config.get("display_name")
+                which = f"coder_script {name!r}" if isinstance(name, str) else "coder_script"
+                diags.add_error(f"{which}: {cron!r} is not a valid cron expression", str(err),
+                                path=["cron"])
         timeout = config.get("timeout")
         if isinstance(timeout, int | float) and timeout < 1:
             diags.add_error("timeout must be at least 1", path=["timeout"])

@@ -19,6 +19,7 @@ from coderstack.provider.agent import AgentResource
 from coderstack.provider.app import AppResource
 from coderstack.provider.attached import EnvResource, ScriptResource
 from coderstack.provider.host import ProvisionerDataSource
+from coderstack.provider.metadata import AgentInstanceResource, MetadataResource
 from coderstack.provider.parameter import ParameterDataSource
 from coderstack.provider.workspace import WorkspaceDataSource, WorkspaceOwnerDataSource
 
@@ -79,4 +80,11 @@ class CoderProvider(Provider):
         ]
 
     def get_resources(self) -> list[type[Resource]]:
-        return [AgentResource, AppResource, ScriptResource, EnvResource]
+        return [
+            AgentResource,
+            AppResource,
+            ScriptResource,
+            EnvResource,
+            MetadataResource,
+            AgentInstanceResource,
+        ]

@@ -25,6 +25,8 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 from coderstack import __version__
 from coderstack.derp.mapstream import derp_map_stream_resource
 from coderstack.server import auth, templatepush
+from coderstack.server.agentevents import AgentEvents
+from coderstack.server.agentstore import AgentStateStore
 from coderstack.server.hashpool import PoolBusy
 from coderstack.server.loginlimit import Refused
 from coderstack.server.provisioner import TemplateError
@@ -143,6 +145,9 @@ class API:
         self.d = deployment
         #: Runs template builds (None: terraform is not available, templates are disabled).
         self.builder = builder
+        #: What builds tell agents and what agents report (agentstate.py, agentviews.py).
+        self.agent_state = AgentStateStore(deployment.store)
+        self.agent_events = AgentEvents()
 
     # -- authentication ----------------------------------------------------------------------
 
@@ -467,6 +472,9 @@ class API:
             "ip": str(self.d.agent_address(agent.id)),
             # The URL the agent was told to use (its template's provider url), if built.
             "access_url": agent.access_url or self.d.agent_access_url(agent.id),
+            "lifecycle_state": agent.lifecycle_state,
+            "started_at": iso(agent.started_at),
+            "ready_at": iso(agent.ready_at),
         }
 
     # -- templates and workspace builds (see builds.py) --------------------------------------
@@ -628,15 +636,13 @@ class API:
             "owner_name": ws.owner_name,
             "workspace_id": str(ws.id),
             "workspace_name": ws.name,
-            "directory": agent.directory,
-            "environment_variables": {},
             "access_url": self.d.access_url,
             # The URL this agent was given (its template's provider url; see builds.py).
             "agent_url": agent.access_url or self.d.agent_access_url(agent.id),
             "derp_map": self.d.derp_map_json(),
             "derp_force_websockets": self.d.derp_force_websockets,
             "disable_direct_connections": self.d.block_direct,
-            "apps": [],
+            **await agentstate.manifest_fields(self, agent),
         })
 
     @app.route("/api/v2/workspaceagents/me/coordinate", methods=["GET"])
@@ -659,7 +665,8 @@ class API:
     @app.route("/api/v2/workspaceagents/<string:agent_id>", methods=["GET"])
     async def get_agent(self, request: IRequest, agent_id: str) -> bytes:
         _user, agent, _ws = await self._my_agent(request, agent_id)
-        return write_json(request, self.agent_json(agent))
+        return write_json(request, {**self.agent_json(agent),
+                                    **await agentviews.agent_fields(self, agent)})
 
     @app.route("/api/v2/workspaceagents/<string:agent_id>/connection", methods=["GET"])
     async def connection(self, request: IRequest, agent_id: str) -> bytes:
@@ -726,3 +733,10 @@ def parse_uuid(value: str, what: str) -> uuid.UUID:
         return uuid.UUID(value)
     except ValueError:
         raise APIError(400, f"Invalid {what}.", f"{value!r} is not a UUID") from None
+
+
+# The lifecycle routes live in their own modules and join this app (they import from here).
+from coderstack.server import agentstate, agentviews  # noqa: E402
+
+agentstate.register(API.app)
+agentviews.register(API.app)

@@ -38,6 +38,7 @@ import coderstack
 from coderstack.provider.bootstrap import agent_script_env
 from coderstack.provider.launcher import write_provider_executable
 from coderstack.server import auth
+from coderstack.server.agentspec import agent_spec, resource_metadata_json
 from coderstack.server.provisioner import (
     BuildError,
     BuildResult,
@@ -258,10 +259,14 @@ class Builder:
                 arch=a.arch,
                 directory=a.dir or "",
                 access_url=url,
+                spec=agent_spec(a),
             )
             for a in result.agents
         ]
-        await self._revoke(await self.store.sync_agents(ws.id, records))
+        await self._revoke(await self.store.sync_agents(
+            ws.id, records, fresh_start=build.transition == "start",
+            resource_items=resource_metadata_json(result.resource_metadata),
+        ))
 
     async def _revoke(self, agent_ids: list[uuid.UUID]) -> None:
         for agent_id in agent_ids:

@@ -189,6 +189,35 @@ class BuildResult:
     #: override, else the access URL), as ``data.coder_workspace.*.access_url`` saw it; None
     #: when the template reads no ``coder_workspace``.
     agent_url: str | None = None
+    #: ``coder_metadata`` resources, in state order.
+    resource_metadata: tuple[ResourceMetadata, ...] = ()
+
+
+@dataclass(frozen=True)
+class MetadataEntry:
+    """One ``item`` of a ``coder_metadata``."""
+
+    key: str
+    value: str | None
+    sensitive: bool = False
+
+    @property
+    def is_null(self) -> bool:
+        return self.value is None
+
+
+@dataclass(frozen=True)
+class ResourceMetadata:
+    """A ``coder_metadata`` resource: items about the resource whose ``id`` it names."""
+
+    #: The described resource's address ("type.name", index appended), or its id when the
+    #: state holds no resource with that id.
+    resource: str
+    resource_type: str
+    items: tuple[MetadataEntry, ...] = ()
+    hide: bool = False
+    icon: str | None = None
+    daily_cost: int = 0
 
 
 class BuildError(Exception):
@@ -512,6 +541,42 @@ def read_agent_url(state: Mapping[str, Any]) -> str | None:
     return None
 
 
+def read_resource_metadata(state: Mapping[str, Any]) -> tuple[ResourceMetadata, ...]:
+    """``coder_metadata`` resources of a state document, each naming the resource it describes
+    by that resource's address (found by ``id``)."""
+    by_id: dict[str, tuple[str, str]] = {}
+    for res in state.get("resources", []):
+        if res.get("mode") != "managed" or res.get("type") == "coder_metadata":
+            continue
+        prefix = f"{res.get('module')}." if res.get("module") else ""
+        for inst in res.get("instances", []):
+            rid = (inst.get("attributes") or {}).get("id")
+            key = inst.get("index_key")
+            index = "" if key is None else f"[{json.dumps(key)}]"
+            if isinstance(rid, str):
+                by_id.setdefault(rid, (f"{prefix}{res['type']}.{res['name']}{index}", res["type"]))
+    out = []
+    for _res, a in _instances(state, "coder_metadata"):
+        rid = a.get("resource_id") or ""
+        address, rtype = by_id.get(rid, (rid, ""))
+        out.append(
+            ResourceMetadata(
+                resource=address,
+                resource_type=rtype,
+                items=tuple(
+                    MetadataEntry(
+                        key=i["key"], value=i.get("value"), sensitive=bool(i.get("sensitive"))
+                    )
+                    for i in a.get("item") or []
+                ),
+                hide=bool(a.get("hide")),
+                icon=a.get("icon"),
+                daily_cost=_int(a.get("daily_cost"), 0),
+            )
+        )
+    return tuple(out)
+
+
 def read_resources(state: Mapping[str, Any]) -> tuple[str, ...]:
     out = []
     for res in state.get("resources", []):
@@ -690,6 +755,7 @@ class TerraformRunner:
             state_path=state_path,
             parameters=read_parameters(state),
             agent_url=read_agent_url(state),
+            resource_metadata=read_resource_metadata(state),
         )
 
     def validate(

@@ -169,8 +169,86 @@ def _v2(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+# -- step 3: what builds tell agents, and what agents report back (see agentstore.py) -------
+
+_agent_fk = sa.ForeignKey("workspace_agents.id", ondelete="CASCADE")
+
+agent_states = sa.Table(
+    "workspace_agent_states",
+    metadata,
+    sa.Column("agent_id", sa.Uuid, _agent_fk, primary_key=True),
+    # JSON: the agent's part of the manifest from its last build (agentspec.py)
+    sa.Column("spec", sa.Text, nullable=False, default="{}"),
+    sa.Column("lifecycle_state", sa.String(32), nullable=False, default="created"),
+    sa.Column("lifecycle_changed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("ready_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("logs_length", sa.BigInteger, nullable=False, default=0),
+    sa.Column("logs_overflowed", sa.Boolean, nullable=False, default=False),
+)
+
+agent_log_sources = sa.Table(
+    "workspace_agent_log_sources",
+    metadata,
+    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("display_name", sa.String(256), nullable=False),
+    sa.Column("icon", sa.String(2048), nullable=False, default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+agent_logs = sa.Table(
+    "workspace_agent_logs",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("source_id", sa.Uuid, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("output", sa.Text, nullable=False),
+    sa.Column("level", sa.String(8), nullable=False),
+)
+
+agent_metadata = sa.Table(
+    "workspace_agent_metadata",
+    metadata,
+    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False, default=""),
+    sa.Column("error", sa.Text, nullable=False, default=""),
+    sa.Column("collected_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+app_healths = sa.Table(
+    "workspace_app_healths",
+    metadata,
+    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("app_id", sa.Uuid, primary_key=True),
+    sa.Column("health", sa.String(16), nullable=False),
+)
+
+resource_metadata = sa.Table(
+    "workspace_resource_metadata",
+    metadata,
+    sa.Column("workspace_id", sa.Uuid, sa.ForeignKey("workspaces.id", ondelete="CASCADE"),
+              primary_key=True),
+    # JSON: the coder_metadata of the last build (agentspec.resource_metadata_json)
+    sa.Column("entries", sa.Text, nullable=False, default="[]"),
+)
+
+
+def _v3(conn: sa.Connection) -> None:
+    for table in (agent_states, agent_log_sources, agent_logs, agent_metadata, app_healths,
+                  resource_metadata):
+        table.create(conn, checkfirst=True)
+
+
 # (version, step). Append new steps; never edit an applied one.
-MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _v1), (2, _v2)]
+MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
 
 
 class StoreError(Exception):
@@ -231,6 +309,10 @@ class Agent:
     disconnected_at: datetime | None
     #: The URL the agent was given by its template's build (None: created without a template).
     access_url: str | None = None
+    #: Coder's lifecycle state as the agent last reported it, and when it started / got ready.
+    lifecycle_state: str = "created"
+    started_at: datetime | None = None
+    ready_at: datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -308,6 +390,8 @@ class AgentRecord:
     arch: str
     directory: str
     access_url: str
+    #: The agent's part of the manifest (agentspec.py); None leaves what is stored.
+    spec: dict[str, Any] | None = None
 
 
 @dataclass(frozen=True)
@@ -348,6 +432,9 @@ def _agent(row: Any) -> Agent:
         last_connected_at=_aware(row.last_connected_at),
         disconnected_at=_aware(row.disconnected_at),
         access_url=getattr(row, "access_url", None),
+        lifecycle_state=getattr(row, "lifecycle_state", None) or "created",
+        started_at=_aware(getattr(row, "started_at", None)),
+        ready_at=_aware(getattr(row, "ready_at", None)),
     )
 
 
@@ -366,8 +453,13 @@ def _build(row: Any) -> Build:
 
 
 def _agent_select() -> sa.Select:
-    return sa.select(agents, agent_urls.c.access_url).outerjoin(
-        agent_urls, agent_urls.c.agent_id == agents.c.id
+    return (
+        sa.select(
+            agents, agent_urls.c.access_url, agent_states.c.lifecycle_state,
+            agent_states.c.started_at, agent_states.c.ready_at,
+        )
+        .outerjoin(agent_urls, agent_urls.c.agent_id == agents.c.id)
+        .outerjoin(agent_states, agent_states.c.agent_id == agents.c.id)
     )
 
 
@@ -860,10 +952,19 @@ class Store:
         return self._tx(work)
 
     def sync_agents(
-        self, workspace_id: uuid.UUID, found: list[AgentRecord]
+        self,
+        workspace_id: uuid.UUID,
+        found: list[AgentRecord],
+        *,
+        fresh_start: bool = False,
+        resource_items: list[dict[str, Any]] | None = None,
     ) -> Deferred[list[uuid.UUID]]:
         """Make the workspace's agents exactly ``found`` (a build's state); returns the ids of
-        agents removed or whose token changed (their live connections must go)."""
+        agents removed or whose token changed (their live connections must go).
+
+        Each record's ``spec`` is stored with it; ``fresh_start`` (a start build) also resets
+        what its agent reported (lifecycle, logs, metadata, app health), since the agent starts
+        again.  ``resource_items`` replaces the workspace's ``coder_metadata``."""
 
         def work(conn: sa.Connection) -> list[uuid.UUID]:
             current = {
@@ -896,6 +997,16 @@ class Store:
                     conn.execute(agents.update().where(agents.c.id == a.id).values(**values))
                 conn.execute(agent_urls.delete().where(agent_urls.c.agent_id == a.id))
                 conn.execute(agent_urls.insert().values(agent_id=a.id, access_url=a.access_url))
+                if a.spec is not None:
+                    from coderstack.server.agentstore import store_spec
+
+                    store_spec(conn, a.id, a.spec, fresh_start)
+            if resource_items is not None:
+                conn.execute(
+                    resource_metadata.delete().where(resource_metadata.c.workspace_id == workspace_id)
+                )
+                conn.execute(resource_metadata.insert().values(
+                    workspace_id=workspace_id, entries=json.dumps(resource_items)))
             return changed
 
         return self._tx(work)

@@ -194,7 +194,7 @@ class WorkspaceTests(CLITestCase):
         code, out, err = await self.cli("list")
         self.assertEqual(code, 0, err)
         lines = out.splitlines()
-        self.assertEqual(lines[0].split(), ["WORKSPACE", "AGENT", "STATUS", "LAST", "SEEN"])
+        self.assertEqual(lines[0].split(), ["WORKSPACE", "AGENT", "STATUS", "LIFECYCLE", "HEALTHY", "LAST", "SEEN"])
         self.assertEqual(sorted(line.split()[0] for line in lines[1:]), ["ws1", "ws2"])
 
     async def test_duplicate_name_and_bad_name(self) -> None:

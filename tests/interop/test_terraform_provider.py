@@ -348,6 +348,8 @@ class SchemaThroughTerraformTests(unittest.TestCase):
         check(data["coder_parameter"]["block"], ref.PARAMETER)
         check(res["coder_script"]["block"], ref.SCRIPT)
         check(res["coder_env"]["block"], ref.ENV)
+        check(res["coder_metadata"]["block"], ref.METADATA)
+        check(res["coder_agent_instance"]["block"], ref.AGENT_INSTANCE)
         for kind, blocks in ((res["coder_agent"], ref.AGENT_BLOCKS), (res["coder_app"], ref.APP_BLOCKS)):
             got = {
                 name: (b["nesting_mode"], b.get("max_items"), set(b["block"].get("attributes", {})))

@@ -135,3 +135,18 @@ ENV = {
     "value": ("string", "O"),
     "merge_strategy": ("string", "OC*"),
 }
+
+METADATA = {
+    "id": ("string", "OC"),
+    "resource_id": ("string", "R"),
+    "hide": ("bool", "O"),
+    "icon": ("string", "O"),
+    "daily_cost": ("number", "O"),
+}
+METADATA_BLOCKS = {"item": ("list", None, {"key", "value", "sensitive", "is_null"})}
+
+AGENT_INSTANCE = {
+    "id": ("string", "OC"),
+    "agent_id": ("string", "R"),
+    "instance_id": ("string", "R"),
+}

@@ -14,6 +14,7 @@ from coderstack.provider.agent import AgentResource, render_init_script
 from coderstack.provider.app import AppResource
 from coderstack.provider.attached import EnvResource, ScriptResource
 from coderstack.provider.host import ProvisionerDataSource, go_arch, go_os
+from coderstack.provider.metadata import AgentInstanceResource, MetadataResource
 from coderstack.provider.provider import DEFAULT_URL, CoderProvider
 from coderstack.provider.workspace import (
     WorkspaceDataSource,
@@ -288,6 +289,21 @@ class AttachedTests(unittest.TestCase):
             diags, "coder_script", {"cron": "every day", "timeout": 0})
         self.assertEqual(len(errors(diags)), 2)
 
+    def test_script_cron_is_parsed_as_coder_does(self):
+        def cron_errors(cron):
+            diags = Diagnostics()
+            ScriptResource(configured("http://h")).validate(
+                diags, "coder_script", {"cron": cron, "display_name": "Backup"})
+            return errors(diags)
+
+        for good in ("0 */5 * * * *", "0 0 3 * * mon-fri", "@hourly", "@every 90s"):
+            self.assertEqual(cron_errors(good), [], good)
+        # Six fields that the old field-count check let through, and a bad descriptor.
+        for bad in ("61 * * * * *", "0 0 25 * * *", "* * * * * funday", "@fortnightly"):
+            got = cron_errors(bad)
+            self.assertEqual(len(got), 1, bad)
+            self.assertIn("coder_script 'Backup'", got[0])
+
     def test_env(self):
         state, errs = self.create(EnvResource, agent_id="a", name="EDITOR", value="vi")
         self.assertEqual((errs, state["merge_strategy"]), ([], "replace"))
@@ -295,3 +311,36 @@ class AttachedTests(unittest.TestCase):
         EnvResource(configured("http://h")).validate(
             diags, "coder_env", {"name": "1BAD", "merge_strategy": "mix"})
         self.assertEqual(len(errors(diags)), 2)
+
+
+class MetadataTests(unittest.TestCase):
+    def validate(self, klass, config):
+        diags = Diagnostics()
+        klass(configured("http://h")).validate(diags, "coder_x", config)
+        return errors(diags)
+
+    def test_metadata_create_keeps_items(self):
+        items = [{"key": "a", "value": "b", "sensitive": None, "is_null": None}]
+        ctx = CreateContext(Diagnostics(), "coder_metadata")
+        plan = {"id": Unknown, "resource_id": "r", "hide": None, "icon": None, "daily_cost": 3,
+                "item": items}
+        state = MetadataResource(configured("http://h")).create(ctx, plan)
+        uuid.UUID(state["id"])
+        self.assertEqual((state["item"], state["resource_id"], errors(ctx.diagnostics)),
+                         (items, "r", []))
+
+    def test_metadata_validate(self):
+        ok = {"resource_id": "r", "item": [{"key": "a"}, {"key": "b"}], "daily_cost": 0}
+        self.assertEqual(self.validate(MetadataResource, ok), [])
+        self.assertEqual(len(self.validate(MetadataResource, dict(ok, item=[]))), 1)
+        dup = dict(ok, item=[{"key": "a"}, {"key": "a"}])
+        self.assertIn("duplicate metadata key 'a'", self.validate(MetadataResource, dup))
+        for cost in (-1, 1.5):
+            self.assertEqual(len(self.validate(MetadataResource, dict(ok, daily_cost=cost))), 1)
+
+    def test_agent_instance(self):
+        ctx = CreateContext(Diagnostics(), "coder_agent_instance")
+        state = AgentInstanceResource(configured("http://h")).create(
+            ctx, {"id": Unknown, "agent_id": "a", "instance_id": "i-1"})
+        self.assertEqual((state["agent_id"], state["instance_id"]), ("a", "i-1"))
+        uuid.UUID(state["id"])

@@ -52,7 +52,8 @@ class SchemaTests(unittest.TestCase):
         self.assertEqual(self.provider.full_name(), "registry.terraform.io/coder/coder")
 
     def test_names(self):
-        self.assertEqual(set(self.resources), {"coder_agent", "coder_app", "coder_script", "coder_env"})
+        self.assertEqual(set(self.resources), {"coder_agent", "coder_app", "coder_script", "coder_env",
+                                                  "coder_metadata", "coder_agent_instance"})
         self.assertEqual(set(self.data), {"coder_workspace", "coder_workspace_owner", "coder_provisioner",
                           "coder_parameter"})
 
@@ -102,3 +103,10 @@ class SchemaTests(unittest.TestCase):
 
     def test_env(self):
         self.assertAttributes(self.resources["coder_env"].get_schema(), ref.ENV)
+
+    def test_metadata(self):
+        got = self.assertAttributes(self.resources["coder_metadata"].get_schema(), ref.METADATA)
+        self.assertEqual(got["blocks"], ref.METADATA_BLOCKS)
+
+    def test_agent_instance(self):
+        self.assertAttributes(self.resources["coder_agent_instance"].get_schema(), ref.AGENT_INSTANCE)

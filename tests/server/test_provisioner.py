@@ -23,6 +23,7 @@ from coderstack.server.provisioner import (
     read_agent_url,
     read_agents,
     read_parameters,
+    read_resource_metadata,
     read_resources,
     terraform_env,
 )
@@ -128,6 +129,52 @@ class StateTests(unittest.TestCase):
         # Ordered by address: path0 (replace), path1 (append), pre (prepend).
         self.assertEqual(agent.env["PATH"], "/first:/usr/bin:/opt/a")
         self.assertEqual(agent.env["A"], "1")  # the agent's own env wins
+
+    def test_resource_metadata_names_the_described_resource(self):
+        doc = state_doc()
+        doc["resources"][3]["instances"][0]["attributes"]["id"] = "box-id"
+        doc["resources"].append({"mode": "managed", "type": "coder_metadata", "name": "m",
+                                 "instances": [{"attributes": {
+                                     "id": "m1", "resource_id": "box-id", "daily_cost": 2,
+                                     "hide": None, "icon": "/i.svg", "item": [
+                                         {"key": "a", "value": "b", "sensitive": None},
+                                         {"key": "n", "value": None, "sensitive": None},
+                                         {"key": "s", "value": "x", "sensitive": True}]}}]})
+        (meta,) = read_resource_metadata(doc)
+        self.assertEqual((meta.resource, meta.resource_type, meta.daily_cost, meta.hide),
+                         ("terraform_data.p[0]", "terraform_data", 2, False))
+        self.assertEqual([(i.key, i.value, i.sensitive, i.is_null) for i in meta.items],
+                         [("a", "b", False, False), ("n", None, False, True), ("s", "x", True, False)])
+
+    def test_agent_spec_in_coders_script_order(self):
+        from coderstack.server.agentspec import agent_spec, script_source_id
+
+        doc = state_doc()
+        doc["resources"][1]["instances"][0]["attributes"].update(
+            id="6c487d0d-0167-48c2-b93b-1cd6da3baeda", shutdown_script="echo bye", dir="/p")
+        doc["resources"][2]["instances"][0]["attributes"]["agent_id"] = (
+            "6c487d0d-0167-48c2-b93b-1cd6da3baeda")
+        doc["resources"].append({"mode": "managed", "type": "coder_script", "name": "s",
+                                 "instances": [{"attributes": {
+                                     "id": "s1", "agent_id": "6c487d0d-0167-48c2-b93b-1cd6da3baeda",
+                                     "display_name": "Backup", "script": "b", "cron": "@hourly"}}]})
+        (agent,) = read_agents(doc)
+        spec = agent_spec(agent)
+        names = [(s["display_name"], s["run_on_start"], s["run_on_stop"], s["start_blocks_login"])
+                 for s in spec["scripts"]]
+        self.assertEqual(names, [("Startup Script", True, False, True),
+                                 ("Shutdown Script", False, True, False),
+                                 ("Backup", False, False, False)])
+        self.assertEqual(spec["scripts"][0]["log_source_id"],
+                         script_source_id(agent.id, "Startup Script"))
+        self.assertEqual([s["id"] for s in spec["log_sources"]],
+                         [s["log_source_id"] for s in spec["scripts"]])
+        self.assertEqual(spec["scripts"][2]["cron"], "@hourly")
+        self.assertEqual((spec["directory"], spec["environment_variables"]), ("/p", {"A": "1"}))
+        self.assertEqual(spec["apps"][0]["healthcheck"],
+                         {"url": "http://localhost:1/h", "interval": 2, "threshold": 3})
+        self.assertEqual(spec["metadata"][0]["display_name"], "k")
+        self.assertNotIn("s3cr3t", repr(spec))
 
     def test_env_error_strategy(self):
         doc = state_doc()
