@@ -22,7 +22,8 @@ from coderstack import envopts
 from coderstack.server.api import API
 from coderstack.server.deployment import Deployment
 from coderstack.server.derpsetup import build_derp_map, start_relay, start_stun
-from coderstack.server.relaypolicy import CoordinatorRelayPolicy
+from coderstack.server.limits import UserLimits
+from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission
 from coderstack.server.store import Store, database_url
 
 log = Logger()
@@ -86,13 +87,17 @@ class ServerService(service.MultiService):
             derp_map,
             derp_force_websockets=cfg["derp-force-websockets"],
             block_direct=cfg["block-direct-connections"],
+            limits=user_limits(cfg),
         )
         # Workspace builds from Terraform templates (None when terraform is missing).
         from coderstack.server.builds import make_builder
 
         self.builder = builder = await make_builder(self.reactor, self.store, self.deployment, cfg)
         api = API(self.deployment, builder=builder)
-        relay, resources = start_relay(cfg, self.reactor, CoordinatorRelayPolicy(api, self.deployment.coordinator))
+        self.deployment.relay_admission = admission = RelayAdmission(self.deployment.live, self.deployment.limits)
+        relay, resources = start_relay(
+            cfg, self.reactor, CoordinatorRelayPolicy(api, self.deployment.coordinator), admission
+        )
         self.deployment.attach_relay(relay, resources, stun)
         site = QuietSite(api.app.resource())
 
@@ -176,6 +181,17 @@ def tls_server_endpoint(reactor: Any, host: str, port: int, cert_file: str, key_
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
     return endpoints.SSL4ServerEndpoint(reactor, port, options, interface=host)
+
+
+def user_limits(cfg: dict[str, Any]) -> UserLimits:
+    """The per-user limits from the server options (defaults where a caller left them out)."""
+    base = UserLimits()
+    return UserLimits(
+        coordinator_peers=int(cfg.get("coordinator-peers-per-user") or base.coordinator_peers),
+        coordinator_lost_peers=int(cfg.get("coordinator-lost-peers-per-user") or base.coordinator_lost_peers),
+        derp_connections=int(cfg.get("derp-connections-per-user") or base.derp_connections),
+        owner_multiplier=int(cfg.get("owner-limit-multiplier") or base.owner_multiplier),
+    )
 
 
 def makeService(config: dict[str, Any], reactor: Any = None) -> ServerService:
