@@ -85,15 +85,16 @@ class LiveSession:
             self.released = True
             self._registry._remove(self)
 
-    def _revoke(self, reason: str) -> None:
+    def _revoke(self, reason: str) -> bool:
         if self.revoked_because is not None or self.released:
-            return
+            return False
         self.revoked_because = reason
         if self.handler is not None:
             try:
                 self.handler.revoked(reason)
             except Exception:
                 log.failure("closing a revoked connection failed")
+        return True
 
 
 class LiveSessions:
@@ -163,16 +164,18 @@ class LiveSessions:
         return keys
 
     def _revoke(self, key: Hashable, reason: str) -> int:
-        sessions = list(self._index.get(key, ()))
-        for session in sessions:
-            self.counters["revoked"] += 1
-            session._revoke(reason)
-        return len(sessions)
+        """Revoke every session filed under ``key``; how many were newly revoked."""
+        n = 0
+        for session in list(self._index.get(key, ())):
+            if session._revoke(reason):
+                n += 1
+        self.counters["revoked"] += n
+        return n
 
     def _expire(self, session: LiveSession) -> None:
         session._expiry = None
-        self.counters["expired"] += 1
-        session._revoke(REASON_EXPIRED)
+        if session._revoke(REASON_EXPIRED):
+            self.counters["expired"] += 1
 
     def _remove(self, session: LiveSession) -> None:
         if session._expiry is not None and session._expiry.active():

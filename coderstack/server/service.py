@@ -28,6 +28,9 @@ from coderstack.server.store import Store, database_url
 
 log = Logger()
 
+#: How long shutdown waits for websockets and DERP connections to finish closing.
+SHUTDOWN_GRACE = 0.5
+
 
 class QuietSite(Site):
     """A Site whose access log never includes query strings (they may carry tokens)."""
@@ -150,6 +153,9 @@ class ServerService(service.MultiService):
                 # Tell DERP clients we are going away and when to come back.
                 self.deployment.relay.announce_restart(reconnect_in=1.0, try_for=60.0)
             self.deployment.coordinator.close()
+            # Close every other long-lived connection as "going away" and give the close
+            # handshakes a moment to finish, so clients see 1001 rather than a dropped socket.
+            await self.deployment.live.shutdown(grace=SHUTDOWN_GRACE)
         if self.store is not None:
             self.store.stop()
 
