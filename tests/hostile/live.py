@@ -90,6 +90,14 @@ class RawPeer:
         self.derps: list[tuple[DERPClient, Inbox]] = []
 
     async def open(self) -> None:
+        """Coordinator and both DERP connections, logged in, and the agent's node known."""
+        await self.open_coordinator()
+        self.start_derp(await self.region())
+        await wait_for(lambda: all(i.up for _, i in self.derps), "both DERP logins")
+        await wait_for(lambda: self.agent_key() is not None, "the agent's node")
+
+    async def open_coordinator(self, node: dict[str, Any] | None = None) -> None:
+        """The coordinator websocket, our node (``node`` or one with our key) and the tunnel."""
         self.coord = await open_coordination(
             self.api, f"/api/v2/workspaceagents/{self.agent_id}/coordinate", self.updates.append,
             {"peer_id": str(self.peer_id)})
@@ -98,12 +106,18 @@ class RawPeer:
             if self.coord.proto is not None and not self.coord.closed.called:
                 self.coord.proto.sendClose()
 
+        self.testcase.addCleanup(lambda: self.coord.closed)
         self.testcase.addCleanup(close)
         self.coord.proto.send_request(CoordinateRequest.from_json({
-            "update_self": {"node": node_json(self.peer_id, self.public_key)},
+            "update_self": {"node": node or node_json(self.peer_id, self.public_key)},
             "add_tunnel": {"id": self.agent_id}}))
+
+    async def region(self) -> Any:
         info = await self.api.connection_info(self.agent_id)
-        region = DERPMap.from_json(info["derp_map"]).regions[999]
+        return DERPMap.from_json(info["derp_map"]).regions[999]
+
+    def start_derp(self, region: Any) -> None:
+        """One DERP client over Upgrade: DERP and one over a websocket, with our node key."""
         for websocket in (False, True):
             inbox = Inbox()
             dc = DERPClient(reactor, region, self.private_key, inbox, token=self.api.token,
@@ -111,8 +125,6 @@ class RawPeer:
             dc.start()
             self.testcase.addCleanup(dc.stop)
             self.derps.append((dc, inbox))
-        await wait_for(lambda: all(i.up for _, i in self.derps), "both DERP logins")
-        await wait_for(lambda: self.agent_key() is not None, "the agent's node")
 
     def agent_key(self) -> bytes | None:
         for response in self.updates:
