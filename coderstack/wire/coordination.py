@@ -642,7 +642,8 @@ def split_response(response: CoordinateResponse, max_bytes: int) -> list[Coordin
     if len(response.to_text()) <= max_bytes or len(response.peer_updates) < 2:
         return [response]
     empty = len(_dumps({"peer_updates": []}))
-    error_len = len(_dumps({"peer_updates": [], "error": response.error})) - empty
+    # What the error adds to the first part (nothing when there is none: it is left out).
+    error_len = len(CoordinateResponse((), response.error).to_text()) - empty
     parts: list[CoordinateResponse] = []
     run: list[PeerUpdate] = []
     size = empty + error_len
