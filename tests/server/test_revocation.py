@@ -260,6 +260,16 @@ class RevocationTests(Base):
         await wait_for(lambda: not inbox.up and not inbox_ws.up, "the agent's DERP connections to close")
         self.assertFalse(user_coord.closed.called)
 
+    async def test_deleting_the_workspace_closes_the_agents_connections(self) -> None:
+        coord = await self.agent_coordinate()
+        dc, inbox = self.derp(self.agent_token)
+        await wait_for(lambda: inbox.up, "the agent's DERP login")
+        await self.bob.delete(f"/api/v2/workspaces/{self.ws_id}")
+        code, why = await coord.closed
+        self.assertEqual((code, why), (CLOSE_KICKED, "agent token revoked"))
+        await wait_for(lambda: not inbox.up, "the agent's DERP connection to close")
+        self.assertIsNone(self.svc.deployment.coordinator.status(self.agent_id))
+
     async def test_a_session_closes_at_its_expiry(self) -> None:
         token, key_id, hashed = auth.new_session_token()
         user = (await self.svc.deployment.store.user_by_login("bob"))[0]
