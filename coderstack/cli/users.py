@@ -1,9 +1,10 @@
-"""``coderstack users create|list``."""
+"""``coderstack users create|list|suspend|activate|delete``."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
+from urllib.parse import quote
 
 from twisted.python import usage
 
@@ -31,17 +32,46 @@ class ListOptions(OutputOption, Command):
     synopsis = "coderstack users list [--output table|json]"
 
 
+class _NamedUser(Command):
+    """A verb on one user, named by username."""
+
+    verb = ""
+
+    def parseArgs(self, name: str | None = None) -> None:  # noqa: N802
+        if not name:
+            raise usage.UsageError(f"missing USERNAME: coderstack users {self.verb} USERNAME")
+        self["name"] = name
+
+
+class SuspendOptions(_NamedUser):
+    synopsis = "coderstack users suspend USERNAME"
+    verb = "suspend"
+
+
+class ActivateOptions(_NamedUser):
+    synopsis = "coderstack users activate USERNAME"
+    verb = "activate"
+
+
+class DeleteOptions(_NamedUser):
+    synopsis = "coderstack users delete USERNAME"
+    verb = "delete"
+
+
 class UsersOptions(CommandGroup):
     aliases = {"ls": "list"}
-    synopsis = "coderstack users <create|list>"
+    synopsis = "coderstack users <create|list|suspend|activate|delete>"
     subCommands = [
         ["create", None, CreateOptions, "Create a user (owners only)."],
         ["list", None, ListOptions, "List users (owners only) (alias: ls)."],
+        ["suspend", None, SuspendOptions, "Suspend a user: no login, its sessions end (owners only)."],
+        ["activate", None, ActivateOptions, "Activate a suspended user (owners only)."],
+        ["delete", None, DeleteOptions, "Delete a user without workspaces (owners only)."],
     ]
 
     def postOptions(self) -> None:
         if self.subCommand is None:
-            raise usage.UsageError("missing subcommand: create or list")
+            raise usage.UsageError("missing subcommand: create, list, suspend, activate or delete")
 
 
 async def run(reactor: Any, opts: UsersOptions, ctx: Context) -> int:
@@ -53,13 +83,23 @@ async def run(reactor: Any, opts: UsersOptions, ctx: Context) -> int:
         })
         ctx.out(f"User {user['username']!r} created ({user['email']}).")
         return 0
+    if opts.subCommand in ("suspend", "activate"):
+        name = sub["name"]
+        user = await ctx.api.request("PUT", f"/api/v2/users/{quote(name, safe='')}/status/{opts.subCommand}")
+        ctx.out(f"User {user['username']!r} is now {user['status']}.")
+        return 0
+    if opts.subCommand == "delete":
+        got = await ctx.api.delete(f"/api/v2/users/{quote(sub['name'], safe='')}")
+        ctx.out(got["message"])
+        return 0
     got = await ctx.api.get("/api/v2/users")
     if sub["output"] == "json":
         ctx.out(json.dumps(got["users"], indent=2))
         return 0
-    rows = [[u["username"], u["email"], ",".join(r["name"] for r in u["roles"]) or "member", u["created_at"][:19]]
+    rows = [[u["username"], u["email"], ",".join(r["name"] for r in u["roles"]) or "member",
+             u.get("status", "active"), u["created_at"][:19]]
             for u in got["users"]]
-    ctx.out(table(["USERNAME", "EMAIL", "ROLES", "CREATED"], rows))
+    ctx.out(table(["USERNAME", "EMAIL", "ROLES", "STATUS", "CREATED"], rows))
     return 0
 
 

@@ -60,9 +60,18 @@ Every call of a connection's ``close()`` is preceded by setting its ``close_reas
 adapter can pick a websocket close code. After ``close()`` or ``lost()`` the connection's methods
 are no-ops, so the adapter may call ``lost()`` from its close handler unconditionally.
 
+Limits (per user, for client peers; an agent has exactly one peer id): a ``connect`` may carry
+:class:`PeerLimits`. A client whose user already has ``connected`` connected client peers is
+refused with :class:`PeerLimitExceeded` (counted as "peer_limit_refused");
+:meth:`Coordinator.limit_problem` answers the same question for the HTTP layer before it
+upgrades. When a client peer is LOST and its user then holds more than ``lost`` LOST peers, the
+ones lost longest ago are forgotten at once (tunnel peers get DISCONNECTED "lost limit"; counted
+as "lost_evicted"), so dropped connections cannot pile up for the 15-minute grace period.
+
 Outgoing events are batched: one :class:`CoordinateResponse` per recipient per event, and a
 fan-out sends the same response object to every recipient, so its cached ``to_text()`` encodes
-once. Calls to ``send``/``close`` happen after the coordinator's state is updated and may re-enter
+once. A response whose text is longer than ``max_message_bytes`` is sent as several, in order
+(``split_response``), so any number of tunnel peers reaches a reconnecting peer. Calls to ``send``/``close`` happen after the coordinator's state is updated and may re-enter
 it safely.
 """
 
@@ -79,6 +88,7 @@ from twisted.logger import Logger
 
 from coderstack.wire.coordination import (
     CODER_SERVICE_PREFIX,
+    MAX_RESPONSE_MESSAGE_BYTES,
     TAILSCALE_SERVICE_PREFIX,
     CoordinateRequest,
     CoordinateResponse,
@@ -88,6 +98,7 @@ from coderstack.wire.coordination import (
     PeerUpdateKind,
     parse_request,
     prefix_from_uuid,
+    split_response,
 )
 
 __all__ = [
@@ -96,6 +107,8 @@ __all__ = [
     "Coordinator",
     "PeerConnection",
     "PeerIdConflict",
+    "PeerLimitExceeded",
+    "PeerLimits",
     "DEFAULT_LOST_TIMEOUT",
     "DEFAULT_MAX_REFUSALS",
 ]
@@ -114,6 +127,7 @@ REASON_LOST_TIMEOUT = "lost timeout"
 REASON_READY = "ready for handshake"
 REASON_REPLACED = "replaced"
 REASON_REFUSED = "too many refused requests"
+REASON_LOST_LIMIT = "lost limit"
 # Why the coordinator called a connection's close() (PeerConnection.close_reason), besides
 # REASON_GRACEFUL, REASON_REFUSED and REASON_REPLACED.
 CLOSE_OVERWRITTEN = "overwritten"
@@ -130,6 +144,19 @@ READY = PeerUpdateKind.READY_FOR_HANDSHAKE
 
 class PeerIdConflict(ValueError):
     """``connect`` was given a peer id that its auth may not use."""
+
+
+class PeerLimitExceeded(Exception):
+    """``connect`` would give a user more connected client peers than its limit; the message
+    names the limit."""
+
+
+@dataclass(frozen=True)
+class PeerLimits:
+    """Per-user caps on client peers: connected at once, and LOST ones kept."""
+
+    connected: int
+    lost: int
 
 
 @dataclass(frozen=True)
@@ -151,9 +178,10 @@ Auth = AgentAuth | ClientAuth
 
 
 class _Peer:
-    __slots__ = ("id", "name", "auth", "conn", "status", "node", "last_seen", "forget_call")
+    __slots__ = ("id", "name", "auth", "conn", "status", "node", "last_seen", "forget_call", "limits")
 
     def __init__(self, peer_id: UUID, name: str, auth: Auth, now: float) -> None:
+        self.limits: PeerLimits | None = None
         self.id = peer_id
         self.name = name
         self.auth = auth
@@ -241,8 +269,12 @@ class Coordinator:
         lost_timeout: float = DEFAULT_LOST_TIMEOUT,
         max_refusals: int = DEFAULT_MAX_REFUSALS,
         refusal_window: float = DEFAULT_REFUSAL_WINDOW,
+        max_message_bytes: int = MAX_RESPONSE_MESSAGE_BYTES,
     ) -> None:
         self._clock = clock
+        self.max_message_bytes = max_message_bytes
+        # user id -> its client peers (connected and LOST), for the per-user limits
+        self._by_user: dict[UUID, dict[UUID, None]] = {}
         self.lost_timeout = lost_timeout
         self.max_refusals = max_refusals
         self.refusal_window = refusal_window
@@ -264,6 +296,8 @@ class Coordinator:
             "lost": 0,
             "forgotten": 0,
             "stale_requests": 0,
+            "peer_limit_refused": 0,
+            "lost_evicted": 0,
         }
 
     # --- connections ----------------------------------------------------------------------------
@@ -275,12 +309,14 @@ class Coordinator:
         auth: Auth,
         send: Callable[[CoordinateResponse], None],
         close: Callable[[], None],
+        limits: PeerLimits | None = None,
     ) -> PeerConnection:
         """Register a new connection for ``peer_id``.
 
         Raises :class:`PeerIdConflict` (a ``ValueError``) for an auth that does not fit the id: an
         agent's peer id must be its agent id; a client's must not be an agent's id or the target
-        of a tunnel. Raises ``RuntimeError`` after :meth:`close`.
+        of a tunnel. Raises :class:`PeerLimitExceeded` when ``limits`` would be exceeded, and
+        ``RuntimeError`` after :meth:`close`.
         """
         if self._closed:
             raise RuntimeError("the coordinator is closed")
@@ -289,6 +325,10 @@ class Coordinator:
         problem = self.check_peer_id(peer_id, auth)
         if problem is not None:
             raise PeerIdConflict(problem)
+        problem = self.limit_problem(peer_id, auth, limits)
+        if problem is not None:
+            self.counters["peer_limit_refused"] += 1
+            raise PeerLimitExceeded(problem)
 
         now = self._clock.seconds()
         conn = PeerConnection(self, peer_id, name, auth, send, close)
@@ -307,6 +347,8 @@ class Coordinator:
         if peer is None:
             peer = _Peer(peer_id, name, auth, now)
             self._peers[peer_id] = peer
+            if isinstance(auth, ClientAuth):
+                self._by_user.setdefault(auth.user_id, {})[peer_id] = None
             existed = was_lost = False
         else:
             existed = True
@@ -320,6 +362,7 @@ class Coordinator:
             peer.status = CONNECTED
             peer.last_seen = now
         peer.conn = conn
+        peer.limits = limits
 
         # The newcomer learns the nodes of everyone it has tunnels with.
         reason = REASON_RESUME if existed else REASON_ADD_TUNNEL
@@ -352,6 +395,22 @@ class Coordinator:
             or (held is not None and isinstance(held.auth, AgentAuth))
         ):
             return f"peer id {peer_id} belongs to an agent"
+        return None
+
+    def limit_problem(self, peer_id: UUID, auth: Auth, limits: PeerLimits | None) -> str | None:
+        """Why ``connect`` would refuse this client for its user's peer limit, or None."""
+        if limits is None or not isinstance(auth, ClientAuth):
+            return None
+        connected = sum(
+            1
+            for other_id in self._by_user.get(auth.user_id, ())
+            if other_id != peer_id and self._peers[other_id].status == CONNECTED
+        )
+        if connected >= limits.connected:
+            return (
+                f"too many coordinator peers for this user: {connected} connected, "
+                f"the limit is {limits.connected}"
+            )
         return None
 
     def close(self) -> None:
@@ -625,7 +684,25 @@ class Coordinator:
         self._fan_out(peer, PeerUpdate(peer.id, LOST_KIND, REASON_LOST, peer.node))
         if not self._closed:
             peer.forget_call = self._clock.callLater(self.lost_timeout, self._forget, peer)
+            self._evict_lost(peer)
         self._flush()
+
+    def _evict_lost(self, peer: _Peer) -> None:
+        """Keep at most ``limits.lost`` LOST client peers of this peer's user: forget the oldest."""
+        if peer.limits is None or not isinstance(peer.auth, ClientAuth):
+            return
+        lost = [
+            p
+            for p in (self._peers[i] for i in self._by_user.get(peer.auth.user_id, ()))
+            if p.status == LOST
+        ]
+        excess = len(lost) - peer.limits.lost
+        if excess <= 0:
+            return
+        lost.sort(key=lambda p: p.last_seen)
+        for old in lost[:excess]:
+            self.counters["lost_evicted"] += 1
+            self._remove_peer(old, DISCONNECTED, REASON_LOST_LIMIT)
 
     def _disconnect(self, conn: PeerConnection) -> None:
         peer = self._current(conn)
@@ -651,6 +728,12 @@ class Coordinator:
             del self._by_key[peer.node.key]
         self._cancel_forget(peer)
         del self._peers[peer.id]
+        if isinstance(peer.auth, ClientAuth):
+            mine = self._by_user.get(peer.auth.user_id)
+            if mine is not None:
+                mine.pop(peer.id, None)
+                if not mine:
+                    del self._by_user[peer.auth.user_id]
         if peer.conn is not None:
             self._retire(peer.conn, reason)
             peer.conn = None
@@ -721,7 +804,8 @@ class Coordinator:
                     if response is None:
                         conn._close()
                     else:
-                        conn._send(response)
+                        for part in split_response(response, self.max_message_bytes):
+                            conn._send(part)
                 except Exception:
                     self._log.failure(
                         "coordinator: delivering to {peer_id} failed", peer_id=conn.peer_id

@@ -4,7 +4,8 @@ Wire format: see ``coderstack/wire/coordination.py`` (one JSON object per text m
 The HTTP route has already authenticated and authorized the peer before the upgrade; this
 protocol only moves messages between the socket and ``Coordinator``:
 
-- open                 -> ``coordinator.connect(peer_id, ...)``
+- open                 -> ``coordinator.connect(peer_id, ...)``; a peer over its user's limit
+                          (``PeerLimitExceeded``) is closed with 4029 and the limit as reason
 - text message         -> ``connection.handle_text``: the core parses it; a malformed message
                           gets ``{"error": ...}`` back and is counted; too many close the socket
 - close after a ``disconnect`` request, or after being replaced by a newer connection with the
@@ -24,8 +25,15 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from twisted.logger import Logger
 
-from coderstack.coordinator.core import CLOSE_SHUTDOWN, REASON_GRACEFUL, REASON_REFUSED
+from coderstack.coordinator.core import (
+    CLOSE_SHUTDOWN,
+    REASON_GRACEFUL,
+    REASON_REFUSED,
+    PeerLimitExceeded,
+    PeerLimits,
+)
 from coderstack.wire.coordination import CoordinateResponse
+from coderstack.wsclose import close_going_away
 
 PING_INTERVAL = 5.0
 PING_TIMEOUT = 5.0
@@ -33,6 +41,7 @@ MAX_MESSAGE = 256 * 1024
 CLOSE_REPLACED = 4000
 CLOSE_KICKED = 4001
 CLOSE_ABUSE = 4002
+CLOSE_LIMIT = 4029
 
 
 class CoordinateProtocol(WebSocketServerProtocol):
@@ -43,7 +52,13 @@ class CoordinateProtocol(WebSocketServerProtocol):
         f = self.factory
         self._graceful = False
         self._replaced = False
-        self.connection = f.coordinator.connect(f.peer_id, f.name, f.auth, self._send, self._closed_by_coordinator)
+        try:
+            self.connection = f.coordinator.connect(
+                f.peer_id, f.name, f.auth, self._send, self._closed_by_coordinator, limits=f.limits
+            )
+        except PeerLimitExceeded as err:
+            self.sendClose(code=CLOSE_LIMIT, reason=str(err)[:120])
+            return
         f.opened(self)
 
     def _send(self, response: CoordinateResponse) -> None:
@@ -62,7 +77,7 @@ class CoordinateProtocol(WebSocketServerProtocol):
         # peer itself is not gone, so nothing is recorded for it here.
         self._replaced = True
         if reason == CLOSE_SHUTDOWN:
-            self.sendClose(code=1000, reason="server shutting down")
+            close_going_away(self)
         else:
             self.sendClose(code=CLOSE_REPLACED, reason="replaced by a newer connection")
 
@@ -73,6 +88,13 @@ class CoordinateProtocol(WebSocketServerProtocol):
         if not self._graceful and not self._replaced:
             self._graceful = True
             self.connection.disconnect()
+
+    # The server's registry of live connections (a revoked token, a shutdown).
+    def revoked(self, reason: str) -> None:
+        self.kick(reason)
+
+    def going_away(self) -> None:
+        close_going_away(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self._replaced or self._graceful:
@@ -107,9 +129,11 @@ class CoordinateFactory(WebSocketServerFactory):
         auth: Any,
         on_open: Callable[[CoordinateProtocol], None] | None = None,
         on_close: Callable[[CoordinateProtocol, bool], None] | None = None,
+        limits: PeerLimits | None = None,
     ) -> None:
         super().__init__()
         self.coordinator = coordinator
+        self.limits = limits
         self.peer_id, self.name, self.auth = peer_id, name, auth
         self._on_open, self._on_close = on_open, on_close
         self.setProtocolOptions(

@@ -3,7 +3,9 @@
 Messages (text frames, server to client only): the map as Tailscale JSON (``DERPMap.dumps()``),
 once on connect and again every time it changes. The server pings every ``ping_interval``
 seconds and drops connections that do not answer. Anything the client sends is ignored.
-The caller authenticates the request before returning this resource.
+The caller authenticates the request before returning this resource, and may ``track`` each
+connection: the protocol then closes with 4001 and the reason when ``revoked(reason)``, and with
+1001 "going away" on ``going_away()``.
 """
 
 from __future__ import annotations
@@ -15,6 +17,9 @@ from autobahn.twisted.resource import WebSocketResource
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 
 from coderstack.derpmap import DERPMap
+from coderstack.wsclose import close_going_away
+
+CLOSE_REVOKED = 4001
 
 Unsubscribe = Callable[[], None]
 Subscribe = Callable[[Callable[[DERPMap], None]], Unsubscribe]
@@ -52,10 +57,19 @@ class _MapStreamProtocol(WebSocketServerProtocol):
     subscribe: Subscribe
     _unsubscribe: Unsubscribe | None = None
     _last: str | None = None
+    _untrack: Callable[[], None] | None = None
 
     def onOpen(self) -> None:
         self._send(self.factory.get_map())
         self._unsubscribe = self.factory.subscribe(self._send)
+        if self.factory.track is not None:
+            self._untrack = self.factory.track(self)
+
+    def revoked(self, reason: str) -> None:
+        self.sendClose(CLOSE_REVOKED, reason[:100])
+
+    def going_away(self) -> None:
+        close_going_away(self)
 
     def _send(self, m: DERPMap) -> None:
         text = m.dumps()
@@ -67,15 +81,20 @@ class _MapStreamProtocol(WebSocketServerProtocol):
         if self._unsubscribe is not None:
             self._unsubscribe()
             self._unsubscribe = None
+        if self._untrack is not None:
+            self._untrack()
+            self._untrack = None
 
 
 def derp_map_stream_resource(
-    get_map: Callable[[], DERPMap], subscribe: Subscribe, *, ping_interval: float = 30.0
+    get_map: Callable[[], DERPMap], subscribe: Subscribe, *, ping_interval: float = 30.0,
+    track: Callable[[Any], Callable[[], None]] | None = None,
 ) -> WebSocketResource:
     """A resource for ``/api/v2/derp-map`` (mount with Klein ``branch=False``)."""
     factory = WebSocketServerFactory()
     factory.protocol = _MapStreamProtocol
     factory.get_map = get_map
     factory.subscribe = subscribe
+    factory.track = track
     factory.setProtocolOptions(autoPingInterval=ping_interval, autoPingTimeout=2 * ping_interval)
     return WebSocketResource(factory)

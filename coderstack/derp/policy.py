@@ -33,6 +33,19 @@ class IRelayPolicy(Interface):
         """
 
 
+class IRelayAdmission(Interface):
+    """Optional, beside the policy: who may open one more connection, and a handle on it."""
+
+    def admit(principal: Any) -> Any:
+        """A ticket for one more connection of ``principal``, or a ``str`` saying why not.
+
+        Called after ``authenticate``, before the 101; a refusal is answered 429 with the text as
+        detail. A ticket has ``bind(handler)`` (called with the connection once it exists; the
+        handler has ``revoked(reason)`` and ``going_away()``) and ``release()`` (called once
+        when the connection ends, or if the upgrade never happens).
+        """
+
+
 @implementer(IRelayPolicy)
 class AllowAllPolicy:
     """Any non-empty token, any destination. For tests and benchmarks only."""

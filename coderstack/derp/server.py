@@ -9,9 +9,14 @@ Routes (mounted by the server's Klein app; see :func:`make_derp_resources`)::
     GET /derp  (no upgrade)        -> 426 {"message","detail"}
     upgrade without a valid token  -> 401 {"message","detail"}   (header Coder-Session-Token,
                                       or the coder_session_token cookie)
+    upgrade over the principal's connection limit (IRelayAdmission) -> 429 {"message","detail"}
     GET|HEAD /derp/probe, /derp/latency-check, /latency-check -> empty 200,
                                       Access-Control-Allow-Origin: *
     GET /generate_204              -> 204; X-Tailscale-Challenge: c -> X-Tailscale-Response: response c
+
+An admitted connection's ticket is bound to its protocol: ``revoked(reason)`` (the token was
+revoked) closes it at once; ``going_away()`` (shutdown) closes a websocket with 1001 and an
+Upgrade: DERP stream after its queued frames (the relay's Restarting frame) are written.
 
 A replica of the same server dialing for the DERP mesh sends ``Derp-Mesh: 1`` instead of a
 token; such a connection is closed at login unless its ClientInfo carries the mesh key.
@@ -39,10 +44,11 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from coderstack.derp.policy import TOKEN_HEADER, IRelayPolicy
+from coderstack.derp.policy import TOKEN_HEADER, IRelayAdmission, IRelayPolicy
 from coderstack.derp.relay import Relay, ServerConn
 from coderstack.derp.tcpopts import no_delay
 from coderstack.wire import derp as w
+from coderstack.wsclose import close_going_away
 
 _log = Logger()
 
@@ -121,7 +127,7 @@ def _take_over(request: Request, protocol: Protocol) -> tuple[Any, bytes]:
     return transport, buffered
 
 
-_REASONS = {426: b"Upgrade Required"}  # twisted.web has no phrase for 426
+_REASONS = {426: b"Upgrade Required", 429: b"Too Many Requests"}  # twisted.web has no phrase for 426
 
 
 def _json_error(request: Request, code: int, message: str, detail: str = "") -> bytes:
@@ -142,10 +148,11 @@ def _token(request: Request) -> str:
 class DERPStreamProtocol(Protocol):
     """Moves bytes between an upgraded connection and its :class:`ServerConn`."""
 
-    def __init__(self, relay: Relay, principal: Any, require_mesh: bool) -> None:
+    def __init__(self, relay: Relay, principal: Any, require_mesh: bool, ticket: Any = None) -> None:
         self.relay = relay
         self.principal = principal
         self.require_mesh = require_mesh
+        self.ticket = ticket
         self.conn: ServerConn | None = None
 
     def connectionMade(self) -> None:
@@ -154,6 +161,18 @@ class DERPStreamProtocol(Protocol):
         self.conn = self.relay.accept(self, self.principal, addr, require_mesh=self.require_mesh)
         no_delay(self.transport)
         self.transport.registerProducer(self, True)
+        if self.ticket is not None:
+            self.ticket.bind(self)
+
+    # The ticket's handler: the token was revoked, or the server is shutting down.
+    def revoked(self, reason: str) -> None:
+        if self.conn is not None:
+            self.conn.close(reason)
+
+    def going_away(self) -> None:
+        if self.conn is not None:
+            self.conn.flush()
+            self.conn.close("server going away")
 
     def start(self, buffered: bytes) -> None:
         assert self.conn is not None
@@ -168,6 +187,8 @@ class DERPStreamProtocol(Protocol):
     def connectionLost(self, reason: Failure = None) -> None:
         if self.conn is not None:
             self.conn.connection_lost()
+        if self.ticket is not None:
+            self.ticket.release()
 
     # ConnSink
     def write_frames(self, frames: list[bytes]) -> None:
@@ -219,6 +240,7 @@ class DERPWebSocketProtocol(WebSocketServerProtocol):
     principal: Any = None
     require_mesh = False
     conn: ServerConn | None = None
+    ticket: Any = None
 
     def onConnect(self, request: Any) -> str:
         if "derp" not in request.protocols:
@@ -232,6 +254,17 @@ class DERPWebSocketProtocol(WebSocketServerProtocol):
         no_delay(self.transport)
         self.transport.registerProducer(_WSProducer(self), True)
         self.conn.start()
+        if self.ticket is not None:
+            self.ticket.bind(self)
+
+    def revoked(self, reason: str) -> None:
+        if self.conn is not None:
+            self.conn.close(reason)
+
+    def going_away(self) -> None:
+        if self.conn is not None:
+            self.conn.flush()
+        close_going_away(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
         if self.conn is None:
@@ -244,6 +277,8 @@ class DERPWebSocketProtocol(WebSocketServerProtocol):
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
         if self.conn is not None:
             self.conn.connection_lost()
+        if self.ticket is not None:
+            self.ticket.release()
 
     # ConnSink
     def write_frames(self, frames: list[bytes]) -> None:
@@ -296,10 +331,14 @@ class Generate204Resource(Resource):
 class DERPResource(Resource):
     """``/derp``: the upgrade endpoint; children ``probe`` and ``latency-check``."""
 
-    def __init__(self, relay: Relay, policy: IRelayPolicy, *, max_ws_message: int = 8 << 20) -> None:
+    def __init__(
+        self, relay: Relay, policy: IRelayPolicy, *, max_ws_message: int = 8 << 20,
+        admission: IRelayAdmission | None = None,
+    ) -> None:
         super().__init__()
         self.relay = relay
         self.policy = policy
+        self.admission = admission
         probe = ProbeResource()
         self.putChild(b"probe", probe)
         self.putChild(b"latency-check", probe)
@@ -341,7 +380,19 @@ class DERPResource(Resource):
                 request.write(_unauthorized(request))
                 request.finish()
                 return
-            self._upgrade(request, upgrade, principal, require_mesh=False)
+            ticket = None
+            if self.admission is not None:
+                ticket = self.admission.admit(principal)
+                if isinstance(ticket, str):
+                    request.write(_json_error(request, 429, "Too many DERP connections.", ticket))
+                    request.finish()
+                    return
+            try:
+                self._upgrade(request, upgrade, principal, require_mesh=False, ticket=ticket)
+            except BaseException:
+                if ticket is not None:
+                    ticket.release()
+                raise
 
         def failed(f: Failure) -> None:
             _log.failure("DERP token check failed", f)
@@ -352,9 +403,11 @@ class DERPResource(Resource):
         d.addCallback(authed).addErrback(failed)
         return NOT_DONE_YET
 
-    def _upgrade(self, request: Request, upgrade: bytes, principal: Any, require_mesh: bool) -> None:
+    def _upgrade(
+        self, request: Request, upgrade: bytes, principal: Any, require_mesh: bool, ticket: Any = None
+    ) -> None:
         if upgrade == b"derp":
-            proto = DERPStreamProtocol(self.relay, principal, require_mesh)
+            proto = DERPStreamProtocol(self.relay, principal, require_mesh, ticket)
             transport = request.channel.transport
             transport.write(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
@@ -368,6 +421,7 @@ class DERPResource(Resource):
         ws.relay = self.relay
         ws.principal = principal
         ws.require_mesh = require_mesh
+        ws.ticket = ticket
         _, buffered = _take_over(request, ws)
         # Replay the handshake request into Autobahn, as its own WebSocketResource does.
         data = request.method + b" " + request.uri + b" HTTP/1.1\r\n"
@@ -385,7 +439,9 @@ def _unauthorized(request: Request) -> bytes:
     )
 
 
-def make_derp_resources(relay: Relay, policy: IRelayPolicy) -> dict[str, IResource]:
+def make_derp_resources(
+    relay: Relay, policy: IRelayPolicy, admission: IRelayAdmission | None = None
+) -> dict[str, IResource]:
     """The resources to mount, by absolute path.
 
     ``/derp`` has its own children (``probe``, ``latency-check``); in Klein mount it with
@@ -393,7 +449,7 @@ def make_derp_resources(relay: Relay, policy: IRelayPolicy) -> dict[str, IResour
     """
     probe = ProbeResource()
     return {
-        "/derp": DERPResource(relay, policy),
+        "/derp": DERPResource(relay, policy, admission=admission),
         "/latency-check": probe,
         "/generate_204": Generate204Resource(),
     }

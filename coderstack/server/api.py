@@ -24,10 +24,11 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coderstack import __version__
 from coderstack.derp.mapstream import derp_map_stream_resource
-from coderstack.server import auth, templatepush
+from coderstack.server import auth, livesessions, templatepush
 from coderstack.server.agentevents import AgentEvents
 from coderstack.server.agentstore import AgentStateStore
 from coderstack.server.hashpool import PoolBusy
+from coderstack.server.livesessions import Credential
 from coderstack.server.loginlimit import Refused
 from coderstack.server.provisioner import TemplateError
 from coderstack.server.store import Agent, Build, Conflict, User, Workspace, now
@@ -152,6 +153,12 @@ class API:
     # -- authentication ----------------------------------------------------------------------
 
     async def user_for_token(self, token: str | None) -> User | None:
+        found = await self.session_for_token(token)
+        return None if found is None else found[0]
+
+    async def session_for_token(self, token: str | None) -> tuple[User, Credential] | None:
+        """The (active) user a session token belongs to, and the credential its connections are
+        filed under in the live-session registry."""
         if not token:
             return None
         parts = auth.split_session_token(token)
@@ -162,9 +169,18 @@ class API:
         if found is None:
             return None
         hashed, expires_at, user = found
-        if not auth.secret_matches(secret, hashed) or expires_at < now():
+        if not auth.secret_matches(secret, hashed) or expires_at < now() or user.is_suspended:
             return None
-        return user
+        return user, Credential(livesessions.token_hash(token), user_id=user.id,
+                                expires_at=expires_at.timestamp())
+
+    async def credential_for_token(self, token: str | None) -> Credential | None:
+        """The credential of a valid agent or session token, or None."""
+        found = await self.agent_for_token(token)
+        if found is not None and token:
+            return Credential(livesessions.token_hash(token), agent_id=found[0].id)
+        session = await self.session_for_token(token)
+        return None if session is None else session[1]
 
     async def agent_for_token(self, token: str | None) -> tuple[Agent, Workspace] | None:
         if not token or not auth.looks_like_agent_token(token):
@@ -294,6 +310,9 @@ class API:
         if not found or not ok:
             attempt.done(False)
             raise APIError(401, "Incorrect email or password.")
+        if found[0].is_suspended:
+            attempt.abandon()  # the right password: not a guess to count
+            raise APIError(401, "Your account is suspended.", "ask an owner to activate it")
         attempt.done(True)
         token = await self.issue_session(found[0])
         return write_json(request, {"session_token": token}, 201)
@@ -321,6 +340,7 @@ class API:
         parts = auth.split_session_token(session_token_of(request) or "")
         if parts:
             await self.d.store.delete_api_key(parts[0])
+            self.d.live.revoke_token(livesessions.token_hash(session_token_of(request) or ""))
         return write_json(request, {"message": "Logged out."})
 
     @app.route("/api/v2/users/me", methods=["GET"])
@@ -347,6 +367,44 @@ class API:
         except Conflict as err:
             raise APIError(409, "User already exists.", str(err)) from None
         return write_json(request, user.to_json(), 201)
+
+    async def _other_user(self, request: IRequest, who: str) -> tuple[User, User]:
+        """(the owner asking, the user named by username or id); never the owner itself."""
+        me = await self.require_owner(request)
+        users = await self.d.store.list_users()
+        target = next((u for u in users if who in (u.username, str(u.id))), None)
+        if target is None:
+            raise APIError(404, f"User {who!r} not found.")
+        if target.id == me.id:
+            raise APIError(400, "You cannot do this to yourself.", "ask another owner")
+        return me, target
+
+    @app.route("/api/v2/users/<string:who>/status/suspend", methods=["PUT"])
+    async def suspend_user(self, request: IRequest, who: str) -> bytes:
+        _me, target = await self._other_user(request, who)
+        user = await self.d.store.set_user_suspended(target.id, True)
+        if user is None:
+            raise APIError(404, f"User {who!r} not found.")
+        self.d.live.revoke_user(user.id, livesessions.REASON_USER_SUSPENDED)
+        return write_json(request, user.to_json())
+
+    @app.route("/api/v2/users/<string:who>/status/activate", methods=["PUT"])
+    async def activate_user(self, request: IRequest, who: str) -> bytes:
+        _me, target = await self._other_user(request, who)
+        user = await self.d.store.set_user_suspended(target.id, False)
+        if user is None:
+            raise APIError(404, f"User {who!r} not found.")
+        return write_json(request, user.to_json())
+
+    @app.route("/api/v2/users/<string:who>", methods=["DELETE"])
+    async def delete_user(self, request: IRequest, who: str) -> bytes:
+        _me, target = await self._other_user(request, who)
+        try:
+            await self.d.store.delete_user(target.id)
+        except Conflict as err:
+            raise APIError(409, f"User {target.username!r} cannot be deleted yet.", str(err)) from None
+        self.d.live.revoke_user(target.id, livesessions.REASON_USER_DELETED)
+        return write_json(request, {"message": f"User {target.username!r} deleted."})
 
     # -- workspaces --------------------------------------------------------------------------
 
@@ -648,7 +706,8 @@ class API:
     @app.route("/api/v2/workspaceagents/me/coordinate", methods=["GET"])
     async def agent_coordinate(self, request: IRequest) -> Any:
         agent, ws = await self.require_agent(request)
-        return self.d.coordinate_resource_for_agent(agent, ws)
+        credential = await self.credential_for_token(session_token_of(request))
+        return self.d.coordinate_resource_for_agent(agent, ws, credential)
 
     @app.route("/api/v2/workspaceagents/connection", methods=["GET"])
     async def connection_generic(self, request: IRequest) -> bytes:
@@ -681,7 +740,11 @@ class API:
         problem = await self.d.client_peer_id_problem(peer_id, user.id, agent.id)
         if problem:
             raise APIError(403, "You cannot coordinate with that peer id.", problem)
-        return self.d.coordinate_resource_for_client(peer_id, user, agent)
+        problem = self.d.coordinator_limit_problem(peer_id, user, agent)
+        if problem:
+            raise APIError(429, "Too many coordinator connections.", problem)
+        credential = await self.credential_for_token(session_token_of(request))
+        return self.d.coordinate_resource_for_client(peer_id, user, agent, credential)
 
     # -- deployment and debug ----------------------------------------------------------------
 
@@ -707,12 +770,13 @@ class API:
 
     @app.route("/api/v2/derp-map", methods=["GET"])
     async def derp_map_stream(self, request: IRequest) -> Any:
-        token = session_token_of(request)
-        if await self.agent_for_token(token) is None and await self.user_for_token(token) is None:
+        credential = await self.credential_for_token(session_token_of(request))
+        if credential is None:
             raise APIError(401, "You must be logged in to do this.", "send a session or agent token")
         if request.getHeader("upgrade") is None:
             return write_json(request, self.d.derp_map_json())
-        return derp_map_stream_resource(self.d.maps.get, self.d.maps.subscribe)
+        return derp_map_stream_resource(self.d.maps.get, self.d.maps.subscribe,
+                                        track=lambda proto: self.d.live.attach(credential, proto).release)
 
     @app.route("/metrics", methods=["GET"])
     async def metrics(self, request: IRequest) -> bytes:

@@ -28,6 +28,8 @@ from coderstack.derp.server import metrics_text
 from coderstack.derpmap import DERPMap
 from coderstack.server import auth
 from coderstack.server.hashpool import HashPool
+from coderstack.server.limits import UserLimits
+from coderstack.server.livesessions import REASON_AGENT_REVOKED, Credential, LiveSessions
 from coderstack.server.loginlimit import LoginLimiter
 from coderstack.server.store import Agent, Store, User, Workspace
 from coderstack.wire.coordination import address_from_uuid
@@ -44,6 +46,7 @@ class Deployment:
         derp_map: DERPMap,
         derp_force_websockets: bool = False,
         block_direct: bool = False,
+        limits: UserLimits | None = None,
     ) -> None:
         self.reactor = reactor
         self.store = store
@@ -52,6 +55,9 @@ class Deployment:
         self.derp_force_websockets = derp_force_websockets
         self.block_direct = block_direct
         self.coordinator = Coordinator(reactor)
+        self.limits = limits or UserLimits()
+        #: Every long-lived connection by the credential that opened it (see livesessions.py).
+        self.live = LiveSessions(reactor)
         self.dummy_password_hash = auth.hash_password(uuid.uuid4().hex)
         self.passwords = HashPool(reactor)
         self.logins = LoginLimiter(reactor)
@@ -60,6 +66,8 @@ class Deployment:
         # path -> resource served beside the API (the DERP relay's /derp, /latency-check, ...)
         self.mounts: dict[bytes, IResource] = {}
         self.relay: Any = None
+        #: The relay's per-user connection caps and live-session filing (RelayAdmission).
+        self.relay_admission: Any = None
         self.stun_port: Any = None
 
     # -- passwords: scrypt is deliberately slow, so it runs on a thread ------------------------
@@ -103,6 +111,17 @@ class Deployment:
             for name in ("answered", "errors_sent", "dropped_malformed", "rate_limited"):
                 lines.append(f"# TYPE coderstack_stun_{name}_total counter")
                 lines.append(f"coderstack_stun_{name}_total {getattr(c, name)}")
+        lines.append("# TYPE coderstack_live_sessions gauge")
+        lines.append(f"coderstack_live_sessions {len(self.live)}")
+        for name, value in sorted(self.live.counters.items()):
+            lines.append(f"# TYPE coderstack_live_sessions_{name}_total counter")
+            lines.append(f"coderstack_live_sessions_{name}_total {value}")
+        if self.relay_admission is not None:
+            lines.append("# TYPE coderstack_derp_connections_refused_total counter")
+            lines.append(
+                'coderstack_derp_connections_refused_total{reason="per_user_limit"} '
+                f"{self.relay_admission.caps.refused}"
+            )
         text = "\n".join(lines) + "\n"
         if self.relay is not None:
             text += metrics_text(self.relay)
@@ -138,21 +157,45 @@ class Deployment:
         return "disconnected", agent.disconnected_at or agent.last_connected_at
 
     def agent_removed(self, agent_id: uuid.UUID) -> None:
-        """The agent's token or workspace is gone: close its live coordination, if any."""
+        """The agent's token or workspace is gone: close every live connection it opened."""
+        self.live.revoke_agent(agent_id, REASON_AGENT_REVOKED)
         proto = self._agent_sockets.pop(agent_id, None)
         if proto is not None:
             proto.kick("agent token revoked")
 
     # -- coordination ------------------------------------------------------------------------
 
-    def coordinate_resource_for_agent(self, agent: Agent, ws: Workspace) -> IResource:
+    def _track(self, credential: Credential | None) -> tuple[Any, Any]:
+        """on_open/on_close hooks that file a coordination websocket under its credential."""
+        if credential is None:
+            return (lambda proto: None), (lambda proto, replaced: None)
+        sessions: dict[CoordinateProtocol, Any] = {}
+
         def opened(proto: CoordinateProtocol) -> None:
+            session = sessions[proto] = self.live.open(credential)
+            session.bind(proto)
+
+        def closed(proto: CoordinateProtocol, replaced: bool) -> None:
+            session = sessions.pop(proto, None)
+            if session is not None:
+                session.release()
+
+        return opened, closed
+
+    def coordinate_resource_for_agent(
+        self, agent: Agent, ws: Workspace, credential: Credential | None = None
+    ) -> IResource:
+        track_open, track_close = self._track(credential)
+
+        def opened(proto: CoordinateProtocol) -> None:
+            track_open(proto)
             self._agent_sockets[agent.id] = proto
             self.store.note_agent_connected(agent.id).addErrback(
                 lambda f: log.failure("noting agent connected", f)
             )
 
         def closed(proto: CoordinateProtocol, replaced: bool) -> None:
+            track_close(proto, replaced)
             if self._agent_sockets.get(agent.id) is proto:
                 del self._agent_sockets[agent.id]
             if not replaced:
@@ -186,12 +229,24 @@ class Deployment:
             return "that peer id belongs to an agent"
         return None
 
-    def coordinate_resource_for_client(self, peer_id: uuid.UUID, user: User, agent: Agent) -> IResource:
+    def coordinator_limit_problem(self, peer_id: uuid.UUID, user: User, agent: Agent) -> str | None:
+        """Why this client would be over its user's coordinator peer limit, or None."""
+        return self.coordinator.limit_problem(
+            peer_id, ClientAuth(agent_id=agent.id, user_id=user.id), self.limits.peer_limits(user.is_owner)
+        )
+
+    def coordinate_resource_for_client(
+        self, peer_id: uuid.UUID, user: User, agent: Agent, credential: Credential | None = None
+    ) -> IResource:
+        track_open, track_close = self._track(credential)
         factory = CoordinateFactory(
             self.coordinator,
             peer_id,
             f"{user.username}/client",
             ClientAuth(agent_id=agent.id, user_id=user.id),
+            on_open=track_open,
+            on_close=track_close,
+            limits=self.limits.peer_limits(user.is_owner),
         )
         return coordinate_resource(factory)
 

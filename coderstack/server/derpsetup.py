@@ -66,9 +66,11 @@ async def build_derp_map(cfg: dict[str, Any], reactor: Any, stun_ports: list[int
     )
 
 
-def start_relay(cfg: dict[str, Any], reactor: Any, policy: Any) -> tuple[Relay | None, dict[str, IResource]]:
+def start_relay(
+    cfg: dict[str, Any], reactor: Any, policy: Any, admission: Any = None
+) -> tuple[Relay | None, dict[str, IResource]]:
     if not cfg.get("derp-server-enable", True):
         return None, {}
     key = load_or_create_private_key(os.path.join(cfg["data-dir"], "derp.key"))
     relay = make_relay(key, policy, reactor)
-    return relay, make_derp_resources(relay, policy)
+    return relay, make_derp_resources(relay, policy, admission)

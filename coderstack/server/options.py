@@ -68,6 +68,14 @@ class ServerOptions(e.EnvOptions):
         ("stun-address", "CODER_STUN_ADDRESS", None, e.text,
          "UDP address(es) of the embedded STUN server, comma separated (default: ports 3478 and 3479 on the HTTP "
          "interface, so netcheck can tell a hard NAT); 'disable' turns it off."),
+        ("coordinator-peers-per-user", "CODERSTACK_COORDINATOR_PEERS_PER_USER", "100", e.positive_int,
+         "Coordinator client peers a member may have connected at once (owners: times the owner multiplier)."),
+        ("coordinator-lost-peers-per-user", "CODERSTACK_COORDINATOR_LOST_PEERS_PER_USER", "100", e.positive_int,
+         "LOST coordinator peers kept per member; beyond that the oldest are forgotten at once."),
+        ("derp-connections-per-user", "CODERSTACK_DERP_CONNECTIONS_PER_USER", "100", e.positive_int,
+         "DERP relay connections a member (or an agent) may hold open."),
+        ("owner-limit-multiplier", "CODERSTACK_OWNER_LIMIT_MULTIPLIER", "10", e.positive_int,
+         "Owners get this many times the per-user limits above."),
         ("agent-binary-dir", "CODER_AGENT_BINARY_DIR", None, e.text,
          "Directory holding the twistd that local agents are started with (default: this installation's)."),
     ]

@@ -8,25 +8,39 @@ token. A packet from node key S to node key D is relayed only when
 - the coordinator has a tunnel between S's peer and D's peer (in either direction).
 
 LOST peers keep their node, so tunnels survive a coordinator reconnect.
+
+:class:`RelayAdmission` caps the DERP connections each user (or agent) holds open, and files each
+connection in the live-session registry under its token, so revoking the token closes it.
 """
 
 from __future__ import annotations
 
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
 from coderstack.coordinator.core import ClientAuth
-from coderstack.derp.policy import IRelayPolicy
+from coderstack.derp.caps import ConnectionCaps
+from coderstack.derp.policy import IRelayAdmission, IRelayPolicy
+from coderstack.server.limits import UserLimits
+from coderstack.server.livesessions import (
+    Credential,
+    LiveConnection,
+    LiveSession,
+    LiveSessions,
+    token_hash,
+)
 
 
 @dataclass(frozen=True)
 class Principal:
     kind: str  # "user" | "agent"
     id: uuid.UUID
+    credential: Credential | None = field(default=None, compare=False)
+    is_owner: bool = field(default=False, compare=False)
 
 
 @implementer(IRelayPolicy)
@@ -41,11 +55,13 @@ class CoordinatorRelayPolicy:
     async def _authenticate(self, token: str) -> Principal | None:
         found = await self.api.agent_for_token(token)
         if found is not None:
-            return Principal("agent", found[0].id)
-        user = await self.api.user_for_token(token)
-        if user is not None:
-            return Principal("user", user.id)
-        return None
+            agent_id = found[0].id
+            return Principal("agent", agent_id, Credential(token_hash(token), agent_id=agent_id))
+        session = await self.api.session_for_token(token)
+        if session is None:
+            return None
+        user, credential = session
+        return Principal("user", user.id, credential, user.is_owner)
 
     def owns(self, principal: Principal, peer_id: uuid.UUID) -> bool:
         if principal.kind == "agent":
@@ -61,3 +77,43 @@ class CoordinatorRelayPolicy:
         if src is None or dst is None or src == dst:
             return False
         return self.owns(principal, src) and self.coordinator.tunnel_between(src, dst)
+
+
+class _Ticket:
+    """One admitted DERP connection: its live session, and its slot in the caps."""
+
+    def __init__(self, admission: RelayAdmission, key: Any, session: LiveSession | None) -> None:
+        self._admission = admission
+        self._key = key
+        self._session = session
+        self._released = False
+
+    def bind(self, handler: LiveConnection) -> None:
+        if self._session is not None:
+            self._session.bind(handler)
+
+    def release(self) -> None:
+        if self._released:
+            return
+        self._released = True
+        self._admission.caps.release(self._key)
+        if self._session is not None:
+            self._session.release()
+
+
+@implementer(IRelayAdmission)
+class RelayAdmission:
+    def __init__(self, live: LiveSessions, limits: UserLimits) -> None:
+        self.live = live
+        self.limits = limits
+        self.caps = ConnectionCaps()
+
+    def admit(self, principal: Any) -> _Ticket | str:
+        if not isinstance(principal, Principal):
+            return "unknown principal"
+        key = (principal.kind, principal.id)
+        refusal = self.caps.acquire(key, self.limits.derp_connections_for(principal.is_owner))
+        if refusal is not None:
+            return refusal
+        session = self.live.open(principal.credential) if principal.credential is not None else None
+        return _Ticket(self, key, session)

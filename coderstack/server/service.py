@@ -24,10 +24,14 @@ from coderstack.server.deployment import Deployment
 from coderstack.server.derpsetup import build_derp_map, start_relay, start_stun
 from coderstack.server.fdlimit import connection_budget, raise_open_files_limit
 from coderstack.server.httpguard import AdmissionFactory, GuardedSite
-from coderstack.server.relaypolicy import CoordinatorRelayPolicy
+from coderstack.server.limits import UserLimits
+from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission
 from coderstack.server.store import Store, database_url
 
 log = Logger()
+
+#: How long shutdown waits for websockets and DERP connections to finish closing.
+SHUTDOWN_GRACE = 0.5
 
 
 class QuietSite(GuardedSite):
@@ -92,13 +96,17 @@ class ServerService(service.MultiService):
             derp_map,
             derp_force_websockets=cfg["derp-force-websockets"],
             block_direct=cfg["block-direct-connections"],
+            limits=user_limits(cfg),
         )
         # Workspace builds from Terraform templates (None when terraform is missing).
         from coderstack.server.builds import make_builder
 
         self.builder = builder = await make_builder(self.reactor, self.store, self.deployment, cfg)
         api = API(self.deployment, builder=builder)
-        relay, resources = start_relay(cfg, self.reactor, CoordinatorRelayPolicy(api, self.deployment.coordinator))
+        self.deployment.relay_admission = admission = RelayAdmission(self.deployment.live, self.deployment.limits)
+        relay, resources = start_relay(
+            cfg, self.reactor, CoordinatorRelayPolicy(api, self.deployment.coordinator), admission
+        )
         self.deployment.attach_relay(relay, resources, stun)
         site = QuietSite(api.app.resource())
         # One budget for every listener: per source address, and in all below the fd limit.
@@ -164,6 +172,9 @@ class ServerService(service.MultiService):
                 # Tell DERP clients we are going away and when to come back.
                 self.deployment.relay.announce_restart(reconnect_in=1.0, try_for=60.0)
             self.deployment.coordinator.close()
+            # Close every other long-lived connection as "going away" and give the close
+            # handshakes a moment to finish, so clients see 1001 rather than a dropped socket.
+            await self.deployment.live.shutdown(grace=SHUTDOWN_GRACE)
         if self.store is not None:
             self.store.stop()
 
@@ -200,6 +211,17 @@ def tls_options(cert_file: str, key_file: str) -> Any:
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
     return options
+
+
+def user_limits(cfg: dict[str, Any]) -> UserLimits:
+    """The per-user limits from the server options (defaults where a caller left them out)."""
+    base = UserLimits()
+    return UserLimits(
+        coordinator_peers=int(cfg.get("coordinator-peers-per-user") or base.coordinator_peers),
+        coordinator_lost_peers=int(cfg.get("coordinator-lost-peers-per-user") or base.coordinator_lost_peers),
+        derp_connections=int(cfg.get("derp-connections-per-user") or base.derp_connections),
+        owner_multiplier=int(cfg.get("owner-limit-multiplier") or base.owner_multiplier),
+    )
 
 
 def makeService(config: dict[str, Any], reactor: Any = None) -> ServerService:

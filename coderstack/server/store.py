@@ -270,6 +270,10 @@ def _aware(value: datetime | None) -> datetime | None:
     return value
 
 
+#: A suspended user carries this marker among its roles (the users table keeps the status there).
+SUSPENDED = "suspended"
+
+
 @dataclass(frozen=True)
 class User:
     id: uuid.UUID
@@ -283,15 +287,19 @@ class User:
     def is_owner(self) -> bool:
         return "owner" in self.roles
 
+    @property
+    def is_suspended(self) -> bool:
+        return SUSPENDED in self.roles
+
     def to_json(self) -> dict[str, Any]:
         return {
             "id": str(self.id),
             "username": self.username,
             "email": self.email,
             "name": self.name,
-            "roles": [{"name": r} for r in self.roles],
+            "roles": [{"name": r} for r in self.roles if r != SUSPENDED],
             "created_at": self.created_at.isoformat(),
-            "status": "active",
+            "status": "suspended" if self.is_suspended else "active",
         }
 
 
@@ -642,6 +650,37 @@ class Store:
         return self._tx(
             lambda c: [_user(r) for r in c.execute(sa.select(users).order_by(users.c.created_at))]
         )
+
+    def set_user_suspended(self, user_id: uuid.UUID, suspended: bool) -> Deferred[User | None]:
+        """Suspend or reactivate a user; the updated user, or None if there is none."""
+
+        def work(conn: sa.Connection) -> User | None:
+            row = conn.execute(sa.select(users).where(users.c.id == user_id)).first()
+            if row is None:
+                return None
+            roles = [r for r in row.roles.split(",") if r and r != SUSPENDED]
+            if suspended:
+                roles.append(SUSPENDED)
+            conn.execute(users.update().where(users.c.id == user_id).values(roles=",".join(roles)))
+            row = conn.execute(sa.select(users).where(users.c.id == user_id)).first()
+            return _user(row)
+
+        return self._tx(work)
+
+    def delete_user(self, user_id: uuid.UUID) -> Deferred[bool]:
+        """Delete a user and its sessions. Raises :class:`Conflict` while it still owns
+        workspaces or created templates or builds that others keep."""
+
+        def work(conn: sa.Connection) -> bool:
+            if conn.execute(sa.select(workspaces.c.id).where(workspaces.c.owner_id == user_id)).first():
+                raise Conflict("the user still owns workspaces; delete them first")
+            for table in (templates, template_versions, workspace_builds):
+                if conn.execute(sa.select(table.c.id).where(table.c.created_by == user_id)).first():
+                    raise Conflict("the user created templates or builds that are kept")
+            conn.execute(api_keys.delete().where(api_keys.c.user_id == user_id))
+            return conn.execute(users.delete().where(users.c.id == user_id)).rowcount > 0
+
+        return self._tx(work)
 
     # -- API keys --------------------------------------------------------------------------
 

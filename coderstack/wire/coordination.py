@@ -4,8 +4,10 @@ Protocol name and version: ``coderstack.tailnet.v1``. It carries the semantics o
 v2 ``Coordinate`` stream (``coder.tailnet.v2``), spelled as JSON instead of protobuf over dRPC.
 
 Framing: one JSON object per websocket *text* message, UTF-8, at most 64 KiB for a request.
-Responses may be larger (a reconnecting agent gets the nodes of all its tunnel peers in one
-response); readers accept up to 4 MiB. Unknown object keys are ignored so that later versions can
+The coordinator keeps each response at most 128 KiB (``MAX_RESPONSE_MESSAGE_BYTES``): a longer
+list of peer updates (a reconnecting agent learning the nodes of all its tunnel peers) is split,
+in order, across several responses (:func:`split_response`); a reader treats them as if they had
+come in one. Readers accept up to 4 MiB. Unknown object keys are ignored so that later versions can
 add fields; ``null`` is the same as an absent field.
 
 Request, peer -> coordinator (every field optional, any combination)::
@@ -68,6 +70,9 @@ PROTOCOL = "coderstack.tailnet.v1"
 
 MAX_REQUEST_BYTES = 64 * 1024
 MAX_RESPONSE_BYTES = 4 * 1024 * 1024
+#: What the coordinator sends in one message; half the server websocket's 256 KiB limit, and
+#: one peer update (a node from a request of at most 64 KiB) always fits.
+MAX_RESPONSE_MESSAGE_BYTES = 128 * 1024
 MAX_ENDPOINTS = 64
 MAX_ADDRESSES = 16
 MAX_DERP_ENTRIES = 256
@@ -626,6 +631,33 @@ class CoordinateResponse:
             peer_updates=tuple(PeerUpdate.from_json(u) for u in updates),
             error=_text(_get(obj, "error", ""), "error", MAX_ERROR),
         )
+
+
+def split_response(response: CoordinateResponse, max_bytes: int) -> list[CoordinateResponse]:
+    """``response`` as one or more responses whose text is at most ``max_bytes`` each.
+
+    The updates keep their order and are cut into contiguous runs; the error (if any) rides in
+    the first part. An update that alone is larger than ``max_bytes`` goes in a part of its own.
+    """
+    if len(response.to_text()) <= max_bytes or len(response.peer_updates) < 2:
+        return [response]
+    empty = len(_dumps({"peer_updates": []}))
+    # What the error adds to the first part (nothing when there is none: it is left out).
+    error_len = len(CoordinateResponse((), response.error).to_text()) - empty
+    parts: list[CoordinateResponse] = []
+    run: list[PeerUpdate] = []
+    size = empty + error_len
+    for update in response.peer_updates:
+        n = len(_dumps(update.to_json()))
+        grown = size + n + (1 if run else 0)
+        if run and grown > max_bytes:
+            parts.append(CoordinateResponse(tuple(run), "" if parts else response.error))
+            run, size = [], empty
+            grown = size + n
+        run.append(update)
+        size = grown
+    parts.append(CoordinateResponse(tuple(run), "" if parts else response.error))
+    return parts
 
 
 # --- whole messages -----------------------------------------------------------------------------

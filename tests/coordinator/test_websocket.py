@@ -104,4 +104,4 @@ class CoordinateWebsocketTests(unittest.TestCase):
         f = await self.connect()
         await self.server.stopService()
         code, reason = await f.closed
-        self.assertEqual((code, reason), (1000, "server shutting down"))
+        self.assertEqual((code, reason), (1001, "going away"))
