@@ -60,7 +60,9 @@ def wait_for(predicate, what: str, seconds: float = 60.0):
         time.sleep(0.2)
 
 
-class TemplateEndToEndTests(unittest.TestCase):
+class TemplateServerCase(unittest.TestCase):
+    """A real server with a second listener, and the CLI logged in to it as the first user."""
+
     skip = SKIP
     timeout = GUARD * 2
 
@@ -119,6 +121,8 @@ class TemplateEndToEndTests(unittest.TestCase):
     def show(self, name: str) -> dict:
         return json.loads(self.cli("show", name, "--output", "json").stdout)
 
+
+class TemplateEndToEndTests(TemplateServerCase):
     def test_override_url_agent_connects_through_second_address_and_delete_stops_it(self) -> None:
         template = self.tmp / "local-override"
         shutil.copytree(EXAMPLE, template, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
