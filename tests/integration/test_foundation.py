@@ -56,7 +56,7 @@ class FoundationTests(unittest.TestCase):
         [a] = ws["agents"]
         self.assertEqual(ipaddress.IPv6Address(a["ip"]), address_from_uuid(uuid.UUID(a["id"])))
         out = await alice.ok("list")
-        self.assertRegex(out, r"ws1\s+main\s+connected\s+now")
+        self.assertRegex(out, r"ws1\s+main\s+connected\s+(created|starting|ready)\s+\S+\s+now")
         # The agent kept its keys in its data dir, owner-only.
         key_file = os.path.join(d.dir, "agent", "data", "wireguard.key")
         self.assertEqual(os.stat(key_file).st_mode & 0o777, 0o600)
