@@ -98,6 +98,7 @@ class AgentService(service.Service):
         self._loop: Deferred[None] | None = None
         self._wake: Deferred[None] | None = None
         # What sessions and scripts run with; refreshed by every manifest.
+        self._bin_written: str | None = None
         self.session_env = SessionEnvironment(url, bin_dir=os.path.join(data_dir, "bin"),
                                               script_bin_dir=os.path.join(data_dir, "scripts", "bin"))
         self.workspace: Workspace | None = None
@@ -107,10 +108,6 @@ class AgentService(service.Service):
     def startService(self) -> None:
         super().startService()
         self.client = Client(self.reactor, self.url, self.token)
-        try:
-            write_coder_command(self.session_env.bin_dir or os.path.join(self.data_dir, "bin"))
-        except OSError as err:
-            log.warn("cannot write the coder command: {why}", why=str(err))
         self._loop = Deferred.fromCoroutine(self._run())
         self._loop.addErrback(lambda f: f.trap(CancelledError))
 
@@ -170,7 +167,15 @@ class AgentService(service.Service):
         agent_id = UUID(manifest["agent_id"])
         # First: a data dir another agent owns stops us before any script runs.
         self.load_keys(agent_id)
-        self.session_env.script_bin_dir = os.path.join(self.key_dir(), "scripts", "bin")
+        if self._bin_written is None:
+            # The coder command and the scripts' bin dir live in this agent's own data dir.
+            self._bin_written = os.path.join(self.key_dir(), "bin")
+            self.session_env.bin_dir = self._bin_written
+            self.session_env.script_bin_dir = os.path.join(self.key_dir(), "scripts", "bin")
+            try:
+                write_coder_command(self._bin_written)
+            except OSError as err:
+                log.warn("cannot write the coder command: {why}", why=str(err))
         self.session_env.update(manifest)
         if self.workspace is None and self.running:
             self.workspace = Workspace(self.reactor, self.client, self.key_dir(), self.session_env,
