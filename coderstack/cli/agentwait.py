@@ -58,6 +58,8 @@ def start_warning(agent: dict[str, Any], workspace: str) -> list[str]:
 
 
 async def wait_for_agent(reactor: Any, ctx: Context, workspace: str, mode: str) -> None:
+    if mode == "no":
+        return  # not even a look: --wait=no connects at once
     ws = await ctx.api.workspace_by_name(workspace)
     if not ws.get("agents"):
         return  # nothing to wait for; connecting says why it cannot go on

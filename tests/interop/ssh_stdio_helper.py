@@ -17,7 +17,8 @@ class Ctx:
 
 def main(reactor):
     opts = ssh.Options()
-    opts.parseOptions(["--stdio", "--ssh-host-prefix", "coder.", sys.argv[1]])
+    # No server here to ask about startup scripts: connect at once.
+    opts.parseOptions(["--stdio", "--wait=no", "--ssh-host-prefix", "coder.", sys.argv[1]])
     conn = LoopbackConnection(reactor, {1: int(os.environ["USERCMDS_SSH_PORT"])})
     return defer.ensureDeferred(ssh.run_with(reactor, opts, Ctx(), loopback_connect(conn, expect="dev")))
 
