@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import stat
-import tempfile
 import uuid
 from typing import Any
 
@@ -24,6 +23,7 @@ from coderstack.agent.service import AgentService, home_region
 from coderstack.derpmap import DERPMap
 from coderstack.keys import NodeKeys, load_node_keys
 from coderstack.sdk import SDKError
+from tests.support.tempdirs import made_dir
 
 AGENT_ID = uuid.UUID("6f1e2d3c-4b5a-4978-8a9b-0c1d2e3f4a5b")
 
@@ -70,7 +70,7 @@ class FakeReactor(MemoryReactorClock):
 
 class KeysTests(unittest.SynchronousTestCase):
     def setUp(self) -> None:
-        self.dir = os.path.join(tempfile.mkdtemp(dir=os.getcwd()), "agent")
+        self.dir = os.path.join(made_dir(self), "agent")
 
     def test_keys_are_made_once_and_persist(self) -> None:
         first = load_node_keys(self.dir)
@@ -182,7 +182,7 @@ class ReconnectTests(unittest.TestCase):
         opened and then closed; an exception: raised)."""
         self.patch(agent_service, "random", _Jitter(top))
         reactor = FakeReactor()
-        svc = AgentService(reactor, "http://127.0.0.1:3000", "token", tempfile.mkdtemp(dir=os.getcwd()),
+        svc = AgentService(reactor, "http://127.0.0.1:3000", "token", made_dir(self),
                            reconnect_max=reconnect_max)
         attempts: list[float] = []
         script = list(outcomes)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 
 from twisted.internet.defer import Deferred
@@ -12,6 +11,7 @@ from twisted.trial import unittest
 from coderstack.agent.service import AgentService
 from coderstack.tailnet.linkmon import LinkMonitor, LinkState
 from tests.agent.test_agent import DERP_MAP, FakeReactor
+from tests.support.tempdirs import made_dir
 
 
 async def _idle() -> None:
@@ -21,7 +21,7 @@ async def _idle() -> None:
 class AgentLinkMonitorTests(unittest.TestCase):
     def tunnel(self, **kw: object) -> AgentService:
         svc = AgentService(FakeReactor(), "http://127.0.0.1:3000", "token",
-                           tempfile.mkdtemp(dir=os.getcwd()), **kw)  # type: ignore[arg-type]
+                           made_dir(self), **kw)  # type: ignore[arg-type]
         svc._run = _idle  # type: ignore[method-assign]
         svc.startService()
         self.addCleanup(svc.stopService)

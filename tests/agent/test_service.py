@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import tempfile
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.trial import unittest
@@ -20,6 +19,7 @@ from coderstack.tailnet.dial import agent_endpoint, dial_agent
 from coderstack.wire import derp as w
 from tests.derp.helpers import wait_for
 from tests.support.api import Caller, make_deployment
+from tests.support.tempdirs import made_dir
 from tests.tailnet.test_conn import ipv6_packet
 
 
@@ -56,7 +56,7 @@ class AgentTunnelTests(unittest.TestCase):
         return url, token, ws["agent_token"], ws["agents"][0]["id"]
 
     async def agent(self, url: str, agent_token: str) -> AgentService:
-        data = tempfile.mkdtemp(dir=os.getcwd())
+        data = made_dir(self)
         svc = AgentService(reactor, url, agent_token, data)
         svc.startService()
         self.addCleanup(svc.stopService)

@@ -42,7 +42,7 @@ def closed_port() -> int:
 class CLITestCase(unittest.TestCase):
     async def setUp(self) -> None:
         self.server, self.url = await start_server(self)
-        self.cli = CLI()
+        self.cli = CLI(self)
 
     async def login_owner(self) -> None:
         code, out, err = await self.cli("login", self.url, *OWNER)
@@ -87,19 +87,19 @@ class LoginTests(CLITestCase):
 
     async def test_login_to_existing_server_with_password(self) -> None:
         await self.login_owner()
-        other = CLI()
+        other = CLI(self)
         code, out, err = await other("login", self.url, "--email", "alice@example.com",
                                      "--password", "correct horse battery")
         self.assertEqual(code, 0, err)
         self.assertNotEqual(other.read_config("session"), self.cli.read_config("session"))
         # Credentials from the environment work too.
-        third = CLI()
+        third = CLI(self)
         code, out, err = await third("login", self.url, CODER_EMAIL="alice", CODER_PASSWORD="correct horse battery")
         self.assertEqual(code, 0, err)
 
     async def test_wrong_password_is_one_line(self) -> None:
         await self.login_owner()
-        other = CLI()
+        other = CLI(self)
         code, out, err = await other("login", self.url, "--email", "alice@example.com", "--password", "wrong wrong")
         self.assertEqual(code, 1)
         self.assertTrue(one_line(err), err)
@@ -115,7 +115,7 @@ class LoginTests(CLITestCase):
     async def test_login_with_token_and_logout(self) -> None:
         await self.login_owner()
         token = self.cli.read_config("session")
-        other = CLI()
+        other = CLI(self)
         code, out, err = await other("login", self.url, "--token", token)
         self.assertEqual(code, 0, err)
         code, out, err = await other("logout")
@@ -136,7 +136,7 @@ class UsersTests(CLITestCase):
         self.assertIn("bob", out)
         code, out, err = await self.cli("users", "list", "--output", "json")
         self.assertEqual(sorted(u["username"] for u in json.loads(out)), ["alice", "bob"])
-        bob = CLI()
+        bob = CLI(self)
         code, out, err = await bob("login", self.url, "--email", "bob", "--password", "bobs password")
         self.assertEqual(code, 0, err)
         # A member may not create users: one line, non-zero.
@@ -245,7 +245,7 @@ class WorkspaceTests(CLITestCase):
         await self.cli("users", "create", "--username", "bob", "--email", "bob@example.com",
                        "--password", "bobs password")
         await self.create("secret")
-        bob = CLI()
+        bob = CLI(self)
         await bob("login", self.url, "--email", "bob", "--password", "bobs password")
         code, out, err = await bob("show", "secret")
         self.assertEqual((code, err), (1, "error: workspace 'secret' not found\n"))
@@ -318,7 +318,7 @@ class ErrorTests(unittest.TestCase):
     """One-line errors, without a server where none is needed."""
 
     async def test_unreachable_server(self) -> None:
-        cli = CLI()
+        cli = CLI(self)
         url = f"http://127.0.0.1:{closed_port()}"
         code, out, err = await cli("list", CODER_URL=url, CODER_SESSION_TOKEN="x" * 10 + "-" + "y" * 22)
         self.assertEqual(code, 1)
@@ -330,14 +330,14 @@ class ErrorTests(unittest.TestCase):
         self.assertIn("cannot reach", err)
 
     async def test_not_logged_in(self) -> None:
-        code, out, err = await CLI()("list")
+        code, out, err = await CLI(self)("list")
         self.assertEqual(code, 1)
         self.assertTrue(one_line(err), err)
         self.assertIn("coderstack login", err)
 
     async def test_bad_token(self) -> None:
         _server, url = await start_server(self)
-        cli = CLI()
+        cli = CLI(self)
         for token in ("garbage", "x" * 10 + "-" + "y" * 22):
             code, out, err = await cli("list", CODER_URL=url, CODER_SESSION_TOKEN=token)
             self.assertEqual(code, 1)
@@ -350,7 +350,7 @@ class ErrorTests(unittest.TestCase):
         self.assertIn("Invalid or expired session token", err)
 
     async def test_bad_flags_exit_2_naming_the_flag(self) -> None:
-        cli = CLI()
+        cli = CLI(self)
         cases = [
             (("list", "--output", "yaml"), "--output"),
             (("show", "ws", "-o", "xml"), "--output"),

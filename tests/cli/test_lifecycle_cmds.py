@@ -36,7 +36,7 @@ def rfc3339(t: datetime) -> str:
 class LifecycleCommandTests(unittest.TestCase):
     async def setUp(self) -> None:
         self.server, self.url = await start_server(self)
-        self.cli = CLI()
+        self.cli = CLI(self)
         code, _, err = await self.cli("login", self.url, *OWNER)
         self.assertEqual(code, 0, err)
         self.patch(agentwait, "POLL_SECONDS", 0.05)

@@ -15,7 +15,7 @@ class UserStatusTests(CLITestCase):
         code, _out, err = await self.cli("users", "create", "--username", "bob", "--email", "bob@example.com",
                                          "--password", "bobs password")
         self.assertEqual(code, 0, err)
-        self.bob = CLI()
+        self.bob = CLI(self)
         code, _out, err = await self.bob("login", self.url, "--email", "bob", "--password", "bobs password")
         self.assertEqual(code, 0, err)
 
@@ -33,12 +33,12 @@ class UserStatusTests(CLITestCase):
         # Bob's session is dead and he cannot log in again.
         code, _out, err = await self.bob("list")
         self.assertEqual(code, 1)
-        code, _out, err = await CLI()("login", self.url, "--email", "bob", "--password", "bobs password")
+        code, _out, err = await CLI(self)("login", self.url, "--email", "bob", "--password", "bobs password")
         self.assertEqual(code, 1)
         self.assertIn("suspended", err)
         code, out, err = await self.cli("users", "activate", "bob")
         self.assertEqual((code, out), (0, "User 'bob' is now active.\n"), err)
-        code, _out, err = await CLI()("login", self.url, "--email", "bob", "--password", "bobs password")
+        code, _out, err = await CLI(self)("login", self.url, "--email", "bob", "--password", "bobs password")
         self.assertEqual(code, 0, err)
 
     async def test_delete(self) -> None:

@@ -20,7 +20,7 @@ AGENT_PATH = "/api/v2/workspaceagents/me/coordinate"
 class CoordinateWebsocketTests(unittest.TestCase):
     async def setUp(self) -> None:
         self.server, self.url = await start_server(self)
-        self.cli = CLI()
+        self.cli = CLI(self)
         code, _out, err = await self.cli("login", self.url, "--first-user-username", "alice",
                                          "--first-user-email", "alice@example.com",
                                          "--first-user-password", "alice password")

@@ -12,7 +12,6 @@ import ipaddress
 import os
 import signal
 import socket
-import tempfile
 import uuid
 from datetime import UTC, datetime
 
@@ -25,6 +24,7 @@ from coderstack.sdk import Client, SDKError, trust_root_from_env
 from coderstack.wire.coordination import CODER_SERVICE_PREFIX, CoordinateRequest, address_from_uuid
 from tests.support import postgres
 from tests.support.processes import TWISTD, Deployment, Process, pid_alive, sleep
+from tests.support.tempdirs import made_dir
 from tests.support.tlscerts import make_ca_and_server_cert
 
 
@@ -185,7 +185,7 @@ class FoundationTests(unittest.TestCase):
         await mine.closed
 
     async def test_https_with_a_private_ca(self) -> None:
-        certs = tempfile.mkdtemp(dir=os.getcwd())
+        certs = made_dir(self)
         ca, cert, key = make_ca_and_server_cert(certs)
         d = Deployment(self, tls=(ca, cert, key))
         await d.start_server()

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
 from datetime import timedelta
 
@@ -23,6 +21,7 @@ from coderstack.server.provisioner import Agent as BuiltAgent
 from coderstack.server.provisioner import App, Healthcheck, MetadataItem, Script
 from coderstack.server.store import AgentRecord, Store, database_url, now
 from tests.support import postgres
+from tests.support.tempdirs import made_dir
 
 
 def built_agent(agent_id: uuid.UUID) -> BuiltAgent:
@@ -149,7 +148,7 @@ class AgentStoreTests:
 
 class SQLiteAgentStoreTests(AgentStoreTests, unittest.TestCase):
     def make_url(self) -> str:
-        return database_url(tempfile.mkdtemp(dir=os.getcwd()), None)
+        return database_url(made_dir(self), None)
 
 
 class PostgresAgentStoreTests(AgentStoreTests, unittest.TestCase):

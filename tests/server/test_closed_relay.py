@@ -8,7 +8,6 @@ the nodes the coordinator holds.
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from datetime import UTC, datetime
 from typing import Any
@@ -25,6 +24,7 @@ from coderstack.server.relaypolicy import CoordinatorRelayPolicy, Principal
 from coderstack.server.service import makeService
 from coderstack.wire import derp as w
 from coderstack.wire.coordination import CoordinateRequest, address_from_uuid
+from tests.support.tempdirs import made_dir
 
 
 async def wait_for(predicate: Any, what: str = "") -> None:
@@ -62,7 +62,7 @@ class ClosedRelayTests(unittest.TestCase):
     async def start_server(self) -> str:
         """Start a server in-process; ``self.svc`` is its service."""
         opts = ServerOptions(environ={})
-        data = tempfile.mkdtemp(dir=os.getcwd())
+        data = made_dir(self)
         opts.parseOptions(["--http-address", "127.0.0.1:0", "--data-dir", data, "--stun-address", "disable"])
         svc = makeService(opts, reactor)
         svc.startService()

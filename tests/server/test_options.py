@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import tempfile
 
 from twisted.python import usage
 from twisted.trial import unittest
 
 from coderstack.agent.options import AgentOptions
 from coderstack.server.options import ServerOptions
+from tests.support.tempdirs import made_dir
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -68,7 +68,7 @@ class ServerDefaultsTests(unittest.SynchronousTestCase):
 
 class ServerEnvironmentTests(unittest.SynchronousTestCase):
     def setUp(self) -> None:
-        self.dir = tempfile.mkdtemp(dir=os.getcwd())
+        self.dir = made_dir(self)
         self.cert = os.path.join(self.dir, "cert.pem")
         self.key = os.path.join(self.dir, "key.pem")
         for path in (self.cert, self.key):
@@ -192,7 +192,7 @@ class ServerBadValueTests(unittest.SynchronousTestCase):
             self.assertUsageError(argv, *fragments)
 
     def test_data_dir_that_is_a_file(self) -> None:
-        path = os.path.join(tempfile.mkdtemp(dir=os.getcwd()), "file")
+        path = os.path.join(made_dir(self), "file")
         with open(path, "w") as f:
             f.write("x")
         self.assertUsageError(["--data-dir", path], "--data-dir")
@@ -215,7 +215,7 @@ class ServerBadValueTests(unittest.SynchronousTestCase):
         self.assertUsageError(["--no-such-flag"], "no-such-flag")
 
     def test_tls_needs_cert_and_key(self) -> None:
-        d = tempfile.mkdtemp(dir=os.getcwd())
+        d = made_dir(self)
         cert = os.path.join(d, "cert.pem")
         with open(cert, "w") as f:
             f.write("x")
@@ -226,7 +226,7 @@ class ServerBadValueTests(unittest.SynchronousTestCase):
         self.assertUsageError([], "--tls-key-file", environ={"CODER_TLS_ENABLE": "true", "CODER_TLS_CERT_FILE": cert})
 
     def test_tls_needs_an_address(self) -> None:
-        d = tempfile.mkdtemp(dir=os.getcwd())
+        d = made_dir(self)
         files = []
         for name in ("cert.pem", "key.pem"):
             files.append(os.path.join(d, name))
@@ -239,7 +239,7 @@ class ServerBadValueTests(unittest.SynchronousTestCase):
         self.assertUsageError(["--http-address", ""], "--http-address")
 
     def test_derp_config_url_and_path_are_exclusive(self) -> None:
-        d = tempfile.mkdtemp(dir=os.getcwd())
+        d = made_dir(self)
         path = os.path.join(d, "derp.json")
         with open(path, "w") as f:
             f.write("{}")
@@ -262,7 +262,7 @@ class AgentOptionsTests(unittest.SynchronousTestCase):
         self.assertTrue(o["data-dir"].endswith(os.path.join("coderstack", "agent")), o["data-dir"])
 
     def test_every_variable(self) -> None:
-        d = os.path.join(tempfile.mkdtemp(dir=os.getcwd()), "agent")
+        d = os.path.join(made_dir(self), "agent")
         o = agent([], dict(self.BASE, CODER_AGENT_DATA_DIR=d, CODER_AGENT_TAILNET_LISTEN_PORT="41641",
                            CODER_AGENT_RECONNECT_MAX="3", CODER_AGENT_URL="https://x.example.com/"))
         self.assertEqual(o["url"], "https://x.example.com")
@@ -304,7 +304,7 @@ class TwistdUsageErrorTests(unittest.SynchronousTestCase):
     """Under ``twistd`` a bad value exits non-zero, names the flag, and starts nothing."""
 
     def twistd(self, *args: str) -> tuple[int, str]:
-        home = tempfile.mkdtemp(dir=os.getcwd())
+        home = made_dir(self)
         env = dict(os.environ, PYTHONPATH=REPO_ROOT, HOME=home, XDG_DATA_HOME=os.path.join(home, "share"))
         env.pop("CODER_HTTP_ADDRESS", None)
         twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
@@ -315,7 +315,7 @@ class TwistdUsageErrorTests(unittest.SynchronousTestCase):
         return proc.returncode, proc.stdout + proc.stderr
 
     def test_bad_http_address(self) -> None:
-        data = os.path.join(tempfile.mkdtemp(dir=os.getcwd()), "data")
+        data = os.path.join(made_dir(self), "data")
         code, output = self.twistd("coderstack-server", "--http-address", "nonsense", "--data-dir", data)
         self.assertNotEqual(code, 0)
         self.assertIn("--http-address", output)

@@ -6,8 +6,6 @@ clients (Upgrade: DERP and websocket) and a real DERP-map stream.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import uuid
 from datetime import timedelta
 from typing import Any
@@ -27,6 +25,7 @@ from coderstack.server.service import makeService
 from coderstack.server.store import now
 from coderstack.wire import derp as w
 from tests.server.test_closed_relay import Inbox as _Inbox
+from tests.support.tempdirs import made_dir
 
 CLOSE_REVOKED = 4001
 MAP_PATH = "/api/v2/derp-map"
@@ -82,7 +81,7 @@ class Base(unittest.TestCase):
 
     async def setUp(self) -> None:
         opts = ServerOptions(environ={})
-        data = tempfile.mkdtemp(dir=os.getcwd())
+        data = made_dir(self)
         opts.parseOptions(["--http-address", "127.0.0.1:0", "--data-dir", data, "--stun-address", "disable",
                            *self.extra_args])
         self.svc = svc = makeService(opts, reactor)

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 import uuid
 from datetime import timedelta
 
@@ -13,6 +12,7 @@ from twisted.trial import unittest
 from coderstack.server import auth
 from coderstack.server.store import MIGRATIONS, AgentRecord, Conflict, Store, database_url, now
 from tests.support import postgres
+from tests.support.tempdirs import made_dir
 
 
 class StoreTests:
@@ -174,7 +174,7 @@ class StoreTests:
 
 class SQLiteStoreTests(StoreTests, unittest.TestCase):
     def make_url(self) -> str:
-        d = tempfile.mkdtemp(dir=os.getcwd())
+        d = made_dir(self)
         return database_url(d, None)
 
 

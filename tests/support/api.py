@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from typing import Any
 
 from treq.testing import StubTreq
@@ -14,6 +12,7 @@ from coderstack.server.api import API
 from coderstack.server.deployment import Deployment
 from coderstack.server.derpsetup import build_derp_map
 from coderstack.server.store import Store, database_url
+from tests.support.tempdirs import made_dir
 
 ACCESS_URL = "http://127.0.0.1:3000"
 
@@ -26,7 +25,7 @@ DEFAULT_CFG = {
 
 
 async def make_deployment(testcase: Any, **cfg: Any) -> tuple[Deployment, API]:
-    data = tempfile.mkdtemp(dir=os.getcwd())
+    data = made_dir(testcase)
     store = Store(database_url(data, None), reactor)
     testcase.addCleanup(store.stop)
     await store.migrate()

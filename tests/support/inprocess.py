@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from typing import Any
 
 from twisted.internet import reactor, task
@@ -17,11 +16,12 @@ from twisted.internet import reactor, task
 from coderstack.cli.main import run as cli_run
 from coderstack.server.options import ServerOptions
 from coderstack.server.service import ServerService, makeService
+from tests.support.tempdirs import made_dir
 
 
 async def start_server(testcase: Any, *argv: str, environ: dict[str, str] | None = None) -> tuple[ServerService, str]:
     """Start a server; returns it and its URL. Stopped at the test's cleanup."""
-    data = tempfile.mkdtemp(dir=os.getcwd())
+    data = made_dir(testcase)
     opts = ServerOptions(environ=environ or {})
     opts.parseOptions(["--http-address", "127.0.0.1:0", "--data-dir", os.path.join(data, "server"), *argv])
     svc = makeService(opts.as_dict(), reactor)
@@ -38,8 +38,8 @@ async def start_server(testcase: Any, *argv: str, environ: dict[str, str] | None
 class CLI:
     """Runs ``coderstack ...`` in-process with its own config dir; returns (exit code, out, err)."""
 
-    def __init__(self, environ: dict[str, str] | None = None) -> None:
-        self.home = tempfile.mkdtemp(dir=os.getcwd())
+    def __init__(self, testcase: Any, environ: dict[str, str] | None = None) -> None:
+        self.home = made_dir(testcase)
         self.config_dir = os.path.join(self.home, "config")
         self.environ = {"HOME": self.home, "CODER_CONFIG_DIR": self.config_dir, **(environ or {})}
 

@@ -126,6 +126,8 @@ class Deployment:
                  host: str = "127.0.0.1", port: int | None = None,
                  netns: dict[str, str] | None = None) -> None:
         self.testcase = testcase
+        # Not mktemp(): tmux and other peers put unix sockets in here, and trial's per-test
+        # paths can pass the 108-byte limit. The cwd is trial's temp dir; cleanups remove it.
         self.dir = tempfile.mkdtemp(prefix="cs-it-", dir=os.getcwd())
         self.port = free_port() if port is None else port
         self.host = host
