@@ -1,6 +1,6 @@
 """The manifest's scripts: start scripts, cron scripts and stop scripts.
 
-Each entry of the manifest's ``scripts`` (see the agent contract) runs like this:
+Each entry of the manifest's ``scripts`` (its JSON is described in ``coderstack/server/agentspec.py``) runs like this:
 
 - its text is written to ``<data dir>/scripts/<log_source_id>.sh`` (0700) and executed: directly
   when it starts with ``#!`` (so ``#!/bin/bash`` scripts get bash), else by ``/bin/sh``;

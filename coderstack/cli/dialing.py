@@ -14,9 +14,9 @@ return an object with:
   netcheck), ``async await_netinfo(timeout)`` (until the first netcheck report is in, at most
   ``timeout`` seconds), ``disable_direct`` (bool), ``close()``.
 
-Until the lead wires a real ``Connect`` over ``coderstack.tailnet.conn.dial_agent``, the
-commands exist as ``run_with(reactor, options, ctx, connect)`` and stay out of ``COMMANDS``.
-:func:`loopback_connect` is the test double: it maps agent ports to local TCP ports.
+Each tunnel command is written as ``run_with(reactor, options, ctx, connect)``;
+:func:`coderstack.cli.tunnel.command` gives it the real ``Connect`` over the tailnet.
+:func:`loopback_connect` maps agent ports to local TCP ports instead (for tests).
 """
 
 from __future__ import annotations

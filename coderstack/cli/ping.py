@@ -4,7 +4,7 @@ Order of output, as Coder: one silent ping decides whether diagnostics are worth
 peer and connection diagnostics go to stderr; one line per pong to stdout (stderr with
 ``-o json``); the closing p2p/DERP verdict to stderr; then the summary table (stdout) or the
 JSON document. Our addition: warnings on stderr when the average RTT is over 400 ms or more
-than 0.5% of pings were lost (the seeds' minimum requirements). The agent's netcheck comes
+than 0.5% of pings were lost (Coder's documented minimums). The agent's netcheck comes
 from its HTTP API (port 4) over the tunnel. Written against :mod:`coderstack.cli.dialing`.
 """
 

@@ -3,7 +3,7 @@
 Durations are printed the way Go's ``time.Duration.String`` does (``42ms``, ``1.203s``,
 ``5m1s``), because that is what Coder users read and scripts parse.
 
-Inputs are plain dicts so the lead can fill them from ``Conn.status()`` and the agent API:
+Inputs are plain dicts, filled from ``Conn.status()`` and the agent API:
 
 * peer diagnostics (:func:`peer_diagnostics`)::
 
@@ -24,7 +24,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-RTT_LIMIT = 0.400   # seconds: the seeds' minimum requirement
+RTT_LIMIT = 0.400   # seconds: Coder's documented minimum for a usable connection
 LOSS_LIMIT = 0.005  # fraction
 
 
@@ -365,7 +365,7 @@ def go_json(doc: Any) -> str:
 
 
 def quality_warnings(summary: PingSummary) -> list[str]:
-    """The seeds' minimums: under 400 ms round trip and under 0.5% random loss."""
+    """Coder's documented minimums: under 400 ms round trip and under 0.5% random loss."""
     out = []
     avg = summary.avg
     if avg is not None and avg > RTT_LIMIT:

@@ -30,7 +30,6 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Callable
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
@@ -492,17 +491,3 @@ def metrics_text(relay: Relay, prefix: str = "coderstack_derp_") -> str:
     metric("unknown_frames_total", "counter", "Unknown frame types skipped.", [("", relay.unknown_frames)])
     metric("pings_total", "counter", "Ping frames received.", [("", relay.pings)])
     return "\n".join(lines) + "\n"
-
-
-class MetricsResource(Resource):
-    """``/metrics`` for a server that only exposes the relay; the lead may merge texts instead."""
-
-    isLeaf = True
-
-    def __init__(self, *texts: Callable[[], str]) -> None:
-        super().__init__()
-        self.texts = texts
-
-    def render_GET(self, request: Request) -> bytes:
-        request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
-        return "".join(t() for t in self.texts).encode()

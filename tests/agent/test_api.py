@@ -15,6 +15,7 @@ from twisted.trial import unittest
 
 from coderstack.agent.api import AgentAPI, listening_ports, parse_proc_net_tcp
 from coderstack.tailnet.netcheck import Interface
+from tests.support.tempdirs import made_dir
 
 TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode
    0: 0100007F:1F90 00000000:0000 0A 00000000:00000000 00:00000000 00000000     0        0 1001 1 0 100 0 0 10 0
@@ -106,14 +107,11 @@ class RouteTests(unittest.TestCase):
 
 class TunnelServicesTests(unittest.TestCase):
     def test_ports_and_one_ssh_factory(self):
-        from coderstack.agent.tunnel_services import tunnel_services
+        from coderstack.agent.service import AgentService, serve_standard_ports
+        from coderstack.netstack.stack import ANY_PORT
 
-        d = tempfile.mkdtemp(prefix="usercmds-svc-")
-        self.addCleanup(shutil.rmtree, d, True)
-
-        async def netcheck():
-            return None
-        services = tunnel_services(d, netcheck)
-        self.assertEqual(sorted(services), [1, 3, 4, 22])
-        self.assertIs(services[1], services[22])
-        self.assertTrue(os.path.exists(os.path.join(d, "ssh_host_ed25519_key")))
+        svc = AgentService(reactor, "http://127.0.0.1:3000", "token", made_dir(self))
+        serve_standard_ports(svc, reactor, svc.key_dir)
+        self.assertEqual(sorted(p for p in svc.services if p != ANY_PORT), [1, 3, 4, 22])
+        self.assertIn(ANY_PORT, svc.services)
+        self.assertIs(svc.services[1], svc.services[22])
