@@ -6,7 +6,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import shutil
 import time
 
 from twisted.internet.defer import Deferred
@@ -22,6 +21,7 @@ from tests.hostile.attack import (
     rss_kib,
     workspace,
 )
+from tests.interop.tfsupport import SKIP_NO_TERRAFORM
 from tests.server.test_api_hardening import hostile_bodies
 from tests.support.processes import TWISTD, Process, sleep
 
@@ -30,8 +30,8 @@ class FileAndPayloadTests(unittest.TestCase):
     timeout = 300
 
     async def test_a_5000_file_template_push_is_refused_and_pings_go_on(self) -> None:
-        if not shutil.which("terraform"):
-            raise unittest.SkipTest("terraform is not on PATH (CI has it): templates are off without it")
+        if SKIP_NO_TERRAFORM:  # the server turns templates off without terraform
+            raise unittest.SkipTest(SKIP_NO_TERRAFORM)
         d, alice, _agent = await workspace(self)
         pid = d.server.pid
         token = alice.session_token()

@@ -22,15 +22,13 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from tests.interop.tfsupport import alive, kill_pidfiles
+from tests.interop.tfsupport import SKIP_NO_TERRAFORM, alive, kill_pidfiles
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "terraform" / "templates" / "local"
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
-SKIP = None
-if not shutil.which("terraform"):
-    SKIP = "terraform is not on PATH (CI has it)"
-elif not os.path.exists(TWISTD):
+SKIP = SKIP_NO_TERRAFORM
+if SKIP is None and not os.path.exists(TWISTD):
     SKIP = f"no twistd next to {sys.executable} (CI runs from the project venv)"
 #: A guard against a hung child, far above what any step takes.
 GUARD = 180

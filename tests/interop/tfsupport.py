@@ -14,7 +14,8 @@ from coderstack.provider.launcher import write_provider_executable
 from coderstack.server.provisioner import prepare_work_dir
 
 TERRAFORM = shutil.which("terraform")
-SKIP_NO_TERRAFORM = None if TERRAFORM else "terraform is not on PATH (CI always has it)"
+#: terraform is not a Debian package: it comes with this machine kind (CI runs on it), not from .ci/run.
+SKIP_NO_TERRAFORM = None if TERRAFORM else "terraform is not on PATH (it comes with the machine; .ci/run does not install it)"
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE_TEMPLATE = REPO / "terraform" / "templates" / "local"
 FAKE_TWISTD = Path(__file__).resolve().parent / "fake_twistd.py"

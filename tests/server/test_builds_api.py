@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import base64
 import json
-import shutil
 import uuid
 from pathlib import Path
 
@@ -19,9 +18,8 @@ from coderstack.server import auth
 from coderstack.server.api import API
 from coderstack.server.builds import Builder
 from coderstack.server.provisioner import TerraformRunner
+from tests.interop.tfsupport import SKIP_NO_TERRAFORM
 from tests.support.api import Caller, make_deployment
-
-SKIP_NO_TERRAFORM = None if shutil.which("terraform") else "terraform is not on PATH (CI has it)"
 
 OVERRIDE_URL = "http://127.0.0.1:7999"
 
