@@ -26,7 +26,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from coderstack.agent.reports import backoff_delay
+from coderstack.agent.reports import backoff_delay, refused_for_good
 from coderstack.sdk import SDKError
 
 log = Logger()
@@ -191,7 +191,7 @@ class AppHealthWatcher:
                     self.reported = healths
                     failures = 0
                 except SDKError as err:
-                    if err.status is not None and 400 <= err.status < 500 and err.status not in (408, 429):
+                    if refused_for_good(err):
                         log.warn("server refused app health: {why}", why=str(err))
                         self.reported = healths
                         continue

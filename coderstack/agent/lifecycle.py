@@ -21,7 +21,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from coderstack.agent.reports import backoff_delay, rfc3339
+from coderstack.agent.reports import backoff_delay, refused_for_good, rfc3339
 from coderstack.sdk import SDKError
 
 log = Logger()
@@ -132,7 +132,7 @@ class LifecycleReporter:
                 try:
                     await self.send(change.state, rfc3339(change.changed_at))
                 except SDKError as err:
-                    if err.status is not None and 400 <= err.status < 500 and err.status not in (408, 429):
+                    if refused_for_good(err):
                         # The server will never take this one; do not block the later ones on it.
                         log.warn("server refused lifecycle {state}: {why}", state=change.state, why=str(err))
                         self.lifecycle.reported(change)

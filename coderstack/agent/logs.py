@@ -32,7 +32,7 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from coderstack.agent.reports import ServerReports, backoff_delay, rfc3339
+from coderstack.agent.reports import ServerReports, backoff_delay, refused_for_good, rfc3339
 from coderstack.sdk import SDKError
 
 log = Logger()
@@ -202,7 +202,7 @@ class AgentLogs:
                             s.queue.clear()
                         log.warn("the server's log limit for this agent is reached; no more logs are sent")
                         break
-                    if err.status is not None and 400 <= err.status < 500 and err.status not in (408, 429):
+                    if refused_for_good(err):
                         log.warn("server refused {n} log lines: {why}", n=len(batch), why=str(err))
                         _drop(src.queue, len(batch))
                         continue

@@ -24,7 +24,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.logger import Logger
 
 from coderstack.agent.process import GroupProcess
-from coderstack.agent.reports import ServerReports, backoff_delay, rfc3339
+from coderstack.agent.reports import ServerReports, backoff_delay, refused_for_good, rfc3339
 from coderstack.sdk import SDKError
 
 log = Logger()
@@ -161,7 +161,7 @@ class MetadataCollector:
                     await self.reports.metadata(batch)
                     self._failures = 0
                 except SDKError as err:
-                    if err.status is not None and 400 <= err.status < 500 and err.status not in (408, 429):
+                    if refused_for_good(err):
                         log.warn("server refused metadata: {why}", why=str(err))
                         continue
                     self._failures += 1

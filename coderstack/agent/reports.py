@@ -19,7 +19,7 @@ import datetime as dt
 import random
 from typing import Any
 
-from coderstack.sdk import Client
+from coderstack.sdk import Client, SDKError
 
 BASE = "/api/v2/workspaceagents/me"
 
@@ -32,6 +32,12 @@ def rfc3339(seconds: float) -> str:
 def backoff_delay(failures: int, cap: float = 10.0) -> float:
     """The agent's reconnect backoff: 0.5 s doubling per failure, capped, with jitter."""
     return min(cap, 0.5 * 2 ** min(max(failures - 1, 0), 10)) * random.uniform(0.7, 1.0)
+
+
+def refused_for_good(err: SDKError) -> bool:
+    """A 4xx answer other than 408 (timeout) and 429 (slow down): the server will never take
+    this report, so it is dropped rather than retried (and blocks no later one)."""
+    return err.status is not None and 400 <= err.status < 500 and err.status not in (408, 429)
 
 
 class ServerReports:
