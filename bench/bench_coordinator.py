@@ -30,10 +30,10 @@ from uuid import UUID, uuid4
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from twisted.internet.task import Clock  # noqa: E402
+from twisted.internet.task import Clock
 
-from coderstack.coordinator.core import AgentAuth, ClientAuth, Coordinator  # noqa: E402
-from coderstack.wire.coordination import (  # noqa: E402
+from coderstack.coordinator.core import AgentAuth, ClientAuth, Coordinator
+from coderstack.wire.coordination import (
     CoordinateRequest,
     CoordinateResponse,
     Node,

@@ -91,7 +91,7 @@ def run_derp(port: int, pairs: int, size: int, seconds: float, websocket: bool) 
     return float(out[0]), float(out[1])
 
 
-def _region(port: int):  # noqa: ANN202
+def _region(port: int):
     from coderstack.derpmap import DERPNode, DERPRegion
 
     node = DERPNode("999b", 999, "127.0.0.1", stun_port=-1, derp_port=port, force_http=True)

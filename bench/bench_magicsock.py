@@ -27,16 +27,16 @@ from datetime import UTC, datetime
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from twisted.internet import defer, reactor, task  # noqa: E402
-from twisted.internet.protocol import DatagramProtocol  # noqa: E402
-from twisted.web.resource import Resource  # noqa: E402
-from twisted.web.server import Site  # noqa: E402
+from twisted.internet import defer, reactor, task
+from twisted.internet.protocol import DatagramProtocol
+from twisted.web.resource import Resource
+from twisted.web.server import Site
 
-from coderstack.derp.policy import AllowAllPolicy  # noqa: E402
-from coderstack.derp.server import make_derp_resources, make_relay  # noqa: E402
-from coderstack.derpmap import DERPMap, DERPNode, DERPRegion  # noqa: E402
-from coderstack.tailnet.conn import Conn  # noqa: E402
-from coderstack.wire import derp as w  # noqa: E402
+from coderstack.derp.policy import AllowAllPolicy
+from coderstack.derp.server import make_derp_resources, make_relay
+from coderstack.derpmap import DERPMap, DERPNode, DERPRegion
+from coderstack.tailnet.conn import Conn
+from coderstack.wire import derp as w
 
 
 def ipv6_packet(src: ipaddress.IPv6Address, dst: ipaddress.IPv6Address, payload: bytes) -> bytes:
@@ -49,14 +49,14 @@ async def wait_for(pred) -> None:
 
 
 class _Echo(DatagramProtocol):
-    def datagramReceived(self, data, addr):  # noqa: N802
+    def datagramReceived(self, data, addr):
         self.transport.write(data, addr)
 
 
 class _Pinger(DatagramProtocol):
     waiting: defer.Deferred | None = None
 
-    def datagramReceived(self, data, addr):  # noqa: N802
+    def datagramReceived(self, data, addr):
         d, self.waiting = self.waiting, None
         if d is not None:
             d.callback(time.perf_counter())

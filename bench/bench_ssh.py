@@ -60,7 +60,7 @@ def measure(port: int, key: str, size: int, runs: int) -> dict[str, float]:
             out["down"].append(size / timed(lambda: subprocess.run(
                 [*base, "127.0.0.1", f"head -c {size} /dev/zero"], stdout=subprocess.DEVNULL, check=True)))
             with open(payload, "rb") as stdin:
-                out["up"].append(size / timed(lambda: subprocess.run(  # noqa: B023
+                out["up"].append(size / timed(lambda: subprocess.run(
                     [*base, "127.0.0.1", "cat > /dev/null"], stdin=stdin, check=True)))
             out["fwd"].append(size / forward_once(base, size))
     finally:

@@ -104,7 +104,7 @@ class _Plain:
         from twisted.internet.protocol import DatagramProtocol
 
         class Plain(DatagramProtocol):
-            def datagramReceived(self, data, addr):  # noqa: N802
+            def datagramReceived(self, data, addr):
                 on_packet(data)
 
             def send(self, data):

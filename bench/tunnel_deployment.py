@@ -42,7 +42,7 @@ class TunnelDeployment:
         return self.env(self.cli_home, CODER_CONFIG_DIR=self.config_dir, **extra)
 
     def spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: str) -> subprocess.Popen:
-        log = open(os.path.join(cwd, f"{name}.log"), "ab")  # noqa: SIM115 - the child keeps it
+        log = open(os.path.join(cwd, f"{name}.log"), "ab")
         proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=log, stderr=subprocess.STDOUT,
                                 stdin=subprocess.DEVNULL)
         log.close()

@@ -35,7 +35,7 @@ class EnvOptions(usage.Options):
         self.environ = dict(os.environ if environ is None else environ)
         super().__init__()
 
-    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+    def parseOptions(self, options: list[str] | None = None) -> None:
         # A boolean flag may be given bare (``--tls-enable``), as Coder's CLI takes it: it means
         # true unless the next word is its value (``--tls-enable false``).
         if options is not None:

@@ -208,11 +208,11 @@ class _Body(protocol.Protocol):
         if self.transport is not None:
             self.transport.stopProducing()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if not self.done.called:
             self.on_data(data)
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         if self.done.called:
             return
         if reason is None or reason.check(ResponseDone, PotentialDataLoss):

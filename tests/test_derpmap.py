@@ -138,7 +138,7 @@ class BuildTests(unittest.TestCase):
 
 
 class ErrorTests(unittest.TestCase):
-    def assertMapError(self, fragment: str, f, *a, **kw) -> None:  # noqa: ANN001, ANN002, ANN003
+    def assertMapError(self, fragment: str, f, *a, **kw) -> None:
         with self.assertRaises(DERPMapError) as cm:
             f(*a, **kw)
         self.assertIn(fragment, str(cm.exception))
@@ -220,7 +220,7 @@ class LoadTests(unittest.TestCase):
         class MapResource(Resource):
             isLeaf = True
 
-            def render_GET(self, request):  # noqa: ANN001, ANN202
+            def render_GET(self, request):
                 if request.path == b"/derpmap/default":
                     return json.dumps(EXTRA).encode()
                 request.setResponseCode(404)

@@ -128,7 +128,7 @@ class AgentAPI:
     async def netcheck_route(self, request: IRequest) -> bytes:
         try:
             netinfo = await self.netcheck()
-        except Exception:  # noqa: BLE001 - reported to the caller (without its text), not raised
+        except Exception:  # reported to the caller (without its text), not raised
             log.failure("network check failed")
             return self._json(request, {"message": "Failed to run a network check.",
                                         "detail": "the agent logged the cause"}, 500)

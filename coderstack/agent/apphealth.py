@@ -84,10 +84,10 @@ class _Discard(protocol.Protocol):
     def __init__(self, done: Deferred[None]) -> None:
         self.done = done
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         pass
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         if not self.done.called:
             self.done.callback(None)
 

@@ -32,7 +32,7 @@ MAX_UDP_FLOWS = 1024
 
 
 class LocalPortProxy(portforward.ProxyServer):
-    def connectionMade(self) -> None:  # noqa: N802 - twisted API
+    def connectionMade(self) -> None:
         port = self.transport.getHost().port
         if port < MIN_FORWARDED_PORT:
             self.transport.abortConnection()
@@ -69,7 +69,7 @@ class _UDPFlow(protocol.DatagramProtocol):
         except (error.MessageLengthError, OSError):
             self.forwarder.counters["workspace_send_errors"] += 1
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:  # noqa: N802 - twisted API
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
         self.idle.reset(self.forwarder.idle_timeout)
         tunnel = self.forwarder.tunnel
         if tunnel is None:
@@ -80,7 +80,7 @@ class _UDPFlow(protocol.DatagramProtocol):
         except (error.MessageLengthError, ValueError):
             self.forwarder.counters["reply_too_big"] += 1
 
-    def connectionRefused(self) -> None:  # noqa: N802 - nothing listens on that port (yet)
+    def connectionRefused(self) -> None:
         self.forwarder.counters["refused"] += 1
 
     def close(self) -> None:

@@ -122,17 +122,17 @@ class GroupProcess(protocol.ProcessProtocol):
 
     # -- ProcessProtocol ---------------------------------------------------------------------
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.pid = self.transport.pid
         self.transport.closeStdin()
         if self.timeout and self.timeout > 0:
             self._timers.append(self.reactor.callLater(self.timeout, self._on_timeout))
 
-    def childDataReceived(self, childFD: int, data: bytes) -> None:  # noqa: N802,N803
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
         if self.on_output is not None:
             self.on_output(childFD, data)
 
-    def processExited(self, reason: Failure) -> None:  # noqa: N802
+    def processExited(self, reason: Failure) -> None:
         value = reason.value
         code = getattr(value, "exitCode", None)
         sig = getattr(value, "signal", None)
@@ -157,7 +157,7 @@ class GroupProcess(protocol.ProcessProtocol):
         if self._exit is not None:
             self._finish(self._exit)
 
-    def processEnded(self, reason: Failure) -> None:  # noqa: N802
+    def processEnded(self, reason: Failure) -> None:
         if self._exit is None:
             value = reason.value
             self._exit = Exit(getattr(value, "exitCode", None), getattr(value, "signal", None),

@@ -152,7 +152,7 @@ class _BlockSender:
         self.on_done = on_done
         self.stopped = False
 
-    def resumeProducing(self) -> None:  # noqa: N802
+    def resumeProducing(self) -> None:
         if self.stopped:
             return
         self.transport.write(self.block)
@@ -163,7 +163,7 @@ class _BlockSender:
             self.transport.unregisterProducer()
             self.on_done()
 
-    def stopProducing(self) -> None:  # noqa: N802
+    def stopProducing(self) -> None:
         self.stopped = True
 
 
@@ -175,7 +175,7 @@ class _LineThenStream(protocol.Protocol):
     def __init__(self) -> None:
         self._buf = b""
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if self.line_done:
             self.stream_received(data)
             return
@@ -238,7 +238,7 @@ class SpeedtestServerProtocol(_LineThenStream):
         self.transport.write(encode_response("invalid config: line too long"))
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         if self.timeout is not None and self.timeout.active():
             self.timeout.cancel()
 
@@ -249,7 +249,7 @@ class SpeedtestServerFactory(protocol.Factory):
             from twisted.internet import reactor as clock  # type: ignore[assignment]
         self.clock = clock
 
-    def buildProtocol(self, addr: Any) -> SpeedtestServerProtocol:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> SpeedtestServerProtocol:
         p = SpeedtestServerProtocol(self.clock)
         p.factory = self
         return p
@@ -266,7 +266,7 @@ class SpeedtestClientProtocol(_LineThenStream):
         self.error: str | None = None
         self.timeout: Any = None
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.transport.write(encode_config(self.direction, self.duration))
 
     def line_received(self, line: bytes) -> None:
@@ -294,7 +294,7 @@ class SpeedtestClientProtocol(_LineThenStream):
         self.error = "invalid response from the speedtest server"
         self.transport.loseConnection()
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         if self.timeout is not None and self.timeout.active():
             self.timeout.cancel()
         if self.done.called:

@@ -93,7 +93,7 @@ class _NoneAuthServer(userauth.SSHUserAuthServer):
         credentials.IAnonymous: b"none",
     }
 
-    def auth_none(self, packet: bytes) -> defer.Deferred[Any]:  # noqa: N802 (conch's naming)
+    def auth_none(self, packet: bytes) -> defer.Deferred[Any]:
         return self.portal.login(credentials.Anonymous(), None, IConchUser)
 
 
@@ -103,7 +103,7 @@ class AnyVerifiedKey:
 
     credentialInterfaces = (credentials.ISSHPrivateKey,)
 
-    def requestAvatarId(self, creds: Any) -> defer.Deferred[bytes]:  # noqa: N802
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[bytes]:
         try:
             key = keys.Key.fromString(creds.blob)
         except keys.BadKeyError:
@@ -123,7 +123,7 @@ class AgentRealm:
         self.env = env
         self.session_env = session_env
 
-    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:  # noqa: N802
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
         if IConchUser not in interfaces:
             raise NotImplementedError("only SSH")
         user = AgentUser(self.reactor, self.env, self.session_env)
@@ -177,10 +177,10 @@ class AgentUser(ConchUser):
         return self.home if self.session_env is None else self.session_env.directory(self.home)
 
     # SFTPServerForUnixConchUser asks these of its avatar.
-    def getHomeDir(self) -> FilePath[str]:  # noqa: N802
+    def getHomeDir(self) -> FilePath[str]:
         return FilePath(self.home)
 
-    def _runAsUser(self, f: Any, *args: Any, **kw: Any) -> Any:  # noqa: N802
+    def _runAsUser(self, f: Any, *args: Any, **kw: Any) -> Any:
         # We already are the user: run the call(s) as they are (conch's version switches euid).
         try:
             calls = iter(f)
@@ -217,13 +217,13 @@ class DirectTCPIPChannel(forwarding.SSHConnectForwardingChannel):
 
     eof_pending = False
 
-    def eofReceived(self) -> None:  # noqa: N802
+    def eofReceived(self) -> None:
         if self.client:
             self._half_close()
         else:
             self.eof_pending = True
 
-    def _setClient(self, client: Any) -> None:  # noqa: N802
+    def _setClient(self, client: Any) -> None:
         super()._setClient(client)
         if self.eof_pending:
             self._half_close()
@@ -236,7 +236,7 @@ class DirectTCPIPChannel(forwarding.SSHConnectForwardingChannel):
             transport.loseConnection()
 
 
-def open_direct_tcpip(remoteWindow: int, remoteMaxPacket: int, data: bytes, avatar: Any) -> DirectTCPIPChannel:  # noqa: N803
+def open_direct_tcpip(remoteWindow: int, remoteMaxPacket: int, data: bytes, avatar: Any) -> DirectTCPIPChannel:
     target, _origin = forwarding.unpackOpen_direct_tcpip(data)
     return DirectTCPIPChannel(target, localWindow=CHANNEL_WINDOW, remoteWindow=remoteWindow,
                               remoteMaxPacket=remoteMaxPacket, avatar=avatar)
@@ -259,11 +259,11 @@ class AgentSession:
         self.process: Any = None
 
     # ISessionSetEnv
-    def setEnv(self, name: bytes, value: bytes) -> None:  # noqa: N802
+    def setEnv(self, name: bytes, value: bytes) -> None:
         self.env[name.decode("utf-8", "replace")] = value.decode("utf-8", "replace")
 
     # ISession
-    def getPty(self, term: bytes, windowSize: tuple[int, int, int, int], modes: Any) -> None:  # noqa: N802,N803
+    def getPty(self, term: bytes, windowSize: tuple[int, int, int, int], modes: Any) -> None:
         self.term = term.decode("ascii", "replace") or "xterm"
         self.win_size = windowSize
         self.modes = list(modes)
@@ -271,13 +271,13 @@ class AgentSession:
         self.pty_fds = (master, slave, os.ttyname(slave))
         _set_winsize(master, windowSize)
 
-    def windowChanged(self, newWindowSize: tuple[int, int, int, int]) -> None:  # noqa: N802,N803
+    def windowChanged(self, newWindowSize: tuple[int, int, int, int]) -> None:
         self.win_size = newWindowSize
         if self.pty_fds is not None:
             fd = self.process.fileno() if self.process is not None else self.pty_fds[0]
             _set_winsize(fd, newWindowSize)
 
-    def openShell(self, proto: Any) -> None:  # noqa: N802
+    def openShell(self, proto: Any) -> None:
         shell = self.avatar.shell
         if self.avatar.session_env is not None:
             motd = motd_for_login(self.avatar.session_env.motd_path, self.avatar.home)
@@ -287,11 +287,11 @@ class AgentSession:
                 proto.session.write(motd)
         self._spawn(proto, shell, ["-" + os.path.basename(shell)])
 
-    def execCommand(self, proto: Any, command: bytes) -> None:  # noqa: N802
+    def execCommand(self, proto: Any, command: bytes) -> None:
         shell = self.avatar.shell
         self._spawn(proto, shell, [shell, "-c", command.decode("utf-8", "surrogateescape")])
 
-    def eofReceived(self) -> None:  # noqa: N802
+    def eofReceived(self) -> None:
         if self.process is not None and self.pty_fds is None:
             self.process.closeStdin()
 
@@ -382,7 +382,7 @@ class AgentSessionChannel(session.SSHSession):
         kw.setdefault("localWindow", CHANNEL_WINDOW)
         super().__init__(*args, **kw)
 
-    def eofReceived(self) -> None:  # noqa: N802
+    def eofReceived(self) -> None:
         # conch hands EOF to the session object whenever one was made (an ``env`` request makes
         # one), but a subsystem (sftp) has no process to close: then the channel must close.
         session_obj = self.session
@@ -421,16 +421,16 @@ class _AgentChannel(channel.SSHChannel):
         super().__init__(**kw)
         self.client = client
 
-    def channelOpen(self, specificData: bytes) -> None:  # noqa: N802
+    def channelOpen(self, specificData: bytes) -> None:
         self.client.channel_ready(self)
 
-    def openFailed(self, reason: Any) -> None:  # noqa: N802
+    def openFailed(self, reason: Any) -> None:
         self.client.transport.loseConnection()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.client.transport.write(data)
 
-    def eofReceived(self) -> None:  # noqa: N802
+    def eofReceived(self) -> None:
         self.client.transport.loseConnection()
 
     def closed(self) -> None:
@@ -443,7 +443,7 @@ class _AgentSocketProtocol(protocol.Protocol):
         self.channel: _AgentChannel | None = None
         self.pending: list[bytes] = []
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.conn.openChannel(_AgentChannel(self, conn=self.conn))
 
     def channel_ready(self, chan: _AgentChannel) -> None:
@@ -452,13 +452,13 @@ class _AgentSocketProtocol(protocol.Protocol):
             chan.write(chunk)
         self.pending = []
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if self.channel is None:
             self.pending.append(data)
         else:
             self.channel.write(data)
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         if self.channel is not None:
             self.channel.loseConnection()
 
@@ -467,7 +467,7 @@ class _AgentSocketFactory(protocol.Factory):
     def __init__(self, conn: connection.SSHConnection):
         self.conn = conn
 
-    def buildProtocol(self, addr: Any) -> _AgentSocketProtocol:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> _AgentSocketProtocol:
         return _AgentSocketProtocol(self.conn)
 
 

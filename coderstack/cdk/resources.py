@@ -9,17 +9,17 @@ from typing import Any
 # jsii prints a boxed warning on Node 20 for every process; it is noise in template builds.
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
-import jsii  # noqa: E402
-from cdktf import (  # noqa: E402
+import jsii
+from cdktf import (
     TerraformDataSource,
     TerraformProvider,
     TerraformProviderGeneratorMetadata,
     TerraformResource,
     TerraformStack,
 )
-from constructs import Construct  # noqa: E402
+from constructs import Construct
 
-from coderstack.provider.bootstrap import linux_stop_script  # noqa: E402
+from coderstack.provider.bootstrap import linux_stop_script
 
 PROVIDER_SOURCE = "coder/coder"
 PROVIDER_VERSION = ">= 2.0.0"

@@ -11,8 +11,8 @@ from typing import Any
 
 os.environ.setdefault("JSII_SILENCE_WARNING_END_OF_LIFE_NODE_VERSION", "20")
 
-from cdktf import App, TerraformStack  # noqa: E402
-from constructs import Construct  # noqa: E402
+from cdktf import App, TerraformStack
+from constructs import Construct
 
 STACK_NAME = "workspace"
 

@@ -30,7 +30,7 @@ class _OneEndpoint:
     def __init__(self, endpoint: IStreamClientEndpoint) -> None:
         self.endpoint = endpoint
 
-    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:  # noqa: N802 - twisted API
+    def endpointForURI(self, uri: Any) -> IStreamClientEndpoint:
         return self.endpoint
 
 
@@ -67,7 +67,7 @@ class _CappedBody(protocol.Protocol):
         self.size = 0
         self.done: Deferred[bytes] = Deferred()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802 - twisted API
+    def dataReceived(self, data: bytes) -> None:
         if self.done.called:
             return
         self.size += len(data)
@@ -77,7 +77,7 @@ class _CappedBody(protocol.Protocol):
             return
         self.parts.append(data)
 
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:  # noqa: N802
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         if self.done.called:
             return
         if reason.check(ResponseDone, PotentialDataLoss):

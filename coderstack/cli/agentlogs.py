@@ -23,7 +23,7 @@ class Options(Command):
     optFlags = [["follow", "f", "Keep printing new lines as they arrive."]]
     optParameters = [["output", "o", "text", "Output format: text or json."]]
 
-    def parseArgs(self, workspace: str) -> None:  # noqa: N802
+    def parseArgs(self, workspace: str) -> None:
         self["workspace"] = workspace
 
     def postOptions(self) -> None:

@@ -14,7 +14,7 @@ from twisted.python import usage
 
 
 class Command(usage.Options):
-    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+    def parseOptions(self, options: list[str] | None = None) -> None:
         if options is None:
             return super().parseOptions(options)
         try:
@@ -40,7 +40,7 @@ class CommandGroup(usage.Options):
 
     aliases: dict[str, str] = {}
 
-    def parseOptions(self, options: list[str] | None = None) -> None:  # noqa: N802
+    def parseOptions(self, options: list[str] | None = None) -> None:
         if options:
             options = list(options)
             for i, arg in enumerate(options):

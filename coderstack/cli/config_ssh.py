@@ -237,7 +237,7 @@ class Options(Command):
 
     opt_o = opt_ssh_option
 
-    def parseArgs(self) -> None:  # noqa: N802  (no positional arguments)
+    def parseArgs(self) -> None:
         pass
 
 

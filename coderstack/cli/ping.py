@@ -44,10 +44,10 @@ class Options(Command):
         ["output", "o", "table", "table or json."],
     ]
 
-    def parseArgs(self, workspace: str) -> None:  # noqa: N802
+    def parseArgs(self, workspace: str) -> None:
         self["workspace"] = workspace
 
-    def postOptions(self) -> None:  # noqa: N802
+    def postOptions(self) -> None:
         try:
             self["wait_s"] = parse_nonneg(self["wait"])
             self["timeout_s"] = parse_nonneg(self["timeout"])
@@ -82,7 +82,7 @@ async def _diagnostics(reactor: Any, ctx: Any, conn: Any, p2p: bool) -> str:
     """Write the diagnostics; returns why a relayed connection is relayed, if they tell."""
     try:
         info = await ctx.api.connection_info()
-    except Exception as err:  # noqa: BLE001
+    except Exception as err:
         ctx.err(f"Failed to retrieve connection info from server: {err}")
         info = {}
     try:
@@ -98,7 +98,7 @@ async def _diagnostics(reactor: Any, ctx: Any, conn: Any, p2p: bool) -> str:
             ctx.err("Could not generate full connection report as the workspace agent is outdated")
         else:
             ctx.err(f"Failed to retrieve connection report from agent: {err}")
-    except Exception as err:  # noqa: BLE001 - a diagnostic must not end the ping
+    except Exception as err:  # a diagnostic must not end the ping
         ctx.err(f"Failed to retrieve connection report from agent: {err}")
     if ctx.verbose or not p2p:
         # Right after dialing, a netcheck with UDP blocked is still waiting for its STUN probes;
@@ -127,7 +127,7 @@ async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -
         try:
             first = await _ping(reactor, conn, options["timeout_s"])
             did_p2p = first.p2p
-        except Exception:  # noqa: BLE001 - the silent ping only picks the diagnostics
+        except Exception:  # the silent ping only picks the diagnostics
             did_p2p = False
         relayed_why = await _diagnostics(reactor, ctx, conn, did_p2p)
         summary = pingfmt.PingSummary(ws)
@@ -144,7 +144,7 @@ async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -
             stamp = _stamp(options)
             try:
                 last = await _ping(reactor, conn, options["timeout_s"])
-            except Exception as err:  # noqa: BLE001
+            except Exception as err:
                 summary.add(None)
                 error = "timed out" if _is_timeout(err) else str(err)
                 say(pingfmt.timeout_line(ws) if _is_timeout(err) else pingfmt.failed_line(ws, error))

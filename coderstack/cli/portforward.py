@@ -174,7 +174,7 @@ class _FlowSocket(protocol.DatagramProtocol):
         self.on_datagram = on_datagram
         self.dropped = 0  # datagrams from anyone but the target
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:  # noqa: N802
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
         if (addr[0], addr[1]) == self.target:
             self.on_datagram(data)
         else:
@@ -200,7 +200,7 @@ def datagram_flow_dial(listen_udp: Callable[[int, protocol.DatagramProtocol], An
         proto = _FlowSocket(host, port, on_datagram)
         try:
             listen_udp(0, proto)
-        except Exception as err:  # noqa: BLE001
+        except Exception as err:
             return defer.fail(err)
         return defer.succeed(proto)
     return dial
@@ -219,13 +219,13 @@ class _Remote(protocol.Protocol):
     def __init__(self, local: _Local):
         self.local = local
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.local.remote_connected(self)
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.local.transport.write(data)
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         self.local.transport.loseConnection()
 
 
@@ -237,7 +237,7 @@ class _Local(protocol.Protocol):
         self.remote: _Remote | None = None
         self.closed = False
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.transport.pauseProducing()
         self.forwarder.active += 1
         endpoint = self.forwarder.tcp_endpoint(self.spec.dial_port)
@@ -259,11 +259,11 @@ class _Local(protocol.Protocol):
         remote.transport.registerProducer(self.transport, True)
         self.transport.resumeProducing()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         if self.remote is not None:
             self.remote.transport.write(data)
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         self.closed = True
         self.forwarder.active -= 1
         if self.remote is not None:
@@ -274,7 +274,7 @@ class _LocalFactory(protocol.Factory):
     def __init__(self, forwarder: Forwarder, spec: ForwardSpec):
         self.forwarder, self.spec = forwarder, spec
 
-    def buildProtocol(self, addr: Any) -> _Local:  # noqa: N802
+    def buildProtocol(self, addr: Any) -> _Local:
         return _Local(self.forwarder, self.spec)
 
 
@@ -289,7 +289,7 @@ class _UDPListener(protocol.DatagramProtocol):
         self.flows: dict[Any, DatagramFlow] = {}
         self.pending: dict[Any, list[bytes]] = {}
 
-    def datagramReceived(self, data: bytes, addr: Any) -> None:  # noqa: N802
+    def datagramReceived(self, data: bytes, addr: Any) -> None:
         flow = self.flows.get(addr)
         if flow is not None:
             flow.send(data)
@@ -315,7 +315,7 @@ class _UDPListener(protocol.DatagramProtocol):
         self.forwarder.say(f"Failed to dial 'udp://{format_addr(DIAL_HOST, self.spec.dial_port)}' "
                            f"in workspace: {failure.getErrorMessage()}")
 
-    def stopProtocol(self) -> None:  # noqa: N802
+    def stopProtocol(self) -> None:
         for flow in self.flows.values():
             flow.close()
         self.flows.clear()
@@ -356,7 +356,7 @@ class Forwarder:
                     if self.ipv6:
                         try:
                             self._listen(spec, IPV6_LOOPBACK)
-                        except Exception as err:  # noqa: BLE001 - opportunistic, as Coder
+                        except Exception as err:  # opportunistic, as Coder
                             log.info("failed to listen on IPv6 for {spec}: {err}", spec=spec, err=err)
                 for host in hosts:
                     try:
@@ -403,7 +403,7 @@ class Options(Command):
         """Forward UDP port(s) from the workspace, with TCP-like per-source flows [env CODER_PORT_FORWARD_UDP]."""
         self["udp"].append(spec)
 
-    def parseArgs(self, workspace: str) -> None:  # noqa: N802
+    def parseArgs(self, workspace: str) -> None:
         self["workspace"] = workspace
 
 

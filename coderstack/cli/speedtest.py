@@ -32,10 +32,10 @@ class Options(Command):
         ["output", "o", "table", "table or json."],
     ]
 
-    def parseArgs(self, workspace: str) -> None:  # noqa: N802
+    def parseArgs(self, workspace: str) -> None:
         self["workspace"] = workspace
 
-    def postOptions(self) -> None:  # noqa: N802
+    def postOptions(self) -> None:
         try:
             self["seconds"] = parse_go_duration(self["time"])
         except ValueError as err:

@@ -43,11 +43,11 @@ class Options(Command):
         ["hostname-suffix", None, None, "Strip .SUFFIX from the host name [env CODER_SSH_HOSTNAME_SUFFIX]."],
     ]
 
-    def parseArgs(self, workspace: str, *command: str) -> None:  # noqa: N802
+    def parseArgs(self, workspace: str, *command: str) -> None:
         self["workspace"] = workspace
         self["command"] = list(command)
 
-    def postOptions(self) -> None:  # noqa: N802
+    def postOptions(self) -> None:
         if self["wait"] is not None:
             agentwait.wait_mode(self["wait"], {})
 
@@ -69,13 +69,13 @@ class _Agent(protocol.Protocol):
     def __init__(self, bridge: _Bridge):
         self.bridge = bridge
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.bridge.agent_connected(self)
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.bridge.stdio.transport.write(data)
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         self.bridge.agent_lost()
 
 
@@ -84,20 +84,20 @@ class _Stdio(protocol.Protocol):
     def __init__(self, bridge: _Bridge):
         self.bridge = bridge
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.bridge.agent.transport.write(data)
 
-    def readConnectionLost(self) -> None:  # noqa: N802
+    def readConnectionLost(self) -> None:
         transport = self.bridge.agent.transport
         if hasattr(transport, "loseWriteConnection"):
             transport.loseWriteConnection()
         else:
             transport.loseConnection()
 
-    def writeConnectionLost(self) -> None:  # noqa: N802
+    def writeConnectionLost(self) -> None:
         self.bridge.agent.transport.loseConnection()
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         if self.bridge.agent is not None:
             self.bridge.agent.transport.loseConnection()
 
@@ -167,7 +167,7 @@ class _Exit(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.done: defer.Deferred[int] = defer.Deferred()
 
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
+    def processEnded(self, reason: Any) -> None:
         code = getattr(reason.value, "exitCode", None)
         self.done.callback(255 if code is None else code)
 

@@ -37,7 +37,7 @@ class _NamedUser(Command):
 
     verb = ""
 
-    def parseArgs(self, name: str | None = None) -> None:  # noqa: N802
+    def parseArgs(self, name: str | None = None) -> None:
         if not name:
             raise usage.UsageError(f"missing USERNAME: coderstack users {self.verb} USERNAME")
         self["name"] = name

@@ -80,7 +80,7 @@ class CoordinateClientFactory(WebSocketClientFactory):
         if not self.closed.called:
             self.closed.callback((code, reason))
 
-    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:  # noqa: N802
+    def clientConnectionFailed(self, connector: Any, reason: Any) -> None:
         self.on_close(None, reason.getErrorMessage())
 
 

@@ -330,7 +330,7 @@ class _WSClientProducer:
 def _local_host(transport: Any) -> str | None:
     try:
         return str(transport.getHost().host)
-    except Exception:  # noqa: BLE001 - no transport, or one without an IP address
+    except Exception:  # no transport, or one without an IP address
         return None
 
 

@@ -33,13 +33,13 @@ class _AgentProcess(protocol.ProcessProtocol):
     def __init__(self) -> None:
         self.ended: Deferred[None] = Deferred()
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
+    def outReceived(self, data: bytes) -> None:
         for line in data.decode("utf-8", "replace").splitlines():
             log.info("[dev agent] {line}", line=line)
 
     errReceived = outReceived
 
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
+    def processEnded(self, reason: Any) -> None:
         log.info("dev agent exited: {why}", why=reason.getErrorMessage())
         self.ended.callback(None)
 

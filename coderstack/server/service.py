@@ -37,7 +37,7 @@ SHUTDOWN_GRACE = 0.5
 class QuietSite(GuardedSite):
     """A Site whose access log never includes query strings (they may carry tokens)."""
 
-    def log(self, request: Any) -> None:  # noqa: D401 - twisted API
+    def log(self, request: Any) -> None:
         pass
 
 

@@ -206,7 +206,7 @@ class _Receiver(DatagramProtocol):
     def __init__(self, client: STUNClient) -> None:
         self.client = client
 
-    def datagramReceived(self, datagram: bytes, addr) -> None:  # noqa: N802
+    def datagramReceived(self, datagram: bytes, addr) -> None:
         if stun.is_stun(datagram):
             self.client.datagram_received(datagram, addr)
 

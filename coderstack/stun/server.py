@@ -110,7 +110,7 @@ class STUNServerProtocol(DatagramProtocol):
     def counters(self) -> Counters:
         return self.responder.counters
 
-    def datagramReceived(self, datagram: bytes, addr) -> None:  # noqa: N802 (Twisted API)
+    def datagramReceived(self, datagram: bytes, addr) -> None:
         reply = self.responder.handle(datagram, addr, self.clock.seconds())
         if reply is None:
             return

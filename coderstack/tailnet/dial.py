@@ -95,7 +95,7 @@ class CoordinationLink:
                     await self._sleep
                     try:
                         factory = await self._open()
-                    except Exception as err:  # noqa: BLE001 - server still down: try again later
+                    except Exception as err:  # server still down: try again later
                         failures += 1
                         _log.info("coordinator unreachable, retrying: {why}", why=str(err))
                         continue
@@ -114,7 +114,7 @@ class CoordinationLink:
                                 await result
                         except defer.CancelledError:
                             raise
-                        except Exception as err:  # noqa: BLE001 - keep the link going regardless
+                        except Exception as err:  # keep the link going regardless
                             _log.info("after reconnecting: {why}", why=str(err))
                     break
             except defer.CancelledError:

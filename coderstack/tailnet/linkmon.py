@@ -202,7 +202,7 @@ class LinkMonitor:
         try:
             woke = self.wake.observe(self.clock.seconds(), self.monotonic())
             new = self.read_state()
-        except Exception as err:  # noqa: BLE001 - a failed read must not stop the monitor
+        except Exception as err:  # a failed read must not stop the monitor
             self.errors += 1
             _log.info("link monitor: cannot read the interfaces: {why}", why=str(err))
         else:
@@ -213,7 +213,7 @@ class LinkMonitor:
                 _log.info("network changed: {what}", what=change.describe())
                 try:
                     self.on_change(change)
-                except Exception:  # noqa: BLE001
+                except Exception:
                     _log.failure("link change handler failed")
 
 

@@ -342,7 +342,7 @@ class MagicSock(DatagramProtocol):
 
     # -- UDP --------------------------------------------------------------------------------
 
-    def datagramReceived(self, datagram: bytes, addr: Any) -> None:  # noqa: N802
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None:
         src = (addr[0], addr[1])
         if disco.looks_like_disco(datagram):
             self._disco_in(datagram, src, None)

@@ -1056,7 +1056,7 @@ class _ReportRun:
 class _InsecureTLSPolicy:
     """``InsecureForTests`` nodes: TLS without certificate verification."""
 
-    def creatorForNetloc(self, hostname: bytes, port: int):  # noqa: N802 (Twisted API)
+    def creatorForNetloc(self, hostname: bytes, port: int):
         from twisted.internet.ssl import CertificateOptions
 
         return CertificateOptions(verify=False)

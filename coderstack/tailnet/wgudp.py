@@ -88,10 +88,10 @@ class WireGuardUDP(DatagramProtocol):
 
     # -- DatagramProtocol --
 
-    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:  # noqa: N802
+    def datagramReceived(self, datagram: bytes, addr: tuple[str, int]) -> None:
         self._handle(self.device.receive(datagram, self.clock.seconds(), addr))
 
-    def stopProtocol(self) -> None:  # noqa: N802
+    def stopProtocol(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None

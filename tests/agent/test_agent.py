@@ -49,10 +49,10 @@ class _UDPPort:
         self.port = port
         self.listening = True
 
-    def getHost(self) -> IPv4Address:  # noqa: N802
+    def getHost(self) -> IPv4Address:
         return IPv4Address("UDP", "0.0.0.0", self.port)
 
-    def stopListening(self) -> None:  # noqa: N802
+    def stopListening(self) -> None:
         self.listening = False
 
 
@@ -63,7 +63,7 @@ class FakeReactor(MemoryReactorClock):
         super().__init__()
         self.udp: list[tuple[int, Any]] = []
 
-    def listenUDP(self, port: int, protocol: Any, *args: Any, **kwargs: Any) -> _UDPPort:  # noqa: N802
+    def listenUDP(self, port: int, protocol: Any, *args: Any, **kwargs: Any) -> _UDPPort:
         self.udp.append((port, protocol))
         return _UDPPort(port or 41641)
 

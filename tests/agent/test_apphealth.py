@@ -108,7 +108,7 @@ class _Status(resource.Resource):
         super().__init__()
         self.code, self.body = code, body
 
-    def render_GET(self, request):  # noqa: N802
+    def render_GET(self, request):
         request.setResponseCode(self.code)
         if self.code in (301, 302):
             request.setHeader(b"Location", b"http://127.0.0.1:1/elsewhere")

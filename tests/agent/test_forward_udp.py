@@ -26,7 +26,7 @@ class FakeUDPPort:
     def write(self, data: bytes, addr: object = None) -> None:
         self.sent.append(data)
 
-    def stopListening(self) -> None:  # noqa: N802
+    def stopListening(self) -> None:
         self.stopped = True
 
 
@@ -35,7 +35,7 @@ class FakeReactor(task.Clock):
         super().__init__()
         self.ports: list[FakeUDPPort] = []
 
-    def listenUDP(self, port: int, proto: protocol.DatagramProtocol, interface: str = "") -> FakeUDPPort:  # noqa: N802
+    def listenUDP(self, port: int, proto: protocol.DatagramProtocol, interface: str = "") -> FakeUDPPort:
         assert (port, interface) == (0, "127.0.0.1")
         p = FakeUDPPort(proto)
         proto.makeConnection(p)
@@ -58,7 +58,7 @@ class FakeTunnel:
     def write(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
         self.sent.append((data, src, dst))
 
-    def stopListening(self) -> None:  # noqa: N802
+    def stopListening(self) -> None:
         self.stopped = True
 
 
@@ -115,7 +115,7 @@ class ForwarderTests(unittest.TestCase):
 
 
 class _Echo(protocol.DatagramProtocol):
-    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:  # noqa: N802
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         self.transport.write(data.upper(), addr)
 
 

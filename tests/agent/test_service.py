@@ -32,7 +32,7 @@ class _Root(Resource):
         for path, res in derp.items():
             self.putChild(path.lstrip("/").encode(), res)
 
-    def getChild(self, name: bytes, request):  # noqa: N802
+    def getChild(self, name: bytes, request):
         request.prepath.pop()
         request.postpath.insert(0, name)
         return self.app_resource
@@ -125,7 +125,7 @@ class AgentTunnelTests(unittest.TestCase):
 
 
 class _Echo(protocol.Protocol):
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
 
 
@@ -133,7 +133,7 @@ class _Collect(protocol.Protocol):
     def __init__(self) -> None:
         self.buf = bytearray()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.buf += data
 
 

@@ -26,7 +26,7 @@ SOURCES = {name: str(uuid.uuid4()) for name in ("startup", "fail", "hang", "cron
 class _Healthz(resource.Resource):
     isLeaf = True
 
-    def render_GET(self, request):  # noqa: N802
+    def render_GET(self, request):
         return b"ok"
 
 

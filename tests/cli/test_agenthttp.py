@@ -20,7 +20,7 @@ class _Streaming(resource.Resource):
         super().__init__()
         self.size = size
 
-    def render_GET(self, request: server.Request) -> int:  # noqa: N802 - twisted API
+    def render_GET(self, request: server.Request) -> int:
         request.setHeader(b"Content-Type", b"application/json")
         request.write(b'"')
         left = self.size

@@ -49,7 +49,7 @@ class ReconnectTests(unittest.TestCase):
         accepted: list[Protocol] = []
 
         class Silent(Protocol):
-            def connectionMade(self) -> None:  # noqa: N802
+            def connectionMade(self) -> None:
                 accepted.append(self)
 
         port = reactor.listenTCP(0, Factory.forProtocol(Silent), interface="127.0.0.1")

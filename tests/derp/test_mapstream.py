@@ -33,7 +33,7 @@ class MapStreamTests(unittest.TestCase):
             def onMessage(self, payload: bytes, isBinary: bool) -> None:
                 got.append(DERPMap.loads(payload))
 
-            def onClose(self, wasClean, code, reason) -> None:  # noqa: ANN001
+            def onClose(self, wasClean, code, reason) -> None:
                 closed.callback(None)
 
         url = f"ws://127.0.0.1:{port.getHost().port}/api/v2/derp-map"

@@ -17,12 +17,12 @@ from coderstack.wire import derp as w
 from .helpers import RelayServer, make_ca_and_cert, start_client, wait_for
 
 
-def _d(coro):  # noqa: ANN001, ANN202
+def _d(coro):
     return defer.ensureDeferred(coro)
 
 
 class ExchangeTests(unittest.TestCase):
-    async def _exchange(self, server: RelayServer, **kw) -> None:  # noqa: ANN003
+    async def _exchange(self, server: RelayServer, **kw) -> None:
         a, ra = start_client(self, server, **kw)
         b, rb = start_client(self, server, **kw)
         await wait_for(lambda: a.connected and b.connected)
@@ -65,7 +65,7 @@ class ExchangeTests(unittest.TestCase):
         server = RelayServer(self, AllowAllPolicy(), tls_pem=server_pem)
         ca = ssl.Certificate.loadPEM(ca_pem)
 
-        def opts(host: str):  # noqa: ANN202
+        def opts(host: str):
             return ssl.optionsForClientTLS(host, trustRoot=ca)
 
         async def go() -> None:
@@ -81,7 +81,7 @@ class ExchangeTests(unittest.TestCase):
         server = RelayServer(self, AllowAllPolicy(), tls_pem=server_pem)
         other_ca, _ = make_ca_and_cert("localhost")
 
-        def opts(host: str):  # noqa: ANN202
+        def opts(host: str):
             return ssl.optionsForClientTLS(host, trustRoot=ssl.Certificate.loadPEM(other_ca))
 
         async def go() -> None:
@@ -98,10 +98,10 @@ class ExchangeTests(unittest.TestCase):
         holder: dict = {}
 
         class MangledUpgrade(Resource):
-            def getChild(self, path, request):  # noqa: ANN001, ANN202
+            def getChild(self, path, request):
                 return self
 
-            def render(self, request):  # noqa: ANN001, ANN202
+            def render(self, request):
                 if (request.getHeader(b"Upgrade") or b"").lower() == b"derp":
                     request.setResponseCode(400)
                     return b"proxy says no"
@@ -143,11 +143,11 @@ class ExchangeTests(unittest.TestCase):
         holder: dict = {}
 
         @app.route("/derp", branch=True)
-        def derp(request):  # noqa: ANN001, ANN202
+        def derp(request):
             return holder["res"]["/derp"]
 
         @app.route("/api/v2/buildinfo")
-        def buildinfo(request):  # noqa: ANN001, ANN202
+        def buildinfo(request):
             return json.dumps({"version": "test"})
 
         server = RelayServer(self, policy, root=app.resource())

@@ -34,7 +34,7 @@ class NoDelayUnitTests(unittest.TestCase):
         calls = []
 
         class T:
-            def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802 - Twisted's name
+            def setTcpNoDelay(self, enabled: bool) -> None:
                 calls.append(enabled)
 
         self.assertTrue(no_delay(T()))
@@ -45,7 +45,7 @@ class NoDelayUnitTests(unittest.TestCase):
 
     def test_closed_socket_is_not_an_error(self) -> None:
         class T:
-            def setTcpNoDelay(self, enabled: bool) -> None:  # noqa: N802
+            def setTcpNoDelay(self, enabled: bool) -> None:
                 raise OSError(9, "Bad file descriptor")
 
         self.assertFalse(no_delay(T()))
@@ -58,7 +58,7 @@ class RealSocketTests(unittest.TestCase):
         server_side: list[Any] = []
 
         class S(Protocol):
-            def connectionMade(self) -> None:  # noqa: N802
+            def connectionMade(self) -> None:
                 server_side.append(self.transport)
 
         port = reactor.listenTCP(0, ServerFactory.forProtocol(S), interface="127.0.0.1")
@@ -66,7 +66,7 @@ class RealSocketTests(unittest.TestCase):
         connected: defer.Deferred[Any] = defer.Deferred()
 
         class C(Protocol):
-            def connectionMade(self) -> None:  # noqa: N802
+            def connectionMade(self) -> None:
                 connected.callback(self.transport)
 
         connector = reactor.connectTCP("127.0.0.1", port.getHost().port, ClientFactory.forProtocol(C))

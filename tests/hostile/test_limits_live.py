@@ -80,7 +80,7 @@ class CapsTests(Base):
         self.assertTrue(all(not p.coord.closed.called for p in held))
 
 
-def big_node(peer_id, n: int) -> dict:  # noqa: ANN001
+def big_node(peer_id, n: int) -> dict:
     addr = f"{address_from_uuid(peer_id)}/128"
     return {"id": n, "as_of": datetime.now(UTC).isoformat(), "key": "nodekey:" + peer_id.bytes.hex() * 2,
             "disco": "discokey:" + peer_id.bytes.hex()[::-1] * 2, "preferred_derp": 999,

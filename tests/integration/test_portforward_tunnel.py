@@ -32,7 +32,7 @@ def free_udp_port() -> int:
 
 
 class _UDPEcho(protocol.DatagramProtocol):
-    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:  # noqa: N802
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         self.transport.write(b"echo:" + data, addr)
 
 
@@ -40,14 +40,14 @@ class _UDPClient(protocol.DatagramProtocol):
     def __init__(self) -> None:
         self.received: list[bytes] = []
 
-    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:  # noqa: N802
+    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
         self.received.append(data)
 
 
 class _Closed(protocol.Protocol):
     """A workspace service that notes when its connections end."""
 
-    def connectionLost(self, reason: object = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: object = None) -> None:
         self.factory.lost.append(True)
 
 

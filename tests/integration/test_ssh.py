@@ -19,7 +19,7 @@ from tests.support.processes import Deployment, Process, free_port, sleep
 
 
 class _Echo(protocol.Protocol):
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.transport.write(data)
 
 
@@ -27,7 +27,7 @@ class _Collect(protocol.Protocol):
     def __init__(self) -> None:
         self.buf = bytearray()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.buf += data
 
 

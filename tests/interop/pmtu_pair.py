@@ -21,11 +21,11 @@ class Sink(protocol.Protocol):
         self.count = 0
         self.done: defer.Deferred[tuple[int, str]] = defer.Deferred()
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.hash.update(data)
         self.count += len(data)
 
-    def connectionLost(self, reason: Any = None) -> None:  # noqa: N802
+    def connectionLost(self, reason: Any = None) -> None:
         if not self.done.called:
             self.done.callback((self.count, self.hash.hexdigest()))
 
@@ -39,10 +39,10 @@ class Source(protocol.Protocol):
         self.sent = 0
         self.hash = hashlib.sha256()
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.transport.registerProducer(self, False)
 
-    def resumeProducing(self) -> None:  # noqa: N802
+    def resumeProducing(self) -> None:
         if self.sent >= self.total:
             return
         chunk = self.block[: min(len(self.block), self.total - self.sent)]
@@ -57,7 +57,7 @@ class Source(protocol.Protocol):
     def finished(self) -> None:
         """Called once everything is written (a hook for subclasses)."""
 
-    def stopProducing(self) -> None:  # noqa: N802
+    def stopProducing(self) -> None:
         pass
 
 

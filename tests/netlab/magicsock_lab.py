@@ -60,7 +60,7 @@ class LineProcess(protocol.ProcessProtocol):
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.on_node: Any = None
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
+    def outReceived(self, data: bytes) -> None:
         self.buf += data
         while b"\n" in self.buf:
             line, self.buf = self.buf.split(b"\n", 1)
@@ -80,10 +80,10 @@ class LineProcess(protocol.ProcessProtocol):
             if "ping" in msg or "ping_error" in msg:
                 self.pings.append(msg)
 
-    def errReceived(self, data: bytes) -> None:  # noqa: N802
+    def errReceived(self, data: bytes) -> None:
         self.stderr = (self.stderr + data)[-8000:]
 
-    def processEnded(self, reason: Any) -> None:  # noqa: N802
+    def processEnded(self, reason: Any) -> None:
         self.ended.callback(None)
 
     def send(self, obj: dict) -> None:

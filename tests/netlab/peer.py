@@ -70,7 +70,7 @@ class Peer(LineReceiver):
                 self.longest_gap = (now - self.last_rx, now)
             self.last_rx = now
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    def lineReceived(self, line: bytes) -> None:
         msg = json.loads(line)
         if "peer" in msg:
             self.peer = Node.from_json(msg["peer"])
@@ -112,7 +112,7 @@ class Peer(LineReceiver):
                       last_handshake=self.conn.last_handshake.get(self.peer.key))
         out({"status": st})
 
-    def connectionLost(self, reason=None) -> None:  # noqa: N802
+    def connectionLost(self, reason=None) -> None:
         if reactor.running:
             reactor.stop()
 

@@ -34,14 +34,14 @@ def out(obj: object) -> None:
 
 
 class Sink(protocol.Protocol):
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.hash, self.count = hashlib.sha256(), 0
 
-    def dataReceived(self, data: bytes) -> None:  # noqa: N802
+    def dataReceived(self, data: bytes) -> None:
         self.hash.update(data)
         self.count += len(data)
 
-    def connectionLost(self, reason=None) -> None:  # noqa: N802
+    def connectionLost(self, reason=None) -> None:
         out({"received": [self.count, self.hash.hexdigest()]})
 
 
@@ -64,7 +64,7 @@ class Peer(LineReceiver):
         conn.on_node_change(lambda node: out({"node": node.to_json()}))
         task.LoopingCall(self.status).start(0.25, now=False)
 
-    def lineReceived(self, line: bytes) -> None:  # noqa: N802
+    def lineReceived(self, line: bytes) -> None:
         msg = json.loads(line)
         ns = self.conn.netstack  # type: ignore[attr-defined]
         if "peer" in msg:
@@ -89,7 +89,7 @@ class Peer(LineReceiver):
             st["path_mtu"] = self.conn.path_mtu(self.peer.key)
         out({"status": st})
 
-    def connectionLost(self, reason=None) -> None:  # noqa: N802
+    def connectionLost(self, reason=None) -> None:
         if reactor.running:
             reactor.stop()
 

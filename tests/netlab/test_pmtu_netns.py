@@ -34,7 +34,7 @@ class PeerProcess(LineProcess):
         super().__init__(name)
         self.results: dict = {}
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
+    def outReceived(self, data: bytes) -> None:
         for line in (self.buf + data).split(b"\n")[:-1]:
             try:
                 msg = json.loads(line)
@@ -50,7 +50,7 @@ class PeerProcess(LineProcess):
 class PMTULab(_Spawner):
     """Two namespaces and one veth (reuses the NAT lab's process spawning and stopping)."""
 
-    def __init__(self, mtu: int, drop_above: int | None = None) -> None:  # noqa: D107
+    def __init__(self, mtu: int, drop_above: int | None = None) -> None:
         tag = f"{os.getpid() % 10000}{uuid.uuid4().hex[:2]}"
         self.ns = {"a": f"cspm-a{tag}", "b": f"cspm-b{tag}"}
         self.namespaces: list[str] = []

@@ -91,16 +91,16 @@ class Session(protocol.ProcessProtocol):
         self.pid: int | None = None
         self.tree: dict[int, bytes | None] = {}  # every descendant seen (OpenSSH, the ProxyCommand)
 
-    def connectionMade(self) -> None:  # noqa: N802
+    def connectionMade(self) -> None:
         self.pid = self.transport.pid
 
-    def outReceived(self, data: bytes) -> None:  # noqa: N802
+    def outReceived(self, data: bytes) -> None:
         self.out += data
 
-    def errReceived(self, data: bytes) -> None:  # noqa: N802
+    def errReceived(self, data: bytes) -> None:
         self.err = (self.err + data)[-16000:]
 
-    def processExited(self, reason: Any) -> None:  # noqa: N802
+    def processExited(self, reason: Any) -> None:
         self.ended.callback(getattr(reason.value, "exitCode", None))
 
     def write(self, data: bytes) -> None:

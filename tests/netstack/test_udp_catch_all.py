@@ -22,7 +22,7 @@ class Collect(protocol.DatagramProtocol):
     def __init__(self):
         self.got = []
 
-    def datagramReceived(self, data, addr):  # noqa: N802
+    def datagramReceived(self, data, addr):
         self.got.append((data, addr))
 
 

@@ -65,7 +65,7 @@ class Process:
         self.name = name
         self.argv = argv
         self.log_path = os.path.join(cwd, f"{name}.log")
-        self._log = open(self.log_path, "ab")  # noqa: SIM115 - closed at cleanup
+        self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
                                       stdin=subprocess.DEVNULL)
         self.pid = self.popen.pid

@@ -24,7 +24,7 @@ _CHALLENGE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 class _LatencyCheck(Resource):
     isLeaf = True
 
-    def render_GET(self, request) -> bytes:  # noqa: N802
+    def render_GET(self, request) -> bytes:
         request.setHeader(b"Access-Control-Allow-Origin", b"*")
         return b""
 
@@ -34,7 +34,7 @@ class _LatencyCheck(Resource):
 class _Generate204(Resource):
     isLeaf = True
 
-    def render_GET(self, request) -> bytes:  # noqa: N802
+    def render_GET(self, request) -> bytes:
         raw = request.getHeader(b"X-Tailscale-Challenge")
         challenge = raw.decode("latin-1") if raw else ""
         if _CHALLENGE.match(challenge):

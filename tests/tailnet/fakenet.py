@@ -19,7 +19,7 @@ class FakePort:
     def __init__(self, host: str, port: int) -> None:
         self._host = _Host(host, port)
 
-    def getHost(self) -> _Host:  # noqa: N802
+    def getHost(self) -> _Host:
         return self._host
 
     def stopListening(self) -> None:

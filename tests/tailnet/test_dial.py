@@ -20,7 +20,7 @@ class _Proto:
     def send_request(self, request: CoordinateRequest) -> None:
         self.sent.append(request)
 
-    def sendClose(self) -> None:  # noqa: N802 - Autobahn's name
+    def sendClose(self) -> None:
         self.closed = True
 
 
