@@ -1,6 +1,7 @@
 """The agent's forwarders: a tunnel connection to any port it does not serve itself goes on to
 that port on the workspace's own loopback, as Coder's agent does (what ``port-forward`` and web
-apps reach). Ports 1-8 are reserved for the agent's services and never forwarded.
+apps reach). The agent's own ports (below :data:`~coderstack.wire.ports.MIN_FORWARDED_PORT`)
+are never forwarded.
 
 Only tunnel peers get here, and the coordinator authorized each of them for this workspace.
 
@@ -23,9 +24,10 @@ from twisted.internet import error, protocol
 from twisted.logger import Logger
 from twisted.protocols import portforward
 
+from coderstack.wire.ports import MIN_FORWARDED_PORT
+
 log = Logger()
 
-MIN_FORWARDED_PORT = 9
 LOOPBACK = "127.0.0.1"
 UDP_IDLE_TIMEOUT = 120.0  # seconds; a UDP "connection" has no end but silence
 MAX_UDP_FLOWS = 1024

@@ -25,8 +25,7 @@ from zope.interface import implementer
 from coderstack.cli import agentwait, tunnel
 from coderstack.cli.command import Command
 from coderstack.cli.dialing import Connect
-
-SSH_PORT = 1
+from coderstack.wire.ports import SSH_PORT
 
 
 class Options(Command):
