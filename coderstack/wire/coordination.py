@@ -131,10 +131,6 @@ def disco_key_bytes(text: str) -> bytes:
     return node_key_bytes(text, "discokey")
 
 
-def disco_key_text(key: bytes) -> str:
-    return node_key_text(key, "discokey")
-
-
 def address_from_uuid(
     peer_id: UUID, prefix: ipaddress.IPv6Network = TAILSCALE_SERVICE_PREFIX
 ) -> ipaddress.IPv6Address:
@@ -715,11 +711,3 @@ def parse_request(data: str | bytes) -> CoordinateRequest:
 def parse_response(data: str | bytes) -> CoordinateResponse:
     """One websocket message from the coordinator -> CoordinateResponse, or CoordinationError."""
     return _guard(CoordinateResponse.from_json, _loads(data, MAX_RESPONSE_BYTES))
-
-
-def encode_request(request: CoordinateRequest) -> str:
-    return request.to_text()
-
-
-def encode_response(response: CoordinateResponse) -> str:
-    return response.to_text()
