@@ -10,7 +10,7 @@ accessors hand a connected protocol's transport back as one of them.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any, Protocol, cast
+from typing import Any, Protocol, TypeVar, cast
 
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IStreamClientEndpoint
@@ -41,6 +41,18 @@ class DatagramTransport(Protocol):
     def stopListening(self) -> Any: ...
 
 
+class ProcessTransport(Protocol):
+    """``IProcessTransport``: the child process as its ``ProcessProtocol`` drives it."""
+
+    @property
+    def pid(self) -> int | None: ...
+    def write(self, data: bytes) -> None: ...
+    def closeStdin(self) -> None: ...
+    def closeChildFD(self, fd: int, /) -> None: ...
+    def signalProcess(self, signal: str | int, /) -> None: ...
+    def loseConnection(self) -> None: ...
+
+
 class StreamClientEndpoint(Protocol):
     def connect(self, factory: protocol.Factory, /) -> defer.Deferred[Any]: ...
 
@@ -59,6 +71,17 @@ class Clock(Protocol):
     def callLater(self, delay: float, fn: Callable[..., object], /, *args: object, **kw: object) -> DelayedCall: ...
 
 
+Iface = TypeVar("Iface")
+
+
+def provides(iface: type[Iface], obj: object) -> Iface:
+    """``obj`` as a provider of the zope interface ``iface``: its class says
+    ``@implementer(iface)``, which mypy cannot read. Checked, so a wrong claim fails here."""
+    if not iface.providedBy(obj):  # type: ignore[attr-defined]  # zope's Interface carries no types
+        raise TypeError(f"{type(obj).__name__} does not provide {iface.__name__}")
+    return cast(Iface, obj)
+
+
 class NotConnected(RuntimeError):
     """A protocol's transport was wanted before ``makeConnection`` or after it was let go."""
 
@@ -67,6 +90,12 @@ def stream_transport(proto: protocol.Protocol) -> StreamTransport:
     if proto.transport is None:
         raise NotConnected(f"{type(proto).__name__} has no transport")
     return cast(StreamTransport, proto.transport)
+
+
+def process_transport(proto: protocol.ProcessProtocol) -> ProcessTransport:
+    if proto.transport is None:
+        raise NotConnected(f"{type(proto).__name__} has no transport")
+    return cast(ProcessTransport, proto.transport)
 
 
 def datagram_transport(proto: protocol.AbstractDatagramProtocol) -> DatagramTransport:

@@ -43,7 +43,7 @@ class Options(Command):
         """Forward UDP port(s) from the workspace, with TCP-like per-source flows [env CODER_PORT_FORWARD_UDP]."""
         self["udp"].append(spec)
 
-    def parseArgs(self, workspace: str) -> None:  # type: ignore[override]  # usage.Options.parseArgs takes the positionals as *args
+    def parseArgs(self, workspace: str) -> None:  # type: ignore[override]  # usage.Options passes the positional arguments to it, one parameter each
         self["workspace"] = workspace
 
 
