@@ -1,10 +1,11 @@
-"""Typed views of the Twisted interfaces this code drives: transports and the clock.
+"""Typed views of the Twisted interfaces this code drives: transports, endpoints, the clock.
 
 Twisted declares them as zope interfaces, whose methods have no ``self``; without a zope plugin
 mypy reads every ``transport.write(data)`` or ``clock.callLater(1, f)`` as a call with one
 argument too many, and ``Protocol.transport`` is optional until the connection is made. These
-Protocols name what the code uses (a reactor and ``task.Clock`` fit :class:`Clock`), and the
-accessors hand a connected protocol's transport back as one of them.
+Protocols name what the code uses (a reactor and ``task.Clock`` fit :class:`Clock`); the
+accessors hand a connected protocol's transport back as one of them, and :func:`provides`
+passes an ``@implementer`` object where an interface type is wanted.
 """
 
 from __future__ import annotations
