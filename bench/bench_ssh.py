@@ -77,7 +77,9 @@ def forward_once(base: list[str], size: int) -> float:
 PORT_FORWARD = """
 import sys
 from twisted.internet import reactor
-from coderstack.cli.portforward import Forwarder, loopback_tcp_endpoint, parse_forwards
+from coderstack.forward.forwarder import Forwarder
+from coderstack.forward.spec import parse_forwards
+from tests.support.loopbackforward import loopback_tcp_endpoint
 f = Forwarder(reactor, loopback_tcp_endpoint(reactor), None, lambda line: None, ipv6=False)
 f.start(parse_forwards([sys.argv[1]], []))
 reactor.run()

@@ -157,7 +157,8 @@ def parse(expr: str) -> Schedule:
         values, star = _parse_field(spec, text_field)
         sets.append(values)
         stars.append(star)
-    return Schedule(expr, *sets, dom_any=stars[3], dow_any=stars[5])
+    second, minute, hour, dom, month, dow = sets
+    return Schedule(expr, second, minute, hour, dom, month, dow, dom_any=stars[3], dow_any=stars[5])
 
 
 def _descriptor(expr: str, text: str) -> Schedule:

@@ -22,6 +22,7 @@ Coerce = Callable[[str], Any]
 class EnvOptions(usage.Options):
     # (flag, env var or None, default string or None, coerce, help)
     envParameters: list[tuple[str, str | None, str | None, Coerce, str]] = []
+    optParameters: list[list[Any]]  # set on each subclass, below
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)

@@ -23,6 +23,7 @@ from twisted.internet.error import (
     DNSLookupError,
     TimeoutError,
 )
+from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.web.client import (
     Agent,
     BrowserLikePolicyForHTTPS,
@@ -32,6 +33,9 @@ from twisted.web.client import (
 )
 from twisted.web.http import PotentialDataLoss
 from twisted.web.http_headers import Headers
+from twisted.web.iweb import IAgent
+
+from coderstack.twistedtypes import provides
 
 SESSION_HEADER = "Coder-Session-Token"
 
@@ -71,7 +75,8 @@ class Client:
         self.pool = HTTPConnectionPool(reactor, persistent=True)
         self.pool.maxPersistentPerHost = 4
         policy = BrowserLikePolicyForHTTPS(trustRoot=self.trust_root)
-        self.http = treq.client.HTTPClient(Agent(reactor, contextFactory=policy, pool=self.pool, connectTimeout=10))
+        agent = Agent(reactor, contextFactory=policy, pool=self.pool, connectTimeout=10)
+        self.http = treq.client.HTTPClient(provides(IAgent, agent))
 
     def close(self) -> Any:
         return self.pool.closeCachedConnections()
@@ -162,7 +167,7 @@ class Client:
         host = parts.hostname or ""
         https = parts.scheme == "https"
         port = parts.port or (443 if https else 80)
-        ep = endpoints.HostnameEndpoint(self.reactor, host, port, timeout=10)
+        ep = provides(IStreamClientEndpoint, endpoints.HostnameEndpoint(self.reactor, host, port, timeout=10))
         if https:
             options = ssl.optionsForClientTLS(host, trustRoot=self.trust_root)
             ep = endpoints.wrapClientTLS(options, ep)

@@ -30,10 +30,10 @@ from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 
 from coderstack.tailnet.netcheck import gather_interfaces, interfaces_report
+from coderstack.wire.ports import MIN_FORWARDED_PORT
 
 log = Logger()
 
-MIN_LISTENING_PORT = 9
 TCP_LISTEN = "0A"
 
 
@@ -90,7 +90,7 @@ def listening_ports(proc: str = "/proc", owners: Callable[[], dict[int, str]] | 
         except OSError:
             continue
         for port, inode in parse_proc_net_tcp(text):
-            if port >= MIN_LISTENING_PORT:
+            if port >= MIN_FORWARDED_PORT:
                 found.setdefault(port, inode)
     names = (owners or (lambda: socket_owners(proc)))() if found else {}
     return [{"process_name": names.get(inode, ""), "network": "tcp", "port": port}

@@ -1,6 +1,7 @@
 """The agent's forwarders: a tunnel connection to any port it does not serve itself goes on to
 that port on the workspace's own loopback, as Coder's agent does (what ``port-forward`` and web
-apps reach). Ports 1-8 are reserved for the agent's services and never forwarded.
+apps reach). The agent's own ports (below :data:`~coderstack.wire.ports.MIN_FORWARDED_PORT`)
+are never forwarded.
 
 Only tunnel peers get here, and the coordinator authorized each of them for this workspace.
 
@@ -9,36 +10,46 @@ TCP: both directions keep Twisted's producer/consumer backpressure
 
 UDP (``port-forward --udp``): each (peer address, peer port, tunnel port) is a flow with a UDP
 socket of its own on the loopback, "connected" to ``127.0.0.1:<tunnel port>``; what comes back on
-it returns to the peer from the tunnel port it wrote to. A flow closes after ``idle_timeout``
-seconds without a datagram either way; at most ``max_flows`` exist at once (more are dropped and
-counted), so a peer cannot exhaust the workspace's sockets.
+it returns to the peer from the tunnel port it wrote to. The flows are a
+:class:`~coderstack.forward.flows.FlowTable`: one closes after ``idle_timeout`` seconds without a
+datagram either way, and at most ``max_flows`` exist at once (more are dropped and counted), so a
+peer cannot exhaust the workspace's sockets.
 """
 
 from __future__ import annotations
 
 from collections import Counter
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import error, protocol
 from twisted.logger import Logger
 from twisted.protocols import portforward
 
+from coderstack.forward.flows import FlowTable
+from coderstack.twistedtypes import datagram_transport, stream_transport
+from coderstack.wire.ports import MIN_FORWARDED_PORT
+
 log = Logger()
 
-MIN_FORWARDED_PORT = 9
 LOOPBACK = "127.0.0.1"
 UDP_IDLE_TIMEOUT = 120.0  # seconds; a UDP "connection" has no end but silence
 MAX_UDP_FLOWS = 1024
 
+Address = tuple[str, int]
+FlowKey = tuple[Address, Address]  # (peer, tunnel end)
+
 
 class LocalPortProxy(portforward.ProxyServer):
+    factory: LocalPortForwarder
+
     def connectionMade(self) -> None:
-        port = self.transport.getHost().port
+        transport = stream_transport(self)
+        port = transport.getHost().port
         if port < MIN_FORWARDED_PORT:
-            self.transport.abortConnection()
+            transport.abortConnection()
             return
         # As ProxyServer does, but the destination port is the one the peer asked for.
-        self.transport.pauseProducing()
+        transport.pauseProducing()
         client = self.clientProtocolFactory()
         client.setServer(self)
         self.factory.reactor.connectTCP(LOOPBACK, port, client, timeout=10)
@@ -52,25 +63,31 @@ class LocalPortForwarder(portforward.ProxyFactory):
         self.reactor = reactor
 
 
+class TunnelUDP(Protocol):
+    """The netstack's UDP catch-all (``Netstack.listen_udp_any``) as the forwarder uses it."""
+
+    def write(self, data: bytes, src: Address, dst: Address) -> None: ...
+    def stopListening(self) -> Any: ...
+
+
 class _UDPFlow(protocol.DatagramProtocol):
     """One peer's datagrams to one workspace port, through a loopback socket of its own."""
 
-    def __init__(self, forwarder: LocalUDPForwarder, key: tuple[tuple[str, int], tuple[str, int]]) -> None:
+    def __init__(self, forwarder: LocalUDPForwarder, key: FlowKey) -> None:
         self.forwarder = forwarder
         self.peer, self.tunnel_end = key
         self.key = key
         self.port: Any = None
-        self.idle = forwarder.reactor.callLater(forwarder.idle_timeout, self.close)
 
     def to_workspace(self, data: bytes) -> None:
-        self.idle.reset(self.forwarder.idle_timeout)
+        self.forwarder.flows.touch(self.key)
         try:
-            self.transport.write(data)
+            datagram_transport(self).write(data)
         except (error.MessageLengthError, OSError):
             self.forwarder.counters["workspace_send_errors"] += 1
 
     def datagramReceived(self, data: bytes, addr: Any) -> None:
-        self.idle.reset(self.forwarder.idle_timeout)
+        self.forwarder.flows.touch(self.key)
         tunnel = self.forwarder.tunnel
         if tunnel is None:
             return
@@ -84,10 +101,6 @@ class _UDPFlow(protocol.DatagramProtocol):
         self.forwarder.counters["refused"] += 1
 
     def close(self) -> None:
-        if self.idle.active():
-            self.idle.cancel()
-        if self.forwarder.flows.get(self.key) is self:
-            del self.forwarder.flows[self.key]
         if self.port is not None:
             self.port.stopListening()
             self.port = None
@@ -98,42 +111,39 @@ class LocalUDPForwarder:
 
     def __init__(self, reactor: Any, idle_timeout: float = UDP_IDLE_TIMEOUT, max_flows: int = MAX_UDP_FLOWS) -> None:
         self.reactor = reactor
-        self.idle_timeout = idle_timeout
-        self.max_flows = max_flows
-        self.flows: dict[tuple[tuple[str, int], tuple[str, int]], _UDPFlow] = {}
+        self.flows: FlowTable[FlowKey, _UDPFlow] = FlowTable(reactor, idle_timeout, max_flows)
         self.counters: Counter[str] = Counter()
-        self.tunnel: Any = None
+        self.tunnel: TunnelUDP | None = None
 
     def attach(self, netstack: Any) -> None:
         """Serve every otherwise unbound UDP port of ``netstack``."""
         self.tunnel = netstack.listen_udp_any(self)
 
-    def datagram_received(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None:
+    def datagram_received(self, data: bytes, src: Address, dst: Address) -> None:
         if dst[1] < MIN_FORWARDED_PORT:
             self.counters["reserved_port"] += 1
             return
         key = (src, dst)
         flow = self.flows.get(key)
         if flow is None:
-            if len(self.flows) >= self.max_flows:
+            if self.flows.full():
                 self.counters["too_many_flows"] += 1
                 return
             flow = _UDPFlow(self, key)
             try:
                 flow.port = self.reactor.listenUDP(0, flow, interface=LOOPBACK)
-                flow.transport.connect(LOOPBACK, dst[1])
+                datagram_transport(flow).connect(LOOPBACK, dst[1])
             except (error.CannotListenError, OSError) as err:
                 self.counters["socket_errors"] += 1
                 log.warn("cannot forward UDP to port {port}: {why}", port=dst[1], why=str(err))
                 flow.close()
                 return
-            self.flows[key] = flow
+            self.flows.add(key, flow)
             self.counters["flows"] += 1
         flow.to_workspace(data)
 
     def stop(self) -> None:
-        for flow in list(self.flows.values()):
-            flow.close()
+        self.flows.close_all()
         if self.tunnel is not None:
             self.tunnel.stopListening()
             self.tunnel = None

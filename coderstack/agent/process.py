@@ -27,6 +27,8 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coderstack.twistedtypes import process_transport
+
 log = Logger()
 
 SETSID = shutil.which("setsid")
@@ -123,8 +125,9 @@ class GroupProcess(protocol.ProcessProtocol):
     # -- ProcessProtocol ---------------------------------------------------------------------
 
     def connectionMade(self) -> None:
-        self.pid = self.transport.pid
-        self.transport.closeStdin()
+        transport = process_transport(self)
+        self.pid = transport.pid
+        transport.closeStdin()
         if self.timeout and self.timeout > 0:
             self._timers.append(self.reactor.callLater(self.timeout, self._on_timeout))
 
@@ -148,7 +151,7 @@ class GroupProcess(protocol.ProcessProtocol):
             return
         if self._exit is not None:
             self._exit = dataclasses.replace(self._exit, pipes_open=True)
-        transport = self.transport
+        transport = process_transport(self)
         for fd in (1, 2):
             try:
                 transport.closeChildFD(fd)

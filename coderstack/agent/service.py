@@ -345,11 +345,12 @@ def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str | Callab
     from coderstack.agent.speedtest import SpeedtestServerFactory
     from coderstack.agent.ssh import ssh_factory
     from coderstack.netstack.stack import ANY_PORT
+    from coderstack.wire.ports import AGENT_API_PORT, SPEEDTEST_PORT, SSH_PORT, STANDARD_SSH_PORT
 
     ssh = ssh_factory(data_dir, reactor, session_env=svc.session_env)
-    svc.serve(1, ssh)
-    svc.serve(22, ssh)
-    svc.serve(3, SpeedtestServerFactory(reactor))
-    svc.serve(4, agent_api_site(svc.netcheck_report))
+    svc.serve(SSH_PORT, ssh)
+    svc.serve(STANDARD_SSH_PORT, ssh)
+    svc.serve(SPEEDTEST_PORT, SpeedtestServerFactory(reactor))
+    svc.serve(AGENT_API_PORT, agent_api_site(svc.netcheck_report))
     svc.serve(ANY_PORT, LocalPortForwarder(reactor))
     svc.serve_udp(LocalUDPForwarder(reactor))

@@ -27,12 +27,15 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPullProducer, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import IPullProducer, IStreamClientEndpoint
 from zope.interface import implementer
+
+from coderstack.twistedtypes import Clock, StreamTransport, stream_transport
 
 VERSION = 2
 DOWNLOAD = 0
@@ -144,8 +147,8 @@ class IntervalMeter:
 class _BlockSender:
     """Writes 2 MiB blocks whenever the transport wants more, until the duration has passed."""
 
-    def __init__(self, transport: Any, clock: IReactorTime, meter: IntervalMeter, duration: float,
-                 on_done: Any):
+    def __init__(self, transport: StreamTransport, clock: Clock, meter: IntervalMeter, duration: float,
+                 on_done: Callable[[], None]):
         self.transport, self.clock, self.meter = transport, clock, meter
         self.deadline = meter.start + duration
         self.block = os.urandom(BLOCK_SIZE)  # random, so no compression along the path flatters us
@@ -199,13 +202,13 @@ class _LineThenStream(protocol.Protocol):
         raise NotImplementedError
 
     def bad_line(self) -> None:
-        self.transport.loseConnection()
+        stream_transport(self).loseConnection()
 
 
 class SpeedtestServerProtocol(_LineThenStream):
     """The agent's side: obeys the client's config, doing the opposite direction."""
 
-    def __init__(self, clock: IReactorTime):
+    def __init__(self, clock: Clock):
         super().__init__()
         self.clock = clock
         self.meter: IntervalMeter | None = None
@@ -217,17 +220,17 @@ class SpeedtestServerProtocol(_LineThenStream):
             config = parse_config(line)
         except SpeedtestError as err:
             self.errors += 1
-            self.transport.write(encode_response(str(err)))
-            self.transport.loseConnection()
+            stream_transport(self).write(encode_response(str(err)))
+            stream_transport(self).loseConnection()
             return
-        self.transport.write(encode_response())
+        stream_transport(self).write(encode_response())
         self.meter = IntervalMeter(self.clock.seconds())
         if config.direction == DOWNLOAD:  # the client downloads: we send
-            sender = _BlockSender(self.transport, self.clock, self.meter, config.duration,
-                                  self.transport.loseConnection)
-            self.transport.registerProducer(sender, False)
+            sender = _BlockSender(stream_transport(self), self.clock, self.meter, config.duration,
+                                  stream_transport(self).loseConnection)
+            stream_transport(self).registerProducer(sender, False)
         else:
-            self.timeout = self.clock.callLater(config.duration + RECEIVE_GRACE, self.transport.abortConnection)
+            self.timeout = self.clock.callLater(config.duration + RECEIVE_GRACE, stream_transport(self).abortConnection)
 
     def stream_received(self, data: bytes) -> None:
         if self.meter is not None:
@@ -235,19 +238,23 @@ class SpeedtestServerProtocol(_LineThenStream):
 
     def bad_line(self) -> None:
         self.errors += 1
-        self.transport.write(encode_response("invalid config: line too long"))
-        self.transport.loseConnection()
+        stream_transport(self).write(encode_response("invalid config: line too long"))
+        stream_transport(self).loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.timeout is not None and self.timeout.active():
             self.timeout.cancel()
 
 
+def _reactor_clock() -> Clock:
+    from twisted.internet import reactor
+
+    return cast(Clock, reactor)
+
+
 class SpeedtestServerFactory(protocol.Factory):
-    def __init__(self, clock: IReactorTime | None = None):
-        if clock is None:
-            from twisted.internet import reactor as clock  # type: ignore[assignment]
-        self.clock = clock
+    def __init__(self, clock: Clock | None = None):
+        self.clock = clock if clock is not None else _reactor_clock()
 
     def buildProtocol(self, addr: Any) -> SpeedtestServerProtocol:
         p = SpeedtestServerProtocol(self.clock)
@@ -258,7 +265,7 @@ class SpeedtestServerFactory(protocol.Factory):
 class SpeedtestClientProtocol(_LineThenStream):
     """Runs one test; ``done`` fires with a :class:`Result` or fails with :class:`SpeedtestError`."""
 
-    def __init__(self, direction: int, duration: float, clock: IReactorTime):
+    def __init__(self, direction: int, duration: float, clock: Clock):
         super().__init__()
         self.direction, self.duration, self.clock = direction, duration, clock
         self.done: defer.Deferred[Result] = defer.Deferred()
@@ -267,24 +274,24 @@ class SpeedtestClientProtocol(_LineThenStream):
         self.timeout: Any = None
 
     def connectionMade(self) -> None:
-        self.transport.write(encode_config(self.direction, self.duration))
+        stream_transport(self).write(encode_config(self.direction, self.duration))
 
     def line_received(self, line: bytes) -> None:
         self.error = parse_response(line)
         if self.error is not None:
-            self.transport.loseConnection()
+            stream_transport(self).loseConnection()
             return
         self.meter = IntervalMeter(self.clock.seconds())
         if self.direction == UPLOAD:
-            sender = _BlockSender(self.transport, self.clock, self.meter, self.duration,
-                                  self.transport.loseConnection)
-            self.transport.registerProducer(sender, False)
+            sender = _BlockSender(stream_transport(self), self.clock, self.meter, self.duration,
+                                  stream_transport(self).loseConnection)
+            stream_transport(self).registerProducer(sender, False)
         else:
             self.timeout = self.clock.callLater(self.duration + RECEIVE_GRACE, self._give_up)
 
     def _give_up(self) -> None:
         self.error = "speedtest timed out"
-        self.transport.abortConnection()
+        stream_transport(self).abortConnection()
 
     def stream_received(self, data: bytes) -> None:
         if self.meter is not None:
@@ -292,7 +299,7 @@ class SpeedtestClientProtocol(_LineThenStream):
 
     def bad_line(self) -> None:
         self.error = "invalid response from the speedtest server"
-        self.transport.loseConnection()
+        stream_transport(self).loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.timeout is not None and self.timeout.active():
@@ -308,12 +315,10 @@ class SpeedtestClientProtocol(_LineThenStream):
 
 
 async def run_speedtest(endpoint: IStreamClientEndpoint, direction: int = DOWNLOAD,
-                        duration: float = DEFAULT_DURATION, clock: IReactorTime | None = None) -> Result:
+                        duration: float = DEFAULT_DURATION, clock: Clock | None = None) -> Result:
     """Connect ``endpoint`` (the agent's port 3 over the tunnel, or any stream) and run one test."""
     from twisted.internet.endpoints import connectProtocol
 
-    if clock is None:
-        from twisted.internet import reactor as clock  # type: ignore[assignment]
-    proto = SpeedtestClientProtocol(direction, duration, clock)
+    proto = SpeedtestClientProtocol(direction, duration, clock if clock is not None else _reactor_clock())
     await connectProtocol(endpoint, proto)
     return await proto.done

@@ -28,10 +28,9 @@ import shutil
 import struct
 import tempfile
 import termios
-import tty
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, cast
 
 from twisted.conch import error as conch_error
 from twisted.conch.avatar import ConchUser
@@ -49,14 +48,15 @@ from twisted.conch.ssh import (
 from twisted.conch.ssh.filetransfer import ISFTPServer
 from twisted.conch.unix import SFTPServerForUnixConchUser
 from twisted.cred import checkers, credentials, portal
+from twisted.cred.portal import Portal
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IReactorProcess
 from twisted.logger import Logger
 from twisted.python import components
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
 from coderstack.agent.session_env import SessionEnvironment, motd_for_login
+from coderstack.twistedtypes import provides, stream_transport
 
 log = Logger()
 
@@ -115,9 +115,21 @@ class AnyVerifiedKey:
         return defer.succeed(creds.username)
 
 
+class SessionReactor(Protocol):
+    """What sessions need of the reactor (``IReactorProcess``, ``IReactorUNIX``)."""
+
+    def spawnProcess(self, processProtocol: protocol.ProcessProtocol, executable: str, args: list[str],
+                     env: dict[str, str] | None = None, path: str | None = None,
+                     uid: int | None = None, gid: int | None = None,
+                     usePTY: bool | tuple[int, int, str] = False) -> Any: ...
+
+    def listenUNIX(self, address: str, factory: protocol.Factory, backlog: int = 50,
+                   mode: int = 0o666, wantPID: bool = False) -> Any: ...
+
+
 @implementer(portal.IRealm)
 class AgentRealm:
-    def __init__(self, reactor: IReactorProcess | None = None, env: dict[str, str] | None = None,
+    def __init__(self, reactor: SessionReactor | None = None, env: dict[str, str] | None = None,
                  session_env: SessionEnvironment | None = None):
         self.reactor = reactor
         self.env = env
@@ -144,14 +156,14 @@ def session_base_env(env: dict[str, str] | Any) -> dict[str, str]:
 class AgentUser(ConchUser):
     """The agent's own OS user; shells, commands and SFTP run with the agent's identity."""
 
-    def __init__(self, reactor: IReactorProcess | None = None, env: dict[str, str] | None = None,
+    def __init__(self, reactor: SessionReactor | None = None, env: dict[str, str] | None = None,
                  session_env: SessionEnvironment | None = None):
         super().__init__()
         if reactor is None:
             from twisted.internet import reactor as default_reactor
 
-            reactor = default_reactor  # type: ignore[assignment]
-        self.reactor = reactor
+            reactor = cast(SessionReactor, default_reactor)
+        self.reactor: SessionReactor = reactor
         entry = pwd.getpwuid(os.getuid())
         self.username = entry.pw_name
         self.home = entry.pw_dir if os.path.isdir(entry.pw_dir) else "/"
@@ -349,14 +361,17 @@ def _apply_modes(fd: int, modes: list[tuple[int, int]]) -> None:
 
     if not modes:
         return
-    attr = tty.tcgetattr(fd)
+    # Opcode -> termios control character name, or (attribute index, flag name); mypy would
+    # read the mixed values as Sequence[int | str].
+    table = cast(dict[int, str | tuple[int, str]], ttymodes.TTYMODES)
+    attr = termios.tcgetattr(fd)
     for opcode, value in modes:
-        name = ttymodes.TTYMODES.get(opcode)
+        name = table.get(opcode)
         if name is None:
             continue
         if isinstance(name, tuple):
             index, flag_name = name
-            flag = getattr(tty, flag_name, None)
+            flag = getattr(termios, flag_name, None)
             if flag is None:
                 continue
             attr[index] = attr[index] | flag if value else attr[index] & ~flag
@@ -368,7 +383,7 @@ def _apply_modes(fd: int, modes: list[tuple[int, int]]) -> None:
             cc = getattr(termios, name, None)
             if cc is not None and value < 256:
                 attr[6][cc] = bytes((value,))
-    tty.tcsetattr(fd, tty.TCSANOW, attr)
+    termios.tcsetattr(fd, termios.TCSANOW, attr)
 
 
 components.registerAdapter(AgentSession, AgentUser, ISession, ISessionSetEnv)
@@ -386,19 +401,24 @@ class AgentSessionChannel(session.SSHSession):
         # conch hands EOF to the session object whenever one was made (an ``env`` request makes
         # one), but a subsystem (sftp) has no process to close: then the channel must close.
         session_obj = self.session
-        if session_obj is not None and getattr(session_obj, "process", None) is None and self.client:
-            self.conn.sendClose(self)
+        conn = self.conn
+        if (conn is not None and session_obj is not None
+                and getattr(session_obj, "process", None) is None and self.client):
+            conn.sendClose(self)
             return
         super().eofReceived()
 
     def _agent_forwarding_request(self, data: bytes) -> int:
-        avatar: AgentUser = self.avatar  # type: ignore[assignment]
+        avatar = cast(AgentUser, self.avatar)  # AgentRealm makes every avatar an AgentUser
+        conn = self.conn
+        if conn is None:  # not open: nothing to forward for
+            return 0
         if avatar.agent_sock_dir is None:
             sock_dir = tempfile.mkdtemp(prefix="coderstack-agent-")  # 0700
             path = os.path.join(sock_dir, "agent.sock")
             try:
-                avatar.agent_port = avatar.reactor.listenUNIX(  # type: ignore[attr-defined]
-                    path, _AgentSocketFactory(self.conn), mode=0o600)
+                avatar.agent_port = avatar.reactor.listenUNIX(
+                    path, _AgentSocketFactory(conn), mode=0o600)
             except Exception:
                 log.failure("agent forwarding socket")
                 shutil.rmtree(sock_dir, ignore_errors=True)
@@ -425,16 +445,16 @@ class _AgentChannel(channel.SSHChannel):
         self.client.channel_ready(self)
 
     def openFailed(self, reason: Any) -> None:
-        self.client.transport.loseConnection()
+        stream_transport(self.client).loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
-        self.client.transport.write(data)
+        stream_transport(self.client).write(data)
 
     def eofReceived(self) -> None:
-        self.client.transport.loseConnection()
+        stream_transport(self.client).loseConnection()
 
     def closed(self) -> None:
-        self.client.transport.loseConnection()
+        stream_transport(self.client).loseConnection()
 
 
 class _AgentSocketProtocol(protocol.Protocol):
@@ -480,6 +500,7 @@ class AgentSSHFactory(factory.SSHFactory):
         b"ssh-connection": connection.SSHConnection,
     }
     key_dir: Callable[[], str | os.PathLike[str]] | None = None
+    portal: Portal
 
     def getPublicKeys(self) -> dict[bytes, keys.Key]:
         return {b"ssh-ed25519": self._host_key().public()}
@@ -501,9 +522,9 @@ def ssh_factory(data_dir: str | os.PathLike[str] | Callable[[], str | os.PathLik
     ``session_env`` adds the workspace's (manifest environment, ``CODER_*``, the ``coder``
     command on PATH, the start directory and the motd of login shells).
     """
-    p = portal.Portal(AgentRealm(reactor, env, session_env))
-    p.registerChecker(checkers.AllowAnonymousAccess())
-    p.registerChecker(AnyVerifiedKey())
+    p = Portal(provides(portal.IRealm, AgentRealm(reactor, env, session_env)))
+    p.registerChecker(provides(checkers.ICredentialsChecker, checkers.AllowAnonymousAccess()))
+    p.registerChecker(provides(checkers.ICredentialsChecker, AnyVerifiedKey()))
     f = AgentSSHFactory()
     f.portal = p
     if callable(data_dir):

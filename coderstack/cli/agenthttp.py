@@ -17,6 +17,8 @@ from twisted.python.failure import Failure
 from twisted.web.client import Agent, ResponseDone
 from twisted.web.http import PotentialDataLoss
 
+from coderstack.twistedtypes import stream_transport
+
 MAX_RESPONSE = 1 << 20
 
 
@@ -73,7 +75,7 @@ class _CappedBody(protocol.Protocol):
         self.size += len(data)
         if self.size > self.limit:
             self.done.errback(AgentHTTPError(self.code, "the agent's answer is too large"))
-            self.transport.stopProducing()
+            stream_transport(self).stopProducing()
             return
         self.parts.append(data)
 

@@ -23,7 +23,7 @@ class Options(Command):
     optFlags = [["follow", "f", "Keep printing new lines as they arrive."]]
     optParameters = [["output", "o", "text", "Output format: text or json."]]
 
-    def parseArgs(self, workspace: str) -> None:
+    def parseArgs(self, workspace: str) -> None:  # type: ignore[override]  # usage.Options passes the positional arguments to it, one parameter each
         self["workspace"] = workspace
 
     def postOptions(self) -> None:

@@ -78,5 +78,5 @@ async def wait_for_agent(reactor: Any, ctx: Context, workspace: str, mode: str) 
                 break
             await task.deferLater(reactor, POLL_SECONDS, lambda: None)
             agent = await ctx.api.get(path)
-    for line in start_warning(agent, ws["name"]):
-        ctx.err(line)
+    for warning in start_warning(agent, ws["name"]):
+        ctx.err(warning)

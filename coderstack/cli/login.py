@@ -29,7 +29,7 @@ class LoginOptions(Command):
         ["first-user-password", None, None, "Password of the first user [env CODER_FIRST_USER_PASSWORD]."],
     ]
 
-    def parseArgs(self, url: str) -> None:
+    def parseArgs(self, url: str) -> None:  # type: ignore[override]  # usage.Options passes the positional arguments to it, one parameter each
         try:
             self["url"] = parse_url(url)
         except ValueError as err:

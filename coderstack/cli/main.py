@@ -11,7 +11,7 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import Any
+from typing import IO, Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
@@ -21,6 +21,7 @@ from coderstack import __version__
 from coderstack.cli.context import ConfigDir, Context, default_config_dir
 from coderstack.envopts import boolean
 from coderstack.sdk import SDKError
+from coderstack.twistedtypes import provides
 
 # name -> (module, one-line description). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -147,26 +148,29 @@ async def run(reactor: Any, argv: list[str], environ: dict[str, str] | None = No
     env = dict(os.environ if environ is None else environ)
     argv = hoist_global_options(list(argv))
     opts = GlobalOptions()
-    stderr = streams.get("stderr", sys.stderr)
+    stderr: IO[str] = streams["stderr"] if "stderr" in streams else sys.stderr
     try:
         opts.parseOptions(argv)
         ctx = make_context(reactor, opts, env, **streams)
     except usage.UsageError as err:
         # The innermost command parsed so far; its synopsis already reads "coderstack <cmd> ..."
         # (getSynopsis() would prepend every parent's synopsis to it).
-        inner, words = opts, []
+        inner: Any = opts  # then each level's subOptions: whichever command class parsed it
+        words: list[str] = []
         while getattr(inner, "subOptions", None) is not None:
-            words.append(inner.subCommand)
+            words.append(str(inner.subCommand))
             inner = inner.subOptions
         stderr.write(f"error: {err}\n")
         stderr.write(f"usage: {inner.synopsis}\n")
         stderr.write(f"Run 'coderstack {''.join(w + ' ' for w in words)}--help' for details.\n")
         return 2
+    assert opts.subCommand is not None  # postOptions refuses a missing command
     _options_class, command = _load(opts.subCommand)
     if ctx.verbose:
-        from twisted.logger import globalLogBeginner, textFileLogObserver
+        from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
 
-        globalLogBeginner.beginLoggingTo([textFileLogObserver(ctx.stderr)], redirectStandardIO=False)
+        observer = provides(ILogObserver, textFileLogObserver(ctx.stderr))
+        globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     try:
         return await command(reactor, opts.subOptions, ctx)
     except BrokenPipeError:

@@ -7,7 +7,9 @@ from datetime import UTC, datetime
 from twisted.python import usage
 
 
-class OutputOption:
+class OutputOption(usage.Options):
+    """``--output``; listed before the command's own base (``class ListOptions(OutputOption, Command)``)."""
+
     optParameters = [["output", "o", "table", "Output format: table or json."]]
 
     def postOptions(self) -> None:

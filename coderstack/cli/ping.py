@@ -23,8 +23,8 @@ from coderstack.cli.command import Command
 from coderstack.cli.dialing import Connect
 from coderstack.derpmap import DERPMap, DERPMapError
 from coderstack.tailnet.netcheck import REPORT_TIMEOUT, gather_interfaces, interfaces_report
+from coderstack.wire.ports import AGENT_API_PORT
 
-AGENT_API_PORT = 4
 # How long the diagnostics wait for this side's first netcheck report: a report run's own limit.
 NETCHECK_WAIT = REPORT_TIMEOUT + 0.5
 DOCS = "https://coder.com/docs/admin/networking/troubleshooting"

@@ -18,8 +18,7 @@ from coderstack.cli import speedtestfmt, tunnel
 from coderstack.cli.command import Command
 from coderstack.cli.dialing import Connect
 from coderstack.cli.pingfmt import parse_go_duration
-
-SPEEDTEST_PORT = 3
+from coderstack.wire.ports import SPEEDTEST_PORT
 
 
 class Options(Command):

@@ -25,8 +25,8 @@ from zope.interface import implementer
 from coderstack.cli import agentwait, tunnel
 from coderstack.cli.command import Command
 from coderstack.cli.dialing import Connect
-
-SSH_PORT = 1
+from coderstack.twistedtypes import NotConnected, StreamTransport, stream_transport
+from coderstack.wire.ports import SSH_PORT
 
 
 class Options(Command):
@@ -43,7 +43,7 @@ class Options(Command):
         ["hostname-suffix", None, None, "Strip .SUFFIX from the host name [env CODER_SSH_HOSTNAME_SUFFIX]."],
     ]
 
-    def parseArgs(self, workspace: str, *command: str) -> None:
+    def parseArgs(self, workspace: str, *command: str) -> None:  # type: ignore[override]  # usage.Options passes the positional arguments to it, one parameter each
         self["workspace"] = workspace
         self["command"] = list(command)
 
@@ -73,7 +73,7 @@ class _Agent(protocol.Protocol):
         self.bridge.agent_connected(self)
 
     def dataReceived(self, data: bytes) -> None:
-        self.bridge.stdio.transport.write(data)
+        stream_transport(self.bridge.stdio).write(data)
 
     def connectionLost(self, reason: Any = None) -> None:
         self.bridge.agent_lost()
@@ -85,21 +85,22 @@ class _Stdio(protocol.Protocol):
         self.bridge = bridge
 
     def dataReceived(self, data: bytes) -> None:
-        self.bridge.agent.transport.write(data)
+        self.bridge.agent_transport().write(data)
 
     def readConnectionLost(self) -> None:
-        transport = self.bridge.agent.transport
-        if hasattr(transport, "loseWriteConnection"):
-            transport.loseWriteConnection()
+        transport = self.bridge.agent_transport()
+        half_close = getattr(transport, "loseWriteConnection", None)
+        if half_close is not None:
+            half_close()
         else:
             transport.loseConnection()
 
     def writeConnectionLost(self) -> None:
-        self.bridge.agent.transport.loseConnection()
+        self.bridge.agent_transport().loseConnection()
 
     def connectionLost(self, reason: Any = None) -> None:
         if self.bridge.agent is not None:
-            self.bridge.agent.transport.loseConnection()
+            stream_transport(self.bridge.agent).loseConnection()
 
 
 class _Bridge:
@@ -109,16 +110,24 @@ class _Bridge:
         self.stdio = _Stdio(self)
         self.done: defer.Deferred[None] = defer.Deferred()
 
+    def agent_transport(self) -> StreamTransport:
+        """The tunnel connection; stdin is only read once it is there."""
+        if self.agent is None:
+            raise NotConnected("the agent's SSH port is not connected yet")
+        return stream_transport(self.agent)
+
     def agent_connected(self, agent: _Agent) -> None:
         self.agent = agent
-        io = stdio.StandardIO(self.stdio, stdin=self.stdin_fd, stdout=self.stdout_fd, reactor=self.reactor)
+        io = stdio.StandardIO(self.stdio, stdin=self.stdin_fd, stdout=self.stdout_fd,  # type: ignore[call-arg]  # mypy reads stdio's Windows StandardIO, which takes no fds
+                              reactor=self.reactor)
         # Backpressure: a slow stdout pauses the tunnel, a slow tunnel pauses stdin.
-        io.registerProducer(agent.transport, True)
-        agent.transport.registerProducer(io, True)
+        transport = stream_transport(agent)
+        io.registerProducer(transport, True)
+        transport.registerProducer(io, True)
 
     def agent_lost(self) -> None:
         if self.stdio.transport is not None:
-            self.stdio.transport.loseConnection()
+            stream_transport(self.stdio).loseConnection()
         if not self.done.called:
             self.done.callback(None)
 

@@ -27,7 +27,7 @@ class PushOptions(Command):
     synopsis = "coderstack templates push <dir> [--name NAME]"
     optParameters = [["name", "n", None, "Template name (default: the directory's name)."]]
 
-    def parseArgs(self, directory: str) -> None:
+    def parseArgs(self, directory: str) -> None:  # type: ignore[override]  # usage.Options passes the positional arguments to it, one parameter each
         self["directory"] = directory
 
 

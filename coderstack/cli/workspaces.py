@@ -22,7 +22,7 @@ from coderstack.cli.output import OutputOption, ago, table
 
 
 class _NameArg(Command):
-    def parseArgs(self, name: str) -> None:
+    def parseArgs(self, name: str) -> None:  # type: ignore[override]  # usage.Options passes the positional arguments to it, one parameter each
         self["name"] = name
 
 

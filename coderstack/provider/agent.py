@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import os
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from urllib.parse import urljoin
 
 from tf import types
@@ -34,10 +34,8 @@ from tf.iface import (
 from tf.schema import Attribute, Block, Schema
 from tf.utils import Diagnostics
 
+from coderstack.provider.context import ProviderContext
 from coderstack.provider.schema import ListBlock, SetBlock
-
-if TYPE_CHECKING:
-    from coderstack.provider.provider import CoderProvider
 
 OPERATING_SYSTEMS = ("linux", "darwin", "windows")
 ARCHITECTURES = ("amd64", "armv7", "arm64")
@@ -236,7 +234,7 @@ def _check_choice(diags: Diagnostics, config: Config, key: str, choices: tuple[s
 
 
 class AgentResource(Resource):
-    def __init__(self, provider: CoderProvider):
+    def __init__(self, provider: ProviderContext):
         self.provider = provider
 
     @classmethod

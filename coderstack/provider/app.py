@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import TYPE_CHECKING
 
 from tf import types
 from tf.iface import (
@@ -24,10 +23,8 @@ from tf.iface import (
 from tf.schema import Attribute, Block, Schema
 from tf.utils import Diagnostics
 
+from coderstack.provider.context import ProviderContext
 from coderstack.provider.schema import SetBlock
-
-if TYPE_CHECKING:
-    from coderstack.provider.provider import CoderProvider
 
 #: A slug must be usable as a hostname label: no leading/trailing or doubled hyphens.
 SLUG_RE = re.compile(r"^[a-z0-9](-?[a-z0-9])*$")
@@ -146,7 +143,7 @@ def _given(config: Config, key: str) -> bool:
 
 
 class AppResource(Resource):
-    def __init__(self, provider: CoderProvider):
+    def __init__(self, provider: ProviderContext):
         self.provider = provider
 
     @classmethod

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tf import types
 from tf.iface import (
@@ -24,9 +24,7 @@ from tf.schema import Attribute, Schema
 from tf.utils import Diagnostics
 
 from coderstack.cron import CronError, parse
-
-if TYPE_CHECKING:
-    from coderstack.provider.provider import CoderProvider
+from coderstack.provider.context import ProviderContext
 
 ENV_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 MERGE_STRATEGIES = ("replace", "append", "prepend", "error")
@@ -51,7 +49,7 @@ class _Attached(Resource):
 
     SCHEMA: Schema
 
-    def __init__(self, provider: CoderProvider):
+    def __init__(self, provider: ProviderContext):
         self.provider = provider
 
     @classmethod

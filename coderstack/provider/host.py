@@ -5,14 +5,12 @@ from __future__ import annotations
 
 import platform
 import uuid
-from typing import TYPE_CHECKING
 
 from tf import types
 from tf.iface import Config, DataSource, ReadDataContext, State
 from tf.schema import Attribute, Schema
 
-if TYPE_CHECKING:
-    from coderstack.provider.provider import CoderProvider
+from coderstack.provider.context import ProviderContext
 
 _GOARCH = {
     "x86_64": "amd64",
@@ -52,7 +50,7 @@ def go_arch(machine: str | None = None) -> str:
 
 
 class ProvisionerDataSource(DataSource):
-    def __init__(self, provider: CoderProvider):
+    def __init__(self, provider: ProviderContext):
         self.provider = provider
 
     @classmethod

@@ -14,17 +14,15 @@ import json
 import os
 import re
 import uuid
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from tf import types
 from tf.iface import Config, DataSource, ReadDataContext, State
 from tf.schema import Attribute, Block, Schema
 from tf.utils import Diagnostics
 
+from coderstack.provider.context import ProviderContext
 from coderstack.provider.schema import ListBlock
-
-if TYPE_CHECKING:
-    from coderstack.provider.provider import CoderProvider
 
 PARAMETER_TYPES = ("number", "string", "bool", "list(string)")
 
@@ -168,7 +166,7 @@ def check_validation(rule: dict, typ: str, value: str) -> str | None:
 
 
 class ParameterDataSource(DataSource):
-    def __init__(self, provider: CoderProvider):
+    def __init__(self, provider: ProviderContext):
         self.provider = provider
 
     @classmethod

@@ -11,17 +11,14 @@ from __future__ import annotations
 import json
 import os
 import uuid
-from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 from tf import types
 from tf.iface import Config, DataSource, ReadDataContext, State
 from tf.schema import Attribute, Schema
 
+from coderstack.provider.context import ProviderContext
 from coderstack.provider.schema import Object
-
-if TYPE_CHECKING:
-    from coderstack.provider.provider import CoderProvider
 
 
 def _c(name: str, t: types.TfType, desc: str, sensitive: bool = False) -> Attribute:
@@ -63,7 +60,7 @@ def access_port(url: str) -> int:
 
 
 class WorkspaceDataSource(DataSource):
-    def __init__(self, provider: CoderProvider):
+    def __init__(self, provider: ProviderContext):
         self.provider = provider
 
     @classmethod
@@ -138,7 +135,7 @@ def _json_env(ctx: ReadDataContext, name: str, default):
 
 
 class WorkspaceOwnerDataSource(DataSource):
-    def __init__(self, provider: CoderProvider):
+    def __init__(self, provider: ProviderContext):
         self.provider = provider
 
     @classmethod

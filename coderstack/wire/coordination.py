@@ -131,10 +131,6 @@ def disco_key_bytes(text: str) -> bytes:
     return node_key_bytes(text, "discokey")
 
 
-def disco_key_text(key: bytes) -> str:
-    return node_key_text(key, "discokey")
-
-
 def address_from_uuid(
     peer_id: UUID, prefix: ipaddress.IPv6Network = TAILSCALE_SERVICE_PREFIX
 ) -> ipaddress.IPv6Address:
@@ -359,9 +355,9 @@ class Node:
                 f"derp_forced_websockets has more than {MAX_DERP_ENTRIES} entries"
             )
         forced: dict[int, str] = {}
-        for k, v in self.derp_forced_websockets.items():
-            forced[_int(k, "derp_forced_websockets region", _INT32)] = _text(
-                v, "derp_forced_websockets reason", MAX_SHORT_TEXT
+        for region, reason in self.derp_forced_websockets.items():
+            forced[_int(region, "derp_forced_websockets region", _INT32)] = _text(
+                reason, "derp_forced_websockets reason", MAX_SHORT_TEXT
             )
         put("derp_forced_websockets", forced)
 
@@ -452,17 +448,23 @@ class Node:
                     f"derp_forced_websockets key {_short(k)} is not a region number"
                 )
             forced[int(k)] = v
+        # Converted here in the order the constructor checks them, so the first problem named
+        # is the same either way.
+        node_id = _int(obj["id"], "node id", _INT64)
+        as_of = parse_time(_text(obj["as_of"], "as_of", 64))
+        key = node_key_bytes(_text(obj["key"], "key", 80), "nodekey")
+        disco = node_key_bytes(_text(obj["disco"], "disco", 80), "discokey")
         return cls(
-            id=obj["id"],
-            as_of=_text(obj["as_of"], "as_of", 64),
-            key=_text(obj["key"], "key", 80),
-            disco=_text(obj["disco"], "disco", 80),
+            id=node_id,
+            as_of=as_of,
+            key=key,
+            disco=disco,
             preferred_derp=_get(obj, "preferred_derp", 0),
             derp_latency=latency,
             derp_forced_websockets=forced,
-            addresses=_list(_get(obj, "addresses", []), "addresses", MAX_ADDRESSES),
-            allowed_ips=_list(_get(obj, "allowed_ips", []), "allowed_ips", MAX_ADDRESSES),
-            endpoints=_list(_get(obj, "endpoints", []), "endpoints", MAX_ENDPOINTS),
+            addresses=tuple(_list(_get(obj, "addresses", []), "addresses", MAX_ADDRESSES)),
+            allowed_ips=tuple(_list(_get(obj, "allowed_ips", []), "allowed_ips", MAX_ADDRESSES)),
+            endpoints=tuple(_list(_get(obj, "endpoints", []), "endpoints", MAX_ENDPOINTS)),
         )
 
 
@@ -715,11 +717,3 @@ def parse_request(data: str | bytes) -> CoordinateRequest:
 def parse_response(data: str | bytes) -> CoordinateResponse:
     """One websocket message from the coordinator -> CoordinateResponse, or CoordinationError."""
     return _guard(CoordinateResponse.from_json, _loads(data, MAX_RESPONSE_BYTES))
-
-
-def encode_request(request: CoordinateRequest) -> str:
-    return request.to_text()
-
-
-def encode_response(response: CoordinateResponse) -> str:
-    return response.to_text()

@@ -306,6 +306,9 @@ Event = (
 
 # --- sessions ----------------------------------------------------------------------------------
 
+# ChaCha20Poly1305.encrypt / .decrypt: (nonce, data, associated data) -> data.
+AEADCall = Callable[[bytes, bytes, bytes | None], bytes]
+
 
 class Keypair:
     """One direction-pair of transport keys from one handshake."""
@@ -335,8 +338,8 @@ class Keypair:
     ) -> None:
         self.peer = peer
         # Bound methods of cached AEAD objects: one attribute load per packet.
-        self.seal: Callable | None = ChaCha20Poly1305(send_key).encrypt
-        self.open: Callable | None = ChaCha20Poly1305(recv_key).decrypt
+        self.seal: AEADCall | None = ChaCha20Poly1305(send_key).encrypt
+        self.open: AEADCall | None = ChaCha20Poly1305(recv_key).decrypt
         self.send_counter = 0
         self.replay = ReplayWindow()
         self.created = now
@@ -529,10 +532,11 @@ class Device:
         kp = self._keypairs.get(receiver)
         if kp is None:
             return self._drop("unknown-index", None)
-        if now >= kp.reject_at:
+        opener = kp.open
+        if now >= kp.reject_at or opener is None:  # a zeroed keypair has both
             return self._drop("expired-keypair", kp.peer.public_key)
         try:
-            plain = kp.open(_NONCE_PREFIX + datagram[8:16], datagram[16:], None)
+            plain = opener(_NONCE_PREFIX + datagram[8:16], datagram[16:], None)
         except InvalidTag:
             return self._drop("bad-tag", kp.peer.public_key)
         except ValueError:  # shorter than a tag
@@ -596,6 +600,7 @@ class Device:
             or kp is None
             or now >= kp.reject_at
             or kp.send_counter >= REJECT_AFTER_MESSAGES
+            or kp.seal is None
         ):
             out: list[Event] = []
             self._stage(peer, packet, out)
@@ -641,6 +646,7 @@ class Device:
             kp is None
             or now >= kp.reject_at
             or kp.send_counter + len(packets) > REJECT_AFTER_MESSAGES
+            or kp.seal is None
         ):
             for packet in packets:
                 self._stage(peer, packet, out)
@@ -829,6 +835,9 @@ class Device:
             self._initiate(peer, now, False, out)
 
     def _encrypt(self, kp: Keypair, packet: bytes) -> bytes:
+        seal = kp.seal
+        if seal is None:  # callers check reject_at first, which zeroing sets to -inf
+            raise ValueError("the keypair has been zeroed")
         counter = kp.send_counter
         kp.send_counter = counter + 1
         n = len(packet)
@@ -838,7 +847,7 @@ class Device:
                 pad = self.mtu - n
             packet += bytes(pad)
         header = _TRANSPORT_HDR.pack(MSG_TRANSPORT, kp.remote_index, counter)
-        datagram = header + kp.seal(_NONCE_PREFIX + header[8:], packet, None)
+        datagram = header + seal(_NONCE_PREFIX + header[8:], packet, None)
         kp.peer.tx_bytes += len(datagram)
         return datagram
 
@@ -1121,9 +1130,9 @@ class Device:
             if cookie is None or not hmac.compare_digest(
                 _mac(cookie, msg[: mac1_at + 16]), msg[mac1_at + 16 :]
             ):
-                out = self._drop("cookie-required", None)
-                out.append(Reply(source, self._cookie_reply(msg, mac1_at, source, now)))
-                return out
+                refused = self._drop("cookie-required", None)
+                refused.append(Reply(source, self._cookie_reply(msg, mac1_at, source, now)))
+                return refused
             if not self._allow_source(source, now):
                 return self._drop("rate-limited", None)
         out: list[Event] = []
