@@ -17,9 +17,9 @@ from coderstack.server.agentstore import (
     MetadataValue,
     UnknownApp,
 )
-from coderstack.server.provisioner import Agent as BuiltAgent
-from coderstack.server.provisioner import App, Healthcheck, MetadataItem, Script
 from coderstack.server.store import AgentRecord, Store, database_url, now
+from coderstack.server.tfstate import Agent as BuiltAgent
+from coderstack.server.tfstate import App, Healthcheck, MetadataItem, Script
 from tests.support import postgres
 from tests.support.tempdirs import made_dir
 
