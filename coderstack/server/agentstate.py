@@ -40,7 +40,7 @@ from coderstack.server.agentstore import (
     UnknownApp,
 )
 from coderstack.server.api import APIError, parse_uuid, read_json, write_json
-from coderstack.server.store import Agent
+from coderstack.server.records import Agent
 
 if TYPE_CHECKING:
     from coderstack.server.api import API

@@ -39,7 +39,7 @@ from twisted.web.iweb import IRequest
 from coderstack.server.agentstate import rfc3339
 from coderstack.server.agentstore import LogLine
 from coderstack.server.api import APIError, write_json
-from coderstack.server.store import Agent
+from coderstack.server.records import Agent
 
 if TYPE_CHECKING:
     from coderstack.server.api import API

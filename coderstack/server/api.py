@@ -30,7 +30,8 @@ from coderstack.server.agentstore import AgentStateStore
 from coderstack.server.hashpool import PoolBusy
 from coderstack.server.livesessions import Credential
 from coderstack.server.loginlimit import Refused
-from coderstack.server.store import Agent, Build, Conflict, User, Workspace, now
+from coderstack.server.records import Agent, Build, User, Workspace, now
+from coderstack.server.store import Conflict
 from coderstack.server.tferrors import TemplateError
 
 if TYPE_CHECKING:

@@ -31,7 +31,8 @@ from coderstack.server.hashpool import HashPool
 from coderstack.server.limits import UserLimits
 from coderstack.server.livesessions import REASON_AGENT_REVOKED, Credential, LiveSessions
 from coderstack.server.loginlimit import LoginLimiter
-from coderstack.server.store import Agent, Store, User, Workspace
+from coderstack.server.records import Agent, User, Workspace
+from coderstack.server.store import Store
 from coderstack.wire.coordination import address_from_uuid
 
 log = Logger()

@@ -20,13 +20,14 @@ from twisted.logger import Logger
 from coderstack import envopts
 from coderstack.server.admission import Admission
 from coderstack.server.api import API
+from coderstack.server.database import database_url
 from coderstack.server.deployment import Deployment
 from coderstack.server.derpsetup import build_derp_map, start_relay, start_stun
 from coderstack.server.fdlimit import connection_budget, raise_open_files_limit
 from coderstack.server.httpguard import AdmissionFactory, GuardedSite
 from coderstack.server.limits import UserLimits
 from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission
-from coderstack.server.store import Store, database_url
+from coderstack.server.store import Store
 
 log = Logger()
 
