@@ -248,22 +248,10 @@ class Store(Database):
         return self.transact(work)
 
     def agent_by_token_hash(self, token_hash: bytes) -> Deferred[tuple[Agent, Workspace] | None]:
-        def work(conn: sa.Connection) -> tuple[Agent, Workspace] | None:
-            row = conn.execute(_agent_select().where(agents.c.auth_token_hash == token_hash)).first()
-            if row is None:
-                return None
-            return agent_from_row(row), _load_workspace(conn, row.workspace_id)
-
-        return self.transact(work)
+        return self.transact(_find_agent, agents.c.auth_token_hash == token_hash)
 
     def agent(self, agent_id: uuid.UUID) -> Deferred[tuple[Agent, Workspace] | None]:
-        def work(conn: sa.Connection) -> tuple[Agent, Workspace] | None:
-            row = conn.execute(_agent_select().where(agents.c.id == agent_id)).first()
-            if row is None:
-                return None
-            return agent_from_row(row), _load_workspace(conn, row.workspace_id)
-
-        return self.transact(work)
+        return self.transact(_find_agent, agents.c.id == agent_id)
 
     def set_agent_token(self, agent_id: uuid.UUID, token_hash: bytes) -> Deferred[bool]:
         def work(conn: sa.Connection) -> bool:
@@ -517,6 +505,16 @@ class Store(Database):
             return changed
 
         return self.transact(work)
+
+
+def _find_agent(
+    conn: sa.Connection, where: sa.ColumnElement[bool]
+) -> tuple[Agent, Workspace] | None:
+    """The agent the ``where`` clause picks, and its workspace."""
+    row = conn.execute(_agent_select().where(where)).first()
+    if row is None:
+        return None
+    return agent_from_row(row), _load_workspace(conn, row.workspace_id)
 
 
 def _agent_select() -> sa.Select:
