@@ -41,7 +41,14 @@ from twisted.logger import Logger
 from coderstack.server.agentevents import AgentEvents
 from coderstack.server.agentstate import rfc3339
 from coderstack.server.agentstore import AgentStateStore, LogLine
-from coderstack.server.jsonhttp import APIError, HTTPRequest, query_flag, query_value, write_json
+from coderstack.server.jsonhttp import (
+    APIError,
+    HTTPRequest,
+    query_flag,
+    query_value,
+    set_headers,
+    write_json,
+)
 from coderstack.server.records import Agent, User, Workspace
 
 
@@ -191,12 +198,6 @@ class _Follower:
                     pass
 
 
-def _stream_headers(request: HTTPRequest, content_type: bytes) -> None:
-    request.setResponseCode(200)
-    request.setHeader(b"Content-Type", content_type)
-    request.setHeader(b"Cache-Control", b"no-store")
-
-
 def register(app: Klein) -> None:
     """Add the user-facing lifecycle routes to the API's Klein app."""
 
@@ -210,7 +211,7 @@ def register(app: Klein) -> None:
         except ValueError:
             raise APIError(400, "Query 'after' must be a log id.", repr(raw_after)[:64]) from None
         follow = query_flag(request, b"follow")
-        _stream_headers(request, b"application/x-ndjson")
+        set_headers(request, b"application/x-ndjson")
         if not follow:
             return b"".join(log_json(x) for x in await self.agent_state.logs(agent.id, after))
         last = after
@@ -238,7 +239,7 @@ def register(app: Klein) -> None:
                endpoint="user_agent_watch_metadata")
     async def watch_metadata(self: ViewsHost, request: HTTPRequest, agent_id: str) -> bytes:
         _user, agent, _ws = await self.my_agent(request, agent_id)
-        _stream_headers(request, b"text/event-stream")
+        set_headers(request, b"text/event-stream")
         sent: list[Any] = [None]
         follower: _Follower
 

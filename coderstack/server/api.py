@@ -42,6 +42,7 @@ from coderstack.server.jsonhttp import (
     read_body,
     read_json,
     session_token_of,
+    set_headers,
     write_error,
     write_json,
 )
@@ -585,9 +586,7 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
         response stays open and streams lines until the build ends."""
         build, logs = await self._my_build(request, build_id)
         follow = query_flag(request, b"follow")
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"application/x-ndjson")
-        request.setHeader(b"Cache-Control", b"no-store")
+        set_headers(request, b"application/x-ndjson")
 
         def line(obj: Any) -> bytes:
             return json.dumps(obj).encode() + b"\n"

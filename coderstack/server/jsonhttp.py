@@ -61,10 +61,15 @@ class APIError(Exception):
         self.retry_after = retry_after
 
 
-def write_json(request: HTTPRequest, obj: Any, code: int = 200) -> bytes:
+def set_headers(request: HTTPRequest, content_type: bytes, code: int = 200) -> None:
+    """The status, and the headers of every response (none is cached)."""
     request.setResponseCode(code)
-    request.setHeader(b"Content-Type", b"application/json")
+    request.setHeader(b"Content-Type", content_type)
     request.setHeader(b"Cache-Control", b"no-store")
+
+
+def write_json(request: HTTPRequest, obj: Any, code: int = 200) -> bytes:
+    set_headers(request, b"application/json", code)
     return json.dumps(obj).encode() + b"\n"
 
 
