@@ -19,7 +19,7 @@ from coderstack.cli.context import Context
 from coderstack.cli.output import OutputOption, ago, table
 from coderstack.sdk import SDKError
 
-#: What a push uploads (the server keeps the same set; see server/provisioner.py).
+#: What a push uploads (the server keeps the same set; see server/tfworkdir.py).
 TEMPLATE_SUFFIXES = (".tf", ".tf.json", ".tfvars", ".tfvars.json", ".tftpl", ".tpl", ".sh", ".ps1")
 
 

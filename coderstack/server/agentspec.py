@@ -1,6 +1,6 @@
 """What a build tells each agent to do, as the JSON the store keeps and the manifest serves.
 
-:func:`agent_spec` turns a :class:`~coderstack.server.provisioner.Agent` read from the Terraform
+:func:`agent_spec` turns a :class:`~coderstack.server.tfstate.Agent` read from the Terraform
 state into one JSON object (stored per agent by ``Store.sync_agents``)::
 
     {"directory": "", "motd_path": "", "environment_variables": {"NAME": "value"},
@@ -19,7 +19,7 @@ start, blocking login iff ``startup_script_behavior`` is ``blocking``), then its
 ``shutdown_script`` ("Shutdown Script", run on stop), then each ``coder_script``.  A
 ``coder_script``'s log source is its resource id; the two agent scripts get a UUID derived from
 the agent id and their name, so every source is stable for one build.  The environment is the
-``coder_env`` merge with the agent's ``env`` on top (``provisioner.read_agents`` does that).
+``coder_env`` merge with the agent's ``env`` on top (``tfstate.read_agents`` does that).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import uuid
 from typing import Any
 
 from coderstack.provider.agent import DISPLAY_APPS_DEFAULTS
-from coderstack.server.provisioner import Agent, ResourceMetadata
+from coderstack.server.tfstate import Agent, ResourceMetadata
 
 STARTUP_SCRIPT = "Startup Script"
 SHUTDOWN_SCRIPT = "Shutdown Script"

@@ -27,23 +27,34 @@ from __future__ import annotations
 
 import uuid
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from klein import Klein
-from twisted.web.iweb import IRequest
 
+from coderstack.server.agentevents import AgentEvents
 from coderstack.server.agentstore import (
     APP_HEALTHS,
     LIFECYCLE_STATES,
+    AgentStateStore,
     LogsOverflow,
     MetadataValue,
     UnknownApp,
 )
-from coderstack.server.api import APIError, parse_uuid, read_json, write_json
-from coderstack.server.store import Agent
+from coderstack.server.jsonhttp import APIError, HTTPRequest, parse_uuid, read_json, write_json
+from coderstack.server.records import Agent, Workspace
 
-if TYPE_CHECKING:
-    from coderstack.server.api import API
+
+class ReportsHost(Protocol):
+    """What these routes need of the API whose Klein app they join (its instance is their
+    ``self``)."""
+
+    agent_state: AgentStateStore
+    agent_events: AgentEvents
+
+    async def require_agent(self, request: HTTPRequest) -> tuple[Agent, Workspace]:
+        """The agent whose token authenticates the request; APIError 401 without one."""
+        ...
+
 
 LOG_LEVELS = ("trace", "debug", "info", "warn", "error")
 MAX_LOG_LINES = 1000
@@ -79,9 +90,9 @@ def rfc3339(t: datetime | None) -> str | None:
     return t.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-async def manifest_fields(api: API, agent: Agent) -> dict[str, Any]:
+async def manifest_fields(agent_state: AgentStateStore, agent: Agent) -> dict[str, Any]:
     """The manifest's fields that come from the agent's build."""
-    state = await api.agent_state.state(agent.id)
+    state = await agent_state.state(agent.id)
     spec = state.spec
     return {
         "directory": spec["directory"] or agent.directory,
@@ -98,7 +109,7 @@ def register(app: Klein) -> None:
 
     @app.route("/api/v2/workspaceagents/me/report-lifecycle", methods=["POST"],
                endpoint="agent_report_lifecycle")
-    async def report_lifecycle(self: API, request: IRequest) -> bytes:
+    async def report_lifecycle(self: ReportsHost, request: HTTPRequest) -> bytes:
         agent, _ws = await self.require_agent(request)
         body = read_json(request)
         state = _str(body, "state", "")
@@ -111,7 +122,7 @@ def register(app: Klein) -> None:
         return b""
 
     @app.route("/api/v2/workspaceagents/me/logs", methods=["PATCH"], endpoint="agent_patch_logs")
-    async def patch_logs(self: API, request: IRequest) -> bytes:
+    async def patch_logs(self: ReportsHost, request: HTTPRequest) -> bytes:
         agent, _ws = await self.require_agent(request)
         body = read_json(request, MAX_LOGS_BODY)
         source = parse_uuid(_str(body, "log_source_id", ""), "log_source_id")
@@ -143,7 +154,7 @@ def register(app: Klein) -> None:
 
     @app.route("/api/v2/workspaceagents/me/log-source", methods=["POST"],
                endpoint="agent_log_source")
-    async def log_source(self: API, request: IRequest) -> bytes:
+    async def log_source(self: ReportsHost, request: HTTPRequest) -> bytes:
         agent, _ws = await self.require_agent(request)
         body = read_json(request)
         sid = parse_uuid(_str(body, "id", ""), "id")
@@ -156,7 +167,7 @@ def register(app: Klein) -> None:
 
     @app.route("/api/v2/workspaceagents/me/metadata", methods=["POST"],
                endpoint="agent_post_metadata")
-    async def post_metadata(self: API, request: IRequest) -> bytes:
+    async def post_metadata(self: ReportsHost, request: HTTPRequest) -> bytes:
         agent, _ws = await self.require_agent(request)
         body = read_json(request, MAX_METADATA_BODY)
         raw = body.get("metadata")
@@ -180,7 +191,7 @@ def register(app: Klein) -> None:
 
     @app.route("/api/v2/workspaceagents/me/app-health", methods=["POST"],
                endpoint="agent_app_health")
-    async def app_health(self: API, request: IRequest) -> bytes:
+    async def app_health(self: ReportsHost, request: HTTPRequest) -> bytes:
         agent, _ws = await self.require_agent(request)
         raw = read_json(request).get("healths")
         if not isinstance(raw, dict):

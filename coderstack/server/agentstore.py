@@ -1,6 +1,6 @@
 """The store's side of the agent lifecycle: specs from builds, and what agents report.
 
-Tables are defined (and created by migration 3) in store.py; this module holds the queries.
+Tables are defined (and created by migration 3) in schema.py; this module holds the queries.
 Every public method of :class:`AgentStateStore` returns a Deferred and runs on the store's
 database threads.  Writes happen once per agent request (a batch of logs, of metadata, a
 lifecycle change), never per packet or heartbeat.
@@ -19,17 +19,17 @@ from datetime import datetime
 from typing import Any
 
 import sqlalchemy as sa
+from twisted.internet.defer import Deferred
 
 from coderstack.server.agentspec import empty_spec
-from coderstack.server.store import (
-    Store,
-    _aware,
+from coderstack.server.database import Database
+from coderstack.server.records import aware, now
+from coderstack.server.schema import (
     agent_log_sources,
     agent_logs,
     agent_metadata,
     agent_states,
     app_healths,
-    now,
     resource_metadata,
 )
 
@@ -134,10 +134,12 @@ def _spec_of(row: Any) -> dict[str, Any]:
 
 
 class AgentStateStore:
-    def __init__(self, store: Store) -> None:
-        self.store = store
+    """The queries about agents' reports, on the store's database."""
 
-    def state(self, agent_id: uuid.UUID) -> Any:
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def state(self, agent_id: uuid.UUID) -> Deferred[AgentState]:
         def work(conn: sa.Connection) -> AgentState:
             row = _ensure_state(conn, agent_id)
             spec = _spec_of(row)
@@ -161,17 +163,19 @@ class AgentStateStore:
             return AgentState(
                 spec=spec,
                 lifecycle_state=row.lifecycle_state,
-                lifecycle_changed_at=_aware(row.lifecycle_changed_at),
-                started_at=_aware(row.started_at),
-                ready_at=_aware(row.ready_at),
+                lifecycle_changed_at=aware(row.lifecycle_changed_at),
+                started_at=aware(row.started_at),
+                ready_at=aware(row.ready_at),
                 logs_length=row.logs_length,
                 logs_overflowed=bool(row.logs_overflowed),
                 log_sources=sources,
             )
 
-        return self.store._tx(work)
+        return self.db.transact(work)
 
-    def report_lifecycle(self, agent_id: uuid.UUID, state: str, changed_at: datetime) -> Any:
+    def report_lifecycle(
+        self, agent_id: uuid.UUID, state: str, changed_at: datetime
+    ) -> Deferred[None]:
         if state not in LIFECYCLE_STATES:
             raise ValueError(f"unknown lifecycle state {state!r}")
 
@@ -185,11 +189,11 @@ class AgentStateStore:
                 values["ready_at"] = sa.func.coalesce(c.ready_at, changed_at)
             conn.execute(agent_states.update().where(c.agent_id == agent_id).values(**values))
 
-        return self.store._tx(work)
+        return self.db.transact(work)
 
     def register_log_source(
         self, agent_id: uuid.UUID, source_id: uuid.UUID, display_name: str, icon: str
-    ) -> Any:
+    ) -> Deferred[None]:
         def work(conn: sa.Connection) -> None:
             _ensure_state(conn, agent_id)
             exists = conn.execute(sa.select(agent_log_sources.c.id).where(
@@ -201,16 +205,16 @@ class AgentStateStore:
                     created_at=now(),
                 ))
 
-        return self.store._tx(work)
+        return self.db.transact(work)
 
     def append_logs(
         self, agent_id: uuid.UUID, source_id: uuid.UUID, lines: list[tuple[datetime, str, str]]
-    ) -> Any:
+    ) -> Deferred[None]:
         """Store a batch of (created_at, output, level); fails with :class:`LogsOverflow` past
         the bound (and with ``LookupError`` for an unregistered source)."""
         size = sum(len(output.encode()) for _, output, _ in lines)
 
-        def work(conn: sa.Connection) -> None:
+        def work(conn: sa.Connection) -> bool:
             row = _ensure_state(conn, agent_id)
             where = agent_states.c.agent_id == agent_id
             if row.logs_overflowed or row.logs_length + size > MAX_LOGS_BYTES:
@@ -235,9 +239,11 @@ class AgentStateStore:
             if not stored:
                 raise LogsOverflow(f"at most {MAX_LOGS_BYTES} bytes of logs per agent")
 
-        return self.store._tx(work).addCallback(check)
+        return self.db.transact(work).addCallback(check)
 
-    def logs(self, agent_id: uuid.UUID, after: int = 0, limit: int = 10000) -> Any:
+    def logs(
+        self, agent_id: uuid.UUID, after: int = 0, limit: int = 10000
+    ) -> Deferred[list[LogLine]]:
         def work(conn: sa.Connection) -> list[LogLine]:
             rows = conn.execute(
                 sa.select(agent_logs)
@@ -246,12 +252,12 @@ class AgentStateStore:
                 .limit(limit)
             )
             return [
-                LogLine(r.id, _aware(r.created_at), r.output, r.level, r.source_id) for r in rows
+                LogLine(r.id, aware(r.created_at), r.output, r.level, r.source_id) for r in rows
             ]
 
-        return self.store._tx(work)
+        return self.db.transact(work)
 
-    def set_metadata(self, agent_id: uuid.UUID, values: list[MetadataValue]) -> Any:
+    def set_metadata(self, agent_id: uuid.UUID, values: list[MetadataValue]) -> Deferred[int]:
         """Keep the latest value per key; keys the spec does not define are ignored.  Fires
         with the number of keys stored."""
 
@@ -270,9 +276,11 @@ class AgentStateStore:
                 stored += 1
             return stored
 
-        return self.store._tx(work)
+        return self.db.transact(work)
 
-    def metadata(self, agent_id: uuid.UUID) -> Any:
+    def metadata(
+        self, agent_id: uuid.UUID
+    ) -> Deferred[tuple[list[dict[str, Any]], dict[str, MetadataValue]]]:
         """(the spec's metadata definitions, the latest value per key)."""
 
         def work(conn: sa.Connection) -> tuple[list[dict[str, Any]], dict[str, MetadataValue]]:
@@ -281,13 +289,15 @@ class AgentStateStore:
                 sa.select(agent_metadata).where(agent_metadata.c.agent_id == agent_id)
             )
             latest = {
-                r.key: MetadataValue(r.key, r.value, r.error, _aware(r.collected_at)) for r in rows
+                r.key: MetadataValue(r.key, r.value, r.error, aware(r.collected_at)) for r in rows
             }
             return spec["metadata"], latest
 
-        return self.store._tx(work)
+        return self.db.transact(work)
 
-    def set_app_health(self, agent_id: uuid.UUID, healths: dict[uuid.UUID, str]) -> Any:
+    def set_app_health(
+        self, agent_id: uuid.UUID, healths: dict[uuid.UUID, str]
+    ) -> Deferred[None]:
         """Record apps' health; :class:`UnknownApp` (nothing stored) for an app id that is not
         one of the agent's apps with a healthcheck."""
 
@@ -303,12 +313,12 @@ class AgentStateStore:
                 conn.execute(app_healths.insert().values(
                     agent_id=agent_id, app_id=app_id, health=health))
 
-        return self.store._tx(work)
+        return self.db.transact(work)
 
-    def resource_metadata(self, workspace_id: uuid.UUID) -> Any:
+    def resource_metadata(self, workspace_id: uuid.UUID) -> Deferred[list[dict[str, Any]]]:
         def work(conn: sa.Connection) -> list[dict[str, Any]]:
             row = conn.execute(sa.select(resource_metadata.c.entries).where(
                 resource_metadata.c.workspace_id == workspace_id)).first()
             return json.loads(row.entries) if row else []
 
-        return self.store._tx(work)
+        return self.db.transact(work)

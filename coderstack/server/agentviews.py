@@ -26,23 +26,53 @@ that list at the start and on every change, and a ``: keep-alive`` comment betwe
 from __future__ import annotations
 
 import json
+import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from klein import Klein
 from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.error import AlreadyCancelled
+from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
 
+from coderstack.server.agentevents import AgentEvents
 from coderstack.server.agentstate import rfc3339
-from coderstack.server.agentstore import LogLine
-from coderstack.server.api import APIError, write_json
-from coderstack.server.store import Agent
+from coderstack.server.agentstore import AgentStateStore, LogLine
+from coderstack.server.jsonhttp import (
+    APIError,
+    HTTPRequest,
+    query_flag,
+    query_value,
+    set_headers,
+    write_json,
+)
+from coderstack.server.records import Agent, User, Workspace
 
-if TYPE_CHECKING:
-    from coderstack.server.api import API
+
+class ViewsHost(Protocol):
+    """What these routes need of the API whose Klein app they join (its instance is their
+    ``self``)."""
+
+    agent_state: AgentStateStore
+    agent_events: AgentEvents
+
+    @property
+    def clock(self) -> IReactorTime:
+        """Times the streams' re-reads and keep-alives."""
+        ...
+
+    async def my_agent(self, request: HTTPRequest, agent_id: str) -> tuple[User, Agent, Workspace]:
+        """The caller, and the agent (of one of the caller's workspaces) ``agent_id`` names;
+        APIError 404 for any other."""
+        ...
+
+    async def my_workspace(self, request: HTTPRequest, workspace_id: str) -> Workspace:
+        """The caller's workspace ``workspace_id`` names; APIError 404 for any other."""
+        ...
+
 
 log = Logger()
 
@@ -51,8 +81,9 @@ REREAD_SECONDS = 5.0
 KEEPALIVE_SECONDS = 15.0
 
 
-async def agent_fields(api: API, agent: Agent) -> dict[str, Any]:
-    state = await api.agent_state.state(agent.id)
+async def agent_fields(agent_state: AgentStateStore, agent: Agent) -> dict[str, Any]:
+    """The agent's fields that come from its build and its reports."""
+    state = await agent_state.state(agent.id)
     spec = state.spec
     return {
         "lifecycle_state": state.lifecycle_state,
@@ -85,8 +116,8 @@ def log_json(line: LogLine) -> bytes:
     }).encode() + b"\n"
 
 
-async def metadata_list(api: API, agent_id: Any) -> list[dict[str, Any]]:
-    defs, latest = await api.agent_state.metadata(agent_id)
+async def metadata_list(agent_state: AgentStateStore, agent_id: uuid.UUID) -> list[dict[str, Any]]:
+    defs, latest = await agent_state.metadata(agent_id)
     t = datetime.now(UTC)
     out = []
     for d in sorted(defs, key=lambda d: (d.get("order", 0), d["key"])):
@@ -108,8 +139,16 @@ class _Follower:
     """Re-reads the store when told (or on the timer), one read at a time, and writes what is
     new to a streaming response."""
 
-    def __init__(self, api: API, agent_id: Any, kinds: tuple[str, ...], read: Any) -> None:
-        self.api, self.agent_id, self.kinds, self.read = api, agent_id, kinds, read
+    def __init__(
+        self,
+        events: AgentEvents,
+        clock: IReactorTime,
+        agent_id: uuid.UUID,
+        kinds: tuple[str, ...],
+        read: Callable[[], Awaitable[None]],
+    ) -> None:
+        self.events, self.clock = events, clock
+        self.agent_id, self.kinds, self.read = agent_id, kinds, read
         self.busy = self.again = self.gone = False
         self.ended: Deferred[None] = Deferred()
 
@@ -133,10 +172,12 @@ class _Follower:
         finally:
             self.busy = False
 
-    async def run(self, request: IRequest, interval: float, on_tick: Any = None) -> None:
-        unsubscribe = self.api.agent_events.subscribe(self.agent_id, self.poke)
+    async def run(
+        self, request: HTTPRequest, interval: float, on_tick: Callable[[], None] | None = None
+    ) -> None:
+        unsubscribe = self.events.subscribe(self.agent_id, self.poke)
         timer = task.LoopingCall(on_tick or self.poke)
-        timer.clock = self.api.d.reactor
+        timer.clock = self.clock
 
         def lost(_: Any) -> None:
             self.gone = True
@@ -157,26 +198,20 @@ class _Follower:
                     pass
 
 
-def _stream_headers(request: IRequest, content_type: bytes) -> None:
-    request.setResponseCode(200)
-    request.setHeader(b"Content-Type", content_type)
-    request.setHeader(b"Cache-Control", b"no-store")
-
-
 def register(app: Klein) -> None:
     """Add the user-facing lifecycle routes to the API's Klein app."""
 
     @app.route("/api/v2/workspaceagents/<string:agent_id>/logs", methods=["GET"],
                endpoint="user_agent_logs")
-    async def agent_logs(self: API, request: IRequest, agent_id: str) -> bytes:
-        _user, agent, _ws = await self._my_agent(request, agent_id)
-        raw_after = request.args.get(b"after", [b"0"])[0]
+    async def agent_logs(self: ViewsHost, request: HTTPRequest, agent_id: str) -> bytes:
+        _user, agent, _ws = await self.my_agent(request, agent_id)
+        raw_after = query_value(request, b"after", b"0")
         try:
             after = int(raw_after)
         except ValueError:
             raise APIError(400, "Query 'after' must be a log id.", repr(raw_after)[:64]) from None
-        follow = request.args.get(b"follow", [b""])[0] in (b"1", b"true")
-        _stream_headers(request, b"application/x-ndjson")
+        follow = query_flag(request, b"follow")
+        set_headers(request, b"application/x-ndjson")
         if not follow:
             return b"".join(log_json(x) for x in await self.agent_state.logs(agent.id, after))
         last = after
@@ -190,26 +225,26 @@ def register(app: Klein) -> None:
                 request.write(log_json(line))
                 last = line.id
 
-        follower = _Follower(self, agent.id, ("logs",), read)
+        follower = _Follower(self.agent_events, self.clock, agent.id, ("logs",), read)
         await follower.run(request, REREAD_SECONDS)
         return b""
 
     @app.route("/api/v2/workspaceagents/<string:agent_id>/metadata", methods=["GET"],
                endpoint="user_agent_metadata")
-    async def agent_metadata(self: API, request: IRequest, agent_id: str) -> bytes:
-        _user, agent, _ws = await self._my_agent(request, agent_id)
-        return write_json(request, await metadata_list(self, agent.id))
+    async def agent_metadata(self: ViewsHost, request: HTTPRequest, agent_id: str) -> bytes:
+        _user, agent, _ws = await self.my_agent(request, agent_id)
+        return write_json(request, await metadata_list(self.agent_state, agent.id))
 
     @app.route("/api/v2/workspaceagents/<string:agent_id>/watch-metadata", methods=["GET"],
                endpoint="user_agent_watch_metadata")
-    async def watch_metadata(self: API, request: IRequest, agent_id: str) -> bytes:
-        _user, agent, _ws = await self._my_agent(request, agent_id)
-        _stream_headers(request, b"text/event-stream")
+    async def watch_metadata(self: ViewsHost, request: HTTPRequest, agent_id: str) -> bytes:
+        _user, agent, _ws = await self.my_agent(request, agent_id)
+        set_headers(request, b"text/event-stream")
         sent: list[Any] = [None]
         follower: _Follower
 
         async def read() -> None:
-            items = await metadata_list(self, agent.id)
+            items = await metadata_list(self.agent_state, agent.id)
             # A change is a new value, error or collection, not an older age.
             fingerprint = [(i["description"], {**i["result"], "age": None}) for i in items]
             if fingerprint != sent[0] and not follower.gone:
@@ -221,14 +256,14 @@ def register(app: Klein) -> None:
                 request.write(b": keep-alive\n\n")
             follower.poke()
 
-        follower = _Follower(self, agent.id, ("metadata",), read)
+        follower = _Follower(self.agent_events, self.clock, agent.id, ("metadata",), read)
         await follower.run(request, KEEPALIVE_SECONDS, tick)
         return b""
 
     @app.route("/api/v2/workspaces/<string:workspace_id>/resources", methods=["GET"],
                endpoint="user_workspace_resources")
-    async def workspace_resources(self: API, request: IRequest, workspace_id: str) -> bytes:
-        ws = await self._my_workspace(request, workspace_id)
+    async def workspace_resources(self: ViewsHost, request: HTTPRequest, workspace_id: str) -> bytes:
+        ws = await self.my_workspace(request, workspace_id)
         found = await self.agent_state.resource_metadata(ws.id)
         resources = []
         for m in found:

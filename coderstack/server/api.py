@@ -1,8 +1,8 @@
 """The /api/v2 control plane (Klein).
 
 Every route authenticates: a session token (users) or an agent token (agents) in the
-``Coder-Session-Token`` header (or the ``coder_session_token`` cookie). Errors are JSON
-``{"message": ..., "detail": ...}`` with a 4xx/5xx status; secrets never appear in them or in logs.
+``Coder-Session-Token`` header (or the ``coder_session_token`` cookie). Bodies and errors are
+JSON as :mod:`coderstack.server.jsonhttp` describes; secrets never appear in them or in logs.
 """
 
 from __future__ import annotations
@@ -12,104 +12,53 @@ import math
 import re
 import uuid
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from klein import Klein
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web.iweb import IRequest
 from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coderstack import __version__
 from coderstack.derp.mapstream import derp_map_stream_resource
-from coderstack.server import auth, livesessions, templatepush
+from coderstack.server import agentstate, agentviews, auth, livesessions, templatepush
 from coderstack.server.agentevents import AgentEvents
 from coderstack.server.agentstore import AgentStateStore
+from coderstack.server.builds import Builder
+from coderstack.server.deployment import Deployment
 from coderstack.server.hashpool import PoolBusy
+from coderstack.server.jsonhttp import (
+    APIError,
+    HTTPRequest,
+    client_host,
+    field,
+    parse_json_object,
+    parse_uuid,
+    query_flag,
+    query_value,
+    read_body,
+    read_json,
+    session_token_of,
+    set_headers,
+    write_error,
+    write_json,
+)
 from coderstack.server.livesessions import Credential
 from coderstack.server.loginlimit import Refused
-from coderstack.server.provisioner import TemplateError
-from coderstack.server.store import Agent, Build, Conflict, User, Workspace, now
-
-if TYPE_CHECKING:
-    from coderstack.server.builds import Builder
-    from coderstack.server.deployment import Deployment
+from coderstack.server.records import Agent, Build, User, Workspace, now
+from coderstack.server.store import Conflict
+from coderstack.server.tferrors import TemplateError
 
 log = Logger()
 
 # Matched with fullmatch: ``$`` alone would also accept a trailing newline ("box\n").
 NAME_RE = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?")
 SESSION_LIFETIME = timedelta(days=7)
-MAX_BODY = 64 * 1024
 #: A template push carries its files (base64) in the JSON body.
 MAX_TEMPLATE_BODY = 8 * 1024 * 1024
-
-
-class APIError(Exception):
-    def __init__(self, code: int, message: str, detail: str = "",
-                 retry_after: float | None = None) -> None:
-        super().__init__(message)
-        self.code, self.message, self.detail = code, message, detail
-        self.retry_after = retry_after
-
-
-def write_json(request: IRequest, obj: Any, code: int = 200) -> bytes:
-    request.setResponseCode(code)
-    request.setHeader(b"Content-Type", b"application/json")
-    request.setHeader(b"Cache-Control", b"no-store")
-    return json.dumps(obj).encode() + b"\n"
-
-
-def read_body(request: IRequest, limit: int = MAX_BODY) -> bytes:
-    body = request.content.read(limit + 1) if request.content else b""
-    if len(body) > limit:
-        raise APIError(413, "Request body is too large.", f"at most {limit} bytes")
-    return body
-
-
-def read_json(request: IRequest, limit: int = MAX_BODY) -> dict[str, Any]:
-    return parse_json_object(read_body(request, limit))
-
-
-def parse_json_object(body: bytes) -> dict[str, Any]:
-    """A request body as a JSON object; APIError 400 for anything else (also deep nesting)."""
-    try:
-        obj = json.loads(body or b"{}")
-    except RecursionError:
-        raise APIError(400, "Request body must be valid JSON.", "nested too deeply") from None
-    except ValueError as err:
-        # json's own messages name a position, never the data; decoding errors say less.
-        detail = str(err) if isinstance(err, json.JSONDecodeError) else "not UTF-8 text"
-        raise APIError(400, "Request body must be valid JSON.", detail) from None
-    if not isinstance(obj, dict):
-        raise APIError(400, "Request body must be a JSON object.")
-    return obj
-
-
-def plain_text(value: str) -> bool:
-    """Text the store and the logs can hold: encodable as UTF-8 (no lone surrogates), no NUL."""
-    if "\x00" in value:
-        return False
-    try:
-        value.encode()
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
-def field(body: dict[str, Any], name: str, *, required: bool = True, default: str = "") -> str:
-    value = body.get(name, None)
-    if value is None:
-        if required:
-            raise APIError(400, f"Missing field {name!r}.", f"{name} is required")
-        return default
-    if not isinstance(value, str):
-        raise APIError(400, f"Field {name!r} must be a string.")
-    if not plain_text(value):
-        raise APIError(400, f"Field {name!r} must be UTF-8 text without NUL characters.")
-    return value
 
 
 def valid_name(value: str, what: str) -> str:
@@ -122,24 +71,14 @@ def valid_name(value: str, what: str) -> str:
     return value
 
 
-def session_token_of(request: IRequest) -> str | None:
-    raw = request.getHeader(auth.SESSION_HEADER)
-    if raw is None:
-        cookie = request.getCookie(b"coder_session_token")
-        raw = cookie.decode("ascii", "replace") if cookie else None
-    return raw.strip() if raw else None
-
-
-def client_host(request: IRequest) -> str:
-    """The peer's IP address (what the login limits count per source)."""
-    return str(getattr(request.getClientAddress(), "host", "local"))
-
-
 def iso(t: Any) -> str | None:
     return t.isoformat() if t is not None else None
 
 
-class API:
+class API(agentstate.ReportsHost, agentviews.ViewsHost):
+    """The routes; those about agents' reports join from :mod:`~coderstack.server.agentstate`
+    and :mod:`~coderstack.server.agentviews`, whose host protocols this class fulfils."""
+
     app = Klein()
 
     def __init__(self, deployment: Deployment, builder: Builder | None = None) -> None:
@@ -149,6 +88,10 @@ class API:
         #: What builds tell agents and what agents report (agentstate.py, agentviews.py).
         self.agent_state = AgentStateStore(deployment.store)
         self.agent_events = AgentEvents()
+
+    @property
+    def clock(self) -> IReactorTime:
+        return self.d.reactor
 
     # -- authentication ----------------------------------------------------------------------
 
@@ -187,7 +130,7 @@ class API:
             return None
         return await self.d.store.agent_by_token_hash(auth.hash_agent_token(token))
 
-    async def require_user(self, request: IRequest) -> User:
+    async def require_user(self, request: HTTPRequest) -> User:
         token = session_token_of(request)
         if not token:
             raise APIError(
@@ -199,13 +142,13 @@ class API:
             raise APIError(401, "Invalid or expired session token.", "log in again")
         return user
 
-    async def require_owner(self, request: IRequest) -> User:
+    async def require_owner(self, request: HTTPRequest) -> User:
         user = await self.require_user(request)
         if not user.is_owner:
             raise APIError(403, "Only an owner can do this.")
         return user
 
-    async def require_agent(self, request: IRequest) -> tuple[Agent, Workspace]:
+    async def require_agent(self, request: HTTPRequest) -> tuple[Agent, Workspace]:
         found = await self.agent_for_token(session_token_of(request))
         if found is None:
             raise APIError(401, "Invalid agent token.", "the workspace agent token is missing or unknown")
@@ -214,22 +157,19 @@ class API:
     # -- errors ------------------------------------------------------------------------------
 
     @app.handle_errors(APIError)
-    def _api_error(self, request: IRequest, failure: Failure) -> bytes:
-        err = failure.value
-        if err.retry_after is not None:
-            request.setHeader(b"Retry-After", str(max(1, math.ceil(err.retry_after))).encode())
-        return write_json(request, {"message": err.message, "detail": err.detail}, err.code)
+    def _api_error(self, request: HTTPRequest, failure: Failure) -> bytes:
+        return write_error(request, failure.value)
 
     @app.handle_errors(NotFound)
-    def _not_found(self, request: IRequest, failure: Failure) -> bytes:
+    def _not_found(self, request: HTTPRequest, failure: Failure) -> bytes:
         return write_json(request, {"message": "Route not found.", "detail": request.path.decode("ascii", "replace")}, 404)
 
     @app.handle_errors(MethodNotAllowed)
-    def _bad_method(self, request: IRequest, failure: Failure) -> bytes:
+    def _bad_method(self, request: HTTPRequest, failure: Failure) -> bytes:
         return write_json(request, {"message": "Method not allowed.", "detail": request.method.decode("ascii", "replace")}, 405)
 
     @app.handle_errors(Exception)
-    def _internal(self, request: IRequest, failure: Failure) -> bytes:
+    def _internal(self, request: HTTPRequest, failure: Failure) -> bytes:
         # The exception's text stays in the log: it may quote internals (SQL, paths, data).
         log.failure("unhandled error serving {path}", failure, path=request.path)
         return write_json(request, {"message": "Internal error.", "detail": "the server logged the cause"}, 500)
@@ -237,12 +177,12 @@ class API:
     # -- health and build info ---------------------------------------------------------------
 
     @app.route("/healthz", methods=["GET", "HEAD"])
-    def healthz(self, request: IRequest) -> bytes:
+    def healthz(self, request: HTTPRequest) -> bytes:
         request.setHeader(b"Content-Type", b"text/plain")
         return b"OK"
 
     @app.route("/api/v2/buildinfo", methods=["GET"])
-    def buildinfo(self, request: IRequest) -> bytes:
+    def buildinfo(self, request: HTTPRequest) -> bytes:
         return write_json(request, {
             "version": __version__,
             "external_url": "https://github.com/coderstack",
@@ -255,13 +195,13 @@ class API:
     # -- users -------------------------------------------------------------------------------
 
     @app.route("/api/v2/users/first", methods=["GET"])
-    async def first_user_status(self, request: IRequest) -> bytes:
+    async def first_user_status(self, request: HTTPRequest) -> bytes:
         if await self.d.store.count_users() == 0:
             raise APIError(404, "The initial user has not been created!")
         return write_json(request, {"message": "The initial user has already been created!"})
 
     @app.route("/api/v2/users/first", methods=["POST"])
-    async def first_user(self, request: IRequest) -> bytes:
+    async def first_user(self, request: HTTPRequest) -> bytes:
         body = read_json(request)
         username, email, password = self._new_user_fields(body)
         # Checked before the (slow) hash, so a flood of these after set-up costs nothing.
@@ -288,7 +228,7 @@ class API:
         return username, email, password
 
     @app.route("/api/v2/users/login", methods=["POST"])
-    async def login(self, request: IRequest) -> bytes:
+    async def login(self, request: HTTPRequest) -> bytes:
         body = read_json(request)
         login = field(body, "email")
         password = field(body, "password")
@@ -335,7 +275,7 @@ class API:
         return token
 
     @app.route("/api/v2/users/logout", methods=["POST"])
-    async def logout(self, request: IRequest) -> bytes:
+    async def logout(self, request: HTTPRequest) -> bytes:
         await self.require_user(request)
         parts = auth.split_session_token(session_token_of(request) or "")
         if parts:
@@ -344,18 +284,18 @@ class API:
         return write_json(request, {"message": "Logged out."})
 
     @app.route("/api/v2/users/me", methods=["GET"])
-    async def me(self, request: IRequest) -> bytes:
+    async def me(self, request: HTTPRequest) -> bytes:
         user = await self.require_user(request)
         return write_json(request, user.to_json())
 
     @app.route("/api/v2/users", methods=["GET"])
-    async def list_users(self, request: IRequest) -> bytes:
+    async def list_users(self, request: HTTPRequest) -> bytes:
         await self.require_owner(request)
         users = await self.d.store.list_users()
         return write_json(request, {"users": [u.to_json() for u in users], "count": len(users)})
 
     @app.route("/api/v2/users", methods=["POST"])
-    async def create_user(self, request: IRequest) -> bytes:
+    async def create_user(self, request: HTTPRequest) -> bytes:
         await self.require_owner(request)
         body = read_json(request)
         username, email, password = self._new_user_fields(body)
@@ -368,7 +308,7 @@ class API:
             raise APIError(409, "User already exists.", str(err)) from None
         return write_json(request, user.to_json(), 201)
 
-    async def _other_user(self, request: IRequest, who: str) -> tuple[User, User]:
+    async def _other_user(self, request: HTTPRequest, who: str) -> tuple[User, User]:
         """(the owner asking, the user named by username or id); never the owner itself."""
         me = await self.require_owner(request)
         users = await self.d.store.list_users()
@@ -380,24 +320,25 @@ class API:
         return me, target
 
     @app.route("/api/v2/users/<string:who>/status/suspend", methods=["PUT"])
-    async def suspend_user(self, request: IRequest, who: str) -> bytes:
-        _me, target = await self._other_user(request, who)
-        user = await self.d.store.set_user_suspended(target.id, True)
-        if user is None:
-            raise APIError(404, f"User {who!r} not found.")
+    async def suspend_user(self, request: HTTPRequest, who: str) -> bytes:
+        user = await self._set_suspended(request, who, True)
         self.d.live.revoke_user(user.id, livesessions.REASON_USER_SUSPENDED)
         return write_json(request, user.to_json())
 
     @app.route("/api/v2/users/<string:who>/status/activate", methods=["PUT"])
-    async def activate_user(self, request: IRequest, who: str) -> bytes:
-        _me, target = await self._other_user(request, who)
-        user = await self.d.store.set_user_suspended(target.id, False)
-        if user is None:
-            raise APIError(404, f"User {who!r} not found.")
+    async def activate_user(self, request: HTTPRequest, who: str) -> bytes:
+        user = await self._set_suspended(request, who, False)
         return write_json(request, user.to_json())
 
+    async def _set_suspended(self, request: HTTPRequest, who: str, suspended: bool) -> User:
+        _me, target = await self._other_user(request, who)
+        user = await self.d.store.set_user_suspended(target.id, suspended)
+        if user is None:
+            raise APIError(404, f"User {who!r} not found.")
+        return user
+
     @app.route("/api/v2/users/<string:who>", methods=["DELETE"])
-    async def delete_user(self, request: IRequest, who: str) -> bytes:
+    async def delete_user(self, request: HTTPRequest, who: str) -> bytes:
         _me, target = await self._other_user(request, who)
         try:
             await self.d.store.delete_user(target.id)
@@ -408,14 +349,14 @@ class API:
 
     # -- workspaces --------------------------------------------------------------------------
 
-    async def _owner_for(self, request: IRequest, who: str) -> User:
+    async def _owner_for(self, request: HTTPRequest, who: str) -> User:
         user = await self.require_user(request)
         if who in ("me", user.username, str(user.id)):
             return user
         raise APIError(403, "You can only manage your own workspaces.", f"user {who!r}")
 
     @app.route("/api/v2/users/<string:who>/workspaces", methods=["POST"])
-    async def create_workspace(self, request: IRequest, who: str) -> bytes:
+    async def create_workspace(self, request: HTTPRequest, who: str) -> bytes:
         user = await self._owner_for(request, who)
         body = read_json(request)
         name = valid_name(field(body, "name"), "workspace name")
@@ -434,7 +375,7 @@ class API:
         return write_json(request, out, 201)
 
     @app.route("/api/v2/users/<string:who>/workspace/<string:name>", methods=["GET"])
-    async def workspace_by_name(self, request: IRequest, who: str, name: str) -> bytes:
+    async def workspace_by_name(self, request: HTTPRequest, who: str, name: str) -> bytes:
         user = await self._owner_for(request, who)
         ws = await self.d.store.workspace_by_name(user.id, name)
         if ws is None:
@@ -442,15 +383,15 @@ class API:
         return write_json(request, self.workspace_json(ws))
 
     @app.route("/api/v2/workspaces", methods=["GET"])
-    async def list_workspaces(self, request: IRequest) -> bytes:
+    async def list_workspaces(self, request: HTTPRequest) -> bytes:
         user = await self.require_user(request)
-        everyone = request.args.get(b"all", [b""])[0] in (b"1", b"true") and user.is_owner
+        everyone = query_flag(request, b"all") and user.is_owner
         found = await self.d.store.list_workspaces(None if everyone else user.id)
         return write_json(
             request, {"workspaces": [self.workspace_json(w) for w in found], "count": len(found)}
         )
 
-    async def _my_workspace(self, request: IRequest, workspace_id: str) -> Workspace:
+    async def my_workspace(self, request: HTTPRequest, workspace_id: str) -> Workspace:
         user = await self.require_user(request)
         ws_id = parse_uuid(workspace_id, "workspace id")
         ws = await self.d.store.workspace(ws_id)
@@ -460,14 +401,14 @@ class API:
         return ws
 
     @app.route("/api/v2/workspaces/<string:workspace_id>", methods=["GET"])
-    async def get_workspace(self, request: IRequest, workspace_id: str) -> bytes:
-        ws = await self._my_workspace(request, workspace_id)
+    async def get_workspace(self, request: HTTPRequest, workspace_id: str) -> bytes:
+        ws = await self.my_workspace(request, workspace_id)
         return write_json(request, self.workspace_json(ws))
 
     @app.route("/api/v2/workspaces/<string:workspace_id>", methods=["DELETE"])
-    async def delete_workspace(self, request: IRequest, workspace_id: str) -> bytes:
-        ws = await self._my_workspace(request, workspace_id)
-        orphan = request.args.get(b"orphan", [b""])[0] in (b"1", b"true")
+    async def delete_workspace(self, request: HTTPRequest, workspace_id: str) -> bytes:
+        ws = await self.my_workspace(request, workspace_id)
+        orphan = query_flag(request, b"orphan")
         if ws.template_id is not None and not orphan:
             raise APIError(
                 409, "This workspace was built from a template: delete it with a destroy build.",
@@ -484,8 +425,8 @@ class API:
         return write_json(request, {"message": f"Workspace {ws.name!r} deleted."})
 
     @app.route("/api/v2/workspaces/<string:workspace_id>/agent-token", methods=["POST"])
-    async def rotate_agent_token(self, request: IRequest, workspace_id: str) -> bytes:
-        ws = await self._my_workspace(request, workspace_id)
+    async def rotate_agent_token(self, request: HTTPRequest, workspace_id: str) -> bytes:
+        ws = await self.my_workspace(request, workspace_id)
         if ws.template_id is not None:
             raise APIError(
                 409, "This workspace's agent tokens come from its template's builds.",
@@ -546,7 +487,7 @@ class API:
         return self.builder
 
     @app.route("/api/v2/templates", methods=["POST"])
-    async def push_template(self, request: IRequest) -> bytes:
+    async def push_template(self, request: HTTPRequest) -> bytes:
         """Create a template, or add a version: {"name", "files": {file name: base64}}."""
         user = await self.require_owner(request)
         builder = self._require_builder()
@@ -573,13 +514,13 @@ class API:
         return write_json(request, out, 201)
 
     @app.route("/api/v2/templates", methods=["GET"])
-    async def list_templates(self, request: IRequest) -> bytes:
+    async def list_templates(self, request: HTTPRequest) -> bytes:
         await self.require_user(request)
         found = await self.d.store.list_templates()
         return write_json(request, {"templates": [t.to_json() for t in found], "count": len(found)})
 
     async def _create_templated(
-        self, request: IRequest, user: User, name: str, template_name: str, template_id: str
+        self, request: HTTPRequest, user: User, name: str, template_name: str, template_id: str
     ) -> bytes:
         builder = self._require_builder()
         if template_id:
@@ -598,9 +539,9 @@ class API:
         return write_json(request, out, 201)
 
     @app.route("/api/v2/workspaces/<string:workspace_id>/builds", methods=["POST"])
-    async def create_build(self, request: IRequest, workspace_id: str) -> bytes:
+    async def create_build(self, request: HTTPRequest, workspace_id: str) -> bytes:
         """Start a build: {"transition": "start" | "stop" | "destroy"}."""
-        ws = await self._my_workspace(request, workspace_id)
+        ws = await self.my_workspace(request, workspace_id)
         user = await self.require_user(request)
         builder = self._require_builder()
         transition = field(read_json(request), "transition")
@@ -619,7 +560,7 @@ class API:
             raise APIError(409, "The workspace's template is gone.", str(err)) from None
         return write_json(request, build.to_json(), 201)
 
-    async def _my_build(self, request: IRequest, build_id: str) -> tuple[Build, Any]:
+    async def _my_build(self, request: HTTPRequest, build_id: str) -> tuple[Build, Any]:
         """The build (and its live log, if the server still has it) of one of my workspaces."""
         user = await self.require_user(request)
         bid = parse_uuid(build_id, "build id")
@@ -635,19 +576,17 @@ class API:
         return found[0], found[1]
 
     @app.route("/api/v2/workspacebuilds/<string:build_id>", methods=["GET"])
-    async def get_build(self, request: IRequest, build_id: str) -> bytes:
+    async def get_build(self, request: HTTPRequest, build_id: str) -> bytes:
         build, _ = await self._my_build(request, build_id)
         return write_json(request, build.to_json())
 
     @app.route("/api/v2/workspacebuilds/<string:build_id>/logs", methods=["GET"])
-    async def build_logs(self, request: IRequest, build_id: str) -> bytes:
+    async def build_logs(self, request: HTTPRequest, build_id: str) -> bytes:
         """The build's output as newline-delimited JSON (see builds.py); with ?follow=true the
         response stays open and streams lines until the build ends."""
         build, logs = await self._my_build(request, build_id)
-        follow = request.args.get(b"follow", [b""])[0] in (b"1", b"true")
-        request.setResponseCode(200)
-        request.setHeader(b"Content-Type", b"application/x-ndjson")
-        request.setHeader(b"Cache-Control", b"no-store")
+        follow = query_flag(request, b"follow")
+        set_headers(request, b"application/x-ndjson")
 
         def line(obj: Any) -> bytes:
             return json.dumps(obj).encode() + b"\n"
@@ -686,7 +625,7 @@ class API:
     # -- agents ------------------------------------------------------------------------------
 
     @app.route("/api/v2/workspaceagents/me/manifest", methods=["GET"])
-    async def manifest(self, request: IRequest) -> bytes:
+    async def manifest(self, request: HTTPRequest) -> bytes:
         agent, ws = await self.require_agent(request)
         return write_json(request, {
             "agent_id": str(agent.id),
@@ -700,21 +639,21 @@ class API:
             "derp_map": self.d.derp_map_json(),
             "derp_force_websockets": self.d.derp_force_websockets,
             "disable_direct_connections": self.d.block_direct,
-            **await agentstate.manifest_fields(self, agent),
+            **await agentstate.manifest_fields(self.agent_state, agent),
         })
 
     @app.route("/api/v2/workspaceagents/me/coordinate", methods=["GET"])
-    async def agent_coordinate(self, request: IRequest) -> Any:
+    async def agent_coordinate(self, request: HTTPRequest) -> Any:
         agent, ws = await self.require_agent(request)
         credential = await self.credential_for_token(session_token_of(request))
         return self.d.coordinate_resource_for_agent(agent, ws, credential)
 
     @app.route("/api/v2/workspaceagents/connection", methods=["GET"])
-    async def connection_generic(self, request: IRequest) -> bytes:
+    async def connection_generic(self, request: HTTPRequest) -> bytes:
         await self.require_user(request)
         return write_json(request, self.d.connection_info())
 
-    async def _my_agent(self, request: IRequest, agent_id: str) -> tuple[User, Agent, Workspace]:
+    async def my_agent(self, request: HTTPRequest, agent_id: str) -> tuple[User, Agent, Workspace]:
         user = await self.require_user(request)
         found = await self.d.store.agent(parse_uuid(agent_id, "agent id"))
         if found is None or found[1].owner_id != user.id:
@@ -722,20 +661,20 @@ class API:
         return user, found[0], found[1]
 
     @app.route("/api/v2/workspaceagents/<string:agent_id>", methods=["GET"])
-    async def get_agent(self, request: IRequest, agent_id: str) -> bytes:
-        _user, agent, _ws = await self._my_agent(request, agent_id)
+    async def get_agent(self, request: HTTPRequest, agent_id: str) -> bytes:
+        _user, agent, _ws = await self.my_agent(request, agent_id)
         return write_json(request, {**self.agent_json(agent),
-                                    **await agentviews.agent_fields(self, agent)})
+                                    **await agentviews.agent_fields(self.agent_state, agent)})
 
     @app.route("/api/v2/workspaceagents/<string:agent_id>/connection", methods=["GET"])
-    async def connection(self, request: IRequest, agent_id: str) -> bytes:
-        await self._my_agent(request, agent_id)
+    async def connection(self, request: HTTPRequest, agent_id: str) -> bytes:
+        await self.my_agent(request, agent_id)
         return write_json(request, self.d.connection_info())
 
     @app.route("/api/v2/workspaceagents/<string:agent_id>/coordinate", methods=["GET"])
-    async def client_coordinate(self, request: IRequest, agent_id: str) -> Any:
-        user, agent, _ws = await self._my_agent(request, agent_id)
-        raw_peer = request.args.get(b"peer_id", [b""])[0].decode("ascii", "replace")
+    async def client_coordinate(self, request: HTTPRequest, agent_id: str) -> Any:
+        user, agent, _ws = await self.my_agent(request, agent_id)
+        raw_peer = query_value(request, b"peer_id").decode("ascii", "replace")
         peer_id = parse_uuid(raw_peer, "peer_id") if raw_peer else uuid.uuid4()
         problem = await self.d.client_peer_id_problem(peer_id, user.id, agent.id)
         if problem:
@@ -749,19 +688,19 @@ class API:
     # -- deployment and debug ----------------------------------------------------------------
 
     @app.route("/api/v2/deployment/ssh", methods=["GET"])
-    async def deployment_ssh(self, request: IRequest) -> bytes:
+    async def deployment_ssh(self, request: HTTPRequest) -> bytes:
         await self.require_user(request)
         return write_json(request, {"hostname_prefix": "coder.", "hostname_suffix": "", "ssh_config_options": {}})
 
     @app.route("/api/v2/debug/coordinator", methods=["GET"])
-    async def debug_coordinator(self, request: IRequest) -> bytes:
+    async def debug_coordinator(self, request: HTTPRequest) -> bytes:
         await self.require_owner(request)
         return write_json(request, self.d.coordinator.debug())
 
     # -- the relay, metrics and the DERP map stream --------------------------------------------
 
     @app.route("/derp", branch=True)
-    def derp(self, request: IRequest) -> Any:
+    def derp(self, request: HTTPRequest) -> Any:
         # The relay does its own token check before upgrading (401 JSON without one).
         resource = self.d.mounts.get(b"/derp")
         if resource is None:
@@ -769,7 +708,7 @@ class API:
         return resource
 
     @app.route("/api/v2/derp-map", methods=["GET"])
-    async def derp_map_stream(self, request: IRequest) -> Any:
+    async def derp_map_stream(self, request: HTTPRequest) -> Any:
         credential = await self.credential_for_token(session_token_of(request))
         if credential is None:
             raise APIError(401, "You must be logged in to do this.", "send a session or agent token")
@@ -779,28 +718,19 @@ class API:
                                         track=lambda proto: self.d.live.attach(credential, proto).release)
 
     @app.route("/metrics", methods=["GET"])
-    async def metrics(self, request: IRequest) -> bytes:
+    async def metrics(self, request: HTTPRequest) -> bytes:
         await self.require_owner(request)
         request.setHeader(b"Content-Type", b"text/plain; version=0.0.4")
         return self.d.metrics_text().encode()
 
     @app.route("/", branch=True)
-    def mounted(self, request: IRequest) -> Any:
+    def mounted(self, request: HTTPRequest) -> Any:
         resource = self.d.mounted_resource(request)
         if resource is None:
             raise NotFound()
         return resource
 
 
-def parse_uuid(value: str, what: str) -> uuid.UUID:
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise APIError(400, f"Invalid {what}.", f"{value!r} is not a UUID") from None
-
-
-# The lifecycle routes live in their own modules and join this app (they import from here).
-from coderstack.server import agentstate, agentviews  # noqa: E402
-
+# The agents' lifecycle routes live in their own modules and join this app.
 agentstate.register(API.app)
 agentviews.register(API.app)

@@ -39,15 +39,11 @@ from coderstack.provider.bootstrap import agent_script_env
 from coderstack.provider.launcher import write_provider_executable
 from coderstack.server import auth
 from coderstack.server.agentspec import agent_spec, resource_metadata_json
-from coderstack.server.provisioner import (
-    BuildError,
-    BuildResult,
-    TemplateError,
-    TerraformRunner,
-    WorkspaceInfo,
-    template_files,
-)
-from coderstack.server.store import AgentRecord, Build, Store, User, Workspace
+from coderstack.server.provisioner import BuildResult, TerraformRunner
+from coderstack.server.records import AgentRecord, Build, User, Workspace
+from coderstack.server.store import Store
+from coderstack.server.tferrors import BuildError, TemplateError
+from coderstack.server.tfworkdir import WorkspaceInfo, template_files
 
 log = Logger()
 

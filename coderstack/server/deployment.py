@@ -12,9 +12,9 @@ from datetime import UTC, datetime
 from ipaddress import IPv6Address
 from typing import Any
 
+from autobahn.twisted.resource import WebSocketResource
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
 from twisted.web.resource import IResource
 
 from coderstack.coordinator.core import AgentAuth, ClientAuth, Coordinator
@@ -28,10 +28,12 @@ from coderstack.derp.server import metrics_text
 from coderstack.derpmap import DERPMap
 from coderstack.server import auth
 from coderstack.server.hashpool import HashPool
+from coderstack.server.jsonhttp import HTTPRequest
 from coderstack.server.limits import UserLimits
 from coderstack.server.livesessions import REASON_AGENT_REVOKED, Credential, LiveSessions
 from coderstack.server.loginlimit import LoginLimiter
-from coderstack.server.store import Agent, Store, User, Workspace
+from coderstack.server.records import Agent, User, Workspace
+from coderstack.server.store import Store
 from coderstack.wire.coordination import address_from_uuid
 
 log = Logger()
@@ -184,7 +186,7 @@ class Deployment:
 
     def coordinate_resource_for_agent(
         self, agent: Agent, ws: Workspace, credential: Credential | None = None
-    ) -> IResource:
+    ) -> WebSocketResource:
         track_open, track_close = self._track(credential)
 
         def opened(proto: CoordinateProtocol) -> None:
@@ -237,7 +239,7 @@ class Deployment:
 
     def coordinate_resource_for_client(
         self, peer_id: uuid.UUID, user: User, agent: Agent, credential: Credential | None = None
-    ) -> IResource:
+    ) -> WebSocketResource:
         track_open, track_close = self._track(credential)
         factory = CoordinateFactory(
             self.coordinator,
@@ -255,6 +257,6 @@ class Deployment:
     def mount(self, path: bytes, resource: IResource) -> None:
         self.mounts[path.rstrip(b"/") or b"/"] = resource
 
-    def mounted_resource(self, request: IRequest) -> IResource | None:
+    def mounted_resource(self, request: HTTPRequest) -> IResource | None:
         path = request.path.rstrip(b"/") or b"/"
         return self.mounts.get(path)

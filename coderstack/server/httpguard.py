@@ -16,16 +16,19 @@ their source until they close.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet import protocol
 from twisted.internet.interfaces import IAddress
+from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
-from twisted.web.http import HTTPChannel
+from twisted.python.failure import Failure
+from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Site
 
 from coderstack.server.admission import Admission
+from coderstack.server.clock import Timer
 
 log = Logger()
 
@@ -44,9 +47,17 @@ def _json_response(status: bytes, message: str, detail: str) -> bytes:
     )
 
 
+class _Connection(Protocol):
+    """The part of a transport (``ITransport``) an answer before HTTP needs."""
+
+    def write(self, data: bytes) -> None: ...
+
+    def loseConnection(self) -> None: ...
+
+
 class GuardedChannel(HTTPChannel):
     head_timeout = HEAD_TIMEOUT
-    _head_call: Any = None
+    _head_call: Timer | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._head_call is None and not self._handlingRequest and data:
@@ -57,7 +68,7 @@ class GuardedChannel(HTTPChannel):
         self._cancel_head_deadline()
         super().allHeadersReceived()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._cancel_head_deadline()
         super().connectionLost(reason)
 
@@ -69,9 +80,10 @@ class GuardedChannel(HTTPChannel):
 
     def _head_timed_out(self) -> None:
         self._head_call = None
-        if self._handlingRequest or self.transport is None:
+        transport: _Connection | None = self.transport
+        if self._handlingRequest or transport is None:
             return
-        self.transport.write(_json_response(
+        transport.write(_json_response(
             b"408 Request Timeout", "The request head took too long.",
             f"send the request line and headers within {self.head_timeout:g} s",
         ))
@@ -79,12 +91,13 @@ class GuardedChannel(HTTPChannel):
 
 
 class GuardedSite(Site):
-    protocol = GuardedChannel
+    protocol = GuardedChannel  # type: ignore[assignment]  # twisted types Site.protocol as its HTTP/2-negotiating wrapper; a Site serves an HTTPChannel subclass as well
     head_timeout = HEAD_TIMEOUT
 
-    def buildProtocol(self, addr: IAddress) -> Any:
+    def buildProtocol(self, addr: IAddress | None) -> _GenericHTTPChannelProtocol | None:
         channel = super().buildProtocol(addr)
-        channel.head_timeout = self.head_timeout
+        if isinstance(channel, GuardedChannel):
+            channel.head_timeout = self.head_timeout
         return channel
 
 
@@ -93,28 +106,31 @@ class _Refusal(protocol.Protocol):
         self.detail = detail
 
     def connectionMade(self) -> None:
+        transport: _Connection | None = self.transport
+        if transport is None:
+            return
         if self.detail is not None:
-            self.transport.write(_json_response(b"503 Service Unavailable", "Too many connections.", self.detail))
-        self.transport.loseConnection()
+            transport.write(_json_response(b"503 Service Unavailable", "Too many connections.", self.detail))
+        transport.loseConnection()
 
 
 class _Admitted(ProtocolWrapper):
     source = ""
 
 
-class AdmissionFactory(WrappingFactory):
+class AdmissionFactory(WrappingFactory[_Admitted]):
     """One listener's factory: the site behind an admission check."""
 
     protocol = _Admitted
 
-    def __init__(self, wrapped: protocol.Factory, admission: Admission, answer_refusals: bool = True) -> None:
+    def __init__(self, wrapped: Factory[Any], admission: Admission, answer_refusals: bool = True) -> None:
         super().__init__(wrapped)
         self.admission = admission
         # False for TLS listeners (the factory wraps TLS): a plain-text answer would only be
         # a garbled handshake there, so a refused TLS connection is just closed.
         self.answer_refusals = answer_refusals
 
-    def buildProtocol(self, addr: IAddress) -> Any:
+    def buildProtocol(self, addr: IAddress | None) -> _Admitted | _Refusal:  # type: ignore[override]  # a refused connection gets a _Refusal, not a wrapper of the site's protocol
         source = str(getattr(addr, "host", "local"))
         why = self.admission.admit(source)
         if why is not None:
@@ -127,6 +143,6 @@ class AdmissionFactory(WrappingFactory):
         p.source = source
         return p
 
-    def unregisterProtocol(self, p: Any) -> None:
+    def unregisterProtocol(self, p: _Admitted) -> None:
         super().unregisterProtocol(p)
         self.admission.release(p.source)

@@ -25,8 +25,9 @@ from typing import Protocol
 from uuid import UUID
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
+
+from coderstack.server.clock import Clock, Timer
 
 log = Logger()
 
@@ -71,7 +72,7 @@ class LiveSession:
         #: Why the credential was revoked, once it was.
         self.revoked_because: str | None = None
         self.released = False
-        self._expiry: IDelayedCall | None = None
+        self._expiry: Timer | None = None
 
     def bind(self, handler: LiveConnection) -> None:
         """Attach the connection; one revoked before it existed is told at once."""
@@ -98,7 +99,7 @@ class LiveSession:
 
 
 class LiveSessions:
-    def __init__(self, clock: IReactorTime) -> None:
+    def __init__(self, clock: Clock) -> None:
         self._clock = clock
         self._all: dict[LiveSession, None] = {}
         self._index: dict[Hashable, dict[LiveSession, None]] = {}
@@ -149,7 +150,13 @@ class LiveSessions:
             return d
         self._drained.append(d)
         timer = self._clock.callLater(grace, self._fire_drained)
-        d.addBoth(lambda r: (timer.cancel() if timer.active() else None, r)[1])
+
+        def stop_timer(result: object) -> object:
+            if timer.active():
+                timer.cancel()
+            return result
+
+        d.addBoth(stop_timer)
         return d
 
     # --- inside -----------------------------------------------------------------------------

@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.interfaces import IReactorTime
+from coderstack.server.clock import Clock
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ class LoginAttempt:
 class LoginLimiter:
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         source_policy: Policy = SOURCE_POLICY,
         account_policy: Policy = ACCOUNT_POLICY,
         max_in_flight: int = 2,

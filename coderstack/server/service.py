@@ -8,30 +8,40 @@ unreachable, port taken, bad DERP map) is logged as one clear line and stops the
 from __future__ import annotations
 
 import os
-import sys
-from typing import Any
+from typing import Any, Protocol, cast
 
 from twisted.application import service
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IListeningPort
+from twisted.internet.interfaces import IAddress, IProtocolFactory
 from twisted.logger import Logger
 
 from coderstack import envopts
 from coderstack.server.admission import Admission
 from coderstack.server.api import API
+from coderstack.server.builds import Builder, make_builder
+from coderstack.server.database import database_url
 from coderstack.server.deployment import Deployment
 from coderstack.server.derpsetup import build_derp_map, start_relay, start_stun
+from coderstack.server.dev import DevDemo
 from coderstack.server.fdlimit import connection_budget, raise_open_files_limit
 from coderstack.server.httpguard import AdmissionFactory, GuardedSite
 from coderstack.server.limits import UserLimits
 from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission
-from coderstack.server.store import Store, database_url
+from coderstack.server.store import Store
 
 log = Logger()
 
 #: How long shutdown waits for websockets and DERP connections to finish closing.
 SHUTDOWN_GRACE = 0.5
+
+
+class ListeningPort(Protocol):
+    """The part of ``IListeningPort`` the service uses."""
+
+    def getHost(self) -> IAddress: ...
+
+    def stopListening(self) -> Deferred[None] | None: ...
 
 
 class QuietSite(GuardedSite):
@@ -48,11 +58,11 @@ class ServerService(service.MultiService):
         self.reactor = reactor
         self.store: Store | None = None
         self.deployment: Deployment | None = None
-        self.ports: list[IListeningPort] = []  # HTTP(S) listeners
-        self.stun: IListeningPort | None = None  # the first of stun_ports (its counters are all of them)
-        self.stun_ports: list[IListeningPort] = []
+        self.builder: Builder | None = None
+        self.ports: list[ListeningPort] = []  # HTTP(S) listeners
+        self.stun: ListeningPort | None = None  # the first of stun_ports (its counters are all of them)
+        self.stun_ports: list[ListeningPort] = []
         self.ready: Deferred[None] = Deferred()
-        self._children_extra: list[Any] = []
 
     def startService(self) -> None:
         super().startService()
@@ -83,7 +93,7 @@ class ServerService(service.MultiService):
             # (the only deployment this build runs) has no other replica to mesh with.
             log.warn("--derp-server-relay-url {url} is noted, but DERP meshing needs several replicas "
                      "sharing one coordinator, which this server does not run yet", url=cfg["derp-server-relay-url"])
-        self.stun_ports = start_stun(cfg, self.reactor)
+        self.stun_ports = list(start_stun(cfg, self.reactor))
         stun = self.stun = self.stun_ports[0] if self.stun_ports else None
         for p in self.stun_ports:
             log.info("STUN listening on udp {host}:{port}", host=p.getHost().host, port=p.getHost().port)
@@ -99,8 +109,6 @@ class ServerService(service.MultiService):
             limits=user_limits(cfg),
         )
         # Workspace builds from Terraform templates (None when terraform is missing).
-        from coderstack.server.builds import make_builder
-
         self.builder = builder = await make_builder(self.reactor, self.store, self.deployment, cfg)
         api = API(self.deployment, builder=builder)
         self.deployment.relay_admission = admission = RelayAdmission(self.deployment.live, self.deployment.limits)
@@ -120,9 +128,7 @@ class ServerService(service.MultiService):
 
         if cfg["http-address"] is not None:
             host, port = cfg["http-address"]
-            ep = endpoints.serverFromString(self.reactor, envopts.tcp_endpoint(host, port))
-            p = await ep.listen(guarded())
-            self.ports.append(p)
+            p = await self._listen(host, port, guarded())
             log.info("listening on http://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         if cfg["tls-enable"]:
             host, port = cfg["tls-address"]
@@ -130,10 +136,10 @@ class ServerService(service.MultiService):
             # websockets see the TLS transport itself.
             from twisted.protocols.tls import TLSMemoryBIOFactory
 
-            tls = TLSMemoryBIOFactory(tls_options(cfg["tls-cert-file"], cfg["tls-key-file"]), False, site)
-            ep = endpoints.serverFromString(self.reactor, envopts.tcp_endpoint(host, port))
-            p = await ep.listen(AdmissionFactory(tls, self.admission, answer_refusals=False))
-            self.ports.append(p)
+            # Site implements IProtocolFactory (zope declares it; the type checker cannot see that).
+            wrapped = cast(IProtocolFactory, site)
+            tls = TLSMemoryBIOFactory(tls_options(cfg["tls-cert-file"], cfg["tls-key-file"]), False, wrapped)
+            p = await self._listen(host, port, AdmissionFactory(tls, self.admission, answer_refusals=False))
             log.info("listening on https://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         if cfg.get("access-url-derived") and self.ports and cfg["access-url"].endswith(":0"):
             # Listening on an ephemeral port: the derived access URL (and the embedded DERP
@@ -146,26 +152,31 @@ class ServerService(service.MultiService):
         if cfg.get("http-extra-address") is not None:
             # A second address for the same API (a template's provider url may name it).
             host, port = cfg["http-extra-address"]
-            ep = endpoints.serverFromString(self.reactor, envopts.tcp_endpoint(host, port))
-            p = await ep.listen(guarded())
-            self.ports.append(p)
+            p = await self._listen(host, port, guarded())
             log.info("also listening on http://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         log.info("access URL: {url}", url=cfg["access-url"])
 
         if cfg.get("dev"):
-            from coderstack.server.dev import DevDemo
-
             demo = DevDemo(self.reactor, self.deployment, api, cfg)
             demo.setServiceParent(self)
             await demo.ready
         if not self.ready.called:
             self.ready.callback(None)
 
+    async def _listen(self, host: str, port: int, factory: AdmissionFactory) -> ListeningPort:
+        """An HTTP(S) listener on ``host:port``, kept in :attr:`ports`."""
+        ep = endpoints.serverFromString(self.reactor, envopts.tcp_endpoint(host, port))
+        p: ListeningPort = await ep.listen(factory)
+        self.ports.append(p)
+        return p
+
     async def _stop(self) -> None:
-        if getattr(self, "builder", None) is not None:
+        if self.builder is not None:
             await self.builder.stop()  # interrupt terraform while the store can record it
         for p in self.ports + self.stun_ports:
-            await p.stopListening()
+            stopped = p.stopListening()
+            if stopped is not None:
+                await stopped
         self.ports, self.stun, self.stun_ports = [], None, []
         if self.deployment is not None:
             if self.deployment.relay is not None:
@@ -181,11 +192,6 @@ class ServerService(service.MultiService):
     def stopService(self) -> Deferred[None]:
         d = super().stopService()
         return d.addCallback(lambda _: Deferred.fromCoroutine(self._stop()))
-
-
-def tls_server_endpoint(reactor: Any, host: str, port: int, cert_file: str, key_file: str) -> Any:
-    """HTTPS with pyOpenSSL: the certificate file may hold the whole chain; TLS 1.2 at least."""
-    return endpoints.SSL4ServerEndpoint(reactor, port, tls_options(cert_file, key_file), interface=host)
 
 
 def tls_options(cert_file: str, key_file: str) -> Any:
@@ -231,6 +237,3 @@ def makeService(config: dict[str, Any], reactor: Any = None) -> ServerService:
         reactor = default_reactor
     return ServerService(dict(config), reactor)
 
-
-def python_bin_dir() -> str:
-    return os.path.dirname(sys.executable)

@@ -1,254 +1,53 @@
-"""The server's store: SQLAlchemy Core over SQLite (the embedded default) or PostgreSQL.
+"""The server's store: every query, each one transaction on the database threads.
 
-Every public method returns a Deferred and runs its SQL on a dedicated thread pool, so the
-reactor never blocks on the database. SQLite gets one thread (it serialises writers anyway and a
-single connection avoids "database is locked"); PostgreSQL gets several.
-
-Secrets are never stored: API keys keep only a SHA-256 of their secret part, agent tokens only
-their SHA-256, passwords an scrypt hash.
-
-Schema versions live in ``schema_migrations``; ``migrate()`` applies the missing steps in order at
-start-up, inside one transaction per step.
+Tables are in :mod:`coderstack.server.schema`, the records the queries answer with in
+:mod:`coderstack.server.records`, the engine and its threads in
+:mod:`coderstack.server.database`; what agents report is queried by
+:mod:`coderstack.server.agentstore`.  Every public method returns a Deferred.
 """
 
 from __future__ import annotations
 
-import base64
 import json
 import uuid
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from typing import Any, TypeVar
+from datetime import datetime
+from typing import Any
 
 import sqlalchemy as sa
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
-from twisted.python.threadpool import ThreadPool
 
-T = TypeVar("T")
-
-metadata = sa.MetaData()
-
-schema_migrations = sa.Table(
-    "schema_migrations",
-    metadata,
-    sa.Column("version", sa.Integer, primary_key=True),
-    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+from coderstack.server.agentstore import store_spec
+from coderstack.server.database import Database
+from coderstack.server.records import (
+    SUSPENDED,
+    Agent,
+    AgentRecord,
+    Build,
+    DictRow,
+    Template,
+    TemplateVersion,
+    User,
+    Workspace,
+    agent_from_row,
+    aware,
+    build_from_row,
+    decode_files,
+    encode_files,
+    now,
+    user_from_row,
 )
-
-users = sa.Table(
-    "users",
-    metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
-    sa.Column("username", sa.String(64), nullable=False, unique=True),
-    sa.Column("email", sa.String(320), nullable=False, unique=True),
-    sa.Column("name", sa.String(256), nullable=False, default=""),
-    sa.Column("password_hash", sa.String(512), nullable=False),
-    sa.Column("roles", sa.String(256), nullable=False, default=""),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+from coderstack.server.schema import (
+    agent_states,
+    agent_urls,
+    agents,
+    api_keys,
+    resource_metadata,
+    template_versions,
+    templates,
+    users,
+    workspace_builds,
+    workspaces,
 )
-
-api_keys = sa.Table(
-    "api_keys",
-    metadata,
-    sa.Column("id", sa.String(16), primary_key=True),
-    sa.Column("user_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("hashed_secret", sa.LargeBinary(32), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("last_used", sa.DateTime(timezone=True), nullable=False),
-)
-
-templates = sa.Table(
-    "templates",
-    metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
-    sa.Column("name", sa.String(64), nullable=False, unique=True),
-    sa.Column("created_by", sa.Uuid, sa.ForeignKey("users.id"), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("source", sa.LargeBinary, nullable=True),
-)
-
-workspaces = sa.Table(
-    "workspaces",
-    metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
-    sa.Column("owner_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
-    sa.Column("name", sa.String(64), nullable=False),
-    sa.Column("template_id", sa.Uuid, sa.ForeignKey("templates.id"), nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
-    sa.UniqueConstraint("owner_id", "name", name="workspaces_owner_name"),
-)
-
-agents = sa.Table(
-    "workspace_agents",
-    metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
-    sa.Column(
-        "workspace_id", sa.Uuid, sa.ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=False
-    ),
-    sa.Column("name", sa.String(64), nullable=False),
-    sa.Column("auth_token_hash", sa.LargeBinary(32), nullable=False, unique=True),
-    sa.Column("os", sa.String(32), nullable=False, default="linux"),
-    sa.Column("arch", sa.String(32), nullable=False, default="amd64"),
-    sa.Column("directory", sa.String(1024), nullable=False, default=""),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("first_connected_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("last_connected_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("disconnected_at", sa.DateTime(timezone=True), nullable=True),
-    sa.UniqueConstraint("workspace_id", "name", name="workspace_agents_workspace_name"),
-)
-
-
-def _v1(conn: sa.Connection) -> None:
-    for table in (users, api_keys, templates, workspaces, agents):
-        table.create(conn, checkfirst=True)
-
-
-# -- step 2: templates with versions, workspace builds, the URL each agent was given ------------
-
-template_versions = sa.Table(
-    "template_versions",
-    metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
-    sa.Column(
-        "template_id", sa.Uuid, sa.ForeignKey("templates.id", ondelete="CASCADE"), nullable=False
-    ),
-    sa.Column("number", sa.Integer, nullable=False),
-    sa.Column("created_by", sa.Uuid, sa.ForeignKey("users.id"), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    # JSON {file name: base64 content}
-    sa.Column("source", sa.LargeBinary, nullable=False),
-    sa.UniqueConstraint("template_id", "number", name="template_versions_template_number"),
-)
-
-workspace_builds = sa.Table(
-    "workspace_builds",
-    metadata,
-    sa.Column("id", sa.Uuid, primary_key=True),
-    sa.Column(
-        "workspace_id", sa.Uuid, sa.ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=False
-    ),
-    sa.Column("number", sa.Integer, nullable=False),
-    sa.Column("transition", sa.String(16), nullable=False),
-    # pending | running | succeeded | failed
-    sa.Column("status", sa.String(16), nullable=False),
-    sa.Column(
-        "template_version_id",
-        sa.Uuid,
-        sa.ForeignKey("template_versions.id", ondelete="SET NULL"),
-        nullable=True,
-    ),
-    sa.Column("created_by", sa.Uuid, sa.ForeignKey("users.id"), nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("error", sa.Text, nullable=False, default=""),
-    sa.Column("log", sa.Text, nullable=False, default=""),
-    sa.UniqueConstraint("workspace_id", "number", name="workspace_builds_workspace_number"),
-)
-
-agent_urls = sa.Table(
-    "workspace_agent_urls",
-    metadata,
-    sa.Column(
-        "agent_id",
-        sa.Uuid,
-        sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
-        primary_key=True,
-    ),
-    # The access URL the agent was given (the template's provider url, or the access URL).
-    sa.Column("access_url", sa.String(2048), nullable=False),
-)
-
-
-def _v2(conn: sa.Connection) -> None:
-    for table in (template_versions, workspace_builds, agent_urls):
-        table.create(conn, checkfirst=True)
-
-
-# -- step 3: what builds tell agents, and what agents report back (see agentstore.py) -------
-
-_agent_fk = sa.ForeignKey("workspace_agents.id", ondelete="CASCADE")
-
-agent_states = sa.Table(
-    "workspace_agent_states",
-    metadata,
-    sa.Column("agent_id", sa.Uuid, _agent_fk, primary_key=True),
-    # JSON: the agent's part of the manifest from its last build (agentspec.py)
-    sa.Column("spec", sa.Text, nullable=False, default="{}"),
-    sa.Column("lifecycle_state", sa.String(32), nullable=False, default="created"),
-    sa.Column("lifecycle_changed_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("ready_at", sa.DateTime(timezone=True), nullable=True),
-    sa.Column("logs_length", sa.BigInteger, nullable=False, default=0),
-    sa.Column("logs_overflowed", sa.Boolean, nullable=False, default=False),
-)
-
-agent_log_sources = sa.Table(
-    "workspace_agent_log_sources",
-    metadata,
-    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
-              primary_key=True),
-    sa.Column("id", sa.Uuid, primary_key=True),
-    sa.Column("display_name", sa.String(256), nullable=False),
-    sa.Column("icon", sa.String(2048), nullable=False, default=""),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-agent_logs = sa.Table(
-    "workspace_agent_logs",
-    metadata,
-    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
-              autoincrement=True),
-    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
-              nullable=False, index=True),
-    sa.Column("source_id", sa.Uuid, nullable=False),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
-    sa.Column("output", sa.Text, nullable=False),
-    sa.Column("level", sa.String(8), nullable=False),
-)
-
-agent_metadata = sa.Table(
-    "workspace_agent_metadata",
-    metadata,
-    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
-              primary_key=True),
-    sa.Column("key", sa.String(128), primary_key=True),
-    sa.Column("value", sa.Text, nullable=False, default=""),
-    sa.Column("error", sa.Text, nullable=False, default=""),
-    sa.Column("collected_at", sa.DateTime(timezone=True), nullable=False),
-)
-
-app_healths = sa.Table(
-    "workspace_app_healths",
-    metadata,
-    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
-              primary_key=True),
-    sa.Column("app_id", sa.Uuid, primary_key=True),
-    sa.Column("health", sa.String(16), nullable=False),
-)
-
-resource_metadata = sa.Table(
-    "workspace_resource_metadata",
-    metadata,
-    sa.Column("workspace_id", sa.Uuid, sa.ForeignKey("workspaces.id", ondelete="CASCADE"),
-              primary_key=True),
-    # JSON: the coder_metadata of the last build (agentspec.resource_metadata_json)
-    sa.Column("entries", sa.Text, nullable=False, default="[]"),
-)
-
-
-def _v3(conn: sa.Connection) -> None:
-    for table in (agent_states, agent_log_sources, agent_logs, agent_metadata, app_healths,
-                  resource_metadata):
-        table.create(conn, checkfirst=True)
-
-
-# (version, step). Append new steps; never edit an applied one.
-MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
 
 
 class StoreError(Exception):
@@ -259,343 +58,14 @@ class Conflict(StoreError):
     pass
 
 
-def now() -> datetime:
-    return datetime.now(UTC)
-
-
-def _aware(value: datetime | None) -> datetime | None:
-    # SQLite hands back naive datetimes; everything we store is UTC.
-    if value is not None and value.tzinfo is None:
-        return value.replace(tzinfo=UTC)
-    return value
-
-
-#: A suspended user carries this marker among its roles (the users table keeps the status there).
-SUSPENDED = "suspended"
-
-
-@dataclass(frozen=True)
-class User:
-    id: uuid.UUID
-    username: str
-    email: str
-    name: str
-    roles: tuple[str, ...]
-    created_at: datetime
-
-    @property
-    def is_owner(self) -> bool:
-        return "owner" in self.roles
-
-    @property
-    def is_suspended(self) -> bool:
-        return SUSPENDED in self.roles
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": str(self.id),
-            "username": self.username,
-            "email": self.email,
-            "name": self.name,
-            "roles": [{"name": r} for r in self.roles if r != SUSPENDED],
-            "created_at": self.created_at.isoformat(),
-            "status": "suspended" if self.is_suspended else "active",
-        }
-
-
-@dataclass(frozen=True)
-class Agent:
-    id: uuid.UUID
-    workspace_id: uuid.UUID
-    name: str
-    os: str
-    arch: str
-    directory: str
-    created_at: datetime
-    first_connected_at: datetime | None
-    last_connected_at: datetime | None
-    disconnected_at: datetime | None
-    #: The URL the agent was given by its template's build (None: created without a template).
-    access_url: str | None = None
-    #: Coder's lifecycle state as the agent last reported it, and when it started / got ready.
-    lifecycle_state: str = "created"
-    started_at: datetime | None = None
-    ready_at: datetime | None = None
-
-
-@dataclass(frozen=True)
-class Build:
-    """One workspace build: a terraform run with a transition (start, stop, destroy)."""
-
-    id: uuid.UUID
-    workspace_id: uuid.UUID
-    number: int
-    transition: str
-    status: str  # pending | running | succeeded | failed
-    template_version_id: uuid.UUID | None
-    created_at: datetime
-    completed_at: datetime | None
-    error: str
-
-    @property
-    def done(self) -> bool:
-        return self.status in ("succeeded", "failed")
-
-    def to_json(self) -> dict[str, Any]:
-        return {
-            "id": str(self.id),
-            "workspace_id": str(self.workspace_id),
-            "build_number": self.number,
-            "transition": self.transition,
-            "status": self.status,
-            "template_version_id": str(self.template_version_id) if self.template_version_id else None,
-            "created_at": self.created_at.isoformat(),
-            "completed_at": self.completed_at.isoformat() if self.completed_at else None,
-            "error": self.error,
-        }
-
-
-@dataclass(frozen=True)
-class TemplateVersion:
-    id: uuid.UUID
-    template_id: uuid.UUID
-    number: int
-    created_at: datetime
-    #: The template's files by name (only loaded when asked for).
-    files: dict[str, bytes] | None = None
-
-
-@dataclass(frozen=True)
-class Template:
-    id: uuid.UUID
-    name: str
-    created_by: uuid.UUID
-    created_at: datetime
-    updated_at: datetime
-    active_version: TemplateVersion | None
-
-    def to_json(self) -> dict[str, Any]:
-        v = self.active_version
-        return {
-            "id": str(self.id),
-            "name": self.name,
-            "created_by": str(self.created_by),
-            "created_at": self.created_at.isoformat(),
-            "updated_at": self.updated_at.isoformat(),
-            "active_version_id": str(v.id) if v else None,
-            "active_version": v.number if v else None,
-        }
-
-
-@dataclass(frozen=True)
-class AgentRecord:
-    """An agent as a build found it in the Terraform state (what ``sync_agents`` stores)."""
-
-    id: uuid.UUID
-    name: str
-    token_hash: bytes = field(repr=False)
-    os: str
-    arch: str
-    directory: str
-    access_url: str
-    #: The agent's part of the manifest (agentspec.py); None leaves what is stored.
-    spec: dict[str, Any] | None = None
-
-
-@dataclass(frozen=True)
-class Workspace:
-    id: uuid.UUID
-    owner_id: uuid.UUID
-    owner_name: str
-    name: str
-    template_id: uuid.UUID | None
-    created_at: datetime
-    updated_at: datetime
-    agents: tuple[Agent, ...] = ()
-    template_name: str | None = None
-    latest_build: Build | None = None
-
-
-def _user(row: Any) -> User:
-    return User(
-        id=row.id,
-        username=row.username,
-        email=row.email,
-        name=row.name,
-        roles=tuple(r for r in row.roles.split(",") if r),
-        created_at=_aware(row.created_at),
-    )
-
-
-def _agent(row: Any) -> Agent:
-    return Agent(
-        id=row.id,
-        workspace_id=row.workspace_id,
-        name=row.name,
-        os=row.os,
-        arch=row.arch,
-        directory=row.directory,
-        created_at=_aware(row.created_at),
-        first_connected_at=_aware(row.first_connected_at),
-        last_connected_at=_aware(row.last_connected_at),
-        disconnected_at=_aware(row.disconnected_at),
-        access_url=getattr(row, "access_url", None),
-        lifecycle_state=getattr(row, "lifecycle_state", None) or "created",
-        started_at=_aware(getattr(row, "started_at", None)),
-        ready_at=_aware(getattr(row, "ready_at", None)),
-    )
-
-
-def _build(row: Any) -> Build:
-    return Build(
-        id=row.id,
-        workspace_id=row.workspace_id,
-        number=row.number,
-        transition=row.transition,
-        status=row.status,
-        template_version_id=row.template_version_id,
-        created_at=_aware(row.created_at),
-        completed_at=_aware(row.completed_at),
-        error=row.error or "",
-    )
-
-
-def _agent_select() -> sa.Select:
-    return (
-        sa.select(
-            agents, agent_urls.c.access_url, agent_states.c.lifecycle_state,
-            agent_states.c.started_at, agent_states.c.ready_at,
-        )
-        .outerjoin(agent_urls, agent_urls.c.agent_id == agents.c.id)
-        .outerjoin(agent_states, agent_states.c.agent_id == agents.c.id)
-    )
-
-
-def encode_files(files: dict[str, bytes]) -> bytes:
-    return json.dumps(
-        {name: base64.b64encode(content).decode() for name, content in sorted(files.items())}
-    ).encode()
-
-
-def decode_files(blob: bytes) -> dict[str, bytes]:
-    return {name: base64.b64decode(text) for name, text in json.loads(blob).items()}
-
-
-def database_url(data_dir: str | None, postgres_url: str | None) -> str:
-    """The SQLAlchemy URL: PostgreSQL (psycopg 3) when given, else SQLite in the data dir."""
-    if postgres_url:
-        url = sa.engine.make_url(postgres_url)
-        if url.drivername in ("postgres", "postgresql"):
-            url = url.set(drivername="postgresql+psycopg")
-        return url.render_as_string(hide_password=False)
-    assert data_dir is not None
-    import os
-
-    return "sqlite:///" + os.path.join(data_dir, "coderstack.db")
-
-
-def private_sqlite_file(path: str | None) -> None:
-    """The SQLite database and its -wal and -shm files readable by this user only (0600),
-    whatever the directory's mode or the umask: they hold password and token hashes.
-
-    The database file is created here, 0600, before SQLite opens it; SQLite gives the -wal and
-    -shm files the database file's mode, and they are made 0600 again after every connect."""
-    import os
-
-    if not path or path == ":memory:" or path.startswith("file:"):
-        return
-    old = os.umask(0o077)
-    try:
-        os.close(os.open(path, os.O_RDWR | os.O_CREAT, 0o600))
-    finally:
-        os.umask(old)
-    for name in (path, path + "-wal", path + "-shm"):
-        try:
-            os.chmod(name, 0o600)
-        except FileNotFoundError:
-            pass
-
-
-class Store:
-    """All database access. Construct, ``start()``, then ``await store.migrate()``."""
-
-    def __init__(self, url: str, reactor: Any) -> None:
-        self.url = url
-        self._reactor = reactor
-        is_sqlite = url.startswith("sqlite")
-        kwargs: dict[str, Any] = {}
-        if is_sqlite:
-            kwargs["connect_args"] = {"check_same_thread": False}
-            kwargs["poolclass"] = sa.pool.SingletonThreadPool
-        else:
-            kwargs["pool_pre_ping"] = True
-            kwargs["pool_size"] = 5
-        self.engine = sa.create_engine(url, **kwargs)
-        if is_sqlite:
-            db_path = sa.engine.make_url(url).database
-            private_sqlite_file(db_path)
-
-            @sa.event.listens_for(self.engine, "connect")
-            def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA foreign_keys=ON")
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA busy_timeout=5000")
-                cur.close()
-                private_sqlite_file(db_path)
-
-        self._pool = ThreadPool(minthreads=1, maxthreads=1 if is_sqlite else 5, name="coderstack-db")
-        self._started = False
-
-    # -- lifecycle -------------------------------------------------------------------------
-
-    def start(self) -> None:
-        if not self._started:
-            self._pool.start()
-            self._started = True
-
-    def stop(self) -> None:
-        if self._started:
-            self._pool.stop()
-            self._started = False
-            self.engine.dispose()
-
-    def _run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        self.start()
-        return deferToThreadPool(self._reactor, self._pool, fn, *args)
-
-    def _tx(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:
-        def work() -> T:
-            with self.engine.begin() as conn:
-                return fn(conn, *args)
-
-        return self._run(work)
-
-    # -- schema ----------------------------------------------------------------------------
-
-    def migrate(self) -> Deferred[int]:
-        def work() -> int:
-            with self.engine.begin() as conn:
-                schema_migrations.create(conn, checkfirst=True)
-                done = {r.version for r in conn.execute(sa.select(schema_migrations.c.version))}
-            version = max(done, default=0)
-            for step_version, step in MIGRATIONS:
-                if step_version in done:
-                    continue
-                with self.engine.begin() as conn:
-                    step(conn)
-                    conn.execute(
-                        schema_migrations.insert().values(version=step_version, applied_at=now())
-                    )
-                version = step_version
-            return version
-
-        return self._run(work)
+class Store(Database):
+    """All database access but the agents' reports. Construct, ``start()``, then
+    ``await store.migrate()``."""
 
     # -- users -----------------------------------------------------------------------------
 
     def count_users(self) -> Deferred[int]:
-        return self._tx(lambda c: c.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
+        return self.transact(lambda c: c.execute(sa.select(sa.func.count()).select_from(users)).scalar_one())
 
     def create_user(
         self, username: str, email: str, password_hash: str, roles: tuple[str, ...] = (), name: str = "",
@@ -624,16 +94,16 @@ class Store:
                 created_at=now(),
             )
             conn.execute(users.insert().values(**row))
-            return _user(_Obj(row))
+            return user_from_row(DictRow(row))
 
-        return self._tx(work)
+        return self.transact(work)
 
     def user_by_id(self, user_id: uuid.UUID) -> Deferred[User | None]:
         def work(conn: sa.Connection) -> User | None:
             row = conn.execute(sa.select(users).where(users.c.id == user_id)).first()
-            return _user(row) if row else None
+            return user_from_row(row) if row else None
 
-        return self._tx(work)
+        return self.transact(work)
 
     def user_by_login(self, login: str) -> Deferred[tuple[User, str] | None]:
         """The user with this email or username, and its password hash."""
@@ -642,13 +112,13 @@ class Store:
             row = conn.execute(
                 sa.select(users).where(sa.or_(users.c.email == login, users.c.username == login))
             ).first()
-            return (_user(row), row.password_hash) if row else None
+            return (user_from_row(row), row.password_hash) if row else None
 
-        return self._tx(work)
+        return self.transact(work)
 
     def list_users(self) -> Deferred[list[User]]:
-        return self._tx(
-            lambda c: [_user(r) for r in c.execute(sa.select(users).order_by(users.c.created_at))]
+        return self.transact(
+            lambda c: [user_from_row(r) for r in c.execute(sa.select(users).order_by(users.c.created_at))]
         )
 
     def set_user_suspended(self, user_id: uuid.UUID, suspended: bool) -> Deferred[User | None]:
@@ -663,9 +133,9 @@ class Store:
                 roles.append(SUSPENDED)
             conn.execute(users.update().where(users.c.id == user_id).values(roles=",".join(roles)))
             row = conn.execute(sa.select(users).where(users.c.id == user_id)).first()
-            return _user(row)
+            return user_from_row(row)
 
-        return self._tx(work)
+        return self.transact(work)
 
     def delete_user(self, user_id: uuid.UUID) -> Deferred[bool]:
         """Delete a user and its sessions. Raises :class:`Conflict` while it still owns
@@ -680,7 +150,7 @@ class Store:
             conn.execute(api_keys.delete().where(api_keys.c.user_id == user_id))
             return conn.execute(users.delete().where(users.c.id == user_id)).rowcount > 0
 
-        return self._tx(work)
+        return self.transact(work)
 
     # -- API keys --------------------------------------------------------------------------
 
@@ -700,7 +170,7 @@ class Store:
                 )
             )
 
-        return self._tx(work)
+        return self.transact(work)
 
     def api_key(self, key_id: str) -> Deferred[tuple[bytes, datetime, User] | None]:
         def work(conn: sa.Connection) -> tuple[bytes, datetime, User] | None:
@@ -711,15 +181,15 @@ class Store:
             ).first()
             if row is None:
                 return None
-            return row.hashed_secret, _aware(row.expires_at), _user(row)
+            return row.hashed_secret, aware(row.expires_at), user_from_row(row)
 
-        return self._tx(work)
+        return self.transact(work)
 
     def delete_api_key(self, key_id: str) -> Deferred[None]:
         def work(conn: sa.Connection) -> None:
             conn.execute(api_keys.delete().where(api_keys.c.id == key_id))
 
-        return self._tx(work)
+        return self.transact(work)
 
     # -- workspaces and agents -------------------------------------------------------------
 
@@ -744,10 +214,10 @@ class Store:
             )
             return _load_workspace(conn, ws_id)
 
-        return self._tx(work)
+        return self.transact(work)
 
     def workspace(self, workspace_id: uuid.UUID) -> Deferred[Workspace | None]:
-        return self._tx(_load_workspace, workspace_id)
+        return self.transact(_find_workspace, workspace_id)
 
     def workspace_by_name(self, owner_id: uuid.UUID, name: str) -> Deferred[Workspace | None]:
         def work(conn: sa.Connection) -> Workspace | None:
@@ -758,7 +228,7 @@ class Store:
             ).first()
             return _load_workspace(conn, row.id) if row else None
 
-        return self._tx(work)
+        return self.transact(work)
 
     def list_workspaces(self, owner_id: uuid.UUID | None = None) -> Deferred[list[Workspace]]:
         def work(conn: sa.Connection) -> list[Workspace]:
@@ -767,7 +237,7 @@ class Store:
                 q = q.where(workspaces.c.owner_id == owner_id)
             return [_load_workspace(conn, r.id) for r in conn.execute(q)]
 
-        return self._tx(work)
+        return self.transact(work)
 
     def delete_workspace(self, workspace_id: uuid.UUID) -> Deferred[bool]:
         def work(conn: sa.Connection) -> bool:
@@ -775,25 +245,13 @@ class Store:
             res = conn.execute(workspaces.delete().where(workspaces.c.id == workspace_id))
             return res.rowcount > 0
 
-        return self._tx(work)
+        return self.transact(work)
 
     def agent_by_token_hash(self, token_hash: bytes) -> Deferred[tuple[Agent, Workspace] | None]:
-        def work(conn: sa.Connection) -> tuple[Agent, Workspace] | None:
-            row = conn.execute(_agent_select().where(agents.c.auth_token_hash == token_hash)).first()
-            if row is None:
-                return None
-            return _agent(row), _load_workspace(conn, row.workspace_id)
-
-        return self._tx(work)
+        return self.transact(_find_agent, agents.c.auth_token_hash == token_hash)
 
     def agent(self, agent_id: uuid.UUID) -> Deferred[tuple[Agent, Workspace] | None]:
-        def work(conn: sa.Connection) -> tuple[Agent, Workspace] | None:
-            row = conn.execute(_agent_select().where(agents.c.id == agent_id)).first()
-            if row is None:
-                return None
-            return _agent(row), _load_workspace(conn, row.workspace_id)
-
-        return self._tx(work)
+        return self.transact(_find_agent, agents.c.id == agent_id)
 
     def set_agent_token(self, agent_id: uuid.UUID, token_hash: bytes) -> Deferred[bool]:
         def work(conn: sa.Connection) -> bool:
@@ -802,7 +260,7 @@ class Store:
             )
             return res.rowcount > 0
 
-        return self._tx(work)
+        return self.transact(work)
 
     def note_agent_connected(self, agent_id: uuid.UUID) -> Deferred[None]:
         def work(conn: sa.Connection) -> None:
@@ -817,7 +275,7 @@ class Store:
                 )
             )
 
-        return self._tx(work)
+        return self.transact(work)
 
     def note_agent_disconnected(self, agent_id: uuid.UUID) -> Deferred[None]:
         def work(conn: sa.Connection) -> None:
@@ -828,7 +286,7 @@ class Store:
                 .values(last_connected_at=t, disconnected_at=t)
             )
 
-        return self._tx(work)
+        return self.transact(work)
 
     # -- templates and their versions ------------------------------------------------------
 
@@ -872,24 +330,24 @@ class Store:
             )
             return _load_template(conn, template_id)
 
-        return self._tx(work)
+        return self.transact(work)
 
     def template_by_name(self, name: str) -> Deferred[Template | None]:
         def work(conn: sa.Connection) -> Template | None:
             row = conn.execute(sa.select(templates.c.id).where(templates.c.name == name)).first()
             return _load_template(conn, row.id) if row else None
 
-        return self._tx(work)
+        return self.transact(work)
 
     def template(self, template_id: uuid.UUID) -> Deferred[Template | None]:
-        return self._tx(_load_template, template_id)
+        return self.transact(_find_template, template_id)
 
     def list_templates(self) -> Deferred[list[Template]]:
         def work(conn: sa.Connection) -> list[Template]:
             ids = conn.execute(sa.select(templates.c.id).order_by(templates.c.name)).scalars()
-            return [t for t in (_load_template(conn, i) for i in ids) if t is not None]
+            return [_load_template(conn, i) for i in ids]
 
-        return self._tx(work)
+        return self.transact(work)
 
     def template_version_files(self, version_id: uuid.UUID) -> Deferred[TemplateVersion | None]:
         def work(conn: sa.Connection) -> TemplateVersion | None:
@@ -900,10 +358,10 @@ class Store:
                 return None
             return TemplateVersion(
                 id=row.id, template_id=row.template_id, number=row.number,
-                created_at=_aware(row.created_at), files=decode_files(row.source),
+                created_at=aware(row.created_at), files=decode_files(row.source),
             )
 
-        return self._tx(work)
+        return self.transact(work)
 
     # -- workspace builds ------------------------------------------------------------------
 
@@ -916,7 +374,7 @@ class Store:
             ws_id, _ = _insert_workspace(conn, owner_id, name, template_id)
             return _load_workspace(conn, ws_id)
 
-        return self._tx(work)
+        return self.transact(work)
 
     def start_build(
         self,
@@ -950,9 +408,9 @@ class Store:
             conn.execute(
                 workspaces.update().where(workspaces.c.id == workspace_id).values(updated_at=now())
             )
-            return _build(_Obj(row))
+            return build_from_row(DictRow(row))
 
-        return self._tx(work)
+        return self.transact(work)
 
     def finish_build(
         self, build_id: uuid.UUID, status: str, error: str = "", log: str = ""
@@ -964,7 +422,7 @@ class Store:
                 .values(status=status, error=error, log=log, completed_at=now())
             )
 
-        return self._tx(work)
+        return self.transact(work)
 
     def build(self, build_id: uuid.UUID) -> Deferred[tuple[Build, str] | None]:
         """The build and its stored log."""
@@ -973,9 +431,9 @@ class Store:
             row = conn.execute(
                 sa.select(workspace_builds).where(workspace_builds.c.id == build_id)
             ).first()
-            return (_build(row), row.log or "") if row else None
+            return (build_from_row(row), row.log or "") if row else None
 
-        return self._tx(work)
+        return self.transact(work)
 
     def fail_unfinished_builds(self, reason: str) -> Deferred[int]:
         """Builds left running by a previous server process can never finish: fail them."""
@@ -988,7 +446,7 @@ class Store:
             )
             return res.rowcount
 
-        return self._tx(work)
+        return self.transact(work)
 
     def sync_agents(
         self,
@@ -1037,8 +495,6 @@ class Store:
                 conn.execute(agent_urls.delete().where(agent_urls.c.agent_id == a.id))
                 conn.execute(agent_urls.insert().values(agent_id=a.id, access_url=a.access_url))
                 if a.spec is not None:
-                    from coderstack.server.agentstore import store_spec
-
                     store_spec(conn, a.id, a.spec, fresh_start)
             if resource_items is not None:
                 conn.execute(
@@ -1048,14 +504,28 @@ class Store:
                     workspace_id=workspace_id, entries=json.dumps(resource_items)))
             return changed
 
-        return self._tx(work)
+        return self.transact(work)
 
 
-class _Obj:
-    """Attribute access over a dict, so freshly inserted rows share the row converters."""
+def _find_agent(
+    conn: sa.Connection, where: sa.ColumnElement[bool]
+) -> tuple[Agent, Workspace] | None:
+    """The agent the ``where`` clause picks, and its workspace."""
+    row = conn.execute(_agent_select().where(where)).first()
+    if row is None:
+        return None
+    return agent_from_row(row), _load_workspace(conn, row.workspace_id)
 
-    def __init__(self, d: dict[str, Any]) -> None:
-        self.__dict__.update(d)
+
+def _agent_select() -> sa.Select:
+    return (
+        sa.select(
+            agents, agent_urls.c.access_url, agent_states.c.lifecycle_state,
+            agent_states.c.started_at, agent_states.c.ready_at,
+        )
+        .outerjoin(agent_urls, agent_urls.c.agent_id == agents.c.id)
+        .outerjoin(agent_states, agent_states.c.agent_id == agents.c.id)
+    )
 
 
 def _insert_workspace(
@@ -1077,7 +547,23 @@ def _insert_workspace(
     return ws_id, t
 
 
-def _load_workspace(conn: sa.Connection, workspace_id: uuid.UUID) -> Workspace | None:
+def _load_workspace(conn: sa.Connection, workspace_id: uuid.UUID) -> Workspace:
+    """A workspace this transaction knows to exist (it just made or found its row)."""
+    ws = _find_workspace(conn, workspace_id)
+    if ws is None:
+        raise LookupError(f"workspace {workspace_id} is gone")
+    return ws
+
+
+def _load_template(conn: sa.Connection, template_id: uuid.UUID) -> Template:
+    """A template this transaction knows to exist."""
+    template = _find_template(conn, template_id)
+    if template is None:
+        raise LookupError(f"template {template_id} is gone")
+    return template
+
+
+def _find_workspace(conn: sa.Connection, workspace_id: uuid.UUID) -> Workspace | None:
     row = conn.execute(
         sa.select(workspaces, users.c.username)
         .join(users, users.c.id == workspaces.c.owner_id)
@@ -1105,15 +591,15 @@ def _load_workspace(conn: sa.Connection, workspace_id: uuid.UUID) -> Workspace |
         owner_name=row.username,
         name=row.name,
         template_id=row.template_id,
-        created_at=_aware(row.created_at),
-        updated_at=_aware(row.updated_at),
-        agents=tuple(_agent(a) for a in agent_rows),
+        created_at=aware(row.created_at),
+        updated_at=aware(row.updated_at),
+        agents=tuple(agent_from_row(a) for a in agent_rows),
         template_name=template_name,
-        latest_build=_build(latest) if latest else None,
+        latest_build=build_from_row(latest) if latest else None,
     )
 
 
-def _load_template(conn: sa.Connection, template_id: uuid.UUID) -> Template | None:
+def _find_template(conn: sa.Connection, template_id: uuid.UUID) -> Template | None:
     row = conn.execute(sa.select(templates).where(templates.c.id == template_id)).first()
     if row is None:
         return None
@@ -1129,10 +615,10 @@ def _load_template(conn: sa.Connection, template_id: uuid.UUID) -> Template | No
         id=row.id,
         name=row.name,
         created_by=row.created_by,
-        created_at=_aware(row.created_at),
-        updated_at=_aware(row.updated_at),
+        created_at=aware(row.created_at),
+        updated_at=aware(row.updated_at),
         active_version=TemplateVersion(
-            id=v.id, template_id=template_id, number=v.number, created_at=_aware(v.created_at)
+            id=v.id, template_id=template_id, number=v.number, created_at=aware(v.created_at)
         )
         if v
         else None,

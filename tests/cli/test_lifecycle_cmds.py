@@ -20,8 +20,8 @@ from coderstack.provider.agent import DISPLAY_APPS_DEFAULTS
 from coderstack.sdk import Client
 from coderstack.server import auth
 from coderstack.server.agentspec import agent_spec
-from coderstack.server.provisioner import Agent, App, Healthcheck, MetadataItem, Script
-from coderstack.server.store import AgentRecord
+from coderstack.server.records import AgentRecord
+from coderstack.server.tfstate import Agent, App, Healthcheck, MetadataItem, Script
 from tests.server.test_agent_lifecycle_api import eventually
 from tests.support.inprocess import CLI, start_server
 

@@ -16,12 +16,9 @@ from twisted.trial import unittest
 
 from coderstack.provider.bootstrap import agent_script_env
 from coderstack.provider.launcher import write_provider_executable
-from coderstack.server.provisioner import (
-    BuildError,
-    TemplateError,
-    TerraformRunner,
-    WorkspaceInfo,
-)
+from coderstack.server.provisioner import TerraformRunner
+from coderstack.server.tferrors import BuildError, TemplateError
+from coderstack.server.tfworkdir import WorkspaceInfo
 from tests.interop.tfsupport import (
     EXAMPLE_TEMPLATE,
     SKIP_NO_TERRAFORM,

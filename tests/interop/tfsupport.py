@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from coderstack.provider.launcher import write_provider_executable
-from coderstack.server.provisioner import prepare_work_dir
+from coderstack.server.tfworkdir import prepare_work_dir
 
 TERRAFORM = shutil.which("terraform")
 #: terraform is not a Debian package: it comes with this machine kind (CI runs on it), not from .ci/run.

@@ -7,7 +7,8 @@ import os
 from twisted.trial import unittest
 
 from coderstack.provider.launcher import write_provider_executable
-from coderstack.server.provisioner import TemplateError, TerraformRunner
+from coderstack.server.provisioner import TerraformRunner
+from coderstack.server.tferrors import TemplateError
 from tests.interop.tfsupport import SKIP_NO_TERRAFORM
 
 HEAD = """

@@ -12,7 +12,7 @@ from twisted.trial import unittest
 from coderstack.server import auth
 from coderstack.server.agentspec import agent_spec
 from coderstack.server.agentstore import MAX_LOGS_BYTES
-from coderstack.server.store import AgentRecord
+from coderstack.server.records import AgentRecord
 from tests.server.test_agentstore import built_agent
 from tests.support.api import ACCESS_URL, Caller, make_deployment
 

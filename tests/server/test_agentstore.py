@@ -17,9 +17,11 @@ from coderstack.server.agentstore import (
     MetadataValue,
     UnknownApp,
 )
-from coderstack.server.provisioner import Agent as BuiltAgent
-from coderstack.server.provisioner import App, Healthcheck, MetadataItem, Script
-from coderstack.server.store import AgentRecord, Store, database_url, now
+from coderstack.server.database import database_url
+from coderstack.server.records import AgentRecord, now
+from coderstack.server.store import Store
+from coderstack.server.tfstate import Agent as BuiltAgent
+from coderstack.server.tfstate import App, Healthcheck, MetadataItem, Script
 from tests.support import postgres
 from tests.support.tempdirs import made_dir
 

@@ -15,7 +15,8 @@ from twisted.trial import unittest
 
 from coderstack.server import api as api_module
 from coderstack.server import templatepush
-from coderstack.server.api import APIError, field, parse_json_object, valid_name
+from coderstack.server.api import valid_name
+from coderstack.server.jsonhttp import APIError, field, parse_json_object
 from coderstack.server.loginlimit import LoginLimiter, Policy
 from coderstack.server.templatepush import PushRejected, parse_files
 from tests.support.api import ACCESS_URL, Caller, make_deployment

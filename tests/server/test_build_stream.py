@@ -13,7 +13,7 @@ from twisted.web.server import Site
 from coderstack.sdk import Client, SDKError
 from coderstack.server.api import API
 from coderstack.server.builds import BuildLog
-from coderstack.server.store import Build, now
+from coderstack.server.records import Build, now
 from tests.support.api import Caller, make_deployment
 
 

@@ -21,8 +21,8 @@ from coderstack.derpmap import DERPMap
 from coderstack.sdk import Client, SDKError
 from coderstack.server import auth
 from coderstack.server.options import ServerOptions
+from coderstack.server.records import now
 from coderstack.server.service import makeService
-from coderstack.server.store import now
 from coderstack.wire import derp as w
 from tests.server.test_closed_relay import Inbox as _Inbox
 from tests.support.tempdirs import made_dir

@@ -9,8 +9,11 @@ from datetime import timedelta
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from coderstack.server import auth
-from coderstack.server.store import MIGRATIONS, AgentRecord, Conflict, Store, database_url, now
+from coderstack.server import auth, schema
+from coderstack.server.database import database_url
+from coderstack.server.records import AgentRecord, now
+from coderstack.server.schema import MIGRATIONS
+from coderstack.server.store import Conflict, Store
 from tests.support import postgres
 from tests.support.tempdirs import made_dir
 
@@ -101,14 +104,12 @@ class StoreTests:
         self.assertFalse(await s.delete_workspace(ws.id))
 
     async def test_upgrade_from_schema_1_keeps_data(self) -> None:
-        from coderstack.server import store as store_module
-
         s = Store(self.make_url(), reactor)
         self.addCleanup(s.stop)
-        self.patch(store_module, "MIGRATIONS", MIGRATIONS[:1])
+        self.patch(schema, "MIGRATIONS", MIGRATIONS[:1])
         self.assertEqual(await s.migrate(), 1)
         u = await s.create_user("alice", "a@example.com", "hash")
-        self.patch(store_module, "MIGRATIONS", MIGRATIONS)
+        self.patch(schema, "MIGRATIONS", MIGRATIONS)
         self.assertEqual(await s.migrate(), MIGRATIONS[-1][0])
         self.assertEqual((await s.user_by_id(u.id)).username, "alice")
         t = await s.push_template("local", u.id, {"main.tf": b""})

@@ -9,9 +9,10 @@ from treq.testing import StubTreq
 from twisted.internet import reactor, task
 
 from coderstack.server.api import API
+from coderstack.server.database import database_url
 from coderstack.server.deployment import Deployment
 from coderstack.server.derpsetup import build_derp_map
-from coderstack.server.store import Store, database_url
+from coderstack.server.store import Store
 from tests.support.tempdirs import made_dir
 
 ACCESS_URL = "http://127.0.0.1:3000"

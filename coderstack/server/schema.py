@@ -1,0 +1,253 @@
+"""The store's tables, and the migrations that create them.
+
+Schema versions live in ``schema_migrations``; :func:`migrate` applies the missing steps in
+order at start-up, inside one transaction per step.  The same definitions serve SQLite and
+PostgreSQL (SQLAlchemy Core types only).  Secrets are never stored: API keys keep only a SHA-256
+of their secret part, agent tokens only their SHA-256, passwords an scrypt hash.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import sqlalchemy as sa
+
+from coderstack.server.records import now
+
+metadata = sa.MetaData()
+
+schema_migrations = sa.Table(
+    "schema_migrations",
+    metadata,
+    sa.Column("version", sa.Integer, primary_key=True),
+    sa.Column("applied_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+users = sa.Table(
+    "users",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("username", sa.String(64), nullable=False, unique=True),
+    sa.Column("email", sa.String(320), nullable=False, unique=True),
+    sa.Column("name", sa.String(256), nullable=False, default=""),
+    sa.Column("password_hash", sa.String(512), nullable=False),
+    sa.Column("roles", sa.String(256), nullable=False, default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+api_keys = sa.Table(
+    "api_keys",
+    metadata,
+    sa.Column("id", sa.String(16), primary_key=True),
+    sa.Column("user_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("hashed_secret", sa.LargeBinary(32), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("expires_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("last_used", sa.DateTime(timezone=True), nullable=False),
+)
+
+templates = sa.Table(
+    "templates",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("name", sa.String(64), nullable=False, unique=True),
+    sa.Column("created_by", sa.Uuid, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("source", sa.LargeBinary, nullable=True),
+)
+
+workspaces = sa.Table(
+    "workspaces",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("owner_id", sa.Uuid, sa.ForeignKey("users.id", ondelete="CASCADE"), nullable=False),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("template_id", sa.Uuid, sa.ForeignKey("templates.id"), nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("updated_at", sa.DateTime(timezone=True), nullable=False),
+    sa.UniqueConstraint("owner_id", "name", name="workspaces_owner_name"),
+)
+
+agents = sa.Table(
+    "workspace_agents",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column(
+        "workspace_id", sa.Uuid, sa.ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("name", sa.String(64), nullable=False),
+    sa.Column("auth_token_hash", sa.LargeBinary(32), nullable=False, unique=True),
+    sa.Column("os", sa.String(32), nullable=False, default="linux"),
+    sa.Column("arch", sa.String(32), nullable=False, default="amd64"),
+    sa.Column("directory", sa.String(1024), nullable=False, default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("first_connected_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("last_connected_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("disconnected_at", sa.DateTime(timezone=True), nullable=True),
+    sa.UniqueConstraint("workspace_id", "name", name="workspace_agents_workspace_name"),
+)
+
+
+def _v1(conn: sa.Connection) -> None:
+    for table in (users, api_keys, templates, workspaces, agents):
+        table.create(conn, checkfirst=True)
+
+
+# -- step 2: templates with versions, workspace builds, the URL each agent was given ------------
+
+template_versions = sa.Table(
+    "template_versions",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column(
+        "template_id", sa.Uuid, sa.ForeignKey("templates.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("created_by", sa.Uuid, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    # JSON {file name: base64 content}
+    sa.Column("source", sa.LargeBinary, nullable=False),
+    sa.UniqueConstraint("template_id", "number", name="template_versions_template_number"),
+)
+
+workspace_builds = sa.Table(
+    "workspace_builds",
+    metadata,
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column(
+        "workspace_id", sa.Uuid, sa.ForeignKey("workspaces.id", ondelete="CASCADE"), nullable=False
+    ),
+    sa.Column("number", sa.Integer, nullable=False),
+    sa.Column("transition", sa.String(16), nullable=False),
+    # pending | running | succeeded | failed
+    sa.Column("status", sa.String(16), nullable=False),
+    sa.Column(
+        "template_version_id",
+        sa.Uuid,
+        sa.ForeignKey("template_versions.id", ondelete="SET NULL"),
+        nullable=True,
+    ),
+    sa.Column("created_by", sa.Uuid, sa.ForeignKey("users.id"), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("completed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("error", sa.Text, nullable=False, default=""),
+    sa.Column("log", sa.Text, nullable=False, default=""),
+    sa.UniqueConstraint("workspace_id", "number", name="workspace_builds_workspace_number"),
+)
+
+agent_urls = sa.Table(
+    "workspace_agent_urls",
+    metadata,
+    sa.Column(
+        "agent_id",
+        sa.Uuid,
+        sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    # The access URL the agent was given (the template's provider url, or the access URL).
+    sa.Column("access_url", sa.String(2048), nullable=False),
+)
+
+
+def _v2(conn: sa.Connection) -> None:
+    for table in (template_versions, workspace_builds, agent_urls):
+        table.create(conn, checkfirst=True)
+
+
+# -- step 3: what builds tell agents, and what agents report back (see agentstore.py) -------
+
+_agent_fk = sa.ForeignKey("workspace_agents.id", ondelete="CASCADE")
+
+agent_states = sa.Table(
+    "workspace_agent_states",
+    metadata,
+    sa.Column("agent_id", sa.Uuid, _agent_fk, primary_key=True),
+    # JSON: the agent's part of the manifest from its last build (agentspec.py)
+    sa.Column("spec", sa.Text, nullable=False, default="{}"),
+    sa.Column("lifecycle_state", sa.String(32), nullable=False, default="created"),
+    sa.Column("lifecycle_changed_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("ready_at", sa.DateTime(timezone=True), nullable=True),
+    sa.Column("logs_length", sa.BigInteger, nullable=False, default=0),
+    sa.Column("logs_overflowed", sa.Boolean, nullable=False, default=False),
+)
+
+agent_log_sources = sa.Table(
+    "workspace_agent_log_sources",
+    metadata,
+    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("id", sa.Uuid, primary_key=True),
+    sa.Column("display_name", sa.String(256), nullable=False),
+    sa.Column("icon", sa.String(2048), nullable=False, default=""),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+agent_logs = sa.Table(
+    "workspace_agent_logs",
+    metadata,
+    sa.Column("id", sa.BigInteger().with_variant(sa.Integer, "sqlite"), primary_key=True,
+              autoincrement=True),
+    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
+              nullable=False, index=True),
+    sa.Column("source_id", sa.Uuid, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("output", sa.Text, nullable=False),
+    sa.Column("level", sa.String(8), nullable=False),
+)
+
+agent_metadata = sa.Table(
+    "workspace_agent_metadata",
+    metadata,
+    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("key", sa.String(128), primary_key=True),
+    sa.Column("value", sa.Text, nullable=False, default=""),
+    sa.Column("error", sa.Text, nullable=False, default=""),
+    sa.Column("collected_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+app_healths = sa.Table(
+    "workspace_app_healths",
+    metadata,
+    sa.Column("agent_id", sa.Uuid, sa.ForeignKey("workspace_agents.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("app_id", sa.Uuid, primary_key=True),
+    sa.Column("health", sa.String(16), nullable=False),
+)
+
+resource_metadata = sa.Table(
+    "workspace_resource_metadata",
+    metadata,
+    sa.Column("workspace_id", sa.Uuid, sa.ForeignKey("workspaces.id", ondelete="CASCADE"),
+              primary_key=True),
+    # JSON: the coder_metadata of the last build (agentspec.resource_metadata_json)
+    sa.Column("entries", sa.Text, nullable=False, default="[]"),
+)
+
+
+def _v3(conn: sa.Connection) -> None:
+    for table in (agent_states, agent_log_sources, agent_logs, agent_metadata, app_healths,
+                  resource_metadata):
+        table.create(conn, checkfirst=True)
+
+
+# (version, step). Append new steps; never edit an applied one.
+MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
+
+
+def migrate(engine: sa.Engine) -> int:
+    """Apply the steps of :data:`MIGRATIONS` the database lacks; the schema version reached."""
+    with engine.begin() as conn:
+        schema_migrations.create(conn, checkfirst=True)
+        done = {r.version for r in conn.execute(sa.select(schema_migrations.c.version))}
+    version = max(done, default=0)
+    for step_version, step in MIGRATIONS:
+        if step_version in done:
+            continue
+        with engine.begin() as conn:
+            step(conn)
+            conn.execute(schema_migrations.insert().values(version=step_version, applied_at=now()))
+        version = step_version
+    return version
