@@ -28,7 +28,7 @@ from twisted.web.http import HTTPChannel, _GenericHTTPChannelProtocol
 from twisted.web.server import Site
 
 from coderstack.server.admission import Admission
-from coderstack.server.clock import Timer
+from coderstack.twistedtypes import DelayedCall
 
 log = Logger()
 
@@ -57,7 +57,7 @@ class _Connection(Protocol):
 
 class GuardedChannel(HTTPChannel):
     head_timeout = HEAD_TIMEOUT
-    _head_call: Timer | None = None
+    _head_call: DelayedCall | None = None
 
     def dataReceived(self, data: bytes) -> None:
         if self._head_call is None and not self._handlingRequest and data:

@@ -27,7 +27,7 @@ from uuid import UUID
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from coderstack.server.clock import Clock, Timer
+from coderstack.twistedtypes import Clock, DelayedCall
 
 log = Logger()
 
@@ -72,7 +72,7 @@ class LiveSession:
         #: Why the credential was revoked, once it was.
         self.revoked_because: str | None = None
         self.released = False
-        self._expiry: Timer | None = None
+        self._expiry: DelayedCall | None = None
 
     def bind(self, handler: LiveConnection) -> None:
         """Attach the connection; one revoked before it existed is told at once."""

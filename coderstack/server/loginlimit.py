@@ -25,7 +25,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
-from coderstack.server.clock import Clock
+from coderstack.twistedtypes import Clock
 
 
 @dataclass(frozen=True)
