@@ -142,10 +142,6 @@ class STUNClient:
         self._transmit(tid)
         return d
 
-    def query_many(self, servers: list[Address], **kw: Any) -> defer.Deferred[list[Any]]:
-        """Query several servers in parallel; fires with ``[(success, result_or_failure)]``."""
-        return defer.DeferredList([self.query(s, **kw) for s in servers], consumeErrors=True)
-
     def _transmit(self, tid: bytes) -> None:
         tx = self._pending.get(tid)
         if tx is None:
