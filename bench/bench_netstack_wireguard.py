@@ -57,9 +57,9 @@ def _end(role: str, mtu: int, my_port: int, peer_port: int, my_key: bytes, peer_
     from zope.interface import implementer
 
     from coderstack.netstack.endpoints import Netstack
-    from coderstack.tailnet.wgudp import WireGuardUDP
     from coderstack.wire.wireguard import Device, public_key
     from tests.interop.netstack_wg_lab import TunnelLink, big_buffers
+    from tests.support.wgudp import WireGuardUDP
 
     me, peer = (STACK_A, STACK_B) if role == "sender" else (STACK_B, STACK_A)
     device = Device(my_key, mtu=mtu)

@@ -5,7 +5,7 @@
 Measures (medians of N runs):
   * the bare primitive: one `cryptography` ChaCha20Poly1305.encrypt / decrypt per packet;
   * the in-process core: Device.send() and Device.receive() per packet (no sockets);
-  * loopback UDP with the Twisted adapter (coderstack.tailnet.wgudp), sender and receiver in two
+  * loopback UDP with the Twisted adapter (tests/support/wgudp.py), sender and receiver in two
     processes: the sender's encrypt+send rate and the receiver's receive+decrypt rate.
 and prints them beside the 166k pkt/s ceiling from reference/baselines-and-real-peers.md (Twisted
 DatagramProtocol both ends + one `cryptography` AEAD per packet, 1400 B).
@@ -120,7 +120,7 @@ def udp_receiver(own_key: str, peer_key: str) -> None:
 
     from twisted.internet import reactor, task
 
-    from coderstack.tailnet.wgudp import WireGuardUDP
+    from tests.support.wgudp import WireGuardUDP
 
     stats = {"n": 0, "first": 0.0, "last": 0.0}
 
@@ -153,7 +153,7 @@ def udp_sender(own_key: str, peer_key: str, port: int, seconds: float) -> None:
     """Child: handshake, then send 1280-byte packets for `seconds`; print 'count seconds'."""
     from twisted.internet import reactor
 
-    from coderstack.tailnet.wgudp import WireGuardUDP
+    from tests.support.wgudp import WireGuardUDP
 
     packet = ip_packet()
     if own_key == "plain":

@@ -1,4 +1,5 @@
-"""Typed views of the Twisted interfaces this code drives: transports, endpoints, the clock.
+"""Typed views of the Twisted interfaces this code drives: transports, endpoints, the clock, a
+reactor that binds UDP ports.
 
 Twisted declares them as zope interfaces, whose methods have no ``self``; without a zope plugin
 mypy reads every ``transport.write(data)`` or ``clock.callLater(1, f)`` as a call with one
@@ -70,6 +71,13 @@ class Clock(Protocol):
 
     def seconds(self) -> float: ...
     def callLater(self, delay: float, fn: Callable[..., object], /, *args: object, **kw: object) -> DelayedCall: ...
+
+
+class UDPReactor(Clock, Protocol):
+    """A reactor that binds UDP ports (``IReactorUDP``) and keeps time."""
+
+    def listenUDP(self, port: int, protocol: protocol.AbstractDatagramProtocol,
+                  interface: str = "", maxPacketSize: int = 8192) -> DatagramTransport: ...
 
 
 Iface = TypeVar("Iface")

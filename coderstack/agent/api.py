@@ -29,7 +29,8 @@ from twisted.logger import Logger
 from twisted.web.iweb import IRequest
 from twisted.web.server import Site
 
-from coderstack.tailnet.netcheck import gather_interfaces, interfaces_report
+from coderstack.netinfo import gather_interfaces
+from coderstack.tailnet.netcheck.health import interfaces_report
 from coderstack.wire.ports import MIN_FORWARDED_PORT
 
 log = Logger()

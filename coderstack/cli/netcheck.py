@@ -13,12 +13,12 @@ from typing import Any
 from twisted.python import usage
 
 from coderstack.derpmap import DERPMap, DERPMapError
-from coderstack.tailnet.netcheck import (
+from coderstack.netinfo import gather_interfaces
+from coderstack.tailnet.netcheck.checker import run_netcheck
+from coderstack.tailnet.netcheck.health import (
     client_netcheck_report,
     derp_health_report,
-    gather_interfaces,
     interfaces_report,
-    run_netcheck,
 )
 
 

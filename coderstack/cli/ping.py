@@ -22,7 +22,9 @@ from coderstack.cli.agenthttp import AgentHTTPError, get_json
 from coderstack.cli.command import Command
 from coderstack.cli.dialing import Connect
 from coderstack.derpmap import DERPMap, DERPMapError
-from coderstack.tailnet.netcheck import REPORT_TIMEOUT, gather_interfaces, interfaces_report
+from coderstack.netinfo import gather_interfaces
+from coderstack.tailnet.netcheck.health import interfaces_report
+from coderstack.tailnet.netcheck.plan import REPORT_TIMEOUT
 from coderstack.wire.ports import AGENT_API_PORT
 
 # How long the diagnostics wait for this side's first netcheck report: a report run's own limit.

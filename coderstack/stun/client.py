@@ -9,7 +9,18 @@ socket the request left from, which is why the socket must be shared rather than
 Retransmission follows RFC 8489 section 6.2.1: RTO (default 500 ms) doubling after each send,
 ``max_transmissions`` sends (Rc, default 7), then a final wait of ``final_wait`` x RTO (Rm, 16).
 netcheck instead sends single-shot transactions on Tailscale's probe plan (``max_transmissions=1``),
-so each round-trip time is unambiguous. Timers use the injected ``IReactorTime``.
+so each round-trip time is unambiguous. Timers use the injected clock (``IReactorTime``).
+
+On the wire (UDP, one STUN message per datagram; the codec and its layout are
+:mod:`coderstack.wire.stun`):
+
+- out: a Binding request (type 0x0001, magic cookie, a fresh random 96-bit transaction id) with
+  SOFTWARE (``tailnode`` unless told otherwise) and FINGERPRINT; retransmissions repeat the
+  same bytes, so an answer to any of them completes the transaction;
+- in: a Binding success (0x0101) whose XOR-MAPPED-ADDRESS (or the non-standard 0x8020, or the
+  classic MAPPED-ADDRESS) is our mapping, or a Binding error (0x0111) with ERROR-CODE and
+  perhaps UNKNOWN-ATTRIBUTES; matched to its request by transaction id alone. Anything else is
+  counted (``malformed``, ``unmatched``) and dropped.
 """
 
 from __future__ import annotations
@@ -17,12 +28,13 @@ from __future__ import annotations
 import socket
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall, IReactorTime, IReactorUDP
 from twisted.internet.protocol import DatagramProtocol
 from twisted.python.failure import Failure
 
+from coderstack.twistedtypes import Clock, DatagramTransport, DelayedCall, UDPReactor
 from coderstack.wire import stun
 
 Address = tuple[str, int]
@@ -67,15 +79,15 @@ class _Transaction:
         self.rto = rto
         self.max_tx = max_tx
         self.final_wait = final_wait
-        self.timer: IDelayedCall | None = None
-        self.deadline: IDelayedCall | None = None
+        self.timer: DelayedCall | None = None
+        self.deadline: DelayedCall | None = None
 
 
 class STUNClient:
     def __init__(
         self,
         send: SendFn,
-        clock: IReactorTime,
+        clock: Clock,
         *,
         software: bytes | None = TAILSCALE_SOFTWARE,
         rto: float = 0.5,
@@ -130,10 +142,6 @@ class STUNClient:
         self._transmit(tid)
         return d
 
-    def query_many(self, servers: list[Address], **kw) -> defer.Deferred[list]:
-        """Query several servers in parallel; fires with ``[(success, result_or_failure)]``."""
-        return defer.DeferredList([self.query(s, **kw) for s in servers], consumeErrors=True)
-
     def _transmit(self, tid: bytes) -> None:
         tx = self._pending.get(tid)
         if tx is None:
@@ -171,7 +179,7 @@ class STUNClient:
                 call.cancel()
         return tx.deferred
 
-    def datagram_received(self, datagram: bytes, addr: tuple) -> bool:
+    def datagram_received(self, datagram: bytes, addr: tuple[Any, ...]) -> bool:
         """Feed one datagram; True when it answered one of our transactions."""
         try:
             resp = stun.parse_response(datagram)
@@ -206,7 +214,7 @@ class _Receiver(DatagramProtocol):
     def __init__(self, client: STUNClient) -> None:
         self.client = client
 
-    def datagramReceived(self, datagram: bytes, addr) -> None:
+    def datagramReceived(self, datagram: bytes, addr: tuple[Any, ...]) -> None:
         if stun.is_stun(datagram):
             self.client.datagram_received(datagram, addr)
 
@@ -214,16 +222,16 @@ class _Receiver(DatagramProtocol):
 class STUNSocket:
     """A :class:`STUNClient` with its own UDP sockets (one IPv4, one IPv6, bound on first use)."""
 
-    def __init__(self, reactor: IReactorUDP, *, v4_interface: str = "0.0.0.0",
-                 v6_interface: str = "::", port: int = 0, **client_kw) -> None:
+    def __init__(self, reactor: UDPReactor, *, v4_interface: str = "0.0.0.0",
+                 v6_interface: str = "::", port: int = 0, **client_kw: Any) -> None:
         self.reactor = reactor
         self.v4_interface = v4_interface
         self.v6_interface = v6_interface
         self.bind_port = port
-        self.client = STUNClient(self._send, reactor, **client_kw)  # type: ignore[arg-type]
-        self._ports: dict[int, object] = {}
+        self.client = STUNClient(self._send, reactor, **client_kw)
+        self._ports: dict[int, DatagramTransport] = {}
 
-    def port_for(self, family: int):
+    def port_for(self, family: int) -> DatagramTransport:
         """The listening port for ``socket.AF_INET`` or ``AF_INET6`` (bound now if needed)."""
         p = self._ports.get(family)
         if p is None:
@@ -244,16 +252,16 @@ class STUNSocket:
             raise OSError(f"cannot open a UDP socket for {addr[0]}: {e}") from e
         port.write(datagram, addr)
 
-    def query(self, server: Address, **kw) -> defer.Deferred[STUNResult]:
+    def query(self, server: Address, **kw: Any) -> defer.Deferred[STUNResult]:
         return self.client.query(server, **kw)
 
-    def close(self) -> defer.Deferred:
+    def close(self) -> defer.Deferred[list[Any]]:
         self.client.cancel_all()
         ds = [defer.maybeDeferred(p.stopListening) for p in self._ports.values()]
         self._ports.clear()
         return defer.gatherResults(ds)
 
 
-def open_stun_client(reactor, **kw) -> STUNSocket:
+def open_stun_client(reactor: UDPReactor, **kw: Any) -> STUNSocket:
     """Convenience for standalone use: ``s = open_stun_client(reactor); await s.query(addr)``."""
     return STUNSocket(reactor, **kw)

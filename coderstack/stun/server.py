@@ -9,19 +9,30 @@ silence instead, which such clients understand.
 Abuse: every datagram first takes a token from its source IP's bucket, so a forged-source flood
 is reflected at no more than ``rate`` packets per second per victim, and our responses are at most
 ~3x a minimal request. Nothing here raises on bad input; it is counted.
+
+On the wire (UDP, one STUN message per datagram; the codec and its layout are
+:mod:`coderstack.wire.stun`):
+
+- in: a Binding request (type 0x0001), with or without the magic cookie (classic RFC 3489);
+- out, success (0x0101): XOR-MAPPED-ADDRESS = the request's source ip:port, SOFTWARE, FINGERPRINT;
+  to a classic request MAPPED-ADDRESS alone;
+- out, error (0x0111): ERROR-CODE 400 for any method but Binding, 420 + UNKNOWN-ATTRIBUTES for
+  comprehension-required attributes we do not know (and a CHANGE-REQUEST we cannot honour);
+- anything else (responses, indications, non-STUN bytes): no answer.
 """
 
 from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import Any, cast
 
-from twisted.application import internet
-from twisted.internet.interfaces import IListeningPort, IReactorTime, IReactorUDP
+from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from coderstack.stun.ratelimit import TokenBuckets
+from coderstack.twistedtypes import Clock, UDPReactor, datagram_transport
 from coderstack.wire import stun
 
 # Per source IP. Generous enough for a big office or CGNAT behind one address (clients re-STUN
@@ -102,7 +113,7 @@ class STUNResponder:
 class STUNServerProtocol(DatagramProtocol):
     log = Logger()
 
-    def __init__(self, responder: STUNResponder, clock: IReactorTime) -> None:
+    def __init__(self, responder: STUNResponder, clock: Clock) -> None:
         self.responder = responder
         self.clock = clock
 
@@ -110,41 +121,31 @@ class STUNServerProtocol(DatagramProtocol):
     def counters(self) -> Counters:
         return self.responder.counters
 
-    def datagramReceived(self, datagram: bytes, addr) -> None:
-        reply = self.responder.handle(datagram, addr, self.clock.seconds())
+    def datagramReceived(self, datagram: bytes, addr: tuple[Any, ...]) -> None:
+        source = (addr[0], addr[1])  # an IPv6 source also carries flow info and scope id
+        reply = self.responder.handle(datagram, source, self.clock.seconds())
         if reply is None:
             return
         try:
-            self.transport.write(reply, (addr[0], addr[1]))
+            datagram_transport(self).write(reply, source)
         except OSError:
             # EAGAIN from a full socket buffer is raised by Twisted's UDP write; drop the answer.
             self.responder.counters.send_failed += 1
 
 
 def listen_stun(
-    reactor: IReactorUDP,
+    reactor: UDPReactor,
     host: str = "",
     port: int = 3478,
     *,
     responder: STUNResponder | None = None,
-    clock: IReactorTime | None = None,
+    clock: Clock | None = None,
 ) -> IListeningPort:
     """Start answering STUN on UDP ``host:port`` (host "" = all IPv4 interfaces, "::" = all).
 
     The returned port's ``.protocol.counters`` has the counters; ``stopListening()`` ends it.
     """
-    proto = STUNServerProtocol(responder or STUNResponder(), clock or reactor)  # type: ignore[arg-type]
-    return reactor.listenUDP(port, proto, interface=host)
+    proto = STUNServerProtocol(responder or STUNResponder(), clock or reactor)
+    # The udp.Port that listenUDP returns provides IListeningPort as well.
+    return cast(IListeningPort, reactor.listenUDP(port, proto, interface=host))
 
-
-def stun_service(host: str, port: int, *, responder: STUNResponder | None = None,
-                 reactor=None) -> internet.UDPServer:
-    """The same as an ``IService`` for ``makeService`` (started and stopped with the server)."""
-    if reactor is None:
-        from twisted.internet import reactor as _reactor
-
-        reactor = _reactor
-    proto = STUNServerProtocol(responder or STUNResponder(), reactor)
-    svc = internet.UDPServer(port, proto, interface=host, reactor=reactor)
-    svc.protocol = proto  # type: ignore[attr-defined]
-    return svc

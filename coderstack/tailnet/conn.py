@@ -255,7 +255,8 @@ class Conn:
         self._netcheck_call = self.reactor.callLater(delay, self._run_netcheck)
 
     def _run_netcheck(self) -> None:
-        from coderstack.tailnet.netcheck import Netchecker, TreqHTTP
+        from coderstack.tailnet.netcheck.checker import Netchecker
+        from coderstack.tailnet.netcheck.httpget import TreqHTTP
 
         if self.derp_map is None or self._closed:
             return

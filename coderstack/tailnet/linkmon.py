@@ -35,7 +35,7 @@ from twisted.internet import task
 from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from coderstack.tailnet.netcheck import Interface, gather_interfaces
+from coderstack.netinfo import Interface, gather_interfaces
 from coderstack.wire.coordination import CODER_SERVICE_PREFIX, TAILSCALE_SERVICE_PREFIX
 
 _log = Logger()

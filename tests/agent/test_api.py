@@ -14,7 +14,7 @@ from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 
 from coderstack.agent.api import AgentAPI, listening_ports, parse_proc_net_tcp
-from coderstack.tailnet.netcheck import Interface
+from coderstack.netinfo import Interface
 from tests.support.tempdirs import made_dir
 
 TCP = """  sl  local_address rem_address   st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode

@@ -13,7 +13,7 @@ from coderstack.agent.api import AgentAPI
 from coderstack.agent.speedtest import SpeedtestServerFactory
 from coderstack.cli import ping, speedtest
 from coderstack.cli.dialing import LoopbackConnection, PingResult, loopback_connect
-from coderstack.tailnet.netcheck import Interface
+from coderstack.netinfo import Interface
 
 
 class FakeAPI:

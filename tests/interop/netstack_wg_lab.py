@@ -25,8 +25,8 @@ import sys
 from twisted.internet import reactor
 
 from coderstack.netstack.endpoints import Netstack
-from coderstack.tailnet.wgudp import WireGuardUDP
 from coderstack.wire.wireguard import Device, generate_private_key
+from tests.support.wgudp import WireGuardUDP
 
 from .netstack_lab import KERNEL_ADDR, STACK_ADDR, LineProcess, ReorderingLink
 from .test_wireguard_go import WG_PORT, Namespace

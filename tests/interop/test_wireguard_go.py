@@ -2,7 +2,7 @@
 
 wireguard-go runs on a TUN device inside a fresh network namespace, joined to the host by a veth
 pair on a random 10.x/30. Our Device runs in this process on the host end of the veth (through
-coderstack.tailnet.wgudp). Inside the tunnel: fdc5:<random>::1 is us, ::2 is the namespace's
+tests/support/wgudp.py). Inside the tunnel: fdc5:<random>::1 is us, ::2 is the namespace's
 kernel, which answers ICMPv6 echo, and tests/interop/udp_peer.py is a UDP socket there.
 
 Needs root (namespaces, TUN) and wireguard-go/wg on PATH; CI has both.
@@ -22,10 +22,10 @@ import time
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from coderstack.tailnet.wgudp import WireGuardUDP
 from coderstack.wire import wireguard
 from coderstack.wire.wireguard import Device, generate_private_key, public_key
 from tests.interop import ipv6
+from tests.support.wgudp import WireGuardUDP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 WG_PORT = 51820

@@ -27,7 +27,7 @@ async def _query(reactor, host: str, port: str) -> dict:
 
 async def _netcheck(reactor, map_json: str) -> dict:
     from coderstack.derpmap import DERPMap
-    from coderstack.tailnet.netcheck import run_netcheck
+    from coderstack.tailnet.netcheck.checker import run_netcheck
 
     report = await run_netcheck(reactor, DERPMap.loads(map_json), have_v6=False)
     out = report.to_json()

@@ -105,17 +105,6 @@ class TransactionTests(unittest.TestCase):
         self.assertEqual([g.mapped for g in got],
                          [("192.0.2.50", 1), ("192.0.2.50", 2), ("2001:db8:ffff::9", 5555)])
 
-    def test_query_many(self) -> None:
-        h = Harness()
-        d = h.client.query_many([SERVER, SERVER2], timeout=1)
-        h.answer(0, ("192.0.2.50", 1))
-        h.clock.advance(2)
-        (ok1, r1), (ok2, f2) = self.successResultOf(d)
-        self.assertTrue(ok1)
-        self.assertEqual(r1.mapped, ("192.0.2.50", 1))
-        self.assertFalse(ok2)
-        f2.trap(STUNTimeout)
-
     def test_error_response(self) -> None:
         h = Harness()
         d = h.client.query(SERVER)

@@ -9,10 +9,10 @@ import socket
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
+from coderstack.netinfo import Interface
 from coderstack.tailnet import linkmon
 from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.linkmon import LinkChange, LinkMonitor, LinkState, WakeDetector, link_state
-from coderstack.tailnet.netcheck import Interface
 from tests.tailnet.fakenet import FakeDERPClient, Network
 from tests.tailnet.test_conn import Pair
 

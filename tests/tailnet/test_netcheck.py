@@ -4,30 +4,28 @@ clock with a simulated network (STUN answered by our responder, HTTP by a fake).
 from __future__ import annotations
 
 import json
-import os
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from coderstack.derpmap import DERPMap, build_server_map
+from coderstack.netinfo import Interface
 from coderstack.stun.client import STUNClient
 from coderstack.stun.server import STUNResponder
-from coderstack.tailnet import netcheck as nc
-from coderstack.tailnet.netcheck import (
-    Interface,
-    Netchecker,
-    ProbeResult,
-    Report,
-    ReportHistory,
-    assemble_report,
-    captive_portal_url,
+from coderstack.tailnet.netcheck.checker import Netchecker
+from coderstack.tailnet.netcheck.health import (
+    CODE_STUN_MAP_VARY_DEST,
     derp_health_report,
-    gather_interfaces,
     interfaces_report,
+)
+from coderstack.tailnet.netcheck.home import ReportHistory, select_preferred_derp
+from coderstack.tailnet.netcheck.plan import (
+    REPORT_TIMEOUT,
+    captive_portal_url,
     latency_check_url,
     make_probe_plan,
-    select_preferred_derp,
 )
+from coderstack.tailnet.netcheck.report import ProbeResult, Report, assemble_report
 
 
 def region(rid, nodes, **extra):
@@ -257,29 +255,6 @@ class CoderShapeTests(unittest.TestCase):
         self.assertEqual(rep["warnings"][0]["code"], "EIF01")
         self.assertIn("wg0 has MTU 1280 (less than 1378)", rep["warnings"][0]["message"])
 
-    def test_gather_interfaces_from_fake_sysfs(self) -> None:
-        root = self.mktemp()
-        os.makedirs(os.path.join(root, "net", "lo"))
-        os.makedirs(os.path.join(root, "net", "tiny"))
-        for name, mtu, flags in (("lo", 65536, "0x9"), ("tiny", 1200, "0x1003")):
-            with open(os.path.join(root, "net", name, "mtu"), "w") as f:
-                f.write(f"{mtu}\n")
-            with open(os.path.join(root, "net", name, "flags"), "w") as f:
-                f.write(flags + "\n")
-        inet6 = os.path.join(root, "if_inet6")
-        with open(inet6, "w") as f:
-            f.write("fd000000000000000000000000000001 05 40 00 80     tiny\n")
-        got = {i.name: i for i in gather_interfaces(os.path.join(root, "net"), inet6)}
-        self.assertEqual(got["tiny"].mtu, 1200)
-        self.assertIn("fd00::1/64", got["tiny"].addresses)
-        self.assertTrue(got["lo"].up)
-        rep = interfaces_report(got.values())
-        self.assertIn("tiny has MTU 1200", rep["warnings"][0]["message"])
-
-    def test_gather_real_interfaces(self) -> None:
-        names = [i.name for i in gather_interfaces()]
-        self.assertIn("lo", names)
-
     def test_urls(self) -> None:
         n999 = MAP.region(999).nodes[0]
         self.assertEqual(latency_check_url(n999), "http://coder.example:3000/derp/latency-check")
@@ -411,7 +386,7 @@ class DriverTests(unittest.TestCase):
         self.assertIn("UDP is blocked, trying HTTPS", r.logs)
         self.assertIs(r.captive_portal, False)
         self.assertGreaterEqual(elapsed, 3.0)
-        self.assertLessEqual(elapsed, nc.REPORT_TIMEOUT + 0.01)
+        self.assertLessEqual(elapsed, REPORT_TIMEOUT + 0.01)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         h = derp_health_report(MAP, r)
         self.assertEqual([w["code"] for w in h["warnings"]], ["ESTUN01"])
@@ -536,4 +511,4 @@ class OneServerTwoPortsTests(unittest.TestCase):
         report, _sent = self.report(per_destination)
         self.assertIs(report.mapping_varies_by_dest_ip, True)
         health = derp_health_report(ONE_SERVER, report)
-        self.assertIn(nc.CODE_STUN_MAP_VARY_DEST, [w["code"] for w in health["warnings"]])
+        self.assertIn(CODE_STUN_MAP_VARY_DEST, [w["code"] for w in health["warnings"]])

@@ -8,7 +8,8 @@ from twisted.trial import unittest
 from coderstack.derpmap import DERPMap
 from coderstack.stun.client import open_stun_client
 from coderstack.stun.server import listen_stun
-from coderstack.tailnet.netcheck import Netchecker, TreqHTTP, run_netcheck
+from coderstack.tailnet.netcheck.checker import Netchecker, run_netcheck
+from coderstack.tailnet.netcheck.httpget import TreqHTTP
 from tests.tailnet.derp_endpoints import endpoints_site
 
 

@@ -7,8 +7,8 @@ import random
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from coderstack.tailnet.wgudp import WireGuardUDP
 from coderstack.wire.wireguard import Device, generate_private_key
+from tests.support.wgudp import WireGuardUDP
 
 
 def ip6(payload: bytes) -> bytes:
