@@ -8,7 +8,9 @@ return an object with:
   (1 SSH, 3 speedtest, 4 agent API, any port for port-forward);
 * ``udp_dial`` — ``(port, on_datagram) -> Deferred[DatagramFlow]`` or None (see
   :mod:`coderstack.cli.portforward`);
-* ``async ping() -> PingResult`` — one disco/TSMP ping to the agent (raises on timeout);
+* ``async ping() -> PingResult`` — one disco ping to the agent (raises on timeout); the result
+  (``coderstack.tailnet.endpoint.PingResult``) says the latency and the path: direct (its
+  ``ip:port``) or relayed (the DERP region);
 * ``peer_diagnostics() -> dict`` — the dict :func:`coderstack.cli.pingfmt.peer_diagnostics` reads;
 * ``derp_region_names() -> {id: name}``, ``netinfo() -> Report JSON | None`` (this side's
   netcheck), ``async await_netinfo(timeout)`` (until the first netcheck report is in, at most
@@ -28,24 +30,7 @@ from typing import Any, Protocol
 from twisted.internet.endpoints import TCP4ClientEndpoint
 from twisted.internet.interfaces import IStreamClientEndpoint
 
-
-@dataclass(frozen=True)
-class PingResult:
-    latency: float            # seconds
-    p2p: bool
-    endpoint: str = ""        # "IP:PORT" when p2p
-    derp_region: int = 0      # region id when relayed (0: unknown)
-    derp_name: str = ""       # region name when relayed, if the path said it
-
-    @classmethod
-    def from_path(cls, latency: float, path: str) -> PingResult:
-        """From ``Conn.ping``'s path string: ``"p2p 192.0.2.1:41641"`` or ``"DERP(<region>)"``."""
-        if path.startswith("p2p"):
-            return cls(latency, True, path[3:].strip())
-        name = path[5:-1] if path.startswith("DERP(") and path.endswith(")") else path
-        if name.isdigit():
-            return cls(latency, False, derp_region=int(name))
-        return cls(latency, False, derp_name=name)
+from coderstack.tailnet.endpoint import PingResult
 
 
 class AgentConnection(Protocol):
@@ -83,7 +68,7 @@ class LoopbackConnection:
         return TCP4ClientEndpoint(self.reactor, "127.0.0.1", self.ports.get(port, port))
 
     async def ping(self) -> PingResult:
-        result = self.pings.pop(0) if self.pings else PingResult(0.001, True, "127.0.0.1:41641")
+        result = self.pings.pop(0) if self.pings else PingResult.direct(0.001, "127.0.0.1:41641")
         if result is None:
             raise TimeoutError("ping timed out")
         return result

@@ -10,6 +10,7 @@ from typing import Any
 
 from coderstack.cli.context import Context
 from coderstack.sdk import SDKError
+from coderstack.tailnet.endpoint import PingResult
 
 
 class Workspace:
@@ -79,11 +80,8 @@ class TunnelConnection:
     def endpoint(self, port: int) -> Any:
         return self.ws.endpoint(port)
 
-    async def ping(self) -> Any:
-        from coderstack.cli.dialing import PingResult
-
-        latency, path = await self.conn.ping(self.conn.agent_key)
-        return PingResult.from_path(latency, path)
+    async def ping(self) -> PingResult:
+        return await self.conn.ping(self.conn.agent_key)
 
     def derp_region_names(self) -> dict[int, str]:
         m = self.conn.derp_map

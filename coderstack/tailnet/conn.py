@@ -9,7 +9,7 @@ agent and the CLI.
     conn.on_packet(lambda src_key, ipv6_packet: ...)     # decrypted packets for the netstack
     conn.on_path_mtu(lambda addresses, mtu: ...)         # a peer's usable inner MTU changed
     conn.send_packet(dst_key, ipv6_packet)               # dst_key None: route by destination
-    await conn.ping(node_key) -> (latency_seconds, "p2p 192.0.2.1:41641" | "DERP(<region>)")
+    await conn.ping(node_key) -> PingResult (latency seconds; p2p "ip:port" or DERP region)
     conn.status() -> dict (see :meth:`Conn.status`)
     await conn.close()
 
@@ -42,7 +42,7 @@ from coderstack import netinfo
 from coderstack.derpmap import DERPMap
 from coderstack.keys import NodeKeys
 from coderstack.tailnet import pmtu as pmtu_sizes
-from coderstack.tailnet.endpoint import Addr, format_addr, parse_addr
+from coderstack.tailnet.endpoint import Addr, PingResult, format_addr, parse_addr
 from coderstack.tailnet.magicsock import MagicSock
 from coderstack.wire.coordination import TAILSCALE_SERVICE_PREFIX, Node
 from coderstack.wire.wireguard import (
@@ -449,8 +449,8 @@ class Conn:
         if node_key in self.device.peers:
             self._events(self.device.initiate(node_key, self.reactor.seconds()))
 
-    def ping(self, node_key: bytes) -> defer.Deferred[tuple[float, str]]:
-        """Disco ping over the current path: (latency seconds, path string)."""
+    def ping(self, node_key: bytes) -> defer.Deferred[PingResult]:
+        """Disco ping over the current path: its latency and the path it took."""
         return self.sock.ping(node_key)
 
     def path(self, node_key: bytes) -> tuple[str, str]:

@@ -87,8 +87,8 @@ class AgentTunnelTests(unittest.TestCase):
         self.assertEqual(got[0][40:], b"hello agent")
         self.assertEqual(replies[0][40:], b"hello agent")
         await wait_for(lambda: conn.path(conn.agent_key)[0].startswith("p2p"))
-        latency, path = await conn.ping(conn.agent_key)
-        self.assertTrue(path.startswith("p2p "), path)
+        result = await conn.ping(conn.agent_key)
+        self.assertTrue(result.p2p, result)
         status = svc.conn.status()
         self.assertEqual(status["home_region_name"], "Coder Embedded Relay")
         self.assertIn(conn.keys.node_public.hex(), status["peers"])
@@ -102,8 +102,8 @@ class AgentTunnelTests(unittest.TestCase):
         for i in range(3):
             conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"n%d" % i))
         await wait_for(lambda: len(got) == 3)
-        latency, path = await conn.ping(conn.agent_key)
-        self.assertEqual(path, "DERP(Coder Embedded Relay)")
+        result = await conn.ping(conn.agent_key)
+        self.assertEqual((result.kind, result.derp_name), ("derp", "Coder Embedded Relay"))
         self.assertEqual(conn.status()["endpoints"], [])
 
     async def test_coordinator_reconnect_keeps_the_tunnel(self) -> None:
