@@ -26,7 +26,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from coderstack.agent.reports import backoff_delay, refused_for_good
+from coderstack.agent.reports import refused_for_good, report_backoff
 from coderstack.sdk import SDKError
 
 log = Logger()
@@ -98,7 +98,7 @@ class AppHealthWatcher:
         self.reactor = reactor
         self.checks = checks
         self.send = send
-        self.backoff_cap = backoff_cap
+        self.backoff = report_backoff(backoff_cap)
         self.states = {c.app_id: HealthState(c.threshold) for c in checks}
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.agent = Agent(reactor, pool=self.pool)
@@ -179,7 +179,7 @@ class AppHealthWatcher:
                 self._sending = None
 
     async def _send(self) -> None:
-        failures = 0
+        self.backoff.reset()
         try:
             while self._dirty:
                 self._dirty = False
@@ -189,14 +189,13 @@ class AppHealthWatcher:
                 try:
                     await self.send(healths)
                     self.reported = healths
-                    failures = 0
+                    self.backoff.reset()
                 except SDKError as err:
                     if refused_for_good(err):
                         log.warn("server refused app health: {why}", why=str(err))
                         self.reported = healths
                         continue
-                    failures += 1
                     self._dirty = True
-                    await task.deferLater(self.reactor, backoff_delay(failures, self.backoff_cap), lambda: None)
+                    await task.deferLater(self.reactor, self.backoff.next_delay(), lambda: None)
         finally:
             self._sending = None
