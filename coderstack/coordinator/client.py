@@ -133,15 +133,15 @@ class CoordinationSocket(Protocol):
 class LinkHandler(Protocol):
     """What a :class:`CoordinationLink` asks of its owner."""
 
-    async def open(self) -> CoordinationSocket:
+    async def open_socket(self) -> CoordinationSocket:
         """Open one websocket (after whatever must come first); raise to try again later."""
         ...
 
-    async def opened(self, reopened: bool) -> None:
+    async def socket_opened(self, reopened: bool) -> None:
         """A websocket just opened and is the link's now: send what it must know."""
         ...
 
-    def failed(self, err: Exception) -> bool:
+    def open_failed(self, err: Exception) -> bool:
         """An open failed (say why); False stops the link for good."""
         ...
 
@@ -176,7 +176,7 @@ class CoordinationLink:
 
     async def open(self) -> None:
         """Open the first websocket now (its error goes to the caller), then keep one open."""
-        socket = await self.handler.open()
+        socket = await self.handler.open_socket()
         await self._opened(socket)
         self._run(socket)
 
@@ -211,7 +211,7 @@ class CoordinationLink:
         self.opens += 1
         self.backoff.reset()
         try:
-            await self.handler.opened(reopened=self.opens > 1)
+            await self.handler.socket_opened(reopened=self.opens > 1)
         except CancelledError:
             raise
         except Exception as err:  # the websocket stays: the next change is sent on it
@@ -222,11 +222,11 @@ class CoordinationLink:
             while not self.stopped:
                 if socket is None:
                     try:
-                        socket = await self.handler.open()
+                        socket = await self.handler.open_socket()
                     except CancelledError:
                         raise
                     except Exception as err:
-                        if not self.handler.failed(err):
+                        if not self.handler.open_failed(err):
                             return
                         await self._wait()
                         continue

@@ -113,11 +113,11 @@ class _ServerCoordination:
         self.client = client
         self.agent_id = agent_id
 
-    async def open(self) -> CoordinateClientFactory:
+    async def open_socket(self) -> CoordinateClientFactory:
         return await open_coordination(self.api_client, f"/api/v2/workspaceagents/{self.agent_id}/coordinate",
                                        self.client.handle_response)
 
-    async def opened(self, reopened: bool) -> None:
+    async def socket_opened(self, reopened: bool) -> None:
         self.client.register()
         if not reopened:
             return  # the caller just fetched the map
@@ -129,7 +129,7 @@ class _ServerCoordination:
         except Exception as err:  # keep the link going regardless
             _log.info("after reconnecting: {why}", why=str(err))
 
-    def failed(self, err: Exception) -> bool:
+    def open_failed(self, err: Exception) -> bool:
         _log.info("coordinator unreachable, retrying: {why}", why=str(err))
         return True
 

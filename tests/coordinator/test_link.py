@@ -40,7 +40,7 @@ class FakeServer:
         self.give_up_on: type[Exception] | None = None
         self.link: CoordinationLink | None = None
 
-    async def open(self) -> FakeSocket:
+    async def open_socket(self) -> FakeSocket:
         self.attempts += 1
         self.times.append(self.clock.seconds())
         if self.down is not None:
@@ -49,12 +49,12 @@ class FakeServer:
         self.sockets.append(socket)
         return socket
 
-    async def opened(self, reopened: bool) -> None:
+    async def socket_opened(self, reopened: bool) -> None:
         self.told.append(reopened)
         assert self.link is not None
         self.link.send(CoordinateRequest(disconnect=False, ready_for_handshake=()))
 
-    def failed(self, err: Exception) -> bool:
+    def open_failed(self, err: Exception) -> bool:
         self.failures.append(str(err))
         return self.give_up_on is None or not isinstance(err, self.give_up_on)
 
@@ -184,11 +184,11 @@ class SlowServer(FakeServer):
         super().__init__(clock)
         self.gate: defer.Deferred[None] = defer.Deferred()
 
-    async def open(self) -> FakeSocket:
+    async def open_socket(self) -> FakeSocket:
         await self.gate
-        return await super().open()
+        return await super().open_socket()
 
 
 class FailingAfterOpen(FakeServer):
-    async def opened(self, reopened: bool) -> None:
+    async def socket_opened(self, reopened: bool) -> None:
         raise RuntimeError("the server is still starting")

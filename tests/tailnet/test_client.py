@@ -228,16 +228,16 @@ class _Server:
         self.sockets: list[FakeSocket] = []
         self.down = False
 
-    async def open(self) -> FakeSocket:
+    async def open_socket(self) -> FakeSocket:
         if self.down:
             raise ConnectionError("refused")
         self.sockets.append(FakeSocket())
         return self.sockets[-1]
 
-    async def opened(self, reopened: bool) -> None:
+    async def socket_opened(self, reopened: bool) -> None:
         self.client.register()
 
-    def failed(self, err: Exception) -> bool:
+    def open_failed(self, err: Exception) -> bool:
         return True
 
 

@@ -100,7 +100,7 @@ class _Coordination(_ServerCoordination):
         super().__init__(api, client, agent)  # type: ignore[arg-type]
         self.sockets: list[FakeSocket] = []
 
-    async def open(self) -> FakeSocket:  # type: ignore[override]
+    async def open_socket(self) -> FakeSocket:  # type: ignore[override]
         self.sockets.append(FakeSocket())
         return self.sockets[-1]
 
