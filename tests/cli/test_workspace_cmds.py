@@ -12,8 +12,9 @@ from twisted.web.server import Site
 from coderstack.agent.api import AgentAPI
 from coderstack.agent.speedtest import SpeedtestServerFactory
 from coderstack.cli import ping, speedtest
-from coderstack.cli.dialing import LoopbackConnection, PingResult, loopback_connect
+from coderstack.tailnet.endpoint import PingResult
 from coderstack.tailnet.netcheck import Interface
+from tests.support.loopback import LoopbackConnection, loopback_connect
 
 
 class FakeAPI:
