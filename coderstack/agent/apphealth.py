@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 from twisted.internet import protocol, task
 from twisted.internet.defer import CancelledError, Deferred
@@ -30,6 +30,14 @@ from coderstack.agent.reports import refused_for_good, report_backoff
 from coderstack.sdk import SDKError
 
 log = Logger()
+
+
+class _Response(Protocol):
+    """What a probe reads of an HTTP response (Twisted's ``IResponse``)."""
+
+    code: int
+
+    def deliverBody(self, protocol: protocol.Protocol) -> None: ...
 
 INITIALIZING = "initializing"
 HEALTHY = "healthy"
@@ -153,7 +161,7 @@ class AppHealthWatcher:
         try:
             d = self.agent.request(b"GET", check.url.encode())
             d.addTimeout(check.interval, self.reactor)
-            response = await d
+            response = cast(_Response, await d)
             body: Deferred[None] = Deferred()
             discard = _Discard(body)
             response.deliverBody(discard)

@@ -16,13 +16,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from coderstack.agent.reports import refused_for_good, report_backoff, rfc3339
 from coderstack.sdk import SDKError
+from coderstack.twistedtypes import Clock, sleep
 
 log = Logger()
 
@@ -90,7 +89,7 @@ class Lifecycle:
 class LifecycleReporter:
     """Reports a :class:`Lifecycle`'s changes with ``send(state, changed_at)``."""
 
-    def __init__(self, clock: IReactorTime, lifecycle: Lifecycle,
+    def __init__(self, clock: Clock, lifecycle: Lifecycle,
                  send: Callable[[str, str], Awaitable[None]], backoff_cap: float = 10.0) -> None:
         self.clock = clock
         self.lifecycle = lifecycle
@@ -140,7 +139,7 @@ class LifecycleReporter:
                     delay = self.backoff.next_delay()
                     log.info("cannot report lifecycle {state} ({why}); retrying in {delay:.1f}s",
                              state=change.state, why=str(err), delay=delay)
-                    self._wait = _sleep(self.clock, delay)
+                    self._wait = sleep(self.clock, delay)
                     await self._wait
                     continue
                 self.backoff.reset()
@@ -151,6 +150,3 @@ class LifecycleReporter:
         for d in waiters:
             d.callback(None)
 
-
-def _sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:
-    return task.deferLater(clock, seconds, lambda: None)

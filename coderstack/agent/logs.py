@@ -27,13 +27,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from coderstack.agent.reports import ServerReports, refused_for_good, report_backoff, rfc3339
 from coderstack.sdk import SDKError
+from coderstack.twistedtypes import Clock, sleep
 
 log = Logger()
 
@@ -103,7 +102,7 @@ class _Source:
 class AgentLogs:
     """The agent's log sender (one per agent run)."""
 
-    def __init__(self, clock: IReactorTime, reports: ServerReports,
+    def __init__(self, clock: Clock, reports: ServerReports,
                  send: Callable[[str, list[dict[str, str]]], Awaitable[None]] | None = None,
                  backoff_cap: float = 10.0) -> None:
         self.clock = clock
@@ -206,7 +205,7 @@ class AgentLogs:
                         log.warn("server refused {n} log lines: {why}", n=len(batch), why=str(err))
                         _drop(src.queue, len(batch))
                         continue
-                    await task.deferLater(self.clock, self.backoff.next_delay(), lambda: None)
+                    await sleep(self.clock, self.backoff.next_delay())
                     continue
                 self.backoff.reset()
                 _drop(src.queue, len(batch))

@@ -11,10 +11,10 @@ from typing import Any
 
 from twisted.internet import task
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint
 
 from coderstack.cli.context import Context
 from coderstack.cli.dialing import Connect
-from coderstack.netstack.endpoints import NetstackClientEndpoint
 from coderstack.sdk import SDKError
 from coderstack.tailnet.client import DialError
 from coderstack.tailnet.dial import AgentTunnel, dial_agent
@@ -46,8 +46,9 @@ class TunnelConnection:
         self.udp_dial = datagram_flow_dial(tunnel.client.netstack.listen_udp, str(tunnel.address))
         self._closing: Deferred[None] | None = None
 
-    def endpoint(self, port: int) -> NetstackClientEndpoint:
-        return self.tunnel.endpoint(port)
+    def endpoint(self, port: int) -> IStreamClientEndpoint:
+        # The netstack's endpoint provides the interface (zope's adaptation hands it back as is).
+        return IStreamClientEndpoint(self.tunnel.endpoint(port))
 
     async def ping(self) -> PingResult:
         return await self.tunnel.ping()

@@ -14,7 +14,7 @@ open resets the backoff. ``close()`` leaves gracefully (``disconnect``) and stop
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar, cast
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
 from twisted.internet import task
@@ -35,10 +35,13 @@ _log = Logger()
 
 class CoordinateClientProtocol(WebSocketClientProtocol):
     _log = Logger()
-    factory: CoordinateClientFactory
+
+    def _owner(self) -> CoordinateClientFactory:
+        # Twisted types ``factory`` as a generic Factory of this protocol; ours is always this one.
+        return cast(CoordinateClientFactory, self.factory)
 
     def onOpen(self) -> None:
-        self.factory.on_open(self)
+        self._owner().on_open(self)
 
     def send_request(self, request: CoordinateRequest) -> None:
         self.sendMessage(request.to_text().encode(), isBinary=False)
@@ -49,7 +52,7 @@ class CoordinateClientProtocol(WebSocketClientProtocol):
         except CoordinationError as err:
             self._log.warn("dropping malformed coordination message: {why}", why=str(err)[:200])
             return
-        self.factory.on_response(response)
+        self._owner().on_response(response)
 
     def onClose(self, wasClean: bool, code: int | None, reason: str | None) -> None:
         # When the TCP connection drops before the server's close frame arrives (both sides
@@ -63,7 +66,7 @@ class CoordinateClientProtocol(WebSocketClientProtocol):
                 except Exception:  # already fired or cancelled
                     pass
                 setattr(self, name, None)
-        self.factory.on_close(code, reason or "")
+        self._owner().on_close(code, reason or "")
 
 
 class CoordinateClientFactory(WebSocketClientFactory):

@@ -35,7 +35,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from coderstack import netinfo
@@ -44,6 +43,8 @@ from coderstack.keys import NodeKeys
 from coderstack.tailnet import pmtu as pmtu_sizes
 from coderstack.tailnet.endpoint import Addr, PingResult, format_addr, parse_addr
 from coderstack.tailnet.magicsock import MagicSock
+from coderstack.tailnet.netcheck import Netchecker, TreqHTTP
+from coderstack.twistedtypes import DelayedCall
 from coderstack.wire.coordination import TAILSCALE_SERVICE_PREFIX, Node
 from coderstack.wire.wireguard import (
     Device,
@@ -131,9 +132,9 @@ class Conn:
         self._node_callbacks: list[Callable[[Node], object]] = []
         self._packet_callbacks: list[Callable[[bytes, bytes], object]] = []
         self._last_node: Node | None = None
-        self._timer: IDelayedCall | None = None
+        self._timer: DelayedCall | None = None
         self._timer_at = float("inf")
-        self._netcheck_call: IDelayedCall | None = None
+        self._netcheck_call: DelayedCall | None = None
         self.last_report: Any = None  # the newest netcheck Report, for diagnostics
         self._netchecker: Any = None
         self._netcheck_d: defer.Deferred[Any] | None = None
@@ -190,7 +191,7 @@ class Conn:
         """Our current Node, or None while we have no home DERP region."""
         if not self.preferred_derp:
             return None
-        prefixes = [ipaddress.IPv6Network((a, 128)) for a in self.addresses]
+        prefixes = tuple(ipaddress.IPv6Network((a, 128)) for a in self.addresses)
         return Node(
             id=self.node_id,
             as_of=datetime.fromtimestamp(self.reactor.seconds(), UTC),
@@ -201,7 +202,7 @@ class Conn:
             derp_forced_websockets=dict(self.sock.forced_websockets),
             addresses=prefixes,
             allowed_ips=prefixes,
-            endpoints=[format_addr(a) for a in self.local_endpoints()],
+            endpoints=tuple(format_addr(a) for a in self.local_endpoints()),
         )
 
     def on_node_change(self, callback: Callable[[Node], object]) -> None:
@@ -255,8 +256,6 @@ class Conn:
         self._netcheck_call = self.reactor.callLater(delay, self._run_netcheck)
 
     def _run_netcheck(self) -> None:
-        from coderstack.tailnet.netcheck import Netchecker, TreqHTTP
-
         if self.derp_map is None or self._closed:
             return
         if self._netcheck_d is not None and not self._netcheck_d.called:

@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import task
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from coderstack.tailnet.netcheck import Interface, gather_interfaces
+from coderstack.twistedtypes import Clock, reactor_time
 from coderstack.wire.coordination import CODER_SERVICE_PREFIX, TAILSCALE_SERVICE_PREFIX
 
 _log = Logger()
@@ -168,7 +168,7 @@ class LinkMonitor:
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         on_change: Callable[[LinkChange], object],
         *,
         read_state: Callable[[], LinkState] = read_link_state,
@@ -186,7 +186,7 @@ class LinkMonitor:
         self.changes = 0
         self.errors = 0
         self._loop = task.LoopingCall(self.poll)
-        self._loop.clock = clock
+        self._loop.clock = reactor_time(clock)
 
     def start(self) -> None:
         """Take the first snapshot now (no callback for it) and start polling."""

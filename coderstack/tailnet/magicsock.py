@@ -39,7 +39,6 @@ from typing import Any, NamedTuple
 
 from twisted.internet import defer
 from twisted.internet.error import MessageLengthError
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -56,6 +55,7 @@ from coderstack.tailnet.endpoint import (
     WantCallMeMaybe,
     format_addr,
 )
+from coderstack.twistedtypes import DelayedCall, datagram_transport
 from coderstack.wire import disco
 from coderstack.wire.stun import is_stun
 from coderstack.wire.wireguard import is_wireguard
@@ -186,7 +186,7 @@ class MagicSock(DatagramProtocol):
         self._by_disco: dict[bytes, Endpoint] = {}
         self._shared: dict[bytes, bytes] = {}
         self._user_pings: dict[bytes, tuple[defer.Deferred[PingResult], Endpoint]] = {}
-        self._timer: IDelayedCall | None = None
+        self._timer: DelayedCall | None = None
         self._closed = False
         self.drops: Counter[str] = Counter()
         self.disco_stats: Counter[str] = Counter()  # "<type> in|out udp|derp"
@@ -363,7 +363,7 @@ class MagicSock(DatagramProtocol):
             why = "no-ipv6"
         else:
             try:
-                self.transport.write(datagram, addr)
+                datagram_transport(self).write(datagram, addr)
                 return ""
             except MessageLengthError:
                 # Larger than the route's MTU with don't-fragment set (Twisted's EMSGSIZE).
