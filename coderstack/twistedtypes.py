@@ -5,7 +5,7 @@ Twisted declares them as zope interfaces, whose methods have no ``self``; withou
 mypy reads every ``transport.write(data, addr)`` or ``clock.callLater(1, f)`` as a call with one
 argument too many. These Protocols name what the code uses (a reactor and ``task.Clock`` fit
 :class:`Clock`; :func:`reactor_time` hands one back to the Twisted APIs typed with the
-interface), and :func:`datagram_transport` hands a listening protocol's transport back as one.
+interface).
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-from twisted.internet import protocol, task
+from twisted.internet import task
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 
@@ -49,13 +49,3 @@ class DatagramTransport(Protocol):
     def connect(self, host: str, port: int) -> None: ...
     def getHost(self) -> Any: ...
     def stopListening(self) -> Any: ...
-
-
-class NotConnected(RuntimeError):
-    """A protocol's transport was wanted before ``makeConnection`` or after it was let go."""
-
-
-def datagram_transport(proto: protocol.AbstractDatagramProtocol) -> DatagramTransport:
-    if proto.transport is None:
-        raise NotConnected(f"{type(proto).__name__} has no transport")
-    return cast(DatagramTransport, proto.transport)

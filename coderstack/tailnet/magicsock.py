@@ -35,7 +35,7 @@ import socket
 import sys
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from twisted.internet import defer
 from twisted.internet.error import MessageLengthError
@@ -55,7 +55,7 @@ from coderstack.tailnet.endpoint import (
     WantCallMeMaybe,
     format_addr,
 )
-from coderstack.twistedtypes import DelayedCall, datagram_transport
+from coderstack.twistedtypes import DatagramTransport, DelayedCall
 from coderstack.wire import disco
 from coderstack.wire.stun import is_stun
 from coderstack.wire.wireguard import is_wireguard
@@ -363,7 +363,7 @@ class MagicSock(DatagramProtocol):
             why = "no-ipv6"
         else:
             try:
-                datagram_transport(self).write(datagram, addr)
+                cast(DatagramTransport, self.transport).write(datagram, addr)  # not None: tested above
                 return ""
             except MessageLengthError:
                 # Larger than the route's MTU with don't-fragment set (Twisted's EMSGSIZE).
