@@ -14,8 +14,8 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from typing import Any, Protocol, TypeVar, cast
 
-from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet import defer, protocol, task
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 
 
 class StreamTransport(Protocol):
@@ -71,6 +71,16 @@ class Clock(Protocol):
 
     def seconds(self) -> float: ...
     def callLater(self, delay: float, fn: Callable[..., object], /, *args: object, **kw: object) -> DelayedCall: ...
+
+
+def reactor_time(clock: Clock) -> IReactorTime:
+    """``clock`` for Twisted APIs typed with the interface (``LoopingCall.clock``, ``deferLater``)."""
+    return cast(IReactorTime, clock)
+
+
+def sleep(clock: Clock, seconds: float) -> defer.Deferred[None]:
+    """Fires with None after ``seconds`` on ``clock``; cancelling it cancels the timer."""
+    return task.deferLater(reactor_time(clock), seconds, lambda: None)
 
 
 class UDPReactor(Clock, Protocol):

@@ -26,8 +26,7 @@ from typing import Any
 
 from klein import Klein
 from twisted.logger import Logger
-from twisted.web.iweb import IRequest
-from twisted.web.server import Site
+from twisted.web.server import Request, Site
 
 from coderstack.netinfo import gather_interfaces
 from coderstack.tailnet.netcheck.health import interfaces_report
@@ -115,18 +114,18 @@ class AgentAPI:
         self.netcheck, self.ports, self.interfaces = netcheck, ports, interfaces
 
     @staticmethod
-    def _json(request: IRequest, obj: Any, code: int = 200) -> bytes:
+    def _json(request: Request, obj: Any, code: int = 200) -> bytes:
         request.setResponseCode(code)
         request.setHeader(b"Content-Type", b"application/json")
         request.setHeader(b"Cache-Control", b"no-store")
         return json.dumps(obj).encode() + b"\n"
 
     @app.route("/api/v0/listening-ports", methods=["GET"])
-    def listening_ports_route(self, request: IRequest) -> bytes:
+    def listening_ports_route(self, request: Request) -> bytes:
         return self._json(request, {"ports": self.ports()})
 
     @app.route("/api/v0/netcheck", methods=["GET"])
-    async def netcheck_route(self, request: IRequest) -> bytes:
+    async def netcheck_route(self, request: Request) -> bytes:
         try:
             netinfo = await self.netcheck()
         except Exception:  # reported to the caller (without its text), not raised
@@ -136,7 +135,7 @@ class AgentAPI:
         return self._json(request, agent_netcheck_report(netinfo, interfaces_report(self.interfaces())))
 
     @app.handle_errors(Exception)
-    def errors(self, request: IRequest, failure: Any) -> bytes:
+    def errors(self, request: Request, failure: Any) -> bytes:
         code = getattr(failure.value, "code", 500)
         code = code if isinstance(code, int) and 400 <= code < 600 else 500
         message = "Not found." if code == 404 else ("Method not allowed." if code == 405 else "Internal error.")

@@ -19,17 +19,25 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, cast
 
 from twisted.internet import protocol, task
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from coderstack.agent.reports import backoff_delay, refused_for_good
+from coderstack.agent.reports import refused_for_good, report_backoff
 from coderstack.sdk import SDKError
 
 log = Logger()
+
+
+class _Response(Protocol):
+    """What a probe reads of an HTTP response (Twisted's ``IResponse``)."""
+
+    code: int
+
+    def deliverBody(self, protocol: protocol.Protocol) -> None: ...
 
 INITIALIZING = "initializing"
 HEALTHY = "healthy"
@@ -98,7 +106,7 @@ class AppHealthWatcher:
         self.reactor = reactor
         self.checks = checks
         self.send = send
-        self.backoff_cap = backoff_cap
+        self.backoff = report_backoff(backoff_cap)
         self.states = {c.app_id: HealthState(c.threshold) for c in checks}
         self.pool = HTTPConnectionPool(reactor, persistent=False)
         self.agent = Agent(reactor, pool=self.pool)
@@ -153,7 +161,7 @@ class AppHealthWatcher:
         try:
             d = self.agent.request(b"GET", check.url.encode())
             d.addTimeout(check.interval, self.reactor)
-            response = await d
+            response = cast(_Response, await d)
             body: Deferred[None] = Deferred()
             discard = _Discard(body)
             response.deliverBody(discard)
@@ -179,7 +187,7 @@ class AppHealthWatcher:
                 self._sending = None
 
     async def _send(self) -> None:
-        failures = 0
+        self.backoff.reset()
         try:
             while self._dirty:
                 self._dirty = False
@@ -189,14 +197,13 @@ class AppHealthWatcher:
                 try:
                     await self.send(healths)
                     self.reported = healths
-                    failures = 0
+                    self.backoff.reset()
                 except SDKError as err:
                     if refused_for_good(err):
                         log.warn("server refused app health: {why}", why=str(err))
                         self.reported = healths
                         continue
-                    failures += 1
                     self._dirty = True
-                    await task.deferLater(self.reactor, backoff_delay(failures, self.backoff_cap), lambda: None)
+                    await task.deferLater(self.reactor, self.backoff.next_delay(), lambda: None)
         finally:
             self._sending = None

@@ -16,13 +16,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from coderstack.agent.reports import backoff_delay, refused_for_good, rfc3339
+from coderstack.agent.reports import refused_for_good, report_backoff, rfc3339
 from coderstack.sdk import SDKError
+from coderstack.twistedtypes import Clock, sleep
 
 log = Logger()
 
@@ -90,12 +89,12 @@ class Lifecycle:
 class LifecycleReporter:
     """Reports a :class:`Lifecycle`'s changes with ``send(state, changed_at)``."""
 
-    def __init__(self, clock: IReactorTime, lifecycle: Lifecycle,
+    def __init__(self, clock: Clock, lifecycle: Lifecycle,
                  send: Callable[[str, str], Awaitable[None]], backoff_cap: float = 10.0) -> None:
         self.clock = clock
         self.lifecycle = lifecycle
         self.send = send
-        self.backoff_cap = backoff_cap
+        self.backoff = report_backoff(backoff_cap)
         self._running: Deferred[None] | None = None
         self._wait: Any = None
         self._drained: list[Deferred[None]] = []
@@ -126,7 +125,7 @@ class LifecycleReporter:
                 self._running = None
 
     async def _pump(self) -> None:
-        failures = 0
+        self.backoff.reset()
         try:
             while (change := self.lifecycle.next_report()) is not None:
                 try:
@@ -137,14 +136,13 @@ class LifecycleReporter:
                         log.warn("server refused lifecycle {state}: {why}", state=change.state, why=str(err))
                         self.lifecycle.reported(change)
                         continue
-                    failures += 1
-                    delay = backoff_delay(failures, self.backoff_cap)
+                    delay = self.backoff.next_delay()
                     log.info("cannot report lifecycle {state} ({why}); retrying in {delay:.1f}s",
                              state=change.state, why=str(err), delay=delay)
-                    self._wait = _sleep(self.clock, delay)
+                    self._wait = sleep(self.clock, delay)
                     await self._wait
                     continue
-                failures = 0
+                self.backoff.reset()
                 self.lifecycle.reported(change)
         finally:
             self._running = None
@@ -152,6 +150,3 @@ class LifecycleReporter:
         for d in waiters:
             d.callback(None)
 
-
-def _sleep(clock: IReactorTime, seconds: float) -> Deferred[None]:
-    return task.deferLater(clock, seconds, lambda: None)

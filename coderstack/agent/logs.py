@@ -27,13 +27,12 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet import task
 from twisted.internet.defer import CancelledError, Deferred, succeed
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
-from coderstack.agent.reports import ServerReports, backoff_delay, refused_for_good, rfc3339
+from coderstack.agent.reports import ServerReports, refused_for_good, report_backoff, rfc3339
 from coderstack.sdk import SDKError
+from coderstack.twistedtypes import Clock, sleep
 
 log = Logger()
 
@@ -103,13 +102,13 @@ class _Source:
 class AgentLogs:
     """The agent's log sender (one per agent run)."""
 
-    def __init__(self, clock: IReactorTime, reports: ServerReports,
+    def __init__(self, clock: Clock, reports: ServerReports,
                  send: Callable[[str, list[dict[str, str]]], Awaitable[None]] | None = None,
                  backoff_cap: float = 10.0) -> None:
         self.clock = clock
         self.reports = reports
         self.send = send or reports.logs
-        self.backoff_cap = backoff_cap
+        self.backoff = report_backoff(backoff_cap)
         self.sources: dict[str, _Source] = {}
         self.overflowed = False
         self.sent_lines = 0
@@ -185,7 +184,7 @@ class AgentLogs:
                 self._sending = None
 
     async def _send_all(self) -> None:
-        failures = 0
+        self.backoff.reset()
         try:
             while self._pending():
                 src = next(s for s in self.sources.values() if s.queue)
@@ -206,10 +205,9 @@ class AgentLogs:
                         log.warn("server refused {n} log lines: {why}", n=len(batch), why=str(err))
                         _drop(src.queue, len(batch))
                         continue
-                    failures += 1
-                    await task.deferLater(self.clock, backoff_delay(failures, self.backoff_cap), lambda: None)
+                    await sleep(self.clock, self.backoff.next_delay())
                     continue
-                failures = 0
+                self.backoff.reset()
                 _drop(src.queue, len(batch))
                 self.sent_lines += len(batch)
         finally:

@@ -24,7 +24,7 @@ from twisted.internet.defer import CancelledError, Deferred, gatherResults
 from twisted.logger import Logger
 
 from coderstack.agent.process import GroupProcess
-from coderstack.agent.reports import ServerReports, backoff_delay, refused_for_good, rfc3339
+from coderstack.agent.reports import ServerReports, refused_for_good, report_backoff, rfc3339
 from coderstack.sdk import SDKError
 
 log = Logger()
@@ -68,7 +68,7 @@ class MetadataCollector:
         self.reports = reports
         self.env = env
         self.cwd = cwd
-        self.backoff_cap = backoff_cap
+        self.backoff = report_backoff(backoff_cap)
         self.kill_grace = kill_grace
         self.pipe_grace = pipe_grace
         self.pending: dict[str, dict[str, str]] = {}
@@ -76,7 +76,6 @@ class MetadataCollector:
         self._loops: list[task.LoopingCall] = []
         self._timer: Any = None
         self._sending: Deferred[None] | None = None
-        self._failures = 0
         self._stopped = False
 
     def start(self) -> None:
@@ -159,15 +158,13 @@ class MetadataCollector:
                 batch, self.pending = list(self.pending.values()), {}
                 try:
                     await self.reports.metadata(batch)
-                    self._failures = 0
+                    self.backoff.reset()
                 except SDKError as err:
                     if refused_for_good(err):
                         log.warn("server refused metadata: {why}", why=str(err))
                         continue
-                    self._failures += 1
                     for r in batch:  # keep the newest per key
                         self.pending.setdefault(r["key"], r)
-                    await task.deferLater(self.reactor, backoff_delay(self._failures, self.backoff_cap),
-                                          lambda: None)
+                    await task.deferLater(self.reactor, self.backoff.next_delay(), lambda: None)
         finally:
             self._sending = None

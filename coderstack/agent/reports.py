@@ -10,15 +10,16 @@
     POST  /api/v2/workspaceagents/me/app-health        {"healths": {app id: health}}       -> 200
 
 Times are RFC 3339 UTC with microseconds and a ``Z``. Failures surface as ``SDKError`` (with
-``status`` for HTTP answers); callers retry with :func:`backoff_delay`.
+``status`` for HTTP answers); callers retry with a :class:`coderstack.backoff.Backoff` made by
+:func:`report_backoff`.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-import random
 from typing import Any
 
+from coderstack.backoff import Backoff
 from coderstack.sdk import Client, SDKError
 
 BASE = "/api/v2/workspaceagents/me"
@@ -29,9 +30,10 @@ def rfc3339(seconds: float) -> str:
     return dt.datetime.fromtimestamp(seconds, dt.UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
-def backoff_delay(failures: int, cap: float = 10.0) -> float:
-    """The agent's reconnect backoff: 0.5 s doubling per failure, capped, with jitter."""
-    return min(cap, 0.5 * 2 ** min(max(failures - 1, 0), 10)) * random.uniform(0.7, 1.0)
+def report_backoff(cap: float = 10.0) -> Backoff:
+    """How a report waits before trying again: 0.5 s doubling per failure up to ``cap`` (the
+    agent's ``reconnect_max``), shortened by up to 30% at random."""
+    return Backoff(first=0.5, cap=cap)
 
 
 def refused_for_good(err: SDKError) -> bool:

@@ -1,21 +1,23 @@
 """The workspace agent: dial out, fetch the manifest, stay coordinated, come back after failures.
 
-One loop, run for as long as the service runs:
+One loop (a :class:`coderstack.coordinator.client.CoordinationLink`), run for as long as the
+service runs:
 
     manifest -> open coordination websocket -> update_self(node) -> ... until the socket closes
       ^                                                                                |
-      +------------------ wait (exponential backoff with jitter, capped) <-------------+
+      +------------------ wait (the agent's Backoff: 0.5 s doubling to reconnect_max) <+
 
 The backoff resets after a session that got as far as an open websocket, so a server restart is
 noticed within ``PING_INTERVAL + PING_TIMEOUT`` seconds and reconnected within about a second of
 the server coming back. A rejected token is logged once per attempt without the token itself.
 
-The tunnel is a :class:`coderstack.tailnet.conn.Conn` made on the first manifest (its address
-comes from the agent id) and kept across coordinator reconnects, so WireGuard sessions with
-clients survive a server restart (their peers become LOST, not DISCONNECTED). Our Node goes to
-the coordinator as ``update_self`` whenever it changes; peer NODE updates configure the Conn.
-The Conn runs a link monitor (``coderstack/tailnet/linkmon.py``) unless ``link_monitor`` is
-false or ``CODERSTACK_LINK_MONITOR=0``.
+The tunnel is a :class:`coderstack.tailnet.client.TailnetClient` (with its Conn) made on the
+first manifest (its address comes from the agent id) and kept across coordinator reconnects, so
+WireGuard sessions with clients survive a server restart (their peers become LOST, not
+DISCONNECTED). Our Node goes to the coordinator as ``update_self`` whenever it changes and on
+every new websocket; the clients' NODE updates configure the Conn, and a new client is told
+READY_FOR_HANDSHAKE. The Conn runs a link monitor (``coderstack/tailnet/linkmon.py``) unless
+``link_monitor`` is false or ``CODERSTACK_LINK_MONITOR=0``.
 
 The first manifest also starts the workspace part (``coderstack/agent/workspace.py``: lifecycle,
 scripts, metadata, app health); a graceful stop runs its stop scripts and reports before the
@@ -33,29 +35,30 @@ from typing import Any
 from uuid import UUID
 
 from twisted.application import service
-from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import Deferred
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from coderstack.agent.datadir import DataDirInUse, agent_data_dir
 from coderstack.agent.session_env import SessionEnvironment, write_coder_command
 from coderstack.agent.workspace import Workspace
-from coderstack.coordinator.client import CoordinateClientFactory, open_coordination
+from coderstack.backoff import Backoff
+from coderstack.coordinator.client import (
+    CoordinateClientFactory,
+    CoordinationLink,
+    CoordinationSocket,
+    open_coordination,
+)
 from coderstack.derpmap import DERPMap, DERPMapError, rewrite_embedded
 from coderstack.keys import NodeKeys, load_node_keys
 from coderstack.netstack.endpoints import Netstack
 from coderstack.sdk import Client, SDKError
 from coderstack.tailnet import linkmon
+from coderstack.tailnet.client import TailnetClient
 from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.conn import home_region as conn_home_region
-from coderstack.tailnet.stack import attach_netstack, server_endpoint
-from coderstack.wire.coordination import (
-    CODER_SERVICE_PREFIX,
-    CoordinateRequest,
-    CoordinateResponse,
-    Node,
-    address_from_uuid,
-)
+from coderstack.tailnet.stack import server_endpoint
+from coderstack.wire.coordination import CODER_SERVICE_PREFIX, address_from_uuid
 
 log = Logger()
 
@@ -71,7 +74,7 @@ def home_region(derp_map: DERPMap) -> int:
 class AgentService(service.Service):
     def __init__(self, reactor: Any, url: str, token: str, data_dir: str, listen_port: int = 0,
                  reconnect_max: float = 10.0, link_monitor: bool | None = None,
-                 per_agent_data_dir: bool = False) -> None:
+                 per_agent_data_dir: bool = False, rng: Callable[[], float] = random.random) -> None:
         self.reactor = reactor
         self.url = url
         self.token = token
@@ -85,36 +88,45 @@ class AgentService(service.Service):
         self.link_monitor = linkmon.enabled_from_env() if link_monitor is None else link_monitor
         self.keys: NodeKeys | None = None
         self.manifest: dict[str, Any] | None = None
-        self.peers: dict[UUID, dict[str, Any]] = {}
-        self.coordination: CoordinateClientFactory | None = None
-        self.conn: Conn | None = None
-        self.netstack: Netstack | None = None
+        self.tailnet: TailnetClient | None = None
+        # A first session that fails waits 1 s, as a second failure in a row does; one that ends
+        # after it opened is tried again after 0.5 s.
+        self.link = CoordinationLink(reactor, self, Backoff(first=0.5, cap=reconnect_max, rng=rng, failures=1))
         # tunnel port -> protocol factory served on the agent's tunnel address
         self.services: dict[int, Any] = {}
         self._listening: dict[int, Any] = {}
         # takes the datagrams to every UDP port of the tunnel address (attach(netstack), stop())
         self.udp_forwarder: Any = None
         self.sessions = 0
-        self._loop: Deferred[None] | None = None
-        self._wake: Deferred[None] | None = None
         # What sessions and scripts run with; refreshed by every manifest.
         self._bin_written: str | None = None
         self.session_env = SessionEnvironment(url, bin_dir=os.path.join(data_dir, "bin"),
                                               script_bin_dir=os.path.join(data_dir, "scripts", "bin"))
         self.workspace: Workspace | None = None
 
+    @property
+    def conn(self) -> Conn | None:
+        return self.tailnet.conn if self.tailnet is not None else None
+
+    @property
+    def netstack(self) -> Netstack | None:
+        return self.tailnet.netstack if self.tailnet is not None else None
+
+    @property
+    def coordination(self) -> CoordinationSocket | None:
+        """The open coordination websocket, if there is one."""
+        return self.link.socket
+
     # -- lifecycle ---------------------------------------------------------------------------
 
     def startService(self) -> None:
         super().startService()
         self.client = Client(self.reactor, self.url, self.token)
-        self._loop = Deferred.fromCoroutine(self._run())
-        self._loop.addErrback(lambda f: f.trap(CancelledError))
+        self.link.start()
 
     def stopService(self) -> Any:
         super().stopService()
-        if self._loop is not None:
-            self._loop.cancel()
+        self.link.stop()
         return Deferred.fromCoroutine(self._stop())
 
     async def _stop(self) -> None:
@@ -124,44 +136,18 @@ class AgentService(service.Service):
             except Exception:
                 log.failure("workspace shutdown failed")
         ds = []
-        if self.coordination is not None and self.coordination.proto is not None:
-            proto = self.coordination.proto
-            proto.send_request(CoordinateRequest.from_json({"disconnect": {}}))
-            proto.sendClose()
+        await self.link.close()  # a graceful disconnect: the clients see DISCONNECTED
         if self.udp_forwarder is not None:
             self.udp_forwarder.stop()
-        if self.conn is not None:
-            ds.append(Deferred.fromCoroutine(self.conn.close()))
+        if self.tailnet is not None:
+            ds.append(Deferred.fromCoroutine(self.tailnet.close()))
         ds.append(self.client.close())
         await _gather(ds)
 
-    # -- the loop ----------------------------------------------------------------------------
+    # -- the session (the link's handler) -------------------------------------------------------
 
-    async def _run(self) -> None:
-        failures = 0
-        while self.running:
-            opened = False
-            try:
-                opened = await self._session()
-            except DataDirInUse as err:
-                log.critical("agent stopped: {why}", why=str(err))
-                return
-            except SDKError as err:
-                log.warn("agent cannot talk to {url}: {why}", url=self.url, why=str(err))
-            except ConnectionError as err:
-                log.warn("coordination closed: {why}", why=str(err))
-            except CancelledError:
-                raise
-            except Exception:
-                log.failure("agent session failed")
-            failures = 0 if opened else failures + 1
-            delay = min(self.reconnect_max, 0.5 * 2 ** min(failures, 10)) * random.uniform(0.7, 1.0)
-            if opened:
-                delay = random.uniform(0.1, 0.5)
-            log.info("reconnecting in {delay:.1f}s", delay=delay)
-            await task.deferLater(self.reactor, delay, lambda: None)
-
-    async def _session(self) -> bool:
+    async def open_socket(self) -> CoordinateClientFactory:
+        """One session: the manifest (the first one makes the tunnel), then the websocket."""
         manifest = await self.client.get(MANIFEST_PATH)
         self.manifest = manifest
         agent_id = UUID(manifest["agent_id"])
@@ -187,17 +173,25 @@ class AgentService(service.Service):
             url=self.url, access=manifest.get("access_url"),
         )
         self._write_state(manifest)
-        conn = self._tunnel(agent_id, manifest)
-        factory = await open_coordination(self.client, COORDINATE_PATH, self._on_response)
-        self.coordination = factory
+        tailnet = self._tunnel(agent_id, manifest)
+        return await open_coordination(self.client, COORDINATE_PATH, tailnet.handle_response)
+
+    async def socket_opened(self, reopened: bool) -> None:
         self.sessions += 1
-        node = conn.node()
-        if node is not None:
-            self._send_node(node)
+        if self.tailnet is not None:
+            self.tailnet.register()
         log.info("coordinator connected; node sent")
-        code, reason = await factory.closed
-        log.info("coordinator connection closed ({code}: {reason})", code=code, reason=reason)
-        self.coordination = None
+
+    def open_failed(self, err: Exception) -> bool:
+        if isinstance(err, DataDirInUse):
+            log.critical("agent stopped: {why}", why=str(err))
+            return False
+        if isinstance(err, SDKError):
+            log.warn("agent cannot talk to {url}: {why}", url=self.url, why=str(err))
+        elif isinstance(err, ConnectionError):
+            log.warn("coordination closed: {why}", why=str(err))
+        else:
+            log.failure("agent session failed", Failure(err))
         return True
 
     def load_keys(self, agent_id: UUID) -> NodeKeys:
@@ -236,11 +230,12 @@ class AgentService(service.Service):
         d.addCallback(lambda listening: self._listening.__setitem__(port, listening))
         d.addErrback(lambda f: log.failure("cannot serve tunnel port {port}", f, port=port))
 
-    def _tunnel(self, agent_id: UUID, manifest: dict[str, Any]) -> Conn:
-        """The Conn, made on the first manifest; every manifest refreshes its DERP map."""
+    def _tunnel(self, agent_id: UUID, manifest: dict[str, Any]) -> TailnetClient:
+        """The tunnel, made on the first manifest; every manifest refreshes its DERP map."""
         assert self.keys is not None
-        if self.conn is None:
-            self.conn = Conn(
+        tailnet = self.tailnet
+        if tailnet is None:
+            conn = Conn(
                 self.reactor,
                 keys=self.keys,
                 address=address_from_uuid(agent_id),
@@ -250,57 +245,23 @@ class AgentService(service.Service):
                 force_websockets=bool(manifest.get("derp_force_websockets")),
                 trust_root=self.client.trust_root,
             )
-            self.conn.start(self.listen_port)
-            if self.link_monitor:
-                # Roaming/renumbering/wake-up: re-discover paths, reconnect DERP at once.
-                linkmon.monitor_conn(self.reactor, self.conn, env={})
-            self.conn.on_node_change(self._send_node)
-            self.netstack = attach_netstack(self.conn, self.reactor)
+            conn.start(self.listen_port)
+            # The link monitor re-discovers paths and reconnects DERP at once after roaming,
+            # renumbering or a wake-up.
+            tailnet = self.tailnet = TailnetClient(self.reactor, conn, accept_incoming=True,
+                                                   link_monitor=self.link_monitor)
+            tailnet.coordinate(self.link)
             for port, factory in self.services.items():
                 self._listen(port, factory)
             if self.udp_forwarder is not None:
-                self.udp_forwarder.attach(self.netstack)
+                self.udp_forwarder.attach(tailnet.netstack)
         try:
             derp_map = rewrite_embedded(DERPMap.from_json(manifest.get("derp_map") or {}), self.url)
         except DERPMapError as err:
             log.warn("the manifest's DERP map is unusable: {why}", why=str(err))
         else:
-            self.conn.set_derp_map(derp_map)
-        return self.conn
-
-    def _send_node(self, node: Node) -> None:
-        factory = self.coordination
-        if factory is not None and factory.proto is not None:
-            factory.proto.send_request(CoordinateRequest(update_self=node))
-
-    def _on_response(self, response: CoordinateResponse) -> None:
-        if response.error:
-            log.warn("coordinator refused a request: {error}", error=response.error)
-        ready = []
-        for update in response.peer_updates:
-            peer_id, kind = update.id, update.kind
-            log.info("peer {id}: {kind} ({reason})", id=peer_id, kind=str(kind), reason=update.reason)
-            if kind == "NODE" and update.node is not None:
-                previous = self.peers.get(peer_id)
-                new = previous is None
-                self.peers[peer_id] = {"status": "node", "node": update.node.to_json()}
-                if self.conn is not None:
-                    if previous is not None and previous["node"]["key"] != update.node.key_text:
-                        self.conn.remove_peer(Node.from_json(previous["node"]).key)  # new keys
-                    self.conn.update_peer(update.node)
-                if new:
-                    ready.append(peer_id)
-            elif kind == "LOST":
-                # Keep the last node: an established tunnel survives the peer's coordinator drop.
-                if peer_id in self.peers:
-                    self.peers[peer_id]["status"] = "lost"
-            elif kind == "DISCONNECTED":
-                gone = self.peers.pop(peer_id, None)
-                if gone is not None and self.conn is not None:
-                    self.conn.remove_peer(Node.from_json(gone["node"]).key)
-        if ready and self.coordination is not None and self.coordination.proto is not None:
-            # Tell the clients we have their node, so they may start the handshake.
-            self.coordination.proto.send_request(CoordinateRequest(ready_for_handshake=tuple(ready)))
+            tailnet.conn.set_derp_map(derp_map)
+        return tailnet
 
     def _write_state(self, manifest: dict[str, Any]) -> None:
         # What the agent last learned, for people debugging a workspace. No tokens, but the

@@ -19,7 +19,6 @@ from coderstack.cli.command import Command
 from coderstack.cli.context import Context
 from coderstack.cli.dialing import Connect
 from coderstack.forward.datagram import UDPDial
-from coderstack.forward.datagram import datagram_flow_dial as datagram_flow_dial  # for tunnel.py
 from coderstack.forward.forwarder import Forwarder, ListenError
 from coderstack.forward.spec import SpecError, parse_forwards
 

@@ -31,7 +31,7 @@ class Options(Command):
         ["output", "o", "table", "table or json."],
     ]
 
-    def parseArgs(self, workspace: str) -> None:
+    def parseArgs(self, workspace: str) -> None:  # type: ignore[override]  # usage.Options passes the positional arguments to it, one parameter each
         self["workspace"] = workspace
 
     def postOptions(self) -> None:

@@ -6,36 +6,20 @@ offline, server unreachable, or a tunnel that did not come up.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable, Callable
 from typing import Any
 
+from twisted.internet import task
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IStreamClientEndpoint
+
 from coderstack.cli.context import Context
+from coderstack.cli.dialing import Connect
+from coderstack.forward.datagram import datagram_flow_dial
 from coderstack.sdk import SDKError
-
-
-class Workspace:
-    def __init__(self, ws: dict[str, Any], agent: dict[str, Any], conn: Any) -> None:
-        self.ws, self.agent, self.conn = ws, agent, conn
-
-    @property
-    def name(self) -> str:
-        return self.ws["name"]
-
-    def endpoint(self, port: int, timeout: float = 30) -> Any:
-        from coderstack.tailnet.dial import agent_endpoint
-
-        return agent_endpoint(self.conn, port, timeout=timeout)
-
-    async def close(self) -> None:
-        await self.conn.close()
-
-
-def split_host(name: str, prefix: str = "", suffix: str = "") -> str:
-    """``coder.dev`` -> ``dev`` for OpenSSH's ProxyCommand (``--ssh-host-prefix coder.``)."""
-    if prefix and name.startswith(prefix):
-        name = name[len(prefix):]
-    if suffix and name.endswith(suffix):
-        name = name[: -len(suffix)]
-    return name
+from coderstack.tailnet.client import DialError
+from coderstack.tailnet.dial import AgentTunnel, dial_agent
+from coderstack.tailnet.endpoint import PingResult
 
 
 async def find_agent(ctx: Context, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -50,54 +34,36 @@ async def find_agent(ctx: Context, name: str) -> tuple[dict[str, Any], dict[str,
     return ws, agent
 
 
-async def connect(reactor: Any, ctx: Context, name: str, *, quiet: bool = False) -> Workspace:
-    from coderstack.tailnet.dial import DialError, dial_agent
-
-    ws, agent = await find_agent(ctx, name)
-    if not quiet:
-        ctx.err(f"Connecting to workspace {ws['name']!r}...")
-    try:
-        conn = await dial_agent(reactor, ctx.api, agent["id"], disable_direct=ctx.disable_direct)
-    except DialError as err:
-        raise SDKError(f"cannot reach the agent of workspace {ws['name']!r}: {err}") from None
-    return Workspace(ws, agent, conn)
-
-
 class TunnelConnection:
     """The ``AgentConnection`` the workspace commands use (``coderstack.cli.dialing``), over a real
     tunnel: TCP/UDP through the netstack, pings and diagnostics from the Conn."""
 
-    def __init__(self, ws: Workspace, disable_direct: bool) -> None:
-        from coderstack.cli.portforward import datagram_flow_dial
-
-        self.ws = ws
-        self.conn = ws.conn
+    def __init__(self, tunnel: AgentTunnel, disable_direct: bool) -> None:
+        self.tunnel = tunnel
+        self.conn = tunnel.conn
         self.disable_direct = disable_direct
-        self.udp_dial = datagram_flow_dial(self.conn.netstack.listen_udp, str(self.conn.agent_address))
-        self._closing: Any = None
+        self.udp_dial = datagram_flow_dial(tunnel.client.netstack.listen_udp, str(tunnel.address))
+        self._closing: Deferred[None] | None = None
 
-    def endpoint(self, port: int) -> Any:
-        return self.ws.endpoint(port)
+    def endpoint(self, port: int) -> IStreamClientEndpoint:
+        # The netstack's endpoint provides the interface (zope's adaptation hands it back as is).
+        return IStreamClientEndpoint(self.tunnel.endpoint(port))
 
-    async def ping(self) -> Any:
-        from coderstack.cli.dialing import PingResult
-
-        latency, path = await self.conn.ping(self.conn.agent_key)
-        return PingResult.from_path(latency, path)
+    async def ping(self) -> PingResult:
+        return await self.tunnel.ping()
 
     def derp_region_names(self) -> dict[int, str]:
         m = self.conn.derp_map
         return {rid: m.regions[rid].region_name for rid in m.regions} if m is not None else {}
 
     def peer_diagnostics(self) -> dict[str, Any]:
-        conn = self.conn
-        status = conn.status()
-        peer = status["peers"].get(conn.agent_key.hex(), {}) if conn.agent_key else {}
-        node = getattr(conn, "agent_node", None)
+        status = self.conn.status()
+        key, node = self.tunnel.key, self.tunnel.node
+        peer = status["peers"].get(key.hex(), {}) if key else {}
         return {
             "preferred_derp": status["home_region"],
             "derp_region_names": self.derp_region_names(),
-            "sent_node": conn.node() is not None,
+            "sent_node": self.conn.node() is not None,
             "received_node": (
                 {"derp": f"127.3.3.40:{node.preferred_derp}", "endpoints": list(node.endpoints)}
                 if node is not None else None
@@ -113,31 +79,34 @@ class TunnelConnection:
         """Until the Conn's first netcheck report is in, at most ``timeout`` seconds. It comes at
         once when UDP works; when UDP is blocked it comes only after the STUN probes time out,
         and that report is the one that says so."""
-        from twisted.internet import task
-
         conn = self.conn
-        if not getattr(conn, "netcheck_enabled", True):
+        if not conn.netcheck_enabled:
             return
         step, waited = 0.05, 0.0
         while conn.last_report is None and waited < timeout:
             await task.deferLater(conn.reactor, step, lambda: None)
             waited += step
 
-    def close(self) -> Any:
+    def close(self) -> Deferred[None]:
         if self._closing is None:
-            from twisted.internet.defer import Deferred
-
-            self._closing = Deferred.fromCoroutine(self.ws.close())
+            self._closing = Deferred.fromCoroutine(self.tunnel.close())
         return self._closing
 
 
 async def connect_agent(reactor: Any, ctx: Context, name: str) -> TunnelConnection:
     """The real ``Connect`` hook: find the workspace, dial its agent, wrap the tunnel."""
-    ws = await connect(reactor, ctx, name, quiet=True)
-    return TunnelConnection(ws, ctx.disable_direct)
+    ws, agent = await find_agent(ctx, name)
+    try:
+        tunnel = await dial_agent(reactor, ctx.api, agent["id"], disable_direct=ctx.disable_direct)
+    except DialError as err:
+        raise SDKError(f"cannot reach the agent of workspace {ws['name']!r}: {err}") from None
+    return TunnelConnection(tunnel, ctx.disable_direct)
 
 
-def command(run_with: Any) -> Any:
+RunWith = Callable[[Any, Any, Context, Connect], Awaitable[int]]
+
+
+def command(run_with: RunWith) -> Callable[[Any, Any, Context], Awaitable[int]]:
     """``run(reactor, options, ctx)`` for a command written as ``run_with(..., connect)``; waits
     for every tunnel it opened to close (a graceful coordinator disconnect) before returning."""
 

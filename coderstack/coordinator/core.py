@@ -83,9 +83,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 from uuid import UUID
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.logger import Logger
 
+from coderstack.twistedtypes import Clock, DelayedCall
 from coderstack.wire.coordination import (
     CODER_SERVICE_PREFIX,
     MAX_RESPONSE_MESSAGE_BYTES,
@@ -189,7 +189,7 @@ class _Peer:
         self.status: str = CONNECTED
         self.node: Node | None = None
         self.last_seen = now
-        self.forget_call: IDelayedCall | None = None
+        self.forget_call: DelayedCall | None = None
 
 
 class PeerConnection:
@@ -264,7 +264,7 @@ class Coordinator:
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         *,
         lost_timeout: float = DEFAULT_LOST_TIMEOUT,
         max_refusals: int = DEFAULT_MAX_REFUSALS,

@@ -18,7 +18,7 @@ Autobahn's auto-ping notices a dead peer within ``PING_INTERVAL + PING_TIMEOUT``
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from autobahn.twisted.resource import WebSocketResource
@@ -46,22 +46,26 @@ CLOSE_LIMIT = 4029
 
 class CoordinateProtocol(WebSocketServerProtocol):
     _log = Logger()
-    factory: CoordinateFactory
+
+    def _owner(self) -> CoordinateFactory:
+        # Twisted types ``factory`` as a generic Factory of this protocol; ours is always this one.
+        return cast(CoordinateFactory, self.factory)
 
     def onOpen(self) -> None:
-        f = self.factory
+        f = self._owner()
         self._graceful = False
         self._replaced = False
         try:
             self.connection = f.coordinator.connect(
-                f.peer_id, f.name, f.auth, self._send, self._closed_by_coordinator, limits=f.limits
+                f.peer_id, f.name, f.auth, self._send_response, self._closed_by_coordinator, limits=f.limits
             )
         except PeerLimitExceeded as err:
             self.sendClose(code=CLOSE_LIMIT, reason=str(err)[:120])
             return
         f.opened(self)
 
-    def _send(self, response: CoordinateResponse) -> None:
+    def _send_response(self, response: CoordinateResponse) -> None:
+        # Not ``_send``: autobahn's own method of that name writes its queued frames.
         self.sendMessage(response.to_text().encode(), isBinary=False)
 
     def _closed_by_coordinator(self) -> None:
@@ -115,7 +119,7 @@ class CoordinateProtocol(WebSocketServerProtocol):
             return  # the websocket handshake never completed
         if not self._graceful and not self._replaced:
             connection.lost()
-        self.factory.closed(self, replaced=self._replaced)
+        self._owner().closed(self, replaced=self._replaced)
 
 
 class CoordinateFactory(WebSocketServerFactory):

@@ -9,7 +9,7 @@ agent and the CLI.
     conn.on_packet(lambda src_key, ipv6_packet: ...)     # decrypted packets for the netstack
     conn.on_path_mtu(lambda addresses, mtu: ...)         # a peer's usable inner MTU changed
     conn.send_packet(dst_key, ipv6_packet)               # dst_key None: route by destination
-    await conn.ping(node_key) -> (latency_seconds, "p2p 192.0.2.1:41641" | "DERP(<region>)")
+    await conn.ping(node_key) -> PingResult (latency seconds; p2p "ip:port" or DERP region)
     conn.status() -> dict (see :meth:`Conn.status`)
     await conn.close()
 
@@ -35,15 +35,17 @@ from datetime import UTC, datetime
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IDelayedCall
 from twisted.logger import Logger
 
 from coderstack import netinfo
 from coderstack.derpmap import DERPMap
 from coderstack.keys import NodeKeys
 from coderstack.tailnet import pmtu as pmtu_sizes
-from coderstack.tailnet.endpoint import Addr, format_addr, parse_addr
+from coderstack.tailnet.endpoint import Addr, PingResult, format_addr, parse_addr
 from coderstack.tailnet.magicsock import MagicSock
+from coderstack.tailnet.netcheck.checker import Netchecker
+from coderstack.tailnet.netcheck.httpget import TreqHTTP
+from coderstack.twistedtypes import DelayedCall
 from coderstack.wire.coordination import TAILSCALE_SERVICE_PREFIX, Node
 from coderstack.wire.wireguard import (
     Device,
@@ -131,9 +133,9 @@ class Conn:
         self._node_callbacks: list[Callable[[Node], object]] = []
         self._packet_callbacks: list[Callable[[bytes, bytes], object]] = []
         self._last_node: Node | None = None
-        self._timer: IDelayedCall | None = None
+        self._timer: DelayedCall | None = None
         self._timer_at = float("inf")
-        self._netcheck_call: IDelayedCall | None = None
+        self._netcheck_call: DelayedCall | None = None
         self.last_report: Any = None  # the newest netcheck Report, for diagnostics
         self._netchecker: Any = None
         self._netcheck_d: defer.Deferred[Any] | None = None
@@ -190,7 +192,7 @@ class Conn:
         """Our current Node, or None while we have no home DERP region."""
         if not self.preferred_derp:
             return None
-        prefixes = [ipaddress.IPv6Network((a, 128)) for a in self.addresses]
+        prefixes = tuple(ipaddress.IPv6Network((a, 128)) for a in self.addresses)
         return Node(
             id=self.node_id,
             as_of=datetime.fromtimestamp(self.reactor.seconds(), UTC),
@@ -201,7 +203,7 @@ class Conn:
             derp_forced_websockets=dict(self.sock.forced_websockets),
             addresses=prefixes,
             allowed_ips=prefixes,
-            endpoints=[format_addr(a) for a in self.local_endpoints()],
+            endpoints=tuple(format_addr(a) for a in self.local_endpoints()),
         )
 
     def on_node_change(self, callback: Callable[[Node], object]) -> None:
@@ -255,9 +257,6 @@ class Conn:
         self._netcheck_call = self.reactor.callLater(delay, self._run_netcheck)
 
     def _run_netcheck(self) -> None:
-        from coderstack.tailnet.netcheck.checker import Netchecker
-        from coderstack.tailnet.netcheck.httpget import TreqHTTP
-
         if self.derp_map is None or self._closed:
             return
         if self._netcheck_d is not None and not self._netcheck_d.called:
@@ -450,8 +449,8 @@ class Conn:
         if node_key in self.device.peers:
             self._events(self.device.initiate(node_key, self.reactor.seconds()))
 
-    def ping(self, node_key: bytes) -> defer.Deferred[tuple[float, str]]:
-        """Disco ping over the current path: (latency seconds, path string)."""
+    def ping(self, node_key: bytes) -> defer.Deferred[PingResult]:
+        """Disco ping over the current path: its latency and the path it took."""
         return self.sock.ping(node_key)
 
     def path(self, node_key: bytes) -> tuple[str, str]:

@@ -55,7 +55,7 @@ import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Literal, NamedTuple
 
 from coderstack.tailnet import pmtu
 from coderstack.wire import disco
@@ -107,6 +107,37 @@ class PongResult(NamedTuple):
     via: Addr | None  # None: via DERP
     seen_as: Addr  # our address as the peer saw it
     size: int = 0  # the inner MTU the ping was padded for (0: a plain ping)
+
+
+PathKind = Literal["p2p", "derp"]
+
+
+@dataclass(frozen=True)
+class PingResult:
+    """An answered disco ping: how long it took and the path it took (direct or relayed)."""
+
+    latency: float           # seconds
+    kind: PathKind
+    endpoint: str = ""       # the peer's "ip:port" when direct
+    derp_region: int = 0     # the relay's region when relayed
+    derp_name: str = ""      # that region's name, when the DERP map gives one
+
+    @classmethod
+    def direct(cls, latency: float, endpoint: str) -> PingResult:
+        return cls(latency, "p2p", endpoint=endpoint)
+
+    @classmethod
+    def relayed(cls, latency: float, region: int, name: str = "") -> PingResult:
+        return cls(latency, "derp", derp_region=region, derp_name=name)
+
+    @property
+    def p2p(self) -> bool:
+        return self.kind == "p2p"
+
+    def describe(self) -> str:
+        """For people (logs, lab output): ``p2p 192.0.2.1:41641`` or ``DERP(<name or id>)``,
+        as :meth:`Endpoint.path` shows paths."""
+        return f"p2p {self.endpoint}" if self.p2p else f"DERP({self.derp_name or self.derp_region})"
 
 
 @dataclass

@@ -13,7 +13,7 @@ Two sans-IO parts and a thin poller:
   A busy reactor that polls late advances both alike, so it is no wake-up.
 - :class:`LinkMonitor` polls every ``POLL_INTERVAL`` seconds on an injected IReactorTime and calls
   ``on_change(LinkChange)``. A poll is cheap: /sys reads and one ioctl per interface (see
-  ``netcheck.gather_interfaces``) and two connected-but-silent UDP sockets (a ``connect()`` on
+  ``netinfo.gather_interfaces``) and two connected-but-silent UDP sockets (a ``connect()`` on
   UDP only looks up the route; no packet is sent).
 
 :func:`monitor_conn` wires one to a :class:`coderstack.tailnet.conn.Conn`: each change calls
@@ -32,10 +32,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import task
-from twisted.internet.interfaces import IReactorTime
 from twisted.logger import Logger
 
 from coderstack.netinfo import Interface, gather_interfaces
+from coderstack.twistedtypes import Clock, reactor_time
 from coderstack.wire.coordination import CODER_SERVICE_PREFIX, TAILSCALE_SERVICE_PREFIX
 
 _log = Logger()
@@ -168,7 +168,7 @@ class LinkMonitor:
 
     def __init__(
         self,
-        clock: IReactorTime,
+        clock: Clock,
         on_change: Callable[[LinkChange], object],
         *,
         read_state: Callable[[], LinkState] = read_link_state,
@@ -186,7 +186,7 @@ class LinkMonitor:
         self.changes = 0
         self.errors = 0
         self._loop = task.LoopingCall(self.poll)
-        self._loop.clock = clock
+        self._loop.clock = reactor_time(clock)
 
     def start(self) -> None:
         """Take the first snapshot now (no callback for it) and start polling."""

@@ -35,11 +35,10 @@ import socket
 import sys
 from collections import Counter
 from collections.abc import Callable
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, cast
 
 from twisted.internet import defer
 from twisted.internet.error import MessageLengthError
-from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
@@ -51,10 +50,12 @@ from coderstack.tailnet.endpoint import (
     Addr,
     DiscoOut,
     Endpoint,
+    PingResult,
     PongResult,
     WantCallMeMaybe,
     format_addr,
 )
+from coderstack.twistedtypes import DatagramTransport, DelayedCall
 from coderstack.wire import disco
 from coderstack.wire.stun import is_stun
 from coderstack.wire.wireguard import is_wireguard
@@ -184,8 +185,8 @@ class MagicSock(DatagramProtocol):
         self.peers: dict[bytes, Endpoint] = {}
         self._by_disco: dict[bytes, Endpoint] = {}
         self._shared: dict[bytes, bytes] = {}
-        self._user_pings: dict[bytes, tuple[defer.Deferred[tuple[float, str]], Endpoint]] = {}
-        self._timer: IDelayedCall | None = None
+        self._user_pings: dict[bytes, tuple[defer.Deferred[PingResult], Endpoint]] = {}
+        self._timer: DelayedCall | None = None
         self._closed = False
         self.drops: Counter[str] = Counter()
         self.disco_stats: Counter[str] = Counter()  # "<type> in|out udp|derp"
@@ -362,7 +363,7 @@ class MagicSock(DatagramProtocol):
             why = "no-ipv6"
         else:
             try:
-                self.transport.write(datagram, addr)
+                cast(DatagramTransport, self.transport).write(datagram, addr)  # not None: tested above
                 return ""
             except MessageLengthError:
                 # Larger than the route's MTU with don't-fragment set (Twisted's EMSGSIZE).
@@ -517,8 +518,10 @@ class MagicSock(DatagramProtocol):
         waiting = self._user_pings.pop(result.tx_id, None)
         if waiting is not None:
             d, _ = waiting
-            path = f"p2p {format_addr(result.via)}" if result.via is not None else ep.derp_name()
-            d.callback((result.latency, path))
+            if result.via is not None:
+                d.callback(PingResult.direct(result.latency, format_addr(result.via)))
+            else:
+                d.callback(PingResult.relayed(result.latency, ep.derp_region, ep.derp_region_name))
 
     def _act(self, ep: Endpoint, actions: list) -> None:
         for action in actions:
@@ -537,13 +540,13 @@ class MagicSock(DatagramProtocol):
                     cmm = disco.CallMeMaybe(tuple(eps[:64]))
                     self._send_derp(ep, disco.seal(cmm, self.disco_public, self._key(ep.disco_key), self.urandom))
 
-    def ping(self, node_key: bytes) -> defer.Deferred[tuple[float, str]]:
-        """A disco ping over the current path: fires with (latency seconds, path string)."""
+    def ping(self, node_key: bytes) -> defer.Deferred[PingResult]:
+        """A disco ping over the current path: fires with its latency and the path it took."""
         ep = self.peers.get(node_key)
         if ep is None:
             return defer.fail(KeyError("unknown peer"))
         tx, actions = ep.user_ping(self.reactor.seconds())
-        d: defer.Deferred[tuple[float, str]] = defer.Deferred()
+        d: defer.Deferred[PingResult] = defer.Deferred()
         self._user_pings[tx] = (d, ep)
         self._act(ep, actions)
         return d

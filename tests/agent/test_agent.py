@@ -17,12 +17,12 @@ from twisted.internet.defer import Deferred
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
-from coderstack.agent import service as agent_service
 from coderstack.agent.datadir import DataDirInUse
 from coderstack.agent.service import AgentService, home_region
 from coderstack.derpmap import DERPMap
 from coderstack.keys import NodeKeys, load_node_keys
 from coderstack.sdk import SDKError
+from tests.coordinator.test_link import FakeSocket
 from tests.support.tempdirs import made_dir
 
 AGENT_ID = uuid.UUID("6f1e2d3c-4b5a-4978-8a9b-0c1d2e3f4a5b")
@@ -107,7 +107,7 @@ class KeysTests(unittest.SynchronousTestCase):
         agent_id = uuid.uuid4()
         for _ in range(2):
             svc = AgentService(FakeReactor(), "http://127.0.0.1:3000", "token", self.dir)
-            svc._run = _idle  # type: ignore[method-assign]
+            svc.open_socket = _idle  # type: ignore[method-assign, assignment]
             svc.startService()
             self.assertIsNone(svc.keys)  # chosen by the manifest's agent id
             keys = svc.load_keys(agent_id)
@@ -166,35 +166,26 @@ class NodeTests(unittest.SynchronousTestCase):
         self.assertEqual(home_region(DERPMap.from_json({"Regions": {}})), 0)
 
 
-class _Jitter:
-    """Stands in for the ``random`` module: uniform() returns its top (or bottom) bound."""
-
-    def __init__(self, top: bool = True) -> None:
-        self.top = top
-
-    def uniform(self, a: float, b: float) -> float:
-        return b if self.top else a
-
-
 class ReconnectTests(unittest.TestCase):
     def start(self, outcomes: list[Any], reconnect_max: float = 10.0, top: bool = True) -> tuple[AgentService, FakeReactor, list[float]]:
         """Run the agent loop; each session attempt takes the next outcome (True: a session that
-        opened and then closed; an exception: raised)."""
-        self.patch(agent_service, "random", _Jitter(top))
+        opened and then closed; an exception: raised). ``top``: no jitter (else the most)."""
         reactor = FakeReactor()
         svc = AgentService(reactor, "http://127.0.0.1:3000", "token", made_dir(self),
-                           reconnect_max=reconnect_max)
+                           reconnect_max=reconnect_max, rng=lambda: 0.0 if top else 1.0)
         attempts: list[float] = []
         script = list(outcomes)
 
-        async def session() -> bool:
+        async def session() -> FakeSocket:
             attempts.append(reactor.seconds())
             outcome = script.pop(0) if script else SDKError("still down")
             if isinstance(outcome, BaseException):
                 raise outcome
-            return outcome
+            socket = FakeSocket()
+            socket.closed.callback((1006, "gone"))  # opened, then closed
+            return socket
 
-        svc._session = session  # type: ignore[method-assign]
+        svc.open_socket = session  # type: ignore[method-assign, assignment]
         svc.startService()
         self.addCleanup(lambda: svc.running and svc.stopService())
         return svc, reactor, attempts
@@ -230,8 +221,16 @@ class ReconnectTests(unittest.TestCase):
         self.advance_until(reactor, attempts, 6)
         # 1 s, 2 s after failures; a quick (<= 0.5 s) retry after the opened session; then from 1 s again.
         self.assertEqual(self.gaps(attempts), [1.0, 2.0, 0.5, 1.0, 2.0])
+        self.assertEqual(_svc.sessions, 1)
         # An unexpected error is logged with its traceback (and retried like the others).
         self.assertEqual([str(f.value) for f in self.flushLoggedErrors(Exception)], ["bug"])
+
+    def test_a_data_dir_of_another_agent_stops_for_good(self) -> None:
+        _svc, reactor, attempts = self.start([SDKError("down"), DataDirInUse("it is agent b's")])
+        self.advance_until(reactor, attempts, 2)
+        reactor.advance(100)
+        self.assertEqual(len(attempts), 2)
+        self.assertEqual(reactor.getDelayedCalls(), [])
 
     def test_stop_ends_the_loop(self) -> None:
         svc, reactor, attempts = self.start([])

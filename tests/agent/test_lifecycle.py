@@ -7,6 +7,7 @@ from twisted.trial import unittest
 
 from coderstack.agent import lifecycle as lc
 from coderstack.agent.lifecycle import Lifecycle, LifecycleError, LifecycleReporter
+from coderstack.backoff import Backoff
 from coderstack.sdk import SDKError
 
 
@@ -87,6 +88,21 @@ class ReporterTests(unittest.TestCase):
         gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         self.assertTrue(all(0.3 <= g <= 2.05 for g in gaps), gaps)
         self.assertGreater(gaps[-1], gaps[0])
+
+    def test_retries_follow_the_agent_backoff_and_a_success_resets_it(self) -> None:
+        rep = LifecycleReporter(self.clock, Lifecycle(), self.send, backoff_cap=2)
+        self.assertEqual((rep.backoff.first, rep.backoff.cap, rep.backoff.jitter), (0.5, 2, 0.3))
+        rep.backoff = Backoff(first=0.5, cap=2, rng=lambda: 0.0)  # no jitter: exact waits
+        down = SDKError("down", 503)
+        self.answers = [down] * 4
+        rep.to(lc.STARTING)
+        self.clock.pump([0.125] * 80)
+        gaps = [b - a for a, b in zip(self.send_times, self.send_times[1:], strict=False)]
+        self.assertEqual(gaps, [0.5, 1.0, 2.0, 2.0])
+        self.answers = [down]
+        rep.to(lc.READY)
+        self.clock.pump([0.125] * 8)
+        self.assertEqual(self.send_times[-1] - self.send_times[-2], 0.5)  # from the start again
 
     def test_a_refused_state_does_not_block_later_ones(self) -> None:
         rep = LifecycleReporter(self.clock, Lifecycle(), self.send)

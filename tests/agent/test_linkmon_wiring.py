@@ -22,7 +22,7 @@ class AgentLinkMonitorTests(unittest.TestCase):
     def tunnel(self, **kw: object) -> AgentService:
         svc = AgentService(FakeReactor(), "http://127.0.0.1:3000", "token",
                            made_dir(self), **kw)  # type: ignore[arg-type]
-        svc._run = _idle  # type: ignore[method-assign]
+        svc.open_socket = _idle  # type: ignore[method-assign, assignment]
         svc.startService()
         self.addCleanup(svc.stopService)
         agent_id = uuid.uuid4()

@@ -15,7 +15,7 @@ from coderstack.agent.service import AgentService
 from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derp.server import make_derp_resources, make_relay
 from coderstack.sdk import Client
-from coderstack.tailnet.dial import agent_endpoint, dial_agent
+from coderstack.tailnet.dial import AgentTunnel, dial_agent
 from coderstack.wire import derp as w
 from tests.derp.helpers import wait_for
 from tests.support.api import Caller, make_deployment
@@ -63,18 +63,19 @@ class AgentTunnelTests(unittest.TestCase):
         await wait_for(lambda: svc.conn is not None and svc.coordination is not None)
         return svc
 
-    async def dial(self, url: str, token: str, agent_id: str, **kw):
+    async def dial(self, url: str, token: str, agent_id: str, **kw) -> AgentTunnel:
         client = Client(reactor, url, token)
         self.addCleanup(client.close)
-        conn = await dial_agent(reactor, client, agent_id, **kw)
-        self.addCleanup(lambda: defer.ensureDeferred(conn.close()))
-        return conn
+        tunnel = await dial_agent(reactor, client, agent_id, **kw)
+        self.addCleanup(lambda: defer.ensureDeferred(tunnel.close()))
+        return tunnel
 
     async def test_client_reaches_agent_and_goes_direct(self) -> None:
         url, token, agent_token, agent_id = await self.start()
         svc = await self.agent(url, agent_token)
-        conn = await self.dial(url, token, agent_id)
-        self.assertEqual(conn.agent_address, svc.conn.address)
+        tunnel = await self.dial(url, token, agent_id)
+        conn = tunnel.conn
+        self.assertEqual(tunnel.address, svc.conn.address)
         got: list[bytes] = []
         svc.conn.on_packet(lambda key, pkt: got.append(pkt))
         replies: list[bytes] = []
@@ -82,13 +83,13 @@ class AgentTunnelTests(unittest.TestCase):
         # The agent echoes (a stand-in for its netstack).
         svc.conn.on_packet(lambda key, pkt: svc.conn.send_packet(None, ipv6_packet(
             ipaddress.IPv6Address(pkt[24:40]), ipaddress.IPv6Address(pkt[8:24]), pkt[40:])))
-        conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"hello agent"))
+        conn.send_packet(None, ipv6_packet(conn.address, tunnel.address, b"hello agent"))
         await wait_for(lambda: replies)
         self.assertEqual(got[0][40:], b"hello agent")
         self.assertEqual(replies[0][40:], b"hello agent")
-        await wait_for(lambda: conn.path(conn.agent_key)[0].startswith("p2p"))
-        latency, path = await conn.ping(conn.agent_key)
-        self.assertTrue(path.startswith("p2p "), path)
+        await wait_for(lambda: conn.path(tunnel.key)[0].startswith("p2p"))
+        result = await tunnel.ping()
+        self.assertTrue(result.p2p, result)
         status = svc.conn.status()
         self.assertEqual(status["home_region_name"], "Coder Embedded Relay")
         self.assertIn(conn.keys.node_public.hex(), status["peers"])
@@ -96,29 +97,31 @@ class AgentTunnelTests(unittest.TestCase):
     async def test_disable_direct_stays_relayed(self) -> None:
         url, token, agent_token, agent_id = await self.start()
         svc = await self.agent(url, agent_token)
-        conn = await self.dial(url, token, agent_id, disable_direct=True)
+        tunnel = await self.dial(url, token, agent_id, disable_direct=True)
+        conn = tunnel.conn
         got: list[bytes] = []
         svc.conn.on_packet(lambda key, pkt: got.append(pkt))
         for i in range(3):
-            conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"n%d" % i))
+            conn.send_packet(None, ipv6_packet(conn.address, tunnel.address, b"n%d" % i))
         await wait_for(lambda: len(got) == 3)
-        latency, path = await conn.ping(conn.agent_key)
-        self.assertEqual(path, "DERP(Coder Embedded Relay)")
+        result = await tunnel.ping()
+        self.assertEqual((result.kind, result.derp_name), ("derp", "Coder Embedded Relay"))
         self.assertEqual(conn.status()["endpoints"], [])
 
     async def test_coordinator_reconnect_keeps_the_tunnel(self) -> None:
         url, token, agent_token, agent_id = await self.start()
         svc = await self.agent(url, agent_token)
-        conn = await self.dial(url, token, agent_id)
+        tunnel = await self.dial(url, token, agent_id)
+        conn = tunnel.conn
         got: list[bytes] = []
         svc.conn.on_packet(lambda key, pkt: got.append(pkt))
-        conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"before"))
+        conn.send_packet(None, ipv6_packet(conn.address, tunnel.address, b"before"))
         await wait_for(lambda: got)
         handshake = svc.conn.last_handshake[conn.keys.node_public]
         # The agent's coordination websocket dies (a server restart looks the same to it).
         svc.coordination.proto.transport.abortConnection()
         await wait_for(lambda: svc.sessions == 2 and svc.coordination is not None)
-        conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"after"))
+        conn.send_packet(None, ipv6_packet(conn.address, tunnel.address, b"after"))
         await wait_for(lambda: len(got) == 2)
         self.assertEqual(got[1][40:], b"after")
         self.assertEqual(svc.conn.last_handshake[conn.keys.node_public], handshake)
@@ -149,8 +152,8 @@ class AgentNetstackTests(unittest.TestCase):
         url, token, agent_token, agent_id = await self.start()
         svc = await self.agent(url, agent_token)
         svc.serve(9000, protocol.Factory.forProtocol(_Echo))
-        conn = await self.dial(url, token, agent_id)
-        proto = await agent_endpoint(conn, 9000).connect(protocol.Factory.forProtocol(_Collect))
+        tunnel = await self.dial(url, token, agent_id)
+        proto = await tunnel.endpoint(9000).connect(protocol.Factory.forProtocol(_Collect))
         self.addCleanup(proto.transport.abortConnection)
         payload = os.urandom(1 << 20)
         proto.transport.write(payload)
@@ -162,11 +165,11 @@ class AgentNetstackTests(unittest.TestCase):
         url, token, agent_token, agent_id = await self.start()
         svc = await self.agent(url, agent_token)
         svc.serve(9000, protocol.Factory.forProtocol(_Echo))
-        conn = await self.dial(url, token, agent_id, disable_direct=True)
-        proto = await agent_endpoint(conn, 9000).connect(protocol.Factory.forProtocol(_Collect))
+        tunnel = await self.dial(url, token, agent_id, disable_direct=True)
+        proto = await tunnel.endpoint(9000).connect(protocol.Factory.forProtocol(_Collect))
         self.addCleanup(proto.transport.abortConnection)
         payload = os.urandom(256 * 1024)
         proto.transport.write(payload)
         await wait_for(lambda: len(proto.buf) >= len(payload))
         self.assertEqual(bytes(proto.buf), payload)
-        self.assertEqual(conn.path(conn.agent_key)[0], "DERP(Coder Embedded Relay)")
+        self.assertEqual(tunnel.conn.path(tunnel.key)[0], "DERP(Coder Embedded Relay)")

@@ -17,7 +17,7 @@ class CommandTests(unittest.TestCase):
         import io
 
         from coderstack.cli import portforward
-        from coderstack.cli.dialing import LoopbackConnection, loopback_connect
+        from tests.support.loopback import LoopbackConnection, loopback_connect
 
         server = reactor.listenTCP(0, protocol.Factory.forProtocol(Echo), interface="127.0.0.1")
         self.addCleanup(server.stopListening)

@@ -12,8 +12,9 @@ from twisted.web.server import Site
 from coderstack.agent.api import AgentAPI
 from coderstack.agent.speedtest import SpeedtestServerFactory
 from coderstack.cli import ping, speedtest
-from coderstack.cli.dialing import LoopbackConnection, PingResult, loopback_connect
 from coderstack.netinfo import Interface
+from coderstack.tailnet.endpoint import PingResult
+from tests.support.loopback import LoopbackConnection, loopback_connect
 
 
 class FakeAPI:
@@ -69,9 +70,9 @@ class PingCommandTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_relayed_then_direct_with_a_timeout(self):
-        conn = self.conn([PingResult(0.030, False, derp_region=999),          # silent first ping
-                          PingResult(0.0421, False, derp_region=999), None,
-                          PingResult(0.0031, True, "198.51.100.7:41641")])
+        conn = self.conn([PingResult.relayed(0.030, 999),          # silent first ping
+                          PingResult.relayed(0.0421, 999), None,
+                          PingResult.direct(0.0031, "198.51.100.7:41641")])
         ctx = Ctx(verbose=True)
         code = yield defer.ensureDeferred(ping.run_with(
             reactor, parse(ping.Options, ["dev", "-n", "3", "--wait", "0s"]), ctx, loopback_connect(conn)))
@@ -96,7 +97,7 @@ class PingCommandTests(unittest.TestCase):
     def test_relayed_diagnostics_wait_for_the_first_netcheck(self):
         # With UDP blocked, the report that says so is in only after the STUN probes time out
         # (seconds after dialing); the relayed ping's diagnostics wait for it (found in the NAT lab).
-        conn = self.conn([PingResult(0.001, False, derp_region=999)] * 2)
+        conn = self.conn([PingResult.relayed(0.001, 999)] * 2)
         conn.report = {"UDP": False, "MappingVariesByDestIP": None}
         ctx = Ctx()
         ctx.api = StunMapAPI()
@@ -109,7 +110,7 @@ class PingCommandTests(unittest.TestCase):
     def test_relayed_ping_names_the_hard_nats(self):
         # Both netchecks (ours and the agent's) saw the mapping vary between the two ports of
         # the server's STUN: the verdict says that is why the connection is relayed.
-        conn = self.conn([PingResult(0.002, False, derp_region=999)] * 2)
+        conn = self.conn([PingResult.relayed(0.002, 999)] * 2)
         conn.report = {"UDP": True, "MappingVariesByDestIP": True}
         ctx = Ctx()
         ctx.api = StunMapAPI()
@@ -124,7 +125,7 @@ class PingCommandTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_json_output(self):
-        conn = self.conn([PingResult(0.5, False, derp_region=999)] * 3)
+        conn = self.conn([PingResult.relayed(0.5, 999)] * 3)
         ctx = Ctx()
         yield defer.ensureDeferred(ping.run_with(
             reactor, parse(ping.Options, ["dev", "-n", "2", "--wait", "0s", "-o", "json"]), ctx, loopback_connect(conn)))
@@ -175,7 +176,7 @@ class SpeedtestCommandTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_table_download(self):
-        code, ctx = yield self.run_cmd(["dev", "-t", "1100ms"], [PingResult(0.029, False, derp_region=999)])
+        code, ctx = yield self.run_cmd(["dev", "-t", "1100ms"], [PingResult.relayed(0.029, 999)])
         self.assertEqual(code, 0)
         self.assertEqual(ctx.stderr.getvalue(), "29ms via coder\nStarting a 1.1s download test...\n")
         lines = ctx.stdout.getvalue().splitlines()
@@ -187,7 +188,7 @@ class SpeedtestCommandTests(unittest.TestCase):
     def test_json_upload_waiting_for_direct(self):
         code, ctx = yield self.run_cmd(
             ["dev", "-t", "1s", "--direction", "up", "--direct", "-o", "json"],
-            [PingResult(0.029, False, derp_region=999), PingResult(0.002, True, "127.0.0.1:1")])
+            [PingResult.relayed(0.029, 999), PingResult.direct(0.002, "127.0.0.1:1")])
         doc = json.loads(ctx.stdout.getvalue())
         self.assertGreater(doc["overall"]["throughput_mbits"], 0)
         self.assertEqual(ctx.stderr.getvalue().splitlines(), [
@@ -200,11 +201,3 @@ class SpeedtestCommandTests(unittest.TestCase):
         self.failureResultOf(d, usage.UsageError)
         for args in (["dev", "-t", "0s"], ["dev", "--direction", "sideways"], ["dev", "-t", "10m"]):
             self.assertRaises(usage.UsageError, parse, speedtest.Options, args)
-
-
-class PingResultTests(unittest.TestCase):
-    def test_from_conn_path_strings(self):
-        self.assertEqual(PingResult.from_path(0.003, "p2p 192.0.2.1:41641"), PingResult(0.003, True, "192.0.2.1:41641"))
-        self.assertEqual(PingResult.from_path(0.04, "DERP(Coder Embedded Relay)"),
-                         PingResult(0.04, False, derp_name="Coder Embedded Relay"))
-        self.assertEqual(PingResult.from_path(0.04, "DERP(999)"), PingResult(0.04, False, derp_region=999))

@@ -6,7 +6,7 @@ import sys
 from twisted.internet import defer, task
 
 from coderstack.cli import ssh
-from coderstack.cli.dialing import LoopbackConnection, loopback_connect
+from tests.support.loopback import LoopbackConnection, loopback_connect
 
 
 class Ctx:

@@ -86,7 +86,7 @@ class Peer(LineReceiver):
             self.longest_gap = (0.0, 0.0)
         if msg.get("ping") and self.peer is not None:
             d = self.conn.ping(self.peer.key)
-            d.addCallbacks(lambda r: out({"ping": list(r)}),
+            d.addCallbacks(lambda r: out({"ping": [r.latency, r.describe()]}),
                            lambda f: out({"ping_error": f.getErrorMessage()}))
 
     def send_one(self) -> None:

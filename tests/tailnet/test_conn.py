@@ -11,6 +11,7 @@ from twisted.trial import unittest
 
 from coderstack.derpmap import DERPMap
 from coderstack.tailnet.conn import Conn
+from coderstack.tailnet.endpoint import PingResult
 from tests.tailnet.fakenet import Network
 
 DERP_MAP = DERPMap.from_json({"Regions": {"999": {
@@ -83,9 +84,9 @@ class ConnTests(unittest.TestCase):
         self.assertEqual(p.net.derp_delivered, derp_before)  # all direct now
         d = p.a.ping(p.b.keys.node_public)
         p.run(0.05)
-        latency, path = self.successResultOf(d)
-        self.assertEqual(path, "p2p 198.51.100.1:41642")
-        self.assertTrue(0.004 <= latency < 0.008, latency)  # 2 x 2 ms, in 1 ms clock steps
+        result = self.successResultOf(d)
+        self.assertEqual(result, PingResult.direct(result.latency, "198.51.100.1:41642"))
+        self.assertTrue(0.004 <= result.latency < 0.008, result.latency)  # 2 x 2 ms, in 1 ms clock steps
         st = p.a.status()
         peer = st["peers"][p.b.keys.node_public.hex()]
         self.assertEqual(peer["path"], "p2p 198.51.100.1:41642")
@@ -160,7 +161,9 @@ class ConnTests(unittest.TestCase):
         self.assertEqual(p.net.udp_delivered, 0)
         d = p.a.ping(p.b.keys.node_public)
         p.run(0.05)
-        self.assertEqual(self.successResultOf(d)[1], "DERP(Coder Embedded Relay)")
+        result = self.successResultOf(d)
+        self.assertEqual(result, PingResult.relayed(result.latency, 999, "Coder Embedded Relay"))
+        self.assertFalse(result.p2p)
 
     def test_packet_with_foreign_source_is_dropped(self) -> None:
         p = Pair(self)

@@ -57,9 +57,9 @@ class LoopbackTests(unittest.TestCase):
             a.send_packet(None, ipv6_packet(a.address, b.address, b"n%d" % i))
         await wait_for(lambda: len(got) == 21)
         self.assertEqual(self.server.relay.packets_received, relayed)  # none went via DERP
-        latency, path = await a.ping(bkey)
-        self.assertEqual(path, f"p2p 127.0.0.1:{port}")
-        self.assertLess(latency, 1.0)
+        result = await a.ping(bkey)
+        self.assertEqual((result.kind, result.endpoint), ("p2p", f"127.0.0.1:{port}"))
+        self.assertLess(result.latency, 1.0)
 
     async def test_block_endpoints_stays_on_derp(self) -> None:
         a, b, got = await self.pair(block=True)
@@ -67,8 +67,8 @@ class LoopbackTests(unittest.TestCase):
         for i in range(5):
             a.send_packet(None, ipv6_packet(a.address, b.address, b"n%d" % i))
         await wait_for(lambda: len(got) == 5)
-        latency, path = await a.ping(bkey)
-        self.assertEqual(path, "DERP(Coder Embedded Relay)")
+        result = await a.ping(bkey)
+        self.assertEqual((result.kind, result.derp_name), ("derp", "Coder Embedded Relay"))
         self.assertEqual(a.path(bkey), ("DERP(Coder Embedded Relay)", "direct connections disabled"))
         # b was never told a direct address and never learned one.
         self.assertEqual(b.path(a.keys.node_public)[1], "no endpoints")

@@ -1,18 +1,26 @@
 """After the CLI's coordination websocket reopens, the DERP map is fetched again and applied when
-the server's changed (``coderstack.tailnet.dial.refresh_derp_map`` via ``CoordinationLink``)."""
+the server's changed (``coderstack.tailnet.dial.refresh_derp_map``, from the dial's link handler)."""
 
 from __future__ import annotations
 
 from typing import Any
-from uuid import uuid4
+from uuid import UUID, uuid4
 
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
+from coderstack.backoff import Backoff
+from coderstack.coordinator.client import CoordinationLink
+from coderstack.tailnet.client import TailnetClient
 from coderstack.tailnet.conn import Conn
-from coderstack.tailnet.dial import RECONNECT_FIRST, CoordinationLink, refresh_derp_map
+from coderstack.tailnet.dial import (
+    RECONNECT_FIRST,
+    RECONNECT_MAX,
+    _ServerCoordination,
+    refresh_derp_map,
+)
 from coderstack.wire.coordination import CoordinateRequest
-from tests.tailnet.test_dial import _Server
+from tests.coordinator.test_link import FakeSocket
 
 
 def region(rid: int, name: str, host: str = "198.51.100.7", embedded: bool = False) -> dict[str, Any]:
@@ -41,8 +49,7 @@ class RefreshTests(unittest.TestCase):
         self.clock = task.Clock()
         self.api = FakeAPI({"Regions": {"999": region(999, "coder", embedded=True)}})
         self.agent = uuid4()
-        self.conn = Conn(self.clock, netcheck=False)
-        self.conn.sock.derp_client_factory = lambda region, handler: _NoDERP()
+        self.conn = Conn(self.clock, netcheck=False, derp_client_factory=lambda region, handler: _NoDERP())
         self.assertTrue(self.refresh())  # the Conn had no map yet
 
     def refresh(self) -> bool:
@@ -86,25 +93,43 @@ class _NoDERP:
         pass
 
 
-class ReopenHookTests(unittest.TestCase):
-    def test_hook_runs_after_each_reopen_and_errors_do_not_stop_the_link(self) -> None:
+class _Coordination(_ServerCoordination):
+    """The dial's link handler with websockets that are fakes."""
+
+    def __init__(self, api: FakeAPI, client: TailnetClient, agent: UUID) -> None:
+        super().__init__(api, client, agent)  # type: ignore[arg-type]
+        self.sockets: list[FakeSocket] = []
+
+    async def open_socket(self) -> FakeSocket:  # type: ignore[override]
+        self.sockets.append(FakeSocket())
+        return self.sockets[-1]
+
+
+class ReopenTests(unittest.TestCase):
+    def test_map_fetched_after_each_reopen_and_errors_do_not_stop_the_link(self) -> None:
         clock = task.Clock()
-        server = _Server()
-        calls: list[int] = []
-
-        async def hook() -> None:
-            calls.append(len(server.factories))
-            if len(calls) == 1:
-                raise ConnectionError("the server is still starting")
-
-        link = CoordinationLink(clock, server.open, lambda: CoordinateRequest(add_tunnel=uuid4()),
-                                rng=lambda: 1.0, on_reopen=hook)
+        api = FakeAPI({"Regions": {"999": region(999, "coder", embedded=True)}})
+        conn = Conn(clock, netcheck=False, derp_client_factory=lambda region, handler: _NoDERP())
+        client = TailnetClient(clock, conn, link_monitor=False)
+        agent = uuid4()
+        client.add_tunnel(agent)
+        handler = _Coordination(api, client, agent)
+        link = CoordinationLink(clock, handler, Backoff(first=RECONNECT_FIRST, cap=RECONNECT_MAX, rng=lambda: 0.0))
+        client.coordinate(link)
         self.successResultOf(defer.ensureDeferred(link.open()))
-        self.assertEqual(calls, [])  # not on the first open: the caller just fetched the map
-        server.factories[-1].closed.callback((1006, "server restarted"))
+        self.assertEqual(api.calls, [])  # not on the first open: the dial just fetched the map
+        self.assertEqual(handler.sockets[0].sent, [CoordinateRequest(add_tunnel=agent)])
+        api.fail = ConnectionError("the server is still starting")
+        handler.sockets[-1].closed.callback((1006, "server restarted"))
         clock.advance(RECONNECT_FIRST)
-        self.assertEqual(calls, [2])  # after the second websocket opened (and the hook failed)
-        server.factories[-1].closed.callback((1006, "server restarted"))
+        self.assertEqual(api.calls, [str(agent)])  # after the second websocket opened (and failed)
+        self.assertEqual(handler.sockets[1].sent, [CoordinateRequest(add_tunnel=agent)])
+        api.fail = None
+        api.derp_map = {"Regions": {"7": region(7, "eu")}}
+        handler.sockets[-1].closed.callback((1006, "server restarted"))
         clock.advance(RECONNECT_FIRST)
-        self.assertEqual(calls, [2, 3])
-        self.successResultOf(defer.ensureDeferred(link.close()))
+        self.assertEqual(api.calls, [str(agent)] * 2)
+        assert conn.derp_map is not None
+        self.assertEqual(sorted(conn.derp_map.regions), [7])
+        self.successResultOf(defer.ensureDeferred(client.close()))
+        self.assertTrue(handler.sockets[-1].left)

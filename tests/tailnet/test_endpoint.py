@@ -313,3 +313,15 @@ class FailoverTests(unittest.TestCase):
         self.assertTrue(path.ep.trusted(6.4))  # nothing sent: no checks, trust runs its 6.5 s
         self.assertEqual(path.sent_to_a, before + 1)  # the 3 s heartbeat only
         self.assertFalse(path.ep.checking(6.4))
+
+
+class PingResultTests(unittest.TestCase):
+    def test_direct_and_relayed(self) -> None:
+        direct = e.PingResult.direct(0.003, "192.0.2.1:41641")
+        self.assertEqual((direct.kind, direct.p2p, direct.endpoint), ("p2p", True, "192.0.2.1:41641"))
+        self.assertEqual(direct.describe(), "p2p 192.0.2.1:41641")
+        relayed = e.PingResult.relayed(0.04, 999, "Coder Embedded Relay")
+        self.assertEqual((relayed.kind, relayed.p2p, relayed.derp_region), ("derp", False, 999))
+        self.assertEqual(relayed.describe(), "DERP(Coder Embedded Relay)")
+        # A region the DERP map gives no name is shown by its id.
+        self.assertEqual(e.PingResult.relayed(0.04, 7).describe(), "DERP(7)")
