@@ -39,8 +39,12 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
+from coderstack.agent.api import agent_api_site
 from coderstack.agent.datadir import DataDirInUse, agent_data_dir
+from coderstack.agent.forward import LocalPortForwarder, LocalUDPForwarder
 from coderstack.agent.session_env import SessionEnvironment, write_coder_command
+from coderstack.agent.speedtest import SpeedtestServerFactory
+from coderstack.agent.ssh import ssh_factory
 from coderstack.agent.workspace import Workspace
 from coderstack.backoff import Backoff
 from coderstack.coordinator.client import (
@@ -52,6 +56,7 @@ from coderstack.coordinator.client import (
 from coderstack.derpmap import DERPMap, DERPMapError, rewrite_embedded
 from coderstack.keys import NodeKeys, load_node_keys
 from coderstack.netstack.endpoints import Netstack
+from coderstack.netstack.stack import ANY_PORT
 from coderstack.sdk import Client, SDKError
 from coderstack.tailnet import linkmon
 from coderstack.tailnet.client import TailnetClient
@@ -59,6 +64,7 @@ from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.conn import home_region as conn_home_region
 from coderstack.tailnet.stack import server_endpoint
 from coderstack.wire.coordination import CODER_SERVICE_PREFIX, address_from_uuid
+from coderstack.wire.ports import AGENT_API_PORT, SPEEDTEST_PORT, SSH_PORT, STANDARD_SSH_PORT
 
 log = Logger()
 
@@ -301,13 +307,6 @@ def makeService(config: dict[str, Any], reactor: Any = None) -> AgentService:
 def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str | Callable[[], str]) -> None:
     """Coder's reserved tunnel ports: SSH on 1 and 22, speedtest on 3, the agent API on 4; every
     other port, TCP and UDP, is forwarded to the workspace's own loopback."""
-    from coderstack.agent.api import agent_api_site
-    from coderstack.agent.forward import LocalPortForwarder, LocalUDPForwarder
-    from coderstack.agent.speedtest import SpeedtestServerFactory
-    from coderstack.agent.ssh import ssh_factory
-    from coderstack.netstack.stack import ANY_PORT
-    from coderstack.wire.ports import AGENT_API_PORT, SPEEDTEST_PORT, SSH_PORT, STANDARD_SSH_PORT
-
     ssh = ssh_factory(data_dir, reactor, session_env=svc.session_env)
     svc.serve(SSH_PORT, ssh)
     svc.serve(STANDARD_SSH_PORT, ssh)
