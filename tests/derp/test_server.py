@@ -10,9 +10,10 @@ from twisted.internet import defer, ssl
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
-from coderstack.derp.policy import AllowAllPolicy, StaticPolicy
+from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derp.server import DERPResource, metrics_text
 from coderstack.wire import derp as w
+from tests.support.relaypolicy import StaticPolicy
 
 from .helpers import RelayServer, make_ca_and_cert, start_client, wait_for
 
