@@ -261,7 +261,7 @@ class BackpressureTests(unittest.TestCase):
             d, rd = start_client(self, server)
             await wait_for(lambda: all(x.connected for x in (a, b, c, d)))
             # B stops reading its socket.
-            b._conn.transport.pauseProducing()
+            b._link.transport.transport.pauseProducing()
             chunk = b"x" * 32768
             n = 0
             # Push far more at B than socket buffers hold, keeping A's own writes paced.
@@ -286,7 +286,7 @@ class BackpressureTests(unittest.TestCase):
             metrics = metrics_text(server.relay)
             self.assertIn('coderstack_derp_packets_dropped_total{reason="queue_head"}', metrics)
             self.assertIn("coderstack_derp_clients_connected 4", metrics)
-            b._conn.transport.resumeProducing()
+            b._link.transport.transport.resumeProducing()
 
         return _d(go())
 
