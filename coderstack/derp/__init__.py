@@ -1,9 +1,11 @@
 """The DERP relay (server side and client side) and its integration points.
 
 Modules: ``relay`` (sans-IO relay core), ``policy`` (closed-relay interface), ``server``
-(twisted.web resources, metrics, key file), ``client`` (region client with websocket
-fallback), ``mesh`` (replicas), ``mapconfig`` (start-up map loading), ``mapstream``
-(``/api/v2/derp-map``). The frame codec is ``coderstack.wire.derp``; the map model and builder
+(twisted.web resources, metrics, key file), ``client`` (dialing a region, reconnecting, with
+websocket fallback) over ``session`` (sans-IO client frame logic) and the transports
+``upgrade`` and ``wsclient`` (``transport``: what they share), ``mesh`` (replicas),
+``mapconfig`` (start-up map loading), ``mapstream`` (``/api/v2/derp-map``), ``twistedtypes``
+(typed views of the reactor and transports). The frame codec is ``coderstack.wire.derp``; the map model and builder
 are ``coderstack.derpmap``.
 
 Wiring in the server (sketch)::

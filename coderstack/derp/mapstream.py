@@ -52,16 +52,26 @@ class MapPublisher:
         return unsubscribe
 
 
+Track = Callable[[Any], Callable[[], None]]  # connection -> untrack
+
+
+class _MapStreamFactory(WebSocketServerFactory):
+    def __init__(self, get_map: Callable[[], DERPMap], subscribe: Subscribe, track: Track | None) -> None:
+        super().__init__()
+        self.get_map = get_map
+        self.subscribe = subscribe
+        self.track = track
+
+
 class _MapStreamProtocol(WebSocketServerProtocol):
-    get_map: Callable[[], DERPMap]
-    subscribe: Subscribe
+    factory: _MapStreamFactory
     _unsubscribe: Unsubscribe | None = None
     _last: str | None = None
     _untrack: Callable[[], None] | None = None
 
     def onOpen(self) -> None:
-        self._send(self.factory.get_map())
-        self._unsubscribe = self.factory.subscribe(self._send)
+        self._send_map(self.factory.get_map())
+        self._unsubscribe = self.factory.subscribe(self._send_map)
         if self.factory.track is not None:
             self._untrack = self.factory.track(self)
 
@@ -71,7 +81,7 @@ class _MapStreamProtocol(WebSocketServerProtocol):
     def going_away(self) -> None:
         close_going_away(self)
 
-    def _send(self, m: DERPMap) -> None:
+    def _send_map(self, m: DERPMap) -> None:
         text = m.dumps()
         if text != self._last:
             self._last = text
@@ -88,13 +98,10 @@ class _MapStreamProtocol(WebSocketServerProtocol):
 
 def derp_map_stream_resource(
     get_map: Callable[[], DERPMap], subscribe: Subscribe, *, ping_interval: float = 30.0,
-    track: Callable[[Any], Callable[[], None]] | None = None,
+    track: Track | None = None,
 ) -> WebSocketResource:
     """A resource for ``/api/v2/derp-map`` (mount with Klein ``branch=False``)."""
-    factory = WebSocketServerFactory()
+    factory = _MapStreamFactory(get_map, subscribe, track)
     factory.protocol = _MapStreamProtocol
-    factory.get_map = get_map
-    factory.subscribe = subscribe
-    factory.track = track
     factory.setProtocolOptions(autoPingInterval=ping_interval, autoPingTimeout=2 * ping_interval)
     return WebSocketResource(factory)

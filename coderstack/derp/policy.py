@@ -3,12 +3,12 @@
 Our relay is closed, unlike Coder's and Tailscale's: the HTTP upgrade must carry a session or
 agent token (header ``Coder-Session-Token``), and each packet is relayed only when the policy
 says the sender's principal may reach the destination node key. The server implements
-:class:`IRelayPolicy` from the coordinator's view of peers and tunnels.
+:class:`RelayPolicy` from the coordinator's view of peers and tunnels.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
 from zope.interface import Interface, implementer
@@ -16,14 +16,14 @@ from zope.interface import Interface, implementer
 TOKEN_HEADER = b"Coder-Session-Token"
 
 
-class IRelayPolicy(Interface):
-    def authenticate(token: str) -> Deferred[Any]:
+class RelayPolicy(Protocol):
+    def authenticate(self, token: str) -> Deferred[Any]:
         """Fire with the principal (any object) that ``token`` belongs to, or ``None``.
 
         Called once per upgrade request, before the 101. The token is a secret: do not log it.
         """
 
-    def allows(principal: Any, src_key: bytes, dst_key: bytes) -> bool:
+    def allows(self, principal: Any, src_key: bytes, dst_key: bytes) -> bool:
         """May ``principal``, connected as DERP node key ``src_key``, send to ``dst_key``?
 
         Expected rule: the principal owns the peer whose node key is ``src_key`` and the
@@ -33,17 +33,52 @@ class IRelayPolicy(Interface):
         """
 
 
-class IRelayAdmission(Interface):
+class AdmittedConnection(Protocol):
+    """What an admitted connection offers its ticket."""
+
+    def revoked(self, reason: str) -> None:
+        """The token was revoked: close now."""
+
+    def going_away(self) -> None:
+        """The server is shutting down: close as "going away"."""
+
+
+class AdmissionTicket(Protocol):
+    def bind(self, conn: AdmittedConnection) -> None:
+        """Called with the connection once it exists."""
+
+    def release(self) -> None:
+        """Called once when the connection ends, or if the upgrade never happens."""
+
+
+class ConnectionAdmission(Protocol):
     """Optional, beside the policy: who may open one more connection, and a handle on it."""
 
-    def admit(principal: Any) -> Any:
+    def admit(self, principal: Any) -> AdmissionTicket | str:
         """A ticket for one more connection of ``principal``, or a ``str`` saying why not.
 
         Called after ``authenticate``, before the 101; a refusal is answered 429 with the text as
-        detail. A ticket has ``bind(handler)`` (called with the connection once it exists; the
-        handler has ``revoked(reason)`` and ``going_away()``) and ``release()`` (called once
-        when the connection ends, or if the upgrade never happens).
+        detail.
         """
+
+
+# The same two as zope interfaces, for implementations that declare them with @implementer;
+# the relay's code is typed against the Protocols above.
+class IRelayPolicy(Interface):
+    """See :class:`RelayPolicy`."""
+
+    def authenticate(token):
+        pass
+
+    def allows(principal, src_key, dst_key):
+        pass
+
+
+class IRelayAdmission(Interface):
+    """See :class:`ConnectionAdmission`."""
+
+    def admit(principal):
+        pass
 
 
 @implementer(IRelayPolicy)
@@ -58,32 +93,3 @@ class AllowAllPolicy:
 
     def allows(self, principal: Any, src_key: bytes, dst_key: bytes) -> bool:
         return True
-
-
-allow_all = AllowAllPolicy()  # tests and benchmarks only
-
-
-@implementer(IRelayPolicy)
-class StaticPolicy:
-    """Tokens map to principals; a principal owns a set of keys; explicit allowed pairs.
-
-    Small and explicit, for tests: ``pairs`` holds unordered node-key pairs that share a tunnel.
-    """
-
-    def __init__(self) -> None:
-        self.tokens: dict[str, Any] = {}
-        self.owned: dict[Any, set[bytes]] = {}
-        self.pairs: set[frozenset[bytes]] = set()
-
-    def add_principal(self, token: str, principal: Any, *keys: bytes) -> None:
-        self.tokens[token] = principal
-        self.owned.setdefault(principal, set()).update(keys)
-
-    def allow(self, a: bytes, b: bytes) -> None:
-        self.pairs.add(frozenset((a, b)))
-
-    def authenticate(self, token: str) -> Deferred[Any]:
-        return succeed(self.tokens.get(token))
-
-    def allows(self, principal: Any, src_key: bytes, dst_key: bytes) -> bool:
-        return src_key in self.owned.get(principal, ()) and frozenset((src_key, dst_key)) in self.pairs

@@ -27,11 +27,14 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from twisted.internet.interfaces import IDelayedCall, IReactorTime
-
+from coderstack.derp.twistedtypes import Clock, Timer, cancel
 from coderstack.wire import derp as w
 
 SendForwarder = Callable[[bytes, bytes, bytes], None]
+PolicyAllows = Callable[[Any, bytes, bytes], bool]  # (principal, src key, dst key)
+
+# Frames only a mesh peer (a client that logged in with the mesh key) may send.
+_MESH_FRAMES = frozenset((w.FORWARD_PACKET, w.WATCH_CONNS, w.CLOSE_PEER))
 
 
 class ConnSink(Protocol):
@@ -85,9 +88,9 @@ class ServerConn:
         self._pong: bytes | None = None
         self._authz: dict[bytes, float] = {}
         self._not_here = _TokenBucket(1.0, 3.0, relay.clock.seconds())
-        self._handshake_timer: IDelayedCall | None = None
-        self._keepalive_timer: IDelayedCall | None = None
-        self._write_timer: IDelayedCall | None = None
+        self._handshake_timer: Timer | None = None
+        self._keepalive_timer: Timer | None = None
+        self._write_timer: Timer | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 
@@ -111,8 +114,7 @@ class ServerConn:
             return
         self.closed = True
         for t in (self._handshake_timer, self._keepalive_timer, self._write_timer):
-            if t is not None and t.active():
-                t.cancel()
+            cancel(t)
         dropped = len(self._data) + len(self._disco)
         if dropped:
             self.relay.drops["gone_disconnected"] += dropped
@@ -162,41 +164,40 @@ class ServerConn:
         if not self.registered:
             if ftype != w.CLIENT_INFO:
                 raise w.DERPProtocolError(f"expected ClientInfo, got frame type {ftype:#x}")
-            self._login(w.decode(ftype, payload))
-            return
-        if ftype == w.PING:
-            relay.pings += 1
-            frame = w.decode(ftype, payload)
-            if self._pong is None:
-                self._pong = frame.data
-                relay._mark(self)
-            else:
-                relay.drops["ping_slot_full"] += 1
+            match w.decode(ftype, payload):
+                case w.ClientInfoFrame() as login:
+                    self._login(login)
             return
         if ftype == w.PONG:
             relay.pongs += 1  # answers to nothing we track (the server sends no pings)
             return
-        if ftype == w.NOTE_PREFERRED:
-            pref = w.decode(ftype, payload).preferred
-            if pref != self.preferred:
-                relay.home_clients += 1 if pref else -1
-            self.preferred = pref
-            return
-        if ftype in (w.FORWARD_PACKET, w.WATCH_CONNS, w.CLOSE_PEER):
-            if not self.is_mesh:
-                self.close("mesh frame from a client without the mesh key")
-                return
-            frame = w.decode(ftype, payload)
-            if ftype == w.FORWARD_PACKET:
-                relay._deliver_forwarded(frame.src, frame.dst, frame.data)
-            elif ftype == w.WATCH_CONNS:
-                relay._watch(self)
-            else:
-                relay.close_peer(frame.key)
-            return
         if ftype == w.CLIENT_INFO:
             raise w.DERPProtocolError("second ClientInfo")
-        relay.unknown_frames += 1  # skipped by length, as the protocol asks
+        if ftype in _MESH_FRAMES and not self.is_mesh:
+            self.close("mesh frame from a client without the mesh key")
+            return
+        if ftype == w.PING:
+            relay.pings += 1
+        elif ftype != w.NOTE_PREFERRED and ftype not in _MESH_FRAMES:
+            relay.unknown_frames += 1  # skipped by length, as the protocol asks
+            return
+        match w.decode(ftype, payload):
+            case w.Ping(data):
+                if self._pong is None:
+                    self._pong = data
+                    relay._mark(self)
+                else:
+                    relay.drops["ping_slot_full"] += 1
+            case w.NotePreferred(pref):
+                if pref != self.preferred:
+                    relay.home_clients += 1 if pref else -1
+                self.preferred = pref
+            case w.ForwardPacket(src, dst, data):
+                relay._deliver_forwarded(src, dst, data)
+            case w.WatchConns():
+                relay._watch(self)
+            case w.ClosePeer(key):
+                relay.close_peer(key)
 
     def _login(self, frame: w.ClientInfoFrame) -> None:
         relay = self.relay
@@ -207,8 +208,7 @@ class ServerConn:
         if self.require_mesh and not mesh:
             self.close("mesh login without the right mesh key")
             return
-        if self._handshake_timer is not None and self._handshake_timer.active():
-            self._handshake_timer.cancel()
+        cancel(self._handshake_timer)
         self.key, self.info, self.is_mesh = frame.key, info, mesh
         # After login, frames are packets; the 256 KiB ClientInfo allowance no longer applies.
         self._reader.max_frame_size = 2 * w.KEY_LEN + w.MAX_PACKET_SIZE
@@ -284,8 +284,7 @@ class ServerConn:
             return
         self.writable = writable
         if writable:
-            if self._write_timer is not None and self._write_timer.active():
-                self._write_timer.cancel()
+            cancel(self._write_timer)
             self._write_timer = None
             self.flush()
         elif self.relay.write_timeout:
@@ -326,8 +325,8 @@ class Relay:
     def __init__(
         self,
         private_key: bytes,
-        clock: IReactorTime,
-        policy_allows: Callable[[Any, bytes, bytes], bool],
+        clock: Clock,
+        policy_allows: PolicyAllows,
         *,
         mesh_key: str = "",
         queue_depth: int = 32,

@@ -9,7 +9,7 @@ Routes (mounted by the server's Klein app; see :func:`make_derp_resources`)::
     GET /derp  (no upgrade)        -> 426 {"message","detail"}
     upgrade without a valid token  -> 401 {"message","detail"}   (header Coder-Session-Token,
                                       or the coder_session_token cookie)
-    upgrade over the principal's connection limit (IRelayAdmission) -> 429 {"message","detail"}
+    upgrade over the principal's connection limit (ConnectionAdmission) -> 429 {"message","detail"}
     GET|HEAD /derp/probe, /derp/latency-check, /latency-check -> empty 200,
                                       Access-Control-Allow-Origin: *
     GET /generate_204              -> 204; X-Tailscale-Challenge: c -> X-Tailscale-Response: response c
@@ -30,11 +30,11 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any
+from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.interfaces import IPushProducer, IReactorTime
+from twisted.internet.interfaces import IProtocol, IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
 from twisted.protocols.policies import ProtocolWrapper
@@ -43,9 +43,16 @@ from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 from zope.interface import implementer
 
-from coderstack.derp.policy import TOKEN_HEADER, IRelayAdmission, IRelayPolicy
-from coderstack.derp.relay import Relay, ServerConn
+from coderstack.derp.policy import (
+    TOKEN_HEADER,
+    AdmissionTicket,
+    AdmittedConnection,
+    ConnectionAdmission,
+    RelayPolicy,
+)
+from coderstack.derp.relay import ConnSink, Relay, ServerConn
 from coderstack.derp.tcpopts import no_delay
+from coderstack.derp.twistedtypes import Clock, StreamTransport, stream_transport
 from coderstack.wire import derp as w
 from coderstack.wsclose import close_going_away
 
@@ -83,7 +90,7 @@ def load_or_create_private_key(path: str) -> bytes:
     return key
 
 
-def make_relay(private_key: bytes, policy: IRelayPolicy, reactor: IReactorTime, **kwargs: Any) -> Relay:
+def make_relay(private_key: bytes, policy: RelayPolicy, reactor: Clock, **kwargs: Any) -> Relay:
     """A :class:`Relay` that asks ``policy.allows`` for every new (source, destination) pair."""
     return Relay(private_key, reactor, policy.allows, **kwargs)
 
@@ -91,13 +98,15 @@ def make_relay(private_key: bytes, policy: IRelayPolicy, reactor: IReactorTime, 
 # --- taking over the HTTP channel ----------------------------------------------------------------
 
 
-def _take_over(request: Request, protocol: Protocol) -> tuple[Any, bytes]:
+def _take_over(request: Request, protocol: Protocol) -> bytes:
     """Detach the request's connection from HTTP and bind it to ``protocol``.
 
-    Returns the transport and any bytes HTTP had already read past the request.
+    Returns any bytes HTTP had already read past the request.
     """
     channel = request.channel
-    transport, channel.transport = channel.transport, None
+    # TCP, TLS or a policies wrapper: which of them it is shows in the attributes probed below.
+    transport: Any = channel.transport
+    channel.transport = None
     # Bytes the client sent right behind the request (a client that does not wait for the
     # 101) are either already parked in HTTP's pipelining buffer, or still inside the HTTP
     # parser's loop when the upgrade happens synchronously; the parser hands those to
@@ -105,9 +114,10 @@ def _take_over(request: Request, protocol: Protocol) -> tuple[Any, bytes]:
     buffered = b"".join(getattr(channel, "_dataBuffer", ()) or ())
     if hasattr(channel, "_dataBuffer"):
         channel._dataBuffer = []
-    channel.rawDataReceived = protocol.dataReceived
+    channel.rawDataReceived = protocol.dataReceived  # type: ignore[method-assign]  # twisted.web has no upgrade API: its raw-data hook is rebound
     if isinstance(transport, ProtocolWrapper):
-        transport.wrappedProtocol = protocol
+        # Protocol implements IProtocol through zope.interface, which mypy cannot see.
+        transport.wrappedProtocol = cast(IProtocol, protocol)
     elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
         transport.protocol.wrappedProtocol = protocol
     else:
@@ -123,7 +133,7 @@ def _take_over(request: Request, protocol: Protocol) -> tuple[Any, bytes]:
         producer.resumeProducing()
     elif hasattr(transport, "resumeProducing"):
         transport.resumeProducing()
-    return transport, buffered
+    return buffered
 
 
 _REASONS = {426: b"Upgrade Required", 429: b"Too Many Requests"}  # twisted.web has no phrase for 426
@@ -140,66 +150,45 @@ def _token(request: Request) -> str:
     return raw.decode("latin-1").strip()
 
 
-# --- the DERP byte stream over a raw (upgraded) connection ---------------------------------------
+# --- what both transports share ------------------------------------------------------------------
 
 
 @implementer(IPushProducer)
-class DERPStreamProtocol(Protocol):
-    """Moves bytes between an upgraded connection and its :class:`ServerConn`."""
+class _Admitted:
+    """One admitted connection's place on the relay, the same for both transports: its
+    :class:`ServerConn`, its ticket, and the transport's flow control passed on to the relay."""
 
-    def __init__(self, relay: Relay, principal: Any, require_mesh: bool, ticket: Any = None) -> None:
+    def __init__(self, relay: Relay, principal: Any, require_mesh: bool,
+                 ticket: AdmissionTicket | None = None) -> None:
         self.relay = relay
         self.principal = principal
         self.require_mesh = require_mesh
         self.ticket = ticket
         self.conn: ServerConn | None = None
 
-    def connectionMade(self) -> None:
-        peer = self.transport.getPeer()
+    def open(self, sink: ConnSink, transport: StreamTransport) -> ServerConn:
+        """Accept the connection on the relay; the transport's pauses reach it from now on."""
+        peer = transport.getPeer()
         addr = (getattr(peer, "host", ""), getattr(peer, "port", 0))
-        self.conn = self.relay.accept(self, self.principal, addr, require_mesh=self.require_mesh)
-        no_delay(self.transport)
-        self.transport.registerProducer(self, True)
-        if self.ticket is not None:
-            self.ticket.bind(self)
+        conn = self.conn = self.relay.accept(sink, self.principal, addr, require_mesh=self.require_mesh)
+        no_delay(transport)
+        transport.registerProducer(self, True)
+        return conn
 
-    # The ticket's handler: the token was revoked, or the server is shutting down.
+    def bind(self, handler: AdmittedConnection) -> None:
+        """Hand the connection to its ticket (which may revoke it at once)."""
+        if self.ticket is not None:
+            self.ticket.bind(handler)
+
     def revoked(self, reason: str) -> None:
         if self.conn is not None:
             self.conn.close(reason)
 
-    def going_away(self) -> None:
-        if self.conn is not None:
-            self.conn.flush()
-            self.conn.close("server going away")
-
-    def start(self, buffered: bytes) -> None:
-        assert self.conn is not None
-        self.conn.start()
-        if buffered:
-            self.conn.data_received(buffered)
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.conn is not None:
-            self.conn.data_received(data)
-
-    def connectionLost(self, reason: Failure = None) -> None:
+    def lost(self) -> None:
         if self.conn is not None:
             self.conn.connection_lost()
         if self.ticket is not None:
             self.ticket.release()
-
-    # ConnSink
-    def write_frames(self, frames: list[bytes]) -> None:
-        self.transport.writeSequence(frames)
-
-    def close(self, reason: str) -> None:
-        # TLS waits for a registered producer to leave before it shuts down.
-        self.transport.unregisterProducer()
-        if reason == "write timeout":
-            self.transport.abortConnection()  # its buffer will never drain
-        else:
-            self.transport.loseConnection()
 
     # IPushProducer: the transport's write buffer is full / drained.
     def pauseProducing(self) -> None:
@@ -214,32 +203,64 @@ class DERPStreamProtocol(Protocol):
         pass
 
 
+# --- the DERP byte stream over a raw (upgraded) connection ---------------------------------------
+
+
+class DERPStreamProtocol(Protocol):
+    """Moves bytes between an upgraded connection and its :class:`ServerConn`."""
+
+    def __init__(self, admitted: _Admitted) -> None:
+        self.admitted = admitted
+
+    def connectionMade(self) -> None:
+        self.admitted.open(self, stream_transport(self))
+        self.admitted.bind(self)
+
+    # AdmittedConnection: the token was revoked, or the server is shutting down.
+    def revoked(self, reason: str) -> None:
+        self.admitted.revoked(reason)
+
+    def going_away(self) -> None:
+        conn = self.admitted.conn
+        if conn is not None:
+            conn.flush()
+            conn.close("server going away")
+
+    def start(self, buffered: bytes) -> None:
+        conn = self.admitted.conn
+        assert conn is not None, "start() follows connectionMade"
+        conn.start()
+        if buffered:
+            conn.data_received(buffered)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.admitted.conn is not None:
+            self.admitted.conn.data_received(data)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.admitted.lost()
+
+    # ConnSink
+    def write_frames(self, frames: list[bytes]) -> None:
+        stream_transport(self).writeSequence(frames)
+
+    def close(self, reason: str) -> None:
+        transport = stream_transport(self)
+        # TLS waits for a registered producer to leave before it shuts down.
+        transport.unregisterProducer()
+        if reason == "write timeout":
+            transport.abortConnection()  # its buffer will never drain
+        else:
+            transport.loseConnection()
+
+
 # --- the same over a websocket -------------------------------------------------------------------
 
 
-@implementer(IPushProducer)
-class _WSProducer:
-    def __init__(self, proto: DERPWebSocketProtocol) -> None:
-        self.proto = proto
-
-    def pauseProducing(self) -> None:
-        if self.proto.conn is not None:
-            self.proto.conn.set_writable(False)
-
-    def resumeProducing(self) -> None:
-        if self.proto.conn is not None:
-            self.proto.conn.set_writable(True)
-
-    def stopProducing(self) -> None:
-        pass
-
-
 class DERPWebSocketProtocol(WebSocketServerProtocol):
-    relay: Relay
-    principal: Any = None
-    require_mesh = False
-    conn: ServerConn | None = None
-    ticket: Any = None
+    def __init__(self, admitted: _Admitted) -> None:
+        super().__init__()
+        self.admitted = admitted
 
     def onConnect(self, request: Any) -> str:
         if "derp" not in request.protocols:
@@ -247,37 +268,29 @@ class DERPWebSocketProtocol(WebSocketServerProtocol):
         return "derp"
 
     def onOpen(self) -> None:
-        peer = self.transport.getPeer()
-        addr = (getattr(peer, "host", ""), getattr(peer, "port", 0))
-        self.conn = self.relay.accept(self, self.principal, addr, require_mesh=self.require_mesh)
-        no_delay(self.transport)
-        self.transport.registerProducer(_WSProducer(self), True)
-        self.conn.start()
-        if self.ticket is not None:
-            self.ticket.bind(self)
+        self.admitted.open(self, stream_transport(self)).start()
+        self.admitted.bind(self)
 
+    # AdmittedConnection
     def revoked(self, reason: str) -> None:
-        if self.conn is not None:
-            self.conn.close(reason)
+        self.admitted.revoked(reason)
 
     def going_away(self) -> None:
-        if self.conn is not None:
-            self.conn.flush()
+        if self.admitted.conn is not None:
+            self.admitted.conn.flush()
         close_going_away(self)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
-        if self.conn is None:
+        conn = self.admitted.conn
+        if conn is None:
             return
         if not isBinary:
-            self.conn.close("text message on a DERP websocket")
+            conn.close("text message on a DERP websocket")
             return
-        self.conn.data_received(payload)
+        conn.data_received(payload)
 
     def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
-        if self.conn is not None:
-            self.conn.connection_lost()
-        if self.ticket is not None:
-            self.ticket.release()
+        self.admitted.lost()
 
     # ConnSink
     def write_frames(self, frames: list[bytes]) -> None:
@@ -285,15 +298,16 @@ class DERPWebSocketProtocol(WebSocketServerProtocol):
 
     def close(self, reason: str) -> None:
         if reason == "write timeout":
-            self.transport.unregisterProducer()
-            self.transport.abortConnection()
+            transport = stream_transport(self)
+            transport.unregisterProducer()
+            transport.abortConnection()
         else:
             self.sendClose(1000, reason[:100])
 
     def _closeConnection(self, abort: bool = False) -> None:
         # TLS waits for a registered producer to leave before it shuts down.
         if self.transport is not None:
-            self.transport.unregisterProducer()
+            stream_transport(self).unregisterProducer()
         super()._closeConnection(abort)
 
 
@@ -331,25 +345,24 @@ class DERPResource(Resource):
     """``/derp``: the upgrade endpoint; children ``probe`` and ``latency-check``."""
 
     def __init__(
-        self, relay: Relay, policy: IRelayPolicy, *, max_ws_message: int = 8 << 20,
-        admission: IRelayAdmission | None = None,
+        self, relay: Relay, policy: RelayPolicy, *, max_ws_message: int = 8 << 20,
+        admission: ConnectionAdmission | None = None,
     ) -> None:
         super().__init__()
         self.relay = relay
         self.policy = policy
         self.admission = admission
-        probe = ProbeResource()
+        probe = _resource(ProbeResource())
         self.putChild(b"probe", probe)
         self.putChild(b"latency-check", probe)
         self.ws_factory = WebSocketServerFactory()
-        self.ws_factory.protocol = DERPWebSocketProtocol
         self.ws_factory.setProtocolOptions(
             maxMessagePayloadSize=max_ws_message, maxFramePayloadSize=max_ws_message
         )
 
     def getChild(self, path: bytes, request: Request) -> IResource:
         if path == b"":
-            return self
+            return _resource(self)
         return super().getChild(path, request)
 
     def render(self, request: Request) -> bytes | int:
@@ -379,13 +392,14 @@ class DERPResource(Resource):
                 request.write(_unauthorized(request))
                 request.finish()
                 return
-            ticket = None
+            ticket: AdmissionTicket | None = None
             if self.admission is not None:
-                ticket = self.admission.admit(principal)
-                if isinstance(ticket, str):
-                    request.write(_json_error(request, 429, "Too many DERP connections.", ticket))
+                admitted = self.admission.admit(principal)
+                if isinstance(admitted, str):
+                    request.write(_json_error(request, 429, "Too many DERP connections.", admitted))
                     request.finish()
                     return
+                ticket = admitted
             try:
                 self._upgrade(request, upgrade, principal, require_mesh=False, ticket=ticket)
             except BaseException:
@@ -403,30 +417,29 @@ class DERPResource(Resource):
         return NOT_DONE_YET
 
     def _upgrade(
-        self, request: Request, upgrade: bytes, principal: Any, require_mesh: bool, ticket: Any = None
+        self, request: Request, upgrade: bytes, principal: Any, require_mesh: bool,
+        ticket: AdmissionTicket | None = None,
     ) -> None:
+        admitted = _Admitted(self.relay, principal, require_mesh, ticket)
         if upgrade == b"derp":
-            proto = DERPStreamProtocol(self.relay, principal, require_mesh, ticket)
-            transport = request.channel.transport
-            transport.write(
+            proto = DERPStreamProtocol(admitted)
+            stream_transport(request.channel).write(
                 b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
                 b"Derp-Version: %d\r\nDerp-Public-Key: %s\r\n\r\n"
                 % (w.PROTOCOL_VERSION, self.relay.public_key.hex().encode())
             )
-            _, buffered = _take_over(request, proto)
+            buffered = _take_over(request, proto)
             proto.start(buffered)
             return
-        ws = self.ws_factory.buildProtocol(request.transport.getPeer())
-        ws.relay = self.relay
-        ws.principal = principal
-        ws.require_mesh = require_mesh
-        ws.ticket = ticket
-        _, buffered = _take_over(request, ws)
+        ws = DERPWebSocketProtocol(admitted)
+        ws.factory = self.ws_factory  # what the factory's buildProtocol would set
+        buffered = _take_over(request, ws)
         # Replay the handshake request into Autobahn, as its own WebSocketResource does.
         data = request.method + b" " + request.uri + b" HTTP/1.1\r\n"
         for name, values in request.requestHeaders.getAllRawHeaders():
             data += name + b": " + b",".join(values) + b"\r\n"
-        data += b"\r\n" + request.content.read() + buffered
+        body = request.content.read() if request.content is not None else b""
+        data += b"\r\n" + body + buffered
         ws.dataReceived(data)
 
 
@@ -439,19 +452,23 @@ def _unauthorized(request: Request) -> bytes:
 
 
 def make_derp_resources(
-    relay: Relay, policy: IRelayPolicy, admission: IRelayAdmission | None = None
+    relay: Relay, policy: RelayPolicy, admission: ConnectionAdmission | None = None
 ) -> dict[str, IResource]:
     """The resources to mount, by absolute path.
 
     ``/derp`` has its own children (``probe``, ``latency-check``); in Klein mount it with
     ``branch=True``.
     """
-    probe = ProbeResource()
     return {
-        "/derp": DERPResource(relay, policy, admission=admission),
-        "/latency-check": probe,
-        "/generate_204": Generate204Resource(),
+        "/derp": _resource(DERPResource(relay, policy, admission=admission)),
+        "/latency-check": _resource(ProbeResource()),
+        "/generate_204": _resource(Generate204Resource()),
     }
+
+
+def _resource(resource: Resource) -> IResource:
+    # Resource implements IResource through zope.interface, which mypy cannot see.
+    return cast(IResource, resource)
 
 
 # --- metrics -------------------------------------------------------------------------------

@@ -10,7 +10,6 @@ policy, mounted beside the API on the same HTTP(S) port.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.error import CannotListenError
@@ -22,14 +21,6 @@ from coderstack.derp.relay import Relay
 from coderstack.derp.server import load_or_create_private_key, make_derp_resources, make_relay
 from coderstack.derpmap import DERPMap
 from coderstack.stun.server import STUNResponder, listen_stun
-
-
-@dataclass
-class RelaySide:
-    derp_map: DERPMap
-    stun_port: IListeningPort | None
-    relay: Relay | None
-    resources: dict[str, IResource]
 
 
 def start_stun(cfg: dict[str, Any], reactor: Any) -> list[IListeningPort]:

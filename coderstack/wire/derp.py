@@ -214,10 +214,6 @@ Frame = (
 # --- encoding ----------------------------------------------------------------------------------
 
 
-def frame_header(ftype: int, length: int) -> bytes:
-    return _HDR.pack(ftype, length)
-
-
 def raw_frame(ftype: int, payload: bytes = b"") -> bytes:
     return _HDR.pack(ftype, len(payload)) + payload
 

@@ -1,95 +1,19 @@
-"""The client's sans-IO session, and dialing behaviour against real sockets."""
+"""Dialing behaviour against real sockets."""
 
 from __future__ import annotations
 
-from hypothesis import given, settings
-from hypothesis import strategies as st
 from twisted.internet import defer, reactor
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol
 from twisted.trial import unittest
 
-from coderstack.derp.client import ClientSession, DERPClientError
+from coderstack.derp.client import DERPClientError
 from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derp.server import load_or_create_private_key
 from coderstack.derpmap import DERPNode, DERPRegion
 from coderstack.wire import derp as w
 
-from .helpers import Recorder, RelayServer, start_client, wait_for
-
-
-class Events(Recorder):
-    def __init__(self) -> None:
-        super().__init__()
-        self.health_msgs: list[str] = []
-        self.restarts: list[tuple[float, float]] = []
-        self.present: list[tuple] = []
-
-    def health(self, problem: str) -> None:
-        self.health_msgs.append(problem)
-
-    def restarting(self, reconnect_in: float, try_for: float) -> None:
-        self.restarts.append((reconnect_in, try_for))
-
-    def peer_present(self, key: bytes, ip: str, port: int, flags: int) -> None:
-        self.present.append((key, ip, port, flags))
-
-
-class SessionTests(unittest.TestCase):
-    def setUp(self) -> None:
-        self.server_priv = w.generate_private_key()
-        self.priv = w.generate_private_key()
-        self.out: list[bytes] = []
-        self.events = Events()
-        self.s = ClientSession(self.priv, self.events, self.out.append)
-
-    def login(self) -> None:
-        self.s.data_received(w.encode(w.ServerKey(w.public_key(self.server_priv))))
-        ((t, p),) = w.FrameReader().feed(self.out.pop())
-        info = w.open_client_info(w.decode(t, p), self.server_priv)
-        self.assertEqual(info.to_json(), {"version": 2, "CanAckPings": True})
-        self.s.data_received(w.seal_server_info(self.server_priv, self.s.public_key, w.ServerInfo()))
-        self.assertEqual(self.s.server_info, w.ServerInfo())
-
-    def test_events(self) -> None:
-        self.login()
-        k = b"k" * 32
-        stream = b"".join([
-            w.encode(w.RecvPacket(k, b"data")),
-            w.encode(w.PeerGone(k, w.PEER_GONE_NOT_HERE)),
-            w.encode(w.Health("relay overloaded")),
-            w.encode(w.Restarting(1500, 30000)),
-            w.encode(w.PeerPresent(k, "192.0.2.9", 41641, 1)),
-            w.encode(w.KeepAlive()),
-            w.raw_frame(0x0C, b"unknown"),
-            w.encode(w.ServerKey(b"z" * 32)),  # a late greeting is ignored
-        ])
-        for i in range(0, len(stream), 7):  # arbitrary chunking
-            self.s.data_received(stream[i : i + 7])
-        self.assertEqual(self.events.packets, [(k, b"data")])
-        self.assertEqual(self.events.gone, [(k, 1)])
-        self.assertEqual(self.events.health_msgs, ["relay overloaded"])
-        self.assertEqual(self.events.restarts, [(1.5, 30.0)])
-        self.assertEqual(self.events.present, [(k, "192.0.2.9", 41641, 1)])
-        self.assertEqual(self.out, [])
-
-    def test_answers_server_ping(self) -> None:
-        self.login()
-        self.s.data_received(w.encode(w.Ping(b"12345678")))
-        self.assertEqual(self.out, [w.encode(w.Pong(b"12345678"))])
-
-    def test_must_start_with_server_key(self) -> None:
-        self.assertRaises(w.DERPProtocolError, self.s.data_received, w.encode(w.KeepAlive()))
-
-    @given(st.binary(max_size=300))
-    @settings(max_examples=200, deadline=None)
-    def test_garbage_raises_only_codec_error(self, blob: bytes) -> None:
-        s = ClientSession(self.priv, Events(), lambda b: None)
-        s.data_received(w.encode(w.ServerKey(b"s" * 32)))
-        try:
-            s.data_received(blob)
-        except w.DERPProtocolError:
-            pass
+from .helpers import RelayServer, start_client, wait_for
 
 
 class RawUpgradeTests(unittest.TestCase):

@@ -1,14 +1,20 @@
 """``DERPClient.reconnect``: after a network change the connection is dropped without a goodbye
-and dialled again at once (no backoff), also while an attempt is under way."""
+and dialled again at once (no backoff), also while an attempt is under way; and the delays of
+the retries that do back off."""
 
 from __future__ import annotations
 
+import random
+
 from twisted.internet import defer, reactor
 from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.task import Clock
 from twisted.trial import unittest
 
+from coderstack.derp.client import DERPClient, DERPClientHandler
 from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derpmap import DERPNode, DERPRegion
+from coderstack.wire import derp as w
 
 from .helpers import RelayServer, start_client, wait_for
 
@@ -83,3 +89,38 @@ class ReconnectTests(unittest.TestCase):
             self.assertIsNone(a._retry)
 
         return defer.ensureDeferred(go())
+
+
+class _Ignore(DERPClientHandler):
+    pass
+
+
+class _Highest(random.Random):
+    def random(self) -> float:
+        return 1.0  # the most jitter: each delay halved
+
+
+class RetryDelayTests(unittest.TestCase):
+    """The retry delays come from Backoff: 0.5 s doubling to 10 s, jitter shortening by up to half."""
+
+    def _delays(self, client: DERPClient, clock: Clock, n: int) -> list[float]:
+        out = []
+        for _ in range(n):
+            client._schedule_retry()
+            assert client._retry is not None
+            out.append(client._retry.getTime() - clock.seconds())
+            client._retry.cancel()
+            client._retry = None
+        return out
+
+    def test_doubling_to_the_cap_with_injected_rng(self) -> None:
+        clock = Clock()
+        node = DERPNode("1a", 1, "127.0.0.1", derp_port=1, force_http=True, stun_port=-1)
+        client = DERPClient(clock, DERPRegion(1, "x", "x", (node,)), w.generate_private_key(),
+                            _Ignore(), rng=_Highest())
+        client._running = True  # as after start(), without dialing
+        self.assertEqual(self._delays(client, clock, 7), [0.25, 0.5, 1.0, 2.0, 4.0, 5.0, 5.0])
+        client._restart_hint = 3.0  # the server's Restarting frame asked for 3 s
+        self.assertEqual(self._delays(client, clock, 1), [3.0])
+        client.backoff.reset()  # a login
+        self.assertEqual(self._delays(client, clock, 1), [0.25])

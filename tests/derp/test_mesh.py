@@ -6,8 +6,8 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from coderstack.derp.mesh import Mesh
-from coderstack.derp.policy import StaticPolicy
 from coderstack.wire import derp as w
+from tests.support.relaypolicy import StaticPolicy
 
 from .helpers import RelayServer, start_client, wait_for
 

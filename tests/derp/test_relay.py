@@ -9,9 +9,9 @@ from hypothesis import strategies as st
 from twisted.internet.task import Clock
 from twisted.trial import unittest
 
-from coderstack.derp.policy import StaticPolicy
 from coderstack.derp.relay import Relay
 from coderstack.wire import derp as w
+from tests.support.relaypolicy import StaticPolicy
 
 DISCO = w.DISCO_MAGIC + b"d" * 32 + b"n" * 24 + b"payload"
 

@@ -10,9 +10,10 @@ from twisted.internet import defer, ssl
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
-from coderstack.derp.policy import AllowAllPolicy, StaticPolicy
+from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derp.server import DERPResource, metrics_text
 from coderstack.wire import derp as w
+from tests.support.relaypolicy import StaticPolicy
 
 from .helpers import RelayServer, make_ca_and_cert, start_client, wait_for
 
@@ -260,7 +261,7 @@ class BackpressureTests(unittest.TestCase):
             d, rd = start_client(self, server)
             await wait_for(lambda: all(x.connected for x in (a, b, c, d)))
             # B stops reading its socket.
-            b._conn.transport.pauseProducing()
+            b._link.transport.transport.pauseProducing()
             chunk = b"x" * 32768
             n = 0
             # Push far more at B than socket buffers hold, keeping A's own writes paced.
@@ -285,7 +286,7 @@ class BackpressureTests(unittest.TestCase):
             metrics = metrics_text(server.relay)
             self.assertIn('coderstack_derp_packets_dropped_total{reason="queue_head"}', metrics)
             self.assertIn("coderstack_derp_clients_connected 4", metrics)
-            b._conn.transport.resumeProducing()
+            b._link.transport.transport.resumeProducing()
 
         return _d(go())
 

@@ -85,7 +85,7 @@ class RealSocketTests(unittest.TestCase):
     async def _both_ends(self, server: RelayServer, **kw: Any) -> None:
         a, _ = start_client(self, server, **kw)
         await wait_for(lambda: a.connected)
-        self.assertTrue(_nodelay(a._conn.transport), "client end")
+        self.assertTrue(_nodelay(a._link.transport.transport), "client end")
         conn = server.relay.active_conn(a.public_key)
         self.assertIsNotNone(conn)
         self.assertTrue(_nodelay(conn.sink.transport), "relay end")
