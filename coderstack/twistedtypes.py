@@ -43,6 +43,13 @@ class DatagramTransport(Protocol):
     def stopListening(self) -> Any: ...
 
 
+class ListeningPort(Protocol):
+    """``IListeningPort``: a bound TCP or UDP port its owner may stop."""
+
+    def getHost(self) -> Any: ...
+    def stopListening(self) -> Any: ...
+
+
 class ProcessTransport(Protocol):
     """``IProcessTransport``: the child process as its ``ProcessProtocol`` drives it."""
 
@@ -71,6 +78,12 @@ class Clock(Protocol):
 
     def seconds(self) -> float: ...
     def callLater(self, delay: float, fn: Callable[..., object], /, *args: object, **kw: object) -> DelayedCall: ...
+
+
+def cancel(call: DelayedCall | None) -> None:
+    """Cancel ``call`` if it is still pending."""
+    if call is not None and call.active():
+        call.cancel()
 
 
 def reactor_time(clock: Clock) -> IReactorTime:

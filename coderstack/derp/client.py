@@ -36,10 +36,10 @@ from twisted.python.failure import Failure
 from coderstack.backoff import Backoff
 from coderstack.derp.session import ClientSession
 from coderstack.derp.transport import ClientTransport, DERPClientError, UpgradeRefused
-from coderstack.derp.twistedtypes import Timer, cancel
 from coderstack.derp.upgrade import upgrade_factory
 from coderstack.derp.wsclient import websocket_factory
 from coderstack.derpmap import DERPNode, DERPRegion
+from coderstack.twistedtypes import DelayedCall, cancel
 from coderstack.wire import derp as w
 
 _log = Logger()
@@ -104,7 +104,7 @@ class _Link:
         self.node = node
         self.transport: ClientTransport | None = None  # set when the attempt succeeds
         self.session = ClientSession(client.private_key, self, client.mesh_key)
-        self.read_timer: Timer | None = None
+        self.read_timer: DelayedCall | None = None
 
     # LinkEvents
     def bytes_received(self, data: bytes) -> None:
@@ -207,8 +207,8 @@ class DERPClient:
         self._writable = True
         self._queue: deque[bytes] = deque()
         self._preferred = False
-        self._retry: Timer | None = None
-        self._pings: dict[bytes, tuple[float, defer.Deferred[float], Timer]] = {}
+        self._retry: DelayedCall | None = None
+        self._pings: dict[bytes, tuple[float, defer.Deferred[float], DelayedCall]] = {}
         self._stop_waiters: list[defer.Deferred[None]] = []
         self._attempt: defer.Deferred[_Link] | None = None
         self._redial = False

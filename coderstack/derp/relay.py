@@ -27,7 +27,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from coderstack.derp.twistedtypes import Clock, Timer, cancel
+from coderstack.twistedtypes import Clock, DelayedCall, cancel
 from coderstack.wire import derp as w
 
 SendForwarder = Callable[[bytes, bytes, bytes], None]
@@ -88,9 +88,9 @@ class ServerConn:
         self._pong: bytes | None = None
         self._authz: dict[bytes, float] = {}
         self._not_here = _TokenBucket(1.0, 3.0, relay.clock.seconds())
-        self._handshake_timer: Timer | None = None
-        self._keepalive_timer: Timer | None = None
-        self._write_timer: Timer | None = None
+        self._handshake_timer: DelayedCall | None = None
+        self._keepalive_timer: DelayedCall | None = None
+        self._write_timer: DelayedCall | None = None
 
     # --- lifecycle ---------------------------------------------------------------------------
 

@@ -52,7 +52,7 @@ from coderstack.derp.policy import (
 )
 from coderstack.derp.relay import ConnSink, Relay, ServerConn
 from coderstack.derp.tcpopts import no_delay
-from coderstack.derp.twistedtypes import Clock, StreamTransport, stream_transport
+from coderstack.twistedtypes import Clock, StreamTransport, stream_transport
 from coderstack.wire import derp as w
 from coderstack.wsclose import close_going_away
 

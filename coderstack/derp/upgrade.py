@@ -33,8 +33,8 @@ from coderstack.derp.transport import (
     host_header,
     local_host,
 )
-from coderstack.derp.twistedtypes import stream_transport
 from coderstack.derpmap import DERPNode
+from coderstack.twistedtypes import stream_transport
 
 MAX_HEAD = 16384
 

@@ -29,8 +29,8 @@ from coderstack.derp.transport import (
     host_header,
     local_host,
 )
-from coderstack.derp.twistedtypes import Clock, stream_transport
 from coderstack.derpmap import DERPNode
+from coderstack.twistedtypes import Clock, stream_transport
 
 MAX_MESSAGE = 8 << 20
 

@@ -13,7 +13,6 @@ import os
 from typing import Any
 
 from twisted.internet.error import CannotListenError
-from twisted.internet.interfaces import IListeningPort
 from twisted.web.resource import IResource
 
 from coderstack.derp.mapconfig import load_server_map
@@ -21,13 +20,14 @@ from coderstack.derp.relay import Relay
 from coderstack.derp.server import load_or_create_private_key, make_derp_resources, make_relay
 from coderstack.derpmap import DERPMap
 from coderstack.stun.server import STUNResponder, listen_stun
+from coderstack.twistedtypes import ListeningPort
 
 
-def start_stun(cfg: dict[str, Any], reactor: Any) -> list[IListeningPort]:
+def start_stun(cfg: dict[str, Any], reactor: Any) -> list[ListeningPort]:
     """One listener per ``stun-listen`` address, all answering through one responder (one rate
     limit per source across the ports, one set of counters)."""
     responder = STUNResponder()
-    ports: list[IListeningPort] = []
+    ports: list[ListeningPort] = []
     for host, port in cfg.get("stun-listen") or []:
         try:
             ports.append(listen_stun(reactor, host, port, responder=responder))

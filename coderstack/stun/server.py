@@ -27,12 +27,11 @@ import struct
 from dataclasses import dataclass
 from typing import Any, cast
 
-from twisted.internet.interfaces import IListeningPort
 from twisted.internet.protocol import DatagramProtocol
 from twisted.logger import Logger
 
 from coderstack.stun.ratelimit import TokenBuckets
-from coderstack.twistedtypes import Clock, UDPReactor, datagram_transport
+from coderstack.twistedtypes import Clock, ListeningPort, UDPReactor, datagram_transport
 from coderstack.wire import stun
 
 # Per source IP. Generous enough for a big office or CGNAT behind one address (clients re-STUN
@@ -140,12 +139,12 @@ def listen_stun(
     *,
     responder: STUNResponder | None = None,
     clock: Clock | None = None,
-) -> IListeningPort:
+) -> ListeningPort:
     """Start answering STUN on UDP ``host:port`` (host "" = all IPv4 interfaces, "::" = all).
 
     The returned port's ``.protocol.counters`` has the counters; ``stopListening()`` ends it.
     """
     proto = STUNServerProtocol(responder or STUNResponder(), clock or reactor)
     # The udp.Port that listenUDP returns provides IListeningPort as well.
-    return cast(IListeningPort, reactor.listenUDP(port, proto, interface=host))
+    return cast(ListeningPort, reactor.listenUDP(port, proto, interface=host))
 
