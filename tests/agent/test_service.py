@@ -17,9 +17,9 @@ from coderstack.derp.server import make_derp_resources, make_relay
 from coderstack.sdk import Client
 from coderstack.tailnet.dial import agent_endpoint, dial_agent
 from coderstack.wire import derp as w
-from tests.derp.helpers import wait_for
 from tests.support.api import Caller, make_deployment
 from tests.support.tempdirs import made_dir
+from tests.support.waiting import wait_until
 from tests.tailnet.test_conn import ipv6_packet
 
 
@@ -60,7 +60,7 @@ class AgentTunnelTests(unittest.TestCase):
         svc = AgentService(reactor, url, agent_token, data)
         svc.startService()
         self.addCleanup(svc.stopService)
-        await wait_for(lambda: svc.conn is not None and svc.coordination is not None)
+        await wait_until(lambda: svc.conn is not None and svc.coordination is not None, "the agent's tunnel and coordination")
         return svc
 
     async def dial(self, url: str, token: str, agent_id: str, **kw):
@@ -83,10 +83,10 @@ class AgentTunnelTests(unittest.TestCase):
         svc.conn.on_packet(lambda key, pkt: svc.conn.send_packet(None, ipv6_packet(
             ipaddress.IPv6Address(pkt[24:40]), ipaddress.IPv6Address(pkt[8:24]), pkt[40:])))
         conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"hello agent"))
-        await wait_for(lambda: replies)
+        await wait_until(lambda: replies, "the echoed packet")
         self.assertEqual(got[0][40:], b"hello agent")
         self.assertEqual(replies[0][40:], b"hello agent")
-        await wait_for(lambda: conn.path(conn.agent_key)[0].startswith("p2p"))
+        await wait_until(lambda: conn.path(conn.agent_key)[0].startswith("p2p"), "a direct path to the agent")
         latency, path = await conn.ping(conn.agent_key)
         self.assertTrue(path.startswith("p2p "), path)
         status = svc.conn.status()
@@ -101,7 +101,7 @@ class AgentTunnelTests(unittest.TestCase):
         svc.conn.on_packet(lambda key, pkt: got.append(pkt))
         for i in range(3):
             conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"n%d" % i))
-        await wait_for(lambda: len(got) == 3)
+        await wait_until(lambda: len(got) == 3, "the three packets")
         latency, path = await conn.ping(conn.agent_key)
         self.assertEqual(path, "DERP(Coder Embedded Relay)")
         self.assertEqual(conn.status()["endpoints"], [])
@@ -113,13 +113,13 @@ class AgentTunnelTests(unittest.TestCase):
         got: list[bytes] = []
         svc.conn.on_packet(lambda key, pkt: got.append(pkt))
         conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"before"))
-        await wait_for(lambda: got)
+        await wait_until(lambda: got, "the packet before")
         handshake = svc.conn.last_handshake[conn.keys.node_public]
         # The agent's coordination websocket dies (a server restart looks the same to it).
         svc.coordination.proto.transport.abortConnection()
-        await wait_for(lambda: svc.sessions == 2 and svc.coordination is not None)
+        await wait_until(lambda: svc.sessions == 2 and svc.coordination is not None, "the agent's second session")
         conn.send_packet(None, ipv6_packet(conn.address, conn.agent_address, b"after"))
-        await wait_for(lambda: len(got) == 2)
+        await wait_until(lambda: len(got) == 2, "the packet after")
         self.assertEqual(got[1][40:], b"after")
         self.assertEqual(svc.conn.last_handshake[conn.keys.node_public], handshake)
 
@@ -154,7 +154,7 @@ class AgentNetstackTests(unittest.TestCase):
         self.addCleanup(proto.transport.abortConnection)
         payload = os.urandom(1 << 20)
         proto.transport.write(payload)
-        await wait_for(lambda: len(proto.buf) >= len(payload))
+        await wait_until(lambda: len(proto.buf) >= len(payload), "the echoed MiB")
         self.assertEqual(bytes(proto.buf), payload)
         self.assertEqual(proto.transport.getPeer().host, str(svc.conn.address))
 
@@ -167,6 +167,6 @@ class AgentNetstackTests(unittest.TestCase):
         self.addCleanup(proto.transport.abortConnection)
         payload = os.urandom(256 * 1024)
         proto.transport.write(payload)
-        await wait_for(lambda: len(proto.buf) >= len(payload))
+        await wait_until(lambda: len(proto.buf) >= len(payload), "the echoed 256 KiB")
         self.assertEqual(bytes(proto.buf), payload)
         self.assertEqual(conn.path(conn.agent_key)[0], "DERP(Coder Embedded Relay)")
