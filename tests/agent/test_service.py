@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -21,6 +21,12 @@ from tests.support.api import Caller, make_deployment
 from tests.support.tempdirs import made_dir
 from tests.support.waiting import wait_until
 from tests.tailnet.test_conn import ipv6_packet
+
+
+def autobahn_timers() -> list[object]:
+    """The reactor's pending calls that belong to Autobahn's (txaio's) batched timers."""
+    return [c for c in reactor.getDelayedCalls()
+            if type(getattr(c.func, "__self__", None)).__module__.startswith("txaio")]
 
 
 class _Root(Resource):
@@ -42,8 +48,9 @@ class AgentTunnelTests(unittest.TestCase):
     timeout = 60
 
     async def start(self, **cfg) -> tuple[str, str, str, str]:
-        # Runs last: Autobahn's batched timers (1 s buckets) outlive closed websockets.
-        self.addCleanup(lambda: task.deferLater(reactor, 1.1, lambda: None))
+        # Runs last: the websockets' ends (after the close handshakes the cleanups start) cancel
+        # the timers Autobahn keeps for them; wait for that instead of leaving them to the janitor.
+        self.addCleanup(wait_until, lambda: not autobahn_timers(), "the websockets to end")
         d, api = await make_deployment(self, **cfg)
         caller = Caller(api)
         token = await caller.owner()

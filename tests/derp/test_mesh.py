@@ -66,7 +66,7 @@ class MeshTests(unittest.TestCase):
 
         async def go() -> None:
             await wait_until(lambda: s2.relay.accepts >= 1 and not m.peers[s2.url].client.connected
-                           and m.peers[s2.url].client.last_error, "s2 to refuse the mesh link")
+                             and m.peers[s2.url].client.last_error, "s2 to refuse the mesh link")
             self.assertEqual(s2.relay.clients, 0)
 
         return defer.ensureDeferred(go())

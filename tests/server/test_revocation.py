@@ -124,7 +124,7 @@ class Base(unittest.TestCase):
     async def agent_coordinate(self) -> Any:
         f = await self.coordinate(self.agent_api, "/api/v2/workspaceagents/me/coordinate")
         await wait_until(lambda: self.svc.deployment.coordinator.status(self.agent_id) == "connected",
-                       "the agent to connect")
+                         "the agent to connect")
         return f
 
     async def client_coordinate(self, api: Client) -> Any:
@@ -170,7 +170,7 @@ class RevocationTests(Base):
         code, why = await opened["map"].closed
         self.assertEqual((code, why), (CLOSE_REVOKED, reason))
         await wait_until(lambda: not opened["derp_inbox"].up and not opened["derp_ws_inbox"].up,
-                       "both DERP connections to close")
+                         "both DERP connections to close")
 
     async def test_logout_closes_that_sessions_connections_only(self) -> None:
         other = await self.login("b@example.com", "bobs password")
@@ -293,7 +293,7 @@ class LimitTests(Base):
         bob_id = uuid.UUID((await self.bob.me())["id"])
         await ups[0][0].stop()
         await wait_until(lambda: self.svc.deployment.relay_admission.caps.count(("user", bob_id)) == 1,
-                       "the slot to free")
+                         "the slot to free")
 
     async def test_coordinator_peers_over_the_limit_get_429(self) -> None:
         await self.client_coordinate(self.bob)
