@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, reactor, ssl, task
+from twisted.internet import defer, reactor, ssl
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -106,7 +106,6 @@ class RelayServer:
 
     async def _drain(self) -> None:
         await wait_until(lambda: self.relay.clients == 0, "the server connections to close")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
     @property
     def url(self) -> str:
