@@ -7,6 +7,7 @@ from twisted.internet import protocol, reactor, task
 from twisted.trial import unittest
 
 from coderstack.agent.forward import LocalUDPForwarder
+from tests.support.waiting import wait_until
 
 AGENT = "fd7a:115c:a1e0::a"
 PEER = ("fd7a:115c:a1e0::c", 50000)
@@ -128,6 +129,5 @@ class RealLoopbackTests(unittest.TestCase):
         fwd.attach(tunnel)
         self.addCleanup(fwd.stop)
         fwd.datagram_received(b"hello", PEER, (AGENT, echo.getHost().port))
-        while not tunnel.sent:
-            await task.deferLater(reactor, 0.01, lambda: None)
+        await wait_until(lambda: tunnel.sent, "the answer in the tunnel", interval=0.01)
         self.assertEqual(tunnel.sent, [(b"HELLO", (AGENT, echo.getHost().port), PEER)])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import os
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 from twisted.web.server import Site
@@ -17,10 +17,16 @@ from coderstack.derp.server import make_derp_resources, make_relay
 from coderstack.sdk import Client
 from coderstack.tailnet.dial import AgentTunnel, dial_agent
 from coderstack.wire import derp as w
-from tests.derp.helpers import wait_for
 from tests.support.api import Caller, make_deployment
 from tests.support.tempdirs import made_dir
+from tests.support.waiting import wait_until
 from tests.tailnet.test_conn import ipv6_packet
+
+
+def autobahn_timers() -> list[object]:
+    """The reactor's pending calls that belong to Autobahn's (txaio's) batched timers."""
+    return [c for c in reactor.getDelayedCalls()
+            if type(getattr(c.func, "__self__", None)).__module__.startswith("txaio")]
 
 
 class _Root(Resource):
@@ -42,8 +48,9 @@ class AgentTunnelTests(unittest.TestCase):
     timeout = 60
 
     async def start(self, **cfg) -> tuple[str, str, str, str]:
-        # Runs last: Autobahn's batched timers (1 s buckets) outlive closed websockets.
-        self.addCleanup(lambda: task.deferLater(reactor, 1.1, lambda: None))
+        # Runs last: the websockets' ends (after the close handshakes the cleanups start) cancel
+        # the timers Autobahn keeps for them; wait for that instead of leaving them to the janitor.
+        self.addCleanup(wait_until, lambda: not autobahn_timers(), "the websockets to end")
         d, api = await make_deployment(self, **cfg)
         caller = Caller(api)
         token = await caller.owner()
@@ -60,7 +67,7 @@ class AgentTunnelTests(unittest.TestCase):
         svc = AgentService(reactor, url, agent_token, data)
         svc.startService()
         self.addCleanup(svc.stopService)
-        await wait_for(lambda: svc.conn is not None and svc.coordination is not None)
+        await wait_until(lambda: svc.conn is not None and svc.coordination is not None, "the agent's tunnel and coordination")
         return svc
 
     async def dial(self, url: str, token: str, agent_id: str, **kw) -> AgentTunnel:
@@ -84,10 +91,10 @@ class AgentTunnelTests(unittest.TestCase):
         svc.conn.on_packet(lambda key, pkt: svc.conn.send_packet(None, ipv6_packet(
             ipaddress.IPv6Address(pkt[24:40]), ipaddress.IPv6Address(pkt[8:24]), pkt[40:])))
         conn.send_packet(None, ipv6_packet(conn.address, tunnel.address, b"hello agent"))
-        await wait_for(lambda: replies)
+        await wait_until(lambda: replies, "the echoed packet")
         self.assertEqual(got[0][40:], b"hello agent")
         self.assertEqual(replies[0][40:], b"hello agent")
-        await wait_for(lambda: conn.path(tunnel.key)[0].startswith("p2p"))
+        await wait_until(lambda: conn.path(tunnel.key)[0].startswith("p2p"), "a direct path to the agent")
         result = await tunnel.ping()
         self.assertTrue(result.p2p, result)
         status = svc.conn.status()
@@ -103,7 +110,7 @@ class AgentTunnelTests(unittest.TestCase):
         svc.conn.on_packet(lambda key, pkt: got.append(pkt))
         for i in range(3):
             conn.send_packet(None, ipv6_packet(conn.address, tunnel.address, b"n%d" % i))
-        await wait_for(lambda: len(got) == 3)
+        await wait_until(lambda: len(got) == 3, "the three packets")
         result = await tunnel.ping()
         self.assertEqual((result.kind, result.derp_name), ("derp", "Coder Embedded Relay"))
         self.assertEqual(conn.status()["endpoints"], [])
@@ -116,13 +123,13 @@ class AgentTunnelTests(unittest.TestCase):
         got: list[bytes] = []
         svc.conn.on_packet(lambda key, pkt: got.append(pkt))
         conn.send_packet(None, ipv6_packet(conn.address, tunnel.address, b"before"))
-        await wait_for(lambda: got)
+        await wait_until(lambda: got, "the packet before")
         handshake = svc.conn.last_handshake[conn.keys.node_public]
         # The agent's coordination websocket dies (a server restart looks the same to it).
         svc.coordination.proto.transport.abortConnection()
-        await wait_for(lambda: svc.sessions == 2 and svc.coordination is not None)
+        await wait_until(lambda: svc.sessions == 2 and svc.coordination is not None, "the agent's second session")
         conn.send_packet(None, ipv6_packet(conn.address, tunnel.address, b"after"))
-        await wait_for(lambda: len(got) == 2)
+        await wait_until(lambda: len(got) == 2, "the packet after")
         self.assertEqual(got[1][40:], b"after")
         self.assertEqual(svc.conn.last_handshake[conn.keys.node_public], handshake)
 
@@ -157,7 +164,7 @@ class AgentNetstackTests(unittest.TestCase):
         self.addCleanup(proto.transport.abortConnection)
         payload = os.urandom(1 << 20)
         proto.transport.write(payload)
-        await wait_for(lambda: len(proto.buf) >= len(payload))
+        await wait_until(lambda: len(proto.buf) >= len(payload), "the echoed MiB")
         self.assertEqual(bytes(proto.buf), payload)
         self.assertEqual(proto.transport.getPeer().host, str(svc.conn.address))
 
@@ -170,6 +177,6 @@ class AgentNetstackTests(unittest.TestCase):
         self.addCleanup(proto.transport.abortConnection)
         payload = os.urandom(256 * 1024)
         proto.transport.write(payload)
-        await wait_for(lambda: len(proto.buf) >= len(payload))
+        await wait_until(lambda: len(proto.buf) >= len(payload), "the echoed 256 KiB")
         self.assertEqual(bytes(proto.buf), payload)
         self.assertEqual(tunnel.conn.path(tunnel.key)[0], "DERP(Coder Embedded Relay)")

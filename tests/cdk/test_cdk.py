@@ -4,13 +4,23 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import shutil
 from pathlib import Path
 
 from twisted.trial import unittest
 
-from coderstack.cdk import terraform_escape
-from coderstack.cdk.synth import synth_document
 from coderstack.provider.bootstrap import linux_stop_script
+
+# coderstack.cdk needs cdktf and constructs (the 'terraform' extra, which the 'test' extra does not
+# pull in), and cdktf runs every construct in node through jsii. No terraform binary is involved.
+if importlib.util.find_spec("cdktf") is None or importlib.util.find_spec("constructs") is None:
+    SKIP_NO_CDKTF: str | None = "cdktf is not installed (it is in the 'terraform' extra: pip install '.[terraform]')"
+elif shutil.which("node") is None:
+    SKIP_NO_CDKTF = "node is not on PATH (cdktf runs the constructs in node, through jsii)"
+else:
+    SKIP_NO_CDKTF = None
+    from coderstack.cdk import terraform_escape
+    from coderstack.cdk.synth import synth_document
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "terraform" / "templates" / "local"
 
@@ -26,6 +36,8 @@ _cache: dict = {}
 
 
 class ExampleTemplateTests(unittest.TestCase):
+    skip = SKIP_NO_CDKTF
+
     def setUp(self):
         # One synthesis (a Node process round trip) shared by the tests of this class.
         if not _cache:
@@ -83,6 +95,8 @@ class ExampleTemplateTests(unittest.TestCase):
 
 
 class ConstructTests(unittest.TestCase):
+    skip = SKIP_NO_CDKTF
+
     def test_escape(self):
         self.assertEqual(terraform_escape("a ${b} %{c} $d"), "a $${b} %%{c} $d")
 

@@ -16,7 +16,7 @@ import subprocess
 import sys
 import uuid
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from coderstack.agent.service import AgentService
@@ -24,6 +24,7 @@ from coderstack.cli.main import run as cli_run
 from coderstack.sdk import Client, SDKError
 from coderstack.wire.coordination import address_from_uuid
 from tests.support.inprocess import CLI, start_server
+from tests.support.waiting import wait_until
 
 OWNER = ("--first-user-username", "alice", "--first-user-email", "alice@example.com",
          "--first-user-password", "correct horse battery")
@@ -274,14 +275,11 @@ class AgentStatusTests(CLITestCase):
         proto = agent.coordination.proto
         await agent.stopService()
         # (Stopping cancels the agent's wait on the close, so watch the protocol itself.)
-        while proto.state != proto.STATE_CLOSED:
-            await task.deferLater(reactor, 0.02, lambda: None)
+        await wait_until(lambda: proto.state == proto.STATE_CLOSED, "the coordination websocket to close")
         shown = await self.wait_status("ws1", "disconnected")
         self.assertIsNotNone(shown["agents"][0]["last_seen_at"])
         # ... and the server recorded when it left.
-        while shown["agents"][0]["disconnected_at"] is None:
-            await task.deferLater(reactor, 0.05, lambda: None)
-            shown = await self.show("ws1")
+        shown = await self.wait_disconnect_recorded("ws1")
         self.assertEqual(shown["agents"][0]["last_seen_at"], shown["agents"][0]["disconnected_at"])
 
     async def test_rotating_the_token_disconnects_the_running_agent(self) -> None:
@@ -292,26 +290,45 @@ class AgentStatusTests(CLITestCase):
         self.addCleanup(lambda: agent.stopService() if agent.running else None)
         await self.wait_status("ws1", "connected")
         coordination = agent.coordination
+        # Watch the agent's requests, to know when it has tried the old token again.
+        refused: list[int | None] = []
+        get = agent.client.get
+
+        async def watched_get(path: str, *args: object, **kwargs: object) -> object:
+            try:
+                return await get(path, *args, **kwargs)
+            except SDKError as err:
+                refused.append(err.status)
+                raise
+
+        agent.client.get = watched_get
         code, out, err = await self.cli("agent-token", "ws1")
         self.assertEqual(code, 0, err)
         # The server closes the old token's coordination itself, as a kick.
         await coordination.closed
         self.assertEqual(coordination.proto.remoteCloseCode, 4001)
-        shown = await self.wait_status("ws1", "disconnected")
-        while shown["agents"][0]["disconnected_at"] is None:
-            await task.deferLater(reactor, 0.05, lambda: None)
-            shown = await self.show("ws1")
-        # The old token does not get it back in.
-        await task.deferLater(reactor, 1.5, lambda: None)
+        await self.wait_status("ws1", "disconnected")
+        await self.wait_disconnect_recorded("ws1")
+        # The old token does not get it back in: the agent's next try is refused.
+        await wait_until(lambda: refused, "the agent to try the old token again")
+        self.assertEqual(refused[0], 401)
         self.assertEqual((await self.show("ws1"))["agents"][0]["status"], "disconnected")
         self.assertEqual(agent.sessions, 1)
 
     async def wait_status(self, name: str, status: str) -> dict:
-        while True:
+        async def shown_with_status() -> dict | None:
             shown = await self.show(name)
-            if shown["agents"][0]["status"] == status:
-                return shown
-            await task.deferLater(reactor, 0.05, lambda: None)
+            return shown if shown["agents"][0]["status"] == status else None
+
+        return await wait_until(shown_with_status, f"{name}'s agent to be {status}", interval=0.05)
+
+    async def wait_disconnect_recorded(self, name: str) -> dict:
+        async def shown_with_disconnect() -> dict | None:
+            shown = await self.show(name)
+            return shown if shown["agents"][0]["disconnected_at"] is not None else None
+
+        return await wait_until(shown_with_disconnect, f"the server to record when {name}'s agent left",
+                                interval=0.05)
 
 
 class ErrorTests(unittest.TestCase):

@@ -22,8 +22,8 @@ from coderstack.server import auth
 from coderstack.server.agentspec import agent_spec
 from coderstack.server.records import AgentRecord
 from coderstack.server.tfstate import Agent, App, Healthcheck, MetadataItem, Script
-from tests.server.test_agent_lifecycle_api import eventually
 from tests.support.inprocess import CLI, start_server
+from tests.support.waiting import wait_until
 
 OWNER = ("--first-user-username", "alice", "--first-user-email", "alice@example.com",
          "--first-user-password", "correct horse battery")
@@ -141,9 +141,9 @@ class LifecycleCommandTests(unittest.TestCase):
         following = defer.ensureDeferred(cli_run(
             reactor, ["logs", "dev", "--follow"], environ=self.cli.environ, stdout=stdout,
             stderr=io.StringIO(), stdin=io.StringIO()))
-        await eventually(lambda: "two" in stdout.getvalue(), "the old lines")
+        await wait_until(lambda: "two" in stdout.getvalue(), "the old lines")
         await self.log("three")
-        await eventually(lambda: "three" in stdout.getvalue(), "the followed line")
+        await wait_until(lambda: "three" in stdout.getvalue(), "the followed line")
         following.cancel()
         await following.addErrback(lambda _: None)
 
@@ -159,7 +159,7 @@ class LifecycleCommandTests(unittest.TestCase):
         await self.report("starting")
         await self.log("step 1")
         d, stderr = await self.ssh("--wait=yes")
-        await eventually(lambda: "step 1" in stderr.getvalue(), "the waiting output")
+        await wait_until(lambda: "step 1" in stderr.getvalue(), "the waiting output")
         self.assertFalse(d.called)  # still starting: still waiting
         await self.log("step 2")
         await self.report("ready")
@@ -186,7 +186,7 @@ class LifecycleCommandTests(unittest.TestCase):
         await self.make_workspace(blocking=True)
         await self.report("starting")
         d, stderr = await self.ssh()
-        await eventually(lambda: "Waiting" in stderr.getvalue(), "the wait")
+        await wait_until(lambda: "Waiting" in stderr.getvalue(), "the wait")
         await self.log("exit status 3")
         await self.report("start_error")
         await d

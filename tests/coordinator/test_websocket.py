@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import uuid
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.trial import unittest
 
 from coderstack.coordinator.client import CoordinateClientFactory, open_coordination
@@ -13,6 +13,7 @@ from coderstack.coordinator.websocket import CLOSE_ABUSE, CLOSE_REPLACED
 from coderstack.sdk import Client
 from coderstack.wire.coordination import CoordinateRequest
 from tests.support.inprocess import CLI, start_server
+from tests.support.waiting import wait_until
 
 AGENT_PATH = "/api/v2/workspaceagents/me/coordinate"
 
@@ -35,20 +36,18 @@ class CoordinateWebsocketTests(unittest.TestCase):
     async def connect(self) -> CoordinateClientFactory:
         factory = await open_coordination(self.api, AGENT_PATH, lambda r: None)
         self.addCleanup(lambda: factory.proto.sendClose() if not factory.closed.called else None)
-        await self.until(lambda: self.server.deployment.coordinator.status(self.agent_id) == "connected")
+        await wait_until(lambda: self.status() == "connected", "the agent to be connected")
         return factory
 
     async def agent_row(self):
         agent, _ws = await self.server.deployment.store.agent(self.agent_id)
         return agent
 
-    @staticmethod
-    async def until(condition) -> None:
-        while not condition():
-            await task.deferLater(reactor, 0.02, lambda: None)
-
     def status(self) -> str:
         return self.server.deployment.coordinator.status(self.agent_id)
+
+    async def recorded_disconnect(self) -> bool:
+        return (await self.agent_row()).disconnected_at is not None
 
     async def test_graceful_disconnect(self) -> None:
         f = await self.connect()
@@ -56,8 +55,7 @@ class CoordinateWebsocketTests(unittest.TestCase):
         code, reason = await f.closed
         self.assertEqual((code, reason), (1000, "graceful disconnect"))
         self.assertIsNone(self.status())
-        while (await self.agent_row()).disconnected_at is None:
-            await task.deferLater(reactor, 0.02, lambda: None)
+        await wait_until(self.recorded_disconnect, "the disconnect to be recorded")
         status, _seen = self.server.deployment.agent_status(await self.agent_row())
         self.assertEqual(status, "disconnected")
 
@@ -70,7 +68,10 @@ class CoordinateWebsocketTests(unittest.TestCase):
         self.assertEqual(self.status(), "connected")
         self.assertEqual(self.server.deployment.coordinator.overwrites, 1)
         # The replaced connection's end is not the agent's: nothing is recorded as disconnected.
-        await task.deferLater(reactor, 0.1, lambda: None)
+        # Its close handler (which would record it) has run once the server releases its live
+        # session; the store runs its work in order, so the row read after that sees any write.
+        await wait_until(lambda: len(self.server.deployment.live) == 1,
+                         "the server to release the replaced connection")
         self.assertIsNone((await self.agent_row()).disconnected_at)
         self.assertFalse(new.closed.called)
 
@@ -78,7 +79,7 @@ class CoordinateWebsocketTests(unittest.TestCase):
         f = await self.connect()
         f.proto.transport.abortConnection()
         await f.closed
-        await self.until(lambda: self.status() == "lost")
+        await wait_until(lambda: self.status() == "lost", "the agent to be lost")
         status, seen = self.server.deployment.agent_status(await self.agent_row())
         self.assertEqual(status, "lost")
         self.assertIsNotNone(seen)
@@ -97,8 +98,7 @@ class CoordinateWebsocketTests(unittest.TestCase):
         self.assertEqual(code, CLOSE_ABUSE)
         self.assertTrue(errors)
         self.assertIsNone(self.status())
-        while (await self.agent_row()).disconnected_at is None:
-            await task.deferLater(reactor, 0.02, lambda: None)
+        await wait_until(self.recorded_disconnect, "the disconnect to be recorded")
 
     async def test_server_shutdown(self) -> None:
         f = await self.connect()

@@ -10,7 +10,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from twisted.internet import defer, reactor, ssl, task
+from twisted.internet import defer, reactor, ssl
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
@@ -18,6 +18,7 @@ from coderstack.derp.client import DERPClient, DERPClientHandler
 from coderstack.derp.server import make_derp_resources, make_relay
 from coderstack.derpmap import DERPNode, DERPRegion
 from coderstack.wire import derp as w
+from tests.support.waiting import wait_until
 
 
 def make_ca_and_cert(hostname: str = "localhost") -> tuple[bytes, bytes]:
@@ -81,12 +82,6 @@ class Recorder(DERPClientHandler):
         self.disconnects.append(reason)
 
 
-async def wait_for(pred: Any, what: str = "condition") -> None:
-    """Poll ``pred`` until true (trial's own test timeout bounds the wait)."""
-    while not pred():
-        await task.deferLater(reactor, 0.005, lambda: None)
-
-
 class RelayServer:
     """A twisted.web Site with the DERP resources, on 127.0.0.1:0 (optionally TLS)."""
 
@@ -110,8 +105,7 @@ class RelayServer:
         testcase.addCleanup(lambda: defer.ensureDeferred(self._drain()))
 
     async def _drain(self) -> None:
-        await wait_for(lambda: self.relay.clients == 0, "server connections closed")
-        await task.deferLater(reactor, 0.01, lambda: None)
+        await wait_until(lambda: self.relay.clients == 0, "the server connections to close")
 
     @property
     def url(self) -> str:

@@ -12,8 +12,9 @@ from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derp.server import load_or_create_private_key
 from coderstack.derpmap import DERPNode, DERPRegion
 from coderstack.wire import derp as w
+from tests.support.waiting import wait_until
 
-from .helpers import RelayServer, start_client, wait_for
+from .helpers import RelayServer, start_client
 
 
 class RawUpgradeTests(unittest.TestCase):
@@ -32,7 +33,7 @@ class RawUpgradeTests(unittest.TestCase):
             await connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", server.port.getHost().port), proto)
             proto.transport.write(b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\n"
                                   b"Connection: Upgrade\r\nCoder-Session-Token: t\r\n\r\n")
-            await wait_for(lambda: len(proto.data) >= 150 + 45)
+            await wait_until(lambda: len(proto.data) >= 150 + 45, "the server's answer and hello")
             head, _, rest = proto.data.partition(b"\r\n\r\n")
             self.assertEqual(head, b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: DERP\r\n"
                              b"Connection: Upgrade\r\nDerp-Version: 2\r\nDerp-Public-Key: "
@@ -73,7 +74,7 @@ class DialTests(unittest.TestCase):
             stun = DERPNode("999s", 999, "127.0.0.1", stun_only=True, stun_port=3478)
             region = DERPRegion(999, "coder", "x", (stun, bad, good))
             a, ra = start_client(self, server, region=region)
-            await wait_for(lambda: a.connected)
+            await wait_until(lambda: a.connected, "the login on the good node")
             self.assertEqual(a.node.name, "999b")
             self.assertEqual(ra.connects[0][1].name, "999b")
 
@@ -85,9 +86,9 @@ class DialTests(unittest.TestCase):
         async def go() -> None:
             a, _ = start_client(self, server)
             a.note_preferred(True)  # before connecting: sent at login
-            await wait_for(lambda: server.relay.home_clients == 1)
+            await wait_until(lambda: server.relay.home_clients == 1, "the relay to count a home client")
             a.note_preferred(False)
-            await wait_for(lambda: server.relay.home_clients == 0)
+            await wait_until(lambda: server.relay.home_clients == 0, "the relay to count none")
             await a.stop()
             with self.assertRaises(DERPClientError):
                 await a.ping()
@@ -99,10 +100,10 @@ class DialTests(unittest.TestCase):
 
         async def go() -> None:
             b, rb = start_client(self, server)
-            await wait_for(lambda: b.connected)
+            await wait_until(lambda: b.connected, "b's login")
             a, _ = start_client(self, server)
             self.assertTrue(a.send(b.public_key, b"early"))
-            await wait_for(lambda: rb.packets)
+            await wait_until(lambda: rb.packets, "the early packet at b")
             self.assertEqual(rb.packets, [(a.public_key, b"early")])
 
         return defer.ensureDeferred(go())
@@ -153,7 +154,7 @@ class EagerClientTests(unittest.TestCase):
 
         async def go() -> None:
             b, rb = start_client(self, server)
-            await wait_for(lambda: b.connected)
+            await wait_until(lambda: b.connected, "b's login")
             priv = w.generate_private_key()
             pub = w.public_key(priv)
             proto = Raw()
@@ -165,7 +166,7 @@ class EagerClientTests(unittest.TestCase):
                 b"GET /derp HTTP/1.1\r\nHost: x\r\nUpgrade: DERP\r\nConnection: Upgrade\r\n"
                 b"Coder-Session-Token: t\r\n\r\n" + hello + w.encode(w.SendPacket(b.public_key, payload))
             )
-            await wait_for(lambda: rb.packets)
+            await wait_until(lambda: rb.packets, "the packet at b")
             self.assertEqual(rb.packets, [(pub, payload)])
             proto.transport.loseConnection()
 

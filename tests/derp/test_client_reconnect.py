@@ -15,8 +15,9 @@ from coderstack.derp.client import DERPClient, DERPClientHandler
 from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derpmap import DERPNode, DERPRegion
 from coderstack.wire import derp as w
+from tests.support.waiting import wait_until
 
-from .helpers import RelayServer, start_client, wait_for
+from .helpers import RelayServer, start_client
 
 
 class ReconnectTests(unittest.TestCase):
@@ -28,18 +29,18 @@ class ReconnectTests(unittest.TestCase):
             # A backoff long enough that only an immediate redial can pass this test in time.
             a, ra = start_client(self, server, force_websockets=websocket, min_backoff=600, max_backoff=600)
             b, rb = start_client(self, server)
-            await wait_for(lambda: a.connected and b.connected)
+            await wait_until(lambda: a.connected and b.connected, "both logins")
             self.assertEqual(a.local_address(), "127.0.0.1")
             a.reconnect()
             self.assertFalse(a.connected)
             self.assertIsNone(a.local_address())
             self.assertEqual(len(ra.disconnects), 1)
             self.assertIsNone(a._retry)  # dialling now, not waiting out a backoff
-            await wait_for(lambda: a.connected)
+            await wait_until(lambda: a.connected, "the login again")
             self.assertEqual((a.connects, a.reconnects, len(ra.connects)), (2, 1, 2))
             self.assertEqual(ra.connects[-1][2], websocket)
             b.send(a.public_key, b"after")
-            await wait_for(lambda: ra.packets)
+            await wait_until(lambda: ra.packets, "the packet after the reconnect")
             self.assertEqual(ra.packets, [(b.public_key, b"after")])
             self.assertEqual(len(ra.disconnects), 1)  # the old connection's end was not reported twice
 
@@ -66,10 +67,10 @@ class ReconnectTests(unittest.TestCase):
 
         async def go() -> None:
             a, ra = start_client(self, server, region=region)
-            await wait_for(lambda: len(accepted) == 1)  # stuck waiting for the upgrade answer
+            await wait_until(lambda: len(accepted) == 1, "the first connection")  # stuck waiting for the upgrade answer
             a.reconnect()
-            await wait_for(lambda: len(accepted) == 2)
-            await wait_for(lambda: accepted[0].transport.disconnected)
+            await wait_until(lambda: len(accepted) == 2, "the second connection")
+            await wait_until(lambda: accepted[0].transport.disconnected, "the first connection to be dropped")
             self.assertFalse(accepted[1].transport.disconnected)
             self.assertEqual(ra.connects, [])
             self.assertNotIn("cancelled", a.last_error)
@@ -81,7 +82,7 @@ class ReconnectTests(unittest.TestCase):
 
         async def go() -> None:
             a, ra = start_client(self, server)
-            await wait_for(lambda: a.connected)
+            await wait_until(lambda: a.connected, "the login")
             await a.stop()
             a.reconnect()
             self.assertEqual(a.reconnects, 0)

@@ -11,8 +11,7 @@ from twisted.web.server import Site
 
 from coderstack.derp.mapstream import MapPublisher, derp_map_stream_resource
 from coderstack.derpmap import DERPMap, build_server_map
-
-from .helpers import wait_for
+from tests.support.waiting import wait_until
 
 
 class MapStreamTests(unittest.TestCase):
@@ -42,15 +41,15 @@ class MapStreamTests(unittest.TestCase):
 
         async def go() -> None:
             proto = await TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port).connect(factory)
-            await wait_for(lambda: got)
+            await wait_until(lambda: got, "the first map")
             self.assertEqual(got[0].region(999).nodes[0].host_name, "a.example.com")
             pub.set(pub.get())  # no change, no message
             pub.set(build_server_map("https://b.example.com"))
-            await wait_for(lambda: len(got) == 2)
+            await wait_until(lambda: len(got) == 2, "the changed map")
             self.assertEqual(got[1].region(999).nodes[0].host_name, "b.example.com")
             self.assertEqual(len(pub._subscribers), 1)
             proto.sendClose()
             await closed
-            await wait_for(lambda: not pub._subscribers)
+            await wait_until(lambda: not pub._subscribers, "the subscriber to go")
 
         return defer.ensureDeferred(go())

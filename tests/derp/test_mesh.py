@@ -8,8 +8,9 @@ from twisted.trial import unittest
 from coderstack.derp.mesh import Mesh
 from coderstack.wire import derp as w
 from tests.support.relaypolicy import StaticPolicy
+from tests.support.waiting import wait_until
 
-from .helpers import RelayServer, start_client, wait_for
+from .helpers import RelayServer, start_client
 
 MESH_KEY = "ab" * 32
 
@@ -35,23 +36,23 @@ class MeshTests(unittest.TestCase):
             a, ra = start_client(self, s1, "tok-a", priv=ka)
             b, rb = start_client(self, s2, "tok-b", priv=kb)
             m, rm = start_client(self, s1, "tok-m", priv=km)
-            await wait_for(lambda: a.connected and b.connected and m.connected)
-            await wait_for(lambda: b.public_key in m1.peers[s2.url].keys)
-            await wait_for(lambda: a.public_key in m2.peers[s1.url].keys)
+            await wait_until(lambda: a.connected and b.connected and m.connected, "the three logins")
+            await wait_until(lambda: b.public_key in m1.peers[s2.url].keys, "s1's mesh link to learn of b")
+            await wait_until(lambda: a.public_key in m2.peers[s1.url].keys, "s2's mesh link to learn of a")
             a.send(b.public_key, b"across")
-            await wait_for(lambda: rb.packets)
+            await wait_until(lambda: rb.packets, "the packet across the mesh")
             self.assertEqual(rb.packets, [(a.public_key, b"across")])
             b.send(a.public_key, b"and back")
-            await wait_for(lambda: ra.packets)
+            await wait_until(lambda: ra.packets, "the packet back")
             self.assertEqual(ra.packets, [(b.public_key, b"and back")])
             self.assertEqual(s2.relay.packets_forwarded_in, 1)
             # The policy still applies where a packet enters the region.
             m.send(b.public_key, b"not allowed")
-            await wait_for(lambda: s1.relay.drops["unauthorized"] == 1)
+            await wait_until(lambda: s1.relay.drops["unauthorized"] == 1, "the unauthorized drop")
             self.assertEqual(s2.relay.packets_forwarded_in, 1)
             # b leaves: s1 stops forwarding to it.
             await b.stop()
-            await wait_for(lambda: b.public_key not in m1.peers[s2.url].keys)
+            await wait_until(lambda: b.public_key not in m1.peers[s2.url].keys, "s1's mesh link to forget b")
 
         return defer.ensureDeferred(go())
 
@@ -64,8 +65,8 @@ class MeshTests(unittest.TestCase):
         m.set_addresses([s2.url])
 
         async def go() -> None:
-            await wait_for(lambda: s2.relay.accepts >= 1 and not m.peers[s2.url].client.connected
-                           and m.peers[s2.url].client.last_error)
+            await wait_until(lambda: s2.relay.accepts >= 1 and not m.peers[s2.url].client.connected
+                             and m.peers[s2.url].client.last_error, "s2 to refuse the mesh link")
             self.assertEqual(s2.relay.clients, 0)
 
         return defer.ensureDeferred(go())

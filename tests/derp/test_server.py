@@ -14,8 +14,9 @@ from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derp.server import DERPResource, metrics_text
 from coderstack.wire import derp as w
 from tests.support.relaypolicy import StaticPolicy
+from tests.support.waiting import wait_until
 
-from .helpers import RelayServer, make_ca_and_cert, start_client, wait_for
+from .helpers import RelayServer, make_ca_and_cert, start_client
 
 
 def _d(coro):
@@ -26,13 +27,13 @@ class ExchangeTests(unittest.TestCase):
     async def _exchange(self, server: RelayServer, **kw) -> None:
         a, ra = start_client(self, server, **kw)
         b, rb = start_client(self, server, **kw)
-        await wait_for(lambda: a.connected and b.connected)
+        await wait_until(lambda: a.connected and b.connected, "both logins")
         self.assertTrue(a.send(b.public_key, b"to b"))
-        await wait_for(lambda: rb.packets)
+        await wait_until(lambda: rb.packets, "the packet at b")
         self.assertEqual(rb.packets, [(a.public_key, b"to b")])
         big = bytes(range(256)) * 256  # 64 KiB, the largest packet
         b.send(a.public_key, big)
-        await wait_for(lambda: ra.packets)
+        await wait_until(lambda: ra.packets, "the 64 KiB packet at a")
         self.assertEqual(ra.packets, [(b.public_key, big)])
         rtt = await a.ping()
         self.assertGreater(rtt, 0)
@@ -46,7 +47,7 @@ class ExchangeTests(unittest.TestCase):
             a, ra, b, rb = await self._exchange(server)
             self.assertFalse(ra.connects[0][2])  # not websocket
             a.stop()
-            await wait_for(lambda: rb.gone)
+            await wait_until(lambda: rb.gone, "b to hear a has gone")
             self.assertEqual(rb.gone, [(a.public_key, w.PEER_GONE_DISCONNECTED)])
 
         return _d(go())
@@ -87,7 +88,7 @@ class ExchangeTests(unittest.TestCase):
 
         async def go() -> None:
             a, ra = start_client(self, server, region=server.region("localhost"), tls_options=opts)
-            await wait_for(lambda: a.last_error)
+            await wait_until(lambda: a.last_error, "the TLS failure")
             self.assertFalse(a.connected)
             self.assertEqual(server.relay.clients, 0)
 
@@ -116,11 +117,11 @@ class ExchangeTests(unittest.TestCase):
         async def go() -> None:
             a, ra = start_client(self, server)
             b, rb = start_client(self, server)
-            await wait_for(lambda: a.connected and b.connected)
+            await wait_until(lambda: a.connected and b.connected, "both logins")
             self.assertEqual(ra.forced, [(999, "DERP upgrade got HTTP 400")])
             self.assertTrue(a.use_websocket)
             a.send(b.public_key, b"through the proxy")
-            await wait_for(lambda: rb.packets)
+            await wait_until(lambda: rb.packets, "the packet through the proxy")
             self.assertEqual(rb.packets, [(a.public_key, b"through the proxy")])
 
         return _d(go())
@@ -130,9 +131,9 @@ class ExchangeTests(unittest.TestCase):
 
         async def go() -> None:
             a, ra = start_client(self, server, min_backoff=0.01)
-            await wait_for(lambda: a.connected)
+            await wait_until(lambda: a.connected, "the login")
             server.relay.close_peer(a.public_key)
-            await wait_for(lambda: len(ra.connects) == 2)
+            await wait_until(lambda: len(ra.connects) == 2, "the second login")
             self.assertEqual(len(ra.disconnects), 1)
             self.assertTrue(a.connected)
 
@@ -188,7 +189,7 @@ class AuthTests(unittest.TestCase):
             self.assertEqual(resp.code, 401)
             await resp.text()
             a, ra = start_client(self, self.server, token="wrong")
-            await wait_for(lambda: "401" in a.last_error)
+            await wait_until(lambda: "401" in a.last_error, "the refused login")
             self.assertFalse(a.use_websocket)  # 401 is not a proxy problem: no fallback
             self.assertEqual(self.server.relay.accepts, 0)
 
@@ -197,7 +198,7 @@ class AuthTests(unittest.TestCase):
     def test_wrong_token_over_websocket(self) -> defer.Deferred:
         async def go() -> None:
             a, ra = start_client(self, self.server, token="wrong", force_websockets=True)
-            await wait_for(lambda: "401" in a.last_error)
+            await wait_until(lambda: "401" in a.last_error, "the refused websocket login")
             self.assertEqual(self.server.relay.accepts, 0)
             self.assertEqual(ra.forced, [])
 
@@ -214,14 +215,14 @@ class AuthTests(unittest.TestCase):
             a, ra = start_client(self, self.server, "tok-alice", priv=keys[0])
             b, rb = start_client(self, self.server, "tok-bob", priv=keys[1])
             m, rm = start_client(self, self.server, "tok-mallory", priv=keys[2])
-            await wait_for(lambda: a.connected and b.connected and m.connected)
+            await wait_until(lambda: a.connected and b.connected and m.connected, "the three logins")
             m.send(a.public_key, b"hi from mallory")
-            await wait_for(lambda: self.server.relay.drops["unauthorized"] == 1)
+            await wait_until(lambda: self.server.relay.drops["unauthorized"] == 1, "mallory's packet to be dropped")
             b.send(a.public_key, b"hi from bob")
-            await wait_for(lambda: ra.packets)
+            await wait_until(lambda: ra.packets, "bob's packet at alice")
             self.assertEqual(ra.packets, [(b.public_key, b"hi from bob")])
             a.send(m.public_key, b"reply?")
-            await wait_for(lambda: self.server.relay.drops["unauthorized"] == 2)
+            await wait_until(lambda: self.server.relay.drops["unauthorized"] == 2, "alice's reply to be dropped")
             self.assertEqual(rm.packets, [])
 
         return _d(go())
@@ -259,7 +260,7 @@ class BackpressureTests(unittest.TestCase):
             b, rb = start_client(self, server)
             c, _ = start_client(self, server)
             d, rd = start_client(self, server)
-            await wait_for(lambda: all(x.connected for x in (a, b, c, d)))
+            await wait_until(lambda: all(x.connected for x in (a, b, c, d)), "the four logins")
             # B stops reading its socket.
             b._link.transport.transport.pauseProducing()
             chunk = b"x" * 32768
@@ -270,15 +271,15 @@ class BackpressureTests(unittest.TestCase):
                     for _ in range(16):
                         a.send(b.public_key, chunk)
                     n += 16
-                await wait_for(lambda: a.writable)
+                await wait_until(lambda: a.writable, "a to be writable again", interval=0.005)
                 if n > 20000:
                     self.fail("no head drops after 650 MB: the stalled queue is unbounded?")
             # B's server-side queue is bounded while C and D talk undisturbed.
             for i in range(200):
                 c.send(d.public_key, i.to_bytes(4, "big"))
                 if i % 32 == 31:
-                    await wait_for(lambda i=i: len(rd.packets) >= i + 1)
-            await wait_for(lambda: len(rd.packets) == 200)
+                    await wait_until(lambda i=i: len(rd.packets) >= i + 1, "the packets so far at d", interval=0.005)
+            await wait_until(lambda: len(rd.packets) == 200, "all 200 packets at d")
             self.assertEqual([int.from_bytes(p, "big") for _, p in rd.packets], list(range(200)))
             queued = server.relay.active_conn(b.public_key).queued()
             self.assertLessEqual(queued[0], 32)
@@ -297,15 +298,15 @@ class RestartTests(unittest.TestCase):
 
         async def go() -> None:
             a, ra = start_client(self, server, min_backoff=5.0)
-            await wait_for(lambda: a.connected)
+            await wait_until(lambda: a.connected, "the login")
             server.relay.announce_restart(0.05, 10)
-            await wait_for(lambda: a._restart_hint is not None)
+            await wait_until(lambda: a._restart_hint is not None, "the restart hint")
             server.relay.close_peer(a.public_key)
-            await wait_for(lambda: ra.disconnects)
+            await wait_until(lambda: ra.disconnects, "the disconnect")
             # Without the hint the first retry would wait 2.5-5 s (min_backoff 5); with it, 50 ms.
             from twisted.internet import reactor
 
             self.assertLessEqual(a._retry.getTime() - reactor.seconds(), 0.05)
-            await wait_for(lambda: len(ra.connects) == 2)
+            await wait_until(lambda: len(ra.connects) == 2, "the reconnect")
 
         return _d(go())

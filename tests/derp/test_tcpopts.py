@@ -13,8 +13,9 @@ from twisted.trial import unittest
 
 from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derp.tcpopts import no_delay
+from tests.support.waiting import wait_until
 
-from .helpers import RelayServer, make_ca_and_cert, start_client, wait_for
+from .helpers import RelayServer, make_ca_and_cert, start_client
 
 
 def _tcp(transport: Any) -> Any:
@@ -74,7 +75,7 @@ class RealSocketTests(unittest.TestCase):
 
         async def go() -> None:
             transport = await connected
-            await wait_for(lambda: server_side)
+            await wait_until(lambda: server_side, "the server's side of the connection")
             self.assertFalse(_nodelay(transport))
             self.assertFalse(_nodelay(server_side[0]))
             self.assertTrue(no_delay(transport))
@@ -84,7 +85,7 @@ class RealSocketTests(unittest.TestCase):
 
     async def _both_ends(self, server: RelayServer, **kw: Any) -> None:
         a, _ = start_client(self, server, **kw)
-        await wait_for(lambda: a.connected)
+        await wait_until(lambda: a.connected, "the login")
         self.assertTrue(_nodelay(a._link.transport.transport), "client end")
         conn = server.relay.active_conn(a.public_key)
         self.assertIsNotNone(conn)

@@ -8,8 +8,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import time
-from collections.abc import Callable
 from typing import Any
 
 from treq.client import HTTPClient
@@ -18,25 +16,11 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.support.processes import TWISTD, CLIUser, Deployment, Process, sleep
+from tests.support.processes import TWISTD, CLIUser, Deployment, Process
 
 #: The server's resident memory may not grow past this during an attack (its RSS after start-up
 #: on this machine is about 80 MiB, idle).
 RSS_BOUND_KIB = 200 * 1024
-
-
-async def until(predicate: Callable[[], Any], message: str, timeout: float = 30.0, step: float = 0.1) -> Any:
-    """Poll ``predicate`` (sync or async) until it is truthy; fail with ``message`` at ``timeout``."""
-    deadline = time.monotonic() + timeout
-    while True:
-        got = predicate()
-        if hasattr(got, "__await__"):
-            got = await got
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"after {timeout:g} s: {message}")
-        await sleep(step)
 
 
 def rss_kib(pid: int) -> int:

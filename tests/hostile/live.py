@@ -4,14 +4,13 @@ debug view."""
 
 from __future__ import annotations
 
-import inspect
 import os
 import uuid
 from datetime import UTC, datetime
 from typing import Any
 
 import treq
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 
 from coderstack.coordinator.client import open_coordination
 from coderstack.derp.client import DERPClient, DERPClientHandler
@@ -24,24 +23,7 @@ from coderstack.wire.coordination import (
     address_from_uuid,
     node_key_text,
 )
-
-
-async def wait_for(predicate: Any, what: str, timeout: float = 10.0) -> float:
-    """Poll ``predicate`` (plain or async) every 10 ms until true; how long it took. Fails after
-    ``timeout`` s."""
-    start = reactor.seconds()
-
-    async def check() -> bool:
-        got = predicate()
-        if inspect.isawaitable(got):
-            got = await got
-        return bool(got)
-
-    while not await check():
-        if reactor.seconds() - start > timeout:
-            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
-        await task.deferLater(reactor, 0.01, lambda: None)
-    return reactor.seconds() - start
+from tests.support.waiting import wait_until
 
 
 class Inbox(DERPClientHandler):
@@ -93,8 +75,8 @@ class RawPeer:
         """Coordinator and both DERP connections, logged in, and the agent's node known."""
         await self.open_coordinator()
         self.start_derp(await self.region())
-        await wait_for(lambda: all(i.up for _, i in self.derps), "both DERP logins")
-        await wait_for(lambda: self.agent_key() is not None, "the agent's node")
+        await wait_until(lambda: all(i.up for _, i in self.derps), "both DERP logins")
+        await wait_until(lambda: self.agent_key() is not None, "the agent's node")
 
     async def open_coordinator(self, node: dict[str, Any] | None = None) -> None:
         """The coordinator websocket, our node (``node`` or one with our key) and the tunnel."""

@@ -17,9 +17,9 @@ from tests.hostile.attack import (
     open_fds,
     ping_ok,
     rss_kib,
-    until,
     workspace,
 )
+from tests.support.waiting import wait_until
 
 PER_SOURCE = 128  # the server's default --max-connections-per-source
 
@@ -48,10 +48,10 @@ class HTTPFloodTests(unittest.TestCase):
         self.assertEqual(nofile_limits(pid), (1024, 1024))
         before = open_fds(pid)
         drippers = await self.drip(d, "127.0.0.2", 300)
-        refused = await until(
+        refused = await wait_until(
             lambda: [p for p in drippers if p.status().startswith(b"HTTP/1.1 503")]
             if sum(p.closed for p in drippers) >= 300 - PER_SOURCE else None,
-            "the connections past the per-source cap were not refused",
+            "the connections past the per-source cap to be refused", timeout=30, interval=0.1,
         )
         self.assertEqual(len(refused), 300 - PER_SOURCE)
         self.assertIn(b"per source address", refused[0].received)
@@ -62,11 +62,12 @@ class HTTPFloodTests(unittest.TestCase):
         await healthz_ok(self, d)
         await ping_ok(self, alice)
         # However slowly they drip, the held heads end at the 10 s head deadline, with a 408.
-        await until(lambda: all(p.closed for p in held), "dripping clients outlived the head deadline",
-                    timeout=25)
+        await wait_until(lambda: all(p.closed for p in held), "the head deadline to end the dripping clients",
+                         timeout=25, interval=0.1)
         self.assertEqual({p.status() for p in held}, {b"HTTP/1.1 408 Request Timeout"})
         self.assertLess(max(p.lines for p in held), 7)  # ~10 s of 2 s drips, not forever
-        await until(lambda: open_fds(pid) <= before + 5, "the server kept the closed connections' fds")
+        await wait_until(lambda: open_fds(pid) <= before + 5, "the server to release the closed connections' fds",
+                         timeout=30, interval=0.1)
         self.assertLess(rss_kib(pid), RSS_BOUND_KIB)
 
     async def test_near_the_fd_limit_healthz_still_answers(self) -> None:
@@ -79,8 +80,8 @@ class HTTPFloodTests(unittest.TestCase):
         flood = []
         for i in range(2, 5):  # three sources, each up to its cap: 384 > 336
             flood += await self.drip(d, f"127.0.0.{i}", PER_SOURCE, every=1.0)
-        await until(lambda: sum(p.closed for p in flood) >= 3 * PER_SOURCE - 336,
-                    "the server took connections past its fd budget")
+        await wait_until(lambda: sum(p.closed for p in flood) >= 3 * PER_SOURCE - 336,
+                         "the server to refuse connections past its fd budget", timeout=30, interval=0.1)
         at_limit = [p for p in flood if p.closed and b"open connections" in p.received]
         self.assertTrue(at_limit, [p.received[:80] for p in flood if p.closed][:3])
         self.assertLess(open_fds(pid), 400 - 16)  # accept() never ran out of descriptors
@@ -89,6 +90,7 @@ class HTTPFloodTests(unittest.TestCase):
         await healthz_ok(self, d, source="127.0.0.9")
         await live.assert_all_pongs(self)
         self.assertLess(rss_kib(pid), RSS_BOUND_KIB)
-        await until(lambda: all(p.closed for p in flood), "the flood outlived the head deadline", timeout=25)
+        await wait_until(lambda: all(p.closed for p in flood), "the head deadline to end the flood",
+                         timeout=25, interval=0.1)
         await healthz_ok(self, d, source="127.0.0.2")  # the flood's own sources recover too
         await ping_ok(self, alice)

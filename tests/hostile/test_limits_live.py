@@ -14,8 +14,9 @@ from twisted.trial import unittest
 from coderstack.coordinator.client import open_coordination
 from coderstack.sdk import Client
 from coderstack.wire.coordination import CoordinateRequest, address_from_uuid
-from tests.hostile.live import RawPeer, healthz, metrics, wait_for
+from tests.hostile.live import RawPeer, healthz, metrics
 from tests.support.processes import Deployment
+from tests.support.waiting import wait_until
 
 
 class Base(unittest.TestCase):
@@ -59,7 +60,7 @@ class CapsTests(Base):
         third = RawPeer(self, self.d.url, self.bob_api.token, agent_id)
         await third.open_coordinator()
         third.start_derp(await third.region())
-        await wait_for(lambda: all("429" in dc.last_error for dc, _ in third.derps), "DERP refusals")
+        await wait_until(lambda: all("429" in dc.last_error for dc, _ in third.derps), "DERP refusals")
         # The refusal's body names the limit.
         resp = await treq.get(f"{self.d.url}/derp", persistent=False, headers={
             "Upgrade": "DERP", "Connection": "Upgrade", "Coder-Session-Token": self.bob_api.token})
@@ -112,10 +113,10 @@ class ManyLostPeersTests(Base):
             return await clients_with_nodes("lost") == 100
 
         # Every node is in before the websockets drop (an abort discards unsent requests).
-        await wait_for(connected, "100 peers with nodes")
+        await wait_until(connected, "100 peers with nodes")
         for peer in peers:
             peer.coord.proto.transport.abortConnection()
-        await wait_for(lost, "100 LOST peers")
+        await wait_until(lost, "100 LOST peers")
         # The agent connects (as after a restart): it must learn every peer.
         responses = []
         factory = await open_coordination(agent_api, "/api/v2/workspaceagents/me/coordinate", responses.append)
@@ -126,7 +127,7 @@ class ManyLostPeersTests(Base):
         def learned(kind: str) -> set[str]:
             return {str(u.id) for r in responses for u in r.peer_updates if str(u.kind) == kind}
 
-        await wait_for(lambda: learned("NODE") == want and learned("LOST") == want, "every peer's node")
+        await wait_until(lambda: learned("NODE") == want and learned("LOST") == want, "every peer's node")
         self.assertGreater(len(responses), 1)
         sizes = [len(r.to_text()) for r in responses]
         self.assertGreater(sum(sizes), 256 * 1024)

@@ -15,8 +15,9 @@ from twisted.trial import unittest
 
 from coderstack.coordinator.websocket import CLOSE_KICKED
 from coderstack.sdk import Client
-from tests.hostile.live import RawPeer, coordinator_peers, healthz, metrics, wait_for
+from tests.hostile.live import RawPeer, coordinator_peers, healthz, metrics
 from tests.support.processes import Deployment
+from tests.support.waiting import seconds_until, wait_until
 
 RELAYED = "coderstack_derp_packets_relayed_total"
 RECEIVED = "coderstack_derp_packets_received_total"
@@ -53,7 +54,7 @@ class RevocationTests(unittest.TestCase):
         await peer.open()
         before = await self.relayed()
         peer.send_packets(3)
-        await wait_for(lambda: self.relayed_at_least(before + 6), "bob's packets to be relayed")
+        await wait_until(lambda: self.relayed_at_least(before + 6), "bob's packets to be relayed")
         self.assertIn(str(peer.peer_id), await coordinator_peers(self.owner))
         return peer
 
@@ -61,7 +62,7 @@ class RevocationTests(unittest.TestCase):
         return await self.relayed() >= n
 
     async def assert_revoked(self, peer: RawPeer, reason: str) -> None:
-        took = await wait_for(peer.all_closed, "every connection of the revoked token to close", timeout=1.0)
+        took = await seconds_until(peer.all_closed, "every connection of the revoked token to close", timeout=1.0)
         print(f"\n{reason}: closed {took * 1000:.0f} ms after the command returned")
         self.assertEqual(await peer.coord.closed, (CLOSE_KICKED, reason))
         self.assertNotIn(str(peer.peer_id), await coordinator_peers(self.owner))
@@ -69,7 +70,7 @@ class RevocationTests(unittest.TestCase):
         # Sending on: the DERP clients redial with the revoked token and are refused (the event
         # we wait on); nothing of theirs is relayed meanwhile.
         peer.send_packets(3)
-        await wait_for(lambda: all("401" in dc.last_error for dc, _ in peer.derps), "refused redials")
+        await wait_until(lambda: all("401" in dc.last_error for dc, _ in peer.derps), "refused redials")
         self.assertEqual(await self.relayed(), relayed)
         self.assertFalse(any(inbox.up for _, inbox in peer.derps))
 
@@ -99,11 +100,11 @@ class RevocationTests(unittest.TestCase):
         await self.bob.ok("agent-token", "dev")
         # The agent's own coordinator websocket and DERP connection end: it leaves the debug
         # view, and bob's packets to it are no longer relayed (received, then dropped).
-        took = await wait_for(self.agent_gone, "the agent to leave the coordinator", timeout=1.0)
+        took = await seconds_until(self.agent_gone, "the agent to leave the coordinator", timeout=1.0)
         print(f"\nagent token rotated: the agent left the coordinator {took * 1000:.0f} ms later")
         before = await metrics(self.d.url, self.owner.token)
         peer.send_packets(3)
-        await wait_for(lambda: self.received_at_least(before[RECEIVED] + 6), "bob's packets to arrive")
+        await wait_until(lambda: self.received_at_least(before[RECEIVED] + 6), "bob's packets to arrive")
         self.assertEqual(await self.relayed(), before[RELAYED])
         # Bob's session is not the agent's token: his connections stay.
         self.assertFalse(peer.coord.closed.called)

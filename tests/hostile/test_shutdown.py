@@ -8,8 +8,9 @@ import signal
 from twisted.internet import reactor
 from twisted.trial import unittest
 
-from tests.hostile.live import RawPeer, wait_for
+from tests.hostile.live import RawPeer
 from tests.support.processes import Deployment
+from tests.support.waiting import wait_until
 
 # twistd ends a clean SIGTERM shutdown by re-raising the signal, so either status is "stopped".
 STOPPED = (0, -signal.SIGTERM)
@@ -36,7 +37,7 @@ class ShutdownTests(unittest.TestCase):
         print(f"\nSIGTERM to exit: {took * 1000:.0f} ms (wall clock, polled every 50 ms)")
 
         self.assertEqual(await peer.coord.closed, (1001, "going away"))
-        await wait_for(lambda: not any(inbox.up for _, inbox in peer.derps), "DERP connections to end")
+        await wait_until(lambda: not any(inbox.up for _, inbox in peer.derps), "DERP connections to end")
         # Both transports were told when to come back (the client's use of the hint is checked
         # against an in-process server in tests/server/test_revocation.py).
         self.assertEqual([inbox.restarts for _, inbox in peer.derps], [[(1.0, 60.0)]] * 2)

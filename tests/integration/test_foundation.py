@@ -23,9 +23,10 @@ from coderstack.coordinator.client import open_coordination
 from coderstack.sdk import Client, SDKError, trust_root_from_env
 from coderstack.wire.coordination import CODER_SERVICE_PREFIX, CoordinateRequest, address_from_uuid
 from tests.support import postgres
-from tests.support.processes import TWISTD, Deployment, Process, pid_alive, sleep
+from tests.support.processes import TWISTD, Deployment, Process, pid_alive
 from tests.support.tempdirs import made_dir
 from tests.support.tlscerts import make_ca_and_server_cert
+from tests.support.waiting import wait_until
 
 
 def client_node(peer_id: uuid.UUID) -> dict:
@@ -87,9 +88,7 @@ class FoundationTests(unittest.TestCase):
 
         # A wrong token is refused (and never logged); the agent keeps trying.
         impostor = d.start_agent("not-the-token-" + token[-6:], "impostor")
-        while "Invalid agent token" not in impostor.log():
-            self.assertTrue(impostor.running(), impostor.log())
-            await sleep(0.1)
+        await impostor.output_shows("Invalid agent token")
         self.assertNotIn("not-the-token-", impostor.log())
         await impostor.stop()
 
@@ -142,8 +141,7 @@ class FoundationTests(unittest.TestCase):
         own = await open_coordination(bob_api, f"/api/v2/workspaceagents/{bob_agent}/coordinate", got.append)
         self.addCleanup(own.proto.sendClose)
         own.proto.send_request(CoordinateRequest.from_json({"add_tunnel": {"id": alice_agent}}))
-        while not got:
-            await sleep(0.05)
+        await wait_until(lambda: got, "the coordinator's answer", interval=0.05)
         self.assertTrue(got[0].error, got[0])
         self.assertEqual(got[0].peer_updates, ())
 
@@ -157,8 +155,8 @@ class FoundationTests(unittest.TestCase):
             "update_self": {"node": client_node(me)},
             "add_tunnel": {"id": alice_agent},
         }))
-        while not any(u.kind.value == "READY_FOR_HANDSHAKE" for r in nodes for u in r.peer_updates):
-            await sleep(0.05)
+        await wait_until(lambda: any(u.kind.value == "READY_FOR_HANDSHAKE" for r in nodes for u in r.peer_updates),
+                         "the agent to be ready for the handshake", interval=0.05)
         self.assertEqual([r.error for r in nodes if r.error], [])
         updates = [(str(u.id), u.kind.value) for r in nodes for u in r.peer_updates]
         self.assertEqual(updates, [(alice_agent, "NODE"), (alice_agent, "READY_FOR_HANDSHAKE")])
@@ -237,8 +235,7 @@ class FoundationTests(unittest.TestCase):
             self.assertNotIn(f.read().strip(), server.log())
 
         self.assertIn(await d.stop_server(), STOPPED, server.log())
-        while pid_alive(agent_pid):
-            await sleep(0.05)
+        await wait_until(lambda: not pid_alive(agent_pid), "the dev agent to exit", interval=0.05)
         self.assertIn("dev agent exited", server.log())
 
         # Run it again on the same data dir: same user and workspace, a fresh agent token.

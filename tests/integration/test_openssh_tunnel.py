@@ -20,6 +20,7 @@ from twisted.trial import unittest
 
 from tests.integration.tunnel_support import relayed_bytes, ssh_config, user_env, workspace
 from tests.support.processes import pid_alive, sleep
+from tests.support.waiting import wait_until
 
 SSH = shutil.which("ssh")
 SFTP = shutil.which("sftp")
@@ -53,12 +54,14 @@ class Tmux:
         self.tmux("send-keys", "-t", session, "-l", text)
         self.tmux("send-keys", "-t", session, "Enter")
 
-    async def wait_for(self, session: str, needle: str) -> str:
-        screen = ""
-        while needle not in screen:
+    async def showing(self, session: str, needle: str, timeout: float = 20.0) -> str:
+        """The screen, once it shows ``needle``."""
+        def shown() -> str | None:
             screen = self.screen(session)
-            await sleep(0.05)
-        return screen
+            return screen if needle in screen else None
+
+        return await wait_until(shown, lambda: f"{needle!r} on the screen:\n{self.screen(session)}",
+                                timeout=timeout, interval=0.05)
 
     async def stop(self) -> None:
         if self.pid is None:
@@ -88,23 +91,22 @@ class OpenSSHThroughTunnelTests(unittest.TestCase):
         # The shell's first prompt (root's "#" or a user's "$"), then one we can recognise: typed
         # as 'cs''tc> ' so that the echoed command line never matches it (capture-pane drops the
         # trailing blank).
-        while not any(line.rstrip().endswith(("#", "$")) for line in tmux.screen("cstc").splitlines()):
-            await sleep(0.05)
+        await wait_until(lambda: any(line.rstrip().endswith(("#", "$")) for line in tmux.screen("cstc").splitlines()),
+                         lambda: f"the shell's first prompt:\n{tmux.screen('cstc')}", timeout=60, interval=0.05)
         tmux.keys("cstc", "PS1='cs''tc> '")
-        await tmux.wait_for("cstc", "cstc>")
+        await tmux.showing("cstc", "cstc>")
         tmux.keys("cstc", 'echo "tty=$(tty) term=$TERM size=$(stty size)"')
         term = tmux.tmux("show-options", "-gv", "default-terminal").strip()
-        screen = await tmux.wait_for("cstc", "size=24 80")
+        screen = await tmux.showing("cstc", "size=24 80")
         self.assertRegex(screen, rf"tty=/dev/pts/\d+ term={term} size=24 80")
         # A window change travels as an SSH window-change request to the agent's PTY.
         tmux.tmux("resize-window", "-t", "cstc", "-x", "100", "-y", "30")
         tmux.keys("cstc", "echo size=$(stty size)")
-        await tmux.wait_for("cstc", "size=30 100")
+        await tmux.showing("cstc", "size=30 100")
         tmux.keys("cstc", "exit 5")
-        status = ""
-        while status != "1 5":
-            status = tmux.tmux("display-message", "-p", "-t", "cstc", "#{pane_dead} #{pane_dead_status}").strip()
-            await sleep(0.05)
+        await wait_until(
+            lambda: tmux.tmux("display-message", "-p", "-t", "cstc", "#{pane_dead} #{pane_dead_status}").strip() == "1 5",
+            "ssh to exit with status 5", interval=0.05)
 
     async def sftp_both_ways(self, d: object, alice: object, config: str, **env: str) -> None:
         """put then get 10 MiB with ``sftp -b``; both copies byte-exact."""

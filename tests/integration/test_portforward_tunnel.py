@@ -18,8 +18,9 @@ from twisted.trial import unittest
 from twisted.web.server import Site
 from twisted.web.static import File
 
-from tests.integration.tunnel_support import relayed_bytes, user_env, wait_for_log, workspace
-from tests.support.processes import Process, free_port, sleep
+from tests.integration.tunnel_support import relayed_bytes, user_env, workspace
+from tests.support.processes import Process, free_port
+from tests.support.waiting import wait_until
 
 CURL = shutil.which("curl")
 BODY_SIZE = 5 << 20
@@ -83,7 +84,7 @@ class PortForwardThroughTunnelTests(unittest.TestCase):
                 "--tcp", f"127.0.0.1:{local_tcp}:{http_port}", "--udp", f"127.0.0.1:{local_udp}:{udp_port}",
                 "--tcp", f"127.0.0.1:{local_closing}:{closing.getHost().port}"]
         fwd = Process(self, "port-forward", argv, user_env(d, alice), alice.home)
-        log = await wait_for_log(fwd, "Ready!")
+        log = await fwd.output_shows("Ready!")
         self.assertIn(f"Forwarding 'tcp://127.0.0.1:{local_tcp}' locally to "
                       f"'tcp://127.0.0.1:{http_port}' in the workspace", log)
         self.assertIn(f"Forwarding 'udp://127.0.0.1:{local_udp}' locally to "
@@ -108,21 +109,24 @@ class PortForwardThroughTunnelTests(unittest.TestCase):
             protocol.Factory.forProtocol(protocol.Protocol))
         client.transport.write(b"bye")
         client.transport.loseConnection()
-        while not closing_factory.lost:
-            await sleep(0.05)
+        await wait_until(lambda: closing_factory.lost, "the workspace side of the closed connection to end",
+                         interval=0.05)
 
         # UDP: datagrams of several sizes, each answered through the same flow.
         udp_client = _UDPClient()
         sock = reactor.listenUDP(0, udp_client, interface="127.0.0.1")
         self.addCleanup(sock.stopListening)
         sent = [b"ping %d " % i + os.urandom(size) for i, size in enumerate((0, 1, 100, 1000, 1100))]
-        while len(udp_client.received) < len(sent):
-            # UDP may drop: resend what is still unanswered (trial's timeout bounds the wait).
-            for datagram in sent:
-                if b"echo:" + datagram not in udp_client.received:
-                    sock.write(datagram, ("127.0.0.1", local_udp))
-            await sleep(0.2)
+
+        def all_answered() -> bool:
+            # UDP may drop: resend what is still unanswered.
             udp_client.received = list(dict.fromkeys(udp_client.received))
+            unanswered = [dg for dg in sent if b"echo:" + dg not in udp_client.received]
+            for datagram in unanswered:
+                sock.write(datagram, ("127.0.0.1", local_udp))
+            return not unanswered
+
+        await wait_until(all_answered, "an echo of every datagram", interval=0.2)
         self.assertEqual(sorted(udp_client.received), sorted(b"echo:" + dg for dg in sent))
 
     async def test_http_and_udp_direct(self) -> None:

@@ -15,7 +15,8 @@ import sys
 from twisted.internet import endpoints, protocol, reactor, utils
 from twisted.trial import unittest
 
-from tests.support.processes import Deployment, Process, free_port, sleep
+from tests.support.processes import Deployment, Process, free_port
+from tests.support.waiting import wait_until
 
 
 class _Echo(protocol.Protocol):
@@ -88,10 +89,7 @@ class SSHTests(unittest.TestCase):
         spec = f"127.0.0.1:{local_port}:{remote.getHost().port}"
         fwd = Process(self, "port-forward", [sys.executable, "-m", "coderstack", "port-forward", "box", "--tcp", spec],
                       d.env(alice.home, CODER_CONFIG_DIR=alice.config_dir), alice.home)
-        while "Ready!" not in fwd.log():
-            if not fwd.running():
-                raise AssertionError(fwd.log())
-            await sleep(0.1)
+        await fwd.output_shows("Ready!")
         self.assertIn(f"Forwarding 'tcp://127.0.0.1:{local_port}' locally to "
                       f"'tcp://127.0.0.1:{remote.getHost().port}' in the workspace", fwd.log())
         client = await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", local_port).connect(
@@ -99,8 +97,7 @@ class SSHTests(unittest.TestCase):
         self.addCleanup(client.transport.loseConnection)
         payload = os.urandom(1 << 20)
         client.transport.write(payload)
-        while len(client.buf) < len(payload):
-            await sleep(0.05)
+        await wait_until(lambda: len(client.buf) >= len(payload), "the echoed MiB", interval=0.05)
         self.assertEqual(bytes(client.buf), payload)
 
     async def test_relayed_only(self) -> None:

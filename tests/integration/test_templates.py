@@ -16,13 +16,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import urllib.request
 from pathlib import Path
 
 from twisted.trial import unittest
 
 from tests.interop.tfsupport import SKIP_NO_TERRAFORM, alive, kill_pidfiles
+from tests.support.waiting import wait_until_blocking
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "terraform" / "templates" / "local"
@@ -45,17 +45,6 @@ def child_env(**extra: str) -> dict[str, str]:
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env
-
-
-def wait_for(predicate, what: str, seconds: float = 60.0):
-    deadline = time.monotonic() + seconds
-    while True:
-        got = predicate()
-        if got:
-            return got
-        if time.monotonic() > deadline:
-            raise AssertionError(f"gave up waiting for {what}")
-        time.sleep(0.2)
 
 
 class TemplateServerCase(unittest.TestCase):
@@ -83,7 +72,7 @@ class TemplateServerCase(unittest.TestCase):
             env=child_env(), stdout=self.server_log, stderr=subprocess.STDOUT, cwd=self.tmp,
         )
         self.addCleanup(self.stop_server)
-        wait_for(self.healthy, "the server to answer /healthz")
+        wait_until_blocking(self.healthy, "the server to answer /healthz")
         self.cli("login", self.url, "--first-user-username", "admin",
                  "--first-user-email", "admin@example.com", "--first-user-password", "correct horse")
 
@@ -139,7 +128,7 @@ class TemplateEndToEndTests(TemplateServerCase):
                       created.stdout)
         self.assertIn("Apply complete! Resources: 3 added", created.stdout)
 
-        ws = wait_for(
+        ws = wait_until_blocking(
             lambda: (w := self.show("dev"))["agents"] and w["agents"][0]["status"] == "connected" and w,
             "the agent to connect")
         (agent,) = ws["agents"]
@@ -163,10 +152,10 @@ class TemplateEndToEndTests(TemplateServerCase):
         self.assertIn("Workspace 'dev' stopped.", stopped.stdout)
         self.assertIn(f"coderstack stop: agent {pid} stopped", stopped.stdout)
         self.assertFalse(alive(pid))
-        wait_for(lambda: self.show("dev")["agents"][0]["status"] == "disconnected",
-                 "the server to see the agent gone")
+        wait_until_blocking(lambda: self.show("dev")["agents"][0]["status"] == "disconnected",
+                            "the server to see the agent gone")
         self.assertIn("Workspace 'dev' started.", self.cli("start", "dev").stdout)
-        ws = wait_for(
+        ws = wait_until_blocking(
             lambda: (w := self.show("dev"))["agents"][0]["status"] == "connected" and w,
             "the agent to connect again")
         self.assertEqual(ws["agents"][0]["id"], agent["id"])

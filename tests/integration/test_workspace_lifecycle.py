@@ -17,7 +17,8 @@ import threading
 import urllib.request
 from pathlib import Path
 
-from tests.integration.test_templates import SKIP, TemplateServerCase, free_port, wait_for
+from tests.integration.test_templates import SKIP, TemplateServerCase, free_port
+from tests.support.waiting import wait_until_blocking
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "terraform" / "templates" / "workspace"
@@ -67,9 +68,9 @@ class WorkspaceLifecycleTests(TemplateServerCase):
         self.cli("templates", "push", str(template), "--name", "workspace")
         self.cli("create", "box", "--template", "workspace")
 
-        ws = wait_for(lambda: (w := self.show("box"))["agents"] and w, "the agent")
+        ws = wait_until_blocking(lambda: (w := self.show("box"))["agents"] and w, "the agent")
         agent_id = ws["agents"][0]["id"]
-        agent = wait_for(
+        agent = wait_until_blocking(
             lambda: (a := self.api(f"/api/v2/workspaceagents/{agent_id}"))["lifecycle_state"] == "ready" and a,
             "the lifecycle to reach ready")
         self.assertTrue(agent["started_at"] and agent["ready_at"])
@@ -96,8 +97,8 @@ class WorkspaceLifecycleTests(TemplateServerCase):
             items = self.api(f"/api/v2/workspaceagents/{agent_id}/metadata")
             return {i["description"]["key"]: i["result"] for i in items}  # type: ignore[union-attr]
 
-        got = wait_for(lambda: (m := metadata())["cpu"]["value"] and m["mem"]["value"] and m,
-                       "metadata values")
+        got = wait_until_blocking(lambda: (m := metadata())["cpu"]["value"] and m["mem"]["value"] and m,
+                                  "metadata values")
         self.assertRegex(got["cpu"]["value"], r"cores \(\d+%\)")
         self.assertRegex(got["mem"]["value"], r"iB \(\d+%\)")
 
@@ -106,15 +107,15 @@ class WorkspaceLifecycleTests(TemplateServerCase):
             apps = self.api(f"/api/v2/workspaceagents/{agent_id}")["apps"]  # type: ignore[index]
             return next(a["health"] for a in apps if a["slug"] == "web")
 
-        wait_for(lambda: health() == "healthy", "the app to be healthy")
+        wait_until_blocking(lambda: health() == "healthy", "the app to be healthy")
         app.stop()
-        wait_for(lambda: health() == "unhealthy", "the app to be unhealthy")
+        wait_until_blocking(lambda: health() == "unhealthy", "the app to be unhealthy")
         app.start()
-        wait_for(lambda: health() == "healthy", "the app to be healthy again")
+        wait_until_blocking(lambda: health() == "healthy", "the app to be healthy again")
 
         # The cron script fires every 2 s.
-        wait_for(lambda: (home / "heartbeat").exists()
-                 and len((home / "heartbeat").read_text().split()) >= 2, "the cron script twice")
+        wait_until_blocking(lambda: (home / "heartbeat").exists()
+                            and len((home / "heartbeat").read_text().split()) >= 2, "the cron script twice")
 
         # Script output is in the agent's logs; `show` tells lifecycle, metadata, apps, resources.
         logs = self.cli("logs", "box").stdout

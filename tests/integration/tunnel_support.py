@@ -9,7 +9,7 @@ import re
 
 import treq
 
-from tests.support.processes import CLIUser, Deployment, Process, sleep
+from tests.support.processes import CLIUser, Deployment, Process
 
 RELAYED_METRIC = re.compile(r"^coderstack_derp_bytes_relayed_total (\d+)$", re.MULTILINE)
 
@@ -50,12 +50,3 @@ async def relayed_bytes(d: Deployment, user: CLIUser) -> int:
     if m is None:
         raise AssertionError(f"no relayed-bytes counter in /metrics:\n{text}")
     return int(m.group(1))
-
-
-async def wait_for_log(proc: Process, text: str) -> str:
-    """Wait (trial's timeout bounds it) until ``text`` appears in ``proc``'s output."""
-    while text not in proc.log():
-        if not proc.running():
-            raise AssertionError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log()}")
-        await sleep(0.1)
-    return proc.log()

@@ -11,12 +11,13 @@ from __future__ import annotations
 import hashlib
 import random
 
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor
 from twisted.internet.interfaces import IHalfCloseableProtocol, IPushProducer
 from twisted.trial import unittest
 from zope.interface import implementer
 
 from coderstack.netstack.endpoints import NetstackClientEndpoint, NetstackServerEndpoint
+from tests.support.waiting import wait_until
 
 from .netstack_lab import (
     KERNEL_ADDR,
@@ -230,9 +231,7 @@ class Iperf3Tests(LinuxPeerMixin, unittest.TestCase):
         self.assertGreater(received, 1 << 20)
         # Everything iperf3 wrote arrives (the tail may land after iperf3 has exited).
         sent = report["end"]["sum_sent"]["bytes"]
-        for _ in range(100):
-            if factory.received >= sent:
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield defer.ensureDeferred(wait_until(lambda: factory.received >= sent, "the tail of iperf3's data",
+                                              timeout=5, interval=0.05))
         self.assertEqual(factory.received, sent)
         self.iperf3_mbps = report["end"]["sum_received"]["bits_per_second"] / 1e6

@@ -8,12 +8,12 @@ import socket
 import stat
 import subprocess
 import tempfile
-import time
 
-from twisted.internet import defer, reactor, task, threads, utils
+from twisted.internet import defer, reactor, threads, utils
 from twisted.trial import unittest
 
 from coderstack.agent.ssh import HOST_KEY_NAME, load_or_create_host_key, ssh_factory
+from tests.support.waiting import wait_until, wait_until_blocking
 
 SSH = shutil.which("ssh")
 SFTP = shutil.which("sftp")
@@ -104,10 +104,8 @@ class OpenSSHAgentServerTests(unittest.TestCase):
         self.addCleanup(agent.terminate)
         key = os.path.join(agent_dir, "id")
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "usercmds-test", "-f", key], check=True)
-        for _ in range(100):
-            if os.path.exists(sock):
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield defer.ensureDeferred(wait_until(lambda: os.path.exists(sock), "ssh-agent's socket",
+                                              timeout=5, interval=0.05))
         env = dict(os.environ, SSH_AUTH_SOCK=sock)
         yield utils.getProcessValue("ssh-add", ["-q", key], env=env)
         out, _err, code = yield self.ssh("-A", "127.0.0.1", 'test -S "$SSH_AUTH_SOCK" && ssh-add -l', env=env)
@@ -137,28 +135,27 @@ class OpenSSHAgentServerTests(unittest.TestCase):
         def keys(text):
             subprocess.run([TMUX, "-L", sock, "send-keys", "-t", "t", text, "Enter"], check=True)
 
-        @defer.inlineCallbacks
-        def wait_for(needle):
-            for _ in range(400):
-                screen = subprocess.run([TMUX, "-L", sock, "capture-pane", "-p", "-t", "t"],
-                                        capture_output=True, text=True).stdout
-                if needle in screen:
-                    return screen
-                yield task.deferLater(reactor, 0.05, lambda: None)
-            self.fail(f"{needle!r} never appeared; screen:\n{screen}")
+        def screen():
+            return subprocess.run([TMUX, "-L", sock, "capture-pane", "-p", "-t", "t"],
+                                  capture_output=True, text=True).stdout
+
+        def on_screen(needle):
+            return defer.ensureDeferred(wait_until(
+                lambda: needle in screen(), lambda: f"{needle!r} on the screen:\n{screen()}",
+                interval=0.05))
+
+        def exit_status():
+            return os.path.exists(status) and open(status).read().strip()
 
         keys("PS1='usercmds$ '")
-        yield wait_for("usercmds$")
+        yield on_screen("usercmds$")
         keys("echo size=$(stty size)")
-        yield wait_for("size=24 80")
+        yield on_screen("size=24 80")
         subprocess.run([TMUX, "-L", sock, "resize-window", "-t", "t", "-x", "100", "-y", "30"], check=True)
         keys("echo size=$(stty size)")
-        yield wait_for("size=30 100")
+        yield on_screen("size=30 100")
         keys("exit 7")
-        for _ in range(400):
-            if os.path.exists(status) and open(status).read().strip():
-                break
-            yield task.deferLater(reactor, 0.05, lambda: None)
+        yield defer.ensureDeferred(wait_until(exit_status, "the ssh exit status", interval=0.05))
         self.assertEqual(open(status).read().strip(), "7")
 
 
@@ -190,13 +187,16 @@ class OpenSSHForwardingTests(unittest.TestCase):
         self.addCleanup(proc.wait)
         self.addCleanup(proc.terminate)
 
+        def forward_open():
+            try:
+                return socket.create_connection(("127.0.0.1", local))
+            except OSError:
+                return None
+
         def exchange():
-            for _ in range(200):
-                try:
-                    client = socket.create_connection(("127.0.0.1", local))
-                    break
-                except OSError:
-                    time.sleep(0.05)
+            # (In a thread: a blocking wait is fine here.)
+            client = wait_until_blocking(forward_open, "ssh to listen for the forward", timeout=10,
+                                         interval=0.05)
             client.settimeout(10)
             sink.settimeout(10)
             payload = os.urandom(1 << 20)

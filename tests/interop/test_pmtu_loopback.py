@@ -4,14 +4,15 @@ at 1280; a path that falls back to DERP drops to 1280 and the same TCP connectio
 
 from __future__ import annotations
 
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derpmap import DERPMap
 from coderstack.tailnet import pmtu
-from tests.derp.helpers import RelayServer, wait_for
+from tests.derp.helpers import RelayServer
 from tests.interop.pmtu_pair import Sink, Source, introduce, make_conn, transfer
+from tests.support.waiting import wait_until
 
 
 class LoopbackPMTUTests(unittest.TestCase):
@@ -29,7 +30,7 @@ class LoopbackPMTUTests(unittest.TestCase):
     async def pair(self, **kw):
         a, b = self.conn(**kw), self.conn(**kw)
         introduce(a, b)
-        await wait_for(lambda: 999 in a.sock.derp_connected and 999 in b.sock.derp_connected)
+        await wait_until(lambda: 999 in a.sock.derp_connected and 999 in b.sock.derp_connected, "both DERP logins")
         return a, b
 
     async def test_mtu_rises_and_10mib_is_exact(self) -> None:
@@ -37,7 +38,7 @@ class LoopbackPMTUTests(unittest.TestCase):
         self.assertTrue(a.sock.dont_fragment)
         bkey, akey = b.keys.node_public, a.keys.node_public
         await a.ping(bkey)  # starts discovery, as dialing does
-        await wait_for(lambda: a.path_mtu(bkey) == pmtu.MAX_MTU)
+        await wait_until(lambda: a.path_mtu(bkey) == pmtu.MAX_MTU, "the path MTU to reach the maximum")
         self.assertTrue(a.path(bkey)[0].startswith("p2p"))
         self.assertEqual(a.netstack.stack.path_mtu[b.address.packed], pmtu.MAX_MTU)
         total = 10 << 20
@@ -53,8 +54,10 @@ class LoopbackPMTUTests(unittest.TestCase):
         self.assertFalse(a.sock.dont_fragment)
         bkey = b.keys.node_public
         await a.ping(bkey)
-        await wait_for(lambda: a.path(bkey)[0].startswith("p2p"))
-        await task.deferLater(reactor, 0.3, lambda: None)
+        await wait_until(lambda: a.path(bkey)[0].startswith("p2p"), "a direct path")
+        # Probes would have gone with the discovery pings: a ping sent now over the direct path
+        # is answered after them.
+        await a.ping(bkey)
         self.assertEqual(a.path_mtu(bkey), 1280)
         sizes: list[int] = []
         b.on_packet(lambda k, p: sizes.append(len(p)))
@@ -72,7 +75,7 @@ class LoopbackPMTUTests(unittest.TestCase):
         bkey, akey = b.keys.node_public, a.keys.node_public
         await a.ping(bkey)
         await b.ping(akey)
-        await wait_for(lambda: a.path_mtu(bkey) == pmtu.MAX_MTU and b.path_mtu(akey) == pmtu.MAX_MTU)
+        await wait_until(lambda: a.path_mtu(bkey) == pmtu.MAX_MTU and b.path_mtu(akey) == pmtu.MAX_MTU, "both path MTUs at the maximum")
         sink = Sink()
         from twisted.internet import protocol
 
@@ -83,7 +86,7 @@ class LoopbackPMTUTests(unittest.TestCase):
         total = 24 << 20
         source = Source(total, bytes(range(256)) * 1024)
         await client_endpoint(a.netstack, b.address, 5002).connect(protocol.Factory.forProtocol(lambda: source))
-        await wait_for(lambda: sink.count > 2 << 20)
+        await wait_until(lambda: sink.count > 2 << 20, "2 MiB at the sink")
         # Cut direct UDP both ways: each side's socket now drops the other's datagrams.
         for me, other in ((a, b), (b, a)):
             other_port = other.sock.local_port
@@ -94,7 +97,7 @@ class LoopbackPMTUTests(unittest.TestCase):
                     orig(datagram, addr)
 
             me.sock.datagramReceived = drop
-        await wait_for(lambda: a.path_mtu(bkey) == 1280)
+        await wait_until(lambda: a.path_mtu(bkey) == 1280, "the path MTU to fall back to 1280")
         self.assertTrue(a.path(bkey)[0].startswith("DERP("))
         self.assertEqual(a.netstack.stack.path_mtu.get(b.address.packed), None)
         count, digest = await sink.done

@@ -11,13 +11,13 @@ Needs root (namespaces, TUN) and wireguard-go/wg on PATH; CI has both.
 from __future__ import annotations
 
 import base64
+import collections
 import hashlib
 import os
 import random
 import shutil
 import subprocess
 import sys
-import time
 
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
@@ -25,6 +25,7 @@ from twisted.trial import unittest
 from coderstack.wire import wireguard
 from coderstack.wire.wireguard import Device, generate_private_key, public_key
 from tests.interop import ipv6
+from tests.support.waiting import wait_until, wait_until_blocking
 from tests.support.wgudp import WireGuardUDP
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -33,6 +34,8 @@ UDP_PORT = 7000
 CHUNK = 1200
 TEN_MIB = 10 << 20
 WAIT = 20.0  # a liveness guard for network waits, far above what any step takes
+# The type fields of a WireGuard handshake initiation and response.
+HANDSHAKE_TYPES = {(1).to_bytes(4, "little"), (2).to_bytes(4, "little")}
 
 
 def b64(key: bytes) -> str:
@@ -88,12 +91,8 @@ class Namespace:
         )
         self.case.addCleanup(self._stop, self.wg_go)
         sock = f"/var/run/wireguard/{self.tun}.sock"
-        for _ in range(200):
-            if os.path.exists(sock):
-                break
-            time.sleep(0.025)
-        else:
-            raise RuntimeError("wireguard-go did not create its UAPI socket")
+        wait_until_blocking(lambda: os.path.exists(sock), "wireguard-go to create its UAPI socket",
+                            timeout=5, interval=0.025)
         self.run("ip", "-6", "addr", "add", f"{self.their_ip}/64", "dev", self.tun, "nodad")
         self.run("ip", "link", "set", self.tun, "up")
 
@@ -204,24 +203,6 @@ class Ours:
         self.proto.send(ipv6.echo_request(self.ns.our_ip, self.ns.their_ip, 0x4353, seq, data))
 
 
-def until(predicate, interval: float = 0.01) -> defer.Deferred:
-    """Fire when predicate() is true, polling on the reactor; fail after WAIT seconds."""
-    start = reactor.seconds()
-
-    def check() -> None:
-        if predicate():
-            loop.stop()
-        elif reactor.seconds() - start > WAIT:
-            raise TimeoutError(f"condition not met within {WAIT} s")
-
-    loop = task.LoopingCall(check)
-    return loop.start(interval)
-
-
-def sleep(seconds: float) -> defer.Deferred:
-    return task.deferLater(reactor, seconds, lambda: None)
-
-
 class WireGuardGoTests(unittest.TestCase):
     def setUp(self) -> None:
         if os.geteuid() != 0:
@@ -237,41 +218,37 @@ class WireGuardGoTests(unittest.TestCase):
         self.ns.configure(ours.device.public_key, ours.address, preshared_key=preshared_key)
         return ours
 
-    @defer.inlineCallbacks
-    def test_we_initiate(self):
+    async def test_we_initiate(self):
         ours = self.connect()
         d = ours.proto.when_handshake_complete()
         ours.proto.initiate()
-        event = yield d.addTimeout(WAIT, reactor)
+        event = await d.addTimeout(WAIT, reactor)
         self.assertTrue(event.initiator)
         self.assertEqual(event.peer_key, self.ns.public_key)
-        yield until(lambda: self.ns.latest_handshake() != 0)
+        await wait_until(lambda: self.ns.latest_handshake() != 0, "wireguard-go to record the handshake", timeout=WAIT, interval=0.01)
         self.assertEqual(ours.device.drops, {})
 
-    @defer.inlineCallbacks
-    def test_they_initiate(self):
+    async def test_they_initiate(self):
         psk = os.urandom(32)
         ours = self.connect(preshared_key=psk)
         got = []
         ours.on_udp = got.append
         d = ours.proto.when_handshake_complete()
         self.ns.send_udp(b"hello from wireguard-go", UDP_PORT)
-        event = yield d.addTimeout(WAIT, reactor)
+        event = await d.addTimeout(WAIT, reactor)
         self.assertFalse(event.initiator)
-        yield until(lambda: got)
+        await wait_until(lambda: got, "the datagram from wireguard-go", timeout=WAIT, interval=0.01)
         self.assertEqual(got, [b"hello from wireguard-go"])
 
-    @defer.inlineCallbacks
-    def test_icmpv6_echo_answered_by_kernel(self):
+    async def test_icmpv6_echo_answered_by_kernel(self):
         ours = self.connect()
         payloads = [os.urandom(n) for n in (0, 1, 15, 16, 100, 1200)]
         for seq, data in enumerate(payloads):
             ours.ping(seq, data)  # the first one waits for the handshake in the staged queue
-        yield until(lambda: len(ours.echo_replies) == len(payloads))
+        await wait_until(lambda: len(ours.echo_replies) == len(payloads), "every echo reply", timeout=WAIT, interval=0.01)
         self.assertEqual(sorted(ours.echo_replies), list(enumerate(payloads)))
 
-    @defer.inlineCallbacks
-    def test_udp_ten_mib_each_way(self):
+    async def test_udp_ten_mib_each_way(self):
         ours = self.connect()
         self.ns.start_udp_peer()
         # Upstream: go-back-N over our tunnel to the socket in the namespace.
@@ -313,10 +290,10 @@ class WireGuardGoTests(unittest.TestCase):
         rto.start(0.1, now=False)
         self.addCleanup(lambda: rto.running and rto.stop())
         pump()
-        yield until(lambda: state["base"] == len(pieces))
+        await wait_until(lambda: state["base"] == len(pieces), "the upstream 10 MiB acknowledged", timeout=WAIT, interval=0.01)
         rto.stop()
         ours.udp(b"F")
-        yield until(lambda: state["digest"] is not None)
+        await wait_until(lambda: state["digest"] is not None, "the upstream digest", timeout=WAIT, interval=0.01)
         self.assertEqual(
             state["digest"], hashlib.sha256(blob).digest() + len(blob).to_bytes(8, "big")
         )
@@ -324,15 +301,14 @@ class WireGuardGoTests(unittest.TestCase):
         ours.udp(
             b"S" + TEN_MIB.to_bytes(8, "big") + (2).to_bytes(8, "big") + CHUNK.to_bytes(2, "big")
         )
-        yield until(lambda: state["end"])
+        await wait_until(lambda: state["end"], "the downstream 10 MiB", timeout=WAIT, interval=0.01)
         down = b"".join(state["down"])
         self.assertEqual(len(down), TEN_MIB)
         self.assertEqual(down, random.Random(2).randbytes(TEN_MIB))
         ours.udp(b"Q")
         self.assertEqual(ours.device.drops, {})
 
-    @defer.inlineCallbacks
-    def test_forced_rekey_keeps_traffic_flowing(self):
+    async def test_forced_rekey_keeps_traffic_flowing(self):
         # A short REKEY_AFTER_TIME (and rate limit) on our side: we re-handshake every ~0.3 s
         # while pinging every 10 ms, and every echo must come back.
         self.patch(wireguard, "REKEY_AFTER_TIME", 0.3)
@@ -348,16 +324,15 @@ class WireGuardGoTests(unittest.TestCase):
         loop = task.LoopingCall(ping)
         loop.start(0.01)
         self.addCleanup(lambda: loop.running and loop.stop())
-        yield until(lambda: ours.proto.handshakes >= 6)
+        await wait_until(lambda: ours.proto.handshakes >= 6, "six handshakes", timeout=WAIT, interval=0.01)
         loop.stop()
-        yield until(lambda: len(ours.echo_replies) == seq)
+        await wait_until(lambda: len(ours.echo_replies) == seq, "every echo reply", timeout=WAIT, interval=0.01)
         self.assertEqual(sorted(s for s, _ in ours.echo_replies), list(range(seq)))
         self.assertEqual(ours.device.drops, {})
         # The old keypair was retired each time: at most previous + current remain.
         self.assertLessEqual(len(ours.peer.keypairs()), 2)
 
-    @defer.inlineCallbacks
-    def test_cookie_reply_under_load(self):
+    async def test_cookie_reply_under_load(self):
         # We claim to be under load: wireguard-go's first initiation gets a cookie reply, and
         # its retransmission (REKEY_TIMEOUT later) must carry a mac2 made with that cookie.
         ours = Ours(self, self.ns)
@@ -365,21 +340,34 @@ class WireGuardGoTests(unittest.TestCase):
         self.ns.configure(ours.device.public_key, ours.address)
         d = ours.proto.when_handshake_complete()
         self.ns.send_udp(b"knock", UDP_PORT)
-        event = yield d.addTimeout(WAIT, reactor)
+        event = await d.addTimeout(WAIT, reactor)
         self.assertFalse(event.initiator)
         self.assertEqual(ours.device.drops["cookie-required"], 1)
 
-    @defer.inlineCallbacks
-    def _never_completes(self, ours: Ours, expected_drop: str):
+    async def _never_completes(self, ours: Ours, expected_drop: str):
         d = ours.proto.when_handshake_complete()
         d.addErrback(lambda f: None)
         self.addCleanup(d.cancel)
+        # Count wireguard-go's handshake messages as they reach our socket.
+        handshakes: collections.Counter[bytes] = collections.Counter()
+        received = ours.proto.datagramReceived
+
+        def counting(data: bytes, addr: tuple[str, int]) -> None:
+            if data[:4] in HANDSHAKE_TYPES:
+                handshakes[data[:4]] += 1
+            received(data, addr)
+
+        ours.proto.datagramReceived = counting
         # We initiate ...
         ours.proto.initiate()
         # ... and wireguard-go initiates, because the namespace has a packet for us.
         self.ns.send_udp(b"x", UDP_PORT)
-        yield until(lambda: ours.device.drops[expected_drop] > 0)
-        yield sleep(0.5)
+        await wait_until(lambda: ours.device.drops[expected_drop] > 0, "the expected drop", timeout=WAIT, interval=0.01)
+        # A second handshake message of one kind from wireguard-go comes only after REKEY_TIMEOUT
+        # (5 s), when one side retries because the first round completed on neither: by then
+        # both sides have handled everything of the first round.
+        await wait_until(lambda: max(handshakes.values(), default=0) >= 2, "a second handshake round",
+                         timeout=WAIT, interval=0.01)
         self.assertFalse(d.called)
         self.assertEqual(ours.proto.handshakes, 0)
         self.assertEqual(self.ns.latest_handshake(), 0)
@@ -389,18 +377,18 @@ class WireGuardGoTests(unittest.TestCase):
         ours = Ours(self, self.ns, preshared_key=os.urandom(32))
         self.ns.configure(ours.device.public_key, ours.address, preshared_key=os.urandom(32))
         # Initiations authenticate (the PSK enters only at the response), responses do not.
-        return self._never_completes(ours, "bad-response")
+        return defer.ensureDeferred(self._never_completes(ours, "bad-response"))
 
     def test_wrong_static_key_never_completes(self):
         # wireguard-go knows a different key for us, so it cannot identify our initiations,
         # and its initiations name a static key we did not configure.
         ours = Ours(self, self.ns)
         self.ns.configure(public_key(generate_private_key()), ours.address)
-        return self._never_completes(ours, "bad-mac1")
+        return defer.ensureDeferred(self._never_completes(ours, "bad-mac1"))
 
     def test_we_have_the_wrong_key_never_completes(self):
         # We address a key wireguard-go does not hold: it drops our initiations (mac1), and its
         # initiations carry a static key we do not know.
         ours = Ours(self, self.ns, peer_key=public_key(generate_private_key()))
         self.ns.configure(ours.device.public_key, ours.address)
-        return self._never_completes(ours, "unknown-peer")
+        return defer.ensureDeferred(self._never_completes(ours, "unknown-peer"))

@@ -23,9 +23,13 @@ from typing import Any
 
 from twisted.internet import defer, protocol, reactor, task
 
+from tests.support.waiting import wait_until
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SERVER_IP = "203.0.113.2"
 NAT_IPS = {"a": "203.0.113.10", "b": "203.0.113.11", "c": "203.0.113.12"}
+# Waits in the lab: NAT and path changes heal on the product's own timers (a re-STUN every 23 s).
+LAB_WAIT = 60.0
 DERP_MAP = json.dumps({"Regions": {"1": {
     "RegionID": 1, "RegionCode": "lab", "RegionName": "Lab Relay",
     "Nodes": [{"Name": "1a", "RegionID": 1, "HostName": SERVER_IP, "IPv4": SERVER_IP,
@@ -57,6 +61,8 @@ class LineProcess(protocol.ProcessProtocol):
         self.pings: list[Any] = []
         self.stderr = b""
         self.lines: list[bytes] = []
+        self.sent_lines = 0
+        self.done = 0  # stdin lines the child has handled
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.on_node: Any = None
 
@@ -79,6 +85,8 @@ class LineProcess(protocol.ProcessProtocol):
                 self.status = msg["status"]
             if "ping" in msg or "ping_error" in msg:
                 self.pings.append(msg)
+            if "done" in msg:
+                self.done = msg["done"]
 
     def errReceived(self, data: bytes) -> None:
         self.stderr = (self.stderr + data)[-8000:]
@@ -88,6 +96,16 @@ class LineProcess(protocol.ProcessProtocol):
 
     def send(self, obj: dict) -> None:
         self.transport.write(json.dumps(obj).encode() + b"\n")
+        self.sent_lines += 1
+
+    async def do(self, obj: dict) -> None:
+        """Send ``obj`` and wait until the child has handled it."""
+        self.send(obj)
+        n = self.sent_lines
+        await wait_until(lambda: self.done >= n or self.ended.called, f"{self.name} to handle {obj}",
+                         timeout=LAB_WAIT)
+        if self.done < n:
+            raise AssertionError(f"{self.name} ended: {self.stderr.decode(errors='replace')}")
 
 
 class MagicsockLab:
@@ -230,7 +248,7 @@ class MagicsockLab:
                     peer_env: dict[str, str] | None = None) -> tuple[LineProcess, LineProcess]:
         server = self.spawn("server", self.ns["wan"], "-m", "tests.netlab.relay_server",
                             "--http", "8080", "--stun", f"{SERVER_IP}:3478")
-        await wait_for(lambda: b"Traceback" in server.stderr or server.ended.called or _ready(server))
+        await wait_until(lambda: b"Traceback" in server.stderr or server.ended.called or _ready(server), "the relay server to start", timeout=LAB_WAIT, interval=0.05)
         if not _ready(server):
             raise RuntimeError(f"relay server did not start: {server.stderr.decode(errors='replace')}")
         peers = []
@@ -248,7 +266,7 @@ class MagicsockLab:
             b.send({"peer": n})
         for n in b.nodes:
             a.send({"peer": n})
-        await wait_for(lambda: a.nodes and b.nodes and "path" in a.status and "path" in b.status)
+        await wait_until(lambda: a.nodes and b.nodes and "path" in a.status and "path" in b.status, "both peers' nodes and paths", timeout=LAB_WAIT, interval=0.05)
         return a, b
 
     async def stop(self) -> None:
@@ -272,11 +290,6 @@ class MagicsockLab:
 
 def _ready(proc: LineProcess) -> bool:
     return b"ready" in proc.lines
-
-
-async def wait_for(pred: Any, step: float = 0.05) -> None:
-    while not pred():
-        await task.deferLater(reactor, step, lambda: None)
 
 
 async def sleep(seconds: float) -> None:

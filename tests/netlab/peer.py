@@ -7,7 +7,8 @@ CODERSTACK_LINK_MONITOR_INTERVAL seconds, default linkmon's).
 
 stdout: {"node": NODE} whenever our node changes; {"status": {...}} every 0.25 s (path and
 reason to the peer, packets sent/received, handshakes, the longest time between two new packets
-received and when it ended); {"ping": [latency, path]} or {"ping_error": "..."}.
+received and when it ended); {"ping": [latency, path]} or {"ping_error": "..."}; after each
+stdin line is handled, a status line and {"done": N} (N: lines handled so far).
 stdin:  {"peer": NODE}              add/update the (single) peer
         {"send": RATE}              start sending numbered packets, RATE per second
         {"stop": true}              stop sending
@@ -54,6 +55,7 @@ class Peer(LineReceiver):
         self.handshakes = 0
         self.last_rx: float | None = None
         self.longest_gap = (0.0, 0.0)  # (seconds without a new packet, when that ended)
+        self.handled = 0
         conn.on_packet(self.packet)
         conn.on_node_change(lambda node: out({"node": node.to_json()}))
         task.LoopingCall(self.status).start(0.25, now=False)
@@ -88,6 +90,9 @@ class Peer(LineReceiver):
             d = self.conn.ping(self.peer.key)
             d.addCallbacks(lambda r: out({"ping": [r.latency, r.describe()]}),
                            lambda f: out({"ping_error": f.getErrorMessage()}))
+        self.status()
+        self.handled += 1
+        out({"done": self.handled})
 
     def send_one(self) -> None:
         assert self.peer is not None

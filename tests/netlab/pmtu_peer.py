@@ -4,7 +4,9 @@
 
 stdout: {"node": NODE} on every change; {"status": {...}} every 0.25 s (path, path_mtu, drops);
         {"received": [bytes, sha256]} when a connection to our sink closes;
-        {"sent": [bytes, sha256]} when our transfer finished writing; {"error": "..."}.
+        {"sent": [bytes, sha256]} when our transfer finished writing; {"error": "..."};
+        {"ping": [latency, path]} when a ping is answered; after each stdin line is handled, a
+        status line and {"done": N} (N: lines handled so far).
 stdin:  {"peer": NODE}                  add/update the peer
         {"serve": PORT}                 a hashing sink on our tunnel address
         {"send": [PORT, NBYTES]}        connect to the peer's PORT and send NBYTES
@@ -61,6 +63,7 @@ class Peer(LineReceiver):
     def __init__(self, conn: Conn) -> None:
         self.conn = conn
         self.peer: Node | None = None
+        self.handled = 0
         conn.on_node_change(lambda node: out({"node": node.to_json()}))
         task.LoopingCall(self.status).start(0.25, now=False)
 
@@ -78,7 +81,10 @@ class Peer(LineReceiver):
             d = client_endpoint(ns, dst, port).connect(protocol.Factory.forProtocol(lambda: Source(total)))
             d.addErrback(lambda f: out({"error": f.getErrorMessage()}))
         if msg.get("ping") and self.peer is not None:
-            self.conn.ping(self.peer.key).addErrback(lambda f: None)
+            self.conn.ping(self.peer.key).addCallbacks(lambda r: out({"ping": list(r)}), lambda f: None)
+        self.status()
+        self.handled += 1
+        out({"done": self.handled})
 
     def status(self) -> None:
         full = self.conn.status()

@@ -16,7 +16,8 @@ from twisted.internet import reactor
 from twisted.logger import Logger
 from twisted.trial import unittest
 
-from tests.netlab.magicsock_lab import NAT_IPS, MagicsockLab, available, wait_for
+from tests.netlab.magicsock_lab import LAB_WAIT, NAT_IPS, MagicsockLab, available
+from tests.support.waiting import wait_until
 
 POLL = "1"  # seconds between link polls in the peers (linkmon's default is 3)
 _log = Logger()
@@ -44,12 +45,12 @@ class RoamingTests(unittest.TestCase):
         self.addCleanup(lab.stop)
         env = {"CODERSTACK_LINK_MONITOR": "1" if monitor else "0", "CODERSTACK_LINK_MONITOR_INTERVAL": POLL}
         a, b = await lab.start(peer_env=env)
-        await wait_for(lambda: a.nodes and stun_endpoint(a.nodes[-1], NAT_IPS["a"])
-                       and b.nodes and stun_endpoint(b.nodes[-1], NAT_IPS["b"]))
+        await wait_until(lambda: a.nodes and stun_endpoint(a.nodes[-1], NAT_IPS["a"])
+                         and b.nodes and stun_endpoint(b.nodes[-1], NAT_IPS["b"]), "both STUN mappings", timeout=LAB_WAIT, interval=0.05)
         a.send({"send": 50})
         b.send({"send": 50})
-        await wait_for(lambda: p2p_via(a.status, NAT_IPS["b"]) and p2p_via(b.status, NAT_IPS["a"])
-                       and a.status.get("last_handshake") is not None)
+        await wait_until(lambda: p2p_via(a.status, NAT_IPS["b"]) and p2p_via(b.status, NAT_IPS["a"])
+                         and a.status.get("last_handshake") is not None, "direct both ways, and a handshake", timeout=LAB_WAIT, interval=0.05)
         return lab, a, b
 
     async def roam(self, monitor: bool) -> tuple[float, Any, Any]:
@@ -59,8 +60,8 @@ class RoamingTests(unittest.TestCase):
         moved = reactor.seconds()
         a_got, b_got = a.status["received"], b.status["received"]
         # Direct again, both ways, through A's new NAT, and data flows again in both directions.
-        await wait_for(lambda: p2p_via(a.status, NAT_IPS["b"]) and p2p_via(b.status, NAT_IPS["c"])
-                       and a.status["received"] >= a_got + 50 and b.status["received"] >= b_got + 50)
+        await wait_until(lambda: p2p_via(a.status, NAT_IPS["b"]) and p2p_via(b.status, NAT_IPS["c"])
+                         and a.status["received"] >= a_got + 50 and b.status["received"] >= b_got + 50, "direct again through A's new NAT, data both ways", timeout=LAB_WAIT, interval=0.05)
         took = reactor.seconds() - moved
         self.assertTrue(stun_endpoint(a.nodes[-1], NAT_IPS["c"]), a.nodes[-1])
         if monitor:
@@ -74,7 +75,7 @@ class RoamingTests(unittest.TestCase):
         took, a, b = await self.roam(monitor=True)
         self.assertGreaterEqual(a.status["link_changes"], 1, a.status)
         self.assertGreaterEqual(a.status["derp_reconnects"], 1, a.status)  # its old source address vanished
-        await wait_for(lambda: a.status["derp_connected"] == [1])
+        await wait_until(lambda: a.status["derp_connected"] == [1], "A's relay connection", timeout=LAB_WAIT, interval=0.05)
         _log.info("roamed with the link monitor: direct again after {took:.1f} s", took=took)
         print(f"\nlinkmon netlab: direct again {took:.1f} s after the move (monitor on)")
 
@@ -93,9 +94,9 @@ class RoamingTests(unittest.TestCase):
         moved = reactor.seconds()
         # A's NAT maps the new inside address to a new port: B must learn it.
         old_mapping = b.status["path"]
-        await wait_for(lambda: a.status["derp_reconnects"] > derp_before
-                       and p2p_via(b.status, NAT_IPS["a"]) and b.status["path"] != old_mapping
-                       and a.status["received"] >= a_got + 50 and b.status["received"] >= b_got + 50)
+        await wait_until(lambda: a.status["derp_reconnects"] > derp_before
+                         and p2p_via(b.status, NAT_IPS["a"]) and b.status["path"] != old_mapping
+                         and a.status["received"] >= a_got + 50 and b.status["received"] >= b_got + 50, "B to learn A's new mapping, data both ways", timeout=LAB_WAIT, interval=0.05)
         took = reactor.seconds() - moved
         self.assertEqual(a.status["last_handshake"], handshake)
         print(f"\nlinkmon netlab: renumbered, direct again {took:.1f} s later (monitor on)")

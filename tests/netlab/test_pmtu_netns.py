@@ -21,8 +21,9 @@ import uuid
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from tests.netlab.magicsock_lab import REPO_ROOT, LineProcess, available, sh, sleep, wait_for
+from tests.netlab.magicsock_lab import LAB_WAIT, REPO_ROOT, LineProcess, available, sh
 from tests.netlab.magicsock_lab import MagicsockLab as _Spawner
+from tests.support.waiting import wait_until
 
 SKIP = available()
 
@@ -88,14 +89,14 @@ class PMTULab(_Spawner):
 
     async def start_peers(self) -> tuple[LineProcess, LineProcess]:
         relay = self.spawn("relay", self.ns["a"], "-m", "tests.netlab.relay_server", "--http", "8080")
-        await wait_for(lambda: b"Traceback" in relay.stderr or relay.ended.called or b"ready" in relay.lines)
+        await wait_until(lambda: b"Traceback" in relay.stderr or relay.ended.called or b"ready" in relay.lines, "the relay server to start", timeout=LAB_WAIT, interval=0.05)
         if b"ready" not in relay.lines:
             raise RuntimeError(f"relay did not start: {relay.stderr.decode(errors='replace')}")
         a = self.spawn("a", self.ns["a"], "-m", "tests.netlab.pmtu_peer", "--derp-map", self.derp_map())
         b = self.spawn("b", self.ns["b"], "-m", "tests.netlab.pmtu_peer", "--derp-map", self.derp_map())
         a.on_node = lambda node: b.send({"peer": node})
         b.on_node = lambda node: a.send({"peer": node})
-        await wait_for(lambda: a.nodes and b.nodes or a.ended.called or b.ended.called)
+        await wait_until(lambda: a.nodes and b.nodes or a.ended.called or b.ended.called, "both peers' nodes", timeout=LAB_WAIT, interval=0.05)
         for p in (a, b):
             if p.ended.called:
                 raise RuntimeError(f"peer {p.name} died: {p.stderr.decode(errors='replace')}")
@@ -117,16 +118,20 @@ class NamespacePMTUTests(unittest.TestCase):
 
     async def transfer_and_check(self, a: LineProcess, b: LineProcess, expect_mtu: int) -> None:
         a.send({"ping": True})
-        await wait_for(lambda: a.status.get("path", "").startswith("p2p") and a.status.get("path_mtu") == expect_mtu
-                       or a.ended.called)
+        await wait_until(lambda: a.status.get("path", "").startswith("p2p") and a.status.get("path_mtu") == expect_mtu
+                         or a.ended.called, "a direct path at the expected MTU", timeout=LAB_WAIT, interval=0.05)
         self.assertTrue(a.status["pmtu"])
-        await sleep(1.0)  # larger probes, if any were answered, would have raised it by now
+        # Larger probes went with the discovery pings: a ping sent now over the direct path is
+        # answered after any of them, and a status line after that shows what they proved.
+        pings = len(a.pings)
+        await a.do({"ping": True})
+        await wait_until(lambda: len(a.pings) > pings, "the ping", timeout=LAB_WAIT, interval=0.05)
+        await a.do({})
         self.assertEqual(a.status["path_mtu"], expect_mtu)
-        b.send({"serve": 7000})
-        await sleep(0.2)
+        await b.do({"serve": 7000})
         total = 8 << 20
         a.send({"send": [7000, total]})
-        await wait_for(lambda: _received(b) or a.ended.called or b.ended.called)
+        await wait_until(lambda: _received(b) or a.ended.called or b.ended.called, "the transfer at B", timeout=LAB_WAIT, interval=0.05)
         sent, got = _sent(a), _received(b)
         self.assertEqual(got, sent)
         self.assertEqual(got[0], total)

@@ -13,8 +13,9 @@ import shutil
 
 from twisted.trial import unittest
 
-from tests.netlab.magicsock_lab import sleep, wait_for
+from tests.netlab.magicsock_lab import LAB_WAIT, sleep
 from tests.netlab.user_lab import NAT_IPS, REGION_NAME, WORKSPACE, Session, UserLab, available
+from tests.support.waiting import wait_until
 
 WS = WORKSPACE
 P2P_PONG = re.compile(rf"^pong from {WS} p2p via ([0-9.]+):(\d+) in [0-9.]+(µs|ms|s)$", re.M)
@@ -117,7 +118,7 @@ class UserCommandsThroughNATTests(unittest.TestCase):
     async def test_mid_session_udp_blocked_then_allowed(self) -> None:
         lab = await self.lab("easy")
         s = await self.echo_session(lab)
-        await wait_for(lambda: lab.agent.log().count("now direct via") >= 1)
+        await wait_until(lambda: lab.agent.log().count("now direct via") >= 1, "the agent to go direct", timeout=LAB_WAIT, interval=0.05)
         await sleep(2.0)  # the session in use for a moment
         lab.block_udp("b")
         # Someone keeps typing. Nothing comes back on the direct path, three disco pings to it go
@@ -125,9 +126,10 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         # what was lost; the same ssh session answers.
         typed = await self.type_until_echoed(s, "blocked")
         # The agent logged the change at info, naming the address that stopped answering.
-        await wait_for(lambda: re.search(rf"path to \S+ now DERP\({re.escape(REGION_NAME)}\) "
-                                         rf"\(direct {re.escape(NAT_IPS['b'])}:\d+ stopped answering\)",
-                                         lab.agent.log()))
+        fell_back = re.compile(rf"path to \S+ now DERP\({re.escape(REGION_NAME)}\) "
+                               rf"\(direct {re.escape(NAT_IPS['b'])}:\d+ stopped answering\)")
+        await wait_until(lambda: fell_back.search(lab.agent.log()), "the agent to log the fall back to DERP",
+                         timeout=LAB_WAIT, interval=0.05)
         lab.block_udp("b", on=False)
         # The next discovery pings find the direct path again while the session goes on.
         typed += await self.type_until_echoed(s, "allowed", lambda: lab.agent.log().count("now direct via") >= 2)
@@ -150,7 +152,7 @@ class UserCommandsThroughNATTests(unittest.TestCase):
     async def test_direct_session_survives_a_server_restart_and_can_still_fall_back(self) -> None:
         lab = await self.lab("easy")
         s = await self.echo_session(lab)
-        await wait_for(lambda: lab.agent.log().count("now direct via") >= 1)
+        await wait_until(lambda: lab.agent.log().count("now direct via") >= 1, "the agent to go direct", timeout=LAB_WAIT, interval=0.05)
         await lab.d.stop_server()
         # Coordinator and DERP are gone; WireGuard goes on directly between the NATs.
         # Longer than the 6.5 s a pong is trusted: disco heartbeats keep the direct path alive
@@ -165,7 +167,7 @@ class UserCommandsThroughNATTests(unittest.TestCase):
         sessions = lab.agent.log().count("coordinator connected; node sent")
         await lab.d.start_server()
         # The agent finds the server again by itself, and new connections work.
-        await wait_for(lambda: lab.agent.log().count("coordinator connected; node sent") > sessions)
+        await wait_until(lambda: lab.agent.log().count("coordinator connected; node sent") > sessions, "the agent's next coordinator session", timeout=LAB_WAIT, interval=0.05)
         await lab.user.wait_status(WS, "connected", watch=[lab.agent])
         code, out, err = await lab.user.run("ssh", WS, "--", "echo", "after-restart")
         self.assertEqual((code, out.strip()), (0, "after-restart"), err)

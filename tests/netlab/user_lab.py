@@ -30,8 +30,9 @@ from typing import Any
 
 from twisted.internet import defer, protocol, reactor
 
-from tests.netlab.magicsock_lab import NAT_IPS, SERVER_IP, MagicsockLab, available, sh
+from tests.netlab.magicsock_lab import LAB_WAIT, NAT_IPS, SERVER_IP, MagicsockLab, available, sh
 from tests.support.processes import CLIUser, Deployment, Process, in_netns, pid_alive, sleep
+from tests.support.waiting import wait_until
 
 __all__ = ["NAT_IPS", "SERVER_IP", "UserLab", "available", "Session"]
 
@@ -116,10 +117,15 @@ class Session(protocol.ProcessProtocol):
                 self.tree.setdefault(pid, cmdline(pid))
 
     async def wait_output(self, needle: bytes) -> None:
-        while needle not in self.out:
+        def shown() -> bool:
+            if needle in self.out:
+                return True
             if self.ended.called:
                 raise AssertionError(f"{self.name} ended; out={self.out!r} err={self.err!r}")
-            await sleep(0.05)
+            return False
+
+        await wait_until(shown, lambda: f"{needle!r} from {self.name}; out={self.out!r}",
+                         timeout=LAB_WAIT, interval=0.05)
 
     async def stop(self) -> None:
         """By PID: the CLI, then whatever it started that is still alive."""
@@ -167,10 +173,7 @@ class UserLab:
                     "--stun", f"{SECOND_STUN_IP}:{STUN_PORT}"]
             self.stun2 = Process(self.testcase, "stun2", in_netns(self.net.ns["wan"], argv),
                                  self.d.env(self.d.dir), self.d.dir)
-            while "ready" not in self.stun2.log():
-                if not self.stun2.running():
-                    raise AssertionError(self.stun2.log())
-                await sleep(0.05)
+            await self.stun2.output_shows("ready")
         await self.d.start_server()
         await self.user.login_first("alice")
         token = await self.user.create(WORKSPACE)

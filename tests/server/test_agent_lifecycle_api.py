@@ -6,7 +6,7 @@ import json
 import uuid
 
 import treq
-from twisted.internet import reactor, task
+from twisted.internet import task
 from twisted.trial import unittest
 
 from coderstack.server import auth
@@ -15,20 +15,9 @@ from coderstack.server.agentstore import MAX_LOGS_BYTES
 from coderstack.server.records import AgentRecord
 from tests.server.test_agentstore import built_agent
 from tests.support.api import ACCESS_URL, Caller, make_deployment
+from tests.support.waiting import wait_until
 
 T = "2026-12-01T23:59:59.123456Z"
-
-
-async def eventually(check, what: str, timeout: float = 10.0):
-    """Poll ``check()`` (sync) until it is truthy; fail with ``what`` after ``timeout``."""
-    deadline = reactor.seconds() + timeout
-    while True:
-        got = check()
-        if got:
-            return got
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 class LifecycleAPITests(unittest.TestCase):
@@ -220,26 +209,26 @@ class LifecycleAPITests(unittest.TestCase):
         await self.agent("PATCH", "logs", {"log_source_id": source, "logs": [
             {"created_at": T, "output": "before", "level": "info"}]})
         chunks, close = await self.stream("/logs?follow=true")
-        await eventually(lambda: b"before" in b"".join(chunks), "the first line")
+        await wait_until(lambda: b"before" in b"".join(chunks), "the first line")
         await self.agent("PATCH", "logs", {"log_source_id": source, "logs": [
             {"created_at": T, "output": "after", "level": "info"}]})
-        await eventually(lambda: b"after" in b"".join(chunks), "the followed line")
+        await wait_until(lambda: b"after" in b"".join(chunks), "the followed line")
         outputs = [json.loads(x)["output"] for x in b"".join(chunks).splitlines()]
         self.assertEqual(outputs, ["before", "after"])
         close()
-        await eventually(lambda: self.api.agent_events.listening(self.agent_id) == 0,
+        await wait_until(lambda: self.api.agent_events.listening(self.agent_id) == 0,
                          "the follower to go")
 
     async def test_watch_metadata_sends_changes(self):
         chunks, close = await self.stream("/watch-metadata")
-        await eventually(lambda: b"event: data" in b"".join(chunks), "the first event")
+        await wait_until(lambda: b"event: data" in b"".join(chunks), "the first event")
         await self.agent("POST", "metadata", {"metadata": [
             {"key": "cpu", "value": "42%", "error": "", "collected_at": T}]})
-        await eventually(lambda: b"42%" in b"".join(chunks), "the changed value")
+        await wait_until(lambda: b"42%" in b"".join(chunks), "the changed value")
         events = [e for e in b"".join(chunks).split(b"\n\n") if e.startswith(b"event: data")]
         self.assertEqual(len(events), 2)
         last = json.loads(events[-1].split(b"data: ", 1)[1])
         self.assertEqual(last[0]["result"]["value"], "42%")
         close()
-        await eventually(lambda: self.api.agent_events.listening(self.agent_id) == 0,
+        await wait_until(lambda: self.api.agent_events.listening(self.agent_id) == 0,
                          "the watcher to go")

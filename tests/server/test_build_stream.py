@@ -5,7 +5,7 @@ from __future__ import annotations
 import uuid
 from typing import Any
 
-from twisted.internet import reactor, task
+from twisted.internet import reactor
 from twisted.internet.defer import ensureDeferred
 from twisted.trial import unittest
 from twisted.web.server import Site
@@ -15,6 +15,7 @@ from coderstack.server.api import API
 from coderstack.server.builds import BuildLog
 from coderstack.server.records import Build, now
 from tests.support.api import Caller, make_deployment
+from tests.support.waiting import wait_until
 
 
 def running_build() -> Build:
@@ -29,11 +30,6 @@ class FakeBuilder:
 
     def live_log(self, build_id: uuid.UUID) -> BuildLog | None:
         return self.blog if build_id == self.blog.build.id else None
-
-
-async def until(predicate: Any) -> None:
-    while not predicate():
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 class BuildLogTests(unittest.TestCase):
@@ -81,10 +77,10 @@ class StreamTests(unittest.TestCase):
         path = f"/api/v2/workspacebuilds/{self.blog.build.id}/logs?follow=true"
         streaming = self.client.stream_json_lines(path, got.append)
         done = ensureDeferred(streaming)
-        await until(lambda: len(got) == 1)
+        await wait_until(lambda: len(got) == 1, "the first line")
         self.assertEqual(got, [{"output": "Initializing the backend..."}])
         self.blog.append("coder_agent.main: Creating...")
-        await until(lambda: len(got) == 2)
+        await wait_until(lambda: len(got) == 2, "the second line")
         self.assertFalse(done.called, "the stream ended before the build did")
         self.blog.finish(Build(**{**self.blog.build.__dict__, "status": "succeeded"}))
         await done

@@ -25,11 +25,7 @@ from coderstack.server.service import makeService
 from coderstack.wire import derp as w
 from coderstack.wire.coordination import CoordinateRequest, address_from_uuid
 from tests.support.tempdirs import made_dir
-
-
-async def wait_for(predicate: Any, what: str = "") -> None:
-    while not predicate():
-        await task.deferLater(reactor, 0.02, lambda: None)
+from tests.support.waiting import wait_until
 
 
 class Inbox(DERPClientHandler):
@@ -120,7 +116,7 @@ class ClosedRelayTests(unittest.TestCase):
             "update_self": {"node": node(alice_peer, alice_pub)}, "add_tunnel": {"id": str(agent_id)},
         }))
         # The agent hears of alice's node: the tunnel exists.
-        await wait_for(lambda: any(u.to_json()["peer_updates"] for u in agent_coord.updates))
+        await wait_until(lambda: any(u.to_json()["peer_updates"] for u in agent_coord.updates), "the agent to hear of alice's node")
 
         # Bob may not even coordinate with alice's agent.
         with self.assertRaises(ConnectionError) as refused:
@@ -131,26 +127,26 @@ class ClosedRelayTests(unittest.TestCase):
         alice_derp, alice_inbox = self.derp(region, alice_key, alice.token)
         bob_derp, bob_inbox = self.derp(region, bob_key, bob.token)
         nobody_derp, nobody_inbox = self.derp(region, w.generate_private_key(), "")
-        await wait_for(lambda: agent_inbox.up and alice_inbox.up and bob_inbox.up)
+        await wait_until(lambda: agent_inbox.up and alice_inbox.up and bob_inbox.up, "the three DERP logins")
 
         alice_derp.send(agent_pub, b"hello agent")
-        await wait_for(lambda: agent_inbox.packets)
+        await wait_until(lambda: agent_inbox.packets, "alice's packet at the agent")
         self.assertEqual(agent_inbox.packets, [(alice_pub, b"hello agent")])
         agent_derp.send(alice_pub, b"hello alice")
-        await wait_for(lambda: alice_inbox.packets)
+        await wait_until(lambda: alice_inbox.packets, "the agent's packet at alice")
         self.assertEqual(alice_inbox.packets, [(agent_pub, b"hello alice")])
 
         # Bob is logged in to the relay but shares no tunnel: dropped, counted, never delivered.
         bob_derp.send(agent_pub, b"let me in")
         bob_derp.send(alice_pub, b"or you")
         alice_derp.send(agent_pub, b"marker")
-        await wait_for(lambda: len(agent_inbox.packets) == 2)
+        await wait_until(lambda: len(agent_inbox.packets) == 2, "the marker at the agent")
         self.assertEqual(agent_inbox.packets[-1], (alice_pub, b"marker"))
         self.assertEqual(len(alice_inbox.packets), 1)
         self.assertGreaterEqual(self.svc.deployment.relay.drops["unauthorized"], 2)
 
         # No token: refused before the upgrade.
-        await wait_for(lambda: nobody_derp.last_error)
+        await wait_until(lambda: nobody_derp.last_error, "the tokenless DERP login to be refused")
         self.assertFalse(nobody_inbox.up)
         self.assertIn("401", str(nobody_derp.last_error))
 

@@ -11,7 +11,7 @@ from datetime import timedelta
 from typing import Any
 
 from autobahn.twisted.websocket import WebSocketClientFactory, WebSocketClientProtocol
-from twisted.internet import defer, reactor, task
+from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from coderstack.coordinator.client import open_coordination
@@ -26,17 +26,10 @@ from coderstack.server.service import makeService
 from coderstack.wire import derp as w
 from tests.server.test_closed_relay import Inbox as _Inbox
 from tests.support.tempdirs import made_dir
+from tests.support.waiting import wait_until
 
 CLOSE_REVOKED = 4001
 MAP_PATH = "/api/v2/derp-map"
-
-
-async def wait_for(predicate: Any, what: str, timeout: float = 5.0) -> None:
-    deadline = reactor.seconds() + timeout
-    while not predicate():
-        if reactor.seconds() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        await task.deferLater(reactor, 0.01, lambda: None)
 
 
 class Inbox(_Inbox):
@@ -130,8 +123,8 @@ class Base(unittest.TestCase):
 
     async def agent_coordinate(self) -> Any:
         f = await self.coordinate(self.agent_api, "/api/v2/workspaceagents/me/coordinate")
-        await wait_for(lambda: self.svc.deployment.coordinator.status(self.agent_id) == "connected",
-                       "the agent to connect")
+        await wait_until(lambda: self.svc.deployment.coordinator.status(self.agent_id) == "connected",
+                         "the agent to connect")
         return f
 
     async def client_coordinate(self, api: Client) -> Any:
@@ -149,7 +142,7 @@ class Base(unittest.TestCase):
     async def map_stream(self, api: Client) -> MapStreamFactory:
         factory = api.websocket_factory(MapStreamFactory, MAP_PATH)
         await api.websocket_endpoint().connect(factory)
-        await wait_for(lambda: factory.maps, "the first DERP map")
+        await wait_until(lambda: factory.maps, "the first DERP map")
 
         def close() -> None:
             if factory.proto is not None and not factory.closed.called:
@@ -168,7 +161,7 @@ class RevocationTests(Base):
         }
         opened["derp"], opened["derp_inbox"] = self.derp(api.token)
         opened["derp_ws"], opened["derp_ws_inbox"] = self.derp(api.token, websocket=True)
-        await wait_for(lambda: opened["derp_inbox"].up and opened["derp_ws_inbox"].up, "both DERP logins")
+        await wait_until(lambda: opened["derp_inbox"].up and opened["derp_ws_inbox"].up, "both DERP logins")
         return opened
 
     async def assert_all_closed(self, opened: dict[str, Any], reason: str) -> None:
@@ -176,8 +169,8 @@ class RevocationTests(Base):
         self.assertEqual((code, why), (CLOSE_KICKED, reason))
         code, why = await opened["map"].closed
         self.assertEqual((code, why), (CLOSE_REVOKED, reason))
-        await wait_for(lambda: not opened["derp_inbox"].up and not opened["derp_ws_inbox"].up,
-                       "both DERP connections to close")
+        await wait_until(lambda: not opened["derp_inbox"].up and not opened["derp_ws_inbox"].up,
+                         "both DERP connections to close")
 
     async def test_logout_closes_that_sessions_connections_only(self) -> None:
         other = await self.login("b@example.com", "bobs password")
@@ -186,11 +179,11 @@ class RevocationTests(Base):
         before = len(self.live)
         await self.bob.post("/api/v2/users/logout")
         await self.assert_all_closed(mine, "session logged out")
-        await wait_for(lambda: len(self.live) == before - 4, "the registry to forget them")
+        await wait_until(lambda: len(self.live) == before - 4, "the registry to forget them")
         self.assertFalse(keep.closed.called)
         self.assertEqual((await other.me())["username"], "bob")
         # The DERP clients' redials are refused: the token is gone.
-        await wait_for(lambda: "401" in mine["derp"].last_error, "a refused redial", timeout=10)
+        await wait_until(lambda: "401" in mine["derp"].last_error, "a refused redial", timeout=10)
 
     async def test_suspending_a_user_closes_all_its_sessions_and_refuses_login(self) -> None:
         second = await self.login("b@example.com", "bobs password")
@@ -232,7 +225,7 @@ class RevocationTests(Base):
         carol = await self.login("c@example.com", "carols password")
         conns = {"map": await self.map_stream(carol)}
         conns["derp"], conns["derp_inbox"] = self.derp(carol.token)
-        await wait_for(lambda: conns["derp_inbox"].up, "carol's DERP login")
+        await wait_until(lambda: conns["derp_inbox"].up, "carol's DERP login")
         # Bob still owns a workspace: refused until it is gone.
         with self.assertRaises(SDKError) as refused:
             await self.alice.delete("/api/v2/users/bob")
@@ -240,7 +233,7 @@ class RevocationTests(Base):
         await self.alice.delete("/api/v2/users/carol")
         code, why = await conns["map"].closed
         self.assertEqual((code, why), (CLOSE_REVOKED, "user deleted"))
-        await wait_for(lambda: not conns["derp_inbox"].up, "carol's DERP connection to close")
+        await wait_until(lambda: not conns["derp_inbox"].up, "carol's DERP connection to close")
         users = [u["username"] for u in (await self.alice.get("/api/v2/users"))["users"]]
         self.assertEqual(users, ["alice", "bob"])
 
@@ -250,23 +243,23 @@ class RevocationTests(Base):
         dc, inbox = self.derp(self.agent_token)
         dcw, inbox_ws = self.derp(self.agent_token, websocket=True)
         user_coord = await self.client_coordinate(self.bob)
-        await wait_for(lambda: inbox.up and inbox_ws.up, "the agent's DERP logins")
+        await wait_until(lambda: inbox.up and inbox_ws.up, "the agent's DERP logins")
         await self.bob.post(f"/api/v2/workspaces/{self.ws_id}/agent-token")
         code, why = await coord.closed
         self.assertEqual((code, why), (CLOSE_KICKED, "agent token revoked"))
         code, why = await stream.closed
         self.assertEqual((code, why), (CLOSE_REVOKED, "agent token revoked"))
-        await wait_for(lambda: not inbox.up and not inbox_ws.up, "the agent's DERP connections to close")
+        await wait_until(lambda: not inbox.up and not inbox_ws.up, "the agent's DERP connections to close")
         self.assertFalse(user_coord.closed.called)
 
     async def test_deleting_the_workspace_closes_the_agents_connections(self) -> None:
         coord = await self.agent_coordinate()
         dc, inbox = self.derp(self.agent_token)
-        await wait_for(lambda: inbox.up, "the agent's DERP login")
+        await wait_until(lambda: inbox.up, "the agent's DERP login")
         await self.bob.delete(f"/api/v2/workspaces/{self.ws_id}")
         code, why = await coord.closed
         self.assertEqual((code, why), (CLOSE_KICKED, "agent token revoked"))
-        await wait_for(lambda: not inbox.up, "the agent's DERP connection to close")
+        await wait_until(lambda: not inbox.up, "the agent's DERP connection to close")
         self.assertIsNone(self.svc.deployment.coordinator.status(self.agent_id))
 
     async def test_a_session_closes_at_its_expiry(self) -> None:
@@ -286,9 +279,9 @@ class LimitTests(Base):
 
     async def test_derp_connections_over_the_limit_get_429(self) -> None:
         ups = [self.derp(self.bob.token) for _ in range(2)]
-        await wait_for(lambda: all(i.up for _, i in ups), "two DERP logins")
+        await wait_until(lambda: all(i.up for _, i in ups), "two DERP logins")
         third, inbox = self.derp(self.bob.token)
-        await wait_for(lambda: third.last_error, "the third to be refused")
+        await wait_until(lambda: third.last_error, "the third to be refused")
         self.assertIn("429", third.last_error)
         self.assertFalse(inbox.up)
         text = self.svc.deployment.metrics_text()
@@ -296,11 +289,11 @@ class LimitTests(Base):
         self.assertGreaterEqual(self.svc.deployment.relay_admission.caps.refused, 1)
         # Another principal is not affected; one closed connection frees a slot.
         other, other_inbox = self.derp(self.agent_token)
-        await wait_for(lambda: other_inbox.up, "the agent's DERP login")
+        await wait_until(lambda: other_inbox.up, "the agent's DERP login")
         bob_id = uuid.UUID((await self.bob.me())["id"])
         await ups[0][0].stop()
-        await wait_for(lambda: self.svc.deployment.relay_admission.caps.count(("user", bob_id)) == 1,
-                       "the slot to free")
+        await wait_until(lambda: self.svc.deployment.relay_admission.caps.count(("user", bob_id)) == 1,
+                         "the slot to free")
 
     async def test_coordinator_peers_over_the_limit_get_429(self) -> None:
         await self.client_coordinate(self.bob)
@@ -321,13 +314,13 @@ class ShutdownTests(Base):
         stream = await self.map_stream(self.bob)
         dcw, inbox_ws = self.derp(self.bob.token, websocket=True)
         dc, inbox = self.derp(self.agent_token)
-        await wait_for(lambda: inbox.up and inbox_ws.up, "DERP logins")
+        await wait_until(lambda: inbox.up and inbox_ws.up, "DERP logins")
         started = reactor.seconds()
         await self.svc.stopService()
         took = reactor.seconds() - started
         self.assertEqual(await coord.closed, (1001, "going away"))
         self.assertEqual(await stream.closed, (1001, "going away"))
-        await wait_for(lambda: not inbox.up and not inbox_ws.up, "DERP connections to close")
+        await wait_until(lambda: not inbox.up and not inbox_ws.up, "DERP connections to close")
         self.assertEqual(inbox.restarts, [(1.0, 60.0)])
         self.assertEqual(inbox_ws.restarts, [(1.0, 60.0)])
         # The client waits the hinted second before redialling, not its 5 s backoff.

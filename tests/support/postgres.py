@@ -13,8 +13,9 @@ import shutil
 import socket
 import subprocess
 import tempfile
-import time
 import uuid
+
+from tests.support.waiting import wait_until_blocking
 
 _cluster: PostgresCluster | None = None
 
@@ -66,18 +67,24 @@ class PostgresCluster:
         subprocess.run(args, check=True, cwd=self.dir, timeout=120)
 
     def new_database(self) -> str:
-        name = "t_" + uuid.uuid4().hex[:12]
-        for _ in range(50):
-            try:
-                import psycopg
+        import psycopg
 
+        name = "t_" + uuid.uuid4().hex[:12]
+        errors: list[str] = []
+
+        def created() -> bool:
+            try:
                 with psycopg.connect(
                     f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres", autocommit=True
                 ) as conn:
                     conn.execute(f'CREATE DATABASE "{name}"')
-                break
-            except Exception:
-                time.sleep(0.1)
+            except psycopg.Error as err:  # the cluster may still be starting
+                errors.append(str(err))
+                return False
+            return True
+
+        wait_until_blocking(created, lambda: f"database {name} ({errors[-1] if errors else ''})",
+                            timeout=5, interval=0.1)
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
 
     def stop(self) -> None:

@@ -23,9 +23,13 @@ from typing import Any
 from twisted.internet import reactor, task, utils
 
 from coderstack.sdk import Client, SDKError, trust_root_from_env
+from tests.support.waiting import wait_until
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
+#: How long a real process may take to answer, log a line or reach a status (a loaded CI machine
+#: starting a server or an agent takes seconds).
+PROCESS_WAIT = 60.0
 
 
 def free_port() -> int:
@@ -82,10 +86,29 @@ class Process:
         if self.running():
             os.kill(self.pid, signum)
 
-    async def wait(self) -> int:
+    def check_running(self) -> None:
+        """Fail, showing its log, if the process has exited."""
+        if not self.running():
+            raise AssertionError(f"{self.name} exited {self.popen.returncode}:\n{self.log()}")
+
+    async def output_shows(self, text: str, timeout: float = PROCESS_WAIT) -> str:
+        """Its log, once that contains ``text``; fails at once if the process exits first."""
+        def shown() -> str | None:
+            exited = not self.running()
+            log = self.log()
+            if text in log:
+                return log
+            if exited:
+                self.check_running()
+            return None
+
+        return await wait_until(shown, f"{text!r} in the output of {self.name}", timeout=timeout,
+                                interval=0.1)
+
+    async def wait(self, timeout: float = PROCESS_WAIT) -> int:
         """Wait (without blocking the reactor) until the process exits; its exit status."""
-        while self.popen.poll() is None:
-            await sleep(0.05)
+        await wait_until(lambda: self.popen.poll() is not None, f"{self.name} to exit",
+                         timeout=timeout, interval=0.05)
         return self.popen.returncode
 
     async def stop(self, grace: float = 10.0) -> int | None:
@@ -168,27 +191,30 @@ class Deployment:
             return await self._wait_healthy_in_netns(proc)
         trust = trust_root_from_env({"SSL_CERT_FILE": self.ca_file}) if self.ca_file else None
         client = Client(reactor, self.url, trust_root=trust)
+
+        async def healthy() -> bool:
+            proc.check_running()
+            try:
+                await client.request("GET", "/healthz")
+            except SDKError:
+                return False
+            return True
+
         try:
-            while True:
-                if not proc.running():
-                    raise AssertionError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log()}")
-                try:
-                    await client.request("GET", "/healthz")
-                    return
-                except SDKError:
-                    await sleep(0.1)
+            await wait_until(healthy, f"{proc.name} to answer /healthz", timeout=PROCESS_WAIT,
+                             interval=0.1)
         finally:
             await client.close()
 
     async def _wait_healthy_in_netns(self, proc: Process) -> None:
         """This process cannot reach a server in another namespace: curl from inside it."""
         argv = in_netns(self.netns["server"], ["curl", "-sf", "-o", "/dev/null", f"{self.url}/healthz"])
-        while True:
-            if not proc.running():
-                raise AssertionError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log()}")
-            if await utils.getProcessValue(argv[0], argv[1:], env=os.environ) == 0:
-                return
-            await sleep(0.1)
+
+        async def healthy() -> bool:
+            proc.check_running()
+            return await utils.getProcessValue(argv[0], argv[1:], env=os.environ) == 0
+
+        await wait_until(healthy, f"{proc.name} to answer /healthz", timeout=PROCESS_WAIT, interval=0.1)
 
     async def stop_server(self) -> int | None:
         assert self.server is not None
@@ -258,11 +284,12 @@ class CLIUser:
 
     async def wait_status(self, name: str, status: str, watch: list[Process] = (),
                           missing_ok: bool = False) -> dict[str, Any]:
-        """Poll ``show NAME --output json`` until its agent has ``status`` (trial's timeout bounds it).
+        """Poll ``show NAME --output json`` until its agent has ``status``; fails at once if a
+        process in ``watch`` exits.
 
         ``missing_ok``: keep polling while ``show`` fails (not logged in yet, no such workspace yet).
         """
-        while True:
+        async def shown() -> dict[str, Any] | None:
             code, out, err = await self.run("show", name, "--output", "json")
             if code != 0 and not missing_ok:
                 raise AssertionError(f"coderstack show {name} exited {code}: {err}")
@@ -270,9 +297,11 @@ class CLIUser:
             if ws is not None and ws["agents"][0]["status"] == status:
                 return ws
             for proc in watch:
-                if not proc.running():
-                    raise AssertionError(f"{proc.name} exited {proc.popen.returncode}:\n{proc.log()}")
-            await sleep(0.1)
+                proc.check_running()
+            return None
+
+        return await wait_until(shown, f"{name}'s agent to be {status}", timeout=PROCESS_WAIT,
+                                interval=0.1)
 
     def session_token(self) -> str:
         with open(os.path.join(self.config_dir, "session")) as f:

@@ -10,7 +10,8 @@ from twisted.trial import unittest
 from coderstack.derp.policy import AllowAllPolicy
 from coderstack.derpmap import DERPMap
 from coderstack.tailnet.conn import Conn
-from tests.derp.helpers import RelayServer, wait_for
+from tests.derp.helpers import RelayServer
+from tests.support.waiting import wait_until
 from tests.tailnet.test_conn import ipv6_packet
 
 
@@ -38,24 +39,24 @@ class LoopbackTests(unittest.TestCase):
         b.update_peer(nodes["a"])
         got: list[bytes] = []
         b.on_packet(lambda k, p: got.append(p))
-        await wait_for(lambda: 999 in a.sock.derp_connected and 999 in b.sock.derp_connected)
+        await wait_until(lambda: 999 in a.sock.derp_connected and 999 in b.sock.derp_connected, "both DERP logins")
         return a, b, got
 
     async def test_derp_then_direct(self) -> None:
         a, b, got = await self.pair()
         bkey = b.keys.node_public
         a.send_packet(None, ipv6_packet(a.address, b.address, b"first"))
-        await wait_for(lambda: len(got) == 1)
+        await wait_until(lambda: len(got) == 1, "the first packet")
         self.assertEqual(got[0][40:], b"first")
         self.assertGreater(self.server.relay.packets_received, 0)  # before any pong: via DERP too
-        await wait_for(lambda: a.path(bkey)[0].startswith("p2p"))
+        await wait_until(lambda: a.path(bkey)[0].startswith("p2p"), "a direct path from a")
         port = b.sock.local_port
         self.assertEqual(a.path(bkey), (f"p2p 127.0.0.1:{port}", ""))
-        await wait_for(lambda: b.path(a.keys.node_public)[0].startswith("p2p"))
+        await wait_until(lambda: b.path(a.keys.node_public)[0].startswith("p2p"), "a direct path from b")
         relayed = self.server.relay.packets_received
         for i in range(20):
             a.send_packet(None, ipv6_packet(a.address, b.address, b"n%d" % i))
-        await wait_for(lambda: len(got) == 21)
+        await wait_until(lambda: len(got) == 21, "the twenty packets")
         self.assertEqual(self.server.relay.packets_received, relayed)  # none went via DERP
         result = await a.ping(bkey)
         self.assertEqual((result.kind, result.endpoint), ("p2p", f"127.0.0.1:{port}"))
@@ -66,7 +67,7 @@ class LoopbackTests(unittest.TestCase):
         bkey = b.keys.node_public
         for i in range(5):
             a.send_packet(None, ipv6_packet(a.address, b.address, b"n%d" % i))
-        await wait_for(lambda: len(got) == 5)
+        await wait_until(lambda: len(got) == 5, "the five packets")
         result = await a.ping(bkey)
         self.assertEqual((result.kind, result.derp_name), ("derp", "Coder Embedded Relay"))
         self.assertEqual(a.path(bkey), ("DERP(Coder Embedded Relay)", "direct connections disabled"))

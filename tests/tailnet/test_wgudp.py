@@ -8,6 +8,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from coderstack.wire.wireguard import Device, generate_private_key
+from tests.support.waiting import wait_until
 from tests.support.wgudp import WireGuardUDP
 
 
@@ -106,8 +107,8 @@ class LoopbackTests(unittest.TestCase):
             pa.send(ip6(bytes([i]) * i))
         yield done_b.addTimeout(20, reactor)
         pb.send_many([ip6(b"back")])
-        while len(got_b) < 10 or not got_a:
-            yield task.deferLater(reactor, 0.01, lambda: None)
+        yield defer.ensureDeferred(wait_until(lambda: len(got_b) >= 10 and got_a, "the packets both ways",
+                                              interval=0.01))
         self.assertEqual(got_b, [ip6(bytes([i]) * i) for i in range(10)])
         self.assertEqual(got_a, [ip6(b"back")])
         self.assertEqual(pb.peer_address, ("127.0.0.1", port_a.getHost().port))
