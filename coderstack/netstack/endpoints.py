@@ -40,7 +40,9 @@ from twisted.python import failure, log
 from zope.interface import implementer
 
 from .stack import Stack, to_address
-from .tcp import Connection, TCPConfig
+from .tcp import Connection
+from .tcpconfig import TCPConfig
+from .tcpstate import State
 
 __all__ = [
     "Netstack",
@@ -148,7 +150,7 @@ class Netstack:
             dirty = self._dirty
             self._dirty = set()
             for conn in dirty:
-                if conn.state:
+                if conn.state is not State.CLOSED:
                     conn.flush(now)
         deadline = self.stack.next_deadline()
         if deadline is None or self._stopped:
@@ -365,7 +367,7 @@ class NetstackTransport:
 
     def write(self, data: bytes) -> None:
         conn = self.conn
-        if not data or self.disconnecting or self.disconnected or conn.fin_seq is not None:
+        if not data or self.disconnecting or self.disconnected or conn.write_closed:
             return
         conn.write(data)
         if self.producer is not None and not self._producer_paused:
@@ -373,11 +375,11 @@ class NetstackTransport:
                 # A pull producer writes once per resumeProducing(): ask for more when the send
                 # buffer has drained (now, on the next turn, if it already has).
                 self._producer_paused = True
-                if len(conn.sndbuf) <= conn.cfg.send_low_water:
+                if conn.send_buffered <= conn.cfg.send_low_water:
                     self.netstack.reactor.callLater(0, self.writable)
                 else:
                     conn.want_writable = True
-            elif len(conn.sndbuf) > self.netstack.send_high_water:
+            elif conn.send_buffered > self.netstack.send_high_water:
                 self._producer_paused = True
                 conn.want_writable = True
                 self.producer.pauseProducing()
@@ -423,7 +425,7 @@ class NetstackTransport:
         self.netstack._after(self.netstack.reactor.seconds())
 
     def loseWriteConnection(self) -> None:
-        if self.disconnected or self.conn.fin_seq is not None:
+        if self.disconnected or self.conn.write_closed:
             return
         self.conn.shutdown_write(self.netstack.reactor.seconds())
         self.netstack._after(self.netstack.reactor.seconds())
