@@ -17,6 +17,7 @@ import random
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from . import icmpv6, ipv6, tcpsegment, udp
 from .isn import ISNGenerator
@@ -28,7 +29,7 @@ from .tcpstate import State
 
 ANY_PORT = 0  # listen(ANY_PORT, ...) accepts connections to every port nobody else listens on
 
-__all__ = ["Stack", "UDPSocket", "TCPConfig", "to_address"]
+__all__ = ["DatagramReceiver", "Stack", "TCPConfig", "UDPCatchAll", "UDPSocket", "to_address"]
 
 _TCP_HDR = struct.Struct("!HHIIBBH")
 EPHEMERAL = (49152, 65535)
@@ -40,10 +41,22 @@ def to_address(addr: str | bytes | ipaddress.IPv6Address) -> bytes:
     return ipaddress.IPv6Address(addr if not isinstance(addr, bytes) else addr.decode()).packed
 
 
+class DatagramReceiver(Protocol):
+    """The handler of a bound UDP port."""
+
+    def datagram_received(self, data: bytes, src: tuple[bytes, int]) -> None: ...
+
+
+class UDPCatchAll(Protocol):
+    """The handler of datagrams to ports nobody bound."""
+
+    def datagram_received(self, data: bytes, src: tuple[bytes, int], dst: tuple[bytes, int]) -> None: ...
+
+
 class UDPSocket:
     """A bound UDP port.  The handler gets ``datagram_received(data, (address_bytes, port))``."""
 
-    def __init__(self, stack: Stack, address: bytes | None, port: int, handler) -> None:
+    def __init__(self, stack: Stack, address: bytes | None, port: int, handler: DatagramReceiver) -> None:
         self.stack = stack
         self.address = address
         self.port = port
@@ -79,12 +92,12 @@ class Stack:
         self.isn = ISNGenerator(isn_secret)
         self.rng = rng or random.Random()
         self.stats: Counter[str] = Counter()
-        self.connections: dict[tuple, Connection] = {}
+        self.connections: dict[tuple[bytes, int, bytes, int], Connection] = {}
         self.path_mtu: dict[bytes, int] = {}  # per-peer MTU overriding config.mtu
         self.listeners: dict[int, Listener] = {}
         self.udp_sockets: dict[int, UDPSocket] = {}
-        # Datagrams to a port nobody bound: handler.datagram_received(data, (src, sport), (dst, dport)).
-        self.udp_catch_all = None
+        # Datagrams to a port nobody bound.
+        self.udp_catch_all: UDPCatchAll | None = None
         self.echo_handler: Callable[[bytes, int, int, bytes], None] | None = None
         self._timers: list[tuple[float, int, Connection]] = []
         self._batch_acks: set[Connection] | None = None
@@ -352,7 +365,7 @@ class Stack:
         if self.connections.get(conn.key) is conn:
             del self.connections[conn.key]
 
-    def udp_bind(self, port: int, handler, address=None) -> UDPSocket:
+    def udp_bind(self, port: int, handler: DatagramReceiver, address: str | bytes | None = None) -> UDPSocket:
         if port == 0:
             port = self.rng.randint(*EPHEMERAL)
             while port in self.udp_sockets:
@@ -370,19 +383,19 @@ class Stack:
             raise ValueError(f"datagram of {len(data)} bytes does not fit the MTU ({self.config.mtu})")
         self.emit(udp.build(src, dst, sport, dport, data))
 
-    def set_path_mtu(self, remote, mtu: int | None, now: float) -> None:
+    def set_path_mtu(self, remote: str | bytes, mtu: int | None, now: float) -> None:
         """Set (or with None, forget) the MTU of the path to ``remote``: new connections announce
         an MSS from it, existing ones re-segment what they send."""
-        remote = to_address(remote)
+        addr = to_address(remote)
         if mtu is None:
-            self.path_mtu.pop(remote, None)
+            self.path_mtu.pop(addr, None)
             mtu = self.config.mtu
         else:
-            self.path_mtu[remote] = mtu
+            self.path_mtu[addr] = mtu
         for conn in list(self.connections.values()):
-            if conn.remote == remote:
+            if conn.remote == addr:
                 conn.set_mtu(mtu, now)
 
-    def ping(self, remote, ident: int, seq: int, data: bytes = b"") -> None:
+    def ping(self, remote: str | bytes, ident: int, seq: int, data: bytes = b"") -> None:
         """Send an ICMPv6 echo request; replies go to ``echo_handler(src, ident, seq, data)``."""
         self.emit(icmpv6.build_echo(self.address, to_address(remote), icmpv6.ECHO_REQUEST, ident, seq, data))
