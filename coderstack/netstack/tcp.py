@@ -424,32 +424,53 @@ class Connection:
                 if opts.sack:
                     sack_blocks = opts.sack
         state = self.state
-        # Header prediction: the next in-order data segment on an established connection that
-        # ACKs nothing new, with nothing of ours in flight or pending recovery.
-        if (
-            state is ESTABLISHED
-            and flags & 0x37 == ACK
-            and sack_blocks is None
-            and seq == self.rcv_nxt & M32
-            and ack == self.snd_una & M32
-            and self.snd_max == self.snd_una
-            and not self.ooo
-            and not self.paused
-            and not self.rcv_queue
-            and (win << self.snd_wscale) == self.snd_wnd
-            and doff < len(seg) <= doff + self.rcv_adv - self.rcv_nxt
-            and (tsval is None or not (tsval - self.ts_recent) & HALF)
-        ):
-            self._predicted_data(seg, doff, tsval, now)
-        elif state is SYN_SENT:
+        # Header prediction, for the two segments an established connection mostly sees: the
+        # next in-order one, with only ACK (and PSH) set and no SACK blocks, that is either a
+        # pure ACK of new data outside recovery, or data that ACKs nothing new while nothing of
+        # ours is in flight.
+        if state is ESTABLISHED and flags & 0x37 == ACK and sack_blocks is None and seq == self.rcv_nxt & M32:
+            if len(seg) == doff:
+                una = self.snd_una
+                ack_u = una + ((ack - una + HALF) & M32) - HALF
+                if una < ack_u <= self.snd_max and not self.in_recovery:
+                    self._predicted_ack(ack_u, win, tsval, tsecr, now)
+                    return
+            elif (
+                ack == self.snd_una & M32
+                and self.snd_max == self.snd_una
+                and not self.ooo
+                and not self.paused
+                and not self.rcv_queue
+                and (win << self.snd_wscale) == self.snd_wnd
+                and len(seg) <= doff + self.rcv_adv - self.rcv_nxt
+                and (tsval is None or not (tsval - self.ts_recent) & HALF)
+            ):
+                self._predicted_data(seg, doff, tsval, now)
+                return
+        if state is SYN_SENT:
             if opts is None:
                 opts = Options(ts=(tsval, tsecr) if tsval is not None and tsecr is not None else None)
             self._syn_sent(seq, ack, flags, win, opts, tsecr, now)
         else:
             self._synchronized(seg, doff, seq, ack, flags, win, tsval, tsecr, sack_blocks, now)
 
+    def _predicted_ack(self, ack_u: int, win: int, tsval: int | None, tsecr: int | None, now: float) -> None:
+        """A predicted pure ACK: of 3.10.7.4 only the fifth step has anything to do, and of it
+        only taking the acknowledgment and the window."""
+        self.last_recv = now
+        self.ka_probes = 0
+        if tsval is not None and not (tsval - self.ts_recent) & HALF:
+            self.ts_recent = tsval
+        seq_u = self.rcv_nxt
+        self._ack_advance(ack_u, tsecr, now)
+        if self.state is CLOSED:
+            return
+        if self.snd_wl1 < seq_u or (self.snd_wl1 == seq_u and self.snd_wl2 <= ack_u):
+            self._update_send_window(seq_u, ack_u, win << self.snd_wscale)
+        self._respond(now)
+
     def _predicted_data(self, seg: bytes, doff: int, tsval: int | None, now: float) -> None:
-        """The segment ``input`` predicted: all of 3.10.7.4 reduces to taking its text."""
+        """Predicted in-order data: of 3.10.7.4 only the seventh step has anything to do."""
         self.last_recv = now
         self.ka_probes = 0
         if tsval is not None:
@@ -581,7 +602,10 @@ class Connection:
             self._fin_arrives(seq_u, now)
             if self.state is CLOSED:
                 return
-        # Then what the segment lets us send: data the windows allow, and our ACK.
+        self._respond(now)
+
+    def _respond(self, now: float) -> None:
+        """After a segment: send what the windows allow, and our ACK now or delayed."""
         self._output(now)
         if self.ack_now:
             self._send_ack(now)
