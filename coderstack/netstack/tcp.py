@@ -581,7 +581,7 @@ class Connection:
         if flags & RST:
             self._rst_arrives(seq_u, now)
             return
-        # Third, security and precedence: gone from RFC 9293, none in IPv6.
+        # Third, security: the segment's security option must match, and IPv6 has none.
         # Fourth, the SYN bit.
         if flags & SYN:
             self._syn_arrives(now)
