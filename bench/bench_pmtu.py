@@ -86,8 +86,8 @@ async def measure(peer):
     srtts = []
     def sample():
         for c in list(ns.stack.connections.values()):
-            if c.srtt is not None and c.snd_nxt != c.snd_una:
-                srtts.append(c.srtt * 1000)
+            if c.rtt.srtt is not None and c.snd_nxt != c.snd_una:
+                srtts.append(c.rtt.srtt * 1000)
     sampler = task.LoopingCall(sample)
     sampler.start(0.05, now=False)
     for _ in range(int(runs)):

@@ -22,7 +22,9 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Any, Protocol, cast
 
 from twisted.internet import defer, error
 from twisted.internet.address import IPv6Address
@@ -31,7 +33,6 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IListeningPort,
     IPushProducer,
-    IReactorTime,
     IStreamClientEndpoint,
     IStreamServerEndpoint,
     ITCPTransport,
@@ -39,8 +40,11 @@ from twisted.internet.interfaces import (
 from twisted.python import failure, log
 from zope.interface import implementer
 
-from .stack import Stack, to_address
-from .tcp import Connection, TCPConfig
+from .listener import Listener
+from .stack import Stack, UDPSocket, to_address
+from .tcp import Connection
+from .tcpconfig import TCPConfig
+from .tcpstate import State
 
 __all__ = [
     "Netstack",
@@ -51,6 +55,78 @@ __all__ = [
     "NetstackUDPCatchAll",
     "NetstackUDPPort",
 ]
+
+
+class DelayedCall(Protocol):
+    """What is used here of Twisted's ``IDelayedCall`` (a zope interface, which mypy cannot
+    check calls against)."""
+
+    def active(self) -> bool: ...
+
+    def cancel(self) -> None: ...
+
+    def reset(self, seconds: float) -> None: ...
+
+
+class Clock(Protocol):
+    """What is used here of ``IReactorTime``: a reactor, or ``task.Clock`` in tests."""
+
+    def seconds(self) -> float: ...
+
+    def callLater(self, delay: float, f: Callable[..., object], /, *args: Any, **kw: Any) -> DelayedCall: ...
+
+
+class StreamProtocol(Protocol):
+    """What the transport calls on the application's protocol (an ``IProtocol``)."""
+
+    def makeConnection(self, transport: Any) -> None: ...
+
+    def dataReceived(self, data: bytes) -> None: ...
+
+    def connectionLost(self, reason: failure.Failure) -> None: ...
+
+
+class HalfCloseable(Protocol):
+    """A protocol that provides ``IHalfCloseableProtocol``."""
+
+    def readConnectionLost(self) -> None: ...
+
+    def writeConnectionLost(self) -> None: ...
+
+
+class StreamFactory(Protocol):
+    """What is used here of an ``IProtocolFactory`` (``twisted.internet.protocol.Factory``)."""
+
+    def buildProtocol(self, addr: Any) -> StreamProtocol | None: ...
+
+    def doStart(self) -> None: ...
+
+    def doStop(self) -> None: ...
+
+
+class DatagramHandler(Protocol):
+    """What is used here of a ``DatagramProtocol``."""
+
+    def makeConnection(self, transport: Any) -> None: ...
+
+    def datagramReceived(self, datagram: bytes, addr: Any) -> None: ...
+
+    def doStop(self) -> None: ...
+
+
+class Producer(Protocol):
+    """A producer registered with the transport (``IPushProducer``, or ``IPullProducer``,
+    which is never paused)."""
+
+    def resumeProducing(self) -> None: ...
+
+    def pauseProducing(self) -> None: ...
+
+    def stopProducing(self) -> None: ...
+
+
+class CatchAllHandler(Protocol):
+    def datagram_received(self, data: bytes, src: tuple[str, int], dst: tuple[str, int]) -> None: ...
 
 
 def _text(addr: bytes) -> str:
@@ -78,13 +154,13 @@ class Netstack:
 
     def __init__(
         self,
-        address: str | bytes,
+        address: Iterable[str | bytes] | str | bytes,
         send_packet: Callable[[bytes], object],
-        reactor: IReactorTime,
+        reactor: Clock,
         *,
         mtu: int = 1280,
         config: TCPConfig | None = None,
-        **stack_kwargs,
+        **stack_kwargs: Any,
     ) -> None:
         if config is None:
             config = TCPConfig(mtu=mtu)
@@ -94,17 +170,17 @@ class Netstack:
         self.stack.echo_handler = self._echo_reply
         self.stack.on_error = lambda e: log.err(e, "netstack: packet handling failed")
         self.address = _text(self.stack.address)
-        self._timer = None
+        self._timer: DelayedCall | None = None
         self._timer_at = 0.0
         self._stopped = False
         self._in_input = False
         self._dirty: set[Connection] = set()
-        self._flush_call = None
-        self._pings: dict[tuple[bytes, int, int], tuple[defer.Deferred, float, object]] = {}
+        self._flush_call: DelayedCall | None = None
+        self._pings: dict[tuple[bytes, int, int], tuple[defer.Deferred[float], float, DelayedCall]] = {}
         self._ping_seq = itertools.count(1)
 
     @property
-    def stats(self):
+    def stats(self) -> Counter[str]:
         return self.stack.stats
 
     def _emit(self, packet: bytes) -> None:
@@ -148,7 +224,7 @@ class Netstack:
             dirty = self._dirty
             self._dirty = set()
             for conn in dirty:
-                if conn.state:
+                if conn.state is not State.CLOSED:
                     conn.flush(now)
         deadline = self.stack.next_deadline()
         if deadline is None or self._stopped:
@@ -207,49 +283,50 @@ class Netstack:
 
     # -------------------------------------------------------------- TCP
 
-    def connect_tcp(self, host: str, port: int, factory, timeout: float | None = 30) -> defer.Deferred:
+    def connect_tcp(
+        self, host: str, port: int, factory: StreamFactory, timeout: float | None = 30
+    ) -> defer.Deferred[StreamProtocol]:
         """Connect to ``[host]:port``; fires with the protocol (like ``connectProtocol``)."""
-        transport = NetstackTransport(self, None, None)
-        d = defer.Deferred(lambda _d: transport._cancel())
+        transport = NetstackTransport(self, None)
+        d: defer.Deferred[StreamProtocol] = defer.Deferred(lambda _d: transport._cancel())
         transport._connecting = (d, factory)
-        conn = self.stack.connect(host, port, transport, self.reactor.seconds())
-        transport.conn = conn
+        transport.conn = self.stack.connect(host, port, transport, self.reactor.seconds())
         if timeout is not None:
             transport._timeout_call = self.reactor.callLater(timeout, transport._connect_timeout)
         self._after(self.reactor.seconds())
         return d
 
-    def listen_tcp(self, port: int, factory, backlog: int = 128) -> NetstackListeningPort:
+    def listen_tcp(self, port: int, factory: StreamFactory, backlog: int = 128) -> NetstackListeningPort:
         lp = NetstackListeningPort(self, port, factory, backlog)
         lp.startListening()
         return lp
 
     # -------------------------------------------------------------- UDP, ICMP
 
-    def listen_udp(self, port: int, protocol) -> NetstackUDPPort:
+    def listen_udp(self, port: int, protocol: DatagramHandler) -> NetstackUDPPort:
         udp_port = NetstackUDPPort(self, protocol)
         udp_port.sock = self.stack.udp_bind(port, udp_port)
         protocol.makeConnection(udp_port)
         return udp_port
 
-    def listen_udp_any(self, handler) -> NetstackUDPCatchAll:
+    def listen_udp_any(self, handler: CatchAllHandler) -> NetstackUDPCatchAll:
         """Datagrams to any UDP port without a socket (the agent's forwarder to its host's ports)."""
         catch_all = NetstackUDPCatchAll(self, handler)
         self.stack.udp_catch_all = catch_all
         return catch_all
 
-    def ping(self, host: str, data: bytes = b"", timeout: float = 5.0) -> defer.Deferred:
+    def ping(self, host: str, data: bytes = b"", timeout: float = 5.0) -> defer.Deferred[float]:
         """ICMPv6 echo; fires with the round-trip time in seconds or fails with TimeoutError."""
         remote = to_address(host)
         seq = next(self._ping_seq) & 0xFFFF
         key = (remote, 0xC5, seq)
-        d = defer.Deferred()
+        d: defer.Deferred[float] = defer.Deferred()
         call = self.reactor.callLater(timeout, self._ping_timeout, key)
         self._pings[key] = (d, self.reactor.seconds(), call)
         self.stack.ping(remote, 0xC5, seq, data)
         return d
 
-    def _ping_timeout(self, key) -> None:
+    def _ping_timeout(self, key: tuple[bytes, int, int]) -> None:
         entry = self._pings.pop(key, None)
         if entry is not None:
             entry[0].errback(error.TimeoutError("no echo reply"))
@@ -266,19 +343,20 @@ class Netstack:
 class NetstackTransport:
     """The ITransport of one netstack TCP connection; also the core's connection handler."""
 
-    def __init__(self, netstack: Netstack, conn: Connection | None, protocol) -> None:
+    def __init__(self, netstack: Netstack, protocol: StreamProtocol | None) -> None:
+        """``conn`` is set next: by ``connect_tcp``, or by the listening port that accepted it."""
         self.netstack = netstack
-        self.conn = conn
+        self.conn: Connection
         self.protocol = protocol
         self.connected = False
         self.disconnecting = False
         self.disconnected = False
-        self.producer = None
+        self.producer: Producer | None = None
         self.streaming = False
         self._producer_paused = False
-        self._connecting = None
-        self._timeout_call = None
-        self._half_close = False
+        self._connecting: tuple[defer.Deferred[StreamProtocol], StreamFactory] | None = None
+        self._timeout_call: DelayedCall | None = None
+        self._half_closeable: HalfCloseable | None = None  # the protocol, if it provides IHalfCloseableProtocol
         self._close_after_producer = False  # a pull producer is registered: close on unregister
         self._close_pending = False         # a push producer is registered: close next turn
         self._close_when_resumed = False    # ... or once the paused push producer is resumed
@@ -299,24 +377,31 @@ class NetstackTransport:
                 d.errback(error.ConnectError("factory refused the connection"))
                 return
             self.protocol = protocol
-            self._half_close = IHalfCloseableProtocol.providedBy(protocol)
-            protocol.makeConnection(self)
+            self._made(protocol)
             d.callback(protocol)
         else:
-            self._half_close = IHalfCloseableProtocol.providedBy(self.protocol)
-            self.protocol.makeConnection(self)
+            assert self.protocol is not None  # a listening port's transport comes with its protocol
+            self._made(self.protocol)
+
+    def _made(self, protocol: StreamProtocol) -> None:
+        if IHalfCloseableProtocol.providedBy(protocol):
+            # zope's providedBy is no type guard: say what it has checked.
+            self._half_closeable = cast(HalfCloseable, protocol)
+        protocol.makeConnection(self)
 
     def data_received(self, data: bytes) -> None:
+        protocol = self.protocol
+        assert protocol is not None  # made before the first byte arrives
         try:
-            self.protocol.dataReceived(data)
+            protocol.dataReceived(data)
         except Exception:
             # As Twisted's own transports do: a protocol that raises loses its connection.
             log.err(None, "netstack: dataReceived raised; aborting the connection")
             self.abortConnection()
 
     def eof_received(self) -> None:
-        if self._half_close:
-            self.protocol.readConnectionLost()
+        if self._half_closeable is not None:
+            self._half_closeable.readConnectionLost()
         else:
             # The peer is done: close our side too once buffered data is out (a registered
             # producer is not waited for; it is stopped when the connection is gone).
@@ -349,12 +434,12 @@ class NetstackTransport:
 
     def _connect_timeout(self) -> None:
         self._timeout_call = None
-        if self._connecting is not None and self.conn is not None:
+        if self._connecting is not None:
             self.conn.abort("connection timed out")
             self.netstack._after(self.netstack.reactor.seconds())
 
     def _cancel(self) -> None:
-        if self._connecting is not None and self.conn is not None:
+        if self._connecting is not None:
             d, _f = self._connecting
             self._connecting = None
             if self._timeout_call is not None and self._timeout_call.active():
@@ -365,7 +450,7 @@ class NetstackTransport:
 
     def write(self, data: bytes) -> None:
         conn = self.conn
-        if not data or self.disconnecting or self.disconnected or conn.fin_seq is not None:
+        if not data or self.disconnecting or self.disconnected or conn.write_closed:
             return
         conn.write(data)
         if self.producer is not None and not self._producer_paused:
@@ -373,11 +458,11 @@ class NetstackTransport:
                 # A pull producer writes once per resumeProducing(): ask for more when the send
                 # buffer has drained (now, on the next turn, if it already has).
                 self._producer_paused = True
-                if len(conn.sndbuf) <= conn.cfg.send_low_water:
+                if conn.send_buffered <= conn.cfg.send_low_water:
                     self.netstack.reactor.callLater(0, self.writable)
                 else:
                     conn.want_writable = True
-            elif len(conn.sndbuf) > self.netstack.send_high_water:
+            elif conn.send_buffered > self.netstack.send_high_water:
                 self._producer_paused = True
                 conn.want_writable = True
                 self.producer.pauseProducing()
@@ -423,13 +508,13 @@ class NetstackTransport:
         self.netstack._after(self.netstack.reactor.seconds())
 
     def loseWriteConnection(self) -> None:
-        if self.disconnected or self.conn.fin_seq is not None:
+        if self.disconnected or self.conn.write_closed:
             return
         self.conn.shutdown_write(self.netstack.reactor.seconds())
         self.netstack._after(self.netstack.reactor.seconds())
-        if self._half_close and not self.disconnected:
+        if self._half_closeable is not None and not self.disconnected:
             # Our FIN is queued behind the written data: the write side is done.
-            self.protocol.writeConnectionLost()
+            self._half_closeable.writeConnectionLost()
 
     def abortConnection(self) -> None:
         if self.disconnected:
@@ -477,14 +562,12 @@ class NetstackTransport:
     # ------------------------------------------------ IPushProducer (towards the protocol)
 
     def pauseProducing(self) -> None:
-        if self.conn is not None:
-            self.conn.pause_reading()
+        self.conn.pause_reading()
 
     def resumeProducing(self) -> None:
-        if self.conn is not None:
-            now = self.netstack.reactor.seconds()
-            self.conn.resume_reading(now)
-            self.netstack._after(now)
+        now = self.netstack.reactor.seconds()
+        self.conn.resume_reading(now)
+        self.netstack._after(now)
 
     def stopProducing(self) -> None:
         self.loseConnection()
@@ -492,25 +575,27 @@ class NetstackTransport:
 
 @implementer(IListeningPort)
 class NetstackListeningPort:
-    def __init__(self, netstack: Netstack, port: int, factory, backlog: int) -> None:
+    def __init__(self, netstack: Netstack, port: int, factory: StreamFactory, backlog: int) -> None:
         self.netstack = netstack
         self.port = port
         self.factory = factory
         self.backlog = backlog
-        self.listener = None
+        self.listener: Listener | None = None
 
     def startListening(self) -> None:
         self.listener = self.netstack.stack.listen(self.port, self._accept, self.backlog)
         self.factory.doStart()
 
-    def _accept(self, conn: Connection):
+    def _accept(self, conn: Connection) -> NetstackTransport | None:
         addr = IPv6Address("TCP", _text(conn.remote), conn.rport)
         protocol = self.factory.buildProtocol(addr)
         if protocol is None:
             return None
-        return NetstackTransport(self.netstack, conn, protocol)
+        transport = NetstackTransport(self.netstack, protocol)
+        transport.conn = conn
+        return transport
 
-    def stopListening(self) -> defer.Deferred:
+    def stopListening(self) -> defer.Deferred[None]:
         if self.listener is not None:
             self.listener.close()
             self.listener = None
@@ -532,7 +617,7 @@ class NetstackServerEndpoint:
         self.port = port
         self.backlog = backlog
 
-    def listen(self, factory) -> defer.Deferred:
+    def listen(self, factory: StreamFactory) -> defer.Deferred[NetstackListeningPort]:
         try:
             return defer.succeed(self.netstack.listen_tcp(self.port, factory, self.backlog))
         except Exception:
@@ -549,7 +634,7 @@ class NetstackClientEndpoint:
         self.port = port
         self.timeout = timeout
 
-    def connect(self, factory) -> defer.Deferred:
+    def connect(self, factory: StreamFactory) -> defer.Deferred[StreamProtocol]:
         try:
             return self.netstack.connect_tcp(self.host, self.port, factory, self.timeout)
         except Exception:
@@ -559,24 +644,30 @@ class NetstackClientEndpoint:
 class NetstackUDPPort:
     """A bound UDP port for a ``DatagramProtocol``: ``write(data, (host, port))``."""
 
-    def __init__(self, netstack: Netstack, protocol) -> None:
+    def __init__(self, netstack: Netstack, protocol: DatagramHandler) -> None:
         self.netstack = netstack
         self.protocol = protocol
-        self.sock = None
+        self.sock: UDPSocket | None = None  # bound by listen_udp; None once stopped
+
+    def _bound(self) -> UDPSocket:
+        if self.sock is None:
+            raise error.NotListeningError("the UDP port was stopped")
+        return self.sock
 
     def datagram_received(self, data: bytes, addr: tuple[bytes, int]) -> None:
         self.protocol.datagramReceived(data, (_text(addr[0]), addr[1]))
 
     def write(self, data: bytes, addr: tuple[str, int]) -> None:
+        sock = self._bound()
         try:
-            self.sock.sendto(data, to_address(addr[0]), addr[1])
+            sock.sendto(data, to_address(addr[0]), addr[1])
         except ValueError as e:  # larger than the tunnel MTU: as Twisted's UDP ports say it
             raise error.MessageLengthError(str(e)) from None
 
     def getHost(self) -> IPv6Address:
-        return IPv6Address("UDP", self.netstack.address, self.sock.port)
+        return IPv6Address("UDP", self.netstack.address, self._bound().port)
 
-    def stopListening(self) -> defer.Deferred:
+    def stopListening(self) -> defer.Deferred[None]:
         if self.sock is not None:
             self.sock.close()
             self.sock = None
@@ -591,7 +682,7 @@ class NetstackUDPCatchAll:
     (src_host, src_port), (dst_host, dst_port))``. ``write(data, src, dst)`` answers from ``src``,
     which must be one of this stack's addresses (normally the ``dst`` a datagram arrived at)."""
 
-    def __init__(self, netstack: Netstack, handler) -> None:
+    def __init__(self, netstack: Netstack, handler: CatchAllHandler) -> None:
         self.netstack = netstack
         self.handler = handler
 
@@ -607,7 +698,7 @@ class NetstackUDPCatchAll:
         except ValueError as e:  # larger than the tunnel MTU: as Twisted's UDP ports say it
             raise error.MessageLengthError(str(e)) from None
 
-    def stopListening(self) -> defer.Deferred:
+    def stopListening(self) -> defer.Deferred[None]:
         if self.netstack.stack.udp_catch_all is self:
             self.netstack.stack.udp_catch_all = None
         return defer.succeed(None)

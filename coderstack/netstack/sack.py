@@ -68,10 +68,6 @@ class Scoreboard:
                 ranges[0][0] = una
                 break
 
-    @property
-    def highest(self) -> int:
-        return self.ranges[-1][1] if self.ranges else 0
-
     def sacked_between(self, a: int, b: int) -> int:
         total = 0
         for s, e in self.ranges:

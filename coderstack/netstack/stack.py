@@ -17,15 +17,19 @@ import random
 import struct
 from collections import Counter
 from collections.abc import Callable, Iterable
+from typing import Protocol
 
 from . import icmpv6, ipv6, tcpsegment, udp
 from .isn import ISNGenerator
-from .tcp import INF, Connection, Listener, TCPConfig
+from .listener import Accept, Listener
+from .tcp import INF, Connection, ConnectionHandler
+from .tcpconfig import TCPConfig
 from .tcpsegment import ACK, RST, SYN, build_packet
+from .tcpstate import State
 
 ANY_PORT = 0  # listen(ANY_PORT, ...) accepts connections to every port nobody else listens on
 
-__all__ = ["Stack", "UDPSocket", "TCPConfig", "to_address"]
+__all__ = ["DatagramReceiver", "Stack", "TCPConfig", "UDPCatchAll", "UDPSocket", "to_address"]
 
 _TCP_HDR = struct.Struct("!HHIIBBH")
 EPHEMERAL = (49152, 65535)
@@ -37,10 +41,22 @@ def to_address(addr: str | bytes | ipaddress.IPv6Address) -> bytes:
     return ipaddress.IPv6Address(addr if not isinstance(addr, bytes) else addr.decode()).packed
 
 
+class DatagramReceiver(Protocol):
+    """The handler of a bound UDP port."""
+
+    def datagram_received(self, data: bytes, src: tuple[bytes, int]) -> None: ...
+
+
+class UDPCatchAll(Protocol):
+    """The handler of datagrams to ports nobody bound."""
+
+    def datagram_received(self, data: bytes, src: tuple[bytes, int], dst: tuple[bytes, int]) -> None: ...
+
+
 class UDPSocket:
     """A bound UDP port.  The handler gets ``datagram_received(data, (address_bytes, port))``."""
 
-    def __init__(self, stack: Stack, address: bytes | None, port: int, handler) -> None:
+    def __init__(self, stack: Stack, address: bytes | None, port: int, handler: DatagramReceiver) -> None:
         self.stack = stack
         self.address = address
         self.port = port
@@ -54,6 +70,9 @@ class UDPSocket:
 
 
 class Stack:
+    """The table of connections, listeners and sockets of one node; each ``Connection`` sees
+    it as its ``ConnectionHost``, each ``Listener`` as its ``ListenerHost``."""
+
     def __init__(
         self,
         addresses: Iterable[str | bytes] | str | bytes,
@@ -73,22 +92,22 @@ class Stack:
         self.isn = ISNGenerator(isn_secret)
         self.rng = rng or random.Random()
         self.stats: Counter[str] = Counter()
-        self.connections: dict[tuple, Connection] = {}
+        self.connections: dict[tuple[bytes, int, bytes, int], Connection] = {}
         self.path_mtu: dict[bytes, int] = {}  # per-peer MTU overriding config.mtu
         self.listeners: dict[int, Listener] = {}
         self.udp_sockets: dict[int, UDPSocket] = {}
-        # Datagrams to a port nobody bound: handler.datagram_received(data, (src, sport), (dst, dport)).
-        self.udp_catch_all = None
+        # Datagrams to a port nobody bound.
+        self.udp_catch_all: UDPCatchAll | None = None
         self.echo_handler: Callable[[bytes, int, int, bytes], None] | None = None
-        self._timers: list = []
+        self._timers: list[tuple[float, int, Connection]] = []
         self._batch_acks: set[Connection] | None = None
         self.on_error: Callable[[Exception], None] | None = None
         self._counter = itertools.count()
 
     # ------------------------------------------------------------------ timers
 
-    def _arm(self, conn: Connection, t: float) -> None:
-        heapq.heappush(self._timers, (t, next(self._counter), conn))
+    def arm_timer(self, conn: Connection, at: float) -> None:
+        heapq.heappush(self._timers, (at, next(self._counter), conn))
 
     def next_deadline(self) -> float | None:
         return self._timers[0][0] if self._timers else None
@@ -101,9 +120,7 @@ class Stack:
             if conn not in due:
                 due.append(conn)
         for conn in due:
-            if conn.state != 0 and conn._armed <= now:
-                conn.on_timer(now)
-            elif conn.state != 0 and conn._armed == INF:
+            if conn.state is not State.CLOSED and (conn.timer_at <= now or conn.timer_at == INF):
                 conn.on_timer(now)
 
     # ------------------------------------------------------------------ input
@@ -123,8 +140,14 @@ class Stack:
         finally:
             self._batch_acks = None
         for conn in acks:
-            if conn.state and conn.ack_pending:
-                conn._send_ack(now)
+            conn.send_deferred_ack(now)
+
+    def defer_ack(self, conn: Connection) -> bool:
+        batch = self._batch_acks
+        if batch is None:
+            return False
+        batch.add(conn)
+        return True
 
     def receive(self, packet: bytes, now: float) -> None:
         """Handle one inbound IPv6 packet."""
@@ -186,12 +209,14 @@ class Stack:
         if flags & RST:
             return
         if flags & SYN and not flags & ACK:
-            self._tcp_syn_to_listener(src, dst, sport, dport, seq, seg, doff, now)
+            self.syn_to_listener(src, dst, sport, dport, seq, seg, doff, now)
             return
         self.stats["tcp_no_connection"] += 1
         self._reset_for(src, dst, sport, dport, seq, ack, flags, n - doff)
 
-    def _reset_for(self, src, dst, sport, dport, seq, ack, flags, dlen) -> None:
+    def _reset_for(
+        self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, ack: int, flags: int, dlen: int
+    ) -> None:
         """RFC 9293 3.10.7.1: answer a segment for no connection with a RST."""
         if flags & ACK:
             pkt = build_packet(dst, src, dport, sport, ack, 0, RST, 0, b"", b"")
@@ -201,7 +226,11 @@ class Stack:
         self.stats["tcp_rst_sent"] += 1
         self.emit(pkt)
 
-    def _tcp_syn_to_listener(self, src, dst, sport, dport, seq, seg, doff, now) -> None:
+    def syn_to_listener(
+        self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, seg: bytes, doff: int, now: float
+    ) -> None:
+        """RFC 9293 3.10.7.2: a SYN for the listener of ``dport`` (or the catch-all) becomes a
+        connection in SYN_RECEIVED; without one it is refused with a RST."""
         listener = self.listeners.get(dport)
         if listener is None:
             # Port 0 never appears on the wire, so it is the key of a catch-all listener (the
@@ -219,7 +248,7 @@ class Stack:
         except tcpsegment.Malformed:
             self.stats["tcp_bad_options"] += 1
             return
-        conn = Connection(self, dst, dport, src, sport, self.config, now)
+        conn = self._new_connection(dst, dport, src, sport, now)
         conn.listener = listener
         listener.pending += 1
         self.connections[conn.key] = conn
@@ -275,7 +304,9 @@ class Stack:
 
     # ------------------------------------------------------------------ API
 
-    def listen(self, port: int, accept: Callable[[Connection], object], backlog: int = 128, address=None) -> Listener:
+    def listen(
+        self, port: int, accept: Accept, backlog: int = 128, address: str | bytes | None = None
+    ) -> Listener:
         """Passive open.  ``accept(conn)`` runs when a connection is established and returns its
         handler (or None to refuse it with a RST)."""
         if port in self.listeners:
@@ -284,19 +315,27 @@ class Stack:
         self.listeners[port] = listener
         return listener
 
-    def _remove_listener(self, listener: Listener) -> None:
+    def remove_listener(self, listener: Listener) -> None:
         if self.listeners.get(listener.port) is listener:
             del self.listeners[listener.port]
 
-    def connect(self, remote, port: int, handler, now: float, local=None, local_port: int | None = None) -> Connection:
+    def connect(
+        self,
+        remote: str | bytes,
+        port: int,
+        handler: ConnectionHandler,
+        now: float,
+        local: str | bytes | None = None,
+        local_port: int | None = None,
+    ) -> Connection:
         """Active open; ``handler.connection_made(conn)`` runs when established."""
-        remote = to_address(remote)
-        local = to_address(local) if local else self.address
+        raddr = to_address(remote)
+        laddr = to_address(local) if local else self.address
         if local_port is None:
-            local_port = self._ephemeral_port(remote, port, local)
-        elif (remote, port, local, local_port) in self.connections:
+            local_port = self._ephemeral_port(raddr, port, laddr)
+        elif (raddr, port, laddr, local_port) in self.connections:
             raise OSError("address in use")
-        conn = Connection(self, local, local_port, remote, port, self.config, now)
+        conn = self._new_connection(laddr, local_port, raddr, port, now)
         conn.handler = handler
         self.connections[conn.key] = conn
         conn.open_active(now)
@@ -313,11 +352,20 @@ class Stack:
                 return p
         raise OSError("no free local port")
 
-    def _remove_connection(self, conn: Connection) -> None:
+    def _new_connection(self, local: bytes, lport: int, remote: bytes, rport: int, now: float) -> Connection:
+        cfg = self.config
+        return Connection(
+            self, local, lport, remote, rport, cfg, now,
+            iss=self.isn(local, lport, remote, rport, now),
+            mtu=self.path_mtu.get(remote, cfg.mtu),
+            ts_offset=self.rng.getrandbits(32),
+        )
+
+    def remove_connection(self, conn: Connection) -> None:
         if self.connections.get(conn.key) is conn:
             del self.connections[conn.key]
 
-    def udp_bind(self, port: int, handler, address=None) -> UDPSocket:
+    def udp_bind(self, port: int, handler: DatagramReceiver, address: str | bytes | None = None) -> UDPSocket:
         if port == 0:
             port = self.rng.randint(*EPHEMERAL)
             while port in self.udp_sockets:
@@ -335,19 +383,19 @@ class Stack:
             raise ValueError(f"datagram of {len(data)} bytes does not fit the MTU ({self.config.mtu})")
         self.emit(udp.build(src, dst, sport, dport, data))
 
-    def set_path_mtu(self, remote, mtu: int | None, now: float) -> None:
+    def set_path_mtu(self, remote: str | bytes, mtu: int | None, now: float) -> None:
         """Set (or with None, forget) the MTU of the path to ``remote``: new connections announce
         an MSS from it, existing ones re-segment what they send."""
-        remote = to_address(remote)
+        addr = to_address(remote)
         if mtu is None:
-            self.path_mtu.pop(remote, None)
+            self.path_mtu.pop(addr, None)
             mtu = self.config.mtu
         else:
-            self.path_mtu[remote] = mtu
+            self.path_mtu[addr] = mtu
         for conn in list(self.connections.values()):
-            if conn.remote == remote:
+            if conn.remote == addr:
                 conn.set_mtu(mtu, now)
 
-    def ping(self, remote, ident: int, seq: int, data: bytes = b"") -> None:
+    def ping(self, remote: str | bytes, ident: int, seq: int, data: bytes = b"") -> None:
         """Send an ICMPv6 echo request; replies go to ``echo_handler(src, ident, seq, data)``."""
         self.emit(icmpv6.build_echo(self.address, to_address(remote), icmpv6.ECHO_REQUEST, ident, seq, data))

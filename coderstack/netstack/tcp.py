@@ -1,9 +1,11 @@
 """TCP connections: the RFC 9293 state machine, sans-IO.
 
-A ``Connection`` is driven by its ``Stack``: ``input`` with one parsed segment, ``on_timer`` when
+A ``Connection`` is driven by its stack: ``input`` with one parsed segment, ``on_timer`` when
 one of its timers is due, and the application calls ``write``/``flush``/``close``/
 ``shutdown_write``/``abort``/``pause_reading``/``resume_reading``.  Everything takes the current
-time ``now`` (seconds, float) from the caller; packets leave through ``stack.emit``.
+time ``now`` (seconds, float) from the caller.  The connection depends on its stack only through
+``ConnectionHost`` (packets out, timers, the ACK batch, leaving the table) and reports to the
+application through ``ConnectionHandler``.
 
 Internally sequence numbers are *unwrapped*: plain Python integers that keep growing from the ISN,
 so comparisons are ordinary ``<``.  Numbers from the wire are unwrapped against ``snd_una`` or
@@ -11,128 +13,120 @@ so comparisons are ordinary ``<``.  Numbers from the wire are unwrapped against 
 
 Implemented: active, passive and simultaneous open; MSS; window scaling and timestamps with PAWS
 (RFC 7323); SACK (RFC 2018) with RFC 6675-style loss recovery; RTO per RFC 6298 with Karn's rule
-and exponential backoff; fast retransmit and NewReno recovery (RFC 5681, RFC 6582) with CUBIC
-(RFC 9438, default) or NewReno congestion avoidance; delayed ACK
+and exponential backoff (``rto``); fast retransmit and NewReno recovery (RFC 5681, RFC 6582) with
+CUBIC (RFC 9438, default) or NewReno congestion avoidance (``congestion``); delayed ACK
 (every second segment or 40 ms); no Nagle; zero-window probes; keepalive; FIN/RST with RFC 5961
-challenge ACKs; TIME_WAIT; ICMPv6 packet-too-big lowering the MSS.
+challenge ACKs; TIME_WAIT; ICMPv6 packet-too-big lowering the MSS.  The send buffer is
+``sendbuffer``, the out-of-order queue ``reassembly``, the SACK scoreboard ``sack``.
 
-The application side is a handler object with ``connection_made(conn)``, ``data_received(bytes)``,
-``eof_received()``, ``connection_lost(reason: str | None)`` and ``writable()``.
+Arriving segments follow RFC 9293 3.10.7: CLOSED and LISTEN are the stack's (3.10.7.1-2, with
+``open_passive``), ``_syn_sent`` is 3.10.7.3, and ``_synchronized`` runs the steps of 3.10.7.4
+in order, one method each.  The next in-order data segment on an established connection skips
+them ("header prediction"), since that is most of what a receiver sees.
 """
 
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from collections import Counter
+from typing import TYPE_CHECKING, Protocol
 
 from . import congestion, tcpsegment
 from .reassembly import Reassembly
+from .rto import RTOEstimator
 from .sack import Scoreboard
-from .tcpsegment import ACK, FIN, PSH, RST, SYN, build_options, build_packet, parse_options
+from .sendbuffer import SendBuffer
+from .tcpconfig import TCPConfig
+from .tcpsegment import ACK, FIN, PSH, RST, SYN, Options, build_options, build_packet, parse_options
+from .tcpstate import RECEIVING, SENDING, State
 
-__all__ = ["Connection", "Listener", "TCPConfig", "STATE_NAMES"]
+if TYPE_CHECKING:
+    from .listener import Listener
+
+__all__ = ["Connection", "ConnectionHandler", "ConnectionHost", "TCPConfig"]
 
 M32 = 0xFFFFFFFF
 HALF = 0x80000000
 INF = float("inf")
 _II = struct.Struct("!II")
 _PACKET = tcpsegment.PACKET.pack
-_TS_FAST = b"\x01\x01\x08\x0a"
-_PAD_TS = b"\x01\x01\x08\x0a"
+_TS_PREFIX = b"\x01\x01\x08\x0a"  # NOP, NOP, timestamps (kind 8, length 10): how every stack aligns it
 
-(
-    CLOSED,
-    LISTEN,
-    SYN_SENT,
-    SYN_RECEIVED,
-    ESTABLISHED,
-    FIN_WAIT_1,
-    FIN_WAIT_2,
-    CLOSE_WAIT,
-    CLOSING,
-    LAST_ACK,
-    TIME_WAIT,
-) = range(11)
-STATE_NAMES = [
-    "CLOSED",
-    "LISTEN",
-    "SYN_SENT",
-    "SYN_RECEIVED",
-    "ESTABLISHED",
-    "FIN_WAIT_1",
-    "FIN_WAIT_2",
-    "CLOSE_WAIT",
-    "CLOSING",
-    "LAST_ACK",
-    "TIME_WAIT",
-]
-_SENDING = frozenset((ESTABLISHED, CLOSE_WAIT, FIN_WAIT_1, CLOSING, LAST_ACK))
-_RECEIVING = frozenset((ESTABLISHED, FIN_WAIT_1, FIN_WAIT_2))
+# Module-level names: a global lookup and ``is`` are the cheapest state tests (see tcpstate).
+CLOSED = State.CLOSED
+SYN_SENT = State.SYN_SENT
+SYN_RECEIVED = State.SYN_RECEIVED
+ESTABLISHED = State.ESTABLISHED
+FIN_WAIT_1 = State.FIN_WAIT_1
+FIN_WAIT_2 = State.FIN_WAIT_2
+CLOSE_WAIT = State.CLOSE_WAIT
+CLOSING = State.CLOSING
+LAST_ACK = State.LAST_ACK
+TIME_WAIT = State.TIME_WAIT
 
 
-@dataclass
-class TCPConfig:
-    """Tunables.  Defaults follow the RFCs and Linux where the RFCs leave room."""
+class ConnectionHandler(Protocol):
+    """The application side of a connection."""
 
-    mtu: int = 1280
-    # The largest IPv6 packet we can take in (0: ``mtu``). The MSS we announce comes from it, not
-    # from the path MTU we send on: the tunnel may carry more towards us than we may send back,
-    # and the sender bounds its segments by its own path MTU anyway (RFC 9293 3.7.1).
-    receive_mtu: int = 0
-    rcvbuf: int = 4 << 20  # receive window we can offer (needs window scaling above 64 KiB)
-    initial_rto: float = 1.0  # RFC 6298 (2.1)
-    min_rto: float = 0.2  # Linux's; RFC 6298 suggests 1 s
-    max_rto: float = 60.0
-    syn_retries: int = 6
-    retries: int = 12  # consecutive timeouts before giving up on a connection
-    delayed_ack: float = 0.04
-    msl: float = 30.0  # TIME_WAIT lasts 2 * MSL
-    fin_timeout: float = 60.0  # orphaned FIN_WAIT_2
-    keepalive: bool = False
-    keepalive_idle: float = 7200.0
-    keepalive_interval: float = 75.0
-    keepalive_count: int = 9
-    timestamps: bool = True
-    sack: bool = True
-    window_scaling: bool = True
-    initial_window: int = 10  # segments, RFC 6928
-    congestion: str = "cubic"  # or "newreno"
-    dupthresh: int = 3
-    send_low_water: int = 1 << 20  # writable() fires when unACKed+unsent bytes fall below this
+    def connection_made(self, conn: Connection) -> None: ...
 
-    def wscale(self) -> int:
-        if not self.window_scaling:
-            return 0
-        s = 0
-        while (0xFFFF << s) < self.rcvbuf and s < 14:
-            s += 1
-        return s
+    def data_received(self, data: bytes) -> None: ...
+
+    def eof_received(self) -> None: ...
+
+    def connection_lost(self, reason: str | None) -> None:
+        """The connection is gone: ``reason`` None for a clean close, else what went wrong."""
+
+    def writable(self) -> None:
+        """The send buffer drained below ``send_low_water`` after ``want_writable`` was set."""
+
+
+class ConnectionHost(Protocol):
+    """What a connection needs from the stack it belongs to."""
+
+    stats: Counter[str]
+
+    def emit(self, packet: bytes) -> None:
+        """Send one IPv6 packet."""
+
+    def arm_timer(self, conn: Connection, at: float) -> None:
+        """Call ``conn.on_timer`` once the time is ``at``."""
+
+    def defer_ack(self, conn: Connection) -> bool:
+        """While a batch of inbound packets is handled: remember that ``conn`` owes an ACK, to
+        send one for the whole batch at its end (True); outside a batch, False."""
+
+    def remove_connection(self, conn: Connection) -> None:
+        """``conn`` is CLOSED: it leaves the stack's table."""
+
+    def syn_to_listener(
+        self, src: bytes, dst: bytes, sport: int, dport: int, seq: int, seg: bytes, doff: int, now: float
+    ) -> None:
+        """Hand a SYN to the listener of ``dport`` (the connection it was addressed to is gone)."""
 
 
 def _unwrap(value: int, ref: int) -> int:
     return ref + ((value - ref + HALF) & M32) - HALF
 
 
-class Listener:
-    """A passive open on a port: SYNs become connections until ``backlog`` are half-open."""
-
-    def __init__(self, stack, port: int, accept, backlog: int, address: bytes | None) -> None:
-        self.stack = stack
-        self.port = port
-        self.accept = accept  # callable(conn) -> handler or None (refuse with RST)
-        self.backlog = backlog
-        self.address = address
-        self.pending = 0  # connections in SYN_RECEIVED
-        self.closed = False
-
-    def close(self) -> None:
-        self.closed = True
-        self.stack._remove_listener(self)
-
-
 class Connection:
-    def __init__(self, stack, local: bytes, lport: int, remote: bytes, rport: int, cfg: TCPConfig, now: float) -> None:
-        self.stack = stack
+    def __init__(
+        self,
+        host: ConnectionHost,
+        local: bytes,
+        lport: int,
+        remote: bytes,
+        rport: int,
+        cfg: TCPConfig,
+        now: float,
+        *,
+        iss: int,
+        mtu: int,
+        ts_offset: int,
+    ) -> None:
+        """``iss`` is the initial sequence number, ``mtu`` that of the path to ``remote`` and
+        ``ts_offset`` a random offset of our timestamp clock (RFC 7323 §5.4)."""
+        self.host = host
         self.local = local
         self.lport = lport
         self.remote = remote
@@ -141,22 +135,19 @@ class Connection:
         # Pseudo-header (addresses, next header 6) plus the ports: constant for the connection.
         self._pseudo = int.from_bytes(local + remote, "big") + 6 + lport + rport
         self.cfg = cfg
-        self.handler = None
+        self.handler: ConnectionHandler | None = None
         self.listener: Listener | None = None
         self.state = CLOSED
-        # An IPv6 payload length is 16 bits (no jumbograms); a per-peer path MTU wins.
-        self.mtu = min(stack.path_mtu.get(remote, cfg.mtu), 0xFFFF + 40)
+        # An IPv6 payload length is 16 bits (no jumbograms).
+        self.mtu = min(mtu, 0xFFFF + 40)
         self.adv_mss = max(self.mtu, min(cfg.receive_mtu, 0xFFFF + 40)) - 60
         self.peer_mss = 1220
-        iss = stack.isn(local, lport, remote, rport, now)
         self.iss = iss
         self.snd_una = self.snd_nxt = self.snd_max = iss
         self.snd_wnd = 0
         self.max_snd_wnd = 0
         self.snd_wl1 = self.snd_wl2 = 0
-        self.sndbuf = bytearray()
-        self.buf_seq = iss + 1
-        self.fin_seq: int | None = None
+        self.sendbuf = SendBuffer(iss + 1)
         self.irs = self.rcv_nxt = self.rcv_adv = 0
         self.rcv_wscale = cfg.wscale()
         self.snd_wscale = 0
@@ -170,13 +161,9 @@ class Connection:
         self.eof_pending = False
         self.ts_ok = False
         self.ts_recent = 0
-        self.ts_offset = stack.rng.getrandbits(32)
+        self.ts_offset = ts_offset
         self.sack_ok = False
-        self.srtt: float | None = None
-        self.rttvar = 0.0
-        self.rto = cfg.initial_rto
-        self.rtt_seq: int | None = None
-        self.rtt_time = 0.0
+        self.rtt = RTOEstimator(cfg.initial_rto, cfg.min_rto, cfg.max_rto)
         self.mss = self.mtu - 60
         self.cc = congestion.make(cfg.congestion, self.mss, cfg.initial_window)
         self.sb = Scoreboard()
@@ -201,27 +188,33 @@ class Connection:
         self.lost_notified = False
         self._lost_pending = False
         self.error: str | None = None
-        self._armed = INF
+        # The earliest time the host's timer holds for us (INF: none); on_timer re-arms.
+        self.timer_at = INF
         self._last_oow = -INF
 
     # ------------------------------------------------------------------ helpers
 
     def __repr__(self) -> str:
-        return f"<Connection {self.lport}->{self.rport} {STATE_NAMES[self.state]}>"
+        return f"<Connection {self.lport}->{self.rport} {self.state.name}>"
 
     @property
     def state_name(self) -> str:
-        return STATE_NAMES[self.state]
+        return self.state.name
 
     @property
     def send_buffered(self) -> int:
         """Bytes written and not yet acknowledged."""
-        return len(self.sndbuf)
+        return len(self.sendbuf.data)
+
+    @property
+    def write_closed(self) -> bool:
+        """The application ended its side (our FIN is queued or sent)."""
+        return self.sendbuf.fin is not None
 
     def _schedule(self, t: float) -> None:
-        if t < self._armed:
-            self._armed = t
-            self.stack._arm(self, t)
+        if t < self.timer_at:
+            self.timer_at = t
+            self.host.arm_timer(self, t)
 
     def _set_mss(self) -> None:
         opt = 12 if self.ts_ok else 0
@@ -257,7 +250,7 @@ class Connection:
                 opts = build_options(ts=(tsval, self.ts_recent), sack=self.ooo.blocks(3))
                 osum = int.from_bytes(opts, "big")
             else:
-                opts = _PAD_TS + _II.pack(tsval, self.ts_recent)
+                opts = _TS_PREFIX + _II.pack(tsval, self.ts_recent)
                 osum = 0x0101080A + tsval + self.ts_recent
         elif sack and self.sack_ok and self.ooo:
             opts = build_options(sack=self.ooo.blocks(4))
@@ -284,19 +277,24 @@ class Connection:
             0x60000000, tcp_len, 6, 64, self.local, self.remote, self.lport, self.rport,
             seq, ack, offflags, window, 0xFFFF - total % 0xFFFF, 0,
         )
-        self.stack.emit(hdr + opts + data if data else hdr + opts)
+        self.host.emit(hdr + opts + data if data else hdr + opts)
 
     def _send_ack(self, now: float) -> None:
         # snd_max, not a rewound snd_nxt (after a timeout): like Linux, so the ACK always falls
         # in the peer's window.
         self._emit(self.snd_max, ACK, b"", now, sack=True)
 
+    def send_deferred_ack(self, now: float) -> None:
+        """The batch of inbound packets that ``defer_ack`` spoke of has ended: ACK it, if owed."""
+        if self.state is not CLOSED and self.ack_pending:
+            self._send_ack(now)
+
     def _send_oow_ack(self, now: float) -> None:
         """Answer an unacceptable segment without data (or a RST/SYN needing a challenge ACK),
         at most twice a second: two stacks that disagree must not ping-pong ACKs (RFC 5961 §7,
         Linux's tcp_invalid_ratelimit)."""
         if now - self._last_oow < 0.5:
-            self.stack.stats["tcp_oow_ack_limited"] += 1
+            self.host.stats["tcp_oow_ack_limited"] += 1
             return
         self._last_oow = now
         self._send_ack(now)
@@ -323,56 +321,65 @@ class Connection:
             flags = SYN
         window = min(self.rcvbuf, 0xFFFF)
         self.rcv_adv = self.rcv_nxt + window
-        self.stack.emit(
+        self.host.emit(
             build_packet(
                 self.local, self.remote, self.lport, self.rport, self.iss, self.rcv_nxt, flags, window, opts, b""
             )
         )
 
     def _send_rst(self) -> None:
-        self.stack.emit(
+        self.host.emit(
             build_packet(self.local, self.remote, self.lport, self.rport, self.snd_nxt, self.rcv_nxt, RST | ACK, 0, b"", b"")
         )
 
-    def _negotiate(self, opts) -> None:
+    def _send_rst_for_ack(self, ack: int) -> None:
+        """A RST for an unacceptable ACK, with the sequence number the ACK asked for (RFC 9293
+        3.10.7.3, 3.10.7.4 fifth step)."""
+        self.host.emit(build_packet(self.local, self.remote, self.lport, self.rport, ack, 0, RST, 0, b"", b""))
+
+    def _negotiate(self, opts: Options) -> None:
         cfg = self.cfg
         if opts.mss:
             self.peer_mss = max(opts.mss, 64)
-        self.snd_wscale_ok = opts.wscale is not None and cfg.window_scaling
-        if self.snd_wscale_ok:
-            self.snd_wscale = min(opts.wscale, 14)
+        wscale = opts.wscale
+        if wscale is not None and cfg.window_scaling:
+            self.snd_wscale_ok = True
+            self.snd_wscale = min(wscale, 14)
         else:
+            self.snd_wscale_ok = False
             self.snd_wscale = 0
             self.rcv_wscale = 0
             self.rcvbuf = min(self.rcvbuf, 0xFFFF)
         self.sack_ok = opts.sack_permitted and cfg.sack
-        self.ts_ok = opts.ts is not None and cfg.timestamps
-        if self.ts_ok:
-            self.ts_recent = opts.ts[0]
+        ts = opts.ts
+        self.ts_ok = ts is not None and cfg.timestamps
+        if ts is not None and self.ts_ok:
+            self.ts_recent = ts[0]
         self._set_mss()
 
     # ------------------------------------------------------------------ opening
 
     def open_active(self, now: float) -> None:
+        """The application's OPEN (RFC 9293 3.10.1): send our SYN."""
         self.state = SYN_SENT
         self.snd_nxt = self.snd_max = self.iss + 1
-        self.rtt_seq = self.iss + 1
-        self.rtt_time = now
+        self.rtt.time(self.iss + 1, now)
         self._send_syn(now, False)
-        self.t_rexmit = now + self.rto
+        self.t_rexmit = now + self.rtt.rto
         self._schedule(self.t_rexmit)
         self._arm_keepalive(now)
 
-    def open_passive(self, seq: int, opts, now: float) -> None:
+    def open_passive(self, seq: int, opts: Options, now: float) -> None:
+        """RFC 9293 3.10.7.2, a SYN to a listener (which the stack has checked): take the peer's
+        sequence number and options, and answer with our SYN-ACK."""
         self.state = SYN_RECEIVED
         self.irs = seq
         self.rcv_nxt = seq + 1
         self._negotiate(opts)
         self.snd_nxt = self.snd_max = self.iss + 1
-        self.rtt_seq = self.iss + 1
-        self.rtt_time = now
+        self.rtt.time(self.iss + 1, now)
         self._send_syn(now, True)
-        self.t_rexmit = now + self.rto
+        self.t_rexmit = now + self.rtt.rto
         self._schedule(self.t_rexmit)
 
     def _established(self, now: float) -> None:
@@ -387,270 +394,114 @@ class Connection:
                 return
             handler = listener.accept(self)
             if handler is None:
-                self.stack.stats["tcp_refused_by_app"] += 1
+                self.host.stats["tcp_refused_by_app"] += 1
                 self.abort()
                 return
             self.handler = handler
         self._arm_keepalive(now)
+        assert self.handler is not None  # given to connect(), or by the listener just now
         self.handler.connection_made(self)
 
-    # ------------------------------------------------------------------ input
+    # ------------------------------------------------------------------ SEGMENT ARRIVES
 
     def input(self, seg: bytes, doff: int, seq: int, ack: int, flags: int, win: int, now: float) -> None:
         """Process one segment addressed to this connection (checksum already verified)."""
-        tsval = tsecr = None
+        tsval: int | None = None
+        tsecr: int | None = None
         sack_blocks = None
         opts = None
         if doff > 20:
-            if doff == 32 and seg[20:24] == _TS_FAST:
+            if doff == 32 and seg[20:24] == _TS_PREFIX:
                 tsval, tsecr = _II.unpack_from(seg, 24)
             else:
                 try:
                     opts = parse_options(seg, 20, doff)
                 except tcpsegment.Malformed:
-                    self.stack.stats["tcp_bad_options"] += 1
+                    self.host.stats["tcp_bad_options"] += 1
                     return
                 if opts.ts is not None:
                     tsval, tsecr = opts.ts
                 if opts.sack:
                     sack_blocks = opts.sack
         state = self.state
-        # Fast path ("header prediction"): the next in-order data segment on an established
-        # connection that ACKs nothing new, with nothing of ours in flight or pending recovery.
-        if (
-            state == ESTABLISHED
-            and flags & 0x37 == ACK
-            and sack_blocks is None
-            and seq == self.rcv_nxt & M32
-            and ack == self.snd_una & M32
-            and self.snd_max == self.snd_una
-            and not self.ooo
-            and not self.paused
-            and not self.rcv_queue
-            and (win << self.snd_wscale) == self.snd_wnd
-            and doff < len(seg) <= doff + self.rcv_adv - self.rcv_nxt
-            and (tsval is None or not (tsval - self.ts_recent) & HALF)
-        ):
-            self.last_recv = now
-            self.ka_probes = 0
-            if tsval is not None:
-                self.ts_recent = tsval
-            self.rcv_nxt += len(seg) - doff
-            self.ack_pending += 1
-            self.handler.data_received(seg[doff:])
-            if self.state != ESTABLISHED:
+        # Header prediction, for the two segments an established connection mostly sees: the
+        # next in-order one, with only ACK (and PSH) set and no SACK blocks, that is either a
+        # pure ACK of new data outside recovery, or data that ACKs nothing new while nothing of
+        # ours is in flight.
+        if state is ESTABLISHED and flags & 0x37 == ACK and sack_blocks is None and seq == self.rcv_nxt & M32:
+            if len(seg) == doff:
+                una = self.snd_una
+                ack_u = una + ((ack - una + HALF) & M32) - HALF
+                if una < ack_u <= self.snd_max and not self.in_recovery:
+                    self._predicted_ack(ack_u, win, tsval, tsecr, now)
+                    return
+            elif (
+                ack == self.snd_una & M32
+                and self.snd_max == self.snd_una
+                and not self.ooo
+                and not self.paused
+                and not self.rcv_queue
+                and (win << self.snd_wscale) == self.snd_wnd
+                and len(seg) <= doff + self.rcv_adv - self.rcv_nxt
+                and (tsval is None or not (tsval - self.ts_recent) & HALF)
+            ):
+                self._predicted_data(seg, doff, tsval, now)
                 return
-            if self.ack_pending >= 2:
-                batch = self.stack._batch_acks
-                if batch is None or self.ack_pending >= 32:
-                    self.ack_now = True
-                else:
-                    batch.add(self)
-            if self.buf_seq + len(self.sndbuf) > self.snd_nxt or self.fin_seq is not None:
-                self._output(now)
-            if self.ack_now:
-                self._send_ack(now)
-            elif self.ack_pending == 1 and self.t_dack is None:
-                self.t_dack = now + self.cfg.delayed_ack
-                self._schedule(self.t_dack)
-            return
-        if state == SYN_SENT:
+        if state is SYN_SENT:
             if opts is None:
-                opts = tcpsegment.Options(ts=(tsval, tsecr) if tsval is not None else None)
-            self._input_syn_sent(seq, ack, flags, win, opts, tsecr, now)
-            return
+                opts = Options(ts=(tsval, tsecr) if tsval is not None and tsecr is not None else None)
+            self._syn_sent(seq, ack, flags, win, opts, tsecr, now)
+        else:
+            self._synchronized(seg, doff, seq, ack, flags, win, tsval, tsecr, sack_blocks, now)
+
+    def _predicted_ack(self, ack_u: int, win: int, tsval: int | None, tsecr: int | None, now: float) -> None:
+        """A predicted pure ACK: of 3.10.7.4 only the fifth step has anything to do, and of it
+        only taking the acknowledgment and the window."""
         self.last_recv = now
         self.ka_probes = 0
-
-        rcv_nxt = self.rcv_nxt
-        seq_u = rcv_nxt + ((seq - rcv_nxt + HALF) & M32) - HALF
-        dlen = len(seg) - doff
-        if state == TIME_WAIT and flags & SYN and not flags & ACK and seq_u > rcv_nxt:
-            # A new incarnation (RFC 9293 3.10.7.4 / RFC 6191): end TIME_WAIT and let a listener take it.
-            self._remove()
-            self.stack._tcp_syn_to_listener(self.remote, self.local, self.rport, self.lport, seq, seg, doff, now)
-            return
-
-        if state == SYN_RECEIVED and flags & SYN and not flags & RST and seq_u == self.irs:
-            if not flags & ACK:
-                self._send_syn(now, True)  # our SYN-ACK was lost; the peer sent its SYN again
-                return
-            # Simultaneous open: the peer's SYN-ACK repeats its SYN; take it as an ACK.
-            flags &= ~SYN
-            seq_u += 1
-
-        # PAWS (RFC 7323 §5).  Like Linux, a pure ACK is exempt: a reordered ACK carries an older
-        # timestamp but still-valid SACK and window information, and old duplicates are harmless.
-        if (
-            self.ts_ok
-            and tsval is not None
-            and (tsval - self.ts_recent) & HALF
-            and not flags & RST
-            and (len(seg) > doff or flags & (SYN | FIN))
-        ):
-            self.stack.stats["tcp_paws_drop"] += 1
-            self._send_ack(now)
-            return
-
-        # Acceptability (RFC 9293 3.10.7.4, first check)
-        seg_len = dlen + (flags & SYN and 1) + (flags & FIN and 1)
-        rwnd = self.rcv_adv - rcv_nxt
-        if seq_u == rcv_nxt and (seg_len == 0 or rwnd > 0):
-            pass
-        elif seg_len == 0:
-            if not (rcv_nxt <= seq_u < rcv_nxt + rwnd):
-                if not flags & RST:
-                    self._send_oow_ack(now)
-                return
-        elif not (
-            rwnd > 0
-            and (rcv_nxt <= seq_u < rcv_nxt + rwnd or rcv_nxt < seq_u + seg_len <= rcv_nxt + rwnd)
-        ):
-            if flags & RST:
-                return
-            if rwnd == 0 and seq_u == rcv_nxt:
-                # Zero window: the ACK and window still count (and a bare FIN, as Linux takes
-                # it); data does not.
-                if dlen:
-                    dlen = 0
-                    flags &= ~FIN
-                self.ack_now = True
-            else:
-                self.stack.stats["tcp_out_of_window"] += 1
-                self._send_ack(now)
-                return
-
-        if flags & RST:
-            if seq_u == rcv_nxt:
-                self.stack.stats["tcp_rst_received"] += 1
-                if state == SYN_RECEIVED and self.handler is None:
-                    self._remove()
-                else:
-                    self._fail("connection refused" if state == SYN_RECEIVED else "connection reset")
-            else:
-                self._send_oow_ack(now)  # challenge ACK, RFC 5961 §3
-            return
-        if flags & SYN:
-            self._send_oow_ack(now)  # challenge ACK, RFC 5961 §4
-            return
-        if not flags & ACK:
-            return
-
-        snd_una = self.snd_una
-        ack_u = snd_una + ((ack - snd_una + HALF) & M32) - HALF
-        if state == SYN_RECEIVED:
-            if snd_una < ack_u <= self.snd_max:
-                self.snd_wnd = win << self.snd_wscale
-                self.max_snd_wnd = self.snd_wnd
-                self.snd_wl1 = seq_u
-                self.snd_wl2 = ack_u
-                self._established(now)
-                if self.state == CLOSED:
-                    return
-                state = self.state
-            else:
-                self.stack.emit(
-                    build_packet(self.local, self.remote, self.lport, self.rport, ack, 0, RST, 0, b"", b"")
-                )
-                return
-        if ack_u > self.snd_max:
-            self._send_ack(now)
-            return
-        if tsval is not None and seq_u <= rcv_nxt and not (tsval - self.ts_recent) & HALF:
+        if tsval is not None and not (tsval - self.ts_recent) & HALF:
             self.ts_recent = tsval
-
-        new_wnd = win << self.snd_wscale
-        if ack_u > snd_una:
-            self._ack_advance(ack_u, tsecr, now)
-            if self.state == CLOSED:
-                return
-            state = self.state
-        elif (
-            ack_u == snd_una
-            and seg_len == 0
-            and new_wnd == self.snd_wnd
-            and self.snd_max > snd_una
-        ):
-            self.dupacks += 1
-        newly_sacked = 0
-        if sack_blocks and self.sack_ok:
-            una = self.snd_una
-            smax = self.snd_max
-            for left, right in sack_blocks:
-                lu = una + ((left - una + HALF) & M32) - HALF
-                ru = una + ((right - una + HALF) & M32) - HALF
-                if lu < una:
-                    lu = una
-                if ru > smax:
-                    ru = smax
-                if lu < ru:
-                    newly_sacked += self.sb.add(lu, ru)
+        seq_u = self.rcv_nxt
+        self._ack_advance(ack_u, tsecr, now)
+        if self.state is CLOSED:
+            return
         if self.snd_wl1 < seq_u or (self.snd_wl1 == seq_u and self.snd_wl2 <= ack_u):
-            if new_wnd > self.snd_wnd:
-                self.persist_backoff = 0
-                self.t_persist = None
-            self.snd_wnd = new_wnd
-            if new_wnd > self.max_snd_wnd:
-                self.max_snd_wnd = new_wnd
-            self.snd_wl1 = seq_u
-            self.snd_wl2 = ack_u
+            self._update_send_window(seq_u, ack_u, win << self.snd_wscale)
+        self._respond(now)
 
-        # Loss detection (RFC 5681 / 6582 / 6675)
-        if self.in_recovery:
-            if self.snd_una >= self.recover:
-                self.in_recovery = False
-                self.dupacks = 0
-                self.cc.exit_recovery(self.snd_max - self.snd_una - self.sb.sacked)
-            elif ack_u > snd_una:
-                # Partial ACK: the segment at the new snd_una is lost too.
-                self.lost_floor = min(self.snd_una + self.mss, self.snd_max)
-                if self.high_rxt < self.snd_una:
-                    self.high_rxt = self.snd_una
-                if not self.sack_ok:
-                    self._retransmit_first(now)  # RFC 6582 §3.2 step 5
-        elif self.snd_max > self.snd_una and (
-            self.dupacks >= self.cfg.dupthresh
-            or (newly_sacked and self.sb.sacked >= self.cfg.dupthresh * self.mss)
-        ):
-            if self.sack_ok or self.snd_una > self.recover:
-                self._enter_recovery(now)
-        # Data
-        if dlen:
-            if state in _RECEIVING:
-                if self.closed_by_app:
-                    # Data for an application that has closed: Linux answers with RST.
-                    self.stack.stats["tcp_data_after_close"] += 1
-                    self.abort()
-                    return
-                self._receive_data(seq_u, seg, doff, dlen, flags & FIN, now)
-                if self.state == CLOSED:
-                    return
-            elif flags & FIN:
-                flags &= ~FIN
-        if flags & FIN and not dlen:
-            fin_pos = seq_u
-            if fin_pos == self.rcv_nxt:
-                self._fin_received(now)
-                if self.state == CLOSED:
-                    return
-            elif fin_pos > self.rcv_nxt:
-                self.ooo_fin = fin_pos
-                self.ack_now = True
-        self._output(now)
+    def _predicted_data(self, seg: bytes, doff: int, tsval: int | None, now: float) -> None:
+        """Predicted in-order data: of 3.10.7.4 only the seventh step has anything to do."""
+        self.last_recv = now
+        self.ka_probes = 0
+        if tsval is not None:
+            self.ts_recent = tsval
+        self.rcv_nxt += len(seg) - doff
+        self.ack_pending += 1
+        handler = self.handler
+        assert handler is not None  # ESTABLISHED
+        handler.data_received(seg[doff:])
+        if self.state is not ESTABLISHED:
+            return
+        if self.ack_pending >= 2 and (self.ack_pending >= 32 or not self.host.defer_ack(self)):
+            self.ack_now = True
+        buf = self.sendbuf
+        if buf.seq + len(buf.data) > self.snd_nxt or buf.fin is not None:
+            self._output(now)
         if self.ack_now:
             self._send_ack(now)
-        elif self.ack_pending and self.t_dack is None and self.ack_pending < 2:
+        elif self.ack_pending == 1 and self.t_dack is None:
             self.t_dack = now + self.cfg.delayed_ack
             self._schedule(self.t_dack)
 
-    def _input_syn_sent(self, seq, ack, flags, win, opts, tsecr, now) -> None:
+    def _syn_sent(
+        self, seq: int, ack: int, flags: int, win: int, opts: Options, tsecr: int | None, now: float
+    ) -> None:
+        """RFC 9293 3.10.7.3: the answer to our SYN, a SYN-ACK (or the peer's own SYN)."""
         if flags & ACK:
             ack_u = _unwrap(ack, self.snd_una)
             if ack_u <= self.iss or ack_u > self.snd_max:
                 if not flags & RST:
-                    self.stack.emit(
-                        build_packet(self.local, self.remote, self.lport, self.rport, ack, 0, RST, 0, b"", b"")
-                    )
+                    self._send_rst_for_ack(ack)
                 return
             if flags & RST:
                 self._fail("connection refused")
@@ -673,8 +524,9 @@ class Connection:
             self.t_rexmit = None
             self.ack_now = True
             self._arm_keepalive(now)
+            assert self.handler is not None  # an active open has its handler from the start
             self.handler.connection_made(self)
-            if self.state == CLOSED:
+            if self.state is CLOSED:
                 return
             self._output(now)
             if self.ack_now:
@@ -682,11 +534,263 @@ class Connection:
         else:
             # Simultaneous open (RFC 9293 Figure 7).
             self.state = SYN_RECEIVED
-            self.stack.stats["tcp_simultaneous_open"] += 1
-            self.rtt_seq = None
+            self.host.stats["tcp_simultaneous_open"] += 1
+            self.rtt.cancel()
             self._send_syn(now, True)
 
-    def _receive_data(self, seq_u: int, seg: bytes, doff: int, dlen: int, fin: int, now: float) -> None:
+    def _synchronized(
+        self,
+        seg: bytes,
+        doff: int,
+        seq: int,
+        ack: int,
+        flags: int,
+        win: int,
+        tsval: int | None,
+        tsecr: int | None,
+        sack_blocks: list[tuple[int, int]] | None,
+        now: float,
+    ) -> None:
+        """RFC 9293 3.10.7.4: SYN_RECEIVED and the synchronized states, step by step."""
+        self.last_recv = now
+        self.ka_probes = 0
+        rcv_nxt = self.rcv_nxt
+        seq_u = rcv_nxt + ((seq - rcv_nxt + HALF) & M32) - HALF
+        dlen = len(seg) - doff
+        state = self.state
+        if state is TIME_WAIT and flags & SYN and not flags & ACK and seq_u > rcv_nxt:
+            self._new_incarnation(seq, seg, doff, now)
+            return
+        if state is SYN_RECEIVED and flags & SYN and not flags & RST and seq_u == self.irs:
+            if not flags & ACK:
+                self._send_syn(now, True)  # our SYN-ACK was lost; the peer sent its SYN again
+                return
+            # Simultaneous open: the peer's SYN-ACK repeats its SYN; take it as an ACK.
+            flags &= ~SYN
+            seq_u += 1
+
+        # First, check the sequence number: timestamps (PAWS), then the window.
+        if tsval is not None and self._paws_rejects(tsval, flags, dlen, now):
+            return
+        seg_len = dlen + (flags & SYN and 1) + (flags & FIN and 1)
+        checked = self._check_sequence(seq_u, seg_len, dlen, flags, now)
+        if checked is None:
+            return
+        dlen, flags = checked
+        # Second, the RST bit.
+        if flags & RST:
+            self._rst_arrives(seq_u, now)
+            return
+        # Third, security: the segment's security option must match, and IPv6 has none.
+        # Fourth, the SYN bit.
+        if flags & SYN:
+            self._syn_arrives(now)
+            return
+        # Fifth, the ACK field.
+        if not flags & ACK:
+            return
+        if not self._ack_arrives(seq_u, ack, win, seg_len, tsval, tsecr, sack_blocks, now):
+            return
+        # Sixth, the URG bit: ignored (RFC 6093; nothing here sends or reads urgent data).
+        # Seventh, the segment text (and a FIN that comes with it).
+        if dlen:
+            self._segment_text(seq_u, seg, doff, dlen, flags & FIN, now)
+            if self.state is CLOSED:
+                return
+        # Eighth, the FIN bit of a segment without text.
+        elif flags & FIN:
+            self._fin_arrives(seq_u, now)
+            if self.state is CLOSED:
+                return
+        self._respond(now)
+
+    def _respond(self, now: float) -> None:
+        """After a segment: send what the windows allow, and our ACK now or delayed."""
+        self._output(now)
+        if self.ack_now:
+            self._send_ack(now)
+        elif self.ack_pending and self.t_dack is None and self.ack_pending < 2:
+            self.t_dack = now + self.cfg.delayed_ack
+            self._schedule(self.t_dack)
+
+    def _new_incarnation(self, seq: int, seg: bytes, doff: int, now: float) -> None:
+        """A new SYN in TIME_WAIT (RFC 9293 3.10.7.4 / RFC 6191): end TIME_WAIT and let a
+        listener take it."""
+        self._remove()
+        self.host.syn_to_listener(self.remote, self.local, self.rport, self.lport, seq, seg, doff, now)
+
+    def _paws_rejects(self, tsval: int, flags: int, dlen: int, now: float) -> bool:
+        """PAWS (RFC 7323 §5): drop (and ACK) a segment whose timestamp is older than the last
+        one we took.  Like Linux, a pure ACK is exempt: a reordered ACK carries an older
+        timestamp but still-valid SACK and window information, and old duplicates are harmless."""
+        if (
+            self.ts_ok
+            and (tsval - self.ts_recent) & HALF
+            and not flags & RST
+            and (dlen or flags & (SYN | FIN))
+        ):
+            self.host.stats["tcp_paws_drop"] += 1
+            self._send_ack(now)
+            return True
+        return False
+
+    def _check_sequence(self, seq_u: int, seg_len: int, dlen: int, flags: int, now: float) -> tuple[int, int] | None:
+        """Is the segment acceptable (RFC 9293 3.10.7.4, first check)?  None: it goes no
+        further; else the text length and flags to go on with."""
+        rcv_nxt = self.rcv_nxt
+        rwnd = self.rcv_adv - rcv_nxt
+        if seq_u == rcv_nxt and (seg_len == 0 or rwnd > 0):
+            return dlen, flags
+        if seg_len == 0:
+            if rcv_nxt <= seq_u < rcv_nxt + rwnd:
+                return dlen, flags
+            if not flags & RST:
+                self._send_oow_ack(now)
+            return None
+        if rwnd > 0 and (rcv_nxt <= seq_u < rcv_nxt + rwnd or rcv_nxt < seq_u + seg_len <= rcv_nxt + rwnd):
+            return dlen, flags
+        if flags & RST:
+            return None
+        if rwnd == 0 and seq_u == rcv_nxt:
+            # Zero window: the ACK and window still count (and a bare FIN, as Linux takes it);
+            # data does not.
+            if dlen:
+                dlen = 0
+                flags &= ~FIN
+            self.ack_now = True
+            return dlen, flags
+        self.host.stats["tcp_out_of_window"] += 1
+        self._send_ack(now)
+        return None
+
+    def _rst_arrives(self, seq_u: int, now: float) -> None:
+        """Second check: only a RST at exactly ``rcv_nxt`` resets; one elsewhere in the window
+        gets a challenge ACK (RFC 5961 §3)."""
+        if seq_u != self.rcv_nxt:
+            self._send_oow_ack(now)
+            return
+        self.host.stats["tcp_rst_received"] += 1
+        if self.state is SYN_RECEIVED:
+            if self.handler is None:
+                self._remove()  # a passive open nobody has seen yet
+            else:
+                self._fail("connection refused")
+        else:
+            self._fail("connection reset")
+
+    def _syn_arrives(self, now: float) -> None:
+        """Fourth check: a SYN in the window of a synchronized connection gets a challenge ACK
+        (RFC 5961 §4), not a reset."""
+        self._send_oow_ack(now)
+
+    def _ack_arrives(
+        self,
+        seq_u: int,
+        ack: int,
+        win: int,
+        seg_len: int,
+        tsval: int | None,
+        tsecr: int | None,
+        sack_blocks: list[tuple[int, int]] | None,
+        now: float,
+    ) -> bool:
+        """Fifth check, the ACK field: our data acknowledged, SACK, the send window, loss
+        detection.  False: the segment goes no further."""
+        snd_una = self.snd_una
+        ack_u = snd_una + ((ack - snd_una + HALF) & M32) - HALF
+        if self.state is SYN_RECEIVED and not self._ack_of_syn(seq_u, ack, ack_u, win, now):
+            return False
+        if ack_u > self.snd_max:
+            self._send_ack(now)  # it acknowledges what we never sent
+            return False
+        if tsval is not None and seq_u <= self.rcv_nxt and not (tsval - self.ts_recent) & HALF:
+            self.ts_recent = tsval  # RFC 7323 §4.3
+        new_wnd = win << self.snd_wscale
+        if ack_u > snd_una:
+            self._ack_advance(ack_u, tsecr, now)
+            if self.state is CLOSED:
+                return False
+        elif ack_u == snd_una and seg_len == 0 and new_wnd == self.snd_wnd and self.snd_max > snd_una:
+            self.dupacks += 1
+        newly_sacked = self._sack_arrives(sack_blocks) if sack_blocks and self.sack_ok else 0
+        if self.snd_wl1 < seq_u or (self.snd_wl1 == seq_u and self.snd_wl2 <= ack_u):
+            self._update_send_window(seq_u, ack_u, new_wnd)
+        if self.in_recovery or newly_sacked or self.dupacks >= self.cfg.dupthresh:
+            self._detect_loss(ack_u > snd_una, newly_sacked, now)
+        return True
+
+    def _ack_of_syn(self, seq_u: int, ack: int, ack_u: int, win: int, now: float) -> bool:
+        """The ACK field in SYN_RECEIVED: one that acknowledges our SYN establishes the
+        connection; any other gets a RST.  False: the segment goes no further."""
+        if not self.snd_una < ack_u <= self.snd_max:
+            self._send_rst_for_ack(ack)
+            return False
+        self.snd_wnd = win << self.snd_wscale
+        self.max_snd_wnd = self.snd_wnd
+        self.snd_wl1 = seq_u
+        self.snd_wl2 = ack_u
+        self._established(now)
+        return self.state is not CLOSED
+
+    def _sack_arrives(self, blocks: list[tuple[int, int]]) -> int:
+        """Record the peer's SACK blocks (RFC 2018); returns how many bytes are newly SACKed."""
+        newly_sacked = 0
+        una = self.snd_una
+        smax = self.snd_max
+        for left, right in blocks:
+            lu = una + ((left - una + HALF) & M32) - HALF
+            ru = una + ((right - una + HALF) & M32) - HALF
+            if lu < una:
+                lu = una
+            if ru > smax:
+                ru = smax
+            if lu < ru:
+                newly_sacked += self.sb.add(lu, ru)
+        return newly_sacked
+
+    def _update_send_window(self, seq_u: int, ack_u: int, new_wnd: int) -> None:
+        """A segment newer than the one the window was last taken from (RFC 9293 3.10.7.4,
+        SND.WL1/SND.WL2): take its window."""
+        if new_wnd > self.snd_wnd:
+            self.persist_backoff = 0
+            self.t_persist = None
+        self.snd_wnd = new_wnd
+        if new_wnd > self.max_snd_wnd:
+            self.max_snd_wnd = new_wnd
+        self.snd_wl1 = seq_u
+        self.snd_wl2 = ack_u
+
+    def _detect_loss(self, advanced: bool, newly_sacked: int, now: float) -> None:
+        """Loss detection (RFC 5681 / 6582 / 6675): enter or leave fast recovery."""
+        if self.in_recovery:
+            if self.snd_una >= self.recover:
+                self.in_recovery = False
+                self.dupacks = 0
+                self.cc.exit_recovery(self.snd_max - self.snd_una - self.sb.sacked)
+            elif advanced:
+                # Partial ACK: the segment at the new snd_una is lost too.
+                self.lost_floor = min(self.snd_una + self.mss, self.snd_max)
+                if self.high_rxt < self.snd_una:
+                    self.high_rxt = self.snd_una
+                if not self.sack_ok:
+                    self._retransmit_first(now)  # RFC 6582 §3.2 step 5
+        elif self.snd_max > self.snd_una and (
+            self.dupacks >= self.cfg.dupthresh
+            or (newly_sacked and self.sb.sacked >= self.cfg.dupthresh * self.mss)
+        ):
+            if self.sack_ok or self.snd_una > self.recover:
+                self._enter_recovery(now)
+
+    def _segment_text(self, seq_u: int, seg: bytes, doff: int, dlen: int, fin: int, now: float) -> None:
+        """Seventh step: take the text (and a FIN right after it) in a state that receives;
+        elsewhere both are ignored."""
+        if self.state not in RECEIVING:
+            return
+        if self.closed_by_app:
+            # Data for an application that has closed: Linux answers with RST.
+            self.host.stats["tcp_data_after_close"] += 1
+            self.abort()
+            return
         rcv_nxt = self.rcv_nxt
         if seq_u < rcv_nxt:
             cut = rcv_nxt - seq_u
@@ -722,17 +826,13 @@ class Connection:
                 self._fin_received(now)
                 return
             self.ack_pending += 1
-            if self.ack_pending >= 2:
-                batch = self.stack._batch_acks
-                if batch is None or self.ack_pending >= 32:
-                    self.ack_now = True
-                else:
-                    # Inside a batch of packets: one ACK at the end of the batch covers them all.
-                    batch.add(self)
+            # Inside a batch of packets, one ACK at the end of the batch covers them all.
+            if self.ack_pending >= 2 and (self.ack_pending >= 32 or not self.host.defer_ack(self)):
+                self.ack_now = True
         else:
-            self.stack.stats["tcp_out_of_order"] += 1
+            self.host.stats["tcp_out_of_order"] += 1
             if not self.ooo.add(seq_u, data):
-                self.stack.stats["tcp_ooo_queue_full"] += 1
+                self.host.stats["tcp_ooo_queue_full"] += 1
                 self.ack_now = True
                 return
             if fin:
@@ -744,24 +844,35 @@ class Connection:
             self.rcv_queue.append(data)
             self.rcv_queued += len(data)
         else:
+            assert self.handler is not None  # a state that receives
             self.handler.data_received(data)
+
+    def _fin_arrives(self, seq_u: int, now: float) -> None:
+        """Eighth step, a FIN without text: in order it ends the peer's side; beyond a gap it
+        waits for the gap to fill."""
+        if seq_u == self.rcv_nxt:
+            self._fin_received(now)
+        elif seq_u > self.rcv_nxt:
+            self.ooo_fin = seq_u
+            self.ack_now = True
 
     def _fin_received(self, now: float) -> None:
         self.rcv_nxt += 1
         self.ack_now = True
         state = self.state
-        if state == TIME_WAIT:
+        if state is TIME_WAIT:
             self.t_wait = now + 2 * self.cfg.msl
             self._send_ack(now)
             return
-        if state in (SYN_RECEIVED, ESTABLISHED):
+        if state is SYN_RECEIVED or state is ESTABLISHED:
             self.state = CLOSE_WAIT
-        elif state == FIN_WAIT_1:
-            if self.snd_una > self.fin_seq:
+        elif state is FIN_WAIT_1:
+            fin = self.sendbuf.fin
+            if fin is not None and self.snd_una > fin:
                 self._enter_time_wait(now, notify=False)
             else:
                 self.state = CLOSING
-        elif state == FIN_WAIT_2:
+        elif state is FIN_WAIT_2:
             self._enter_time_wait(now, notify=False)
         else:
             return
@@ -772,9 +883,9 @@ class Connection:
                 self.eof_pending = True
             else:
                 self.handler.eof_received()
-                if self.state == CLOSED:
+                if self.state is CLOSED:
                     return
-        if self.state == TIME_WAIT:
+        if self.state is TIME_WAIT:
             self._send_ack(now)
             self._notify_lost(None)
 
@@ -786,90 +897,80 @@ class Connection:
         if notify:
             self._notify_lost(None)
 
+    # ------------------------------------------------------------------ acknowledged data
+
     def _ack_advance(self, ack_u: int, tsecr: int | None, now: float) -> None:
-        una = self.snd_una
-        acked = ack_u - una
-        n = ack_u - self.buf_seq
-        if n > 0:
-            buf = self.sndbuf
-            if n >= len(buf):
-                self.buf_seq += len(buf)
-                buf.clear()
-            else:
-                del buf[:n]
-                self.buf_seq = ack_u
+        """The peer acknowledged new data, up to ``ack_u``."""
+        acked = ack_u - self.snd_una
+        self.sendbuf.acknowledge(ack_u)
         self.snd_una = ack_u
         if self.snd_nxt < ack_u:
             self.snd_nxt = ack_u
         if self.sb:
             self.sb.advance(ack_u)
         # RTT (RFC 6298 / RFC 7323 §4): timestamps when we have them, else one timed segment.
-        r = None
+        rtt = self.rtt
+        r: float | None
         if self.ts_ok and tsecr:
             r = (((int(now * 1000) + self.ts_offset) - tsecr) & M32) / 1000.0
             if r > 600:
                 r = None
-        elif self.rtt_seq is not None and ack_u >= self.rtt_seq:
-            r = now - self.rtt_time
-            self.rtt_seq = None
+        else:
+            r = rtt.timed_sample(ack_u, now)
         if r is not None:
-            srtt = self.srtt
-            if srtt is None:
-                self.srtt = r
-                self.rttvar = r / 2
-            else:
-                d = srtt - r
-                self.rttvar = 0.75 * self.rttvar + 0.25 * (d if d > 0 else -d)
-                self.srtt = 0.875 * srtt + 0.125 * r
-            rto = self.srtt + max(0.001, 4 * self.rttvar)
-            cfg = self.cfg
-            self.rto = cfg.min_rto if rto < cfg.min_rto else (cfg.max_rto if rto > cfg.max_rto else rto)
-            self.retries = 0
-        elif self.retries:
-            # Karn: a retransmitted segment gives no sample, but progress ends the backoff run.
-            self.retries = 0
+            rtt.sample(r)
+        # Progress ends a run of timeouts, with a sample or without (Karn: a retransmitted
+        # segment gives none, and its backed-off RTO stays).
+        self.retries = 0
         self.dupacks = 0
         if ack_u >= self.snd_max:
             self.t_rexmit = None
         else:
-            self.t_rexmit = now + self.rto
-            if self.t_rexmit < self._armed:
+            self.t_rexmit = now + rtt.rto
+            if self.t_rexmit < self.timer_at:
                 self._schedule(self.t_rexmit)
         if not self.in_recovery:
             cc = self.cc
-            cc.on_ack(acked, now, self.srtt)
+            cc.on_ack(acked, now, rtt.srtt)
             # Do not let cwnd grow without bound while the peer's window is what limits us.
             cap = 2 * self.max_snd_wnd + 10 * self.mss
             if cc.cwnd > cap:
                 cc.cwnd = cap
-        if self.want_writable and len(self.sndbuf) <= self.cfg.send_low_water:
+        if self.want_writable and len(self.sendbuf.data) <= self.cfg.send_low_water:
             self.want_writable = False
             if self.handler is not None:
                 self.handler.writable()
-        fin = self.fin_seq
+        fin = self.sendbuf.fin
         if fin is not None and ack_u > fin:
-            state = self.state
-            if state == FIN_WAIT_1:
-                self.state = FIN_WAIT_2
-                if self.closed_by_app:
-                    self.t_wait = now + self.cfg.fin_timeout
-                    self._schedule(self.t_wait)
-                    self._notify_lost(None)
-            elif state == CLOSING:
-                self._enter_time_wait(now)
-            elif state == LAST_ACK:
+            self._fin_acked(now)
+
+    def _fin_acked(self, now: float) -> None:
+        """Our FIN is acknowledged (RFC 9293 3.10.7.4, fifth check in FIN_WAIT_1, CLOSING and
+        LAST_ACK)."""
+        state = self.state
+        if state is FIN_WAIT_1:
+            self.state = FIN_WAIT_2
+            if self.closed_by_app:
+                self.t_wait = now + self.cfg.fin_timeout
+                self._schedule(self.t_wait)
                 self._notify_lost(None)
-                self._remove()
+        elif state is CLOSING:
+            self._enter_time_wait(now)
+        elif state is LAST_ACK:
+            self._notify_lost(None)
+            self._remove()
+
+    # ------------------------------------------------------------------ loss recovery
 
     def _enter_recovery(self, now: float) -> None:
-        self.stack.stats["tcp_fast_retransmit"] += 1
+        self.host.stats["tcp_fast_retransmit"] += 1
         self.in_recovery = True
         self.recover = self.snd_max
         flight = self.snd_max - self.snd_una - self.sb.sacked
         self.cc.enter_recovery(flight, now)
         una = self.snd_una
         self.lost_floor = min(una + self.mss, self.snd_max)
-        self.rtt_seq = None
+        self.rtt.cancel()
         self._retransmit_first(now)
 
     def _retransmit_first(self, now: float) -> None:
@@ -877,33 +978,33 @@ class Connection:
         una = self.snd_una
         hole = self.sb.next_hole(una, self.snd_max) or (una, self.snd_max)
         s = hole[0]
-        data_end = self.buf_seq + len(self.sndbuf)
+        data_end = self.sendbuf.end
         n = max(0, min(hole[1] - s, self.mss, data_end - s))
-        self.stack.stats["tcp_retransmits"] += 1
+        self.host.stats["tcp_retransmits"] += 1
         self._send_range(s, n, now)
         self.high_rxt = s + (n or 1)
 
-    # ------------------------------------------------------------------ output
+    # ------------------------------------------------------------------ sending
 
     def _send_range(self, seq: int, n: int, now: float) -> None:
         """Send data [seq, seq + n) (and our FIN if it directly follows)."""
-        off = seq - self.buf_seq
-        data = bytes(self.sndbuf[off : off + n]) if n else b""
+        buf = self.sendbuf
+        data = buf.take(seq, n) if n else b""
         flags = ACK | PSH if n else ACK
         end = seq + n
-        if self.fin_seq is not None and end == self.fin_seq:
+        if end == buf.fin:
             flags |= FIN
             end += 1
         self._emit(seq, flags, data, now)
+        rtt = self.rtt
         if end > self.snd_max:
-            if self.rtt_seq is None and not self.ts_ok:
-                self.rtt_seq = end
-                self.rtt_time = now
+            if rtt.timed_seq is None and not self.ts_ok:
+                rtt.time(end, now)
             self.snd_max = end
-        elif self.rtt_seq is not None and seq < self.rtt_seq:
-            self.rtt_seq = None  # Karn: never time a retransmitted segment
+        elif rtt.timed_seq is not None and seq < rtt.timed_seq:
+            rtt.cancel()  # Karn: never time a retransmitted segment
         if self.t_rexmit is None:
-            self.t_rexmit = now + self.rto
+            self.t_rexmit = now + rtt.rto
             self._schedule(self.t_rexmit)
         if end > self.snd_nxt:
             self.snd_nxt = end
@@ -915,7 +1016,7 @@ class Connection:
             self._send_ack(now)
 
     def _output(self, now: float) -> None:
-        if self.state not in _SENDING:
+        if self.state not in SENDING:
             return
         if self.in_recovery:
             self._output_recovery(now)
@@ -923,8 +1024,9 @@ class Connection:
         mss = self.mss
         una = self.snd_una
         sb = self.sb
-        data_end = self.buf_seq + len(self.sndbuf)
-        fin = self.fin_seq
+        buf = self.sendbuf
+        data_end = buf.seq + len(buf.data)
+        fin = buf.fin
         wnd_edge = una + self.snd_wnd
         cwnd = self.cc.cwnd
         nxt = self.snd_nxt
@@ -991,22 +1093,22 @@ class Connection:
                 if hole is not None:
                     s = hole[0]
                     n = min(hole[1] - s, mss)
-                    data_end = self.buf_seq + len(self.sndbuf)
+                    data_end = self.sendbuf.end
                     if s >= data_end:
                         n = 0
                     elif s + n > data_end:
                         n = data_end - s
-                    self.stack.stats["tcp_retransmits"] += 1
+                    self.host.stats["tcp_retransmits"] += 1
                     self._send_range(s, n, now)
                     self.high_rxt = s + n + (1 if n == 0 else 0)
                     continue
                 self.high_rxt = lost_edge
             # New data, if the peer's window allows.
             nxt = self.snd_nxt
-            data_end = self.buf_seq + len(self.sndbuf)
+            data_end = self.sendbuf.end
             n = min(data_end - nxt, mss, una + self.snd_wnd - nxt)
             if n <= 0:
-                if self.fin_seq is not None and nxt == self.fin_seq:
+                if nxt == self.sendbuf.fin:
                     self._send_range(nxt, 0, now)
                 break
             self._send_range(nxt, n, now)
@@ -1015,7 +1117,7 @@ class Connection:
 
     def _arm_persist(self, now: float) -> None:
         cfg = self.cfg
-        t = min(max(self.rto, cfg.min_rto) * (1 << self.persist_backoff), cfg.max_rto)
+        t = min(max(self.rtt.rto, cfg.min_rto) * (1 << self.persist_backoff), cfg.max_rto)
         self.t_persist = now + t
         self._schedule(self.t_persist)
 
@@ -1025,7 +1127,7 @@ class Connection:
             self._schedule(self.t_keep)
 
     def on_timer(self, now: float) -> None:
-        self._armed = INF
+        self.timer_at = INF
         if self.t_wait is not None and self.t_wait <= now:
             self.t_wait = None
             if self.state in (TIME_WAIT, FIN_WAIT_2):
@@ -1034,12 +1136,12 @@ class Connection:
         if self.t_rexmit is not None and self.t_rexmit <= now:
             self.t_rexmit = None
             self._on_rexmit_timeout(now)
-            if self.state == CLOSED:
+            if self.state is CLOSED:
                 return
         if self.t_persist is not None and self.t_persist <= now:
             self.t_persist = None
-            if self.snd_max == self.snd_una and self.snd_nxt < self.buf_seq + len(self.sndbuf):
-                self.stack.stats["tcp_window_probes"] += 1
+            if self.snd_max == self.snd_una and self.snd_nxt < self.sendbuf.end:
+                self.host.stats["tcp_window_probes"] += 1
                 # Probe with an already-ACKed sequence number: any live peer answers with an ACK
                 # that carries its current window.
                 self._emit(self.snd_una - 1, ACK, b"", now)
@@ -1052,7 +1154,7 @@ class Connection:
         if self.t_keep is not None and self.t_keep <= now:
             self.t_keep = None
             self._on_keepalive(now)
-            if self.state == CLOSED:
+            if self.state is CLOSED:
                 return
         t = INF
         for x in (self.t_wait, self.t_rexmit, self.t_persist, self.t_dack, self.t_keep):
@@ -1073,7 +1175,7 @@ class Connection:
             self._fail("keepalive timed out", send_rst=True)
             return
         if self.snd_max == self.snd_una:
-            self.stack.stats["tcp_keepalive_probes"] += 1
+            self.host.stats["tcp_keepalive_probes"] += 1
             self._emit(self.snd_una - 1, ACK, b"", now)
             self.ka_probes += 1
         self.t_keep = now + cfg.keepalive_interval
@@ -1082,20 +1184,20 @@ class Connection:
         cfg = self.cfg
         state = self.state
         self.retries += 1
-        self.stack.stats["tcp_timeouts"] += 1
-        self.rtt_seq = None  # Karn
-        self.rto = min(self.rto * 2, cfg.max_rto)
+        self.host.stats["tcp_timeouts"] += 1
+        self.rtt.cancel()  # Karn
+        self.rtt.back_off()
         if state in (SYN_SENT, SYN_RECEIVED):
             if self.retries > cfg.syn_retries:
-                if state == SYN_RECEIVED and self.handler is None:
+                if state is SYN_RECEIVED and self.handler is None:
                     self._remove()
                 else:
                     self._fail("connection timed out")
                 return
-            self._send_syn(now, state == SYN_RECEIVED)
-            self.t_rexmit = now + self.rto
+            self._send_syn(now, state is SYN_RECEIVED)
+            self.t_rexmit = now + self.rtt.rto
             return
-        if state not in _SENDING or self.snd_max == self.snd_una:
+        if state not in SENDING or self.snd_max == self.snd_una:
             return
         if self.retries > cfg.retries:
             self._fail("connection timed out", send_rst=True)
@@ -1110,12 +1212,12 @@ class Connection:
         self.dupacks = 0
         self.snd_nxt = self.snd_una
         self.high_rxt = self.snd_una
-        self.stack.stats["tcp_retransmits"] += 1
+        self.host.stats["tcp_retransmits"] += 1
         self._output(now)
         if self.snd_nxt == self.snd_una:
             # Nothing went out (e.g. the window shrank to zero): probe instead.
             self._emit(self.snd_una - 1, ACK, b"", now)
-        self.t_rexmit = now + self.rto
+        self.t_rexmit = now + self.rtt.rto
 
     # ------------------------------------------------------------------ ICMPv6
 
@@ -1123,16 +1225,16 @@ class Connection:
         """RFC 8201: lower the path MTU, if the quoted segment is plausibly ours (RFC 5927)."""
         seq_u = _unwrap(seq, self.snd_una)
         if not (self.snd_una <= seq_u < self.snd_max):
-            self.stack.stats["icmp_ptb_ignored"] += 1
+            self.host.stats["icmp_ptb_ignored"] += 1
             return
         mtu = max(mtu, 1280)
         if mtu >= self.mtu:
             return
         self.mtu = mtu
         self._set_mss()
-        if self.state in _SENDING and not self.in_recovery:
+        if self.state in SENDING and not self.in_recovery:
             self.snd_nxt = self.snd_una
-            self.rtt_seq = None
+            self.rtt.cancel()
             self._output(now)
 
     def set_mtu(self, mtu: int, now: float) -> None:
@@ -1141,20 +1243,20 @@ class Connection:
         mtu = max(1280, min(mtu, 0xFFFF + 40))
         lower = mtu < self.mtu
         self.mtu = mtu
-        if self.state != SYN_SENT and self.state != CLOSED:
+        if self.state is not SYN_SENT and self.state is not CLOSED:
             self._set_mss()
-        if lower and self.state in _SENDING and not self.in_recovery and self.snd_max > self.snd_una:
+        if lower and self.state in SENDING and not self.in_recovery and self.snd_max > self.snd_una:
             self.snd_nxt = self.snd_una
-            self.rtt_seq = None
+            self.rtt.cancel()
             self._output(now)
 
     # ------------------------------------------------------------------ application API
 
     def write(self, data: bytes) -> None:
         """Queue bytes for sending; call ``flush`` (or let the stack's caller do it) afterwards."""
-        if self.fin_seq is not None or self.state in (CLOSED, TIME_WAIT):
+        if self.sendbuf.fin is not None or self.state in (CLOSED, TIME_WAIT):
             raise ConnectionError("connection is closed for writing")
-        self.sndbuf += data
+        self.sendbuf.append(data)
 
     def close(self, now: float) -> None:
         """Full close: send what is buffered, then FIN; no more data is read."""
@@ -1172,21 +1274,21 @@ class Connection:
     def shutdown_write(self, now: float) -> None:
         """Half close: FIN after the buffered data; reading goes on."""
         state = self.state
-        if self.fin_seq is not None or state in (CLOSED, TIME_WAIT):
+        if self.sendbuf.fin is not None or state in (CLOSED, TIME_WAIT):
             return
-        if state == SYN_SENT:
+        if state is SYN_SENT:
             self._notify_lost(None)
             self._remove()
             return
-        self.fin_seq = self.buf_seq + len(self.sndbuf)
+        self.sendbuf.close()
         if state in (SYN_RECEIVED, ESTABLISHED):
             self.state = FIN_WAIT_1
-        elif state == CLOSE_WAIT:
+        elif state is CLOSE_WAIT:
             self.state = LAST_ACK
         self.flush(now)
 
     def abort(self, reason: str = "connection aborted") -> None:
-        if self.state == CLOSED:
+        if self.state is CLOSED:
             return
         if self.state not in (SYN_SENT, TIME_WAIT):
             self._send_rst()
@@ -1214,16 +1316,16 @@ class Connection:
             return
         if self.eof_pending:
             self.eof_pending = False
-            if not self.lost_notified:
+            if not self.lost_notified and self.handler is not None:
                 self.handler.eof_received()
         if self._lost_pending:
             self._lost_pending = False
             self._notify_lost(None)
-        if self.state in _RECEIVING or self.state == CLOSE_WAIT:
+        if self.state in RECEIVING or self.state is CLOSE_WAIT:
             cur = self.rcv_adv - self.rcv_nxt
             free = self.rcvbuf - self.rcv_queued - self.ooo.size
             if free - cur >= min(self.rcvbuf // 2, 2 * self.adv_mss):
-                self.stack.stats["tcp_window_updates"] += 1
+                self.host.stats["tcp_window_updates"] += 1
                 self._send_ack(now)
 
     # ------------------------------------------------------------------ teardown
@@ -1252,4 +1354,4 @@ class Connection:
             self.listener = None
         self.state = CLOSED
         self.t_rexmit = self.t_persist = self.t_keep = self.t_dack = self.t_wait = None
-        self.stack._remove_connection(self)
+        self.host.remove_connection(self)

@@ -12,8 +12,12 @@ import itertools
 import random
 from collections import deque
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 from .stack import Stack
+
+if TYPE_CHECKING:
+    from .endpoints import Netstack
 
 __all__ = ["Wire", "NetstackPair"]
 
@@ -30,7 +34,7 @@ class Wire:
         self.reorder_delay = reorder_delay
         self.duplicate = duplicate
         self.rng = random.Random(seed)
-        self._queue: list = []
+        self._queue: list[tuple[float, int, str, bytes]] = []
         self._n = itertools.count()
         self.a: Stack | None = None
         self.b: Stack | None = None
@@ -61,12 +65,14 @@ class Wire:
 
     def run(self, until: Callable[[], bool] | None = None, limit: float = 600.0) -> float:
         """Advance simulated time event by event until ``until()`` or nothing is left to do."""
-        stacks = (self.a, self.b)
+        a, b = self.a, self.b
+        if a is None or b is None:
+            raise RuntimeError("Wire.run: give the wire both stacks (wire.a, wire.b) first")
         q = self._queue
         while True:
             if until is not None and until():
                 return self.now
-            cands = [t for t in (self.a.next_deadline(), self.b.next_deadline()) if t is not None]
+            cands = [t for t in (a.next_deadline(), b.next_deadline()) if t is not None]
             if q:
                 cands.append(q[0][0])
             if not cands:
@@ -78,16 +84,16 @@ class Wire:
                 self.now = t
             while q and q[0][0] <= self.now:
                 _t, _n, dest, packet = heapq.heappop(q)
-                (self.a if dest == "a" else self.b).receive(packet, self.now)
-            for s in stacks:
-                s.tick(self.now)
+                (a if dest == "a" else b).receive(packet, self.now)
+            a.tick(self.now)
+            b.tick(self.now)
 
 
 class NetstackPair:
     """Two ``Netstack`` adapters whose packets are handed over by ``pump`` (no reactor calls
     per packet); ``clock`` is a ``task.Clock`` shared by both."""
 
-    def __init__(self, clock, make: Callable[[str, Callable[[bytes], None]], object],
+    def __init__(self, clock, make: Callable[[str, Callable[[bytes], None]], Netstack],
                  addr_a: str = "fd7a:115c:a1e0::a", addr_b: str = "fd7a:115c:a1e0::b") -> None:
         self.clock = clock
         self.q_to_a: deque[bytes] = deque()

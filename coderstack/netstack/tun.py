@@ -36,7 +36,8 @@ def _setns(fd: int) -> None:
 
 def open_tun(name: str, netns: str | None = None) -> int:
     """Create TUN device ``name`` (in ``netns`` if given); return its non-blocking fd."""
-    own = ns = None
+    own: int | None = None
+    ns: int | None = None
     if netns is not None:
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY)
         ns = os.open(netns, os.O_RDONLY)
@@ -49,7 +50,7 @@ def open_tun(name: str, netns: str | None = None) -> int:
             os.close(fd)
             raise
     finally:
-        if own is not None:
+        if own is not None and ns is not None:
             _setns(own)
             os.close(own)
             os.close(ns)

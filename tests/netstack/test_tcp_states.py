@@ -270,11 +270,11 @@ class EstablishedTests(unittest.TestCase):
         # The handshake gave an RTT sample of 0: RTO = min_rto (0.2 s), then doubled each time.
         gaps = [round(b - a, 2) for a, b in zip(times, times[1:], strict=False)]
         self.assertEqual(gaps, [0.2, 0.4, 0.8, 1.6, 3.2])
-        self.assertIsNone(conn.rtt_seq)  # Karn: the retransmitted segment is not timed
-        rto = conn.rto
+        self.assertIsNone(conn.rtt.timed_seq)  # Karn: the retransmitted segment is not timed
+        rto = conn.rtt.rto
         p.send(ACK, ack=self.iss + 100)
-        self.assertEqual(conn.srtt, 0.0)  # no sample from the ambiguous ACK...
-        self.assertEqual(conn.rto, rto)  # ...so the backed-off RTO stays (RFC 6298 5.7)
+        self.assertEqual(conn.rtt.srtt, 0.0)  # no sample from the ambiguous ACK...
+        self.assertEqual(conn.rtt.rto, rto)  # ...so the backed-off RTO stays (RFC 6298 5.7)
         self.assertEqual(conn.retries, 0)
 
     def test_rto_from_rtt_samples(self):
@@ -288,18 +288,18 @@ class EstablishedTests(unittest.TestCase):
         p.send(ACK, ack=synack.seq + 1)
         conn = h.conn
         # First sample (RFC 6298 2.2): SRTT = R, RTTVAR = R/2, RTO = SRTT + 4 RTTVAR.
-        self.assertAlmostEqual(conn.srtt, 0.1)
-        self.assertAlmostEqual(conn.rttvar, 0.05)
-        self.assertAlmostEqual(conn.rto, 0.3)
+        self.assertAlmostEqual(conn.rtt.srtt, 0.1)
+        self.assertAlmostEqual(conn.rtt.rttvar, 0.05)
+        self.assertAlmostEqual(conn.rtt.rto, 0.3)
         conn.write(b"z" * 100)
         conn.flush(p.now)
         p.take()
         p.advance(0.2)
         p.send(ACK, ack=synack.seq + 101)
         # Later samples (2.3): alpha 1/8, beta 1/4.
-        self.assertAlmostEqual(conn.rttvar, 0.0625)
-        self.assertAlmostEqual(conn.srtt, 0.1125)
-        self.assertAlmostEqual(conn.rto, 0.3625)
+        self.assertAlmostEqual(conn.rtt.rttvar, 0.0625)
+        self.assertAlmostEqual(conn.rtt.srtt, 0.1125)
+        self.assertAlmostEqual(conn.rtt.rto, 0.3625)
 
     def test_gives_up_after_retries(self):
         p = Peer(TCPConfig(retries=2))
