@@ -229,7 +229,9 @@ class CoordinationLink:
                     except CancelledError:
                         raise
                     except Exception as err:
-                        if not self.handler.open_failed(err):
+                        # Stopping cancels a connect in flight, which fails with Twisted's own
+                        # ConnectingCancelledError: an ending, not a failure to report or retry.
+                        if self.stopped or not self.handler.open_failed(err):
                             return
                         await self._wait()
                         continue

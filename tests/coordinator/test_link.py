@@ -4,6 +4,7 @@ server restart with the project's Backoff, its handler told of every open."""
 from __future__ import annotations
 
 from twisted.internet import defer, task
+from twisted.internet.error import ConnectingCancelledError
 from twisted.trial import unittest
 
 from coderstack.backoff import Backoff
@@ -171,6 +172,16 @@ class LinkTests(unittest.TestCase):
         self.assertEqual(server.sockets, [])  # the open was cancelled with the loop
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_stopped_while_connecting(self) -> None:
+        # A TCP connect that is cancelled fails with its own error, not CancelledError.
+        server = ConnectingServer(self.clock)
+        link = CoordinationLink(self.clock, server, no_jitter())
+        server.link = link
+        link.start()
+        link.stop()
+        self.assertEqual(server.failures, [])  # an ending, not a failure
+        self.assertEqual(self.clock.getDelayedCalls(), [])  # and no retry scheduled
+
     def test_an_error_after_opening_keeps_the_socket(self) -> None:
         server = FailingAfterOpen(self.clock)
         link = CoordinationLink(self.clock, server, no_jitter())
@@ -186,6 +197,17 @@ class SlowServer(FakeServer):
 
     async def open_socket(self) -> FakeSocket:
         await self.gate
+        return await super().open_socket()
+
+
+class ConnectingServer(FakeServer):
+    """Its open is a connect in flight, which fails as Twisted's does when cancelled."""
+
+    async def open_socket(self) -> FakeSocket:
+        def cancelled(d: defer.Deferred[None]) -> None:
+            d.errback(ConnectingCancelledError(None))
+
+        await defer.Deferred(cancelled)
         return await super().open_socket()
 
 
