@@ -110,7 +110,7 @@ def attach_netstack(conn: Any, reactor: Any, mtu: int = BASE_MTU) -> Netstack:
     """
     glue = _Glue(conn, reactor)
     receive_mtu = max(mtu, getattr(conn, "receive_mtu", mtu))
-    ns = Netstack(list(conn.addresses), glue.send, reactor,  # type: ignore[arg-type]  # Netstack hands its address on to Stack, which takes a list of them too
+    ns = Netstack(list(conn.addresses), glue.send, reactor,
                   config=TCPConfig(mtu=mtu, receive_mtu=receive_mtu))
     glue.netstack = ns
     conn.on_packet(glue.received)
