@@ -186,7 +186,7 @@ class _Peer:
         self.name = name
         self.auth = auth
         self.conn: PeerConnection | None = None
-        self.status: str = CONNECTED
+        self.status: Literal["connected", "lost"] = CONNECTED
         self.node: Node | None = None
         self.last_seen = now
         self.forget_call: DelayedCall | None = None
@@ -430,7 +430,7 @@ class Coordinator:
 
     def status(self, peer_id: UUID) -> Literal["connected", "lost"] | None:
         peer = self._peers.get(peer_id)
-        return None if peer is None else peer.status  # type: ignore[return-value]
+        return None if peer is None else peer.status
 
     def last_seen(self, peer_id: UUID) -> float | None:
         """When the peer last connected, sent a message, was touched or was lost (clock seconds)."""

@@ -36,7 +36,7 @@ class HashPool:
         self.pending = 0
         self.refused = 0
         self._pool = ThreadPool(minthreads=0, maxthreads=threads, name="coderstack-passwords")
-        self._pool.threadFactory = _daemon_thread  # type: ignore[assignment]
+        self._pool.threadFactory = _daemon_thread  # type: ignore[assignment]  # twisted types threadFactory as threading.Thread itself
         self._started = False
 
     def run(self, fn: Callable[..., T], *args: Any) -> Deferred[T]:

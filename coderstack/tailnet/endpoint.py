@@ -553,7 +553,8 @@ class Endpoint:
             if proven < best.mtu:
                 best.mtu = proven  # lapsed: back to 1280 and climb the ladder again at once
                 best.mtu_probed = -math.inf
-                self.best.mtu = proven  # type: ignore[union-attr]
+                if self.best is not None:
+                    self.best.mtu = proven
             if now - best.mtu_probed >= MTU_REPROBE_INTERVAL and proven < max(pmtu.probe_mtus(":" in best.addr[0])):
                 out.extend(self._probes(best, now, above=proven))
         need_full = (
