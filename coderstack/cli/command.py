@@ -39,6 +39,8 @@ class CommandGroup(usage.Options):
     and its help text cannot show longer ones."""
 
     aliases: dict[str, str] = {}
+    #: usage.Options' table of (name, short name, options class, description).
+    subCommands: list[list] = []
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         if options:
@@ -48,3 +50,9 @@ class CommandGroup(usage.Options):
                     options[i] = self.aliases.get(arg, arg)
                     break
         return super().parseOptions(options)
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            names = [sub[0] for sub in self.subCommands]
+            listed = " or ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+            raise usage.UsageError(f"missing subcommand: {listed}")

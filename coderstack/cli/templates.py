@@ -43,10 +43,6 @@ class TemplatesOptions(CommandGroup):
         ["list", None, ListOptions, "List templates (alias: ls)."],
     ]
 
-    def postOptions(self) -> None:
-        if self.subCommand is None:
-            raise usage.UsageError("missing subcommand: push or list")
-
 
 def read_template_dir(directory: str) -> dict[str, bytes]:
     if not os.path.isdir(directory):

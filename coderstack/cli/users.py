@@ -69,10 +69,6 @@ class UsersOptions(CommandGroup):
         ["delete", None, DeleteOptions, "Delete a user without workspaces (owners only)."],
     ]
 
-    def postOptions(self) -> None:
-        if self.subCommand is None:
-            raise usage.UsageError("missing subcommand: create, list, suspend, activate or delete")
-
 
 async def run(reactor: Any, opts: UsersOptions, ctx: Context) -> int:
     sub = opts.subOptions

@@ -198,20 +198,20 @@ async def delete(reactor: Any, opts: DeleteOptions, ctx: Context) -> int:
     return 0
 
 
-async def start(reactor: Any, opts: StartOptions, ctx: Context) -> int:
-    ws, build = await _transition(ctx, opts["name"], "start")
+async def _build_and_report(ctx: Context, name: str, transition: str, done: str) -> int:
+    ws, build = await _transition(ctx, name, transition)
     if build["status"] != "succeeded":
         return _build_failed(ctx, build)
-    ctx.out(f"Workspace {ws['name']!r} started.")
+    ctx.out(f"Workspace {ws['name']!r} {done}.")
     return 0
+
+
+async def start(reactor: Any, opts: StartOptions, ctx: Context) -> int:
+    return await _build_and_report(ctx, opts["name"], "start", "started")
 
 
 async def stop(reactor: Any, opts: StopOptions, ctx: Context) -> int:
-    ws, build = await _transition(ctx, opts["name"], "stop")
-    if build["status"] != "succeeded":
-        return _build_failed(ctx, build)
-    ctx.out(f"Workspace {ws['name']!r} stopped.")
-    return 0
+    return await _build_and_report(ctx, opts["name"], "stop", "stopped")
 
 
 async def agent_token(reactor: Any, opts: AgentTokenOptions, ctx: Context) -> int:

@@ -18,7 +18,6 @@ The client reports to one :class:`DERPClientHandler`.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import random
 from collections import deque
@@ -34,6 +33,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from coderstack.backoff import Backoff
+from coderstack.derp.ipliteral import is_ip
 from coderstack.derp.session import ClientSession
 from coderstack.derp.transport import ClientTransport, DERPClientError, UpgradeRefused
 from coderstack.derp.upgrade import upgrade_factory
@@ -365,14 +365,14 @@ class DERPClient:
 
     def _endpoint(self, node: DERPNode) -> Any:
         host = node.host_name
-        if node.ipv4 and _is_ip(node.ipv4):
+        if node.ipv4 and is_ip(node.ipv4):
             host = node.ipv4
         if node.force_http:
             port = node.derp_port or 80
-            return HostnameEndpoint(self.reactor, host.encode("idna") if not _is_ip(host) else host, port,
+            return HostnameEndpoint(self.reactor, host.encode("idna") if not is_ip(host) else host, port,
                                     timeout=CONNECT_TIMEOUT)
         port = node.effective_derp_port
-        ep = HostnameEndpoint(self.reactor, host if _is_ip(host) else host.encode("idna"), port,
+        ep = HostnameEndpoint(self.reactor, host if is_ip(host) else host.encode("idna"), port,
                               timeout=CONNECT_TIMEOUT)
         verify_name = node.cert_name or node.host_name
         if node.insecure_for_tests:
@@ -567,13 +567,6 @@ class DERPClient:
         cancel(timer)
         d.callback(self.reactor.seconds() - sent)
 
-
-def _is_ip(s: str) -> bool:
-    try:
-        ipaddress.ip_address(s)
-    except ValueError:
-        return False
-    return True
 
 
 def _describe(e: BaseException) -> str:

@@ -27,6 +27,7 @@ from collections import Counter, deque
 from collections.abc import Callable
 from typing import Any, Protocol
 
+from coderstack.derp.ipliteral import is_ip
 from coderstack.twistedtypes import Clock, DelayedCall, cancel
 from coderstack.wire import derp as w
 
@@ -405,7 +406,7 @@ class Relay:
         conns.append(conn)
         self._active[conn.key] = conn  # the newest connection receives until another sends
         frame = w.encode(
-            w.PeerPresent(conn.key, conn.peer[0] if _is_ip(conn.peer[0]) else "", conn.peer[1] & 0xFFFF,
+            w.PeerPresent(conn.key, conn.peer[0] if is_ip(conn.peer[0]) else "", conn.peer[1] & 0xFFFF,
                           w.PEER_PRESENT_MESH_PEER if conn.is_mesh else w.PEER_PRESENT_REGULAR)
         )
         for watcher in self._watchers:
@@ -521,7 +522,7 @@ class Relay:
         for key, conns in self._conns.items():
             c = conns[-1]
             conn.enqueue_control(
-                w.encode(w.PeerPresent(key, c.peer[0] if _is_ip(c.peer[0]) else "",
+                w.encode(w.PeerPresent(key, c.peer[0] if is_ip(c.peer[0]) else "",
                                        c.peer[1] & 0xFFFF, w.PEER_PRESENT_REGULAR))
             )
 
@@ -545,12 +546,3 @@ class Relay:
                 # Stays queued; set_writable(True) flushes it.
                 pass
 
-
-def _is_ip(s: str) -> bool:
-    import ipaddress
-
-    try:
-        ipaddress.ip_address(s)
-    except ValueError:
-        return False
-    return True

@@ -17,24 +17,21 @@ shows up (and replaces whatever consumes the script) on the next build.
 from __future__ import annotations
 
 import os
-import uuid
 from typing import Any
 from urllib.parse import urljoin
 
 from tf import types
-from tf.iface import (
-    Config,
-    CreateContext,
-    DeleteContext,
-    ReadContext,
-    Resource,
-    State,
-    UpdateContext,
-)
+from tf.iface import Config, State
 from tf.schema import Attribute, Block, Schema
 from tf.utils import Diagnostics
 
-from coderstack.provider.context import ProviderContext
+from coderstack.provider.resource import (
+    FORCE_NEW,
+    RecordedResource,
+    attr,
+    check_choice,
+    check_unique_keys,
+)
 from coderstack.provider.schema import ListBlock, SetBlock
 
 OPERATING_SYSTEMS = ("linux", "darwin", "windows")
@@ -76,18 +73,18 @@ def render_init_script(url: str, os_name: str, arch: str, auth: str, environ: An
 
 
 def _s(name: str, desc: str, **kw: Any) -> Attribute:
-    return Attribute(name, types.String(), description=desc, **kw)
+    return attr(name, types.String(), desc, **kw)
 
 
 def _n(name: str, desc: str, **kw: Any) -> Attribute:
-    return Attribute(name, types.Number(), description=desc, **kw)
+    return attr(name, types.Number(), desc, **kw)
 
 
 def _b(name: str, desc: str, **kw: Any) -> Attribute:
-    return Attribute(name, types.Bool(), description=desc, **kw)
+    return attr(name, types.Bool(), desc, **kw)
 
 
-_FN = {"optional": True, "requires_replace": True}
+_FN = FORCE_NEW
 
 _METADATA = ListBlock(
     "metadata",
@@ -223,47 +220,22 @@ AGENT_SCHEMA = Schema(
 )
 
 
-def _check_choice(diags: Diagnostics, config: Config, key: str, choices: tuple[str, ...]) -> None:
-    value = config.get(key)
-    if isinstance(value, str) and value not in choices:
-        diags.add_error(
-            f"invalid {key} {value!r}",
-            f"{key} must be one of: {', '.join(choices)}",
-            path=[key],
-        )
-
-
-class AgentResource(Resource):
-    def __init__(self, provider: ProviderContext):
-        self.provider = provider
-
-    @classmethod
-    def get_name(cls) -> str:
-        return "agent"
-
-    @classmethod
-    def get_schema(cls) -> Schema:
-        return AGENT_SCHEMA
+class AgentResource(RecordedResource):
+    NAME = "agent"
+    SCHEMA = AGENT_SCHEMA
+    MINTED = ("id", "token")
 
     def validate(self, diags: Diagnostics, type_name: str, config: Config) -> None:
         super().validate(diags, type_name, config)
-        _check_choice(diags, config, "os", OPERATING_SYSTEMS)
-        _check_choice(diags, config, "arch", ARCHITECTURES)
-        _check_choice(diags, config, "auth", AUTH_TYPES)
-        _check_choice(diags, config, "startup_script_behavior", STARTUP_BEHAVIORS)
-        _check_choice(diags, config, "api_key_scope", API_KEY_SCOPES)
+        check_choice(diags, config, "os", OPERATING_SYSTEMS)
+        check_choice(diags, config, "arch", ARCHITECTURES)
+        check_choice(diags, config, "auth", AUTH_TYPES)
+        check_choice(diags, config, "startup_script_behavior", STARTUP_BEHAVIORS)
+        check_choice(diags, config, "api_key_scope", API_KEY_SCOPES)
         timeout = config.get("connection_timeout")
         if isinstance(timeout, int | float) and timeout < 0:
             diags.add_error("connection_timeout must be at least 0", path=["connection_timeout"])
-        metadata = config.get("metadata")
-        if isinstance(metadata, list):
-            seen: set[str] = set()
-            for item in metadata:
-                key = item.get("key") if isinstance(item, dict) else None
-                if isinstance(key, str):
-                    if key in seen:
-                        diags.add_error(f"duplicate agent metadata key {key!r}", path=["metadata"])
-                    seen.add(key)
+        check_unique_keys(diags, config.get("metadata"), "metadata", "agent metadata")
         monitoring = config.get("resources_monitoring")
         if isinstance(monitoring, list):
             for mon in monitoring:
@@ -274,29 +246,8 @@ class AgentResource(Resource):
                             "volume path must be an absolute path", path=["resources_monitoring"]
                         )
 
-    def _with_script(self, state: State) -> State:
+    def derive(self, state: State) -> State:
         state["init_script"] = render_init_script(
             self.provider.url, state["os"], state["arch"], state.get("auth") or "token"
         )
         return state
-
-    def create(self, ctx: CreateContext, planned: State) -> State:
-        state = dict(planned)
-        state["id"] = str(uuid.uuid4())
-        state["token"] = str(uuid.uuid4())
-        for key, attr in ((a.name, a) for a in AGENT_SCHEMA.attributes):
-            if state.get(key) is types.Unknown:
-                state[key] = attr.default if attr.default is not types.Unknown else None
-        return self._with_script(state)
-
-    def read(self, ctx: ReadContext, current: State) -> State:
-        return self._with_script(dict(current))
-
-    def update(self, ctx: UpdateContext, current: State, planned: State) -> State:
-        state = dict(planned)
-        state["id"] = current["id"]
-        state["token"] = current["token"]
-        return self._with_script(state)
-
-    def delete(self, ctx: DeleteContext, current: State) -> None:
-        return None

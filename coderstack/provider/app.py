@@ -8,22 +8,13 @@ appear in the plan (see agent.py for why).
 from __future__ import annotations
 
 import re
-import uuid
 
 from tf import types
-from tf.iface import (
-    Config,
-    CreateContext,
-    DeleteContext,
-    ReadContext,
-    Resource,
-    State,
-    UpdateContext,
-)
+from tf.iface import Config, State
 from tf.schema import Attribute, Block, Schema
 from tf.utils import Diagnostics
 
-from coderstack.provider.context import ProviderContext
+from coderstack.provider.resource import FORCE_NEW, RecordedResource, attr
 from coderstack.provider.schema import SetBlock
 
 #: A slug must be usable as a hostname label: no leading/trailing or doubled hyphens.
@@ -31,11 +22,11 @@ SLUG_RE = re.compile(r"^[a-z0-9](-?[a-z0-9])*$")
 SHARE_LEVELS = ("owner", "authenticated", "public")
 OPEN_IN = ("slim-window", "tab")
 
-_FN = {"optional": True, "requires_replace": True}
+_FN = FORCE_NEW
 
 
 def _s(name: str, desc: str, **kw) -> Attribute:
-    return Attribute(name, types.String(), description=desc, **kw)
+    return attr(name, types.String(), desc, **kw)
 
 
 _HEALTHCHECK = SetBlock(
@@ -142,17 +133,9 @@ def _given(config: Config, key: str) -> bool:
     return value is not None and value is not False
 
 
-class AppResource(Resource):
-    def __init__(self, provider: ProviderContext):
-        self.provider = provider
-
-    @classmethod
-    def get_name(cls) -> str:
-        return "app"
-
-    @classmethod
-    def get_schema(cls) -> Schema:
-        return APP_SCHEMA
+class AppResource(RecordedResource):
+    NAME = "app"
+    SCHEMA = APP_SCHEMA
 
     def validate(self, diags: Diagnostics, type_name: str, config: Config) -> None:
         super().validate(diags, type_name, config)
@@ -193,25 +176,8 @@ class AppResource(Resource):
                 if _given(config, other):
                     diags.add_error(f'"{key}": conflicts with {other}', path=[key])
 
-    def create(self, ctx: CreateContext, planned: State) -> State:
-        state = dict(planned)
-        state["id"] = str(uuid.uuid4())
-        for attr in APP_SCHEMA.attributes:
-            if state.get(attr.name) is types.Unknown:
-                state[attr.name] = attr.default if attr.default is not types.Unknown else None
+    def check(self, diags: Diagnostics, state: State) -> None:
         if state.get("hidden"):
             for key in ("display_name", "icon", "order"):
                 if state.get(key) is not None:
-                    ctx.diagnostics.add_warning(f"`{key}` set when app is hidden")
-        return state
-
-    def read(self, ctx: ReadContext, current: State) -> State:
-        return dict(current)
-
-    def update(self, ctx: UpdateContext, current: State, planned: State) -> State:
-        state = dict(planned)
-        state["id"] = current["id"]
-        return state
-
-    def delete(self, ctx: DeleteContext, current: State) -> None:
-        return None
+                    diags.add_warning(f"`{key}` set when app is hidden")

@@ -7,84 +7,38 @@ Every argument forces replacement, and SDK defaults are optional + computed (see
 from __future__ import annotations
 
 import re
-import uuid
-from typing import Any
 
 from tf import types
-from tf.iface import (
-    Config,
-    CreateContext,
-    DeleteContext,
-    ReadContext,
-    Resource,
-    State,
-    UpdateContext,
-)
+from tf.iface import Config, State
 from tf.schema import Attribute, Schema
 from tf.utils import Diagnostics
 
 from coderstack.cron import CronError, parse
-from coderstack.provider.context import ProviderContext
+from coderstack.provider.resource import FORCE_NEW as _FN
+from coderstack.provider.resource import RecordedResource
+from coderstack.provider.resource import attr as _attr
 
 ENV_NAME_RE = re.compile(r"^[a-zA-Z_][a-zA-Z0-9_]*$")
 MERGE_STRATEGIES = ("replace", "append", "prepend", "error")
-_FN = {"optional": True, "requires_replace": True}
 
 
-def _attr(name: str, t: types.TfType, desc: str, **kw: Any) -> Attribute:
-    return Attribute(name, t, description=desc, **kw)
-
-
-def _agent_id() -> Attribute:
+def agent_id_attribute() -> Attribute:
     return _attr("agent_id", types.String(), "The `id` of a `coder_agent` resource to associate with.",
                  required=True, requires_replace=True)
 
 
-def _id() -> Attribute:
+def uuid_attribute() -> Attribute:
     return _attr("id", types.String(), "A UUID.", optional=True, computed=True)
 
 
-class _Attached(Resource):
-    """Create assigns a UUID and fills defaults; nothing else happens anywhere."""
-
-    SCHEMA: Schema
-
-    def __init__(self, provider: ProviderContext):
-        self.provider = provider
-
-    @classmethod
-    def get_schema(cls) -> Schema:
-        return cls.SCHEMA
-
-    def check(self, diags: Diagnostics, state: State) -> None:
-        """Checks that need the planned values (defaults filled in)."""
-
-    def create(self, ctx: CreateContext, planned: State) -> State:
-        state = dict(planned)
-        state["id"] = str(uuid.uuid4())
-        for attr in self.SCHEMA.attributes:
-            if state.get(attr.name) is types.Unknown:
-                state[attr.name] = attr.default if attr.default is not types.Unknown else None
-        self.check(ctx.diagnostics, state)
-        return state
-
-    def read(self, ctx: ReadContext, current: State) -> State:
-        return dict(current)
-
-    def update(self, ctx: UpdateContext, current: State, planned: State) -> State:
-        return dict(planned, id=current["id"])
-
-    def delete(self, ctx: DeleteContext, current: State) -> None:
-        return None
-
-
-class ScriptResource(_Attached):
+class ScriptResource(RecordedResource):
+    NAME = "script"
     SCHEMA = Schema(
         version=1,
         description="Use this resource to run a script from an agent.",
         attributes=[
-            _id(),
-            _agent_id(),
+            uuid_attribute(),
+            agent_id_attribute(),
             _attr("display_name", types.String(), "The name shown with the script's logs.",
                   required=True, requires_replace=True),
             _attr("log_path", types.String(), "A file the logs go to (relative: in tmp).", **_FN),
@@ -102,10 +56,6 @@ class ScriptResource(_Attached):
                   computed=True, default=0, **_FN),
         ],
     )
-
-    @classmethod
-    def get_name(cls) -> str:
-        return "script"
 
     def validate(self, diags: Diagnostics, type_name: str, config: Config) -> None:
         super().validate(diags, type_name, config)
@@ -129,13 +79,14 @@ class ScriptResource(_Attached):
             diags.add_error("start_blocks_login can only be set if `run_on_start` is true")
 
 
-class EnvResource(_Attached):
+class EnvResource(RecordedResource):
+    NAME = "env"
     SCHEMA = Schema(
         version=1,
         description="Use this resource to set an environment variable in a workspace.",
         attributes=[
-            _id(),
-            _agent_id(),
+            uuid_attribute(),
+            agent_id_attribute(),
             _attr("name", types.String(), "The name of the environment variable.", required=True,
                   requires_replace=True),
             _attr("value", types.String(), "The value of the environment variable.", **_FN),
@@ -143,10 +94,6 @@ class EnvResource(_Attached):
                   computed=True, default="replace", **_FN),
         ],
     )
-
-    @classmethod
-    def get_name(cls) -> str:
-        return "env"
 
     def validate(self, diags: Diagnostics, type_name: str, config: Config) -> None:
         super().validate(diags, type_name, config)

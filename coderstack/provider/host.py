@@ -7,10 +7,10 @@ import platform
 import uuid
 
 from tf import types
-from tf.iface import Config, DataSource, ReadDataContext, State
+from tf.iface import Config, ReadDataContext, State
 from tf.schema import Attribute, Schema
 
-from coderstack.provider.context import ProviderContext
+from coderstack.provider.resource import ProviderDataSource
 
 _GOARCH = {
     "x86_64": "amd64",
@@ -49,17 +49,9 @@ def go_arch(machine: str | None = None) -> str:
     return _GOARCH.get(machine, machine)
 
 
-class ProvisionerDataSource(DataSource):
-    def __init__(self, provider: ProviderContext):
-        self.provider = provider
-
-    @classmethod
-    def get_name(cls) -> str:
-        return "provisioner"
-
-    @classmethod
-    def get_schema(cls) -> Schema:
-        return PROVISIONER_SCHEMA
+class ProvisionerDataSource(ProviderDataSource):
+    NAME = "provisioner"
+    SCHEMA = PROVISIONER_SCHEMA
 
     def read(self, ctx: ReadDataContext, config: Config) -> State:
         return {"id": str(uuid.uuid4()), "os": go_os(), "arch": go_arch()}

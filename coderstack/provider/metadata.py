@@ -18,10 +18,11 @@ from tf.iface import Config
 from tf.schema import Block, Schema
 from tf.utils import Diagnostics
 
-from coderstack.provider.attached import _agent_id, _Attached, _attr, _id
+from coderstack.provider.attached import agent_id_attribute, uuid_attribute
+from coderstack.provider.resource import FORCE_NEW as _FN
+from coderstack.provider.resource import RecordedResource, check_unique_keys
+from coderstack.provider.resource import attr as _attr
 from coderstack.provider.schema import ListBlock
-
-_FN = {"optional": True, "requires_replace": True}
 
 _ITEM = ListBlock(
     "item",
@@ -38,12 +39,13 @@ _ITEM = ListBlock(
 )
 
 
-class MetadataResource(_Attached):
+class MetadataResource(RecordedResource):
+    NAME = "metadata"
     SCHEMA = Schema(
         version=1,
         description="Use this resource to attach metadata to a resource; the UI shows it.",
         attributes=[
-            _id(),
+            uuid_attribute(),
             _attr("resource_id", types.String(), "The `id` of the resource to describe.",
                   required=True, requires_replace=True),
             _attr("hide", types.Bool(), "Hide the resource in the UI.", **_FN),
@@ -53,41 +55,28 @@ class MetadataResource(_Attached):
         block_types=[_ITEM],
     )
 
-    @classmethod
-    def get_name(cls) -> str:
-        return "metadata"
-
     def validate(self, diags: Diagnostics, type_name: str, config: Config) -> None:
         super().validate(diags, type_name, config)
         items = config.get("item")
         if isinstance(items, list):
             if not items:
                 diags.add_error("at least one `item` block is required", path=["item"])
-            seen: set[str] = set()
-            for item in items:
-                key = item.get("key") if isinstance(item, dict) else None
-                if isinstance(key, str):
-                    if key in seen:
-                        diags.add_error(f"duplicate metadata key {key!r}", path=["item"])
-                    seen.add(key)
+            check_unique_keys(diags, items, "item", "metadata")
         cost = config.get("daily_cost")
         if isinstance(cost, int | float) and (cost < 0 or cost != int(cost)):
             diags.add_error("daily_cost must be a whole number of at least 0", path=["daily_cost"])
 
 
-class AgentInstanceResource(_Attached):
+class AgentInstanceResource(RecordedResource):
+    NAME = "agent_instance"
     SCHEMA = Schema(
         version=1,
         description="Use this resource to tie an agent to a cloud instance (instance-identity "
         "authentication).",
         attributes=[
-            _id(),
-            _agent_id(),
+            uuid_attribute(),
+            agent_id_attribute(),
             _attr("instance_id", types.String(), "The instance id of the agent's machine.",
                   required=True, requires_replace=True),
         ],
     )
-
-    @classmethod
-    def get_name(cls) -> str:
-        return "agent_instance"

@@ -17,11 +17,11 @@ import uuid
 from typing import Any
 
 from tf import types
-from tf.iface import Config, DataSource, ReadDataContext, State
+from tf.iface import Config, ReadDataContext, State
 from tf.schema import Attribute, Block, Schema
 from tf.utils import Diagnostics
 
-from coderstack.provider.context import ProviderContext
+from coderstack.provider.resource import ProviderDataSource
 from coderstack.provider.schema import ListBlock
 
 PARAMETER_TYPES = ("number", "string", "bool", "list(string)")
@@ -165,17 +165,9 @@ def check_validation(rule: dict, typ: str, value: str) -> str | None:
     return None
 
 
-class ParameterDataSource(DataSource):
-    def __init__(self, provider: ProviderContext):
-        self.provider = provider
-
-    @classmethod
-    def get_name(cls) -> str:
-        return "parameter"
-
-    @classmethod
-    def get_schema(cls) -> Schema:
-        return PARAMETER_SCHEMA
+class ParameterDataSource(ProviderDataSource):
+    NAME = "parameter"
+    SCHEMA = PARAMETER_SCHEMA
 
     def validate(self, diags: Diagnostics, type_name: str, config: Config) -> None:
         super().validate(diags, type_name, config)

@@ -14,10 +14,10 @@ import uuid
 from urllib.parse import urlsplit
 
 from tf import types
-from tf.iface import Config, DataSource, ReadDataContext, State
+from tf.iface import Config, ReadDataContext, State
 from tf.schema import Attribute, Schema
 
-from coderstack.provider.context import ProviderContext
+from coderstack.provider.resource import ProviderDataSource
 from coderstack.provider.schema import Object
 
 
@@ -59,17 +59,9 @@ def access_port(url: str) -> int:
     return 443 if parts.scheme == "https" else 80
 
 
-class WorkspaceDataSource(DataSource):
-    def __init__(self, provider: ProviderContext):
-        self.provider = provider
-
-    @classmethod
-    def get_name(cls) -> str:
-        return "workspace"
-
-    @classmethod
-    def get_schema(cls) -> Schema:
-        return WORKSPACE_SCHEMA
+class WorkspaceDataSource(ProviderDataSource):
+    NAME = "workspace"
+    SCHEMA = WORKSPACE_SCHEMA
 
     def read(self, ctx: ReadDataContext, config: Config) -> State:
         env = os.environ
@@ -134,17 +126,9 @@ def _json_env(ctx: ReadDataContext, name: str, default):
         return default
 
 
-class WorkspaceOwnerDataSource(DataSource):
-    def __init__(self, provider: ProviderContext):
-        self.provider = provider
-
-    @classmethod
-    def get_name(cls) -> str:
-        return "workspace_owner"
-
-    @classmethod
-    def get_schema(cls) -> Schema:
-        return OWNER_SCHEMA
+class WorkspaceOwnerDataSource(ProviderDataSource):
+    NAME = "workspace_owner"
+    SCHEMA = OWNER_SCHEMA
 
     def read(self, ctx: ReadDataContext, config: Config) -> State:
         env = os.environ
