@@ -26,7 +26,7 @@ from twisted.internet.defer import CancelledError, Deferred
 from twisted.logger import Logger
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from coderstack.agent.reports import refused_for_good, report_backoff
+from coderstack.agent.reports import OneSender, refused_for_good, report_backoff
 from coderstack.sdk import SDKError
 
 log = Logger()
@@ -113,7 +113,7 @@ class AppHealthWatcher:
         self.reported: dict[str, str] | None = None
         self._loops: list[task.LoopingCall] = []
         self._inflight: dict[str, Deferred[Any]] = {}
-        self._sending: Deferred[None] | None = None
+        self._sender = OneSender(self._send)
         self._dirty = False
 
     def healths(self) -> dict[str, str]:
@@ -137,8 +137,7 @@ class AppHealthWatcher:
         self._loops = []
         for d in list(self._inflight.values()):
             d.cancel()
-        if self._sending is not None:
-            self._sending.cancel()
+        self._sender.cancel()
         return self.pool.closeCachedConnections()
 
     def _tick(self, check: HealthCheck) -> None:
@@ -180,30 +179,23 @@ class AppHealthWatcher:
 
     def _changed(self) -> None:
         self._dirty = True
-        if self._sending is None:
-            self._sending = Deferred.fromCoroutine(self._send())
-            self._sending.addErrback(lambda f: f.trap(CancelledError))
-            if self._sending.called:  # it finished without waiting
-                self._sending = None
+        self._sender.start()
 
     async def _send(self) -> None:
         self.backoff.reset()
-        try:
-            while self._dirty:
-                self._dirty = False
-                healths = self.healths()
-                if healths == self.reported:
-                    continue
-                try:
-                    await self.send(healths)
+        while self._dirty:
+            self._dirty = False
+            healths = self.healths()
+            if healths == self.reported:
+                continue
+            try:
+                await self.send(healths)
+                self.reported = healths
+                self.backoff.reset()
+            except SDKError as err:
+                if refused_for_good(err):
+                    log.warn("server refused app health: {why}", why=str(err))
                     self.reported = healths
-                    self.backoff.reset()
-                except SDKError as err:
-                    if refused_for_good(err):
-                        log.warn("server refused app health: {why}", why=str(err))
-                        self.reported = healths
-                        continue
-                    self._dirty = True
-                    await task.deferLater(self.reactor, self.backoff.next_delay(), lambda: None)
-        finally:
-            self._sending = None
+                    continue
+                self._dirty = True
+                await task.deferLater(self.reactor, self.backoff.next_delay(), lambda: None)

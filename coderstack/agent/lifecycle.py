@@ -16,10 +16,10 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from coderstack.agent.reports import refused_for_good, report_backoff, rfc3339
+from coderstack.agent.reports import OneSender, refused_for_good, report_backoff, rfc3339
 from coderstack.sdk import SDKError
 from coderstack.twistedtypes import Clock, sleep
 
@@ -95,7 +95,7 @@ class LifecycleReporter:
         self.lifecycle = lifecycle
         self.send = send
         self.backoff = report_backoff(backoff_cap)
-        self._running: Deferred[None] | None = None
+        self._sender = OneSender(self._pump, after=self._reported)
         self._wait: Any = None
         self._drained: list[Deferred[None]] = []
 
@@ -114,38 +114,32 @@ class LifecycleReporter:
         return d
 
     def stop(self) -> None:
-        if self._running is not None:
-            self._running.cancel()
+        self._sender.cancel()
 
     def _kick(self) -> None:
-        if self._running is None:
-            self._running = Deferred.fromCoroutine(self._pump())
-            self._running.addErrback(lambda f: f.trap(CancelledError))
-            if self._running.called:  # it finished without waiting
-                self._running = None
+        self._sender.start()
 
     async def _pump(self) -> None:
         self.backoff.reset()
-        try:
-            while (change := self.lifecycle.next_report()) is not None:
-                try:
-                    await self.send(change.state, rfc3339(change.changed_at))
-                except SDKError as err:
-                    if refused_for_good(err):
-                        # The server will never take this one; do not block the later ones on it.
-                        log.warn("server refused lifecycle {state}: {why}", state=change.state, why=str(err))
-                        self.lifecycle.reported(change)
-                        continue
-                    delay = self.backoff.next_delay()
-                    log.info("cannot report lifecycle {state} ({why}); retrying in {delay:.1f}s",
-                             state=change.state, why=str(err), delay=delay)
-                    self._wait = sleep(self.clock, delay)
-                    await self._wait
+        while (change := self.lifecycle.next_report()) is not None:
+            try:
+                await self.send(change.state, rfc3339(change.changed_at))
+            except SDKError as err:
+                if refused_for_good(err):
+                    # The server will never take this one; do not block the later ones on it.
+                    log.warn("server refused lifecycle {state}: {why}", state=change.state, why=str(err))
+                    self.lifecycle.reported(change)
                     continue
-                self.backoff.reset()
-                self.lifecycle.reported(change)
-        finally:
-            self._running = None
+                delay = self.backoff.next_delay()
+                log.info("cannot report lifecycle {state} ({why}); retrying in {delay:.1f}s",
+                         state=change.state, why=str(err), delay=delay)
+                self._wait = sleep(self.clock, delay)
+                await self._wait
+                continue
+            self.backoff.reset()
+            self.lifecycle.reported(change)
+
+    def _reported(self) -> None:
         waiters, self._drained = self._drained, []
         for d in waiters:
             d.callback(None)

@@ -27,10 +27,16 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.logger import Logger
 
-from coderstack.agent.reports import ServerReports, refused_for_good, report_backoff, rfc3339
+from coderstack.agent.reports import (
+    OneSender,
+    ServerReports,
+    refused_for_good,
+    report_backoff,
+    rfc3339,
+)
 from coderstack.sdk import SDKError
 from coderstack.twistedtypes import Clock, sleep
 
@@ -113,7 +119,7 @@ class AgentLogs:
         self.overflowed = False
         self.sent_lines = 0
         self._timer: Any = None
-        self._sending: Deferred[None] | None = None
+        self._sender = OneSender(self._send_all, after=self._sent)
         self._idle: list[Deferred[None]] = []
         self._stopped = False
 
@@ -136,7 +142,7 @@ class AgentLogs:
                           "level": level if level in LEVELS else "info"})
         if len(src.queue) >= FLUSH_LINES:
             self._start_sending()
-        elif self._timer is None and self._sending is None:
+        elif self._timer is None and not self._sender.running:
             self._timer = self.clock.callLater(FLUSH_INTERVAL, self._on_timer)
 
     def flushed(self) -> Deferred[None]:
@@ -154,8 +160,7 @@ class AgentLogs:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._sending is not None:
-            self._sending.cancel()
+        self._sender.cancel()
         self._release()
 
     # -- sending ----------------------------------------------------------------------------
@@ -177,41 +182,37 @@ class AgentLogs:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
-        if self._sending is None and not self._stopped:
-            self._sending = Deferred.fromCoroutine(self._send_all())
-            self._sending.addErrback(lambda f: f.trap(CancelledError))
-            if self._sending.called:  # it finished without waiting
-                self._sending = None
+        if not self._stopped:
+            self._sender.start()
 
     async def _send_all(self) -> None:
         self.backoff.reset()
-        try:
-            while self._pending():
-                src = next(s for s in self.sources.values() if s.queue)
-                batch = _batch(src.queue)
-                try:
-                    if src.display_name is not None:
-                        await self.reports.log_source(src.source_id, src.display_name)
-                        src.display_name = None
-                    await self.send(src.source_id, batch)
-                except SDKError as err:
-                    if err.status == 413:
-                        self.overflowed = True
-                        for s in self.sources.values():
-                            s.queue.clear()
-                        log.warn("the server's log limit for this agent is reached; no more logs are sent")
-                        break
-                    if refused_for_good(err):
-                        log.warn("server refused {n} log lines: {why}", n=len(batch), why=str(err))
-                        _drop(src.queue, len(batch))
-                        continue
-                    await sleep(self.clock, self.backoff.next_delay())
+        while self._pending():
+            src = next(s for s in self.sources.values() if s.queue)
+            batch = _batch(src.queue)
+            try:
+                if src.display_name is not None:
+                    await self.reports.log_source(src.source_id, src.display_name)
+                    src.display_name = None
+                await self.send(src.source_id, batch)
+            except SDKError as err:
+                if err.status == 413:
+                    self.overflowed = True
+                    for s in self.sources.values():
+                        s.queue.clear()
+                    log.warn("the server's log limit for this agent is reached; no more logs are sent")
+                    break
+                if refused_for_good(err):
+                    log.warn("server refused {n} log lines: {why}", n=len(batch), why=str(err))
+                    _drop(src.queue, len(batch))
                     continue
-                self.backoff.reset()
-                _drop(src.queue, len(batch))
-                self.sent_lines += len(batch)
-        finally:
-            self._sending = None
+                await sleep(self.clock, self.backoff.next_delay())
+                continue
+            self.backoff.reset()
+            _drop(src.queue, len(batch))
+            self.sent_lines += len(batch)
+
+    def _sent(self) -> None:
         self._release()
         # Lines that arrived during the last request wait for the next timer.
         if self._pending() and self._timer is None:

@@ -20,11 +20,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import task
-from twisted.internet.defer import CancelledError, Deferred, gatherResults
+from twisted.internet.defer import Deferred, gatherResults
 from twisted.logger import Logger
 
 from coderstack.agent.process import GroupProcess
-from coderstack.agent.reports import ServerReports, refused_for_good, report_backoff, rfc3339
+from coderstack.agent.reports import (
+    OneSender,
+    ServerReports,
+    refused_for_good,
+    report_backoff,
+    rfc3339,
+)
 from coderstack.sdk import SDKError
 
 log = Logger()
@@ -75,7 +81,7 @@ class MetadataCollector:
         self.running: dict[str, GroupProcess] = {}
         self._loops: list[task.LoopingCall] = []
         self._timer: Any = None
-        self._sending: Deferred[None] | None = None
+        self._sender = OneSender(self._send)
         self._stopped = False
 
     def start(self) -> None:
@@ -96,8 +102,7 @@ class MetadataCollector:
             proc.kill()
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
-        if self._sending is not None:
-            self._sending.cancel()
+        self._sender.cancel()
         return gatherResults([proc.done for proc in self.running.values()])
 
     def _tick(self, item: MetadataItem) -> None:
@@ -142,29 +147,23 @@ class MetadataCollector:
         if self._stopped:
             return
         self.pending[item.key] = result
-        if self._timer is None and self._sending is None:
+        if self._timer is None and not self._sender.running:
             self._timer = self.reactor.callLater(REPORT_DELAY, self._send_soon)
 
     def _send_soon(self) -> None:
         self._timer = None
-        self._sending = Deferred.fromCoroutine(self._send())
-        self._sending.addErrback(lambda f: f.trap(CancelledError))
-        if self._sending.called:  # it finished without waiting
-            self._sending = None
+        self._sender.start()
 
     async def _send(self) -> None:
-        try:
-            while self.pending and not self._stopped:
-                batch, self.pending = list(self.pending.values()), {}
-                try:
-                    await self.reports.metadata(batch)
-                    self.backoff.reset()
-                except SDKError as err:
-                    if refused_for_good(err):
-                        log.warn("server refused metadata: {why}", why=str(err))
-                        continue
-                    for r in batch:  # keep the newest per key
-                        self.pending.setdefault(r["key"], r)
-                    await task.deferLater(self.reactor, self.backoff.next_delay(), lambda: None)
-        finally:
-            self._sending = None
+        while self.pending and not self._stopped:
+            batch, self.pending = list(self.pending.values()), {}
+            try:
+                await self.reports.metadata(batch)
+                self.backoff.reset()
+            except SDKError as err:
+                if refused_for_good(err):
+                    log.warn("server refused metadata: {why}", why=str(err))
+                    continue
+                for r in batch:  # keep the newest per key
+                    self.pending.setdefault(r["key"], r)
+                await task.deferLater(self.reactor, self.backoff.next_delay(), lambda: None)

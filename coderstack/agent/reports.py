@@ -17,12 +17,19 @@ Times are RFC 3339 UTC with microseconds and a ``Z``. Failures surface as ``SDKE
 from __future__ import annotations
 
 import datetime as dt
+from collections.abc import Callable, Coroutine
 from typing import Any
+
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from coderstack.backoff import Backoff
 from coderstack.sdk import Client, SDKError
 
 BASE = "/api/v2/workspaceagents/me"
+
+log = Logger()
 
 
 def rfc3339(seconds: float) -> str:
@@ -40,6 +47,50 @@ def refused_for_good(err: SDKError) -> bool:
     """A 4xx answer other than 408 (timeout) and 429 (slow down): the server will never take
     this report, so it is dropped rather than retried (and blocks no later one)."""
     return err.status is not None and 400 <= err.status < 500 and err.status not in (408, 429)
+
+
+class OneSender:
+    """At most one report loop at a time: :meth:`start` runs ``loop`` unless it is running.
+
+    The loop's end (return, error or cancel) clears the mark first, and only a loop that
+    returned then calls ``after``: a report that ``after`` causes (a waiter woken by it
+    reports again) starts a new loop instead of being taken for the one still running.
+    """
+
+    def __init__(self, loop: Callable[[], Coroutine[Any, Any, None]],
+                 after: Callable[[], None] | None = None) -> None:
+        self._loop = loop
+        self._after = after
+        self._running: Deferred[None] | None = None
+
+    @property
+    def running(self) -> bool:
+        return self._running is not None
+
+    def start(self) -> None:
+        if self._running is not None:
+            return
+        d = Deferred.fromCoroutine(self._run())
+        d.addErrback(_ended)
+        if not d.called:  # a loop that finished without waiting is not running
+            self._running = d
+
+    def cancel(self) -> None:
+        if self._running is not None:
+            self._running.cancel()
+
+    async def _run(self) -> None:
+        try:
+            await self._loop()
+        finally:
+            self._running = None
+        if self._after is not None:
+            self._after()
+
+
+def _ended(failure: Failure) -> None:
+    if not failure.check(CancelledError):  # cancelled: stopped on purpose
+        log.failure("an agent report loop failed", failure)
 
 
 class ServerReports:
