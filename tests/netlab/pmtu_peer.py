@@ -81,7 +81,9 @@ class Peer(LineReceiver):
             d = client_endpoint(ns, dst, port).connect(protocol.Factory.forProtocol(lambda: Source(total)))
             d.addErrback(lambda f: out({"error": f.getErrorMessage()}))
         if msg.get("ping") and self.peer is not None:
-            self.conn.ping(self.peer.key).addCallbacks(lambda r: out({"ping": list(r)}), lambda f: None)
+            self.conn.ping(self.peer.key).addCallbacks(
+                lambda r: out({"ping": [r.latency, r.describe()]}),
+                lambda f: out({"ping_error": f.getErrorMessage()}))
         self.status()
         self.handled += 1
         out({"done": self.handled})

@@ -126,6 +126,7 @@ class NamespacePMTUTests(unittest.TestCase):
         pings = len(a.pings)
         await a.do({"ping": True})
         await wait_until(lambda: len(a.pings) > pings, "the ping", timeout=LAB_WAIT, interval=0.05)
+        self.assertIn("ping", a.pings[-1])  # answered, not {"ping_error": ...}
         await a.do({})
         self.assertEqual(a.status["path_mtu"], expect_mtu)
         await b.do({"serve": 7000})
