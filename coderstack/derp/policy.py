@@ -8,6 +8,7 @@ says the sender's principal may reach the destination node key. The server imple
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet.defer import Deferred, succeed
@@ -51,14 +52,23 @@ class AdmissionTicket(Protocol):
         """Called once when the connection ends, or if the upgrade never happens."""
 
 
+@dataclass(frozen=True)
+class Refusal:
+    """A connection the deployment does not take from this principal at all (not a limit)."""
+
+    status: int
+    message: str
+    detail: str = ""
+
+
 class ConnectionAdmission(Protocol):
     """Optional, beside the policy: who may open one more connection, and a handle on it."""
 
-    def admit(self, principal: Any) -> AdmissionTicket | str:
-        """A ticket for one more connection of ``principal``, or a ``str`` saying why not.
+    def admit(self, principal: Any) -> AdmissionTicket | str | Refusal:
+        """A ticket for one more connection of ``principal``, or why not: a ``str`` (a limit,
+        answered 429 with the text as detail) or a :class:`Refusal` (answered as it says).
 
-        Called after ``authenticate``, before the 101; a refusal is answered 429 with the text as
-        detail.
+        Called after ``authenticate``, before the 101.
         """
 
 

@@ -48,6 +48,7 @@ from coderstack.derp.policy import (
     AdmissionTicket,
     AdmittedConnection,
     ConnectionAdmission,
+    Refusal,
     RelayPolicy,
 )
 from coderstack.derp.relay import ConnSink, Relay, ServerConn
@@ -395,6 +396,10 @@ class DERPResource(Resource):
             ticket: AdmissionTicket | None = None
             if self.admission is not None:
                 admitted = self.admission.admit(principal)
+                if isinstance(admitted, Refusal):
+                    request.write(_json_error(request, admitted.status, admitted.message, admitted.detail))
+                    request.finish()
+                    return
                 if isinstance(admitted, str):
                     request.write(_json_error(request, 429, "Too many DERP connections.", admitted))
                     request.finish()

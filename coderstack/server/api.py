@@ -24,7 +24,7 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coderstack import __version__
 from coderstack.derp.mapstream import derp_map_stream_resource
-from coderstack.server import agentstate, agentviews, auth, livesessions, templatepush
+from coderstack.server import agentstate, agentviews, auth, browseronly, livesessions, templatepush
 from coderstack.server.agentevents import AgentEvents
 from coderstack.server.agentstore import AgentStateStore
 from coderstack.server.builds import Builder
@@ -153,6 +153,11 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
         if found is None:
             raise APIError(401, "Invalid agent token.", "the workspace agent token is missing or unknown")
         return found
+
+    def refuse_if_browser_only(self) -> None:
+        """A CLI tunnel starts here; browser-only deployments refuse it."""
+        if self.d.browser_only:
+            raise APIError(403, browseronly.MESSAGE, browseronly.DETAIL)
 
     # -- errors ------------------------------------------------------------------------------
 
@@ -669,11 +674,13 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
     @app.route("/api/v2/workspaceagents/<string:agent_id>/connection", methods=["GET"])
     async def connection(self, request: HTTPRequest, agent_id: str) -> bytes:
         await self.my_agent(request, agent_id)
+        self.refuse_if_browser_only()
         return write_json(request, self.d.connection_info())
 
     @app.route("/api/v2/workspaceagents/<string:agent_id>/coordinate", methods=["GET"])
     async def client_coordinate(self, request: HTTPRequest, agent_id: str) -> Any:
         user, agent, _ws = await self.my_agent(request, agent_id)
+        self.refuse_if_browser_only()
         raw_peer = query_value(request, b"peer_id").decode("ascii", "replace")
         peer_id = parse_uuid(raw_peer, "peer_id") if raw_peer else uuid.uuid4()
         problem = await self.d.client_peer_id_problem(peer_id, user.id, agent.id)

@@ -49,6 +49,7 @@ class Deployment:
         derp_force_websockets: bool = False,
         block_direct: bool = False,
         limits: UserLimits | None = None,
+        browser_only: bool = False,
     ) -> None:
         self.reactor = reactor
         self.store = store
@@ -56,6 +57,8 @@ class Deployment:
         self.maps = MapPublisher(derp_map)
         self.derp_force_websockets = derp_force_websockets
         self.block_direct = block_direct
+        #: --browser-only: no CLI tunnels (see browseronly.py).
+        self.browser_only = browser_only
         self.coordinator = Coordinator(reactor)
         self.limits = limits or UserLimits()
         #: Every long-lived connection by the credential that opened it (see livesessions.py).

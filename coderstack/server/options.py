@@ -65,6 +65,15 @@ class ServerOptions(e.EnvOptions):
          "Tell clients and agents to use DERP over websockets only."),
         ("block-direct-connections", "CODER_BLOCK_DIRECT", "false", e.boolean,
          "Disable direct (P2P) connections: everything goes through DERP."),
+        ("browser-only", "CODER_BROWSER_ONLY", "false", e.boolean,
+         "Refuse CLI tunnels (ssh, port-forward, ping, speedtest): workspaces are reached through "
+         "the web terminal and apps only."),
+        ("wildcard-access-url", "CODER_WILDCARD_ACCESS_URL", None, e.text,
+         "Wildcard host for subdomain apps, e.g. *.apps.example.com (or *.apps.localhost:3000); "
+         "unset: subdomain apps are off."),
+        ("disable-path-apps", "CODER_DISABLE_PATH_APPS", "false", e.boolean,
+         "Refuse path-based apps (/@user/workspace/apps/slug/): they share the dashboard's origin "
+         "and cookie. Subdomain apps are unaffected."),
         ("stun-address", "CODER_STUN_ADDRESS", None, e.text,
          "UDP address(es) of the embedded STUN server, comma separated (default: ports 3478 and 3479 on the HTTP "
          "interface, so netcheck can tell a hard NAT); 'disable' turns it off."),

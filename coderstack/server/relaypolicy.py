@@ -24,7 +24,8 @@ from zope.interface import implementer
 
 from coderstack.coordinator.core import ClientAuth
 from coderstack.derp.caps import ConnectionCaps
-from coderstack.derp.policy import IRelayAdmission, IRelayPolicy
+from coderstack.derp.policy import IRelayAdmission, IRelayPolicy, Refusal
+from coderstack.server import browseronly
 from coderstack.server.limits import UserLimits
 from coderstack.server.livesessions import (
     Credential,
@@ -103,14 +104,18 @@ class _Ticket:
 
 @implementer(IRelayAdmission)
 class RelayAdmission:
-    def __init__(self, live: LiveSessions, limits: UserLimits) -> None:
+    def __init__(self, live: LiveSessions, limits: UserLimits, *, browser_only: bool = False) -> None:
         self.live = live
         self.limits = limits
         self.caps = ConnectionCaps()
+        #: Users' own DERP connections are CLI tunnels: refused in browser-only mode.
+        self.browser_only = browser_only
 
-    def admit(self, principal: Any) -> _Ticket | str:
+    def admit(self, principal: Any) -> _Ticket | str | Refusal:
         if not isinstance(principal, Principal):
             return "unknown principal"
+        if self.browser_only and principal.kind == "user":
+            return Refusal(403, browseronly.MESSAGE, browseronly.DETAIL)
         key = (principal.kind, principal.id)
         refusal = self.caps.acquire(key, self.limits.derp_connections_for(principal.is_owner))
         if refusal is not None:

@@ -107,11 +107,13 @@ class ServerService(service.MultiService):
             derp_force_websockets=cfg["derp-force-websockets"],
             block_direct=cfg["block-direct-connections"],
             limits=user_limits(cfg),
+            browser_only=cfg.get("browser-only", False),
         )
         # Workspace builds from Terraform templates (None when terraform is missing).
         self.builder = builder = await make_builder(self.reactor, self.store, self.deployment, cfg)
         api = API(self.deployment, builder=builder)
-        self.deployment.relay_admission = admission = RelayAdmission(self.deployment.live, self.deployment.limits)
+        self.deployment.relay_admission = admission = RelayAdmission(
+            self.deployment.live, self.deployment.limits, browser_only=cfg.get("browser-only", False))
         relay, resources = start_relay(
             cfg, self.reactor, CoordinatorRelayPolicy(api, self.deployment.coordinator), admission
         )

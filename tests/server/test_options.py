@@ -366,3 +366,29 @@ class AgentDataDirOptionTests(unittest.SynchronousTestCase):
         self.assertEqual((o["data-dir"], o["data-dir-per-agent"]), ("/keys/mine", False))
         o = agent(["--data-dir", "/keys/flag"], base)
         self.assertEqual((o["data-dir"], o["data-dir-per-agent"]), ("/keys/flag", False))
+
+
+class AppOptionsTests(unittest.SynchronousTestCase):
+    """The browser's ways in: browser-only, subdomain apps' wildcard, path apps off."""
+
+    def test_defaults_keep_apps_on_and_tunnels_allowed(self) -> None:
+        o = server([])
+        self.assertIs(o["browser-only"], False)
+        self.assertIs(o["disable-path-apps"], False)
+        self.assertIsNone(o["wildcard-access-url"])
+
+    def test_coder_environment_variables(self) -> None:
+        o = server([], {"CODER_BROWSER_ONLY": "true", "CODER_DISABLE_PATH_APPS": "true",
+                        "CODER_WILDCARD_ACCESS_URL": "*.apps.example.com"})
+        self.assertIs(o["browser-only"], True)
+        self.assertIs(o["disable-path-apps"], True)
+        self.assertEqual(o["wildcard-access-url"], "*.apps.example.com")
+
+    def test_flag_beats_environment(self) -> None:
+        o = server(["--browser-only", "false"], {"CODER_BROWSER_ONLY": "true"})
+        self.assertIs(o["browser-only"], False)
+
+    def test_bad_boolean_names_the_flag(self) -> None:
+        with self.assertRaises(usage.UsageError) as e:
+            server(["--browser-only", "sometimes"])
+        self.assertIn("browser-only", str(e.exception))

@@ -1,0 +1,53 @@
+"""``--browser-only``: every CLI tunnel is refused with a message that names the mode, at the
+connection info, the coordinator and the relay; the agent still connects."""
+
+from __future__ import annotations
+
+import json
+
+import treq
+from twisted.trial import unittest
+
+from tests.integration.tunnel_support import ssh_config, user_env, workspace
+from tests.support.processes import free_port
+
+NAMED = "Browser-only connections are enabled"
+
+
+class BrowserOnlyTests(unittest.TestCase):
+    timeout = 180
+
+    async def test_cli_tunnels_refused_with_the_reason(self) -> None:
+        d, alice, _agent = await workspace(self, "--browser-only", "true")
+        for argv in (("ping", "box", "-n", "1"), ("ssh", "box", "--", "true"),
+                     ("speedtest", "box", "-t", "1s"), ("port-forward", "box", "--tcp", f"127.0.0.1:{free_port()}:22"),
+                     ("ssh", "--stdio", "box")):
+            code, out, err = await alice.run(*argv)
+            self.assertNotEqual(code, 0, f"{argv}: {out}")
+            self.assertIn(NAMED, err, (argv, err))
+            self.assertIn("--browser-only", err, argv)
+        # OpenSSH through config-ssh's ProxyCommand says the same.
+        cfg = await ssh_config(d, alice)
+        code, _out, err = await alice.run_program(
+            "ssh", "-F", cfg, "-o", "BatchMode=yes", "-o", "StrictHostKeyChecking=no", "coder.box", "true",
+            **user_env(d, alice))
+        self.assertNotEqual(code, 0)
+        self.assertIn(NAMED, err)
+
+    async def test_relay_and_coordinator_refuse_users_not_agents(self) -> None:
+        d, alice, _agent = await workspace(self, "--browser-only", "true")
+        ws = await alice.show("box")
+        agent_id = ws["agents"][0]["id"]
+        self.assertEqual(ws["agents"][0]["status"], "connected")  # agents are not refused
+        token = alice.session_token()
+        headers = {"Coder-Session-Token": token}
+        resp = await treq.get(f"{d.url}/api/v2/workspaceagents/{agent_id}/coordinate", headers=headers,
+                              persistent=False)
+        body = json.loads(await resp.content())
+        self.assertEqual(resp.code, 403)
+        self.assertIn(NAMED, body["message"])
+        resp = await treq.get(f"{d.url}/derp", headers={**headers, "Upgrade": "DERP", "Connection": "Upgrade"},
+                              persistent=False)
+        body = json.loads(await resp.content())
+        self.assertEqual(resp.code, 403)
+        self.assertIn(NAMED, body["message"])
