@@ -227,14 +227,49 @@ resource_metadata = sa.Table(
 )
 
 
+port_shares = sa.Table(
+    "workspace_agent_port_share",
+    metadata,
+    sa.Column("workspace_id", sa.Uuid, sa.ForeignKey("workspaces.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("agent_name", sa.String(64), primary_key=True),
+    sa.Column("port", sa.Integer, primary_key=True),
+    sa.Column("share_level", sa.String(16), nullable=False),
+    sa.Column("protocol", sa.String(8), nullable=False),
+)
+
+template_port_share_limits = sa.Table(
+    "template_port_share_limits",
+    metadata,
+    sa.Column("template_id", sa.Uuid, sa.ForeignKey("templates.id", ondelete="CASCADE"),
+              primary_key=True),
+    sa.Column("max_level", sa.String(16), nullable=False),
+)
+
+# Random keys the deployment makes once and every replica shares (the app key sealing key).
+deployment_secrets = sa.Table(
+    "deployment_secrets",
+    metadata,
+    sa.Column("name", sa.String(64), primary_key=True),
+    sa.Column("value", sa.LargeBinary, nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+
+
 def _v3(conn: sa.Connection) -> None:
     for table in (agent_states, agent_log_sources, agent_logs, agent_metadata, app_healths,
                   resource_metadata):
         table.create(conn, checkfirst=True)
 
 
+def _v4(conn: sa.Connection) -> None:
+    for table in (port_shares, template_port_share_limits, deployment_secrets):
+        table.create(conn, checkfirst=True)
+
+
 # (version, step). Append new steps; never edit an applied one.
-MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [(1, _v1), (2, _v2), (3, _v3)]
+MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [
+    (1, _v1), (2, _v2), (3, _v3), (4, _v4)]
 
 
 def migrate(engine: sa.Engine) -> int:
