@@ -153,6 +153,8 @@ class _NetcheckHTTP:
         self.reactor = reactor
         self.derp_map = derp_map
         self._out: TreqHTTP | None = None
+        self.answered = 0  # GETs answered here
+        self.sent = 0  # GETs that went out
 
     def _embedded(self, url: str) -> str | None:
         m = self.derp_map()
@@ -172,6 +174,8 @@ class _NetcheckHTTP:
                  insecure: bool = False,
                  follow_redirects: bool = False) -> defer.Deferred[tuple[int, dict[str, str]]]:
         kind = self._embedded(url.split("?", 1)[0])
+        if kind is not None:
+            self.answered += 1
         if kind == "latency":
             return defer.succeed((200, {}))
         if kind == "captive":
@@ -179,6 +183,7 @@ class _NetcheckHTTP:
             return defer.succeed((204, {"x-tailscale-response": f"response {challenge}"}))
         if self._out is None:
             self._out = TreqHTTP(self.reactor)
+        self.sent += 1
         return self._out(url, headers=headers, timeout=timeout, insecure=insecure,
                          follow_redirects=follow_redirects)
 
@@ -221,6 +226,7 @@ class ServerTailnet:
         self.peer_id = uuid.uuid4()
         self.keys = NodeKeys.generate()
         self.client: TailnetClient | None = None
+        self.netcheck_http: _NetcheckHTTP | None = None
         self.coordination: CoreCoordination | None = None
         self._tunnels: dict[UUID, _AgentTunnel] = {}
         self._idle_call: DelayedCall | None = None
@@ -237,12 +243,13 @@ class ServerTailnet:
         if self.client is not None or self._closed:
             return
         d = self.deployment
+        self.netcheck_http = _NetcheckHTTP(self.reactor, lambda: conn.derp_map)
         conn = Conn(
             self.reactor,
             keys=self.keys,
             block_endpoints=bool(d.block_direct),
             derp_client_factory=self._derp_client,
-            netcheck_http=_NetcheckHTTP(self.reactor, lambda: conn.derp_map),
+            netcheck_http=self.netcheck_http,
             **self.conn_kw,
         )
         # A server's links rarely change, and netcheck re-STUNs every 23 s regardless.

@@ -397,6 +397,10 @@ class ServerTailnetEndToEndTests(unittest.TestCase):
         svc = AgentService(reactor, url, agent_token, made_dir(self), link_monitor=False)
         svc.serve(ANY_PORT, LocalPortForwarder(reactor))  # every other port to the agent's loopback
         svc.startService()
+        # Cleanups run last-in first-out: the agent stops, then the server sees its websocket
+        # close (and records it) before the server itself stops.
+        sockets = self.svc.deployment._agent_sockets
+        self.addCleanup(wait_until, lambda: not sockets, "the server to see the agent's websocket close")
         self.addCleanup(svc.stopService)
         await wait_until(lambda: svc.conn is not None and svc.coordination is not None,
                          "the agent's tunnel and coordination")
@@ -467,6 +471,13 @@ class ServerTailnetEndToEndTests(unittest.TestCase):
         self.assertEqual(len(others), 1)
         self.assertNotIsInstance(others[0].sink.transport, MemoryTransport)
         self.assertGreater(relay.bytes_sent, len(payload))
+        # netcheck measured the embedded region (no STUN here: over HTTP) without leaving memory.
+        conn = tailnet.client.conn
+        await wait_until(lambda: conn.last_report is not None, "the first netcheck report")
+        self.assertIn(999, conn.last_report.region_latency)
+        self.assertEqual(conn.preferred_derp, 999)
+        self.assertGreater(tailnet.netcheck_http.answered, 0)
+        self.assertEqual(tailnet.netcheck_http.sent, 0)
         # ... and the metrics say so.
         text = svc.deployment.metrics_text()
         self.assertIn("coderstack_server_tailnet_tunnels 1\n", text)
@@ -612,3 +623,42 @@ class IdleTests(unittest.TestCase):
         clock.advance(21)
         self.successResultOf(defer.ensureDeferred(tn.connect(a, 80)))
         self.assertEqual(fake.pings, 2)
+
+
+class _Registering:
+    """The TailnetClient parts coordination uses."""
+
+    def __init__(self) -> None:
+        self.responses: list[CoordinateResponse] = []
+        self.coordination: Any = None
+        self.registered = 0
+
+    def handle_response(self, response: CoordinateResponse) -> None:
+        self.responses.append(response)
+
+    def coordinate(self, coordination: Any) -> None:
+        self.coordination = coordination
+
+    def register(self) -> None:
+        self.registered += 1
+
+
+class RejoinTests(unittest.TestCase):
+    def test_joins_again_after_being_kicked_not_after_shutdown(self) -> None:
+        clock = task.Clock()
+        coord = Coordinator(clock, max_refusals=3)
+        deployment = type("D", (), {"coordinator": coord})()
+        tn = ServerTailnet(clock, deployment)
+        fake = _Registering()
+        tn.client = fake  # type: ignore[assignment]
+        tn._join()
+        self.assertEqual((coord.status(tn.peer_id), fake.registered), ("connected", 1))
+        for _ in range(3):  # a server peer may not send this: refused, then kicked
+            fake.coordination.send(CoordinateRequest(ready_for_handshake=(uuid.uuid4(),)))
+        self.assertIsNone(coord.status(tn.peer_id))
+        clock.advance(1.0)
+        self.assertEqual((coord.status(tn.peer_id), fake.registered, tn.rejoins), ("connected", 2, 1))
+        coord.close()  # shutdown: no rejoin
+        clock.advance(5)
+        self.assertEqual(tn.rejoins, 1)
+        self.assertEqual(clock.getDelayedCalls(), [])
