@@ -254,7 +254,12 @@ class ServerTailnet:
         )
         # A server's links rarely change, and netcheck re-STUNs every 23 s regardless.
         self.client = TailnetClient(self.reactor, conn, link_monitor=False)
-        conn.start(self.listen_port, self.listen_interface)
+        try:
+            conn.start(self.listen_port, self.listen_interface)
+        except BaseException:
+            await self.client.close()
+            self.client = None
+            raise
         conn.set_derp_map(d.derp_map)
         self._unsubscribe = d.maps.subscribe(conn.set_derp_map)
         self._join()

@@ -489,6 +489,23 @@ class ServerTailnetEndToEndTests(unittest.TestCase):
         endpoint = await svc.deployment.tailnet.connect(agent_id, self.echo_server())
         self.assertEqual(await self.exchange(endpoint, b"apps work"), b"apps work")
 
+    async def test_agent_restart_gets_a_fresh_tunnel(self) -> None:
+        svc, url, agent_token, agent_id = await self.setup()
+        tailnet: ServerTailnet = svc.deployment.tailnet
+        port = self.echo_server()
+        agent = await self.agent(url, agent_token)
+        endpoint = await tailnet.connect(agent_id, port)
+        self.assertEqual(await self.exchange(endpoint, b"before"), b"before")
+        await agent.stopService()  # a graceful leave: the server tailnet hears DISCONNECTED
+        await wait_until(lambda: tailnet.client.tunnels[agent_id].key is None, "the agent's departure")
+        tailnet.dial_timeout = 0.3
+        with self.assertRaises(AgentUnreachable):
+            await tailnet.connect(agent_id, port)
+        tailnet.dial_timeout = 20
+        await self.agent(url, agent_token)  # back, with new keys
+        endpoint = await tailnet.connect(agent_id, port)
+        self.assertEqual(await self.exchange(endpoint, b"after"), b"after")
+
     async def test_unreachable_agent(self) -> None:
         svc, url, agent_token, agent_id = await self.setup()
         tailnet: ServerTailnet = svc.deployment.tailnet
@@ -558,6 +575,80 @@ class _FakeClient:
     def endpoint(self, tunnel: Tunnel, port: int, timeout: float = 30) -> Any:
         from coderstack.netstack.endpoints import NetstackClientEndpoint
         return NetstackClientEndpoint(None, "fd7a:115c:a1e0::1", port, timeout=timeout)  # type: ignore[arg-type]
+
+
+class _SlowClient(_FakeClient):
+    """Dials that wait for the test: ``reachable`` returns one Deferred per call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dials: list[defer.Deferred[None]] = []
+
+    def reachable(self, tunnel: Tunnel, *, timeout: float, grace: float) -> defer.Deferred[None]:  # type: ignore[override]
+        d: defer.Deferred[None] = defer.Deferred()
+        self.dials.append(d)
+        return d
+
+
+class DialTests(unittest.TestCase):
+    def tailnet(self) -> tuple[task.Clock, ServerTailnet, _SlowClient]:
+        clock = task.Clock()
+        coordinator = Coordinator(clock)
+        tn = ServerTailnet(clock, type("D", (), {"coordinator": coordinator})(), dial_timeout=5)
+        fake = _SlowClient()
+        tn.client = fake  # type: ignore[assignment]
+        return clock, tn, fake
+
+    def test_concurrent_callers_share_one_dial(self) -> None:
+        clock, tn, fake = self.tailnet()
+        a = uuid.uuid4()
+        first = defer.ensureDeferred(tn.connect(a, 80))
+        second = defer.ensureDeferred(tn.connect(a, 81))
+        self.assertEqual(len(fake.dials), 1)
+        self.assertNoResult(first)
+        fake.dials[0].callback(None)
+        self.assertEqual(self.successResultOf(first).port, 80)
+        self.assertEqual(self.successResultOf(second).port, 81)
+        self.successResultOf(defer.ensureDeferred(tn.connect(a, 82)))
+        self.assertEqual(len(fake.dials), 1)  # reused, no new dial
+        self.assertEqual(list(fake.tunnels), [a])
+
+    def test_a_failed_dial_fails_every_caller_and_leaves_no_tunnel(self) -> None:
+        from coderstack.tailnet.client import DialError
+        clock, tn, fake = self.tailnet()
+        a = uuid.uuid4()
+        callers = [defer.ensureDeferred(tn.connect(a, 80)) for _ in range(2)]
+        fake.dials[0].errback(DialError("timed out"))
+        for d in callers:
+            failure = self.failureResultOf(d, AgentUnreachable)
+            self.assertIn("not connected to the server", failure.getErrorMessage())
+        self.assertEqual((fake.removed, tn.paths()), ([a], {}))
+        again = defer.ensureDeferred(tn.connect(a, 80))  # the next request dials afresh
+        self.assertEqual(len(fake.dials), 2)
+        fake.dials[1].callback(None)
+        self.successResultOf(again)
+
+    def test_a_caller_that_goes_away_does_not_disturb_the_others(self) -> None:
+        clock, tn, fake = self.tailnet()
+        a = uuid.uuid4()
+        gone = defer.ensureDeferred(tn.connect(a, 80))
+        staying = defer.ensureDeferred(tn.connect(a, 80))
+        gone.cancel()
+        self.failureResultOf(gone, defer.CancelledError)
+        fake.dials[0].callback(None)
+        self.successResultOf(staying)
+
+    def test_an_agent_that_left_is_dialed_again(self) -> None:
+        clock, tn, fake = self.tailnet()
+        a = uuid.uuid4()
+        first = defer.ensureDeferred(tn.connect(a, 80))
+        fake.dials[0].callback(None)
+        self.successResultOf(first)
+        fake.tunnels[a].key = None  # DISCONNECTED
+        again = defer.ensureDeferred(tn.connect(a, 80))
+        self.assertEqual((fake.removed, len(fake.dials)), ([a], 2))
+        fake.dials[1].callback(None)
+        self.successResultOf(again)
 
 
 class IdleTests(unittest.TestCase):
