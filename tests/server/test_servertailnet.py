@@ -344,6 +344,31 @@ class InMemoryDERPTests(unittest.TestCase):
         self.assertTrue(all(d.called for d in stopped))
         self.assertEqual(relay.clients, 0)
 
+    def test_dialed_again_after_the_relay_drops_it(self) -> None:
+        clock = task.Clock()
+        relay = Relay(w.generate_private_key(), clock, lambda *a: True)
+        region = DERPMap.from_json({"Regions": {"1": {"RegionID": 1, "RegionCode": "x", "Nodes": [
+            {"Name": "1a", "RegionID": 1, "HostName": "127.0.0.1"}]}}}).regions[1]
+        key, inbox = w.generate_private_key(), _DERPInbox()
+        client = DERPClient(clock, region, key, inbox, connector=relay_connector(clock, relay, "p"))
+        client.start()
+        for _ in range(3):
+            clock.advance(0)
+        self.assertEqual((inbox.up, relay.clients), (1, 1))
+        relay.close_peer(w.public_key(key))
+        for _ in range(3):
+            clock.advance(0)
+        self.assertEqual(relay.clients, 0)
+        self.assertFalse(client.connected)
+        clock.advance(client.backoff.cap)  # the retry, after the client's backoff
+        for _ in range(3):
+            clock.advance(0)
+        self.assertEqual((inbox.up, relay.clients, relay.accepts), (2, 1, 2))
+        d = client.stop()
+        for _ in range(3):
+            clock.advance(0)
+        self.assertTrue(d.called)
+
     def test_refused_admission_fails_the_attempt(self) -> None:
         clock = task.Clock()
         relay = Relay(w.generate_private_key(), clock, lambda *a: True)
