@@ -41,7 +41,10 @@ Authorization (Coder's ``tailnet/tunnel.go``; the HTTP layer has already checked
 * :class:`ClientAuth` — may add tunnels only to its one agent; may not send
   ``ready_for_handshake``; its addresses and allowed IPs must be /128s inside
   ``fd7a:115c:a1e0::/48`` and not its agent's own address.
-* Either kind: no tunnel to itself or to a peer that is not an agent; a node key held by a peer
+* :class:`ServerAuth` — the server's own tailnet (the app proxy's one Conn): may add tunnels to
+  any agent (the HTTP layer checks who may use which app); may not send ``ready_for_handshake``;
+  its addresses and allowed IPs must be /128s inside ``fd7a:115c:a1e0::/48`` and not an agent's.
+* Every kind: no tunnel to itself or to a peer that is not an agent; a node key held by a peer
   with a different auth is refused.
 * ``connect`` refuses (``PeerIdConflict``) an agent whose peer id is not its agent id, and a client
   whose peer id is an agent's or the target of a tunnel (peer ids of clients are chosen by the
@@ -104,6 +107,7 @@ from coderstack.wire.coordination import (
 __all__ = [
     "AgentAuth",
     "ClientAuth",
+    "ServerAuth",
     "Coordinator",
     "PeerConnection",
     "PeerIdConflict",
@@ -174,7 +178,12 @@ class ClientAuth:
     user_id: UUID
 
 
-Auth = AgentAuth | ClientAuth
+@dataclass(frozen=True)
+class ServerAuth:
+    """The server's own tailnet peer: it may tunnel to any agent (Coder's single-tailnet auth)."""
+
+
+Auth = AgentAuth | ClientAuth | ServerAuth
 
 
 class _Peer:
@@ -320,7 +329,7 @@ class Coordinator:
         """
         if self._closed:
             raise RuntimeError("the coordinator is closed")
-        if not isinstance(auth, AgentAuth | ClientAuth):
+        if not isinstance(auth, AgentAuth | ClientAuth | ServerAuth):
             raise TypeError(f"unknown auth {auth!r}")
         problem = self.check_peer_id(peer_id, auth)
         if problem is not None:
@@ -390,7 +399,7 @@ class Coordinator:
         # or that somebody is tunnelling to: it would receive their nodes.
         held = self._peers.get(peer_id)
         if (
-            peer_id == auth.agent_id
+            (isinstance(auth, ClientAuth) and peer_id == auth.agent_id)
             or peer_id in self._by_dst
             or (held is not None and isinstance(held.auth, AgentAuth))
         ):
@@ -480,8 +489,8 @@ class Coordinator:
             entry: dict[str, Any] = {
                 "id": str(peer.id),
                 "name": peer.name,
-                "kind": "agent" if isinstance(peer.auth, AgentAuth) else "client",
-                "agent_id": str(peer.auth.agent_id),
+                "kind": _kind(peer.auth),
+                "agent_id": None if isinstance(peer.auth, ServerAuth) else str(peer.auth.agent_id),
                 "status": peer.status,
                 "node": None if peer.node is None else peer.node.to_json(),
                 "last_seen": peer.last_seen,
@@ -578,14 +587,10 @@ class Coordinator:
                 if net not in allowed:
                     return f"update_self refused: {net} is not this agent's address"
         else:
-            agent_nets = {
-                prefix_from_uuid(auth.agent_id, TAILSCALE_SERVICE_PREFIX),
-                prefix_from_uuid(auth.agent_id, CODER_SERVICE_PREFIX),
-            }
             for net in (*node.addresses, *node.allowed_ips):
                 if not net.subnet_of(TAILSCALE_SERVICE_PREFIX):
                     return f"update_self refused: {net} is not inside {TAILSCALE_SERVICE_PREFIX}"
-                if net in agent_nets:
+                if self._agent_address(net, auth):
                     return f"update_self refused: {net} is the agent's address"
         holder_id = self._by_key.get(node.key)
         if holder_id is not None and holder_id != peer.id:
@@ -593,6 +598,17 @@ class Coordinator:
             if holder is not None and holder.auth != auth:
                 return "update_self refused: the node key belongs to another peer"
         return None
+
+    def _agent_address(self, net: Any, auth: ClientAuth | ServerAuth) -> bool:
+        """Is ``net`` the /128 of the client's agent (or, for the server, of any agent peer)?"""
+        if isinstance(auth, ClientAuth):
+            return net in (prefix_from_uuid(auth.agent_id, TAILSCALE_SERVICE_PREFIX),
+                           prefix_from_uuid(auth.agent_id, CODER_SERVICE_PREFIX))
+        return any(
+            net == prefix_from_uuid(p.id, TAILSCALE_SERVICE_PREFIX)
+            for p in self._peers.values()
+            if isinstance(p.auth, AgentAuth)
+        )
 
     def _update_self(self, peer: _Peer, node: Node, errors: list[str]) -> None:
         problem = self._check_node(peer, node)
@@ -611,7 +627,7 @@ class Coordinator:
         if isinstance(auth, AgentAuth):
             errors.append("add_tunnel refused: agents cannot add tunnels")
             return
-        if dst_id != auth.agent_id:
+        if isinstance(auth, ClientAuth) and dst_id != auth.agent_id:
             errors.append(f"add_tunnel refused: this client may only tunnel to {auth.agent_id}")
             return
         if dst_id == src.id:
@@ -650,7 +666,7 @@ class Coordinator:
     def _ready_for_handshake(
         self, dst: _Peer, src_ids: Iterable[UUID], errors: list[str], notices: list[str]
     ) -> None:
-        if isinstance(dst.auth, ClientAuth):
+        if not isinstance(dst.auth, AgentAuth):
             errors.append("ready_for_handshake refused: clients may not send it")
             return
         by_recipient: dict[UUID, list[PeerUpdate]] = {}
@@ -812,3 +828,9 @@ class Coordinator:
                     )
         finally:
             self._flushing = False
+
+
+def _kind(auth: Auth) -> str:
+    if isinstance(auth, AgentAuth):
+        return "agent"
+    return "server" if isinstance(auth, ServerAuth) else "client"

@@ -9,6 +9,11 @@ Connection (per attempt, nodes of the region in order, STUN-only nodes skipped):
    attempts and reports the reason (Coder's ``derp_forced_websockets``).
 3. DERP login (:mod:`coderstack.derp.session`): ServerKey -> ClientInfo -> ServerInfo.
 
+A ``connector`` replaces steps 1 and 2: ``connector(node, events)`` returns a Deferred firing
+with an open :class:`ClientTransport` that reports to ``events`` (the server's own tailnet
+reaches its in-process relay this way, through :mod:`coderstack.derp.memory`). The login and
+everything after it are the same.
+
 After a connection ends the client dials again with the project's :class:`Backoff` (0.5 s
 doubling to 10 s, jitter shortening each delay by up to half), reset by a successful login,
 until :meth:`DERPClient.stop`.
@@ -35,7 +40,7 @@ from twisted.python.failure import Failure
 from coderstack.backoff import Backoff
 from coderstack.derp.ipliteral import is_ip
 from coderstack.derp.session import ClientSession
-from coderstack.derp.transport import ClientTransport, DERPClientError, UpgradeRefused
+from coderstack.derp.transport import ClientTransport, DERPClientError, LinkEvents, UpgradeRefused
 from coderstack.derp.upgrade import upgrade_factory
 from coderstack.derp.wsclient import websocket_factory
 from coderstack.derpmap import DERPNode, DERPRegion
@@ -48,6 +53,9 @@ WRITE_QUEUE_DEPTH = 32
 READ_TIMEOUT = 120.0  # two missed server keepalives
 PING_TIMEOUT = 5.0
 CONNECT_TIMEOUT = 10.0
+
+
+Connector = Callable[[DERPNode, LinkEvents], "defer.Deferred[ClientTransport]"]
 
 
 class DERPClientHandler(Protocol):
@@ -181,6 +189,7 @@ class DERPClient:
         rng: random.Random | None = None,
         min_backoff: float = 0.5,
         max_backoff: float = 10.0,
+        connector: Connector | None = None,
     ) -> None:
         if not region.derp_nodes:
             raise ValueError(f"DERP region {region.region_id} has no relay nodes")
@@ -197,6 +206,7 @@ class DERPClient:
                 return optionsForClientTLS(hostname, trustRoot=trust_root)
         self.tls_options = tls_options
         self.mesh_key = mesh_key
+        self.connector = connector
         self.extra_headers = dict(extra_headers or {})
         self.rng = rng or random.Random()
         self.backoff = Backoff(first=min_backoff, cap=max_backoff, jitter=0.5, rng=self.rng.random)
@@ -440,6 +450,8 @@ class DERPClient:
 
     def _connect_node(self, node: DERPNode) -> defer.Deferred[_Link]:
         link = _Link(self, node)
+        if self.connector is not None:
+            return self._connect_with(self.connector, node, link)
         pending: dict[str, Any] = {}
 
         def cancel_attempt(_: Any) -> None:
@@ -468,6 +480,16 @@ class DERPClient:
 
         connecting.addCallbacks(made, failed)
         # Bound the whole sequence (TCP + TLS + upgrade).
+        ready.addTimeout(CONNECT_TIMEOUT, self.reactor)
+
+        def opened(transport: ClientTransport) -> _Link:
+            link.transport = transport
+            return link
+
+        return ready.addCallback(opened)
+
+    def _connect_with(self, connector: Connector, node: DERPNode, link: _Link) -> defer.Deferred[_Link]:
+        ready = connector(node, link)
         ready.addTimeout(CONNECT_TIMEOUT, self.reactor)
 
         def opened(transport: ClientTransport) -> _Link:

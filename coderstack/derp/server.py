@@ -448,6 +448,21 @@ class DERPResource(Resource):
         ws.dataReceived(data)
 
 
+def admit_stream(relay: Relay, principal: Any,
+                 admission: ConnectionAdmission | None = None) -> DERPStreamProtocol | Refusal | str:
+    """The relay's protocol for a connection that needs no HTTP upgrade (an in-process client
+    whose principal is already known; see :mod:`coderstack.derp.memory`), admitted as an
+    upgrade would be: a :class:`Refusal` or a limit's ``str`` when it may not connect. Connect
+    it to a transport, then call its ``start(b"")``."""
+    ticket: AdmissionTicket | None = None
+    if admission is not None:
+        admitted = admission.admit(principal)
+        if isinstance(admitted, Refusal | str):
+            return admitted
+        ticket = admitted
+    return DERPStreamProtocol(_Admitted(relay, principal, False, ticket))
+
+
 def _unauthorized(request: Request) -> bytes:
     request.setHeader(b"WWW-Authenticate", b'Coder-Session-Token realm="derp"')
     return _json_error(

@@ -704,6 +704,13 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
         await self.require_owner(request)
         return write_json(request, self.d.coordinator.debug())
 
+    @app.route("/api/v2/debug/tailnet", methods=["GET"])
+    async def debug_tailnet(self, request: HTTPRequest) -> bytes:
+        """The server's own tailnet: each agent tunnel's path and latency (servertailnet.py)."""
+        await self.require_owner(request)
+        paths = self.d.tailnet.paths() if self.d.tailnet is not None else {}
+        return write_json(request, {"agents": sorted(paths.values(), key=lambda p: p["agent_id"])})
+
     # -- the relay, metrics and the DERP map stream --------------------------------------------
 
     @app.route("/derp", branch=True)

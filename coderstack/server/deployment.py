@@ -74,6 +74,8 @@ class Deployment:
         #: The relay's per-user connection caps and live-session filing (RelayAdmission).
         self.relay_admission: Any = None
         self.stun_port: Any = None
+        #: The server's own tailnet to agents, for the app proxy (servertailnet.ServerTailnet).
+        self.tailnet: Any = None
 
     # -- passwords: scrypt is deliberately slow, so it runs on a thread ------------------------
 
@@ -130,6 +132,8 @@ class Deployment:
         text = "\n".join(lines) + "\n"
         if self.relay is not None:
             text += metrics_text(self.relay)
+        if self.tailnet is not None:
+            text += self.tailnet.metrics_text()
         return text
 
     def connection_info(self) -> dict[str, Any]:

@@ -4,10 +4,14 @@ A DERP client authenticates with the same tokens as the API: a user's session to
 token. A packet from node key S to node key D is relayed only when
 
 - S belongs to a coordinator peer the principal owns (the agent itself; a client peer of that
-  user), and
+  user; the server's own tailnet peer, for the server principal), and
 - the coordinator has a tunnel between S's peer and D's peer (in either direction).
 
 LOST peers keep their node, so tunnels survive a coordinator reconnect.
+
+The server's own tailnet (``servertailnet.py``) reaches the relay in memory, never through the
+upgrade, as :func:`server_principal`: no token, and admitted in browser-only mode too (apps go
+through it).
 
 :class:`RelayAdmission` caps the DERP connections each user (or agent) holds open, and files each
 connection in the live-session registry under its token, so revoking the token closes it.
@@ -22,7 +26,7 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from zope.interface import implementer
 
-from coderstack.coordinator.core import ClientAuth
+from coderstack.coordinator.core import ClientAuth, ServerAuth
 from coderstack.derp.caps import ConnectionCaps
 from coderstack.derp.policy import IRelayAdmission, IRelayPolicy, Refusal
 from coderstack.server import browseronly
@@ -38,10 +42,15 @@ from coderstack.server.livesessions import (
 
 @dataclass(frozen=True)
 class Principal:
-    kind: str  # "user" | "agent"
+    kind: str  # "user" | "agent" | "server"
     id: uuid.UUID
     credential: Credential | None = field(default=None, compare=False)
     is_owner: bool = field(default=False, compare=False)
+
+
+def server_principal(peer_id: uuid.UUID) -> Principal:
+    """The server's own tailnet, whose coordinator peer is ``peer_id``."""
+    return Principal("server", peer_id)
 
 
 @implementer(IRelayPolicy)
@@ -67,6 +76,8 @@ class CoordinatorRelayPolicy:
     def owns(self, principal: Principal, peer_id: uuid.UUID) -> bool:
         if principal.kind == "agent":
             return peer_id == principal.id
+        if principal.kind == "server":
+            return peer_id == principal.id and isinstance(self.coordinator.auth_of(peer_id), ServerAuth)
         auth = self.coordinator.auth_of(peer_id)
         return isinstance(auth, ClientAuth) and auth.user_id == principal.id
 
@@ -108,7 +119,8 @@ class RelayAdmission:
         self.live = live
         self.limits = limits
         self.caps = ConnectionCaps()
-        #: Users' own DERP connections are CLI tunnels: refused in browser-only mode.
+        #: Users' own DERP connections are CLI tunnels: refused in browser-only mode (agents and
+        #: the server's own tailnet, which carries the apps, are not).
         self.browser_only = browser_only
 
     def admit(self, principal: Any) -> _Ticket | str | Refusal:

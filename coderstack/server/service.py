@@ -28,6 +28,7 @@ from coderstack.server.fdlimit import connection_budget, raise_open_files_limit
 from coderstack.server.httpguard import AdmissionFactory, GuardedSite
 from coderstack.server.limits import UserLimits
 from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission
+from coderstack.server.servertailnet import ServerTailnet
 from coderstack.server.store import Store
 
 log = Logger()
@@ -118,6 +119,9 @@ class ServerService(service.MultiService):
             cfg, self.reactor, CoordinatorRelayPolicy(api, self.deployment.coordinator), admission
         )
         self.deployment.attach_relay(relay, resources, stun)
+        # The server's own tailnet to agents (the app proxy's), its DERP in memory.
+        self.deployment.tailnet = ServerTailnet(self.reactor, self.deployment)
+        await self.deployment.tailnet.start()
         site = QuietSite(api.app.resource())
         # One budget for every listener: per source address, and in all below the fd limit.
         open_files = raise_open_files_limit()
@@ -184,6 +188,8 @@ class ServerService(service.MultiService):
             if self.deployment.relay is not None:
                 # Tell DERP clients we are going away and when to come back.
                 self.deployment.relay.announce_restart(reconnect_in=1.0, try_for=60.0)
+            if self.deployment.tailnet is not None:
+                await self.deployment.tailnet.close()  # a graceful leave, before the coordinator goes
             self.deployment.coordinator.close()
             # Close every other long-lived connection as "going away" and give the close
             # handshakes a moment to finish, so clients see 1001 rather than a dropped socket.

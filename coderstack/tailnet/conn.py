@@ -80,7 +80,9 @@ def random_address(rng: random.Random | None = None) -> ipaddress.IPv6Address:
 
 
 class Conn:
-    """One tailnet node. ``interface_addresses`` and ``netcheck`` are seams for tests."""
+    """One tailnet node. ``interface_addresses`` and ``netcheck`` are seams for tests;
+    ``derp_client_factory(region, handler)`` makes the DERP clients and ``netcheck_http`` does
+    netcheck's GETs (the server's own tailnet reaches its embedded relay in memory with them)."""
 
     def __init__(
         self,
@@ -99,6 +101,7 @@ class Conn:
         derp_client_factory: Callable[..., Any] | None = None,
         pmtu: bool | None = None,
         derp_mtu: int = DERP_MTU,
+        netcheck_http: Any = None,
     ) -> None:
         self.reactor = reactor
         self.keys = keys or NodeKeys.generate()
@@ -139,7 +142,8 @@ class Conn:
         self.last_report: Any = None  # the newest netcheck Report, for diagnostics
         self._netchecker: Any = None
         self._netcheck_d: defer.Deferred[Any] | None = None
-        self._http: Any = None
+        # netcheck's HTTP(S) GETs (a netcheck ``HTTPGet`` with ``close()``); default: treq
+        self._http: Any = netcheck_http
         self._closed = False
         self.last_handshake: dict[bytes, float] = {}
         self.drops: Counter[str] = Counter()
@@ -266,7 +270,8 @@ class Conn:
             return
         self._netcheck_again = False
         if self._netchecker is None:
-            self._http = TreqHTTP(self.reactor)
+            if self._http is None:
+                self._http = TreqHTTP(self.reactor)
             self._netchecker = Netchecker(self.reactor, self.sock.stun, self._http)
         d = self._netcheck_d = self._netchecker.get_report(self.derp_map)
         d.addCallbacks(self._netcheck_done, self._netcheck_failed)

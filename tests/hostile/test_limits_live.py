@@ -73,7 +73,8 @@ class CapsTests(Base):
         self.assertIn("429", str(refused.exception))
         got = await metrics(self.d.url, self.owner.token)
         self.assertGreaterEqual(got['coderstack_derp_connections_refused_total{reason="per_user_limit"}'], 2)
-        self.assertEqual(got['coderstack_coordinator_peers{status="connected"}'], 2 + 3)  # agents + bob's
+        # agents + bob's + the server's own tailnet
+        self.assertEqual(got['coderstack_coordinator_peers{status="connected"}'], 2 + 3 + 1)
         # Nothing else is affected.
         self.assertEqual(await healthz(self.d.url), 200)
         out = await self.alice.ok("ping", "box", "-n", "2", "--wait", "200ms")
