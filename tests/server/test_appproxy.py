@@ -1,0 +1,579 @@
+"""The workspace-app proxy between real twisted.web servers on 127.0.0.1: keep-alive, streamed
+bodies both ways, chunked and server-sent events, websockets, header rules, error pages."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from autobahn.twisted.resource import WebSocketResource
+from autobahn.twisted.websocket import (
+    WebSocketClientFactory,
+    WebSocketClientProtocol,
+    WebSocketServerFactory,
+    WebSocketServerProtocol,
+)
+from twisted.internet import defer, protocol, reactor, task
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.trial import unittest
+from twisted.web import server
+
+from coderstack.server.appproxy import AppProxy, Upstream, UpstreamUnavailable
+from coderstack.server.errorpage import render_error_page
+from tests.support.waiting import wait_until
+
+from .appproxysupport import UPSTREAM, App, Front, RawClient, parse_head_response
+
+
+async def started(testcase: Any, **options: Any) -> tuple[App, Front]:
+    app = await App(testcase).start()
+    front = await Front(testcase, app, **options).start()
+    return app, front
+
+
+def get(path: bytes, *headers: bytes, method: bytes = b"GET") -> bytes:
+    lines = [method + b" " + path + b" HTTP/1.1", b"Host: apps.example.com", *headers]
+    return b"\r\n".join(lines) + b"\r\n\r\n"
+
+
+class KeepAliveTests(unittest.TestCase):
+    async def test_requests_reuse_one_upstream_connection(self) -> None:
+        app, front = await started(self)
+        client = await front.client()
+        for i in range(3):
+            client.send(get(b"/n/%d" % i))
+            resp = await client.response()
+            self.assertEqual((resp.status, resp.body), (200, b"hello from /n/%d" % i))
+        second = await front.client()  # another browser connection, the same app key
+        second.send(get(b"/again"))
+        self.assertEqual((await second.response()).status, 200)
+        self.assertEqual(app.opened, 1)
+        self.assertEqual(front.proxy.stats.upstream_connections, 1)
+        self.assertEqual(front.proxy.pool.opened, 1)
+
+    async def test_an_idle_connection_closes_after_the_idle_timeout(self) -> None:
+        clock = task.Clock()
+        app = await App(self).start()
+        # The proxy's timers run on the clock; its connections are real.
+        front = await Front(self, app, proxy=AppProxy(clock, idle_timeout=30.0)).start()
+        client = await front.client()
+        client.send(get(b"/"))
+        await client.response()
+        await wait_until(lambda: front.proxy.pool.idle_count(("app", "http")) == 1, "the connection parked")
+        clock.advance(29.0)
+        self.assertEqual(app.closed, 0)
+        clock.advance(1.0)
+        await wait_until(lambda: app.closed == 1, "the app to see its idle connection close")
+        self.assertEqual(front.proxy.pool.idle_count(("app", "http")), 0)
+
+    async def test_at_most_max_idle_connections_are_kept_per_key(self) -> None:
+        app, front = await started(self, max_idle_per_key=2)
+        held: list[server.Request] = []
+
+        def hold(request: server.Request) -> Any:
+            held.append(request)
+            return server.NOT_DONE_YET
+
+        app.handlers[b"/hold"] = hold
+        clients = [await front.client() for _ in range(3)]
+        for c in clients:
+            c.send(get(b"/hold"))
+        await wait_until(lambda: len(held) == 3, "three requests at the app at once")
+        self.assertEqual(app.opened, 3)
+        for r in held:
+            r.write(b"done")
+            r.finish()
+        for c in clients:
+            self.assertEqual((await c.response()).body, b"done")
+        await wait_until(lambda: app.closed == 1, "the third idle connection to be closed")
+        self.assertEqual(front.proxy.pool.idle_count(("app", "http")), 2)
+
+    async def test_a_connection_the_app_closed_is_not_used_again(self) -> None:
+        app, front = await started(self)
+        client = await front.client()
+        client.send(get(b"/one"))
+        await client.response()
+        await wait_until(lambda: front.proxy.pool.idle_count(("app", "http")) == 1, "the connection parked")
+        app.channels[0].transport.loseConnection()  # the app's own keep-alive timeout
+        await wait_until(lambda: front.proxy.pool.idle_count(("app", "http")) == 0, "the pool to forget it")
+        client.send(get(b"/two"))
+        resp = await client.response()
+        self.assertEqual((resp.status, resp.body), (200, b"hello from /two"))
+        self.assertEqual(app.opened, 2)
+
+
+class StreamingTests(unittest.TestCase):
+    async def test_an_upload_reaches_the_app_before_the_client_has_sent_it_all(self) -> None:
+        app, front = await started(self)
+        app.handlers[b"/upload"] = lambda r: b"got %d" % len(app.seen[-1].body)
+        client = await front.client()
+        client.send(b"POST /upload HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n"
+                    b"5\r\nfirst\r\n")
+        first = await app.first_chunk  # the rest has not been sent yet
+        self.assertEqual(first, b"first")
+        self.assertEqual(app.seen, [])  # the app has not had the whole body either
+        client.send(b"7\r\n second\r\n0\r\n\r\n")
+        resp = await client.response()
+        self.assertEqual((resp.status, resp.body), (200, b"got 12"))
+        self.assertEqual(app.seen[0].body, b"first second")
+
+    async def test_an_upload_with_a_length_keeps_it(self) -> None:
+        app, front = await started(self)
+        client = await front.client()
+        body = b"x" * 200_000
+        client.send(b"PUT /put HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % len(body) + body[:1000])
+        await app.first_chunk
+        client.send(body[1000:])
+        resp = await client.response()
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(app.seen[0].body, body)
+        self.assertEqual(app.seen[0].header(b"content-length"), [b"200000"])
+
+    async def test_a_large_download_streams_at_bounded_memory(self) -> None:
+        app, front = await started(self)
+        total = 100 * 1024 * 1024
+        chunk = b"z" * 65536
+        app_pauses: list[int] = []
+
+        class Source:
+            def __init__(self, request: server.Request) -> None:
+                self.request = request
+                self.sent = 0
+                self.paused = False
+
+            def resumeProducing(self) -> None:
+                self.paused = False
+                while not self.paused and self.sent < total:
+                    self.request.write(chunk)
+                    self.sent += len(chunk)
+                if self.sent >= total and not self.paused:
+                    self.request.unregisterProducer()
+                    self.request.finish()
+                    self.sent = total + 1
+
+            def pauseProducing(self) -> None:
+                self.paused = True
+                app_pauses.append(self.sent)
+
+            def stopProducing(self) -> None:
+                self.paused = True
+
+        def big(request: server.Request) -> Any:
+            request.setHeader(b"Content-Length", b"%d" % total)
+            source = Source(request)
+            request.registerProducer(source, True)
+            reactor.callLater(0, source.resumeProducing)
+            return server.NOT_DONE_YET
+
+        app.handlers[b"/big"] = big
+        counted = Counter()
+        ep = TCP4ClientEndpoint(reactor, "127.0.0.1", front.port.getHost().port)
+        c = await ep.connect(protocol.Factory.forProtocol(lambda: counted))
+        self.addCleanup(counted.close)
+        c.transport.pauseProducing()  # a browser that does not read at first
+        c.transport.write(get(b"/big"))
+        await wait_until(lambda: front.proxy.stats.browser_pauses >= 1, "the proxy to stop writing to the browser")
+        await wait_until(lambda: app_pauses, "the app to be paused through the proxy")
+        c.transport.resumeProducing()
+        await wait_until(lambda: counted.body_bytes() >= total, "100 MiB at the browser", timeout=120)
+        self.assertEqual(counted.body_bytes(), total)
+        # What the proxy held beyond the sockets' buffers stayed small, however big the body.
+        self.assertLess(front.proxy.stats.peak_held_bytes, 1024 * 1024)
+        self.assertEqual(front.proxy.stats.held_bytes, 0)
+
+    async def test_chunked_events_reach_the_browser_as_they_are_written(self) -> None:
+        app, front = await started(self)
+        release: defer.Deferred[None] = defer.Deferred()
+
+        def events(request: server.Request) -> Any:
+            request.setHeader(b"Content-Type", b"text/event-stream")
+            request.setHeader(b"Cache-Control", b"no-cache")
+            request.write(b"data: one\n\n")
+
+            def second() -> None:
+                request.write(b"data: two\n\n")
+                reactor.callLater(0.05, third)
+
+            def third() -> None:
+                request.write(b"data: three\n\n")
+                request.finish()
+
+            release.addCallback(lambda _: reactor.callLater(0.05, second))
+            return server.NOT_DONE_YET
+
+        app.handlers[b"/events"] = events
+        client = await front.client()
+        client.send(get(b"/events", b"Accept: text/event-stream"))
+        head = await client.head()
+        self.assertEqual(head.header(b"content-type"), [b"text/event-stream"])
+        self.assertEqual(head.header(b"transfer-encoding"), [b"chunked"])
+        # The first event arrives while the app is still holding the second back.
+        await wait_until(lambda: b"data: one\n\n" in client.data, "the first event")
+        self.assertNotIn(b"two", client.data)
+        release.callback(None)
+        await wait_until(lambda: b"data: two\n\n" in client.data, "the second event")
+        await wait_until(lambda: client.data.endswith(b"0\r\n\r\n"), "the end of the stream")
+        self.assertLess(client.data.index(b"one"), client.data.index(b"two"))
+        self.assertLess(client.data.index(b"two"), client.data.index(b"three"))
+
+
+class Counter(RawClient):
+    """Counts what arrives instead of keeping it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = b""
+        self.count = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        if b"\r\n\r\n" not in self.head:
+            self.head += data
+            if b"\r\n\r\n" in self.head:
+                head, rest = self.head.split(b"\r\n\r\n", 1)
+                self.head = head + b"\r\n\r\n"
+                self.count += len(rest)
+            return
+        self.count += len(data)
+
+    def body_bytes(self) -> int:
+        return self.count
+
+
+class HeaderTests(unittest.TestCase):
+    async def test_request_headers_the_app_sees(self) -> None:
+        app, front = await started(self)
+        client = await front.client()
+        client.send(get(
+            b"/p/q?x=1&coder_application_connect_api_key_35e783=secret&y=2",
+            b"Cookie: coder_session_token=s3cret; theme=dark; coder_path_app_session_token=t0k; lang=en",
+            b"Coder-Session-Token: s3cret",
+            b"Connection: keep-alive, X-Hop",
+            b"X-Hop: 1",
+            b"Keep-Alive: timeout=5",
+            b"Proxy-Authorization: Basic Zm9v",
+            b"X-Forwarded-For: 198.51.100.1",
+            b"X-Forwarded-Host: evil.example",
+            b"X-Kept: yes",
+        ))
+        resp = await client.response()
+        self.assertEqual(resp.status, 200)
+        seen = app.seen[0]
+        self.assertEqual(seen.uri, b"/p/q?x=1&y=2")
+        self.assertEqual(seen.header(b"cookie"), [b"theme=dark; lang=en"])
+        self.assertEqual(seen.header(b"coder-session-token"), [])
+        for name in (b"x-hop", b"keep-alive", b"proxy-authorization", b"connection", b"upgrade"):
+            self.assertEqual(seen.header(name), [], name)
+        self.assertEqual(seen.header(b"host"), [UPSTREAM.host_header.encode()])
+        self.assertEqual(seen.header(b"x-forwarded-for"), [b"203.0.113.7"])
+        self.assertEqual(seen.header(b"x-forwarded-proto"), [b"https"])
+        self.assertEqual(seen.header(b"x-forwarded-host"), [b"apps.example.com"])
+        self.assertEqual(seen.header(b"x-kept"), [b"yes"])
+
+    async def test_a_cookie_header_of_only_stripped_cookies_goes(self) -> None:
+        app, front = await started(self)
+        client = await front.client()
+        client.send(get(b"/", b"Cookie: coder_session_token=s3cret"))
+        await client.response()
+        self.assertEqual(app.seen[0].header(b"cookie"), [])
+
+    async def test_base_path_and_default_query(self) -> None:
+        app = await App(self).start()
+        upstream = Upstream(scheme="http", host_header="h", base_path="/lab", default_query="token=abc")
+        front = await Front(self, app, upstream=upstream).start()
+        client = await front.client()
+        for path in (b"/", b"/tree", b"/?a=b", b"/?coder_application_connect_api_key_35e783=k"):
+            client.send(get(path))
+            await client.response()
+        self.assertEqual([s.uri for s in app.seen],
+                         [b"/lab/?token=abc", b"/lab/tree", b"/lab/?a=b", b"/lab/?token=abc"])
+
+    async def test_response_headers_the_browser_sees(self) -> None:
+        app, front = await started(self)
+
+        def cookies(request: server.Request) -> bytes:
+            request.responseHeaders.addRawHeader(b"Set-Cookie", b"a=1; Path=/")
+            request.responseHeaders.addRawHeader(b"Set-Cookie", b"b=2; HttpOnly")
+            request.setHeader(b"Keep-Alive", b"timeout=5")
+            request.setHeader(b"Proxy-Authenticate", b"Basic")
+            request.setHeader(b"X-App", b"yes")
+            return b"ok"
+
+        app.handlers[b"/cookies"] = cookies
+        client = await front.client()
+        client.send(get(b"/cookies"))
+        resp = await client.response()
+        self.assertEqual(resp.header(b"set-cookie"), [b"a=1; Path=/", b"b=2; HttpOnly"])
+        self.assertEqual(resp.header(b"keep-alive"), [])
+        self.assertEqual(resp.header(b"proxy-authenticate"), [])
+        self.assertEqual(resp.header(b"x-app"), [b"yes"])
+        self.assertEqual(resp.header(b"content-length"), [b"2"])
+
+    async def test_no_content_type_is_made_up(self) -> None:
+        app, front = await started(self)
+        app.handlers[b"/bare"] = lambda r: (setattr(r, "defaultContentType", None), b"raw")[1]
+        client = await front.client()
+        client.send(get(b"/bare"))
+        resp = await client.response()
+        self.assertEqual((resp.body, resp.header(b"content-type")), (b"raw", []))
+
+
+class NoBodyTests(unittest.TestCase):
+    async def test_head_204_and_304_have_no_body_and_keep_the_connection(self) -> None:
+        app, front = await started(self)
+
+        def status(code: int) -> Any:
+            def handler(request: server.Request) -> bytes:
+                request.setResponseCode(code)
+                return b""
+            return handler
+
+        app.handlers[b"/204"] = status(204)
+        app.handlers[b"/304"] = status(304)
+        app.handlers[b"/head"] = lambda r: b"0123456789"
+        client = await front.client()
+        client.send(get(b"/head", method=b"HEAD"))
+        resp = await wait_until(lambda: parse_head_response(client.data), "the HEAD response")
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(resp.header(b"content-length"), [b"10"])
+        client.data = b""
+        for code in (204, 304):
+            client.send(get(b"/%d" % code))
+            resp = await client.response()
+            self.assertEqual((resp.status, resp.body), (code, b""))
+            self.assertEqual(resp.header(b"transfer-encoding"), [])
+        client.send(get(b"/after"))
+        resp = await client.response()
+        self.assertEqual(resp.body, b"hello from /after")
+        self.assertEqual(client.data, b"")  # nothing stray between the responses
+        self.assertEqual(app.opened, 1)
+
+
+class ErrorTests(unittest.TestCase):
+    def assertErrorPage(self, resp: Any, status: int, text: bytes) -> None:
+        self.assertEqual(resp.status, status)
+        self.assertEqual(resp.header(b"content-type"), [b"text/html; charset=utf-8"])
+        self.assertEqual(resp.header(b"cache-control"), [b"no-store"])
+        self.assertTrue(resp.header(b"content-security-policy"))
+        self.assertIn(text, resp.body)
+        self.assertNotIn(b"Traceback", resp.body)
+        self.assertNotIn(b"File \"", resp.body)
+
+    async def test_a_refused_connection_is_a_502_page(self) -> None:
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(protocol.Factory())
+        closed = port.getHost().port
+        await port.stopListening()
+        front = await Front(self, None).start()
+
+        async def connect() -> Any:
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", closed)
+
+        front.connect = connect  # type: ignore[method-assign]
+        client = await front.client()
+        client.send(get(b"/"))
+        self.assertErrorPage(await client.response(), 502, b"The app is not responding")
+
+    async def test_upstream_unavailable_from_connect_is_its_page(self) -> None:
+        front = await Front(self, None).start()
+
+        async def connect() -> Any:
+            raise UpstreamUnavailable(503, "Workspace <stopped>", "Start it & try again.")
+
+        front.connect = connect  # type: ignore[method-assign]
+        client = await front.client()
+        client.send(get(b"/"))
+        resp = await client.response()
+        self.assertErrorPage(resp, 503, b"Workspace &lt;stopped&gt;")
+        self.assertIn(b"Start it &amp; try again.", resp.body)
+
+    async def test_an_app_that_does_not_answer_in_time_is_a_504(self) -> None:
+        app, front = await started(self, response_header_timeout=0.2)
+        gone: list[Any] = []
+
+        def never(request: server.Request) -> Any:
+            request.notifyFinish().addErrback(gone.append)
+            return server.NOT_DONE_YET
+
+        app.handlers[b"/slow"] = never
+        client = await front.client()
+        client.send(get(b"/slow"))
+        self.assertErrorPage(await client.response(), 504, b"took too long")
+        await wait_until(lambda: gone, "the app's connection to be dropped")
+
+    async def test_an_app_that_drops_the_connection_before_answering_is_a_502(self) -> None:
+        app, front = await started(self)
+
+        def drop(request: server.Request) -> Any:
+            request.channel.transport.abortConnection()
+            return server.NOT_DONE_YET
+
+        app.handlers[b"/drop"] = drop
+        client = await front.client()
+        client.send(get(b"/drop", method=b"POST") [:-2] + b"Content-Length: 3\r\n\r\nabc")
+        self.assertErrorPage(await client.response(), 502, b"The app is not responding")
+
+    async def test_a_failure_after_the_response_started_closes_the_browser_connection(self) -> None:
+        app, front = await started(self)
+
+        def partial(request: server.Request) -> Any:
+            request.setHeader(b"Content-Length", b"100")
+            request.write(b"only part")
+            reactor.callLater(0.01, request.channel.transport.abortConnection)
+            return server.NOT_DONE_YET
+
+        app.handlers[b"/partial"] = partial
+        client = await front.client()
+        client.send(get(b"/partial"))
+        await client.lost
+        self.assertIn(b"200 OK", client.data)
+        self.assertTrue(client.data.endswith(b"only part"))
+
+    async def test_a_browser_that_goes_away_aborts_the_app_connection(self) -> None:
+        app, front = await started(self)
+        gone: list[Any] = []
+        arrived: list[server.Request] = []
+
+        def hold(request: server.Request) -> Any:
+            arrived.append(request)
+            request.notifyFinish().addErrback(gone.append)
+            return server.NOT_DONE_YET
+
+        app.handlers[b"/hold"] = hold
+        client = await front.client()
+        client.send(get(b"/hold"))
+        await wait_until(lambda: arrived, "the request at the app")
+        await client.close()
+        await wait_until(lambda: gone, "the app's connection to close")
+        self.assertEqual(front.proxy.pool.idle_count(("app", "http")), 0)
+
+    def test_error_page_escapes_and_sets_headers(self) -> None:
+        from twisted.web.test.requesthelper import DummyRequest
+
+        request = DummyRequest([b""])
+        body = render_error_page(request, 502, "<b>x</b>", "a & 'b'")
+        self.assertEqual(request.responseCode, 502)
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"content-type"), [b"text/html; charset=utf-8"])
+        self.assertEqual(request.responseHeaders.getRawHeaders(b"cache-control"), [b"no-store"])
+        self.assertIn(b"default-src 'none'", request.responseHeaders.getRawHeaders(b"content-security-policy")[0])
+        self.assertIn(b"&lt;b&gt;x&lt;/b&gt;", body)
+        self.assertIn(b"a &amp; &#x27;b&#x27;", body)
+        self.assertNotIn(b"<b>", body)
+        self.assertNotIn(b"<script", body)
+
+
+class EchoServer(WebSocketServerProtocol):
+    def onConnect(self, request: Any) -> Any:
+        return "echo" if "echo" in request.protocols else None
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.sendMessage(payload, isBinary)
+
+
+class EchoClient(WebSocketClientProtocol):
+    def onOpen(self) -> None:
+        self.factory.opened.callback(self)
+
+    def onMessage(self, payload: bytes, isBinary: bool) -> None:
+        self.factory.messages.append((payload, isBinary))
+
+    def onClose(self, wasClean: bool, code: Any, reason: Any) -> None:
+        if not self.factory.closed.called:
+            self.factory.closed.callback((wasClean, code))
+
+
+class WebSocketTests(unittest.TestCase):
+    async def test_echo_through_the_proxy(self) -> None:
+        app = await App(self).start()
+        ws_factory = WebSocketServerFactory()
+        ws_factory.protocol = EchoServer
+        ws = WebSocketResource(ws_factory)
+        app.handlers[b"/ws"] = ws.render
+        front = await Front(self, app).start()
+        factory = WebSocketClientFactory(front.url.replace("http", "ws") + "/ws", protocols=["echo"])
+        factory.protocol = EchoClient
+        factory.opened, factory.closed, factory.messages = defer.Deferred(), defer.Deferred(), []
+        await TCP4ClientEndpoint(reactor, "127.0.0.1", front.port.getHost().port).connect(factory)
+        client = await factory.opened
+        self.assertEqual(client.websocket_protocol_in_use, "echo")
+        client.sendMessage("hé".encode(), isBinary=False)
+        client.sendMessage(bytes(range(256)) * 300, isBinary=True)
+        await wait_until(lambda: len(factory.messages) == 2, "both echoes")
+        self.assertEqual(factory.messages, [("hé".encode(), False), (bytes(range(256)) * 300, True)])
+        self.assertEqual(front.proxy.stats.websockets, 1)
+        client.sendClose(1000)
+        clean, code = await factory.closed
+        self.assertTrue(clean)
+        self.assertEqual(code, 1000)
+        await wait_until(lambda: front.proxy.stats.websockets == 0, "the splice to close")
+
+    async def test_headers_are_cased_and_bytes_spliced_raw(self) -> None:
+        heads: list[bytes] = []
+
+        class RawApp(protocol.Protocol):
+            buf = b""
+            switched = False
+
+            def dataReceived(self, data: bytes) -> None:
+                if self.switched:
+                    self.transport.write(data.upper())
+                    return
+                self.buf += data
+                if b"\r\n\r\n" in self.buf:
+                    head, rest = self.buf.split(b"\r\n\r\n", 1)
+                    heads.append(head)
+                    self.switched = True
+                    self.transport.write(
+                        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n"
+                        b"sec-websocket-accept: abc\r\nsec-websocket-protocol: chat\r\n\r\nhello")
+                    if rest:
+                        self.transport.write(rest.upper())
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(RawApp))
+        self.addCleanup(port.stopListening)
+        front = await Front(self, None).start()
+
+        async def connect() -> Any:
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+
+        front.connect = connect  # type: ignore[method-assign]
+        client = await front.client()
+        client.send(get(b"/ws", b"Upgrade: websocket", b"Connection: Upgrade",
+                        b"sec-websocket-key: dGhlIHNhbXBsZSBub25jZQ==", b"Sec-Websocket-Version: 13",
+                        b"Cookie: coder_session_token=s; a=b") + b"early bytes")
+        head = await client.head()
+        self.assertEqual(head.status, 101)
+        names = [n for n, _ in head.headers]
+        self.assertIn(b"Sec-WebSocket-Accept", names)
+        self.assertIn(b"Sec-WebSocket-Protocol", names)
+        self.assertEqual(head.header(b"upgrade"), [b"websocket"])
+        await wait_until(lambda: client.data == b"helloEARLY BYTES", "the app's first bytes and the echo")
+        client.data = b""
+        client.send(b"\x81\x05spliced")
+        await wait_until(lambda: client.data == b"\x81\x05SPLICED", "raw bytes both ways")
+        app_head = heads[0]
+        self.assertIn(b"\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", app_head)
+        self.assertIn(b"\r\nSec-WebSocket-Version: 13", app_head)
+        self.assertIn(b"\r\nUpgrade: websocket", app_head)
+        self.assertIn(b"\r\nConnection: Upgrade", app_head)
+        self.assertIn(b"\r\nCookie: a=b", app_head)
+        self.assertNotIn(b"coder_session_token", app_head)
+        await client.close()
+        await wait_until(lambda: front.proxy.stats.websockets == 0, "the splice to close")
+
+    async def test_a_refused_upgrade_is_an_ordinary_response(self) -> None:
+        app, front = await started(self)
+
+        def refuse(request: server.Request) -> bytes:
+            request.setResponseCode(403)
+            request.setHeader(b"Content-Type", b"application/json")
+            return json.dumps({"message": "no"}).encode()
+
+        app.handlers[b"/ws"] = refuse
+        client = await front.client()
+        client.send(get(b"/ws", b"Upgrade: websocket", b"Connection: Upgrade",
+                        b"Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==", b"Sec-WebSocket-Version: 13"))
+        resp = await client.response()
+        self.assertEqual(resp.status, 403)
+        self.assertEqual(json.loads(resp.body), {"message": "no"})
+        self.assertEqual(app.seen[0].header(b"upgrade"), [b"websocket"])
+        await wait_until(lambda: app.closed == 1, "the handshake's connection to close")
