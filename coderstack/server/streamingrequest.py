@@ -65,6 +65,11 @@ class RequestBodyStream:
         self._reading_paused = False
         self._ended = False  # end() delivered
 
+    @property
+    def reading_paused(self) -> bool:
+        """Whether the client's connection is paused by this stream now."""
+        return self._reading_paused
+
     # --- the consumer's side ---
 
     def start(self, sink: BodySink) -> None:

@@ -16,7 +16,12 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, protocol, reactor
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint, connectProtocol
+from twisted.internet.endpoints import (
+    SSL4ServerEndpoint,
+    TCP4ClientEndpoint,
+    TCP4ServerEndpoint,
+    connectProtocol,
+)
 from twisted.protocols.policies import WrappingFactory
 from twisted.web import server
 from twisted.web.http import HTTPChannel
@@ -105,9 +110,14 @@ class App:
         request.setHeader(b"Content-Type", b"text/plain")
         return b"hello from " + request.uri
 
-    async def start(self) -> App:
+    async def start(self, tls: Any = None) -> App:
+        """Listen on 127.0.0.1 (with TLS when ``tls`` gives server context options)."""
         self.wrapper = WrappingFactory(self.site)
-        self.port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(self.wrapper)
+        if tls is None:
+            endpoint: Any = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
+        else:
+            endpoint = SSL4ServerEndpoint(reactor, 0, tls, interface="127.0.0.1")
+        self.port = await endpoint.listen(self.wrapper)
         self.testcase.addCleanup(self.stop)
         return self
 

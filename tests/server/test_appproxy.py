@@ -4,6 +4,7 @@ bodies both ways, chunked and server-sent events, websockets, header rules, erro
 from __future__ import annotations
 
 import json
+import os
 from typing import Any
 
 from autobahn.twisted.resource import WebSocketResource
@@ -13,13 +14,14 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
-from twisted.internet import defer, protocol, reactor, task
+from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web import server
 
 from coderstack.server.appproxy import AppProxy, Upstream, UpstreamUnavailable
 from coderstack.server.errorpage import render_error_page
+from tests.support.tlscerts import make_ca_and_server_cert
 from tests.support.waiting import wait_until
 
 from .appproxysupport import UPSTREAM, App, Front, RawClient, parse_head_response
@@ -129,6 +131,25 @@ class StreamingTests(unittest.TestCase):
         self.assertEqual(app.seen[0].body, body)
         self.assertEqual(app.seen[0].header(b"content-length"), [b"200000"])
 
+    async def test_a_slow_app_pauses_the_upload(self) -> None:
+        app, front = await started(self)
+        total = 64 * 1024 * 1024  # more than every socket buffer on the way can hold
+        client = await front.client()
+        client.send(b"PUT /put HTTP/1.1\r\nHost: a\r\nContent-Length: %d\r\n\r\n" % total + b"a" * 65536)
+        await app.first_chunk
+        app_transport = app.channels[-1].transport
+        app_transport.pauseProducing()  # the app stops reading
+        client.send(b"b" * (total - 65536))
+        stream = front.requests[0].body_stream
+        await wait_until(lambda: stream.reading_paused, "the proxy to stop reading the upload")
+        self.assertLess(stream.received, total)
+        self.assertLess(stream.peak_queued, 1024 * 1024)
+        app_transport.resumeProducing()
+        resp = await client.response("the upload's response")
+        self.assertEqual(resp.status, 200)
+        self.assertEqual(len(app.seen[0].body), total)
+        self.assertLess(stream.peak_queued, 1024 * 1024)
+
     async def test_a_large_download_streams_at_bounded_memory(self) -> None:
         app, front = await started(self)
         total = 100 * 1024 * 1024
@@ -237,6 +258,45 @@ class Counter(RawClient):
 
     def body_bytes(self) -> int:
         return self.count
+
+
+class UpstreamTests(unittest.TestCase):
+    async def test_an_https_app_with_a_self_signed_certificate(self) -> None:
+        directory = self.mktemp()
+        os.makedirs(directory)
+        _, cert, key = make_ca_and_server_cert(directory)
+        with open(cert, "rb") as f, open(key, "rb") as k:
+            options = ssl.PrivateCertificate.loadPEM(f.read() + k.read()).options()
+        app = await App(self).start(tls=options)
+        upstream = Upstream(scheme="https", host_header="h", base_path="", default_query="")
+        front = await Front(self, app, upstream=upstream).start()
+        client = await front.client()
+        for _ in range(2):
+            client.send(get(b"/secure"))
+            resp = await client.response()
+            self.assertEqual((resp.status, resp.body), (200, b"hello from /secure"))
+        self.assertEqual(app.opened, 1)
+
+    async def test_close_ends_requests_in_flight_and_idle_connections(self) -> None:
+        app, front = await started(self)
+        held: list[server.Request] = []
+
+        def hold(request: server.Request) -> Any:
+            held.append(request)
+            return server.NOT_DONE_YET
+
+        app.handlers[b"/hold"] = hold
+        busy = await front.client()
+        busy.send(get(b"/hold"))
+        await wait_until(lambda: held, "the held request at the app")
+        idle = await front.client()
+        idle.send(get(b"/"))  # a second app connection, parked once answered
+        await idle.response()
+        await wait_until(lambda: front.proxy.pool.idle_count(("app", "http")) == 1, "the connection parked")
+        self.assertEqual(app.opened, 2)
+        await front.proxy.close()
+        await wait_until(lambda: app.closed == 2, "both app connections to close")
+        await busy.lost
 
 
 class HeaderTests(unittest.TestCase):
