@@ -203,7 +203,8 @@ class _Exchange:
         self.upgrade_client: _UpgradeClient | None = None
         self._pending: defer.Deferred[Any] | None = None  # connecting, cancelled on abort
         self._timer: DelayedCall | None = None
-        self._body: _StreamedBody | None = None
+        self._body: _StreamedBody | _SentFileBody | None = None
+        self._parser: HTTPClientParser | None = None
         request.notifyFinish().addErrback(self._browser_lost)
 
     # --- the whole exchange ---
@@ -330,6 +331,7 @@ class _Exchange:
                 return
             self.conn = conn
             d = conn.request(ClientRequest(method, target, headers, body, persistent=True))
+            self._parser = conn._parser  # for the response's Connection header, kept from us by Response
             if body is None:
                 self._request_sent()
             try:
@@ -381,7 +383,8 @@ class _Exchange:
         request.setResponseCode(response.code, response.phrase or None)
         request.responseHeaders.removeHeader(b"server")
         request.defaultContentType = None  # the app's Content-Type or none, as it sent
-        for name, values in appheaders.response_headers(response.headers.getAllRawHeaders()):
+        connection = self._parser.connHeaders.getRawHeaders(b"connection", []) if self._parser else []
+        for name, values in appheaders.response_headers(response.headers.getAllRawHeaders(), connection):
             if name == b"Set-Cookie" and request.cookies:
                 request.cookies.extend(values)  # cookies the router set ride along
                 continue
@@ -438,6 +441,7 @@ class _Exchange:
             client.abort()
             return
         self.upgrade_client = client
+        self._parser = client.parser
         self._request_sent()
         try:
             answer = await client.answer
@@ -655,6 +659,7 @@ class _UpgradeClient(protocol.Protocol):
         self.gone = False
         self.lost: defer.Deferred[None] = defer.Deferred()
         self._parser: _UpgradeParser | None = None
+        self.parser: _UpgradeParser | None = None  # kept after the answer, for its headers
 
     def connectionMade(self) -> None:
         lines = [b"GET " + self.target + b" HTTP/1.1\r\n"]
@@ -662,7 +667,7 @@ class _UpgradeClient(protocol.Protocol):
         lines.append(b"\r\n")
         transport: Any = self.transport
         transport.writeSequence(lines)
-        parser = self._parser = _UpgradeParser(
+        parser = self._parser = self.parser = _UpgradeParser(
             ClientRequest(b"GET", self.target, Headers(), None, persistent=False),
             self._finished, self._switched,
         )

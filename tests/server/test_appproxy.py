@@ -90,6 +90,61 @@ class KeepAliveTests(unittest.TestCase):
         await wait_until(lambda: app.closed == 1, "the third idle connection to be closed")
         self.assertEqual(front.proxy.pool.idle_count(("app", "http")), 2)
 
+    async def _stale_connection_app(self) -> tuple[list[list[bytes]], Any]:
+        """An app whose first connection answers one request, then closes when the next one
+        comes (as if its keep-alive timer had fired just then); later connections answer all."""
+        connections: list[list[bytes]] = []
+
+        class RawApp(protocol.Protocol):
+            def connectionMade(self) -> None:
+                self.heads: list[bytes] = []
+                self.buf = b""
+                connections.append(self.heads)
+
+            def dataReceived(self, data: bytes) -> None:
+                self.buf += data
+                while b"\r\n\r\n" in self.buf:
+                    head, self.buf = self.buf.split(b"\r\n\r\n", 1)
+                    if b"content-length: 1" in head.lower():
+                        self.buf = self.buf[1:]  # the one-byte body
+                    self.heads.append(head)
+                    if len(connections) == 1 and len(self.heads) == 2:
+                        self.transport.loseConnection()
+                        return
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(RawApp))
+        self.addCleanup(port.stopListening)
+        front = await Front(self, None).start()
+
+        async def connect() -> Any:
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+
+        front.connect = connect  # type: ignore[method-assign]
+        return connections, front
+
+    async def test_a_get_on_a_connection_the_app_just_closed_is_sent_again(self) -> None:
+        connections, front = await self._stale_connection_app()
+        client = await front.client()
+        for path in (b"/1", b"/2"):
+            client.send(get(path))
+            resp = await client.response()
+            self.assertEqual((resp.status, resp.body), (200, b"ok"))
+        self.assertEqual(len(connections), 2)
+        self.assertTrue(connections[0][1].startswith(b"GET /2 "))
+        self.assertTrue(connections[1][0].startswith(b"GET /2 "))
+
+    async def test_a_post_on_a_connection_the_app_just_closed_is_not(self) -> None:
+        connections, front = await self._stale_connection_app()
+        client = await front.client()
+        client.send(get(b"/1"))
+        await client.response()
+        client.send(get(b"/2", b"Content-Length: 1", method=b"POST") + b"x")
+        resp = await client.response()
+        self.assertEqual(resp.status, 502)
+        self.assertEqual(len(connections), 1)
+
     async def test_a_connection_the_app_closed_is_not_used_again(self) -> None:
         app, front = await started(self)
         client = await front.client()
@@ -356,6 +411,8 @@ class HeaderTests(unittest.TestCase):
             request.setHeader(b"Keep-Alive", b"timeout=5")
             request.setHeader(b"Proxy-Authenticate", b"Basic")
             request.setHeader(b"X-App", b"yes")
+            request.setHeader(b"Connection", b"X-Named")
+            request.setHeader(b"X-Named", b"hop")
             return b"ok"
 
         app.handlers[b"/cookies"] = cookies
@@ -366,6 +423,8 @@ class HeaderTests(unittest.TestCase):
         self.assertEqual(resp.header(b"keep-alive"), [])
         self.assertEqual(resp.header(b"proxy-authenticate"), [])
         self.assertEqual(resp.header(b"x-app"), [b"yes"])
+        self.assertEqual(resp.header(b"x-named"), [])
+        self.assertEqual(resp.header(b"connection"), [])
         self.assertEqual(resp.header(b"content-length"), [b"2"])
 
     async def test_no_content_type_is_made_up(self) -> None:
