@@ -196,7 +196,8 @@ class _Exchange:
         self.path = path
         self.forwarded = forwarded
         self.strip_cookies = strip_cookies
-        self.browser_gone = False
+        # A request whose connection is already gone never hears of it through notifyFinish.
+        self.browser_gone = bool(getattr(request, "_disconnected", False))
         self.done = False  # the app's part is over: its connection is no longer ours to abort
         self.timed_out = False
         self.conn: UpstreamConnection | None = None
@@ -226,7 +227,11 @@ class _Exchange:
 
     def crashed(self, failure: Failure) -> None:
         log.failure("app proxy: unexpected failure serving {app}", failure, app=self.upstream.host_header)
-        self._error_page(502, NOT_RESPONDING, "The server could not pass this request to the app.")
+        self._abort_upstream()
+        try:
+            self._error_page(502, NOT_RESPONDING, "The server could not pass this request to the app.")
+        except Exception:
+            log.failure("app proxy: could not answer after a failure")
 
     def abort(self) -> None:
         """Stop at once: the browser's connection and the app's close."""

@@ -14,17 +14,19 @@ from autobahn.twisted.websocket import (
     WebSocketServerFactory,
     WebSocketServerProtocol,
 )
+from klein import Klein
 from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
 from twisted.trial import unittest
 from twisted.web import server
+from twisted.web.resource import Resource
 
 from coderstack.server.appproxy import AppProxy, Upstream, UpstreamUnavailable
 from coderstack.server.errorpage import render_error_page
 from tests.support.tlscerts import make_ca_and_server_cert
 from tests.support.waiting import wait_until
 
-from .appproxysupport import UPSTREAM, App, Front, RawClient, parse_head_response
+from .appproxysupport import FORWARDED, UPSTREAM, App, Front, RawClient, parse_head_response
 
 
 async def started(testcase: Any, **options: Any) -> tuple[App, Front]:
@@ -210,6 +212,7 @@ class StreamingTests(unittest.TestCase):
         total = 100 * 1024 * 1024
         chunk = b"z" * 65536
         app_pauses: list[int] = []
+        browser_buffers: list[int] = []  # the proxy's unsent bytes to the browser, when the app pauses
 
         class Source:
             def __init__(self, request: server.Request) -> None:
@@ -230,6 +233,7 @@ class StreamingTests(unittest.TestCase):
             def pauseProducing(self) -> None:
                 self.paused = True
                 app_pauses.append(self.sent)
+                browser_buffers.append(max(map(_write_buffered, front.wrapper.protocols), default=0))
 
             def stopProducing(self) -> None:
                 self.paused = True
@@ -255,6 +259,7 @@ class StreamingTests(unittest.TestCase):
         self.assertEqual(counted.body_bytes(), total)
         # What the proxy held beyond the sockets' buffers stayed small, however big the body.
         self.assertLess(front.proxy.stats.peak_held_bytes, 1024 * 1024)
+        self.assertLess(max(browser_buffers), 1024 * 1024)
         self.assertEqual(front.proxy.stats.held_bytes, 0)
 
     async def test_chunked_events_reach_the_browser_as_they_are_written(self) -> None:
@@ -291,6 +296,12 @@ class StreamingTests(unittest.TestCase):
         await wait_until(lambda: client.data.endswith(b"0\r\n\r\n"), "the end of the stream")
         self.assertLess(client.data.index(b"one"), client.data.index(b"two"))
         self.assertLess(client.data.index(b"two"), client.data.index(b"three"))
+
+
+def _write_buffered(wrapper: Any) -> int:
+    """What a connection's transport (Twisted's TCP) holds unsent, read from its buffers."""
+    t = wrapper.transport
+    return len(t.dataBuffer) - t.offset + t._tempDataLen
 
 
 class Counter(RawClient):
@@ -332,6 +343,29 @@ class UpstreamTests(unittest.TestCase):
             self.assertEqual((resp.status, resp.body), (200, b"hello from /secure"))
         self.assertEqual(app.opened, 1)
 
+    async def test_behind_a_klein_route(self) -> None:
+        # A Klein route hands the request on as a resource that returns NOT_DONE_YET (a route
+        # returning NOT_DONE_YET itself would have Klein finish the request at once).
+        app = await App(self).start()
+        front = Front(self, app)
+        klein = Klein()
+
+        @klein.route("/@alice/ws/apps/code/", branch=True)
+        def code(request: server.Request) -> Any:
+            prefix = b"/@alice/ws/apps/code"
+            return _ProxyLeaf(front, request.uri[len(prefix):])
+
+        front.site.resource = klein.resource()
+        await front.start()
+        client = await front.client()
+        client.send(b"POST /@alice/ws/apps/code/save?x=1 HTTP/1.1\r\nHost: a\r\n"
+                    b"Transfer-Encoding: chunked\r\n\r\n4\r\nbody\r\n")
+        await app.first_chunk
+        client.send(b"0\r\n\r\n")
+        resp = await client.response()
+        self.assertEqual((resp.status, resp.body), (200, b"hello from /save?x=1"))
+        self.assertEqual(app.seen[0].body, b"body")
+
     async def test_close_ends_requests_in_flight_and_idle_connections(self) -> None:
         app, front = await started(self)
         held: list[server.Request] = []
@@ -352,6 +386,21 @@ class UpstreamTests(unittest.TestCase):
         await front.proxy.close()
         await wait_until(lambda: app.closed == 2, "both app connections to close")
         await busy.lost
+
+
+class _ProxyLeaf(Resource):
+    isLeaf = True
+
+    def __init__(self, front: Front, path: bytes) -> None:
+        super().__init__()
+        self.front = front
+        self.path = path
+
+    def render(self, request: server.Request) -> Any:
+        f = self.front
+        f.proxy.proxy(request, key=f.key, connect=f.connect, upstream=f.upstream, path=self.path,
+                      forwarded=FORWARDED, strip_cookies=f.strip_cookies)
+        return server.NOT_DONE_YET
 
 
 class HeaderTests(unittest.TestCase):
