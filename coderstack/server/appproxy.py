@@ -211,6 +211,8 @@ class _Exchange:
     # --- the whole exchange ---
 
     async def run(self) -> None:
+        if self.browser_gone:
+            return
         websocket = is_websocket_upgrade(self.request)
         try:
             if websocket:
@@ -236,7 +238,9 @@ class _Exchange:
     def abort(self) -> None:
         """Stop at once: the browser's connection and the app's close."""
         self._abort_upstream()
-        if not self.browser_gone and not self.request.finished:
+        channel = self.request.channel
+        if not self.browser_gone and not self.request.finished and channel is not None \
+                and channel.transport is not None:
             self.request.loseConnection()
 
     def _browser_lost(self, failure: Failure) -> None:
@@ -279,6 +283,8 @@ class _Exchange:
         except defer.CancelledError:
             raise
         except Exception as e:
+            if self.browser_gone:  # the connect was cancelled for it
+                raise defer.CancelledError() from None
             log.info("app proxy: {app} refused the connection: {why}", app=self.upstream.host_header,
                      why=type(e).__name__)
             raise UpstreamUnavailable(

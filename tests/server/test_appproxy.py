@@ -613,6 +613,24 @@ class ErrorTests(unittest.TestCase):
         await wait_until(lambda: gone, "the app's connection to close")
         self.assertEqual(front.proxy.pool.idle_count(("app", "http")), 0)
 
+    async def test_a_browser_that_goes_away_while_connecting_cancels_the_connect(self) -> None:
+        front = await Front(self, None).start()
+        cancelled: list[bool] = []
+        pending: defer.Deferred[Any] = defer.Deferred(lambda d: cancelled.append(True))
+        asked: list[bool] = []
+
+        async def connect() -> Any:
+            asked.append(True)
+            return await pending
+
+        front.connect = connect  # type: ignore[method-assign]
+        client = await front.client()
+        client.send(get(b"/"))
+        await wait_until(lambda: asked, "the proxy to ask for a connection")
+        await client.close()
+        await wait_until(lambda: cancelled, "the connect to be cancelled")
+        await wait_until(lambda: not front.proxy._exchanges, "the exchange to end")
+
     def test_error_page_escapes_and_sets_headers(self) -> None:
         from twisted.web.test.requesthelper import DummyRequest
 
