@@ -613,6 +613,31 @@ class ErrorTests(unittest.TestCase):
         await wait_until(lambda: gone, "the app's connection to close")
         self.assertEqual(front.proxy.pool.idle_count(("app", "http")), 0)
 
+    async def test_a_browser_that_leaves_mid_download_or_mid_upload_frees_the_app(self) -> None:
+        app, front = await started(self)
+        gone: list[bytes] = []
+
+        def endless(request: server.Request) -> Any:
+            loop = task.LoopingCall(request.write, b"tick\n")
+            loop.start(0.01)
+            request.notifyFinish().addErrback(lambda _: (loop.stop(), gone.append(request.path)))
+            return server.NOT_DONE_YET
+
+        app.handlers[b"/endless"] = endless
+        download = await front.client()
+        download.send(get(b"/endless"))
+        await wait_until(lambda: b"tick" in download.data, "the download to start")
+        await download.close()
+        await wait_until(lambda: gone == [b"/endless"], "the app's download connection to close")
+
+        upload = await front.client()
+        upload.send(b"PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 1000\r\n\r\nabc")
+        await app.first_chunk
+        self.assertEqual(app.opened, 2)
+        await upload.close()
+        await wait_until(lambda: app.closed == 2, "the app's upload connection to close")
+        self.assertEqual(app.seen, [app.seen[0]])  # only the download was ever rendered
+
     async def test_a_browser_that_goes_away_while_connecting_cancels_the_connect(self) -> None:
         front = await Front(self, None).start()
         cancelled: list[bool] = []
