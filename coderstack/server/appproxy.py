@@ -11,7 +11,9 @@ nginx would:
 - bodies stream both ways with flow control: a request body claimed by the Site's streaming
   predicate (:mod:`coderstack.server.streamingrequest`) goes upstream as it arrives, pausing the
   browser when the app reads slowly; the response body goes to the browser as it arrives (chunked
-  and server-sent events included), pausing the app's connection while the browser is slow;
+  and server-sent events included), pausing the app's connection while the browser is slow. A
+  response may begin before the request body has all been sent (the client's parser is watched
+  for the head, since the client itself hands the response over only once the request is out);
 - websocket handshakes go to the app on a connection of their own; on ``101`` the browser's
   connection is taken away from HTTP (:mod:`coderstack.httptakeover`) and bytes are spliced both
   ways; any other answer is proxied as a normal response;
@@ -171,6 +173,28 @@ class AppProxy:
         stats.peak_held_bytes = max(stats.peak_held_bytes, stats.held_bytes)
 
 
+def _first_response(sent: defer.Deferred[Any], head: defer.Deferred[Any] | None) -> defer.Deferred[Any]:
+    """The response from whichever fires first: the client's request Deferred (after the whole
+    request is sent) or its parser's (as soon as the response head is in). Either passes its
+    result on untouched, so the client's own chaining is unchanged; a late failure of ``sent``
+    after the response has come is consumed here."""
+    first: defer.Deferred[Any] = defer.Deferred()
+
+    def answered(response: Any) -> Any:
+        if not first.called:
+            first.callback(response)
+        return response
+
+    def failed(failure: Failure) -> None:
+        if not first.called:
+            first.errback(failure)
+
+    sent.addCallbacks(answered, failed)
+    if head is not None:
+        head.addCallback(answered)
+    return first
+
+
 async def _awaited(awaitable: Awaitable[Any]) -> Any:
     return await awaitable
 
@@ -200,6 +224,7 @@ class _Exchange:
         self.browser_gone = bool(getattr(request, "_disconnected", False))
         self.done = False  # the app's part is over: its connection is no longer ours to abort
         self.timed_out = False
+        self.responded = False  # the app's response head is in
         self.conn: UpstreamConnection | None = None
         self.upgrade_client: _UpgradeClient | None = None
         self._pending: defer.Deferred[Any] | None = None  # connecting, cancelled on abort
@@ -346,7 +371,9 @@ class _Exchange:
             if body is None:
                 self._request_sent()
             try:
-                response = await d
+                # The response may start before the whole body is sent (an app answering as
+                # it reads, or refusing early): take whichever comes first.
+                response = await _first_response(d, getattr(conn, "_responseDeferred", None))
             except Exception as e:
                 self._cancel_timer()
                 if self.browser_gone:
@@ -371,7 +398,7 @@ class _Exchange:
 
     def _request_sent(self) -> None:
         """The whole request is with the app: its response head is due within the timeout."""
-        if self._timer is None and not self.done:
+        if self._timer is None and not self.done and not self.responded:
             self._timer = self.proxy.clock.callLater(self.proxy.response_header_timeout, self._time_out)
 
     def _time_out(self) -> None:
@@ -388,6 +415,8 @@ class _Exchange:
 
     def _respond(self, response: Any) -> None:  # an IResponse
         request = self.request
+        self.responded = True
+        self._cancel_timer()
         if self.browser_gone:
             self._abort_upstream()
             return

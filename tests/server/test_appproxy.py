@@ -176,6 +176,49 @@ class StreamingTests(unittest.TestCase):
         self.assertEqual((resp.status, resp.body), (200, b"got 12"))
         self.assertEqual(app.seen[0].body, b"first second")
 
+    async def test_an_app_may_answer_while_the_upload_goes_on(self) -> None:
+        class DuplexApp(protocol.Protocol):
+            """Answers at once, then echoes each body chunk as a response chunk."""
+
+            buf = b""
+            answered = False
+
+            def dataReceived(self, data: bytes) -> None:
+                self.buf += data
+                if not self.answered:
+                    if b"\r\n\r\n" not in self.buf:
+                        return
+                    self.buf = self.buf.split(b"\r\n\r\n", 1)[1]
+                    self.answered = True
+                    self.transport.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+                while b"\r\n" in self.buf:
+                    size_line, rest = self.buf.split(b"\r\n", 1)
+                    size = int(size_line, 16)
+                    if len(rest) < size + 2:
+                        return
+                    self.buf = rest[size + 2:]
+                    self.transport.write(b"%x\r\n%s\r\n" % (size, rest[:size].upper()))
+                    if size == 0:
+                        return
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(DuplexApp))
+        self.addCleanup(port.stopListening)
+        front = await Front(self, None).start()
+
+        async def connect() -> Any:
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+
+        front.connect = connect  # type: ignore[method-assign]
+        client = await front.client()
+        client.send(b"POST /duplex HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n")
+        head = await client.head()
+        self.assertEqual(head.status, 200)
+        await wait_until(lambda: b"HELLO" in client.data, "the echo of the first chunk, the upload unfinished")
+        client.send(b"5\r\nworld\r\n0\r\n\r\n")
+        await wait_until(lambda: client.data.endswith(b"0\r\n\r\n"), "the end of the response")
+        self.assertIn(b"WORLD", client.data)
+
     async def test_an_upload_with_a_length_keeps_it(self) -> None:
         app, front = await started(self)
         client = await front.client()
