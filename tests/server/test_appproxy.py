@@ -219,6 +219,38 @@ class StreamingTests(unittest.TestCase):
         await wait_until(lambda: client.data.endswith(b"0\r\n\r\n"), "the end of the response")
         self.assertIn(b"WORLD", client.data)
 
+    async def test_an_app_refusing_an_upload_early_is_answered_and_the_rest_dropped(self) -> None:
+        lost: list[bool] = []
+
+        class Refuser(protocol.Protocol):
+            answered = False
+
+            def dataReceived(self, data: bytes) -> None:
+                if self.answered:
+                    return  # it reads on, without looking
+                self.answered = True
+                self.transport.write(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 4\r\n\r\nbig!")
+
+            def connectionLost(self, reason: Any = None) -> None:
+                lost.append(True)
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(Refuser))
+        self.addCleanup(port.stopListening)
+        front = await Front(self, None).start()
+
+        async def connect() -> Any:
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+
+        front.connect = connect  # type: ignore[method-assign]
+        client = await front.client()
+        client.send(b"PUT /up HTTP/1.1\r\nHost: a\r\nContent-Length: 10000000\r\n\r\n" + b"x" * 100_000)
+        resp = await client.response()
+        self.assertEqual((resp.status, resp.body), (413, b"big!"))
+        await client.lost  # the rest of the body cannot be told from a next request: closed
+        await wait_until(lambda: lost, "the app connection to close")
+        await wait_until(lambda: not front.proxy._exchanges, "the exchange to end")
+
     async def test_an_upload_with_a_length_keeps_it(self) -> None:
         app, front = await started(self)
         client = await front.client()
