@@ -5,7 +5,8 @@ A proxy in front of an upload cannot wait for that. :func:`streaming_request_fac
 Site ``requestFactory`` around a predicate ``claims(host, path)`` (the Host header, or None, and
 the request target as sent): a claimed request with a body is dispatched to its resource as soon
 as its head is in, with :attr:`StreamingRequest.body_stream` carrying the body; every other
-request behaves exactly as twisted.web's own.
+request behaves exactly as twisted.web's own. (A streamed request's ``content`` is empty and its
+``args`` come from the query alone: its form fields, if any, are still on their way.)
 
 Flow control: the stream queues what arrives while its consumer is away or paused, and pauses
 the client's connection once it holds :data:`HIGH_WATER` bytes or its consumer pauses it; the
