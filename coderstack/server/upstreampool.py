@@ -57,6 +57,8 @@ class UpstreamConnection(HTTP11ClientProtocol):
 
 
 class _Factory(protocol.Factory):
+    noisy = False  # one per connection: no start/stop line in the log for each
+
     def __init__(self, build: Callable[[], protocol.Protocol]) -> None:
         self._build = build
 

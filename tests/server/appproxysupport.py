@@ -4,7 +4,7 @@ raw TCP client: the pieces of the app proxy's tests.
 - :class:`App`: a Site whose handlers are plain functions by path; it records every request
   (method, target, raw headers, body) and counts its connections; its request type fires
   :attr:`App.first_chunk` when a body's first bytes arrive, before the body is complete.
-- :class:`Front`: a GuardedSite whose every request is proxied to the app by an
+- :class:`Front`: the server's Site class (QuietSite), whose every request is proxied to the app by an
   :class:`AppProxy`, with request bodies streamed.
 - :class:`RawClient`: bytes in, bytes out, for the framing and header tests.
 """
@@ -28,7 +28,7 @@ from twisted.web.http import HTTPChannel
 from twisted.web.resource import Resource
 
 from coderstack.server.appproxy import AppProxy, Forwarded, Upstream
-from coderstack.server.httpguard import GuardedSite
+from coderstack.server.service import QuietSite
 from coderstack.server.streamingrequest import stream_claimed_bodies
 from tests.support.waiting import wait_until
 
@@ -156,7 +156,7 @@ class Front:
         self.key: Any = "app"
         self.strip_cookies = frozenset({"coder_session_token", "coder_path_app_session_token"})
         self.requests: list[server.Request] = []
-        self.site = GuardedSite(_FrontResource(self))
+        self.site = QuietSite(_FrontResource(self))  # the server's own Site class
         stream_claimed_bodies(self.site, lambda host, path: True)
         self.port: Any = None
 

@@ -17,6 +17,7 @@ from autobahn.twisted.websocket import (
 from klein import Klein
 from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.resource import Resource
@@ -493,6 +494,9 @@ class HeaderTests(unittest.TestCase):
             b"X-Forwarded-For: 198.51.100.1",
             b"X-Forwarded-Host: evil.example",
             b"X-Kept: yes",
+            b"Upgrade: h2c",
+            b"TE: trailers",
+            b"Proxy-Connection: keep-alive",
         ))
         resp = await client.response()
         self.assertEqual(resp.status, 200)
@@ -500,7 +504,8 @@ class HeaderTests(unittest.TestCase):
         self.assertEqual(seen.uri, b"/p/q?x=1&y=2")
         self.assertEqual(seen.header(b"cookie"), [b"theme=dark; lang=en"])
         self.assertEqual(seen.header(b"coder-session-token"), [])
-        for name in (b"x-hop", b"keep-alive", b"proxy-authorization", b"connection", b"upgrade"):
+        for name in (b"x-hop", b"keep-alive", b"proxy-authorization", b"connection", b"upgrade",
+                     b"te", b"proxy-connection"):
             self.assertEqual(seen.header(name), [], name)
         self.assertEqual(seen.header(b"host"), [UPSTREAM.host_header.encode()])
         self.assertEqual(seen.header(b"x-forwarded-for"), [b"203.0.113.7"])
@@ -611,9 +616,17 @@ class ErrorTests(unittest.TestCase):
             return TCP4ClientEndpoint(reactor, "127.0.0.1", closed)
 
         front.connect = connect  # type: ignore[method-assign]
+        events: list[dict[str, Any]] = []
+        globalLogPublisher.addObserver(events.append)
+        self.addCleanup(globalLogPublisher.removeObserver, events.append)
         client = await front.client()
-        client.send(get(b"/"))
+        client.send(get(b"/?coder_application_connect_api_key_35e783=k3y",
+                        b"Cookie: coder_session_token=s3cret", b"Coder-Session-Token: s3cret"))
         self.assertErrorPage(await client.response(), 502, b"The app is not responding")
+        logged = " ".join(formatEvent(e) + repr(e) for e in events)
+        self.assertIn("refused", logged)  # the failure was logged...
+        self.assertNotIn("s3cret", logged)  # ...without the secrets of the request
+        self.assertNotIn("k3y", logged)
 
     async def test_upstream_unavailable_from_connect_is_its_page(self) -> None:
         front = await Front(self, None).start()
