@@ -356,7 +356,8 @@ class _Exchange:
         body = self._body_producer()
         retried = False
         while True:
-            conn = self.proxy.pool.take(self.key)
+            # A retry goes on a new connection: the parked ones may have closed as well.
+            conn = None if retried else self.proxy.pool.take(self.key)
             reused = conn is not None
             if conn is None:
                 endpoint = await self._endpoint()
