@@ -466,7 +466,12 @@ class _Exchange:
         if request.startedWriting:
             request.loseConnection()
             return
+        # Nothing of the app's (a crash may come after its headers were copied), but the
+        # channel's own Connection: close stays.
+        connection = request.responseHeaders.getRawHeaders(b"connection")
         request.responseHeaders = Headers()
+        if connection:
+            request.responseHeaders.setRawHeaders(b"Connection", connection)
         body = render_error_page(request, status, title, detail)
         request.write(body)
         request.finish()
@@ -677,8 +682,9 @@ class _UpgradeParser(HTTPClientParser):
             super().allHeadersReceived()
             return
         headers: list[appheaders.Header] = []
-        for name, values in self.headers.getAllRawHeaders():
-            headers.extend((appheaders.canonical_name(name), v) for v in values)
+        connection = self.connHeaders.getRawHeaders(b"connection", [])
+        for name, values in appheaders.response_headers(self.headers.getAllRawHeaders(), connection):
+            headers.extend((name, v) for v in values)
         upgrade = self.connHeaders.getRawHeaders(b"upgrade") or [b"websocket"]
         headers[:0] = [(b"Upgrade", upgrade[0]), (b"Connection", b"Upgrade")]
         self.state = DONE
