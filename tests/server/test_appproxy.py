@@ -17,10 +17,12 @@ from autobahn.twisted.websocket import (
 from klein import Klein
 from twisted.internet import defer, protocol, reactor, ssl, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 from twisted.web import server
 from twisted.web.resource import Resource
+from zope.interface import implementer
 
 from coderstack.server.appproxy import AppProxy, Upstream, UpstreamUnavailable
 from coderstack.server.errorpage import render_error_page
@@ -858,6 +860,61 @@ class WebSocketTests(unittest.TestCase):
         self.assertNotIn(b"coder_session_token", app_head)
         await client.close()
         await wait_until(lambda: front.proxy.stats.websockets == 0, "the splice to close")
+
+    async def test_a_slow_browser_pauses_the_app_through_the_splice(self) -> None:
+        total = 32 * 1024 * 1024
+        app_paused: list[int] = []
+
+        @implementer(IPushProducer)
+        class Firehose(protocol.Protocol):
+            sent = 0
+            paused = True
+
+            def dataReceived(self, data: bytes) -> None:
+                if self.sent == 0 and b"\r\n\r\n" in data:
+                    self.transport.write(b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+                                         b"Connection: Upgrade\r\n\r\n")
+                    self.transport.registerProducer(self, True)
+                    self.resumeProducing()
+
+            def resumeProducing(self) -> None:
+                self.paused = False
+                while not self.paused and self.sent < total:
+                    self.transport.write(b"w" * 65536)
+                    self.sent += 65536
+
+            def pauseProducing(self) -> None:
+                self.paused = True
+                app_paused.append(self.sent)
+
+            def stopProducing(self) -> None:
+                self.paused = True
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(Firehose))
+        self.addCleanup(port.stopListening)
+        front = await Front(self, None).start()
+
+        async def connect() -> Any:
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+
+        front.connect = connect  # type: ignore[method-assign]
+        counted = Counter()
+        ep = TCP4ClientEndpoint(reactor, "127.0.0.1", front.port.getHost().port)
+        await ep.connect(protocol.Factory.forProtocol(lambda: counted))
+        self.addCleanup(counted.close)
+        counted.transport.pauseProducing()  # the browser does not read
+        counted.transport.write(get(b"/ws", b"Upgrade: websocket", b"Connection: Upgrade"))
+        # The app is held back by the proxy's full connection to the browser (not by its own
+        # socket alone): its writes stop well before the whole stream has gone.
+        await wait_until(lambda: app_paused and front.proxy.stats.websockets == 1, "the app to be paused")
+        await wait_until(lambda: max(map(_write_buffered, front.wrapper.protocols)) > 0,
+                         "the proxy's buffer to the browser to fill")
+        self.assertLess(max(map(_write_buffered, front.wrapper.protocols)), 1024 * 1024)
+        self.assertLess(app_paused[0], total)
+        counted.transport.resumeProducing()
+        await wait_until(lambda: counted.body_bytes() >= total, "the whole stream at the browser", timeout=60)
+        self.assertEqual(counted.body_bytes(), total)
 
     async def test_a_refused_upgrade_is_an_ordinary_response(self) -> None:
         app, front = await started(self)
