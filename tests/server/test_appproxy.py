@@ -567,6 +567,48 @@ class HeaderTests(unittest.TestCase):
         self.assertEqual((resp.body, resp.header(b"content-type")), (b"raw", []))
 
 
+class FramingTests(unittest.TestCase):
+    async def test_a_close_delimited_response_is_rechunked_and_not_reused(self) -> None:
+        opened: list[bool] = []
+
+        class OldApp(protocol.Protocol):
+            def connectionMade(self) -> None:
+                opened.append(True)
+
+            def dataReceived(self, data: bytes) -> None:
+                if b"\r\n\r\n" in data:
+                    self.transport.write(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nuntil ")
+                    reactor.callLater(0.01, self.transport.write, b"the close")
+                    reactor.callLater(0.02, self.transport.loseConnection)
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
+            protocol.Factory.forProtocol(OldApp))
+        self.addCleanup(port.stopListening)
+        front = await Front(self, None).start()
+
+        async def connect() -> Any:
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+
+        front.connect = connect  # type: ignore[method-assign]
+        client = await front.client()
+        for _ in range(2):
+            client.send(get(b"/"))
+            resp = await client.response()
+            self.assertEqual((resp.status, resp.body), (200, b"until the close"))
+            self.assertEqual(resp.header(b"transfer-encoding"), [b"chunked"])
+        self.assertEqual(len(opened), 2)
+
+    async def test_an_http10_browser_gets_a_close_delimited_body(self) -> None:
+        app, front = await started(self)
+        app.handlers[b"/chunks"] = lambda r: (r.write(b"part one, "), b"part two")[1]
+        client = await front.client()
+        client.send(b"GET /chunks HTTP/1.0\r\nHost: a\r\n\r\n")
+        await client.lost
+        head, body = client.data.split(b"\r\n\r\n", 1)
+        self.assertIn(b" 200 ", head.split(b"\r\n")[0])
+        self.assertEqual(body, b"part one, part two")
+
+
 class NoBodyTests(unittest.TestCase):
     async def test_head_204_and_304_have_no_body_and_keep_the_connection(self) -> None:
         app, front = await started(self)
