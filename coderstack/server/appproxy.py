@@ -135,6 +135,15 @@ Connect = Callable[[], Awaitable[IStreamClientEndpoint]]
 
 
 class AppProxy:
+    """Serves browser requests from workspace apps (see the module doc).
+
+    ``reactor`` is what its timers run on (``IReactorTime``; connections come from the
+    endpoints ``connect()`` returns). Parked app connections close after ``idle_timeout``
+    seconds, at most ``max_idle_per_key`` are kept per key, and an app has
+    ``response_header_timeout`` seconds from the end of a request to the head of its response.
+    :attr:`stats` counts what happened.
+    """
+
     def __init__(self, reactor: Any, *, idle_timeout: float = 90.0, max_idle_per_key: int = 8,
                  response_header_timeout: float = RESPONSE_HEADER_TIMEOUT) -> None:
         self.reactor = reactor
