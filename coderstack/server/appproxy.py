@@ -14,9 +14,10 @@ nginx would:
   and server-sent events included), pausing the app's connection while the browser is slow. A
   response may begin before the request body has all been sent (the client's parser is watched
   for the head, since the client itself hands the response over only once the request is out);
-- websocket handshakes go to the app on a connection of their own; on ``101`` the browser's
-  connection is taken away from HTTP (:mod:`coderstack.httptakeover`) and bytes are spliced both
-  ways; any other answer is proxied as a normal response;
+- websocket handshakes go to the app on a connection of their own
+  (:mod:`coderstack.server.appwebsocket`); on ``101`` the browser's connection is taken away from
+  HTTP (:mod:`coderstack.httptakeover`) and bytes are spliced both ways; any other answer is
+  proxied as a normal response;
 - headers as :mod:`coderstack.server.appheaders` says;
 - failures before a response are an HTML page (:mod:`coderstack.server.errorpage`): the router's
   :class:`UpstreamUnavailable`, ``502`` when the app refuses or drops the connection, ``504`` when
@@ -44,7 +45,7 @@ from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IPushProducer, IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.python.failure import Failure
-from twisted.web._newclient import DONE, HTTPClientParser, TransportProxyProducer
+from twisted.web._newclient import HTTPClientParser
 from twisted.web.client import (
     FileBodyProducer,
     RequestNotSent,
@@ -61,6 +62,7 @@ from zope.interface import implementer
 
 from coderstack.httptakeover import take_over
 from coderstack.server import appheaders
+from coderstack.server.appwebsocket import Splice, Switched, UpgradeClient
 from coderstack.server.errorpage import render_error_page
 from coderstack.server.streamingrequest import RequestBodyStream, StreamingRequest
 from coderstack.server.upstreampool import (
@@ -152,7 +154,7 @@ class AppProxy:
         self.response_header_timeout = response_header_timeout
         self.stats = ProxyStats()
         self._exchanges: set[_Exchange] = set()
-        self._splices: set[_Splice] = set()
+        self._splices: set[Splice] = set()
 
     def proxy(self, request: Request, *, key: Hashable, connect: Connect, upstream: Upstream,
               path: bytes, forwarded: Forwarded, strip_cookies: frozenset[str]) -> None:
@@ -175,6 +177,15 @@ class AppProxy:
         await self.pool.close()
         for splice in list(self._splices):
             await splice.closed
+
+    # SpliceRegistry
+    def opened(self, splice: Splice) -> None:
+        self._splices.add(splice)
+        self.stats.websockets += 1
+
+    def closed(self, splice: Splice) -> None:
+        self._splices.discard(splice)
+        self.stats.websockets -= 1
 
     def _held(self, delta: int) -> None:
         stats = self.stats
@@ -235,7 +246,7 @@ class _Exchange:
         self.timed_out = False
         self.responded = False  # the app's response head is in
         self.conn: UpstreamConnection | None = None
-        self.upgrade_client: _UpgradeClient | None = None
+        self.upgrade_client: UpgradeClient | None = None
         self._pending: defer.Deferred[Any] | None = None  # connecting, cancelled on abort
         self._timer: DelayedCall | None = None
         self._body: _StreamedBody | _SentFileBody | None = None
@@ -489,7 +500,7 @@ class _Exchange:
 
     async def _upgrade(self) -> None:
         endpoint = await self._endpoint()
-        client = _UpgradeClient(self, self._target(), self._headers(websocket=True))
+        client = UpgradeClient(self._target(), self._headers(websocket=True))
         await self._connected(connect_protocol(endpoint, lambda: client))
         self.proxy.stats.upstream_connections += 1
         if self.browser_gone:
@@ -513,12 +524,12 @@ class _Exchange:
                      app=self.upstream.host_header, why=type(e).__name__)
             raise UpstreamUnavailable(502, NOT_RESPONDING, "The app closed the connection without answering.") from None
         self._cancel_timer()
-        if isinstance(answer, _Switched):
+        if isinstance(answer, Switched):
             self._splice(client, answer)
         else:
             self._respond(answer)
 
-    def _splice(self, client: _UpgradeClient, switched: _Switched) -> None:
+    def _splice(self, client: UpgradeClient, switched: Switched) -> None:
         request = self.request
         self.done = True
         channel: Any = request.channel
@@ -531,7 +542,7 @@ class _Exchange:
             head.append(name + b": " + value + b"\r\n")
         head.append(b"\r\n")
         browser_transport.writeSequence(head)
-        splice = _Splice(self.proxy, client)
+        splice = Splice(client, self.proxy)
         buffered = take_over(request, splice.browser)
         splice.start(switched.rest, buffered)
 
@@ -667,184 +678,3 @@ class _ResponsePump(protocol.Protocol):
     def stopProducing(self) -> None:
         self._drop_queue()
         self.exchange._abort_upstream()
-
-
-# --- websocket handshake and splice ------------------------------------------------------------
-
-
-@dataclass
-class _Switched:
-    headers: list[appheaders.Header]  # for the browser's 101
-    rest: bytes  # what the app sent right behind its 101
-
-
-class _UpgradeParser(HTTPClientParser):
-    """Twisted's response parser, stopping at a ``101`` head (which it would skip)."""
-
-    def __init__(self, request: ClientRequest, finisher: Callable[[bytes], None],
-                 switched: Callable[[_Switched], None]) -> None:
-        super().__init__(request, finisher)
-        self._on_switched = switched
-
-    def allHeadersReceived(self) -> None:
-        if self.response.code != 101:
-            super().allHeadersReceived()
-            return
-        headers: list[appheaders.Header] = []
-        connection = self.connHeaders.getRawHeaders(b"connection", [])
-        for name, values in appheaders.response_headers(self.headers.getAllRawHeaders(), connection):
-            headers.extend((name, v) for v in values)
-        upgrade = self.connHeaders.getRawHeaders(b"upgrade") or [b"websocket"]
-        headers[:0] = [(b"Upgrade", upgrade[0]), (b"Connection", b"Upgrade")]
-        self.state = DONE
-        rest = self.clearLineBuffer()
-        self._on_switched(_Switched(headers, rest))
-
-
-class _UpgradeClient(protocol.Protocol):
-    """The app's end of a websocket handshake: the request head, then the answer (a
-    :class:`_Switched`, or a Twisted ``Response`` for anything else), then, once spliced, raw
-    bytes."""
-
-    def __init__(self, exchange: _Exchange, target: bytes, headers: list[appheaders.Header]) -> None:
-        self.exchange = exchange
-        self.target = target
-        self.headers = headers
-        self.answer: defer.Deferred[Any] = defer.Deferred()
-        self.splice: _Splice | None = None
-        self.gone = False
-        self.lost: defer.Deferred[None] = defer.Deferred()
-        self._parser: _UpgradeParser | None = None
-        self.parser: _UpgradeParser | None = None  # kept after the answer, for its headers
-
-    def connectionMade(self) -> None:
-        lines = [b"GET " + self.target + b" HTTP/1.1\r\n"]
-        lines.extend(name + b": " + value + b"\r\n" for name, value in self.headers)
-        lines.append(b"\r\n")
-        transport: Any = self.transport
-        transport.writeSequence(lines)
-        parser = self._parser = self.parser = _UpgradeParser(
-            ClientRequest(b"GET", self.target, Headers(), None, persistent=False),
-            self._finished, self._switched,
-        )
-        parser.makeConnection(TransportProxyProducer(transport))
-        parser._responseDeferred.addCallbacks(self._answered, self._failed)
-
-    def _answered(self, response: Any) -> None:
-        if not self.answer.called:
-            self.answer.callback(response)
-
-    def _failed(self, failure: Failure) -> None:
-        if not self.answer.called:
-            self.answer.errback(failure)
-
-    def _switched(self, switched: _Switched) -> None:
-        self._parser = None
-        self.answer.callback(switched)
-
-    def _finished(self, rest: bytes) -> None:
-        self.close()  # a non-101 answer: this connection is not reused
-
-    def dataReceived(self, data: bytes) -> None:
-        if self.splice is not None:
-            self.splice.from_app(data)
-        elif self._parser is not None:
-            try:
-                self._parser.dataReceived(data)
-            except Exception:
-                self.abort()
-                self._failed(Failure())
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.gone = True
-        parser, self._parser = self._parser, None
-        if parser is not None:
-            parser.connectionLost(reason)
-        if self.splice is not None:
-            self.splice.app_lost()
-        self.lost.callback(None)
-
-    def abort(self) -> None:
-        transport: Any = self.transport
-        if transport is not None and not self.gone:
-            transport.abortConnection()
-
-    def close(self) -> None:
-        transport: Any = self.transport
-        if transport is not None and not self.gone:
-            transport.loseConnection()
-
-
-class _BrowserSide(protocol.Protocol):
-    def __init__(self, splice: _Splice) -> None:
-        self.splice = splice
-
-    def dataReceived(self, data: bytes) -> None:
-        self.splice.from_browser(data)
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.splice.browser_lost()
-
-
-class _Splice:
-    """A browser connection and an app connection after a websocket ``101``: bytes both ways,
-    each side's write buffer pausing the other's reading; one side closing closes the other."""
-
-    def __init__(self, proxy: AppProxy, app: _UpgradeClient) -> None:
-        self.proxy = proxy
-        self.app = app
-        self.browser = _BrowserSide(self)
-        self.closed: defer.Deferred[None] = defer.Deferred()
-        self._browser_open = True
-        self._app_open = True
-        app.splice = self
-        proxy._splices.add(self)
-        proxy.stats.websockets += 1
-
-    def start(self, from_app: bytes, from_browser: bytes) -> None:
-        browser: Any = self.browser.transport
-        app: Any = self.app.transport
-        app.registerProducer(browser, True)
-        browser.registerProducer(app, True)
-        if from_app:
-            browser.write(from_app)
-        if from_browser:
-            app.write(from_browser)
-
-    def from_app(self, data: bytes) -> None:
-        browser: Any = self.browser.transport
-        if self._browser_open and browser is not None:
-            browser.write(data)
-
-    def from_browser(self, data: bytes) -> None:
-        app: Any = self.app.transport
-        if self._app_open and app is not None:
-            app.write(data)
-
-    def browser_lost(self) -> None:
-        self._browser_open = False
-        app: Any = self.app.transport
-        if self._app_open and app is not None:
-            app.unregisterProducer()
-            app.loseConnection()
-        self._maybe_closed()
-
-    def app_lost(self) -> None:
-        self._app_open = False
-        browser: Any = self.browser.transport
-        if self._browser_open and browser is not None:
-            browser.unregisterProducer()  # TLS waits for a registered producer to leave
-            browser.loseConnection()
-        self._maybe_closed()
-
-    def close(self) -> None:
-        for side in (self.app.transport, self.browser.transport):
-            t: Any = side
-            if t is not None:
-                t.abortConnection()
-
-    def _maybe_closed(self) -> None:
-        if not self._browser_open and not self._app_open and not self.closed.called:
-            self.proxy._splices.discard(self)
-            self.proxy.stats.websockets -= 1
-            self.closed.callback(None)
