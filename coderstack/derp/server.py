@@ -21,8 +21,8 @@ Upgrade: DERP stream after its queued frames (the relay's Restarting frame) are 
 A replica of the same server dialing for the DERP mesh sends ``Derp-Mesh: 1`` instead of a
 token; such a connection is closed at login unless its ClientInfo carries the mesh key.
 
-twisted.web has no upgrade API, so the upgrade takes the HTTP channel's transport over the way
-Autobahn's ``WebSocketResource`` does, and binds it to a plain Protocol feeding the relay.
+twisted.web has no upgrade API, so the upgrade takes the HTTP channel's transport over
+(:func:`coderstack.httptakeover.take_over`) and binds it to a plain Protocol feeding the relay.
 """
 
 from __future__ import annotations
@@ -34,10 +34,9 @@ from typing import Any, cast
 
 from autobahn.twisted.websocket import WebSocketServerFactory, WebSocketServerProtocol
 from autobahn.websocket.types import ConnectionDeny
-from twisted.internet.interfaces import IProtocol, IPushProducer
+from twisted.internet.interfaces import IPushProducer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.policies import ProtocolWrapper
 from twisted.python.failure import Failure
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
@@ -53,6 +52,7 @@ from coderstack.derp.policy import (
 )
 from coderstack.derp.relay import ConnSink, Relay, ServerConn
 from coderstack.derp.tcpopts import no_delay
+from coderstack.httptakeover import take_over
 from coderstack.twistedtypes import Clock, StreamTransport, stream_transport
 from coderstack.wire import derp as w
 from coderstack.wsclose import close_going_away
@@ -94,47 +94,6 @@ def load_or_create_private_key(path: str) -> bytes:
 def make_relay(private_key: bytes, policy: RelayPolicy, reactor: Clock, **kwargs: Any) -> Relay:
     """A :class:`Relay` that asks ``policy.allows`` for every new (source, destination) pair."""
     return Relay(private_key, reactor, policy.allows, **kwargs)
-
-
-# --- taking over the HTTP channel ----------------------------------------------------------------
-
-
-def _take_over(request: Request, protocol: Protocol) -> bytes:
-    """Detach the request's connection from HTTP and bind it to ``protocol``.
-
-    Returns any bytes HTTP had already read past the request.
-    """
-    channel = request.channel
-    # TCP, TLS or a policies wrapper: which of them it is shows in the attributes probed below.
-    transport: Any = channel.transport
-    channel.transport = None
-    # Bytes the client sent right behind the request (a client that does not wait for the
-    # 101) are either already parked in HTTP's pipelining buffer, or still inside the HTTP
-    # parser's loop when the upgrade happens synchronously; the parser hands those to
-    # rawDataReceived after we return, so send them on from there.
-    buffered = b"".join(getattr(channel, "_dataBuffer", ()) or ())
-    if hasattr(channel, "_dataBuffer"):
-        channel._dataBuffer = []
-    channel.rawDataReceived = protocol.dataReceived  # type: ignore[method-assign]  # twisted.web has no upgrade API: its raw-data hook is rebound
-    if isinstance(transport, ProtocolWrapper):
-        # Protocol implements IProtocol through zope.interface, which mypy cannot see.
-        transport.wrappedProtocol = cast(IProtocol, protocol)
-    elif isinstance(getattr(transport, "protocol", None), ProtocolWrapper):
-        transport.protocol.wrappedProtocol = protocol
-    else:
-        transport.protocol = protocol
-    # HTTP registered itself as the transport's producer; our protocol takes that role.
-    try:
-        transport.unregisterProducer()
-    except Exception:  # pragma: no cover - nothing registered
-        pass
-    protocol.makeConnection(transport)
-    producer = getattr(transport, "_networkProducer", None)
-    if producer is not None:
-        producer.resumeProducing()
-    elif hasattr(transport, "resumeProducing"):
-        transport.resumeProducing()
-    return buffered
 
 
 _REASONS = {426: b"Upgrade Required", 429: b"Too Many Requests"}  # twisted.web has no phrase for 426
@@ -433,12 +392,12 @@ class DERPResource(Resource):
                 b"Derp-Version: %d\r\nDerp-Public-Key: %s\r\n\r\n"
                 % (w.PROTOCOL_VERSION, self.relay.public_key.hex().encode())
             )
-            buffered = _take_over(request, proto)
+            buffered = take_over(request, proto)
             proto.start(buffered)
             return
         ws = DERPWebSocketProtocol(admitted)
         ws.factory = self.ws_factory  # what the factory's buildProtocol would set
-        buffered = _take_over(request, ws)
+        buffered = take_over(request, ws)
         # Replay the handshake request into Autobahn, as its own WebSocketResource does.
         data = request.method + b" " + request.uri + b" HTTP/1.1\r\n"
         for name, values in request.requestHeaders.getAllRawHeaders():

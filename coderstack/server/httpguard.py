@@ -60,7 +60,9 @@ class GuardedChannel(HTTPChannel):
     _head_call: DelayedCall | None = None
 
     def dataReceived(self, data: bytes) -> None:
-        if self._head_call is None and not self._handlingRequest and data:
+        # Only while a head is being read (line mode): a request body may take as long as it
+        # takes, and a streamed one arrives while no request is being handled yet.
+        if self._head_call is None and self.line_mode and not self._handlingRequest and data:
             self._head_call = self.callLater(self.head_timeout, self._head_timed_out)
         super().dataReceived(data)
 

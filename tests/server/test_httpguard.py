@@ -23,6 +23,9 @@ class Hello(Resource):
     def render_GET(self, request):
         return b"OK"
 
+    def render_PUT(self, request):
+        return b"OK"
+
 
 def addr(host: str, port: int = 40000) -> IPv4Address:
     return IPv4Address("TCP", host, port)
@@ -70,6 +73,18 @@ class HeadDeadlineTests(unittest.SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.clock.advance(60.0)  # the site's idle timeout still ends a quiet connection
         self.assertTrue(transport.disconnecting)
+        channel.connectionLost(Failure(ConnectionError()))
+
+    def test_a_slow_body_is_not_a_slow_head(self) -> None:
+        channel, transport = self.connect()
+        channel.dataReceived(b"PUT / HTTP/1.1\r\nHost: x\r\nContent-Length: 20\r\n\r\n")
+        for _ in range(19):  # the body drips for 19 s, past the head deadline
+            self.clock.advance(1.0)
+            channel.dataReceived(b"x")
+        self.assertEqual(transport.value(), b"")
+        self.assertFalse(transport.disconnecting)
+        channel.dataReceived(b"x")
+        self.assertNotIn(b"408", transport.value())
         channel.connectionLost(Failure(ConnectionError()))
 
     def test_a_connection_that_never_speaks_ends_at_the_idle_timeout(self) -> None:
