@@ -56,7 +56,9 @@ def app_rows(apps: list[dict[str, Any]]) -> list[list[str]]:
     for app in sorted(apps, key=lambda a: (a.get("order", 0), a["slug"])):
         if app.get("hidden"):
             continue
-        where = app.get("url") or (f"command: {app['command']}" if app.get("command") else "")
+        # Through the server when it serves the app; else where the app itself listens.
+        where = app.get("browser_url") or app.get("url") or (
+            f"command: {app['command']}" if app.get("command") else "")
         if app.get("external"):
             where += " (external)"
         rows.append([app.get("display_name") or app["slug"], where, app.get("health", "disabled")])

@@ -42,6 +42,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "speedtest": ("coderstack.cli.speedtest", "Measure throughput to a workspace over its tunnel."),
     "logs": ("coderstack.cli.agentlogs", "Print the logs of a workspace's startup and other scripts (--follow)."),
     "ssh": ("coderstack.cli.ssh", "SSH into a workspace (or --stdio for OpenSSH's ProxyCommand)."),
+    "open": ("coderstack.cli.openapp", "Print (and --open) the URL of a workspace app served through the server."),
+    "port-share": ("coderstack.cli.portshare", "Share a workspace's ports with other users through the server."),
     "config-ssh": ("coderstack.cli.config_ssh", "Add an SSH Host entry for your workspaces (ssh coder.WS)."),
 }
 

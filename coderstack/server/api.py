@@ -24,9 +24,18 @@ from werkzeug.exceptions import MethodNotAllowed, NotFound
 
 from coderstack import __version__
 from coderstack.derp.mapstream import derp_map_stream_resource
-from coderstack.server import agentstate, agentviews, auth, browseronly, livesessions, templatepush
+from coderstack.server import (
+    agentstate,
+    agentviews,
+    appsapi,
+    auth,
+    browseronly,
+    livesessions,
+    templatepush,
+)
 from coderstack.server.agentevents import AgentEvents
 from coderstack.server.agentstore import AgentStateStore
+from coderstack.server.appstore import AppStore
 from coderstack.server.builds import Builder
 from coderstack.server.deployment import Deployment
 from coderstack.server.hashpool import PoolBusy
@@ -87,6 +96,7 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
         self.builder = builder
         #: What builds tell agents and what agents report (agentstate.py, agentviews.py).
         self.agent_state = AgentStateStore(deployment.store)
+        self.app_store = AppStore(deployment.store)
         self.agent_events = AgentEvents()
 
     @property
@@ -667,9 +677,13 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
 
     @app.route("/api/v2/workspaceagents/<string:agent_id>", methods=["GET"])
     async def get_agent(self, request: HTTPRequest, agent_id: str) -> bytes:
-        _user, agent, _ws = await self.my_agent(request, agent_id)
-        return write_json(request, {**self.agent_json(agent),
-                                    **await agentviews.agent_fields(self.agent_state, agent)})
+        _user, agent, ws = await self.my_agent(request, agent_id)
+        fields = await agentviews.agent_fields(self.agent_state, agent)
+        if self.d.apps is not None:
+            # Where a browser opens each app (through this server), beside the app's own URL.
+            for app in fields["apps"]:
+                app["browser_url"] = self.d.apps.app_url(ws.owner_name, ws.name, agent.name, app)
+        return write_json(request, {**self.agent_json(agent), **fields})
 
     @app.route("/api/v2/workspaceagents/<string:agent_id>/connection", methods=["GET"])
     async def connection(self, request: HTTPRequest, agent_id: str) -> bytes:
@@ -748,3 +762,4 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
 # The agents' lifecycle routes live in their own modules and join this app.
 agentstate.register(API.app)
 agentviews.register(API.app)
+appsapi.register(API.app)

@@ -76,6 +76,8 @@ class Deployment:
         self.stun_port: Any = None
         #: The server's own tailnet to agents, for the app proxy (servertailnet.ServerTailnet).
         self.tailnet: Any = None
+        #: Workspace apps through the server (apps.AppRouter).
+        self.apps: Any = None
 
     # -- passwords: scrypt is deliberately slow, so it runs on a thread ------------------------
 

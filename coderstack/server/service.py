@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from typing import Any, Protocol, cast
+from urllib.parse import urlsplit
 
 from twisted.application import service
 from twisted.internet import endpoints
@@ -19,6 +20,12 @@ from twisted.logger import Logger
 from coderstack import envopts
 from coderstack.server.admission import Admission
 from coderstack.server.api import API
+from coderstack.server.appauth import AppAuth
+from coderstack.server.appkeys import AppKeys
+from coderstack.server.appproxy import AppProxy
+from coderstack.server.apps import AppRouter
+from coderstack.server.appstore import APP_KEY_NAME
+from coderstack.server.appurl import WildcardHost
 from coderstack.server.builds import Builder, make_builder
 from coderstack.server.database import database_url
 from coderstack.server.deployment import Deployment
@@ -30,6 +37,7 @@ from coderstack.server.limits import UserLimits
 from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission
 from coderstack.server.servertailnet import ServerTailnet
 from coderstack.server.store import Store
+from coderstack.server.streamingrequest import stream_claimed_bodies
 
 log = Logger()
 
@@ -46,10 +54,21 @@ class ListeningPort(Protocol):
 
 
 class QuietSite(GuardedSite):
-    """A Site whose access log never includes query strings (they may carry tokens)."""
+    """A Site whose access log never includes query strings (they may carry tokens), and whose
+    workspace-app requests (found by Host and path alone) go to the app router, not the API."""
+
+    apps: AppRouter | None = None
 
     def log(self, request: Any) -> None:
         pass
+
+    def getResourceFor(self, request: Any) -> Any:
+        if self.apps is not None:
+            found = self.apps.resource_for(request)
+            if found is not None:
+                request.site, request.sitepath = self, list(request.prepath)
+                return found
+        return super().getResourceFor(request)
 
 
 class ServerService(service.MultiService):
@@ -64,6 +83,7 @@ class ServerService(service.MultiService):
         self.stun: ListeningPort | None = None  # the first of stun_ports (its counters are all of them)
         self.stun_ports: list[ListeningPort] = []
         self.ready: Deferred[None] = Deferred()
+        self.app_proxy: AppProxy | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -123,6 +143,10 @@ class ServerService(service.MultiService):
         self.deployment.tailnet = ServerTailnet(self.reactor, self.deployment)
         await self.deployment.tailnet.start()
         site = QuietSite(api.app.resource())
+        router = await self._app_router(api)
+        site.apps = self.deployment.apps = router
+        # An app's request body streams to the app as it arrives, instead of being read first.
+        stream_claimed_bodies(site, router.claims)
         # One budget for every listener: per source address, and in all below the fd limit.
         open_files = raise_open_files_limit()
         self.admission = Admission(cfg.get("max-connections-per-source", 0) or 0, *connection_budget(open_files))
@@ -161,6 +185,10 @@ class ServerService(service.MultiService):
             p = await self._listen(host, port, guarded())
             log.info("also listening on http://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         log.info("access URL: {url}", url=cfg["access-url"])
+        if cfg.get("wildcard-access-url"):
+            router.set_wildcard(WildcardHost.parse(cfg["wildcard-access-url"],
+                                                   urlsplit(cfg["access-url"]).port))
+            log.info("subdomain apps under {wildcard}", wildcard=cfg["wildcard-access-url"])
 
         if cfg.get("dev"):
             demo = DevDemo(self.reactor, self.deployment, api, cfg)
@@ -168,6 +196,14 @@ class ServerService(service.MultiService):
             await demo.ready
         if not self.ready.called:
             self.ready.callback(None)
+
+    async def _app_router(self, api: API) -> AppRouter:
+        """Workspace apps through the server: their keys (shared by every replica, in the
+        database), the proxy, and the router that finds and authorizes each app."""
+        keys = AppKeys(await api.app_store.deployment_secret(APP_KEY_NAME))
+        self.app_proxy = AppProxy(self.reactor)
+        return AppRouter(api, self.app_proxy, AppAuth(api, keys, None), api.app_store, wildcard=None,
+                         path_apps=not self.config.get("disable-path-apps", False))
 
     async def _listen(self, host: str, port: int, factory: AdmissionFactory) -> ListeningPort:
         """An HTTP(S) listener on ``host:port``, kept in :attr:`ports`."""
@@ -184,6 +220,8 @@ class ServerService(service.MultiService):
             if stopped is not None:
                 await stopped
         self.ports, self.stun, self.stun_ports = [], None, []
+        if self.app_proxy is not None:
+            await self.app_proxy.close()
         if self.deployment is not None:
             if self.deployment.relay is not None:
                 # Tell DERP clients we are going away and when to come back.

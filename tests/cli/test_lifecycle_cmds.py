@@ -113,7 +113,8 @@ class LifecycleCommandTests(unittest.TestCase):
         self.assertIn("troubleshooting https://docs.example.com/trouble", out)
         self.assertRegex(out, r"CPU Usage +12% +2m ago")
         self.assertRegex(out, r"Disk +error: df: not found +2m ago")
-        self.assertRegex(out, r"code-server +http://localhost:13337/\?folder=/w +unhealthy")
+        # The app as a browser opens it: through the server, a path app of the workspace.
+        self.assertRegex(out, r"code-server +http://127\.0\.0\.1:\d+/@alice/dev\.main/apps/code/ +unhealthy")
         self.assertIn("Startup Script (on start, blocks login)", out)
         self.assertIn("Backup (cron 0 */5 * * * *)", out)
         self.assertIn("[Startup Script] installing code-server", out)

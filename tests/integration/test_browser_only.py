@@ -1,12 +1,15 @@
 """``--browser-only``: every CLI tunnel is refused with a message that names the mode, at the
-connection info, the coordinator and the relay; the agent still connects."""
+connection info, the coordinator and the relay; the agent still connects, and apps through the
+server (the server's own tunnel) keep working."""
 
 from __future__ import annotations
 
 import json
 
 import treq
+from twisted.internet import reactor
 from twisted.trial import unittest
+from twisted.web import resource, server
 
 from tests.integration.tunnel_support import ssh_config, user_env, workspace
 from tests.support.processes import free_port
@@ -51,3 +54,28 @@ class BrowserOnlyTests(unittest.TestCase):
         body = json.loads(await resp.content())
         self.assertEqual(resp.code, 403)
         self.assertIn(NAMED, body["message"])
+
+    async def test_apps_keep_working(self) -> None:
+        page = resource.Resource()
+        page.putChild(b"", _Static(b"hello from the workspace"))
+        listening = reactor.listenTCP(0, server.Site(page), interface="127.0.0.1")
+        self.addCleanup(listening.stopListening)
+        app_port = listening.getHost().port
+        d, alice, _agent = await workspace(self, "--browser-only", "true",
+                                           "--wildcard-access-url", "*.apps.localhost")
+        ws = await alice.show("box")
+        host = f"{app_port}--{ws['agents'][0]['name']}--box--alice.apps.localhost"
+        resp = await treq.get(f"{d.url}/", headers={"Host": host, "Coder-Session-Token": alice.session_token()},
+                              persistent=False)
+        self.assertEqual((resp.code, await resp.content()), (200, b"hello from the workspace"))
+
+
+class _Static(resource.Resource):
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+
+    def render_GET(self, request: object) -> bytes:
+        return self.body

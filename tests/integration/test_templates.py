@@ -52,6 +52,8 @@ class TemplateServerCase(unittest.TestCase):
 
     skip = SKIP
     timeout = GUARD * 2
+    #: More server options, for a subclass.
+    server_args: tuple[str, ...] = ()
 
     def setUp(self) -> None:
         self.tmp = Path(self.mktemp()).resolve()
@@ -64,17 +66,21 @@ class TemplateServerCase(unittest.TestCase):
         self.extra_url = f"http://127.0.0.1:{self.extra_port}"
         self.server_log = open(self.tmp / "server.log", "wb")
         self.addCleanup(self.server_log.close)
+        self.addCleanup(self.stop_server)
+        self.start_server()
+        self.cli("login", self.url, "--first-user-username", "admin",
+                 "--first-user-email", "admin@example.com", "--first-user-password", "correct horse")
+
+    def start_server(self) -> None:
+        """(Re)start the server on the same ports and data dir, and wait until it answers."""
         self.server = subprocess.Popen(
             [TWISTD, "-n", "--pidfile=", "coderstack-server",
              "--http-address", f"127.0.0.1:{self.port}",
              "--http-extra-address", f"127.0.0.1:{self.extra_port}",
-             "--stun-address", "disable", "--data-dir", str(self.data)],
+             "--stun-address", "disable", "--data-dir", str(self.data), *self.server_args],
             env=child_env(), stdout=self.server_log, stderr=subprocess.STDOUT, cwd=self.tmp,
         )
-        self.addCleanup(self.stop_server)
         wait_until_blocking(self.healthy, "the server to answer /healthz")
-        self.cli("login", self.url, "--first-user-username", "admin",
-                 "--first-user-email", "admin@example.com", "--first-user-password", "correct horse")
 
     def stop_server(self) -> None:
         if self.server.poll() is None:

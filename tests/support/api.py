@@ -46,6 +46,13 @@ class Caller:
 
     async def call(self, method: str, path: str, body: Any = None, token: str | None = None,
                    raw: bytes | None = None, headers: dict[str, str] | None = None) -> tuple[int, Any]:
+        code, _headers, parsed = await self.exchange(method, path, body, token, raw, headers)
+        return code, parsed
+
+    async def exchange(self, method: str, path: str, body: Any = None, token: str | None = None,
+                       raw: bytes | None = None, headers: dict[str, str] | None = None,
+                       ) -> tuple[int, Any, Any]:
+        """Like :meth:`call`, with the response headers too (redirects are not followed)."""
         h = {"Accept": "application/json"}
         if token:
             h["Coder-Session-Token"] = token
@@ -56,7 +63,8 @@ class Caller:
         pump = task.LoopingCall(self.stub.flush)
         pump.start(0.001)
         try:
-            resp = await self.stub.request(method, ACCESS_URL + path, headers=h, data=data)
+            resp = await self.stub.request(method, ACCESS_URL + path, headers=h, data=data,
+                                           allow_redirects=False)
             raw_body = await self.stub.content(resp)
         finally:
             pump.stop()
@@ -64,7 +72,7 @@ class Caller:
             parsed = json.loads(raw_body) if raw_body else None
         except ValueError:
             parsed = raw_body
-        return resp.code, parsed
+        return resp.code, resp.headers, parsed
 
     async def owner(self) -> str:
         await self.call("POST", "/api/v2/users/first",
