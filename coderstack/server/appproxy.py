@@ -146,7 +146,7 @@ class AppProxy:
     :attr:`stats` counts what happened.
     """
 
-    def __init__(self, reactor: Any, *, idle_timeout: float = 90.0, max_idle_per_key: int = 8,
+    def __init__(self, reactor: Any, *, idle_timeout: float = 90.0, max_idle_per_key: int = 32,
                  response_header_timeout: float = RESPONSE_HEADER_TIMEOUT) -> None:
         self.reactor = reactor
         self.clock: Clock = reactor
