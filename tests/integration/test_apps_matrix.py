@@ -54,6 +54,15 @@ def app_spec(slug: str, port: int, share: str, subdomain: bool) -> dict[str, Any
             "healthcheck": None}
 
 
+def closed_port() -> int:
+    """A loopback port nothing listens on (bound, then released)."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 class AppsMatrixTests(unittest.TestCase):
     timeout = 180
 
@@ -94,6 +103,12 @@ class AppsMatrixTests(unittest.TestCase):
         self.agent_name = agent.name
         apps = [app_spec(f"{level}-{kind}", self.app_port, level, kind == "sub")
                 for level in ("owner", "authenticated", "public") for kind in ("path", "sub")]
+        # Two apps nothing listens for: one plain, one whose healthcheck fails.
+        closed = closed_port()
+        apps.append(app_spec("down", closed, "owner", False))
+        sick = app_spec("sick", closed, "owner", False)
+        sick["healthcheck"] = {"url": f"http://127.0.0.1:{closed}/", "interval": 1, "threshold": 1}
+        apps.append(sick)
         spec = {"apps": apps}
         await store.sync_agents(ws.id, [AgentRecord(
             id=agent.id, name=agent.name, token_hash=auth.hash_agent_token(agent_token), os="linux",
@@ -235,6 +250,20 @@ class AppsMatrixTests(unittest.TestCase):
         code, _body, _ = await self.get("/page", host=host, token=value,
                                         as_cookie="coder_subdomain_app_session_token")
         self.assertIn(code, (403, 404))
+
+    async def test_app_down_and_unhealthy_give_their_pages(self) -> None:
+        token = self.tokens["bob"]
+        code, body, headers = await self.get("/@bob/box/apps/down/", token=token)
+        self.assertEqual(code, 502, body)
+        self.assertIn(b"not responding", body)
+        self.assertTrue(headers.getRawHeaders("content-type")[0].startswith("text/html"))
+        self.assertNotIn(b"Traceback", body)
+
+        async def unhealthy() -> bool:
+            code, body, _ = await self.get("/@bob/box/apps/sick/", token=token)
+            return code == 503 and b"unhealthy" in body
+
+        await wait_until(unhealthy, "the sick app's 503 page", timeout=30, interval=0.5)
 
     async def test_agent_gone_gives_the_502_page(self) -> None:
         await self.agent.stop()
