@@ -54,7 +54,8 @@ IDLE_TIMEOUT = 300.0
 MAX_SESSIONS = 32
 KILL_GRACE = 5.0
 # After the process exited, how long something it left behind may hold the PTY open before
-# the agent closes it (the session is over either way).
+# the agent closes it (the session is over either way). On Linux the exit of the terminal's
+# session leader hangs the terminal up at once; this is the safety net where it does not.
 EXIT_GRACE = 1.0
 DEFAULT_SIZE = (24, 80)
 TERM = "xterm-256color"

@@ -14,7 +14,7 @@ from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.trial import unittest
 
-from coderstack.agent.rpty import PTYSession, ReconnectingPTYServer, Scrollback
+from coderstack.agent.rpty import EXIT_GRACE, PTYSession, ReconnectingPTYServer, Scrollback
 from coderstack.agent.session_env import SessionEnvironment
 from coderstack.wire.rpty import encode_init, encode_request
 from tests.support.tempdirs import made_dir
@@ -254,6 +254,46 @@ class SessionTests(unittest.TestCase):
         await term.lost
         self.assertIn(b"t=xterm-256color w=dev v=tmpl-value s=none", term.received)
         self.assertIn(os.path.realpath(workdir).encode(), term.received)
+
+    async def test_a_slow_connection_pauses_the_pty(self) -> None:
+        server = self.make()
+        sid = uuid.uuid4()
+        term = await self.connect(sid, "yes flood")
+        session = await self.session(server, sid)
+        await term.expect(b"flood")
+        term.transport.pauseProducing()  # the client stops reading: the agent's send buffer fills
+        await wait_until(lambda: not session._reading, "the PTY to be paused")
+        (conn,) = session.connections
+        # What waits in the agent for the client is about one send buffer and one PTY read.
+        self.assertLess(len(conn.transport.dataBuffer) + sum(map(len, conn.transport._tempDataBuffer)),
+                        256 * 1024)
+        term.transport.resumeProducing()
+        await wait_until(lambda: session._reading, "the PTY to be read again")
+        seen = len(term.received)
+        await wait_until(lambda: len(term.received) > seen + 100_000, "more output")
+
+    async def test_a_child_ignoring_the_hangup_does_not_keep_the_session(self) -> None:
+        server = self.make(clock=task.Clock())  # no timer needs to run for this
+        sid = uuid.uuid4()
+        term = await self.connect(sid, "(trap '' HUP; exec sleep 100) & echo started-$((1+1))")
+        await term.expect(b"started-2")
+        # The shell led the terminal's session: its exit hangs the terminal up for the child too.
+        await term.lost
+        self.assertNotIn(sid, server.sessions)
+
+    async def test_after_the_exit_the_pty_is_closed_within_the_grace(self) -> None:
+        clock = task.Clock()
+        server = self.make(clock=clock)
+        sid = uuid.uuid4()
+        term = await self.connect(sid, "cat")
+        session = await self.session(server, sid)
+        session.exited()  # as if the process had exited with something still holding the PTY
+        clock.advance(EXIT_GRACE - 0.1)
+        self.assertFalse(session.is_ended)
+        clock.advance(0.1)
+        await term.lost
+        await session.when_ended()
+        self.assertNotIn(sid, server.sessions)
 
 
 class ScrollbackTests(unittest.TestCase):
