@@ -22,7 +22,9 @@ READY_FOR_HANDSHAKE. The Conn runs a link monitor (``coderstack/tailnet/linkmon.
 The first manifest also starts the workspace part (``coderstack/agent/workspace.py``: lifecycle,
 scripts, metadata, app health); a graceful stop runs its stop scripts and reports before the
 tunnel closes. Every manifest refreshes the environment sessions get (``session_env``), and the
-agent keeps a ``coder`` command in ``<data_dir>/bin`` for them.
+agent keeps a ``coder`` command in ``<data_dir>/bin`` for them. The web terminal's processes
+(``coderstack/agent/rpty.py``, tunnel port 2) are hung up when the agent stops, after the stop
+scripts.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ from twisted.python.failure import Failure
 from coderstack.agent.api import agent_api_site
 from coderstack.agent.datadir import DataDirInUse, agent_data_dir
 from coderstack.agent.forward import LocalPortForwarder, LocalUDPForwarder
+from coderstack.agent.rpty import ReconnectingPTYServer
 from coderstack.agent.session_env import SessionEnvironment, write_coder_command
 from coderstack.agent.speedtest import SpeedtestServerFactory
 from coderstack.agent.ssh import ssh_factory
@@ -64,7 +67,13 @@ from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.conn import home_region as conn_home_region
 from coderstack.tailnet.stack import server_endpoint
 from coderstack.wire.coordination import CODER_SERVICE_PREFIX, address_from_uuid
-from coderstack.wire.ports import AGENT_API_PORT, SPEEDTEST_PORT, SSH_PORT, STANDARD_SSH_PORT
+from coderstack.wire.ports import (
+    AGENT_API_PORT,
+    RECONNECTING_PTY_PORT,
+    SPEEDTEST_PORT,
+    SSH_PORT,
+    STANDARD_SSH_PORT,
+)
 
 log = Logger()
 
@@ -109,6 +118,8 @@ class AgentService(service.Service):
         self.session_env = SessionEnvironment(url, bin_dir=os.path.join(data_dir, "bin"),
                                               script_bin_dir=os.path.join(data_dir, "scripts", "bin"))
         self.workspace: Workspace | None = None
+        # The web terminal's sessions (port 2), when served: they end when the agent stops.
+        self.reconnecting_pty: ReconnectingPTYServer | None = None
 
     @property
     def conn(self) -> Conn | None:
@@ -141,10 +152,19 @@ class AgentService(service.Service):
                 await self.workspace.stop()
             except Exception:
                 log.failure("workspace shutdown failed")
+        if self.reconnecting_pty is not None:
+            try:
+                await self.reconnecting_pty.close()
+            except Exception:
+                log.failure("ending the reconnecting PTYs failed")
         ds = []
         await self.link.close()  # a graceful disconnect: the clients see DISCONNECTED
         if self.udp_forwarder is not None:
             self.udp_forwarder.stop()
+        # Stopped ports stop their factories (the agent API site's log clock among them).
+        listening, self._listening = self._listening, {}
+        for port in listening.values():
+            ds.append(port.stopListening())
         if self.tailnet is not None:
             ds.append(Deferred.fromCoroutine(self.tailnet.close()))
         ds.append(self.client.close())
@@ -305,11 +325,14 @@ def makeService(config: dict[str, Any], reactor: Any = None) -> AgentService:
 
 
 def serve_standard_ports(svc: AgentService, reactor: Any, data_dir: str | Callable[[], str]) -> None:
-    """Coder's reserved tunnel ports: SSH on 1 and 22, speedtest on 3, the agent API on 4; every
-    other port, TCP and UDP, is forwarded to the workspace's own loopback."""
+    """Coder's reserved tunnel ports: SSH on 1 and 22, the reconnecting PTY (web terminal) on 2,
+    speedtest on 3, the agent API on 4; every other port, TCP and UDP, is forwarded to the
+    workspace's own loopback."""
     ssh = ssh_factory(data_dir, reactor, session_env=svc.session_env)
     svc.serve(SSH_PORT, ssh)
     svc.serve(STANDARD_SSH_PORT, ssh)
+    svc.reconnecting_pty = ReconnectingPTYServer(reactor, session_env=svc.session_env)
+    svc.serve(RECONNECTING_PTY_PORT, svc.reconnecting_pty)
     svc.serve(SPEEDTEST_PORT, SpeedtestServerFactory(reactor))
     svc.serve(AGENT_API_PORT, agent_api_site(svc.netcheck_report))
     svc.serve(ANY_PORT, LocalPortForwarder(reactor))

@@ -2,7 +2,7 @@
 
 ====  =====================================================================
 1     SSH (also on 22, for clients that assume the standard port)
-2     reconnecting PTY (Coder's web terminal; not served yet)
+2     reconnecting PTY (Coder's web terminal; ``coderstack/wire/rpty.py``)
 3     speedtest
 4     the agent's HTTP API (listening ports, netcheck)
 5-8   reserved for more agent services

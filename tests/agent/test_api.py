@@ -112,6 +112,7 @@ class TunnelServicesTests(unittest.TestCase):
 
         svc = AgentService(reactor, "http://127.0.0.1:3000", "token", made_dir(self))
         serve_standard_ports(svc, reactor, svc.key_dir)
-        self.assertEqual(sorted(p for p in svc.services if p != ANY_PORT), [1, 3, 4, 22])
+        self.assertEqual(sorted(p for p in svc.services if p != ANY_PORT), [1, 2, 3, 4, 22])
         self.assertIn(ANY_PORT, svc.services)
         self.assertIs(svc.services[1], svc.services[22])
+        self.assertIs(svc.services[2], svc.reconnecting_pty)
