@@ -31,6 +31,7 @@ from coderstack.server import (
     auth,
     browseronly,
     livesessions,
+    ptyapi,
     templatepush,
 )
 from coderstack.server.agentevents import AgentEvents
@@ -57,6 +58,7 @@ from coderstack.server.jsonhttp import (
 )
 from coderstack.server.livesessions import Credential
 from coderstack.server.loginlimit import Refused
+from coderstack.server.ptyproxy import PtyCounters
 from coderstack.server.records import Agent, Build, User, Workspace, now
 from coderstack.server.store import Conflict
 from coderstack.server.tferrors import TemplateError
@@ -97,6 +99,7 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
         #: What builds tell agents and what agents report (agentstate.py, agentviews.py).
         self.agent_state = AgentStateStore(deployment.store)
         self.app_store = AppStore(deployment.store)
+        self.pty_counters = PtyCounters()
         self.agent_events = AgentEvents()
 
     @property
@@ -683,6 +686,9 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
             # Where a browser opens each app (through this server), beside the app's own URL.
             for app in fields["apps"]:
                 app["browser_url"] = self.d.apps.app_url(ws.owner_name, ws.name, agent.name, app)
+        if self.d.tailnet is not None:
+            # How the server reaches the agent for apps and the web terminal (p2p or DERP).
+            fields["server_path"] = self.d.tailnet.paths().get(agent.id)
         return write_json(request, {**self.agent_json(agent), **fields})
 
     @app.route("/api/v2/workspaceagents/<string:agent_id>/connection", methods=["GET"])
@@ -763,3 +769,4 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
 agentstate.register(API.app)
 agentviews.register(API.app)
 appsapi.register(API.app)
+ptyapi.register(API.app)

@@ -124,7 +124,7 @@ class WorkspaceLifecycleTests(TemplateServerCase):
         shown = self.cli("show", "box").stdout
         self.assertIn("ready", shown)
         self.assertIn("CPU Usage", shown)
-        self.assertIn("Web  http://localhost:", shown)
+        self.assertIn(f"Web  {self.url}/@admin/box.main/apps/web/", shown)  # through the server
         self.assertIn("healthy", shown)
         self.assertIn("this machine", shown)
         self.assertNotIn("not-for-your-eyes", shown)
