@@ -54,8 +54,8 @@ IDLE_TIMEOUT = 300.0
 MAX_SESSIONS = 32
 KILL_GRACE = 5.0
 # After the process exited, how long something it left behind may hold the PTY open before
-# the agent closes it (the session is over either way). On Linux the exit of the terminal's
-# session leader hangs the terminal up at once; this is the safety net where it does not.
+# the agent closes it (the session is over either way): a PTY's session leader exiting sends
+# SIGHUP to its foreground group, but a child that ignores it keeps the PTY open.
 EXIT_GRACE = 1.0
 DEFAULT_SIZE = (24, 80)
 TERM = "xterm-256color"
@@ -93,6 +93,12 @@ def set_size(fd: int, height: int, width: int) -> None:
 class _PTYProcess(protocol.ProcessProtocol):
     def __init__(self, session: PTYSession) -> None:
         self.session = session
+
+    def connectionMade(self) -> None:
+        # Before spawnProcess returns, and before a child that is already gone is reaped (which
+        # clears the transport's pid and may call processExited at once).
+        self.session.process = self.transport
+        self.session.pid = getattr(self.transport, "pid", None)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self.session.output(data)
@@ -137,7 +143,7 @@ class PTYSession:
         master, slave = pty.openpty()
         try:
             set_size(master, *size)
-            self.process = self.server.reactor.spawnProcess(
+            self.server.reactor.spawnProcess(
                 _PTYProcess(self), shell, argv, env, self.server.directory(),
                 usePTY=(master, slave, os.ttyname(slave)))
         except BaseException:
@@ -147,7 +153,6 @@ class PTYSession:
                 except OSError:
                     pass
             raise
-        self.pid = self.process.pid
 
     def output(self, data: bytes) -> None:
         self.scrollback.append(data)

@@ -273,12 +273,14 @@ class SessionTests(unittest.TestCase):
         await wait_until(lambda: len(term.received) > seen + 100_000, "more output")
 
     async def test_a_child_ignoring_the_hangup_does_not_keep_the_session(self) -> None:
-        server = self.make(clock=task.Clock())  # no timer needs to run for this
+        server = self.make()
         sid = uuid.uuid4()
-        term = await self.connect(sid, "(trap '' HUP; exec sleep 100) & echo started-$((1+1))")
+        # The shell ignores SIGHUP before it forks, so its child surely keeps the PTY open.
+        term = await self.connect(sid, "trap '' HUP; sleep 100 & echo started-$((1+1))")
         await term.expect(b"started-2")
-        # The shell led the terminal's session: its exit hangs the terminal up for the child too.
-        await term.lost
+        session = await self.session(server, sid)
+        await term.lost  # EXIT_GRACE (1 s) after the shell exited
+        self.assertTrue(session.is_ended)
         self.assertNotIn(sid, server.sessions)
 
     async def test_after_the_exit_the_pty_is_closed_within_the_grace(self) -> None:
