@@ -11,9 +11,13 @@ The wire format is in ``coderstack/wire/rpty.py``. Here the sessions live:
   connections may be attached; each gets all output and may type and resize. A size in the
   init frame of a reattach resizes the terminal too.
 - A session with no connection left ends after :data:`IDLE_TIMEOUT` (5 minutes) unless one
-  attaches; ending sends SIGHUP to the process group, SIGKILL :data:`KILL_GRACE` seconds later.
+  attaches; so does every session when the agent stops (:meth:`ReconnectingPTYServer.close`).
+  Ending closes the PTY and sends SIGHUP to the process group, and SIGKILL :data:`KILL_GRACE`
+  seconds later if the process is still there.
 - When the process exits its remaining output goes to every connection, which is then closed,
-  and the ID is forgotten (the next connection with it starts a new process).
+  and the ID is forgotten (the next connection with it starts a new process). A child that
+  ignores the hangup and keeps the PTY open gets :data:`EXIT_GRACE` seconds before the agent
+  closes the PTY under it.
 - At most :data:`MAX_SESSIONS` (32) sessions at once: a connection for a new ID beyond that is
   told so in its terminal and closed. A bad init frame or a malformed request closes the
   connection (counted in ``bad_inits`` and ``malformed`` of :class:`ReconnectingPTYServer`).
@@ -187,6 +191,7 @@ class PTYSession:
             self.process.loseConnection()
 
     def ended(self) -> None:
+        log.info("reconnecting PTY {id} ended (pid {pid})", id=self.id, pid=self.pid)
         self.is_ended = True
         self.is_exited = True
         for call in (self._idle, self._kill, self._exit_grace):
