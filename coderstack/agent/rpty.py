@@ -242,6 +242,8 @@ class PTYSession:
     def attach(self, conn: ReconnectingPTYProtocol, init: Init) -> None:
         cancel(self._idle)
         self._idle = None
+        # First: a large replay may fill the transport, which then pauses this session.
+        conn.session = self
         replay = bytes(self.scrollback)
         if replay:
             conn.send(replay)
