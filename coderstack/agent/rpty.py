@@ -11,9 +11,13 @@ The wire format is in ``coderstack/wire/rpty.py``. Here the sessions live:
   connections may be attached; each gets all output and may type and resize. A size in the
   init frame of a reattach resizes the terminal too.
 - A session with no connection left ends after :data:`IDLE_TIMEOUT` (5 minutes) unless one
-  attaches; ending sends SIGHUP to the process group, SIGKILL :data:`KILL_GRACE` seconds later.
+  attaches; so does every session when the agent stops (:meth:`ReconnectingPTYServer.close`).
+  Ending closes the PTY and sends SIGHUP to the process group, and SIGKILL :data:`KILL_GRACE`
+  seconds later if the process is still there.
 - When the process exits its remaining output goes to every connection, which is then closed,
-  and the ID is forgotten (the next connection with it starts a new process).
+  and the ID is forgotten (the next connection with it starts a new process). A child that
+  ignores the hangup and keeps the PTY open gets :data:`EXIT_GRACE` seconds before the agent
+  closes the PTY under it.
 - At most :data:`MAX_SESSIONS` (32) sessions at once: a connection for a new ID beyond that is
   told so in its terminal and closed. A bad init frame or a malformed request closes the
   connection (counted in ``bad_inits`` and ``malformed`` of :class:`ReconnectingPTYServer`).
@@ -54,8 +58,8 @@ IDLE_TIMEOUT = 300.0
 MAX_SESSIONS = 32
 KILL_GRACE = 5.0
 # After the process exited, how long something it left behind may hold the PTY open before
-# the agent closes it (the session is over either way). On Linux the exit of the terminal's
-# session leader hangs the terminal up at once; this is the safety net where it does not.
+# the agent closes it (the session is over either way): a PTY's session leader exiting sends
+# SIGHUP to its foreground group, but a child that ignores it keeps the PTY open.
 EXIT_GRACE = 1.0
 DEFAULT_SIZE = (24, 80)
 TERM = "xterm-256color"
@@ -93,6 +97,12 @@ def set_size(fd: int, height: int, width: int) -> None:
 class _PTYProcess(protocol.ProcessProtocol):
     def __init__(self, session: PTYSession) -> None:
         self.session = session
+
+    def connectionMade(self) -> None:
+        # Before spawnProcess returns, and before a child that is already gone is reaped (which
+        # clears the transport's pid and may call processExited at once).
+        self.session.process = self.transport
+        self.session.pid = getattr(self.transport, "pid", None)
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         self.session.output(data)
@@ -137,7 +147,7 @@ class PTYSession:
         master, slave = pty.openpty()
         try:
             set_size(master, *size)
-            self.process = self.server.reactor.spawnProcess(
+            self.server.reactor.spawnProcess(
                 _PTYProcess(self), shell, argv, env, self.server.directory(),
                 usePTY=(master, slave, os.ttyname(slave)))
         except BaseException:
@@ -147,7 +157,6 @@ class PTYSession:
                 except OSError:
                     pass
             raise
-        self.pid = self.process.pid
 
     def output(self, data: bytes) -> None:
         self.scrollback.append(data)
@@ -182,6 +191,7 @@ class PTYSession:
             self.process.loseConnection()
 
     def ended(self) -> None:
+        log.info("reconnecting PTY {id} ended (pid {pid})", id=self.id, pid=self.pid)
         self.is_ended = True
         self.is_exited = True
         for call in (self._idle, self._kill, self._exit_grace):
@@ -232,6 +242,8 @@ class PTYSession:
     def attach(self, conn: ReconnectingPTYProtocol, init: Init) -> None:
         cancel(self._idle)
         self._idle = None
+        # First: a large replay may fill the transport, which then pauses this session.
+        conn.session = self
         replay = bytes(self.scrollback)
         if replay:
             conn.send(replay)

@@ -12,6 +12,7 @@ from typing import Any
 
 from twisted.internet import defer, protocol, reactor, task
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
+from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
 from coderstack.agent.rpty import EXIT_GRACE, PTYSession, ReconnectingPTYServer, Scrollback
@@ -45,6 +46,17 @@ class Terminal(protocol.Protocol):
     async def expect(self, marker: bytes, count: int = 1) -> None:
         await wait_until(lambda: self.received.count(marker) >= count,
                          lambda: f"{marker!r} in the terminal; it shows {self.received[-400:]!r}")
+
+
+class FillingTransport(StringTransport):
+    def __init__(self, limit: int) -> None:
+        super().__init__()
+        self.limit = limit
+
+    def write(self, data: bytes) -> None:
+        super().write(data)
+        if self.producer is not None and len(self.value()) > self.limit:
+            self.producer.pauseProducing()
 
 
 class SessionTests(unittest.TestCase):
@@ -272,13 +284,34 @@ class SessionTests(unittest.TestCase):
         seen = len(term.received)
         await wait_until(lambda: len(term.received) > seen + 100_000, "more output")
 
-    async def test_a_child_ignoring_the_hangup_does_not_keep_the_session(self) -> None:
-        server = self.make(clock=task.Clock())  # no timer needs to run for this
+    async def test_a_large_replay_to_a_slow_connection_pauses_the_pty(self) -> None:
+        server = self.make()
         sid = uuid.uuid4()
-        term = await self.connect(sid, "(trap '' HUP; exec sleep 100) & echo started-$((1+1))")
+        first = await self.connect(sid, "cat")
+        session = await self.session(server, sid)
+        session.output(b"x" * 200_000)  # as if the process had printed it
+        await self.hang_up(first, session)
+        self.assertTrue(session._reading)
+        # A transport that, as Twisted's do, pauses its producer when a write overfills it.
+        transport = FillingTransport(limit=64 * 1024)
+        proto = server.buildProtocol(None)
+        proto.makeConnection(transport)
+        proto.dataReceived(encode_init(sid, 24, 80, ""))
+        self.assertEqual(transport.value(), b"x" * 200_000)
+        self.assertFalse(session._reading)
+        transport.producer.resumeProducing()
+        self.assertTrue(session._reading)
+        proto.connectionLost(None)
+
+    async def test_a_child_ignoring_the_hangup_does_not_keep_the_session(self) -> None:
+        server = self.make()
+        sid = uuid.uuid4()
+        # The shell ignores SIGHUP before it forks, so its child surely keeps the PTY open.
+        term = await self.connect(sid, "trap '' HUP; sleep 100 & echo started-$((1+1))")
         await term.expect(b"started-2")
-        # The shell led the terminal's session: its exit hangs the terminal up for the child too.
-        await term.lost
+        session = await self.session(server, sid)
+        await term.lost  # EXIT_GRACE (1 s) after the shell exited
+        self.assertTrue(session.is_ended)
         self.assertNotIn(sid, server.sessions)
 
     async def test_after_the_exit_the_pty_is_closed_within_the_grace(self) -> None:

@@ -46,6 +46,9 @@ class WebTerminalThroughTheTunnelTests(unittest.TestCase):
         serve_standard_ports(svc, reactor, svc.key_dir)
         rpty = svc.reconnecting_pty
         assert rpty is not None
+        # The login shell of the agent's user, but not its profile: a user's bash profile may be
+        # slow to start (and is not what is under test).
+        rpty.shell = "/bin/sh"
         pids: list[int] = []
         rpty.on_session = lambda session: pids.append(session.pid)
 

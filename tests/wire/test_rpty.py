@@ -238,3 +238,19 @@ class RequestFuzzTests(unittest.TestCase):
                 d.feed(raw[i:i + step])
         except (InitError, RequestError):
             pass
+
+    @settings(max_examples=200, deadline=None)
+    @given(st.uuids(), st.integers(0, 0xFFFF), st.integers(0, 0xFFFF), st.text(max_size=30).filter(lambda c: "\x00" not in c),
+           st.lists(requests, max_size=5), st.data())
+    def test_stream_round_trip_in_any_chunks(self, sid: uuid.UUID, height: int, width: int, command: str,
+                                             items: list[Request], data: st.DataObject) -> None:
+        raw = encode_init(sid, height, width, command) + b"".join(
+            encode_request(r.data, r.height, r.width) for r in items)
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(raw)), max_size=8)))
+        d = StreamDecoder()
+        out: list = []
+        prev = 0
+        for cut in [*cuts, len(raw)]:
+            out.extend(d.feed(raw[prev:cut]))
+            prev = cut
+        self.assertEqual(out, [Init(sid, height, width, command), *items])
