@@ -52,7 +52,10 @@ class WebTerminalTests(unittest.TestCase):
     timeout = 180
 
     async def open(self, reconnect: uuid.UUID, headers: dict[str, str], **query: Any) -> TerminalFactory:
-        q = "&".join(f"{k}={v}" for k, v in {"reconnect": reconnect, "width": 80, "height": 24, **query}.items())
+        # /bin/sh rather than the account's login shell: this machine's root bash profile runs
+        # pyenv, whose rehash lock a killed shell can leave behind for the next one to wait on.
+        query = {"reconnect": reconnect, "width": 80, "height": 24, "command": "/bin/sh", **query}
+        q = "&".join(f"{k}={v}" for k, v in query.items())
         url = self.d.url.replace("http://", "ws://") + f"/api/v2/workspaceagents/{self.agent_id}/pty?{q}"
         f = TerminalFactory(url, headers=headers)
         connectWS(f)
