@@ -61,7 +61,7 @@ def same_site(request: HTTPRequest, access_url: str) -> bool:
     return origin in {f"{a.scheme}://{a.netloc}".lower(), f"{own}://{host}".lower()}
 
 
-def _set_cookie(request: HTTPRequest, value: str, max_age: int) -> None:
+def set_session_cookie(request: HTTPRequest, value: str, max_age: int) -> None:
     req = cast(Request, request)
     req.addCookie(COOKIE, value.encode(), path=b"/", max_age=str(max_age).encode(), httpOnly=True,
                   sameSite="lax", secure=req.isSecure())
@@ -183,7 +183,7 @@ def register(app: Klein) -> None:
         except APIError as err:
             reason = f"{err.message} ({err.detail})" if err.detail else err.message
             return login_page(request, self.d.access_url, next_path, reason, login, err.code)
-        _set_cookie(request, token, COOKIE_MAX_AGE)
+        set_session_cookie(request, token, COOKIE_MAX_AGE)
         return htmlpage.redirect(request, next_path)
 
     @app.route("/logout", methods=["POST"])
@@ -193,7 +193,7 @@ def register(app: Klein) -> None:
         token = session_token_of(request)
         if token and await self.user_for_token(token) is not None:
             await self.end_session(token)
-        _set_cookie(request, "", 0)
+        set_session_cookie(request, "", 0)
         return htmlpage.redirect(request, "/login")
 
     @app.route("/workspaces", methods=["GET"])

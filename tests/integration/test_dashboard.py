@@ -62,6 +62,8 @@ class DashboardTests(unittest.TestCase):
         shots = Path(os.environ.get("CODERSTACK_TEST_ARTIFACTS") or self.mktemp()) / "dashboard"
         shots.mkdir(parents=True, exist_ok=True)
         await threads.deferToThread(self.browse, d.url, shots)
+        assert d.server is not None
+        self.assertNotIn("Traceback", d.server.log())
 
     def browse(self, url: str, shots: Path) -> None:
         from playwright.sync_api import sync_playwright
@@ -116,7 +118,9 @@ class DashboardTests(unittest.TestCase):
             "() => document.querySelector('.agent [data-field=status]').textContent === 'connected'",
             timeout=WAIT_MS)
         self.assertEqual(page.text_content(".agent h2 a.terminal-link"), "Terminal")
+        self.render_agent_details(page)
         page.screenshot(path=str(shots / "workspace.png"))
+        page.unroute_all()
 
         # The terminal: its page loosens style-src only (xterm.js's own <style> elements).
         with page.expect_navigation() as nav:
@@ -198,6 +202,48 @@ class DashboardTests(unittest.TestCase):
         self.assertTrue(page.url.startswith(url + "/login?next="), page.url)
         self.assertEqual([e for e in errors if "Failed to load resource" not in e], [])
         context.close()
+
+    def render_agent_details(self, page: Any) -> None:
+        """What a template gives an agent (metadata, apps, startup logs), fed to the page by
+        rewriting the API's answers: shown as text, and updated without a reload."""
+        polls = {"metadata": 0}
+
+        def metadata(route: Any) -> None:
+            polls["metadata"] += 1
+            route.fulfill(json=[{"description": {"key": "load", "display_name": "Load"},
+                                 "result": {"value": f"<b>{polls['metadata']}</b>", "error": ""}}])
+
+        def agent(route: Any) -> None:
+            real = route.fetch().json()
+            real["apps"] = [{"slug": "code", "display_name": "Code", "health": "healthy",
+                             "browser_url": "http://127.0.0.1:1/@alice/box.main/apps/code/"}]
+            real["server_path"] = {"path": "derp", "derp_region": 999, "latency_ms": 12.5}
+            route.fulfill(json=real)
+
+        def logs(route: Any) -> None:
+            after = route.request.url.split("after=")[1]
+            body = '{"id": 1, "output": "hello from <startup>"}\n' if after == "0" else ""
+            route.fulfill(body=body, headers={"Content-Type": "application/x-ndjson"})
+
+        page.route("**/api/v2/workspaceagents/*/metadata", metadata)
+        page.route("**/api/v2/workspaceagents/*/logs?*", logs)
+        page.route(re.compile(r".*/api/v2/workspaceagents/[0-9a-f-]+$"), agent)
+        page.wait_for_function(
+            "() => /^<b>[0-9]+<\\/b>$/.test(document.querySelector('.metadata tr[data-key=load] td')?.textContent)",
+            timeout=WAIT_MS)
+        first = page.text_content(".metadata tr[data-key=load] td")
+        page.wait_for_function(
+            "(v) => document.querySelector('.metadata tr[data-key=load] td').textContent !== v",
+            arg=first, timeout=WAIT_MS)
+        self.assertEqual(page.text_content(".apps li[data-app=code] .health"), "healthy")
+        self.assertEqual(page.get_attribute(".apps li[data-app=code] a", "href"),
+                         "http://127.0.0.1:1/@alice/box.main/apps/code/")
+        self.assertEqual(page.text_content(".agent [data-field=path]"), "relayed (DERP region 999), 12.5 ms")
+        page.wait_for_function("() => document.querySelector('.logs').textContent.includes('hello from <startup>')",
+                               timeout=WAIT_MS)
+        # Logs are asked for after the last id seen: the line is shown once.
+        self.assertEqual(page.text_content(".logs").count("hello from"), 1)
+        self.assertEqual(page.locator(".metadata b").count(), 0)  # text, never markup
 
     def member_steps(self, browser: Any, url: str) -> None:
         context = browser.new_context()

@@ -234,3 +234,20 @@ class HTMLPageTests(unittest.TestCase):
             self.assertEqual(htmlpage.safe_next(good), good)
         for bad in ("", "//x", "/\\x", "http://x/", "/a\r\nSet-Cookie: x", "x"):
             self.assertEqual(htmlpage.safe_next(bad), "/workspaces")
+
+
+class CookieTests(unittest.TestCase):
+    def test_the_session_cookie_is_secure_over_tls(self) -> None:
+        from twisted.web.server import Request
+        from twisted.web.test.requesthelper import DummyChannel
+
+        from coderstack.server.dashboard import set_session_cookie
+
+        for transport, secure in ((DummyChannel.SSL(), True), (DummyChannel.TCP(), False)):
+            channel = DummyChannel()
+            channel.transport = transport
+            request = Request(channel)
+            set_session_cookie(request, "token", 60)
+            [cookie] = request.cookies
+            self.assertEqual(b"; Secure" in cookie, secure, cookie)
+            self.assertIn(b"; HttpOnly", cookie)
