@@ -47,6 +47,11 @@ async function refreshAgent(card, summary) {
 every(POLL_MS, async () => {
   const ws = await api(`/api/v2/workspaces/${workspaceId}`);
   const byId = new Map(ws.agents.map((a) => [a.id, a]));
+  const cards = [...document.querySelectorAll(".agent")].map((card) => card.dataset.agentId);
+  if (cards.length !== byId.size || cards.some((id) => !byId.has(id))) {
+    window.location.reload();  // a new build brought other agents: the server renders their cards
+    return;
+  }
   await Promise.all([...document.querySelectorAll(".agent")].map((card) =>
     refreshAgent(card, byId.get(card.dataset.agentId))));
 }, document.getElementById("refreshed"));
