@@ -34,6 +34,7 @@ from coderstack.server import (
     livesessions,
     ptyapi,
     templatepush,
+    webassets,
 )
 from coderstack.server.agentevents import AgentEvents
 from coderstack.server.agentstore import AgentStateStore
@@ -102,6 +103,8 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
         self.app_store = AppStore(deployment.store)
         self.pty_counters = PtyCounters()
         self.agent_events = AgentEvents()
+        # The dashboard's browser files: read now, so a missing npm install is logged at start-up.
+        webassets.default_assets()
 
     @property
     def clock(self) -> IReactorTime:
