@@ -81,6 +81,12 @@ term.onResize(({cols, rows}) => send({height: rows, width: cols}));
 new ResizeObserver(() => fit.fit()).observe(document.getElementById("terminal"));
 window.addEventListener("resize", () => fit.fit());
 window.addEventListener("pagehide", () => { leaving = true; });
+window.addEventListener("pageshow", (ev) => {
+  if (ev.persisted) {  // back from the back-forward cache: its socket was closed on the way out
+    leaving = false;
+    connect();
+  }
+});
 
 async function showPath() {
   try {
