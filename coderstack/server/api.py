@@ -30,9 +30,11 @@ from coderstack.server import (
     appsapi,
     auth,
     browseronly,
+    dashboard,
     livesessions,
     ptyapi,
     templatepush,
+    webassets,
 )
 from coderstack.server.agentevents import AgentEvents
 from coderstack.server.agentstore import AgentStateStore
@@ -101,6 +103,8 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
         self.app_store = AppStore(deployment.store)
         self.pty_counters = PtyCounters()
         self.agent_events = AgentEvents()
+        # The dashboard's browser files: read now, so a missing npm install is logged at start-up.
+        webassets.default_assets()
 
     @property
     def clock(self) -> IReactorTime:
@@ -248,11 +252,15 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
     @app.route("/api/v2/users/login", methods=["POST"])
     async def login(self, request: HTTPRequest) -> bytes:
         body = read_json(request)
-        login = field(body, "email")
-        password = field(body, "password")
+        token = await self.authenticate(field(body, "email"), field(body, "password"), client_host(request))
+        return write_json(request, {"session_token": token}, 201)
+
+    async def authenticate(self, login: str, password: str, source: str) -> str:
+        """A new session token for this email or username and password (the login form uses
+        it too); APIError 401/429/503 otherwise."""
         found = await self.d.store.user_by_login(login)
         # Limits count per user (an email and a username are one account), else per name given.
-        attempt = self.d.logins.begin(str(found[0].id) if found else login, client_host(request))
+        attempt = self.d.logins.begin(str(found[0].id) if found else login, source)
         if isinstance(attempt, Refused):
             raise APIError(
                 429, "Too many login attempts.",
@@ -272,8 +280,7 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
             attempt.abandon()  # the right password: not a guess to count
             raise APIError(401, "Your account is suspended.", "ask an owner to activate it")
         attempt.done(True)
-        token = await self.issue_session(found[0])
-        return write_json(request, {"session_token": token}, 201)
+        return await self.issue_session(found[0])
 
     async def _hash(self, password: str) -> str:
         try:
@@ -295,11 +302,15 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
     @app.route("/api/v2/users/logout", methods=["POST"])
     async def logout(self, request: HTTPRequest) -> bytes:
         await self.require_user(request)
-        parts = auth.split_session_token(session_token_of(request) or "")
+        await self.end_session(session_token_of(request) or "")
+        return write_json(request, {"message": "Logged out."})
+
+    async def end_session(self, token: str) -> None:
+        """Delete the session's key and close the connections it opened."""
+        parts = auth.split_session_token(token)
         if parts:
             await self.d.store.delete_api_key(parts[0])
-            self.d.live.revoke_token(livesessions.token_hash(session_token_of(request) or ""))
-        return write_json(request, {"message": "Logged out."})
+            self.d.live.revoke_token(livesessions.token_hash(token))
 
     @app.route("/api/v2/users/me", methods=["GET"])
     async def me(self, request: HTTPRequest) -> bytes:
@@ -760,6 +771,8 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
     @app.route("/", branch=True)
     def mounted(self, request: HTTPRequest) -> Any:
         resource = self.d.mounted_resource(request)
+        if resource is None and request.path == b"/":
+            return Deferred.fromCoroutine(dashboard.front_door(self, request))
         if resource is None:
             raise NotFound()
         return resource
@@ -770,3 +783,4 @@ agentstate.register(API.app)
 agentviews.register(API.app)
 appsapi.register(API.app)
 ptyapi.register(API.app)
+dashboard.register(API.app)

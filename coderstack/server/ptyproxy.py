@@ -124,7 +124,9 @@ class PtyBridge(WebSocketServerProtocol):
         for payload in self._queued:
             agent.link.write(payload)
         self._queued.clear()
-        # The browser's connection paces the agent's output (a streaming producer).
+        # The browser's connection paces the agent's output (a streaming producer). The HTTP
+        # channel that carried the upgrade is still registered there; it has handed over.
+        self.transport.unregisterProducer()
         self.transport.registerProducer(agent.link, True)
 
     def onMessage(self, payload: bytes, isBinary: bool) -> None:
