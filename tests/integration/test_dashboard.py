@@ -123,12 +123,13 @@ class DashboardTests(unittest.TestCase):
         page.unroute_all()
 
         # The terminal: its page loosens style-src only (xterm.js's own <style> elements).
-        with page.expect_navigation() as nav:
-            page.click("a.terminal-link")
-        csp = nav.value.headers.get("content-security-policy", "")
+        # /bin/sh rather than the account's login shell: this machine's root bash profile runs
+        # pyenv, whose rehash lock a killed shell can leave behind for the next one to wait on.
+        self.assertEqual(page.get_attribute("a.terminal-link", "href"), "/workspaces/alice/box/main/terminal")
+        response = page.goto(url + "/workspaces/alice/box/main/terminal?command=/bin/sh")
+        csp = response.headers.get("content-security-policy", "")
         self.assertIn("script-src 'self';", csp)
         self.assertIn("style-src 'self' 'unsafe-inline'", csp)
-        self.assertEqual(page.url, url + "/workspaces/alice/box/main/terminal")
         page.wait_for_function(
             "() => document.getElementById('terminal-state').textContent === 'connected'", timeout=WAIT_MS)
         page.click("#terminal")

@@ -51,6 +51,9 @@ function send(obj) {
 function connect() {
   const scheme = window.location.protocol === "https:" ? "wss" : "ws";
   const query = new URLSearchParams({reconnect: sessionId(), width: term.cols, height: term.rows});
+  // The page's ?command= runs that instead of the login shell (as Coder's terminal page does).
+  const command = new URLSearchParams(window.location.search).get("command");
+  if (command) query.set("command", command);
   const ws = new WebSocket(`${scheme}://${window.location.host}/api/v2/workspaceagents/${agentId}/pty?${query}`);
   ws.binaryType = "arraybuffer";
   socket = ws;
