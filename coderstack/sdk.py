@@ -177,7 +177,11 @@ class Client:
                           query: dict[str, str] | None = None, **kwargs: Any) -> WebSocketClientFactory:
         headers = {SESSION_HEADER: self.token} if self.token else {}
         factory = factory_class(self.websocket_url(path, query), headers=headers, **kwargs)
-        factory.setProtocolOptions(perMessageCompressionOffers=[], autoPingInterval=5, autoPingTimeout=5)
+        # A busy server gets 5 s (not autobahn's 1 s) to answer our close: aborting sooner resets
+        # the connection, and the server's kernel may then drop our last frames unread — an
+        # agent's graceful disconnect would be taken for a lost connection.
+        factory.setProtocolOptions(perMessageCompressionOffers=[], autoPingInterval=5, autoPingTimeout=5,
+                                   closeHandshakeTimeout=5)
         return factory
 
     # -- typed helpers -------------------------------------------------------------------------
