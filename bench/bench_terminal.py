@@ -47,11 +47,13 @@ CAT_MB = 20
 WATCH = """
 (() => {
   window.__lat = [];
+  window.__net = [];
   window.__t0 = 0;
+  window.__sent = 0;
   window.__want = null;
   let tail = "";
   const decoder = new TextDecoder();
-  document.addEventListener("keydown", () => { window.__t0 = performance.now(); tail = ""; }, true);
+  document.addEventListener("keydown", () => { window.__t0 = performance.now(); window.__sent = 0; tail = ""; }, true);
   const Native = window.WebSocket;
   window.WebSocket = class extends Native {
     constructor(...args) {
@@ -60,25 +62,32 @@ WATCH = """
         const text = typeof ev.data === "string" ? ev.data : decoder.decode(ev.data, {stream: true});
         tail = (tail + text).slice(-256);
         if (window.__want !== null && tail.includes(window.__want)) {
-          window.__lat.push(performance.now() - window.__t0);
+          const now = performance.now();
+          window.__lat.push(now - window.__t0);
+          window.__net.push(window.__sent ? now - window.__sent : NaN);
           window.__want = null;
         }
       });
+    }
+    send(data) {
+      if (!window.__sent) { window.__sent = performance.now(); }
+      return super.send(data);
     }
   };
 })();
 """
 
 
-def measure_page(page, focus: str, cat_file: str) -> tuple[float, float]:
-    """(median echo latency in ms, cat MB/s) on a terminal page already showing a prompt."""
+def measure_page(page, focus: str, cat_file: str) -> tuple[float, float, float]:
+    """(median keydown→echo ms, median send→echo ms, cat MB/s) on a terminal page showing a prompt."""
     page.click(focus)
     latencies: list[float] = []
+    sends: list[float] = []
     for r in range(ROUNDS):
         typed = f": r{r}x"
         page.keyboard.type(typed)
         time.sleep(0.3)
-        page.evaluate("() => { window.__lat = []; }")
+        page.evaluate("() => { window.__lat = []; window.__net = []; }")
         for i in range(KEYS):
             ch = "abcdefghij"[i % 10]
             typed += ch
@@ -86,6 +95,7 @@ def measure_page(page, focus: str, cat_file: str) -> tuple[float, float]:
             page.keyboard.press(ch)
             page.wait_for_function("() => window.__want === null", timeout=30000)
         latencies += page.evaluate("() => window.__lat")
+        sends += page.evaluate("() => window.__net")
         page.keyboard.press("Control+U")
         time.sleep(0.2)
     speeds = []
@@ -101,10 +111,10 @@ def measure_page(page, focus: str, cat_file: str) -> tuple[float, float]:
         page.keyboard.type("clear")
         page.keyboard.press("Enter")
         time.sleep(0.5)
-    return statistics.median(latencies), statistics.median(speeds)
+    return statistics.median(latencies), statistics.median(sends), statistics.median(speeds)
 
 
-def ours(p, tmp: str, cat_file: str, *server_args: str) -> tuple[float, float]:
+def ours(p, tmp: str, cat_file: str, *server_args: str) -> tuple[float, float, float]:
     dep = TunnelDeployment(tmp, *server_args)
     try:
         dep.start()
@@ -126,7 +136,7 @@ def ours(p, tmp: str, cat_file: str, *server_args: str) -> tuple[float, float]:
         dep.close()
 
 
-def jupyterlab_terminal(p, tmp: str, cat_file: str) -> tuple[float, float]:
+def jupyterlab_terminal(p, tmp: str, cat_file: str) -> tuple[float, float, float]:
     port = free_port()
     os.makedirs(os.path.join(tmp, "lab-settings"))
     env = {**os.environ, "JUPYTERLAB_SETTINGS_DIR": os.path.join(tmp, "lab-settings"),
@@ -164,7 +174,7 @@ def main() -> int:
         print(f"{e.name} is not installed (pip install 'jupyterlab>=4,<5' playwright)", file=sys.stderr)
         return 1
     tmp = tempfile.mkdtemp(prefix="bench-terminal-")
-    rows: dict[str, tuple[float, float]] = {}
+    rows: dict[str, tuple[float, float, float]] = {}
     try:
         cat_file = os.path.join(tmp, "20mb.txt")
         line = ("0123456789abcdefghijklmnopqrstuvwxyz" * 2 + "\n").encode()
@@ -174,22 +184,21 @@ def main() -> int:
             lab_dir = os.path.join(tmp, "lab")
             os.makedirs(lab_dir)
             rows["JupyterLab terminal (loopback)"] = jupyterlab_terminal(p, lab_dir, cat_file)
-            print(f"  JupyterLab: {rows['JupyterLab terminal (loopback)'][0]:.1f} ms, "
-                  f"{rows['JupyterLab terminal (loopback)'][1]:.1f} MB/s", flush=True)
+            print(f"  JupyterLab: {rows['JupyterLab terminal (loopback)']}", flush=True)
             for name, args in (("coderstack terminal, direct", ()),
                                ("coderstack terminal, relayed", ("--block-direct-connections",))):
                 where = os.path.join(tmp, name.split(",")[1].strip())
                 os.makedirs(where)
                 rows[name] = ours(p, where, cat_file, *args)
-                print(f"  {name}: {rows[name][0]:.1f} ms, {rows[name][1]:.1f} MB/s", flush=True)
+                print(f"  {name}: {rows[name]}", flush=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {os.getloadavg()[0]:.1f} at the end\n")
-    print("| terminal | keystroke → echo rendered (median) | `cat` 20 MB until rendered |")
-    print("|---|---:|---:|")
-    for name, (lat, mbps) in rows.items():
-        print(f"| {name} | {lat:.1f} ms | {mbps:.1f} MB/s |")
+    print("| terminal | keydown → echo (median) | websocket send → echo (median) | `cat` 20 MB |")
+    print("|---|---:|---:|---:|")
+    for name, (lat, net, mbps) in rows.items():
+        print(f"| {name} | {lat:.1f} ms | {net:.1f} ms | {mbps:.1f} MB/s |")
     lab = rows["JupyterLab terminal (loopback)"][0]
     for name in ("coderstack terminal, direct", "coderstack terminal, relayed"):
         print(f"\n{name} / JupyterLab echo latency: {rows[name][0] / lab:.2f}×", end="")
