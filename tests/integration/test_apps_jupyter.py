@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import sys
+import time
 from pathlib import Path
 
 from tests.integration.test_templates import SKIP, TemplateServerCase, free_port
@@ -80,6 +82,37 @@ async (base) => {
 """
 
 
+def stop_pidfiles(where: Path) -> None:
+    """SIGTERM each ``jupyter-*.pid`` process (Jupyter then shuts its kernels down), SIGKILL
+    what is left after 10 s."""
+    pids = []
+    for pidfile in where.glob("jupyter-*.pid"):
+        try:
+            pids.append(int(pidfile.read_text().strip()))
+        except ValueError:
+            continue
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    deadline = time.monotonic() + 10
+    for pid in pids:
+        while time.monotonic() < deadline and _alive(pid):
+            time.sleep(0.1)
+        if _alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    # A zombie of ours would count as alive; these are the agent's children, reaped by it or init.
+    return True
+
+
 class JupyterThroughTheServerTests(TemplateServerCase):
     skip = _skip
     server_args = ("--wildcard-access-url", "*.apps.localhost")
@@ -97,6 +130,9 @@ class JupyterThroughTheServerTests(TemplateServerCase):
 
         home = self.tmp / "home"
         home.mkdir()
+        # The startup script's Jupyter servers (and their kernels) outlive the agent: stop them
+        # by the PIDs the script wrote, also when the test fails.
+        self.addCleanup(stop_pidfiles, home)
         template = self.tmp / "jupyter"
         shutil.copytree(TEMPLATE, template)
         (template / "terraform.tfvars.json").write_text(json.dumps({
