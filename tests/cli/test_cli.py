@@ -432,6 +432,11 @@ class BrokenPipeTests(CLITestCase):
         self.assertEqual(code, 141)
         self.assertEqual(err.getvalue(), "")
 
+
+
+class HelpIntoAClosedPipeTests(unittest.SynchronousTestCase):
+    """No server: a synchronous test must not leave a started server's timers to the reactor."""
+
     def test_help_into_a_closed_pipe_prints_no_traceback(self) -> None:
         read_end, write_end = os.pipe()
         os.close(read_end)  # the reader is gone before the command writes a byte
