@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 from tests.integration.test_templates import SKIP, TemplateServerCase, free_port
+from tests.support.processes import pid_alive
 from tests.support.waiting import wait_until_blocking
 
 REPO = Path(__file__).resolve().parents[2]
@@ -98,19 +99,10 @@ def stop_pidfiles(where: Path) -> None:
             pass
     deadline = time.monotonic() + 10
     for pid in pids:
-        while time.monotonic() < deadline and _alive(pid):
+        while time.monotonic() < deadline and pid_alive(pid):
             time.sleep(0.1)
-        if _alive(pid):
+        if pid_alive(pid):
             os.kill(pid, signal.SIGKILL)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie of ours would count as alive; these are the agent's children, reaped by it or init.
-    return True
 
 
 class JupyterThroughTheServerTests(TemplateServerCase):

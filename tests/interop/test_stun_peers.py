@@ -15,6 +15,7 @@ from twisted.trial import unittest
 
 from coderstack.stun.client import open_stun_client
 from coderstack.stun.server import listen_stun
+from tests.support.processes import die_with_parent
 
 
 def need(binary: str) -> str:
@@ -76,7 +77,7 @@ class OurClientAgainstCoturn(unittest.TestCase):
             [exe, "-n", "--stun-only", "-L", "127.0.0.1", "-p", str(port), "--no-cli",
              "--no-tls", "--no-dtls", "--no-tcp", "--log-file", "stdout", "--simple-log",
              "--pidfile", os.path.join(tmp, "pid"), "--userdb", os.path.join(tmp, "db.sqlite")],
-            stdout=log, stderr=subprocess.STDOUT, cwd=tmp,
+            stdout=log, stderr=subprocess.STDOUT, cwd=tmp, preexec_fn=die_with_parent,
         )
 
         def stop() -> None:

@@ -25,6 +25,7 @@ from twisted.trial import unittest
 from coderstack.wire import wireguard
 from coderstack.wire.wireguard import Device, generate_private_key, public_key
 from tests.interop import ipv6
+from tests.support.processes import die_with_parent
 from tests.support.waiting import wait_until, wait_until_blocking
 from tests.support.wgudp import WireGuardUDP
 
@@ -88,6 +89,7 @@ class Namespace:
             ["ip", "netns", "exec", self.name, "wireguard-go", "-f", self.tun],
             stdout=subprocess.DEVNULL,
             stderr=subprocess.DEVNULL,
+            preexec_fn=die_with_parent,
         )
         self.case.addCleanup(self._stop, self.wg_go)
         sock = f"/var/run/wireguard/{self.tun}.sock"
@@ -153,6 +155,7 @@ class Namespace:
             ],
             stdout=subprocess.PIPE,
             text=True,
+            preexec_fn=die_with_parent,
         )
         self.case.addCleanup(self._stop, proc)
         assert proc.stdout is not None

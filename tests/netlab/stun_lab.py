@@ -19,6 +19,8 @@ import subprocess
 import sys
 import uuid
 
+from tests.support.processes import die_with_parent
+
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 PYTHON = sys.executable
 SERVER_IPS = ("203.0.113.2", "203.0.113.3")
@@ -96,7 +98,7 @@ class NATLab:
         for ip in SERVER_IPS:
             cmd += ["--stun", f"{ip}:{stun}"]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=self.env(), cwd=REPO_ROOT)
+                             env=self.env(), cwd=REPO_ROOT, preexec_fn=die_with_parent)
         self.procs.append(p)
         ready, _, _ = select.select([p.stdout], [], [], 20)
         line = p.stdout.readline() if ready else ""
@@ -109,7 +111,7 @@ class NATLab:
         cmd = ["ip", "netns", "exec", self.server, PYTHON, "-m", "tests.netlab.embedded_stun",
                f"{SERVER_IPS[0]}:{http}", data_dir]
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                             env=self.env(), cwd=REPO_ROOT)
+                             env=self.env(), cwd=REPO_ROOT, preexec_fn=die_with_parent)
         self.procs.append(p)
         ready, _, _ = select.select([p.stdout], [], [], 20)
         line = p.stdout.readline().strip() if ready else ""

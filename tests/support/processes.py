@@ -10,6 +10,7 @@ the same way.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import re
@@ -52,6 +53,16 @@ async def sleep(seconds: float) -> None:
     await task.deferLater(reactor, seconds, lambda: None)
 
 
+_libc = ctypes.CDLL(None, use_errno=True)
+_PR_SET_PDEATHSIG = 1
+
+
+def die_with_parent() -> None:
+    """``preexec_fn`` for a child: SIGTERM when the test runner dies. A runner that is killed
+    runs no cleanups; without this its servers, agents and real peers would live on."""
+    _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
     try:
@@ -71,7 +82,7 @@ class Process:
         self.log_path = os.path.join(cwd, f"{name}.log")
         self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL)
+                                      stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
         self.pid = self.popen.pid
         testcase.addCleanup(self.stop)
 
