@@ -31,7 +31,6 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.interfaces import IAddress, IConsumer, IPushProducer, ITransport
-from twisted.internet.protocol import Protocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -39,7 +38,13 @@ from coderstack.derp.client import Connector
 from coderstack.derp.policy import ConnectionAdmission, Refusal
 from coderstack.derp.relay import Relay
 from coderstack.derp.server import admit_stream
-from coderstack.derp.transport import ClientTransport, DERPClientError, FlowControl, LinkEvents
+from coderstack.derp.transport import (
+    ClientTransport,
+    DERPClientError,
+    FlowControl,
+    LinkEvents,
+    StreamLink,
+)
 from coderstack.derpmap import DERPNode
 from coderstack.twistedtypes import Clock, DelayedCall, stream_transport
 
@@ -202,7 +207,7 @@ def connect_pair(clock: Clock, client: Any, server: Any, *, client_name: str = "
     return client_end, server_end
 
 
-class MemoryClientEnd(Protocol):
+class MemoryClientEnd(StreamLink):
     """The DERP client's end of an in-memory connection: a :class:`ClientTransport` reporting
     to the client's :class:`LinkEvents`, as the HTTP upgrade transport does after its 101."""
 
@@ -218,22 +223,6 @@ class MemoryClientEnd(Protocol):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.events.connection_lost(reason.getErrorMessage() if reason is not None else "closed")
 
-    # ClientTransport
-    def send(self, data: bytes) -> None:
-        stream_transport(self).write(data)
-
-    def disconnect(self) -> None:
-        transport = stream_transport(self)
-        transport.unregisterProducer()
-        transport.loseConnection()
-
-    def abort(self) -> None:
-        transport = stream_transport(self)
-        transport.unregisterProducer()
-        transport.abortConnection()
-
-    def local_host(self) -> str | None:
-        return None  # no address that a network change could take away
 
 
 def relay_connector(clock: Clock, relay: Relay, principal: Any,

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
+from twisted.internet import protocol
 from twisted.internet.interfaces import IPushProducer
 from zope.interface import implementer
 
 from coderstack.derpmap import DERPNode
+from coderstack.twistedtypes import stream_transport
 
 
 class DERPClientError(Exception):
@@ -85,3 +87,27 @@ def local_host(transport: Any) -> str | None:
         return str(transport.getHost().host)
     except Exception:  # no transport, or one without an IP address
         return None
+
+
+class StreamLink(protocol.Protocol):
+    """The :class:`ClientTransport` side of a link whose DERP frames ride a byte stream (TCP,
+    TLS, or an in-memory pipe): what the client calls, done on the stream."""
+
+    def send(self, data: bytes) -> None:
+        stream_transport(self).write(data)
+
+    def disconnect(self) -> None:
+        transport = stream_transport(self)
+        # TLS waits for a registered producer to leave before it shuts down.
+        transport.unregisterProducer()
+        transport.loseConnection()
+
+    def abort(self) -> None:
+        # No goodbye: over a vanished address it would wait for a flush that never comes.
+        transport = stream_transport(self)
+        transport.unregisterProducer()
+        transport.abortConnection()
+
+    def local_host(self) -> str | None:
+        return local_host(self.transport)
+

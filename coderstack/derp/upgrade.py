@@ -20,7 +20,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 from twisted.internet import defer
-from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
 
 from coderstack.derp.tcpopts import no_delay
@@ -29,9 +29,9 @@ from coderstack.derp.transport import (
     DERPClientError,
     FlowControl,
     LinkEvents,
+    StreamLink,
     UpgradeRefused,
     host_header,
-    local_host,
 )
 from coderstack.derpmap import DERPNode
 from coderstack.twistedtypes import stream_transport
@@ -39,7 +39,7 @@ from coderstack.twistedtypes import stream_transport
 MAX_HEAD = 16384
 
 
-class UpgradeTransport(Protocol):
+class UpgradeTransport(StreamLink):
     """HTTP/1.1 ``Upgrade: DERP`` then raw frames."""
 
     def __init__(self, host: str, headers: Mapping[bytes, bytes], events: LinkEvents,
@@ -108,24 +108,6 @@ class UpgradeTransport(Protocol):
         elif self._upgraded:
             self.events.connection_lost(reason.getErrorMessage() if reason else "closed")
 
-    # ClientTransport
-    def send(self, data: bytes) -> None:
-        stream_transport(self).write(data)
-
-    def disconnect(self) -> None:
-        transport = stream_transport(self)
-        # TLS waits for a registered producer to leave before it shuts down.
-        transport.unregisterProducer()
-        transport.loseConnection()
-
-    def abort(self) -> None:
-        # No goodbye: over a vanished address it would wait for a flush that never comes.
-        transport = stream_transport(self)
-        transport.unregisterProducer()
-        transport.abortConnection()
-
-    def local_host(self) -> str | None:
-        return local_host(self.transport)
 
 
 def upgrade_factory(node: DERPNode, headers: Mapping[bytes, bytes], events: LinkEvents,
