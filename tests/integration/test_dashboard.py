@@ -61,7 +61,16 @@ class DashboardTests(unittest.TestCase):
                        "--password", "bob password")
         shots = Path(os.environ.get("CODERSTACK_TEST_ARTIFACTS") or self.mktemp()) / "dashboard"
         shots.mkdir(parents=True, exist_ok=True)
-        await threads.deferToThread(self.browse, d.url, shots)
+        self.step = "starting the browser"
+        self.console: list[str] = []
+        try:
+            await threads.deferToThread(self.browse, d.url, shots)
+            problem = None
+        except Exception as err:  # reported below as one short line
+            problem = f"{type(err).__name__}: {str(err)[:800]}"
+        if problem is not None:
+            # Out of the except block: the report is this line, not the thread's traceback.
+            self.fail(f"while {self.step}: {problem}; console errors: {self.console[-5:]}")
         assert d.server is not None
         self.assertNotIn("Traceback", d.server.log())
 
@@ -92,7 +101,7 @@ class DashboardTests(unittest.TestCase):
     def owner_steps(self, browser: Any, url: str, shots: Path) -> None:
         context = browser.new_context(viewport={"width": 1200, "height": 800})
         page = context.new_page()
-        errors: list[str] = []
+        errors = self.console
         page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
 
         # A wrong password shows the form again with the reason.
@@ -102,6 +111,7 @@ class DashboardTests(unittest.TestCase):
         page.click("#login-submit")
         self.assertIn("Incorrect", page.text_content("#login-error") or "")
 
+        self.step = "logging in"
         self.login(page, url, "alice")
         cookie = next(c for c in context.cookies() if c["name"] == "coder_session_token")
         self.assertTrue(cookie["httpOnly"])
@@ -109,16 +119,21 @@ class DashboardTests(unittest.TestCase):
         self.assertNotIn(cookie["value"], page.content())  # no token in the HTML
 
         # The list fills in from the API: the workspace and its connected agent.
+        self.step = "waiting for the workspace list"
         page.wait_for_selector("tr[data-workspace=box] .status-connected", timeout=WAIT_MS)
         page.screenshot(path=str(shots / "workspaces.png"))
 
+        # The API's answers are rewritten before the page loads, so every poll it makes sees them.
+        self.step = "opening the workspace page"
+        self.route_agent_details(page)
         page.click("a.workspace-link")
         page.wait_for_url(url + "/workspaces/alice/box")
         page.wait_for_function(
             "() => document.querySelector('.agent [data-field=status]').textContent === 'connected'",
             timeout=WAIT_MS)
         self.assertEqual(page.text_content(".agent h2 a.terminal-link"), "Terminal")
-        self.render_agent_details(page)
+        self.step = "reading the agent's details"
+        self.check_agent_details(page)
         page.screenshot(path=str(shots / "workspace.png"))
         page.unroute_all()
 
@@ -126,6 +141,7 @@ class DashboardTests(unittest.TestCase):
         # /bin/sh rather than the account's login shell: this machine's root bash profile runs
         # pyenv, whose rehash lock a killed shell can leave behind for the next one to wait on.
         self.assertEqual(page.get_attribute("a.terminal-link", "href"), "/workspaces/alice/box/main/terminal")
+        self.step = "opening the terminal"
         response = page.goto(url + "/workspaces/alice/box/main/terminal?command=/bin/sh")
         csp = response.headers.get("content-security-policy", "")
         self.assertIn("script-src 'self';", csp)
@@ -140,11 +156,13 @@ class DashboardTests(unittest.TestCase):
         assert pid is not None
         # The xterm rows in the DOM show it too.
         self.assertIn("hi-42", page.text_content(".xterm-rows") or "")
+        self.step = "waiting for the terminal's path to go direct"
         page.wait_for_function(
             "() => document.getElementById('terminal-path').textContent.includes('direct')", timeout=WAIT_MS)
         page.screenshot(path=str(shots / "terminal.png"))
 
         # A smaller window: the fit addon resizes the terminal, and the PTY follows.
+        self.step = "resizing the terminal"
         before = page.evaluate("() => [window.coderstackTerminal.term.rows, window.coderstackTerminal.term.cols]")
         page.set_viewport_size({"width": 700, "height": 450})
         page.wait_for_function(
@@ -156,6 +174,7 @@ class DashboardTests(unittest.TestCase):
         page.wait_for_function(f"() => ({TEXT})().includes('{rows} {cols}')", timeout=WAIT_MS)
 
         # The connection drops: the page says so, reconnects by itself, and the same shell is back.
+        self.step = "dropping the terminal's websocket"
         page.evaluate("""() => {
             window.seenStates = [];
             const el = document.getElementById('terminal-state');
@@ -176,12 +195,14 @@ class DashboardTests(unittest.TestCase):
         page.wait_for_function(f"() => ({TEXT})().includes('pid-{pid[1]}')", timeout=WAIT_MS)
 
         # A reload keeps the session too (its id is in sessionStorage).
+        self.step = "reloading the terminal"
         session = page.evaluate("() => window.coderstackTerminal.session")
         page.reload()
         page.wait_for_function(f"() => ({TEXT})().includes('pid-{pid[1]}')", timeout=WAIT_MS)
         self.assertEqual(page.evaluate("() => window.coderstackTerminal.session"), session)
 
         # Static files: vendored ones are immutable, ours revalidate; both typed and nosniff.
+        self.step = "fetching static files"
         xterm = page.evaluate("() => document.body.dataset.xterm")
         resp = page.request.get(url + xterm)
         self.assertEqual(resp.headers["content-type"], "text/javascript; charset=utf-8")
@@ -192,6 +213,7 @@ class DashboardTests(unittest.TestCase):
         self.assertEqual(page.request.get(url + "/static/app/nothing.js").status, 404)
 
         # A logout form sent from another site is refused; ours logs out and kills the session.
+        self.step = "logging out"
         self.assertEqual(_status(url + "/logout", method="POST", Origin="http://evil.example",
                                  Cookie=f"coder_session_token={cookie['value']}"), 403)
         self.assertEqual(_status(url + "/api/v2/users/me", cookie["value"]), 200)
@@ -204,9 +226,9 @@ class DashboardTests(unittest.TestCase):
         self.assertEqual([e for e in errors if "Failed to load resource" not in e], [])
         context.close()
 
-    def render_agent_details(self, page: Any) -> None:
+    def route_agent_details(self, page: Any) -> None:
         """What a template gives an agent (metadata, apps, startup logs), fed to the page by
-        rewriting the API's answers: shown as text, and updated without a reload."""
+        rewriting the API's answers."""
         polls = {"metadata": 0}
 
         def metadata(route: Any) -> None:
@@ -229,6 +251,9 @@ class DashboardTests(unittest.TestCase):
         page.route("**/api/v2/workspaceagents/*/metadata", metadata)
         page.route("**/api/v2/workspaceagents/*/logs?*", logs)
         page.route(re.compile(r".*/api/v2/workspaceagents/[0-9a-f-]+$"), agent)
+
+    def check_agent_details(self, page: Any) -> None:
+        """The rewritten details are shown as text, and updated without a reload."""
         page.wait_for_function(
             "() => /^<b>[0-9]+<\\/b>$/.test(document.querySelector('.metadata tr[data-key=load] td')?.textContent)",
             timeout=WAIT_MS)
@@ -247,6 +272,7 @@ class DashboardTests(unittest.TestCase):
         self.assertEqual(page.locator(".metadata b").count(), 0)  # text, never markup
 
     def member_steps(self, browser: Any, url: str) -> None:
+        self.step = "logging in as another member"
         context = browser.new_context()
         page = context.new_page()
         self.login(page, url, "bob")
