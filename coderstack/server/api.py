@@ -33,6 +33,7 @@ from coderstack.server import (
     dashboard,
     livesessions,
     ptyapi,
+    samesite,
     templatepush,
     webassets,
 )
@@ -157,6 +158,9 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
         user = await self.user_for_token(token)
         if user is None:
             raise APIError(401, "Invalid or expired session token.", "log in again")
+        if samesite.cross_site_change(request, self.d.access_url):
+            raise APIError(403, "Cross-site request refused.",
+                           "a change made with the session cookie must come from this site's pages")
         return user
 
     async def require_owner(self, request: HTTPRequest) -> User:

@@ -22,17 +22,18 @@ JSON API every 2 s with the cookie and fill them in. A form POST must come from 
 from __future__ import annotations
 
 from typing import Any, Protocol, cast
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote
 
 from klein import Klein
 from twisted.web.server import Request
 
-from coderstack.server import htmlpage, webassets
+from coderstack.server import htmlpage, samesite, webassets
 from coderstack.server.htmlpage import esc, layout, render
 from coderstack.server.jsonhttp import APIError, HTTPRequest, client_host, session_token_of
 from coderstack.server.records import User, Workspace
+from coderstack.server.samesite import same_site
 
-COOKIE = b"coder_session_token"
+COOKIE = samesite.COOKIE
 COOKIE_MAX_AGE = 7 * 24 * 3600
 
 
@@ -46,19 +47,6 @@ class DashboardHost(Protocol):
 
 def _arg(request: HTTPRequest, name: bytes) -> str:
     return (request.args.get(name) or [b""])[0].decode("utf-8", "replace")
-
-
-def same_site(request: HTTPRequest, access_url: str) -> bool:
-    """Did this state-changing request come from one of our own pages?"""
-    raw = request.getHeader(b"origin") or request.getHeader(b"referer")
-    if not raw:
-        return False
-    u = urlsplit(raw.decode("latin-1"))
-    origin = f"{u.scheme}://{u.netloc}".lower()
-    a = urlsplit(access_url)
-    own = "https" if cast(Request, request).isSecure() else "http"
-    host = (request.getHeader(b"host") or b"").decode("latin-1")
-    return origin in {f"{a.scheme}://{a.netloc}".lower(), f"{own}://{host}".lower()}
 
 
 def set_session_cookie(request: HTTPRequest, value: str, max_age: int) -> None:
