@@ -31,7 +31,10 @@ from coderstack.server import (
     auth,
     browseronly,
     dashboard,
+    healthcheck,
+    healthws,
     livesessions,
+    ownerpages,
     ptyapi,
     samesite,
     templatepush,
@@ -739,6 +742,18 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
         await self.require_owner(request)
         return write_json(request, self.d.coordinator.debug())
 
+    @app.route("/api/v2/debug/health", methods=["GET"])
+    async def debug_health(self, request: HTTPRequest) -> bytes:
+        """The deployment health report (health.py): owners only; it dials out, so it is slow."""
+        await self.require_owner(request)
+        token = session_token_of(request) or ""
+        return write_json(request, await healthcheck.run(self.d.reactor, self.d, token))
+
+    @app.route(healthws.PATH, methods=["GET"])
+    async def debug_ws(self, request: HTTPRequest) -> Any:
+        await self.require_owner(request)
+        return healthws.echo_resource()
+
     @app.route("/api/v2/debug/tailnet", methods=["GET"])
     async def debug_tailnet(self, request: HTTPRequest) -> bytes:
         """The server's own tailnet: each agent tunnel's path and latency (servertailnet.py)."""
@@ -788,3 +803,4 @@ agentviews.register(API.app)
 appsapi.register(API.app)
 ptyapi.register(API.app)
 dashboard.register(API.app)
+ownerpages.register(API.app)

@@ -97,10 +97,28 @@ def _workspace_link(ws: Workspace) -> str:
 def workspaces_page(user: User) -> bytes:
     main = (
         '<h1>Workspaces</h1>\n<p class="muted" id="refreshed">Loading…</p>\n'
-        '<table id="workspaces"><thead><tr><th>Workspace</th><th>Template</th><th>Agent</th>'
+        '<table id="workspaces"><thead><tr><th>Workspace</th><th>Template</th><th>State</th><th>Agent</th>'
         "<th>Status</th><th>Lifecycle</th><th>Last seen</th></tr></thead>\n<tbody></tbody></table>"
     )
-    return layout("Workspaces", main, user=user.username, script="/static/app/workspaces.js")
+    return layout("Workspaces", main, user=user, script="/static/app/workspaces.js")
+
+
+def build_card(ws: Workspace) -> str:
+    """The latest build and the buttons that start the next (filled in by builds.js)."""
+    if ws.template_id is None:
+        return ('<section class="card build"><p class="muted">This workspace has no template: its agent '
+                "was started by hand, so there is nothing to start, stop or build here.</p></section>\n")
+    buttons = "".join(
+        f'<button type="button" id="{name.lower()}" data-transition="{transition}"{cls} disabled>{name}</button>'
+        for name, transition, cls in (("Start", "start", ""), ("Stop", "stop", ""),
+                                      ("Delete", "destroy", ' class="danger"')))
+    return (
+        '<section class="card build" id="build">\n'
+        '<h2>Build <span id="build-number"></span> <span id="build-state" class="state">…</span>'
+        f'<span class="actions">{buttons}</span></h2>\n'
+        '<p class="error" id="build-error" role="alert" hidden></p>\n'
+        '<pre class="logs" id="build-log"></pre>\n</section>\n'
+    )
 
 
 def workspace_page(user: User, ws: Workspace) -> bytes:
@@ -123,8 +141,8 @@ def workspace_page(user: User, ws: Workspace) -> bytes:
         )
     body = "\n".join(cards) or '<p class="muted">This workspace has no agent.</p>'
     main = (f'<h1>{esc(ws.name)}</h1>\n<p class="muted">Template: {esc(ws.template_name or "none")}'
-            ' · <span id="refreshed">Loading…</span></p>\n' + body)
-    return layout(ws.name, main, user=user.username, script="/static/app/workspace.js",
+            ' · <span id="refreshed">Loading…</span></p>\n' + build_card(ws) + body)
+    return layout(ws.name, main, user=user, script="/static/app/workspace.js",
                   data={"workspace-id": str(ws.id)})
 
 
@@ -136,14 +154,14 @@ def terminal_page(user: User, ws: Workspace, agent_id: str, agent_name: str,
     if not assets.terminal_available:
         main = (f"<p>{back}</p>\n<h1>Terminal unavailable</h1>\n<p>xterm.js is not installed on "
                 "this server: run <code>npm ci --prefix web</code> and restart it.</p>")
-        return layout(title, main, user=user.username), False
+        return layout(title, main, user=user), False
     main = (
         f'<div class="terminal-bar"><span>{back}</span>'
         '<span id="terminal-state" class="state">connecting…</span>'
         '<span id="terminal-path" class="muted"></span></div>\n'
         '<div id="terminal"></div>'
     )
-    page = layout(title, main, user=user.username, script="/static/app/terminal.js",
+    page = layout(title, main, user=user, script="/static/app/terminal.js",
                   styles=(assets.vendor_urls["xterm.css"],),
                   data={"agent-id": agent_id, "xterm": assets.vendor_urls["xterm.mjs"],
                         "fit": assets.vendor_urls["addon-fit.mjs"]})
@@ -203,7 +221,7 @@ def register(app: Klein) -> None:
             return to_login(request)
         ws = await own_workspace(self, user, owner, name)
         if ws is None:
-            return htmlpage.not_found(request, self.d.access_url, user.username)
+            return htmlpage.not_found(request, self.d.access_url, user)
         return render(request, self.d.access_url, workspace_page(user, ws))
 
     @app.route("/workspaces/<string:owner>/<string:name>/<string:agent>/terminal", methods=["GET"])
@@ -214,7 +232,7 @@ def register(app: Klein) -> None:
         ws = await own_workspace(self, user, owner, name)
         found = next((a for a in ws.agents if a.name == agent), None) if ws is not None else None
         if ws is None or found is None:
-            return htmlpage.not_found(request, self.d.access_url, user.username)
+            return htmlpage.not_found(request, self.d.access_url, user)
         page, inline = terminal_page(user, ws, str(found.id), found.name, webassets.default_assets())
         return render(request, self.d.access_url, page, inline_styles=inline)
 

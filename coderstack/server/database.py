@@ -112,6 +112,14 @@ class Database:
 
         return self._run(work)
 
+    def ping(self) -> Deferred[None]:
+        """One round trip to the database (``SELECT 1``), as the health report times it."""
+
+        def work(conn: Any) -> None:
+            conn.exec_driver_sql("SELECT 1")
+
+        return self.transact(work)
+
     # -- schema ----------------------------------------------------------------------------
 
     def migrate(self) -> Deferred[int]:

@@ -22,6 +22,7 @@ from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from coderstack.server.jsonhttp import HTTPRequest
+from coderstack.server.records import User
 
 
 def content_security_policy(access_url: str, inline_styles: bool = False) -> bytes:
@@ -50,7 +51,7 @@ def esc(value: object) -> str:
     return html.escape(str(value), quote=True)
 
 
-def layout(title: str, main: str, *, user: str | None = None, script: str | None = None,
+def layout(title: str, main: str, *, user: User | None = None, script: str | None = None,
            styles: tuple[str, ...] = (), data: Mapping[str, str] | None = None) -> bytes:
     """A whole page: ``main`` is trusted HTML (callers escape what they put in it)."""
     attrs = "".join(f' data-{esc(k)}="{esc(v)}"' for k, v in (data or {}).items())
@@ -59,9 +60,12 @@ def layout(title: str, main: str, *, user: str | None = None, script: str | None
     head_script = f'<script type="module" src="{esc(script)}"></script>\n' if script else ""
     nav = ""
     if user is not None:
+        # Owners also see the deployment's pages (their routes check the role again).
+        owner = ('<a href="/templates">Templates</a><a href="/users">Users</a><a href="/health">Health</a>'
+                 if user.is_owner else "")
         nav = (
-            '<nav><a href="/workspaces">Workspaces</a>'
-            f'<span class="who">{esc(user)}</span>'
+            f'<nav><a href="/workspaces">Workspaces</a>{owner}'
+            f'<span class="who">{esc(user.username)}</span>'
             '<form method="post" action="/logout"><button type="submit" id="logout">Log out</button></form>'
             "</nav>"
         )
@@ -80,7 +84,7 @@ def render(request: HTTPRequest, access_url: str, body: bytes, code: int = 200,
     return body
 
 
-def not_found(request: HTTPRequest, access_url: str, user: str | None = None) -> bytes:
+def not_found(request: HTTPRequest, access_url: str, user: User | None = None) -> bytes:
     """The same page for a missing thing and someone else's."""
     body = layout("Not found", '<h1>Not found</h1>\n<p>There is nothing here, or it is not yours.</p>\n'
                   '<p><a href="/workspaces">Your workspaces</a></p>', user=user)

@@ -4,6 +4,8 @@ checks, logout, owner-only pages, security headers, escaping, and the static fil
 from __future__ import annotations
 
 import hashlib
+import uuid
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlencode
@@ -13,6 +15,7 @@ from twisted.trial import unittest
 
 from coderstack.server import htmlpage, webassets
 from coderstack.server.dashboard import terminal_page
+from coderstack.server.records import User
 from tests.support.api import ACCESS_URL, Caller, make_deployment
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "text/html"}
@@ -217,13 +220,18 @@ class AssetsTests(unittest.TestCase):
 
 class HTMLPageTests(unittest.TestCase):
     def test_layout_escapes_and_carries_no_inline_script(self) -> None:
-        page = htmlpage.layout('<x>"', "<p>ok</p>", user="<b>", script="/static/app/a.js",
+        who = User(uuid.uuid4(), "<b>", "b@example.com", "", ("owner",), datetime.now(UTC))
+        page = htmlpage.layout('<x>"', "<p>ok</p>", user=who, script="/static/app/a.js",
                                data={"agent-id": '"><script>'})
         self.assertIn(b"&lt;x&gt;&quot;", page)
         self.assertIn(b'<span class="who">&lt;b&gt;</span>', page)
         self.assertIn(b'data-agent-id="&quot;&gt;&lt;script&gt;"', page)
         self.assertEqual(page.count(b"<script"), 1)
         self.assertIn(b'<script type="module" src="/static/app/a.js"></script>', page)
+        # Owners get the deployment's pages in the menu; members do not.
+        self.assertIn(b'<a href="/health">Health</a>', page)
+        member = htmlpage.layout("t", "", user=User(uuid.uuid4(), "m", "m@example.com", "", (), who.created_at))
+        self.assertNotIn(b'href="/users"', member)
 
     def test_csp_follows_the_access_url_scheme(self) -> None:
         self.assertIn(b"connect-src 'self' wss://coder.example.com;",

@@ -78,3 +78,51 @@ export function every(ms, fn, status) {
   tick();
   return () => clearTimeout(timer);
 }
+
+// A state change through the API (the browser adds this page's Origin, which the API checks):
+// the reply's JSON, or an HTTPError carrying the API's own message and detail.
+export async function send(method, path, body) {
+  const resp = await fetch(path, {
+    method, credentials: "same-origin",
+    headers: {Accept: "application/json", "Content-Type": "application/json"},
+    body: body === undefined ? undefined : JSON.stringify(body),
+  });
+  const reply = await resp.json().catch(() => ({}));
+  if (!resp.ok) {
+    const why = [reply.message || `HTTP ${resp.status}`, reply.detail].filter((x) => x).join(": ");
+    throw new HTTPError(resp.status, why);
+  }
+  return reply;
+}
+
+// Read a newline-delimited JSON response as it arrives, calling onLine for each object.
+export async function streamLines(path, onLine) {
+  const resp = await fetch(path, {credentials: "same-origin", headers: {Accept: "application/x-ndjson"}});
+  if (!resp.ok) {
+    throw new HTTPError(resp.status, `${path}: HTTP ${resp.status}`);
+  }
+  const reader = resp.body.getReader();
+  const decoder = new TextDecoder();
+  let pending = "";
+  for (;;) {
+    const {value, done} = await reader.read();
+    pending += decoder.decode(value || new Uint8Array(), {stream: !done});
+    const lines = pending.split("\n");
+    pending = lines.pop();
+    for (const line of lines.filter((x) => x)) {
+      onLine(JSON.parse(line));
+    }
+    if (done) {
+      return;
+    }
+  }
+}
+
+// What a workspace's latest build says about it, in the words Coder's dashboard uses.
+export function workspaceState(build) {
+  if (!build) return "no build";
+  const busy = {start: "starting", stop: "stopping", destroy: "deleting"}[build.transition];
+  if (build.status === "pending" || build.status === "running") return busy;
+  if (build.status === "failed") return "failed";
+  return {start: "running", stop: "stopped", destroy: "deleted"}[build.transition];
+}

@@ -1,5 +1,6 @@
 // /workspaces/{user}/{name}: each agent's status, lifecycle, metadata, apps, the server's path to
 // it and its startup logs, polled from the JSON API.
+import * as builds from "./builds.js";
 import {api, ago, describePath, el, every} from "./common.js";
 
 const POLL_MS = 2000;
@@ -46,10 +47,13 @@ async function refreshAgent(card, summary) {
 
 every(POLL_MS, async () => {
   const ws = await api(`/api/v2/workspaces/${workspaceId}`);
+  builds.refresh(ws);
   const byId = new Map(ws.agents.map((a) => [a.id, a]));
   const cards = [...document.querySelectorAll(".agent")].map((card) => card.dataset.agentId);
   if (cards.length !== byId.size || cards.some((id) => !byId.has(id))) {
-    window.location.reload();  // a new build brought other agents: the server renders their cards
+    // A build brought other agents (or took them): the server renders their cards, once the
+    // build's log has finished streaming.
+    if (!builds.busy()) window.location.reload();
     return;
   }
   await Promise.all([...document.querySelectorAll(".agent")].map((card) =>

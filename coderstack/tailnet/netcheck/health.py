@@ -23,7 +23,8 @@ and two an error.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 from coderstack.derpmap import DERPMap
@@ -42,7 +43,7 @@ def _worse(a: str, b: str) -> str:
     return a if _SEVERITY_RANK[a] >= _SEVERITY_RANK[b] else b
 
 
-def _ms_string(seconds: float) -> str:
+def go_duration(seconds: float) -> str:
     """Go's time.Duration.String() for the usual ranges (e.g. "1.234ms", "2.5s")."""
     ns = round(seconds * 1e9)
     if ns == 0:
@@ -56,12 +57,24 @@ def _ms_string(seconds: float) -> str:
     return f"{ns / 1e9:g}s"
 
 
-def derp_health_report(derp_map: DERPMap, report: Report, *, error: str | None = None) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RelayProbe:
+    """A DERP client's login to one relay node and a Ping/Pong over it (``rtt`` in seconds)."""
+
+    rtt: float | None
+    websocket: bool
+    error: str | None
+
+
+def derp_health_report(derp_map: DERPMap, report: Report, *, error: str | None = None,
+                       relay: Mapping[str, RelayProbe] | None = None) -> dict[str, Any]:
     """Coder's ``healthsdk.DERPHealthReport`` built from a netcheck report.
 
     Per node: STUN ``Enabled``/``CanSTUN``/``Error`` from our probes, and the latency-check round
-    trip as ``round_trip_ping``. The DERP message exchange Coder also does per node needs the DERP
-    client: ``can_exchange_messages`` stays false and is not counted against health here.
+    trip as ``round_trip_ping``. With ``relay`` (node name → a DERP client's probe, which the
+    server runs), ``can_exchange_messages`` and ``round_trip_ping`` come from the DERP session
+    itself and a node whose relay fails is an error; without it ``can_exchange_messages`` stays
+    false and is not counted against health.
     """
     by_node: dict[str, list[ProbeResult]] = {}
     for p in report.probes:
@@ -89,21 +102,27 @@ def derp_health_report(derp_map: DERPMap, report: Report, *, error: str | None =
                     stun_err = next((p.error for p in stun_probes if p.error), "no STUN answer")
             sev = "error" if stun_err and report.udp else "ok"
             rtt = min(http_latencies, default=None)
+            probe = relay.get(node.name) if relay is not None and not node.stun_only else None
+            relay_err = probe.error if probe is not None else None
+            if probe is not None:
+                rtt = probe.rtt
+                if relay_err:
+                    sev = "error"
             if sev != "ok":
                 unhealthy += 1
             node_reports.append({
                 "healthy": sev != "error",
                 "severity": sev,
                 "warnings": [],
-                **({"error": stun_err} if sev == "error" else {}),
+                **({"error": relay_err or stun_err} if sev == "error" else {}),
                 "node": node.to_json(),
                 "node_info": {"TokenBucketBytesPerSecond": 0, "TokenBucketBytesBurst": 0},
-                "can_exchange_messages": False,
-                "round_trip_ping": _ms_string(rtt) if rtt is not None else "",
+                "can_exchange_messages": probe is not None and relay_err is None,
+                "round_trip_ping": go_duration(rtt) if rtt is not None else "",
                 "round_trip_ping_ms": int(rtt * 1000) if rtt is not None else 0,
-                "uses_websocket": False,
+                "uses_websocket": probe.websocket if probe is not None else False,
                 "client_logs": [],
-                "client_errs": [],
+                "client_errs": [[relay_err]] if relay_err else [],
                 "stun": {"Enabled": enabled, "CanSTUN": can_stun, "Error": stun_err},
             })
         if len(region.nodes) == 1 and node_reports:
