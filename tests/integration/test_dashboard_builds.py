@@ -124,9 +124,17 @@ class DashboardBuildTests(TemplateServerCase):
         self.assertIn(APP_TEXT.decode(), app.text_content("body") or "")
         app.close()
 
-        # Stop: the build's log streams in while it runs; the shutdown script ran.
+        # Stop: the build's log streams in while it runs (lines appear under "stopping"); the
+        # shutdown script ran.
+        page.evaluate("""() => {
+            window.logStates = [];
+            const log = document.getElementById('build-log');
+            new MutationObserver(() => window.logStates.push(document.getElementById('build-state').textContent))
+                .observe(log, {childList: true, characterData: true, subtree: true});
+        }""")
         page.click("#build #stop")
         self.wait_state(page, "stopped")
+        self.assertIn("stopping", page.evaluate("() => window.logStates"))
         self.assertEqual(self.buttons(page), {"start": True, "stop": False, "delete": True})
         self.assertIn("Apply complete", page.text_content("#build-log") or "")
         self.assertEqual((self.home / "stopped").read_text().strip(), "bye")
