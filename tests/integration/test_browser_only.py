@@ -1,18 +1,22 @@
 """``--browser-only``: every CLI tunnel is refused with a message that names the mode, at the
-connection info, the coordinator and the relay; the agent still connects, and apps through the
-server (the server's own tunnel) keep working."""
+connection info, the coordinator and the relay; the agent still connects, and apps and the web
+terminal through the server (the server's own tunnel) keep working."""
 
 from __future__ import annotations
 
 import json
+import uuid
 
 import treq
+from autobahn.twisted.websocket import connectWS
 from twisted.internet import reactor
 from twisted.trial import unittest
 from twisted.web import resource, server
 
+from tests.integration.test_web_terminal import TerminalFactory
 from tests.integration.tunnel_support import ssh_config, user_env, workspace
 from tests.support.processes import free_port
+from tests.support.waiting import wait_until
 
 NAMED = "Browser-only connections are enabled"
 
@@ -68,6 +72,19 @@ class BrowserOnlyTests(unittest.TestCase):
         resp = await treq.get(f"{d.url}/", headers={"Host": host, "Coder-Session-Token": alice.session_token()},
                               persistent=False)
         self.assertEqual((resp.code, await resp.content()), (200, b"hello from the workspace"))
+
+
+    async def test_the_web_terminal_keeps_working(self) -> None:
+        d, alice, _agent = await workspace(self, "--browser-only", "true")
+        agent_id = (await alice.show("box"))["agents"][0]["id"]
+        url = (d.url.replace("http://", "ws://") + f"/api/v2/workspaceagents/{agent_id}/pty"
+               f"?reconnect={uuid.uuid4()}&width=80&height=24&command=/bin/sh")
+        f = TerminalFactory(url, headers={"Coder-Session-Token": alice.session_token()})
+        connectWS(f)
+        self.addCleanup(lambda: f.proto.dropConnection() if f.proto and f.proto.state != f.proto.STATE_CLOSED else None)
+        t = await f.opened
+        t.type(data="echo browser-$((6*7))\r")
+        await wait_until(lambda: b"browser-42" in f.output, "the terminal's output", timeout=30)
 
 
 class _Static(resource.Resource):
