@@ -36,7 +36,7 @@ from twisted.logger import Logger
 from twisted.web.resource import IResource, Resource
 from twisted.web.server import NOT_DONE_YET, Request
 
-from coderstack.server import appshare
+from coderstack.server import appshare, htmlpage
 from coderstack.server.appauth import STRIPPED_COOKIES, AppAuth, Refused, Viewer
 from coderstack.server.appkeys import SUBDOMAIN_APP_COOKIE
 from coderstack.server.appproxy import AppProxy, Forwarded, Upstream, UpstreamUnavailable
@@ -229,6 +229,8 @@ class AppRouter:
         if user is None:
             if subdomain:
                 raise _Redirect(self.auth.login_redirect(request), 307)
+            if htmlpage.wants_page(request):  # a browser: the login form, then back here
+                raise _Redirect(htmlpage.login_location(request.uri), 303)
             raise Refused(401, "Log in to open this app",
                           f"Log in to {self.d.access_url} first; this app is not shared publicly.")
         # Someone else's owner-level app does not even admit it exists.

@@ -18,6 +18,7 @@ from typing import Any, Protocol, cast
 from klein import Klein
 from twisted.web.server import Request
 
+from coderstack.server import htmlpage
 from coderstack.server.appauth import Refused
 from coderstack.server.appshare import SharingLevel, parse_level, within
 from coderstack.server.appstore import AppStore, PortShare
@@ -74,6 +75,9 @@ def register(app: Klein) -> None:
         try:
             location = await router.auth.auth_redirect(cast(Request, request))
         except Refused as r:
+            if r.status == 401 and htmlpage.wants_page(request):
+                # Not logged in here yet: the login form, which comes back to finish this.
+                return htmlpage.redirect(request, htmlpage.login_location(cast(Request, request).uri))
             return render_error_page(cast(Request, request), r.status, r.title, r.detail)
         request.setResponseCode(307)
         request.setHeader(b"Location", location.encode())

@@ -60,8 +60,7 @@ async def current_user(api: DashboardHost, request: HTTPRequest) -> User | None:
 
 
 def to_login(request: HTTPRequest) -> bytes:
-    here = request.path.decode("utf-8", "replace")
-    return htmlpage.redirect(request, "/login?next=" + quote(here, safe="/"))
+    return htmlpage.redirect(request, htmlpage.login_location(request.path))
 
 
 async def front_door(api: DashboardHost, request: HTTPRequest) -> bytes:

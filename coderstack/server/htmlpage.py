@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import html
 from collections.abc import Mapping
-from urllib.parse import urlsplit
+from typing import Protocol
+from urllib.parse import quote, urlsplit
 
 from coderstack.server.jsonhttp import HTTPRequest
 from coderstack.server.records import User
@@ -98,6 +99,24 @@ def redirect(request: HTTPRequest, location: str, code: int = 303) -> bytes:
     request.setHeader(b"Cache-Control", b"no-store")
     request.setHeader(b"X-Content-Type-Options", b"nosniff")
     return b""
+
+
+class _Asking(Protocol):
+    method: bytes
+
+    def getHeader(self, key: bytes) -> bytes | None: ...
+
+
+def wants_page(request: _Asking) -> bool:
+    """A browser navigating (a GET or HEAD that accepts HTML), not a script or a CLI."""
+    accept = (request.getHeader(b"accept") or b"").decode("latin-1").lower()
+    return request.method in (b"GET", b"HEAD") and "text/html" in accept
+
+
+def login_location(next_uri: bytes | str) -> str:
+    """The login form, coming back to ``next_uri`` (a path on this site, query included)."""
+    here = next_uri.decode("utf-8", "replace") if isinstance(next_uri, bytes) else next_uri
+    return "/login?next=" + quote(here, safe="/")
 
 
 def safe_next(value: str) -> str:

@@ -166,6 +166,11 @@ class AppsMatrixTests(unittest.TestCase):
                     elif viewer is None:
                         self.assertEqual(code, 401, f"path {what}")
                         self.assertIn(b"Log in", body)
+                        # A browser navigating there goes to the login form, and back after.
+                        code, _, headers = await self.get(f"/@bob/box/apps/{level}-path/x?y=1",
+                                                          headers={"Accept": "text/html"})
+                        self.assertEqual((code, headers.getRawHeaders("location")),
+                                         (303, [f"/login?next=/%40bob/box/apps/{level}-path/x%3Fy%3D1"]), what)
                     else:
                         self.assertIn(code, (403, 404), f"path {what}")
                     code, body, headers = await self.get(

@@ -1,6 +1,7 @@
 """The dashboard drives a template workspace in headless Chromium: the build card's state and
 buttons, a stop and a start with their build logs streaming onto the page, the startup script's
-logs, opening the workspace's app from its page, deleting the workspace; the owners' templates,
+logs, opening the workspace's app from its page (and from a link, logging in first), deleting
+the workspace; the owners' templates,
 users (suspend / activate) and health pages; a member refused all three.
 
 Real terraform builds the ``workspace`` example template and starts the real agent; the app is a
@@ -83,6 +84,7 @@ class DashboardBuildTests(TemplateServerCase):
                 self.login(page, "admin", "correct horse")
                 self.workspace_steps(context, page)
                 self.owner_pages(page)
+                self.app_after_login(browser)
                 self.delete_step(page)
                 self.assertEqual([e for e in errors if "Failed to load resource" not in e], [])
                 context.close()
@@ -170,6 +172,20 @@ class DashboardBuildTests(TemplateServerCase):
             self.assertEqual(page.text_content(f"tr[data-check={check}] .state"), "ok", check)
         self.assertIn("relay ping", page.text_content("tr[data-check=derp-999]") or "")
         page.screenshot(path=str(self.shots / "health.png"))
+
+    def app_after_login(self, browser: Any) -> None:
+        """Someone not logged in who opens the app's link logs in first and lands on the app."""
+        context = browser.new_context()
+        page = context.new_page()
+        app_url = self.url + "/@admin/box.main/apps/web/?from=link"
+        page.goto(app_url)
+        self.assertTrue(page.url.startswith(self.url + "/login?next="), page.url)
+        page.fill("#email", "admin")
+        page.fill("#password", "correct horse")
+        page.click("#login-submit")
+        page.wait_for_url(app_url)
+        self.assertIn(APP_TEXT.decode(), page.text_content("body") or "")
+        context.close()
 
     def delete_step(self, page: Any) -> None:
         page.goto(self.url + "/workspaces/admin/box")

@@ -63,6 +63,12 @@ class AppsAPITests(unittest.TestCase):
         code, page = await self.c.call("GET", base + quote(app, safe=""))
         self.assertEqual(code, 401)
         self.assertIn(b"Log in", page)
+        # A browser is sent to the login form, which comes back here to finish.
+        code, headers, _ = await self.c.exchange("GET", base + quote(app, safe=""),
+                                                 headers={"Accept": "text/html,*/*;q=0.8"})
+        self.assertEqual(code, 303)
+        location = headers.getRawHeaders("location")[0]
+        self.assertEqual(location, "/login?next=" + quote(base + quote(app, safe=""), safe="/"))
         for elsewhere in ("http://evil.example/", "http://apps.example.com/", "javascript:alert(1)",
                           "http://a.b.apps.example.com/", ""):
             code, _page = await self.c.call("GET", base + quote(elsewhere, safe=""), token=self.bob)
