@@ -181,11 +181,14 @@ class JupyterThroughTheServerTests(TemplateServerCase):
                                                      "the app to answer after the restart",
                                                      timeout=60), "42")
 
-                # A browser that never logged in gets the login page, not the app.
+                # A browser that never logged in gets the login form (coming back to the app
+                # after it), not the app.
                 anon = browser.new_context().new_page()
                 resp = anon.goto(path_url)
-                self.assertEqual(resp.status, 401)
+                self.assertTrue(anon.url.startswith(f"{self.url}/login?next="), anon.url)
+                self.assertEqual(resp.status, 200)
                 self.assertIn("Log in", anon.content())
+                self.assertNotIn("Jupyter", anon.content())
             finally:
                 browser.close()
 
