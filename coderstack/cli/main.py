@@ -11,17 +11,19 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
-from twisted.internet import task
-from twisted.internet.defer import Deferred
 from twisted.python import usage
 
 from coderstack import __version__
-from coderstack.cli.context import ConfigDir, Context, default_config_dir
 from coderstack.envopts import boolean
-from coderstack.sdk import SDKError
-from coderstack.twistedtypes import provides
+
+if TYPE_CHECKING:
+    from coderstack.cli.context import Context
+
+# The reactor, the SDK (treq, OpenSSL, autobahn) and each command's module are imported only
+# when a command runs: `coderstack --version` and `--help` answer without them (in about a
+# third of the time).
 
 # name -> (module, one-line description). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -92,6 +94,8 @@ class GlobalOptions(usage.Options):
 
 
 def make_context(reactor: Any, opts: GlobalOptions, environ: dict[str, str], **streams: Any) -> Context:
+    from coderstack.cli.context import ConfigDir, Context, default_config_dir
+
     disable = bool(opts["disable-direct-connections"])
     if not disable and environ.get("CODER_DISABLE_DIRECT_CONNECTIONS"):
         try:
@@ -146,6 +150,21 @@ def hoist_global_options(argv: list[str]) -> list[str]:
     return front + rest
 
 
+def usage_error(opts: GlobalOptions, err: usage.UsageError, stderr: IO[str]) -> int:
+    """One line naming the problem, the synopsis of the innermost command parsed so far (it
+    already reads "coderstack <cmd> ..."; getSynopsis() would prepend every parent's), where to
+    read more; exit status 2."""
+    inner: Any = opts  # then each level's subOptions: whichever command class parsed it
+    words: list[str] = []
+    while getattr(inner, "subOptions", None) is not None:
+        words.append(str(inner.subCommand))
+        inner = inner.subOptions
+    stderr.write(f"error: {err}\n")
+    stderr.write(f"usage: {inner.synopsis}\n")
+    stderr.write(f"Run 'coderstack {''.join(w + ' ' for w in words)}--help' for details.\n")
+    return 2
+
+
 async def run(reactor: Any, argv: list[str], environ: dict[str, str] | None = None, **streams: Any) -> int:
     env = dict(os.environ if environ is None else environ)
     argv = hoist_global_options(list(argv))
@@ -155,21 +174,17 @@ async def run(reactor: Any, argv: list[str], environ: dict[str, str] | None = No
         opts.parseOptions(argv)
         ctx = make_context(reactor, opts, env, **streams)
     except usage.UsageError as err:
-        # The innermost command parsed so far; its synopsis already reads "coderstack <cmd> ..."
-        # (getSynopsis() would prepend every parent's synopsis to it).
-        inner: Any = opts  # then each level's subOptions: whichever command class parsed it
-        words: list[str] = []
-        while getattr(inner, "subOptions", None) is not None:
-            words.append(str(inner.subCommand))
-            inner = inner.subOptions
-        stderr.write(f"error: {err}\n")
-        stderr.write(f"usage: {inner.synopsis}\n")
-        stderr.write(f"Run 'coderstack {''.join(w + ' ' for w in words)}--help' for details.\n")
-        return 2
+        return usage_error(opts, err, stderr)
+    from twisted.internet.defer import Deferred
+
+    from coderstack.sdk import SDKError
+
     assert opts.subCommand is not None  # postOptions refuses a missing command
     _options_class, command = _load(opts.subCommand)
     if ctx.verbose:
         from twisted.logger import ILogObserver, globalLogBeginner, textFileLogObserver
+
+        from coderstack.twistedtypes import provides
 
         observer = provides(ILogObserver, textFileLogObserver(ctx.stderr))
         globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
@@ -203,8 +218,37 @@ def _silence_stdout() -> None:
         pass
 
 
+def _without_a_command(args: list[str]) -> int:
+    """``--version``, ``--help`` or a usage error before any command: no reactor needed."""
+    opts = GlobalOptions()
+    try:
+        opts.parseOptions(hoist_global_options(args))
+    except SystemExit as exit_:  # --help and --version print, then exit from inside the parser
+        return exit_.code if isinstance(exit_.code, int) else 0
+    except BrokenPipeError:
+        return EXIT_BROKEN_PIPE
+    except usage.UsageError as err:
+        return usage_error(opts, err, sys.stderr)
+    return 2  # not reached: postOptions refuses a missing command
+
+
+def _exit(code: Any) -> None:
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        code = EXIT_BROKEN_PIPE
+    if code == EXIT_BROKEN_PIPE:
+        _silence_stdout()
+    sys.exit(code)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = sys.argv[1:] if argv is None else argv
+    if not any(arg in COMMANDS for arg in args):
+        _exit(_without_a_command(args))
+    from twisted.internet import task
+    from twisted.internet.defer import Deferred
+
     codes: list[int] = []
 
     async def _main(reactor: Any) -> None:
@@ -221,13 +265,7 @@ def main(argv: list[str] | None = None) -> None:
         code = codes[0] if codes and exit_.code in (0, None) else exit_.code
     else:
         code = codes[0] if codes else 1
-    try:
-        sys.stdout.flush()
-    except BrokenPipeError:
-        code = EXIT_BROKEN_PIPE
-    if code == EXIT_BROKEN_PIPE:
-        _silence_stdout()
-    sys.exit(code)
+    _exit(code)
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ import uuid
 from twisted.internet import reactor
 from twisted.trial import unittest
 
+from coderstack import __version__
 from coderstack.agent.service import AgentService
 from coderstack.cli.main import run as cli_run
 from coderstack.sdk import Client, SDKError
@@ -471,3 +472,43 @@ class CommandGroupTests(unittest.SynchronousTestCase):
             opts.parseOptions(["ls", "--output", "json"])
             self.assertEqual(opts.subCommand, "list")
             self.assertEqual(opts.subOptions["output"], "json")
+
+
+class StartWithoutTheNetworkStackTests(unittest.SynchronousTestCase):
+    """``--version``, ``--help`` and a usage error before any command import neither the reactor
+    nor the SDK (treq, OpenSSL, autobahn), which is what made every invocation slow."""
+
+    def run_main(self, *argv: str) -> tuple[int, str, str, list[str]]:
+        probe = (
+            "import sys\n"
+            "from coderstack.cli.main import main\n"
+            "try:\n"
+            f"    main({list(argv)!r})\n"
+            "except SystemExit as e:\n"
+            "    code = e.code\n"
+            "heavy = [m for m in ('twisted.internet.reactor', 'twisted.internet.task', 'treq', 'OpenSSL',\n"
+            "                     'autobahn', 'coderstack.sdk') if m in sys.modules]\n"
+            "sys.stderr.write('\\nLOADED ' + ','.join(heavy) + '\\n')\n"
+            "sys.exit(code)\n"
+        )
+        proc = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+        err, _, loaded = proc.stderr.rpartition("\nLOADED ")
+        return proc.returncode, proc.stdout, err, [m for m in loaded.strip().split(",") if m]
+
+    def test_version_help_and_usage_errors(self) -> None:
+        code, out, _err, loaded = self.run_main("--version")
+        self.assertEqual((code, out, loaded), (0, f"coderstack {__version__}\n", []))
+        code, out, _err, loaded = self.run_main("--help")
+        self.assertEqual((code, loaded), (0, []))
+        self.assertIn("port-forward", out)  # every command listed, none imported
+        code, _out, err, loaded = self.run_main("--bogus")
+        self.assertEqual((code, loaded), (2, []))
+        self.assertIn("error: option --bogus not recognized", err)
+        code, _out, err, loaded = self.run_main()
+        self.assertEqual((code, loaded), (2, []))
+        self.assertIn("error: missing command", err)
+
+    def test_a_command_still_gets_everything(self) -> None:
+        code, _out, err, loaded = self.run_main("--url", "http://127.0.0.1:9", "--token", "x", "list")
+        self.assertEqual(code, 1, err)
+        self.assertIn("coderstack.sdk", loaded)
