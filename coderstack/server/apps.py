@@ -57,6 +57,8 @@ from coderstack.wire.ports import MIN_FORWARDED_PORT
 
 log = Logger()
 
+#: Host headers whose app label is remembered at most (see AppRouter.subdomain_label).
+HOST_LABELS = 1024
 _LOOPBACK_HOSTS = frozenset(("localhost", "127.0.0.1", "::1", "[::1]"))
 #: How long a resolved app (its agent, URL, sharing level, health) is reused before the next
 #: request looks it up again: a burst of requests costs one lookup, a change shows within this.
@@ -94,6 +96,7 @@ class AppRouter:
         self.path_apps = path_apps
         self._resource = _AppResource(self)
         self._resolved: dict[tuple[AppTarget, bool], tuple[float, ResolvedApp]] = {}
+        self._labels: dict[bytes, str | None] = {}
 
     @property
     def d(self) -> Any:
@@ -106,13 +109,24 @@ class AppRouter:
     def set_wildcard(self, wildcard: WildcardHost | None) -> None:
         """Subdomain apps on (or off); set once the access URL, whose port it may take, is known."""
         self.wildcard = self.auth.wildcard = wildcard
+        self._labels.clear()
 
     # -- which requests are ours -------------------------------------------------------------
 
     def subdomain_label(self, host: bytes | None) -> str | None:
+        # Asked twice per request (claims, then _serve) for the same few hosts: remembered,
+        # bounded since the Host header is the client's to choose.
         if self.wildcard is None or not host:
             return None
-        return self.wildcard.match(host.decode("latin-1"))
+        try:
+            return self._labels[host]
+        except KeyError:
+            pass
+        label = self.wildcard.match(host.decode("latin-1"))
+        if len(self._labels) >= HOST_LABELS:
+            self._labels.clear()
+        self._labels[host] = label
+        return label
 
     def claims(self, host: bytes | None, path: bytes) -> bool:
         """Is this request an app's (decided from the Host header and the path alone, before

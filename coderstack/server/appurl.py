@@ -18,6 +18,7 @@ ignored. A DNS label is at most 63 characters, which bounds the whole name.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote
@@ -96,6 +97,8 @@ class WildcardHost:
         return f"{label}.{self.base}" + (f":{self.port}" if self.port is not None else "")
 
 
+# Pure, and asked for the same few hosts on every request of an app: remembered.
+@functools.lru_cache(maxsize=1024)
 def parse_subdomain_label(label: str) -> AppTarget:
     """The target a subdomain label names (raises :class:`AppURLError`)."""
     if len(label) > MAX_LABEL:

@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 from twisted.trial import unittest
 
 from coderstack.server import appshare
-from coderstack.server.appkeys import APP_KEY_QUERY, AppKeys, AppTicket
+from coderstack.server.appkeys import APP_KEY_QUERY, VERIFIED_TICKETS, AppKeys, AppTicket
 from coderstack.server.appurl import (
     AppTarget,
     AppURLError,
@@ -144,6 +144,16 @@ class AppKeysTests(unittest.SynchronousTestCase):
         body, _, mac = raw.partition(".")
         self.assertIsNone(self.keys.verify(body[:-2] + "AA." + mac, 10.0))
         self.assertIsNone(AppKeys(b"y" * 32).verify(raw, 10.0))
+        # Verified once, remembered: the second look still checks the expiry, and a tampered
+        # copy is not taken for the remembered one.
+        self.assertEqual(self.keys.verify(raw, 20.0), t)
+        self.assertIsNone(self.keys.verify(raw, 51.0))
+        self.assertIsNone(self.keys.verify(raw + "A", 20.0))
+        # The memory is bounded.
+        for i in range(VERIFIED_TICKETS + 10):
+            self.keys.verify(self.keys.sign(AppTicket("a", "v", "s", str(i), 50.0)), 10.0)
+        self.assertLessEqual(len(self.keys._verified), VERIFIED_TICKETS)
+        self.assertEqual(self.keys.verify(raw, 10.0), t)
 
     @given(st.text(max_size=200))
     def test_garbage_never_opens(self, raw: str) -> None:
