@@ -96,6 +96,20 @@ class TCPOptionTests(unittest.TestCase):
         stack.receive(bytes(pkt), 0.0)
         self.assertEqual(stack.stats["tcp_bad_checksum"], 1)
 
+    def test_an_authenticated_stack_skips_the_check(self):
+        # A stack fed only by WireGuard: the SYN's checksum is not looked at, so the listener
+        # answers it (a SYN-ACK goes out) instead of the segment being dropped.
+        sent = []
+        stack = Stack(A, sent.append, verify_tcp_checksum=False)
+        stack.listen(80, lambda conn: None)
+        pkt = bytearray(Segment(1, 80, 0, 0, SYN, 100).encode(B, A))
+        pkt[40 + 16] ^= 0xFF  # the checksum field itself
+        stack.receive(bytes(pkt), 0.0)
+        self.assertEqual(stack.stats["tcp_bad_checksum"], 0)
+        self.assertEqual(len(sent), 1)
+        answer = Segment.decode(A, B, sent[0][40:])
+        self.assertEqual(answer.flags & (SYN | ACK), SYN | ACK)
+
 
 class UDPAndICMPTests(unittest.TestCase):
     def test_udp_round_trip_and_unreachable(self):
