@@ -9,11 +9,22 @@ literal ``--`` still ends option parsing (``coderstack ssh dev -- ls -l``).
 from __future__ import annotations
 
 import getopt
+import sys
 
 from twisted.python import usage
 
+from coderstack import __version__
 
-class Command(usage.Options):
+
+class _Versioned(usage.Options):
+    def opt_version(self) -> None:
+        """Print coderstack's version and exit."""
+        # usage.Options' own --version prints Twisted's.
+        print(f"coderstack {__version__}")
+        sys.exit(0)
+
+
+class Command(_Versioned):
     def parseOptions(self, options: list[str] | None = None) -> None:
         if options is None:
             return super().parseOptions(options)
@@ -33,7 +44,7 @@ class Command(usage.Options):
         return super().parseOptions(ordered + ["--"] + args)
 
 
-class CommandGroup(usage.Options):
+class CommandGroup(_Versioned):
     """A command with subcommands (``coderstack users create|list``). ``aliases`` maps extra
     names to subcommands (``ls`` for ``list``): usage.Options only knows one-letter short names,
     and its help text cannot show longer ones."""

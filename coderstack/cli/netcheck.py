@@ -10,8 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from twisted.python import usage
-
+from coderstack.cli.command import Command
 from coderstack.derpmap import DERPMap, DERPMapError
 from coderstack.netinfo import gather_interfaces
 from coderstack.tailnet.netcheck.checker import run_netcheck
@@ -22,7 +21,7 @@ from coderstack.tailnet.netcheck.health import (
 )
 
 
-class Options(usage.Options):
+class Options(Command):
     synopsis = "coderstack netcheck [--no-captive-portal]"
     longdesc = ("Print a network check report: UDP reachability, NAT type, relay latencies and "
                 "interfaces with a small MTU.")

@@ -508,6 +508,12 @@ class StartWithoutTheNetworkStackTests(unittest.SynchronousTestCase):
         self.assertEqual((code, loaded), (2, []))
         self.assertIn("error: missing command", err)
 
+    def test_a_commands_version_is_ours(self) -> None:
+        # usage.Options' own --version would print Twisted's.
+        for argv in (("ping", "--version"), ("users", "--version"), ("netcheck", "--version")):
+            code, out, _err, _loaded = self.run_main(*argv)
+            self.assertEqual((code, out), (0, f"coderstack {__version__}\n"), argv)
+
     def test_a_command_still_gets_everything(self) -> None:
         code, _out, err, loaded = self.run_main("--url", "http://127.0.0.1:9", "--token", "x", "list")
         self.assertEqual(code, 1, err)
