@@ -419,10 +419,13 @@ class Conn:
 
     def _events(self, events: list) -> None:
         sock = self.sock
+        # Datagrams go out together at the end (one write per run on a batched socket), still
+        # in the order WireGuard made them.
+        transmits: list[tuple[bytes, bytes]] = []
         for event in events:
             kind = type(event)
             if kind is Transmit:
-                sock.send(event.peer_key, event.datagram)
+                transmits.append((event.peer_key, event.datagram))
             elif kind is Packet:
                 data = event.data
                 if bytes(data[8:24]) not in self.peer_addresses.get(event.peer_key, ()):
@@ -434,6 +437,11 @@ class Conn:
                 sock.reply(event.source, event.datagram)
             elif kind is HandshakeComplete:
                 self.last_handshake[event.peer_key] = self.reactor.seconds()
+        if transmits:
+            if len(transmits) == 1:
+                sock.send(*transmits[0])
+            else:
+                sock.send_many(transmits)
         deadline = self.device.next_deadline()
         if deadline is not None and deadline < self._timer_at:
             if self._timer is not None and self._timer.active():

@@ -45,7 +45,7 @@ from twisted.logger import Logger
 from coderstack.derp.client import DERPClient, DERPClientHandler
 from coderstack.derpmap import DERPMap
 from coderstack.stun.client import STUNClient
-from coderstack.tailnet import pmtu
+from coderstack.tailnet import batchport, pmtu
 from coderstack.tailnet.endpoint import (
     Addr,
     DiscoOut,
@@ -192,12 +192,18 @@ class MagicSock(DatagramProtocol):
         self.disco_stats: Counter[str] = Counter()  # "<type> in|out udp|derp"
         self.on_change: Callable[[], None] = lambda: None
         self.port: Any = None
+        self._v4_only = True  # the socket is IPv4 (set by listen)
 
     # -- lifecycle --------------------------------------------------------------------------
 
     def listen(self, port: int = 0, interface: str = "") -> Any:
-        # Peers with path-MTU probing send us datagrams up to the UDP maximum.
-        self.port = self.reactor.listenUDP(port, self, interface=interface, maxPacketSize=1 << 16)
+        # Peers with path-MTU probing send us datagrams up to the UDP maximum. On Linux the
+        # socket is batched: GSO sends for a burst, GRO reads (batchport.py).
+        if batchport.supported(self.reactor):
+            self.port = batchport.listen(self.reactor, port, self, interface=interface, max_packet_size=1 << 16)
+        else:
+            self.port = self.reactor.listenUDP(port, self, interface=interface, maxPacketSize=1 << 16)
+        self._v4_only = ":" not in self.port.getHost().host
         sock = getattr(self.port, "socket", None)
         if sock is not None and self.socket_buffer:
             _set_buffers(sock, self.socket_buffer)
@@ -359,7 +365,7 @@ class MagicSock(DatagramProtocol):
         """Write one datagram: "" if sent, else why not (counted in ``drops``)."""
         if self.transport is None:
             why = "no-socket"
-        elif ":" in addr[0] and self.port is not None and ":" not in self.port.getHost().host:
+        elif self._v4_only and ":" in addr[0]:
             why = "no-ipv6"
         else:
             try:
@@ -402,6 +408,50 @@ class MagicSock(DatagramProtocol):
         if actions:
             self._act(ep, actions)
             self._note_path(ep, now)
+
+    def send_many(self, transmits: list[tuple[bytes, bytes]]) -> None:
+        """Send WireGuard datagrams ``(peer key, datagram)`` in order, as :meth:`send` would,
+        with the UDP ones written together (one ``sendmsg`` per run of equal-size datagrams to
+        one address, where the socket is batched)."""
+        port = self.port
+        if len(transmits) == 1 or not isinstance(port, batchport.BatchPort) or self.transport is None:
+            for peer_key, datagram in transmits:
+                self.send(peer_key, datagram)
+            return
+        now = self.reactor.seconds()
+        writes: list[tuple[bytes, Addr]] = []
+        sent_by: list[Endpoint] = []
+        for peer_key, datagram in transmits:
+            ep = self.peers.get(peer_key)
+            if ep is None:
+                self.drops["unknown-peer"] += 1
+                continue
+            udp, via_derp, actions = ep.send_plan(now)
+            if udp is not None:
+                if self._v4_only and ":" in udp[0]:
+                    self.drops["no-ipv6"] += 1
+                elif (len(datagram) > _BASE_WIRE_SIZE and via_derp
+                      and len(datagram) > pmtu.wire_size(ep.udp_mtu(udp, now))):
+                    self.drops["udp-skipped-too-big"] += 1  # not proven there; DERP carries it
+                else:
+                    writes.append((datagram, udp))
+                    sent_by.append(ep)
+            if via_derp:
+                self._send_derp(ep, datagram)
+                if ep.reported_mtu != self.derp_mtu:
+                    self._check_mtu(ep, now)
+            if actions:
+                self._act(ep, actions)
+                self._note_path(ep, now)
+        if not writes:
+            return
+        for (datagram, udp), ep, why in zip(writes, sent_by, port.write_many(writes), strict=True):
+            if not why:
+                continue
+            self.drops[why] += 1
+            if why == "udp-emsgsize" and len(datagram) > _BASE_WIRE_SIZE:
+                ep.udp_too_big(udp, len(datagram), now)
+                self._check_mtu(ep, now)
 
     def udp_authenticated(self, peer_key: bytes, addr: Addr) -> None:
         """WireGuard authenticated a packet from ``peer_key`` that came from ``addr`` over UDP."""
