@@ -12,9 +12,11 @@ it, blocking the reactor.
 from __future__ import annotations
 
 import errno
+import os
 import socket
 import sys
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 from twisted.internet import abstract, error, udp
@@ -32,9 +34,14 @@ _KNOWN_ADDRESSES = 4096
 _READ_AGAIN = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
 
 
-def supported(reactor: Any) -> bool:
-    """Can this reactor host a :class:`BatchPort` (a real posix reactor on Linux)?"""
-    if not sys.platform.startswith("linux"):
+ENV = "CODERSTACK_UDP_BATCH"  # "0", "false", "off" or "no": one datagram per call
+
+
+def supported(reactor: Any, environ: Mapping[str, str] | None = None) -> bool:
+    """Should the tunnel's socket be a :class:`BatchPort`: a real posix reactor on Linux, and
+    ``CODERSTACK_UDP_BATCH`` not off (for comparing, or a kernel that misbehaves)?"""
+    value = (os.environ if environ is None else environ).get(ENV, "").strip().lower()
+    if value in ("0", "false", "off", "no") or not sys.platform.startswith("linux"):
         return False
     from twisted.internet.posixbase import PosixReactorBase
 

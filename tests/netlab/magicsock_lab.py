@@ -50,6 +50,15 @@ def sh(*cmd: str, ns: str | None = None, check: bool = True) -> subprocess.Compl
     return subprocess.run(full, check=check, capture_output=True, text=True, timeout=30)
 
 
+def like_a_wire(dev: str, ns: str) -> None:
+    """Datagrams leave ``dev`` one by one, as a real NIC puts them on the wire. A veth passes a
+    UDP GSO burst (up to 64 datagrams in one buffer) through whole, so the NATs' and the labs'
+    iptables rules (a length match for a black hole, packet counters, random loss) would see one
+    packet where a network sees many; with at most one segment per buffer the kernel splits it
+    before the veth."""
+    sh("ip", "link", "set", "dev", dev, "gso_max_segs", "1", ns=ns)
+
+
 class LineProcess(protocol.ProcessProtocol):
     """A child printing JSON lines; keeps the latest of each kind."""
 
@@ -147,6 +156,7 @@ class MagicsockLab:
                 sh("ip", "link", "set", dev, "up", ns=natns)
             sh("ip", "addr", "add", f"{lan}.2/24", "dev", "l0", ns=peerns)
             sh("ip", "link", "set", "l0", "up", ns=peerns)
+            like_a_wire("l0", peerns)
             sh("ip", "route", "add", "default", "via", f"{lan}.1", ns=peerns)
             sh("sysctl", "-qw", "net.ipv4.ip_forward=1", ns=natns)
             masq = ["iptables", "-t", "nat", "-A", "POSTROUTING", "-o", "n1", "-j", "MASQUERADE"]
@@ -171,6 +181,7 @@ class MagicsockLab:
             sh("ip", "link", "set", "n2", "up", ns=na)
             sh("ip", "addr", "add", f"{lan}.3/24", "dev", "l0", ns=pb)
             sh("ip", "link", "set", "l0", "up", ns=pb)
+            like_a_wire("l0", pb)
             sh("ip", "route", "add", "default", "via", f"{lan}.1", ns=pb)
 
     def add_uplink(self, side: str = "a") -> None:
@@ -184,6 +195,7 @@ class MagicsockLab:
         sh("ip", "link", "set", "wc", "up", ns=wan)
         sh("ip", "addr", "add", f"{NAT_IPS['c']}/24", "dev", "n1", ns=natns)
         sh("ip", "link", "add", "n0", "netns", natns, "type", "veth", "peer", "name", "l1", "netns", peerns)
+        like_a_wire("l1", peerns)
         sh("ip", "addr", "add", f"{lan}.1/24", "dev", "n0", ns=natns)
         for dev in ("n0", "n1"):
             sh("ip", "link", "set", dev, "up", ns=natns)

@@ -21,7 +21,7 @@ import uuid
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from tests.netlab.magicsock_lab import LAB_WAIT, REPO_ROOT, LineProcess, available, sh
+from tests.netlab.magicsock_lab import LAB_WAIT, REPO_ROOT, LineProcess, available, like_a_wire, sh
 from tests.netlab.magicsock_lab import MagicsockLab as _Spawner
 from tests.support.waiting import wait_until
 
@@ -68,6 +68,7 @@ class PMTULab(_Spawner):
             dev = f"cspm{side}{tag}"
             sh("ip", "addr", "add", f"{self.ip[side]}/24", "dev", dev, ns=self.ns[side])
             sh("ip", "link", "set", dev, "up", ns=self.ns[side])
+            like_a_wire(dev, self.ns[side])
             if drop_above is not None:
                 sh("iptables", "-A", "INPUT", "-p", "udp", "-m", "length", "--length",
                    f"{drop_above + 1}:65535", "-j", "DROP", ns=self.ns[side])

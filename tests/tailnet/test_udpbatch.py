@@ -122,6 +122,11 @@ class BatchPortTests(unittest.TestCase):
         sender.write_many([(d, dest) for d in sent])
         self.assertEqual(sender.counters["gso_off"], 1)
 
+    def test_the_environment_can_turn_it_off(self) -> None:
+        self.assertTrue(batchport.supported(reactor, {}))
+        for off in ("0", "off", "false", "no"):
+            self.assertFalse(batchport.supported(reactor, {batchport.ENV: off}))
+
     def test_too_big_and_host_names_are_per_datagram(self) -> None:
         sender = self.listen(DatagramProtocol())
         sink = _Collect()

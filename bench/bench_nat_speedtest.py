@@ -1,0 +1,96 @@
+#!/usr/bin/env python3
+"""``coderstack speedtest`` on a real 1500-byte network: the NAT lab's namespaces (veth pairs,
+stateful easy NATs, the server on the "internet" between them), direct and relayed, with the
+tunnel's UDP socket batched (GSO/GRO, the default) and not (``CODERSTACK_UDP_BATCH=0``) in the
+same run.
+
+The lab is ``tests/netlab/user_lab.py``'s (server, agent behind NAT A, CLI behind NAT B); every
+process and namespace it makes is removed at the end, also on failure. Needs root, iproute2 and
+iptables. Median of 3 runs of 5 s per direction.
+
+Usage: sudo python bench/bench_nat_speedtest.py
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from typing import Any
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from twisted.internet import defer, task  # noqa: E402
+
+from tests.netlab.user_lab import UserLab, available  # noqa: E402
+
+RUNS, SECONDS = 3, 5
+
+
+class _Bench:
+    """What the lab wants of a test case: temp dirs and cleanups (run in reverse at the end)."""
+
+    def __init__(self) -> None:
+        self.base = tempfile.mkdtemp(prefix="bench-nat-")
+        self.cleanups: list[tuple[Any, tuple[Any, ...]]] = []
+        self.n = 0
+
+    def mktemp(self) -> str:
+        self.n += 1
+        return os.path.join(self.base, f"t{self.n}")
+
+    def addCleanup(self, f: Any, *args: Any) -> None:
+        self.cleanups.append((f, args))
+
+    async def clean(self) -> None:
+        while self.cleanups:
+            f, args = self.cleanups.pop()
+            try:
+                await defer.maybeDeferred(f, *args)
+            except Exception as e:  # keep cleaning
+                print(f"cleanup {f}: {e}", file=sys.stderr)
+
+
+async def one(user: Any, direction: str, **env: str) -> float:
+    out = await user.ok("speedtest", "box", "-t", f"{SECONDS}s", "-o", "json", "--direction", direction, **env)
+    return float(json.loads(out)["overall"]["throughput_mbits"])
+
+
+async def main(reactor: Any) -> None:
+    why = available()
+    if why:
+        print(f"cannot run: {why}", file=sys.stderr)
+        return
+    rows: dict[str, dict[str, float]] = {}
+    for label, env, server_args in (
+        ("direct, batched UDP (GSO/GRO)", {}, ()),
+        ("direct, one datagram per call", {"CODERSTACK_UDP_BATCH": "0"}, ()),
+        ("relayed (DERP)", {}, ("--block-direct-connections", "true")),
+    ):
+        bench = _Bench()
+        try:
+            os.environ.update(env)  # the lab's processes inherit it: server, agent and CLI
+            lab = UserLab(bench, "easy", *server_args)
+            user = await lab.start()
+            got = {d: [await one(user, d, **env) for _ in range(RUNS)] for d in ("up", "down")}
+            rows[label] = {d: statistics.median(v) for d, v in got.items()}
+            print(f"  {label}: {got}", flush=True)
+        finally:
+            for k in env:
+                os.environ.pop(k, None)
+            await bench.clean()
+    load = os.getloadavg()[0]
+    print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, "
+          f"load average {load:.1f} at the end; easy NATs, 1500-byte veths\n")
+    print("| path | up Mbit/s | down Mbit/s |\n|---|---:|---:|")
+    for label, row in rows.items():
+        print(f"| {label} | {row['up']:.0f} | {row['down']:.0f} |")
+
+
+if __name__ == "__main__":
+    task.react(lambda reactor: defer.ensureDeferred(main(reactor)))
