@@ -1,12 +1,13 @@
 #!/usr/bin/env python3
 """``coderstack speedtest`` on a real 1500-byte network: the NAT lab's namespaces (veth pairs,
 stateful easy NATs, the server on the "internet" between them), direct and relayed, with the
-tunnel's UDP socket batched (GSO/GRO, the default) and not (``CODERSTACK_UDP_BATCH=0``) in the
-same run.
+tunnel's UDP socket batched (GSO/GRO, the default) and not (``CODERSTACK_UDP_BATCH=0``), beside
+wireguard-go + kernel TCP (iperf3 both ways through two wireguard-go TUNs in two namespaces on
+a 1500-byte veth), all in the same run.
 
 The lab is ``tests/netlab/user_lab.py``'s (server, agent behind NAT A, CLI behind NAT B); every
-process and namespace it makes is removed at the end, also on failure. Needs root, iproute2 and
-iptables. Median of 3 runs of 5 s per direction.
+process and namespace it makes is removed at the end, also on failure. Needs root, iproute2,
+iptables, wireguard-go, wireguard-tools and iperf3. Median of 3 runs of 5 s per direction.
 
 Usage: sudo python bench/bench_nat_speedtest.py
 """
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import statistics
 import sys
 import tempfile
@@ -24,7 +26,9 @@ from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from bench_netstack import bench_wg_kernel  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
 from tests.netlab.user_lab import UserLab, available  # noqa: E402
@@ -66,7 +70,23 @@ async def main(reactor: Any) -> None:
     if why:
         print(f"cannot run: {why}", file=sys.stderr)
         return
+    # The lab's processes keep their files under the working directory: a temp dir of ours.
+    work = tempfile.mkdtemp(prefix="bench-nat-")
+    os.chdir(work)
+    try:
+        await measure()
+    finally:
+        os.chdir(ROOT)
+        shutil.rmtree(work, ignore_errors=True)
+
+
+async def measure() -> None:
     rows: dict[str, dict[str, float]] = {}
+    # The baseline first, alone on the machine (it blocks: nothing else runs yet).
+    base = {d: [bench_wg_kernel(SECONDS, prefix="csbn", reverse=(d == "down")) for _ in range(RUNS)]
+            for d in ("up", "down")}
+    rows["wireguard-go + kernel TCP (iperf3)"] = {d: statistics.median(v) for d, v in base.items()}
+    print(f"  wireguard-go + kernel TCP: {base}", flush=True)
     for label, env, server_args in (
         ("direct, batched UDP (GSO/GRO)", {}, ()),
         ("direct, one datagram per call", {"CODERSTACK_UDP_BATCH": "0"}, ()),
@@ -87,9 +107,11 @@ async def main(reactor: Any) -> None:
     load = os.getloadavg()[0]
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, "
           f"load average {load:.1f} at the end; easy NATs, 1500-byte veths\n")
-    print("| path | up Mbit/s | down Mbit/s |\n|---|---:|---:|")
+    base_row = rows["wireguard-go + kernel TCP (iperf3)"]
+    print("| path | up Mbit/s | down Mbit/s | vs wireguard-go (up / down) |\n|---|---:|---:|---:|")
     for label, row in rows.items():
-        print(f"| {label} | {row['up']:.0f} | {row['down']:.0f} |")
+        print(f"| {label} | {row['up']:.0f} | {row['down']:.0f} | "
+              f"{row['up'] / base_row['up']:.2f}× / {row['down'] / base_row['down']:.2f}× |")
 
 
 if __name__ == "__main__":

@@ -267,9 +267,10 @@ print(*(out[0] if out else ("nan", "nan")))
     return float(a), float(b)
 
 
-def bench_wg_kernel(seconds: int = 3, prefix: str = "csns") -> float:
+def bench_wg_kernel(seconds: int = 3, prefix: str = "csns", reverse: bool = False) -> float:
     """wireguard-go in two namespaces, kernel TCP (iperf3) through it: the baseline row.
-    ``prefix`` starts every namespace and interface name (each caller has its own)."""
+    ``prefix`` starts every namespace and interface name (each caller has its own); ``reverse``
+    has the server send (iperf3 -R)."""
     import json
     import secrets
 
@@ -314,7 +315,8 @@ def bench_wg_kernel(seconds: int = 3, prefix: str = "csns") -> float:
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(server)
         time.sleep(0.5)
-        out = nse(0, "iperf3", "-c", "10.78.0.2", "-t", str(seconds), "-J", check=False).stdout
+        out = nse(0, "iperf3", "-c", "10.78.0.2", "-t", str(seconds), "-J", *(["-R"] if reverse else []),
+                  check=False).stdout
         return json.loads(out)["end"]["sum_received"]["bits_per_second"] / 1e6
     finally:
         for p in procs:
