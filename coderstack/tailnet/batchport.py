@@ -57,7 +57,8 @@ def listen(reactor: Any, port: int, protocol: Any, interface: str = "", max_pack
 
 class BatchPort(udp.Port):
     """See the module doc. :attr:`counters`: ``gso_sends``, ``gso_datagrams``, ``gro_reads``,
-    ``gro_datagrams``, ``gso_off`` / ``gro_off`` (the kernel refused), ``send_errors``."""
+    ``gro_datagrams``, ``gso_off`` / ``gro_off`` (the kernel refused), ``send_errors``,
+    ``truncated_reads``."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -91,7 +92,7 @@ class BatchPort(udp.Port):
         v6 = self.addressFamily == socket.AF_INET6
         while read < self.maxThroughput:
             try:
-                data, ancillary, _flags, addr = sock.recvmsg(self.maxPacketSize, _CMSG_SPACE)
+                data, ancillary, flags, addr = sock.recvmsg(self.maxPacketSize, _CMSG_SPACE)
             except OSError as se:
                 no = se.args[0]
                 if no in _READ_AGAIN:
@@ -102,6 +103,11 @@ class BatchPort(udp.Port):
                     return
                 raise
             read += len(data)
+            if flags & (socket.MSG_TRUNC | socket.MSG_CTRUNC):
+                # Cut short, or its segment size lost: the datagrams cannot be told apart, and
+                # WireGuard would reject the pieces anyway. Dropped and counted; TCP resends.
+                self.counters["truncated_reads"] += 1
+                continue
             if v6:
                 addr = addr[:2]  # no flow info or scope id, as Twisted's own port gives
             size = udpbatch.gro_size(ancillary) if ancillary else None

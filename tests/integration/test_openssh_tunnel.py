@@ -104,9 +104,13 @@ class OpenSSHThroughTunnelTests(unittest.TestCase):
         tmux.keys("cstc", "echo size=$(stty size)")
         await tmux.showing("cstc", "size=30 100")
         tmux.keys("cstc", "exit 5")
-        await wait_until(
-            lambda: tmux.tmux("display-message", "-p", "-t", "cstc", "#{pane_dead} #{pane_dead_status}").strip() == "1 5",
-            "ssh to exit with status 5", interval=0.05)
+
+        def pane() -> str:
+            return tmux.tmux("display-message", "-p", "-t", "cstc", "#{pane_dead} #{pane_dead_status}").strip()
+
+        await wait_until(lambda: pane() == "1 5",
+                         lambda: f"ssh to exit with status 5 (pane dead, status: {pane()!r}); the screen:\n"
+                                 f"{tmux.screen('cstc')}", interval=0.05)
 
     async def sftp_both_ways(self, d: object, alice: object, config: str, **env: str) -> None:
         """put then get 10 MiB with ``sftp -b``; both copies byte-exact."""

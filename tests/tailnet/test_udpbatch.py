@@ -122,6 +122,17 @@ class BatchPortTests(unittest.TestCase):
         sender.write_many([(d, dest) for d in sent])
         self.assertEqual(sender.counters["gso_off"], 1)
 
+    async def test_a_truncated_read_is_dropped_and_counted(self) -> None:
+        sink = _Collect()
+        receiver = batchport.listen(reactor, 0, sink, interface="127.0.0.1", max_packet_size=1000)
+        self.addCleanup(receiver.stopListening)
+        dest = ("127.0.0.1", receiver.getHost().port)
+        sender = self.listen(DatagramProtocol())
+        sender.write_many([(b"x" * 2000, dest)])
+        sender.write_many([(b"fits", dest)])
+        await wait_until(lambda: sink.got == [b"fits"], "the datagram that fits", timeout=10)
+        self.assertEqual(receiver.counters["truncated_reads"], 1)
+
     def test_the_environment_can_turn_it_off(self) -> None:
         self.assertTrue(batchport.supported(reactor, {}))
         for off in ("0", "off", "false", "no"):
