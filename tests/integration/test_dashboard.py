@@ -148,14 +148,17 @@ class DashboardTests(unittest.TestCase):
         self.assertIn("style-src 'self' 'unsafe-inline'", csp)
         page.wait_for_function(
             "() => document.getElementById('terminal-state').textContent === 'connected'", timeout=WAIT_MS)
+        self.step = "typing into the terminal"
         page.click("#terminal")
         page.keyboard.type("echo hi-$((6*7)) $$")
         page.keyboard.press("Enter")
         page.wait_for_function(f"() => ({TEXT})().includes('hi-42 ')", timeout=WAIT_MS)
         pid = re.search(r"hi-42 (\d+)", page.evaluate(TEXT))
         assert pid is not None
-        # The xterm rows in the DOM show it too.
-        self.assertIn("hi-42", page.text_content(".xterm-rows") or "")
+        # The xterm rows in the DOM show it too, once xterm.js has drawn its next frame (its
+        # buffer, read above, is ahead of the DOM).
+        page.wait_for_function("() => document.querySelector('.xterm-rows').textContent.includes('hi-42')",
+                               timeout=WAIT_MS)
         self.step = "waiting for the terminal's path to go direct"
         page.wait_for_function(
             "() => document.getElementById('terminal-path').textContent.includes('direct')", timeout=WAIT_MS)

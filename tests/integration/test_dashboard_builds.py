@@ -112,8 +112,10 @@ class DashboardBuildTests(TemplateServerCase):
         page.wait_for_url(self.url + "/workspaces/admin/box")
         self.wait_state(page, "running")
         self.assertEqual(self.buttons(page), {"start": False, "stop": True, "delete": True})
-        # The last build's log is on the page; so are the startup script's logs and the app.
-        self.assertIn("Apply complete", page.text_content("#build-log") or "")
+        # The last build's log is on the page (fetched once its state is shown); so are the
+        # startup script's logs and the app.
+        page.wait_for_function("() => document.getElementById('build-log').textContent.includes('Apply complete')",
+                               timeout=WAIT_MS)
         page.wait_for_function("() => document.querySelector('.agent .logs').textContent.includes('startup: done')",
                                timeout=WAIT_MS)
         page.wait_for_selector(".apps li[data-app=web] .health-healthy", timeout=WAIT_MS)
