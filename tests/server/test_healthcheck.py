@@ -34,7 +34,12 @@ class RealServerHealthTests(unittest.TestCase):
 
     async def test_everything_answers(self) -> None:
         r = await self.run_report()
-        self.assertEqual((r["severity"], r["healthy"]), ("ok", True), r)
+        self.assertTrue(r["healthy"], r)
+        # Over 15 ms for a database round trip (a loaded machine) is a warning, nothing else is.
+        for section in ("access_url", "websocket", "derp"):
+            self.assertEqual(r[section]["severity"], "ok", r[section])
+        self.assertIn(r["database"]["severity"], ("ok", "warning"))
+        self.assertEqual(r["severity"], r["database"]["severity"])
         self.assertEqual((r["access_url"]["status_code"], r["access_url"]["healthz_response"]), (200, "OK"))
         self.assertTrue(r["database"]["reachable"])
         self.assertTrue(r["websocket"]["body"].startswith("health "))
