@@ -50,7 +50,9 @@ class RoamingTests(unittest.TestCase):
         a.send({"send": 50})
         b.send({"send": 50})
         await wait_until(lambda: p2p_via(a.status, NAT_IPS["b"]) and p2p_via(b.status, NAT_IPS["a"])
-                         and a.status.get("last_handshake") is not None, "direct both ways, and a handshake", timeout=LAB_WAIT, interval=0.05)
+                         and a.status.get("last_handshake") is not None,
+                         lambda: f"direct both ways, and a handshake; A: {a.status}, B: {b.status}",
+                         timeout=LAB_WAIT, interval=0.05)
         return lab, a, b
 
     async def roam(self, monitor: bool) -> tuple[float, Any, Any]:

@@ -69,7 +69,7 @@ class _Collect(DatagramProtocol):
 
 
 class BatchPortTests(unittest.TestCase):
-    if not batchport.supported(reactor):
+    if not batchport.supported(reactor, {batchport.ENV: "1"}):
         skip = "batched UDP needs Linux and a posix reactor"
 
     def listen(self, protocol: DatagramProtocol, batched: bool = True) -> object:
@@ -133,10 +133,11 @@ class BatchPortTests(unittest.TestCase):
         await wait_until(lambda: sink.got == [b"fits"], "the datagram that fits", timeout=10)
         self.assertEqual(receiver.counters["truncated_reads"], 1)
 
-    def test_the_environment_can_turn_it_off(self) -> None:
-        self.assertTrue(batchport.supported(reactor, {}))
-        for off in ("0", "off", "false", "no"):
-            self.assertFalse(batchport.supported(reactor, {batchport.ENV: off}))
+    def test_the_environment_turns_it_on(self) -> None:
+        self.assertFalse(batchport.supported(reactor, {}))
+        for on in ("1", "on", "true", "yes"):
+            self.assertTrue(batchport.supported(reactor, {batchport.ENV: on}))
+        self.assertFalse(batchport.supported(reactor, {batchport.ENV: "0"}))
 
     def test_too_big_and_host_names_are_per_datagram(self) -> None:
         sender = self.listen(DatagramProtocol())
