@@ -42,11 +42,7 @@ class OwnerPageTests(unittest.TestCase):
         self.d, self.api = await make_deployment(self)
         self.c = Caller(self.api)
         self.alice = await self.c.owner()
-        code, _ = await self.c.call("POST", "/api/v2/users", {"username": "bob", "email": "bob@example.com",
-                                                              "password": "bob password"}, token=self.alice)
-        self.assertEqual(code, 201)
-        _, got = await self.c.call("POST", "/api/v2/users/login", {"email": "bob", "password": "bob password"})
-        self.bob = got["session_token"]
+        self.bob = await self.c.member(self.alice)
 
     async def get(self, path: str, token: str | None = None) -> tuple[int, Any, Any]:
         headers = {"Cookie": f"coder_session_token={token}"} if token else {}

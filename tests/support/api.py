@@ -81,3 +81,14 @@ class Caller:
                                     {"email": "alice@example.com", "password": "correct horse"})
         assert code == 201, got
         return got["session_token"]
+
+    async def member(self, owner_token: str, username: str = "bob") -> str:
+        """A member made by the owner (password "<username> password"), logged in: their token."""
+        code, got = await self.call("POST", "/api/v2/users",
+                                    {"username": username, "email": f"{username}@example.com",
+                                     "password": f"{username} password"}, token=owner_token)
+        assert code == 201, got
+        code, got = await self.call("POST", "/api/v2/users/login",
+                                    {"email": username, "password": f"{username} password"})
+        assert code == 201, got
+        return str(got["session_token"])
