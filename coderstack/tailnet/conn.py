@@ -438,7 +438,10 @@ class Conn:
             elif kind is HandshakeComplete:
                 self.last_handshake[event.peer_key] = self.reactor.seconds()
         if transmits:
-            sock.send_many(transmits)
+            if len(transmits) == 1:
+                sock.send(*transmits[0])
+            else:
+                sock.send_many(transmits)
         deadline = self.device.next_deadline()
         if deadline is not None and deadline < self._timer_at:
             if self._timer is not None and self._timer.active():

@@ -387,12 +387,37 @@ class MagicSock(DatagramProtocol):
 
     def send(self, peer_key: bytes, datagram: bytes) -> None:
         """Send one WireGuard datagram to a peer the way its Endpoint decides."""
-        self.send_many([(peer_key, datagram)])
+        ep = self.peers.get(peer_key)
+        if ep is None:
+            self.drops["unknown-peer"] += 1
+            return
+        now = self.reactor.seconds()
+        udp, via_derp, actions = ep.send_plan(now)
+        if udp is not None:
+            if len(datagram) <= _BASE_WIRE_SIZE:
+                self._write(datagram, udp)
+            elif via_derp and len(datagram) > pmtu.wire_size(ep.udp_mtu(udp, now)):
+                self.drops["udp-skipped-too-big"] += 1  # not proven there; DERP carries it
+            elif self._write(datagram, udp) == "udp-emsgsize":
+                ep.udp_too_big(udp, len(datagram), now)
+                self._check_mtu(ep, now)
+        if via_derp:
+            self._send_derp(ep, datagram)
+            if ep.reported_mtu != self.derp_mtu:
+                self._check_mtu(ep, now)  # trust lapsed: DERP's MTU from this packet on
+        if actions:
+            self._act(ep, actions)
+            self._note_path(ep, now)
 
     def send_many(self, transmits: list[tuple[bytes, bytes]]) -> None:
-        """Send WireGuard datagrams ``(peer key, datagram)`` in order, each the way its peer's
-        Endpoint decides; the UDP ones are written together at the end (one ``sendmsg`` per run
-        of equal-size datagrams to one address, where the socket is batched)."""
+        """Send WireGuard datagrams ``(peer key, datagram)`` in order, as :meth:`send` would,
+        with the UDP ones written together (one ``sendmsg`` per run of equal-size datagrams to
+        one address, where the socket is batched)."""
+        port = self.port
+        if len(transmits) == 1 or not isinstance(port, batchport.BatchPort) or self.transport is None:
+            for peer_key, datagram in transmits:
+                self.send(peer_key, datagram)
+            return
         now = self.reactor.seconds()
         writes: list[tuple[bytes, Addr]] = []
         sent_by: list[Endpoint] = []
@@ -406,7 +431,7 @@ class MagicSock(DatagramProtocol):
                 if self._v4_only and ":" in udp[0]:
                     self.drops["no-ipv6"] += 1
                 elif (len(datagram) > _BASE_WIRE_SIZE and via_derp
-                        and len(datagram) > pmtu.wire_size(ep.udp_mtu(udp, now))):
+                      and len(datagram) > pmtu.wire_size(ep.udp_mtu(udp, now))):
                     self.drops["udp-skipped-too-big"] += 1  # not proven there; DERP carries it
                 else:
                     writes.append((datagram, udp))
@@ -414,23 +439,16 @@ class MagicSock(DatagramProtocol):
             if via_derp:
                 self._send_derp(ep, datagram)
                 if ep.reported_mtu != self.derp_mtu:
-                    self._check_mtu(ep, now)  # trust lapsed: DERP's MTU from this packet on
+                    self._check_mtu(ep, now)
             if actions:
                 self._act(ep, actions)
                 self._note_path(ep, now)
         if not writes:
             return
-        port = self.port
-        batched = isinstance(port, batchport.BatchPort) and self.transport is not None and len(writes) > 1
-        if batched:
-            results = port.write_many(writes)
-        else:
-            results = [self._write(datagram, udp) for datagram, udp in writes]  # counts its drops
-        for (datagram, udp), ep, why in zip(writes, sent_by, results, strict=True):
+        for (datagram, udp), ep, why in zip(writes, sent_by, port.write_many(writes), strict=True):
             if not why:
                 continue
-            if batched:
-                self.drops[why] += 1
+            self.drops[why] += 1
             if why == "udp-emsgsize" and len(datagram) > _BASE_WIRE_SIZE:
                 ep.udp_too_big(udp, len(datagram), now)
                 self._check_mtu(ep, now)
