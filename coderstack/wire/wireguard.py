@@ -393,7 +393,9 @@ class Peer:
         self.last_timestamp = _ZERO12  # newest TAI64N consumed from this peer
         self.last_sent_timestamp = _ZERO12
         self.last_initiation_consumed = -math.inf
-        self.last_sent_handshake = -math.inf
+        # No initiation before this: REKEY_TIMEOUT after we last sent a handshake message, plus
+        # jitter, so two peers whose initiations crossed do not try again in step.
+        self.initiation_allowed_at = -math.inf
         # Cookie (we are the initiator of a message the peer answered with a cookie reply).
         self.cookie: bytes | None = None
         self.cookie_time = -math.inf
@@ -779,7 +781,7 @@ class Device:
                     # Rate-limited because we answered the peer's own initiation meanwhile
                     # (both sides initiated at once). wireguard-go would stop retrying here;
                     # try again once the limit allows, so neither side waits forever.
-                    peer.retransmit_at = peer.last_sent_handshake + REKEY_TIMEOUT + self._jitter()
+                    peer.retransmit_at = peer.initiation_allowed_at
                     self._arm(peer, peer.retransmit_at)
         if peer.new_handshake_at is not None and now >= peer.new_handshake_at:
             # We sent data and heard nothing back for 15 s: the session may be dead.
@@ -854,15 +856,14 @@ class Device:
     def _initiate(self, peer: Peer, now: float, retry: bool, out: list[Event]) -> None:
         if not retry:
             peer.handshake_attempts = 0
-        if now - peer.last_sent_handshake < REKEY_TIMEOUT:
+        if now < peer.initiation_allowed_at:
             return  # at most one initiation per REKEY_TIMEOUT
-        peer.last_sent_handshake = now
         datagram = self._create_initiation(peer, now)
         if peer.persistent_keepalive:
             self._arm_persistent(peer, now)
         peer.keepalive_at = None
         out.append(Transmit(peer.public_key, datagram))
-        peer.retransmit_at = now + REKEY_TIMEOUT + self._jitter()
+        peer.retransmit_at = peer.initiation_allowed_at = now + REKEY_TIMEOUT + self._jitter()
         self._arm(peer, peer.retransmit_at)
 
     # -- handshake --
@@ -1153,7 +1154,10 @@ class Device:
         if peer.persistent_keepalive:
             self._arm_persistent(peer, now)
         peer.new_handshake_at = None
-        peer.last_sent_handshake = now
+        # Data queued meanwhile must not start our next initiation exactly REKEY_TIMEOUT after
+        # this answer: if ours crossed theirs, the two would cross again at the same offset
+        # every round (the timer's jitter never gets a say while packets keep arriving).
+        peer.initiation_allowed_at = now + REKEY_TIMEOUT + self._jitter()
         datagram = self._create_response(peer, now)
         self._begin_session(peer, now)
         peer.keepalive_at = None

@@ -289,6 +289,33 @@ class HandshakeTests(unittest.TestCase):
             of(Packet, p.to_b(p.a.send(p.b.public_key, ip6(), now), now))[0].data, ip6()
         )
 
+    def test_simultaneous_senders_with_steady_data_do_not_livelock(self):
+        # Two peers that start sending at the same instant and keep sending every 20 ms, 1 ms
+        # apart on the wire: their initiations cross, each answers the other's and drops the
+        # stale response. The next try must not be timed off the answer exactly (the offset
+        # between the two would repeat every round); jitter separates them.
+        p = Pair()
+        delay, step = 0.001, 0.02
+        wire: list[tuple[float, str, bytes]] = []
+        now = 0.0
+        while now < 60.0 and not (p.pa.current and p.pb.current):
+            events = {
+                "a": p.a.send(p.b.public_key, ip6(), now) + p.a.tick(now),
+                "b": p.b.send(p.a.public_key, ip6(), now) + p.b.tick(now),
+            }
+            for side, evs in events.items():
+                wire += [(now + delay, side, d) for d in datagrams(evs)]
+            # Deliver what has arrived by the next step, answering at arrival time.
+            while wire and wire[0][0] <= now + step:
+                wire.sort()
+                at, side, d = wire.pop(0)
+                replies = p.b.receive(d, at, "a") if side == "a" else p.a.receive(d, at, "b")
+                wire += [(at + delay, "b" if side == "a" else "a", r) for r in datagrams(replies)]
+            now = round(now + step, 6)
+        self.assertIsNotNone(p.pa.current, f"no session after {now:.2f} s")
+        self.assertIsNotNone(p.pb.current, f"no session after {now:.2f} s")
+        self.assertLess(now, 12.0)
+
 
 class TransportTests(unittest.TestCase):
     def setUp(self):
