@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """``coderstack speedtest`` on a real 1500-byte network: the NAT lab's namespaces (veth pairs,
 stateful easy NATs, the server on the "internet" between them), direct and relayed, with the
-tunnel's UDP socket batched (GSO/GRO, ``CODERSTACK_UDP_BATCH=1``) and not (the default), beside
+tunnel's UDP socket batched (GSO/GRO, the default) and not (``CODERSTACK_UDP_BATCH=0``), beside
 wireguard-go + kernel TCP (iperf3 both ways through two wireguard-go TUNs in two namespaces on
 a 1500-byte veth), all in the same run.
 
@@ -88,8 +88,8 @@ async def measure() -> None:
     rows["wireguard-go + kernel TCP (iperf3)"] = {d: statistics.median(v) for d, v in base.items()}
     print(f"  wireguard-go + kernel TCP: {base}", flush=True)
     for label, env, server_args in (
-        ("direct, batched UDP (GSO/GRO, CODERSTACK_UDP_BATCH=1)", {"CODERSTACK_UDP_BATCH": "1"}, ()),
-        ("direct, one datagram per call (the default)", {}, ()),
+        ("direct, batched UDP (GSO/GRO, the default)", {}, ()),
+        ("direct, one datagram per call (CODERSTACK_UDP_BATCH=0)", {"CODERSTACK_UDP_BATCH": "0"}, ()),
         ("relayed (DERP)", {}, ("--block-direct-connections", "true")),
     ):
         bench = _Bench()

@@ -34,16 +34,15 @@ _KNOWN_ADDRESSES = 4096
 _READ_AGAIN = frozenset({errno.EAGAIN, errno.EWOULDBLOCK, errno.EINTR})
 
 
-ENV = "CODERSTACK_UDP_BATCH"  # "1", "true", "on" or "yes": batched; anything else: one datagram per call
+ENV = "CODERSTACK_UDP_BATCH"  # "0", "false", "off" or "no": one datagram per call
 
 
 def supported(reactor: Any, environ: Mapping[str, str] | None = None) -> bool:
-    """Should the tunnel's socket be a :class:`BatchPort`: ``CODERSTACK_UDP_BATCH`` on, and a
-    real posix reactor on Linux? Off by default for now: in the NAT lab the first WireGuard
-    handshake of two peers that start sending at the same moment failed for a whole minute in a
-    few runs, more often with batching on; until that is understood, batching is opt-in."""
+    """Should the tunnel's socket be a :class:`BatchPort`: a real posix reactor on Linux, unless
+    ``CODERSTACK_UDP_BATCH`` turns it off (a way out should some kernel misbehave where it
+    claims support; the port already falls back by itself where the kernel refuses)."""
     value = (os.environ if environ is None else environ).get(ENV, "").strip().lower()
-    if value not in ("1", "true", "on", "yes") or not sys.platform.startswith("linux"):
+    if value in ("0", "false", "off", "no") or not sys.platform.startswith("linux"):
         return False
     from twisted.internet.posixbase import PosixReactorBase
 

@@ -133,11 +133,12 @@ class BatchPortTests(unittest.TestCase):
         await wait_until(lambda: sink.got == [b"fits"], "the datagram that fits", timeout=10)
         self.assertEqual(receiver.counters["truncated_reads"], 1)
 
-    def test_the_environment_turns_it_on(self) -> None:
-        self.assertFalse(batchport.supported(reactor, {}))
-        for on in ("1", "on", "true", "yes"):
-            self.assertTrue(batchport.supported(reactor, {batchport.ENV: on}))
-        self.assertFalse(batchport.supported(reactor, {batchport.ENV: "0"}))
+    def test_on_by_default_and_the_environment_turns_it_off(self) -> None:
+        self.assertTrue(batchport.supported(reactor, {}))
+        self.assertTrue(batchport.supported(reactor, {batchport.ENV: "1"}))
+        for off in ("0", "off", "false", "no", " No "):
+            self.assertFalse(batchport.supported(reactor, {batchport.ENV: off}))
+        self.assertFalse(batchport.supported(object(), {}))  # not a posix reactor
 
     def test_too_big_and_host_names_are_per_datagram(self) -> None:
         sender = self.listen(DatagramProtocol())
