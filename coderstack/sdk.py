@@ -87,7 +87,9 @@ class Client:
             h[SESSION_HEADER.encode()] = [self.token.encode()]
         return h
 
-    async def request(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (200, 201)) -> Any:
+    async def request(self, method: str, path: str, body: Any = None, ok: tuple[int, ...] = (200, 201),
+                      text: bool = False) -> Any:
+        """The answer's JSON (``text``: its body as text); SDKError for another status."""
         url = self.url + path
         kwargs: dict[str, Any] = {"headers": Headers(self._headers())}
         if body is not None:
@@ -108,7 +110,7 @@ class Client:
             message = data.get("message") if isinstance(data, dict) else None
             detail = data.get("detail", "") if isinstance(data, dict) else ""
             raise SDKError(message or f"unexpected HTTP {resp.code} from {path}", resp.code, detail)
-        return data
+        return raw.decode("utf-8", "replace") if text else data
 
     async def get(self, path: str) -> Any:
         return await self.request("GET", path)

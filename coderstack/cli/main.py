@@ -47,6 +47,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "open": ("coderstack.cli.openapp", "Print (and --open) the URL of a workspace app served through the server."),
     "port-share": ("coderstack.cli.portshare", "Share a workspace's ports with other users through the server."),
     "config-ssh": ("coderstack.cli.config_ssh", "Add an SSH Host entry for your workspaces (ssh coder.WS)."),
+    "scaletest": ("coderstack.cli.scaletest", "Load-test a deployment: simulated agents, clients and traffic."),
 }
 
 

@@ -13,7 +13,8 @@ pointed at the URL we use, in a :class:`coderstack.tailnet.client.TailnetClient`
 coordination websocket ``/api/v2/workspaceagents/{id}/coordinate`` with ``update_self`` +
 ``add_tunnel``; returns once the agent said READY_FOR_HANDSHAKE (it has our node), or its NODE
 arrived and the agent stayed quiet for ``ready_grace`` seconds (an agent that does not send the
-ack).
+ack). ``observe`` sees every coordinator response first (a load generator times node updates
+with it).
 
 While the tunnel lives, a coordination websocket that closes (a server restart) is reopened
 (:class:`coderstack.coordinator.client.CoordinationLink`, first after 0.5 s, doubling up to
@@ -30,6 +31,7 @@ paths and reconnects its DERP connections at once.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from ipaddress import IPv6Address
 from typing import Any, Protocol
 from uuid import UUID
@@ -48,7 +50,7 @@ from coderstack.netstack.endpoints import NetstackClientEndpoint
 from coderstack.tailnet.client import TailnetClient, Tunnel
 from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.endpoint import PingResult
-from coderstack.wire.coordination import Node
+from coderstack.wire.coordination import CoordinateResponse, Node
 
 _log = Logger()
 
@@ -108,14 +110,21 @@ class _ServerCoordination:
     """The link's handler: the agent's coordination websocket on the server, our node and
     tunnel on every one, the DERP map fetched again after a reopen."""
 
-    def __init__(self, api_client: ConnectionAPI, client: TailnetClient, agent_id: UUID) -> None:
+    def __init__(self, api_client: ConnectionAPI, client: TailnetClient, agent_id: UUID,
+                 observe: Callable[[CoordinateResponse], object] | None = None) -> None:
         self.api_client = api_client
         self.client = client
         self.agent_id = agent_id
+        self.observe = observe
 
     async def open_socket(self) -> CoordinateClientFactory:
         return await open_coordination(self.api_client, f"/api/v2/workspaceagents/{self.agent_id}/coordinate",
-                                       self.client.handle_response)
+                                       self._response)
+
+    def _response(self, response: CoordinateResponse) -> None:
+        if self.observe is not None:
+            self.observe(response)
+        self.client.handle_response(response)
 
     async def socket_opened(self, reopened: bool) -> None:
         self.client.register()
@@ -138,7 +147,8 @@ async def dial_agent(reactor: Any, api_client: ConnectionAPI, agent_id: str | UU
                      disable_direct: bool = False, timeout: float = 20.0,
                      ready_grace: float = 2.0, force_websockets: bool = False,
                      conn_kw: dict[str, Any] | None = None, link_monitor: bool | None = None,
-                     backoff: Backoff | None = None) -> AgentTunnel:
+                     backoff: Backoff | None = None,
+                     observe: Callable[[CoordinateResponse], object] | None = None) -> AgentTunnel:
     agent_uuid = UUID(str(agent_id))
     info = await api_client.connection_info(str(agent_uuid))
     derp_map = rewrite_embedded(DERPMap.from_json(info.get("derp_map") or {}), api_client.url)
@@ -154,7 +164,7 @@ async def dial_agent(reactor: Any, api_client: ConnectionAPI, agent_id: str | UU
     conn.start()
     conn.set_derp_map(derp_map)
     tunnel = client.add_tunnel(agent_uuid)
-    link = CoordinationLink(reactor, _ServerCoordination(api_client, client, agent_uuid),
+    link = CoordinationLink(reactor, _ServerCoordination(api_client, client, agent_uuid, observe),
                             backoff or Backoff(first=RECONNECT_FIRST, cap=RECONNECT_MAX))
     client.coordinate(link)
     try:

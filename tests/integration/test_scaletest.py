@@ -1,0 +1,84 @@
+"""``coderstack scaletest`` against a real server process: workspaces made through the API, their
+agents simulated in one process, clients moving bytes to them direct and relayed, the summary's
+figures (including the server's own from /metrics), and cleanup."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import stat
+import sys
+
+from twisted.trial import unittest
+
+from tests.support.processes import Deployment, Process
+
+AGENTS = 4
+
+
+class ScaletestTests(unittest.TestCase):
+    timeout = 240
+
+    async def test_agents_traffic_and_cleanup(self) -> None:
+        d = Deployment(self)
+        await d.start_server()
+        alice = d.user("alice")
+        await alice.login_first("alice")
+        run_file = os.path.join(alice.home, "run.json")
+
+        out = await alice.ok("scaletest", "create-workspaces", str(AGENTS), "--run-file", run_file)
+        self.assertIn(f"{AGENTS} workspaces", out)
+        self.assertEqual(stat.S_IMODE(os.stat(run_file).st_mode), 0o600)  # it holds agent tokens
+        listed = json.loads(await alice.ok("list", "-o", "json"))
+        self.assertEqual(len([w for w in listed if re.match(r"^scaletest-[0-9a-f]{6}-\d+$", w["name"])]), AGENTS)
+
+        agents = Process(self, "scaletest-agents",
+                         [sys.executable, "-m", "coderstack", "scaletest", "agents", "--run-file", run_file,
+                          "--duration", "10m", "--announce-every", "500ms", "-o", "json"],
+                         alice.cli_env(), alice.home)
+        await agents.output_shows(f"{AGENTS} of {AGENTS} agents connected", timeout=60)
+        shown = await alice.show(json.load(open(run_file))["agents"][0]["workspace"])
+        self.assertEqual(shown["agents"][0]["status"], "connected")
+
+        direct = json.loads(await alice.ok("scaletest", "traffic", "--run-file", run_file, "--duration", "3s",
+                                           "--bytes-per-tick", "1000", "--tick-interval", "50ms", "-o", "json"))
+        self.assertEqual((direct["connected"], direct["errors"]), (AGENTS, {}), direct)
+        self.assertEqual(direct["bytes_received"], direct["bytes_sent"])
+        self.assertGreaterEqual(direct["bytes_sent"], AGENTS * 1000 * 50)  # 60 ticks each, most of them
+        self.assertGreater(direct["latency"]["count"], AGENTS * 50)
+        self.assertGreater(direct["fanout"]["count"], 0)  # the agents re-announce every 500 ms
+        self.assertLess(direct["fanout"]["p50_ms"], 1000)
+        self.assertEqual(direct["paths"], {"p2p": AGENTS})
+        server = direct["server"]
+        self.assertGreater(server["rss_bytes"], 10 * 2**20)
+        self.assertGreater(server["open_fds"], AGENTS * 2)
+        self.assertIsNotNone(server["cpu_percent"])
+
+        relayed = json.loads(await alice.ok("scaletest", "traffic", "--run-file", run_file, "--relay",
+                                            "--connections", "6", "--duration", "2s", "-o", "json"))
+        self.assertEqual((relayed["connected"], relayed["errors"]), (6, {}), relayed)
+        self.assertEqual(relayed["paths"], {"derp": 6})  # two clients share an agent
+        self.assertGreater(relayed["server"]["derp_packets_per_second"], 0)
+
+        agents.signal(signal.SIGTERM)  # ends the run early, with its summary
+        self.assertEqual(await agents.wait(timeout=60), 0, agents.log())
+        held = json.loads(agents.log()[agents.log().index("{"):])
+        self.assertEqual((held["connected"], held["errors"]), (AGENTS, {}), held)
+        self.assertEqual(held["connect"]["count"], AGENTS)
+
+        out = await alice.ok("scaletest", "cleanup", "--run-file", run_file)
+        self.assertIn(f"{AGENTS} scale-test workspaces deleted", out)
+        self.assertFalse(os.path.exists(run_file))
+        self.assertEqual(json.loads(await alice.ok("list", "-o", "json")), [])
+
+    async def test_a_missing_run_file_is_a_clear_error(self) -> None:
+        d = Deployment(self)
+        await d.start_server()
+        alice = d.user("alice")
+        await alice.login_first("alice")
+        code, out, err = await alice.run("scaletest", "agents", "--run-file", os.path.join(alice.home, "none.json"))
+        self.assertEqual(code, 1)
+        self.assertIn("no run file at", err)
+        self.assertIn("create-workspaces", err)
