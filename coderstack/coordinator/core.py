@@ -76,6 +76,12 @@ fan-out sends the same response object to every recipient, so its cached ``to_te
 once. A response whose text is longer than ``max_message_bytes`` is sent as several, in order
 (``split_response``), so any number of tunnel peers reaches a reconnecting peer. Calls to ``send``/``close`` happen after the coordinator's state is updated and may re-enter
 it safely.
+
+Measurements (for ``/metrics``): ``counters`` (also in :meth:`Coordinator.debug`), peers by kind
+and status (:meth:`Coordinator.peer_counts`), :meth:`Coordinator.tunnel_count`, and
+``fanout_seconds``, a histogram of the time from receiving an ``update_self`` (before parsing it,
+through :meth:`PeerConnection.handle_text`) until its responses have been handed to every
+connected tunnel peer's ``send``, read from the injected clock.
 """
 
 from __future__ import annotations
@@ -88,6 +94,7 @@ from uuid import UUID
 
 from twisted.logger import Logger
 
+from coderstack.histogram import Histogram
 from coderstack.twistedtypes import Clock, DelayedCall
 from coderstack.wire.coordination import (
     CODER_SERVICE_PREFIX,
@@ -242,12 +249,14 @@ class PeerConnection:
 
     def handle_text(self, data: str | bytes) -> None:
         """Parse and process one websocket message; malformed input is answered and counted."""
+        # The fan-out histogram counts from here: parsing is part of the coordinator's delay.
+        received = self._coordinator._clock.seconds()
         try:
             request = parse_request(data)
         except CoordinationError as e:
             self._coordinator._malformed(self, e)
         else:
-            self._coordinator._handle(self, request)
+            self._coordinator._handle(self, request, received)
 
     def lost(self) -> None:
         """The transport dropped without a graceful disconnect."""
@@ -307,7 +316,14 @@ class Coordinator:
             "stale_requests": 0,
             "peer_limit_refused": 0,
             "lost_evicted": 0,
+            # update_self requests, refused ones included, and the PeerUpdates delivered to
+            # peers: a scale test's load in and the coordinator's work out.
+            "node_updates_received": 0,
+            "peer_updates_sent": 0,
         }
+        #: Seconds from receiving an ``update_self`` to having handed the resulting responses to
+        #: every tunnel peer's ``send`` (on the injected clock; zero-width on a ``task.Clock``).
+        self.fanout_seconds = Histogram()
 
     # --- connections ----------------------------------------------------------------------------
 
@@ -482,6 +498,22 @@ class Coordinator:
     def refusals(self) -> int:
         return self.counters["refusals"]
 
+    def peer_counts(self) -> dict[tuple[str, str], int]:
+        """Peers by (kind, status): ("agent" | "client" | "server", "connected" | "lost").
+
+        For ``/metrics``: one pass over the peers, without :meth:`debug`'s per-peer JSON.
+        """
+        counts: dict[tuple[str, str], int] = {
+            (kind, status): 0 for kind in KINDS for status in (CONNECTED, LOST)
+        }
+        for peer in self._peers.values():
+            counts[_kind(peer.auth), peer.status] += 1
+        return counts
+
+    def tunnel_count(self) -> int:
+        """Tunnels (src -> dst pairs) held, those of LOST sources included."""
+        return sum(len(dsts) for dsts in self._by_src.values())
+
     def debug(self) -> dict[str, Any]:
         """JSON-able state for ``GET /api/v2/debug/coordinator``."""
         peers = []
@@ -518,16 +550,25 @@ class Coordinator:
         peer = self._peers.get(conn.peer_id)
         return peer if peer is not None and peer.conn is conn else None
 
-    def _handle(self, conn: PeerConnection, request: CoordinateRequest) -> None:
+    def _handle(
+        self, conn: PeerConnection, request: CoordinateRequest, received: float | None = None
+    ) -> None:
         peer = self._current(conn)
         if peer is None:
             self.counters["stale_requests"] += 1
             return
-        peer.last_seen = self._clock.seconds()
+        now = self._clock.seconds()
+        peer.last_seen = now
+        # Timed: an accepted update that reached at least one tunnel peer. A request handled
+        # from inside a send() is delivered by the outer flush, so it is not finished when this
+        # call returns and is left out.
+        timed = False
         errors: list[str] = []  # refusals that count towards closing the connection
         notices: list[str] = []  # refusals an honest peer can cause by racing a tunnel's removal
         if request.update_self is not None:
-            self._update_self(peer, request.update_self, errors)
+            self.counters["node_updates_received"] += 1
+            told = self._update_self(peer, request.update_self, errors)
+            timed = told > 0 and not self._flushing
         if request.add_tunnel is not None:
             self._add_tunnel(peer, request.add_tunnel, errors)
         if request.remove_tunnel is not None:
@@ -539,6 +580,10 @@ class Coordinator:
         if request.disconnect and self._current(conn) is peer:
             self._remove_peer(peer, DISCONNECTED, REASON_GRACEFUL)
         self._flush()
+        if timed:
+            start = now if received is None else received
+            # max(): the reactor's clock is wall time and may step back.
+            self.fanout_seconds.observe(max(0.0, self._clock.seconds() - start))
 
     def _malformed(self, conn: PeerConnection, error: CoordinationError) -> None:
         peer = self._current(conn)
@@ -610,17 +655,18 @@ class Coordinator:
             if isinstance(p.auth, AgentAuth)
         )
 
-    def _update_self(self, peer: _Peer, node: Node, errors: list[str]) -> None:
+    def _update_self(self, peer: _Peer, node: Node, errors: list[str]) -> int:
+        """Store the node and tell its tunnel peers; how many were told (0 if refused)."""
         problem = self._check_node(peer, node)
         if problem is not None:
             errors.append(problem)
-            return
+            return 0
         old = peer.node
         if old is not None and old.key != node.key and self._by_key.get(old.key) == peer.id:
             del self._by_key[old.key]
         self._by_key[node.key] = peer.id
         peer.node = node
-        self._fan_out(peer, PeerUpdate(peer.id, NODE, REASON_NODE_UPDATE, node))
+        return self._fan_out(peer, PeerUpdate(peer.id, NODE, REASON_NODE_UPDATE, node))
 
     def _add_tunnel(self, src: _Peer, dst_id: UUID, errors: list[str]) -> None:
         auth = src.auth
@@ -789,13 +835,17 @@ class Coordinator:
             updates.append(PeerUpdate(peer_id, LOST_KIND, REASON_LOST, peer.node))
         return updates
 
-    def _fan_out(self, peer: _Peer, update: PeerUpdate) -> None:
-        """Send one update about ``peer`` to every connected tunnel peer (one shared response)."""
+    def _fan_out(self, peer: _Peer, update: PeerUpdate) -> int:
+        """Send one update about ``peer`` to every connected tunnel peer (one shared response);
+        how many it was queued for."""
         response = CoordinateResponse((update,))
+        queued = 0
         for other_id in self._tunnel_peers(peer.id):
             other = self._peers.get(other_id)
-            if other is not None:
+            if other is not None and other.conn is not None:
                 self._emit(other, response)
+                queued += 1
+        return queued
 
     def _emit(self, peer: _Peer, response: CoordinateResponse) -> None:
         if peer.conn is not None:
@@ -822,12 +872,17 @@ class Coordinator:
                     else:
                         for part in split_response(response, self.max_message_bytes):
                             conn._send(part)
+                            self.counters["peer_updates_sent"] += len(part.peer_updates)
                 except Exception:
                     self._log.failure(
                         "coordinator: delivering to {peer_id} failed", peer_id=conn.peer_id
                     )
         finally:
             self._flushing = False
+
+
+#: What :func:`_kind` answers, in the order ``/metrics`` lists them.
+KINDS = ("agent", "client", "server")
 
 
 def _kind(auth: Auth) -> str:
