@@ -26,7 +26,7 @@ from coderstack.coordinator.websocket import (
 from coderstack.derp.mapstream import MapPublisher
 from coderstack.derp.server import metrics_text
 from coderstack.derpmap import DERPMap
-from coderstack.server import auth
+from coderstack.server import auth, procmetrics
 from coderstack.server.hashpool import HashPool
 from coderstack.server.jsonhttp import HTTPRequest
 from coderstack.server.limits import UserLimits
@@ -106,15 +106,33 @@ class Deployment:
             self.mount(path.encode(), resource)
 
     def metrics_text(self) -> str:
+        """``GET /metrics``: the coordinator, STUN, live sessions, the relay, the server's
+        tailnet and the process itself, in Prometheus text format."""
         lines = []
-        counters = self.coordinator.debug().get("counters", {})
-        for name, value in sorted(counters.items()):
+        coordinator = self.coordinator
+        for name, value in sorted(coordinator.counters.items()):
             lines.append(f"# TYPE coderstack_coordinator_{name}_total counter")
             lines.append(f"coderstack_coordinator_{name}_total {value}")
-        statuses = [p.get("status") for p in self.coordinator.debug().get("peers", [])]
+        # Counted without debug(), whose per-peer JSON a scrape of thousands of peers would pay.
+        by_kind = coordinator.peer_counts()
         lines.append("# TYPE coderstack_coordinator_peers gauge")
         for status in ("connected", "lost"):
-            lines.append(f'coderstack_coordinator_peers{{status="{status}"}} {statuses.count(status)}')
+            n = sum(v for (_, s), v in by_kind.items() if s == status)
+            lines.append(f'coderstack_coordinator_peers{{status="{status}"}} {n}')
+        lines.append("# HELP coderstack_coordinator_peers_by_kind Coordinator peers by kind "
+                     "(agent, client, server) and status.")
+        lines.append("# TYPE coderstack_coordinator_peers_by_kind gauge")
+        for (kind, status), n in by_kind.items():
+            lines.append(f'coderstack_coordinator_peers_by_kind{{kind="{kind}",status="{status}"}} {n}')
+        lines.append("# HELP coderstack_coordinator_tunnels Tunnels (source to agent) the "
+                     "coordinator holds.")
+        lines.append("# TYPE coderstack_coordinator_tunnels gauge")
+        lines.append(f"coderstack_coordinator_tunnels {coordinator.tunnel_count()}")
+        lines.extend(coordinator.fanout_seconds.exposition(
+            "coderstack_coordinator_fanout_seconds",
+            "From receiving a peer's node update to having written it to every connected "
+            "tunnel peer.",
+        ))
         if self.stun_port is not None:
             c = self.stun_port.protocol.counters
             for name in ("answered", "errors_sent", "dropped_malformed", "rate_limited"):
@@ -136,7 +154,7 @@ class Deployment:
             text += metrics_text(self.relay)
         if self.tailnet is not None:
             text += self.tailnet.metrics_text()
-        return text
+        return text + procmetrics.metrics_text()
 
     def connection_info(self) -> dict[str, Any]:
         return {
