@@ -16,7 +16,8 @@ packets waiting is disconnected, like Tailscale's write deadline.
 
 Counted drop reasons: ``unknown_dest``, ``unknown_dest_on_fwd``, ``unauthorized``,
 ``queue_head``, ``queue_tail``, ``gone_disconnected`` (packets still queued when the receiver
-left), ``write_error``.
+left), ``write_error`` (a failed write, whose packets were already counted as sent). Each but
+``write_error`` also counts the packets' bytes (``dropped_bytes``).
 """
 
 from __future__ import annotations
@@ -119,6 +120,9 @@ class ServerConn:
         dropped = len(self._data) + len(self._disco)
         if dropped:
             self.relay.drops["gone_disconnected"] += dropped
+            self.relay.dropped_bytes["gone_disconnected"] += sum(
+                len(data) for q in (self._data, self._disco) for _, data in q
+            )
         self._data.clear()
         self._disco.clear()
         self._ctrl.clear()
@@ -237,14 +241,16 @@ class ServerConn:
         relay = self.relay
         if self.closed:
             relay.drops["queue_tail"] += 1
+            relay.dropped_bytes["queue_tail"] += len(data)
             return
         q = self._disco if w.looks_like_disco(data) else self._data
         if len(q) >= relay.queue_depth:
             if self.writable:
                 self.flush()
             else:
-                q.popleft()
+                _, old = q.popleft()
                 relay.drops["queue_head"] += 1
+                relay.dropped_bytes["queue_head"] += len(old)
         q.append((w.recv_packet_header(src, len(data)), data))
         relay._mark(self)
 
@@ -358,6 +364,8 @@ class Relay:
         self._watchers: list[ServerConn] = []
         self._dirty: dict[ServerConn, None] = {}
         self.drops: Counter[str] = Counter()
+        #: Payload bytes of the packets in ``drops``, by the same reasons (not ``write_error``).
+        self.dropped_bytes: Counter[str] = Counter()
         self.peer_gone_frames: Counter[str] = Counter()
         self.packets_received = 0
         self.bytes_received = 0
@@ -365,6 +373,8 @@ class Relay:
         self.bytes_sent = 0
         self.packets_forwarded_out = 0
         self.packets_forwarded_in = 0
+        self.bytes_forwarded_out = 0
+        self.bytes_forwarded_in = 0
         self.accepts = 0
         self.home_clients = 0
         self.bad_frames = 0
@@ -477,15 +487,18 @@ class Relay:
             self._active[key] = src  # duplicate key: the last writer becomes the receiver
         if not src.authorized(dst, self.clock.seconds()):
             self.drops["unauthorized"] += 1
+            self.dropped_bytes["unauthorized"] += len(data)
             return
         receiver = self._active.get(dst)
         if receiver is None:
             fwds = self._forwarders.get(dst)
             if fwds:
                 self.packets_forwarded_out += 1
+                self.bytes_forwarded_out += len(data)
                 fwds[-1](key, dst, data)
                 return
             self.drops["unknown_dest"] += 1
+            self.dropped_bytes["unknown_dest"] += len(data)
             if w.looks_like_disco(data):
                 src.peer_gone_not_here(dst)
             return
@@ -499,9 +512,11 @@ class Relay:
     def _deliver_forwarded(self, src: bytes, dst: bytes, data: bytes) -> None:
         """A mesh peer forwarded a packet already authorized where it entered the region."""
         self.packets_forwarded_in += 1
+        self.bytes_forwarded_in += len(data)
         receiver = self._active.get(dst)
         if receiver is None:
             self.drops["unknown_dest_on_fwd"] += 1
+            self.dropped_bytes["unknown_dest_on_fwd"] += len(data)
             return
         receiver.enqueue_packet(src, data)
 

@@ -453,6 +453,12 @@ def _resource(resource: Resource) -> IResource:
 # --- metrics -------------------------------------------------------------------------------
 
 
+#: Why the relay drops a packet (``Relay.drops``; ``write_error`` and ``ping_slot_full`` count
+#: other things).
+PACKET_DROP_REASONS = ("unknown_dest", "unknown_dest_on_fwd", "unauthorized", "queue_head",
+                       "queue_tail", "gone_disconnected")
+
+
 def metrics_text(relay: Relay, prefix: str = "coderstack_derp_") -> str:
     """Prometheus text exposition of the relay's counters."""
     lines: list[str] = []
@@ -476,10 +482,16 @@ def metrics_text(relay: Relay, prefix: str = "coderstack_derp_") -> str:
     metric("bytes_relayed_total", "counter", "Packet bytes written to receivers.", [("", relay.bytes_sent)])
     metric("packets_forwarded_total", "counter", "Packets forwarded over the mesh.",
            [('{direction="out"}', relay.packets_forwarded_out), ('{direction="in"}', relay.packets_forwarded_in)])
-    reasons = sorted(set(relay.drops) | {"unknown_dest", "unauthorized", "queue_head", "queue_tail",
-                                          "gone_disconnected", "write_error"})
+    metric("bytes_forwarded_total", "counter", "Packet bytes forwarded over the mesh.",
+           [('{direction="out"}', relay.bytes_forwarded_out), ('{direction="in"}', relay.bytes_forwarded_in)])
+    # Every reason from the start, so a rate() over a drop that has not happened yet is 0, not absent.
+    reasons = sorted(set(relay.drops) | set(PACKET_DROP_REASONS) | {"write_error"})
     metric("packets_dropped_total", "counter", "Packets dropped, by reason.",
            [(f'{{reason="{r}"}}', relay.drops[r]) for r in reasons])
+    reasons = sorted(set(relay.dropped_bytes) | set(PACKET_DROP_REASONS))
+    metric("bytes_dropped_total", "counter", "Packet bytes dropped, by reason (a failed write's "
+           "are not: they were counted as relayed).",
+           [(f'{{reason="{r}"}}', relay.dropped_bytes[r]) for r in reasons])
     metric("peer_gone_sent_total", "counter", "PeerGone frames sent, by reason.",
            [('{reason="disconnected"}', relay.peer_gone_frames["disconnected"]),
             ('{reason="not_here"}', relay.peer_gone_frames["not_here"])])

@@ -162,6 +162,7 @@ class RelayTests(unittest.TestCase):
             a.send(b.key, i.to_bytes(2, "big"))
         self.assertEqual(b.conn.queued(), (32, 0))
         self.assertEqual(self.relay.drops["queue_head"], 8)
+        self.assertEqual(self.relay.dropped_bytes["queue_head"], 16)
         b.conn.set_writable(True)
         got = [int.from_bytes(f.data, "big") for f in b.sink.take(w.RecvPacket)]
         self.assertEqual(got, list(range(8, 40)))  # the oldest went first
@@ -185,6 +186,7 @@ class RelayTests(unittest.TestCase):
         self.clock.advance(2.1)
         self.assertEqual(b.sink.closed, "write timeout")
         self.assertEqual(self.relay.drops["gone_disconnected"], 1)
+        self.assertEqual(self.relay.dropped_bytes["gone_disconnected"], 1)
         self.assertFalse(self.relay.is_connected(b.key))
 
     def test_peer_gone_not_here_for_disco_only_rate_limited(self) -> None:
@@ -310,9 +312,11 @@ class RelayTests(unittest.TestCase):
         self.relay.add_packet_forwarder(remote, fwd)
         a.send(remote, b"x")
         self.assertEqual(got, [(a.key, remote, b"x")])
+        self.assertEqual((self.relay.packets_forwarded_out, self.relay.bytes_forwarded_out), (1, 1))
         self.relay.remove_packet_forwarder(remote, fwd)
-        a.send(remote, b"y")
+        a.send(remote, b"yy")
         self.assertEqual(self.relay.drops["unknown_dest"], 1)
+        self.assertEqual(self.relay.dropped_bytes["unknown_dest"], 2)
 
     def test_garbage_closes_only_that_connection(self) -> None:
         a, b = self.pair()
@@ -378,3 +382,43 @@ class MetricsTests(unittest.TestCase):
         self.assertIn("coderstack_derp_packets_relayed_total 1\n", text)
         self.assertIn("coderstack_derp_bytes_relayed_total 5\n", text)
         self.assertIn('coderstack_derp_packets_dropped_total{reason="unauthorized"} 1\n', text)
+        self.assertIn('coderstack_derp_bytes_dropped_total{reason="unauthorized"} 2\n', text)
+        # Reasons that have not happened are there at zero; write_error counts no bytes.
+        self.assertIn('coderstack_derp_bytes_dropped_total{reason="queue_head"} 0\n', text)
+        self.assertIn('coderstack_derp_packets_dropped_total{reason="write_error"} 0\n', text)
+        self.assertNotIn('coderstack_derp_bytes_dropped_total{reason="write_error"}', text)
+
+    def test_mesh_and_drop_bytes(self) -> None:
+        from coderstack.derp.server import metrics_text
+
+        relay = Relay(w.generate_private_key(), Clock(), lambda p, s, d: True, mesh_key="m" * 64)
+        a, b = Client(relay), Client(relay)
+        mesh = Client(relay, mesh_key="m" * 64)
+        remote, nobody = b"r" * 32, b"n" * 32
+        relay.add_packet_forwarder(remote, lambda s, d, p: None)
+        a.send(remote, b"out")
+        mesh.conn.data_received(w.encode(w.ForwardPacket(remote, b.key, b"in!!")))
+        mesh.conn.data_received(w.encode(w.ForwardPacket(remote, nobody, b"lost!")))
+        b.conn.set_writable(False)
+        for _ in range(34):
+            a.send(b.key, b"123")  # 32 fit in the queue: 2 head drops
+        b.conn.connection_lost()  # 32 still queued, 3 bytes each
+        b.conn.enqueue_packet(a.key, b"late")  # to a receiver that has left
+        text = metrics_text(relay)
+        for line in (
+            'coderstack_derp_packets_forwarded_total{direction="out"} 1',
+            'coderstack_derp_bytes_forwarded_total{direction="out"} 3',
+            'coderstack_derp_packets_forwarded_total{direction="in"} 2',
+            'coderstack_derp_bytes_forwarded_total{direction="in"} 9',
+            'coderstack_derp_packets_dropped_total{reason="unknown_dest_on_fwd"} 1',
+            'coderstack_derp_bytes_dropped_total{reason="unknown_dest_on_fwd"} 5',
+            'coderstack_derp_packets_dropped_total{reason="queue_head"} 2',
+            'coderstack_derp_bytes_dropped_total{reason="queue_head"} 6',
+            "coderstack_derp_bytes_relayed_total 4",  # the forwarded packet, before the stall
+            'coderstack_derp_packets_dropped_total{reason="gone_disconnected"} 32',
+            'coderstack_derp_bytes_dropped_total{reason="gone_disconnected"} 96',
+            'coderstack_derp_packets_dropped_total{reason="queue_tail"} 1',
+            'coderstack_derp_bytes_dropped_total{reason="queue_tail"} 4',
+            "coderstack_derp_clients_connected 2",
+        ):
+            self.assertIn(line + "\n", text)
