@@ -29,7 +29,7 @@ RANK = {
     "netstack": 2, "stun": 2, "forward": 2,
     "derp": 3, "coordinator": 3,
     "tailnet": 4,
-    "agent": 5, "provider": 5,
+    "agent": 5, "provider": 5, "scaletest": 5,
     "cli": 6, "cdk": 6,
     "server": 7,
 }

@@ -231,7 +231,7 @@ async def _wait_for(reactor: Any, check: Any, timeout: float) -> bool:
 async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
     from coderstack.scaletest import runfile, simagent
     from coderstack.scaletest.stats import Summary
-    from coderstack.server.fdlimit import raise_open_files_limit
+    from coderstack.fdlimit import raise_open_files_limit
 
     raise_open_files_limit()
     run = runfile.read(_run_file_path(opts, ctx))
@@ -272,7 +272,7 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
 
     from coderstack.scaletest import runfile, simagent, traffic
     from coderstack.scaletest.stats import Summary
-    from coderstack.server.fdlimit import raise_open_files_limit
+    from coderstack.fdlimit import raise_open_files_limit
 
     raise_open_files_limit()
     run = runfile.read(_run_file_path(opts, ctx))

@@ -31,7 +31,7 @@ from coderstack.server.database import database_url
 from coderstack.server.deployment import Deployment
 from coderstack.server.derpsetup import build_derp_map, start_relay, start_stun
 from coderstack.server.dev import DevDemo
-from coderstack.server.fdlimit import connection_budget, raise_open_files_limit
+from coderstack.fdlimit import connection_budget, raise_open_files_limit
 from coderstack.server.httpguard import AdmissionFactory, GuardedSite
 from coderstack.server.limits import UserLimits
 from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission

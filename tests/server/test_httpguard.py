@@ -13,7 +13,7 @@ from twisted.trial import unittest
 from twisted.web.resource import Resource
 
 from coderstack.server.admission import Admission
-from coderstack.server.fdlimit import connection_budget
+from coderstack.fdlimit import connection_budget
 from coderstack.server.httpguard import AdmissionFactory, GuardedSite
 
 
