@@ -179,9 +179,9 @@ async def _metrics(ctx: Context) -> dict[str, float] | None:
     try:
         resp = await ctx.api.request("GET", "/metrics", ok=(200,), text=True)
     except SDKError as err:
-        if err.status in (401, 403, 404):
-            return None
-        raise
+        if err.status not in (401, 403, 404):  # not an owner: no figures, and no failure either
+            ctx.err(f"the server's /metrics did not answer: {err}")
+        return None
     return parse_metrics(resp)
 
 
@@ -229,9 +229,9 @@ async def _wait_for(reactor: Any, check: Any, timeout: float) -> bool:
 
 
 async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
+    from coderstack.fdlimit import raise_open_files_limit
     from coderstack.scaletest import runfile, simagent
     from coderstack.scaletest.stats import Summary
-    from coderstack.fdlimit import raise_open_files_limit
 
     raise_open_files_limit()
     run = runfile.read(_run_file_path(opts, ctx))
@@ -270,9 +270,9 @@ async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
 async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
     from uuid import UUID
 
+    from coderstack.fdlimit import raise_open_files_limit
     from coderstack.scaletest import runfile, simagent, traffic
     from coderstack.scaletest.stats import Summary
-    from coderstack.fdlimit import raise_open_files_limit
 
     raise_open_files_limit()
     run = runfile.read(_run_file_path(opts, ctx))

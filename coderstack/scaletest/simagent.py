@@ -127,6 +127,9 @@ class SimAgent:
 
     async def open_socket(self) -> CoordinateClientFactory:
         manifest = await self.client.get(MANIFEST_PATH)
+        # A thousand agents on one address must not also hold a thousand idle HTTP connections
+        # (the server limits connections per source address).
+        await self.client.close()
         self._tunnel(manifest)
         socket = await open_coordination(self.client, COORDINATE_PATH, self._response)
         socket.closed.addBoth(self._closed)

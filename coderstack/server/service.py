@@ -18,6 +18,7 @@ from twisted.internet.interfaces import IAddress, IProtocolFactory
 from twisted.logger import Logger
 
 from coderstack import envopts
+from coderstack.fdlimit import connection_budget, raise_open_files_limit
 from coderstack.server.admission import Admission
 from coderstack.server.api import API
 from coderstack.server.appauth import AppAuth
@@ -31,7 +32,6 @@ from coderstack.server.database import database_url
 from coderstack.server.deployment import Deployment
 from coderstack.server.derpsetup import build_derp_map, start_relay, start_stun
 from coderstack.server.dev import DevDemo
-from coderstack.fdlimit import connection_budget, raise_open_files_limit
 from coderstack.server.httpguard import AdmissionFactory, GuardedSite
 from coderstack.server.limits import UserLimits
 from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission

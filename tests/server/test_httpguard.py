@@ -12,8 +12,8 @@ from twisted.python.failure import Failure
 from twisted.trial import unittest
 from twisted.web.resource import Resource
 
-from coderstack.server.admission import Admission
 from coderstack.fdlimit import connection_budget
+from coderstack.server.admission import Admission
 from coderstack.server.httpguard import AdmissionFactory, GuardedSite
 
 
