@@ -171,8 +171,9 @@ def main() -> None:
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs; server on CPU 0, "
           f"load generator on CPU 1; relayed, {args.bytes_per_tick} B per {args.tick_interval} per connection\n")
     print("| agents | held | idle RSS MiB | loaded: conns, errors | RSS MiB | server CPU | DERP pkt/s "
-          "| echo p50/p99 ms | fan-out p50/p99 ms | quiet: RSS MiB | CPU | fan-out p50/p99 ms |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| echo p50/p99 ms | fan-out p50/p99 ms | coordinator p99 ≤ ms | generator lag p99 ms "
+          "| quiet: RSS MiB | CPU | fan-out p50/p99 ms | coordinator p99 ≤ ms | generator lag p99 ms |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lo, q, a = r["loaded"], r["quiet"], r["agents_summary"]
         ls, qs = lo["server"], q["server"]
@@ -181,8 +182,10 @@ def main() -> None:
               f"| {ls.get('rss_bytes', 0) / 2**20:.0f} | {ls.get('cpu_percent')}% | {ls.get('derp_packets_per_second')} "
               f"| {ms(lo['latency'], 'p50_ms')}/{ms(lo['latency'], 'p99_ms')} "
               f"| {ms(lo['fanout'], 'p50_ms')}/{ms(lo['fanout'], 'p99_ms')} "
+              f"| {ls.get('coordinator_fanout_p99_ms_at_most')} | {ms(lo['generator_lag'], 'p99_ms')} "
               f"| {qs.get('rss_bytes', 0) / 2**20:.0f} | {qs.get('cpu_percent')}% "
-              f"| {ms(q['fanout'], 'p50_ms')}/{ms(q['fanout'], 'p99_ms')} |")
+              f"| {ms(q['fanout'], 'p50_ms')}/{ms(q['fanout'], 'p99_ms')} "
+              f"| {qs.get('coordinator_fanout_p99_ms_at_most')} | {ms(q['generator_lag'], 'p99_ms')} |")
 
 
 if __name__ == "__main__":

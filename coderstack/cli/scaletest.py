@@ -172,9 +172,10 @@ async def _cleanup(reactor: Any, opts: CleanupOptions, ctx: Context) -> int:
     return 1 if errors else 0
 
 
-async def _metrics(ctx: Context) -> dict[str, float] | None:
-    """The server's /metrics, or None where we may not read them (not an owner)."""
-    from coderstack.scaletest.stats import parse_metrics
+async def _metrics(ctx: Context) -> tuple[dict[str, float], dict[float, float]] | None:
+    """The server's /metrics (its series, and the coordinator's fan-out buckets), or None where we
+    may not read them (not an owner)."""
+    from coderstack.scaletest.stats import parse_buckets, parse_metrics
 
     try:
         resp = await ctx.api.request("GET", "/metrics", ok=(200,), text=True)
@@ -182,16 +183,19 @@ async def _metrics(ctx: Context) -> dict[str, float] | None:
         if err.status not in (401, 403, 404):  # not an owner: no figures, and no failure either
             ctx.err(f"the server's /metrics did not answer: {err}")
         return None
-    return parse_metrics(resp)
+    return parse_metrics(resp), parse_buckets(resp)
 
 
-async def _server_figures(ctx: Context, before: dict[str, float] | None, seconds: float) -> dict[str, Any]:
+async def _server_figures(ctx: Context, before: tuple[dict[str, float], dict[float, float]] | None,
+                          seconds: float) -> dict[str, Any]:
     from coderstack.scaletest.stats import server_figures
 
     if before is None:
         return {}
     after = await _metrics(ctx)
-    return {} if after is None else server_figures(before, after, seconds)
+    if after is None:
+        return {}
+    return server_figures(before[0], after[0], seconds, buckets=(before[1], after[1]))
 
 
 def _report(ctx: Context, opts: usage.Options, summary: Any) -> int:
@@ -231,6 +235,7 @@ async def _wait_for(reactor: Any, check: Any, timeout: float) -> bool:
 async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
     from coderstack.fdlimit import raise_open_files_limit
     from coderstack.scaletest import runfile, simagent
+    from coderstack.scaletest.lag import LagMonitor
     from coderstack.scaletest.stats import Summary
 
     raise_open_files_limit()
@@ -253,12 +258,15 @@ async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
                 a.announce_every(opts["announce-every"], rng)
         before = await _metrics(ctx)
         measured = reactor.seconds()
+        lag = LagMonitor(reactor, summary.lag)
+        lag.start()
         with _interrupted(reactor) as stop:
             ctx.err(f"holding them for {opts['duration']:.0f}s (Ctrl-C or SIGTERM ends it early, with the summary)")
             timer = reactor.callLater(opts["duration"], lambda: stop.called or stop.callback(None))
             await stop
             if timer.active():
                 timer.cancel()
+        lag.stop()
         summary.seconds = reactor.seconds() - measured
         summary.connected = sum(a.connected for a in agents)
         summary.server = await _server_figures(ctx, before, summary.seconds)
@@ -272,6 +280,7 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
 
     from coderstack.fdlimit import raise_open_files_limit
     from coderstack.scaletest import runfile, simagent, traffic
+    from coderstack.scaletest.lag import LagMonitor
     from coderstack.scaletest.stats import Summary
 
     raise_open_files_limit()
@@ -295,8 +304,11 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
                 f"{opts['tick-interval'] * 1000:.0f} ms for {opts['duration']:.0f}s")
         before = await _metrics(ctx)
         measured = reactor.seconds()
+        lag = LagMonitor(reactor, summary.lag)
+        lag.start()
         await defer.DeferredList([defer.Deferred.fromCoroutine(
             c.run(opts["duration"], opts["bytes-per-tick"], opts["tick-interval"])) for c in up])
+        lag.stop()
         summary.seconds = reactor.seconds() - measured
         summary.server = await _server_figures(ctx, before, summary.seconds)
     finally:

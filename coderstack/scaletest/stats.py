@@ -108,7 +108,44 @@ def parse_metrics(text: str) -> dict[str, float]:
     return out
 
 
-def server_figures(before: dict[str, float], after: dict[str, float], seconds: float) -> dict[str, Any]:
+FANOUT_HISTOGRAM = "coderstack_coordinator_fanout_seconds"
+
+
+def parse_buckets(text: str, name: str = FANOUT_HISTOGRAM) -> dict[float, float]:
+    """A histogram's cumulative buckets from Prometheus text: {upper bound: count}."""
+    out: dict[float, float] = {}
+    prefix = name + "_bucket{"
+    for line in text.splitlines():
+        if not line.startswith(prefix):
+            continue
+        labels, sep, rest = line[len(prefix):].partition("}")
+        le = next((v.strip('"') for k, _, v in (p.partition("=") for p in labels.split(",")) if k == "le"), None)
+        try:
+            bound, count = float(le) if le is not None else math.nan, float(rest.split()[0])
+        except (ValueError, IndexError):
+            continue
+        if sep and not math.isnan(bound) and math.isfinite(count):
+            out[bound] = count
+    return out
+
+
+def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
+    """The ``q`` quantile (0-1) of what a histogram observed between two scrapes: the upper bound
+    of the first bucket holding it (an upper estimate, as the buckets allow); None if nothing was
+    observed, inf if it lies beyond the largest finite bound."""
+    bounds = sorted(after)
+    counts = [max(0.0, after[b] - before.get(b, 0.0)) for b in bounds]
+    if not counts or counts[-1] <= 0:
+        return None
+    target = q * counts[-1]
+    for bound, count in zip(bounds, counts, strict=True):
+        if count >= target:
+            return bound
+    return math.inf
+
+
+def server_figures(before: dict[str, float], after: dict[str, float], seconds: float,
+                   buckets: tuple[dict[float, float], dict[float, float]] | None = None) -> dict[str, Any]:
     """The server's figures over a measured interval: RSS and descriptors at its end, CPU as a
     share of one core during it, relay packets per second; a series the server lacks is None."""
     def at_end(key: str) -> float | None:
@@ -121,7 +158,12 @@ def server_figures(before: dict[str, float], after: dict[str, float], seconds: f
         return max(0.0, after[name] - before[name]) / seconds
 
     cpu = rate("cpu_seconds")
-    return {
+    fanout: dict[str, float | None] = {}
+    if buckets is not None:
+        for label, q in (("p50", 0.5), ("p99", 0.99)):
+            v = bucket_quantile(buckets[0], buckets[1], q)
+            fanout[f"coordinator_fanout_{label}_ms_at_most"] = None if v is None else round(v * 1000, 3)
+    return {**fanout,
         "rss_bytes": at_end("rss_bytes"),
         "open_fds": at_end("open_fds"),
         "cpu_percent": None if cpu is None else round(cpu * 100, 1),
@@ -148,6 +190,7 @@ class Summary:
     fanout: Samples = field(default_factory=Samples)  # a node's creation -> its arrival at a peer
     latency: Samples = field(default_factory=Samples)  # one tick's bytes echoed back
     connect: Samples = field(default_factory=Samples)  # start -> connected (or tunnel reachable)
+    lag: Samples = field(default_factory=Samples)  # how late the generator's own timers fired
     bytes_sent: int = 0
     bytes_received: int = 0
     paths: Counter[str] = field(default_factory=Counter)  # "p2p" / "derp" per connection
@@ -163,6 +206,7 @@ class Summary:
             "connect": self.connect.to_json(),
             "fanout": self.fanout.to_json(),
             "latency": self.latency.to_json(),
+            "generator_lag": self.lag.to_json(),
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "paths": dict(sorted(self.paths.items())),
@@ -182,6 +226,7 @@ class Summary:
             ["errors", ", ".join(f"{k} {v}" for k, v in sorted(self.errors.items())) or "none"],
             ["connect time", lat(self.connect)],
             ["node fan-out", lat(self.fanout)],
+            ["generator lag", lat(self.lag)],
         ]
         if self.role == "traffic":
             rate = (self.bytes_received / self.seconds) if self.seconds > 0 else 0.0
@@ -199,6 +244,9 @@ class Summary:
                 ["server fds", _text(s.get("open_fds"))],
                 ["relay packets/s", _text(s.get("derp_packets_per_second"))],
             ]
+            if s.get("coordinator_fanout_p99_ms_at_most") is not None:
+                rows.append(["server fan-out", f"p50 ≤ {s['coordinator_fanout_p50_ms_at_most']} ms, "
+                                               f"p99 ≤ {s['coordinator_fanout_p99_ms_at_most']} ms"])
         return rows
 
     @property

@@ -55,6 +55,8 @@ class ScaletestTests(unittest.TestCase):
         self.assertGreater(server["rss_bytes"], 10 * 2**20)
         self.assertGreater(server["open_fds"], AGENTS * 2)
         self.assertIsNotNone(server["cpu_percent"])
+        # The coordinator's own share of the fan-out, from its histogram on /metrics.
+        self.assertIsNotNone(server["coordinator_fanout_p99_ms_at_most"])
 
         relayed = json.loads(await alice.ok("scaletest", "traffic", "--run-file", run_file, "--relay",
                                             "--connections", "6", "--duration", "2s", "-o", "json"))

@@ -7,7 +7,15 @@ from hypothesis import given
 from hypothesis import strategies as st
 from twisted.trial import unittest
 
-from coderstack.scaletest.stats import Samples, Summary, error_kind, parse_metrics, server_figures
+from coderstack.scaletest.stats import (
+    Samples,
+    Summary,
+    bucket_quantile,
+    error_kind,
+    parse_buckets,
+    parse_metrics,
+    server_figures,
+)
 from coderstack.sdk import SDKError
 
 METRICS = """\
@@ -114,3 +122,35 @@ class SummaryTests(unittest.TestCase):
         self.assertEqual(error_kind(SDKError("no", 403)), "http-403")
         self.assertEqual(error_kind(ConnectionRefusedError()), "refused")
         self.assertEqual(error_kind(KeyError("x")), "KeyError")
+
+
+HISTOGRAM = """\
+# TYPE coderstack_coordinator_fanout_seconds histogram
+coderstack_coordinator_fanout_seconds_bucket{le="0.001"} %d
+coderstack_coordinator_fanout_seconds_bucket{le="0.01"} %d
+coderstack_coordinator_fanout_seconds_bucket{le="0.1"} %d
+coderstack_coordinator_fanout_seconds_bucket{le="+Inf"} %d
+coderstack_coordinator_fanout_seconds_sum 1.5
+coderstack_coordinator_fanout_seconds_count %d
+coderstack_coordinator_fanout_seconds_bucket{le=broken 3
+"""
+
+
+class BucketTests(unittest.TestCase):
+    def test_quantiles_of_what_was_observed_between_scrapes(self) -> None:
+        before = parse_buckets(HISTOGRAM % (10, 10, 10, 10, 10))
+        self.assertEqual(before, {0.001: 10, 0.01: 10, 0.1: 10, float("inf"): 10})
+        # Then 100 more: 50 under 1 ms, 45 under 10 ms, 4 under 100 ms, 1 beyond.
+        after = parse_buckets(HISTOGRAM % (60, 105, 109, 110, 110))
+        self.assertEqual(bucket_quantile(before, after, 0.5), 0.001)
+        self.assertEqual(bucket_quantile(before, after, 0.95), 0.01)
+        self.assertEqual(bucket_quantile(before, after, 0.99), 0.1)
+        self.assertEqual(bucket_quantile(before, after, 1.0), float("inf"))
+        self.assertIsNone(bucket_quantile(before, before, 0.5))  # nothing observed meanwhile
+        got = server_figures({}, {}, 1.0, buckets=(before, after))
+        self.assertEqual((got["coordinator_fanout_p50_ms_at_most"], got["coordinator_fanout_p99_ms_at_most"]),
+                         (1.0, 100.0))
+
+    @given(st.text())
+    def test_parse_never_raises(self, text) -> None:
+        parse_buckets("coderstack_coordinator_fanout_seconds_bucket{" + text)

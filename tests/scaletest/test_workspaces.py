@@ -9,10 +9,7 @@ from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from coderstack.scaletest import workspaces
-from coderstack.scaletest.simagent import FanoutClock
-from coderstack.scaletest.stats import Samples
 from coderstack.sdk import SDKError
-from coderstack.wire.coordination import CoordinateResponse, Node, PeerUpdate, PeerUpdateKind
 
 
 class FakeAPI:
@@ -64,29 +61,3 @@ class WorkspacesTests(unittest.TestCase):
         deleted, _ = self.successResultOf(defer.Deferred.fromCoroutine(workspaces.cleanup(api)))
         self.assertEqual(deleted, ["scaletest-123456-0"])
         self.assertEqual(sorted(api.workspaces.values()), sorted(keep))
-
-
-def node_update(peer: uuid.UUID, as_of: float) -> CoordinateResponse:
-    from datetime import UTC, datetime
-
-    node = Node(id=1, as_of=datetime.fromtimestamp(as_of, UTC), key=bytes(32), disco=bytes(32))
-    return CoordinateResponse((PeerUpdate(peer, PeerUpdateKind.NODE, node=node),))
-
-
-class FanoutClockTests(unittest.TestCase):
-    def test_times_newer_nodes_only_after_the_first(self) -> None:
-        clock = task.Clock()
-        clock.advance(1000)
-        samples = Samples()
-        fan = FanoutClock(clock, samples)
-        peer = uuid.uuid4()
-        fan.observe(node_update(peer, 900))  # the node the coordinator had: no measure of fan-out
-        self.assertEqual(len(samples), 0)
-        clock.advance(0.25)
-        fan.observe(node_update(peer, 1000.2))
-        fan.observe(node_update(peer, 1000.2))  # the same node again (a resend)
-        fan.observe(node_update(peer, 999))  # an older one, late
-        self.assertEqual(len(samples), 1)
-        self.assertAlmostEqual(samples.percentile(50), 0.05, places=3)
-        fan.observe(CoordinateResponse((PeerUpdate(peer, PeerUpdateKind.LOST),)))
-        self.assertEqual(len(samples), 1)
