@@ -20,7 +20,7 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
 from twisted.internet import defer, task
@@ -28,7 +28,7 @@ from twisted.python import usage
 
 from coderstack.cli.command import Command, CommandGroup
 from coderstack.cli.context import Context
-from coderstack.cli.output import OutputOption, table
+from coderstack.cli.output import table
 from coderstack.cli.pingfmt import parse_go_duration
 from coderstack.sdk import SDKError
 
@@ -55,6 +55,11 @@ def _duration(opts: usage.Options, name: str, *, allow_zero: bool = False) -> No
     opts[name] = value
 
 
+def _output(opts: usage.Options) -> None:
+    if opts["output"] not in ("table", "json"):
+        raise usage.UsageError(f"invalid value for --output: {opts['output']!r} (table or json)")
+
+
 class _RunFileOption(Command):
     optParameters = [["run-file", "f", None, f"The run file (default: {RUN_FILE} in the config dir)."]]
 
@@ -76,7 +81,7 @@ class CreateWorkspacesOptions(_RunFileOption):
         _positive_int(self, "concurrency")
 
 
-class AgentsOptions(OutputOption, _RunFileOption):
+class AgentsOptions(_RunFileOption):
     synopsis = "coderstack scaletest agents [--count N] [--duration 10m] [--announce-every 5s] [-o json]"
     optParameters = [
         ["count", "n", "0", "How many of the run file's agents to run (0: all)."],
@@ -85,10 +90,11 @@ class AgentsOptions(OutputOption, _RunFileOption):
                                       "the clients to time); 0: only when it really changes."],
         ["rate", None, "50", "Agents started per second."],
         ["connect-timeout", None, "2m", "How long all agents may take to connect."],
+        ["output", "o", "table", "Output format: table or json."],
     ]
 
     def postOptions(self) -> None:
-        super().postOptions()
+        _output(self)
         _positive_int(self, "count", allow_zero=True)
         _positive_int(self, "rate")
         _duration(self, "duration")
@@ -96,7 +102,7 @@ class AgentsOptions(OutputOption, _RunFileOption):
         _duration(self, "connect-timeout")
 
 
-class TrafficOptions(OutputOption, _RunFileOption):
+class TrafficOptions(_RunFileOption):
     synopsis = ("coderstack scaletest traffic [--connections N] [--duration 30s] [--bytes-per-tick 4096] "
                 "[--tick-interval 100ms] [--relay] [-o json]")
     optFlags = [["relay", None, "Relayed connections only (no direct paths)."]]
@@ -107,10 +113,11 @@ class TrafficOptions(OutputOption, _RunFileOption):
         ["tick-interval", None, "100ms", "How often each connection writes."],
         ["rate", None, "20", "Connections opened per second."],
         ["connect-timeout", None, "60s", "How long one connection may take to come up."],
+        ["output", "o", "table", "Output format: table or json."],
     ]
 
     def postOptions(self) -> None:
-        super().postOptions()
+        _output(self)
         _positive_int(self, "connections", allow_zero=True)
         _positive_int(self, "bytes-per-tick")
         _positive_int(self, "rate")
@@ -206,6 +213,11 @@ def _report(ctx: Context, opts: usage.Options, summary: Any) -> int:
     return 1 if summary.failed else 0
 
 
+def _fire(d: defer.Deferred[None]) -> None:
+    if not d.called:
+        d.callback(None)
+
+
 @contextlib.contextmanager
 def _interrupted(reactor: Any) -> Iterator[defer.Deferred[None]]:
     """A Deferred that SIGINT or SIGTERM fires (instead of stopping the process) while in the
@@ -213,7 +225,7 @@ def _interrupted(reactor: Any) -> Iterator[defer.Deferred[None]]:
     stop: defer.Deferred[None] = defer.Deferred()
 
     def handler(signum: int, frame: Any) -> None:
-        reactor.callFromThread(lambda: stop.called or stop.callback(None))
+        reactor.callFromThread(_fire, stop)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -262,7 +274,7 @@ async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
         lag.start()
         with _interrupted(reactor) as stop:
             ctx.err(f"holding them for {opts['duration']:.0f}s (Ctrl-C or SIGTERM ends it early, with the summary)")
-            timer = reactor.callLater(opts["duration"], lambda: stop.called or stop.callback(None))
+            timer = reactor.callLater(opts["duration"], _fire, stop)
             await stop
             if timer.active():
                 timer.cancel()
@@ -319,9 +331,10 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
 async def run(reactor: Any, opts: ScaletestOptions, ctx: Context) -> int:
     from coderstack.scaletest.runfile import RunFileError
 
-    handlers = {"create-workspaces": _create, "agents": _agents, "traffic": _traffic, "cleanup": _cleanup}
+    handlers: dict[str, Callable[[Any, Any, Context], Awaitable[int]]] = {
+        "create-workspaces": _create, "agents": _agents, "traffic": _traffic, "cleanup": _cleanup}
     try:
-        return await handlers[opts.subCommand](reactor, opts.subOptions, ctx)
+        return await handlers[str(opts.subCommand)](reactor, opts.subOptions, ctx)
     except RunFileError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -4,17 +4,16 @@ a saturated generator adds its lag to every round trip it times."""
 
 from __future__ import annotations
 
-from twisted.internet.interfaces import IReactorTime
-
 from coderstack.scaletest.stats import Samples
+from coderstack.twistedtypes import Clock, DelayedCall
 
 
 class LagMonitor:
-    def __init__(self, clock: IReactorTime, samples: Samples, interval: float = 0.1) -> None:
+    def __init__(self, clock: Clock, samples: Samples, interval: float = 0.1) -> None:
         self.clock = clock
         self.samples = samples
         self.interval = interval
-        self._call = None
+        self._call: DelayedCall | None = None
         self._due = 0.0
 
     def start(self) -> None:

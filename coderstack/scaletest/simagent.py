@@ -36,6 +36,7 @@ from coderstack.sdk import Client
 from coderstack.tailnet.client import TailnetClient
 from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.stack import server_endpoint
+from coderstack.twistedtypes import stream_transport
 from coderstack.wire.coordination import (
     CODER_SERVICE_PREFIX,
     CoordinateRequest,
@@ -54,7 +55,7 @@ ECHO_PORT = 7
 
 class Echo(protocol.Protocol):
     def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)
+        stream_transport(self).write(data)
 
 
 class FanoutClock:

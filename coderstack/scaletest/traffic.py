@@ -21,6 +21,7 @@ from twisted.internet import defer, protocol, task
 from coderstack.scaletest.simagent import ECHO_PORT, FanoutClock
 from coderstack.scaletest.stats import Summary, error_kind
 from coderstack.tailnet.dial import AgentTunnel, dial_agent
+from coderstack.twistedtypes import stream_transport
 
 DEFAULT_BYTES_PER_TICK = 4096
 DEFAULT_TICK_INTERVAL = 0.1
@@ -50,7 +51,7 @@ class _EchoClient(protocol.Protocol):
         self.sent += size
         self.pending.append((self.sent, self.clock.seconds()))
         self.summary.bytes_sent += size
-        self.transport.write(self._payload)
+        stream_transport(self).write(self._payload)
 
     def dataReceived(self, data: bytes) -> None:
         self.received += len(data)
@@ -113,9 +114,9 @@ class Connection:
         ticks.clock = self.reactor
         done = ticks.start(tick_interval, now=True)
         stop = self.reactor.callLater(seconds, ticks.stop)
-        closed = echo.lost.addCallback(lambda _: "closed")
-        first = await defer.DeferredList([done, closed], fireOnOneCallback=True, consumeErrors=True)
-        if first[1] == 1:  # the echo connection closed before the run's end
+        ended: list[defer.Deferred[Any]] = [done, echo.lost]
+        _, which = await defer.DeferredList(ended, fireOnOneCallback=True, consumeErrors=True)
+        if which == 1:  # the echo connection closed before the run's end
             stop.cancel()
             if ticks.running:
                 ticks.stop()
@@ -135,6 +136,6 @@ class Connection:
 
     async def close(self) -> None:
         if self.echo is not None and self.echo.transport is not None:
-            self.echo.transport.loseConnection()
+            stream_transport(self.echo).loseConnection()
         if self.tunnel is not None:
             await self.tunnel.close()

@@ -7,6 +7,7 @@ workspaces scale tests made (all runs, or one ``--prefix``) and never a person's
 
 from __future__ import annotations
 
+import functools
 import re
 import secrets
 from collections.abc import Awaitable, Callable, Iterable
@@ -68,7 +69,7 @@ async def create_workspaces(api: API, count: int, *, prefix: str | None = None,
         progress(done)
         return AgentEntry(ws["name"], ws["id"], ws["agents"][0]["id"], ws["agent_token"])
 
-    got = await bounded([lambda i=i: make(i) for i in range(count)], concurrency)
+    got = await bounded([functools.partial(make, i) for i in range(count)], concurrency)
     entries = tuple(r for r in got if isinstance(r, AgentEntry))
     errors = [f"{prefix}-{i}: {r}" for i, r in enumerate(got) if isinstance(r, BaseException)]
     return RunFile(api.url, prefix, entries), errors
@@ -85,7 +86,7 @@ async def cleanup(api: API, prefix: str | None = None, *, concurrency: int = 8) 
         await api.delete(f"/api/v2/workspaces/{w['id']}")
         return str(w["name"])
 
-    got = await bounded([lambda w=w: remove(w) for w in mine], concurrency)
+    got = await bounded([functools.partial(remove, w) for w in mine], concurrency)
     deleted = [r for r in got if isinstance(r, str)]
     errors = [f"{w['name']}: {r}" for w, r in zip(mine, got, strict=True) if isinstance(r, BaseException)]
     return deleted, errors
