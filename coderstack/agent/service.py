@@ -44,6 +44,7 @@ from twisted.python.failure import Failure
 from coderstack.agent.api import agent_api_site
 from coderstack.agent.datadir import DataDirInUse, agent_data_dir
 from coderstack.agent.forward import LocalPortForwarder, LocalUDPForwarder
+from coderstack.agent.node import COORDINATE_PATH, MANIFEST_PATH, manifest_conn
 from coderstack.agent.rpty import ReconnectingPTYServer
 from coderstack.agent.session_env import SessionEnvironment, write_coder_command
 from coderstack.agent.speedtest import SpeedtestServerFactory
@@ -66,7 +67,6 @@ from coderstack.tailnet.client import TailnetClient
 from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.conn import home_region as conn_home_region
 from coderstack.tailnet.stack import server_endpoint
-from coderstack.wire.coordination import CODER_SERVICE_PREFIX, address_from_uuid
 from coderstack.wire.ports import (
     AGENT_API_PORT,
     RECONNECTING_PTY_PORT,
@@ -77,8 +77,6 @@ from coderstack.wire.ports import (
 
 log = Logger()
 
-MANIFEST_PATH = "/api/v2/workspaceagents/me/manifest"
-COORDINATE_PATH = "/api/v2/workspaceagents/me/coordinate"
 
 
 def home_region(derp_map: DERPMap) -> int:
@@ -261,16 +259,8 @@ class AgentService(service.Service):
         assert self.keys is not None
         tailnet = self.tailnet
         if tailnet is None:
-            conn = Conn(
-                self.reactor,
-                keys=self.keys,
-                address=address_from_uuid(agent_id),
-                extra_addresses=(address_from_uuid(agent_id, CODER_SERVICE_PREFIX),),
-                derp_token=self.token,
-                block_endpoints=bool(manifest.get("disable_direct_connections")),
-                force_websockets=bool(manifest.get("derp_force_websockets")),
-                trust_root=self.client.trust_root,
-            )
+            conn = manifest_conn(self.reactor, agent_id, manifest, keys=self.keys, token=self.token,
+                                 trust_root=self.client.trust_root)
             conn.start(self.listen_port)
             # The link monitor re-discovers paths and reconnects DERP at once after roaming,
             # renumbering or a wake-up.

@@ -23,6 +23,7 @@ from uuid import UUID
 from twisted.internet import defer, protocol, task
 from twisted.logger import Logger
 
+from coderstack.agent.node import COORDINATE_PATH, MANIFEST_PATH, manifest_conn
 from coderstack.backoff import Backoff
 from coderstack.coordinator.client import (
     CoordinateClientFactory,
@@ -34,21 +35,16 @@ from coderstack.keys import NodeKeys
 from coderstack.scaletest.stats import Errors, Samples, error_kind
 from coderstack.sdk import Client
 from coderstack.tailnet.client import TailnetClient
-from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.stack import server_endpoint
-from coderstack.twistedtypes import stream_transport
+from coderstack.twistedtypes import sleep, stream_transport
 from coderstack.wire.coordination import (
-    CODER_SERVICE_PREFIX,
     CoordinateRequest,
     CoordinateResponse,
     PeerUpdateKind,
-    address_from_uuid,
 )
 
 _log = Logger()
 
-MANIFEST_PATH = "/api/v2/workspaceagents/me/manifest"
-COORDINATE_PATH = "/api/v2/workspaceagents/me/coordinate"
 #: The echo service on each simulated agent's tunnel address (RFC 862's port).
 ECHO_PORT = 7
 
@@ -169,16 +165,8 @@ class SimAgent:
         derp_map = rewrite_embedded(DERPMap.from_json(manifest.get("derp_map") or {}), self.url)
         if self.tailnet is None:
             self.agent_id = agent_id = UUID(manifest["agent_id"])
-            conn = Conn(
-                self.reactor,
-                keys=NodeKeys.generate(),
-                address=address_from_uuid(agent_id),
-                extra_addresses=(address_from_uuid(agent_id, CODER_SERVICE_PREFIX),),
-                derp_token=self.token,
-                block_endpoints=bool(manifest.get("disable_direct_connections")),
-                force_websockets=bool(manifest.get("derp_force_websockets")),
-                trust_root=self.client.trust_root,
-            )
+            conn = manifest_conn(self.reactor, agent_id, manifest, keys=NodeKeys.generate(),
+                                 token=self.token, trust_root=self.client.trust_root)
             conn.start(0)
             self.tailnet = TailnetClient(self.reactor, conn, accept_incoming=True, link_monitor=False)
             self.tailnet.coordinate(self.link)
@@ -210,7 +198,7 @@ async def start_agents(reactor: Any, url: str, tokens: list[str], *, errors: Err
                          trust_root=trust_root)
         agent.start()
         agents.append(agent)
-        await task.deferLater(reactor, 1.0 / rate, lambda: None)
+        await sleep(reactor, 1.0 / rate)
     return agents
 
 
