@@ -31,6 +31,10 @@ import urllib.request
 from typing import Any
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from coderstack.scaletest.stats import parse_metrics  # noqa: E402
+
 BIN = os.path.dirname(sys.executable)
 TWISTD = os.path.join(BIN, "twistd")
 
@@ -89,9 +93,6 @@ class Bench:
             self.token = f.read().strip()
 
     def metrics(self) -> dict[str, float]:
-        sys.path.insert(0, ROOT)
-        from coderstack.scaletest.stats import parse_metrics
-
         req = urllib.request.Request(self.url + "/metrics", headers={"Coder-Session-Token": self.token})
         return parse_metrics(urllib.request.urlopen(req, timeout=30).read().decode())
 

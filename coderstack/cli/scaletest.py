@@ -23,7 +23,7 @@ import sys
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-from twisted.internet import defer, task
+from twisted.internet import defer
 from twisted.python import usage
 
 from coderstack.cli.command import Command, CommandGroup
@@ -31,6 +31,7 @@ from coderstack.cli.context import Context
 from coderstack.cli.output import table
 from coderstack.cli.pingfmt import parse_go_duration
 from coderstack.sdk import SDKError
+from coderstack.twistedtypes import sleep
 
 RUN_FILE = "scaletest.json"
 
@@ -240,7 +241,7 @@ async def _wait_for(reactor: Any, check: Any, timeout: float) -> bool:
     while not check():
         if reactor.seconds() >= deadline:
             return False
-        await task.deferLater(reactor, 0.2, lambda: None)
+        await sleep(reactor, 0.2)
     return True
 
 
@@ -309,7 +310,7 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
     try:
         for c in conns:
             opening.append(defer.Deferred.fromCoroutine(c.open(opts["connect-timeout"])))
-            await task.deferLater(reactor, 1.0 / opts["rate"], lambda: None)
+            await sleep(reactor, 1.0 / opts["rate"])
         opened = [ok for _, ok in await defer.DeferredList(opening)]
         up = [c for c, ok in zip(conns, opened, strict=True) if ok]
         ctx.err(f"{len(up)} of {count} connections up; moving {opts['bytes-per-tick']} bytes every "

@@ -10,10 +10,11 @@ from __future__ import annotations
 import functools
 import re
 import secrets
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any, Protocol, TypeVar
+from collections.abc import Callable, Coroutine, Iterable
+from typing import Any, Protocol, TypeVar, cast
 
 from twisted.internet import defer
+from twisted.python.failure import Failure
 
 from coderstack.scaletest.runfile import AgentEntry, RunFile
 
@@ -36,23 +37,12 @@ def new_prefix() -> str:
     return f"{NAME_PREFIX}-{secrets.token_hex(3)}"
 
 
-async def bounded(jobs: Iterable[Callable[[], Awaitable[T]]], concurrency: int) -> list[T | BaseException]:
+async def bounded(jobs: Iterable[Callable[[], Coroutine[Any, Any, T]]],
+                  concurrency: int) -> list[T | BaseException]:
     """Run the jobs, at most ``concurrency`` at once; each one's result or exception, in order."""
-    jobs = list(jobs)
-    results: list[Any] = [None] * len(jobs)
     lock = defer.DeferredSemaphore(max(1, concurrency))
-
-    async def one(i: int) -> None:
-        await lock.acquire()
-        try:
-            results[i] = await jobs[i]()
-        except Exception as e:  # reported per job
-            results[i] = e
-        finally:
-            lock.release()
-
-    await defer.gatherResults([defer.Deferred.fromCoroutine(one(i)) for i in range(len(jobs))])
-    return results
+    done = await defer.DeferredList([lock.run(job) for job in jobs], consumeErrors=True)
+    return [result if ok else cast(Failure, result).value for ok, result in done]
 
 
 async def create_workspaces(api: API, count: int, *, prefix: str | None = None,
