@@ -94,6 +94,8 @@ from uuid import UUID
 
 from twisted.logger import Logger
 
+from coderstack.coordinator.auth import KINDS, AgentAuth, Auth, ClientAuth, ServerAuth, kind_of
+from coderstack.coordinator.replication import Binding, Replication
 from coderstack.histogram import Histogram
 from coderstack.twistedtypes import Clock, DelayedCall
 from coderstack.wire.coordination import (
@@ -112,6 +114,9 @@ from coderstack.wire.coordination import (
 )
 
 __all__ = [
+    "KINDS",
+    "Binding",
+    "Replication",
     "AgentAuth",
     "ClientAuth",
     "ServerAuth",
@@ -170,31 +175,9 @@ class PeerLimits:
     lost: int
 
 
-@dataclass(frozen=True)
-class AgentAuth:
-    """A workspace agent; its peer id is its agent id."""
-
-    agent_id: UUID
-
-
-@dataclass(frozen=True)
-class ClientAuth:
-    """A user's client allowed to reach one agent (the HTTP layer checked the user owns it)."""
-
-    agent_id: UUID
-    user_id: UUID
-
-
-@dataclass(frozen=True)
-class ServerAuth:
-    """The server's own tailnet peer: it may tunnel to any agent (Coder's single-tailnet auth)."""
-
-
-Auth = AgentAuth | ClientAuth | ServerAuth
-
-
 class _Peer:
-    __slots__ = ("id", "name", "auth", "conn", "status", "node", "last_seen", "forget_call", "limits")
+    __slots__ = ("id", "name", "auth", "conn", "status", "node", "last_seen", "forget_call", "limits",
+                 "bound_at")
 
     def __init__(self, peer_id: UUID, name: str, auth: Auth, now: float) -> None:
         self.limits: PeerLimits | None = None
@@ -206,6 +189,22 @@ class _Peer:
         self.node: Node | None = None
         self.last_seen = now
         self.forget_call: DelayedCall | None = None
+        # When its binding last changed (connected, node, LOST): how replicas rank bindings.
+        self.bound_at = now
+
+    def binding(self) -> Binding:
+        return Binding(self.id, self.auth, self.node, self.status == LOST, self.bound_at)
+
+
+@dataclass(frozen=True)
+class _View:
+    """A peer as its tunnel peers here should see it: bound here, or the best binding of
+    another replica (whichever ranks higher)."""
+
+    auth: Auth
+    node: Node | None
+    lost: bool
+    remote: bool
 
 
 class PeerConnection:
@@ -301,6 +300,14 @@ class Coordinator:
         self._by_src: dict[UUID, dict[UUID, None]] = {}
         self._by_dst: dict[UUID, dict[UUID, None]] = {}
         self._by_key: dict[bytes, UUID] = {}
+        # What other replicas hold (empty for a single server): the best binding per peer,
+        # their node keys, and the tunnels they hold, indexed both ways.
+        self._remote: dict[UUID, Binding] = {}
+        self._remote_keys: dict[bytes, UUID] = {}
+        self._rsrc: dict[UUID, dict[UUID, None]] = {}
+        self._rdst: dict[UUID, dict[UUID, None]] = {}
+        #: Told of every change to the peers and tunnels held here (None: a single server).
+        self.replication: Replication | None = None
         self._outbox: deque[tuple[PeerConnection, CoordinateResponse | None]] = deque()
         self._flushing = False
         self._closed = False
@@ -358,6 +365,7 @@ class Coordinator:
         now = self._clock.seconds()
         conn = PeerConnection(self, peer_id, name, auth, send, close)
         self.counters["connects"] += 1
+        before = self._view(peer_id)
         peer = self._peers.get(peer_id)
         if peer is not None and peer.auth != auth:
             self._log.info(
@@ -388,6 +396,8 @@ class Coordinator:
             peer.last_seen = now
         peer.conn = conn
         peer.limits = limits
+        peer.bound_at = now
+        self._publish(peer)
 
         # The newcomer learns the nodes of everyone it has tunnels with.
         reason = REASON_RESUME if existed else REASON_ADD_TUNNEL
@@ -397,8 +407,8 @@ class Coordinator:
         if updates:
             self._emit(peer, CoordinateResponse(tuple(updates)))
         # Its tunnel peers had it as LOST; tell them it is back with the node we kept.
-        if was_lost and peer.node is not None:
-            self._fan_out(peer, PeerUpdate(peer_id, NODE, REASON_RESUME, peer.node))
+        if was_lost or before is not None:
+            self._announce(peer_id, before, REASON_RESUME)
         self._flush()
         return conn
 
@@ -413,10 +423,11 @@ class Coordinator:
             return None
         # Tunnels only ever point at agents, so a client may not take an id that is an agent's,
         # or that somebody is tunnelling to: it would receive their nodes.
-        held = self._peers.get(peer_id)
+        held = self._view(peer_id)
         if (
             (isinstance(auth, ClientAuth) and peer_id == auth.agent_id)
             or peer_id in self._by_dst
+            or peer_id in self._rdst
             or (held is not None and isinstance(held.auth, AgentAuth))
         ):
             return f"peer id {peer_id} belongs to an agent"
@@ -451,36 +462,128 @@ class Coordinator:
                 peer.status = LOST
         self._flush()
 
+    def drop_connections(self, reason: str) -> None:
+        """Close every connection, as if each had dropped: its peer becomes LOST here (and is
+        forgotten after the LOST timeout unless it comes back). For a replica that lost its
+        database, so its peers reconnect to another replica."""
+        for peer in list(self._peers.values()):
+            conn = peer.conn
+            if conn is not None:
+                self._lost(conn)
+                conn.close_reason = reason
+                self._outbox.append((conn, None))
+        self._flush()
+
+    # --- other replicas' peers ------------------------------------------------------------------
+
+    def set_remote(self, peer_id: UUID, binding: Binding | None) -> None:
+        """The best binding of ``peer_id`` on the other replicas (None: it has none). Its tunnel
+        peers here are told if that changes how they see it."""
+        old = self._remote.get(peer_id)
+        if old == binding:
+            return
+        before = self._view(peer_id)
+        if old is not None and old.node is not None and self._remote_keys.get(old.node.key) == peer_id:
+            del self._remote_keys[old.node.key]
+        if binding is None:
+            del self._remote[peer_id]
+        else:
+            self._remote[peer_id] = binding
+            if binding.node is not None:
+                self._remote_keys[binding.node.key] = peer_id
+        gone = REASON_GRACEFUL if old is not None and not old.lost else REASON_LOST_TIMEOUT
+        self._announce(peer_id, before, REASON_NODE_UPDATE if binding is not None else gone)
+        self._flush()
+
+    def set_remote_tunnel(self, src: UUID, dst: UUID, present: bool) -> None:
+        """Whether another replica holds the tunnel ``src -> dst``. A peer here at either end
+        learns the other's node when it appears, and DISCONNECTED when the last tunnel between
+        them goes."""
+        held = dst in self._rsrc.get(src, ())
+        if held == present:
+            return
+        if present:
+            self._rsrc.setdefault(src, {})[dst] = None
+            self._rdst.setdefault(dst, {})[src] = None
+            for here, other in ((dst, src), (src, dst)):
+                peer = self._peers.get(here)
+                updates = self._node_updates(other, REASON_ADD_TUNNEL)
+                if peer is not None and updates:
+                    self._emit(peer, CoordinateResponse(tuple(updates)))
+        else:
+            for index, a, b in ((self._rsrc, src, dst), (self._rdst, dst, src)):
+                ends = index[a]
+                del ends[b]
+                if not ends:
+                    del index[a]
+            if not self.tunnel_between(src, dst):
+                for here, other in ((dst, src), (src, dst)):
+                    peer = self._peers.get(here)
+                    if peer is not None:
+                        self._emit(peer, CoordinateResponse(
+                            (PeerUpdate(other, DISCONNECTED, REASON_REMOVE_TUNNEL),)))
+        self._flush()
+
+    def remote_ready(self, agent_id: UUID, client_id: UUID) -> None:
+        """An agent on another replica acknowledged ``client_id``, which may be held here."""
+        client = self._peers.get(client_id)
+        if client is not None and client.conn is not None and self.tunnel_between(client_id, agent_id):
+            self._emit(client, CoordinateResponse((PeerUpdate(agent_id, READY, REASON_READY),)))
+            self._flush()
+
+    def local_bindings(self) -> list[Binding]:
+        """Every peer held here, as other replicas should see it (for a full resync)."""
+        return [peer.binding() for peer in self._peers.values()]
+
+    def local_tunnels(self) -> list[tuple[UUID, UUID]]:
+        """Every tunnel held here."""
+        return [(src, dst) for src, dsts in self._by_src.items() for dst in dsts]
+
+    def remote_count(self) -> int:
+        """Peers known only from other replicas' bindings."""
+        return sum(1 for pid in self._remote if pid not in self._peers)
+
     # --- queries --------------------------------------------------------------------------------
 
     def status(self, peer_id: UUID) -> Literal["connected", "lost"] | None:
-        peer = self._peers.get(peer_id)
-        return None if peer is None else peer.status
+        """Connected or LOST, here or (best binding) on another replica; None if unknown."""
+        view = self._view(peer_id)
+        if view is None:
+            return None
+        return LOST if view.lost else CONNECTED
 
     def last_seen(self, peer_id: UUID) -> float | None:
-        """When the peer last connected, sent a message, was touched or was lost (clock seconds)."""
+        """When the peer last connected, sent a message, was touched or was lost (clock seconds);
+        for a peer held only by another replica, when its binding last changed."""
         peer = self._peers.get(peer_id)
-        return None if peer is None else peer.last_seen
+        if peer is not None:
+            return peer.last_seen
+        remote = self._remote.get(peer_id)
+        return None if remote is None else remote.updated_at
 
     def node(self, peer_id: UUID) -> Node | None:
-        peer = self._peers.get(peer_id)
-        return None if peer is None else peer.node
+        view = self._view(peer_id)
+        return None if view is None else view.node
 
     def peer_for_node_key(self, key: bytes) -> UUID | None:
-        """The connected or LOST peer whose current node has this WireGuard key."""
-        return self._by_key.get(bytes(key))
+        """The connected or LOST peer whose current node has this WireGuard key (held here or
+        by another replica)."""
+        key = bytes(key)
+        found = self._by_key.get(key)
+        return found if found is not None else self._remote_keys.get(key)
 
     def auth_of(self, peer_id: UUID) -> Auth | None:
-        peer = self._peers.get(peer_id)
-        return None if peer is None else peer.auth
+        view = self._view(peer_id)
+        return None if view is None else view.auth
 
     def name_of(self, peer_id: UUID) -> str | None:
         peer = self._peers.get(peer_id)
         return None if peer is None else peer.name
 
     def tunnel_between(self, a: UUID, b: UUID) -> bool:
-        """True if a tunnel exists in either direction."""
-        return b in self._by_src.get(a, ()) or a in self._by_src.get(b, ())
+        """True if a tunnel exists in either direction, here or on another replica."""
+        return (b in self._by_src.get(a, ()) or a in self._by_src.get(b, ())
+                or b in self._rsrc.get(a, ()) or a in self._rsrc.get(b, ()))
 
     def tunnel_peers(self, peer_id: UUID) -> list[UUID]:
         """Peers with a tunnel to or from ``peer_id`` (whether or not they are connected)."""
@@ -534,9 +637,18 @@ class Coordinator:
         tunnels = [
             {"src": str(src), "dst": str(dst)} for src, dsts in self._by_src.items() for dst in dsts
         ]
+        remote = [
+            {"id": str(b.peer_id), "kind": _kind(b.auth), "lost": b.lost,
+             "node": None if b.node is None else b.node.to_json(), "updated_at": b.updated_at}
+            for b in self._remote.values()
+        ]
         return {
             "peers": peers,
             "tunnels": tunnels,
+            "remote_peers": remote,
+            "remote_tunnels": [
+                {"src": str(src), "dst": str(dst)} for src, dsts in self._rsrc.items() for dst in dsts
+            ],
             "counters": dict(self.counters),
             "lost_timeout": self.lost_timeout,
             "closed": self._closed,
@@ -637,9 +749,9 @@ class Coordinator:
                     return f"update_self refused: {net} is not inside {TAILSCALE_SERVICE_PREFIX}"
                 if self._agent_address(net, auth):
                     return f"update_self refused: {net} is the agent's address"
-        holder_id = self._by_key.get(node.key)
+        holder_id = self.peer_for_node_key(node.key)
         if holder_id is not None and holder_id != peer.id:
-            holder = self._peers.get(holder_id)
+            holder = self._view(holder_id)
             if holder is not None and holder.auth != auth:
                 return "update_self refused: the node key belongs to another peer"
         return None
@@ -649,11 +761,9 @@ class Coordinator:
         if isinstance(auth, ClientAuth):
             return net in (prefix_from_uuid(auth.agent_id, TAILSCALE_SERVICE_PREFIX),
                            prefix_from_uuid(auth.agent_id, CODER_SERVICE_PREFIX))
-        return any(
-            net == prefix_from_uuid(p.id, TAILSCALE_SERVICE_PREFIX)
-            for p in self._peers.values()
-            if isinstance(p.auth, AgentAuth)
-        )
+        agents = [p.id for p in self._peers.values() if isinstance(p.auth, AgentAuth)]
+        agents += [b.peer_id for b in self._remote.values() if isinstance(b.auth, AgentAuth)]
+        return any(net == prefix_from_uuid(a, TAILSCALE_SERVICE_PREFIX) for a in agents)
 
     def _update_self(self, peer: _Peer, node: Node, errors: list[str]) -> int:
         """Store the node and tell its tunnel peers; how many were told (0 if refused)."""
@@ -665,8 +775,11 @@ class Coordinator:
         if old is not None and old.key != node.key and self._by_key.get(old.key) == peer.id:
             del self._by_key[old.key]
         self._by_key[node.key] = peer.id
+        before = self._view(peer.id)
         peer.node = node
-        return self._fan_out(peer, PeerUpdate(peer.id, NODE, REASON_NODE_UPDATE, node))
+        peer.bound_at = self._clock.seconds()
+        self._publish(peer)
+        return self._announce(peer.id, before, REASON_NODE_UPDATE, always=True)
 
     def _add_tunnel(self, src: _Peer, dst_id: UUID, errors: list[str]) -> None:
         auth = src.auth
@@ -679,11 +792,14 @@ class Coordinator:
         if dst_id == src.id:
             errors.append("add_tunnel refused: a peer cannot tunnel to itself")
             return
-        held = self._peers.get(dst_id)
+        held = self._view(dst_id)
         if held is not None and not isinstance(held.auth, AgentAuth):
             errors.append(f"add_tunnel refused: {dst_id} is not an agent")
             return
-        self._by_src.setdefault(src.id, {})[dst_id] = None
+        dsts = self._by_src.setdefault(src.id, {})
+        if dst_id not in dsts and self.replication is not None:
+            self.replication.tunnel_added(src.id, dst_id)
+        dsts[dst_id] = None
         self._by_dst.setdefault(dst_id, {})[src.id] = None
         updates = self._node_updates(dst_id, REASON_ADD_TUNNEL)
         if updates:
@@ -717,14 +833,17 @@ class Coordinator:
             return
         by_recipient: dict[UUID, list[PeerUpdate]] = {}
         for src_id in src_ids:
-            if src_id not in self._by_dst.get(dst.id, ()):
+            if src_id not in self._by_dst.get(dst.id, ()) and src_id not in self._rdst.get(dst.id, ()):
                 notices.append(f"ready_for_handshake refused: no tunnel from {src_id}")
                 continue
             by_recipient.setdefault(src_id, []).append(PeerUpdate(dst.id, READY, REASON_READY))
         for src_id, updates in by_recipient.items():
             src = self._peers.get(src_id)
-            if src is not None:
+            if src is not None and src.conn is not None:
                 self._emit(src, CoordinateResponse(tuple(updates)))
+            elif src_id in self._remote and self.replication is not None:
+                # The client is held by another replica: it delivers the READY.
+                self.replication.ready_for_handshake(dst.id, src_id)
 
     # --- losing and removing peers --------------------------------------------------------------
 
@@ -739,11 +858,13 @@ class Coordinator:
             return
         conn._done = True
         conn.close_reason = REASON_LOST
+        before = self._view(peer.id)
         peer.conn = None
         peer.status = LOST
-        peer.last_seen = self._clock.seconds()
+        peer.last_seen = peer.bound_at = self._clock.seconds()
         self.counters["lost"] += 1
-        self._fan_out(peer, PeerUpdate(peer.id, LOST_KIND, REASON_LOST, peer.node))
+        self._publish(peer)
+        self._announce(peer.id, before, REASON_LOST)
         if not self._closed:
             peer.forget_call = self._clock.callLater(self.lost_timeout, self._forget, peer)
             self._evict_lost(peer)
@@ -783,7 +904,10 @@ class Coordinator:
 
     def _remove_peer(self, peer: _Peer, kind: PeerUpdateKind, reason: str) -> None:
         """Tell its tunnel peers, drop its outgoing tunnels, node and record; close its connection."""
-        self._fan_out(peer, PeerUpdate(peer.id, kind, reason))
+        remote = self._remote.get(peer.id)
+        before, told = self._view(peer.id), list(self._tunnel_peers(peer.id))
+        if remote is None:
+            self._fan_out(peer, PeerUpdate(peer.id, kind, reason))
         for dst_id in list(self._by_src.get(peer.id, ())):
             self._drop_tunnel(peer.id, dst_id)
         if peer.node is not None and self._by_key.get(peer.node.key) == peer.id:
@@ -799,10 +923,16 @@ class Coordinator:
         if peer.conn is not None:
             self._retire(peer.conn, reason)
             peer.conn = None
+        if self.replication is not None:
+            self.replication.peer_unbound(peer.id)
+        if remote is not None:
+            self._announce(peer.id, before, reason, recipients=told)
 
     def _drop_tunnel(self, src_id: UUID, dst_id: UUID) -> None:
         dsts = self._by_src.get(src_id)
         if dsts is not None:
+            if dst_id in dsts and self.replication is not None:
+                self.replication.tunnel_removed(src_id, dst_id)
             dsts.pop(dst_id, None)
             if not dsts:
                 del self._by_src[src_id]
@@ -823,17 +953,62 @@ class Coordinator:
     def _tunnel_peers(self, peer_id: UUID) -> dict[UUID, None]:
         peers = dict(self._by_src.get(peer_id, {}))
         peers.update(self._by_dst.get(peer_id, {}))
+        if self._remote or self._rsrc:
+            peers.update(self._rsrc.get(peer_id, {}))
+            peers.update(self._rdst.get(peer_id, {}))
         return peers
 
     def _node_updates(self, peer_id: UUID, reason: str) -> list[PeerUpdate]:
         """What a tunnel peer must learn about ``peer_id``: its node, and LOST if it is lost."""
-        peer = self._peers.get(peer_id)
-        if peer is None or peer.node is None:
+        view = self._view(peer_id)
+        if view is None or view.node is None:
             return []
-        updates = [PeerUpdate(peer_id, NODE, reason, peer.node)]
-        if peer.status == LOST:
-            updates.append(PeerUpdate(peer_id, LOST_KIND, REASON_LOST, peer.node))
+        updates = [PeerUpdate(peer_id, NODE, reason, view.node)]
+        if view.lost:
+            updates.append(PeerUpdate(peer_id, LOST_KIND, REASON_LOST, view.node))
         return updates
+
+    def _view(self, peer_id: UUID) -> _View | None:
+        """How ``peer_id`` looks to its tunnel peers here: its binding here, or another
+        replica's best binding when that ranks higher (connected, with a node, newer)."""
+        peer = self._peers.get(peer_id)
+        remote = self._remote.get(peer_id)
+        if remote is not None and (peer is None or remote.rank() > peer.binding().rank()):
+            return _View(remote.auth, remote.node, remote.lost, True)
+        if peer is None:
+            return None
+        return _View(peer.auth, peer.node, peer.status == LOST, False)
+
+    def _announce(self, peer_id: UUID, before: _View | None, reason: str, *,
+                  always: bool = False, recipients: Iterable[UUID] | None = None) -> int:
+        """Tell the connected tunnel peers of ``peer_id`` how it looks now, if that changed
+        from ``before`` (or ``always``): NODE, LOST with its last node, or DISCONNECTED when
+        it is gone everywhere. How many were told."""
+        after = self._view(peer_id)
+        if not always and after == before:
+            return 0
+        if after is None:
+            update = PeerUpdate(peer_id, DISCONNECTED, reason)
+        elif after.node is None and not after.lost:
+            return 0
+        elif after.lost:
+            update = PeerUpdate(peer_id, LOST_KIND, REASON_LOST, after.node)
+        else:
+            if reason == REASON_LOST or (after.remote and reason == REASON_RESUME):
+                reason = REASON_NODE_UPDATE  # a binding elsewhere took over
+            update = PeerUpdate(peer_id, NODE, reason, after.node)
+        response = CoordinateResponse((update,))
+        told = 0
+        for other_id in (self._tunnel_peers(peer_id) if recipients is None else recipients):
+            other = self._peers.get(other_id)
+            if other is not None and other.conn is not None:
+                self._emit(other, response)
+                told += 1
+        return told
+
+    def _publish(self, peer: _Peer) -> None:
+        if self.replication is not None:
+            self.replication.peer_bound(peer.binding())
 
     def _fan_out(self, peer: _Peer, update: PeerUpdate) -> int:
         """Send one update about ``peer`` to every connected tunnel peer (one shared response);
@@ -881,11 +1056,4 @@ class Coordinator:
             self._flushing = False
 
 
-#: What :func:`_kind` answers, in the order ``/metrics`` lists them.
-KINDS = ("agent", "client", "server")
-
-
-def _kind(auth: Auth) -> str:
-    if isinstance(auth, AgentAuth):
-        return "agent"
-    return "server" if isinstance(auth, ServerAuth) else "client"
+_kind = kind_of
