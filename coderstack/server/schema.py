@@ -267,9 +267,40 @@ def _v4(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+# The coordinator peers and tunnels each replica holds, for the other replicas
+# (coderstack.server.pgcoord). Ids are UUID text; times are the holding replica's clock.
+tailnet_peers = sa.Table(
+    "tailnet_peers",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),
+    sa.Column("replica_id", sa.String(36), primary_key=True),
+    sa.Column("kind", sa.String(16), nullable=False),  # agent | client | server
+    sa.Column("agent_id", sa.String(36), nullable=True),
+    sa.Column("user_id", sa.String(36), nullable=True),
+    sa.Column("node", sa.Text, nullable=True),  # the coordination JSON of its last node
+    sa.Column("lost", sa.Boolean, nullable=False),
+    sa.Column("updated_at", sa.Float, nullable=False),
+)
+
+tailnet_tunnels = sa.Table(
+    "tailnet_tunnels",
+    metadata,
+    sa.Column("replica_id", sa.String(36), primary_key=True),
+    sa.Column("src_id", sa.String(36), primary_key=True),
+    sa.Column("dst_id", sa.String(36), primary_key=True),
+    sa.Column("updated_at", sa.Float, nullable=False),
+    sa.Index("tailnet_tunnels_dst", "dst_id"),
+)
+
+
+def _v6(conn: sa.Connection) -> None:
+    for table in (tailnet_peers, tailnet_tunnels):
+        table.create(conn, checkfirst=True)
+
+
 # (version, step). Append new steps; never edit an applied one.
 MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [
-    (1, _v1), (2, _v2), (3, _v3), (4, _v4)]
+    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (6, _v6)]
 
 
 def migrate(engine: sa.Engine) -> int:

@@ -53,10 +53,7 @@ class PostgresCluster:
             os.chown(self.dir, pw.pw_uid, pw.pw_gid)
         self.user = "postgres" if self.as_postgres else os.environ.get("USER", "postgres")
         self._run(f"initdb -D {self.dir}/db -A trust -U {self.user} >/dev/null")
-        self._run(
-            f"pg_ctl -D {self.dir}/db -o '-k {self.dir} -p {self.port} -h 127.0.0.1' "
-            f"-l {self.dir}/log -w start >/dev/null"
-        )
+        self.start_server()
         self.running = True
 
     def _run(self, command: str) -> None:
@@ -65,6 +62,16 @@ class PostgresCluster:
         else:
             args = ["sh", "-c", command]
         subprocess.run(args, check=True, cwd=self.dir, timeout=120)
+
+    def stop_server(self) -> None:
+        """Stop PostgreSQL, keeping the cluster (``start_server`` brings it back)."""
+        self._run(f"pg_ctl -D {self.dir}/db -m fast -w stop >/dev/null")
+
+    def start_server(self) -> None:
+        self._run(
+            f"pg_ctl -D {self.dir}/db -o '-k {self.dir} -p {self.port} -h 127.0.0.1' "
+            f"-l {self.dir}/log -w start >/dev/null"
+        )
 
     def new_database(self) -> str:
         import psycopg

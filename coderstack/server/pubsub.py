@@ -1,0 +1,106 @@
+"""PostgreSQL LISTEN/NOTIFY for the replicas of one server, off the reactor thread.
+
+One dedicated thread holds one autocommit connection that LISTENs on a fixed set of channels
+and waits for notifications; each one reaches the reactor thread through ``callFromThread``
+and the :class:`Subscriber` handler. Publishing needs no connection of its own: a replica calls
+:func:`notify` inside the transaction that changed the rows, so the notification leaves when
+(and only if) the change commits.
+
+When the connection drops (PostgreSQL restarting, the network) notifications sent meanwhile
+are lost. The thread tells the handler (``unlistened``), reconnects with backoff, and says
+``listening`` again once its LISTENs are in place — the moment to re-read whatever state the
+notifications were about.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Protocol
+
+import sqlalchemy as sa
+from twisted.internet.interfaces import IReactorFromThreads
+from twisted.logger import Logger
+
+from coderstack.backoff import Backoff
+
+log = Logger()
+
+#: A NOTIFY payload must stay under 8000 bytes; ours are ids.
+MAX_PAYLOAD = 7999
+
+
+class Subscriber(Protocol):
+    def listening(self) -> None:
+        """LISTEN is in place (first time or after a reconnect): anything may have been missed."""
+
+    def unlistened(self, error: str) -> None:
+        """The connection dropped; notifications are being lost until ``listening``."""
+
+    def notified(self, channel: str, payload: str) -> None: ...
+
+
+def libpq_url(sqlalchemy_url: str) -> str:
+    """The libpq form of a ``postgresql+psycopg://`` URL."""
+    url = sa.engine.make_url(sqlalchemy_url).set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)
+
+
+def notify(conn: sa.Connection, channel: str, payload: str) -> None:
+    """Queue a notification in the current transaction (sent at commit)."""
+    if len(payload.encode()) > MAX_PAYLOAD:
+        raise ValueError(f"notification payload on {channel} is too long")
+    conn.execute(sa.text("SELECT pg_notify(:c, :p)"), {"c": channel, "p": payload})
+
+
+class Listener:
+    """LISTEN on ``channels`` in a thread of its own; ``start()`` then ``stop()``."""
+
+    #: How long one wait for notifications lasts before the thread checks whether to stop.
+    poll_seconds = 0.25
+
+    def __init__(self, reactor: IReactorFromThreads, url: str, channels: Sequence[str],
+                 subscriber: Subscriber) -> None:
+        for ch in channels:
+            if not ch.isidentifier():
+                raise ValueError(f"bad channel name {ch!r}")
+        self._reactor = reactor
+        self._url = libpq_url(url)
+        self._channels = tuple(channels)
+        self._subscriber = subscriber
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="coderstack-listen", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Ask the thread to end; it does within ``poll_seconds``. Never blocks the reactor."""
+        self._stopping.set()
+
+    def join(self, timeout: float | None = None) -> None:
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        import psycopg
+
+        backoff = Backoff(first=0.1, cap=5.0)
+        while not self._stopping.is_set():
+            try:
+                with psycopg.connect(self._url, autocommit=True, connect_timeout=5,
+                                     keepalives=1, keepalives_idle=5, keepalives_interval=2,
+                                     keepalives_count=3) as conn:
+                    for ch in self._channels:
+                        conn.execute(f"LISTEN {ch}")
+                    backoff.reset()
+                    self._reactor.callFromThread(self._subscriber.listening)
+                    while not self._stopping.is_set():
+                        for n in conn.notifies(timeout=self.poll_seconds):
+                            self._reactor.callFromThread(self._subscriber.notified, n.channel, n.payload)
+            except psycopg.Error as e:
+                if self._stopping.is_set():
+                    return
+                self._reactor.callFromThread(self._subscriber.unlistened, str(e).strip() or type(e).__name__)
+                self._stopping.wait(backoff.next_delay())
