@@ -207,8 +207,12 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
     # -- health and build info ---------------------------------------------------------------
 
     @app.route("/healthz", methods=["GET", "HEAD"])
-    def healthz(self, request: HTTPRequest) -> bytes:
+    async def healthz(self, request: HTTPRequest) -> bytes:
+        """``OK``, or 503 while the database does not answer (why is in the log only)."""
         request.setHeader(b"Content-Type", b"text/plain")
+        if await self.d.database_check.problem() is not None:
+            request.setResponseCode(503)
+            return b"database unavailable"
         return b"OK"
 
     @app.route("/api/v2/buildinfo", methods=["GET"])
