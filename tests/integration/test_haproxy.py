@@ -4,17 +4,54 @@ killed with SIGKILL and taken out by the health checks, and login limits counted
 
 from __future__ import annotations
 
+from typing import Any
+
 from twisted.internet import reactor
+from twisted.protocols import portforward
 from twisted.trial import unittest
 
 from coderstack.derpmap import DERPMap
 from coderstack.sdk import Client, SDKError
 from coderstack.server import healthws
 from coderstack.server.relayprobe import probe_node
-from tests.support import replicas
+from tests.support import postgres, replicas
 from tests.support.replicas import ReplicaSet
 
 PASSWORD = "correct horse battery"
+
+
+class _Tracked(portforward.ProxyServer):
+    def connectionMade(self) -> None:
+        self.factory.open.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.open.discard(self)
+        super().connectionLost(reason)
+
+
+class CuttableLink:
+    """A TCP forwarder to 127.0.0.1:``port`` on a port of its own, which a test can cut (stop
+    listening, abort every connection through it) and mend (listen on the same port again)."""
+
+    def __init__(self, testcase: Any, port: int) -> None:
+        self.factory = portforward.ProxyFactory("127.0.0.1", port)
+        self.factory.protocol = _Tracked
+        self.factory.open = set()
+        self.listening = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+        testcase.addCleanup(self.cut)
+
+    def cut(self) -> Any:
+        for proto in list(self.factory.open):
+            proto.transport.abortConnection()
+        if self.listening is not None:
+            listening, self.listening = self.listening, None
+            return listening.stopListening()
+        return None
+
+    def mend(self) -> None:
+        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
 
 
 class HAProxyReplicaTests(unittest.TestCase):
@@ -109,3 +146,34 @@ class HAProxyReplicaTests(unittest.TestCase):
             self.assertIsNone(probe.error)
             self.assertFalse(probe.websocket)
             self.assertIsNotNone(probe.rtt)
+
+    async def test_a_replica_that_loses_the_database_is_taken_out(self) -> None:
+        """/healthz answers 503 on the replica whose database connection is cut; HAProxy takes
+        it out, the other serves, and it comes back once the database answers again."""
+        pg_port = postgres.cluster().port
+        link = CuttableLink(self, pg_port)
+
+        def through_link(i: int, url: str) -> str:
+            return url.replace(f"@127.0.0.1:{pg_port}/", f"@127.0.0.1:{link.port}/") if i == 0 else url
+
+        rs = ReplicaSet(self, 2, postgres_url_for=through_link)
+        await rs.start()
+        await self.client(rs.url).post("/api/v2/users/first", {
+            "username": "alice", "email": "alice@example.com", "password": PASSWORD})
+        alice = self.client(rs.url, await self.login(rs.url))
+
+        await link.cut()
+        await rs.lb.wait_status(0, "DOWN")
+        with self.assertRaises(SDKError) as caught:
+            await self.client(rs.replicas[0].url).request("GET", "/healthz", text=True)
+        self.assertEqual(caught.exception.status, 503)
+        before = await self.served(rs)
+        for _ in range(10):
+            self.assertEqual((await alice.me())["username"], "alice")
+        after = await self.served(rs)
+        self.assertEqual((after[0] - before[0], after[1] - before[1]), (0, 10))
+        rs.process(0).check_running()  # still running: only out of the balancer's rotation
+
+        link.mend()
+        await rs.lb.wait_status(0, "UP")
+        self.assertEqual(await self.client(rs.replicas[0].url).request("GET", "/healthz", text=True), "OK")

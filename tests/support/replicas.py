@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import signal
 import tempfile
+from collections.abc import Callable
 from typing import Any
 
 from tests.support import haproxy, postgres
@@ -32,7 +33,10 @@ class ReplicaSet:
     :attr:`Deployment.server` the running process, :attr:`Deployment.url` their own address).
     """
 
-    def __init__(self, testcase: Any, n: int = 2, *server_args: str, balance: str = "roundrobin") -> None:
+    def __init__(self, testcase: Any, n: int = 2, *server_args: str, balance: str = "roundrobin",
+                 postgres_url_for: Callable[[int, str], str] | None = None) -> None:
+        """``postgres_url_for(i, url)``: the database URL replica ``i`` is given instead of the
+        shared database's ``url`` (to reach it through something a test can cut)."""
         self.testcase = testcase
         self.postgres_url = postgres.cluster().new_database()
         # Not mktemp(): HAProxy's admin socket lives here, and trial's per-test paths can pass a
@@ -41,9 +45,9 @@ class ReplicaSet:
         lb_port = free_port()  # known first: it is every replica's access URL
         self.url = f"http://127.0.0.1:{lb_port}"
         self.replicas: list[Deployment] = []
-        for _ in range(n):
-            d = Deployment(testcase, "--postgres-url", self.postgres_url, "--access-url", self.url,
-                           *server_args)
+        for i in range(n):
+            url = self.postgres_url if postgres_url_for is None else postgres_url_for(i, self.postgres_url)
+            d = Deployment(testcase, "--postgres-url", url, "--access-url", self.url, *server_args)
             d.server_args += ["--derp-server-relay-url", d.url]
             self.replicas.append(d)
         self.lb = HAProxy(testcase, lb_dir, [(d.host, d.port) for d in self.replicas], port=lb_port,
