@@ -6,7 +6,7 @@ longer (``base * 2**k``, capped), until a quiet spell forgets them:
 
 - **per source** (any account): stops one host guessing at speed;
 - **per account** (any source): stops many hosts sharing the guesses. It does not lock out a
-  source that logged in to that account before (kept in memory for ``trust_for`` seconds), so
+  source that logged in to that account before (remembered for ``trust_for`` seconds), so
   a flood of wrong guesses against an account does not keep its owner out — the owner's own
   source is only limited by its own failures.
 
@@ -113,10 +113,10 @@ class _Failures:
 class LoginAttempt:
     """One password check the limiter let through; report its outcome with :meth:`done`."""
 
-    def __init__(self, limiter: LoginLimiter, account: str, source: str, shared: bool = False) -> None:
+    def __init__(self, limiter: LoginLimiter, account: str, source: str, shared: Shared | None = None) -> None:
         self._limiter, self.account, self.source = limiter, account, source
-        #: Decided from :class:`Shared` counts: the caller writes the outcome to the database,
-        #: the limiter's own tables are left alone.
+        #: The :class:`Shared` counts it was let through on, if any: the caller writes the
+        #: outcome to the database, the limiter's own tables are left alone.
         self.shared = shared
         self._open = True
 
@@ -198,7 +198,7 @@ class LoginLimiter:
             self.counters["refused_busy"] += 1
             return Refused(1.0, "busy")
         self._in_flight[source] = self._in_flight.get(source, 0) + 1
-        return LoginAttempt(self, account, source, shared=shared is not None)
+        return LoginAttempt(self, account, source, shared)
 
     def _finished(self, attempt: LoginAttempt, ok: bool | None) -> None:
         now = self.clock.seconds()
@@ -209,7 +209,7 @@ class LoginLimiter:
             self._in_flight.pop(attempt.source, None)
         if ok is None:
             return
-        if attempt.shared:
+        if attempt.shared is not None:
             if not ok:
                 self.counters["failed"] += 1
             return

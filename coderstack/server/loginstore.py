@@ -9,7 +9,8 @@ reads the counts it decides from and writes each outcome, in ``login_failures`` 
   which add one to the source's and the account's counts, or start them over at 1 once the
   policy has forgotten them — concurrent failures on several replicas all count;
 - after a success, where the in-memory limiter resets: the source's count is deleted and the
-  source is trusted for the account.
+  source is trusted for the account — skipped when the source had no failures and its trust is
+  less than :data:`TRUST_REFRESH` old, so an ordinary login costs the one ``SELECT``.
 
 Keys are HMAC-SHA256 of the account or address under a deployment secret (``deployment_secrets``,
 the same on every replica), so the table holds no usernames or addresses. Rows the policy has
@@ -35,6 +36,8 @@ from coderstack.server.schema import login_failures
 LOGIN_KEY_NAME = "login_limit_key"
 #: Seconds between sweeps of forgotten rows.
 PRUNE_EVERY = 300.0
+#: A trusted source's trust is renewed by a login at most this often (it lasts ``trust_for``).
+TRUST_REFRESH = 86400.0
 
 SOURCE, ACCOUNT, TRUST = "source", "account", "trust"
 
@@ -135,10 +138,14 @@ async def end_login(limiter: LoginLimiter, table: LoginFailureTable | None, atte
         attempt.abandon()
         return
     attempt.done(ok)
-    if table is None or not attempt.shared:
+    shared = attempt.shared
+    if table is None or shared is None:
         return
     now = limiter.clock.seconds()
     if ok:
+        trusted = shared.trusted_since
+        if shared.source[0] == 0 and trusted is not None and now - trusted < TRUST_REFRESH:
+            return  # nothing to reset, trust fresh: no write
         await table.succeeded(attempt.account, attempt.source, now)
     else:
         await table.failed(limiter, attempt.account, attempt.source, now)

@@ -20,6 +20,7 @@ from coderstack.server.loginlimit import LoginAttempt, LoginLimiter, Policy, Ref
 from coderstack.server.loginstore import (
     LOGIN_KEY_NAME,
     PRUNE_EVERY,
+    TRUST_REFRESH,
     LoginFailureTable,
     begin_login,
     end_login,
@@ -115,6 +116,17 @@ class SharedCountsTests:
         for i in range(3):  # three more free failures, not a delay
             await b.fail(f"user{i}", "10.0.0.1")
         self.assertIsInstance(await a.begin("user9", "10.0.0.1"), LoginAttempt)  # type: ignore[attr-defined]
+
+    async def test_an_ordinary_login_writes_nothing(self) -> None:
+        a, b = await self.replicas()
+        await a.succeed("owner", "10.0.0.9")  # first login from here: trusted from now
+        first = self.clock.seconds()
+        self.clock.advance(60.0)
+        await b.succeed("owner", "10.0.0.9")  # no failures to reset, trust fresh: no write
+        self.assertEqual([r.last_at for r in await a.rows()], [first])  # type: ignore[attr-defined]
+        self.clock.advance(TRUST_REFRESH)
+        await b.succeed("owner", "10.0.0.9")  # trust renewed
+        self.assertEqual([r.last_at for r in await a.rows()], [self.clock.seconds()])  # type: ignore[attr-defined]
 
     async def test_concurrent_failures_on_both_replicas_all_count(self) -> None:
         a, b = await self.replicas(max_in_flight=100)
