@@ -102,10 +102,14 @@ class LoginFailureTable:
         return self.db.transact(work)
 
     def _prune(self, conn: sa.Connection, limiter: LoginLimiter, now: float) -> None:
+        # SKIP LOCKED (PostgreSQL; SQLite locks the whole database instead): the sweep never
+        # waits on a row another replica's login is counting, so the two cannot deadlock.
         t = login_failures
         for scope, older_than in ((SOURCE, limiter.source_policy.forget),
                                   (ACCOUNT, limiter.account_policy.forget), (TRUST, limiter.trust_for)):
-            conn.execute(t.delete().where(t.c.scope == scope, t.c.last_at <= now - older_than))
+            stale = (sa.select(t.c.key).where(t.c.scope == scope, t.c.last_at <= now - older_than)
+                     .with_for_update(skip_locked=True))
+            conn.execute(t.delete().where(t.c.scope == scope, t.c.key.in_(stale)))
 
     def succeeded(self, account: str, source: str, now: float) -> Deferred[None]:
         """A login from ``source`` to ``account``: the source starts over and is trusted."""
