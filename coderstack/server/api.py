@@ -64,6 +64,7 @@ from coderstack.server.jsonhttp import (
 )
 from coderstack.server.livesessions import Credential
 from coderstack.server.loginlimit import Refused
+from coderstack.server.loginstore import begin_login, end_login
 from coderstack.server.ptyproxy import PtyCounters
 from coderstack.server.records import Agent, Build, User, Workspace, now
 from coderstack.server.store import Conflict
@@ -206,8 +207,12 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
     # -- health and build info ---------------------------------------------------------------
 
     @app.route("/healthz", methods=["GET", "HEAD"])
-    def healthz(self, request: HTTPRequest) -> bytes:
+    async def healthz(self, request: HTTPRequest) -> bytes:
+        """``OK``, or 503 while the database does not answer (why is in the log only)."""
         request.setHeader(b"Content-Type", b"text/plain")
+        if await self.d.database_check.problem() is not None:
+            request.setResponseCode(503)
+            return b"database unavailable"
         return b"OK"
 
     @app.route("/api/v2/buildinfo", methods=["GET"])
@@ -267,7 +272,8 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
         it too); APIError 401/429/503 otherwise."""
         found = await self.d.store.user_by_login(login)
         # Limits count per user (an email and a username are one account), else per name given.
-        attempt = self.d.logins.begin(str(found[0].id) if found else login, source)
+        limiter, table = self.d.logins, self.d.login_table
+        attempt = await begin_login(limiter, table, str(found[0].id) if found else login, source)
         if isinstance(attempt, Refused):
             raise APIError(
                 429, "Too many login attempts.",
@@ -278,15 +284,16 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
             stored = found[1] if found else self.d.dummy_password_hash
             ok = await self._verify(password, stored)
         except BaseException:
-            attempt.abandon()  # busy or broken: not the caller's failure
+            await end_login(limiter, table, attempt, None)  # busy or broken: not the caller's failure
             raise
         if not found or not ok:
-            attempt.done(False)
+            await end_login(limiter, table, attempt, False)
             raise APIError(401, "Incorrect email or password.")
         if found[0].is_suspended:
-            attempt.abandon()  # the right password: not a guess to count
+            # The right password: not a guess to count.
+            await end_login(limiter, table, attempt, None)
             raise APIError(401, "Your account is suspended.", "ask an owner to activate it")
-        attempt.done(True)
+        await end_login(limiter, table, attempt, True)
         return await self.issue_session(found[0])
 
     async def _hash(self, password: str) -> str:

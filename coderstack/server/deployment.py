@@ -27,11 +27,13 @@ from coderstack.derp.mapstream import MapPublisher
 from coderstack.derp.server import metrics_text
 from coderstack.derpmap import DERPMap
 from coderstack.server import auth, procmetrics
+from coderstack.server.dbhealth import DatabaseCheck
 from coderstack.server.hashpool import HashPool
 from coderstack.server.jsonhttp import HTTPRequest
 from coderstack.server.limits import UserLimits
 from coderstack.server.livesessions import REASON_AGENT_REVOKED, Credential, LiveSessions
 from coderstack.server.loginlimit import LoginLimiter
+from coderstack.server.loginstore import LoginFailureTable
 from coderstack.server.records import Agent, User, Workspace
 from coderstack.server.store import Store
 from coderstack.wire.coordination import address_from_uuid
@@ -66,6 +68,11 @@ class Deployment:
         self.dummy_password_hash = auth.hash_password(uuid.uuid4().hex)
         self.passwords = HashPool(reactor)
         self.logins = LoginLimiter(reactor)
+        #: Where the login limits' counts live when several replicas share them (PostgreSQL;
+        #: set by the service): None keeps them in ``logins``' memory (see loginstore.py).
+        self.login_table: LoginFailureTable | None = None
+        #: /healthz's view of the database (a load balancer takes a replica that lost it out).
+        self.database_check = DatabaseCheck(reactor, store.ping)
         # agent id -> its live coordination websocket
         self._agent_sockets: dict[uuid.UUID, CoordinateProtocol] = {}
         # path -> resource served beside the API (the DERP relay's /derp, /latency-check, ...)

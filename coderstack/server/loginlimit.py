@@ -6,7 +6,7 @@ longer (``base * 2**k``, capped), until a quiet spell forgets them:
 
 - **per source** (any account): stops one host guessing at speed;
 - **per account** (any source): stops many hosts sharing the guesses. It does not lock out a
-  source that logged in to that account before (kept in memory for ``trust_for`` seconds), so
+  source that logged in to that account before (remembered for ``trust_for`` seconds), so
   a flood of wrong guesses against an account does not keep its owner out — the owner's own
   source is only limited by its own failures.
 
@@ -17,6 +17,11 @@ The limiter never sleeps: :meth:`LoginLimiter.begin` answers at once with either
 :class:`LoginAttempt` (go ahead, then call :meth:`LoginAttempt.done`) or a :class:`Refused`
 carrying the seconds to wait (``Retry-After``). Time comes from an injected ``IReactorTime``;
 the tables are bounded (least recently used entries go first).
+
+Several replicas on one database share the counts instead: the caller reads them from the
+database (``loginstore.py``) and passes them to :meth:`LoginLimiter.begin` as :class:`Shared`,
+and writes each outcome back; the limiter then decides from those and keeps only the in-flight
+checks of this process in memory.
 """
 
 from __future__ import annotations
@@ -40,6 +45,12 @@ class Policy:
             return 0.0
         return min(self.cap, self.base * 2 ** min(failures - self.free - 1, 30))
 
+    def wait(self, failures: int, last: float, now: float) -> float:
+        """Seconds until the next attempt may run, ``failures`` counted, the last at ``last``."""
+        if failures <= 0 or now - last >= self.forget:
+            return 0.0
+        return max(0.0, last + self.delay(failures) - now)
+
 
 SOURCE_POLICY = Policy(free=10, base=1.0, cap=300.0, forget=900.0)
 ACCOUNT_POLICY = Policy(free=5, base=1.0, cap=300.0, forget=900.0)
@@ -50,6 +61,17 @@ MAX_ENTRIES = 10_000
 class Refused:
     retry_after: float
     reason: str  # "source" | "account" | "busy"
+
+
+@dataclass(frozen=True)
+class Shared:
+    """The counts every replica shares, as read just before a check: (failures, time of the
+    last one) for the source and for the account, and when this source last logged in to this
+    account (None: never, or forgotten)."""
+
+    source: tuple[int, float] = (0, 0.0)
+    account: tuple[int, float] = (0, 0.0)
+    trusted_since: float | None = None
 
 
 class _Failures:
@@ -72,7 +94,7 @@ class _Failures:
 
     def wait(self, key: str, now: float) -> float:
         count, last = self._count(key, now)
-        return max(0.0, last + self.policy.delay(count) - now)
+        return self.policy.wait(count, last, now)
 
     def fail(self, key: str, now: float) -> None:
         count, _ = self._count(key, now)
@@ -91,8 +113,11 @@ class _Failures:
 class LoginAttempt:
     """One password check the limiter let through; report its outcome with :meth:`done`."""
 
-    def __init__(self, limiter: LoginLimiter, account: str, source: str) -> None:
+    def __init__(self, limiter: LoginLimiter, account: str, source: str, shared: Shared | None = None) -> None:
         self._limiter, self.account, self.source = limiter, account, source
+        #: The :class:`Shared` counts it was let through on, if any: the caller writes the
+        #: outcome to the database, the limiter's own tables are left alone.
+        self.shared = shared
         self._open = True
 
     def done(self, ok: bool) -> None:
@@ -119,6 +144,10 @@ class LoginLimiter:
         max_entries: int = MAX_ENTRIES,
     ) -> None:
         self.clock = clock
+        self.source_policy = source_policy
+        self.account_policy = account_policy
+        # In flight is per process even when the counts are shared: it bounds this process's
+        # password-hashing threads, which no other replica's checks use.
         self.max_in_flight = max_in_flight
         self.trust_for = trust_for
         self._sources = _Failures(source_policy, max_entries)
@@ -141,15 +170,27 @@ class LoginLimiter:
             return False
         return True
 
-    def begin(self, login: str, source: str) -> LoginAttempt | Refused:
+    def begin(self, login: str, source: str, shared: Shared | None = None) -> LoginAttempt | Refused:
+        """Let a check run, or refuse it. With ``shared`` the counts come from there (every
+        replica's) instead of this limiter's tables."""
         now = self.clock.seconds()
         account = self.account_key(login)
-        wait = self._sources.wait(source, now)
+        if shared is None:
+            wait = self._sources.wait(source, now)
+        else:
+            wait = self.source_policy.wait(*shared.source, now)
         if wait > 0:
             self.counters["refused_source"] += 1
             return Refused(wait, "source")
-        if not self._is_trusted(account, source, now):
-            wait = self._accounts.wait(account, now)
+        if shared is None:
+            trusted = self._is_trusted(account, source, now)
+        else:
+            trusted = shared.trusted_since is not None and now - shared.trusted_since < self.trust_for
+        if not trusted:
+            if shared is None:
+                wait = self._accounts.wait(account, now)
+            else:
+                wait = self.account_policy.wait(*shared.account, now)
             if wait > 0:
                 self.counters["refused_account"] += 1
                 return Refused(wait, "account")
@@ -157,7 +198,7 @@ class LoginLimiter:
             self.counters["refused_busy"] += 1
             return Refused(1.0, "busy")
         self._in_flight[source] = self._in_flight.get(source, 0) + 1
-        return LoginAttempt(self, account, source)
+        return LoginAttempt(self, account, source, shared)
 
     def _finished(self, attempt: LoginAttempt, ok: bool | None) -> None:
         now = self.clock.seconds()
@@ -167,6 +208,10 @@ class LoginLimiter:
         else:
             self._in_flight.pop(attempt.source, None)
         if ok is None:
+            return
+        if attempt.shared is not None:
+            if not ok:
+                self.counters["failed"] += 1
             return
         if ok:
             self._sources.clear(attempt.source)

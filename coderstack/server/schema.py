@@ -298,9 +298,29 @@ def _v6(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
-# (version, step). Append new steps; never edit an applied one.
+#: Login failure counts every replica shares (``loginstore.py``). ``key`` is an HMAC of the
+#: source address or account (never the name or address itself); ``scope`` is ``source``,
+#: ``account`` or ``trust`` (a source that logged in to an account: ``failures`` 0, ``last_at``
+#: the login). ``last_at`` is seconds since the epoch on the servers' clocks.
+login_failures = sa.Table(
+    "login_failures",
+    metadata,
+    sa.Column("scope", sa.String(16), primary_key=True),
+    sa.Column("key", sa.String(64), primary_key=True),
+    sa.Column("failures", sa.Integer, nullable=False),
+    sa.Column("last_at", sa.Double, nullable=False),
+    sa.Index("login_failures_last_at", "last_at"),
+)
+
+
+def _v7(conn: sa.Connection) -> None:
+    login_failures.create(conn, checkfirst=True)
+
+
+# (version, step). Append new steps; never edit an applied one. Versions need not be
+# consecutive: each missing one is applied, in this list's order.
 MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [
-    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (6, _v6)]
+    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (6, _v6), (7, _v7)]
 
 
 def migrate(engine: sa.Engine) -> int:
@@ -315,5 +335,5 @@ def migrate(engine: sa.Engine) -> int:
         with engine.begin() as conn:
             step(conn)
             conn.execute(schema_migrations.insert().values(version=step_version, applied_at=now()))
-        version = step_version
+        version = max(version, step_version)  # a step listed late may be older than one applied
     return version

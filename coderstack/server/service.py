@@ -25,7 +25,7 @@ from coderstack.server.appauth import AppAuth
 from coderstack.server.appkeys import AppKeys
 from coderstack.server.appproxy import AppProxy
 from coderstack.server.apps import AppRouter
-from coderstack.server.appstore import APP_KEY_NAME
+from coderstack.server.appstore import APP_KEY_NAME, AppStore
 from coderstack.server.appurl import WildcardHost
 from coderstack.server.builds import Builder, make_builder
 from coderstack.server.database import database_url
@@ -34,6 +34,7 @@ from coderstack.server.derpsetup import build_derp_map, start_relay, start_stun
 from coderstack.server.dev import DevDemo
 from coderstack.server.httpguard import AdmissionFactory, GuardedSite
 from coderstack.server.limits import UserLimits
+from coderstack.server.loginstore import LOGIN_KEY_NAME, LoginFailureTable
 from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission
 from coderstack.server.servertailnet import ServerTailnet
 from coderstack.server.store import Store
@@ -130,6 +131,11 @@ class ServerService(service.MultiService):
             limits=user_limits(cfg),
             browser_only=cfg.get("browser-only", False),
         )
+        if cfg.get("postgres-url"):
+            # Replicas may share this database: their login limits count in it too. SQLite has
+            # one server only, whose counts stay in memory, off the database's single thread.
+            secret = await AppStore(self.store).deployment_secret(LOGIN_KEY_NAME)
+            self.deployment.login_table = LoginFailureTable(self.store, secret)
         # Workspace builds from Terraform templates (None when terraform is missing).
         self.builder = builder = await make_builder(self.reactor, self.store, self.deployment, cfg)
         api = API(self.deployment, builder=builder)

@@ -1,0 +1,179 @@
+"""Two server replicas on one PostgreSQL behind HAProxy, as real processes: the API, a websocket
+and ``Upgrade: DERP`` through the load balancer, requests spread over both replicas, one replica
+killed with SIGKILL and taken out by the health checks, and login limits counted across both."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import reactor
+from twisted.protocols import portforward
+from twisted.trial import unittest
+
+from coderstack.derpmap import DERPMap
+from coderstack.sdk import Client, SDKError
+from coderstack.server import healthws
+from coderstack.server.relayprobe import probe_node
+from tests.support import postgres, replicas
+from tests.support.replicas import ReplicaSet
+
+PASSWORD = "correct horse battery"
+
+
+class _Tracked(portforward.ProxyServer):
+    def connectionMade(self) -> None:
+        self.factory.open.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any = None) -> None:
+        self.factory.open.discard(self)
+        super().connectionLost(reason)
+
+
+class CuttableLink:
+    """A TCP forwarder to 127.0.0.1:``port`` on a port of its own, which a test can cut (stop
+    listening, abort every connection through it) and mend (listen on the same port again)."""
+
+    def __init__(self, testcase: Any, port: int) -> None:
+        self.factory = portforward.ProxyFactory("127.0.0.1", port)
+        self.factory.protocol = _Tracked
+        self.factory.open = set()
+        self.listening = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.port = self.listening.getHost().port
+        testcase.addCleanup(self.cut)
+
+    def cut(self) -> Any:
+        for proto in list(self.factory.open):
+            proto.transport.abortConnection()
+        if self.listening is not None:
+            listening, self.listening = self.listening, None
+            return listening.stopListening()
+        return None
+
+    def mend(self) -> None:
+        self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+
+
+class HAProxyReplicaTests(unittest.TestCase):
+    def setUp(self) -> None:
+        why = replicas.available()
+        if why is not None:
+            raise unittest.SkipTest(why)
+
+    def client(self, url: str, token: str | None = None) -> Client:
+        c = Client(reactor, url, token=token)
+        self.addCleanup(c.close)
+        return c
+
+    async def served(self, rs: ReplicaSet) -> list[int]:
+        """Responses (any status) each replica has sent through the load balancer so far."""
+        rows = [await rs.lb.server(i) for i in range(len(rs.replicas))]
+        return [sum(int(row[f"hrsp_{k}xx"] or 0) for k in range(1, 6)) for row in rows]
+
+    async def login(self, url: str) -> str:
+        got = await self.client(url).post("/api/v2/users/login",
+                                          {"email": "alice@example.com", "password": PASSWORD})
+        return str(got["session_token"])
+
+    async def test_replicas_behind_haproxy(self) -> None:
+        rs = ReplicaSet(self, 2)
+        await rs.start()
+
+        # The first user and a login through the load balancer; the session works on both.
+        await self.client(rs.url).post("/api/v2/users/first", {
+            "username": "alice", "email": "alice@example.com", "password": PASSWORD})
+        token = await self.login(rs.url)
+        for d in rs.replicas:
+            self.assertEqual((await self.client(d.url, token).me())["username"], "alice")
+
+        # Requests through it reach both replicas.
+        alice = self.client(rs.url, token)
+        before = await self.served(rs)
+        for _ in range(10):
+            self.assertEqual([u["username"] for u in (await alice.get("/api/v2/users"))["users"]], ["alice"])
+            self.assertEqual((await alice.get("/api/v2/workspaces"))["count"], 0)
+        after = await self.served(rs)
+        self.assertTrue(all(a - b >= 5 for a, b in zip(after, before, strict=True)), (before, after))
+
+        await self.check_websocket_and_derp(rs, token)
+
+        # SIGKILL one replica: HAProxy takes it out and the other answers everything.
+        await rs.kill9(0)
+        before = await self.served(rs)
+        for _ in range(10):
+            self.assertEqual((await alice.me())["username"], "alice")
+        self.assertIsInstance(await self.login(rs.url), str)
+        await self.check_websocket_and_derp(rs, token)
+        after = await self.served(rs)
+        self.assertEqual(after[0], before[0])
+        self.assertGreaterEqual(after[1] - before[1], 11)
+
+        # Back again: it serves its share once the health check sees it.
+        await rs.restart(0)
+        before = await self.served(rs)
+        for _ in range(10):
+            await alice.me()
+        after = await self.served(rs)
+        self.assertGreater(after[0], before[0])
+
+        # Login limits count on both replicas together: ten failures from one source are free,
+        # the eleventh starts the delays, so the next attempt is refused — although neither
+        # replica saw more than six of them.
+        anyone = self.client(rs.url)
+        for i in range(11):
+            with self.assertRaises(SDKError) as caught:
+                await anyone.post("/api/v2/users/login", {"email": f"ghost{i}@example.com",
+                                                          "password": "wrong password"})
+            self.assertEqual(caught.exception.status, 401)
+        with self.assertRaises(SDKError) as caught:
+            await anyone.post("/api/v2/users/login", {"email": "alice@example.com", "password": PASSWORD})
+        self.assertEqual(caught.exception.status, 429)
+
+    async def check_websocket_and_derp(self, rs: ReplicaSet, token: str) -> None:
+        """The health websocket echoes through the load balancer, and a DERP client logs in to
+        the embedded relay through it with ``Upgrade: DERP`` (no websocket) and gets a Pong —
+        twice each, so round-robin sends them to different replicas while both are up."""
+        for i in range(2):
+            echoed = await healthws.echo_through(reactor, rs.url, token, f"hello {i}", timeout=10)
+            self.assertEqual(echoed, f"hello {i}")
+        info = await self.client(rs.url, token).connection_info()
+        derp_map = DERPMap.from_json(info["derp_map"])
+        region = derp_map.regions[999]
+        node = region.derp_nodes[0]
+        self.assertEqual(node.derp_url(), f"{rs.url}/derp")  # the access URL's, not a replica's
+        for _ in range(2):
+            probe = await probe_node(reactor, region, node, token, timeout=10)
+            self.assertIsNone(probe.error)
+            self.assertFalse(probe.websocket)
+            self.assertIsNotNone(probe.rtt)
+
+    async def test_a_replica_that_loses_the_database_is_taken_out(self) -> None:
+        """/healthz answers 503 on the replica whose database connection is cut; HAProxy takes
+        it out, the other serves, and it comes back once the database answers again."""
+        pg_port = postgres.cluster().port
+        link = CuttableLink(self, pg_port)
+
+        def through_link(i: int, url: str) -> str:
+            return url.replace(f"@127.0.0.1:{pg_port}/", f"@127.0.0.1:{link.port}/") if i == 0 else url
+
+        rs = ReplicaSet(self, 2, postgres_url_for=through_link)
+        await rs.start()
+        await self.client(rs.url).post("/api/v2/users/first", {
+            "username": "alice", "email": "alice@example.com", "password": PASSWORD})
+        alice = self.client(rs.url, await self.login(rs.url))
+
+        await link.cut()
+        await rs.lb.wait_status(0, "DOWN")
+        with self.assertRaises(SDKError) as caught:
+            await self.client(rs.replicas[0].url).request("GET", "/healthz", text=True)
+        self.assertEqual(caught.exception.status, 503)
+        before = await self.served(rs)
+        for _ in range(10):
+            self.assertEqual((await alice.me())["username"], "alice")
+        after = await self.served(rs)
+        self.assertEqual((after[0] - before[0], after[1] - before[1]), (0, 10))
+        rs.process(0).check_running()  # still running: only out of the balancer's rotation
+
+        link.mend()
+        await rs.lb.wait_status(0, "UP")
+        self.assertEqual(await self.client(rs.replicas[0].url).request("GET", "/healthz", text=True), "OK")
