@@ -126,7 +126,7 @@ class ReplicaSyncTests(unittest.TestCase):
         b, _ = await self.replica(cb, "b")
         await self.beat(ca, cb)
         self.assertEqual(a.alive_ids(), {a.replica_id, b.replica_id})
-        self.assertEqual(rec.sets, [[a.replica_id], [a.replica_id, b.replica_id]])
+        self.assertEqual([set(x) for x in rec.sets], [{a.replica_id}, {a.replica_id, b.replica_id}])
         # b's clock stops: it heartbeats no more (and never says it stopped).
         await self.beat(ca)
         await self.beat(ca)
