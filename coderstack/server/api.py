@@ -36,6 +36,7 @@ from coderstack.server import (
     livesessions,
     ownerpages,
     ptyapi,
+    replicasapi,
     samesite,
     templatepush,
     webassets,
@@ -207,7 +208,13 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     def healthz(self, request: HTTPRequest) -> bytes:
+        """200 ``OK``; 503 while this replica's database heartbeats fail, so a load balancer
+        sends requests to the other replicas (the cause is in the log and /api/v2/replicas)."""
         request.setHeader(b"Content-Type", b"text/plain")
+        replicas = self.d.replicas
+        if replicas is not None and not replicas.healthy:
+            request.setResponseCode(503)
+            return b"unhealthy: this replica has lost its database\n"
         return b"OK"
 
     @app.route("/api/v2/buildinfo", methods=["GET"])
@@ -802,5 +809,6 @@ agentstate.register(API.app)
 agentviews.register(API.app)
 appsapi.register(API.app)
 ptyapi.register(API.app)
+replicasapi.register(API.app)
 dashboard.register(API.app)
 ownerpages.register(API.app)
