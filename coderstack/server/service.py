@@ -128,6 +128,9 @@ class ServerService(service.MultiService):
         if not postgres:
             await refuse_another_replica(self.reactor, self.store, replica_id,
                                          interval=REPLICA_INTERVAL, expiry=REPLICA_INTERVAL * REPLICA_MISSED)
+            if cfg.get("derp-server-relay-url"):
+                log.warn("--derp-server-relay-url {url} is ignored: it meshes the relays of several "
+                         "replicas, which need --postgres-url", url=cfg["derp-server-relay-url"])
         elif cfg.get("derp-server-relay-url"):
             relay_address(cfg, None)  # refuse the access URL before anything listens
         self.stun_ports = list(start_stun(cfg, self.reactor))
