@@ -29,7 +29,7 @@ def age(iso: str, now: datetime | None = None) -> str:
 
 def rows(replicas: list[dict[str, Any]], now: datetime | None = None) -> list[list[str]]:
     return [[r["id"], r["hostname"], str(r["region_id"]), r["relay_address"] or "-",
-             f"{r['database_latency']:.1f}ms", age(r["created_at"], now), r["error"] or "-"]
+             f"{r['database_latency_ms']:.1f}ms", age(r["created_at"], now), r["error"] or "-"]
             for r in replicas]
 
 

@@ -65,8 +65,8 @@ class Replica:
         return not self.error
 
     def to_json(self) -> dict[str, Any]:
-        """Coder's ``codersdk.Replica`` (``database_latency`` in milliseconds), and ours:
-        ``healthy``, ``version``, ``heartbeat_at``."""
+        """Coder's ``codersdk.Replica`` (its ``database_latency`` is whole microseconds), and
+        ours: ``database_latency_ms``, ``healthy``, ``version``, ``heartbeat_at``."""
         return {
             "id": str(self.id),
             "hostname": self.hostname,
@@ -74,7 +74,8 @@ class Replica:
             "relay_address": self.relay_url,
             "region_id": self.region_id,
             "error": self.error,
-            "database_latency": round(self.database_latency_ms, 3),
+            "database_latency": int(self.database_latency_ms * 1000),
+            "database_latency_ms": round(self.database_latency_ms, 3),
             "healthy": self.healthy,
             "version": self.version,
             "heartbeat_at": self.heartbeat_at.isoformat(),
@@ -191,9 +192,10 @@ class ReplicaSync:
 
     async def _start(self) -> None:
         started = self.clock.seconds()
-        await self.db.transact(self._write_row, started, True, "", 0.0)
+        latency, alive = await self.db.transact(self._heartbeat_work, started, False, "", True)
+        self.database_latency_ms = latency
         self._running = True
-        self._took(started, await self.fetch_alive())
+        self._took(started, alive)
         self._schedule(started)
 
     def start(self) -> Deferred[None]:
@@ -299,13 +301,13 @@ class ReplicaSync:
         conn.execute(t.insert().values(id=str(self.replica_id), started_at=now, stopped_at=None,
                                        **values))
 
-    def _heartbeat_work(self, conn: sa.Connection, wall: float, forget: bool,
-                        error: str) -> tuple[float, list[Replica]]:
+    def _heartbeat_work(self, conn: sa.Connection, wall: float, forget: bool, error: str,
+                        new: bool = False) -> tuple[float, list[Replica]]:
         # A measurement of one real round trip, not a timer: the real monotonic clock.
         before = time.perf_counter()
         conn.exec_driver_sql("SELECT 1")
         latency_ms = (time.perf_counter() - before) * 1000.0
-        self._write_row(conn, wall, False, error, latency_ms)
+        self._write_row(conn, wall, new, error, latency_ms)
         if forget:
             conn.execute(replicas_table.delete().where(
                 replicas_table.c.heartbeat_at < _before(conn, wall, FORGET_AFTER)))

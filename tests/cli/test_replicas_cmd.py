@@ -44,6 +44,7 @@ class ReplicasCommandTests(unittest.TestCase):
     def test_the_table_rows(self) -> None:
         now = datetime(2026, 1, 1, 12, 0, tzinfo=UTC)
         got = rows([{"id": "r1", "hostname": "box", "region_id": 999, "relay_address": "http://10.0.0.5:3000",
-                     "database_latency": 1.234, "created_at": "2026-01-01T09:00:00+00:00", "error": ""}], now)
+                     "database_latency": 1234, "database_latency_ms": 1.234,
+                     "created_at": "2026-01-01T09:00:00+00:00", "error": ""}], now)
         self.assertEqual(got, [["r1", "box", "999", "http://10.0.0.5:3000", "1.2ms", "3h", "-"]])
         self.assertEqual(age("2026-01-01T11:59:15", now), "45s")

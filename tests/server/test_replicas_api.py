@@ -50,7 +50,10 @@ class ReplicasAPITests(unittest.TestCase):
                          {"hostname": "box", "relay_address": "http://10.0.0.5:3000", "region_id": 999,
                           "error": "", "healthy": True, "version": "0.1.0"})
         self.assertTrue(r["created_at"].startswith("2027-01-15"))
-        self.assertIsInstance(r["database_latency"], float)
+        # Coder's field is whole microseconds; ours, milliseconds.
+        self.assertIsInstance(r["database_latency"], int)
+        self.assertEqual(r["database_latency"], int(r["database_latency_ms"] * 1000))
+        self.assertGreater(r["database_latency"], 0)
 
     async def test_no_registry_no_replicas(self) -> None:
         owner = await self.c.owner()
