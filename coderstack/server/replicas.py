@@ -157,6 +157,7 @@ class ReplicaSync:
         self._error: str | None = None
         self._timer: DelayedCall | None = None
         self._running = False
+        self._stopped = False
         self._last_forget: float | None = None
 
     # -- what other parts read -------------------------------------------------------------
@@ -194,6 +195,9 @@ class ReplicaSync:
         started = self.clock.seconds()
         latency, alive = await self.db.transact(self._heartbeat_work, started, False, "", True)
         self.database_latency_ms = latency
+        if self._stopped:  # stop() came while the row was being written
+            await self.db.transact(self._mark_stopped, self.clock.seconds())
+            return
         self._running = True
         self._took(started, alive)
         self._schedule(started)
@@ -203,6 +207,7 @@ class ReplicaSync:
         return Deferred.fromCoroutine(self._start())
 
     async def _stop(self) -> None:
+        self._stopped = True
         if not self._running:
             return
         self._running = False

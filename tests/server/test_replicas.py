@@ -238,6 +238,16 @@ class ReplicaSyncTests(unittest.TestCase):
         self.assertEqual(late.health[0][0], False)
         self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 2)
 
+    async def test_a_stop_during_start_leaves_the_row_stopped_and_no_loop(self) -> None:
+        clock = fake_clock()
+        a, _ = await self.replica(clock, start=False)
+        starting = a.start()
+        await a.stop()
+        await starting
+        self.assertFalse(clock.getDelayedCalls())
+        (row,) = await self.rows()
+        self.assertIsNotNone(row.stopped_at)
+
     async def test_stop_with_the_database_gone_still_stops(self) -> None:
         clock = fake_clock()
         a, _ = await self.replica(clock)
