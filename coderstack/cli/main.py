@@ -30,6 +30,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "login": ("coderstack.cli.login", "Log in to a coderstack server (creates the first user on a new one)."),
     "logout": ("coderstack.cli.login", "Forget the session token."),
     "users": ("coderstack.cli.users", "Manage users: create, list, suspend, activate, delete."),
+    "replicas": ("coderstack.cli.replicas", "List the server replicas sharing this deployment's database (owners only)."),
     "templates": ("coderstack.cli.templates", "Manage templates: push, list."),
     "create": ("coderstack.cli.workspaces", "Create a workspace (from a template, or print its agent token once)."),
     "list": ("coderstack.cli.workspaces", "List your workspaces and their agents."),

@@ -36,6 +36,7 @@ from coderstack.server import (
     livesessions,
     ownerpages,
     ptyapi,
+    replicasapi,
     samesite,
     templatepush,
     webassets,
@@ -208,8 +209,14 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
 
     @app.route("/healthz", methods=["GET", "HEAD"])
     async def healthz(self, request: HTTPRequest) -> bytes:
-        """``OK``, or 503 while the database does not answer (why is in the log only)."""
+        """200 ``OK``; 503 while the database does not answer or this replica's heartbeats fail,
+        so a load balancer sends requests to the other replicas (why is in the log and
+        /api/v2/replicas)."""
         request.setHeader(b"Content-Type", b"text/plain")
+        replicas = self.d.replicas
+        if replicas is not None and not replicas.healthy:
+            request.setResponseCode(503)
+            return b"unhealthy: this replica has lost its database\n"
         if await self.d.database_check.problem() is not None:
             request.setResponseCode(503)
             return b"database unavailable"
@@ -809,5 +816,6 @@ agentstate.register(API.app)
 agentviews.register(API.app)
 appsapi.register(API.app)
 ptyapi.register(API.app)
+replicasapi.register(API.app)
 dashboard.register(API.app)
 ownerpages.register(API.app)

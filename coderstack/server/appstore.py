@@ -15,6 +15,7 @@ from typing import Any
 import sqlalchemy as sa
 from twisted.internet.defer import Deferred
 
+from coderstack.server import pglock
 from coderstack.server.appshare import LEVELS, SharingLevel, parse_level
 from coderstack.server.database import Database
 from coderstack.server.records import now
@@ -114,9 +115,13 @@ class AppStore:
         return self.db.transact(work)
 
     def deployment_secret(self, name: str, size: int = 32) -> Deferred[bytes]:
-        """The secret called ``name``, made on first use; every replica gets the same one."""
+        """The secret called ``name``, made on first use; every replica gets the same one.
+
+        On PostgreSQL the transaction first takes an advisory lock, so replicas starting together
+        read and make the secrets one at a time (the insert's unique name is a second guard)."""
 
         def work(conn: sa.Connection) -> bytes:
+            pglock.xact_lock(conn, pglock.SECRETS_KEY)
             value = conn.execute(sa.select(deployment_secrets.c.value)
                                  .where(deployment_secrets.c.name == name)).scalar()
             if value is not None:

@@ -35,6 +35,7 @@ from coderstack.server.livesessions import REASON_AGENT_REVOKED, Credential, Liv
 from coderstack.server.loginlimit import LoginLimiter
 from coderstack.server.loginstore import LoginFailureTable
 from coderstack.server.records import Agent, User, Workspace
+from coderstack.server.replicas import ReplicaSync
 from coderstack.server.store import Store
 from coderstack.wire.coordination import address_from_uuid
 
@@ -85,6 +86,10 @@ class Deployment:
         self.tailnet: Any = None
         #: Workspace apps through the server (apps.AppRouter).
         self.apps: Any = None
+        #: This replica's row and the alive set (replicas.ReplicaSync); None until registered.
+        self.replicas: ReplicaSync | None = None
+        #: The DERP mesh with the other replicas (derp.mesh.Mesh), with PostgreSQL only.
+        self.mesh: Any = None
 
     # -- passwords: scrypt is deliberately slow, so it runs on a thread ------------------------
 
@@ -156,12 +161,38 @@ class Deployment:
                 'coderstack_derp_connections_refused_total{reason="per_user_limit"} '
                 f"{self.relay_admission.caps.refused}"
             )
+        lines.extend(self._replica_metrics())
         text = "\n".join(lines) + "\n"
         if self.relay is not None:
             text += metrics_text(self.relay)
         if self.tailnet is not None:
             text += self.tailnet.metrics_text()
         return text + procmetrics.metrics_text()
+
+    def _replica_metrics(self) -> list[str]:
+        lines = []
+        if self.replicas is not None:
+            lines.append("# HELP coderstack_replica_healthy 1 while this replica's database "
+                         "heartbeats work.")
+            lines.append("# TYPE coderstack_replica_healthy gauge")
+            lines.append(f"coderstack_replica_healthy {int(self.replicas.healthy)}")
+            lines.append("# HELP coderstack_replicas_alive Replicas alive at the last heartbeat, "
+                         "this one included.")
+            lines.append("# TYPE coderstack_replicas_alive gauge")
+            lines.append(f"coderstack_replicas_alive {len(self.replicas.alive_ids())}")
+        if self.mesh is not None:
+            peers = list(self.mesh.peers.values())
+            up = sum(1 for p in peers if p.client.connected)
+            lines.append("# HELP coderstack_derp_mesh_peers DERP mesh links to other replicas' "
+                         "relays, by state.")
+            lines.append("# TYPE coderstack_derp_mesh_peers gauge")
+            lines.append(f'coderstack_derp_mesh_peers{{state="connected"}} {up}')
+            lines.append(f'coderstack_derp_mesh_peers{{state="connecting"}} {len(peers) - up}')
+            lines.append("# HELP coderstack_derp_mesh_remote_keys Node keys connected to other "
+                         "replicas that this relay forwards to.")
+            lines.append("# TYPE coderstack_derp_mesh_remote_keys gauge")
+            lines.append(f"coderstack_derp_mesh_remote_keys {sum(len(p.keys) for p in peers)}")
+        return lines
 
     def connection_info(self) -> dict[str, Any]:
         return {

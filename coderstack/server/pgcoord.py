@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from datetime import timedelta
 from typing import Any
 from uuid import UUID
 
@@ -47,7 +48,7 @@ from coderstack.coordinator.mirror import Mirror, PeerRow, TunnelRow
 from coderstack.coordinator.replication import Binding
 from coderstack.server.database import Database
 from coderstack.server.pubsub import Listener, notify
-from coderstack.server.schema import tailnet_peers, tailnet_tunnels
+from coderstack.server.schema import replicas, tailnet_peers, tailnet_tunnels
 from coderstack.wire.coordination import CoordinationError, Node
 
 log = Logger()
@@ -59,6 +60,12 @@ CHANNELS = (PEER_CHANNEL, TUNNEL_CHANNEL, READY_CHANNEL)
 
 #: Ids per ``IN (...)`` when reading rows back.
 _CHUNK = 500
+
+#: How often a replica deletes the rows of replicas gone longer than the LOST timeout.
+CLEANUP_EVERY = 60.0
+
+#: Why a replica that lost its database closes its coordinations (their close reason).
+REASON_UNHEALTHY = "replica unhealthy"
 
 
 def binding_row(replica_id: UUID, b: Binding) -> dict[str, Any]:
@@ -126,6 +133,46 @@ class PGCoordination:
 
     def start(self) -> None:
         self.listener.start()
+        self._later("cleanup", CLEANUP_EVERY, self._cleanup)
+
+    # --- the replica set (ReplicaSetHandler) ------------------------------------------------
+
+    def replicas_changed(self, alive: Any) -> None:
+        """The live replicas: the others' peers on a replica that stopped are shown LOST."""
+        self.mirror.replicas_alive(r.id for r in alive)
+
+    def health_changed(self, healthy: bool, error: str | None) -> None:
+        if not healthy:
+            # Our rows are going stale and the load balancer is taking us out: send our peers
+            # to another replica rather than let them think they are coordinated.
+            log.warn("coordinator: this replica lost its database; closing its coordinations")
+            self.coordinator.drop_connections(REASON_UNHEALTHY)
+
+    def _cleanup(self) -> None:
+        """Delete the rows of replicas whose last heartbeat is older than the LOST timeout
+        (and tell the others), so their peers end as DISCONNECTED "lost timeout"."""
+        lost_timeout = self.coordinator.lost_timeout
+
+        def work(conn: sa.Connection) -> None:
+            cutoff = conn.execute(sa.select(sa.func.now())).scalar_one() - timedelta(seconds=lost_timeout)
+            live = sa.select(replicas.c.id).where(replicas.c.heartbeat_at > cutoff)
+            gone = conn.execute(tailnet_peers.delete().where(tailnet_peers.c.replica_id.not_in(live))
+                                .returning(tailnet_peers.c.replica_id, tailnet_peers.c.id)).all()
+            for replica_id, peer_id in gone:
+                notify(conn, PEER_CHANNEL, f"{replica_id},{peer_id}")
+            t = tailnet_tunnels.c
+            for replica_id, src, dst in conn.execute(tailnet_tunnels.delete().where(t.replica_id.not_in(live))
+                                                     .returning(t.replica_id, t.src_id, t.dst_id)).all():
+                notify(conn, TUNNEL_CHANNEL, f"{replica_id},{src},{dst}")
+
+        def again(result: object) -> None:
+            if not self._stopped:
+                self._later("cleanup", CLEANUP_EVERY, self._cleanup)
+
+        d = self.db.transact(work)
+        d.addErrback(lambda f: log.warn("coordinator: cleaning up gone replicas' peers failed: {why}",
+                                        why=f.getErrorMessage().splitlines()[0]))
+        d.addBoth(again)
 
     def stop(self) -> None:
         self._stopped = True

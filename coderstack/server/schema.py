@@ -12,6 +12,7 @@ from collections.abc import Callable
 
 import sqlalchemy as sa
 
+from coderstack.server import pglock
 from coderstack.server.records import now
 
 metadata = sa.MetaData()
@@ -267,6 +268,30 @@ def _v4(conn: sa.Connection) -> None:
         table.create(conn, checkfirst=True)
 
 
+# -- step 5: the server replicas sharing this database (see replicas.py) ---------------------
+
+replicas = sa.Table(
+    "replicas",
+    metadata,
+    sa.Column("id", sa.String(36), primary_key=True),  # a UUID, as text
+    sa.Column("hostname", sa.String(256), nullable=False),
+    sa.Column("region_id", sa.Integer, nullable=False),
+    # This replica's own address for the DERP mesh ("" when it has none).
+    sa.Column("relay_url", sa.String(2048), nullable=False, default=""),
+    sa.Column("version", sa.String(64), nullable=False),
+    # Why the replica is unhealthy, as it last reported it ("" when healthy).
+    sa.Column("error", sa.Text, nullable=False, default=""),
+    sa.Column("database_latency_ms", sa.Float, nullable=False, default=0.0),
+    sa.Column("started_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("heartbeat_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("stopped_at", sa.DateTime(timezone=True), nullable=True),
+)
+
+
+def _v5(conn: sa.Connection) -> None:
+    replicas.create(conn, checkfirst=True)
+
+
 # The coordinator peers and tunnels each replica holds, for the other replicas
 # (coderstack.server.pgcoord). Ids are UUID text; times are the holding replica's clock.
 tailnet_peers = sa.Table(
@@ -320,11 +345,19 @@ def _v7(conn: sa.Connection) -> None:
 # (version, step). Append new steps; never edit an applied one. Versions need not be
 # consecutive: each missing one is applied, in this list's order.
 MIGRATIONS: list[tuple[int, Callable[[sa.Connection], None]]] = [
-    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (6, _v6), (7, _v7)]
+    (1, _v1), (2, _v2), (3, _v3), (4, _v4), (5, _v5), (6, _v6), (7, _v7)]
 
 
 def migrate(engine: sa.Engine) -> int:
-    """Apply the steps of :data:`MIGRATIONS` the database lacks; the schema version reached."""
+    """Apply the steps of :data:`MIGRATIONS` the database lacks; the schema version reached.
+
+    On PostgreSQL under an advisory lock: replicas starting together against one database take
+    turns, and each one after the first finds the steps already done."""
+    with pglock.session_lock(engine, pglock.MIGRATE_KEY):
+        return _migrate(engine)
+
+
+def _migrate(engine: sa.Engine) -> int:
     with engine.begin() as conn:
         schema_migrations.create(conn, checkfirst=True)
         done = {r.version for r in conn.execute(sa.select(schema_migrations.c.version))}

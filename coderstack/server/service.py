@@ -8,6 +8,8 @@ unreachable, port taken, bad DERP map) is logged as one clear line and stops the
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from typing import Any, Protocol, cast
 from urllib.parse import urlsplit
 
@@ -17,7 +19,9 @@ from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IProtocolFactory
 from twisted.logger import Logger
 
-from coderstack import envopts
+from coderstack import __version__, envopts
+from coderstack.derp.mesh import Mesh
+from coderstack.derp.relay import Relay
 from coderstack.fdlimit import connection_budget, raise_open_files_limit
 from coderstack.server.admission import Admission
 from coderstack.server.api import API
@@ -35,8 +39,13 @@ from coderstack.server.dev import DevDemo
 from coderstack.server.httpguard import AdmissionFactory, GuardedSite
 from coderstack.server.limits import UserLimits
 from coderstack.server.loginstore import LOGIN_KEY_NAME, LoginFailureTable
+from coderstack.server.meshkey import derp_mesh_key
+from coderstack.server.pgcoord import PGCoordination
 from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission
+from coderstack.server.replicamesh import MeshFollower, RelayAddress, relay_address
+from coderstack.server.replicas import ReplicaSync
 from coderstack.server.servertailnet import ServerTailnet
+from coderstack.server.solereplica import refuse_another_replica
 from coderstack.server.store import Store
 from coderstack.server.streamingrequest import stream_claimed_bodies
 
@@ -44,6 +53,9 @@ log = Logger()
 
 #: How long shutdown waits for websockets and DERP connections to finish closing.
 SHUTDOWN_GRACE = 0.5
+#: The replica heartbeat, and how many missed ones make a replica count as gone.
+REPLICA_INTERVAL = 2.0
+REPLICA_MISSED = 3
 
 
 class ListeningPort(Protocol):
@@ -85,6 +97,9 @@ class ServerService(service.MultiService):
         self.stun_ports: list[ListeningPort] = []
         self.ready: Deferred[None] = Deferred()
         self.app_proxy: AppProxy | None = None
+        self.replicas: ReplicaSync | None = None
+        self.mesh: Mesh | None = None
+        self.pgcoord: PGCoordination | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -110,11 +125,17 @@ class ServerService(service.MultiService):
         log.info("database ready ({kind}, schema v{version})",
                  kind="postgres" if cfg.get("postgres-url") else "sqlite", version=version)
 
-        if cfg.get("derp-server-relay-url"):
-            # Coder meshes the relays of several replicas through this URL. A single server
-            # (the only deployment this build runs) has no other replica to mesh with.
-            log.warn("--derp-server-relay-url {url} is noted, but DERP meshing needs several replicas "
-                     "sharing one coordinator, which this server does not run yet", url=cfg["derp-server-relay-url"])
+        # This replica's row in the replica registry; on SQLite it must be the only one.
+        replica_id = uuid.uuid4()
+        postgres = bool(cfg.get("postgres-url"))
+        if not postgres:
+            await refuse_another_replica(self.reactor, self.store, replica_id,
+                                         interval=REPLICA_INTERVAL, expiry=REPLICA_INTERVAL * REPLICA_MISSED)
+            if cfg.get("derp-server-relay-url"):
+                log.warn("--derp-server-relay-url {url} is ignored: it meshes the relays of several "
+                         "replicas, which need --postgres-url", url=cfg["derp-server-relay-url"])
+        elif cfg.get("derp-server-relay-url"):
+            relay_address(cfg, None)  # refuse the access URL before anything listens
         self.stun_ports = list(start_stun(cfg, self.reactor))
         stun = self.stun = self.stun_ports[0] if self.stun_ports else None
         for p in self.stun_ports:
@@ -145,6 +166,10 @@ class ServerService(service.MultiService):
             cfg, self.reactor, CoordinatorRelayPolicy(api, self.deployment.coordinator), admission
         )
         self.deployment.attach_relay(relay, resources, stun)
+        mesh_key = ""
+        if postgres and relay is not None:
+            # Every replica's relay takes the others' mesh connections with this key.
+            relay.mesh_key = mesh_key = await derp_mesh_key(api.app_store)
         # The server's own tailnet to agents (the app proxy's), its DERP in memory.
         self.deployment.tailnet = ServerTailnet(self.reactor, self.deployment)
         await self.deployment.tailnet.start()
@@ -191,6 +216,7 @@ class ServerService(service.MultiService):
             p = await self._listen(host, port, guarded())
             log.info("also listening on http://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         log.info("access URL: {url}", url=cfg["access-url"])
+        await self._start_replica(replica_id, relay if postgres else None, mesh_key)
         if cfg.get("wildcard-access-url"):
             router.set_wildcard(WildcardHost.parse(cfg["wildcard-access-url"],
                                                    urlsplit(cfg["access-url"]).port))
@@ -202,6 +228,39 @@ class ServerService(service.MultiService):
             await demo.ready
         if not self.ready.called:
             self.ready.callback(None)
+
+    async def _start_replica(self, replica_id: uuid.UUID, relay: Relay | None, mesh_key: str) -> None:
+        """This replica's row and heartbeat; with PostgreSQL (``relay`` given), the DERP mesh
+        with the other replicas of this region."""
+        cfg = self.config
+        assert self.store is not None and self.deployment is not None
+        address = RelayAddress("")
+        if relay is not None:
+            listen = None
+            if cfg["http-address"] is not None and self.ports:
+                listen = (cfg["http-address"][0], self.ports[0].getHost().port)
+            address = relay_address(cfg, listen)
+            if address.warning:
+                log.warn(address.warning)
+        region_id = int(cfg["derp-server-region-id"])
+        sync = self.replicas = ReplicaSync(
+            self.reactor, self.store, replica_id=replica_id, hostname=socket.gethostname(),
+            region_id=region_id, relay_url=address.url, version=__version__,
+            interval=REPLICA_INTERVAL, missed=REPLICA_MISSED)
+        self.deployment.replicas = sync
+        if relay is not None:
+            # The coordinator shared with the other replicas: theirs reach ours, ours theirs.
+            self.pgcoord = PGCoordination(self.reactor, self.store, self.deployment.coordinator, replica_id)
+            sync.add_handler(self.pgcoord)
+            self.pgcoord.start()
+        if relay is not None and address.url:
+            self.mesh = Mesh(self.reactor, relay, mesh_key)
+            self.deployment.mesh = self.mesh
+            sync.add_handler(MeshFollower(self.mesh, replica_id, region_id,
+                                          [address.url, cfg["access-url"]]))
+            log.info("DERP mesh: this replica's relay is {url}", url=address.url)
+        await sync.start()
+        log.info("replica {id} registered", id=replica_id)
 
     async def _app_router(self, api: API) -> AppRouter:
         """Workspace apps through the server: their keys (shared by every replica, in the
@@ -221,6 +280,12 @@ class ServerService(service.MultiService):
     async def _stop(self) -> None:
         if self.builder is not None:
             await self.builder.stop()  # interrupt terraform while the store can record it
+        if self.replicas is not None:
+            await self.replicas.stop()  # the other replicas drop this one at once
+        if self.mesh is not None:
+            await self.mesh.stop()
+        if self.pgcoord is not None:
+            self.pgcoord.stop()
         for p in self.ports + self.stun_ports:
             stopped = p.stopListening()
             if stopped is not None:

@@ -94,6 +94,16 @@ class PostgresCluster:
                             timeout=5, interval=0.1)
         return f"postgresql://{self.user}@127.0.0.1:{self.port}/{name}"
 
+    def pause(self) -> None:
+        """Stop the server but keep its data: the database is unreachable until :meth:`resume`."""
+        self._run(f"pg_ctl -D {self.dir}/db -m immediate -w stop >/dev/null")
+
+    def resume(self) -> None:
+        self._run(
+            f"pg_ctl -D {self.dir}/db -o '-k {self.dir} -p {self.port} -h 127.0.0.1' "
+            f"-l {self.dir}/log -w start >/dev/null"
+        )
+
     def stop(self) -> None:
         if self.running:
             self.running = False
