@@ -231,11 +231,12 @@ class Deployment:
         assert self.server is not None
         return await self.server.stop()
 
-    def start_agent(self, token: str, name: str = "agent", **env: str) -> Process:
+    def start_agent(self, token: str, name: str = "agent", url: str | None = None, **env: str) -> Process:
+        """An agent reaching the server at ``url`` (default: this deployment's own address)."""
         home = os.path.join(self.dir, name)
         os.makedirs(home, exist_ok=True)
         argv = [TWISTD, "-n", "--pidfile=", "coderstack-agent", "--data-dir", os.path.join(home, "data")]
-        e = self.env(home, CODER_AGENT_URL=self.url, CODER_AGENT_TOKEN=token, **env)
+        e = self.env(home, CODER_AGENT_URL=url or self.url, CODER_AGENT_TOKEN=token, **env)
         return Process(self.testcase, name, in_netns(self.netns.get("agent"), argv), e, home)
 
     def user(self, name: str) -> CLIUser:
