@@ -331,7 +331,7 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
         parts = auth.split_session_token(token)
         if parts:
             await self.d.store.delete_api_key(parts[0])
-            self.d.live.revoke_token(livesessions.token_hash(token))
+            self.d.revocations.token(livesessions.token_hash(token), livesessions.REASON_LOGGED_OUT)
 
     @app.route("/api/v2/users/me", methods=["GET"])
     async def me(self, request: HTTPRequest) -> bytes:
@@ -372,7 +372,7 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
     @app.route("/api/v2/users/<string:who>/status/suspend", methods=["PUT"])
     async def suspend_user(self, request: HTTPRequest, who: str) -> bytes:
         user = await self._set_suspended(request, who, True)
-        self.d.live.revoke_user(user.id, livesessions.REASON_USER_SUSPENDED)
+        self.d.revocations.user(user.id, livesessions.REASON_USER_SUSPENDED)
         return write_json(request, user.to_json())
 
     @app.route("/api/v2/users/<string:who>/status/activate", methods=["PUT"])
@@ -394,7 +394,7 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
             await self.d.store.delete_user(target.id)
         except Conflict as err:
             raise APIError(409, f"User {target.username!r} cannot be deleted yet.", str(err)) from None
-        self.d.live.revoke_user(target.id, livesessions.REASON_USER_DELETED)
+        self.d.revocations.user(target.id, livesessions.REASON_USER_DELETED)
         return write_json(request, {"message": f"User {target.username!r} deleted."})
 
     # -- workspaces --------------------------------------------------------------------------

@@ -36,6 +36,7 @@ from coderstack.server.loginlimit import LoginLimiter
 from coderstack.server.loginstore import LoginFailureTable
 from coderstack.server.records import Agent, User, Workspace
 from coderstack.server.replicas import ReplicaSync
+from coderstack.server.revocations import Revocations
 from coderstack.server.store import Store
 from coderstack.wire.coordination import address_from_uuid
 
@@ -66,6 +67,9 @@ class Deployment:
         self.limits = limits or UserLimits()
         #: Every long-lived connection by the credential that opened it (see livesessions.py).
         self.live = LiveSessions(reactor)
+        #: Revoking a credential closes its connections here (and, with several replicas, on
+        #: every one: the service swaps in SharedRevocations).
+        self.revocations: Revocations = Revocations(self.live)
         self.dummy_password_hash = auth.hash_password(uuid.uuid4().hex)
         self.passwords = HashPool(reactor)
         self.logins = LoginLimiter(reactor)
@@ -225,7 +229,7 @@ class Deployment:
 
     def agent_removed(self, agent_id: uuid.UUID) -> None:
         """The agent's token or workspace is gone: close every live connection it opened."""
-        self.live.revoke_agent(agent_id, REASON_AGENT_REVOKED)
+        self.revocations.agent(agent_id, REASON_AGENT_REVOKED)
         proto = self._agent_sockets.pop(agent_id, None)
         if proto is not None:
             proto.kick("agent token revoked")

@@ -44,6 +44,7 @@ from coderstack.server.pgcoord import PGCoordination
 from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission
 from coderstack.server.replicamesh import MeshFollower, RelayAddress, relay_address
 from coderstack.server.replicas import ReplicaSync
+from coderstack.server.revocations import SharedRevocations
 from coderstack.server.servertailnet import ServerTailnet
 from coderstack.server.solereplica import refuse_another_replica
 from coderstack.server.store import Store
@@ -100,6 +101,7 @@ class ServerService(service.MultiService):
         self.replicas: ReplicaSync | None = None
         self.mesh: Mesh | None = None
         self.pgcoord: PGCoordination | None = None
+        self.revocations: SharedRevocations | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -253,6 +255,9 @@ class ServerService(service.MultiService):
             self.pgcoord = PGCoordination(self.reactor, self.store, self.deployment.coordinator, replica_id)
             sync.add_handler(self.pgcoord)
             self.pgcoord.start()
+            shared = self.revocations = SharedRevocations(self.reactor, self.store, self.deployment.live, replica_id)
+            self.deployment.revocations = shared
+            shared.start()
         if relay is not None and address.url:
             self.mesh = Mesh(self.reactor, relay, mesh_key)
             self.deployment.mesh = self.mesh
@@ -286,6 +291,8 @@ class ServerService(service.MultiService):
             await self.mesh.stop()
         if self.pgcoord is not None:
             self.pgcoord.stop()
+        if self.revocations is not None:
+            self.revocations.stop()
         for p in self.ports + self.stun_ports:
             stopped = p.stopListening()
             if stopped is not None:
