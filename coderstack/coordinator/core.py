@@ -374,7 +374,7 @@ class Coordinator:
             )
             if peer.conn is not None:
                 self.counters["overwrites"] += 1
-            self._remove_peer(peer, DISCONNECTED, REASON_REPLACED)
+            self._remove_peer(peer, REASON_REPLACED)
             peer = None
 
         if peer is None:
@@ -382,10 +382,9 @@ class Coordinator:
             self._peers[peer_id] = peer
             if isinstance(auth, ClientAuth):
                 self._by_user.setdefault(auth.user_id, {})[peer_id] = None
-            existed = was_lost = False
+            existed = False
         else:
             existed = True
-            was_lost = peer.status == LOST
             if peer.conn is not None:
                 self.counters["overwrites"] += 1
                 self._log.info("coordinator: connection of {peer_id} overwritten", peer_id=peer_id)
@@ -407,7 +406,7 @@ class Coordinator:
         if updates:
             self._emit(peer, CoordinateResponse(tuple(updates)))
         # Its tunnel peers had it as LOST; tell them it is back with the node we kept.
-        if was_lost or before is not None:
+        if before is not None:
             self._announce(peer_id, before, REASON_RESUME)
         self._flush()
         return conn
@@ -690,7 +689,7 @@ class Coordinator:
         if errors or notices:
             self._refuse(peer, conn, errors, notices)
         if request.disconnect and self._current(conn) is peer:
-            self._remove_peer(peer, DISCONNECTED, REASON_GRACEFUL)
+            self._remove_peer(peer, REASON_GRACEFUL)
         self._flush()
         if timed:
             start = now if received is None else received
@@ -731,7 +730,7 @@ class Coordinator:
             conn._strikes.popleft()
         if len(conn._strikes) >= self.max_refusals:
             self.counters["kicked"] += 1
-            self._remove_peer(peer, DISCONNECTED, REASON_REFUSED)
+            self._remove_peer(peer, REASON_REFUSED)
 
     def _check_node(self, peer: _Peer, node: Node) -> str | None:
         auth = peer.auth
@@ -885,13 +884,13 @@ class Coordinator:
         lost.sort(key=lambda p: p.last_seen)
         for old in lost[:excess]:
             self.counters["lost_evicted"] += 1
-            self._remove_peer(old, DISCONNECTED, REASON_LOST_LIMIT)
+            self._remove_peer(old, REASON_LOST_LIMIT)
 
     def _disconnect(self, conn: PeerConnection) -> None:
         peer = self._current(conn)
         if peer is None:
             return
-        self._remove_peer(peer, DISCONNECTED, REASON_GRACEFUL)
+        self._remove_peer(peer, REASON_GRACEFUL)
         self._flush()
 
     def _forget(self, peer: _Peer) -> None:
@@ -899,15 +898,13 @@ class Coordinator:
         if self._peers.get(peer.id) is not peer or peer.status != LOST:
             return
         self.counters["forgotten"] += 1
-        self._remove_peer(peer, DISCONNECTED, REASON_LOST_TIMEOUT)
+        self._remove_peer(peer, REASON_LOST_TIMEOUT)
         self._flush()
 
-    def _remove_peer(self, peer: _Peer, kind: PeerUpdateKind, reason: str) -> None:
-        """Tell its tunnel peers, drop its outgoing tunnels, node and record; close its connection."""
-        remote = self._remote.get(peer.id)
+    def _remove_peer(self, peer: _Peer, reason: str) -> None:
+        """Drop its outgoing tunnels, node and record; close its connection; tell its tunnel
+        peers (DISCONNECTED, or how another replica's binding of it looks now)."""
         before, told = self._view(peer.id), list(self._tunnel_peers(peer.id))
-        if remote is None:
-            self._fan_out(peer, PeerUpdate(peer.id, kind, reason))
         for dst_id in list(self._by_src.get(peer.id, ())):
             self._drop_tunnel(peer.id, dst_id)
         if peer.node is not None and self._by_key.get(peer.node.key) == peer.id:
@@ -925,8 +922,7 @@ class Coordinator:
             peer.conn = None
         if self.replication is not None:
             self.replication.peer_unbound(peer.id)
-        if remote is not None:
-            self._announce(peer.id, before, reason, recipients=told)
+        self._announce(peer.id, before, reason, recipients=told)
 
     def _drop_tunnel(self, src_id: UUID, dst_id: UUID) -> None:
         dsts = self._by_src.get(src_id)
@@ -1009,18 +1005,6 @@ class Coordinator:
     def _publish(self, peer: _Peer) -> None:
         if self.replication is not None:
             self.replication.peer_bound(peer.binding())
-
-    def _fan_out(self, peer: _Peer, update: PeerUpdate) -> int:
-        """Send one update about ``peer`` to every connected tunnel peer (one shared response);
-        how many it was queued for."""
-        response = CoordinateResponse((update,))
-        queued = 0
-        for other_id in self._tunnel_peers(peer.id):
-            other = self._peers.get(other_id)
-            if other is not None and other.conn is not None:
-                self._emit(other, response)
-                queued += 1
-        return queued
 
     def _emit(self, peer: _Peer, response: CoordinateResponse) -> None:
         if peer.conn is not None:
