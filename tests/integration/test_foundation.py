@@ -279,9 +279,7 @@ class FoundationTests(unittest.TestCase):
         self.assertNotIn("listening on", server.log())
 
     async def test_postgres_store(self) -> None:
-        why = postgres.available()
-        if why is not None:
-            raise unittest.SkipTest(why)
+        postgres.require()
         url = postgres.cluster().new_database()
         d = Deployment(self, "--postgres-url", url)
         server = await d.start_server()

@@ -34,9 +34,7 @@ def gauge(text: str, name: str) -> float | None:
 
 class PostgresReplicaTests(unittest.TestCase):
     def setUp(self) -> None:
-        why = postgres.available()
-        if why is not None:
-            raise unittest.SkipTest(why)
+        postgres.require()
 
     async def test_two_replicas_list_each_other_and_mesh(self) -> None:
         url = postgres.cluster().new_database()
@@ -105,9 +103,7 @@ async def _gauge_is(text: object, name: str, want: float) -> bool:
 
 class RelayURLTests(unittest.TestCase):
     async def test_the_access_url_as_relay_url_is_refused_naming_the_flag(self) -> None:
-        why = postgres.available()
-        if why is not None:
-            raise unittest.SkipTest(why)
+        postgres.require()
         d = Deployment(self, "--postgres-url", postgres.cluster().new_database())
         argv = [TWISTD, "-n", "--pidfile=", "coderstack-server", "--data-dir", d.data_dir,
                 "--stun-address", "disable", *d.server_args, "--access-url", "https://coder.example.com",

@@ -155,9 +155,7 @@ class SQLiteAgentStoreTests(AgentStoreTests, unittest.TestCase):
 
 class PostgresAgentStoreTests(AgentStoreTests, unittest.TestCase):
     def setUp(self) -> None:
-        why = postgres.available()
-        if why:
-            raise unittest.SkipTest(f"PostgreSQL cannot run here: {why}")
+        postgres.require()
         self.cluster = postgres.cluster()
 
     def make_url(self) -> str:

@@ -67,9 +67,7 @@ class SQLiteAppStoreTests(AppStoreTests, unittest.TestCase):
 
 class PostgresAppStoreTests(AppStoreTests, unittest.TestCase):
     def setUp(self) -> None:
-        why = postgres.available()
-        if why:
-            raise unittest.SkipTest(f"PostgreSQL cannot run here: {why}")
+        postgres.require()
         self.cluster = postgres.cluster()
 
     def make_url(self) -> str:

@@ -204,9 +204,7 @@ class SQLiteSharedCountsTests(SharedCountsTests, unittest.TestCase):
 
 class PostgresSharedCountsTests(SharedCountsTests, unittest.TestCase):
     def setUp(self) -> None:
-        why = postgres.available()
-        if why:
-            raise unittest.SkipTest(f"PostgreSQL cannot run here: {why}")
+        postgres.require()
         self.cluster = postgres.cluster()
 
     def make_url(self) -> str:

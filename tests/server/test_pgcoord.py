@@ -50,9 +50,7 @@ def kinds(peer: Peer, about: UUID) -> list[str]:
 
 class Base(unittest.TestCase):
     def pg_cluster(self) -> postgres.PostgresCluster:
-        why = postgres.available()
-        if why:
-            raise unittest.SkipTest(f"PostgreSQL cannot run here: {why}")
+        postgres.require()
         return postgres.cluster()
 
     def setUp(self) -> None:

@@ -37,9 +37,7 @@ class LocalRevocationTests(unittest.SynchronousTestCase):
 
 class SharedRevocationTests(unittest.TestCase):
     def setUp(self) -> None:
-        why = postgres.available()
-        if why:
-            raise unittest.SkipTest(f"PostgreSQL cannot run here: {why}")
+        postgres.require()
         self.url = database_url(None, postgres.cluster().new_database())
 
     async def replicas(self) -> list[SharedRevocations]:

@@ -21,9 +21,7 @@ from tests.support import postgres
 
 class StartTogetherTests(unittest.TestCase):
     def setUp(self) -> None:
-        why = postgres.available()
-        if why is not None:
-            raise unittest.SkipTest(why)
+        postgres.require()
 
     async def store(self, url: str | None = None) -> Store:
         s = Store(database_url(None, url or postgres.cluster().new_database()), reactor)

@@ -181,9 +181,7 @@ class SQLiteStoreTests(StoreTests, unittest.TestCase):
 
 class PostgresStoreTests(StoreTests, unittest.TestCase):
     def setUp(self) -> None:
-        why = postgres.available()
-        if why:
-            raise unittest.SkipTest(f"PostgreSQL cannot run here: {why}")
+        postgres.require()
         self.cluster = postgres.cluster()
 
     def make_url(self) -> str:

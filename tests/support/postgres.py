@@ -41,6 +41,15 @@ def available() -> str | None:
     return None
 
 
+def require() -> None:
+    """Skip the calling test when a cluster cannot be made here (CI installs PostgreSQL)."""
+    from twisted.trial.unittest import SkipTest
+
+    why = available()
+    if why is not None:
+        raise SkipTest(f"PostgreSQL cannot run here: {why}")
+
+
 class PostgresCluster:
     def __init__(self) -> None:
         self.dir = tempfile.mkdtemp(prefix="cs-pg-")
