@@ -31,7 +31,7 @@ READY_FOR_HANDSHAKE has no table: it is a moment, not state.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import timedelta
 from typing import Any
 from uuid import UUID
@@ -48,6 +48,7 @@ from coderstack.coordinator.mirror import Mirror, PeerRow, TunnelRow
 from coderstack.coordinator.replication import Binding
 from coderstack.server.database import Database
 from coderstack.server.pubsub import Listener, notify
+from coderstack.server.replicas import Replica
 from coderstack.server.schema import replicas, tailnet_peers, tailnet_tunnels
 from coderstack.wire.coordination import CoordinationError, Node
 
@@ -137,7 +138,7 @@ class PGCoordination:
 
     # --- the replica set (ReplicaSetHandler) ------------------------------------------------
 
-    def replicas_changed(self, alive: Any) -> None:
+    def replicas_changed(self, alive: Sequence[Replica]) -> None:
         """The live replicas: the others' peers on a replica that stopped are shown LOST."""
         self.mirror.replicas_alive(r.id for r in alive)
 

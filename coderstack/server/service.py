@@ -154,7 +154,7 @@ class ServerService(service.MultiService):
             limits=user_limits(cfg),
             browser_only=cfg.get("browser-only", False),
         )
-        if cfg.get("postgres-url"):
+        if postgres:
             # Replicas may share this database: their login limits count in it too. SQLite has
             # one server only, whose counts stay in memory, off the database's single thread.
             secret = await AppStore(self.store).deployment_secret(LOGIN_KEY_NAME)
@@ -218,7 +218,7 @@ class ServerService(service.MultiService):
             p = await self._listen(host, port, guarded())
             log.info("also listening on http://{host}:{port}", host=host or "0.0.0.0", port=p.getHost().port)
         log.info("access URL: {url}", url=cfg["access-url"])
-        await self._start_replica(replica_id, relay if postgres else None, mesh_key)
+        await self._start_replica(replica_id, postgres, relay if postgres else None, mesh_key)
         if cfg.get("wildcard-access-url"):
             router.set_wildcard(WildcardHost.parse(cfg["wildcard-access-url"],
                                                    urlsplit(cfg["access-url"]).port))
@@ -231,9 +231,11 @@ class ServerService(service.MultiService):
         if not self.ready.called:
             self.ready.callback(None)
 
-    async def _start_replica(self, replica_id: uuid.UUID, relay: Relay | None, mesh_key: str) -> None:
-        """This replica's row and heartbeat; with PostgreSQL (``relay`` given), the DERP mesh
-        with the other replicas of this region."""
+    async def _start_replica(self, replica_id: uuid.UUID, shared: bool, relay: Relay | None,
+                             mesh_key: str) -> None:
+        """This replica's row and heartbeat; with PostgreSQL (``shared``), the coordinator and
+        revocations shared with the other replicas, and (``relay`` given) the DERP mesh with
+        those of this region."""
         cfg = self.config
         assert self.store is not None and self.deployment is not None
         address = RelayAddress("")
@@ -250,14 +252,16 @@ class ServerService(service.MultiService):
             region_id=region_id, relay_url=address.url, version=__version__,
             interval=REPLICA_INTERVAL, missed=REPLICA_MISSED)
         self.deployment.replicas = sync
-        if relay is not None:
+        if shared:
             # The coordinator shared with the other replicas: theirs reach ours, ours theirs.
+            # (Also without an embedded relay: the peers may use other DERP servers.)
             self.pgcoord = PGCoordination(self.reactor, self.store, self.deployment.coordinator, replica_id)
             sync.add_handler(self.pgcoord)
             self.pgcoord.start()
-            shared = self.revocations = SharedRevocations(self.reactor, self.store, self.deployment.live, replica_id)
-            self.deployment.revocations = shared
-            shared.start()
+            revocations = self.revocations = SharedRevocations(self.reactor, self.store, self.deployment.live,
+                                                               replica_id)
+            self.deployment.revocations = revocations
+            revocations.start()
         if relay is not None and address.url:
             self.mesh = Mesh(self.reactor, relay, mesh_key)
             self.deployment.mesh = self.mesh
