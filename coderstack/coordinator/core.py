@@ -65,7 +65,8 @@ are no-ops, so the adapter may call ``lost()`` from its close handler unconditio
 
 Limits (per user, for client peers; an agent has exactly one peer id): a ``connect`` may carry
 :class:`PeerLimits`. A client whose user already has ``connected`` connected client peers is
-refused with :class:`PeerLimitExceeded` (counted as "peer_limit_refused");
+refused with :class:`PeerLimitExceeded` (counted as "peer_limit_refused"); the count takes in the
+user's connected client peers that other replicas hold, so the cap is the deployment's;
 :meth:`Coordinator.limit_problem` answers the same question for the HTTP layer before it
 upgrades. When a client peer is LOST and its user then holds more than ``lost`` LOST peers, the
 ones lost longest ago are forgotten at once (tunnel peers get DISCONNECTED "lost limit"; counted
@@ -306,6 +307,9 @@ class Coordinator:
         self._remote_keys: dict[bytes, UUID] = {}
         self._rsrc: dict[UUID, dict[UUID, None]] = {}
         self._rdst: dict[UUID, dict[UUID, None]] = {}
+        # user id -> its client peers other replicas hold, so the per-user limit is the
+        # deployment's, not each replica's
+        self._remote_by_user: dict[UUID, dict[UUID, None]] = {}
         #: Told of every change to the peers and tunnels held here (None: a single server).
         self.replication: Replication | None = None
         self._outbox: deque[tuple[PeerConnection, CoordinateResponse | None]] = deque()
@@ -440,6 +444,10 @@ class Coordinator:
             1
             for other_id in self._by_user.get(auth.user_id, ())
             if other_id != peer_id and self._peers[other_id].status == CONNECTED
+        ) + sum(
+            1
+            for other_id in self._remote_by_user.get(auth.user_id, ())
+            if other_id != peer_id and other_id not in self._peers and not self._remote[other_id].lost
         )
         if connected >= limits.connected:
             return (
@@ -484,12 +492,19 @@ class Coordinator:
         before = self._view(peer_id)
         if old is not None and old.node is not None and self._remote_keys.get(old.node.key) == peer_id:
             del self._remote_keys[old.node.key]
+        if old is not None and isinstance(old.auth, ClientAuth):
+            mine = self._remote_by_user[old.auth.user_id]
+            del mine[peer_id]
+            if not mine:
+                del self._remote_by_user[old.auth.user_id]
         if binding is None:
             del self._remote[peer_id]
         else:
             self._remote[peer_id] = binding
             if binding.node is not None:
                 self._remote_keys[binding.node.key] = peer_id
+            if isinstance(binding.auth, ClientAuth):
+                self._remote_by_user.setdefault(binding.auth.user_id, {})[peer_id] = None
         gone = REASON_GRACEFUL if old is not None and not old.lost else REASON_LOST_TIMEOUT
         self._announce(peer_id, before, REASON_NODE_UPDATE if binding is not None else gone)
         self._flush()

@@ -12,11 +12,18 @@ from uuid import UUID, uuid4
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from coderstack.coordinator.core import AgentAuth, ClientAuth, Coordinator
+from coderstack.coordinator.core import (
+    AgentAuth,
+    ClientAuth,
+    Coordinator,
+    PeerLimitExceeded,
+    PeerLimits,
+)
 from coderstack.coordinator.mirror import Mirror
 from coderstack.coordinator.replication import Binding, best_binding
 from coderstack.wire.coordination import CoordinateRequest
 from tests.coordinator.test_core import AGENT, USER, Peer, make_node
+from tests.coordinator.test_core_limits import LimitedPeer
 
 OTHER_USER = UUID("99999999-2222-3333-4444-555555555555")
 
@@ -264,3 +271,37 @@ class BestBindingTests(SynchronousTestCase):
         self.assertIs(best_binding([ok_no_node, ok_old]), ok_old)
         self.assertIs(best_binding([ok_old, ok_new, lost_new]), ok_new)
         self.assertIsNone(best_binding([]))
+
+
+class LimitsAcrossReplicasTests(Replicas):
+    """The per-user cap on connected client peers counts the user's peers on every replica."""
+
+    LIMITS = PeerLimits(connected=2, lost=5)
+
+    def limited_client(self, coord: Coordinator, peer_id: UUID | None = None) -> Peer:
+        return LimitedPeer(coord, peer_id or uuid4(), ClientAuth(AGENT, USER), self.LIMITS)
+
+    def test_peers_on_another_replica_count(self) -> None:
+        self.limited_client(self.a)
+        self.limited_client(self.b)
+        problem = self.a.limit_problem(uuid4(), ClientAuth(AGENT, USER), self.LIMITS)
+        self.assertEqual(problem, "too many coordinator peers for this user: 2 connected, the limit is 2")
+        self.assertRaises(PeerLimitExceeded, self.limited_client, self.b)
+        # Another user is not affected.
+        self.assertIsNone(self.b.limit_problem(uuid4(), ClientAuth(AGENT, OTHER_USER), self.LIMITS))
+
+    def test_a_peer_lost_or_gone_elsewhere_frees_its_place(self) -> None:
+        self.limited_client(self.a)
+        other = self.limited_client(self.b)
+        other.conn.lost()
+        self.assertIsNone(self.a.limit_problem(uuid4(), ClientAuth(AGENT, USER), self.LIMITS))
+        self.limited_client(self.a)
+        self.assertIsNotNone(self.b.limit_problem(uuid4(), ClientAuth(AGENT, USER), self.LIMITS))
+        self.clock.advance(self.b.lost_timeout + 1)
+        self.assertNotIn(USER, self.a._remote_by_user)
+
+    def test_the_same_peer_on_two_replicas_counts_once(self) -> None:
+        """A client reconnecting to another replica while its old connection lingers is one peer."""
+        first = self.limited_client(self.a)
+        self.limited_client(self.b, first.id)
+        self.assertIsNone(self.b.limit_problem(uuid4(), ClientAuth(AGENT, USER), self.LIMITS))
