@@ -10,6 +10,7 @@ the same way.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -63,6 +64,27 @@ def die_with_parent() -> None:
     _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (children, theirs, ...), from /proc, parents first."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (FileNotFoundError, ProcessLookupError, IndexError, ValueError):
+            continue
+        parents.setdefault(ppid, []).append(int(entry))
+    found: list[int] = []
+    todo = [pid]
+    while todo:
+        for child in parents.get(todo.pop(), ()):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
 def pid_alive(pid: int) -> bool:
     """True while ``pid`` runs (a zombie waiting to be reaped counts as gone)."""
     try:
@@ -76,15 +98,24 @@ def pid_alive(pid: int) -> bool:
 class Process:
     """One child process, its log, and its stop-by-PID cleanup."""
 
-    def __init__(self, testcase: Any, name: str, argv: list[str], env: dict[str, str], cwd: str) -> None:
+    def __init__(self, testcase: Any, name: str, argv: list[str], env: dict[str, str], cwd: str,
+                 stdin: bool = False) -> None:
+        """``stdin``: a pipe the test writes to (:meth:`write`) instead of /dev/null."""
         self.name = name
         self.argv = argv
         self.log_path = os.path.join(cwd, f"{name}.log")
         self._log = open(self.log_path, "ab")
         self.popen = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self._log, stderr=subprocess.STDOUT,
-                                      stdin=subprocess.DEVNULL, preexec_fn=die_with_parent)
+                                      stdin=subprocess.PIPE if stdin else subprocess.DEVNULL,
+                                      preexec_fn=die_with_parent)
         self.pid = self.popen.pid
         testcase.addCleanup(self.stop)
+
+    def write(self, data: bytes) -> None:
+        """To its stdin (a few bytes at a time: a pipe's buffer never fills)."""
+        assert self.popen.stdin is not None, f"{self.name} was started without a stdin pipe"
+        self.popen.stdin.write(data)
+        self.popen.stdin.flush()
 
     def log(self) -> str:
         with open(self.log_path, errors="replace") as f:
@@ -123,7 +154,12 @@ class Process:
         return self.popen.returncode
 
     async def stop(self, grace: float = 10.0) -> int | None:
-        """SIGTERM by PID, then SIGKILL after ``grace`` seconds. Safe to call twice."""
+        """SIGTERM by PID, then SIGKILL after ``grace`` seconds; the processes it started
+        itself (an ``ssh`` and its ProxyCommand) are SIGKILLed by PID after it. Safe to call
+        twice."""
+        if self.popen.stdin is not None and not self.popen.stdin.closed:
+            self.popen.stdin.close()
+        children = descendants(self.pid) if self.running() else []
         if self.running():
             os.kill(self.pid, signal.SIGTERM)
             waited = 0.0
@@ -133,6 +169,10 @@ class Process:
             if self.running():
                 os.kill(self.pid, signal.SIGKILL)
             await self.wait()
+        for pid in children:
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
         if not self._log.closed:
             self._log.close()
         return self.popen.returncode
@@ -276,8 +316,9 @@ class CLIUser:
             raise AssertionError(f"coderstack {' '.join(argv)} exited {code}: {err}")
         return out
 
-    async def login_first(self, username: str = "alice") -> None:
-        await self.ok("login", self.d.url, "--first-user-username", username,
+    async def login_first(self, username: str = "alice", url: str | None = None) -> None:
+        """The first user, logged in at ``url`` (the deployment's own by default)."""
+        await self.ok("login", url or self.d.url, "--first-user-username", username,
                       "--first-user-email", f"{username}@example.com",
                       "--first-user-password", f"{username} password")
 
