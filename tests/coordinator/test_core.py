@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from uuid import UUID, uuid4
 
 from twisted.internet.task import Clock
@@ -61,14 +61,14 @@ def make_node(peer_id: UUID, n: int = 1, *, addresses=None, key: bytes | None = 
     addr = prefix_from_uuid(peer_id)
     return Node(
         id=n,
-        as_of=datetime(2026, 11, 22, 17, 0, n, tzinfo=UTC),
+        as_of=datetime(2026, 11, 22, 17, 0, 0, tzinfo=UTC) + timedelta(seconds=n),
         key=key if key is not None else peer_id.bytes + n.to_bytes(16, "big"),
         disco=bytes(reversed(peer_id.bytes)) * 2,
         preferred_derp=999,
         derp_latency={"999-v4": 0.01 * n},
         addresses=[addr] if addresses is None else addresses,
         allowed_ips=[addr] if addresses is None else addresses,
-        endpoints=[f"192.0.2.{n}:41641"],
+        endpoints=[f"192.0.2.{n % 256}:41641"],
     )
 
 
