@@ -39,6 +39,7 @@ from twisted.internet import defer, task
 from coderstack.coordinator.core import AgentAuth, ClientAuth, Coordinator
 from coderstack.server.database import Database, database_url
 from coderstack.server.pgcoord import PGCoordination
+from coderstack.server.pubsub import Listener
 from coderstack.wire.coordination import CoordinateRequest, CoordinateResponse
 from tests.coordinator.test_core import make_node
 from tests.support import postgres
@@ -78,13 +79,18 @@ async def one(reactor: Any, cluster: postgres.PostgresCluster, n: int, agents: i
     await first.migrate()
     first.stop()
     reps = []
+    listeners: list[Listener] = []
     for _ in range(n):
         db = Database(url, reactor)
         coord = Coordinator(reactor)
-        pg = PGCoordination(reactor, db, coord, uuid4()) if n > 1 else None
-        reps.append((db, coord, pg))
-        if pg is not None:
+        pg = None
+        if n > 1:
+            listener = Listener(reactor, url)
+            pg = PGCoordination(reactor, db, coord, uuid4(), listener)
             pg.start()
+            listener.start()
+            listeners.append(listener)
+        reps.append((db, coord, pg))
     while any(pg is not None and not pg.listening_now for _, _, pg in reps):
         await task.deferLater(reactor, 0.05, lambda: None)
     ids = [uuid4() for _ in range(agents)]
@@ -158,11 +164,14 @@ async def one(reactor: Any, cluster: postgres.PostgresCluster, n: int, agents: i
         t0 = time.perf_counter()
         hot_conn.handle(CoordinateRequest(update_self=make_node(hot, node_id)))
         spread.append(max([await d for d in waits]) - t0)
-    for db, coord, pg in reps:
+    for _db, coord, pg in reps:
         if pg is not None:
             pg.stop()
-            pg.listener.join(5)
         coord.close()
+    for listener in listeners:
+        listener.stop()
+        listener.join(5)
+    for db, _, _ in reps:
         db.stop()
     return {"replicas": n, "agents": agents, "setup_p50": statistics.median(setups),
             "setup_p99": pct(setups, 99), "tx_per_tunnel": per_tunnel,

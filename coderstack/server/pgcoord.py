@@ -105,14 +105,16 @@ def binding_from_row(row: Any) -> tuple[UUID, Binding]:
 class PGCoordination:
     """Shares ``coordinator``'s peers and tunnels with the other replicas on ``db``."""
 
-    def __init__(self, reactor: Any, db: Database, coordinator: Coordinator, replica_id: UUID) -> None:
+    def __init__(self, reactor: Any, db: Database, coordinator: Coordinator, replica_id: UUID,
+                 listener: Listener) -> None:
+        """``listener``: the replica's LISTEN connection (its owner starts and stops it)."""
         self.reactor = reactor
         self.db = db
         self.coordinator = coordinator
         self.replica_id = replica_id
         self._me = str(replica_id)
         self.mirror = Mirror(coordinator, replica_id)
-        self.listener = Listener(reactor, db.url, CHANNELS, self)
+        listener.subscribe(CHANNELS, self)
         coordinator.replication = self
         # Out: the latest state per peer (None: unbound) and per tunnel, and READYs in order.
         self._peers_out: dict[UUID, Binding | None] = {}
@@ -133,7 +135,6 @@ class PGCoordination:
                          "read_failures": 0, "resyncs": 0, "bad_rows": 0}
 
     def start(self) -> None:
-        self.listener.start()
         self._later("cleanup", CLEANUP_EVERY, self._cleanup)
 
     # --- the replica set (ReplicaSetHandler) ------------------------------------------------
@@ -177,7 +178,6 @@ class PGCoordination:
 
     def stop(self) -> None:
         self._stopped = True
-        self.listener.stop()
         for call in self._timers.values():
             if call.active():
                 call.cancel()

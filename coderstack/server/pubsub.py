@@ -1,8 +1,9 @@
 """PostgreSQL LISTEN/NOTIFY for the replicas of one server, off the reactor thread.
 
-One dedicated thread holds one autocommit connection that LISTENs on a fixed set of channels
-and waits for notifications; each one reaches the reactor thread through ``callFromThread``
-and the :class:`Subscriber` handler. Publishing needs no connection of its own: a replica calls
+One dedicated thread per replica holds one autocommit connection that LISTENs on the channels
+its subscribers asked for (all of them before it starts) and waits for notifications; each one
+reaches the reactor thread through ``callFromThread`` and the :class:`Subscriber` handlers of
+its channel. Publishing needs no connection of its own: a replica calls
 :func:`notify` inside the transaction that changed the rows, so the notification leaves when
 (and only if) the change commits.
 
@@ -54,22 +55,31 @@ def notify(conn: sa.Connection, channel: str, payload: str) -> None:
 
 
 class Listener:
-    """LISTEN on ``channels`` in a thread of its own; ``start()`` then ``stop()``."""
+    """One LISTEN connection in a thread of its own: ``subscribe()`` every handler, ``start()``,
+    then ``stop()``."""
 
     #: How long one wait for notifications lasts before the thread checks whether to stop.
     poll_seconds = 0.25
 
-    def __init__(self, reactor: IReactorFromThreads, url: str, channels: Sequence[str],
-                 subscriber: Subscriber) -> None:
+    def __init__(self, reactor: IReactorFromThreads, url: str) -> None:
+        self._reactor = reactor
+        self._url = libpq_url(url)
+        self._by_channel: dict[str, list[Subscriber]] = {}
+        self._subscribers: list[Subscriber] = []
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def subscribe(self, channels: Sequence[str], subscriber: Subscriber) -> None:
+        """``subscriber`` is told of ``channels``' notifications and of every drop and
+        reconnect. Only before :meth:`start`: the thread LISTENs once per connection."""
+        if self._thread is not None:
+            raise RuntimeError("subscribe() after the listener started")
         for ch in channels:
             if not ch.isidentifier():
                 raise ValueError(f"bad channel name {ch!r}")
-        self._reactor = reactor
-        self._url = libpq_url(url)
-        self._channels = tuple(channels)
-        self._subscriber = subscriber
-        self._stopping = threading.Event()
-        self._thread: threading.Thread | None = None
+            self._by_channel.setdefault(ch, []).append(subscriber)
+        if subscriber not in self._subscribers:
+            self._subscribers.append(subscriber)
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="coderstack-listen", daemon=True)
@@ -83,6 +93,19 @@ class Listener:
         if self._thread is not None:
             self._thread.join(timeout)
 
+    # Called on the reactor thread.
+    def _listening(self) -> None:
+        for sub in self._subscribers:
+            sub.listening()
+
+    def _unlistened(self, error: str) -> None:
+        for sub in self._subscribers:
+            sub.unlistened(error)
+
+    def _notified(self, channel: str, payload: str) -> None:
+        for sub in self._by_channel.get(channel, ()):
+            sub.notified(channel, payload)
+
     def _run(self) -> None:
         import psycopg
 
@@ -92,15 +115,15 @@ class Listener:
                 with psycopg.connect(self._url, autocommit=True, connect_timeout=5,
                                      keepalives=1, keepalives_idle=5, keepalives_interval=2,
                                      keepalives_count=3) as conn:
-                    for ch in self._channels:
+                    for ch in self._by_channel:
                         conn.execute(f"LISTEN {ch}")
                     backoff.reset()
-                    self._reactor.callFromThread(self._subscriber.listening)
+                    self._reactor.callFromThread(self._listening)
                     while not self._stopping.is_set():
                         for n in conn.notifies(timeout=self.poll_seconds):
-                            self._reactor.callFromThread(self._subscriber.notified, n.channel, n.payload)
+                            self._reactor.callFromThread(self._notified, n.channel, n.payload)
             except psycopg.Error as e:
                 if self._stopping.is_set():
                     return
-                self._reactor.callFromThread(self._subscriber.unlistened, str(e).strip() or type(e).__name__)
+                self._reactor.callFromThread(self._unlistened, str(e).strip() or type(e).__name__)
                 self._stopping.wait(backoff.next_delay())

@@ -47,20 +47,15 @@ class Revocations:
 class SharedRevocations(Revocations):
     """:class:`Revocations` here, and a notification that makes every other replica do the same."""
 
-    def __init__(self, reactor: Any, db: Database, live: LiveSessions, replica_id: UUID) -> None:
+    def __init__(self, db: Database, live: LiveSessions, replica_id: UUID, listener: Listener) -> None:
+        """``listener``: the replica's LISTEN connection (its owner starts and stops it)."""
         super().__init__(live)
         self.db = db
         self._me = str(replica_id)
-        self.listener = Listener(reactor, db.url, (REVOKE_CHANNEL,), self)
+        listener.subscribe((REVOKE_CHANNEL,), self)
         self.counters = {"sent": 0, "received": 0, "send_failures": 0, "bad": 0}
         #: True while the other replicas' revocations can reach us.
         self.listening_now = False
-
-    def start(self) -> None:
-        self.listener.start()
-
-    def stop(self) -> None:
-        self.listener.stop()
 
     def token(self, hashed: bytes, reason: str) -> int:
         self._tell("token", hashed.hex(), reason)

@@ -41,6 +41,7 @@ from coderstack.server.limits import UserLimits
 from coderstack.server.loginstore import LOGIN_KEY_NAME, LoginFailureTable
 from coderstack.server.meshkey import derp_mesh_key
 from coderstack.server.pgcoord import PGCoordination
+from coderstack.server.pubsub import Listener
 from coderstack.server.relaypolicy import CoordinatorRelayPolicy, RelayAdmission
 from coderstack.server.replicamesh import MeshFollower, RelayAddress, relay_address
 from coderstack.server.replicas import ReplicaSync
@@ -102,6 +103,7 @@ class ServerService(service.MultiService):
         self.mesh: Mesh | None = None
         self.pgcoord: PGCoordination | None = None
         self.revocations: SharedRevocations | None = None
+        self.listener: Listener | None = None
 
     def startService(self) -> None:
         super().startService()
@@ -255,13 +257,15 @@ class ServerService(service.MultiService):
         if shared:
             # The coordinator shared with the other replicas: theirs reach ours, ours theirs.
             # (Also without an embedded relay: the peers may use other DERP servers.)
-            self.pgcoord = PGCoordination(self.reactor, self.store, self.deployment.coordinator, replica_id)
+            # One LISTEN connection for both.
+            listener = self.listener = Listener(self.reactor, self.store.url)
+            self.pgcoord = PGCoordination(self.reactor, self.store, self.deployment.coordinator, replica_id,
+                                          listener)
             sync.add_handler(self.pgcoord)
             self.pgcoord.start()
-            revocations = self.revocations = SharedRevocations(self.reactor, self.store, self.deployment.live,
-                                                               replica_id)
-            self.deployment.revocations = revocations
-            revocations.start()
+            self.revocations = SharedRevocations(self.store, self.deployment.live, replica_id, listener)
+            self.deployment.revocations = self.revocations
+            listener.start()
         if relay is not None and address.url:
             self.mesh = Mesh(self.reactor, relay, mesh_key)
             self.deployment.mesh = self.mesh
@@ -295,8 +299,8 @@ class ServerService(service.MultiService):
             await self.mesh.stop()
         if self.pgcoord is not None:
             self.pgcoord.stop()
-        if self.revocations is not None:
-            self.revocations.stop()
+        if self.listener is not None:
+            self.listener.stop()
         for p in self.ports + self.stun_ports:
             stopped = p.stopListening()
             if stopped is not None:

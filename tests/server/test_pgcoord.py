@@ -13,7 +13,7 @@ from twisted.trial import unittest
 from coderstack.coordinator.core import AgentAuth, ClientAuth, Coordinator
 from coderstack.server.database import Database, database_url
 from coderstack.server.pgcoord import PGCoordination
-from coderstack.server.pubsub import libpq_url
+from coderstack.server.pubsub import Listener, libpq_url
 from coderstack.wire.coordination import CoordinateRequest, Node
 from tests.coordinator.test_core import AGENT, USER, Peer, make_node
 from tests.support import postgres
@@ -25,12 +25,18 @@ class Replica:
         self.id = uuid4()
         self.db = Database(url, reactor)
         self.coordinator = Coordinator(reactor)
-        self.pg = PGCoordination(reactor, self.db, self.coordinator, self.id)
+        self.listener = Listener(reactor, url)
+        self.pg = PGCoordination(reactor, self.db, self.coordinator, self.id, self.listener)
+
+    def start(self) -> None:
+        self.pg.start()
+        self.listener.start()
 
     def stop(self) -> None:
         self.pg.stop()
+        self.listener.stop()
         self.coordinator.close()
-        self.pg.listener.join(5)
+        self.listener.join(5)
         self.db.stop()
 
 
@@ -63,7 +69,7 @@ class Base(unittest.TestCase):
         made = [Replica(self.url) for _ in range(n)]
         for r in made:
             self.addCleanup(r.stop)
-            r.pg.start()
+            r.start()
         for r in made:
             await wait_until(lambda r=r: r.pg.listening_now, "the replica listening")
         return made

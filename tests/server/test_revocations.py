@@ -10,6 +10,7 @@ from twisted.trial import unittest
 from coderstack.server import livesessions
 from coderstack.server.database import Database, database_url
 from coderstack.server.livesessions import Credential, LiveSessions
+from coderstack.server.pubsub import Listener
 from coderstack.server.revocations import REVOKE_CHANNEL, Revocations, SharedRevocations
 from tests.support import postgres
 from tests.support.waiting import wait_until
@@ -45,10 +46,11 @@ class SharedRevocationTests(unittest.TestCase):
         for _ in range(2):
             db = Database(self.url, reactor)
             self.addCleanup(db.stop)
-            r = SharedRevocations(reactor, db, LiveSessions(reactor), uuid4())
-            self.addCleanup(r.listener.join, 5)
-            self.addCleanup(r.stop)
-            r.start()
+            listener = Listener(reactor, self.url)
+            r = SharedRevocations(db, LiveSessions(reactor), uuid4(), listener)
+            self.addCleanup(listener.join, 5)
+            self.addCleanup(listener.stop)
+            listener.start()
             made.append(r)
         for r in made:
             await wait_until(lambda r=r: r.listening_now, "the replica listening")
@@ -74,7 +76,7 @@ class SharedRevocationTests(unittest.TestCase):
         self.assertEqual(agent_conn.reasons, [livesessions.REASON_AGENT_REVOKED])
 
     def test_a_bad_payload_is_counted_and_dropped(self) -> None:
-        r = SharedRevocations(reactor, Database(self.url, reactor), LiveSessions(reactor), uuid4())
+        r = SharedRevocations(Database(self.url, reactor), LiveSessions(reactor), uuid4(), Listener(reactor, self.url))
         r.notified(REVOKE_CHANNEL, "x,token,nothex,why")
         r.notified(REVOKE_CHANNEL, "x,teapot,1,why")
         r.notified(REVOKE_CHANNEL, "short")
