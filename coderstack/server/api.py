@@ -15,6 +15,7 @@ from datetime import timedelta
 from typing import Any
 
 from klein import Klein
+from sqlalchemy import exc as sa_exc
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
@@ -78,6 +79,8 @@ NAME_RE = re.compile(r"[a-zA-Z0-9](?:[a-zA-Z0-9-]{0,30}[a-zA-Z0-9])?")
 SESSION_LIFETIME = timedelta(days=7)
 #: A template push carries its files (base64) in the JSON body.
 MAX_TEMPLATE_BODY = 8 * 1024 * 1024
+#: Seconds a client is told to wait when the database does not answer.
+DATABASE_RETRY_AFTER = 2
 
 
 def valid_name(value: str, what: str) -> str:
@@ -198,6 +201,16 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
     @app.handle_errors(MethodNotAllowed)
     def _bad_method(self, request: HTTPRequest, failure: Failure) -> bytes:
         return write_json(request, {"message": "Method not allowed.", "detail": request.method.decode("ascii", "replace")}, 405)
+
+    @app.handle_errors(sa_exc.OperationalError, sa_exc.InterfaceError, sa_exc.TimeoutError)
+    def _database_down(self, request: HTTPRequest, failure: Failure) -> bytes:
+        # The database restarting or out of reach: a retryable 503 (the load balancer's health
+        # check takes this replica out meanwhile), with the driver's words only in the log.
+        # Only the driver's first line: later ones quote the statement and its parameters.
+        why = (str(failure.value).strip().splitlines() or [type(failure.value).__name__])[0]
+        log.warn("database unavailable serving {path}: {why}", path=request.path, why=why)
+        return write_error(request, APIError(503, "The database is unavailable.",
+                                             "try again shortly", retry_after=DATABASE_RETRY_AFTER))
 
     @app.handle_errors(Exception)
     def _internal(self, request: HTTPRequest, failure: Failure) -> bytes:

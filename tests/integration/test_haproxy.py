@@ -160,13 +160,19 @@ class HAProxyReplicaTests(unittest.TestCase):
         await rs.start()
         await self.client(rs.url).post("/api/v2/users/first", {
             "username": "alice", "email": "alice@example.com", "password": PASSWORD})
-        alice = self.client(rs.url, await self.login(rs.url))
+        token = await self.login(rs.url)
+        alice = self.client(rs.url, token)
 
         await link.cut()
         await rs.lb.wait_status(0, "DOWN")
         with self.assertRaises(SDKError) as caught:
             await self.client(rs.replicas[0].url).request("GET", "/healthz", text=True)
         self.assertEqual(caught.exception.status, 503)
+        # Asked directly, the API says why in a retryable 503, not an internal error.
+        with self.assertRaises(SDKError) as caught:
+            await self.client(rs.replicas[0].url, token).get("/api/v2/workspaces")
+        self.assertEqual(caught.exception.status, 503, caught.exception)
+        self.assertIn("The database is unavailable.", str(caught.exception))
         before = await self.served(rs)
         for _ in range(10):
             self.assertEqual((await alice.me())["username"], "alice")

@@ -4,12 +4,14 @@ HAProxy, a real agent and ``coderstack ssh`` (stock OpenSSH) holding a session o
 Each replica is SIGKILLed in turn (so whichever held the agent's and the client's coordination
 and relay connections is among them): a direct session carries on while the replica is down, a
 relayed one resumes once the relay connections have moved. PostgreSQL restarted under the
-replicas: they recover, and the session, the agent and new connections all carry on.
+replicas — with one session open, and with simulated agents and clients moving bytes: they
+recover, and the sessions, the agents and new connections all carry on.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from typing import Any
@@ -19,6 +21,8 @@ from twisted.trial import unittest
 from tests.support import postgres, replicas
 from tests.support.processes import CLIUser, Process
 from tests.support.replicas import ReplicaSet
+
+SCALE_AGENTS = 10
 
 
 class ReplicaSessionTests(unittest.TestCase):
@@ -113,3 +117,41 @@ class ReplicaSessionTests(unittest.TestCase):
         self.assertTrue(await self.ping_direct(alice))
         out = await alice.ok("ssh", "box", "--", "echo", "a new session")
         self.assertEqual(out.strip(), "a new session")
+
+    async def test_postgres_restarted_under_scaletest_load(self) -> None:
+        """Simulated agents spread over two replicas through the load balancer, clients moving
+        bytes to them across the restart: afterwards every agent is connected again and a new
+        traffic run reaches all of them without an error."""
+        rs = ReplicaSet(self, 2)
+        await rs.start()
+        alice = rs.replicas[0].user("alice")
+        await alice.login_first("alice", url=rs.url)
+        run_file = os.path.join(alice.home, "run.json")
+        await alice.ok("scaletest", "create-workspaces", str(SCALE_AGENTS), "--run-file", run_file)
+        agents = Process(self, "scaletest-agents",
+                         [sys.executable, "-m", "coderstack", "scaletest", "agents", "--run-file", run_file,
+                          "--duration", "10m", "-o", "json"], alice.cli_env(), alice.home)
+        await agents.output_shows(f"{SCALE_AGENTS} of {SCALE_AGENTS} agents connected", timeout=60)
+        traffic = Process(self, "scaletest-traffic",
+                          [sys.executable, "-m", "coderstack", "scaletest", "traffic", "--run-file", run_file,
+                           "--duration", "20s", "--bytes-per-tick", "1000", "--tick-interval", "100ms",
+                           "-o", "json"], alice.cli_env(), alice.home)
+        await traffic.output_shows(f"{SCALE_AGENTS} of {SCALE_AGENTS} connections up", timeout=60)
+        cluster = postgres.cluster()
+        cluster.stop_server()
+        try:
+            for i in range(2):
+                await rs.lb.wait_status(i, "DOWN")
+        finally:
+            cluster.start_server()
+        for i in range(2):
+            await rs.lb.wait_status(i, "UP")
+        self.assertEqual(await traffic.wait(timeout=90), 0, traffic.log())
+        during = json.loads(traffic.log()[traffic.log().index("{"):])
+        # Open tunnels carry on through the outage: every byte back, no error.
+        self.assertEqual((during["connected"], during["errors"]), (SCALE_AGENTS, {}), during)
+        self.assertEqual(during["bytes_received"], during["bytes_sent"], during)
+        after = json.loads(await alice.ok("scaletest", "traffic", "--run-file", run_file, "--duration", "2s",
+                                          "-o", "json"))
+        self.assertEqual((after["connected"], after["errors"]), (SCALE_AGENTS, {}), after)
+        agents.check_running()
