@@ -94,6 +94,8 @@ class Deployment:
         self.replicas: ReplicaSync | None = None
         #: The DERP mesh with the other replicas (derp.mesh.Mesh), with PostgreSQL only.
         self.mesh: Any = None
+        #: The coordinator shared through PostgreSQL (pgcoord.PGCoordination), with PostgreSQL only.
+        self.pgcoord: Any = None
 
     # -- passwords: scrypt is deliberately slow, so it runs on a thread ------------------------
 
@@ -184,6 +186,9 @@ class Deployment:
                          "this one included.")
             lines.append("# TYPE coderstack_replicas_alive gauge")
             lines.append(f"coderstack_replicas_alive {len(self.replicas.alive_ids())}")
+        if self.pgcoord is not None:
+            lines.extend(self.pgcoord.metrics_lines())
+        lines.extend(self.revocations.metrics_lines())
         if self.mesh is not None:
             peers = list(self.mesh.peers.values())
             up = sum(1 for p in peers if p.client.connected)

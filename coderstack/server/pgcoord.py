@@ -137,6 +137,38 @@ class PGCoordination:
     def start(self) -> None:
         self._later("cleanup", CLEANUP_EVERY, self._cleanup)
 
+    def metrics_lines(self) -> list[str]:
+        """Prometheus lines: database work, notifications, resyncs and bad rows, whether the
+        notifications reach us, and how many peers we know only from other replicas."""
+        c = self.counters
+        return [
+            "# HELP coderstack_pgcoord_transactions_total Coordinator transactions on the database, "
+            "by kind and outcome.",
+            "# TYPE coderstack_pgcoord_transactions_total counter",
+            f'coderstack_pgcoord_transactions_total{{kind="write",outcome="ok"}} {c["writes"]}',
+            f'coderstack_pgcoord_transactions_total{{kind="write",outcome="failed"}} {c["write_failures"]}',
+            f'coderstack_pgcoord_transactions_total{{kind="read",outcome="ok"}} {c["reads"]}',
+            f'coderstack_pgcoord_transactions_total{{kind="read",outcome="failed"}} {c["read_failures"]}',
+            "# HELP coderstack_pgcoord_notifications_total Peer, tunnel and handshake notifications "
+            "received from other replicas.",
+            "# TYPE coderstack_pgcoord_notifications_total counter",
+            f"coderstack_pgcoord_notifications_total {c['notifications']}",
+            "# HELP coderstack_pgcoord_resyncs_total Full re-reads after the notification "
+            "connection came (back) up.",
+            "# TYPE coderstack_pgcoord_resyncs_total counter",
+            f"coderstack_pgcoord_resyncs_total {c['resyncs']}",
+            "# HELP coderstack_pgcoord_bad_rows_total Rows and notifications that did not parse "
+            "(dropped).",
+            "# TYPE coderstack_pgcoord_bad_rows_total counter",
+            f"coderstack_pgcoord_bad_rows_total {c['bad_rows']}",
+            "# HELP coderstack_pgcoord_listening 1 while other replicas' notifications reach this one.",
+            "# TYPE coderstack_pgcoord_listening gauge",
+            f"coderstack_pgcoord_listening {int(self.listening_now)}",
+            "# HELP coderstack_coordinator_remote_peers Peers known only from other replicas.",
+            "# TYPE coderstack_coordinator_remote_peers gauge",
+            f"coderstack_coordinator_remote_peers {self.coordinator.remote_count()}",
+        ]
+
     # --- the replica set (ReplicaSetHandler) ------------------------------------------------
 
     def replicas_changed(self, alive: Sequence[Replica]) -> None:

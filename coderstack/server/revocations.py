@@ -34,6 +34,10 @@ class Revocations:
     def __init__(self, live: LiveSessions) -> None:
         self.live = live
 
+    def metrics_lines(self) -> list[str]:
+        """Prometheus lines (none for one process)."""
+        return []
+
     def token(self, hashed: bytes, reason: str) -> int:
         return self.live.revoke_token(hashed, reason)
 
@@ -56,6 +60,17 @@ class SharedRevocations(Revocations):
         self.counters = {"sent": 0, "received": 0, "send_failures": 0, "bad": 0}
         #: True while the other replicas' revocations can reach us.
         self.listening_now = False
+
+    def metrics_lines(self) -> list[str]:
+        c = self.counters
+        return [
+            "# HELP coderstack_revocations_shared_total Revocations told to and by other replicas.",
+            "# TYPE coderstack_revocations_shared_total counter",
+            f'coderstack_revocations_shared_total{{direction="sent"}} {c["sent"]}',
+            f'coderstack_revocations_shared_total{{direction="received"}} {c["received"]}',
+            f'coderstack_revocations_shared_total{{direction="send_failed"}} {c["send_failures"]}',
+            f'coderstack_revocations_shared_total{{direction="bad"}} {c["bad"]}',
+        ]
 
     def token(self, hashed: bytes, reason: str) -> int:
         self._tell("token", hashed.hex(), reason)

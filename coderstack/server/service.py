@@ -261,6 +261,7 @@ class ServerService(service.MultiService):
             listener = self.listener = Listener(self.reactor, self.store.url)
             self.pgcoord = PGCoordination(self.reactor, self.store, self.deployment.coordinator, replica_id,
                                           listener)
+            self.deployment.pgcoord = self.pgcoord
             sync.add_handler(self.pgcoord)
             self.pgcoord.start()
             self.revocations = SharedRevocations(self.store, self.deployment.live, replica_id, listener)

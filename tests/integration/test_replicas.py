@@ -66,7 +66,8 @@ class PostgresReplicaTests(unittest.TestCase):
         async def meshed(client: Client) -> bool:
             text = await metrics(client)
             return (gauge(text, 'coderstack_derp_mesh_peers{state="connected"}') == 1
-                    and gauge(text, "coderstack_replicas_alive") == 2)
+                    and gauge(text, "coderstack_replicas_alive") == 2
+                    and gauge(text, "coderstack_pgcoord_listening") == 1)
 
         await wait_until(lambda: meshed(c1), "replica 1's mesh link to replica 2")
         await wait_until(lambda: meshed(c2), "replica 2's mesh link to replica 1")

@@ -101,6 +101,13 @@ class PGCoordinationTests(Base):
         for r in (a, b):  # the closed relay's questions, on either replica
             self.assertTrue(r.coordinator.tunnel_between(client.id, AGENT))
             self.assertEqual(r.coordinator.peer_for_node_key(make_node(client.id, 2).key), client.id)
+        # What /metrics shows of it: A wrote the client, read the agent; each knows one remote peer.
+        text = "\n".join(a.pg.metrics_lines()) + "\n"
+        self.assertRegex(text, r'transactions_total\{kind="write",outcome="ok"\} [1-9]')
+        self.assertRegex(text, r'transactions_total\{kind="read",outcome="ok"\} [1-9]')
+        self.assertRegex(text, r"\ncoderstack_pgcoord_notifications_total [1-9]")
+        self.assertIn("\ncoderstack_pgcoord_listening 1\n", text)
+        self.assertIn("\ncoderstack_coordinator_remote_peers 1\n", text)
 
     async def test_lost_then_back_on_another_replica(self) -> None:
         a, b, agent, client = await self.across()
