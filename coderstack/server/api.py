@@ -284,7 +284,8 @@ class API(agentstate.ReportsHost, agentviews.ViewsHost):
     @app.route("/api/v2/users/login", methods=["POST"])
     async def login(self, request: HTTPRequest) -> bytes:
         body = read_json(request)
-        token = await self.authenticate(field(body, "email"), field(body, "password"), client_host(request))
+        source = client_host(request, self.d.trusted_proxies)
+        token = await self.authenticate(field(body, "email"), field(body, "password"), source)
         return write_json(request, {"session_token": token}, 201)
 
     async def authenticate(self, login: str, password: str, source: str) -> str:

@@ -5,8 +5,10 @@ Request, browser to app:
 - hop-by-hop headers go: ``Connection`` and every header it names, ``Keep-Alive``, ``TE``,
   ``Trailer``, ``Transfer-Encoding``, ``Upgrade`` and ``Proxy-*``. A websocket handshake keeps
   ``Upgrade: websocket`` and sends ``Connection: Upgrade``;
-- ``Host`` is the app's public host; ``X-Forwarded-For``, ``-Proto`` and ``-Host`` are set (not
-  appended to: the server is the edge, so whatever a client sent there is its own claim);
+- ``Host`` is the app's public host; ``X-Forwarded-For``, ``-Proto`` and ``-Host`` are set, not
+  appended to: whatever a client sent there is its own claim. ``X-Forwarded-For`` is the client
+  the server saw, which behind a trusted load balancer (``--proxy-trusted-origins``) is the
+  client that proxy named, followed by the trusted hops (see clientaddr.py);
 - the named cookies leave the ``Cookie`` header (the header goes when none is left), and the
   ``Coder-Session-Token`` header always goes;
 - ``Content-Length`` and ``Expect`` go too: the client library frames the body itself, and the

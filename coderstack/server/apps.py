@@ -51,6 +51,7 @@ from coderstack.server.appurl import (
     subdomain_app_url,
 )
 from coderstack.server.errorpage import render_error_page
+from coderstack.server.jsonhttp import client_of
 from coderstack.server.records import Agent, Workspace
 from coderstack.server.servertailnet import AgentUnreachable
 from coderstack.wire.ports import MIN_FORWARDED_PORT
@@ -329,7 +330,9 @@ class AppRouter:
         host = (request.getHeader(b"host") or b"").decode("latin-1")
         upstream = Upstream(scheme=scheme, host_header=host, base_path=url.path.rstrip("/"),
                             default_query=url.query)
-        forwarded = Forwarded(for_=str(getattr(request.getClientAddress(), "host", "")), proto="https" if request.isSecure() else "http",
+        # Behind a trusted load balancer the app sees the client first, then each proxy.
+        client = client_of(request, self.d.trusted_proxies, unknown="")
+        forwarded = Forwarded(for_=client.forwarded_for, proto="https" if request.isSecure() else "http",
                               host=host)
         self.proxy.proxy(request, key=(agent_id, port, scheme), connect=connect, upstream=upstream,
                          path=path.encode("latin-1"), forwarded=forwarded, strip_cookies=STRIPPED_COOKIES)

@@ -183,8 +183,9 @@ def register(app: Klein) -> None:
             return forbidden(request, self.d.access_url)
         next_path = htmlpage.safe_next(_arg(request, b"next"))
         login, password = _arg(request, b"email"), _arg(request, b"password")
+        source = client_host(request, self.d.trusted_proxies)
         try:
-            token = await self.authenticate(login, password, client_host(request))
+            token = await self.authenticate(login, password, source)
         except APIError as err:
             reason = f"{err.message} ({err.detail})" if err.detail else err.message
             return login_page(request, self.d.access_url, next_path, reason, login, err.code)

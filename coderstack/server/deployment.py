@@ -27,6 +27,7 @@ from coderstack.derp.mapstream import MapPublisher
 from coderstack.derp.server import metrics_text
 from coderstack.derpmap import DERPMap
 from coderstack.server import auth, procmetrics
+from coderstack.server.clientaddr import TrustedProxies
 from coderstack.server.dbhealth import DatabaseCheck
 from coderstack.server.hashpool import HashPool
 from coderstack.server.jsonhttp import HTTPRequest
@@ -54,6 +55,7 @@ class Deployment:
         block_direct: bool = False,
         limits: UserLimits | None = None,
         browser_only: bool = False,
+        trusted_proxies: TrustedProxies | None = None,
     ) -> None:
         self.reactor = reactor
         self.store = store
@@ -63,6 +65,9 @@ class Deployment:
         self.block_direct = block_direct
         #: --browser-only: no CLI tunnels (see browseronly.py).
         self.browser_only = browser_only
+        #: --proxy-trusted-headers/-origins: whose word about the client's address is believed
+        #: (the login limits and the app proxy use the client, not the load balancer).
+        self.trusted_proxies = trusted_proxies or TrustedProxies()
         self.coordinator = Coordinator(reactor)
         self.limits = limits or UserLimits()
         #: Every long-lived connection by the credential that opened it (see livesessions.py).

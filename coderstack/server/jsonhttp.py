@@ -22,8 +22,10 @@ from typing import IO, Any, AnyStr, Protocol
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress
+from twisted.web.http_headers import Headers
 
 from coderstack.server import auth
+from coderstack.server.clientaddr import ClientAddress, TrustedProxies, client_address
 
 MAX_BODY = 64 * 1024
 
@@ -35,6 +37,7 @@ class HTTPRequest(Protocol):
     path: bytes
     args: dict[bytes, list[bytes]]
     content: IO[bytes] | None
+    requestHeaders: Headers
 
     def getHeader(self, key: AnyStr) -> AnyStr | None: ...
 
@@ -49,6 +52,14 @@ class HTTPRequest(Protocol):
     def write(self, data: bytes) -> None: ...
 
     def notifyFinish(self) -> Deferred[None]: ...
+
+
+class ClientRequest(Protocol):
+    """What telling a request's client needs (any twisted.web request has it)."""
+
+    requestHeaders: Headers
+
+    def getClientAddress(self) -> IAddress: ...
 
 
 class APIError(Exception):
@@ -155,6 +166,16 @@ def session_token_of(request: HTTPRequest) -> str | None:
     return raw.strip() if raw else None
 
 
-def client_host(request: HTTPRequest) -> str:
-    """The peer's IP address (what the login limits count per source)."""
-    return str(getattr(request.getClientAddress(), "host", "local"))
+def client_of(request: ClientRequest, proxies: TrustedProxies, unknown: str = "local") -> ClientAddress:
+    """Who sent ``request``: the peer, or behind a trusted proxy the client it names (see
+    clientaddr.py); ``unknown`` stands for a peer without an IP address."""
+    peer = str(getattr(request.getClientAddress(), "host", unknown))
+    if not proxies.enabled:
+        return ClientAddress(peer)
+    headers = {name.lower(): request.requestHeaders.getRawHeaders(name, []) for name in proxies.headers}
+    return client_address(peer, headers, proxies)
+
+
+def client_host(request: ClientRequest, proxies: TrustedProxies) -> str:
+    """The client's IP address (what the login limits count per source)."""
+    return client_of(request, proxies).host

@@ -7,6 +7,7 @@ from typing import Any
 from twisted.python import usage
 
 from coderstack import envopts as e
+from coderstack.server.clientaddr import ALLOWED_HEADERS, parse_headers, parse_origins
 from coderstack.stun.address import (
     STUNAddressError,
     parse_stun_listen_addresses,
@@ -41,6 +42,12 @@ class ServerOptions(e.EnvOptions):
          "A second HTTP bind address serving the same API (e.g. for a template's provider url)."),
         ("max-connections-per-source", "CODERSTACK_MAX_CONNECTIONS_PER_SOURCE", "128", non_negative_int,
          "Open HTTP connections (websockets included) one source address may hold; 0 for no cap."),
+        ("proxy-trusted-headers", "CODER_PROXY_TRUSTED_HEADERS", "", parse_headers,
+         "Headers that carry the client's address from a trusted proxy, comma separated, first "
+         f"present wins (of {', '.join(ALLOWED_HEADERS)})."),
+        ("proxy-trusted-origins", "CODER_PROXY_TRUSTED_ORIGINS", "", parse_origins,
+         "Networks (CIDRs, comma separated, e.g. 10.0.0.0/8) whose connections' "
+         "--proxy-trusted-headers are believed."),
         ("data-dir", "CODER_DATA_DIR", None, e.directory,
          "Where the SQLite database and server keys live (default: ~/.local/share/coderstack/server)."),
         ("postgres-url", "CODER_PG_CONNECTION_URL", None, e.text,

@@ -32,6 +32,7 @@ from coderstack.server.apps import AppRouter
 from coderstack.server.appstore import APP_KEY_NAME, AppStore
 from coderstack.server.appurl import WildcardHost
 from coderstack.server.builds import Builder, make_builder
+from coderstack.server.clientaddr import TrustedProxies
 from coderstack.server.database import database_url
 from coderstack.server.deployment import Deployment
 from coderstack.server.derpsetup import build_derp_map, start_relay, start_stun
@@ -155,6 +156,7 @@ class ServerService(service.MultiService):
             block_direct=cfg["block-direct-connections"],
             limits=user_limits(cfg),
             browser_only=cfg.get("browser-only", False),
+            trusted_proxies=trusted_proxies(cfg),
         )
         if postgres:
             # Replicas may share this database: their login limits count in it too. SQLite has
@@ -350,6 +352,22 @@ def tls_options(cert_file: str, key_file: str) -> Any:
         raiseMinimumTo=ssl.TLSVersion.TLSv1_2,
     )
     return options
+
+
+def trusted_proxies(cfg: dict[str, Any]) -> TrustedProxies:
+    """--proxy-trusted-headers and --proxy-trusted-origins (trusting no one where a caller left
+    them out); either alone trusts no one, which the log says."""
+    proxies = TrustedProxies(tuple(cfg.get("proxy-trusted-headers") or ()),
+                             tuple(cfg.get("proxy-trusted-origins") or ()))
+    if bool(proxies.headers) != bool(proxies.origins):
+        given, missing = (("--proxy-trusted-headers", "--proxy-trusted-origins") if proxies.headers
+                          else ("--proxy-trusted-origins", "--proxy-trusted-headers"))
+        log.warn("{given} is ignored without {missing}: no proxy's word about the client is believed",
+                 given=given, missing=missing)
+    elif proxies.enabled:
+        log.info("client addresses from {headers} on connections from {origins}",
+                 headers=", ".join(proxies.headers), origins=", ".join(map(str, proxies.origins)))
+    return proxies
 
 
 def user_limits(cfg: dict[str, Any]) -> UserLimits:

@@ -25,6 +25,7 @@ from twisted.trial import unittest
 from twisted.web import resource, server
 
 from coderstack.server import auth
+from coderstack.server.clientaddr import TrustedProxies, parse_origins
 from coderstack.server.records import AgentRecord
 from tests.support.inprocess import CLI, start_server
 from tests.support.processes import TWISTD, Process, base_env
@@ -209,6 +210,21 @@ class AppsMatrixTests(unittest.TestCase):
                                         as_cookie="coder_session_token", method="POST",
                                         headers={"Origin": self.url})
         self.assertEqual(code, 200)
+
+    async def test_the_app_sees_the_client_behind_a_trusted_proxy(self) -> None:
+        async def forwarded_for(sent: str) -> str:
+            code, body, _ = await self.get("/@bob/box/apps/owner-path/", token=self.tokens["bob"],
+                                           headers={"X-Forwarded-For": sent})
+            self.assertEqual(code, 200, body)
+            return str(json.loads(body)["headers"]["x-forwarded-for"])
+
+        # Not a trusted origin: what the client sent is its own claim, and goes.
+        self.assertEqual(await forwarded_for("203.0.113.9"), "127.0.0.1")
+        # This test is the load balancer (127.0.0.1), which appended the client it saw: the app
+        # gets the client first, then the proxy; the spoofed entry before it goes.
+        self.deployment.trusted_proxies = TrustedProxies(("X-Forwarded-For",), parse_origins("127.0.0.1/32"))
+        self.assertEqual(await forwarded_for("198.51.100.1, 203.0.113.9"), "203.0.113.9, 127.0.0.1")
+        self.assertEqual(await forwarded_for("unknown"), "127.0.0.1")
 
     async def test_shared_port_on_a_subdomain(self) -> None:
         host = self.sub_host(str(self.app_port))

@@ -1,6 +1,7 @@
 """Two server replicas on one PostgreSQL behind HAProxy, as real processes: the API, a websocket
 and ``Upgrade: DERP`` through the load balancer, requests spread over both replicas, one replica
-killed with SIGKILL and taken out by the health checks, and login limits counted across both."""
+killed with SIGKILL and taken out by the health checks, login limits counted across both, and
+the client HAProxy forwards believed only with --proxy-trusted-origins."""
 
 from __future__ import annotations
 
@@ -52,6 +53,18 @@ class CuttableLink:
 
     def mend(self) -> None:
         self.listening = reactor.listenTCP(self.port, self.factory, interface="127.0.0.1")
+
+
+class ForwardingClient(Client):
+    """A client that sends ``X-Forwarded-For: <claimed>`` as if it were a proxy itself (HAProxy's
+    ``option forwardfor`` appends the address it really came from)."""
+
+    def __init__(self, reactor: Any, url: str, claimed: str) -> None:
+        super().__init__(reactor, url)
+        self.claimed = claimed
+
+    def _headers(self) -> dict[bytes, list[bytes]]:
+        return {**super()._headers(), b"X-Forwarded-For": [self.claimed.encode()]}
 
 
 class HAProxyReplicaTests(unittest.TestCase):
@@ -128,6 +141,39 @@ class HAProxyReplicaTests(unittest.TestCase):
         with self.assertRaises(SDKError) as caught:
             await anyone.post("/api/v2/users/login", {"email": "alice@example.com", "password": PASSWORD})
         self.assertEqual(caught.exception.status, 429)
+
+    async def failed_logins(self, url: str, claimed: str, n: int) -> list[int]:
+        """The statuses of ``n`` wrong passwords (each for another account, so only the source
+        limit can refuse) from a client claiming to be ``claimed``."""
+        c = ForwardingClient(reactor, url, claimed)
+        self.addCleanup(c.close)
+        codes = []
+        for _ in range(n):
+            self.ghosts = getattr(self, "ghosts", 0) + 1
+            with self.assertRaises(SDKError) as caught:
+                await c.post("/api/v2/users/login", {"email": f"ghost{self.ghosts}@example.com",
+                                                     "password": "wrong password"})
+            codes.append(caught.exception.status)
+        return codes
+
+    async def test_trusted_load_balancer_forwards_the_client(self) -> None:
+        """With HAProxy trusted, the login limits count the client HAProxy forwarded: HAProxy
+        appends 127.0.0.1 to the claimed 203.0.113.9, and 127.0.0.1 is a trusted origin, so the
+        client is 203.0.113.9 — ten free failures and a delay for it, none for 203.0.113.10."""
+        rs = ReplicaSet(self, 2, "--proxy-trusted-origins", "127.0.0.1/32",
+                        "--proxy-trusted-headers", "X-Forwarded-For")
+        await rs.start()
+        self.assertEqual(await self.failed_logins(rs.url, "203.0.113.9", 12), [401] * 11 + [429])
+        self.assertEqual(await self.failed_logins(rs.url, "203.0.113.10", 1), [401])
+        self.assertEqual(await self.failed_logins(rs.url, "198.51.100.1, 203.0.113.9", 1), [429])
+
+    async def test_untrusted_load_balancer_is_one_source(self) -> None:
+        """Without --proxy-trusted-origins the header is the client's own claim: every request
+        comes from HAProxy's 127.0.0.1, so failures claiming one address lock out another."""
+        rs = ReplicaSet(self, 2, "--proxy-trusted-headers", "X-Forwarded-For")
+        await rs.start()
+        self.assertEqual(await self.failed_logins(rs.url, "203.0.113.9", 11), [401] * 11)
+        self.assertEqual(await self.failed_logins(rs.url, "203.0.113.10", 1), [429])
 
     async def check_websocket_and_derp(self, rs: ReplicaSet, token: str) -> None:
         """The health websocket echoes through the load balancer, and a DERP client logs in to

@@ -16,6 +16,7 @@ from twisted.trial import unittest
 from coderstack.server import api as api_module
 from coderstack.server import templatepush
 from coderstack.server.api import valid_name
+from coderstack.server.clientaddr import TrustedProxies, parse_origins
 from coderstack.server.jsonhttp import APIError, field, parse_json_object
 from coderstack.server.loginlimit import LoginLimiter, Policy
 from coderstack.server.templatepush import PushRejected, parse_files
@@ -119,11 +120,12 @@ class HostileAPITests(unittest.TestCase):
         self.c = Caller(self.api)
         return self.c
 
-    async def raw_login(self, email: str, password: str) -> tuple[int, dict, Any]:
+    async def raw_login(self, email: str, password: str,
+                        headers: dict[str, str] | None = None) -> tuple[int, dict, Any]:
         pump = task.LoopingCall(self.c.stub.flush)
         pump.start(0.001)
         try:
-            resp = await self.c.stub.post(ACCESS_URL + "/api/v2/users/login",
+            resp = await self.c.stub.post(ACCESS_URL + "/api/v2/users/login", headers=headers,
                                           data=json.dumps({"email": email, "password": password}).encode())
             body = json.loads(await self.c.stub.content(resp))
         finally:
@@ -150,6 +152,28 @@ class HostileAPITests(unittest.TestCase):
         self.clock.advance(2.0)
         code, body, _ = await self.raw_login("alice@example.com", "correct horse")
         self.assertEqual(code, 201, body)
+
+    async def test_behind_a_trusted_proxy_the_forwarded_client_is_the_source(self) -> None:
+        c = await self.setUpAPI()
+        await c.owner()
+
+        async def fail_from(xff: str, n: int = 1) -> list[int]:
+            return [(await self.raw_login(f"ghost{i}@example.com", "wrong password",
+                                          {"X-Forwarded-For": xff}))[0] for i in range(n)]
+
+        # The in-memory requests come from 127.0.0.1: here, the load balancer.
+        self.d.trusted_proxies = TrustedProxies(("X-Forwarded-For",), parse_origins("127.0.0.1/32"))
+        self.assertEqual(await fail_from("203.0.113.9", 11), [401] * 11)
+        self.assertEqual(await fail_from("203.0.113.9"), [429])
+        # A spoofed prefix does not escape: the proxy appended the client's real address.
+        self.assertEqual(await fail_from("198.51.100.1, 203.0.113.9"), [429])
+        self.assertEqual(await fail_from("203.0.113.10"), [401])
+        self.assertEqual((await self.raw_login("ghost@example.com", "wrong password"))[0], 401)
+        # Without trusted origins the header is the client's own claim: one source for all.
+        self.clock.advance(1000)
+        self.d.trusted_proxies = TrustedProxies(("X-Forwarded-For",))
+        self.assertEqual(await fail_from("203.0.113.9", 11), [401] * 11)
+        self.assertEqual(await fail_from("203.0.113.10"), [429])
 
     async def test_email_and_username_count_as_one_account(self) -> None:
         c = await self.setUpAPI()

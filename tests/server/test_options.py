@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from ipaddress import ip_network
 
 from twisted.python import usage
 from twisted.trial import unittest
@@ -355,6 +356,38 @@ class ConnectionCapOptionTests(unittest.SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as caught:
             server([], {"CODERSTACK_MAX_CONNECTIONS_PER_SOURCE": "-1"})
         self.assertIn("--max-connections-per-source (from CODERSTACK_MAX_CONNECTIONS_PER_SOURCE)", str(caught.exception))
+
+
+class TrustedProxyOptionTests(unittest.SynchronousTestCase):
+    def test_default_flag_and_coder_variables(self) -> None:
+        o = server([])
+        self.assertEqual((o["proxy-trusted-headers"], o["proxy-trusted-origins"]), ((), ()))
+        env = {"CODER_PROXY_TRUSTED_HEADERS": "x-real-ip", "CODER_PROXY_TRUSTED_ORIGINS": "10.0.0.0/8"}
+        o = server([], env)
+        self.assertEqual(o["proxy-trusted-headers"], ("X-Real-IP",))
+        self.assertEqual(o["proxy-trusted-origins"], (ip_network("10.0.0.0/8"),))
+        o = server(["--proxy-trusted-headers", "X-Forwarded-For,X-Real-IP,True-Client-IP,CF-Connecting-IP",
+                    "--proxy-trusted-origins", "127.0.0.1/32,fd00::/8"], env)
+        self.assertEqual(o["proxy-trusted-headers"], ("X-Forwarded-For", "X-Real-IP", "True-Client-IP",
+                                                      "CF-Connecting-IP"))
+        self.assertEqual(o["proxy-trusted-origins"], (ip_network("127.0.0.1/32"), ip_network("fd00::/8")))
+
+    def test_bad_values_are_usage_errors_naming_the_flag(self) -> None:
+        cases = [
+            (["--proxy-trusted-headers", "X-Forwarded-For,Forwarded"], "--proxy-trusted-headers", "'Forwarded'"),
+            (["--proxy-trusted-headers", "X-Client-IP"], "--proxy-trusted-headers", "X-Client-IP"),
+            (["--proxy-trusted-origins", "10.0.0.0/33"], "--proxy-trusted-origins", "10.0.0.0/33"),
+            (["--proxy-trusted-origins", "127.0.0.1/32,lb.internal"], "--proxy-trusted-origins", "lb.internal"),
+            (["--proxy-trusted-origins", "10.0.0.1/8"], "--proxy-trusted-origins", "host bits"),
+        ]
+        for argv, *fragments in cases:
+            with self.assertRaises(usage.UsageError) as caught:
+                server(argv)
+            for fragment in fragments:
+                self.assertIn(fragment, str(caught.exception))
+        with self.assertRaises(usage.UsageError) as caught:
+            server([], {"CODER_PROXY_TRUSTED_ORIGINS": "nope"})
+        self.assertIn("--proxy-trusted-origins (from CODER_PROXY_TRUSTED_ORIGINS)", str(caught.exception))
 
 
 class AgentDataDirOptionTests(unittest.SynchronousTestCase):
