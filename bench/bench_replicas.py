@@ -145,6 +145,7 @@ def main() -> None:
     ap.add_argument("--agents", type=int, default=500)
     ap.add_argument("--replicas", default="1,2,3")
     ap.add_argument("--seconds", type=float, default=20)
+    ap.add_argument("--keep", action="store_true", help="keep the logs and data (prints where)")
     args = ap.parse_args()
     for tool, why in (("taskset", "util-linux"), ("haproxy", "apt-get install haproxy")):
         if shutil.which(tool) is None:
@@ -164,7 +165,10 @@ def main() -> None:
             print(json.dumps(row), flush=True)
     finally:
         cluster.stop()
-        shutil.rmtree(work, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(work, ignore_errors=True)
+        else:
+            print(f"kept {work}", flush=True)
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs; replicas, HAProxy "
           f"and PostgreSQL on CPU 0, load generator on CPU 1; {args.agents} agents + {args.agents} relayed "
           f"clients, nodes re-announced every 5 s, {args.seconds:.0f} s\n")

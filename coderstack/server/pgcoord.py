@@ -47,7 +47,7 @@ from coderstack.coordinator.core import Coordinator
 from coderstack.coordinator.mirror import Mirror, PeerRow, TunnelRow
 from coderstack.coordinator.replication import Binding
 from coderstack.server.database import Database
-from coderstack.server.pubsub import Listener, notify
+from coderstack.server.pubsub import Listener, notify_many
 from coderstack.server.replicas import Replica
 from coderstack.server.schema import replicas, tailnet_peers, tailnet_tunnels
 from coderstack.wire.coordination import CoordinationError, Node
@@ -67,6 +67,17 @@ CLEANUP_EVERY = 60.0
 
 #: Why a replica that lost its database closes its coordinations (their close reason).
 REASON_UNHEALTHY = "replica unhealthy"
+
+
+def _upsert_peer() -> Any:
+    stmt = pg_insert(tailnet_peers)
+    return stmt.on_conflict_do_update(
+        index_elements=["id", "replica_id"],
+        set_={c.name: stmt.excluded[c.name] for c in tailnet_peers.c if c.name not in ("id", "replica_id")})
+
+
+#: One peer row written (inserted, or replacing this replica's row of it); run with many rows.
+_UPSERT_PEER = _upsert_peer()
 
 
 def binding_row(replica_id: UUID, b: Binding) -> dict[str, Any]:
@@ -192,12 +203,11 @@ class PGCoordination:
             live = sa.select(replicas.c.id).where(replicas.c.heartbeat_at > cutoff)
             gone = conn.execute(tailnet_peers.delete().where(tailnet_peers.c.replica_id.not_in(live))
                                 .returning(tailnet_peers.c.replica_id, tailnet_peers.c.id)).all()
-            for replica_id, peer_id in gone:
-                notify(conn, PEER_CHANNEL, f"{replica_id},{peer_id}")
+            notify_many(conn, PEER_CHANNEL, [f"{replica_id},{peer_id}" for replica_id, peer_id in gone])
             t = tailnet_tunnels.c
-            for replica_id, src, dst in conn.execute(tailnet_tunnels.delete().where(t.replica_id.not_in(live))
-                                                     .returning(t.replica_id, t.src_id, t.dst_id)).all():
-                notify(conn, TUNNEL_CHANNEL, f"{replica_id},{src},{dst}")
+            gone_tunnels = conn.execute(tailnet_tunnels.delete().where(t.replica_id.not_in(live))
+                                        .returning(t.replica_id, t.src_id, t.dst_id)).all()
+            notify_many(conn, TUNNEL_CHANNEL, [f"{r},{src},{dst}" for r, src, dst in gone_tunnels])
 
         def again(result: object) -> None:
             if not self._stopped:
@@ -271,29 +281,27 @@ class PGCoordination:
 
     def _write_rows(self, conn: sa.Connection, peers: dict[UUID, Binding | None],
                     tunnels: dict[tuple[UUID, UUID], bool], ready: list[tuple[UUID, UUID]]) -> None:
+        # A statement per kind of change, not per change: a turn's changes cost a few round trips.
         me = self._me
-        for pid, b in peers.items():
-            if b is None:
-                conn.execute(tailnet_peers.delete().where(
-                    tailnet_peers.c.id == str(pid), tailnet_peers.c.replica_id == me))
-            else:
-                row = binding_row(self.replica_id, b)
-                stmt = pg_insert(tailnet_peers).values(**row)
-                conn.execute(stmt.on_conflict_do_update(
-                    index_elements=["id", "replica_id"],
-                    set_={k: stmt.excluded[k] for k in row if k not in ("id", "replica_id")}))
-            notify(conn, PEER_CHANNEL, f"{me},{pid}")
-        for (src, dst), present in tunnels.items():
-            key = {"replica_id": me, "src_id": str(src), "dst_id": str(dst)}
-            if present:
-                conn.execute(pg_insert(tailnet_tunnels).values(
-                    **key, updated_at=self.reactor.seconds()).on_conflict_do_nothing())
-            else:
-                conn.execute(tailnet_tunnels.delete().where(
-                    *(tailnet_tunnels.c[k] == v for k, v in key.items())))
-            notify(conn, TUNNEL_CHANNEL, f"{me},{src},{dst}")
-        for agent_id, client_id in ready:
-            notify(conn, READY_CHANNEL, f"{me},{agent_id},{client_id}")
+        gone = [str(pid) for pid, b in peers.items() if b is None]
+        bound = [binding_row(self.replica_id, b) for b in peers.values() if b is not None]
+        p = tailnet_peers.c
+        for i in range(0, len(gone), _CHUNK):
+            conn.execute(tailnet_peers.delete().where(p.replica_id == me, p.id.in_(gone[i:i + _CHUNK])))
+        if bound:
+            conn.execute(_UPSERT_PEER, bound)
+        added = [{"replica_id": me, "src_id": str(src), "dst_id": str(dst), "updated_at": self.reactor.seconds()}
+                 for (src, dst), present in tunnels.items() if present]
+        removed = [(str(src), str(dst)) for (src, dst), present in tunnels.items() if not present]
+        if added:
+            conn.execute(pg_insert(tailnet_tunnels).on_conflict_do_nothing(), added)
+        t = tailnet_tunnels.c
+        for i in range(0, len(removed), _CHUNK):
+            conn.execute(tailnet_tunnels.delete().where(
+                t.replica_id == me, sa.tuple_(t.src_id, t.dst_id).in_(removed[i:i + _CHUNK])))
+        notify_many(conn, PEER_CHANNEL, [f"{me},{pid}" for pid in peers])
+        notify_many(conn, TUNNEL_CHANNEL, [f"{me},{src},{dst}" for src, dst in tunnels])
+        notify_many(conn, READY_CHANNEL, [f"{me},{agent_id},{client_id}" for agent_id, client_id in ready])
 
     # --- in: Subscriber ---------------------------------------------------------------------
 

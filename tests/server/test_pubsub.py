@@ -7,7 +7,7 @@ from twisted.internet import reactor
 from twisted.trial import unittest
 
 from coderstack.server.database import Database, database_url
-from coderstack.server.pubsub import Listener, notify
+from coderstack.server.pubsub import Listener, notify, notify_many
 from tests.support import postgres
 from tests.support.waiting import wait_until
 
@@ -55,10 +55,12 @@ class ListenerTests(unittest.TestCase):
         def send(conn: sa.Connection) -> None:
             for ch in ("chan_a", "chan_b", "chan_both"):
                 notify(conn, ch, f"to {ch}")
+            notify_many(conn, "chan_a", [f"many {i}" for i in range(5)])
 
         await db.transact(send)
-        await wait_until(lambda: len(a.got) == 2 and len(b.got) == 2, "the notifications")
-        self.assertEqual(a.got, [("chan_a", "to chan_a"), ("chan_both", "to chan_both")])
+        await wait_until(lambda: len(a.got) == 7 and len(b.got) == 2, "the notifications")
+        self.assertEqual(a.got, [("chan_a", "to chan_a"), ("chan_both", "to chan_both")]
+                         + [("chan_a", f"many {i}") for i in range(5)])  # in order
         self.assertEqual(b.got, [("chan_b", "to chan_b"), ("chan_both", "to chan_both")])
 
     def test_subscribing_after_the_start_is_refused(self) -> None:

@@ -64,6 +64,9 @@ backend {BACKEND}
     balance {balance}
     option httpchk GET /healthz
     http-check expect status 200
+    # A busy replica may take longer than the 500 ms between checks to answer one; a dead one
+    # refuses the connection at once.
+    timeout check 2s
     default-server inter 500ms fall 2 rise 1
 {servers}"""
 
