@@ -78,11 +78,6 @@ class HAProxyReplicaTests(unittest.TestCase):
         self.addCleanup(c.close)
         return c
 
-    async def served(self, rs: ReplicaSet) -> list[int]:
-        """Responses (any status) each replica has sent through the load balancer so far."""
-        rows = [await rs.lb.server(i) for i in range(len(rs.replicas))]
-        return [sum(int(row[f"hrsp_{k}xx"] or 0) for k in range(1, 6)) for row in rows]
-
     async def login(self, url: str) -> str:
         got = await self.client(url).post("/api/v2/users/login",
                                           {"email": "alice@example.com", "password": PASSWORD})
@@ -101,32 +96,32 @@ class HAProxyReplicaTests(unittest.TestCase):
 
         # Requests through it reach both replicas.
         alice = self.client(rs.url, token)
-        before = await self.served(rs)
+        before = await rs.served()
         for _ in range(10):
             self.assertEqual([u["username"] for u in (await alice.get("/api/v2/users"))["users"]], ["alice"])
             self.assertEqual((await alice.get("/api/v2/workspaces"))["count"], 0)
-        after = await self.served(rs)
+        after = await rs.served()
         self.assertTrue(all(a - b >= 5 for a, b in zip(after, before, strict=True)), (before, after))
 
         await self.check_websocket_and_derp(rs, token)
 
         # SIGKILL one replica: HAProxy takes it out and the other answers everything.
         await rs.kill9(0)
-        before = await self.served(rs)
+        before = await rs.served()
         for _ in range(10):
             self.assertEqual((await alice.me())["username"], "alice")
         self.assertIsInstance(await self.login(rs.url), str)
         await self.check_websocket_and_derp(rs, token)
-        after = await self.served(rs)
+        after = await rs.served()
         self.assertEqual(after[0], before[0])
         self.assertGreaterEqual(after[1] - before[1], 11)
 
         # Back again: it serves its share once the health check sees it.
         await rs.restart(0)
-        before = await self.served(rs)
+        before = await rs.served()
         for _ in range(10):
             await alice.me()
-        after = await self.served(rs)
+        after = await rs.served()
         self.assertGreater(after[0], before[0])
 
         # Login limits count on both replicas together: ten failures from one source are free,
@@ -219,10 +214,10 @@ class HAProxyReplicaTests(unittest.TestCase):
             await self.client(rs.replicas[0].url, token).get("/api/v2/workspaces")
         self.assertEqual(caught.exception.status, 503, caught.exception)
         self.assertIn("The database is unavailable.", str(caught.exception))
-        before = await self.served(rs)
+        before = await rs.served()
         for _ in range(10):
             self.assertEqual((await alice.me())["username"], "alice")
-        after = await self.served(rs)
+        after = await rs.served()
         self.assertEqual((after[0] - before[0], after[1] - before[1]), (0, 10))
         rs.process(0).check_running()  # still running: only out of the balancer's rotation
 

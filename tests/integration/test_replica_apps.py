@@ -51,14 +51,14 @@ class ReplicaAppTests(unittest.TestCase):
         agent = rs.replicas[0].start_agent(token)  # coordinated by replica 0 only
         ws = await alice.wait_status("box", "connected", watch=[agent])
         host = f"{self.app_port}--{ws['agents'][0]['name']}--box--alice.{WILDCARD}"
-        before = await self.served(rs)
+        before = await rs.served()
         for i in range(6):
             resp = await treq.get(f"{rs.url}/hello/{i}?q=1", headers={
                 "Host": host, "Coder-Session-Token": alice.session_token()}, persistent=False)
             body = await resp.text()
             self.assertEqual(resp.code, 200, body)
             self.assertEqual(json.loads(body)["path"], f"/hello/{i}?q=1")
-        after = await self.served(rs)
+        after = await rs.served()
         self.assertEqual([a - b for a, b in zip(after, before, strict=True)], [3, 3])  # round-robin
         paths = []
         for d in rs.replicas:
@@ -68,10 +68,6 @@ class ReplicaAppTests(unittest.TestCase):
             self.assertEqual([a["agent_id"] for a in agents], [ws["agents"][0]["id"]])
             paths.append(agents[0])
         return paths
-
-    async def served(self, rs: ReplicaSet) -> list[int]:
-        rows = [await rs.lb.server(i) for i in range(len(rs.replicas))]
-        return [sum(int(row[f"hrsp_{k}xx"] or 0) for k in range(1, 6)) for row in rows]
 
     async def test_a_port_app_through_either_replica(self) -> None:
         for path in await self.app_on_both_replicas():

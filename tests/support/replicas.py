@@ -84,6 +84,11 @@ class ReplicaSet:
         await self.start_replica(i)
         await self.lb.wait_status(i, "UP")
 
+    async def served(self) -> list[int]:
+        """Responses (any status) each replica has sent through the load balancer so far."""
+        rows = [await self.lb.server(i) for i in range(len(self.replicas))]
+        return [sum(int(row[f"hrsp_{k}xx"] or 0) for k in range(1, 6)) for row in rows]
+
     async def stop(self) -> None:
         """HAProxy, then every replica (each by PID; the cleanups would do the same)."""
         await self.lb.stop()
