@@ -902,12 +902,15 @@ class Connection:
     def _ack_advance(self, ack_u: int, tsecr: int | None, now: float) -> None:
         """The peer acknowledged new data, up to ``ack_u``."""
         acked = ack_u - self.snd_una
+        delivered = acked
         self.sendbuf.acknowledge(ack_u)
+        if self.sb:
+            # What was SACKed before reached the peer then, not now (slow start counts this).
+            delivered -= self.sb.sacked_between(self.snd_una, ack_u)
+            self.sb.advance(ack_u)
         self.snd_una = ack_u
         if self.snd_nxt < ack_u:
             self.snd_nxt = ack_u
-        if self.sb:
-            self.sb.advance(ack_u)
         # RTT (RFC 6298 / RFC 7323 §4): timestamps when we have them, else one timed segment.
         rtt = self.rtt
         r: float | None
@@ -931,7 +934,7 @@ class Connection:
                 self._schedule(self.t_rexmit)
         if not self.in_recovery:
             cc = self.cc
-            cc.on_ack(acked, now, rtt.srtt)
+            cc.on_ack(acked, now, rtt.srtt, delivered)
             # Do not let cwnd grow without bound while the peer's window is what limits us.
             cap = 2 * self.max_snd_wnd + 10 * self.mss
             if cc.cwnd > cap:
