@@ -1,0 +1,153 @@
+"""Loss recovery on time we control: RACK-TLP (RFC 8985), PRR (RFC 6937), undo of spurious
+retransmissions (RFC 3522), against a scripted peer."""
+
+from twisted.trial import unittest
+
+from coderstack.netstack.tcpsegment import ACK, SYN, Options
+
+from .scripted import Handler, Peer
+
+PLAIN = Options(mss=1220, sack_permitted=True)  # no timestamps: easier to script
+MSS = 1220
+RTT = 0.01
+
+
+class RecoveryTestCase(unittest.TestCase):
+    def setUp(self):
+        # A handshake that takes RTT, so the stack has an RTT sample of that.
+        p = self.p = Peer()
+        h = self.h = Handler()
+        p.stack.listen(80, lambda c: h)
+        p.send(SYN, options=PLAIN)
+        (synack,) = p.take()
+        p.seq += 1
+        p.advance(RTT)
+        p.send(ACK, ack=synack.seq + 1)
+        self.conn = h.conn
+        self.iss = synack.seq + 1
+        self.assertAlmostEqual(self.conn.rtt.srtt, RTT)
+
+    def seg(self, i: int) -> int:
+        return self.iss + MSS * i
+
+    def sack(self, ack_seg: int, *blocks: tuple[int, int]) -> None:
+        """ACK up to segment ``ack_seg``, SACK segments [a, b) for each block."""
+        sack = [(self.seg(a), self.seg(b)) for a, b in blocks]
+        self.p.send(ACK, ack=self.seg(ack_seg), options=Options(sack=sack) if sack else None)
+
+    def sent(self) -> list[int]:
+        """Segment numbers the stack sent since the last call."""
+        return [(s.seq - self.iss) // MSS for s in self.p.take() if s.data]
+
+    @property
+    def stats(self):
+        return self.p.stack.stats
+
+
+class RackTests(RecoveryTestCase):
+    def test_lost_segment_retransmitted_after_the_reorder_window_not_the_rto(self):
+        conn = self.conn
+        conn.write(bytes(MSS * 8))
+        conn.flush(self.p.now)
+        self.assertEqual(self.sent(), list(range(8)))
+        self.p.advance(RTT)
+        # Segment 0 is missing, 1 arrived: too little for DupThresh, so RACK waits a quarter
+        # RTT of reordering window before calling 0 lost.
+        self.sack(0, (1, 2))
+        self.assertEqual(self.sent(), [])
+        self.assertIsNotNone(conn.t_rack)
+        self.assertAlmostEqual(conn.t_rack, self.p.now + RTT / 4)
+        self.p.advance(RTT / 4 + 0.0001)
+        self.assertEqual(self.sent(), [0])
+        self.assertTrue(conn.in_recovery)
+        self.assertEqual(self.stats["tcp_rack_marked_lost"], 1)
+        self.assertEqual(self.stats["tcp_timeouts"], 0)
+        self.sack(8)
+        self.assertFalse(conn.in_recovery)
+
+    def test_reordered_segment_is_not_retransmitted(self):
+        conn = self.conn
+        conn.write(bytes(MSS * 8))
+        conn.flush(self.p.now)
+        self.sent()
+        self.p.advance(RTT)
+        self.sack(0, (1, 2))
+        self.p.advance(RTT / 8)
+        self.sack(2)  # segment 0 was only late
+        self.p.advance(RTT)
+        self.assertEqual(self.sent(), [])
+        self.assertEqual(self.stats["tcp_rack_marked_lost"], 0)
+        self.assertTrue(conn.rack.reordering_seen)
+
+    def test_dupthresh_sacks_retransmit_at_once(self):
+        conn = self.conn
+        conn.write(bytes(MSS * 8))
+        conn.flush(self.p.now)
+        self.sent()
+        self.p.advance(RTT)
+        self.sack(0, (1, 4))
+        # Three segments SACKed and no reordering seen: no reordering window.
+        self.assertEqual(self.sent()[:1], [0])
+        self.assertTrue(conn.in_recovery)
+
+    def test_lost_retransmission_recovered_without_rto(self):
+        conn = self.conn
+        p = self.p
+        conn.write(bytes(MSS * 40))
+        conn.flush(p.now)
+        self.assertEqual(self.sent(), list(range(10)))  # the initial window
+        p.advance(RTT)
+        for i in range(2, 5):
+            self.sack(0, (1, i))
+        self.assertIn(0, self.sent())  # fast retransmit of 0 ...
+        p.advance(RTT / 2)
+        for i in range(5, 11):  # ... which is lost as well; the peer SACKs the rest
+            self.sack(0, (1, i))
+        after = self.sent()
+        self.assertNotIn(0, after)  # not yet: segments sent after it were not delivered
+        p.advance(RTT / 2)
+        new = [n for n in after if n >= 10]
+        self.assertTrue(new)
+        self.sack(0, (1, new[0] + 1))  # a segment sent after the retransmission arrives
+        self.assertIn(0, self.sent())
+        self.assertEqual(self.stats["tcp_timeouts"], 0)
+        self.assertEqual(self.stats["tcp_fast_retransmit"], 1)  # one recovery, not two
+
+    def test_tail_loss_probe(self):
+        conn = self.conn
+        p = self.p
+        conn.write(bytes(MSS * 4))
+        conn.flush(p.now)
+        self.assertEqual(self.sent(), [0, 1, 2, 3])
+        self.assertIsNotNone(conn.t_tlp)
+        p.advance(RTT)
+        self.sack(2)  # segments 2 and 3, the tail, are lost: nothing else would tell us
+        t_probe = conn.t_tlp
+        self.assertAlmostEqual(t_probe, p.now + 2 * RTT)  # PTO = 2 SRTT
+        self.assertLess(t_probe, conn.t_rexmit)
+        p.advance(2 * RTT + 0.0001)
+        self.assertEqual(self.sent(), [3])  # no new data: the last segment again
+        self.assertEqual(self.stats["tcp_tlp_probes"], 1)
+        p.advance(RTT)
+        self.sack(2, (3, 4))  # the probe arrived: RACK sees that 2 is lost
+        self.assertEqual(self.sent(), [2])
+        self.sack(4)
+        self.assertEqual(self.stats["tcp_tlp_recovered"], 1)
+        self.assertEqual(self.stats["tcp_timeouts"], 0)
+
+    def test_tail_loss_probe_sends_new_data_if_it_can(self):
+        conn = self.conn
+        p = self.p
+        conn.write(bytes(MSS * 14))
+        conn.flush(p.now)
+        self.assertEqual(self.sent(), list(range(10)))
+        p.advance(2 * RTT + 0.0001)  # no ACK at all
+        self.assertEqual(self.sent(), [10])
+        self.assertEqual(self.stats["tcp_tlp_probes"], 1)
+
+    def test_pto_of_a_lone_segment_allows_for_a_delayed_ack(self):
+        conn = self.conn
+        conn.write(bytes(100))
+        conn.flush(self.p.now)
+        # 2 SRTT + 200 ms is not before the RTO (200 ms here): only the RTO is armed.
+        self.assertIsNone(conn.t_tlp)
