@@ -16,7 +16,9 @@ Implemented: active, passive and simultaneous open; MSS; window scaling and time
 when one sent after it was delivered and a round trip plus a reordering window has passed, lost
 retransmissions included, and a tail loss probe 2 SRTT after the last ACK makes the peer's SACKs
 expose a lost tail without waiting for the RTO.  Recovery (RFC 6675's pipe, RFC 6582's recovery
-point) retransmits what RACK marked.  Without SACK, fast retransmit on three duplicate ACKs and
+point) retransmits what RACK marked, paced by proportional rate reduction (RFC 6937, with the slow
+start reduction bound): the window falls to ssthresh over the recovery's round trip, sending as
+ACKs deliver, instead of at once and then nothing until the pipe has drained.  Without SACK, fast retransmit on three duplicate ACKs and
 NewReno partial ACKs (RFC 5681, RFC 6582).  RTO per RFC 6298 with Karn's rule and exponential
 backoff (``rto``); CUBIC (RFC 9438, default) or NewReno congestion control (``congestion``); delayed ACK
 (every second segment or 40 ms); no Nagle; zero-window probes; keepalive; FIN/RST with RFC 5961
@@ -184,6 +186,11 @@ class Connection:
         self.t_tlp: float | None = None  # the tail loss probe timeout (PTO)
         self.tlp_end: int | None = None  # snd_max when the outstanding probe went out
         self.tlp_rexmit = False
+        # Proportional rate reduction (RFC 6937) during SACK recovery.
+        self.prr_delivered = 0
+        self.prr_out = 0
+        self.prr_ack = 0  # DeliveredData of the ACK being handled
+        self.recover_fs = 0
         self.t_rexmit: float | None = None
         self.t_dack: float | None = None
         self.t_persist: float | None = None
@@ -718,6 +725,7 @@ class Connection:
         if tsval is not None and seq_u <= self.rcv_nxt and not (tsval - self.ts_recent) & HALF:
             self.ts_recent = tsval  # RFC 7323 §4.3
         new_wnd = win << self.snd_wscale
+        sacked_before = self.sb.sacked
         if ack_u > snd_una:
             self._ack_advance(ack_u, tsecr, now)
             if self.state is CLOSED:
@@ -727,6 +735,11 @@ class Connection:
         newly_sacked = self._sack_arrives(sack_blocks, tsecr, now) if sack_blocks and self.sack_ok else 0
         if self.snd_wl1 < seq_u or (self.snd_wl1 == seq_u and self.snd_wl2 <= ack_u):
             self._update_send_window(seq_u, ack_u, new_wnd)
+        if self.in_recovery and self.sack_ok:
+            # PRR's DeliveredData (RFC 6937): what this ACK told us reached the peer.
+            d = (ack_u - snd_una if ack_u > snd_una else 0) + self.sb.sacked - sacked_before
+            self.prr_delivered += d
+            self.prr_ack = d
         if (
             self.in_recovery
             or newly_sacked
@@ -1037,10 +1050,13 @@ class Connection:
         self.cc.enter_recovery(flight, now)
         self.rtt.cancel()
         if self.sack_ok:
+            self.host.stats["tcp_prr_recoveries"] += 1
+            self.prr_delivered = self.prr_out = self.prr_ack = 0
+            self.recover_fs = self.snd_max - self.snd_una
             # The first lost segment goes out at once, whatever the pipe (RFC 5681 §3.2 step 2).
             seg = self.rack.first_lost()
             if seg is not None:
-                self._retransmit_entry(seg, now)
+                self.prr_out += self._retransmit_entry(seg, now)
             return
         una = self.snd_una
         self.lost_floor = min(una + self.mss, self.snd_max)
@@ -1163,23 +1179,37 @@ class Connection:
             if self.snd_nxt < data_end and self.snd_max == self.snd_una and self.t_persist is None:
                 self._arm_persist(now)
 
+    def _prr_sndcnt(self) -> int:
+        """How much PRR lets us send now (RFC 6937 §3, with the slow start reduction bound):
+        while the pipe is above ssthresh, in proportion to what was delivered, so that the
+        window comes down to ssthresh over the recovery's round trip instead of at once; below
+        it, growing back towards ssthresh at most as fast as slow start."""
+        pipe = self.snd_max - self.snd_una - self.sb.sacked - self.rack.lost_bytes()
+        ssthresh = self.cc.ssthresh
+        if pipe > ssthresh:
+            fs = self.recover_fs if self.recover_fs > 0 else 1
+            sndcnt = -(-self.prr_delivered * ssthresh // fs) - self.prr_out
+        else:
+            limit = max(self.prr_delivered - self.prr_out, self.prr_ack) + self.mss
+            sndcnt = min(ssthresh - pipe, limit)
+        return sndcnt if sndcnt > 0 else 0
+
     def _output_rack(self, now: float) -> None:
         """Sending in SACK recovery: the segments RACK marked lost, lowest first, then new data,
-        while the pipe (RFC 6675: in flight, not SACKed, not lost) leaves room in cwnd."""
+        as much as PRR allows."""
         mss = self.mss
-        sb = self.sb
         rack = self.rack
-        cwnd = self.cc.cwnd
         buf = self.sendbuf
-        while True:
+        sndcnt = self._prr_sndcnt()
+        self.prr_ack = 0
+        while sndcnt > 0:
             una = self.snd_una
             smax = self.snd_max
-            pipe = smax - una - sb.sacked - rack.lost_bytes()
-            if cwnd - pipe < mss:
-                break
             seg = rack.first_lost()
             if seg is not None:
-                self._retransmit_entry(seg, now)
+                n = self._retransmit_entry(seg, now)
+                self.prr_out += n
+                sndcnt -= n
                 continue
             # New data, if the peer's window allows (never re-sending below snd_max: what is
             # missing there is RACK's to mark).
@@ -1190,8 +1220,11 @@ class Connection:
             if n <= 0:
                 if nxt == buf.fin:
                     self._send_range(nxt, 0, now)
+                    self.prr_out += 1
                 break
             self._send_range(nxt, n, now)
+            self.prr_out += n
+            sndcnt -= n
 
     def _output_recovery(self, now: float) -> None:
         mss = self.mss

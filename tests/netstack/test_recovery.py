@@ -151,3 +151,42 @@ class RackTests(RecoveryTestCase):
         conn.flush(self.p.now)
         # 2 SRTT + 200 ms is not before the RTO (200 ms here): only the RTO is armed.
         self.assertIsNone(conn.t_tlp)
+
+
+class PRRTests(RecoveryTestCase):
+    def test_sending_in_proportion_then_up_to_ssthresh(self):
+        conn = self.conn
+        p = self.p
+        conn.cc.cwnd = 20 * MSS
+        conn.write(bytes(MSS * 60))
+        conn.flush(p.now)
+        self.assertEqual(self.sent(), list(range(20)))
+        p.advance(RTT)
+        before = []
+        for i in range(2, 5):  # segment 0 lost; 1..3 SACKed: recovery
+            self.sack(0, (1, i))
+            before += self.sent()
+        self.assertTrue(conn.in_recovery)
+        self.assertIn(0, before)
+        ssthresh = conn.cc.ssthresh
+        fs = conn.recover_fs
+        self.assertEqual((conn.prr_out, fs), (MSS, conn.snd_max - conn.snd_una))
+        # Each further SACK of one segment lets out about ssthresh / RecoverFS of a segment,
+        # not nothing until the pipe has fallen below the new window (as cutting cwnd at once
+        # would) and not a segment each (as not cutting would).
+        new = []
+        for i in range(5, 9):
+            self.sack(0, (1, i))
+            new += self.sent()
+        self.assertTrue(new)
+        self.assertLess(len(new), 4)
+        self.assertLessEqual(abs(conn.prr_out - 4 * MSS * ssthresh / fs), MSS)
+        for i in range(9, 21):
+            self.sack(0, (1, i))
+            new += self.sent()
+        # By the end of the round trip the pipe is ssthresh: the reduction is complete.
+        pipe = conn.snd_max - conn.snd_una - conn.sb.sacked - conn.rack.lost_bytes()
+        self.assertLessEqual(abs(pipe - ssthresh), MSS)
+        first = max(before) + 1
+        self.assertEqual(new, list(range(first, first + len(new))))
+        self.assertEqual(self.stats["tcp_prr_recoveries"], 1)
