@@ -58,6 +58,18 @@ class NewReno:
         self.cwnd = self.mss
         self._acc = 0
 
+    def snapshot(self) -> tuple:
+        """All of the controller's state, to ``restore`` if a reduction proves spurious."""
+        return tuple(getattr(self, name) for name in self._state_names())
+
+    def restore(self, state: tuple) -> None:
+        for name, value in zip(self._state_names(), state, strict=True):
+            setattr(self, name, value)
+
+    @classmethod
+    def _state_names(cls) -> tuple[str, ...]:
+        return tuple(n for c in reversed(cls.__mro__) for n in getattr(c, "__slots__", ()) if n != "mss")
+
     def set_mss(self, mss: int) -> None:
         if mss < self.mss:
             self.cwnd = max(self.cwnd * mss // self.mss, mss)

@@ -18,7 +18,10 @@ retransmissions included, and a tail loss probe 2 SRTT after the last ACK makes 
 expose a lost tail without waiting for the RTO.  Recovery (RFC 6675's pipe, RFC 6582's recovery
 point) retransmits what RACK marked, paced by proportional rate reduction (RFC 6937, with the slow
 start reduction bound): the window falls to ssthresh over the recovery's round trip, sending as
-ACKs deliver, instead of at once and then nothing until the pipe has drained.  Without SACK, fast retransmit on three duplicate ACKs and
+ACKs deliver, instead of at once and then nothing until the pipe has drained.  With timestamps,
+Eifel detection (RFC 3522) undoes a cut whose retransmission proves spurious: if the first ACK for
+the retransmitted segment echoes an older timestamp, the original arrived, so the congestion state
+from before the cut comes back (after a timeout the go-back-N stops as well).  Without SACK, fast retransmit on three duplicate ACKs and
 NewReno partial ACKs (RFC 5681, RFC 6582).  RTO per RFC 6298 with Karn's rule and exponential
 backoff (``rto``); CUBIC (RFC 9438, default) or NewReno congestion control (``congestion``); delayed ACK
 (every second segment or 40 ms); no Nagle; zero-window probes; keepalive; FIN/RST with RFC 5961
@@ -191,6 +194,12 @@ class Connection:
         self.prr_out = 0
         self.prr_ack = 0  # DeliveredData of the ACK being handled
         self.recover_fs = 0
+        # Eifel (RFC 3522): the congestion state before a cut, the timestamp (ms of our clock)
+        # of the retransmission that came with it and the sequence number it started at.
+        self.undo_cc: tuple | None = None
+        self.undo_ts = 0
+        self.undo_seq = 0
+        self.undo_rto = False
         self.t_rexmit: float | None = None
         self.t_dack: float | None = None
         self.t_persist: float | None = None
@@ -993,6 +1002,8 @@ class Connection:
         # segment gives none, and its backed-off RTO stays).
         self.retries = 0
         self.dupacks = 0
+        if self.undo_cc is not None and ack_u > self.undo_seq:
+            self._eifel(tsecr, now)
         tlp_end = self.tlp_end
         if tlp_end is not None and ack_u >= tlp_end:
             # The probe's episode ends (RFC 8985 §7.4): a retransmitted tail was repaired
@@ -1023,6 +1034,34 @@ class Connection:
         if fin is not None and ack_u > fin:
             self._fin_acked(now)
 
+    def _save_for_undo(self, now: float, rto: bool) -> None:
+        """A cut comes with a retransmission starting at ``snd_una``: remember what to restore
+        if the first ACK of it turns out to answer the original (RFC 3522)."""
+        if not self.ts_ok or self.undo_cc is not None:
+            return
+        self.undo_cc = self.cc.snapshot()
+        self.undo_ts = int(now * 1000)
+        self.undo_seq = self.snd_una
+        self.undo_rto = rto
+
+    def _eifel(self, tsecr: int | None, now: float) -> None:
+        """The first ACK for the retransmitted segment (RFC 3522 §3): an echoed timestamp older
+        than the retransmission means the original arrived, so the loss (and the cut) was
+        spurious: restore the congestion state; after a timeout, also stop going back N."""
+        state = self.undo_cc
+        self.undo_cc = None
+        tsecr_ms = self._tsecr_ms(tsecr, now)
+        if state is None or tsecr_ms is None or tsecr_ms >= self.undo_ts:
+            return
+        self.host.stats["tcp_spurious_undone"] += 1
+        self.cc.restore(state)
+        self.rack.clear_lost()
+        self.rack.reordering_seen = True  # what looked lost was late: allow for reordering
+        self.in_recovery = False
+        self.t_rack = None
+        if self.undo_rto and self.snd_nxt < self.snd_max:
+            self.snd_nxt = self.snd_max
+
     def _fin_acked(self, now: float) -> None:
         """Our FIN is acknowledged (RFC 9293 3.10.7.4, fifth check in FIN_WAIT_1, CLOSING and
         LAST_ACK)."""
@@ -1047,6 +1086,7 @@ class Connection:
         self.recover = self.snd_max
         self.t_tlp = None
         flight = self.snd_max - self.snd_una - self.sb.sacked
+        self._save_for_undo(now, False)
         self.cc.enter_recovery(flight, now)
         self.rtt.cancel()
         if self.sack_ok:
@@ -1419,6 +1459,10 @@ class Connection:
             return
         flight = self.snd_max - self.snd_una - self.sb.sacked
         if self.retries == 1:
+            # The timeout's retransmission is the one to judge (a pending fast retransmit's
+            # undo is superseded); later timeouts of the same run keep this first one.
+            self.undo_cc = None
+            self._save_for_undo(now, True)
             self.cc.on_timeout(flight, now)
         else:
             self.cc.cwnd = self.mss

@@ -190,3 +190,84 @@ class PRRTests(RecoveryTestCase):
         first = max(before) + 1
         self.assertEqual(new, list(range(first, first + len(new))))
         self.assertEqual(self.stats["tcp_prr_recoveries"], 1)
+
+
+class EifelTests(unittest.TestCase):
+    """Timestamps on: an ACK whose echoed timestamp predates our retransmission answers the
+    original, so the retransmission (and the cut) was spurious."""
+
+    def setUp(self):
+        p = self.p = Peer()
+        h = self.h = Handler()
+        p.stack.listen(80, lambda c: h)
+        p.send(SYN, options=Options(mss=1220, sack_permitted=True, ts=(1, 0)))
+        (synack,) = p.take()
+        p.seq += 1
+        p.advance(RTT)
+        p.send(ACK, ack=synack.seq + 1, options=Options(ts=(2, synack.options.ts[0])))
+        self.conn = h.conn
+        self.iss = synack.seq + 1
+        self.mss = self.conn.mss
+        self.tsvals: dict[int, list[int]] = {}
+
+    def sent(self) -> list[int]:
+        out = []
+        for s in self.p.take():
+            if s.data:
+                n = (s.seq - self.iss) // self.mss
+                self.tsvals.setdefault(n, []).append(s.options.ts[0])
+                out.append(n)
+        return out
+
+    def ack(self, upto: int, echo: int, sack: tuple[int, int] | None = None) -> None:
+        blocks = [(self.iss + self.mss * sack[0], self.iss + self.mss * sack[1])] if sack else None
+        self.p.send(ACK, ack=self.iss + self.mss * upto, options=Options(ts=(3, echo), sack=blocks))
+
+    def test_spurious_fast_retransmit_is_undone(self):
+        conn, p = self.conn, self.p
+        conn.write(bytes(self.mss * 8))
+        conn.flush(p.now)
+        self.assertEqual(self.sent(), list(range(8)))
+        cwnd, ssthresh = conn.cc.cwnd, conn.cc.ssthresh
+        p.advance(RTT)
+        for i in range(2, 5):  # segment 0 is only late
+            self.ack(0, self.tsvals[i - 1][0], (1, i))
+        self.assertIn(0, self.sent())
+        self.assertTrue(conn.in_recovery)
+        self.assertLess(conn.cc.cwnd, cwnd)
+        self.ack(8, self.tsvals[0][0])  # the original 0 arrived: its timestamp is echoed
+        self.assertEqual(self.p.stack.stats["tcp_spurious_undone"], 1)
+        self.assertFalse(conn.in_recovery)
+        self.assertGreaterEqual(conn.cc.cwnd, cwnd)
+        self.assertEqual(conn.cc.ssthresh, ssthresh)
+
+    def test_real_loss_is_not_undone(self):
+        conn, p = self.conn, self.p
+        conn.write(bytes(self.mss * 8))
+        conn.flush(p.now)
+        self.sent()
+        p.advance(RTT)
+        for i in range(2, 5):
+            self.ack(0, self.tsvals[i - 1][0], (1, i))
+        self.sent()
+        p.advance(RTT)
+        self.ack(8, self.tsvals[0][-1])  # the retransmission's timestamp: it was lost
+        self.assertEqual(self.p.stack.stats["tcp_spurious_undone"], 0)
+        self.assertLess(conn.cc.cwnd, 10 * self.mss)
+
+    def test_spurious_timeout_is_undone_without_going_back_n(self):
+        conn, p = self.conn, self.p
+        conn.write(bytes(self.mss * 4))
+        conn.flush(p.now)
+        self.assertEqual(self.sent(), [0, 1, 2, 3])
+        cwnd = conn.cc.cwnd
+        conn.t_tlp = None  # no probe: this is about the timeout
+        p.advance(conn.rtt.rto + 0.001)
+        self.assertEqual(self.sent(), [0])
+        self.assertEqual(conn.cc.cwnd, self.mss)
+        self.ack(1, self.tsvals[0][0])  # the ACK was only slow: it echoes the original
+        self.assertEqual(self.p.stack.stats["tcp_spurious_undone"], 1)
+        self.assertGreaterEqual(conn.cc.cwnd, cwnd)
+        self.assertEqual(self.sent(), [])  # 1..3 are not sent again
+        self.ack(4, self.tsvals[3][0])
+        self.assertEqual(conn.send_buffered, 0)
