@@ -28,6 +28,12 @@ backoff (``rto``); CUBIC (RFC 9438, default) or NewReno congestion control (``co
 challenge ACKs; TIME_WAIT; ICMPv6 packet-too-big lowering the MSS.  The send buffer is
 ``sendbuffer``, the out-of-order queue ``reassembly``, the SACK scoreboard ``sack``.
 
+Loss recovery counts in the stack's ``stats``: ``tcp_timeouts`` (retransmission timeouts),
+``tcp_fast_retransmit`` (recoveries entered), ``tcp_retransmits`` (segments sent again),
+``tcp_rack_marked_lost`` (segments RACK called lost), ``tcp_tlp_probes`` / ``tcp_tlp_recovered``
+(probes sent / tail losses they exposed or repaired), ``tcp_prr_recoveries`` (recoveries paced by
+PRR) and ``tcp_spurious_undone`` (cuts undone by Eifel detection).
+
 Arriving segments follow RFC 9293 3.10.7: CLOSED and LISTEN are the stack's (3.10.7.1-2, with
 ``open_passive``), ``_syn_sent`` is 3.10.7.3, and ``_synchronized`` runs the steps of 3.10.7.4
 in order, one method each.  The next in-order data segment on an established connection skips
@@ -1145,7 +1151,8 @@ class Connection:
             if self.t_rexmit is None:
                 self.t_rexmit = now + rtt.rto
                 self._schedule(self.t_rexmit)
-            if self.sack_ok and not self.in_recovery and self.tlp_end is None:
+            # Arm the probe if it is not (each ACK of new data re-arms it).
+            if self.t_tlp is None and self.sack_ok and not self.in_recovery and self.tlp_end is None:
                 self._arm_tlp(now)
         elif rtt.timed_seq is not None and seq < rtt.timed_seq:
             rtt.cancel()  # Karn: never time a retransmitted segment
