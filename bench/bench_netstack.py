@@ -296,10 +296,11 @@ print(*(out[0] if out else ("nan", "nan")))
     return float(a), float(b)
 
 
-def bench_wg_kernel(seconds: int = 3, prefix: str = "csns", reverse: bool = False) -> float:
+def bench_wg_kernel(seconds: int = 3, prefix: str = "csns", reverse: bool = False, loss: float = 0.0) -> float:
     """wireguard-go in two namespaces, kernel TCP (iperf3) through it: the baseline row.
     ``prefix`` starts every namespace and interface name (each caller has its own); ``reverse``
-    has the server send (iperf3 -R)."""
+    has the server send (iperf3 -R); ``loss`` drops that fraction of the sender's WireGuard
+    datagrams at random (iptables statistic match at the receiver)."""
     import json
     import secrets
 
@@ -340,6 +341,13 @@ def bench_wg_kernel(seconds: int = 3, prefix: str = "csns", reverse: bool = Fals
             os.unlink(keyfile)
             nse(i, "ip", "addr", "add", f"10.78.0.{i + 1}/24", "dev", wg[i])
             nse(i, "ip", "link", "set", wg[i], "up")
+        if loss:
+            # Dropped on arrival, with the sender's veth splitting UDP GSO bursts first (as a
+            # NIC would): a rule on the way out would see, and drop, a whole burst at once.
+            sender = 1 if reverse else 0
+            nse(sender, "ip", "link", "set", "dev", f"{prefix}v{'ab'[sender]}{tag}", "gso_max_segs", "1")
+            nse(1 - sender, "iptables", "-A", "INPUT", "-p", "udp", "-s", f"10.77.0.{sender + 1}", "-m", "statistic",
+                "--mode", "random", "--probability", str(loss), "-j", "DROP")
         server = subprocess.Popen(["ip", "netns", "exec", ns[1], "iperf3", "-s", "-1", "-B", "10.78.0.2"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(server)
