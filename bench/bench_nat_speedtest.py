@@ -82,10 +82,17 @@ async def one(user: Any, direction: str, lab: Any = None, **env: str) -> float:
     if LOSS and lab is not None:
         _loss_rule(lab, direction, "-I")
     try:
-        out = await user.ok("speedtest", "box", "-t", f"{SECONDS}s", "-o", "json", "--direction", direction, **env)
+        code, out, err = await user.run("speedtest", "box", "-t", f"{SECONDS}s", "-o", "json", "--direction",
+                                        direction, CODERSTACK_TCP_STATS="1", **env)
     finally:
         if LOSS and lab is not None:
             _loss_rule(lab, direction, "-D")
+    if code != 0:
+        raise AssertionError(f"speedtest exited {code}: {err}")
+    if direction == "up":  # the CLI sent: its counters are the sender's
+        for line in err.splitlines():
+            if line.startswith("tcp: "):
+                print(f"    sender {line}", flush=True)
     return float(json.loads(out)["overall"]["throughput_mbits"])
 
 
