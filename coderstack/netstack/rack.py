@@ -106,12 +106,15 @@ class Rack:
     def advance(self, una: int) -> None:
         """Everything below ``una`` is acknowledged: forget it."""
         segs = self.segs
-        h = self.head
         n = len(segs)
-        while h < n and segs[h][1] <= una:
-            if segs[h][3] & LOST:
-                self._unmark(segs[h])
-            h += 1
+        if self.lost:
+            h = self.head
+            while h < n and segs[h][1] <= una:
+                if segs[h][3] & LOST:
+                    self._unmark(segs[h])
+                h += 1
+        else:
+            h = self._index(una)
         if h < n and segs[h][0] < una:
             segs[h][0] = una
         if h > 512 and h * 2 > n:
@@ -168,13 +171,46 @@ class Rack:
         else:
             # No retransmission among them: the last one covered was sent last.
             i = self._index(ack - 1)
-            if i < len(segs):
+            if i < len(segs) and segs[i][0] < ack:
                 self._delivered(segs[i], now, tsecr_ms)
         s = segs[h]
-        if not s[3] & RETRANS and ack <= self.fack and s[0] < self.fack and s[1] <= self.fack:
+        if s[0] < ack and s[1] <= self.fack and not s[3] & RETRANS:
             self.reordering_seen = True  # an original filled a hole below what was delivered
         if ack > self.fack:
             self.fack = ack
+
+    def acked(self, una: int, ack: int, now: float, tsecr_ms: int | None) -> None:
+        """``on_ack`` then ``advance``; in one pass when nothing in flight was retransmitted
+        or is marked lost (the common case: every ACK of a bulk transfer)."""
+        segs = self.segs
+        h = self.head
+        if self.lost or self.rexmit_end > una or h == len(segs):
+            self.on_ack(una, ack, now, tsecr_ms)
+            self.advance(ack)
+            return
+        i = bisect_right(segs, ack - 1, lo=h, key=_START) - 1
+        if i < h:
+            return  # it covers only what the log does not hold (our SYN)
+        s = segs[i]
+        if s[4] > self.order:  # the last one covered was sent last (see on_ack)
+            self.xmit_ts = s[2]
+            self.order = s[4]
+            rtt = self.rtt = now - s[2]
+            if rtt < self.min_rtt:
+                self.min_rtt = rtt
+        first = segs[h]
+        if first[1] <= self.fack and not first[3] & RETRANS:
+            self.reordering_seen = True
+        if ack > self.fack:
+            self.fack = ack
+        if s[1] <= ack:
+            i += 1
+        elif s[0] < ack:
+            s[0] = ack
+        if i > 512 and i * 2 > len(segs):
+            del segs[:i]
+            i = 0
+        self.head = i
 
     def on_sack(self, start: int, end: int, now: float, tsecr_ms: int | None) -> None:
         """``[start, end)`` is a SACK block that delivered new bytes."""

@@ -983,8 +983,9 @@ class Connection:
         acked = ack_u - self.snd_una
         delivered = acked
         if self.sack_ok:
-            self.rack.on_ack(self.snd_una, ack_u, now, self._tsecr_ms(tsecr, now))
-            self.rack.advance(ack_u)
+            rack = self.rack
+            # The echoed timestamp matters only for segments that were retransmitted.
+            rack.acked(self.snd_una, ack_u, now, self._tsecr_ms(tsecr, now) if rack.rexmit_end > self.snd_una else None)
         self.sendbuf.acknowledge(ack_u)
         if self.sb:
             # What was SACKed before reached the peer then, not now (slow start counts this).
