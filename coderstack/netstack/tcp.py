@@ -1113,8 +1113,11 @@ class Connection:
         """Retransmit one segment of RACK's log (at most an MSS of it); returns its length."""
         s = seg[0]
         n = min(seg[1] - s, self.mss, self.sendbuf.end - s)
-        if n < 0:
+        if n <= 0:
             n = 0
+            if s != self.sendbuf.fin:
+                self.rack.clear_lost()  # nothing there to send (cannot happen): never spin on it
+                return 0
         self.host.stats["tcp_retransmits"] += 1
         self._send_range(s, n, now)
         return n or 1
@@ -1256,8 +1259,9 @@ class Connection:
             seg = rack.first_lost()
             if seg is not None:
                 n = self._retransmit_entry(seg, now)
-                self.prr_out += n
-                sndcnt -= n
+                if n:
+                    self.prr_out += n
+                    sndcnt -= n
                 continue
             # New data, if the peer's window allows (never re-sending below snd_max: what is
             # missing there is RACK's to mark).
