@@ -40,12 +40,13 @@ _START = itemgetter(0)
 
 
 class Rack:
-    __slots__ = ("segs", "head", "lost", "rexmit_end", "xmit_ts", "order", "rtt", "min_rtt", "fack",
+    __slots__ = ("segs", "head", "top", "lost", "rexmit_end", "xmit_ts", "order", "rtt", "min_rtt", "fack",
                  "reordering_seen", "sends")
 
     def __init__(self) -> None:
         self.segs: list[list] = []  # [start, end, xmit_ts, flags, order]; live from ``head`` on
         self.head = 0
+        self.top = 0  # the end of the last entry: new data starts here (see ``on_send``)
         self.lost: list[list] = []  # the entries marked lost and not retransmitted since
         self.rexmit_end = 0  # above this no segment in flight was ever retransmitted
         self.xmit_ts = -1.0  # RACK.xmit_ts, and the transmission count of that segment
@@ -81,13 +82,15 @@ class Rack:
         return i
 
     def on_send(self, start: int, end: int, now: float) -> None:
-        """``[start, end)`` went out ``now``: new data, or a retransmission."""
+        """``[start, end)`` went out ``now``: new data, or a retransmission.  (The connection
+        appends new data itself, the hot path: ``sends += 1``, an entry, ``top = end``.)"""
         segs = self.segs
         self.sends = order = self.sends + 1
-        if len(segs) == self.head or start >= segs[-1][1]:
+        top = self.top
+        if len(segs) == self.head or start >= top:
             segs.append([start, end, now, 0, order])
+            self.top = end
             return
-        top = segs[-1][1]
         hi = end if end < top else top
         i = self._split(start)
         j = self._split(hi)
@@ -100,6 +103,7 @@ class Rack:
             s[4] = order
         if end > top:
             segs.append([top, end, now, RETRANS, order])
+            self.top = end
         if end > self.rexmit_end:
             self.rexmit_end = end
 

@@ -1147,7 +1147,13 @@ class Connection:
         self._emit(seq, flags, data, now)
         rtt = self.rtt
         if self.sack_ok and end > seq:
-            self.rack.on_send(seq, end, now)
+            rack = self.rack
+            if seq >= rack.top:  # new data: RACK's log grows by one entry (inline: every segment)
+                rack.sends += 1
+                rack.segs.append([seq, end, now, 0, rack.sends])
+                rack.top = end
+            else:
+                rack.on_send(seq, end, now)
         if end > self.snd_max:
             if rtt.timed_seq is None and not self.ts_ok:
                 rtt.time(end, now)
