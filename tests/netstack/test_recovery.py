@@ -271,3 +271,38 @@ class EifelTests(unittest.TestCase):
         self.assertEqual(self.sent(), [])  # 1..3 are not sent again
         self.ack(4, self.tsvals[3][0])
         self.assertEqual(conn.send_buffered, 0)
+
+
+class SlowStartAfterTimeoutTests(unittest.TestCase):
+    def test_32_segment_acks_still_double_the_window_each_round(self):
+        p = Peer()
+        h = Handler()
+        p.stack.listen(80, lambda c: h)
+        opts = Options(mss=1220, sack_permitted=True, wscale=7)
+        p.send(SYN, options=opts)
+        (synack,) = p.take()
+        p.seq += 1
+        p.advance(RTT)
+        p.send(ACK, ack=synack.seq + 1, window=0xFFFF)
+        conn, iss = h.conn, synack.seq + 1
+        conn.write(bytes(MSS * 400))
+        conn.flush(p.now)
+        p.take()
+        conn.t_tlp = None
+        p.advance(conn.rtt.rto + 0.001)  # the whole window is lost: a timeout
+        self.assertEqual(p.stack.stats["tcp_timeouts"], 1)
+        self.assertEqual(conn.cc.cwnd, MSS)
+        conn.cc.ssthresh = 1 << 40  # far off: this is about slow start alone
+        rounds = []
+        for _ in range(8):
+            segs = [s for s in p.take() if s.data]
+            rounds.append(len(segs))
+            p.advance(RTT)
+            end = max(s.seq + len(s.data) for s in segs)
+            first = min(s.seq for s in segs)
+            # One ACK per 32 segments, as our receiver sends for a batch.
+            for edge in range(first + 32 * MSS, end, 32 * MSS):
+                p.send(ACK, ack=edge, window=0xFFFF)
+            p.send(ACK, ack=end, window=0xFFFF)
+        self.assertEqual(rounds, [1, 2, 4, 8, 16, 32, 64, 128])
+        self.assertLess(conn.snd_una - iss, MSS * 400)
