@@ -187,6 +187,7 @@ class Connection:
         self.sb = Scoreboard()
         self.in_recovery = False
         self.recover = iss
+        self.rto_recover = iss  # snd_max at the last timeout (RFC 6582 §4's "recover" for it)
         self.dupacks = 0
         self.high_rxt = iss
         self.lost_floor = iss
@@ -824,6 +825,8 @@ class Connection:
             self.in_recovery = False
             self.dupacks = 0
             self.cc.exit_recovery(self.snd_max - self.snd_una - self.sb.sacked)
+            if self.sack_ok and self.snd_max > self.snd_una:
+                self._arm_tlp(now)  # what recovery sent last has no probe yet
         if self.sack_ok:
             self._rack_detect(now)
             return
@@ -858,7 +861,9 @@ class Connection:
             if self.tlp_end is not None:
                 self.host.stats["tcp_tlp_recovered"] += 1  # the probe's ACK exposed the tail loss
                 self.tlp_end = None
-            self._enter_recovery(now)
+            # What was sent before a timeout is lost as the timeout said, and its reduction
+            # has been made: recover it at slow start's pace (PRR), without a second cut.
+            self._enter_recovery(now, cut=self.snd_una >= self.rto_recover)
 
     def _segment_text(self, seq_u: int, seg: bytes, doff: int, dlen: int, fin: int, now: float) -> None:
         """Seventh step: take the text (and a FIN right after it) in a state that receives;
@@ -1068,6 +1073,8 @@ class Connection:
         self.t_rack = None
         if self.undo_rto and self.snd_nxt < self.snd_max:
             self.snd_nxt = self.snd_max
+        if self.sack_ok and self.snd_max > self.snd_una:
+            self._arm_tlp(now)
 
     def _fin_acked(self, now: float) -> None:
         """Our FIN is acknowledged (RFC 9293 3.10.7.4, fifth check in FIN_WAIT_1, CLOSING and
@@ -1087,14 +1094,15 @@ class Connection:
 
     # ------------------------------------------------------------------ loss recovery
 
-    def _enter_recovery(self, now: float) -> None:
-        self.host.stats["tcp_fast_retransmit"] += 1
+    def _enter_recovery(self, now: float, cut: bool = True) -> None:
         self.in_recovery = True
         self.recover = self.snd_max
         self.t_tlp = None
-        flight = self.snd_max - self.snd_una - self.sb.sacked
-        self._save_for_undo(now, False)
-        self.cc.enter_recovery(flight, now)
+        if cut:
+            self.host.stats["tcp_fast_retransmit"] += 1
+            flight = self.snd_max - self.snd_una - self.sb.sacked
+            self._save_for_undo(now, False)
+            self.cc.enter_recovery(flight, now)
         self.rtt.cancel()
         if self.sack_ok:
             self.host.stats["tcp_prr_recoveries"] += 1
@@ -1485,7 +1493,7 @@ class Connection:
         else:
             self.cc.cwnd = self.mss
         self.in_recovery = False
-        self.recover = self.snd_max
+        self.recover = self.rto_recover = self.snd_max
         self.dupacks = 0
         # Go back N: everything not SACKed is sent again, so RACK's marks have done their part.
         self.rack.clear_lost()

@@ -145,6 +145,25 @@ class RackTests(RecoveryTestCase):
         self.assertEqual(self.sent(), [10])
         self.assertEqual(self.stats["tcp_tlp_probes"], 1)
 
+    def test_probe_armed_when_recovery_ends_with_data_in_flight(self):
+        conn = self.conn
+        p = self.p
+        conn.write(bytes(MSS * 40))
+        conn.flush(p.now)
+        self.assertEqual(self.sent(), list(range(10)))
+        p.advance(RTT)
+        for i in range(2, 11):
+            self.sack(0, (1, i))
+        self.assertTrue(conn.in_recovery)
+        sent = self.sent()
+        self.assertIsNone(conn.t_tlp)  # no probes in recovery
+        recover = conn.recover
+        p.send(ACK, ack=recover)  # all that was out when recovery began: it ends
+        self.assertFalse(conn.in_recovery)
+        self.assertGreater(conn.snd_max, recover)  # what PRR sent is in flight ...
+        self.assertIsNotNone(conn.t_tlp)  # ... and a lost tail of it would be probed
+        self.assertTrue([n for n in sent if self.seg(n) >= recover])
+
     def test_pto_of_a_lone_segment_allows_for_a_delayed_ack(self):
         conn = self.conn
         conn.write(bytes(100))
@@ -192,9 +211,8 @@ class PRRTests(RecoveryTestCase):
         self.assertEqual(self.stats["tcp_prr_recoveries"], 1)
 
 
-class EifelTests(unittest.TestCase):
-    """Timestamps on: an ACK whose echoed timestamp predates our retransmission answers the
-    original, so the retransmission (and the cut) was spurious."""
+class TimestampsTestCase(unittest.TestCase):
+    """A connection with timestamps; the peer echoes the ones it chooses."""
 
     def setUp(self):
         p = self.p = Peer()
@@ -222,6 +240,11 @@ class EifelTests(unittest.TestCase):
     def ack(self, upto: int, echo: int, sack: tuple[int, int] | None = None) -> None:
         blocks = [(self.iss + self.mss * sack[0], self.iss + self.mss * sack[1])] if sack else None
         self.p.send(ACK, ack=self.iss + self.mss * upto, options=Options(ts=(3, echo), sack=blocks))
+
+
+class EifelTests(TimestampsTestCase):
+    """Timestamps on: an ACK whose echoed timestamp predates our retransmission answers the
+    original, so the retransmission (and the cut) was spurious."""
 
     def test_spurious_fast_retransmit_is_undone(self):
         conn, p = self.conn, self.p
@@ -306,3 +329,28 @@ class SlowStartAfterTimeoutTests(unittest.TestCase):
             p.send(ACK, ack=end, window=0xFFFF)
         self.assertEqual(rounds, [1, 2, 4, 8, 16, 32, 64, 128])
         self.assertLess(conn.snd_una - iss, MSS * 400)
+
+
+class TimeoutThenRackTests(TimestampsTestCase):
+    def test_rack_marks_after_a_timeout_do_not_cut_again(self):
+        """After a timeout RACK finds the rest of the old window lost once a retransmission is
+        ACKed (true: the timeout said so); that must not be a second reduction, or slow start
+        would end at a window of two segments."""
+        conn, p = self.conn, self.p
+        conn.write(bytes(self.mss * 40))
+        conn.flush(p.now)
+        self.assertEqual(self.sent(), list(range(10)))
+        conn.t_tlp = None
+        p.advance(conn.rtt.rto + 0.001)
+        ssthresh = conn.cc.ssthresh
+        self.assertEqual(self.sent(), [0])
+        # The peer holds 9 (the rest of the window was lost): its ACKs carry that SACK block.
+        p.advance(RTT)
+        self.ack(1, self.tsvals[0][-1], (9, 10))
+        self.assertEqual(self.sent(), [1, 2])
+        p.advance(RTT)
+        self.ack(2, self.tsvals[1][-1], (9, 10))  # 2 is on its way; 3..8 (sent long ago) are lost
+        self.assertGreater(self.p.stack.stats["tcp_rack_marked_lost"], 0)
+        self.assertEqual(self.p.stack.stats["tcp_fast_retransmit"], 0)
+        self.assertEqual(conn.cc.ssthresh, ssthresh)
+        self.assertEqual(self.sent(), [3, 4])  # slow start's pace: ACKed one, send two
