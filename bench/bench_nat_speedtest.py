@@ -9,11 +9,17 @@ The lab is ``tests/netlab/user_lab.py``'s (server, agent behind NAT A, CLI behin
 process and namespace it makes is removed at the end, also on failure. Needs root, iproute2,
 iptables, wireguard-go, wireguard-tools and iperf3. Median of 3 runs of 5 s per direction.
 
-Usage: sudo python bench/bench_nat_speedtest.py
+``--loss P`` drops a fraction P of the data direction's tunnel datagrams at random (iptables
+``statistic`` match: at the sender's NAT for the direct path; for wireguard-go at the receiver,
+its veth peer splitting GSO bursts first), and measures only wireguard-go and the default direct
+path.
+
+Usage: sudo python bench/bench_nat_speedtest.py [--loss P]
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -31,7 +37,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_netstack import bench_wg_kernel  # noqa: E402
 from twisted.internet import defer, task  # noqa: E402
 
-from tests.netlab.user_lab import UserLab, available  # noqa: E402
+from tests.netlab.user_lab import NAT_IPS, UserLab, available, sh  # noqa: E402
 
 RUNS, SECONDS = 3, 5
 
@@ -60,12 +66,41 @@ class _Bench:
                 print(f"cleanup {f}: {e}", file=sys.stderr)
 
 
-async def one(user: Any, direction: str, **env: str) -> float:
-    out = await user.ok("speedtest", "box", "-t", f"{SECONDS}s", "-o", "json", "--direction", direction, **env)
+LOSS = 0.0
+
+
+def _loss_rule(lab: Any, direction: str, op: str) -> None:
+    """Add (-I) or remove (-D) random loss of the direct path's UDP at the sending side's NAT:
+    the CLI's (b) for up, the agent's (a) for down."""
+    side = "b" if direction == "up" else "a"
+    other = NAT_IPS["a" if side == "b" else "b"]
+    sh("iptables", op, "FORWARD", "-p", "udp", "-d", other, "-m", "statistic", "--mode", "random",
+       "--probability", str(LOSS), "-j", "DROP", ns=lab.net.ns["n" + side])
+
+
+async def one(user: Any, direction: str, lab: Any = None, **env: str) -> float:
+    if LOSS and lab is not None:
+        _loss_rule(lab, direction, "-I")
+    try:
+        code, out, err = await user.run("speedtest", "box", "-t", f"{SECONDS}s", "-o", "json", "--direction",
+                                        direction, CODERSTACK_TCP_STATS="1", **env)
+    finally:
+        if LOSS and lab is not None:
+            _loss_rule(lab, direction, "-D")
+    if code != 0:
+        raise AssertionError(f"speedtest exited {code}: {err}")
+    if direction == "up":  # the CLI sent: its counters are the sender's
+        for line in err.splitlines():
+            if line.startswith("tcp: "):
+                print(f"    sender {line}", flush=True)
     return float(json.loads(out)["overall"]["throughput_mbits"])
 
 
 async def main(reactor: Any) -> None:
+    global LOSS
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--loss", type=float, default=0.0, help="random loss of the data direction (0..1)")
+    LOSS = ap.parse_args().loss
     why = available()
     if why:
         print(f"cannot run: {why}", file=sys.stderr)
@@ -83,21 +118,23 @@ async def main(reactor: Any) -> None:
 async def measure() -> None:
     rows: dict[str, dict[str, float]] = {}
     # The baseline first, alone on the machine (it blocks: nothing else runs yet).
-    base = {d: [bench_wg_kernel(SECONDS, prefix="csbn", reverse=(d == "down")) for _ in range(RUNS)]
+    base = {d: [bench_wg_kernel(SECONDS, prefix="csbn", reverse=(d == "down"), loss=LOSS) for _ in range(RUNS)]
             for d in ("up", "down")}
     rows["wireguard-go + kernel TCP (iperf3)"] = {d: statistics.median(v) for d, v in base.items()}
     print(f"  wireguard-go + kernel TCP: {base}", flush=True)
-    for label, env, server_args in (
+    configs: tuple[tuple[str, dict[str, str], tuple[str, ...]], ...] = (
         ("direct, batched UDP (GSO/GRO, the default)", {}, ()),
         ("direct, one datagram per call (CODERSTACK_UDP_BATCH=0)", {"CODERSTACK_UDP_BATCH": "0"}, ()),
         ("relayed (DERP)", {}, ("--block-direct-connections", "true")),
-    ):
+    )
+    for label, env, server_args in configs[:1] if LOSS else configs:
         bench = _Bench()
         try:
             os.environ.update(env)  # the lab's processes inherit it: server, agent and CLI
             lab = UserLab(bench, "easy", *server_args)
             user = await lab.start()
-            got = {d: [await one(user, d, **env) for _ in range(RUNS)] for d in ("up", "down")}
+            await one(user, "up", **env)  # settle on the direct path before any loss
+            got = {d: [await one(user, d, lab, **env) for _ in range(RUNS)] for d in ("up", "down")}
             rows[label] = {d: statistics.median(v) for d, v in got.items()}
             print(f"  {label}: {got}", flush=True)
         finally:
@@ -106,7 +143,8 @@ async def measure() -> None:
             await bench.clean()
     load = os.getloadavg()[0]
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs, "
-          f"load average {load:.1f} at the end; easy NATs, 1500-byte veths\n")
+          f"load average {load:.1f} at the end; easy NATs, 1500-byte veths"
+          + (f"; {LOSS:.1%} random loss of the data direction" if LOSS else "") + "\n")
     base_row = rows["wireguard-go + kernel TCP (iperf3)"]
     print("| path | up Mbit/s | down Mbit/s | vs wireguard-go (up / down) |\n|---|---:|---:|---:|")
     for label, row in rows.items():

@@ -1,6 +1,7 @@
 """Benchmark the netstack's TCP throughput.
 
     python bench/bench_netstack.py [--quick] [--runs N] [--no-tun]
+    python bench/bench_netstack.py --loss 0,0.005,0.01 [--runs N] [--size BYTES]
 
 Rows (medians of --runs runs, Mbit/s of application payload):
 - in-process: two of our stacks in one process over a simulated link (CPU cost of both ends);
@@ -59,8 +60,14 @@ class _Sink:
         pass
 
 
-def bench_inproc(size: int, mtu: int) -> float:
-    w = Wire(delay=0.0002)
+STAT_KEYS = ("tcp_timeouts", "tcp_fast_retransmit", "tcp_retransmits", "tcp_rack_marked_lost", "tcp_tlp_probes",
+             "tcp_tlp_recovered", "tcp_prr_recoveries", "tcp_spurious_undone")
+
+
+def bench_inproc(size: int, mtu: int, loss: float = 0.0, seed: int = 1, stats: dict | None = None) -> float:
+    """Wall-clock Mbit/s of two stacks in one process; with ``stats`` also fill in the
+    simulated-link goodput (``sim_mbps``) and the sender's loss-recovery counters."""
+    w = Wire(delay=0.0002, loss=loss, seed=seed)
     cfg = TCPConfig(mtu=mtu)
     w.a = Stack("fd00::1", w.to_b, config=cfg)
     w.b = Stack("fd00::2", w.to_a, config=cfg)
@@ -71,6 +78,7 @@ def bench_inproc(size: int, mtu: int) -> float:
     chunk = random.Random(1).randbytes(1 << 20)
     w.run(until=lambda: src.conn is not None)
     t = time.perf_counter()
+    t_sim = w.now
     sent = 0
     while sent < size:
         while conn.send_buffered < (4 << 20) and sent < size:
@@ -79,7 +87,28 @@ def bench_inproc(size: int, mtu: int) -> float:
         conn.flush(w.now)
         w.run(until=lambda: conn.send_buffered < (2 << 20) or sink.count >= size)
     w.run(until=lambda: sink.count >= size)
-    return size * 8 / (time.perf_counter() - t) / 1e6
+    wall = time.perf_counter() - t
+    if stats is not None:
+        stats["sim_mbps"] = size * 8 / max(w.now - t_sim, 1e-9) / 1e6
+        for k in STAT_KEYS:
+            stats[k] = w.a.stats[k]
+    return size * 8 / wall / 1e6
+
+
+def bench_loss(size: int, losses: list[float], runs: int) -> None:
+    """In-process rows at random loss (both directions): wall and simulated-link goodput,
+    medians of ``runs`` (seeds 1..runs), and the sender's counters of the median run."""
+    print("| loss | wall Mbit/s | simulated-link Mbit/s | " + " | ".join(k[4:] for k in STAT_KEYS) + " |")
+    print("|---:|---:|---:|" + "---:|" * len(STAT_KEYS))
+    for loss in losses:
+        res = []
+        for seed in range(1, runs + 1):
+            st: dict = {}
+            res.append((bench_inproc(size, 1280, loss, seed, st), st))
+        res.sort(key=lambda r: r[1]["sim_mbps"])
+        mid = res[len(res) // 2][1]
+        wall = statistics.median(r[0] for r in res)
+        print(f"| {loss:.1%} | {wall:.0f} | {mid['sim_mbps']:.0f} | " + " | ".join(str(mid[k]) for k in STAT_KEYS) + " |")
 
 
 # ---------------------------------------------------------------- loopback UDP, two processes
@@ -267,10 +296,11 @@ print(*(out[0] if out else ("nan", "nan")))
     return float(a), float(b)
 
 
-def bench_wg_kernel(seconds: int = 3, prefix: str = "csns", reverse: bool = False) -> float:
+def bench_wg_kernel(seconds: int = 3, prefix: str = "csns", reverse: bool = False, loss: float = 0.0) -> float:
     """wireguard-go in two namespaces, kernel TCP (iperf3) through it: the baseline row.
     ``prefix`` starts every namespace and interface name (each caller has its own); ``reverse``
-    has the server send (iperf3 -R)."""
+    has the server send (iperf3 -R); ``loss`` drops that fraction of the sender's WireGuard
+    datagrams at random (iptables statistic match at the receiver)."""
     import json
     import secrets
 
@@ -311,6 +341,13 @@ def bench_wg_kernel(seconds: int = 3, prefix: str = "csns", reverse: bool = Fals
             os.unlink(keyfile)
             nse(i, "ip", "addr", "add", f"10.78.0.{i + 1}/24", "dev", wg[i])
             nse(i, "ip", "link", "set", wg[i], "up")
+        if loss:
+            # Dropped on arrival, with the sender's veth splitting UDP GSO bursts first (as a
+            # NIC would): a rule on the way out would see, and drop, a whole burst at once.
+            sender = 1 if reverse else 0
+            nse(sender, "ip", "link", "set", "dev", f"{prefix}v{'ab'[sender]}{tag}", "gso_max_segs", "1")
+            nse(1 - sender, "iptables", "-A", "INPUT", "-p", "udp", "-s", f"10.77.0.{sender + 1}", "-m", "statistic",
+                "--mode", "random", "--probability", str(loss), "-j", "DROP")
         server = subprocess.Popen(["ip", "netns", "exec", ns[1], "iperf3", "-s", "-1", "-B", "10.78.0.2"],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         procs.append(server)
@@ -390,7 +427,11 @@ def main() -> None:
     ap.add_argument("--udp-client", type=int)
     ap.add_argument("--size", type=int)
     ap.add_argument("--mtu", type=int, default=1280)
+    ap.add_argument("--loss", help="comma-separated loss rates: only the in-process rows at those losses")
     args = ap.parse_args()
+    if args.loss:
+        bench_loss(args.size or (16 << 20), [float(x) for x in args.loss.split(",")], args.runs)
+        return
     if args.udp_peer:
         udp_peer(args.udp_peer, args.mtu)
         return

@@ -129,7 +129,10 @@ def _end(role: str, mtu: int, my_port: int, peer_port: int, my_key: bytes, peer_
     reactor.callLater(300, reactor.stop)
     reactor.run()
     st = ns.stats
-    print(f"sender: retransmits {st['tcp_retransmits']}, wg send errors {link.send_errors}, "
+    recovery = ", ".join(f"{k[4:]} {st[k]}" for k in (
+        "tcp_timeouts", "tcp_fast_retransmit", "tcp_rack_marked_lost", "tcp_tlp_probes", "tcp_tlp_recovered",
+        "tcp_prr_recoveries", "tcp_spurious_undone"))
+    print(f"sender: retransmits {st['tcp_retransmits']} ({recovery}), wg send errors {link.send_errors}, "
           f"wg drops {dict(device.drops)}", file=sys.stderr)
     print(size * 8 / result["t"] / 1e6 if "t" in result else "nan", flush=True)
 

@@ -4,10 +4,14 @@ Dials the agent, reports the path (``29ms via <relay>`` / ``via direct``; with `
 it first waits, pinging every second, until the path is direct), then runs Tailscale's
 speedtest protocol against the agent's port 3 and prints :mod:`coderstack.cli.speedtestfmt`'s
 table (stdout) or JSON. Written against the :mod:`coderstack.cli.dialing` hook.
+
+With ``CODERSTACK_TCP_STATS=1`` in the environment it also prints, on stderr, this side's
+TCP loss-recovery counters (the sender's, for an upload) once the test is over.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from twisted.internet import task
@@ -67,6 +71,9 @@ async def run_with(reactor: Any, options: Options, ctx: Any, connect: Connect) -
         ctx.err(speedtestfmt.starting_line(options["seconds"], options["direction"]))
         measured = await run_speedtest(conn.endpoint(SPEEDTEST_PORT), DIRECTIONS[options["direction"]],
                                        options["seconds"], reactor)
+        stats = getattr(conn, "tcp_stats", None)
+        if os.environ.get("CODERSTACK_TCP_STATS") == "1" and stats is not None:
+            ctx.err("tcp: " + ", ".join(f"{k} {v}" for k, v in sorted(stats().items())))
     finally:
         conn.close()
     text = speedtestfmt.to_json(measured) if options["output"] == "json" else speedtestfmt.table(measured)

@@ -52,6 +52,10 @@ class TunnelConnection:
     async def ping(self) -> PingResult:
         return await self.tunnel.ping()
 
+    def tcp_stats(self) -> dict[str, int]:
+        """This side's netstack TCP counters (retransmissions, timeouts, RACK, TLP, PRR, undo)."""
+        return {k: v for k, v in self.tunnel.client.netstack.stats.items() if k.startswith("tcp_")}
+
     def derp_region_names(self) -> dict[int, str]:
         m = self.conn.derp_map
         return {rid: m.regions[rid].region_name for rid in m.regions} if m is not None else {}

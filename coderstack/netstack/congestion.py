@@ -2,8 +2,13 @@
 start and end of fast recovery, and retransmission timeouts; ``now`` and the smoothed RTT come
 from the connection (time is injected, as everywhere in the core).
 
-- ``NewReno``: RFC 5681 slow start and congestion avoidance with RFC 3465 byte counting
-  (L = 2 SMSS), RFC 6582 recovery exit.
+- ``NewReno``: RFC 5681 slow start and congestion avoidance, RFC 6582 recovery exit.  Slow
+  start counts bytes (RFC 3465) without its per-ACK limit L: cwnd grows by all the bytes an ACK
+  newly delivers.  L = 2 SMSS assumes an ACK per one or two segments, but our receiver ACKs a
+  batch of up to 32 segments at once (and GRO batching does the same elsewhere), so with the
+  limit slow start after a timeout would grow linearly, not double per round trip.  The
+  connection reports only bytes newly delivered (not ones SACKed before), so a cumulative ACK
+  that fills one hole below a large SACKed range cannot inflate cwnd in one step.
 - ``Cubic``: RFC 9438 — the cubic window ``W(t) = C (t - K)^3 + W_max`` in congestion avoidance,
   beta 0.7, fast convergence, and the Reno-friendly estimate as a floor.  Better than NewReno on
   paths with a large bandwidth-delay product (a tunnel across the internet).
@@ -23,11 +28,16 @@ class NewReno:
         self.ssthresh = 1 << 62
         self._acc = 0
 
-    def on_ack(self, acked: int, now: float = 0.0, srtt: float | None = None) -> None:
-        """New data was cumulatively ACKed outside recovery."""
+    def _slow_start(self, delivered: int) -> None:
+        # Byte counting without a per-ACK limit (see the module docstring); stop at ssthresh.
+        cwnd = self.cwnd + delivered
+        self.cwnd = cwnd if cwnd < self.ssthresh else max(self.ssthresh, self.cwnd)
+
+    def on_ack(self, acked: int, now: float = 0.0, srtt: float | None = None, delivered: int | None = None) -> None:
+        """New data was cumulatively ACKed outside recovery: ``acked`` bytes, of which
+        ``delivered`` (default: all) reached the peer only now (the rest was SACKed before)."""
         if self.cwnd < self.ssthresh:
-            # Slow start with appropriate byte counting, L = 2 * SMSS.
-            self.cwnd += min(acked, 2 * self.mss)
+            self._slow_start(acked if delivered is None else delivered)
         else:
             self._acc += acked
             if self._acc >= self.cwnd:
@@ -47,6 +57,18 @@ class NewReno:
         self.ssthresh = max(flight // 2, 2 * self.mss)
         self.cwnd = self.mss
         self._acc = 0
+
+    def snapshot(self) -> tuple:
+        """All of the controller's state, to ``restore`` if a reduction proves spurious."""
+        return tuple(getattr(self, name) for name in self._state_names())
+
+    def restore(self, state: tuple) -> None:
+        for name, value in zip(self._state_names(), state, strict=True):
+            setattr(self, name, value)
+
+    @classmethod
+    def _state_names(cls) -> tuple[str, ...]:
+        return tuple(n for c in reversed(cls.__mro__) for n in getattr(c, "__slots__", ()) if n != "mss")
 
     def set_mss(self, mss: int) -> None:
         if mss < self.mss:
@@ -70,10 +92,10 @@ class Cubic(NewReno):
         self.origin = 0.0
         self.w_est = 0.0
 
-    def on_ack(self, acked: int, now: float = 0.0, srtt: float | None = None) -> None:
+    def on_ack(self, acked: int, now: float = 0.0, srtt: float | None = None, delivered: int | None = None) -> None:
         mss = self.mss
         if self.cwnd < self.ssthresh:
-            self.cwnd += min(acked, 2 * mss)
+            self._slow_start(acked if delivered is None else delivered)
             return
         cwnd_seg = self.cwnd / mss
         if self.epoch is None:

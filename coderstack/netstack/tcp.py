@@ -12,12 +12,27 @@ so comparisons are ordinary ``<``.  Numbers from the wire are unwrapped against 
 ``rcv_nxt``; outgoing ones are masked to 32 bits when packed.
 
 Implemented: active, passive and simultaneous open; MSS; window scaling and timestamps with PAWS
-(RFC 7323); SACK (RFC 2018) with RFC 6675-style loss recovery; RTO per RFC 6298 with Karn's rule
-and exponential backoff (``rto``); fast retransmit and NewReno recovery (RFC 5681, RFC 6582) with
-CUBIC (RFC 9438, default) or NewReno congestion avoidance (``congestion``); delayed ACK
+(RFC 7323); SACK (RFC 2018) with RACK-TLP loss detection (RFC 8985, ``rack``): a segment is lost
+when one sent after it was delivered and a round trip plus a reordering window has passed, lost
+retransmissions included, and a tail loss probe 2 SRTT after the last ACK makes the peer's SACKs
+expose a lost tail without waiting for the RTO.  Recovery (RFC 6675's pipe, RFC 6582's recovery
+point) retransmits what RACK marked, paced by proportional rate reduction (RFC 6937, with the slow
+start reduction bound): the window falls to ssthresh over the recovery's round trip, sending as
+ACKs deliver, instead of at once and then nothing until the pipe has drained.  With timestamps,
+Eifel detection (RFC 3522) undoes a cut whose retransmission proves spurious: if the first ACK for
+the retransmitted segment echoes an older timestamp, the original arrived, so the congestion state
+from before the cut comes back (after a timeout the go-back-N stops as well).  Without SACK, fast retransmit on three duplicate ACKs and
+NewReno partial ACKs (RFC 5681, RFC 6582).  RTO per RFC 6298 with Karn's rule and exponential
+backoff (``rto``); CUBIC (RFC 9438, default) or NewReno congestion control (``congestion``); delayed ACK
 (every second segment or 40 ms); no Nagle; zero-window probes; keepalive; FIN/RST with RFC 5961
 challenge ACKs; TIME_WAIT; ICMPv6 packet-too-big lowering the MSS.  The send buffer is
 ``sendbuffer``, the out-of-order queue ``reassembly``, the SACK scoreboard ``sack``.
+
+Loss recovery counts in the stack's ``stats``: ``tcp_timeouts`` (retransmission timeouts),
+``tcp_fast_retransmit`` (recoveries entered), ``tcp_retransmits`` (segments sent again),
+``tcp_rack_marked_lost`` (segments RACK called lost), ``tcp_tlp_probes`` / ``tcp_tlp_recovered``
+(probes sent / tail losses they exposed or repaired), ``tcp_prr_recoveries`` (recoveries paced by
+PRR) and ``tcp_spurious_undone`` (cuts undone by Eifel detection).
 
 Arriving segments follow RFC 9293 3.10.7: CLOSED and LISTEN are the stack's (3.10.7.1-2, with
 ``open_passive``), ``_syn_sent`` is 3.10.7.3, and ``_synchronized`` runs the steps of 3.10.7.4
@@ -32,6 +47,7 @@ from collections import Counter
 from typing import TYPE_CHECKING, Protocol
 
 from . import congestion, tcpsegment
+from .rack import Rack
 from .reassembly import Reassembly
 from .rto import RTOEstimator
 from .sack import Scoreboard
@@ -51,6 +67,8 @@ INF = float("inf")
 _II = struct.Struct("!II")
 _PACKET = tcpsegment.PACKET.pack
 _TS_PREFIX = b"\x01\x01\x08\x0a"  # NOP, NOP, timestamps (kind 8, length 10): how every stack aligns it
+# RFC 8985 §7.2 WCDelAckT: the longest a peer may hold back the ACK of a lone segment.
+WC_DELACK = 0.2
 
 # Module-level names: a global lookup and ``is`` are the cheapest state tests (see tcpstate).
 CLOSED = State.CLOSED
@@ -169,9 +187,26 @@ class Connection:
         self.sb = Scoreboard()
         self.in_recovery = False
         self.recover = iss
+        self.rto_recover = iss  # snd_max at the last timeout (RFC 6582 §4's "recover" for it)
         self.dupacks = 0
         self.high_rxt = iss
         self.lost_floor = iss
+        self.rack = Rack()
+        self.t_rack: float | None = None  # RACK's reorder timer
+        self.t_tlp: float | None = None  # the tail loss probe timeout (PTO)
+        self.tlp_end: int | None = None  # snd_max when the outstanding probe went out
+        self.tlp_rexmit = False
+        # Proportional rate reduction (RFC 6937) during SACK recovery.
+        self.prr_delivered = 0
+        self.prr_out = 0
+        self.prr_ack = 0  # DeliveredData of the ACK being handled
+        self.recover_fs = 0
+        # Eifel (RFC 3522): the congestion state before a cut, the timestamp (ms of our clock)
+        # of the retransmission that came with it and the sequence number it started at.
+        self.undo_cc: tuple | None = None
+        self.undo_ts = 0
+        self.undo_seq = 0
+        self.undo_rto = False
         self.t_rexmit: float | None = None
         self.t_dack: float | None = None
         self.t_persist: float | None = None
@@ -706,16 +741,27 @@ class Connection:
         if tsval is not None and seq_u <= self.rcv_nxt and not (tsval - self.ts_recent) & HALF:
             self.ts_recent = tsval  # RFC 7323 §4.3
         new_wnd = win << self.snd_wscale
+        sacked_before = self.sb.sacked
         if ack_u > snd_una:
             self._ack_advance(ack_u, tsecr, now)
             if self.state is CLOSED:
                 return False
         elif ack_u == snd_una and seg_len == 0 and new_wnd == self.snd_wnd and self.snd_max > snd_una:
             self.dupacks += 1
-        newly_sacked = self._sack_arrives(sack_blocks) if sack_blocks and self.sack_ok else 0
+        newly_sacked = self._sack_arrives(sack_blocks, tsecr, now) if sack_blocks and self.sack_ok else 0
         if self.snd_wl1 < seq_u or (self.snd_wl1 == seq_u and self.snd_wl2 <= ack_u):
             self._update_send_window(seq_u, ack_u, new_wnd)
-        if self.in_recovery or newly_sacked or self.dupacks >= self.cfg.dupthresh:
+        if self.in_recovery and self.sack_ok:
+            # PRR's DeliveredData (RFC 6937): what this ACK told us reached the peer.
+            d = (ack_u - snd_una if ack_u > snd_una else 0) + self.sb.sacked - sacked_before
+            self.prr_delivered += d
+            self.prr_ack = d
+        if (
+            self.in_recovery
+            or newly_sacked
+            or self.dupacks >= self.cfg.dupthresh
+            or (self.sack_ok and (self.sb or self.rack.rexmit_end > self.snd_una or self.rack.lost))
+        ):
             self._detect_loss(ack_u > snd_una, newly_sacked, now)
         return True
 
@@ -732,11 +778,20 @@ class Connection:
         self._established(now)
         return self.state is not CLOSED
 
-    def _sack_arrives(self, blocks: list[tuple[int, int]]) -> int:
+    def _tsecr_ms(self, tsecr: int | None, now: float) -> int | None:
+        """An echoed timestamp as milliseconds of ``now``'s clock (None: none to go by)."""
+        if not self.ts_ok or not tsecr:
+            return None
+        ms = int(now * 1000)
+        return ms - (((ms + self.ts_offset) - tsecr) & M32)
+
+    def _sack_arrives(self, blocks: list[tuple[int, int]], tsecr: int | None, now: float) -> int:
         """Record the peer's SACK blocks (RFC 2018); returns how many bytes are newly SACKed."""
         newly_sacked = 0
         una = self.snd_una
         smax = self.snd_max
+        rack = self.rack
+        tsecr_ms = self._tsecr_ms(tsecr, now)
         for left, right in blocks:
             lu = una + ((left - una + HALF) & M32) - HALF
             ru = una + ((right - una + HALF) & M32) - HALF
@@ -745,7 +800,10 @@ class Connection:
             if ru > smax:
                 ru = smax
             if lu < ru:
-                newly_sacked += self.sb.add(lu, ru)
+                added = self.sb.add(lu, ru)
+                if added:
+                    newly_sacked += added
+                    rack.on_sack(lu, ru, now, tsecr_ms)
         return newly_sacked
 
     def _update_send_window(self, seq_u: int, ack_u: int, new_wnd: int) -> None:
@@ -761,25 +819,51 @@ class Connection:
         self.snd_wl2 = ack_u
 
     def _detect_loss(self, advanced: bool, newly_sacked: int, now: float) -> None:
-        """Loss detection (RFC 5681 / 6582 / 6675): enter or leave fast recovery."""
+        """Loss detection: leave fast recovery once all that was outstanding at its start is
+        ACKed (RFC 6582), then RACK (with SACK) or NewReno (without) decides what is lost."""
+        if self.in_recovery and self.snd_una >= self.recover:
+            self.in_recovery = False
+            self.dupacks = 0
+            self.cc.exit_recovery(self.snd_max - self.snd_una - self.sb.sacked)
+            if self.sack_ok and self.snd_max > self.snd_una:
+                self._arm_tlp(now)  # what recovery sent last has no probe yet
+        if self.sack_ok:
+            self._rack_detect(now)
+            return
         if self.in_recovery:
-            if self.snd_una >= self.recover:
-                self.in_recovery = False
-                self.dupacks = 0
-                self.cc.exit_recovery(self.snd_max - self.snd_una - self.sb.sacked)
-            elif advanced:
+            if advanced:
                 # Partial ACK: the segment at the new snd_una is lost too.
                 self.lost_floor = min(self.snd_una + self.mss, self.snd_max)
                 if self.high_rxt < self.snd_una:
                     self.high_rxt = self.snd_una
                 if not self.sack_ok:
                     self._retransmit_first(now)  # RFC 6582 §3.2 step 5
-        elif self.snd_max > self.snd_una and (
-            self.dupacks >= self.cfg.dupthresh
-            or (newly_sacked and self.sb.sacked >= self.cfg.dupthresh * self.mss)
-        ):
-            if self.sack_ok or self.snd_una > self.recover:
-                self._enter_recovery(now)
+        elif self.snd_max > self.snd_una and self.dupacks >= self.cfg.dupthresh and self.snd_una > self.recover:
+            self._enter_recovery(now)
+
+    def _rack_detect(self, now: float) -> None:
+        """RACK (RFC 8985 §6.2): mark what is lost, arm the reorder timer for what may be, and
+        start fast recovery if anything is marked."""
+        if self.snd_max == self.snd_una:
+            self.t_rack = None
+            return
+        sb = self.sb
+        rack = self.rack
+        thresh = self.cfg.dupthresh
+        dup = self.in_recovery or sb.sacked >= thresh * self.mss or self.dupacks >= thresh
+        marked, due = rack.detect(sb, self.snd_una, self.snd_max, now, rack.reo_wnd(self.rtt.srtt, dup))
+        self.t_rack = due
+        if due is not None:
+            self._schedule(due)
+        if marked:
+            self.host.stats["tcp_rack_marked_lost"] += marked
+        if rack.lost and not self.in_recovery:
+            if self.tlp_end is not None:
+                self.host.stats["tcp_tlp_recovered"] += 1  # the probe's ACK exposed the tail loss
+                self.tlp_end = None
+            # What was sent before a timeout is lost as the timeout said, and its reduction
+            # has been made: recover it at slow start's pace (PRR), without a second cut.
+            self._enter_recovery(now, cut=self.snd_una >= self.rto_recover)
 
     def _segment_text(self, seq_u: int, seg: bytes, doff: int, dlen: int, fin: int, now: float) -> None:
         """Seventh step: take the text (and a FIN right after it) in a state that receives;
@@ -891,7 +975,7 @@ class Connection:
 
     def _enter_time_wait(self, now: float, notify: bool = True) -> None:
         self.state = TIME_WAIT
-        self.t_rexmit = self.t_persist = self.t_keep = self.t_dack = None
+        self.t_rexmit = self.t_persist = self.t_keep = self.t_dack = self.t_rack = self.t_tlp = None
         self.t_wait = now + 2 * self.cfg.msl
         self._schedule(self.t_wait)
         if notify:
@@ -902,12 +986,19 @@ class Connection:
     def _ack_advance(self, ack_u: int, tsecr: int | None, now: float) -> None:
         """The peer acknowledged new data, up to ``ack_u``."""
         acked = ack_u - self.snd_una
+        delivered = acked
+        if self.sack_ok:
+            rack = self.rack
+            # The echoed timestamp matters only for segments that were retransmitted.
+            rack.acked(self.snd_una, ack_u, now, self._tsecr_ms(tsecr, now) if rack.rexmit_end > self.snd_una else None)
         self.sendbuf.acknowledge(ack_u)
+        if self.sb:
+            # What was SACKed before reached the peer then, not now (slow start counts this).
+            delivered -= self.sb.sacked_between(self.snd_una, ack_u)
+            self.sb.advance(ack_u)
         self.snd_una = ack_u
         if self.snd_nxt < ack_u:
             self.snd_nxt = ack_u
-        if self.sb:
-            self.sb.advance(ack_u)
         # RTT (RFC 6298 / RFC 7323 §4): timestamps when we have them, else one timed segment.
         rtt = self.rtt
         r: float | None
@@ -923,15 +1014,26 @@ class Connection:
         # segment gives none, and its backed-off RTO stays).
         self.retries = 0
         self.dupacks = 0
+        if self.undo_cc is not None and ack_u > self.undo_seq:
+            self._eifel(tsecr, now)
+        tlp_end = self.tlp_end
+        if tlp_end is not None and ack_u >= tlp_end:
+            # The probe's episode ends (RFC 8985 §7.4): a retransmitted tail was repaired
+            # without a timeout (or was never lost; without DSACK we cannot tell).
+            self.tlp_end = None
+            if self.tlp_rexmit:
+                self.host.stats["tcp_tlp_recovered"] += 1
         if ack_u >= self.snd_max:
-            self.t_rexmit = None
+            self.t_rexmit = self.t_tlp = self.t_rack = None
         else:
             self.t_rexmit = now + rtt.rto
             if self.t_rexmit < self.timer_at:
                 self._schedule(self.t_rexmit)
+            if self.sack_ok and not self.in_recovery:
+                self._arm_tlp(now)
         if not self.in_recovery:
             cc = self.cc
-            cc.on_ack(acked, now, rtt.srtt)
+            cc.on_ack(acked, now, rtt.srtt, delivered)
             # Do not let cwnd grow without bound while the peer's window is what limits us.
             cap = 2 * self.max_snd_wnd + 10 * self.mss
             if cc.cwnd > cap:
@@ -943,6 +1045,36 @@ class Connection:
         fin = self.sendbuf.fin
         if fin is not None and ack_u > fin:
             self._fin_acked(now)
+
+    def _save_for_undo(self, now: float, rto: bool) -> None:
+        """A cut comes with a retransmission starting at ``snd_una``: remember what to restore
+        if the first ACK of it turns out to answer the original (RFC 3522)."""
+        if not self.ts_ok or self.undo_cc is not None:
+            return
+        self.undo_cc = self.cc.snapshot()
+        self.undo_ts = int(now * 1000)
+        self.undo_seq = self.snd_una
+        self.undo_rto = rto
+
+    def _eifel(self, tsecr: int | None, now: float) -> None:
+        """The first ACK for the retransmitted segment (RFC 3522 §3): an echoed timestamp older
+        than the retransmission means the original arrived, so the loss (and the cut) was
+        spurious: restore the congestion state; after a timeout, also stop going back N."""
+        state = self.undo_cc
+        self.undo_cc = None
+        tsecr_ms = self._tsecr_ms(tsecr, now)
+        if state is None or tsecr_ms is None or tsecr_ms >= self.undo_ts:
+            return
+        self.host.stats["tcp_spurious_undone"] += 1
+        self.cc.restore(state)
+        self.rack.clear_lost()
+        self.rack.reordering_seen = True  # what looked lost was late: allow for reordering
+        self.in_recovery = False
+        self.t_rack = None
+        if self.undo_rto and self.snd_nxt < self.snd_max:
+            self.snd_nxt = self.snd_max
+        if self.sack_ok and self.snd_max > self.snd_una:
+            self._arm_tlp(now)
 
     def _fin_acked(self, now: float) -> None:
         """Our FIN is acknowledged (RFC 9293 3.10.7.4, fifth check in FIN_WAIT_1, CLOSING and
@@ -962,16 +1094,41 @@ class Connection:
 
     # ------------------------------------------------------------------ loss recovery
 
-    def _enter_recovery(self, now: float) -> None:
-        self.host.stats["tcp_fast_retransmit"] += 1
+    def _enter_recovery(self, now: float, cut: bool = True) -> None:
         self.in_recovery = True
         self.recover = self.snd_max
-        flight = self.snd_max - self.snd_una - self.sb.sacked
-        self.cc.enter_recovery(flight, now)
+        self.t_tlp = None
+        if cut:
+            self.host.stats["tcp_fast_retransmit"] += 1
+            flight = self.snd_max - self.snd_una - self.sb.sacked
+            self._save_for_undo(now, False)
+            self.cc.enter_recovery(flight, now)
+        self.rtt.cancel()
+        if self.sack_ok:
+            self.host.stats["tcp_prr_recoveries"] += 1
+            self.prr_delivered = self.prr_out = self.prr_ack = 0
+            self.recover_fs = self.snd_max - self.snd_una
+            # The first lost segment goes out at once, whatever the pipe (RFC 5681 §3.2 step 2).
+            seg = self.rack.first_lost()
+            if seg is not None:
+                self.prr_out += self._retransmit_entry(seg, now)
+            return
         una = self.snd_una
         self.lost_floor = min(una + self.mss, self.snd_max)
-        self.rtt.cancel()
         self._retransmit_first(now)
+
+    def _retransmit_entry(self, seg: list, now: float) -> int:
+        """Retransmit one segment of RACK's log (at most an MSS of it); returns its length."""
+        s = seg[0]
+        n = min(seg[1] - s, self.mss, self.sendbuf.end - s)
+        if n <= 0:
+            n = 0
+            if s != self.sendbuf.fin:
+                self.rack.clear_lost()  # nothing there to send (cannot happen): never spin on it
+                return 0
+        self.host.stats["tcp_retransmits"] += 1
+        self._send_range(s, n, now)
+        return n or 1
 
     def _retransmit_first(self, now: float) -> None:
         # Retransmit the first missing segment now, whatever the pipe says (RFC 5681 §3.2 step 2).
@@ -997,10 +1154,24 @@ class Connection:
             end += 1
         self._emit(seq, flags, data, now)
         rtt = self.rtt
+        if self.sack_ok and end > seq:
+            rack = self.rack
+            if seq >= rack.top:  # new data: RACK's log grows by one entry (inline: every segment)
+                rack.sends += 1
+                rack.segs.append([seq, end, now, 0, rack.sends])
+                rack.top = end
+            else:
+                rack.on_send(seq, end, now)
         if end > self.snd_max:
             if rtt.timed_seq is None and not self.ts_ok:
                 rtt.time(end, now)
             self.snd_max = end
+            if self.t_rexmit is None:
+                self.t_rexmit = now + rtt.rto
+                self._schedule(self.t_rexmit)
+            # Arm the probe if it is not (each ACK of new data re-arms it).
+            if self.t_tlp is None and self.sack_ok and not self.in_recovery and self.tlp_end is None:
+                self._arm_tlp(now)
         elif rtt.timed_seq is not None and seq < rtt.timed_seq:
             rtt.cancel()  # Karn: never time a retransmitted segment
         if self.t_rexmit is None:
@@ -1019,7 +1190,10 @@ class Connection:
         if self.state not in SENDING:
             return
         if self.in_recovery:
-            self._output_recovery(now)
+            if self.sack_ok:
+                self._output_rack(now)
+            else:
+                self._output_recovery(now)
             return
         mss = self.mss
         una = self.snd_una
@@ -1070,6 +1244,54 @@ class Connection:
             if self.snd_nxt < data_end and self.snd_max == self.snd_una and self.t_persist is None:
                 self._arm_persist(now)
 
+    def _prr_sndcnt(self) -> int:
+        """How much PRR lets us send now (RFC 6937 §3, with the slow start reduction bound):
+        while the pipe is above ssthresh, in proportion to what was delivered, so that the
+        window comes down to ssthresh over the recovery's round trip instead of at once; below
+        it, growing back towards ssthresh at most as fast as slow start."""
+        pipe = self.snd_max - self.snd_una - self.sb.sacked - self.rack.lost_bytes()
+        ssthresh = self.cc.ssthresh
+        if pipe > ssthresh:
+            fs = self.recover_fs if self.recover_fs > 0 else 1
+            sndcnt = -(-self.prr_delivered * ssthresh // fs) - self.prr_out
+        else:
+            limit = max(self.prr_delivered - self.prr_out, self.prr_ack) + self.mss
+            sndcnt = min(ssthresh - pipe, limit)
+        return sndcnt if sndcnt > 0 else 0
+
+    def _output_rack(self, now: float) -> None:
+        """Sending in SACK recovery: the segments RACK marked lost, lowest first, then new data,
+        as much as PRR allows."""
+        mss = self.mss
+        rack = self.rack
+        buf = self.sendbuf
+        sndcnt = self._prr_sndcnt()
+        self.prr_ack = 0
+        while sndcnt > 0:
+            una = self.snd_una
+            smax = self.snd_max
+            seg = rack.first_lost()
+            if seg is not None:
+                n = self._retransmit_entry(seg, now)
+                if n:
+                    self.prr_out += n
+                    sndcnt -= n
+                continue
+            # New data, if the peer's window allows (never re-sending below snd_max: what is
+            # missing there is RACK's to mark).
+            nxt = smax
+            if self.snd_nxt < nxt:
+                self.snd_nxt = nxt
+            n = min(buf.end - nxt, mss, una + self.snd_wnd - nxt)
+            if n <= 0:
+                if nxt == buf.fin:
+                    self._send_range(nxt, 0, now)
+                    self.prr_out += 1
+                break
+            self._send_range(nxt, n, now)
+            self.prr_out += n
+            sndcnt -= n
+
     def _output_recovery(self, now: float) -> None:
         mss = self.mss
         sb = self.sb
@@ -1115,6 +1337,59 @@ class Connection:
 
     # ------------------------------------------------------------------ timers
 
+    def _arm_tlp(self, now: float) -> None:
+        """Arm the tail loss probe (RFC 8985 §7.2): PTO = 2 SRTT, plus the peer's worst-case
+        delayed ACK when one segment is in flight; none if the RTO would come first."""
+        srtt = self.rtt.srtt
+        if srtt is None:
+            return
+        pto = 2 * srtt
+        if self.snd_max - self.snd_una <= self.mss:
+            pto += WC_DELACK
+        if pto < self.cfg.tlp_min:
+            pto = self.cfg.tlp_min
+        at = now + pto
+        if self.t_rexmit is not None and at >= self.t_rexmit:
+            self.t_tlp = None
+            return
+        self.t_tlp = at
+        self._schedule(at)
+
+    def _on_tlp(self, now: float) -> None:
+        """The probe timeout: send one new segment if there is one, else the last segment
+        again, so that the peer's ACK (with SACK) shows RACK what of the tail is missing."""
+        if (
+            self.in_recovery
+            or self.tlp_end is not None
+            or self.state not in SENDING
+            or self.snd_max == self.snd_una
+            or self.snd_nxt < self.snd_max
+        ):
+            return
+        self.host.stats["tcp_tlp_probes"] += 1
+        buf = self.sendbuf
+        nxt = self.snd_max
+        n = min(buf.end - nxt, self.mss, self.snd_una + self.snd_wnd - nxt)
+        if n > 0:
+            self.tlp_rexmit = False
+            self._send_range(nxt, n, now)
+        else:
+            segs = self.rack.segs
+            if len(segs) == self.rack.head:
+                return
+            self.tlp_rexmit = True
+            self._retransmit_entry(segs[-1], now)
+        self.tlp_end = self.snd_max
+        self.t_rexmit = now + self.rtt.rto
+
+    def _on_rack_timer(self, now: float) -> None:
+        if self.state not in SENDING:
+            return
+        was = self.in_recovery
+        self._rack_detect(now)
+        if self.in_recovery or was:
+            self._output(now)
+
     def _arm_persist(self, now: float) -> None:
         cfg = self.cfg
         t = min(max(self.rtt.rto, cfg.min_rto) * (1 << self.persist_backoff), cfg.max_rto)
@@ -1138,6 +1413,12 @@ class Connection:
             self._on_rexmit_timeout(now)
             if self.state is CLOSED:
                 return
+        if self.t_rack is not None and self.t_rack <= now:
+            self.t_rack = None
+            self._on_rack_timer(now)
+        if self.t_tlp is not None and self.t_tlp <= now:
+            self.t_tlp = None
+            self._on_tlp(now)
         if self.t_persist is not None and self.t_persist <= now:
             self.t_persist = None
             if self.snd_max == self.snd_una and self.snd_nxt < self.sendbuf.end:
@@ -1157,7 +1438,7 @@ class Connection:
             if self.state is CLOSED:
                 return
         t = INF
-        for x in (self.t_wait, self.t_rexmit, self.t_persist, self.t_dack, self.t_keep):
+        for x in (self.t_wait, self.t_rexmit, self.t_rack, self.t_tlp, self.t_persist, self.t_dack, self.t_keep):
             if x is not None and x < t:
                 t = x
         if t != INF:
@@ -1204,12 +1485,20 @@ class Connection:
             return
         flight = self.snd_max - self.snd_una - self.sb.sacked
         if self.retries == 1:
+            # The timeout's retransmission is the one to judge (a pending fast retransmit's
+            # undo is superseded); later timeouts of the same run keep this first one.
+            self.undo_cc = None
+            self._save_for_undo(now, True)
             self.cc.on_timeout(flight, now)
         else:
             self.cc.cwnd = self.mss
         self.in_recovery = False
-        self.recover = self.snd_max
+        self.recover = self.rto_recover = self.snd_max
         self.dupacks = 0
+        # Go back N: everything not SACKed is sent again, so RACK's marks have done their part.
+        self.rack.clear_lost()
+        self.t_rack = self.t_tlp = None
+        self.tlp_end = None
         self.snd_nxt = self.snd_una
         self.high_rxt = self.snd_una
         self.host.stats["tcp_retransmits"] += 1
@@ -1353,5 +1642,5 @@ class Connection:
             self.listener.pending -= 1
             self.listener = None
         self.state = CLOSED
-        self.t_rexmit = self.t_persist = self.t_keep = self.t_dack = self.t_wait = None
+        self.t_rexmit = self.t_persist = self.t_keep = self.t_dack = self.t_wait = self.t_rack = self.t_tlp = None
         self.host.remove_connection(self)

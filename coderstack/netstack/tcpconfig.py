@@ -33,6 +33,9 @@ class TCPConfig:
     initial_window: int = 10  # segments, RFC 6928
     congestion: str = "cubic"  # or "newreno"
     dupthresh: int = 3
+    # The shortest tail loss probe timeout: the reactor's timer granularity and the peer's ACK
+    # batching make a PTO of 2 SRTT on a sub-millisecond path fire before a healthy ACK.
+    tlp_min: float = 0.01
     send_low_water: int = 1 << 20  # writable() fires when unACKed+unsent bytes fall below this
 
     def wscale(self) -> int:

@@ -39,6 +39,33 @@ class NewRenoTests(unittest.TestCase):
         self.assertEqual((cc.cwnd, cc.ssthresh), (MSS, 15 * MSS))
 
 
+class StretchAckTests(unittest.TestCase):
+    def test_slow_start_after_timeout_doubles_with_32_segment_acks(self):
+        """One ACK per 32 segments (our receiver's batches): slow start still doubles per RTT."""
+        for cc in (NewReno(MSS), Cubic(MSS)):
+            cc.cwnd = 200 * MSS
+            cc.on_timeout(200 * MSS)
+            self.assertEqual(cc.cwnd, MSS)
+            cc.ssthresh = 1 << 40  # far away: pure slow start
+            sizes = []
+            for rtt in range(9):
+                flight = cc.cwnd // MSS
+                while flight > 0:
+                    n = min(flight, 32)
+                    cc.on_ack(n * MSS, rtt * 0.01, 0.01)
+                    flight -= n
+                sizes.append(cc.cwnd // MSS)
+            self.assertEqual(sizes, [2, 4, 8, 16, 32, 64, 128, 256, 512])
+
+    def test_only_newly_delivered_bytes_count_and_ssthresh_stops_it(self):
+        cc = NewReno(MSS)
+        cc.ssthresh = 30 * MSS
+        cc.on_ack(100 * MSS, delivered=MSS)  # one hole filled below 99 segments SACKed earlier
+        self.assertEqual(cc.cwnd, 11 * MSS)
+        cc.on_ack(64 * MSS)
+        self.assertEqual(cc.cwnd, 30 * MSS)
+
+
 class CubicTests(unittest.TestCase):
     def test_reduction_and_cubic_regrowth(self):
         cc = Cubic(MSS)
