@@ -24,6 +24,11 @@ from coderstack.tailnet.endpoint import PingResult
 
 async def find_agent(ctx: Context, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     ws = await ctx.api.workspace_by_name(name)
+    return ws, agent_of(ws)
+
+
+def agent_of(ws: dict[str, Any]) -> dict[str, Any]:
+    """The workspace's agent, if it can be dialed; else the one line saying why not."""
     if not ws.get("agents"):
         raise SDKError(f"workspace {ws['name']!r} has no agent")
     agent = ws["agents"][0]
@@ -31,7 +36,7 @@ async def find_agent(ctx: Context, name: str) -> tuple[dict[str, Any], dict[str,
         raise SDKError(
             f"the agent of workspace {ws['name']!r} is {agent['status']}; start it, then try again"
         )
-    return ws, agent
+    return agent
 
 
 class TunnelConnection:

@@ -184,6 +184,15 @@ class _Client(protocol.Protocol):
                 stream_transport(self.workspace).loseConnection()
 
 
+def _may_wait(mode: str, ws: dict[str, Any]) -> bool:
+    """Whether ``ssh --wait`` would do anything (wait, or warn about a failed start) for this
+    workspace. Usually not: one API call per dial then suffices."""
+    agents = ws.get("agents") or []
+    if mode == "no" or not agents:
+        return False
+    return agents[0].get("lifecycle_state") in (*agentwait.STARTING, "start_error", "start_timeout")
+
+
 class _Factory(protocol.Factory):
     def __init__(self, daemon: Daemon) -> None:
         self.daemon = daemon
@@ -256,10 +265,15 @@ class Daemon:
         name, port, wait = words[2], int(words[3]), words[4]
         self.dials += 1
         ctx = dataclasses.replace(self.ctx, stderr=cast(IO[str], _StderrToClient(client.transport)))
+        start = time.monotonic()
         try:
-            await agentwait.wait_for_agent(self.reactor, ctx, name, wait)
-            ws, agent = await tunnel.find_agent(ctx, name)
-            workspace = await self._open(client, ws, agent, port)
+            ws = await ctx.api.workspace_by_name(name)
+            if _may_wait(wait, ws):
+                await agentwait.wait_for_agent(self.reactor, ctx, name, wait)
+                ws = await ctx.api.workspace_by_name(name)
+            agent = tunnel.agent_of(ws)
+            looked = time.monotonic()
+            workspace = await self._open(client, ws, agent, port, (looked - start) * 1000, looked)
         except SDKError as err:
             self.failed += 1
             log(f"dial {name}:{port} failed: {err}")
@@ -275,7 +289,10 @@ class Daemon:
         self.streams += 1
         client.joined(workspace)
 
-    async def _open(self, client: _Client, ws: dict[str, Any], agent: dict[str, Any], port: int) -> _Workspace | None:
+    async def _open(self, client: _Client, ws: dict[str, Any], agent: dict[str, Any], port: int,
+                    lookup_ms: float, looked: float) -> _Workspace | None:
+        """Connect to ``port`` over the held tunnel (or a new one); logs how long the lookups
+        (``lookup_ms``, the API) and the connect took."""
         name, agent_id = ws["name"], str(agent["id"])
         factory = protocol.Factory.forProtocol(lambda: _Workspace(client))
         held = self.tunnels.get(agent_id)
@@ -290,12 +307,14 @@ class Daemon:
             else:
                 held.dials += 1
                 self.reused += 1
-                log(f"dial {name}:{port} over the held tunnel (dial {held.dials} on it)")
+                log(f"dial {name}:{port} over the held tunnel (dial {held.dials} on it; "
+                    f"lookups {lookup_ms:.0f} ms, connect {(time.monotonic() - looked) * 1000:.0f} ms)")
                 return cast(_Workspace, workspace)
         held = await self._tunnel(name, agent_id)
         workspace = await held.conn.tunnel.endpoint(port).connect(factory)
         held.dials += 1
-        log(f"dial {name}:{port} over a new tunnel")
+        log(f"dial {name}:{port} over a new tunnel (lookups {lookup_ms:.0f} ms, "
+            f"tunnel and connect {(time.monotonic() - looked) * 1000:.0f} ms)")
         return cast(_Workspace, workspace)
 
     async def _tunnel(self, name: str, agent_id: str) -> _Tunnel:

@@ -52,16 +52,18 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import select
 import socket
 import struct
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
+
+# Only what the warm path itself needs is imported up front: it runs on every ``ssh coder.WS``.
+if TYPE_CHECKING:
+    import subprocess
+    from typing import Any
 
 PROTOCOL_ENV = "CODERSTACK_TUNNEL_DAEMON"
 DEBUG_ENV = "CODERSTACK_TUNNEL_DAEMON_DEBUG"
@@ -120,15 +122,13 @@ def fingerprint(url: str, token: str, disable_direct: bool) -> str:
     return hashlib.sha256(material.encode()).hexdigest()
 
 
-@dataclass(frozen=True)
 class Paths:
-    config_dir: str
-    fingerprint: str
-    run_dir: str
-    socket: str
-    pid: str
-    lock: str
-    log: str
+    """Where one daemon's files are (see the module docstring)."""
+
+    def __init__(self, config_dir: str, fingerprint: str, run_dir: str, socket: str, pid: str, lock: str,
+                 log: str) -> None:
+        self.config_dir, self.fingerprint, self.run_dir = config_dir, fingerprint, run_dir
+        self.socket, self.pid, self.lock, self.log = socket, pid, lock, log
 
 
 def paths_for(config_dir: str, fp: str, environ: dict[str, str]) -> Paths:
@@ -187,6 +187,8 @@ def _connect(paths: Paths) -> socket.socket:
 def start_daemon(paths: Paths, environ: dict[str, str], disable_direct: bool) -> subprocess.Popen[bytes]:
     """``coderstack tunnel-daemon`` in a session of its own, its output appended to its log. It
     inherits this environment (``CODER_URL``/``CODER_SESSION_TOKEN`` stay out of ``ps``)."""
+    import subprocess
+
     argv = [sys.executable, "-m", "coderstack", "--global-config", paths.config_dir]
     if disable_direct:
         argv.append("--disable-direct-connections")
@@ -270,6 +272,8 @@ def request(sock: socket.socket, line: str, stderr: Any) -> _Lines:
 
 def status(paths: Paths) -> dict[str, Any] | None:
     """The running daemon's counters (None when none answers)."""
+    import json
+
     try:
         sock = _connect(paths)
     except (OSError, Unavailable):
@@ -335,15 +339,13 @@ def pump(sock: socket.socket, early: bytes, stdin_fd: int = 0, stdout_fd: int = 
 # --- the fast ProxyCommand ------------------------------------------------------------------------
 
 
-@dataclass
 class StdioRequest:
-    config_dir: str
-    disable_direct: bool
-    verbose: bool
-    host: str
-    prefix: str | None
-    suffix: str | None
-    wait: str
+    """What ``ssh --stdio`` was asked for."""
+
+    def __init__(self, config_dir: str, disable_direct: bool, verbose: bool, host: str, prefix: str | None,
+                 suffix: str | None, wait: str) -> None:
+        self.config_dir, self.disable_direct, self.verbose, self.host = config_dir, disable_direct, verbose, host
+        self.prefix, self.suffix, self.wait = prefix, suffix, wait
 
 
 def parse_stdio(argv: list[str], environ: dict[str, str]) -> StdioRequest | None:

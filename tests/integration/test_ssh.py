@@ -184,6 +184,12 @@ class WarmCLITests(unittest.TestCase):
             "sh", ["-c", f"ssh -F {config} coder.box 'cat; exit 4' < {blob} | sha256sum"],
             env=alice.cli_env(), path=alice.home)
         self.assertEqual(out.split()[0].decode(), hashlib.sha256(data).hexdigest(), err)
+        # A missing workspace: the daemon's answer is the in-process one, one line, no fallback.
+        code, out, err = await alice.run_program("ssh", "-F", config, "coder.nope", "true",
+                                                 CODERSTACK_TUNNEL_DAEMON_DEBUG="1")
+        self.assertNotEqual(code, 0)
+        self.assertEqual(err.splitlines()[0], "error: workspace 'nope' not found", err)
+        self.assertNotIn("not using the tunnel daemon", err)  # (then OpenSSH's own line)
 
     async def test_daemon_exits_when_idle(self) -> None:
         d, alice, config = await self.workspace(CODERSTACK_TUNNEL_DAEMON_IDLE="1")
