@@ -50,6 +50,7 @@ Both ends check each other: the daemon compares the peer's ``SO_PEERCRED`` uid w
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -292,47 +293,70 @@ def status(paths: Paths) -> dict[str, Any] | None:
     return answer if isinstance(answer, dict) else None
 
 
-def _write_all(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    while view:
-        try:
-            n = os.write(fd, view)
-        except BlockingIOError:
-            select.select([], [fd], [])
-            continue
-        view = view[n:]
-
-
 def pump(sock: socket.socket, early: bytes, stdin_fd: int = 0, stdout_fd: int = 1) -> int:
     """Copy stdin -> socket and socket -> stdout until the workspace side closes. Stdin EOF
-    half-closes the socket (so the remote sees EOF and can still answer)."""
+    half-closes the socket (so the remote sees EOF and can still answer).
+
+    Non-blocking both ways, at most one buffer pending each way: a blocked write in one
+    direction never stops the other from draining (an echo of a large upload would otherwise
+    wedge with every buffer on the path full)."""
     sfd = sock.fileno()
-    reading_stdin = True
+    sock.setblocking(False)
+    # Restored on the way out: a terminal's flags are shared with the shell that ran us.
+    were = [(fd, os.get_blocking(fd)) for fd in (stdin_fd, stdout_fd)]
+    for fd, _ in were:
+        os.set_blocking(fd, False)
     try:
-        if early:
-            _write_all(stdout_fd, early)
-        while True:
-            readable, _, _ = select.select([sfd, stdin_fd] if reading_stdin else [sfd], [], [])
+        return _copy(sock, sfd, bytearray(early), stdin_fd, stdout_fd)
+    finally:
+        for fd, blocking in were:
+            with contextlib.suppress(OSError):
+                os.set_blocking(fd, blocking)
+
+
+def _copy(sock: socket.socket, sfd: int, to_stdout: bytearray, stdin_fd: int, stdout_fd: int) -> int:
+    to_sock = bytearray()
+    stdin_open = sock_open = True
+    shut = False
+    try:
+        while sock_open or to_stdout:
+            readers, writers = [], []
+            if sock_open and len(to_stdout) < BUFFER:
+                readers.append(sfd)
+            if stdin_open and len(to_sock) < BUFFER:
+                readers.append(stdin_fd)
+            if to_stdout:
+                writers.append(stdout_fd)
+            if to_sock:
+                writers.append(sfd)
+            readable, writable, _ = select.select(readers, writers, [])
             if sfd in readable:
-                data = sock.recv(BUFFER)
-                if not data:
-                    return 0
-                _write_all(stdout_fd, data)
-            if reading_stdin and stdin_fd in readable:
-                try:
+                with contextlib.suppress(BlockingIOError):
+                    data = sock.recv(BUFFER)
+                    if data:
+                        to_stdout += data
+                    else:
+                        sock_open = False
+            if stdin_fd in readable:
+                with contextlib.suppress(BlockingIOError):
                     data = os.read(stdin_fd, BUFFER)
-                except BlockingIOError:
-                    continue
-                if data:
-                    sock.sendall(data)
-                else:
-                    reading_stdin = False
-                    sock.shutdown(socket.SHUT_WR)
-    except (BrokenPipeError, ConnectionResetError):
+                    if data:
+                        to_sock += data
+                    else:
+                        stdin_open = False
+            if stdout_fd in writable:
+                with contextlib.suppress(BlockingIOError):
+                    del to_stdout[:os.write(stdout_fd, to_stdout)]
+            if sfd in writable:
+                with contextlib.suppress(BlockingIOError):
+                    del to_sock[:sock.send(to_sock)]
+            if not stdin_open and not to_sock and not shut and sock_open:
+                shut = True
+                sock.shutdown(socket.SHUT_WR)
         return 0
     except OSError as err:
-        if err.errno in (errno.EPIPE, errno.ECONNRESET):
-            return 0
+        if err.errno in (errno.EPIPE, errno.ECONNRESET, errno.ENOTCONN):
+            return 0  # either side went away: the session is over
         raise
 
 

@@ -171,3 +171,41 @@ class SocketTests(unittest.TestCase):
             self.assertEqual(f.read(), b"early answer")
         os.close(stdin_r)
         self.assertEqual(result, [0])
+
+    def test_pump_never_wedges_on_a_large_echo(self) -> None:
+        # The remote echoes while we are still uploading: with blocking writes both directions
+        # would fill and stop.
+        ours, remote = socket.socketpair()
+        self.addCleanup(remote.close)
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        payload = os.urandom(8 << 20)
+
+        def echo() -> None:
+            while True:
+                data = remote.recv(1 << 16)
+                if not data:
+                    break
+                remote.sendall(data)
+            remote.close()
+
+        def feed() -> None:
+            with os.fdopen(stdin_w, "wb") as f:
+                f.write(payload)
+
+        got = bytearray()
+
+        def drain() -> None:
+            with os.fdopen(stdout_r, "rb") as f:
+                got.extend(f.read())
+
+        threads = [threading.Thread(target=t) for t in (echo, feed, drain)]
+        for t in threads:
+            t.start()
+        self.assertEqual(warm.pump(ours, b"", stdin_r, stdout_w), 0)
+        ours.close()
+        os.close(stdout_w)
+        os.close(stdin_r)
+        for t in threads:
+            t.join()
+        self.assertEqual(bytes(got), payload)
