@@ -132,6 +132,23 @@ class SocketTests(unittest.TestCase):
             client.dataReceived(line + b"\n")
             self.assertEqual(transport.value(), answer)
 
+    def test_wait_only_when_ssh_wait_has_something_to_do(self) -> None:
+        def ws(state: str) -> dict:
+            return {"agents": [{"lifecycle_state": state}]}
+
+        self.assertFalse(tunneld._may_wait("auto", ws("ready")))
+        self.assertFalse(tunneld._may_wait("no", ws("starting")))
+        self.assertFalse(tunneld._may_wait("yes", {"agents": []}))
+        for state in ("created", "starting", "start_error", "start_timeout"):
+            self.assertTrue(tunneld._may_wait("auto", ws(state)), state)
+
+    def test_stderr_lines_go_back_as_msg(self) -> None:
+        transport = StringTransport()
+        out = tunneld._StderrToClient(transport)
+        out.write("Waiting for the startup scripts...\nhalf")
+        out.write(" a line\n")
+        self.assertEqual(transport.value(), b"MSG Waiting for the startup scripts...\nMSG half a line\n")
+
     def test_a_stale_socket_is_no_daemon(self) -> None:
         run = tempfile.mkdtemp(dir=os.getcwd())
         paths = warm.Paths(run, "f" * 64, run, os.path.join(run, "t.sock"), os.path.join(run, "t.pid"),

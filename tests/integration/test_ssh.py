@@ -175,9 +175,10 @@ class WarmCLITests(unittest.TestCase):
         self.assertNotIn(alice.session_token(), log)
         self.assertEqual(os.stat(paths.run_dir).st_mode & 0o777, 0o700)
         self.assertEqual(os.stat(paths.socket).st_mode & 0o777, 0o600)
-        # Bytes and exit status through the warm path, stdin EOF passed on (cat ends).
+        # 8 MiB echoed back while it is still going up (every buffer on the path fills), byte
+        # exact, and stdin EOF passed on (cat ends).
         blob = os.path.join(d.dir, "blob")
-        data = os.urandom(1 << 20)
+        data = os.urandom(8 << 20)
         with open(blob, "wb") as f:
             f.write(data)
         out, err, code = await utils.getProcessOutputAndValue(
