@@ -184,6 +184,12 @@ class _Client(protocol.Protocol):
                 stream_transport(self.workspace).loseConnection()
 
 
+def _info(held: _Tunnel) -> dict[str, Any]:
+    conn = held.conn
+    return {"peer_diagnostics": conn.peer_diagnostics(), "netinfo": conn.netinfo(),
+            "derp_region_names": conn.derp_region_names()}
+
+
 def _may_wait(mode: str, ws: dict[str, Any]) -> bool:
     """Whether ``ssh --wait`` would do anything (wait, or warn about a failed start) for this
     workspace. Usually not: one API call per dial then suffices."""
@@ -215,6 +221,7 @@ class Daemon:
         self.uid = os.getuid()
         self.tunnels: dict[str, _Tunnel] = {}  # by agent id
         self.dialing: dict[str, defer.Deferred[_Tunnel]] = {}
+        self.names: dict[str, str] = {}  # workspace name -> agent id, as OPEN last found it
         self.started = time.time()
         self.last_active = time.monotonic()
         self.dials = self.tunnels_made = self.reused = self.refused = self.clients = self.failed = 0
@@ -259,6 +266,9 @@ class Daemon:
             transport.write(json.dumps(self.status()).encode() + b"\n")
             transport.loseConnection()
             return
+        if words[0] in ("OPEN", "PING", "INFO"):
+            await self._query(client, words)
+            return
         if words[0] != "DIAL" or len(words) != 5 or not words[3].isdigit() or words[4] not in warm.WAIT_CHOICES:
             client.refuse("bad request")
             return
@@ -288,6 +298,55 @@ class Daemon:
             return
         self.streams += 1
         client.joined(workspace)
+
+    async def _query(self, client: _Client, words: list[str]) -> None:
+        """OPEN, PING and INFO (:mod:`coderstack.cli.daemonconn`): one ``OK <json>`` line."""
+        kind, name = words[0], words[2] if len(words) > 2 else ""
+        try:
+            timeout = float(words[3]) if kind != "OPEN" and len(words) == 4 else -1.0
+        except ValueError:
+            timeout = -1.0
+        if not name or len(words) != (3 if kind == "OPEN" else 4) or (kind != "OPEN" and timeout < 0):
+            client.refuse("bad request")
+            return
+        transport = stream_transport(client)
+        try:
+            if kind == "OPEN":
+                ws = await self.ctx.api.workspace_by_name(name)
+                agent_id = str(tunnel.agent_of(ws)["id"])
+                held = self.tunnels.get(agent_id) or await self._tunnel(name, agent_id)
+                self.names[name] = agent_id
+                log(f"open {name}")
+            else:
+                found = self.tunnels.get(self.names.get(name, ""))
+                if found is None:
+                    raise SDKError(f"no tunnel to {name!r} is open")
+                held = found
+            if kind == "PING":
+                d = held.conn.tunnel.ping()
+                if timeout > 0:
+                    d.addTimeout(timeout, self.reactor)
+                try:
+                    pong = await d
+                except (TimeoutError, defer.TimeoutError, defer.CancelledError):
+                    transport.write(b"FAIL timeout\n")
+                    transport.loseConnection()
+                    return
+                answer: dict[str, Any] = {"latency": pong.latency, "kind": pong.kind, "endpoint": pong.endpoint,
+                                          "derp_region": pong.derp_region, "derp_name": pong.derp_name,
+                                          "info": _info(held)}
+            else:
+                if kind == "INFO" and timeout > 0:
+                    await held.conn.await_netinfo(timeout)
+                answer = _info(held)
+        except SDKError as err:
+            self.failed += 1
+            log(f"{kind.lower()} {name} failed: {err}")
+            transport.write(f"FAIL {err}\n".encode())
+            transport.loseConnection()
+            return
+        transport.write(b"OK " + json.dumps(answer).encode() + b"\n")
+        transport.loseConnection()
 
     async def _open(self, client: _Client, ws: dict[str, Any], agent: dict[str, Any], port: int,
                     lookup_ms: float, looked: float) -> _Workspace | None:
@@ -390,18 +449,18 @@ def _write_pid(path: str) -> None:
 
 
 def _remove_own(paths: warm.Paths) -> None:
-    """The socket and PID file, unless a newer daemon has replaced them already."""
+    """The PID file, if it is still ours. (The listening port removes the socket itself when it
+    stops, at exit or at the reactor's shutdown.)"""
     try:
         with open(paths.pid) as f:
             ours = f.read().strip() == str(os.getpid())
     except OSError:
         ours = False
     if ours:
-        for path in (paths.socket, paths.pid):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        try:
+            os.unlink(paths.pid)
+        except FileNotFoundError:
+            pass
 
 
 async def serve(reactor: Any, ctx: Context, paths: warm.Paths, idle: float) -> int:
@@ -444,10 +503,11 @@ def main(args: list[str], environ: dict[str, str]) -> int:
         elif args[i] == "--disable-direct-connections":
             disable = True
         i += 1
-    ident = warm.identity(config_dir, environ)
-    if ident is None:
+    found = warm.identity(config_dir, environ)
+    if found is None:
         log("not logged in: nothing to serve")
         return 1
+    ident = found
     os.umask(0o077)
     paths = warm.paths_for(config_dir, warm.fingerprint(*ident, disable), environ)
     try:
@@ -466,7 +526,9 @@ def main(args: list[str], environ: dict[str, str]) -> int:
     codes: list[int] = []
 
     async def run(reactor: Any) -> None:
-        ctx = Context(reactor=reactor, config=ConfigDir(config_dir), environ=environ, disable_direct=disable)
+        # The identity the fingerprint was made of, whatever the config dir says later.
+        ctx = Context(reactor=reactor, config=ConfigDir(config_dir), environ=environ, disable_direct=disable,
+                      url_override=ident[0], token_override=ident[1])
         try:
             codes.append(await serve(reactor, ctx, paths, idle_seconds(environ)))
         finally:

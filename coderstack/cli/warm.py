@@ -44,6 +44,9 @@ itself: the daemon refuses a request whose fingerprint is not its own. Replies, 
                     back to dialing in its own process
     {...}           after STATUS: one JSON line (pid, dials, tunnels made and reused, ...)
 
+``OPEN``, ``PING`` and ``INFO`` (for ``coderstack ping``, which runs Twisted anyway) are
+described in :mod:`coderstack.cli.daemonconn`.
+
 Both ends check each other: the daemon compares the peer's ``SO_PEERCRED`` uid with its own
 (and counts refusals), the client the directory's owner and mode and the daemon's uid.
 """

@@ -12,11 +12,13 @@ import subprocess
 import sys
 import tempfile
 import threading
+from typing import Any
 
+from twisted.internet import protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from coderstack.cli import tunneld, warm
+from coderstack.cli import daemonconn, tunneld, warm
 from coderstack.cli.context import ConfigDir, Context
 from tests.support.processes import REPO_ROOT
 
@@ -226,3 +228,49 @@ class SocketTests(unittest.TestCase):
         for t in threads:
             t.join()
         self.assertEqual(bytes(got), payload)
+
+
+class DaemonConnectionTests(unittest.TestCase):
+    """The Twisted side of the protocol (coderstack.cli.daemonconn), on a fake transport."""
+
+    def request(self, factory: Any = None) -> tuple[daemonconn._Request, StringTransport]:
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        req = daemonconn._Request("DIAL f box 22 no", factory)
+        transport = StringTransport()
+        transport.socket = a  # type: ignore[attr-defined]  # what a reactor's unix transport has
+        req.makeConnection(transport)
+        return req, transport
+
+    def test_ok_hands_the_socket_to_the_stream_protocol(self) -> None:
+        got: list[bytes] = []
+
+        class Stream(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                got.append(data)
+
+        req, transport = self.request(protocol.Factory.forProtocol(Stream))
+        self.assertEqual(transport.value(), b"DIAL f box 22 no\n")
+        req.dataReceived(b"MSG waiting\nOK\nSSH-2.0-")
+        inner = self.successResultOf(req.ready)
+        self.assertIsInstance(inner, Stream)
+        self.assertIs(inner.transport, transport)
+        req.dataReceived(b"conch\r\n")
+        self.assertEqual(b"".join(got), b"SSH-2.0-conch\r\n")
+
+    def test_a_reply_line(self) -> None:
+        req, transport = self.request()
+        req.dataReceived(b'OK {"a": 1}\n')
+        self.assertEqual(self.successResultOf(req.ready), '{"a": 1}')
+
+    def test_fail_err_and_silence(self) -> None:
+        req, _ = self.request()
+        req.dataReceived(b"FAIL workspace 'x' not found\n")
+        self.assertEqual(str(self.failureResultOf(req.ready, warm.Failed).value), "workspace 'x' not found")
+        req, _ = self.request()
+        req.dataReceived(b"ERR permission denied\n")
+        self.failureResultOf(req.ready, warm.Unavailable)
+        req, _ = self.request()
+        req.connectionLost(None)
+        self.failureResultOf(req.ready, warm.Unavailable)

@@ -192,6 +192,23 @@ class WarmCLITests(unittest.TestCase):
         self.assertEqual(err.splitlines()[0], "error: workspace 'nope' not found", err)
         self.assertNotIn("not using the tunnel daemon", err)  # (then OpenSSH's own line)
 
+    async def test_ping_uses_the_daemons_tunnel(self) -> None:
+        d, alice, config = await self.workspace()
+        for _ in range(2):
+            code, out, err = await alice.run("ping", "box", "-n", "2")
+            self.assertEqual(code, 0, err)
+            self.assertEqual(out.count("pong from box"), 2, out)
+            self.assertIn("You are connected directly (p2p)", err)
+            self.assertNotIn("Wireguard is not connected", err)  # the diagnostics are live ones
+        await self.ssh(alice, config)  # ssh shares the tunnel
+        status = warm.status(self.paths(alice))
+        assert status is not None
+        self.assertEqual(status["tunnels_made"], 1, status)
+        with open(self.paths(alice).log) as f:
+            self.assertEqual(f.read().count("open box"), 2)
+        code, out, err = await alice.run("ping", "nope", "-n", "1")
+        self.assertEqual((code, err.strip()), (1, "error: workspace 'nope' not found"))
+
     async def test_daemon_exits_when_idle(self) -> None:
         d, alice, config = await self.workspace(CODERSTACK_TUNNEL_DAEMON_IDLE="1")
         await self.ssh(alice, config)
@@ -214,8 +231,7 @@ class WarmCLITests(unittest.TestCase):
                  "s = socket.socket(socket.AF_UNIX)\n"
                  "try:\n    s.connect(sys.argv[1])\n"
                  "except OSError as e:\n    print('connect', e.errno); sys.exit()\n"
-                 f"s.sendall(b'STATUS {paths.fingerprint}\\n')\n"
-                 "print(s.recv(4096).decode().strip())\n")
+                 "print(s.recv(4096).decode().strip())\n")  # (refused before any request)
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", probe,
                   paths.socket]
         # The 0700 directory keeps other users out before they reach the socket...
