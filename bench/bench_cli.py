@@ -3,6 +3,9 @@
 deployment on loopback, direct), wall time of the whole process, beside ``python -c pass`` (the
 interpreter's own start) in the same run.
 
+``ping`` runs cold (``CODERSTACK_TUNNEL_DAEMON=0``: a new tunnel each time) and warm (over the
+tunnel daemon's tunnel; the process still starts Twisted).
+
 Then ``ssh coder.box true`` through config-ssh's ProxyCommand three ways: cold (the tunnel daemon
 turned off, ``CODERSTACK_TUNNEL_DAEMON=0``: a Twisted start and a new tunnel every time), first
 use (the daemon stopped before each run: it starts, then dials), and warm (the daemon holds the
@@ -122,8 +125,14 @@ def main() -> int:
     dep = TunnelDeployment(tmp)
     try:
         dep.start()
-        rows.append(("coderstack ping box -n 1", wall(cli + ["ping", "box", "-n", "1"], env=dep.cli_env(),
-                                                     runs=PING_RUNS)))
+        ping = cli + ["ping", "box", "-n", "1"]
+        env = dep.cli_env()
+        env.pop("XDG_RUNTIME_DIR", None)
+        rows.append(("coderstack ping box -n 1, cold (CODERSTACK_TUNNEL_DAEMON=0)",
+                     wall(ping, env=dict(env, CODERSTACK_TUNNEL_DAEMON="0"), runs=PING_RUNS)))
+        wall(ping, env=env, runs=1)  # the daemon starts and holds the tunnel
+        rows.append(("coderstack ping box -n 1, warm (the daemon's tunnel)", wall(ping, env=env, runs=PING_RUNS)))
+        stop_daemons(dep.config_dir)
         rows += ssh_rows(dep)
         rows += loopback_rows(tmp, with_sshd)
     finally:
