@@ -1,6 +1,10 @@
-"""``python -m coderstack ...`` runs the CLI (the same as the ``coderstack`` console script)."""
+"""``python -m coderstack ...`` runs the CLI (the same as the ``coderstack`` console script).
 
-from coderstack.cli.main import main
+:func:`coderstack.cli.warm.main` answers ``ssh --stdio`` through the tunnel daemon without
+importing Twisted, and hands everything else to :func:`coderstack.cli.main.main`.
+"""
+
+from coderstack.cli.warm import main
 
 if __name__ == "__main__":
     main()

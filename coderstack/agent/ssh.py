@@ -393,9 +393,26 @@ components.registerAdapter(SFTPServerForUnixConchUser, AgentUser, ISFTPServer)
 class AgentSessionChannel(session.SSHSession):
     """A session channel that also understands OpenSSH agent forwarding."""
 
+    #: An EOF held back while output waits for window (:class:`AgentSSHConnection`).
+    eof_after_flush = False
+
     def __init__(self, *args: Any, **kw: Any) -> None:
         kw.setdefault("localWindow", CHANNEL_WINDOW)
         super().__init__(*args, **kw)
+
+    def _send_held_eof(self) -> None:
+        if self.eof_after_flush and not self.buf and not self.extBuf and self.conn is not None:
+            self.eof_after_flush = False
+            self.conn.sendEOF(self)
+
+    def addWindowBytes(self, data: int) -> None:
+        super().addWindowBytes(data)  # sends what it can; may close (after the EOF, below)
+        self._send_held_eof()
+
+    def loseConnection(self) -> None:
+        # conch closes once the queue is empty: the held EOF must go out first.
+        self._send_held_eof()
+        super().loseConnection()
 
     def eofReceived(self) -> None:
         # conch hands EOF to the session object whenever one was made (an ``env`` request makes
@@ -494,10 +511,23 @@ class _AgentSocketFactory(protocol.Factory):
 # --- factory ---------------------------------------------------------------------------------
 
 
+class AgentSSHConnection(connection.SSHConnection):
+    """conch sends a session's EOF as soon as the command's output closes, even while output is
+    still queued for lack of window; the client drops whatever arrives after EOF, so the tail of
+    a large output was lost (``ssh ws 'cat' < big``). Hold the EOF until the queue is sent
+    (:meth:`AgentSessionChannel.addWindowBytes`)."""
+
+    def sendEOF(self, channel: Any) -> None:
+        if getattr(channel, "buf", b"") or getattr(channel, "extBuf", []):
+            channel.eof_after_flush = True
+            return
+        super().sendEOF(channel)
+
+
 class AgentSSHFactory(factory.SSHFactory):
     services = {
         b"ssh-userauth": _NoneAuthServer,
-        b"ssh-connection": connection.SSHConnection,
+        b"ssh-connection": AgentSSHConnection,
     }
     key_dir: Callable[[], str | os.PathLike[str]] | None = None
     portal: Portal

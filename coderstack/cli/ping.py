@@ -200,4 +200,4 @@ def _restore_interrupt(previous: Any) -> None:
             pass
 
 
-run = tunnel.command(run_with)
+run = tunnel.command(run_with, via_daemon=True)

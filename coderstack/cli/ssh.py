@@ -7,6 +7,9 @@ name may carry config-ssh's prefix (``coder.dev``) or ``--hostname-suffix`` (``d
 The interactive form runs the stock ``ssh`` client with this same command as its
 ProxyCommand (so PTYs, escape sequences, ``-A`` and every OpenSSH option behave as users
 expect) and returns its exit status.
+
+``--stdio`` is first answered by :mod:`coderstack.cli.warm` (through the per-user tunnel daemon,
+without importing Twisted); this module's bridge is the fallback when the daemon cannot be used.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from zope.interface import implementer
 from coderstack.cli import agentwait, tunnel
 from coderstack.cli.command import Command
 from coderstack.cli.dialing import Connect
+from coderstack.cli.warm import workspace_name
 from coderstack.twistedtypes import NotConnected, StreamTransport, stream_transport
 from coderstack.wire.ports import SSH_PORT
 
@@ -50,17 +54,6 @@ class Options(Command):
     def postOptions(self) -> None:
         if self["wait"] is not None:
             agentwait.wait_mode(self["wait"], {})
-
-
-def workspace_name(host: str, prefix: str | None, suffix: str | None) -> str:
-    """``coder.dev`` -> ``dev``; ``dev.coder`` with suffix ``coder`` -> ``dev``; else unchanged."""
-    if prefix and host.startswith(prefix):
-        return host[len(prefix):]
-    if suffix:
-        tail = "." + suffix.lstrip(".")
-        if host.endswith(tail):
-            return host[: -len(tail)]
-    return host
 
 
 class _Agent(protocol.Protocol):

@@ -24,6 +24,11 @@ from coderstack.tailnet.endpoint import PingResult
 
 async def find_agent(ctx: Context, name: str) -> tuple[dict[str, Any], dict[str, Any]]:
     ws = await ctx.api.workspace_by_name(name)
+    return ws, agent_of(ws)
+
+
+def agent_of(ws: dict[str, Any]) -> dict[str, Any]:
+    """The workspace's agent, if it can be dialed; else the one line saying why not."""
     if not ws.get("agents"):
         raise SDKError(f"workspace {ws['name']!r} has no agent")
     agent = ws["agents"][0]
@@ -31,7 +36,7 @@ async def find_agent(ctx: Context, name: str) -> tuple[dict[str, Any], dict[str,
         raise SDKError(
             f"the agent of workspace {ws['name']!r} is {agent['status']}; start it, then try again"
         )
-    return ws, agent
+    return agent
 
 
 class TunnelConnection:
@@ -110,14 +115,34 @@ async def connect_agent(reactor: Any, ctx: Context, name: str) -> TunnelConnecti
 RunWith = Callable[[Any, Any, Context, Connect], Awaitable[int]]
 
 
-def command(run_with: RunWith) -> Callable[[Any, Any, Context], Awaitable[int]]:
+async def connect_via_daemon(reactor: Any, ctx: Context, name: str) -> Any:
+    """The tunnel daemon's tunnel to ``name`` (:mod:`coderstack.cli.daemonconn`), or None when the
+    daemon is turned off or cannot be used (said on stderr with ``-v`` or the debug variable)."""
+    from coderstack.cli import daemonconn, warm
+
+    if not warm.enabled(ctx.environ):
+        return None
+    try:
+        return await daemonconn.connect(reactor, ctx, name)
+    except warm.Unavailable as why:
+        if ctx.verbose or ctx.environ.get(warm.DEBUG_ENV, "").lower() in ("1", "true", "yes", "on"):
+            ctx.err(f"coderstack: not using the tunnel daemon ({why}); dialing here")
+        return None
+
+
+def command(run_with: RunWith, via_daemon: bool = False) -> Callable[[Any, Any, Context], Awaitable[int]]:
     """``run(reactor, options, ctx)`` for a command written as ``run_with(..., connect)``; waits
-    for every tunnel it opened to close (a graceful coordinator disconnect) before returning."""
+    for every tunnel it opened to close (a graceful coordinator disconnect) before returning.
+    ``via_daemon``: use the tunnel daemon's tunnel when it can be had."""
 
     async def run(reactor: Any, options: Any, ctx: Context) -> int:
         opened: list[TunnelConnection] = []
 
-        async def hook(reactor: Any, ctx: Context, name: str) -> TunnelConnection:
+        async def hook(reactor: Any, ctx: Context, name: str) -> Any:
+            if via_daemon:
+                held = await connect_via_daemon(reactor, ctx, name)
+                if held is not None:
+                    return held
             conn = await connect_agent(reactor, ctx, name)
             opened.append(conn)
             return conn

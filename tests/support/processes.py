@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import glob
 import json
 import os
 import re
@@ -42,10 +43,15 @@ def free_port() -> int:
 
 
 def base_env(home: str, **extra: str) -> dict[str, str]:
-    """A clean environment: this checkout first on sys.path, no CODER_* from the caller."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CODER_") and k != "SSL_CERT_FILE"}
+    """A clean environment: this checkout first on sys.path, no CODER_*/CODERSTACK_* from the
+    caller, no tunnel daemon (and none in the caller's ``$XDG_RUNTIME_DIR``)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("CODER_", "CODERSTACK_")) and k not in ("SSL_CERT_FILE", "XDG_RUNTIME_DIR")}
     env.update(PYTHONPATH=REPO_ROOT, HOME=home, XDG_DATA_HOME=os.path.join(home, ".local", "share"),
-               XDG_CONFIG_HOME=os.path.join(home, ".config"), PYTHONUNBUFFERED="1")
+               XDG_CONFIG_HOME=os.path.join(home, ".config"), PYTHONUNBUFFERED="1",
+               # The warm ProxyCommand's daemon outlives the command that started it: tests that
+               # want it turn it on (CLIUser stops it by PID at cleanup).
+               CODERSTACK_TUNNEL_DAEMON="0")
     env.update(extra)
     return env
 
@@ -293,6 +299,28 @@ class CLIUser:
         self.config_dir = os.path.join(self.home, "config")
         self.extra_env: dict[str, str] = {}
         self.netns = deployment.netns.get("cli")
+        deployment.testcase.addCleanup(self.stop_tunnel_daemons)
+
+    def tunnel_daemon_pids(self) -> list[int]:
+        """The PIDs in this user's tunnel daemon PID files (``config/run/tunnel-*.pid``)."""
+        pids = []
+        for path in glob.glob(os.path.join(self.config_dir, "run", "tunnel-*.pid")):
+            with contextlib.suppress(OSError, ValueError), open(path) as f:
+                pids.append(int(f.read().strip()))
+        return pids
+
+    async def stop_tunnel_daemons(self) -> None:
+        """SIGTERM each daemon by PID, SIGKILL one that lingers: none outlives its test."""
+        for pid in self.tunnel_daemon_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            waited = 0.0
+            while pid_alive(pid) and waited < 10:
+                await sleep(0.05)
+                waited += 0.05
+            if pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
 
     def cli_env(self, **env: str) -> dict[str, str]:
         """The environment this user's commands run with (its own config dir)."""

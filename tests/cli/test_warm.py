@@ -1,0 +1,276 @@
+"""The warm ProxyCommand (coderstack.cli.warm) and the tunnel daemon's gate, without a deployment.
+
+The daemon end to end (reuse, idle exit, another uid, a killed daemon) is in
+tests.integration.test_ssh.WarmCLITests.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+from typing import Any
+
+from twisted.internet import protocol
+from twisted.internet.testing import StringTransport
+from twisted.trial import unittest
+
+from coderstack.cli import daemonconn, tunneld, warm
+from coderstack.cli.context import ConfigDir, Context
+from tests.support.processes import REPO_ROOT
+
+
+class ParseTests(unittest.TestCase):
+    def test_config_ssh_proxy_command(self) -> None:
+        req = warm.parse_stdio(["--global-config", "/cfg", "ssh", "--stdio", "--ssh-host-prefix", "coder.",
+                                "coder.dev"], {})
+        assert req is not None
+        self.assertEqual((req.config_dir, req.host, req.prefix, req.wait, req.disable_direct),
+                         ("/cfg", "coder.dev", "coder.", "auto", False))
+        self.assertEqual(warm.workspace_name(req.host, req.prefix, req.suffix), "dev")
+
+    def test_coderstack_ssh_proxy_command_and_environment(self) -> None:
+        req = warm.parse_stdio(["--global-config=/cfg", "--disable-direct-connections", "ssh", "--stdio",
+                                "--wait=no", "dev"], {"CODER_SSH_HOSTNAME_SUFFIX": "coder"})
+        assert req is not None
+        self.assertEqual((req.disable_direct, req.wait, req.suffix), (True, "no", "coder"))
+        req = warm.parse_stdio(["ssh", "--stdio", "dev"], {"CODER_CONFIG_DIR": "/c", "CODER_SSH_WAIT": "yes",
+                                                           "CODER_DISABLE_DIRECT_CONNECTIONS": "true"})
+        assert req is not None
+        self.assertEqual((req.config_dir, req.wait, req.disable_direct), ("/c", "yes", True))
+
+    def test_anything_else_goes_to_the_full_cli(self) -> None:
+        for argv in (["ssh", "dev"], ["ssh", "--stdio", "-A", "dev"], ["ssh", "--stdio", "dev", "--", "ls"],
+                     ["ssh", "--stdio"], ["ssh", "--stdio", "--wait=maybe", "dev"],
+                     ["--url", "http://x", "ssh", "--stdio", "dev"], ["ping", "dev"]):
+            self.assertIsNone(warm.parse_stdio(argv, {}), argv)
+        self.assertIsNone(warm.parse_stdio(["ssh", "--stdio", "dev"], {"CODER_DISABLE_DIRECT_CONNECTIONS": "x"}))
+
+    def test_command_word_and_switch(self) -> None:
+        self.assertEqual(warm._command_word(["--global-config", "/c", "-v", "tunnel-daemon"]), "tunnel-daemon")
+        self.assertEqual(warm._command_word(["--url", "http://x", "ssh"]), "ssh")
+        self.assertTrue(warm.enabled({}))
+        self.assertFalse(warm.enabled({"CODERSTACK_TUNNEL_DAEMON": "0"}))
+
+    def test_the_fast_path_imports_no_twisted(self) -> None:
+        code = "import sys, coderstack.__main__; print(sorted(m for m in sys.modules if m.startswith('twisted')))"
+        out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=REPO_ROOT),
+                             capture_output=True, text=True, check=True).stdout
+        self.assertEqual(out.strip(), "[]")
+
+
+class IdentityTests(unittest.TestCase):
+    def test_one_daemon_per_config_dir_and_identity(self) -> None:
+        a = warm.fingerprint("https://a", "tok", False)
+        self.assertNotEqual(a, warm.fingerprint("https://b", "tok", False))
+        self.assertNotEqual(a, warm.fingerprint("https://a", "tok2", False))
+        self.assertNotEqual(a, warm.fingerprint("https://a", "tok", True))
+        p = warm.paths_for("/cfg", a, {})
+        self.assertEqual(p.run_dir, "/cfg/run")
+        self.assertNotEqual(p.socket, warm.paths_for("/cfg2", a, {}).socket)
+        self.assertNotIn("tok", p.socket + p.fingerprint)
+        r = warm.paths_for("/cfg", a, {"XDG_RUNTIME_DIR": "/run/user/7"})
+        self.assertEqual(os.path.dirname(r.socket), "/run/user/7/coderstack")
+        self.assertEqual(r.log, "/cfg/tunnel-daemon.log")
+
+    def test_identity_reads_environment_before_files(self) -> None:
+        cfg = tempfile.mkdtemp(dir=os.getcwd())
+        self.assertIsNone(warm.identity(cfg, {}))
+        ConfigDir(cfg).write("url", "http://srv/")
+        ConfigDir(cfg).write("session", "s3", secret=True)
+        self.assertEqual(warm.identity(cfg, {}), ("http://srv", "s3"))
+        self.assertEqual(warm.identity(cfg, {"CODER_SESSION_TOKEN": "env"}), ("http://srv", "env"))
+
+    def test_private_dir(self) -> None:
+        path = os.path.join(tempfile.mkdtemp(dir=os.getcwd()), "run")
+        warm.private_dir(path)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o700)
+        os.chmod(path, 0o755)
+        warm.private_dir(path)
+        self.assertEqual(os.stat(path).st_mode & 0o777, 0o700)
+
+
+class SocketTests(unittest.TestCase):
+    def test_peer_uid(self) -> None:
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        self.assertEqual(warm.peer_uid(a), os.getuid())
+
+    def test_the_daemon_refuses_another_uid(self) -> None:
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        ctx = Context(reactor=None, config=ConfigDir(os.getcwd()))
+        daemon = tunneld.Daemon(None, ctx, warm.paths_for(os.getcwd(), "f" * 64, {}), idle=60)
+        daemon.uid = os.getuid() + 1  # as if the daemon ran as someone else
+        logged: list[str] = []
+        self.patch(tunneld, "log", logged.append)
+        client = tunneld._Client(daemon)
+        transport = StringTransport()
+        transport.socket = a  # type: ignore[attr-defined]  # what a reactor's unix transport has
+        client.makeConnection(transport)
+        self.assertEqual(transport.value(), b"ERR permission denied\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual((daemon.refused, daemon.clients), (1, 0))
+        self.assertEqual(logged, [f"refused a connection from uid {os.getuid()}"])
+
+    def test_the_daemon_refuses_another_identity_and_bad_requests(self) -> None:
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        ctx = Context(reactor=None, config=ConfigDir(os.getcwd()))
+        daemon = tunneld.Daemon(None, ctx, warm.paths_for(os.getcwd(), "f" * 64, {}), idle=60)
+        self.patch(tunneld, "log", lambda line: None)
+        for line, answer in ((b"STATUS " + b"e" * 64, b"ERR not this daemon's identity\n"),
+                             (b"DIAL " + b"f" * 64 + b" box 22", b"ERR bad request\n")):
+            client = tunneld._Client(daemon)
+            transport = StringTransport()
+            transport.socket = a  # type: ignore[attr-defined]  # what a reactor's unix transport has
+            client.makeConnection(transport)
+            client.dataReceived(line + b"\n")
+            self.assertEqual(transport.value(), answer)
+
+    def test_wait_only_when_ssh_wait_has_something_to_do(self) -> None:
+        def ws(state: str) -> dict:
+            return {"agents": [{"lifecycle_state": state}]}
+
+        self.assertFalse(tunneld._may_wait("auto", ws("ready")))
+        self.assertFalse(tunneld._may_wait("no", ws("starting")))
+        self.assertFalse(tunneld._may_wait("yes", {"agents": []}))
+        for state in ("created", "starting", "start_error", "start_timeout"):
+            self.assertTrue(tunneld._may_wait("auto", ws(state)), state)
+
+    def test_stderr_lines_go_back_as_msg(self) -> None:
+        transport = StringTransport()
+        out = tunneld._StderrToClient(transport)
+        out.write("Waiting for the startup scripts...\nhalf")
+        out.write(" a line\n")
+        self.assertEqual(transport.value(), b"MSG Waiting for the startup scripts...\nMSG half a line\n")
+
+    def test_a_stale_socket_is_no_daemon(self) -> None:
+        run = tempfile.mkdtemp(dir=os.getcwd())
+        paths = warm.Paths(run, "f" * 64, run, os.path.join(run, "t.sock"), os.path.join(run, "t.pid"),
+                           os.path.join(run, "t.lock"), os.path.join(run, "log"))
+        self.assertIsNone(warm.status(paths))
+        dead = socket.socket(socket.AF_UNIX)
+        dead.bind(paths.socket)
+        dead.close()  # the file stays, nobody listens
+        self.assertIsNone(warm.status(paths))
+        self.assertRaises(warm.Unavailable, warm.open_daemon, paths, {}, False, start=False)
+        tunneld._remove_stale(paths.socket)
+        self.assertFalse(os.path.exists(paths.socket))
+
+    def test_pump_half_closes_and_copies_both_ways(self) -> None:
+        ours, remote = socket.socketpair()
+        self.addCleanup(remote.close)
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        result: list[int] = []
+        thread = threading.Thread(target=lambda: result.append(warm.pump(ours, b"early ", stdin_r, stdout_w)))
+        thread.start()
+        os.write(stdin_w, b"request")
+        os.close(stdin_w)  # stdin EOF: the remote sees EOF, and can still answer
+        got = b""
+        while True:
+            data = remote.recv(100)
+            if not data:
+                break
+            got += data
+        self.assertEqual(got, b"request")
+        remote.sendall(b"answer")
+        remote.close()
+        thread.join()
+        ours.close()
+        os.close(stdout_w)
+        with os.fdopen(stdout_r, "rb") as f:
+            self.assertEqual(f.read(), b"early answer")
+        os.close(stdin_r)
+        self.assertEqual(result, [0])
+
+    def test_pump_never_wedges_on_a_large_echo(self) -> None:
+        # The remote echoes while we are still uploading: with blocking writes both directions
+        # would fill and stop.
+        ours, remote = socket.socketpair()
+        self.addCleanup(remote.close)
+        stdin_r, stdin_w = os.pipe()
+        stdout_r, stdout_w = os.pipe()
+        payload = os.urandom(8 << 20)
+
+        def echo() -> None:
+            while True:
+                data = remote.recv(1 << 16)
+                if not data:
+                    break
+                remote.sendall(data)
+            remote.close()
+
+        def feed() -> None:
+            with os.fdopen(stdin_w, "wb") as f:
+                f.write(payload)
+
+        got = bytearray()
+
+        def drain() -> None:
+            with os.fdopen(stdout_r, "rb") as f:
+                got.extend(f.read())
+
+        threads = [threading.Thread(target=t) for t in (echo, feed, drain)]
+        for t in threads:
+            t.start()
+        self.assertEqual(warm.pump(ours, b"", stdin_r, stdout_w), 0)
+        ours.close()
+        os.close(stdout_w)
+        os.close(stdin_r)
+        for t in threads:
+            t.join()
+        self.assertEqual(bytes(got), payload)
+
+
+class DaemonConnectionTests(unittest.TestCase):
+    """The Twisted side of the protocol (coderstack.cli.daemonconn), on a fake transport."""
+
+    def request(self, factory: Any = None) -> tuple[daemonconn._Request, StringTransport]:
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        req = daemonconn._Request("DIAL f box 22 no", factory)
+        transport = StringTransport()
+        transport.socket = a  # type: ignore[attr-defined]  # what a reactor's unix transport has
+        req.makeConnection(transport)
+        return req, transport
+
+    def test_ok_hands_the_socket_to_the_stream_protocol(self) -> None:
+        got: list[bytes] = []
+
+        class Stream(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                got.append(data)
+
+        req, transport = self.request(protocol.Factory.forProtocol(Stream))
+        self.assertEqual(transport.value(), b"DIAL f box 22 no\n")
+        req.dataReceived(b"MSG waiting\nOK\nSSH-2.0-")
+        inner = self.successResultOf(req.ready)
+        self.assertIsInstance(inner, Stream)
+        self.assertIs(inner.transport, transport)
+        req.dataReceived(b"conch\r\n")
+        self.assertEqual(b"".join(got), b"SSH-2.0-conch\r\n")
+
+    def test_a_reply_line(self) -> None:
+        req, transport = self.request()
+        req.dataReceived(b'OK {"a": 1}\n')
+        self.assertEqual(self.successResultOf(req.ready), '{"a": 1}')
+
+    def test_fail_err_and_silence(self) -> None:
+        req, _ = self.request()
+        req.dataReceived(b"FAIL workspace 'x' not found\n")
+        self.assertEqual(str(self.failureResultOf(req.ready, warm.Failed).value), "workspace 'x' not found")
+        req, _ = self.request()
+        req.dataReceived(b"ERR permission denied\n")
+        self.failureResultOf(req.ready, warm.Unavailable)
+        req, _ = self.request()
+        req.connectionLost(None)
+        self.failureResultOf(req.ready, warm.Unavailable)
