@@ -1,10 +1,10 @@
 """``python -m coderstack ...`` runs the CLI (the same as the ``coderstack`` console script).
 
-:func:`coderstack.cli.warm.main` answers ``ssh --stdio`` through the tunnel daemon without
+:func:`coderstack.cli.entry.main` answers ``ssh --stdio`` through the tunnel daemon without
 importing Twisted, and hands everything else to :func:`coderstack.cli.main.main`.
 """
 
-from coderstack.cli.warm import main
+from coderstack.cli.entry import main
 
 if __name__ == "__main__":
     main()

@@ -5,7 +5,7 @@ tunnel in that process costs a Twisted start, coordination, a WireGuard handshak
 time. Instead the ProxyCommand asks a background daemon (``coderstack tunnel-daemon``,
 :mod:`coderstack.cli.tunneld`) that keeps the tunnels to recently used workspaces open, and the
 ProxyCommand itself only copies bytes between stdin/stdout and a unix socket. This module is that
-client and the ``coderstack`` entry point in front of :func:`coderstack.cli.main.main`; it imports
+client (the entry point, :mod:`coderstack.cli.entry`, calls it before the full CLI); it imports
 nothing but the standard library, so the warm path costs an interpreter start.
 
 Where things live
@@ -80,7 +80,7 @@ REPLY_WAIT = 300.0
 BUFFER = 1 << 16
 WAIT_CHOICES = ("yes", "no", "auto")
 _FALSE = ("0", "false", "no", "off")
-_TRUE = ("1", "true", "yes", "on")
+TRUE_VALUES = ("1", "true", "yes", "on")
 
 
 class Unavailable(Exception):
@@ -419,7 +419,7 @@ def parse_stdio(argv: list[str], environ: dict[str, str]) -> StdioRequest | None
     if i >= len(argv) or not stdio or len(hosts) != 1:
         return None
     direct_env = environ.get("CODER_DISABLE_DIRECT_CONNECTIONS", "").lower()
-    if direct_env in _TRUE:
+    if direct_env in TRUE_VALUES:
         disable = True
     elif direct_env and direct_env not in _FALSE:
         return None  # let the full CLI name the bad value
@@ -462,41 +462,3 @@ def ssh_stdio(req: StdioRequest, environ: dict[str, str]) -> int:
             return 1
         # From here on bytes have been exchanged: there is no falling back.
         return pump(sock, lines.rest)
-
-
-def main(argv: list[str] | None = None) -> None:
-    """The ``coderstack`` entry point: the warm paths first, then the full CLI."""
-    args = sys.argv[1:] if argv is None else list(argv)
-    environ = dict(os.environ)
-    command = _command_word(args)
-    if command == "tunnel-daemon":
-        from coderstack.cli import tunneld
-
-        sys.exit(tunneld.main(args, environ))
-    if command == "ssh" and enabled(environ):
-        req = parse_stdio(args, environ)
-        if req is not None:
-            try:
-                sys.exit(ssh_stdio(req, environ))
-            except Unavailable as why:
-                if req.verbose or environ.get(DEBUG_ENV, "").lower() in _TRUE:
-                    sys.stderr.write(f"coderstack: not using the tunnel daemon ({why}); dialing here\n")
-                    sys.stderr.flush()
-    from coderstack.cli.main import main as full
-
-    full(args)
-
-
-def _command_word(args: list[str]) -> str | None:
-    """The first word that is not a global option (or its value)."""
-    i = 0
-    while i < len(args):
-        arg = args[i]
-        if arg in ("--global-config", "--url", "--token"):
-            i += 2
-            continue
-        if arg.startswith("-"):
-            i += 1
-            continue
-        return arg
-    return None

@@ -18,7 +18,7 @@ from twisted.internet import protocol
 from twisted.internet.testing import StringTransport
 from twisted.trial import unittest
 
-from coderstack.cli import daemonconn, tunneld, warm
+from coderstack.cli import daemonconn, entry, tunneld, warm
 from coderstack.cli.context import ConfigDir, Context
 from tests.support.processes import REPO_ROOT
 
@@ -50,8 +50,8 @@ class ParseTests(unittest.TestCase):
         self.assertIsNone(warm.parse_stdio(["ssh", "--stdio", "dev"], {"CODER_DISABLE_DIRECT_CONNECTIONS": "x"}))
 
     def test_command_word_and_switch(self) -> None:
-        self.assertEqual(warm._command_word(["--global-config", "/c", "-v", "tunnel-daemon"]), "tunnel-daemon")
-        self.assertEqual(warm._command_word(["--url", "http://x", "ssh"]), "ssh")
+        self.assertEqual(entry.command_word(["--global-config", "/c", "-v", "tunnel-daemon"]), "tunnel-daemon")
+        self.assertEqual(entry.command_word(["--url", "http://x", "ssh"]), "ssh")
         self.assertTrue(warm.enabled({}))
         self.assertFalse(warm.enabled({"CODERSTACK_TUNNEL_DAEMON": "0"}))
 
