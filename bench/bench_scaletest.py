@@ -11,7 +11,7 @@ relayed tunnel moving ``--bytes-per-tick`` every ``--tick-interval`` (default Co
 node-update fan-out the clients time), then the same clients idle (``--bytes-per-tick 1`` per
 second). Everything is removed at the end, also on failure.
 
-Usage: python bench/bench_scaletest.py [--sizes 100,500,1000] [--seconds 20]
+Usage: python bench/bench_scaletest.py [--sizes 100,500,1000] [--seconds 20] [--clients-per-agent 1]
 """
 
 from __future__ import annotations
@@ -107,7 +107,8 @@ class Bench:
                     p.wait()
 
 
-def one_size(b: Bench, n: int, seconds: float, bytes_per_tick: int, tick: str) -> dict[str, Any]:
+def one_size(b: Bench, n: int, seconds: float, bytes_per_tick: int, tick: str,
+             clients_per_agent: int = 1) -> dict[str, Any]:
     run_file = os.path.join(b.work, f"run-{n}.json")
     b.cli("scaletest", "create-workspaces", str(n), "--run-file", run_file, "--concurrency", "16")
     name = f"agents-{n}"
@@ -123,11 +124,12 @@ def one_size(b: Bench, n: int, seconds: float, bytes_per_tick: int, tick: str) -
     idle = b.metrics()
     row: dict[str, Any] = {"agents": n, "idle_rss_mib": idle.get("process_resident_memory_bytes", 0) / 2**20,
                            "idle_fds": idle.get("process_open_fds")}
-    loaded = json.loads(b.cli("scaletest", "traffic", "--run-file", run_file, "--relay", "--duration",
+    conns = ["--connections", str(n * clients_per_agent)]
+    loaded = json.loads(b.cli("scaletest", "traffic", "--run-file", run_file, "--relay", *conns, "--duration",
                               f"{seconds:.0f}s", "--bytes-per-tick", str(bytes_per_tick), "--tick-interval",
                               tick, "--rate", "50", "-o", "json"))
     row["loaded"] = loaded
-    quiet = json.loads(b.cli("scaletest", "traffic", "--run-file", run_file, "--relay", "--duration",
+    quiet = json.loads(b.cli("scaletest", "traffic", "--run-file", run_file, "--relay", *conns, "--duration",
                              f"{seconds:.0f}s", "--bytes-per-tick", "1", "--tick-interval", "1s",
                              "--rate", "50", "-o", "json"))
     row["quiet"] = quiet
@@ -154,6 +156,8 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=20)
     ap.add_argument("--bytes-per-tick", type=int, default=4096)
     ap.add_argument("--tick-interval", default="100ms")
+    ap.add_argument("--clients-per-agent", type=int, default=1,
+                    help="clients per agent (spread round-robin), for the fan-out to many clients of one agent")
     args = ap.parse_args()
     if shutil.which("taskset") is None:
         sys.exit("cannot run: taskset (util-linux) is not installed")
@@ -163,7 +167,7 @@ def main() -> None:
     try:
         b.start_server()
         for n in [int(x) for x in args.sizes.split(",")]:
-            row = one_size(b, n, args.seconds, args.bytes_per_tick, args.tick_interval)
+            row = one_size(b, n, args.seconds, args.bytes_per_tick, args.tick_interval, args.clients_per_agent)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
