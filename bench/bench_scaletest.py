@@ -108,7 +108,7 @@ class Bench:
 
 
 def one_size(b: Bench, n: int, seconds: float, bytes_per_tick: int, tick: str,
-             clients_per_agent: int = 1) -> dict[str, Any]:
+             clients_per_agent: int = 1, direct: bool = False) -> dict[str, Any]:
     run_file = os.path.join(b.work, f"run-{n}.json")
     b.cli("scaletest", "create-workspaces", str(n), "--run-file", run_file, "--concurrency", "16")
     name = f"agents-{n}"
@@ -124,12 +124,12 @@ def one_size(b: Bench, n: int, seconds: float, bytes_per_tick: int, tick: str,
     idle = b.metrics()
     row: dict[str, Any] = {"agents": n, "idle_rss_mib": idle.get("process_resident_memory_bytes", 0) / 2**20,
                            "idle_fds": idle.get("process_open_fds")}
-    conns = ["--connections", str(n * clients_per_agent)]
-    loaded = json.loads(b.cli("scaletest", "traffic", "--run-file", run_file, "--relay", *conns, "--duration",
+    conns = ["--connections", str(n * clients_per_agent)] + ([] if direct else ["--relay"])
+    loaded = json.loads(b.cli("scaletest", "traffic", "--run-file", run_file, *conns, "--duration",
                               f"{seconds:.0f}s", "--bytes-per-tick", str(bytes_per_tick), "--tick-interval",
                               tick, "--rate", "50", "-o", "json"))
     row["loaded"] = loaded
-    quiet = json.loads(b.cli("scaletest", "traffic", "--run-file", run_file, "--relay", *conns, "--duration",
+    quiet = json.loads(b.cli("scaletest", "traffic", "--run-file", run_file, *conns, "--duration",
                              f"{seconds:.0f}s", "--bytes-per-tick", "1", "--tick-interval", "1s",
                              "--rate", "50", "-o", "json"))
     row["quiet"] = quiet
@@ -158,6 +158,8 @@ def main() -> None:
     ap.add_argument("--tick-interval", default="100ms")
     ap.add_argument("--clients-per-agent", type=int, default=1,
                     help="clients per agent (spread round-robin), for the fan-out to many clients of one agent")
+    ap.add_argument("--direct", action="store_true",
+                    help="clients go direct (UDP between generator processes), not through the relay")
     args = ap.parse_args()
     if shutil.which("taskset") is None:
         sys.exit("cannot run: taskset (util-linux) is not installed")
@@ -167,14 +169,15 @@ def main() -> None:
     try:
         b.start_server()
         for n in [int(x) for x in args.sizes.split(",")]:
-            row = one_size(b, n, args.seconds, args.bytes_per_tick, args.tick_interval, args.clients_per_agent)
+            row = one_size(b, n, args.seconds, args.bytes_per_tick, args.tick_interval, args.clients_per_agent,
+                           args.direct)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
         b.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs; server on CPU 0, "
-          f"load generator on CPU 1; relayed, {args.bytes_per_tick} B per {args.tick_interval} per connection\n")
+          f"load generator on CPU 1; {'direct' if args.direct else 'relayed'}, {args.bytes_per_tick} B per {args.tick_interval} per connection\n")
     print("| agents | held | idle RSS MiB | loaded: conns, errors | RSS MiB | server CPU | DERP pkt/s "
           "| echo p50/p99 ms | fan-out p50/p99 ms | coordinator p99 ≤ ms | generator lag p99 ms "
           "| quiet: RSS MiB | CPU | fan-out p50/p99 ms | coordinator p99 ≤ ms | generator lag p99 ms |")
