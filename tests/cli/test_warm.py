@@ -7,6 +7,7 @@ tests.integration.test_ssh.WarmCLITests.
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ from twisted.trial import unittest
 from coderstack.cli import daemonconn, entry, tunneld, warm
 from coderstack.cli.context import ConfigDir, Context
 from tests.support.processes import REPO_ROOT
+from tests.support.tempdirs import made_dir
 
 
 class ParseTests(unittest.TestCase):
@@ -77,7 +79,7 @@ class IdentityTests(unittest.TestCase):
         self.assertEqual(r.log, "/cfg/tunnel-daemon.log")
 
     def test_identity_reads_environment_before_files(self) -> None:
-        cfg = tempfile.mkdtemp(dir=os.getcwd())
+        cfg = made_dir(self)
         self.assertIsNone(warm.identity(cfg, {}))
         ConfigDir(cfg).write("url", "http://srv/")
         ConfigDir(cfg).write("session", "s3", secret=True)
@@ -85,7 +87,7 @@ class IdentityTests(unittest.TestCase):
         self.assertEqual(warm.identity(cfg, {"CODER_SESSION_TOKEN": "env"}), ("http://srv", "env"))
 
     def test_private_dir(self) -> None:
-        path = os.path.join(tempfile.mkdtemp(dir=os.getcwd()), "run")
+        path = os.path.join(made_dir(self), "run")
         warm.private_dir(path)
         self.assertEqual(os.stat(path).st_mode & 0o777, 0o700)
         os.chmod(path, 0o755)
@@ -104,8 +106,9 @@ class SocketTests(unittest.TestCase):
         a, b = socket.socketpair()
         self.addCleanup(a.close)
         self.addCleanup(b.close)
-        ctx = Context(reactor=None, config=ConfigDir(os.getcwd()))
-        daemon = tunneld.Daemon(None, ctx, warm.paths_for(os.getcwd(), "f" * 64, {}), idle=60)
+        cfg = made_dir(self)
+        ctx = Context(reactor=None, config=ConfigDir(cfg))
+        daemon = tunneld.Daemon(None, ctx, warm.paths_for(cfg, "f" * 64, {}), idle=60)
         daemon.uid = os.getuid() + 1  # as if the daemon ran as someone else
         logged: list[str] = []
         self.patch(tunneld, "log", logged.append)
@@ -122,8 +125,9 @@ class SocketTests(unittest.TestCase):
         a, b = socket.socketpair()
         self.addCleanup(a.close)
         self.addCleanup(b.close)
-        ctx = Context(reactor=None, config=ConfigDir(os.getcwd()))
-        daemon = tunneld.Daemon(None, ctx, warm.paths_for(os.getcwd(), "f" * 64, {}), idle=60)
+        cfg = made_dir(self)
+        ctx = Context(reactor=None, config=ConfigDir(cfg))
+        daemon = tunneld.Daemon(None, ctx, warm.paths_for(cfg, "f" * 64, {}), idle=60)
         self.patch(tunneld, "log", lambda line: None)
         for line, answer in ((b"STATUS " + b"e" * 64, b"ERR not this daemon's identity\n"),
                              (b"DIAL " + b"f" * 64 + b" box 22", b"ERR bad request\n")):
@@ -152,7 +156,9 @@ class SocketTests(unittest.TestCase):
         self.assertEqual(transport.value(), b"MSG Waiting for the startup scripts...\nMSG half a line\n")
 
     def test_a_stale_socket_is_no_daemon(self) -> None:
-        run = tempfile.mkdtemp(dir=os.getcwd())
+        # Not under the test's temp dir: a unix socket's path has at most 107 bytes.
+        run = tempfile.mkdtemp(prefix="cs-warm-")
+        self.addCleanup(shutil.rmtree, run, True)
         paths = warm.Paths(run, "f" * 64, run, os.path.join(run, "t.sock"), os.path.join(run, "t.pid"),
                            os.path.join(run, "t.lock"), os.path.join(run, "log"))
         self.assertIsNone(warm.status(paths))

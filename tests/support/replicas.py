@@ -10,7 +10,7 @@ never the load balancer's) and ``--access-url`` the load balancer's frontend; th
 
 from __future__ import annotations
 
-import os
+import shutil
 import signal
 import tempfile
 from collections.abc import Callable
@@ -40,8 +40,10 @@ class ReplicaSet:
         self.testcase = testcase
         self.postgres_url = postgres.cluster().new_database()
         # Not mktemp(): HAProxy's admin socket lives here, and trial's per-test paths can pass a
-        # unix socket's 107-byte limit. The cwd is trial's temp dir; its cleanup removes it.
-        lb_dir = tempfile.mkdtemp(prefix="cs-lb-", dir=os.getcwd())
+        # unix socket's 107-byte limit. Removed at the test's cleanup (registered first, so it
+        # runs after HAProxy has stopped).
+        lb_dir = tempfile.mkdtemp(prefix="cs-lb-")
+        testcase.addCleanup(shutil.rmtree, lb_dir, True)
         lb_port = free_port()  # known first: it is every replica's access URL
         self.url = f"http://127.0.0.1:{lb_port}"
         self.replicas: list[Deployment] = []
