@@ -50,13 +50,8 @@ class _Request(protocol.Protocol):
         self.ready: defer.Deferred[Any] = defer.Deferred()
 
     def connectionMade(self) -> None:
-        sock = getattr(self.transport, "socket", None)
-        try:
-            uid = warm.peer_uid(sock) if sock is not None else -1
-        except OSError:
-            uid = -1
         transport = stream_transport(self)
-        if uid != os.getuid():
+        if warm.transport_peer_uid(self.transport) != os.getuid():
             self._fail(warm.Unavailable("the daemon's socket belongs to another user"))
             return
         transport.write(self.line.encode() + b"\n")

@@ -110,11 +110,7 @@ class _Client(protocol.Protocol):
         self.gone = False
 
     def connectionMade(self) -> None:
-        sock = getattr(self.transport, "socket", None)
-        try:
-            uid = warm.peer_uid(sock) if sock is not None else -1
-        except OSError:
-            uid = -1
+        uid = warm.transport_peer_uid(self.transport)
         if uid != self.daemon.uid:
             self.daemon.refused += 1
             log(f"refused a connection from uid {uid}")

@@ -162,6 +162,18 @@ def peer_uid(sock: socket.socket) -> int:
     return uid
 
 
+def transport_peer_uid(transport: object) -> int:
+    """:func:`peer_uid` of a Twisted unix transport's socket; -1 when it has none or the kernel
+    will not say (never a match for a real uid)."""
+    sock = getattr(transport, "socket", None)
+    if sock is None:
+        return -1
+    try:
+        return peer_uid(sock)
+    except OSError:
+        return -1
+
+
 def workspace_name(host: str, prefix: str | None, suffix: str | None) -> str:
     """``coder.dev`` -> ``dev``; ``dev.coder`` with suffix ``coder`` -> ``dev``; else unchanged."""
     if prefix and host.startswith(prefix):
