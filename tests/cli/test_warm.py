@@ -96,6 +96,15 @@ class IdentityTests(unittest.TestCase):
 
 
 class SocketTests(unittest.TestCase):
+    def socket_and_daemon(self) -> tuple[socket.socket, tunneld.Daemon]:
+        """One end of a socket pair (as a client's connection), and a daemon not listening."""
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        cfg = made_dir(self)
+        ctx = Context(reactor=None, config=ConfigDir(cfg))
+        return a, tunneld.Daemon(None, ctx, warm.paths_for(cfg, "f" * 64, {}), idle=60)
+
     def test_peer_uid(self) -> None:
         a, b = socket.socketpair()
         self.addCleanup(a.close)
@@ -103,12 +112,7 @@ class SocketTests(unittest.TestCase):
         self.assertEqual(warm.peer_uid(a), os.getuid())
 
     def test_the_daemon_refuses_another_uid(self) -> None:
-        a, b = socket.socketpair()
-        self.addCleanup(a.close)
-        self.addCleanup(b.close)
-        cfg = made_dir(self)
-        ctx = Context(reactor=None, config=ConfigDir(cfg))
-        daemon = tunneld.Daemon(None, ctx, warm.paths_for(cfg, "f" * 64, {}), idle=60)
+        a, daemon = self.socket_and_daemon()
         daemon.uid = os.getuid() + 1  # as if the daemon ran as someone else
         logged: list[str] = []
         self.patch(tunneld, "log", logged.append)
@@ -122,12 +126,7 @@ class SocketTests(unittest.TestCase):
         self.assertEqual(logged, [f"refused a connection from uid {os.getuid()}"])
 
     def test_the_daemon_refuses_another_identity_and_bad_requests(self) -> None:
-        a, b = socket.socketpair()
-        self.addCleanup(a.close)
-        self.addCleanup(b.close)
-        cfg = made_dir(self)
-        ctx = Context(reactor=None, config=ConfigDir(cfg))
-        daemon = tunneld.Daemon(None, ctx, warm.paths_for(cfg, "f" * 64, {}), idle=60)
+        a, daemon = self.socket_and_daemon()
         self.patch(tunneld, "log", lambda line: None)
         for line, answer in ((b"STATUS " + b"e" * 64, b"ERR not this daemon's identity\n"),
                              (b"DIAL " + b"f" * 64 + b" box 22", b"ERR bad request\n")):

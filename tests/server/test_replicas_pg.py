@@ -10,7 +10,6 @@ from typing import Any
 from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
-from coderstack.server.database import database_url
 from coderstack.server.replicas import ReplicaSync
 from coderstack.server.store import Store
 from tests.support import postgres
@@ -24,10 +23,8 @@ class PGTestCase(unittest.TestCase):
         postgres.require()
 
     async def store(self, url: str | None = None) -> Store:
-        s = Store(database_url(None, url or postgres.cluster().new_database()), reactor)
-        self.addCleanup(s.stop)
-        await s.migrate()
-        return s
+        store: Store = await postgres.migrated_store(self, url)
+        return store
 
     async def replica(self, store: Store, clock: Any = reactor, name: str = "a",
                       interval: float = INTERVAL) -> ReplicaSync:

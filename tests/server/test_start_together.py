@@ -7,7 +7,7 @@ import threading
 from typing import Any
 
 import sqlalchemy as sa
-from twisted.internet import defer, reactor
+from twisted.internet import defer
 from twisted.trial import unittest
 
 from coderstack.server import schema
@@ -24,10 +24,8 @@ class StartTogetherTests(unittest.TestCase):
         postgres.require()
 
     async def store(self, url: str | None = None) -> Store:
-        s = Store(database_url(None, url or postgres.cluster().new_database()), reactor)
-        self.addCleanup(s.stop)
-        await s.migrate()
-        return s
+        store: Store = await postgres.migrated_store(self, url)
+        return store
 
     def test_replicas_migrating_one_empty_database_at_once_all_succeed(self) -> None:
         url = database_url(None, postgres.cluster().new_database())

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import tempfile
 import uuid
+from typing import Any
 
 from tests.support.waiting import wait_until_blocking
 
@@ -118,6 +119,20 @@ class PostgresCluster:
             self.running = False
             self._run(f"pg_ctl -D {self.dir}/db -m fast -w stop >/dev/null")
             shutil.rmtree(self.dir, ignore_errors=True)
+
+
+async def migrated_store(testcase: Any, url: str | None = None) -> Any:
+    """A :class:`~coderstack.server.store.Store` on ``url`` (a new database on the shared
+    cluster by default), migrated, stopped at the test's cleanup."""
+    from twisted.internet import reactor
+
+    from coderstack.server.database import database_url
+    from coderstack.server.store import Store
+
+    s = Store(database_url(None, url or cluster().new_database()), reactor)
+    testcase.addCleanup(s.stop)
+    await s.migrate()
+    return s
 
 
 def cluster() -> PostgresCluster:
