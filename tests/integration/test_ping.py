@@ -6,20 +6,14 @@ import json
 
 from twisted.trial import unittest
 
-from tests.support.processes import Deployment
+from tests.support.processes import Deployment, connected_workspace
 
 
 class PingTests(unittest.TestCase):
     timeout = 120
 
     async def workspace(self, *server_args: str):
-        d = Deployment(self, *server_args)
-        await d.start_server()
-        alice = d.user("alice")
-        await alice.login_first("alice")
-        token = await alice.create("box")
-        agent = d.start_agent(token)
-        await alice.wait_status("box", "connected", watch=[agent])
+        d, alice, _agent = await connected_workspace(self, *server_args)
         return d, alice
 
     async def test_goes_direct_and_says_so(self) -> None:

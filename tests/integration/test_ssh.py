@@ -18,7 +18,15 @@ from twisted.internet import endpoints, protocol, reactor, utils
 from twisted.trial import unittest
 
 from coderstack.cli import warm
-from tests.support.processes import PROCESS_WAIT, CLIUser, Deployment, Process, free_port, pid_alive
+from tests.support.processes import (
+    PROCESS_WAIT,
+    CLIUser,
+    Deployment,
+    Process,
+    connected_workspace,
+    free_port,
+    pid_alive,
+)
 from tests.support.waiting import wait_until
 
 
@@ -43,13 +51,7 @@ class SSHTests(unittest.TestCase):
             raise unittest.SkipTest("OpenSSH's client is not installed (.ci/run installs it)")
 
     async def workspace(self, *server_args: str) -> tuple[Deployment, object]:
-        d = Deployment(self, *server_args)
-        await d.start_server()
-        alice = d.user("alice")
-        await alice.login_first("alice")
-        token = await alice.create("box")
-        agent = d.start_agent(token)
-        await alice.wait_status("box", "connected", watch=[agent])
+        d, alice, _agent = await connected_workspace(self, *server_args)
         return d, alice
 
     async def test_command_exit_status_and_stdin(self) -> None:
@@ -133,13 +135,7 @@ class WarmCLITests(unittest.TestCase):
             raise unittest.SkipTest("OpenSSH's client is not installed (.ci/run installs it)")
 
     async def workspace(self, **env: str) -> tuple[Deployment, CLIUser, str]:
-        d = Deployment(self)
-        await d.start_server()
-        alice = d.user("alice")
-        await alice.login_first("alice")
-        token = await alice.create("box")
-        agent = d.start_agent(token)
-        await alice.wait_status("box", "connected", watch=[agent])
+        d, alice, _agent = await connected_workspace(self)
         config = os.path.join(d.dir, "ssh_config")
         open(config, "w").close()
         await alice.ok("config-ssh", "--ssh-config-file", config, "--yes")

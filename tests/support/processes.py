@@ -387,3 +387,16 @@ class CLIUser:
     def session_token(self) -> str:
         with open(os.path.join(self.config_dir, "session")) as f:
             return f.read().strip()
+
+
+async def connected_workspace(testcase: Any, *server_args: str) -> tuple[Deployment, CLIUser, Process]:
+    """A server (``server_args``), alice as its first user, her workspace "box" and its agent,
+    once the agent is connected."""
+    d = Deployment(testcase, *server_args)
+    await d.start_server()
+    alice = d.user("alice")
+    await alice.login_first("alice")
+    token = await alice.create("box")
+    agent = d.start_agent(token)
+    await alice.wait_status("box", "connected", watch=[agent])
+    return d, alice, agent
