@@ -11,7 +11,13 @@ relayed tunnel moving ``--bytes-per-tick`` every ``--tick-interval`` (default Co
 node-update fan-out the clients time), then the same clients idle (``--bytes-per-tick 1`` per
 second). Everything is removed at the end, also on failure.
 
+With ``--shards K`` the generator is K pairs of processes (``--shard I/K``), pinned round-robin to
+``--generator-cpus``; with ``--probe P`` a further quiet pair runs P agents with 10 relayed clients
+each (on ``--probe-cpu``, default the server's CPU, which the server leaves mostly idle) and times
+the same node fan-out without the loaded generator's own lag.
+
 Usage: python bench/bench_scaletest.py [--sizes 100,500,1000] [--seconds 20] [--clients-per-agent 1]
+       [--direct] [--shards 1] [--generator-cpus 1] [--probe 0] [--probe-cpu 0]
 """
 
 from __future__ import annotations
@@ -107,38 +113,103 @@ class Bench:
                     p.wait()
 
 
+def spawn_cli(b: Bench, name: str, cpu: int, *argv: str) -> subprocess.Popen[bytes]:
+    """``coderstack <argv>`` in the background, its stdout (the JSON summary) in ``<name>.json``."""
+    out = open(os.path.join(b.work, f"{name}.json"), "wb")
+    err = open(os.path.join(b.work, f"{name}.log"), "wb")
+    p = subprocess.Popen(["taskset", "-c", str(cpu), sys.executable, "-m", "coderstack", *argv], env=b.env,
+                         cwd=b.work, stdout=out, stderr=err)
+    b.procs.append(p)
+    return p
+
+
+def summary_of(b: Bench, name: str, p: subprocess.Popen[bytes], timeout: float = 900) -> dict[str, Any]:
+    p.wait(timeout)
+    with open(os.path.join(b.work, f"{name}.json")) as f:
+        text = f.read()
+    if "{" not in text:
+        raise RuntimeError(f"{name} printed no summary (exit {p.returncode}):\n{b.log(name)[-3000:]}")
+    return json.loads(text[text.index("{"):])
+
+
+def merged(parts: list[dict[str, Any]]) -> dict[str, Any]:
+    """One phase's summary from its shards': counts and errors added, each latency the worst
+    shard's (percentiles do not add up), the server's figures from the first shard."""
+    out = dict(parts[0])
+    for key in ("wanted", "connected", "bytes_sent", "bytes_received"):
+        out[key] = sum(p[key] for p in parts)
+    errors: dict[str, int] = {}
+    for p in parts:
+        for k, v in p["errors"].items():
+            errors[k] = errors.get(k, 0) + v
+    out["errors"] = errors
+    for key in ("latency", "fanout", "generator_lag"):
+        out[key] = max((p[key] for p in parts), key=lambda j: j.get("p99_ms") or 0)
+    cpus = [p.get("generator_cpu_percent") or 0 for p in parts]
+    out["generator_cpu_percent"] = round(sum(cpus), 1)
+    return out
+
+
 def one_size(b: Bench, n: int, seconds: float, bytes_per_tick: int, tick: str,
-             clients_per_agent: int = 1, direct: bool = False) -> dict[str, Any]:
+             clients_per_agent: int = 1, direct: bool = False, shards: int = 1,
+             generator_cpus: tuple[int, ...] = (1,), probe: int = 0, probe_cpu: int = 0) -> dict[str, Any]:
     run_file = os.path.join(b.work, f"run-{n}.json")
+    probe_file = os.path.join(b.work, f"probe-{n}.json")
     b.cli("scaletest", "create-workspaces", str(n), "--run-file", run_file, "--concurrency", "16")
-    name = f"agents-{n}"
-    agents = b.spawn(name, 1, sys.executable, "-m", "coderstack", "scaletest", "agents", "--run-file", run_file,
-                     "--duration", "30m", "--announce-every", "5s", "--rate", "100",
-                     "--connect-timeout", "5m", "-o", "json")
+    if probe:
+        b.cli("scaletest", "create-workspaces", str(probe), "--run-file", probe_file)
+
+    def agents_process(name: str, cpu: int, file: str, *extra: str) -> subprocess.Popen[bytes]:
+        return spawn_cli(b, name, cpu, "scaletest", "agents", "--run-file", file, "--duration", "30m",
+                         "--rate", "100", "--connect-timeout", "5m", "-o", "json", *extra)
+
+    agents = {f"agents-{n}-{i}": agents_process(f"agents-{n}-{i}", generator_cpus[i % len(generator_cpus)],
+                                                 run_file, "--announce-every", "5s", "--shard", f"{i}/{shards}")
+              for i in range(shards)}
+    if probe:
+        # The probe's agents re-announce every second: more samples, and still a light load.
+        agents[f"probe-agents-{n}"] = agents_process(f"probe-agents-{n}", probe_cpu, probe_file,
+                                                     "--announce-every", "1s")
     deadline = time.monotonic() + 600
-    while "agents connected" not in b.log(name):
-        if agents.poll() is not None or time.monotonic() > deadline:
-            raise RuntimeError(f"the agents did not connect:\n{b.log(name)[-3000:]}")
-        time.sleep(0.5)
+    for name, p in agents.items():
+        while "agents connected" not in b.log(name):
+            if p.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the agents did not connect:\n{b.log(name)[-3000:]}")
+            time.sleep(0.5)
     time.sleep(3)
     idle = b.metrics()
     row: dict[str, Any] = {"agents": n, "idle_rss_mib": idle.get("process_resident_memory_bytes", 0) / 2**20,
                            "idle_fds": idle.get("process_open_fds")}
     conns = ["--connections", str(n * clients_per_agent)] + ([] if direct else ["--relay"])
-    loaded = json.loads(b.cli("scaletest", "traffic", "--run-file", run_file, *conns, "--duration",
-                              f"{seconds:.0f}s", "--bytes-per-tick", str(bytes_per_tick), "--tick-interval",
-                              tick, "--rate", "50", "-o", "json"))
-    row["loaded"] = loaded
-    quiet = json.loads(b.cli("scaletest", "traffic", "--run-file", run_file, *conns, "--duration",
-                             f"{seconds:.0f}s", "--bytes-per-tick", "1", "--tick-interval", "1s",
-                             "--rate", "50", "-o", "json"))
-    row["quiet"] = quiet
-    agents.send_signal(signal.SIGTERM)
-    agents.wait(120)
-    log = b.log(name)
-    if "{" not in log:
-        raise RuntimeError(f"the agents printed no summary (exit {agents.returncode}):\n{log[-3000:]}")
-    row["agents_summary"] = json.loads(log[log.index("{"):])
+
+    def phase(label: str, per_tick: str, interval: str) -> None:
+        running = {f"{label}-{n}-{i}": spawn_cli(
+            b, f"{label}-{n}-{i}", generator_cpus[i % len(generator_cpus)], "scaletest", "traffic",
+            "--run-file", run_file, *conns, "--shard", f"{i}/{shards}", "--duration", f"{seconds:.0f}s",
+            "--bytes-per-tick", per_tick, "--tick-interval", interval, "--rate", str(max(1, 50 // shards)),
+            "-o", "json") for i in range(shards)}
+        if probe:
+            # A quiet observer: clients of the probe's agents in their own process, timing node
+            # updates that cross the same loaded server without the generator's lag.
+            running[f"probe-{label}-{n}"] = spawn_cli(
+                b, f"probe-{label}-{n}", probe_cpu, "scaletest", "traffic", "--run-file", probe_file,
+                "--relay", "--connections", str(probe * 10), "--duration", f"{seconds:.0f}s",
+                "--bytes-per-tick", "1", "--tick-interval", "1s", "--rate", "20", "-o", "json")
+        got = {name: summary_of(b, name, p) for name, p in running.items()}
+        row[label] = merged([v for k, v in got.items() if not k.startswith("probe-")])
+        if probe:
+            row[f"probe_{label}"] = got[f"probe-{label}-{n}"]
+
+    phase("loaded", str(bytes_per_tick), tick)
+    phase("quiet", "1", "1s")
+    summaries = []
+    for name, p in agents.items():
+        p.send_signal(signal.SIGTERM)
+        summaries.append(summary_of(b, name, p, timeout=120))
+    row["agents_summary"] = {"connected": sum(s["connected"] for s in summaries[:shards]),
+                             "errors": sum(sum(s["errors"].values()) for s in summaries),
+                             "cpu_percent": round(sum(s.get("generator_cpu_percent") or 0
+                                                      for s in summaries[:shards]), 1)}
     b.cli("scaletest", "cleanup", "--run-file", run_file)
     after = b.metrics()
     row["after_rss_mib"] = after.get("process_resident_memory_bytes", 0) / 2**20
@@ -160,6 +231,14 @@ def main() -> None:
                     help="clients per agent (spread round-robin), for the fan-out to many clients of one agent")
     ap.add_argument("--direct", action="store_true",
                     help="clients go direct (UDP between generator processes), not through the relay")
+    ap.add_argument("--shards", type=int, default=1,
+                    help="split the load generator into this many agents + traffic process pairs")
+    ap.add_argument("--generator-cpus", default="1",
+                    help="CPUs the generator's shards are pinned to, round-robin (e.g. 1 or 0,1)")
+    ap.add_argument("--probe", type=int, default=0,
+                    help="also run this many quiet probe agents with 10 relayed clients each in their "
+                         "own pair of processes, timing the fan-out without the generator's lag")
+    ap.add_argument("--probe-cpu", type=int, default=0, help="the CPU the probe's processes run on")
     args = ap.parse_args()
     if shutil.which("taskset") is None:
         sys.exit("cannot run: taskset (util-linux) is not installed")
@@ -170,31 +249,39 @@ def main() -> None:
         b.start_server()
         for n in [int(x) for x in args.sizes.split(",")]:
             row = one_size(b, n, args.seconds, args.bytes_per_tick, args.tick_interval, args.clients_per_agent,
-                           args.direct)
+                           args.direct, args.shards, tuple(int(c) for c in args.generator_cpus.split(",")),
+                           args.probe, args.probe_cpu)
             rows.append(row)
             print(json.dumps(row), flush=True)
     finally:
         b.stop()
         shutil.rmtree(work, ignore_errors=True)
     print(f"\n{time.strftime('%Y-%m-%d')}, {platform.machine()}, {os.cpu_count()} CPUs; server on CPU 0, "
-          f"load generator on CPU 1; {'direct' if args.direct else 'relayed'}, {args.bytes_per_tick} B per {args.tick_interval} per connection\n")
+          f"{args.shards} generator shard(s) on CPU {args.generator_cpus}"
+          + (f", {args.probe} probe agents x 10 clients on CPU {args.probe_cpu}" if args.probe else "")
+          + f"; {'direct' if args.direct else 'relayed'}, {args.bytes_per_tick} B per {args.tick_interval} "
+          "per connection\n")
     print("| agents | held | idle RSS MiB | loaded: conns, errors | RSS MiB | server CPU | DERP pkt/s "
-          "| echo p50/p99 ms | fan-out p50/p99 ms | coordinator p99 ≤ ms | generator lag p99 ms "
-          "| quiet: RSS MiB | CPU | fan-out p50/p99 ms | coordinator p99 ≤ ms | generator lag p99 ms |")
-    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| echo p50/p99 ms | fan-out p50/p99 ms | probe fan-out p50/p99 ms | coordinator p99 ≤ ms "
+          "| generator CPU % / lag p99 ms "
+          "| quiet: RSS MiB | CPU | fan-out p50/p99 ms | probe fan-out p50/p99 ms | coordinator p99 ≤ ms "
+          "| generator CPU % / lag p99 ms |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:
         lo, q, a = r["loaded"], r["quiet"], r["agents_summary"]
         ls, qs = lo["server"], q["server"]
+        plo, pq = r.get("probe_loaded", {}).get("fanout", {}), r.get("probe_quiet", {}).get("fanout", {})
         print(f"| {r['agents']} | {a['connected']} | {r['idle_rss_mib']:.0f} "
               f"| {lo['connected']}, {sum(lo['errors'].values())} {lo['errors'] or ''} "
               f"| {ls.get('rss_bytes', 0) / 2**20:.0f} | {ls.get('cpu_percent')}% | {ls.get('derp_packets_per_second')} "
               f"| {ms(lo['latency'], 'p50_ms')}/{ms(lo['latency'], 'p99_ms')} "
-              f"| {ms(lo['fanout'], 'p50_ms')}/{ms(lo['fanout'], 'p99_ms')} "
-              f"| {ls.get('coordinator_fanout_p99_ms_at_most')} | {ms(lo['generator_lag'], 'p99_ms')} "
+              f"| {ms(lo['fanout'], 'p50_ms')}/{ms(lo['fanout'], 'p99_ms')} | {ms(plo, 'p50_ms')}/{ms(plo, 'p99_ms')} "
+              f"| {ls.get('coordinator_fanout_p99_ms_at_most')} "
+              f"| {lo.get('generator_cpu_percent')} / {ms(lo['generator_lag'], 'p99_ms')} "
               f"| {qs.get('rss_bytes', 0) / 2**20:.0f} | {qs.get('cpu_percent')}% "
-              f"| {ms(q['fanout'], 'p50_ms')}/{ms(q['fanout'], 'p99_ms')} "
-              f"| {qs.get('coordinator_fanout_p99_ms_at_most')} | {ms(q['generator_lag'], 'p99_ms')} |")
-
+              f"| {ms(q['fanout'], 'p50_ms')}/{ms(q['fanout'], 'p99_ms')} | {ms(pq, 'p50_ms')}/{ms(pq, 'p99_ms')} "
+              f"| {qs.get('coordinator_fanout_p99_ms_at_most')} "
+              f"| {q.get('generator_cpu_percent')} / {ms(q['generator_lag'], 'p99_ms')} |")
 
 if __name__ == "__main__":
     main()

@@ -20,8 +20,9 @@ import os
 import random
 import signal
 import sys
-from collections.abc import Awaitable, Callable, Iterator
-from typing import Any
+import time
+from collections.abc import Awaitable, Callable, Iterator, Sequence
+from typing import Any, TypeVar
 
 from twisted.internet import defer
 from twisted.python import usage
@@ -34,6 +35,7 @@ from coderstack.sdk import SDKError
 from coderstack.twistedtypes import sleep
 
 RUN_FILE = "scaletest.json"
+T = TypeVar("T")
 
 
 def _positive_int(opts: usage.Options, name: str, *, allow_zero: bool = False) -> None:
@@ -54,6 +56,25 @@ def _duration(opts: usage.Options, name: str, *, allow_zero: bool = False) -> No
     if value < 0 or (value == 0 and not allow_zero):
         raise usage.UsageError(f"--{name} must be more than 0")
     opts[name] = value
+
+
+def _shard(opts: usage.Options) -> None:
+    """``--shard I/K``: this process runs the I-th of K equal slices (I from 0), so one scale test
+    can be spread over several processes, cores or machines."""
+    text = opts["shard"]
+    try:
+        index, _, count = text.partition("/")
+        i, k = int(index), int(count)
+    except (TypeError, ValueError):
+        raise usage.UsageError(f"--shard must look like I/K (e.g. 0/4), not {text!r}") from None
+    if not 0 <= i < k:
+        raise usage.UsageError(f"--shard {text}: I must be 0 or more and less than K")
+    opts["shard"] = (i, k)
+
+
+def shard_of(items: Sequence[T], index: int, count: int) -> list[T]:
+    """The ``index``-th of ``count`` interleaved slices: every ``count``-th item from ``index``."""
+    return list(items[index::count])
 
 
 def _output(opts: usage.Options) -> None:
@@ -91,11 +112,13 @@ class AgentsOptions(_RunFileOption):
                                       "the clients to time); 0: only when it really changes."],
         ["rate", None, "50", "Agents started per second."],
         ["connect-timeout", None, "2m", "How long all agents may take to connect."],
+        ["shard", None, "0/1", "Run only the I-th of K slices of the agents (I/K, I from 0)."],
         ["output", "o", "table", "Output format: table or json."],
     ]
 
     def postOptions(self) -> None:
         _output(self)
+        _shard(self)
         _positive_int(self, "count", allow_zero=True)
         _positive_int(self, "rate")
         _duration(self, "duration")
@@ -114,11 +137,15 @@ class TrafficOptions(_RunFileOption):
         ["tick-interval", None, "100ms", "How often each connection writes."],
         ["rate", None, "20", "Connections opened per second."],
         ["connect-timeout", None, "60s", "How long one connection may take to come up."],
+        ["shard", None, "0/1", "Open only the I-th of K slices of the connections (I/K, I from 0); "
+                               "with the agents' same --shard, and K dividing the agent count, each slice "
+                               "dials only its own agents."],
         ["output", "o", "table", "Output format: table or json."],
     ]
 
     def postOptions(self) -> None:
         _output(self)
+        _shard(self)
         _positive_int(self, "connections", allow_zero=True)
         _positive_int(self, "bytes-per-tick")
         _positive_int(self, "rate")
@@ -254,6 +281,7 @@ async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
     raise_open_files_limit()
     run = runfile.read(_run_file_path(opts, ctx))
     entries = run.agents[: opts["count"]] if opts["count"] else run.agents
+    entries = shard_of(entries, *opts["shard"])
     summary = Summary("agents", len(entries))
     fanout = simagent.FanoutClock(reactor, summary.fanout)
     started = reactor.seconds()
@@ -270,7 +298,7 @@ async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
             for a in agents:
                 a.announce_every(opts["announce-every"], rng)
         before = await _metrics(ctx)
-        measured = reactor.seconds()
+        measured, cpu = reactor.seconds(), time.process_time()
         lag = LagMonitor(reactor, summary.lag)
         lag.start()
         with _interrupted(reactor) as stop:
@@ -281,6 +309,7 @@ async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
                 timer.cancel()
         lag.stop()
         summary.seconds = reactor.seconds() - measured
+        summary.cpu_seconds = time.process_time() - cpu
         summary.connected = sum(a.connected for a in agents)
         summary.server = await _server_figures(ctx, before, summary.seconds)
     finally:
@@ -300,12 +329,12 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
     run = runfile.read(_run_file_path(opts, ctx))
     if not run.agents:
         raise usage.UsageError("the run file has no agents")
-    count = opts["connections"] or len(run.agents)
-    summary = Summary("traffic", count)
+    mine = shard_of(range(opts["connections"] or len(run.agents)), *opts["shard"])
+    summary = Summary("traffic", len(mine))
     fanout = simagent.FanoutClock(reactor, summary.fanout)
     conns = [traffic.Connection(reactor, ctx.api, UUID(run.agents[i % len(run.agents)].agent_id), summary,
                                 fanout, relay=opts["relay"] or ctx.disable_direct)
-             for i in range(count)]
+             for i in mine]
     opening = []
     try:
         for c in conns:
@@ -313,16 +342,17 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
             await sleep(reactor, 1.0 / opts["rate"])
         opened = [ok for _, ok in await defer.DeferredList(opening)]
         up = [c for c, ok in zip(conns, opened, strict=True) if ok]
-        ctx.err(f"{len(up)} of {count} connections up; moving {opts['bytes-per-tick']} bytes every "
+        ctx.err(f"{len(up)} of {len(conns)} connections up; moving {opts['bytes-per-tick']} bytes every "
                 f"{opts['tick-interval'] * 1000:.0f} ms for {opts['duration']:.0f}s")
         before = await _metrics(ctx)
-        measured = reactor.seconds()
+        measured, cpu = reactor.seconds(), time.process_time()
         lag = LagMonitor(reactor, summary.lag)
         lag.start()
         await defer.DeferredList([defer.Deferred.fromCoroutine(
             c.run(opts["duration"], opts["bytes-per-tick"], opts["tick-interval"])) for c in up])
         lag.stop()
         summary.seconds = reactor.seconds() - measured
+        summary.cpu_seconds = time.process_time() - cpu
         summary.server = await _server_figures(ctx, before, summary.seconds)
     finally:
         await defer.DeferredList([defer.Deferred.fromCoroutine(c.close()) for c in conns], consumeErrors=True)

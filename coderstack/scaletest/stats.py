@@ -195,6 +195,14 @@ class Summary:
     bytes_received: int = 0
     paths: Counter[str] = field(default_factory=Counter)  # "p2p" / "derp" per connection
     server: dict[str, Any] = field(default_factory=dict)
+    cpu_seconds: float | None = None  # the generator process's own CPU over ``seconds``
+
+    @property
+    def cpu_percent(self) -> float | None:
+        """The generator's CPU as a share of one core: near 100 means its latencies are its own."""
+        if self.cpu_seconds is None or self.seconds <= 0:
+            return None
+        return round(100 * self.cpu_seconds / self.seconds, 1)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -207,6 +215,7 @@ class Summary:
             "fanout": self.fanout.to_json(),
             "latency": self.latency.to_json(),
             "generator_lag": self.lag.to_json(),
+            "generator_cpu_percent": self.cpu_percent,
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "paths": dict(sorted(self.paths.items())),
@@ -227,6 +236,7 @@ class Summary:
             ["connect time", lat(self.connect)],
             ["node fan-out", lat(self.fanout)],
             ["generator lag", lat(self.lag)],
+            ["generator CPU", "unknown" if self.cpu_percent is None else f"{self.cpu_percent}% of a core"],
         ]
         if self.role == "traffic":
             rate = (self.bytes_received / self.seconds) if self.seconds > 0 else 0.0

@@ -51,6 +51,7 @@ class ScaletestTests(unittest.TestCase):
         self.assertGreater(direct["fanout"]["count"], 0)  # the agents re-announce every 500 ms
         self.assertLess(direct["fanout"]["p50_ms"], 1000)
         self.assertEqual(direct["paths"], {"p2p": AGENTS})
+        self.assertGreater(direct["generator_cpu_percent"], 0)
         server = direct["server"]
         self.assertGreater(server["rss_bytes"], 10 * 2**20)
         self.assertGreater(server["open_fds"], AGENTS * 2)
@@ -74,6 +75,42 @@ class ScaletestTests(unittest.TestCase):
         self.assertIn(f"{AGENTS} scale-test workspaces deleted", out)
         self.assertFalse(os.path.exists(run_file))
         self.assertEqual(json.loads(await alice.ok("list", "-o", "json")), [])
+
+    async def test_shards_split_agents_and_connections(self) -> None:
+        """Two ``--shard`` processes run half the agents each; a traffic shard dials only its own
+        half, and the two traffic shards together cover every agent once."""
+        d = Deployment(self)
+        await d.start_server()
+        alice = d.user("alice")
+        await alice.login_first("alice")
+        run_file = os.path.join(alice.home, "run.json")
+        await alice.ok("scaletest", "create-workspaces", str(AGENTS), "--run-file", run_file)
+        shards = [Process(self, f"scaletest-agents-{i}",
+                          [sys.executable, "-m", "coderstack", "scaletest", "agents", "--run-file", run_file,
+                           "--shard", f"{i}/2", "--duration", "10m", "-o", "json"],
+                          alice.cli_env(), alice.home)
+                  for i in range(2)]
+        for shard in shards:
+            await shard.output_shows(f"{AGENTS // 2} of {AGENTS // 2} agents connected", timeout=60)
+        for name in (e["workspace"] for e in json.load(open(run_file))["agents"]):
+            self.assertEqual((await alice.show(name))["agents"][0]["status"], "connected", name)
+
+        async def traffic(shard: int) -> dict:
+            got = json.loads(await alice.ok("scaletest", "traffic", "--run-file", run_file, "--relay", "--shard",
+                                            f"{shard}/2", "--duration", "1s", "-o", "json"))
+            self.assertEqual((got["wanted"], got["connected"], got["errors"]), (AGENTS // 2, AGENTS // 2, {}), got)
+            self.assertEqual(got["bytes_received"], got["bytes_sent"])
+            return got
+
+        for i in range(2):
+            await traffic(i)
+        for shard in reversed(shards):
+            shard.signal(signal.SIGTERM)
+            self.assertEqual(await shard.wait(timeout=60), 0, shard.log())
+            held = json.loads(shard.log()[shard.log().index("{"):])
+            self.assertEqual((held["wanted"], held["connected"], held["errors"]), (AGENTS // 2, AGENTS // 2, {}))
+            if shard is shards[1]:
+                await traffic(0)  # with the other half's agents gone, shard 0 still reaches all of its own
 
     async def test_a_missing_run_file_is_a_clear_error(self) -> None:
         d = Deployment(self)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from twisted.python import usage
 from twisted.trial import unittest
 
-from coderstack.cli.scaletest import ScaletestOptions
+from coderstack.cli.scaletest import ScaletestOptions, shard_of
 
 
 def parse(*argv: str) -> ScaletestOptions:
@@ -31,6 +31,10 @@ class OptionTests(unittest.TestCase):
             (("traffic", "-o", "xml"), "--output"),
             (("agents", "--duration", "0"), "--duration"),
             (("agents", "--rate", "x"), "--rate"),
+            (("agents", "--shard", "2/2"), "--shard"),
+            (("agents", "--shard", "-1/2"), "--shard"),
+            (("traffic", "--shard", "1"), "--shard"),
+            (("traffic", "--shard", "a/b"), "--shard"),
             (("create-workspaces", "many"), "count"),
             (("create-workspaces", "0"), "count"),
             (("create-workspaces", "5", "--concurrency", "0"), "--concurrency"),
@@ -40,3 +44,13 @@ class OptionTests(unittest.TestCase):
             with self.assertRaises(usage.UsageError, msg=argv) as caught:
                 parse(*argv)
             self.assertIn(named, str(caught.exception), argv)
+
+    def test_shards(self) -> None:
+        self.assertEqual(parse("agents").subOptions["shard"], (0, 1))
+        self.assertEqual(parse("traffic", "--shard", "2/3").subOptions["shard"], (2, 3))
+        items = list(range(10))
+        slices = [shard_of(items, i, 3) for i in range(3)]
+        self.assertEqual(slices, [[0, 3, 6, 9], [1, 4, 7], [2, 5, 8]])
+        self.assertEqual(sorted(sum(slices, [])), items)  # every item in exactly one slice
+        self.assertEqual(shard_of(items, 0, 1), items)
+        self.assertEqual(shard_of(range(2), 2, 4), [])  # more slices than items: some are empty

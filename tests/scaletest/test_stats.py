@@ -114,6 +114,15 @@ class SummaryTests(unittest.TestCase):
         self.assertEqual(rows["relay packets/s"], "unknown")
         self.assertIn("4.0 kB/s", rows["bytes sent / echoed"])
 
+    def test_generator_cpu(self) -> None:
+        s = Summary("agents", 1, seconds=4.0)
+        self.assertIsNone(s.to_json()["generator_cpu_percent"])
+        self.assertEqual(dict(s.rows())["generator CPU"], "unknown")
+        s.cpu_seconds = 3.0
+        self.assertEqual(s.to_json()["generator_cpu_percent"], 75.0)
+        self.assertEqual(dict(s.rows())["generator CPU"], "75.0% of a core")
+        self.assertIsNone(Summary("agents", 1, seconds=0.0, cpu_seconds=1.0).cpu_percent)
+
     def test_all_held_and_no_errors_is_a_pass(self) -> None:
         self.assertFalse(Summary("agents", 2, connected=2).failed)
         self.assertTrue(Summary("agents", 2, connected=1).failed)
