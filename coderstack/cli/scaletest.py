@@ -105,6 +105,8 @@ class CreateWorkspacesOptions(_RunFileOption):
 
 class AgentsOptions(_RunFileOption):
     synopsis = "coderstack scaletest agents [--count N] [--duration 10m] [--announce-every 5s] [-o json]"
+    optFlags = [["socket-per-agent", None, "Give each agent a UDP socket of its own (default: one "
+                                           "socket for all the process's agents)."]]
     optParameters = [
         ["count", "n", "0", "How many of the run file's agents to run (0: all)."],
         ["duration", "d", "10m", "How long the agents stay connected once all are."],
@@ -129,7 +131,9 @@ class AgentsOptions(_RunFileOption):
 class TrafficOptions(_RunFileOption):
     synopsis = ("coderstack scaletest traffic [--connections N] [--duration 30s] [--bytes-per-tick 4096] "
                 "[--tick-interval 100ms] [--relay] [-o json]")
-    optFlags = [["relay", None, "Relayed connections only (no direct paths)."]]
+    optFlags = [["relay", None, "Relayed connections only (no direct paths)."],
+                ["socket-per-connection", None, "Give each connection a UDP socket of its own (default: "
+                                                "one socket for all the process's connections)."]]
     optParameters = [
         ["connections", "n", "0", "Client connections, spread over the run file's agents (0: one per agent)."],
         ["duration", "d", "30s", "How long each connection moves bytes."],
@@ -263,6 +267,14 @@ def _interrupted(reactor: Any) -> Iterator[defer.Deferred[None]]:
             signal.signal(sig, old)
 
 
+def _shared_socket(reactor: Any) -> Any:
+    from coderstack.tailnet.sharedudp import SharedUDP
+
+    shared = SharedUDP(reactor)
+    shared.listen(0)
+    return shared
+
+
 async def _wait_for(reactor: Any, check: Any, timeout: float) -> bool:
     deadline = reactor.seconds() + timeout
     while not check():
@@ -280,14 +292,14 @@ async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
 
     raise_open_files_limit()
     run = runfile.read(_run_file_path(opts, ctx))
-    entries = run.agents[: opts["count"]] if opts["count"] else run.agents
-    entries = shard_of(entries, *opts["shard"])
+    entries = shard_of(run.agents[: opts["count"]] if opts["count"] else run.agents, *opts["shard"])
     summary = Summary("agents", len(entries))
     fanout = simagent.FanoutClock(reactor, summary.fanout)
     started = reactor.seconds()
+    shared = None if opts["socket-per-agent"] else _shared_socket(reactor)
     agents = await simagent.start_agents(reactor, ctx.server_url(), [e.token for e in entries],
                                          errors=summary.errors, fanout=fanout, connect=summary.connect,
-                                         trust_root=ctx.api.trust_root, rate=opts["rate"])
+                                         trust_root=ctx.api.trust_root, rate=opts["rate"], shared_udp=shared)
     try:
         everyone = await _wait_for(reactor, lambda: all(a.connected for a in agents), opts["connect-timeout"])
         held = sum(a.connected for a in agents)
@@ -314,6 +326,9 @@ async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
         summary.server = await _server_figures(ctx, before, summary.seconds)
     finally:
         await simagent.close_all(agents)
+        if shared is not None:
+            summary.socket_drops.update(shared.drops)
+            await shared.close()
     return _report(ctx, opts, summary)
 
 
@@ -332,8 +347,10 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
     mine = shard_of(range(opts["connections"] or len(run.agents)), *opts["shard"])
     summary = Summary("traffic", len(mine))
     fanout = simagent.FanoutClock(reactor, summary.fanout)
+    relay = opts["relay"] or ctx.disable_direct
+    shared = None if opts["socket-per-connection"] else _shared_socket(reactor)
     conns = [traffic.Connection(reactor, ctx.api, UUID(run.agents[i % len(run.agents)].agent_id), summary,
-                                fanout, relay=opts["relay"] or ctx.disable_direct)
+                                fanout, relay=relay, shared_udp=shared)
              for i in mine]
     opening = []
     try:
@@ -356,6 +373,9 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
         summary.server = await _server_figures(ctx, before, summary.seconds)
     finally:
         await defer.DeferredList([defer.Deferred.fromCoroutine(c.close()) for c in conns], consumeErrors=True)
+        if shared is not None:
+            summary.socket_drops.update(shared.drops)
+            await shared.close()
     return _report(ctx, opts, summary)
 
 

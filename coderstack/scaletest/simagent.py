@@ -2,7 +2,8 @@
 
 Each is what a real agent is to the server, minus the workspace: it fetches its manifest with
 its own agent token, holds a coordinator websocket (reopened with backoff, as the agent does),
-a DERP connection to its home region and a UDP socket, and runs a real WireGuard device and
+a DERP connection to its home region and a UDP socket (by default one the process's agents
+share, :mod:`coderstack.tailnet.sharedudp`), and runs a real WireGuard device and
 netstack that answer handshakes, disco pings and TCP. Its tunnel address serves an echo port for
 ``scaletest traffic``. What it does not run: scripts, metadata, apps, SSH, the link monitor (one
 per process would do, and nothing roams here).
@@ -35,6 +36,7 @@ from coderstack.keys import NodeKeys
 from coderstack.scaletest.stats import Errors, Samples, error_kind
 from coderstack.sdk import Client
 from coderstack.tailnet.client import TailnetClient
+from coderstack.tailnet.sharedudp import SharedUDP
 from coderstack.tailnet.stack import server_endpoint
 from coderstack.twistedtypes import sleep, stream_transport
 from coderstack.wire.coordination import (
@@ -82,13 +84,15 @@ class SimAgent:
 
     def __init__(self, reactor: Any, url: str, token: str, *, errors: Errors, fanout: FanoutClock,
                  connect: Samples, trust_root: Any = None, backoff_cap: float = 5.0,
-                 on_state: Callable[[SimAgent, bool], None] = lambda agent, up: None) -> None:
+                 on_state: Callable[[SimAgent, bool], None] = lambda agent, up: None,
+                 shared_udp: SharedUDP | None = None) -> None:
         self.reactor = reactor
         self.url = url
         self.errors = errors
         self.fanout = fanout
         self.connect = connect
         self.on_state = on_state
+        self.shared_udp = shared_udp
         self.started_at: float | None = None
         self.ever_connected = False
         self.client = Client(reactor, url, token, trust_root=trust_root)
@@ -167,7 +171,7 @@ class SimAgent:
             self.agent_id = agent_id = UUID(manifest["agent_id"])
             conn = manifest_conn(self.reactor, agent_id, manifest, keys=NodeKeys.generate(),
                                  token=self.token, trust_root=self.client.trust_root)
-            conn.start(0)
+            conn.start(0, shared=self.shared_udp)
             self.tailnet = TailnetClient(self.reactor, conn, accept_incoming=True, link_monitor=False)
             self.tailnet.coordinate(self.link)
             factory = protocol.Factory.forProtocol(Echo)
@@ -189,13 +193,13 @@ class SimAgent:
 
 async def start_agents(reactor: Any, url: str, tokens: list[str], *, errors: Errors,
                        fanout: FanoutClock, connect: Samples, trust_root: Any = None,
-                       rate: float = 50.0) -> list[SimAgent]:
+                       rate: float = 50.0, shared_udp: SharedUDP | None = None) -> list[SimAgent]:
     """Start one SimAgent per token, ``rate`` per second (a fleet that arrives at once is a
     thundering herd, not a steady state); records the time each took to connect first."""
     agents = []
     for token in tokens:
         agent = SimAgent(reactor, url, token, errors=errors, fanout=fanout, connect=connect,
-                         trust_root=trust_root)
+                         trust_root=trust_root, shared_udp=shared_udp)
         agent.start()
         agents.append(agent)
         await sleep(reactor, 1.0 / rate)

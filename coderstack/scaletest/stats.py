@@ -196,6 +196,7 @@ class Summary:
     paths: Counter[str] = field(default_factory=Counter)  # "p2p" / "derp" per connection
     server: dict[str, Any] = field(default_factory=dict)
     cpu_seconds: float | None = None  # the generator process's own CPU over ``seconds``
+    socket_drops: Counter[str] = field(default_factory=Counter)  # the shared UDP socket's, by reason
 
     @property
     def cpu_percent(self) -> float | None:
@@ -216,6 +217,7 @@ class Summary:
             "latency": self.latency.to_json(),
             "generator_lag": self.lag.to_json(),
             "generator_cpu_percent": self.cpu_percent,
+            "socket_drops": dict(sorted(self.socket_drops.items())),
             "bytes_sent": self.bytes_sent,
             "bytes_received": self.bytes_received,
             "paths": dict(sorted(self.paths.items())),

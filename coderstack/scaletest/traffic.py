@@ -21,6 +21,7 @@ from twisted.internet import defer, protocol, task
 from coderstack.scaletest.simagent import ECHO_PORT, FanoutClock
 from coderstack.scaletest.stats import Summary, error_kind
 from coderstack.tailnet.dial import AgentTunnel, dial_agent
+from coderstack.tailnet.sharedudp import SharedUDP
 from coderstack.twistedtypes import stream_transport
 
 DEFAULT_BYTES_PER_TICK = 4096
@@ -78,13 +79,14 @@ class Connection:
     """One client: dial, echo for ``seconds``, close. Failures are counted in the summary."""
 
     def __init__(self, reactor: Any, api: Any, agent_id: UUID, summary: Summary, fanout: FanoutClock,
-                 *, relay: bool = False) -> None:
+                 *, relay: bool = False, shared_udp: SharedUDP | None = None) -> None:
         self.reactor = reactor
         self.api = api
         self.agent_id = agent_id
         self.summary = summary
         self.fanout = fanout
         self.relay = relay
+        self.shared_udp = shared_udp
         self.tunnel: AgentTunnel | None = None
         self.echo: _EchoClient | None = None
 
@@ -92,7 +94,8 @@ class Connection:
         started = self.reactor.seconds()
         try:
             self.tunnel = await dial_agent(self.reactor, self.api, self.agent_id, disable_direct=self.relay,
-                                           timeout=timeout, link_monitor=False, observe=self.fanout.observe)
+                                           timeout=timeout, link_monitor=False, observe=self.fanout.observe,
+                                           shared_udp=self.shared_udp)
         except Exception as err:
             self.summary.errors.add("dial-" + error_kind(err))
             return False

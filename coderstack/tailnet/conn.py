@@ -45,6 +45,7 @@ from coderstack.tailnet.endpoint import Addr, PingResult, format_addr, parse_add
 from coderstack.tailnet.magicsock import MagicSock
 from coderstack.tailnet.netcheck.checker import Netchecker
 from coderstack.tailnet.netcheck.httpget import TreqHTTP
+from coderstack.tailnet.sharedudp import SharedUDP
 from coderstack.twistedtypes import DelayedCall
 from coderstack.wire.coordination import TAILSCALE_SERVICE_PREFIX, Node
 from coderstack.wire.wireguard import (
@@ -153,8 +154,9 @@ class Conn:
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def start(self, listen_port: int = 0, interface: str = "") -> None:
-        self.sock.listen(listen_port, interface)
+    def start(self, listen_port: int = 0, interface: str = "", shared: SharedUDP | None = None) -> None:
+        """Listen on our own UDP socket, or join a process's ``shared`` one (a load generator's)."""
+        self.sock.listen(listen_port, interface, shared)
 
     def add_close_hook(self, hook: Callable[[], Any]) -> None:
         """``hook()`` (may return an awaitable) runs first in :meth:`close`."""

@@ -50,6 +50,7 @@ from coderstack.netstack.endpoints import NetstackClientEndpoint
 from coderstack.tailnet.client import TailnetClient, Tunnel
 from coderstack.tailnet.conn import Conn
 from coderstack.tailnet.endpoint import PingResult
+from coderstack.tailnet.sharedudp import SharedUDP
 from coderstack.wire.coordination import CoordinateResponse, Node
 
 _log = Logger()
@@ -148,7 +149,10 @@ async def dial_agent(reactor: Any, api_client: ConnectionAPI, agent_id: str | UU
                      ready_grace: float = 2.0, force_websockets: bool = False,
                      conn_kw: dict[str, Any] | None = None, link_monitor: bool | None = None,
                      backoff: Backoff | None = None,
-                     observe: Callable[[CoordinateResponse], object] | None = None) -> AgentTunnel:
+                     observe: Callable[[CoordinateResponse], object] | None = None,
+                     shared_udp: SharedUDP | None = None) -> AgentTunnel:
+    """A tunnel to the agent, reachable. ``shared_udp``: a socket many tunnels of one process
+    share (a load generator's), instead of one of its own."""
     agent_uuid = UUID(str(agent_id))
     info = await api_client.connection_info(str(agent_uuid))
     derp_map = rewrite_embedded(DERPMap.from_json(info.get("derp_map") or {}), api_client.url)
@@ -161,7 +165,7 @@ async def dial_agent(reactor: Any, api_client: ConnectionAPI, agent_id: str | UU
         **(conn_kw or {}),
     )
     client = TailnetClient(reactor, conn, link_monitor=link_monitor)
-    conn.start()
+    conn.start(shared=shared_udp)
     conn.set_derp_map(derp_map)
     tunnel = client.add_tunnel(agent_uuid)
     link = CoordinationLink(reactor, _ServerCoordination(api_client, client, agent_uuid, observe),

@@ -55,6 +55,7 @@ from coderstack.tailnet.endpoint import (
     WantCallMeMaybe,
     format_addr,
 )
+from coderstack.tailnet.sharedudp import SharedUDP
 from coderstack.twistedtypes import DatagramTransport, DelayedCall
 from coderstack.wire import disco
 from coderstack.wire.stun import is_stun
@@ -196,10 +197,14 @@ class MagicSock(DatagramProtocol):
 
     # -- lifecycle --------------------------------------------------------------------------
 
-    def listen(self, port: int = 0, interface: str = "") -> Any:
+    def listen(self, port: int = 0, interface: str = "", shared: SharedUDP | None = None) -> Any:
+        """Open our UDP socket, or join a process's ``shared`` one (sharedudp.py)."""
         # Peers with path-MTU probing send us datagrams up to the UDP maximum. On Linux the
         # socket is batched: GSO sends for a burst, GRO reads (batchport.py).
-        if batchport.supported(self.reactor):
+        if shared is not None:
+            self.port = shared.join(self)
+            self.makeConnection(self.port)
+        elif batchport.supported(self.reactor):
             self.port = batchport.listen(self.reactor, port, self, interface=interface, max_packet_size=1 << 16)
         else:
             self.port = self.reactor.listenUDP(port, self, interface=interface, maxPacketSize=1 << 16)
@@ -524,6 +529,21 @@ class MagicSock(DatagramProtocol):
         return ep.path(self.reactor.seconds())
 
     # -- disco ------------------------------------------------------------------------------
+
+    def knows_disco(self, key: bytes) -> bool:
+        """Is ``key`` the disco key of one of our peers (for a shared socket's routing)."""
+        return key in self._by_disco
+
+    def opens_disco(self, datagram: bytes) -> bool:
+        """Was this disco packet sealed for us (our disco key opens it)?"""
+        try:
+            sender = disco.sender_key(datagram)
+            if sender not in self._by_disco:
+                return False
+            disco.open_packet(datagram, self._key(sender))
+        except disco.DiscoError:
+            return False
+        return True
 
     def _key(self, peer_disco: bytes) -> bytes:
         key = self._shared.get(peer_disco)

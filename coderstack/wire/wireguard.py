@@ -230,6 +230,20 @@ def is_wireguard(datagram: bytes) -> bool:
     return len(datagram) >= 32 and 1 <= datagram[0] <= 4 and datagram[1:4] == b"\x00\x00\x00"
 
 
+def mac1_key(static_public: bytes) -> bytes:
+    """The key that the receiver with ``static_public`` checks an initiation's mac1 with."""
+    return _hash(LABEL_MAC1, static_public)
+
+
+def initiation_is_for(key: bytes, datagram: bytes) -> bool:
+    """Whether ``datagram`` is an initiation whose mac1 was made for the receiver of this
+    :func:`mac1_key`: how a socket shared by many devices finds an initiation's device without a
+    Diffie-Hellman each."""
+    mac1_at = INITIATION_SIZE - 32
+    return (len(datagram) == INITIATION_SIZE and datagram[0] == MSG_INITIATION
+            and hmac.compare_digest(_mac(key, bytes(datagram[:mac1_at])), bytes(datagram[mac1_at : mac1_at + 16])))
+
+
 def tai64n(now: float) -> bytes:
     """TAI64N label for unix time ``now``; nanoseconds rounded down to 2**24 ns like wireguard-go
     (so the timestamp does not leak fine-grained timing)."""
