@@ -6,6 +6,10 @@ list the block holding the most recently received segment first, then other rece
 the highest ones.  The number of queued pieces is capped (``limit``) so that a peer sending many
 tiny out-of-order segments cannot make us hold millions of objects; beyond it new pieces are
 refused (the sender retransmits them later).
+
+The contiguous blocks are kept beside the pieces (``starts``/``ends``, merged as pieces arrive),
+so that reporting them costs a bisection each: with a large window and a loss, one block can
+hold thousands of pieces, and walking them on every ACK made the receiver quadratic.
 """
 
 from __future__ import annotations
@@ -16,10 +20,12 @@ __all__ = ["Reassembly"]
 
 
 class Reassembly:
-    __slots__ = ("segments", "size", "recent", "limit")
+    __slots__ = ("segments", "size", "recent", "limit", "starts", "ends")
 
     def __init__(self, limit: int = 16384) -> None:
         self.segments: list[tuple[int, bytes]] = []  # sorted by seq, non-overlapping
+        self.starts: list[int] = []  # the contiguous blocks the pieces make: sorted, disjoint,
+        self.ends: list[int] = []  # never adjacent
         self.size = 0
         self.recent: list[int] = []  # seqs of the latest arrivals, newest first
         self.limit = limit
@@ -33,6 +39,8 @@ class Reassembly:
             return False
         first = seq
         end = seq + len(data)
+        if data:
+            self._cover(seq, end)
         segs = self.segments
         i = bisect_left(segs, (seq, b""))
         if i > 0:
@@ -62,6 +70,19 @@ class Reassembly:
         self._touch(first)
         return True
 
+    def _cover(self, start: int, end: int) -> None:
+        """Merge [start, end) into the blocks."""
+        starts, ends = self.starts, self.ends
+        i = bisect_left(ends, start)  # the first block ending at or after start: it may touch
+        j = i
+        while j < len(starts) and starts[j] <= end:
+            j += 1
+        if i < j:
+            start = min(start, starts[i])
+            end = max(end, ends[j - 1])
+        starts[i:j] = [start]
+        ends[i:j] = [end]
+
     def _touch(self, seq: int) -> None:
         recent = self.recent
         if seq in recent:
@@ -84,39 +105,39 @@ class Reassembly:
                 rcv_nxt = e
             k += 1
         del segs[:k]
+        starts, ends = self.starts, self.ends
+        k = 0
+        while k < len(starts) and starts[k] <= rcv_nxt:
+            k += 1
+        del starts[:k]
+        del ends[:k]
         if not segs:
             self.recent = []
         return rcv_nxt, out
 
-    def _block_at(self, i: int) -> tuple[int, int]:
-        """The contiguous run of segments around index ``i``."""
-        segs = self.segments
-        lo = hi = i
-        while lo > 0 and segs[lo - 1][0] + len(segs[lo - 1][1]) == segs[lo][0]:
-            lo -= 1
-        while hi + 1 < len(segs) and segs[hi][0] + len(segs[hi][1]) == segs[hi + 1][0]:
-            hi += 1
-        return segs[lo][0], segs[hi][0] + len(segs[hi][1])
+    def _block_of(self, seq: int) -> tuple[int, int] | None:
+        """The contiguous block holding ``seq``, if any."""
+        i = bisect_left(self.starts, seq + 1) - 1
+        if i < 0 or self.ends[i] <= seq:
+            return None
+        return self.starts[i], self.ends[i]
 
     def blocks(self, limit: int) -> list[tuple[int, int]]:
         """Up to ``limit`` SACK blocks, the one holding the most recent arrival first."""
-        segs = self.segments
-        if not segs:
+        if not self.segments:
             return []
         out: list[tuple[int, int]] = []
         for seq in self.recent:
-            i = bisect_left(segs, (seq + 1, b"")) - 1  # the last segment starting at or before seq
-            if i < 0 or segs[i][0] + len(segs[i][1]) <= seq:
-                continue
-            block = self._block_at(i)
-            if block not in out:
+            block = self._block_of(seq)
+            if block is not None and block not in out:
                 out.append(block)
                 if len(out) >= limit:
                     return out
-        i = len(segs) - 1
+        starts, ends = self.starts, self.ends
+        i = len(starts) - 1
         while i >= 0 and len(out) < limit:
-            block = self._block_at(i)
+            block = (starts[i], ends[i])
             if block not in out:
                 out.append(block)
-            i = bisect_left(segs, (block[0], b"")) - 1
+            i -= 1
         return out

@@ -233,6 +233,7 @@ class ReassemblyTests(unittest.TestCase):
                     else:
                         runs.append([x, y])
                 runs = [tuple(b) for b in runs]
+                self.assertEqual(list(zip(r.starts, r.ends, strict=True)), runs)  # the blocks kept beside
                 self.assertTrue(set(blocks) <= set(runs))
                 self.assertEqual(len(blocks), min(3, len(runs)))
                 self.assertTrue(blocks[0][0] <= s < blocks[0][1] or s + len(d) <= nxt)
