@@ -921,7 +921,14 @@ class Connection:
                 return
             if fin:
                 self.ooo_fin = seq_u + dlen
-            self.ack_now = True
+            # Out of order: ACK at once (RFC 5681 §4.2), but inside a batch of packets with SACK
+            # one ACK at its end reports every piece of it in its blocks. The sender's RACK
+            # needs the blocks, not a duplicate ACK per segment, and with a large window a
+            # single loss would otherwise make every later segment of the window an ACK.
+            if fin or not self.sack_ok or not self.host.defer_ack(self):
+                self.ack_now = True
+            else:
+                self.ack_pending += 1
 
     def _deliver(self, data: bytes) -> None:
         if self.paused or self.rcv_queue:

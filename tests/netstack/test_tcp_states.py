@@ -660,4 +660,25 @@ class BatchTests(unittest.TestCase):
         ]
         p.stack.receive_batch(packets, p.now)
         acks = [s.ack for s in p.take()]
-        self.assertEqual(acks, [1000 + 1000, 4000])  # the dup ACK (with SACK) and the gap filled
+        self.assertEqual(acks, [4000])  # the gap filled in the same batch: one ACK covers it
+
+    def test_out_of_order_in_batch_acked_once_at_its_end_with_its_blocks(self):
+        from coderstack.netstack.tcpsegment import Segment
+
+        from .scripted import US
+
+        for sack in (True, False):
+            p = Peer()
+            h, conn, synack = p.passive_open(options=PLAIN if sack else Options(mss=1220))
+            p.take()
+            packets = [Segment(40000, 80, s, synack.seq + 1, ACK, 65535, Options(), b"d" * 1000).encode(THEM, US)
+                       for s in (1000, 3000, 5000, 6000)]
+            p.stack.receive_batch(packets, p.now)
+            got = p.take()
+            if sack:
+                # One ACK at the batch's end; its blocks name every piece (newest first).
+                self.assertEqual([s.ack for s in got], [2000])
+                self.assertEqual(list(got[0].options.sack), [(5000, 7000), (3000, 4000)])
+            else:
+                # Without SACK each out-of-order segment is a duplicate ACK the sender counts.
+                self.assertEqual([s.ack for s in got], [2000, 2000, 2000])
