@@ -11,8 +11,8 @@ iptables, wireguard-go, wireguard-tools and iperf3. Median of 3 runs of 5 s per 
 
 ``--loss P`` drops a fraction P of the data direction's tunnel datagrams at random (iptables
 ``statistic`` match: at the sender's NAT for the direct path; for wireguard-go at the receiver,
-its veth peer splitting GSO bursts first), and measures only wireguard-go and the default direct
-path.
+its veth peer splitting GSO bursts first), and measures only wireguard-go and the direct path
+with and without the TCP window's bandwidth-delay floor (``CODERSTACK_TCP_BDP_FLOOR=0``).
 
 Usage: sudo python bench/bench_nat_speedtest.py [--loss P]
 """
@@ -124,10 +124,11 @@ async def measure() -> None:
     print(f"  wireguard-go + kernel TCP: {base}", flush=True)
     configs: tuple[tuple[str, dict[str, str], tuple[str, ...]], ...] = (
         ("direct, batched UDP (GSO/GRO, the default)", {}, ()),
+        ("direct, loss-based window only (CODERSTACK_TCP_BDP_FLOOR=0)", {"CODERSTACK_TCP_BDP_FLOOR": "0"}, ()),
         ("direct, one datagram per call (CODERSTACK_UDP_BATCH=0)", {"CODERSTACK_UDP_BATCH": "0"}, ()),
         ("relayed (DERP)", {}, ("--block-direct-connections", "true")),
     )
-    for label, env, server_args in configs[:1] if LOSS else configs:
+    for label, env, server_args in configs[:2] if LOSS else configs:
         bench = _Bench()
         try:
             os.environ.update(env)  # the lab's processes inherit it: server, agent and CLI

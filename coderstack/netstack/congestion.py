@@ -12,21 +12,49 @@ from the connection (time is injected, as everywhere in the core).
 - ``Cubic``: RFC 9438 — the cubic window ``W(t) = C (t - K)^3 + W_max`` in congestion avoidance,
   beta 0.7, fast convergence, and the Reno-friendly estimate as a floor.  Better than NewReno on
   paths with a large bandwidth-delay product (a tunnel across the internet).
+
+Either may carry a ``model`` (:class:`~coderstack.netstack.bdpfloor.BDPFloor`, fed by the
+connection): while its floor (twice the measured bandwidth-delay product, kept only while losses
+stay under 2%) is above the window, a loss cuts the window no lower than the floor or than what
+it was, whichever is less, and below the floor the window grows as in slow start.
 """
 
 from __future__ import annotations
+
+from .bdpfloor import BDPFloor
 
 __all__ = ["Cubic", "NewReno", "make"]
 
 
 class NewReno:
-    __slots__ = ("mss", "cwnd", "ssthresh", "_acc")
+    __slots__ = ("mss", "cwnd", "ssthresh", "_acc", "model")
 
-    def __init__(self, mss: int, initial_window: int = 10) -> None:
+    def __init__(self, mss: int, initial_window: int = 10, model: BDPFloor | None = None) -> None:
         self.mss = mss
         self.cwnd = initial_window * mss  # RFC 6928
         self.ssthresh = 1 << 62
         self._acc = 0
+        self.model = model
+
+    def _below_floor(self, delivered: int) -> bool:
+        """Grow towards the model's floor at slow start's pace, if below it; True if so."""
+        model = self.model
+        if model is None:
+            return False
+        floor = model.floor()
+        if self.cwnd >= floor:
+            return False
+        self.cwnd = min(self.cwnd + delivered, floor)
+        return True
+
+    def _keep_floor(self, before: int) -> None:
+        """After a reduction from ``before``: no lower than the floor (nor than ``before``)."""
+        model = self.model
+        if model is None:
+            return
+        keep = min(model.floor(), before)
+        if keep > self.ssthresh:
+            self.ssthresh = keep
 
     def _slow_start(self, delivered: int) -> None:
         # Byte counting without a per-ACK limit (see the module docstring); stop at ssthresh.
@@ -38,14 +66,16 @@ class NewReno:
         ``delivered`` (default: all) reached the peer only now (the rest was SACKed before)."""
         if self.cwnd < self.ssthresh:
             self._slow_start(acked if delivered is None else delivered)
-        else:
+        elif not self._below_floor(acked if delivered is None else delivered):
             self._acc += acked
             if self._acc >= self.cwnd:
                 self._acc -= self.cwnd
                 self.cwnd += self.mss
 
     def enter_recovery(self, flight: int, now: float = 0.0) -> None:
+        before = self.cwnd
         self.ssthresh = max(flight // 2, 2 * self.mss)
+        self._keep_floor(before)
         self.cwnd = self.ssthresh
         self._acc = 0
 
@@ -54,7 +84,9 @@ class NewReno:
         self.cwnd = max(min(self.ssthresh, flight + self.mss), 2 * self.mss)
 
     def on_timeout(self, flight: int, now: float = 0.0) -> None:
+        before = self.cwnd
         self.ssthresh = max(flight // 2, 2 * self.mss)
+        self._keep_floor(before)
         self.cwnd = self.mss
         self._acc = 0
 
@@ -68,7 +100,8 @@ class NewReno:
 
     @classmethod
     def _state_names(cls) -> tuple[str, ...]:
-        return tuple(n for c in reversed(cls.__mro__) for n in getattr(c, "__slots__", ()) if n != "mss")
+        # The model measures the path; an undo restores only the controller's own state.
+        return tuple(n for c in reversed(cls.__mro__) for n in getattr(c, "__slots__", ()) if n not in ("mss", "model"))
 
     def set_mss(self, mss: int) -> None:
         if mss < self.mss:
@@ -83,8 +116,8 @@ class Cubic(NewReno):
     BETA = 0.7
     ALPHA = 3 * (1 - 0.7) / (1 + 0.7)  # Reno-friendly additive increase (RFC 9438 §4.3)
 
-    def __init__(self, mss: int, initial_window: int = 10) -> None:
-        super().__init__(mss, initial_window)
+    def __init__(self, mss: int, initial_window: int = 10, model: BDPFloor | None = None) -> None:
+        super().__init__(mss, initial_window, model)
         self.w_max = 0.0  # segments
         self.w_last_max = 0.0
         self.k = 0.0
@@ -96,6 +129,9 @@ class Cubic(NewReno):
         mss = self.mss
         if self.cwnd < self.ssthresh:
             self._slow_start(acked if delivered is None else delivered)
+            return
+        if self._below_floor(acked if delivered is None else delivered):
+            self.epoch = None  # the cubic curve starts again from where the floor leaves it
             return
         cwnd_seg = self.cwnd / mss
         if self.epoch is None:
@@ -139,22 +175,27 @@ class Cubic(NewReno):
         return min(self.cwnd, flight) if flight > 0 else self.cwnd
 
     def enter_recovery(self, flight: int, now: float = 0.0) -> None:
+        before = self.cwnd
         self.cwnd = self._base(flight)
         self._reduce()
         self.ssthresh = max(int(self.cwnd * self.BETA), 2 * self.mss)
+        self._keep_floor(before)
         self.cwnd = self.ssthresh
         self._acc = 0
 
     def on_timeout(self, flight: int, now: float = 0.0) -> None:
+        before = self.cwnd
         self.cwnd = self._base(flight)
         self._reduce()
         self.ssthresh = max(int(self.cwnd * self.BETA), 2 * self.mss)
+        self._keep_floor(before)
         self.cwnd = self.mss
         self._acc = 0
 
 
-def make(name: str, mss: int, initial_window: int) -> NewReno:
+def make(name: str, mss: int, initial_window: int, bdp_floor: bool = False) -> NewReno:
     try:
-        return {"newreno": NewReno, "cubic": Cubic}[name](mss, initial_window)
+        cls = {"newreno": NewReno, "cubic": Cubic}[name]
     except KeyError:
         raise ValueError(f"unknown congestion control {name!r}") from None
+    return cls(mss, initial_window, BDPFloor() if bdp_floor else None)

@@ -183,7 +183,7 @@ class Connection:
         self.sack_ok = False
         self.rtt = RTOEstimator(cfg.initial_rto, cfg.min_rto, cfg.max_rto)
         self.mss = self.mtu - 60
-        self.cc = congestion.make(cfg.congestion, self.mss, cfg.initial_window)
+        self.cc = congestion.make(cfg.congestion, self.mss, cfg.initial_window, cfg.bdp_floor and cfg.sack)
         self.sb = Scoreboard()
         self.in_recovery = False
         self.recover = iss
@@ -749,6 +749,8 @@ class Connection:
         elif ack_u == snd_una and seg_len == 0 and new_wnd == self.snd_wnd and self.snd_max > snd_una:
             self.dupacks += 1
         newly_sacked = self._sack_arrives(sack_blocks, tsecr, now) if sack_blocks and self.sack_ok else 0
+        if newly_sacked and self.cc.model is not None:
+            self.cc.model.on_delivered(newly_sacked, now, self.rtt.srtt)
         if self.snd_wl1 < seq_u or (self.snd_wl1 == seq_u and self.snd_wl2 <= ack_u):
             self._update_send_window(seq_u, ack_u, new_wnd)
         if self.in_recovery and self.sack_ok:
@@ -857,6 +859,8 @@ class Connection:
             self._schedule(due)
         if marked:
             self.host.stats["tcp_rack_marked_lost"] += marked
+            if self.cc.model is not None:
+                self.cc.model.on_lost(marked * self.mss)
         if rack.lost and not self.in_recovery:
             if self.tlp_end is not None:
                 self.host.stats["tcp_tlp_recovered"] += 1  # the probe's ACK exposed the tail loss
@@ -1017,6 +1021,13 @@ class Connection:
             r = rtt.timed_sample(ack_u, now)
         if r is not None:
             rtt.sample(r)
+        model = self.cc.model
+        if model is not None:
+            # RACK's round trip of the newest delivered segment: timed to the clock, where the
+            # timestamp option's milliseconds read 0 on a sub-millisecond path.
+            if self.sack_ok and self.rack.rtt > 0:
+                model.on_rtt(self.rack.rtt, now)
+            model.on_delivered(delivered, now, rtt.srtt)
         # Progress ends a run of timeouts, with a sample or without (Karn: a retransmitted
         # segment gives none, and its backed-off RTO stays).
         self.retries = 0

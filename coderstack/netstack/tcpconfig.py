@@ -32,6 +32,9 @@ class TCPConfig:
     window_scaling: bool = True
     initial_window: int = 10  # segments, RFC 6928
     congestion: str = "cubic"  # or "newreno"
+    # A window floor at twice the measured bandwidth-delay product while losses stay under 2%
+    # (bdpfloor.py): random loss on a fast path is not congestion.
+    bdp_floor: bool = True
     dupthresh: int = 3
     # The shortest tail loss probe timeout: the reactor's timer granularity and the peer's ACK
     # batching make a PTO of 2 SRTT on a sub-millisecond path fire before a healthy ACK.

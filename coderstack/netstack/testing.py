@@ -1,7 +1,8 @@
 """Helpers for driving stacks in tests and benchmarks: in-memory links between stacks.
 
 ``Wire`` connects two sans-IO ``Stack`` objects through a simulated link (delay, random loss,
-reordering) on a simulated clock, with no reactor at all.  ``NetstackPair`` connects two
+reordering, and optionally a bottleneck: a rate in bytes per second with a drop-tail queue of
+``queue`` bytes each way) on a simulated clock, with no reactor at all.  ``NetstackPair`` connects two
 ``Netstack`` adapters over a ``twisted.internet.task.Clock``.
 """
 
@@ -26,8 +27,13 @@ class Wire:
     """Two stacks back to back.  ``a`` is built with ``wire.to_b`` as its emit and vice versa."""
 
     def __init__(self, delay: float = 0.0005, loss: float = 0.0, reorder: float = 0.0, seed: int = 1,
-                 reorder_delay: float = 0.002, duplicate: float = 0.0) -> None:
+                 reorder_delay: float = 0.002, duplicate: float = 0.0, rate: float = 0.0,
+                 queue: int = 64 << 10) -> None:
         self.now = 0.0
+        self.rate = rate
+        self.queue = queue
+        self._busy_until = {"a": 0.0, "b": 0.0}  # when each direction's bottleneck is free
+        self.queue_drops = 0
         self.delay = delay
         self.loss = loss
         self.reorder = reorder
@@ -51,6 +57,16 @@ class Wire:
             self.dropped += 1
             return
         d = self.delay
+        if self.rate:
+            # The bottleneck: wait for what is queued ahead, drop if the queue is full.
+            busy = max(self._busy_until[dest], self.now)
+            if (busy - self.now) * self.rate + len(packet) > self.queue:
+                self.dropped += 1
+                self.queue_drops += 1
+                return
+            busy += len(packet) / self.rate
+            self._busy_until[dest] = busy
+            d += busy - self.now
         if self.reorder and self.rng.random() < self.reorder:
             d += self.reorder_delay
         heapq.heappush(self._queue, (self.now + d, next(self._n), dest, packet))

@@ -14,6 +14,8 @@ and re-sends in smaller segments at once instead of waiting for a retransmission
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from ipaddress import IPv6Address
 from typing import Any
 
@@ -103,6 +105,16 @@ class _Glue:
             self.netstack.stop()
 
 
+BDP_FLOOR_ENV = "CODERSTACK_TCP_BDP_FLOOR"  # "0", "false", "off" or "no": loss-based control alone
+
+
+def bdp_floor_from_env(environ: Mapping[str, str] | None = None) -> bool:
+    """The tunnel's TCP keeps its window at the measured bandwidth-delay product through rare
+    losses (netstack/bdpfloor.py) unless ``CODERSTACK_TCP_BDP_FLOOR`` says off."""
+    value = (os.environ if environ is None else environ).get(BDP_FLOOR_ENV, "").strip().lower()
+    return value not in ("0", "false", "off", "no")
+
+
 def attach_netstack(conn: Any, reactor: Any, mtu: int = BASE_MTU) -> Netstack:
     """A Netstack on the Conn's addresses, fed by and sending through the Conn in batches.
 
@@ -115,7 +127,8 @@ def attach_netstack(conn: Any, reactor: Any, mtu: int = BASE_MTU) -> Netstack:
     # keeps its check). A TCP checksum can only catch corruption, which the tag already
     # rejects, and verifying it was about a tenth of the receive path's CPU per packet.
     ns = Netstack(list(conn.addresses), glue.send, reactor,
-                  config=TCPConfig(mtu=mtu, receive_mtu=receive_mtu), verify_tcp_checksum=False)
+                  config=TCPConfig(mtu=mtu, receive_mtu=receive_mtu, bdp_floor=bdp_floor_from_env()),
+                  verify_tcp_checksum=False)
     glue.netstack = ns
     conn.on_packet(glue.received)
     if hasattr(conn, "on_path_mtu"):
