@@ -11,8 +11,10 @@ socket, its files and the line protocol); not meant to be run by hand. It
   lines), finds the workspace's agent, reuses the tunnel to it or dials a new one (the CLI's
   own tailnet Conn, :func:`coderstack.cli.tunnel.connect_agent`), connects to the port and joins
   that stream to the socket, with backpressure and half-close both ways;
-* exits after ``CODERSTACK_TUNNEL_DAEMON_IDLE`` seconds (default 600) with no dial and no open
-  stream, closing its tunnels and removing its socket and PID file.
+* for ``HOLD``: answers ``OK`` and counts the connection as activity until the client closes it
+  (a long-running ``port-forward`` between its connections);
+* exits after ``CODERSTACK_TUNNEL_DAEMON_IDLE`` seconds (default 600) with no dial, no open
+  stream and no hold, closing its tunnels and removing its socket and PID file.
 
 Its log (stdout/stderr, ``<config dir>/tunnel-daemon.log``) has one line per dial; it never
 holds the session token (only its fingerprint's first characters, to tell daemons apart).
@@ -108,6 +110,7 @@ class _Client(protocol.Protocol):
         self.workspace: _Workspace | None = None
         self.client_eof = False
         self.gone = False
+        self.holding = False
 
     def connectionMade(self) -> None:
         uid = warm.transport_peer_uid(self.transport)
@@ -128,6 +131,8 @@ class _Client(protocol.Protocol):
         if self.workspace is not None:
             stream_transport(self.workspace).write(data)
             return
+        if self.holding:
+            return  # a hold carries nothing
         if self.request_done:
             self.buffer += data  # the client wrote before OK: kept for the stream
             return
@@ -140,6 +145,14 @@ class _Client(protocol.Protocol):
         self.request_done = True
         stream_transport(self).pauseProducing()
         defer.Deferred.fromCoroutine(self.daemon.handle(self, line.decode("utf-8", "replace")))
+
+    def hold(self) -> None:
+        """HOLD: OK, then the open connection keeps the daemon up until the client closes it."""
+        self.holding = True
+        self.daemon.holds += 1
+        transport = stream_transport(self)
+        transport.write(b"OK\n")
+        transport.resumeProducing()  # paused while the request was handled: EOF must reach us
 
     def joined(self, workspace: _Workspace) -> None:
         """The workspace port is connected: OK, then bytes both ways."""
@@ -158,6 +171,9 @@ class _Client(protocol.Protocol):
 
     def readConnectionLost(self) -> None:
         self.client_eof = True
+        if self.holding:
+            stream_transport(self).loseConnection()  # the client let go
+            return
         if self.workspace is not None:
             transport = stream_transport(self.workspace)
             half_close = getattr(transport, "loseWriteConnection", None)
@@ -173,6 +189,10 @@ class _Client(protocol.Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.gone = True
+        if self.holding:
+            self.holding = False
+            self.daemon.holds -= 1
+            self.daemon.touch()
         if self.workspace is not None:
             self.daemon.streams -= 1
             self.daemon.touch()
@@ -222,6 +242,7 @@ class Daemon:
         self.last_active = time.monotonic()
         self.dials = self.tunnels_made = self.reused = self.refused = self.clients = self.failed = 0
         self.streams = 0
+        self.holds = 0  # HOLD connections open
         self.busy = 0
         self.done: defer.Deferred[None] = defer.Deferred()
 
@@ -233,11 +254,17 @@ class Daemon:
             "pid": os.getpid(), "uid": self.uid, "started": self.started, "idle_timeout": self.idle,
             "dials": self.dials, "tunnels_made": self.tunnels_made, "reused": self.reused,
             "failed": self.failed, "refused_peers": self.refused, "open_streams": self.streams,
+            "holds": self.holds, "idle_for": time.monotonic() - self.last_active,
             "tunnels": [{"workspace": t.workspace, "agent_id": t.agent_id, "dials": t.dials}
                         for t in self.tunnels.values()],
         }
 
     async def handle(self, client: _Client, line: str) -> None:
+        if line.startswith("STATUS "):
+            # Watching the daemon is no use of it: a STATUS neither counts as activity nor
+            # resets the idle clock it reports.
+            await self._handle(client, line)
+            return
         self.busy += 1
         self.touch()
         try:
@@ -261,6 +288,10 @@ class Daemon:
             transport = stream_transport(client)
             transport.write(json.dumps(self.status()).encode() + b"\n")
             transport.loseConnection()
+            return
+        if words[0] == "HOLD" and len(words) == 2:
+            log("hold")
+            client.hold()
             return
         if words[0] in ("OPEN", "PING", "INFO"):
             await self._query(client, words)
@@ -406,7 +437,7 @@ class Daemon:
         return held
 
     def check_idle(self) -> None:
-        if self.streams or self.busy or self.dialing:
+        if self.streams or self.holds or self.busy or self.dialing:
             return
         if time.monotonic() - self.last_active >= self.idle:
             log(f"idle for {self.idle:g}s: exiting")

@@ -6,6 +6,7 @@ tests.integration.test_ssh.WarmCLITests.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 from twisted.internet import protocol
@@ -279,3 +281,59 @@ class DaemonConnectionTests(unittest.TestCase):
         req, _ = self.request()
         req.connectionLost(None)
         self.failureResultOf(req.ready, warm.Unavailable)
+
+
+class HoldTests(unittest.TestCase):
+    """HOLD on the daemon's side: a connection that keeps it from exiting idle while open."""
+
+    def client(self, daemon: tunneld.Daemon, line: bytes) -> tuple[tunneld._Client, StringTransport]:
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        client = tunneld._Client(daemon)
+        transport = StringTransport()
+        transport.socket = a  # type: ignore[attr-defined]  # what a reactor's unix transport has
+        client.makeConnection(transport)
+        client.dataReceived(line + b"\n")
+        return client, transport
+
+    def daemon(self) -> tunneld.Daemon:
+        self.patch(tunneld, "log", lambda line: None)
+        cfg = made_dir(self)
+        ctx = Context(reactor=None, config=ConfigDir(cfg))
+        return tunneld.Daemon(None, ctx, warm.paths_for(cfg, "f" * 64, {}), idle=60)
+
+    def test_a_hold_keeps_the_daemon_up_until_closed(self) -> None:
+        daemon = self.daemon()
+        client, transport = self.client(daemon, b"HOLD " + b"f" * 64)
+        self.assertEqual(transport.value(), b"OK\n")
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual((daemon.holds, daemon.status()["holds"]), (1, 1))
+        daemon.last_active -= 120  # long past the idle limit
+        daemon.check_idle()
+        self.assertFalse(daemon.done.called)
+        client.dataReceived(b"anything")  # carries nothing: ignored
+        client.readConnectionLost()  # the client let go: the daemon closes its side
+        self.assertTrue(transport.disconnecting)
+        client.connectionLost(None)
+        self.assertEqual(daemon.holds, 0)
+        daemon.check_idle()  # its end counts as activity: the idle time starts again
+        self.assertFalse(daemon.done.called)
+        daemon.last_active -= 120
+        daemon.check_idle()
+        self.assertTrue(daemon.done.called)
+
+    def test_status_is_no_activity(self) -> None:
+        daemon = self.daemon()
+        daemon.last_active -= 30
+        _client, transport = self.client(daemon, b"STATUS " + b"f" * 64)
+        status = json.loads(transport.value())
+        self.assertGreaterEqual(status["idle_for"], 30)
+        self.assertLessEqual(time.monotonic() - daemon.last_active, 31)
+        self.assertGreaterEqual(time.monotonic() - daemon.last_active, 30)
+
+    def test_a_hold_for_another_identity_is_refused(self) -> None:
+        daemon = self.daemon()
+        _client, transport = self.client(daemon, b"HOLD " + b"e" * 64)
+        self.assertEqual(transport.value(), b"ERR not this daemon's identity\n")
+        self.assertEqual(daemon.holds, 0)
