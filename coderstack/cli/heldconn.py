@@ -1,15 +1,17 @@
 """``port-forward``'s ``AgentConnection`` (:mod:`coderstack.cli.dialing`) over the tunnel daemon.
 
 A port-forward runs for hours and opens a stream now and then: each accepted TCP connection is
-one ``DIAL`` on the daemon's socket (:mod:`coderstack.cli.warm` documents the protocol), so it
-rides the daemon's held tunnel instead of one dialed here. Between connections a ``HOLD``
-connection keeps the daemon from exiting idle under it.
+one ``STREAM`` on the daemon's socket (:mod:`coderstack.cli.warm` documents the protocol), so it
+rides the tunnel the daemon holds (the ``OPEN`` at the start found it) instead of one dialed
+here, with no API call per connection. Between connections a ``HOLD`` connection keeps the
+daemon from exiting idle under it.
 
 When the daemon goes away anyway (killed; the hold ends without our closing it, or the socket
 refuses), the next connection and every one after it use a tunnel of this process's own,
-dialed then, once: the same tunnel the command would have dialed without the daemon. A ``DIAL``
-the daemon answers ``FAIL`` (agent offline, no such workspace) fails that connection with the
-daemon's text, which is the in-process dial's.
+dialed then, once: the same tunnel the command would have dialed without the daemon. A
+``STREAM`` the daemon answers ``FAIL`` (its held tunnel failed, and the ``DIAL`` it then made
+found the agent offline or the workspace gone) fails that connection with the daemon's text,
+which is the in-process dial's.
 
 UDP (``--udp``) has no stream in the protocol, and is carried on that own tunnel too, dialed on
 the first UDP flow: a datagram framing over the unix socket would have to invent drops where
@@ -120,7 +122,7 @@ class HeldConnection:
         """One forwarded TCP connection to ``port``: a ``DIAL`` while the daemon is there."""
         if not self.daemon_gone:
             try:
-                return await self.daemon.request(f"DIAL {self.daemon.fp} {self.daemon.name} {port} no", factory)
+                return await self.daemon.request(f"STREAM {self.daemon.fp} {self.daemon.name} {port}", factory)
             except warm.Failed as err:
                 raise error.ConnectError(str(err)) from None
             except warm.Unavailable as err:

@@ -11,6 +11,8 @@ socket, its files and the line protocol); not meant to be run by hand. It
   lines), finds the workspace's agent, reuses the tunnel to it or dials a new one (the CLI's
   own tailnet Conn, :func:`coderstack.cli.tunnel.connect_agent`), connects to the port and joins
   that stream to the socket, with backpressure and half-close both ways;
+* for ``STREAM`` (``port-forward``'s connections): the same over the tunnel an ``OPEN`` of that
+  workspace holds, without asking the API again; a ``DIAL`` when there is none or it fails;
 * for ``HOLD``: answers ``OK`` and counts the connection as activity until the client closes it
   (a long-running ``port-forward`` between its connections);
 * exits after ``CODERSTACK_TUNNEL_DAEMON_IDLE`` seconds (default 600) with no dial, no open
@@ -296,10 +298,43 @@ class Daemon:
         if words[0] in ("OPEN", "PING", "INFO"):
             await self._query(client, words)
             return
+        if words[0] == "STREAM" and len(words) == 4 and words[3].isdigit():
+            await self._stream(client, words[2], int(words[3]))
+            return
         if words[0] != "DIAL" or len(words) != 5 or not words[3].isdigit() or words[4] not in warm.WAIT_CHOICES:
             client.refuse("bad request")
             return
-        name, port, wait = words[2], int(words[3]), words[4]
+        await self._dial_request(client, words[2], int(words[3]), words[4])
+
+    async def _stream(self, client: _Client, name: str, port: int) -> None:
+        """STREAM: over the tunnel an OPEN of ``name`` holds, with no lookup; else (none held,
+        or it fails) exactly a ``DIAL ... no``."""
+        agent_id = self.names.get(name, "")
+        held = self.tunnels.get(agent_id)
+        if held is None:
+            await self._dial_request(client, name, port, "no")
+            return
+        start = time.monotonic()
+        factory = protocol.Factory.forProtocol(lambda: _Workspace(client))
+        try:
+            workspace = await held.conn.tunnel.endpoint(port, timeout=REUSE_CONNECT_TIMEOUT).connect(factory)
+        except Exception as err:
+            log(f"stream {name}:{port}: the held tunnel failed ({type(err).__name__}); dialing again")
+            if self.tunnels.get(agent_id) is held:
+                del self.tunnels[agent_id]
+                await held.conn.close()
+            await self._dial_request(client, name, port, "no")
+            return
+        self.dials += 1
+        held.dials += 1
+        self.reused += 1
+        log(f"stream {name}:{port} over the held tunnel (dial {held.dials} on it; "
+            f"connect {(time.monotonic() - start) * 1000:.0f} ms)")
+        self._join(client, cast(_Workspace, workspace))
+
+    async def _dial_request(self, client: _Client, name: str, port: int, wait: str) -> None:
+        """DIAL: look the workspace up (waiting for its startup scripts as ``wait`` says), then
+        a stream over the held tunnel to its agent or a new one."""
         self.dials += 1
         ctx = dataclasses.replace(self.ctx, stderr=cast(IO[str], _StderrToClient(client.transport)))
         start = time.monotonic()
@@ -318,8 +353,10 @@ class Daemon:
                 stream_transport(client).write(f"FAIL {err}\n".encode())
                 stream_transport(client).loseConnection()
             return
-        if workspace is None:
-            return
+        if workspace is not None:
+            self._join(client, workspace)
+
+    def _join(self, client: _Client, workspace: _Workspace) -> None:
         if client.gone:
             stream_transport(workspace).loseConnection()
             return

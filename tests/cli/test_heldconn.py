@@ -82,7 +82,7 @@ class HeldConnectionTests(unittest.TestCase):
     def test_tcp_goes_through_the_daemon_held_meanwhile(self) -> None:
         held = self.held()
         self.assertEqual(self.successResultOf(self.connect(held, 8080)), "daemon stream")
-        self.assertEqual(self.daemon.lines, [f"HOLD {'f' * 64}", f"DIAL {'f' * 64} box 8080 no"])
+        self.assertEqual(self.daemon.lines, [f"HOLD {'f' * 64}", f"STREAM {'f' * 64} box 8080"])
         self.assertEqual(self.dials, [])
         assert self.daemon.hold is not None
         hold_transport = self.daemon.hold.transport
@@ -107,7 +107,7 @@ class HeldConnectionTests(unittest.TestCase):
         self.assertEqual((self.successResultOf(first), self.successResultOf(second)),
                          ("own stream to 80", "own stream to 81"))
         self.assertEqual(self.successResultOf(self.connect(held, 82)), "own stream to 82")
-        self.assertEqual(sum(line.startswith("DIAL") for line in self.daemon.lines), 1)
+        self.assertEqual(sum(line.startswith("STREAM") for line in self.daemon.lines), 1)
         self.assertEqual(self.said, ["coderstack: the tunnel daemon went away (the daemon: Connection refused); "
                                      "dialing here"])
 
@@ -119,7 +119,7 @@ class HeldConnectionTests(unittest.TestCase):
         d = self.connect(held, 80)
         self.dials[0].callback(self.own)
         self.assertEqual(self.successResultOf(d), "own stream to 80")
-        self.assertEqual(sum(line.startswith("DIAL") for line in self.daemon.lines), 0)
+        self.assertEqual(sum(line.startswith("STREAM") for line in self.daemon.lines), 0)
         self.assertEqual(len(self.said), 1)
 
     def test_a_failed_own_dial_fails_that_connection_and_the_next_tries_again(self) -> None:

@@ -283,8 +283,8 @@ class DaemonConnectionTests(unittest.TestCase):
         self.failureResultOf(req.ready, warm.Unavailable)
 
 
-class HoldTests(unittest.TestCase):
-    """HOLD on the daemon's side: a connection that keeps it from exiting idle while open."""
+class _RequestTests(unittest.TestCase):
+    """Requests to a daemon that is not listening, on fake transports."""
 
     def client(self, daemon: tunneld.Daemon, line: bytes) -> tuple[tunneld._Client, StringTransport]:
         a, b = socket.socketpair()
@@ -302,6 +302,10 @@ class HoldTests(unittest.TestCase):
         cfg = made_dir(self)
         ctx = Context(reactor=None, config=ConfigDir(cfg))
         return tunneld.Daemon(None, ctx, warm.paths_for(cfg, "f" * 64, {}), idle=60)
+
+
+class HoldTests(_RequestTests):
+    """HOLD on the daemon's side: a connection that keeps it from exiting idle while open."""
 
     def test_a_hold_keeps_the_daemon_up_until_closed(self) -> None:
         daemon = self.daemon()
@@ -337,3 +341,71 @@ class HoldTests(unittest.TestCase):
         _client, transport = self.client(daemon, b"HOLD " + b"e" * 64)
         self.assertEqual(transport.value(), b"ERR not this daemon's identity\n")
         self.assertEqual(daemon.holds, 0)
+
+
+class _FakeEndpoint:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def connect(self, factory: Any) -> Any:
+        from twisted.internet import defer
+
+        if isinstance(self.answer, Exception):
+            return defer.fail(self.answer)
+        proto = factory.buildProtocol(None)
+        proto.makeConnection(StringTransport())
+        return defer.succeed(proto)
+
+
+class _FakeHeld:
+    """What the daemon keeps of a tunnel: ``conn.tunnel.endpoint(port, timeout)``, ``conn.close``."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer, self.closed, self.ports = answer, False, []
+        self.conn, self.tunnel = self, self
+
+    def endpoint(self, port: int, timeout: float) -> _FakeEndpoint:
+        self.ports.append(port)
+        return _FakeEndpoint(self.answer)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class StreamTests(_RequestTests):
+    """STREAM: over the tunnel an OPEN holds, no lookup; else answered as ``DIAL ... no``."""
+
+    def daemon_holding(self, answer: Any) -> tuple[tunneld.Daemon, _FakeHeld, list[tuple]]:
+        daemon = self.daemon()
+        held = _FakeHeld(answer)
+        daemon.tunnels["agent-1"] = tunneld._Tunnel(held, "agent-1", "box")  # type: ignore[arg-type]  # a fake
+        daemon.names["box"] = "agent-1"
+        dialed: list[tuple] = []
+
+        async def dial(client: Any, name: str, port: int, wait: str) -> None:
+            dialed.append((name, port, wait))
+
+        self.patch(daemon, "_dial_request", dial)
+        return daemon, held, dialed
+
+    def test_over_the_held_tunnel(self) -> None:
+        daemon, held, dialed = self.daemon_holding(None)
+        client, transport = self.client(daemon, b"STREAM " + b"f" * 64 + b" box 8080")
+        self.assertEqual(transport.value(), b"OK\n")
+        self.assertEqual((held.ports, dialed), ([8080], []))
+        self.assertEqual((daemon.dials, daemon.reused, daemon.streams), (1, 1, 1))
+
+    def test_no_held_tunnel_or_a_failing_one_is_a_dial(self) -> None:
+        daemon, held, dialed = self.daemon_holding(OSError("no route"))
+        self.client(daemon, b"STREAM " + b"f" * 64 + b" other 80")
+        self.assertEqual((held.ports, dialed), ([], [("other", 80, "no")]))
+        self.client(daemon, b"STREAM " + b"f" * 64 + b" box 81")
+        self.assertEqual((held.ports, dialed[1:]), ([81], [("box", 81, "no")]))
+        self.assertTrue(held.closed)
+        self.assertEqual(daemon.tunnels, {})  # the next one dials a new tunnel
+
+    def test_a_bad_stream_request(self) -> None:
+        daemon, held, dialed = self.daemon_holding(None)
+        _client, transport = self.client(daemon, b"STREAM " + b"f" * 64 + b" box")
+        self.assertEqual(transport.value(), b"ERR bad request\n")
+        self.assertEqual((held.ports, dialed), ([], []))
