@@ -37,6 +37,18 @@ from coderstack.tailnet.endpoint import PingResult
 from coderstack.twistedtypes import provides, stream_client, stream_transport
 
 
+class DialFailed(error.ConnectError):
+    """A ``STREAM`` the daemon answered ``FAIL``: its text as is, the words the in-process dial
+    would have failed with (a refused port's included)."""
+
+    def __init__(self, text: str) -> None:
+        super().__init__(string=text)
+        self.text = text
+
+    def __str__(self) -> str:
+        return self.text
+
+
 class _Hold(protocol.Protocol):
     """The open ``HOLD`` connection; its end (not ours) means the daemon is gone."""
 
@@ -124,13 +136,13 @@ class HeldConnection:
             try:
                 return await self.daemon.request(f"STREAM {self.daemon.fp} {self.daemon.name} {port}", factory)
             except warm.Failed as err:
-                raise error.ConnectError(str(err)) from None
+                raise DialFailed(str(err)) from None
             except warm.Unavailable as err:
                 self.gone(str(err))
         try:
             conn = await self.own()
         except SDKError as err:
-            raise error.ConnectError(str(err)) from None
+            raise DialFailed(str(err)) from None
         return await stream_client(conn.endpoint(port)).connect(factory)
 
     def endpoint(self, port: int) -> IStreamClientEndpoint:

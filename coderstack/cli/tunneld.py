@@ -34,7 +34,7 @@ import sys
 import time
 from typing import IO, Any, cast
 
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.python.failure import Failure
 from zope.interface import implementer
@@ -318,6 +318,8 @@ class Daemon:
         factory = protocol.Factory.forProtocol(lambda: _Workspace(client))
         try:
             workspace = await held.conn.tunnel.endpoint(port, timeout=REUSE_CONNECT_TIMEOUT).connect(factory)
+        except error.ConnectionRefusedError:
+            raise  # the agent answered: the tunnel works, that port takes no connection (FAIL)
         except Exception as err:
             log(f"stream {name}:{port}: the held tunnel failed ({type(err).__name__}); dialing again")
             if self.tunnels.get(agent_id) is held:
@@ -423,6 +425,8 @@ class Daemon:
             try:
                 endpoint = held.conn.tunnel.endpoint(port, timeout=REUSE_CONNECT_TIMEOUT)
                 workspace = await endpoint.connect(factory)
+            except error.ConnectionRefusedError:
+                raise  # the agent answered: the tunnel works, that port takes no connection (FAIL)
             except Exception as err:
                 log(f"dial {name}:{port}: the held tunnel failed ({type(err).__name__}); dialing again")
                 self.tunnels.pop(agent_id, None)

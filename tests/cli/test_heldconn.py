@@ -95,7 +95,8 @@ class HeldConnectionTests(unittest.TestCase):
         held = self.held()
         self.daemon.dial_answer = warm.Failed("the agent of workspace 'box' is disconnected; start it, then try again")
         failure = self.failureResultOf(self.connect(held, 80), error.ConnectError)
-        self.assertIn("the agent of workspace 'box' is disconnected", failure.getErrorMessage())
+        self.assertEqual(failure.getErrorMessage(),
+                         "the agent of workspace 'box' is disconnected; start it, then try again")
         self.assertEqual(self.dials, [])  # no falling back: the in-process dial would fail the same
 
     def test_once_the_daemon_is_gone_one_tunnel_of_its_own(self) -> None:

@@ -404,6 +404,14 @@ class StreamTests(_RequestTests):
         self.assertTrue(held.closed)
         self.assertEqual(daemon.tunnels, {})  # the next one dials a new tunnel
 
+    def test_a_refused_port_is_a_fail_and_keeps_the_tunnel(self) -> None:
+        from twisted.internet import error
+
+        daemon, held, dialed = self.daemon_holding(error.ConnectionRefusedError("connection refused"))
+        _client, transport = self.client(daemon, b"STREAM " + b"f" * 64 + b" box 7")
+        self.assertEqual(transport.value(), b"FAIL Connection was refused by other side: connection refused.\n")
+        self.assertEqual((held.ports, dialed, held.closed, list(daemon.tunnels)), ([7], [], False, ["agent-1"]))
+
     def test_a_bad_stream_request(self) -> None:
         daemon, held, dialed = self.daemon_holding(None)
         _client, transport = self.client(daemon, b"STREAM " + b"f" * 64 + b" box")

@@ -190,6 +190,20 @@ class WarmPortForwardTests(_Base):
             self.assertEqual((here[0], here[2].strip()), (1, want), here)
             self.assertEqual(daemon, here)
         self.assertEqual(ws.status()["failed"], 2)  # the daemon answered both
+        # A port nothing listens on in the workspace: the connection ends at once, as in-process
+        # (the agent accepts over the tunnel, then closes), and the daemon keeps its tunnel.
+        closed = free_port()
+        logs = []
+        for daemon_on in ("1", "0"):
+            local = free_port()
+            fwd = await self.forward(ws, "--tcp", f"127.0.0.1:{local}:{closed}", CODERSTACK_TUNNEL_DAEMON=daemon_on)
+            client = _Collect()
+            await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", local), client)
+            await wait_until(lambda c=client: c.lost.called, "the forwarded connection to a closed port to end")
+            logs.append(fwd.log().replace(str(local), "LOCAL"))
+        self.assertEqual((bytes(client.buf), logs[0]), (b"", logs[1]))
+        self.assertEqual(ws.status()["tunnels_made"], 1)
+        self.assertNotIn("dialing again", ws.daemon_log())
 
     async def test_udp_goes_over_a_tunnel_of_its_own_and_tcp_through_the_daemon(self) -> None:
         ws = await self.workspace()
