@@ -26,12 +26,12 @@ from typing import Any
 
 from twisted.internet import defer, error, protocol
 from twisted.internet.interfaces import IStreamClientEndpoint
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from coderstack.cli import warm
 from coderstack.cli.daemonconn import DaemonConnection
 from coderstack.cli.dialing import AgentConnection
+from coderstack.cli.sharedcall import SharedCall
 from coderstack.sdk import SDKError
 from coderstack.tailnet.endpoint import PingResult
 from coderstack.twistedtypes import provides, stream_client, stream_transport
@@ -80,7 +80,7 @@ class HeldConnection:
         self.hold: _Hold | None = None
         self.daemon_gone = False
         self.closed = False
-        self._here: defer.Deferred[AgentConnection] | None = None
+        self._dialing = SharedCall(self._dial_here)
         self.here: AgentConnection | None = None
 
     async def start(self) -> None:
@@ -100,35 +100,15 @@ class HeldConnection:
             self.say(f"coderstack: the tunnel daemon went away ({why}); dialing here")
 
     async def own(self) -> AgentConnection:
-        """This process's own tunnel, dialed on first need (once, however many wait for it)."""
+        """This process's own tunnel, dialed on first need (once, however many wait for it; a
+        failed dial is tried again by the next connection)."""
         if self.here is not None:
             return self.here
-        shared = self._here
-        if shared is None:
-            shared = defer.Deferred.fromCoroutine(self._dial_here())
-            if not shared.called:
-                self._here = shared
-        # Each waiter gets its own Deferred, so a failed dial reaches every one of them.
-        mine: defer.Deferred[AgentConnection] = defer.Deferred()
-
-        def settle(result: Any) -> Any:
-            if isinstance(result, Failure):
-                mine.errback(result)
-                return None
-            mine.callback(result)
-            return result
-
-        shared.addBoth(settle)
-        return await mine
+        return await self._dialing.wait()
 
     async def _dial_here(self) -> AgentConnection:
-        try:
-            conn = await self.dial_here()
-        except BaseException:
-            self._here = None  # the next connection tries again
-            raise
-        self.here = conn
-        return conn
+        self.here = await self.dial_here()
+        return self.here
 
     async def connect(self, port: int, factory: protocol.Factory) -> Any:
         """One forwarded TCP connection to ``port``: a ``DIAL`` while the daemon is there."""

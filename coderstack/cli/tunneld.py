@@ -36,11 +36,11 @@ from typing import IO, Any, cast
 
 from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from coderstack.cli import agentwait, tunnel, warm
 from coderstack.cli.context import ConfigDir, Context
+from coderstack.cli.sharedcall import SharedCall
 from coderstack.sdk import SDKError
 from coderstack.twistedtypes import stream_transport
 
@@ -238,7 +238,7 @@ class Daemon:
         self.reactor, self.ctx, self.paths, self.idle = reactor, ctx, paths, idle
         self.uid = os.getuid()
         self.tunnels: dict[str, _Tunnel] = {}  # by agent id
-        self.dialing: dict[str, defer.Deferred[_Tunnel]] = {}
+        self.dialing: dict[str, SharedCall[_Tunnel]] = {}
         self.names: dict[str, str] = {}  # workspace name -> agent id, as OPEN last found it
         self.started = time.time()
         self.last_active = time.monotonic()
@@ -450,21 +450,8 @@ class Daemon:
             return self.tunnels[agent_id]
         shared = self.dialing.get(agent_id)
         if shared is None:
-            shared = defer.Deferred.fromCoroutine(self._dial(name, agent_id))
-            if not shared.called:
-                self.dialing[agent_id] = shared
-        # Each waiter gets its own Deferred, so a failed dial reaches every one of them.
-        mine: defer.Deferred[_Tunnel] = defer.Deferred()
-
-        def settle(result: Any) -> Any:
-            if isinstance(result, Failure):
-                mine.errback(result)
-                return None
-            mine.callback(result)
-            return result
-
-        shared.addBoth(settle)
-        return await mine
+            shared = self.dialing[agent_id] = SharedCall(lambda: self._dial(name, agent_id))
+        return await shared.wait()
 
     async def _dial(self, name: str, agent_id: str) -> _Tunnel:
         try:

@@ -23,6 +23,7 @@ from twisted.trial import unittest
 
 from coderstack.cli import daemonconn, entry, tunneld, warm
 from coderstack.cli.context import ConfigDir, Context
+from coderstack.sdk import SDKError
 from tests.support.processes import REPO_ROOT
 from tests.support.tempdirs import made_dir
 
@@ -411,6 +412,25 @@ class StreamTests(_RequestTests):
         _client, transport = self.client(daemon, b"STREAM " + b"f" * 64 + b" box 7")
         self.assertEqual(transport.value(), b"FAIL Connection was refused by other side: connection refused.\n")
         self.assertEqual((held.ports, dialed, held.closed, list(daemon.tunnels)), ([7], [], False, ["agent-1"]))
+
+    def test_a_failed_tunnel_dial_reaches_every_waiter(self) -> None:
+        from twisted.internet import defer
+
+        daemon = self.daemon()
+        dials: list[defer.Deferred[Any]] = []
+
+        async def connect_agent(reactor: Any, ctx: Any, name: str) -> Any:
+            d: defer.Deferred[Any] = defer.Deferred()
+            dials.append(d)
+            return await d
+
+        self.patch(tunneld.tunnel, "connect_agent", connect_agent)
+        waiters = [defer.Deferred.fromCoroutine(daemon._tunnel("box", "agent-1")) for _ in range(2)]
+        self.assertEqual((len(dials), list(daemon.dialing)), (1, ["agent-1"]))
+        dials[0].errback(SDKError("cannot reach the agent of workspace 'box'"))
+        for waiter in waiters:
+            self.failureResultOf(waiter, SDKError)
+        self.assertEqual((daemon.dialing, daemon.tunnels), ({}, {}))
 
     def test_a_bad_stream_request(self) -> None:
         daemon, held, dialed = self.daemon_holding(None)
