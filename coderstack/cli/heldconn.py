@@ -9,9 +9,9 @@ daemon from exiting idle under it.
 When the daemon goes away anyway (killed; the hold ends without our closing it, or the socket
 refuses), the next connection and every one after it use a tunnel of this process's own,
 dialed then, once: the same tunnel the command would have dialed without the daemon. A
-``STREAM`` the daemon answers ``FAIL`` (its held tunnel failed, and the ``DIAL`` it then made
-found the agent offline or the workspace gone) fails that connection with the daemon's text,
-which is the in-process dial's.
+``STREAM`` the daemon answers ``FAIL`` (the port refused, or the held tunnel failed and the
+``DIAL`` it then made found the agent offline or the workspace gone) fails that connection with
+the daemon's text, which is the in-process dial's.
 
 UDP (``--udp``) has no stream in the protocol, and is carried on that own tunnel too, dialed on
 the first UDP flow: a datagram framing over the unix socket would have to invent drops where
@@ -111,7 +111,7 @@ class HeldConnection:
         return self.here
 
     async def connect(self, port: int, factory: protocol.Factory) -> Any:
-        """One forwarded TCP connection to ``port``: a ``DIAL`` while the daemon is there."""
+        """One forwarded TCP connection to ``port``: a ``STREAM`` while the daemon is there."""
         if not self.daemon_gone:
             try:
                 return await self.daemon.request(f"STREAM {self.daemon.fp} {self.daemon.name} {port}", factory)

@@ -56,7 +56,8 @@ when the daemon holds none for that name, or connecting over it fails, it is ans
 After ``HOLD``'s ``OK`` the connection carries nothing more; while it is open the daemon counts
 as active and does not exit idle, and the client closing it (or exiting) lets go. A long-running
 client (``port-forward``, between its connections) holds the daemon this way; seeing the hold
-end without having closed it tells that client the daemon is gone.
+end without having closed it tells that client the daemon is gone. (A daemon that predates
+``HOLD`` answers ``ERR bad request``, and ``port-forward`` then dials in its own process.)
 
 ``OPEN``, ``PING`` and ``INFO`` (for ``ping`` and ``port-forward``, which run Twisted anyway) are
 described in :mod:`coderstack.cli.daemonconn`.
