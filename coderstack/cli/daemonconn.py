@@ -16,8 +16,8 @@ is one request line answered by ``OK <json>`` (or ``FAIL``/``ERR`` as for ``DIAL
 The synchronous diagnostics (``peer_diagnostics()``, ``netinfo()``, ``derp_region_names()``) answer
 from the last of these answers: the one after the latest ping, dial or ``await_netinfo``.
 
-UDP has no request (``udp_dial`` is None). ``port-forward`` does not use this: it runs for
-hours, and the daemon, counting only open streams, could exit under it while it is idle.
+UDP has no request (``udp_dial`` is None). ``port-forward``, which runs for hours, wraps this in
+:mod:`coderstack.cli.heldconn` (a ``HOLD`` keeps the daemon up between its connections).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 The spec grammar and the forwarding are :mod:`coderstack.forward`; this is the command: options
 (``--tcp``/``-p``, ``--udp``, or ``CODER_PORT_FORWARD_TCP``/``_UDP``), dialing the workspace,
-and running until interrupted.
+and running until interrupted. With the tunnel daemon on, each TCP connection goes through the
+daemon's tunnel and the daemon is held open meanwhile (:mod:`coderstack.cli.heldconn`); without
+it, or once it is gone, through a tunnel dialed here.
 """
 
 from __future__ import annotations
@@ -100,4 +102,4 @@ async def run_with(reactor: Any, options: Options, ctx: Context, connect: Connec
     return 0
 
 
-run = tunnel.command(run_with)
+run = tunnel.command(run_with, hold=True)

@@ -115,6 +115,12 @@ async def connect_agent(reactor: Any, ctx: Context, name: str) -> TunnelConnecti
 RunWith = Callable[[Any, Any, Context, Connect], Awaitable[int]]
 
 
+def _debugging(ctx: Context) -> bool:
+    from coderstack.cli import warm
+
+    return ctx.verbose or ctx.environ.get(warm.DEBUG_ENV, "").lower() in warm.TRUE_VALUES
+
+
 async def connect_via_daemon(reactor: Any, ctx: Context, name: str) -> Any:
     """The tunnel daemon's tunnel to ``name`` (:mod:`coderstack.cli.daemonconn`), or None when the
     daemon is turned off or cannot be used (said on stderr with ``-v`` or the debug variable)."""
@@ -125,27 +131,54 @@ async def connect_via_daemon(reactor: Any, ctx: Context, name: str) -> Any:
     try:
         return await daemonconn.connect(reactor, ctx, name)
     except warm.Unavailable as why:
-        if ctx.verbose or ctx.environ.get(warm.DEBUG_ENV, "").lower() in ("1", "true", "yes", "on"):
+        if _debugging(ctx):
             ctx.err(f"coderstack: not using the tunnel daemon ({why}); dialing here")
         return None
 
 
-def command(run_with: RunWith, via_daemon: bool = False) -> Callable[[Any, Any, Context], Awaitable[int]]:
+async def hold_via_daemon(reactor: Any, ctx: Context, name: str,
+                          dial_here: Callable[[], Awaitable[TunnelConnection]]) -> Any:
+    """:func:`connect_via_daemon` for a long-running command (:mod:`coderstack.cli.heldconn`):
+    the daemon held for as long as it runs, ``dial_here`` once it is gone; None as there."""
+    from coderstack.cli import heldconn, warm
+
+    daemon = await connect_via_daemon(reactor, ctx, name)
+    if daemon is None:
+        return None
+    debugging = _debugging(ctx)
+    try:
+        return await heldconn.hold(daemon, dial_here, ctx.err if debugging else lambda line: None)
+    except warm.Unavailable as why:
+        if debugging:
+            ctx.err(f"coderstack: not using the tunnel daemon ({why}); dialing here")
+        return None
+
+
+def command(run_with: RunWith, via_daemon: bool = False,
+            hold: bool = False) -> Callable[[Any, Any, Context], Awaitable[int]]:
     """``run(reactor, options, ctx)`` for a command written as ``run_with(..., connect)``; waits
     for every tunnel it opened to close (a graceful coordinator disconnect) before returning.
-    ``via_daemon``: use the tunnel daemon's tunnel when it can be had."""
+    ``via_daemon``: use the tunnel daemon's tunnel when it can be had; ``hold``: the same for a
+    long-running command, which holds the daemon and falls back to its own tunnel later."""
 
     async def run(reactor: Any, options: Any, ctx: Context) -> int:
         opened: list[TunnelConnection] = []
 
-        async def hook(reactor: Any, ctx: Context, name: str) -> Any:
-            if via_daemon:
-                held = await connect_via_daemon(reactor, ctx, name)
-                if held is not None:
-                    return held
+        async def dial_here(reactor: Any, ctx: Context, name: str) -> TunnelConnection:
             conn = await connect_agent(reactor, ctx, name)
             opened.append(conn)
             return conn
+
+        async def hook(reactor: Any, ctx: Context, name: str) -> Any:
+            if hold:
+                held = await hold_via_daemon(reactor, ctx, name, lambda: dial_here(reactor, ctx, name))
+                if held is not None:
+                    return held
+            elif via_daemon:
+                held = await connect_via_daemon(reactor, ctx, name)
+                if held is not None:
+                    return held
+            return await dial_here(reactor, ctx, name)
 
         try:
             return await run_with(reactor, options, ctx, hook)

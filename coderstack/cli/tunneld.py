@@ -11,8 +11,12 @@ socket, its files and the line protocol); not meant to be run by hand. It
   lines), finds the workspace's agent, reuses the tunnel to it or dials a new one (the CLI's
   own tailnet Conn, :func:`coderstack.cli.tunnel.connect_agent`), connects to the port and joins
   that stream to the socket, with backpressure and half-close both ways;
-* exits after ``CODERSTACK_TUNNEL_DAEMON_IDLE`` seconds (default 600) with no dial and no open
-  stream, closing its tunnels and removing its socket and PID file.
+* for ``STREAM`` (``port-forward``'s connections): the same over the tunnel an ``OPEN`` of that
+  workspace holds, without asking the API again; a ``DIAL`` when there is none or it fails;
+* for ``HOLD``: answers ``OK`` and counts the connection as activity until the client closes it
+  (a long-running ``port-forward`` between its connections);
+* exits after ``CODERSTACK_TUNNEL_DAEMON_IDLE`` seconds (default 600) with no dial, no open
+  stream and no hold, closing its tunnels and removing its socket and PID file.
 
 Its log (stdout/stderr, ``<config dir>/tunnel-daemon.log``) has one line per dial; it never
 holds the session token (only its fingerprint's first characters, to tell daemons apart).
@@ -30,13 +34,13 @@ import sys
 import time
 from typing import IO, Any, cast
 
-from twisted.internet import defer, protocol, task
+from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import IHalfCloseableProtocol
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from coderstack.cli import agentwait, tunnel, warm
 from coderstack.cli.context import ConfigDir, Context
+from coderstack.cli.sharedcall import SharedCall
 from coderstack.sdk import SDKError
 from coderstack.twistedtypes import stream_transport
 
@@ -108,6 +112,7 @@ class _Client(protocol.Protocol):
         self.workspace: _Workspace | None = None
         self.client_eof = False
         self.gone = False
+        self.holding = False
 
     def connectionMade(self) -> None:
         uid = warm.transport_peer_uid(self.transport)
@@ -128,6 +133,8 @@ class _Client(protocol.Protocol):
         if self.workspace is not None:
             stream_transport(self.workspace).write(data)
             return
+        if self.holding:
+            return  # a hold carries nothing
         if self.request_done:
             self.buffer += data  # the client wrote before OK: kept for the stream
             return
@@ -140,6 +147,14 @@ class _Client(protocol.Protocol):
         self.request_done = True
         stream_transport(self).pauseProducing()
         defer.Deferred.fromCoroutine(self.daemon.handle(self, line.decode("utf-8", "replace")))
+
+    def hold(self) -> None:
+        """HOLD: OK, then the open connection keeps the daemon up until the client closes it."""
+        self.holding = True
+        self.daemon.holds += 1
+        transport = stream_transport(self)
+        transport.write(b"OK\n")
+        transport.resumeProducing()  # paused while the request was handled: EOF must reach us
 
     def joined(self, workspace: _Workspace) -> None:
         """The workspace port is connected: OK, then bytes both ways."""
@@ -158,6 +173,9 @@ class _Client(protocol.Protocol):
 
     def readConnectionLost(self) -> None:
         self.client_eof = True
+        if self.holding:
+            stream_transport(self).loseConnection()  # the client let go
+            return
         if self.workspace is not None:
             transport = stream_transport(self.workspace)
             half_close = getattr(transport, "loseWriteConnection", None)
@@ -173,6 +191,10 @@ class _Client(protocol.Protocol):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.gone = True
+        if self.holding:
+            self.holding = False
+            self.daemon.holds -= 1
+            self.daemon.touch()
         if self.workspace is not None:
             self.daemon.streams -= 1
             self.daemon.touch()
@@ -216,12 +238,13 @@ class Daemon:
         self.reactor, self.ctx, self.paths, self.idle = reactor, ctx, paths, idle
         self.uid = os.getuid()
         self.tunnels: dict[str, _Tunnel] = {}  # by agent id
-        self.dialing: dict[str, defer.Deferred[_Tunnel]] = {}
+        self.dialing: dict[str, SharedCall[_Tunnel]] = {}
         self.names: dict[str, str] = {}  # workspace name -> agent id, as OPEN last found it
         self.started = time.time()
         self.last_active = time.monotonic()
         self.dials = self.tunnels_made = self.reused = self.refused = self.clients = self.failed = 0
         self.streams = 0
+        self.holds = 0  # HOLD connections open
         self.busy = 0
         self.done: defer.Deferred[None] = defer.Deferred()
 
@@ -233,11 +256,17 @@ class Daemon:
             "pid": os.getpid(), "uid": self.uid, "started": self.started, "idle_timeout": self.idle,
             "dials": self.dials, "tunnels_made": self.tunnels_made, "reused": self.reused,
             "failed": self.failed, "refused_peers": self.refused, "open_streams": self.streams,
+            "holds": self.holds, "idle_for": time.monotonic() - self.last_active,
             "tunnels": [{"workspace": t.workspace, "agent_id": t.agent_id, "dials": t.dials}
                         for t in self.tunnels.values()],
         }
 
     async def handle(self, client: _Client, line: str) -> None:
+        if line.startswith("STATUS "):
+            # Watching the daemon is no use of it: a STATUS neither counts as activity nor
+            # resets the idle clock it reports.
+            await self._handle(client, line)
+            return
         self.busy += 1
         self.touch()
         try:
@@ -262,13 +291,52 @@ class Daemon:
             transport.write(json.dumps(self.status()).encode() + b"\n")
             transport.loseConnection()
             return
+        if words[0] == "HOLD" and len(words) == 2:
+            log("hold")
+            client.hold()
+            return
         if words[0] in ("OPEN", "PING", "INFO"):
             await self._query(client, words)
+            return
+        if words[0] == "STREAM" and len(words) == 4 and words[3].isdigit():
+            await self._stream(client, words[2], int(words[3]))
             return
         if words[0] != "DIAL" or len(words) != 5 or not words[3].isdigit() or words[4] not in warm.WAIT_CHOICES:
             client.refuse("bad request")
             return
-        name, port, wait = words[2], int(words[3]), words[4]
+        await self._dial_request(client, words[2], int(words[3]), words[4])
+
+    async def _stream(self, client: _Client, name: str, port: int) -> None:
+        """STREAM: over the tunnel an OPEN of ``name`` holds, with no lookup; else (none held,
+        or it fails) exactly a ``DIAL ... no``."""
+        agent_id = self.names.get(name, "")
+        held = self.tunnels.get(agent_id)
+        if held is None:
+            await self._dial_request(client, name, port, "no")
+            return
+        start = time.monotonic()
+        factory = protocol.Factory.forProtocol(lambda: _Workspace(client))
+        try:
+            workspace = await held.conn.tunnel.endpoint(port, timeout=REUSE_CONNECT_TIMEOUT).connect(factory)
+        except error.ConnectionRefusedError:
+            raise  # the agent answered: the tunnel works, that port takes no connection (FAIL)
+        except Exception as err:
+            log(f"stream {name}:{port}: the held tunnel failed ({type(err).__name__}); dialing again")
+            if self.tunnels.get(agent_id) is held:
+                del self.tunnels[agent_id]
+                await held.conn.close()
+            await self._dial_request(client, name, port, "no")
+            return
+        self.dials += 1
+        held.dials += 1
+        self.reused += 1
+        log(f"stream {name}:{port} over the held tunnel (dial {held.dials} on it; "
+            f"connect {(time.monotonic() - start) * 1000:.0f} ms)")
+        self._join(client, cast(_Workspace, workspace))
+
+    async def _dial_request(self, client: _Client, name: str, port: int, wait: str) -> None:
+        """DIAL: look the workspace up (waiting for its startup scripts as ``wait`` says), then
+        a stream over the held tunnel to its agent or a new one."""
         self.dials += 1
         ctx = dataclasses.replace(self.ctx, stderr=cast(IO[str], _StderrToClient(client.transport)))
         start = time.monotonic()
@@ -287,8 +355,10 @@ class Daemon:
                 stream_transport(client).write(f"FAIL {err}\n".encode())
                 stream_transport(client).loseConnection()
             return
-        if workspace is None:
-            return
+        if workspace is not None:
+            self._join(client, workspace)
+
+    def _join(self, client: _Client, workspace: _Workspace) -> None:
         if client.gone:
             stream_transport(workspace).loseConnection()
             return
@@ -355,6 +425,8 @@ class Daemon:
             try:
                 endpoint = held.conn.tunnel.endpoint(port, timeout=REUSE_CONNECT_TIMEOUT)
                 workspace = await endpoint.connect(factory)
+            except error.ConnectionRefusedError:
+                raise  # the agent answered: the tunnel works, that port takes no connection (FAIL)
             except Exception as err:
                 log(f"dial {name}:{port}: the held tunnel failed ({type(err).__name__}); dialing again")
                 self.tunnels.pop(agent_id, None)
@@ -378,21 +450,8 @@ class Daemon:
             return self.tunnels[agent_id]
         shared = self.dialing.get(agent_id)
         if shared is None:
-            shared = defer.Deferred.fromCoroutine(self._dial(name, agent_id))
-            if not shared.called:
-                self.dialing[agent_id] = shared
-        # Each waiter gets its own Deferred, so a failed dial reaches every one of them.
-        mine: defer.Deferred[_Tunnel] = defer.Deferred()
-
-        def settle(result: Any) -> Any:
-            if isinstance(result, Failure):
-                mine.errback(result)
-                return None
-            mine.callback(result)
-            return result
-
-        shared.addBoth(settle)
-        return await mine
+            shared = self.dialing[agent_id] = SharedCall(lambda: self._dial(name, agent_id))
+        return await shared.wait()
 
     async def _dial(self, name: str, agent_id: str) -> _Tunnel:
         try:
@@ -406,7 +465,7 @@ class Daemon:
         return held
 
     def check_idle(self) -> None:
-        if self.streams or self.busy or self.dialing:
+        if self.streams or self.holds or self.busy or self.dialing:
             return
         if time.monotonic() - self.last_active >= self.idle:
             log(f"idle for {self.idle:g}s: exiting")

@@ -20,7 +20,8 @@ session is never asked. Its files are in a 0700 directory owned by the user,
 * ``tunnel-<key>.lock`` — held (``flock``) by the running daemon, so only one starts;
 
 and its log is ``<config dir>/tunnel-daemon.log``. The daemon exits after
-``CODERSTACK_TUNNEL_DAEMON_IDLE`` seconds (default 600) without a dial or an open stream.
+``CODERSTACK_TUNNEL_DAEMON_IDLE`` seconds (default 600) without a dial, an open stream or a
+``HOLD``.
 ``CODERSTACK_TUNNEL_DAEMON=0`` turns all of this off; ``CODERSTACK_TUNNEL_DAEMON_DEBUG=1`` (or
 ``-v``) says on stderr why the daemon was not used.
 
@@ -30,21 +31,35 @@ One request line from the client (UTF-8, ``\\n``-terminated, fields separated by
 
     DIAL <fingerprint> <workspace> <port> <wait>     wait: yes, no or auto (as ssh --wait)
     STATUS <fingerprint>
+    STREAM <fingerprint> <workspace> <port>          DIAL ... no, over the tunnel an OPEN holds
+    HOLD <fingerprint>                               keep the daemon up while this is open
 
 ``fingerprint`` is the hex SHA-256 of the identity (URL, session, direct or not), never the token
 itself: the daemon refuses a request whose fingerprint is not its own. Replies, one per line::
 
     MSG <text>      a line for the user's stderr (startup script logs while waiting); 0 or more
-    OK              after DIAL: from the next byte on the socket *is* the TCP stream to
+    OK              after DIAL or STREAM: from the next byte on the socket *is* the TCP stream to
                     <port> on the workspace; the client's shutdown(SHUT_WR) half-closes it, and
                     the workspace closing its side ends the socket
     FAIL <text>     the dial failed as an in-process one would (no such workspace, agent
                     offline, tunnel down): the client prints ``error: <text>`` and exits 1
     ERR <text>      refused (another uid, another identity, a bad request): the client falls
                     back to dialing in its own process
-    {...}           after STATUS: one JSON line (pid, dials, tunnels made and reused, ...)
+    {...}           after STATUS: one JSON line (pid, dials, tunnels made and reused, open
+                    streams and holds, seconds since the last activity, ...)
 
-``OPEN``, ``PING`` and ``INFO`` (for ``coderstack ping``, which runs Twisted anyway) are
+``STREAM`` is for a client that has sent ``OPEN`` for the workspace (``port-forward``, one per
+connection): it skips the workspace lookup a ``DIAL`` makes, using the tunnel that ``OPEN`` found;
+when the daemon holds none for that name, or connecting over it fails, it is answered as
+``DIAL <fingerprint> <workspace> <port> no`` (same replies, same ``FAIL`` texts).
+
+After ``HOLD``'s ``OK`` the connection carries nothing more; while it is open the daemon counts
+as active and does not exit idle, and the client closing it (or exiting) lets go. A long-running
+client (``port-forward``, between its connections) holds the daemon this way; seeing the hold
+end without having closed it tells that client the daemon is gone. (A daemon that predates
+``HOLD`` answers ``ERR bad request``, and ``port-forward`` then dials in its own process.)
+
+``OPEN``, ``PING`` and ``INFO`` (for ``ping`` and ``port-forward``, which run Twisted anyway) are
 described in :mod:`coderstack.cli.daemonconn`.
 
 Both ends check each other: the daemon compares the peer's ``SO_PEERCRED`` uid with its own

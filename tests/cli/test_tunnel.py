@@ -46,3 +46,76 @@ class AwaitNetinfoTests(unittest.TestCase):
         conn = _Conn(clock)
         conn.last_report = object()
         self.successResultOf(defer.ensureDeferred(_tunnel(conn).await_netinfo(5)))
+
+
+class _Ctx:
+    verbose = False
+
+    def __init__(self, environ: dict[str, str]) -> None:
+        self.environ = environ
+        self.lines: list[str] = []
+
+    def err(self, line: str = "") -> None:
+        self.lines.append(line)
+
+
+class _Own:
+    closed = False
+
+    def close(self) -> defer.Deferred[None]:
+        self.closed = True
+        return defer.succeed(None)
+
+
+class HoldCommandTests(unittest.TestCase):
+    """``tunnel.command(run_with, hold=True)`` (port-forward): the daemon held when it can be,
+    a tunnel dialed here (and closed at the end) when it cannot."""
+
+    def run_command(self, hold_answer: object, environ: dict[str, str]) -> tuple[list[object], _Own, _Ctx]:
+        from coderstack.cli import heldconn, tunnel, warm
+
+        own = _Own()
+        got: list[object] = []
+
+        async def connect_via_daemon(reactor: object, ctx: object, name: str) -> object:
+            return "daemon connection" if warm.enabled(ctx.environ) else None  # type: ignore[attr-defined]  # _Ctx
+
+        async def hold(daemon: object, dial_here: object, say: object) -> object:
+            if isinstance(hold_answer, Exception):
+                raise hold_answer
+            return hold_answer
+
+        async def connect_agent(reactor: object, ctx: object, name: str) -> _Own:
+            return own
+
+        self.patch(tunnel, "connect_via_daemon", connect_via_daemon)
+        self.patch(heldconn, "hold", hold)
+        self.patch(tunnel, "connect_agent", connect_agent)
+
+        async def run_with(reactor: object, options: object, ctx: object, connect: object) -> int:
+            got.append(await connect(reactor, ctx, "box"))  # type: ignore[operator]  # the hook
+            return 0
+
+        ctx = _Ctx(environ)
+        d = defer.ensureDeferred(tunnel.command(run_with, hold=True)(None, None, ctx))  # type: ignore[arg-type]  # _Ctx
+        self.assertEqual(self.successResultOf(d), 0)
+        return got, own, ctx
+
+    def test_the_daemon_held(self) -> None:
+        got, own, ctx = self.run_command("held connection", {})
+        self.assertEqual(got, ["held connection"])
+        self.assertFalse(own.closed)
+
+    def test_a_daemon_refusing_hold_means_a_tunnel_here(self) -> None:
+        from coderstack.cli import warm
+
+        got, own, ctx = self.run_command(warm.Unavailable("the daemon refused: bad request"),
+                                         {"CODERSTACK_TUNNEL_DAEMON_DEBUG": "1"})
+        self.assertEqual(got, [own])
+        self.assertTrue(own.closed)
+        self.assertEqual(ctx.lines, ["coderstack: not using the tunnel daemon (the daemon refused: bad request); "
+                                     "dialing here"])
+
+    def test_the_daemon_turned_off(self) -> None:
+        got, own, ctx = self.run_command("held connection", {"CODERSTACK_TUNNEL_DAEMON": "0"})
+        self.assertEqual((got, own.closed, ctx.lines), ([own], True, []))

@@ -6,6 +6,7 @@ tests.integration.test_ssh.WarmCLITests.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+import time
 from typing import Any
 
 from twisted.internet import protocol
@@ -21,6 +23,7 @@ from twisted.trial import unittest
 
 from coderstack.cli import daemonconn, entry, tunneld, warm
 from coderstack.cli.context import ConfigDir, Context
+from coderstack.sdk import SDKError
 from tests.support.processes import REPO_ROOT
 from tests.support.tempdirs import made_dir
 
@@ -279,3 +282,158 @@ class DaemonConnectionTests(unittest.TestCase):
         req, _ = self.request()
         req.connectionLost(None)
         self.failureResultOf(req.ready, warm.Unavailable)
+
+
+class _RequestTests(unittest.TestCase):
+    """Requests to a daemon that is not listening, on fake transports."""
+
+    def client(self, daemon: tunneld.Daemon, line: bytes) -> tuple[tunneld._Client, StringTransport]:
+        a, b = socket.socketpair()
+        self.addCleanup(a.close)
+        self.addCleanup(b.close)
+        client = tunneld._Client(daemon)
+        transport = StringTransport()
+        transport.socket = a  # type: ignore[attr-defined]  # what a reactor's unix transport has
+        client.makeConnection(transport)
+        client.dataReceived(line + b"\n")
+        return client, transport
+
+    def daemon(self) -> tunneld.Daemon:
+        self.patch(tunneld, "log", lambda line: None)
+        cfg = made_dir(self)
+        ctx = Context(reactor=None, config=ConfigDir(cfg))
+        return tunneld.Daemon(None, ctx, warm.paths_for(cfg, "f" * 64, {}), idle=60)
+
+
+class HoldTests(_RequestTests):
+    """HOLD on the daemon's side: a connection that keeps it from exiting idle while open."""
+
+    def test_a_hold_keeps_the_daemon_up_until_closed(self) -> None:
+        daemon = self.daemon()
+        client, transport = self.client(daemon, b"HOLD " + b"f" * 64)
+        self.assertEqual(transport.value(), b"OK\n")
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual((daemon.holds, daemon.status()["holds"]), (1, 1))
+        daemon.last_active -= 120  # long past the idle limit
+        daemon.check_idle()
+        self.assertFalse(daemon.done.called)
+        client.dataReceived(b"anything")  # carries nothing: ignored
+        client.readConnectionLost()  # the client let go: the daemon closes its side
+        self.assertTrue(transport.disconnecting)
+        client.connectionLost(None)
+        self.assertEqual(daemon.holds, 0)
+        daemon.check_idle()  # its end counts as activity: the idle time starts again
+        self.assertFalse(daemon.done.called)
+        daemon.last_active -= 120
+        daemon.check_idle()
+        self.assertTrue(daemon.done.called)
+
+    def test_status_is_no_activity(self) -> None:
+        daemon = self.daemon()
+        daemon.last_active -= 30
+        _client, transport = self.client(daemon, b"STATUS " + b"f" * 64)
+        status = json.loads(transport.value())
+        self.assertGreaterEqual(status["idle_for"], 30)
+        self.assertLessEqual(time.monotonic() - daemon.last_active, 31)
+        self.assertGreaterEqual(time.monotonic() - daemon.last_active, 30)
+
+    def test_a_hold_for_another_identity_is_refused(self) -> None:
+        daemon = self.daemon()
+        _client, transport = self.client(daemon, b"HOLD " + b"e" * 64)
+        self.assertEqual(transport.value(), b"ERR not this daemon's identity\n")
+        self.assertEqual(daemon.holds, 0)
+
+
+class _FakeEndpoint:
+    def __init__(self, answer: Any) -> None:
+        self.answer = answer
+
+    def connect(self, factory: Any) -> Any:
+        from twisted.internet import defer
+
+        if isinstance(self.answer, Exception):
+            return defer.fail(self.answer)
+        proto = factory.buildProtocol(None)
+        proto.makeConnection(StringTransport())
+        return defer.succeed(proto)
+
+
+class _FakeHeld:
+    """What the daemon keeps of a tunnel: ``conn.tunnel.endpoint(port, timeout)``, ``conn.close``."""
+
+    def __init__(self, answer: Any) -> None:
+        self.answer, self.closed, self.ports = answer, False, []
+        self.conn, self.tunnel = self, self
+
+    def endpoint(self, port: int, timeout: float) -> _FakeEndpoint:
+        self.ports.append(port)
+        return _FakeEndpoint(self.answer)
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class StreamTests(_RequestTests):
+    """STREAM: over the tunnel an OPEN holds, no lookup; else answered as ``DIAL ... no``."""
+
+    def daemon_holding(self, answer: Any) -> tuple[tunneld.Daemon, _FakeHeld, list[tuple]]:
+        daemon = self.daemon()
+        held = _FakeHeld(answer)
+        daemon.tunnels["agent-1"] = tunneld._Tunnel(held, "agent-1", "box")  # type: ignore[arg-type]  # a fake
+        daemon.names["box"] = "agent-1"
+        dialed: list[tuple] = []
+
+        async def dial(client: Any, name: str, port: int, wait: str) -> None:
+            dialed.append((name, port, wait))
+
+        self.patch(daemon, "_dial_request", dial)
+        return daemon, held, dialed
+
+    def test_over_the_held_tunnel(self) -> None:
+        daemon, held, dialed = self.daemon_holding(None)
+        client, transport = self.client(daemon, b"STREAM " + b"f" * 64 + b" box 8080")
+        self.assertEqual(transport.value(), b"OK\n")
+        self.assertEqual((held.ports, dialed), ([8080], []))
+        self.assertEqual((daemon.dials, daemon.reused, daemon.streams), (1, 1, 1))
+
+    def test_no_held_tunnel_or_a_failing_one_is_a_dial(self) -> None:
+        daemon, held, dialed = self.daemon_holding(OSError("no route"))
+        self.client(daemon, b"STREAM " + b"f" * 64 + b" other 80")
+        self.assertEqual((held.ports, dialed), ([], [("other", 80, "no")]))
+        self.client(daemon, b"STREAM " + b"f" * 64 + b" box 81")
+        self.assertEqual((held.ports, dialed[1:]), ([81], [("box", 81, "no")]))
+        self.assertTrue(held.closed)
+        self.assertEqual(daemon.tunnels, {})  # the next one dials a new tunnel
+
+    def test_a_refused_port_is_a_fail_and_keeps_the_tunnel(self) -> None:
+        from twisted.internet import error
+
+        daemon, held, dialed = self.daemon_holding(error.ConnectionRefusedError("connection refused"))
+        _client, transport = self.client(daemon, b"STREAM " + b"f" * 64 + b" box 7")
+        self.assertEqual(transport.value(), b"FAIL Connection was refused by other side: connection refused.\n")
+        self.assertEqual((held.ports, dialed, held.closed, list(daemon.tunnels)), ([7], [], False, ["agent-1"]))
+
+    def test_a_failed_tunnel_dial_reaches_every_waiter(self) -> None:
+        from twisted.internet import defer
+
+        daemon = self.daemon()
+        dials: list[defer.Deferred[Any]] = []
+
+        async def connect_agent(reactor: Any, ctx: Any, name: str) -> Any:
+            d: defer.Deferred[Any] = defer.Deferred()
+            dials.append(d)
+            return await d
+
+        self.patch(tunneld.tunnel, "connect_agent", connect_agent)
+        waiters = [defer.Deferred.fromCoroutine(daemon._tunnel("box", "agent-1")) for _ in range(2)]
+        self.assertEqual((len(dials), list(daemon.dialing)), (1, ["agent-1"]))
+        dials[0].errback(SDKError("cannot reach the agent of workspace 'box'"))
+        for waiter in waiters:
+            self.failureResultOf(waiter, SDKError)
+        self.assertEqual((daemon.dialing, daemon.tunnels), ({}, {}))
+
+    def test_a_bad_stream_request(self) -> None:
+        daemon, held, dialed = self.daemon_holding(None)
+        _client, transport = self.client(daemon, b"STREAM " + b"f" * 64 + b" box")
+        self.assertEqual(transport.value(), b"ERR bad request\n")
+        self.assertEqual((held.ports, dialed), ([], []))
