@@ -2,6 +2,7 @@
 
     python bench/bench_netstack.py [--quick] [--runs N] [--no-tun]
     python bench/bench_netstack.py --loss 0,0.005,0.01 [--runs N] [--size BYTES]
+    sudo python bench/bench_netstack.py --wan [--runs N]
 
 Rows (medians of --runs runs, Mbit/s of application payload):
 - in-process: two of our stacks in one process over a simulated link (CPU cost of both ends);
@@ -296,6 +297,54 @@ print(*(out[0] if out else ("nan", "nan")))
     return float(a), float(b)
 
 
+def bench_wan(size: int, floor: bool, one_way: float = 0.01, loss: float = 0.005) -> float:
+    """Our stack -> Linux TCP through a TUN with ``one_way`` seconds of delay each way (a
+    userspace forwarder on our side) and ``loss`` random loss each way on the router: Mbit/s
+    seen by the kernel receiver, with the window's bandwidth-delay floor or without."""
+    code = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+from twisted.internet import reactor, defer
+from coderstack.netstack.tcpconfig import TCPConfig
+from tests.interop.netstack_lab import DelayLink
+from tests.interop.test_netstack_linux import WANPathTests as Tests
+t = Tests("test_the_floor_keeps_a_lossy_wan_path_full")
+t.config = TCPConfig(bdp_floor={floor!r})
+t.loss = {loss!r}
+t.link = staticmethod(lambda k, s: DelayLink(k, s, one_way={one_way!r}))
+cleanups = []
+t.addCleanup = cleanups.append
+out = []
+def clean():
+    for c in reversed(cleanups):
+        try:
+            c()
+        except Exception:
+            pass
+    cleanups.clear()
+@defer.inlineCallbacks
+def main():
+    try:
+        t.setUp()
+        out.append((yield t.us_to_kernel(size={size})))
+    except Exception as e:
+        print("error", e, file=sys.stderr)
+    finally:
+        clean()
+        reactor.stop()
+def watchdog():
+    clean()  # never leave a namespace behind
+    if reactor.running:
+        reactor.stop()
+reactor.callLater(300, watchdog)
+reactor.callWhenRunning(main)
+reactor.run()
+print(out[0] if out else "nan")
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    return float(res.stdout.split()[-1])
+
+
 def bench_wg_kernel(seconds: int = 3, prefix: str = "csns", reverse: bool = False, loss: float = 0.0) -> float:
     """wireguard-go in two namespaces, kernel TCP (iperf3) through it: the baseline row.
     ``prefix`` starts every namespace and interface name (each caller has its own); ``reverse``
@@ -428,7 +477,22 @@ def main() -> None:
     ap.add_argument("--size", type=int)
     ap.add_argument("--mtu", type=int, default=1280)
     ap.add_argument("--loss", help="comma-separated loss rates: only the in-process rows at those losses")
+    ap.add_argument("--wan", action="store_true",
+                    help="only our stack -> Linux TCP over a 20 ms round trip at 0.5%% loss, with the "
+                         "bandwidth-delay floor and without (root)")
     args = ap.parse_args()
+    if args.wan:
+        size = args.size or (12 << 20)
+        print(f"{datetime.date.today()}, {platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}; "
+              f"our stack -> Linux TCP via TUN, 20 ms round trip, 0.5% loss each way, {size >> 20} MiB, "
+              f"median of {args.runs}\n")
+        print("| window | Mbit/s (runs) |\n|---|---:|")
+        for floor, loss in ((True, 0.0), (False, 0.005), (True, 0.005)):
+            got = [bench_wan(size, floor, loss=loss) for _ in range(args.runs)]
+            label = "CUBIC + bandwidth-delay floor (default)" if floor else "CUBIC alone (CODERSTACK_TCP_BDP_FLOOR=0)"
+            label += "" if loss else ", no loss (the path without it)"
+            print(f"| {label} | {statistics.median(got):.1f} ({', '.join(f'{g:.1f}' for g in got)}) |", flush=True)
+        return
     if args.loss:
         bench_loss(args.size or (16 << 20), [float(x) for x in args.loss.split(",")], args.runs)
         return

@@ -14,6 +14,7 @@ by PID.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import secrets
@@ -86,6 +87,52 @@ class DirectLink:
     def __init__(self, to_kernel, to_stack) -> None:
         self.to_kernel = to_kernel
         self.to_stack = to_stack
+
+
+class DelayLink:
+    """Delays every packet, each direction, by ``one_way`` seconds: a WAN's round trip between
+    our stack and the kernel's (the kernel has no netem here), in order, one timer per direction."""
+
+    def __init__(self, to_kernel, to_stack, one_way: float = 0.01) -> None:
+        self._kernel = to_kernel
+        self._stack = to_stack
+        self.one_way = one_way
+        self.queues = {"k": collections.deque(), "s": collections.deque()}
+        self.timers = {"k": None, "s": None}
+        self.stopped = False
+
+    def _later(self, key: str, item) -> None:
+        if self.stopped:
+            return  # the lab is being taken down: what the stack still says goes nowhere
+        self.queues[key].append((reactor.seconds() + self.one_way, item))
+        if self.timers[key] is None:
+            self.timers[key] = reactor.callLater(self.one_way, self._due, key)
+
+    def _due(self, key: str) -> None:
+        self.timers[key] = None
+        q = self.queues[key]
+        now = reactor.seconds()
+        while q and q[0][0] <= now:
+            _, item = q.popleft()
+            if key == "k":
+                self._kernel(item)
+            else:
+                self._stack(item)
+        if q:
+            self.timers[key] = reactor.callLater(max(0.0, q[0][0] - now), self._due, key)
+
+    def to_kernel(self, packet: bytes) -> None:
+        self._later("k", packet)
+
+    def to_stack(self, packets: list[bytes]) -> None:
+        self._later("s", packets)
+
+    def stop(self) -> None:
+        self.stopped = True
+        for key, timer in self.timers.items():
+            if timer is not None and timer.active():
+                timer.cancel()
+            self.timers[key] = None
 
 
 class ReorderingLink:
