@@ -150,13 +150,17 @@ def request_headers(
     forwarded_proto: str, forwarded_host: str, strip_cookies: frozenset[str], websocket: bool,
 ) -> list[Header]:
     """The headers to send the app for a request with ``headers`` (name, values)."""
-    pairs = [(name, list(values)) for name, values in headers]
-    named = connection_tokens(v for n, vs in pairs if n.lower() == b"connection" for v in vs)
+    pairs = headers if isinstance(headers, list) else list(headers)
+    named: frozenset[bytes] = frozenset()
+    for n, _vs in pairs:
+        if n.lower() == b"connection":
+            named = connection_tokens(v for n2, vs2 in pairs if n2.lower() == b"connection" for v in vs2)
+            break
     out: list[Header] = []
     cookies: list[bytes] = []
     for name, values in pairs:
         low = name.lower()
-        if is_hop_by_hop(low, named) or low in _REPLACED:
+        if low in _REPLACED or low in HOP_BY_HOP or low in named or low.startswith(b"proxy-"):
             continue
         if low == b"cookie":
             cookies.extend(values)
@@ -164,10 +168,12 @@ def request_headers(
         if not is_token(name):
             continue  # not a name HTTP could carry on
         cased = canonical_name(name)
-        out.extend((cased, one_line(v)) for v in values)
-    cookie = filter_cookies(cookies, strip_cookies)
-    if cookie is not None:
-        out.append((b"Cookie", one_line(cookie)))
+        for v in values:
+            out.append((cased, one_line(v)))
+    if cookies:
+        cookie = filter_cookies(cookies, strip_cookies)
+        if cookie is not None:
+            out.append((b"Cookie", one_line(cookie)))
     if websocket:
         out.append((b"Connection", b"Upgrade"))
         out.append((b"Upgrade", b"websocket"))

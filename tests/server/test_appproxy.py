@@ -24,6 +24,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from coderstack.server import appheaders
 from coderstack.server.appproxy import AppProxy, Upstream, UpstreamUnavailable
 from coderstack.server.errorpage import render_error_page
 from tests.support.tlscerts import make_ca_and_server_cert
@@ -737,6 +738,18 @@ class ErrorTests(unittest.TestCase):
             client.send(get(b"/"))
             self.assertErrorPage(await client.response(), 502, b"The app is not responding")
             await wait_until(lambda f=front: not f.proxy._exchanges, "the exchange to end")
+
+    async def test_a_fault_of_the_proxy_with_a_response_is_its_502_page(self) -> None:
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        self.patch(appheaders, "response_header_pairs", broken)
+        front = await self._raw_app(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        client = await front.client()
+        client.send(get(b"/"))
+        self.assertErrorPage(await client.response(), 502, b"The app is not responding")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        await wait_until(lambda: not front.proxy._exchanges, "the exchange to end")
 
     async def test_a_malformed_chunk_after_the_head_closes_the_browser_connection(self) -> None:
         front = await self._raw_app(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfine\r\nzz\r\n")
