@@ -51,10 +51,19 @@ _WEBSOCKET_NAMES = {
 Header = tuple[bytes, bytes]
 
 
+_CANONICAL: dict[bytes, bytes] = {}  # names seen: their casing (at most _CANONICAL_MAX of them)
+_CANONICAL_MAX = 1024
+
+
 def canonical_name(name: bytes) -> bytes:
     """``name`` in Header-Case, with the registered casing for the ``Sec-WebSocket-*`` names."""
-    low = name.lower()
-    return _WEBSOCKET_NAMES.get(low) or b"-".join(w.capitalize() for w in low.split(b"-"))
+    cased = _CANONICAL.get(name)
+    if cased is None:
+        low = name.lower()
+        cased = _WEBSOCKET_NAMES.get(low) or b"-".join(w.capitalize() for w in low.split(b"-"))
+        if len(_CANONICAL) < _CANONICAL_MAX:
+            _CANONICAL[name] = cased
+    return cased
 
 
 def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
@@ -62,6 +71,21 @@ def connection_tokens(values: Iterable[bytes]) -> frozenset[bytes]:
     return frozenset(
         t.strip().lower() for v in values for t in v.split(b",") if t.strip()
     )
+
+
+_TCHAR = frozenset(b"!#$%&'*+-.^_`|~0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ")
+
+
+def is_token(value: bytes) -> bool:
+    """Whether ``value`` is an HTTP token (a method, a header name)."""
+    return bool(value) and _TCHAR.issuperset(value)
+
+
+def one_line(value: bytes) -> bytes:
+    """``value`` with any CR, LF or NUL in it made a space (a header value sent on)."""
+    if b"\r" in value or b"\n" in value or b"\x00" in value:
+        return value.replace(b"\r", b" ").replace(b"\n", b" ").replace(b"\x00", b" ")
+    return value
 
 
 def is_hop_by_hop(name: bytes, named: frozenset[bytes]) -> bool:
@@ -126,21 +150,30 @@ def request_headers(
     forwarded_proto: str, forwarded_host: str, strip_cookies: frozenset[str], websocket: bool,
 ) -> list[Header]:
     """The headers to send the app for a request with ``headers`` (name, values)."""
-    pairs = [(name, list(values)) for name, values in headers]
-    named = connection_tokens(v for n, vs in pairs if n.lower() == b"connection" for v in vs)
+    pairs = headers if isinstance(headers, list) else list(headers)
+    named: frozenset[bytes] = frozenset()
+    for n, _vs in pairs:
+        if n.lower() == b"connection":
+            named = connection_tokens(v for n2, vs2 in pairs if n2.lower() == b"connection" for v in vs2)
+            break
     out: list[Header] = []
     cookies: list[bytes] = []
     for name, values in pairs:
         low = name.lower()
-        if is_hop_by_hop(low, named) or low in _REPLACED:
+        if low in _REPLACED or low in HOP_BY_HOP or low in named or low.startswith(b"proxy-"):
             continue
         if low == b"cookie":
             cookies.extend(values)
             continue
-        out.extend((canonical_name(name), v) for v in values)
-    cookie = filter_cookies(cookies, strip_cookies)
-    if cookie is not None:
-        out.append((b"Cookie", cookie))
+        if not is_token(name):
+            continue  # not a name HTTP could carry on
+        cased = canonical_name(name)
+        for v in values:
+            out.append((cased, one_line(v)))
+    if cookies:
+        cookie = filter_cookies(cookies, strip_cookies)
+        if cookie is not None:
+            out.append((b"Cookie", one_line(cookie)))
     if websocket:
         out.append((b"Connection", b"Upgrade"))
         out.append((b"Upgrade", b"websocket"))
@@ -161,3 +194,27 @@ def response_headers(
         (canonical_name(name), list(values)) for name, values in headers
         if not is_hop_by_hop(name, named)
     ]
+
+
+def response_header_pairs(
+    headers: Iterable[Header], connection: frozenset[bytes], *, keep_length: bool,
+) -> dict[bytes, list[bytes]]:
+    """The app's response headers (name, value pairs as received) to pass to the browser, by
+    name; ``connection`` is the options the response's ``Connection`` header names (they go
+    too). ``Content-Length`` passes only when ``keep_length`` (the answer to a ``HEAD``): the
+    proxy sets the framing of a body itself."""
+    out: dict[bytes, list[bytes]] = {}
+    for name, value in headers:
+        low = name.lower()
+        if low in HOP_BY_HOP or low.startswith(b"proxy-") or low in connection:
+            continue
+        if low == b"content-length" and not keep_length:
+            continue
+        key = canonical_name(low)
+        values = out.get(key)
+        if values is None:
+            out[key] = [value]
+        else:
+            values.append(value)
+    return out
+

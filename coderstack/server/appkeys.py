@@ -54,9 +54,22 @@ def _unb64(text: str) -> bytes:
     return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
 
 
+_SESSION_HASHES: dict[str, str] = {}  # token: its session_hash, for the sessions now in use
+_SESSION_HASHES_MAX = 4096
+
+
 def session_hash(token: str | None) -> str:
-    """A short, non-reversible name for the session a ticket was issued to."""
-    return "" if not token else hashlib.sha256(token.encode()).hexdigest()[:32]
+    """A short, non-reversible name for the session a ticket was issued to (remembered for
+    the tokens seen lately: every app request names its session)."""
+    if not token:
+        return ""
+    found = _SESSION_HASHES.get(token)
+    if found is None:
+        found = hashlib.sha256(token.encode()).hexdigest()[:32]
+        if len(_SESSION_HASHES) >= _SESSION_HASHES_MAX:
+            _SESSION_HASHES.clear()
+        _SESSION_HASHES[token] = found
+    return found
 
 
 @dataclass(frozen=True)

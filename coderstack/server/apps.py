@@ -26,6 +26,7 @@ Every refusal is a small HTML page (``errorpage.py``), never a traceback or JSON
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid
 from dataclasses import dataclass
 from typing import Any, cast
@@ -83,6 +84,11 @@ class ResolvedApp:
     upstream_url: str
     health: str  # healthy | unhealthy | initializing | disabled
 
+    @functools.cached_property
+    def agent_key(self) -> str:
+        """The agent's id as tickets name it."""
+        return str(self.agent.id)
+
 
 class AppRouter:
     """Finds the app a request names and serves it (see the module docstring)."""
@@ -97,6 +103,9 @@ class AppRouter:
         self.path_apps = path_apps
         self._resource = _AppResource(self)
         self._resolved: dict[tuple[AppTarget, bool], tuple[float, ResolvedApp]] = {}
+        # Lookups under way: the requests waiting for each (one lookup however many ask).
+        self._resolving: dict[tuple[AppTarget, bool], list[Deferred[ResolvedApp]]] = {}
+        self._generation = 0  # forget_resolved() since a lookup began: its answer is not kept
         self._labels: dict[bytes, str | None] = {}
 
     @property
@@ -106,6 +115,7 @@ class AppRouter:
     def forget_resolved(self) -> None:
         """Drop the resolved apps (a share changed here: show it now, not within RESOLVE_TTL)."""
         self._resolved.clear()
+        self._generation += 1
 
     def set_wildcard(self, wildcard: WildcardHost | None) -> None:
         """Subdomain apps on (or off); set once the access URL, whose port it may take, is known."""
@@ -199,11 +209,11 @@ class AppRouter:
             identity = cookie_path
 
         app = await self._resolve(target, subdomain)
-        ticket = self.auth.ticket(request, identity, str(app.agent.id), subdomain)
+        ticket = self.auth.ticket(request, identity, app.agent_key, subdomain)
         if ticket is None:
             viewer = await self.auth.viewer(request, subdomain)
             self._authorize(request, app, viewer, subdomain)
-            self.auth.issue_ticket(request, identity, viewer, str(app.agent.id), cookie_path)
+            self.auth.issue_ticket(request, identity, viewer, app.agent_key, cookie_path)
         token, from_cookie = self.auth.credential(request, subdomain)
         if token is not None and from_cookie:
             self.auth.check_origin(request, subdomain)
@@ -258,10 +268,27 @@ class AppRouter:
         cached = self._resolved.get(key)
         if cached is not None and cached[0] > now:
             return cached[1]
-        app = await self._lookup(target, subdomain)
-        if len(self._resolved) > 4096:
-            self._resolved.clear()  # a crude bound; entries are cheap to find again
-        self._resolved[key] = (now + RESOLVE_TTL, app)
+        waiting = self._resolving.get(key)
+        if waiting is not None:
+            answer: Deferred[ResolvedApp] = Deferred()
+            waiting.append(answer)
+            return await answer
+        waiting = self._resolving[key] = []
+        generation = self._generation
+        try:
+            app = await self._lookup(target, subdomain)
+        except BaseException as e:
+            del self._resolving[key]
+            for w in waiting:
+                w.errback(e)
+            raise
+        del self._resolving[key]
+        if generation == self._generation:
+            if len(self._resolved) > 4096:
+                self._resolved.clear()  # a crude bound; entries are cheap to find again
+            self._resolved[key] = (now + RESOLVE_TTL, app)
+        for w in waiting:
+            w.callback(app)
         return app
 
     async def _lookup(self, target: AppTarget, subdomain: bool) -> ResolvedApp:
@@ -310,12 +337,10 @@ class AppRouter:
         return ResolvedApp(target, ws, agent, level, app["url"], app.get("health", "disabled"))
 
     async def _proxy(self, request: Request, app: ResolvedApp, path: str) -> None:
-        url = urlsplit(app.upstream_url)
-        scheme = url.scheme.lower()
-        if scheme not in ("http", "https") or (url.hostname or "").lower() not in _LOOPBACK_HOSTS:
+        scheme, host_name, port, url_path, url_query = _split_upstream(app.upstream_url)
+        if scheme not in ("http", "https") or host_name not in _LOOPBACK_HOSTS:
             raise Refused(502, "The app's URL cannot be reached",
                           "Apps are reached on the workspace's loopback (http://localhost:PORT).")
-        port = url.port or (443 if scheme == "https" else 80)
         if port < MIN_FORWARDED_PORT:
             raise Refused(502, "The app's URL cannot be reached", f"Port {port} is the agent's own.")
         agent_id: uuid.UUID = app.agent.id
@@ -328,8 +353,8 @@ class AppRouter:
                 raise UpstreamUnavailable(502, "The workspace agent cannot be reached", str(e)) from None
 
         host = (request.getHeader(b"host") or b"").decode("latin-1")
-        upstream = Upstream(scheme=scheme, host_header=host, base_path=url.path.rstrip("/"),
-                            default_query=url.query)
+        upstream = Upstream(scheme=scheme, host_header=host, base_path=url_path.rstrip("/"),
+                            default_query=url_query)
         # Behind a trusted load balancer the app sees the client first, then each proxy.
         client = client_of(request, self.d.trusted_proxies, unknown="")
         forwarded = Forwarded(for_=client.forwarded_for, proto="https" if request.isSecure() else "http",
@@ -353,6 +378,16 @@ class AppRouter:
         if not self.path_apps:
             return None
         return path_app_url(self.d.access_url, target)
+
+
+@functools.lru_cache(maxsize=1024)
+def _split_upstream(url: str) -> tuple[str, str, int, str, str]:
+    """An app URL's scheme and host (lower-cased), port (the scheme's by default), path and
+    query; the same few URLs come with every request."""
+    parts = urlsplit(url)
+    scheme = parts.scheme.lower()
+    return (scheme, (parts.hostname or "").lower(), parts.port or (443 if scheme == "https" else 80),
+            parts.path, parts.query)
 
 
 def _agent_named(ws: Workspace, name: str | None) -> Agent | None:

@@ -2,9 +2,9 @@
 
 The handshake goes to the app on a connection of its own (:class:`UpgradeClient`): the request
 head as the proxy built it (``Sec-WebSocket-*`` in their registered casing), then the answer read
-by Twisted's response parser, which would skip a ``101`` as informational; :class:`UpgradeParser`
-stops there instead and hands over the ``101``'s headers and whatever the app sent right behind
-it (:class:`Switched`). Any other answer is an ordinary Twisted ``Response``, and the connection
+by :class:`~coderstack.server.responsereader.ResponseReader` told to stop at a ``101``: its
+headers and whatever the app sent right behind it are a :class:`Switched`. Any other answer is
+an ordinary response, told to the :class:`UpgradeExchange` as it comes, and the connection
 closes after it.
 
 After a ``101`` a :class:`Splice` joins the browser's connection (taken away from HTTP) and the
@@ -14,17 +14,14 @@ full write buffer on one side pauses reading on the other, and one side closing 
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 from twisted.internet import defer, protocol
 from twisted.python.failure import Failure
-from twisted.web._newclient import DONE, HTTPClientParser, TransportProxyProducer
-from twisted.web.client import Request as ClientRequest
-from twisted.web.http_headers import Headers
 
 from coderstack.server import appheaders
+from coderstack.server.responsereader import MalformedResponse, ResponseHead, ResponseReader
 
 
 class SpliceRegistry(Protocol):
@@ -41,43 +38,48 @@ class Switched:
     rest: bytes  # what the app sent right behind its 101
 
 
-class UpgradeParser(HTTPClientParser):
-    """Twisted's response parser, stopping at a ``101`` head (which it would skip)."""
+class UpgradeExchange(Protocol):
+    """The browser's request a handshake is for: told of the answer."""
 
-    def __init__(self, request: ClientRequest, finisher: Callable[[bytes], None],
-                 switched: Callable[[Switched], None]) -> None:
-        super().__init__(request, finisher)
-        self._on_switched = switched
+    def switched(self, switched: Switched) -> None: ...
 
-    def allHeadersReceived(self) -> None:
-        if self.response.code != 101:
-            super().allHeadersReceived()
-            return
-        headers: list[appheaders.Header] = []
-        connection = self.connHeaders.getRawHeaders(b"connection", [])
-        for name, values in appheaders.response_headers(self.headers.getAllRawHeaders(), connection):
-            headers.extend((name, v) for v in values)
-        upgrade = self.connHeaders.getRawHeaders(b"upgrade") or [b"websocket"]
-        headers[:0] = [(b"Upgrade", upgrade[0]), (b"Connection", b"Upgrade")]
-        self.state = DONE
-        rest = self.clearLineBuffer()
-        self._on_switched(Switched(headers, rest))
+    def response_head(self, head: ResponseHead) -> None: ...
+
+    def response_body(self, data: bytes) -> None: ...
+
+    def response_end(self) -> None: ...
+
+    def response_failed(self, why: str, retryable: bool) -> None: ...
+
+
+def switched_headers(head: ResponseHead) -> list[appheaders.Header]:
+    """The headers of the browser's ``101`` for the app's: its own, then ``Upgrade`` (the
+    app's first) and ``Connection: Upgrade``."""
+    headers: list[appheaders.Header] = []
+    upgrade = b"websocket"
+    for name, value in head.headers:
+        if name.lower() == b"upgrade":
+            upgrade = value
+            break
+    for name, values in appheaders.response_header_pairs(head.headers, head.connection, keep_length=False).items():
+        headers.extend((name, v) for v in values)
+    headers[:0] = [(b"Upgrade", upgrade), (b"Connection", b"Upgrade")]
+    return headers
 
 
 class UpgradeClient(protocol.Protocol):
-    """The app's end of a websocket handshake: the request head, then the answer (a
-    :class:`Switched`, or a Twisted ``Response`` for anything else), then, once spliced, raw
-    bytes."""
+    """The app's end of a websocket handshake: the request head, then the answer (see the
+    module doc), then, once spliced, raw bytes."""
 
-    def __init__(self, target: bytes, headers: list[appheaders.Header]) -> None:
+    def __init__(self, target: bytes, headers: list[appheaders.Header], exchange: UpgradeExchange) -> None:
         self.target = target
         self.headers = headers
-        self.answer: defer.Deferred[Any] = defer.Deferred()
+        self.exchange = exchange
         self.splice: Splice | None = None
         self.gone = False
         self.lost: defer.Deferred[None] = defer.Deferred()
-        self._parser: UpgradeParser | None = None
-        self.parser: UpgradeParser | None = None  # kept after the answer, for its headers
+        self._reader: ResponseReader | None = None
+        self._switch: ResponseHead | None = None
 
     def connectionMade(self) -> None:
         lines = [b"GET " + self.target + b" HTTP/1.1\r\n"]
@@ -85,46 +87,59 @@ class UpgradeClient(protocol.Protocol):
         lines.append(b"\r\n")
         transport: Any = self.transport
         transport.writeSequence(lines)
-        parser = self._parser = self.parser = UpgradeParser(
-            ClientRequest(b"GET", self.target, Headers(), None, persistent=False),
-            self._finished, self._switched,
-        )
-        parser.makeConnection(TransportProxyProducer(transport))
-        parser._responseDeferred.addCallbacks(self._answered, self._failed)
+        self._reader = ResponseReader(self, stop_at_switch=True)
 
-    def _answered(self, response: Any) -> None:
-        if not self.answer.called:
-            self.answer.callback(response)
+    # ResponseSink
+    def head(self, head: ResponseHead) -> None:
+        if head.code == 101:
+            self._switch = head
+        else:
+            self.exchange.response_head(head)
 
-    def _failed(self, failure: Failure) -> None:
-        if not self.answer.called:
-            self.answer.errback(failure)
+    def body(self, data: bytes) -> None:
+        self.exchange.response_body(data)
 
-    def _switched(self, switched: Switched) -> None:
-        self._parser = None
-        self.answer.callback(switched)
-
-    def _finished(self, rest: bytes) -> None:
+    def end(self) -> None:
+        reader, self._reader = self._reader, None
+        if self._switch is not None and reader is not None:
+            self.exchange.switched(Switched(switched_headers(self._switch), reader.rest))
+            return
         self.close()  # a non-101 answer: this connection is not reused
+        self.exchange.response_end()
 
     def dataReceived(self, data: bytes) -> None:
         if self.splice is not None:
             self.splice.from_app(data)
-        elif self._parser is not None:
+        elif self._reader is not None:
             try:
-                self._parser.dataReceived(data)
-            except Exception:
+                self._reader.feed(data)
+            except MalformedResponse as e:
+                self._reader = None
                 self.abort()
-                self._failed(Failure())
+                self.exchange.response_failed(f"malformed response: {e}", False)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self.gone = True
-        parser, self._parser = self._parser, None
-        if parser is not None:
-            parser.connectionLost(reason)
+        reader = self._reader
+        if reader is not None:
+            try:
+                reader.eof()
+            except MalformedResponse as e:
+                self._reader = None
+                self.exchange.response_failed(str(e), False)
         if self.splice is not None:
             self.splice.app_lost()
         self.lost.callback(None)
+
+    def pause_reading(self) -> None:
+        transport: Any = self.transport
+        if transport is not None and not self.gone:
+            transport.pauseProducing()
+
+    def resume_reading(self) -> None:
+        transport: Any = self.transport
+        if transport is not None and not self.gone:
+            transport.resumeProducing()
 
     def abort(self) -> None:
         transport: Any = self.transport

@@ -56,8 +56,13 @@ class _Connection(Protocol):
 
 
 class GuardedChannel(HTTPChannel):
+    """An HTTPChannel whose request heads have a deadline (see the module doc). The
+    connection's own address and whether it is TLS are looked up once, not per request."""
+
     head_timeout = HEAD_TIMEOUT
     _head_call: DelayedCall | None = None
+    _host: IAddress | None = None
+    _secure: bool | None = None
 
     def dataReceived(self, data: bytes) -> None:
         # Only while a head is being read (line mode): a request body may take as long as it
@@ -73,6 +78,16 @@ class GuardedChannel(HTTPChannel):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._cancel_head_deadline()
         super().connectionLost(reason)
+
+    def getHost(self) -> IAddress:
+        if self._host is None:
+            self._host = super().getHost()
+        return self._host
+
+    def isSecure(self) -> bool:
+        if self._secure is None:
+            self._secure = bool(super().isSecure())
+        return self._secure
 
     def _cancel_head_deadline(self) -> None:
         if self._head_call is not None:

@@ -1,8 +1,8 @@
 """Kept-alive HTTP/1.1 connections to workspace apps, per key.
 
-A connection is Twisted's ``HTTP11ClientProtocol`` (which frames requests and responses and says
-when it is quiescent again); the pool parks a quiescent one under its key, most recently used
-first, for at most ``idle_timeout`` seconds and at most ``max_idle_per_key`` of them, and
+A connection is an :class:`~coderstack.server.upstreamconn.UpstreamConnection` (which frames
+requests and responses and hands itself back when it may carry another); the pool parks it
+under its key, most recently used first, for at most ``idle_timeout`` seconds and at most ``max_idle_per_key`` of them, and
 forgets one as soon as it closes (an app may close an idle connection at any time). Connections
 are opened by the caller (through the tunnel it is handed); the pool only keeps them.
 
@@ -20,40 +20,10 @@ from OpenSSL import SSL
 from twisted.internet import defer, protocol, ssl
 from twisted.internet.endpoints import wrapClientTLS
 from twisted.internet.interfaces import IOpenSSLClientConnectionCreator, IStreamClientEndpoint
-from twisted.python.failure import Failure
-from twisted.web.client import HTTP11ClientProtocol
 from zope.interface import implementer
 
+from coderstack.server.upstreamconn import UpstreamConnection
 from coderstack.twistedtypes import Clock, DelayedCall, StreamClientEndpoint, cancel, provides
-
-
-class UpstreamConnection(HTTP11ClientProtocol):
-    """One connection to an app; tells its pool when it is idle again and when it is gone."""
-
-    def __init__(self, pool: UpstreamPool, key: Hashable) -> None:
-        super().__init__(quiescentCallback=pool._park)
-        self.pool = pool
-        self.key = key
-        self.lost: defer.Deferred[None] = defer.Deferred()
-        self.gone = False
-
-    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
-        self.gone = True
-        self.pool._forget(self)
-        super().connectionLost(reason)
-        self.lost.callback(None)
-
-    def abort_connection(self) -> None:
-        """Drop the connection at once (nothing more of it is wanted)."""
-        transport: Any = self.transport
-        if transport is not None and not self.gone:
-            transport.abortConnection()
-
-    def close_connection(self) -> None:
-        """Close the connection once what is written has gone out."""
-        transport: Any = self.transport
-        if transport is not None and not self.gone:
-            transport.loseConnection()
 
 
 class _Factory(protocol.Factory):
@@ -119,7 +89,7 @@ class UpstreamPool:
             cancel(self._timers.pop(conn, None))
             if not conns:
                 del self._idle[key]
-            if conn.state == "QUIESCENT" and not conn.gone:
+            if not conn.busy and not conn.gone:
                 return conn
         return None
 
@@ -134,8 +104,7 @@ class UpstreamPool:
 
         return connect_protocol(endpoint, lambda: UpstreamConnection(self, key)).addCallback(opened)
 
-    def _park(self, conn: Any) -> None:
-        assert isinstance(conn, UpstreamConnection)
+    def _park(self, conn: UpstreamConnection) -> None:
         if conn.gone or self.max_idle_per_key <= 0:
             conn.close_connection()
             return

@@ -24,6 +24,7 @@ from twisted.web import server
 from twisted.web.resource import Resource
 from zope.interface import implementer
 
+from coderstack.server import appheaders
 from coderstack.server.appproxy import AppProxy, Upstream, UpstreamUnavailable
 from coderstack.server.errorpage import render_error_page
 from tests.support.tlscerts import make_ca_and_server_cert
@@ -710,6 +711,54 @@ class ErrorTests(unittest.TestCase):
         client = await front.client()
         client.send(get(b"/drop", method=b"POST") [:-2] + b"Content-Length: 3\r\n\r\nabc")
         self.assertErrorPage(await client.response(), 502, b"The app is not responding")
+
+    async def _raw_app(self, answer: bytes) -> Front:
+        """A front whose app answers every request with ``answer`` and then closes."""
+
+        class Raw(protocol.Protocol):
+            def dataReceived(self, data: bytes) -> None:
+                self.transport.write(answer)
+                self.transport.loseConnection()
+
+        port = await TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(protocol.Factory.forProtocol(Raw))
+        self.addCleanup(port.stopListening)
+        front = await Front(self, None).start()
+
+        async def connect() -> Any:
+            return TCP4ClientEndpoint(reactor, "127.0.0.1", port.getHost().port)
+
+        front.connect = connect  # type: ignore[method-assign]
+        return front
+
+    async def test_an_answer_that_is_not_http_is_a_502(self) -> None:
+        for answer in (b"SSH-2.0-OpenSSH_9.6\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: nope\r\n\r\n",
+                       b"HTTP/1.1 200 OK\r\nbroken header\r\n\r\n"):
+            front = await self._raw_app(answer)
+            client = await front.client()
+            client.send(get(b"/"))
+            self.assertErrorPage(await client.response(), 502, b"The app is not responding")
+            await wait_until(lambda f=front: not f.proxy._exchanges, "the exchange to end")
+
+    async def test_a_fault_of_the_proxy_with_a_response_is_its_502_page(self) -> None:
+        def broken(*args: Any, **kwargs: Any) -> Any:
+            raise RuntimeError("a bug")
+
+        self.patch(appheaders, "response_header_pairs", broken)
+        front = await self._raw_app(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        client = await front.client()
+        client.send(get(b"/"))
+        self.assertErrorPage(await client.response(), 502, b"The app is not responding")
+        self.assertEqual(len(self.flushLoggedErrors(RuntimeError)), 1)
+        await wait_until(lambda: not front.proxy._exchanges, "the exchange to end")
+
+    async def test_a_malformed_chunk_after_the_head_closes_the_browser_connection(self) -> None:
+        front = await self._raw_app(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n4\r\nfine\r\nzz\r\n")
+        client = await front.client()
+        client.send(get(b"/"))
+        await client.lost
+        self.assertIn(b"200 OK", client.data)
+        self.assertIn(b"fine", client.data)
+        await wait_until(lambda: not front.proxy._exchanges, "the exchange to end")
 
     async def test_a_failure_after_the_response_started_closes_the_browser_connection(self) -> None:
         app, front = await started(self)

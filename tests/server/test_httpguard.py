@@ -4,6 +4,7 @@ and total connection caps, the open-file budget."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from twisted.internet import task
 from twisted.internet.address import IPv4Address
@@ -73,6 +74,22 @@ class HeadDeadlineTests(unittest.SynchronousTestCase):
         self.assertFalse(transport.disconnecting)
         self.clock.advance(60.0)  # the site's idle timeout still ends a quiet connection
         self.assertTrue(transport.disconnecting)
+        channel.connectionLost(Failure(ConnectionError()))
+
+    def test_the_connection_address_and_tls_are_looked_up_once(self) -> None:
+        channel, transport = self.connect()
+        asked: list[str] = []
+        host = transport.getHost
+
+        def get_host() -> Any:
+            asked.append("host")
+            return host()
+
+        transport.getHost = get_host  # type: ignore[method-assign]
+        first = channel.getHost()
+        self.assertIs(channel.getHost(), first)
+        self.assertEqual(asked, ["host"])
+        self.assertEqual((channel.isSecure(), channel.isSecure()), (False, False))
         channel.connectionLost(Failure(ConnectionError()))
 
     def test_a_slow_body_is_not_a_slow_head(self) -> None:
