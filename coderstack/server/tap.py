@@ -37,6 +37,12 @@ def _failed_to_start(failure: Any) -> None:
 
 
 def makeService(config: dict[str, Any]) -> ServerService:
+    from twisted.internet import reactor
+
+    from coderstack.heap import HeapService
+
     svc = _make_service(config)
     svc.ready.addErrback(_failed_to_start)
+    # Full garbage collections scan only what was made since the last one (heap.py).
+    HeapService(reactor, svc.ready).setServiceParent(svc)
     return svc
