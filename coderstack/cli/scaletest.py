@@ -286,6 +286,7 @@ async def _wait_for(reactor: Any, check: Any, timeout: float) -> bool:
 
 async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
     from coderstack.fdlimit import raise_open_files_limit
+    from coderstack.heap import HeapKeeper
     from coderstack.scaletest import runfile, simagent
     from coderstack.scaletest.lag import LagMonitor
     from coderstack.scaletest.stats import Summary
@@ -297,12 +298,14 @@ async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
     fanout = simagent.FanoutClock(reactor, summary.fanout)
     started = reactor.seconds()
     shared = None if opts["socket-per-agent"] else _shared_socket(reactor)
+    heap = HeapKeeper(reactor)  # once all are up: the generator's own pauses stay short
     agents = await simagent.start_agents(reactor, ctx.server_url(), [e.token for e in entries],
                                          errors=summary.errors, fanout=fanout, connect=summary.connect,
                                          trust_root=ctx.api.trust_root, rate=opts["rate"], shared_udp=shared)
     try:
         everyone = await _wait_for(reactor, lambda: all(a.connected for a in agents), opts["connect-timeout"])
         held = sum(a.connected for a in agents)
+        heap.start()
         ctx.err(f"{held} of {len(agents)} agents connected in {reactor.seconds() - started:.1f}s"
                 + ("" if everyone else " (gave up waiting for the rest)"))
         if opts["announce-every"]:
@@ -311,6 +314,7 @@ async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
                 a.announce_every(opts["announce-every"], rng)
         before = await _metrics(ctx)
         measured, cpu = reactor.seconds(), time.process_time()
+        fanout.since = measured
         lag = LagMonitor(reactor, summary.lag)
         lag.start()
         with _interrupted(reactor) as stop:
@@ -325,6 +329,7 @@ async def _agents(reactor: Any, opts: AgentsOptions, ctx: Context) -> int:
         summary.connected = sum(a.connected for a in agents)
         summary.server = await _server_figures(ctx, before, summary.seconds)
     finally:
+        heap.stop()
         await simagent.close_all(agents)
         if shared is not None:
             summary.socket_drops.update(shared.drops)
@@ -336,6 +341,7 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
     from uuid import UUID
 
     from coderstack.fdlimit import raise_open_files_limit
+    from coderstack.heap import HeapKeeper
     from coderstack.scaletest import runfile, simagent, traffic
     from coderstack.scaletest.lag import LagMonitor
     from coderstack.scaletest.stats import Summary
@@ -347,6 +353,7 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
     mine = shard_of(range(opts["connections"] or len(run.agents)), *opts["shard"])
     summary = Summary("traffic", len(mine))
     fanout = simagent.FanoutClock(reactor, summary.fanout)
+    heap = HeapKeeper(reactor)  # once all are up: the generator's own pauses stay short
     relay = opts["relay"] or ctx.disable_direct
     shared = None if opts["socket-per-connection"] else _shared_socket(reactor)
     conns = [traffic.Connection(reactor, ctx.api, UUID(run.agents[i % len(run.agents)].agent_id), summary,
@@ -359,10 +366,12 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
             await sleep(reactor, 1.0 / opts["rate"])
         opened = [ok for _, ok in await defer.DeferredList(opening)]
         up = [c for c, ok in zip(conns, opened, strict=True) if ok]
+        heap.start()
         ctx.err(f"{len(up)} of {len(conns)} connections up; moving {opts['bytes-per-tick']} bytes every "
                 f"{opts['tick-interval'] * 1000:.0f} ms for {opts['duration']:.0f}s")
         before = await _metrics(ctx)
         measured, cpu = reactor.seconds(), time.process_time()
+        fanout.since = measured
         lag = LagMonitor(reactor, summary.lag)
         lag.start()
         await defer.DeferredList([defer.Deferred.fromCoroutine(
@@ -372,6 +381,7 @@ async def _traffic(reactor: Any, opts: TrafficOptions, ctx: Context) -> int:
         summary.cpu_seconds = time.process_time() - cpu
         summary.server = await _server_figures(ctx, before, summary.seconds)
     finally:
+        heap.stop()
         await defer.DeferredList([defer.Deferred.fromCoroutine(c.close()) for c in conns], consumeErrors=True)
         if shared is not None:
             summary.socket_drops.update(shared.drops)

@@ -58,12 +58,14 @@ class Echo(protocol.Protocol):
 
 class FanoutClock:
     """Times each peer's node updates from the node's making to now; one per process. A node is
-    counted once (the newest ``as_of`` per peer), and only after ``ignore_before``: a peer's
-    first node may be an old one the coordinator kept."""
+    counted once (the newest ``as_of`` per peer), never a peer's first (it may be an old one the
+    coordinator kept), and only once ``since`` (the clock's seconds) has come: the run's
+    measured window, not its set-up."""
 
     def __init__(self, clock: Any, samples: Samples) -> None:
         self.clock = clock
         self.samples = samples
+        self.since = float("-inf")
         self._newest: dict[UUID, float] = {}
 
     def observe(self, response: CoordinateResponse) -> None:
@@ -74,7 +76,7 @@ class FanoutClock:
             made = update.node.as_of.timestamp()
             previous = self._newest.get(update.id)
             self._newest[update.id] = max(made, previous or made)
-            if previous is not None and made > previous:
+            if previous is not None and made > previous and now >= self.since:
                 self.samples.add(now - made)
 
 

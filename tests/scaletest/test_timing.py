@@ -40,6 +40,21 @@ class FanoutClockTests(unittest.TestCase):
         self.assertEqual(len(samples), 1)
 
 
+    def test_only_inside_the_measured_window(self) -> None:
+        clock = task.Clock()
+        clock.advance(1000)
+        samples = Samples()
+        fan = FanoutClock(clock, samples)
+        fan.since = 1010
+        peer = uuid.uuid4()
+        fan.observe(node_update(peer, 999))
+        fan.observe(node_update(peer, 999.5))  # set-up: not counted
+        self.assertEqual(len(samples), 0)
+        clock.advance(10)
+        fan.observe(node_update(peer, 1009.99))
+        self.assertEqual(len(samples), 1)
+
+
 class LagMonitorTests(unittest.TestCase):
     def test_records_how_late_each_tick_fired(self) -> None:
         clock = task.Clock()
