@@ -16,6 +16,10 @@ class FakeGC:
     def __init__(self) -> None:
         self.callbacks: list = []
         self.calls: list[str] = []
+        self.frozen = 1000  # what get_freeze_count answers
+
+    def get_freeze_count(self) -> int:
+        return self.frozen
 
     def collect(self) -> None:
         self.calls.append("collect")
@@ -63,6 +67,28 @@ class KeeperTests(unittest.TestCase):
         self.assertEqual(keeper.complete_collections, 1)
         clock.advance(100)
         self.assertEqual(keeper.complete_collections, 2)
+
+    def test_a_complete_collection_once_the_frozen_doubled(self) -> None:
+        clock, fake = task.Clock(), FakeGC()
+        keeper = HeapKeeper(clock, complete_every=100, collector=fake)
+        keeper.start()
+        fake.frozen = 1900  # connections came and went: some of what is frozen may be garbage
+        fake.generation(2)
+        clock.advance(0)
+        self.assertEqual(keeper.complete_collections, 0)
+        fake.frozen = 2100
+        fake.generation(2)
+        clock.advance(0)
+        self.assertEqual(keeper.complete_collections, 1)
+        last = len(fake.calls) - 1 - fake.calls[::-1].index("unfreeze")
+        self.assertEqual(fake.calls[last - 1 : last + 3], ["freeze", "unfreeze", "collect", "freeze"])
+        clock.advance(99)  # the timer starts again from the complete collection
+        self.assertEqual(keeper.complete_collections, 1)
+        fake.generation(2)  # (the baseline is now 2100)
+        clock.advance(1)
+        self.assertEqual(keeper.complete_collections, 2)
+        keeper.stop()
+        self.assertEqual(clock.getDelayedCalls(), [])
 
     def test_stop_unfreezes_and_leaves_no_timer_or_callback(self) -> None:
         clock, fake = task.Clock(), FakeGC()
