@@ -246,72 +246,17 @@ def bench_udp(size: int, mtu: int) -> float:
 
 # ---------------------------------------------------------------- TUN, Linux TCP peer
 
-def bench_tun(size: int, mtu: int, cls: str = "CleanPathTests") -> tuple[float, float]:
-    """Returns (kernel->us, us->kernel) Mbit/s.  ``cls`` "LossyPathTests": 1% loss each way."""
-    code = f"""
-import sys
+def _lab_script(setup: str, measure: str, watchdog: float) -> str:
+    """A Python script that runs one interop-lab measurement in a reactor of its own: ``setup``
+    (lines that make ``t``, the test case) and ``measure`` (lines run inside a generator with
+    ``cleanups`` and ``out`` in scope, appending to ``out``), every cleanup run at the end and by a
+    watchdog, so no namespace is left behind; the script prints ``out[0]`` (``nan`` if none)."""
+    indent = lambda text: "".join(f"        {line}\n" for line in text.strip().splitlines())  # noqa: E731
+    return f"""
+import json, sys
 sys.path.insert(0, {ROOT!r})
 from twisted.internet import reactor, defer
-from tests.interop.test_netstack_linux import {cls} as Tests
-t = Tests("test_kernel_client_to_our_server")
-t.mtu = {mtu}
-cleanups = []
-t.addCleanup = cleanups.append
-out = []
-@defer.inlineCallbacks
-def main():
-    try:
-        t.setUp()
-        a = yield t.kernel_to_us(size={size})
-        b = yield t.us_to_kernel(size={size})
-        out.append((a, b))
-    except Exception as e:
-        print("error", e, file=sys.stderr)
-    finally:
-        for c in reversed(cleanups):
-            try:
-                c()
-            except Exception:
-                pass
-        cleanups.clear()
-        reactor.stop()
-def watchdog():
-    # Never leave a namespace behind: give up, clean up, stop.
-    for c in reversed(cleanups):
-        try:
-            c()
-        except Exception:
-            pass
-    cleanups.clear()
-    if reactor.running:
-        reactor.stop()
-reactor.callLater(240, watchdog)
-reactor.callWhenRunning(main)
-# With signal handlers: Twisted reaps child processes on SIGCHLD (without, processEnded can be
-# missed and the run hangs).
-reactor.run()
-print(*(out[0] if out else ("nan", "nan")))
-"""
-    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
-    a, b = res.stdout.split()[-2:]
-    return float(a), float(b)
-
-
-def bench_wan(size: int, floor: bool, one_way: float = 0.01, loss: float = 0.005) -> float:
-    """Our stack -> Linux TCP through a TUN with ``one_way`` seconds of delay each way (a
-    userspace forwarder on our side) and ``loss`` random loss each way on the router: Mbit/s
-    seen by the kernel receiver, with the window's bandwidth-delay floor or without."""
-    code = f"""
-import sys
-sys.path.insert(0, {ROOT!r})
-from twisted.internet import reactor, defer
-from coderstack.netstack.tcpconfig import TCPConfig
-from tests.interop.netstack_lab import DelayLink
-from tests.interop.test_netstack_linux import WANPathTests as Tests
-t = Tests("test_the_floor_keeps_a_lossy_wan_path_full")
-t.config = TCPConfig(bdp_floor={floor!r})
-t.loss = {loss!r}
-t.link = staticmethod(lambda k, s: DelayLink(k, s, one_way={one_way!r}))
+{setup.strip()}
 cleanups = []
 t.addCleanup = cleanups.append
 out = []
@@ -326,8 +271,7 @@ def clean():
 def main():
     try:
         t.setUp()
-        out.append((yield t.us_to_kernel(size={size})))
-    except Exception as e:
+{indent(measure)}    except Exception as e:
         print("error", e, file=sys.stderr)
     finally:
         clean()
@@ -336,11 +280,41 @@ def watchdog():
     clean()  # never leave a namespace behind
     if reactor.running:
         reactor.stop()
-reactor.callLater(300, watchdog)
+reactor.callLater({watchdog!r}, watchdog)
 reactor.callWhenRunning(main)
+# With signal handlers: Twisted reaps child processes on SIGCHLD (without, processEnded can be
+# missed and the run hangs).
 reactor.run()
-print(out[0] if out else "nan")
+result = out[0] if out else "nan"
+print(*(result if isinstance(result, tuple) else (result,)))
 """
+
+
+def bench_tun(size: int, mtu: int, cls: str = "CleanPathTests") -> tuple[float, float]:
+    """Returns (kernel->us, us->kernel) Mbit/s.  ``cls`` "LossyPathTests": 1% loss each way."""
+    code = _lab_script(
+        f"from tests.interop.test_netstack_linux import {cls} as Tests\n"
+        f"t = Tests('test_kernel_client_to_our_server')\nt.mtu = {mtu}",
+        f"a = yield t.kernel_to_us(size={size})\nb = yield t.us_to_kernel(size={size})\nout.append((a, b))",
+        240)
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    a, b = res.stdout.split()[-2:]
+    return float(a), float(b)
+
+
+def bench_wan(size: int, floor: bool, one_way: float = 0.01, loss: float = 0.005) -> float:
+    """Our stack -> Linux TCP through a TUN with ``one_way`` seconds of delay each way (a
+    userspace forwarder on our side) and ``loss`` random loss each way on the router: Mbit/s
+    seen by the kernel receiver, with the window's bandwidth-delay floor or without."""
+    code = _lab_script(
+        "from coderstack.netstack.tcpconfig import TCPConfig\n"
+        "from tests.interop.netstack_lab import DelayLink\n"
+        "from tests.interop.test_netstack_linux import WANPathTests as Tests\n"
+        "t = Tests('test_the_floor_keeps_a_lossy_wan_path_full')\n"
+        f"t.config = TCPConfig(bdp_floor={floor!r})\nt.loss = {loss!r}\n"
+        f"t.link = staticmethod(lambda k, s: DelayLink(k, s, one_way={one_way!r}))",
+        f"out.append((yield t.us_to_kernel(size={size})))",
+        300)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     return float(res.stdout.split()[-1])
 
@@ -414,58 +388,20 @@ def bench_wg_kernel(seconds: int = 3, prefix: str = "csns", reverse: bool = Fals
 
 def bench_iperf3_tun(mtu: int, seconds: int = 3) -> float:
     """``iperf3 -c`` from the kernel to the iperf3-protocol sink on our stack, via TUN."""
-    code = f"""
-import json, sys
-sys.path.insert(0, {ROOT!r})
-from twisted.internet import reactor, defer
-from tests.interop.test_netstack_linux import Iperf3Tests
-from tests.interop.netstack_lab import STACK_ADDR
-from tests.interop.iperf3_sink import Iperf3SinkFactory
-from coderstack.netstack.endpoints import NetstackServerEndpoint
-t = Iperf3Tests("test_iperf3_client_to_our_sink")
-t.mtu = {mtu}
-cleanups = []
-t.addCleanup = cleanups.append
-out = []
-@defer.inlineCallbacks
-def main():
-    try:
-        t.setUp()
-        f = Iperf3SinkFactory(reactor)
-        yield NetstackServerEndpoint(t.lab.netstack, 5201).listen(f)
-        proc = t.lab.spawn_argv(["iperf3", "-c", STACK_ADDR, "-t", "{seconds}", "-J"], cleanup=cleanups.append)
-        yield proc.ended
-        out.append(json.loads("\\n".join(proc.all_lines))["end"]["sum_received"]["bits_per_second"] / 1e6)
-    except Exception as e:
-        print("error", e, file=sys.stderr)
-    finally:
-        for c in reversed(cleanups):
-            try:
-                c()
-            except Exception:
-                pass
-        cleanups.clear()
-        reactor.stop()
-def watchdog():
-    # Never leave a namespace behind: give up, clean up, stop.
-    for c in reversed(cleanups):
-        try:
-            c()
-        except Exception:
-            pass
-    cleanups.clear()
-    if reactor.running:
-        reactor.stop()
-reactor.callLater(240, watchdog)
-reactor.callWhenRunning(main)
-# With signal handlers: Twisted reaps child processes on SIGCHLD (without, processEnded can be
-# missed and the run hangs).
-reactor.run()
-print(out[0] if out else "nan")
-"""
+    code = _lab_script(
+        "from tests.interop.test_netstack_linux import Iperf3Tests\n"
+        "from tests.interop.netstack_lab import STACK_ADDR\n"
+        "from tests.interop.iperf3_sink import Iperf3SinkFactory\n"
+        "from coderstack.netstack.endpoints import NetstackServerEndpoint\n"
+        f"t = Iperf3Tests('test_iperf3_client_to_our_sink')\nt.mtu = {mtu}",
+        "f = Iperf3SinkFactory(reactor)\n"
+        "yield NetstackServerEndpoint(t.lab.netstack, 5201).listen(f)\n"
+        f"proc = t.lab.spawn_argv(['iperf3', '-c', STACK_ADDR, '-t', '{seconds}', '-J'], cleanup=cleanups.append)\n"
+        "yield proc.ended\n"
+        "out.append(json.loads('\\n'.join(proc.all_lines))['end']['sum_received']['bits_per_second'] / 1e6)",
+        240)
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     return float(res.stdout.split()[-1])
-
 
 def main() -> None:
     ap = argparse.ArgumentParser()
