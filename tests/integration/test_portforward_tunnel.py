@@ -19,6 +19,7 @@ from twisted.web.server import Site
 from twisted.web.static import File
 
 from tests.integration.tunnel_support import relayed_bytes, user_env, workspace
+from tests.support.echo import UDPClient, UDPEcho
 from tests.support.processes import Process, free_port
 from tests.support.waiting import wait_until
 
@@ -32,17 +33,6 @@ def free_udp_port() -> int:
         return s.getsockname()[1]
 
 
-class _UDPEcho(protocol.DatagramProtocol):
-    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.transport.write(b"echo:" + data, addr)
-
-
-class _UDPClient(protocol.DatagramProtocol):
-    def __init__(self) -> None:
-        self.received: list[bytes] = []
-
-    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.received.append(data)
 
 
 class _Closed(protocol.Protocol):
@@ -66,7 +56,7 @@ class PortForwardThroughTunnelTests(unittest.TestCase):
             f.write(body)
         http = reactor.listenTCP(0, Site(File(directory)), interface="127.0.0.1")
         self.addCleanup(http.stopListening)
-        echo = reactor.listenUDP(0, _UDPEcho(), interface="127.0.0.1")
+        echo = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1")
         self.addCleanup(echo.stopListening)
         return http.getHost().port, echo.getHost().port, body
 
@@ -113,7 +103,7 @@ class PortForwardThroughTunnelTests(unittest.TestCase):
                          interval=0.05)
 
         # UDP: datagrams of several sizes, each answered through the same flow.
-        udp_client = _UDPClient()
+        udp_client = UDPClient()
         sock = reactor.listenUDP(0, udp_client, interface="127.0.0.1")
         self.addCleanup(sock.stopListening)
         sent = [b"ping %d " % i + os.urandom(size) for i, size in enumerate((0, 1, 100, 1000, 1100))]

@@ -18,6 +18,7 @@ from twisted.internet import endpoints, protocol, reactor, utils
 from twisted.trial import unittest
 
 from coderstack.cli import warm
+from tests.support.echo import Collect, Echo
 from tests.support.processes import (
     PROCESS_WAIT,
     CLIUser,
@@ -28,19 +29,6 @@ from tests.support.processes import (
     pid_alive,
 )
 from tests.support.waiting import wait_until
-
-
-class _Echo(protocol.Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)
-
-
-class _Collect(protocol.Protocol):
-    def __init__(self) -> None:
-        self.buf = bytearray()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buf += data
 
 
 class SSHTests(unittest.TestCase):
@@ -88,7 +76,7 @@ class SSHTests(unittest.TestCase):
         d, alice = await self.workspace()
         # A service "in the workspace" (the agent shares this host's loopback).
         remote = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            protocol.Factory.forProtocol(_Echo))
+            protocol.Factory.forProtocol(Echo))
         self.addCleanup(remote.stopListening)
         local_port = free_port()
         spec = f"127.0.0.1:{local_port}:{remote.getHost().port}"
@@ -98,7 +86,7 @@ class SSHTests(unittest.TestCase):
         self.assertIn(f"Forwarding 'tcp://127.0.0.1:{local_port}' locally to "
                       f"'tcp://127.0.0.1:{remote.getHost().port}' in the workspace", fwd.log())
         client = await endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", local_port).connect(
-            protocol.Factory.forProtocol(_Collect))
+            protocol.Factory.forProtocol(Collect))
         self.addCleanup(client.transport.loseConnection)
         payload = os.urandom(1 << 20)
         client.transport.write(payload)

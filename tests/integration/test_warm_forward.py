@@ -19,6 +19,7 @@ from twisted.internet import defer, endpoints, protocol, reactor
 from twisted.trial import unittest
 
 from coderstack.cli import warm
+from tests.support.echo import Collect, Echo, UDPClient, UDPEcho
 from tests.support.processes import (
     PROCESS_WAIT,
     CLIUser,
@@ -28,36 +29,6 @@ from tests.support.processes import (
     pid_alive,
 )
 from tests.support.waiting import wait_until
-
-
-class _Echo(protocol.Protocol):
-    def dataReceived(self, data: bytes) -> None:
-        self.transport.write(data)
-
-
-class _Collect(protocol.Protocol):
-    def __init__(self) -> None:
-        self.buf = bytearray()
-        self.lost: defer.Deferred[None] = defer.Deferred()
-
-    def dataReceived(self, data: bytes) -> None:
-        self.buf += data
-
-    def connectionLost(self, reason: Any = None) -> None:
-        self.lost.callback(None)
-
-
-class _UDPEcho(protocol.DatagramProtocol):
-    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.transport.write(b"echo:" + data, addr)
-
-
-class _UDPClient(protocol.DatagramProtocol):
-    def __init__(self) -> None:
-        self.received: list[bytes] = []
-
-    def datagramReceived(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.received.append(data)
 
 
 def free_udp_port() -> int:
@@ -108,7 +79,7 @@ class _Base(unittest.TestCase):
     async def echo_service(self) -> int:
         """A TCP echo "in the workspace"; its port."""
         port = await endpoints.TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1").listen(
-            protocol.Factory.forProtocol(_Echo))
+            protocol.Factory.forProtocol(Echo))
         self.addCleanup(port.stopListening)
         return port.getHost().port
 
@@ -123,7 +94,7 @@ class _Base(unittest.TestCase):
 
     async def echoed(self, port: int, size: int = 256 << 10) -> None:
         """One new connection to ``port``: ``size`` random bytes there and back, byte exact."""
-        client = _Collect()
+        client = Collect()
         await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", port), client)
         payload = os.urandom(size)
         client.transport.write(payload)
@@ -197,7 +168,7 @@ class WarmPortForwardTests(_Base):
         for daemon_on in ("1", "0"):
             local = free_port()
             fwd = await self.forward(ws, "--tcp", f"127.0.0.1:{local}:{closed}", CODERSTACK_TUNNEL_DAEMON=daemon_on)
-            client = _Collect()
+            client = Collect()
             await endpoints.connectProtocol(endpoints.TCP4ClientEndpoint(reactor, "127.0.0.1", local), client)
             await wait_until(lambda c=client: c.lost.called, "the forwarded connection to a closed port to end")
             logs.append(fwd.log().replace(str(local), "LOCAL"))
@@ -208,12 +179,12 @@ class WarmPortForwardTests(_Base):
     async def test_udp_goes_over_a_tunnel_of_its_own_and_tcp_through_the_daemon(self) -> None:
         ws = await self.workspace()
         service, local_tcp, local_udp = await self.echo_service(), free_port(), free_udp_port()
-        echo = reactor.listenUDP(0, _UDPEcho(), interface="127.0.0.1")
+        echo = reactor.listenUDP(0, UDPEcho(), interface="127.0.0.1")
         self.addCleanup(echo.stopListening)
         await self.forward(ws, "--tcp", f"127.0.0.1:{local_tcp}:{service}",
                            "--udp", f"127.0.0.1:{local_udp}:{echo.getHost().port}")
         await self.echoed(local_tcp)
-        udp_client = _UDPClient()
+        udp_client = UDPClient()
         sock = reactor.listenUDP(0, udp_client, interface="127.0.0.1")
         self.addCleanup(sock.stopListening)
         sent = [b"dg %d " % i + os.urandom(size) for i, size in enumerate((0, 100, 1100))]
