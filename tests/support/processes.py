@@ -35,11 +35,20 @@ TWISTD = os.path.join(os.path.dirname(sys.executable), "twistd")
 PROCESS_WAIT = 60.0
 
 
+_handed_out: set[int] = set()
+
+
 def free_port() -> int:
-    """A TCP port that was free a moment ago (the server must know its port before it starts)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    """A TCP port that was free a moment ago (the server must know its port before it starts),
+    and never one this process handed out before: the kernel may offer a port again as soon as
+    the probing socket closes, and a balancer and a replica once got the same one."""
+    while True:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        if port not in _handed_out:
+            _handed_out.add(port)
+            return port
 
 
 def base_env(home: str, **extra: str) -> dict[str, str]:
