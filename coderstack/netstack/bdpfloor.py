@@ -123,6 +123,9 @@ class BDPFloor:
 
     def floor(self) -> int:
         """The window the model asks for (bytes), or 0 where it has no say."""
-        if self.loss_rate() >= LOSS_THRESHOLD:
+        # Asked on every ACK: the model's cheap checks first (a short path stops there), the
+        # loss rate's sums only where there is a floor to give.
+        model = self._model()
+        if not model or self.loss_rate() >= LOSS_THRESHOLD:
             return 0
-        return int(min(self._model(), self.ceiling))
+        return int(min(model, self.ceiling))
