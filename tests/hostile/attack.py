@@ -16,7 +16,7 @@ from twisted.internet.defer import Deferred
 from twisted.internet.protocol import ProcessProtocol, Protocol
 from twisted.web.client import Agent, HTTPConnectionPool
 
-from tests.support.processes import TWISTD, CLIUser, Deployment, Process
+from tests.support.processes import TWISTD, CLIUser, Deployment, Process, box_connected
 
 #: The server's resident memory may not grow past this during an attack (its RSS after start-up
 #: on this machine is about 80 MiB, idle).
@@ -82,12 +82,7 @@ async def workspace(testcase: Any, *server_args: str, nofile: tuple[int, int] | 
     """A server, user alice logged in (from 127.0.0.1), workspace ``box`` with its agent connected."""
     d = LimitedDeployment(testcase, *server_args)
     d.nofile = nofile
-    await d.start_server()
-    alice = d.user("alice")
-    await alice.login_first("alice")
-    token = await alice.create("box")
-    agent = d.start_agent(token)
-    await alice.wait_status("box", "connected", watch=[agent])
+    alice, _, agent = await box_connected(d)
     return d, alice, agent
 
 

@@ -25,6 +25,7 @@ from tests.support.processes import (
     CLIUser,
     Deployment,
     Process,
+    box_connected,
     free_port,
     pid_alive,
 )
@@ -63,12 +64,7 @@ class _Base(unittest.TestCase):
 
     async def workspace(self, **env: str) -> WarmWorkspace:
         d = Deployment(self)
-        await d.start_server()
-        alice = d.user("alice")
-        await alice.login_first("alice")
-        token = await alice.create("box")
-        agent = d.start_agent(token)
-        await alice.wait_status("box", "connected", watch=[agent])
+        alice, token, agent = await box_connected(d)
         alice.extra_env.update(CODERSTACK_TUNNEL_DAEMON="1", **env)
         return WarmWorkspace(d, alice, token, agent)
 

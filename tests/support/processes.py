@@ -398,14 +398,21 @@ class CLIUser:
             return f.read().strip()
 
 
-async def connected_workspace(testcase: Any, *server_args: str) -> tuple[Deployment, CLIUser, Process]:
-    """A server (``server_args``), alice as its first user, her workspace "box" and its agent,
-    once the agent is connected."""
-    d = Deployment(testcase, *server_args)
+async def box_connected(d: Deployment) -> tuple[CLIUser, str, Process]:
+    """On ``d``'s server: alice as its first user, her workspace "box" (and its agent token) and
+    the agent, once it is connected."""
     await d.start_server()
     alice = d.user("alice")
     await alice.login_first("alice")
     token = await alice.create("box")
     agent = d.start_agent(token)
     await alice.wait_status("box", "connected", watch=[agent])
+    return alice, token, agent
+
+
+async def connected_workspace(testcase: Any, *server_args: str) -> tuple[Deployment, CLIUser, Process]:
+    """A server (``server_args``), alice as its first user, her workspace "box" and its agent,
+    once the agent is connected."""
+    d = Deployment(testcase, *server_args)
+    alice, _, agent = await box_connected(d)
     return d, alice, agent
